@@ -493,9 +493,9 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             _print_json(changed)
         return 0
     if args.action == "mark-installed":
-        # The installer's own report, made by the operator (lifecycle: enrolled, booting or
-        # installing → installed): a machine that installed after a restored backup, whose
-        # next network boot would install it again, boots its disk instead.
+        # The installer's own report, made by the operator (lifecycle: enrolled, booting,
+        # installing or reinstall → installed): a machine that installed after a restored
+        # backup, whose next network boot would install it again, boots its disk instead.
         marked = []
         for text in args.macs:
             m = await core.machine(text)
@@ -1193,9 +1193,9 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
         x = msub.add_parser(action, parents=[common], help=what)
         x.add_argument("macs", nargs="+", metavar="REF", help=REF_HELP)
     mi = msub.add_parser("mark-installed", parents=[common],
-                         help="say machines run their installed OS (enrolled, booting or "
-                              "installing): the next network boot goes to the disk, not an "
-                              "install (after restoring a backup)")
+                         help="say machines run their installed OS (enrolled, booting, "
+                              "installing, reinstall): the next network boot goes to the "
+                              "disk, not an install (after restoring a backup)")
     mi.add_argument("macs", nargs="+", metavar="REF", help=REF_HELP)
     ap = msub.add_parser("approve", parents=[common],
                          help="let held (discovered) machines install: cluster, role, profile")
@@ -1312,8 +1312,8 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                    help="which loaders and profile assets are found; checksums")
     ev = sub.add_parser("events", parents=[common],
                         help="a machine's events; --follow streams every event live")
-    ev.add_argument("ref", nargs="?", help="a machine's MAC or id (with --follow: only its "
-                                           "events; default all machines)")
+    ev.add_argument("ref", nargs="?", help="a machine's MAC, id or hostname (with --follow: "
+                                           "only its events; default all machines)")
     ev.add_argument("--follow", "-f", action="store_true",
                     help="stream events from the running server until Ctrl-C")
     ev.add_argument("--server", help="the server's base URL (default: this host, http.port)")

@@ -151,6 +151,7 @@ TOKEN_STATES = frozenset({MachineState.BOOTING, MachineState.INSTALLING, Machine
 # instructions, callgrind), and every first config fetch takes this step (session 32).
 _FETCHED = lifecycle.Trigger.CONFIG_FETCHED
 _REGISTERED = MachineState.REGISTERED
+_DISCOVERED = MachineState.DISCOVERED
 # An import row of a caller that may only enroll (Enroller.import_rows' create_only).
 _ENROLLED_ALREADY = ("names a machine in the inventory already: changing a machine needs "
                      "scope operator")
@@ -702,7 +703,8 @@ async def fleet_status(store: Store, counts: GroupCounts | None = None,
 
     What an operator enrolling a thousand devices watches (``netboot status``,
     ``GET /api/v1/status``). A machine counts in its own cluster, else in the cluster of the
-    group that selects it, as it would boot. The counts by cluster and state come from
+    group that selects it, as it would boot (a discovered one boots none: in no group's).
+    The counts by cluster and state come from
     ``counts`` (the server's in-memory view), else from the store's one grouped read (no
     index holds the state: sqlite.py, migration 7); only when a group gives a cluster are
     the machines without one read once, since a selector matches facts that no index holds,
@@ -720,7 +722,10 @@ async def fleet_status(store: Store, counts: GroupCounts | None = None,
     groups_give_clusters = any(g.cluster for g in groups)
 
     def cluster_of(machine: Machine) -> str | None:
-        if machine.cluster or not groups_give_clusters:
+        # A discovered machine is in no group's cluster: it boots nothing of one until it is
+        # approved (matchbox and Tinkerbell count no hardware a profile or workflow does not
+        # name), and a group matching its learnt facts counted a held rack in the cluster.
+        if machine.cluster or not groups_give_clusters or machine.state is _DISCOVERED:
             return machine.cluster
         group = select_group(groups, machine_labels(machine))
         return group.cluster if group else None

@@ -240,13 +240,25 @@ async def machine_name_of(http: aiohttp.ClientSession, base_url: str, authorizat
 
 async def machine_id(base_url: str, token: str, ref: str, *,
                      ca_file: Path | None = None) -> str:
-    """The id of the machine ``ref`` (a MAC or an id) names, asked of the server."""
+    """The id of the machine ``ref`` (a MAC, an id or its hostname) names, asked of the
+    server. The API's {ref} is a MAC or an id; a hostname, which the CLI's other commands
+    take (cli._hostname_refs), is then found by the API's search, its exact match."""
     from urllib.parse import quote
 
-    url = f"{base_url.rstrip('/')}/api/v1/machines/{quote(ref, safe='')}"
-    async with _session(ca_file) as http, http.get(
-            url, headers={"Authorization": f"Bearer {token}"}) as resp:
-        if resp.status != 200:
-            raise await _refusal(url, resp)
-        body = await resp.json(content_type=None)
-        return str(body["id"])
+    base = base_url.rstrip("/")
+    url = f"{base}/api/v1/machines/{quote(ref, safe='')}"
+    auth = {"Authorization": f"Bearer {token}"}
+    async with _session(ca_file) as http:
+        async with http.get(url, headers=auth) as resp:
+            if resp.status == 200:
+                return str((await resp.json(content_type=None))["id"])
+            refused, status = await _refusal(url, resp), resp.status
+        if status == 400:  # neither a MAC nor an id: perhaps a hostname
+            async with http.get(f"{base}/api/v1/machines", headers=auth,
+                                params={"q": ref.strip(), "limit": "1000"}) as found:
+                items = ((await found.json(content_type=None)).get("items", [])
+                         if found.status == 200 else [])
+            named = [m for m in items if m.get("hostname") == ref.strip().lower()]
+            if len(named) == 1:
+                return str(named[0]["id"])
+        raise refused

@@ -22,8 +22,9 @@ The rows below read as the product's rules:
   that reports nothing is proven installed by its registration).
 * The config (it carries the cluster join token) is fetched only during an install: installed
   and registered machines refuse it.
-* enrolled → installed on an operator's word (``netboot machines mark-installed``, or the
-  report with an operator token): one installed since a restored backup, or by other means.
+* enrolled (or reinstall) → installed on an operator's word (``netboot machines
+  mark-installed``, or the report with an operator token): one installed since a restored
+  backup, or by other means.
 * installed / registered boot the local disk (one-shot install: nothing sends them back to
   install but an explicit reinstall). A repeated ``installed`` report leaves it where it is;
   a second registration is refused (its token is spent): a reinstall issues a new one.
@@ -110,6 +111,10 @@ TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = Mappin
 
     (_S.REINSTALL, _T.INSTALL_PLAN): _S.BOOTING,
     (_S.REINSTALL, _T.REINSTALL): _S.REINSTALL,
+    # The operator's word again (a reinstall voids the install token: no installer reports
+    # here): one in reinstall when the backup was taken, reinstalled since, which the
+    # restore's warning counts; or a reinstall asked by mistake, taken back.
+    (_S.REINSTALL, _T.INSTALLED): _S.INSTALLED,
 })
 
 STATES: tuple[MachineState | None, ...] = (None, *MachineState)

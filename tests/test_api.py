@@ -1124,6 +1124,31 @@ async def test_status_endpoint(env: Env) -> None:
     assert status["clusters"] == {"edge": {"enrolled": 1}} and status["failed"] == []
 
 
+async def test_a_discovered_machine_counts_in_no_cluster_of_a_group_that_matches_it(
+        env: Env) -> None:
+    """A device the firmware made known (discovered, held or ignored) matched by a group's
+    selector on what it told (arch) was counted in that group's cluster, in ``netboot
+    status`` and the dashboard's cluster table: a rack held for approval showed as nodes of
+    the cluster. It boots nothing of that cluster until approved (matchbox and Tinkerbell
+    count no hardware that no profile or workflow names); once approved, it counts there.
+    From the server's loaded view and from the store alone (the CLI's), the same."""
+    from netboot.enroll import fleet_status
+
+    await env.seed()  # group all-x86: arch x86_64 -> cluster edge
+    await env.client.get("/ipxe", params={"mac": MAC, "arch": "x86_64"})
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "discovered"
+    await env.post("/api/v1/machines", {"mac": MAC2}, status=201)
+    await env.client.get("/ipxe", params={"mac": MAC2, "arch": "x86_64"})
+    status = await env.get("/api/v1/status")
+    assert status["by_state"]["discovered"] == 1, status
+    assert status["clusters"] == {"edge": {"booting": 1}}, status
+    assert (await fleet_status(env.service.store))["clusters"] == status["clusters"]
+    await env.post(f"/api/v1/machines/{MAC}/approve", {}, status=200)
+    status = await env.get("/api/v1/status")
+    assert status["clusters"] == {"edge": {"booting": 1, "enrolled": 1}}, status
+    assert (await fleet_status(env.service.store))["clusters"] == status["clusters"]
+
+
 async def test_healthz_tells_anyone_the_state_and_only_a_token_what_the_store_said(
         env: Env) -> None:
     """The store's words name the database's host, user and locks: public ``/healthz`` says

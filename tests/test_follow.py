@@ -244,3 +244,20 @@ async def test_follow_reads_the_stream_on_while_names_are_asked(
     assert sorted(line.split("  ")[1:3] for line in lines) == sorted(
         [f"host-{i}", "enrolled"] for i in range(want)), lines
     assert most >= 4, f"the names were asked one at a time ({most} at most under way)"
+
+
+async def test_follow_takes_a_machine_by_its_hostname_as_the_other_commands_do(
+        env: Env) -> None:
+    """README: the CLI's commands take a machine's hostname where a REF is asked
+    (`netboot machines show edge-1`); `netboot events edge-1 --follow` asked the API, whose
+    {ref} is a MAC or an id, and failed ("neither a MAC address nor a machine id"). A name
+    no machine has is still refused with the server's words."""
+    created = await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1"},
+                             status=201)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:ee:00:02", "hostname": "edge-10"},
+                   status=201)
+    base = f"http://{env.client.host}:{env.client.port}"
+    assert await follow.machine_id(base, env.admin, "edge-1") == created["id"]
+    assert await follow.machine_id(base, env.admin, MAC) == created["id"]
+    with pytest.raises(NetbootError, match="HTTP 40"):
+        await follow.machine_id(base, env.admin, "edge-2")

@@ -289,7 +289,7 @@ def test_cli_names_the_state_it_refuses(tmp_path: Path,
     err = capsys.readouterr().err
     assert rc != 0
     assert err.strip() == (f"netboot: {MAC} is reinstall; 'approve' is not allowed "
-                           "(allowed: install-plan, reinstall)")
+                           "(allowed: install-plan, installed, reinstall)")
 
 
 def test_a_refused_transition_does_not_chain_the_table_lookup_into_its_traceback() -> None:

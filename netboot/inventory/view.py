@@ -668,7 +668,9 @@ class InventoryView:
                 continue
             if old is not None and old[1] is not None:
                 _uncount(counts, old[1])
-            group = select_group(groups, machine_labels(machine))
+            # A discovered machine is in no group's cluster (enroll.fleet_status' cluster_of).
+            group = None if machine.state is MachineState.DISCOVERED else \
+                select_group(groups, machine_labels(machine))
             pair = (group.cluster, machine.state) if group is not None and group.cluster \
                 else None
             seen[machine_id] = (machine, pair)
