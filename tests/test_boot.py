@@ -910,6 +910,36 @@ async def test_a_first_installs_facts_keep_their_order_and_name_only_its_own_pee
     assert list(machine.facts.items()) == list(want.items())
 
 
+@pytest.mark.parametrize("known", [False, True])
+async def test_a_first_installs_copy_holds_what_learn_makes_of_its_request(
+        setup: tuple[BootService, MemoryStore, Clock], known: bool) -> None:
+    """A first install's one copy of the machine (_install_plan: the install's step with
+    what the request told set in it, each field by name) holds every field learn() gives
+    the request: new ones told (an identity, the arch, the firmware), or, where the machine
+    knows them all already (_news None), the machine's own."""
+    boot, store, clock = setup
+    uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"
+    told: dict[str, Any] = dict(uuid=uuid, serial="SN7", asset="A1", arch=Arch.ARM64,
+                                firmware=Firmware.UEFI)
+    before = await enrolled(store, state=MachineState.ENROLLED,
+                            **(told | {"facts": {"remote_addr": "192.0.2.7"}}
+                               if known else {}))
+    request = BootRequest(mac=MAC, via="http", remote_addr="192.0.2.7",
+                          **(told | {"firmware": Firmware.IPXE}))
+    assert boot_module.teaches(before, request) is not known
+    assert (await boot.plan(request)).action == BootAction.INSTALL
+    after = await store.machine_by("mac", str(MAC))
+    learnt = boot_module.learn(before, request, clock.now)
+    assert after is not None and after.state == MachineState.BOOTING
+    fields = ("uuid", "serial", "asset", "arch", "firmware")
+    # The first firmware seen is what the machine is (learn): the request's where none is
+    # known.
+    assert {f: getattr(after, f) for f in fields} == {f: getattr(learnt, f) for f in fields} \
+        == told | {"firmware": Firmware.UEFI if known else Firmware.IPXE}
+    assert after.facts == {**learnt.facts, "install_peer": "192.0.2.7"}
+    assert after.token_hash and after.install_token == "tok" and after.updated == clock.now
+
+
 async def test_a_kept_decision_follows_every_change_at_once(tmp_path: Path) -> None:
     """Repeated requests are answered from the decision kept for them (nothing written, the
     same plan object); any change to what that decision read, made here or by another
