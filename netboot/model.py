@@ -248,7 +248,7 @@ NO_ENTRIES: Mapping[str, str] = types.MappingProxyType({})
 _SELDOM_SET: dict[str, Any] = {
     "asset": None, "loader": None, "arch": None, "firmware": None, "ipv4": None,
     "fixed_ipv4": None, "facts": NO_ENTRIES, "token_hash": None, "token_expires": None,
-    "install_token": None}
+    "install_token": None, "secret_hash": None}
 
 
 def _two_layouts(cls: type[_C], compact: type[_C], whole: type[_C]) -> None:
@@ -416,6 +416,11 @@ class Machine:
     # reboots mid-install gets the same one again (netboot.boot); sealed at rest by the store,
     # never listed, never in a repr. Cleared at registration and by a reinstall.
     install_token: str | None = field(default=None, repr=False)
+    # sha256 hex of the secret the register command made on the installed OS (kept there
+    # where only root reads it, sent with each try of its registration): what proves a
+    # repeat of a lost answer's registration is the same install (netboot.enroll). Set at
+    # registration, cleared by a reinstall; never listed.
+    secret_hash: str | None = field(default=None, repr=False)
     created: float = 0.0
     updated: float = 0.0
 

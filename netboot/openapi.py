@@ -223,7 +223,9 @@ SCHEMAS: dict[str, Any] = {
                                               "same answer again (its reply was lost); from "
                                               "elsewhere the same, moved there, within an "
                                               "hour of its registration and with the "
-                                              "machine_id it reported, else a 409"},
+                                              "machine_id it reported, else a 409; "
+                                              "registered with an install_secret: with "
+                                              "that secret from anywhere, else a 409"},
         "machine_token": {"type": "string", "minLength": 1,
                           "description": "instead of token, at later boots: the machine token "
                                          "the registration answered; the machine's address "
@@ -235,6 +237,12 @@ SCHEMAS: dict[str, Any] = {
                       "the device's own addresses; the request's source address wins unless "
                       "it is not routable. Entries that are loopback, link-local, unspecified, "
                       "multicast, broadcast or not addresses are ignored (an event says so)"},
+        "install_secret": {"type": "string", "maxLength": 256, "description":
+                           "a secret the register command made once on the installed OS, sent "
+                           "with every try: netboot keeps its digest, and a repeat of a "
+                           "registration made with one is taken with that secret alone (from "
+                           "any address, at any time until a reinstall) and refused without "
+                           "it (409)"},
         "keeps": {"type": "string", "enum": ["machine_token"],
                   "description": "the caller keeps the machine token: only then does the "
                                  "answer carry it (an older register command printed the "

@@ -316,8 +316,8 @@ def _ipv4(value: str | None, field: str) -> str | None:
 
 
 def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]:
-    """Every field of ``machine``; ``secrets=False`` leaves out ``token_hash`` and the install
-    token (API listings)."""
+    """Every field of ``machine``; ``secrets=False`` leaves out ``token_hash``, the install
+    token and ``secret_hash`` (API listings)."""
     out: dict[str, Any] = {
         "id": machine.id,
         "macs": [str(m) for m in machine.macs],
@@ -339,11 +339,12 @@ def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]
         "token_hash": machine.token_hash,
         "token_expires": machine.token_expires,
         "install_token": machine.install_token,
+        "secret_hash": machine.secret_hash,
         "created": machine.created,
         "updated": machine.updated,
     }
     if not secrets:
-        del out["token_hash"], out["install_token"]
+        del out["token_hash"], out["install_token"], out["secret_hash"]
     return out
 
 
@@ -395,6 +396,7 @@ def machine_from_dict(data: object) -> Machine:
         token_hash=_opt_str(d, "token_hash"),
         token_expires=_opt_float(d, "token_expires"),
         install_token=_opt_str(d, "install_token"),
+        secret_hash=_opt_str(d, "secret_hash"),
         created=_float(d, "created", default=0.0),
         updated=_float(d, "updated", default=0.0),
     )
@@ -405,7 +407,7 @@ def machine_from_dict(data: object) -> Machine:
 # building the machine a second time to see that it reads back.
 
 _MACHINE_TEXT = ("hostname", "uuid", "serial", "asset", "cluster", "profile", "token_hash",
-                 "install_token")
+                 "install_token", "secret_hash")
 _MACHINE_ENUMS: tuple[tuple[str, type[enum.Enum]], ...] = (
     ("role", Role), ("loader", LoaderChain), ("arch", Arch), ("firmware", Firmware))
 # Enum members by value: a dict look-up, where calling the enum class is ten times slower.
@@ -466,7 +468,8 @@ def _exact(m: Machine) -> bool:
             or ((v := m.cluster) is not None and type(v) is not str)
             or ((v := m.profile) is not None and type(v) is not str)
             or ((v := m.token_hash) is not None and type(v) is not str)
-            or ((v := m.install_token) is not None and type(v) is not str)):
+            or ((v := m.install_token) is not None and type(v) is not str)
+            or ((v := m.secret_hash) is not None and type(v) is not str)):
         return False
     if ((m.role is not None and type(m.role) is not Role)
             or (m.loader is not None and type(m.loader) is not LoaderChain)
@@ -631,6 +634,7 @@ def machine_texts(machine: Machine, install_token: str | None = None,
     profile = "" if (v := m.profile) is None else ',"profile":' + q(v)
     token_hash = "" if (v := m.token_hash) is None else ',"token_hash":' + q(v)
     token = "" if (v := install_token or m.install_token) is None else ',"install_token":' + q(v)
+    secret = "" if (v := m.secret_hash) is None else ',"secret_hash":' + q(v)
     role = "" if (e1 := m.role) is None else ',"role":' + _QUOTED[e1._value_]
     loader = "" if (e2 := m.loader) is None else ',"loader":' + _QUOTED[e2._value_]
     arch = "" if (e3 := m.arch) is None else ',"arch":' + _QUOTED[e3._value_]
@@ -667,7 +671,7 @@ def machine_texts(machine: Machine, install_token: str | None = None,
         if times is not None and created:
             times[created] = text_created
     text = (f'{{"id":{q(m.id)},"macs":[{mac_text}],"state":{_QUOTED[m.state._value_]}'
-            f"{hostname}{uuid}{serial}{asset}{cluster}{profile}{token_hash}{token}{role}"
+            f"{hostname}{uuid}{serial}{asset}{cluster}{profile}{token_hash}{token}{secret}{role}"
             f"{loader}{arch}{firmware}{labels}{facts}{ipv4}{fixed_ipv4}{expires}"
             f',"created":{text_created},"updated":{text_updated}}}')
     if not claims:
@@ -877,6 +881,14 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
         elif type(a) is str:
             keys.append("install_token")
             values.append(a if install_token is None else install_token)
+        else:
+            return None
+    if (a := n.secret_hash) is not (b := o.secret_hash) and (type(a) is not str or a != b):
+        if a is None:
+            gone.append("secret_hash")
+        elif type(a) is str:
+            keys.append("secret_hash")
+            values.append(a)
         else:
             return None
     if (f1 := n.role) is not o.role:
@@ -1123,7 +1135,7 @@ class NewMachines(_MadeOnDemand[Machine]):
         # Every field in Machine's order (machine_of_values: the values are as checked).
         return machine_of_values((macs, ident, self._state, hostname, uuid, serial, asset,
                                   labels, cluster, role, profile, None, None, None, None,
-                                  fixed_ipv4, NO_ENTRIES, None, None, None, now, now))
+                                  fixed_ipv4, NO_ENTRIES, None, None, None, None, now, now))
 
     def sealed(self, seal: Callable[[Machine], Machine]) -> NewMachines:
         """These machines with ``seal`` applied to those added whole (an import's rows carry
@@ -1271,9 +1283,10 @@ def _document_machine(d: dict[str, Any], maps: SharedMaps | None = None) -> Mach
     if (type(ident) is not str or not ident.startswith(ID_PREFIX) or not ident.isprintable()
             or "/" in ident or ident != ident.strip()):
         return None
-    hostname, uuid, serial, asset, cluster, profile, token_hash, install_token = texts = (
+    (hostname, uuid, serial, asset, cluster, profile, token_hash, install_token,
+     secret_hash) = texts = (
         get("hostname"), get("uuid"), get("serial"), get("asset"), get("cluster"),
-        get("profile"), get("token_hash"), get("install_token"))
+        get("profile"), get("token_hash"), get("install_token"), get("secret_hash"))
     for text in texts:
         if text is not None and type(text) is not str:
             return None
@@ -1314,7 +1327,7 @@ def _document_machine(d: dict[str, Any], maps: SharedMaps | None = None) -> Mach
     return machine_of_values((
         tuple(macs), ident, state, hostname, uuid, serial, asset, labels, cluster, role,
         profile, loader, arch, firmware, ipv4, fixed_ipv4, facts, token_hash, expires,
-        install_token, created, updated))
+        install_token, secret_hash, created, updated))
 
 
 # Enum members by value, None for an absent field (a member of these is never None).
