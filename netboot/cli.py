@@ -81,7 +81,7 @@ def _human(value: Any) -> str:
 # Fields of the codec dicts that hold Unix times.
 LOADER_HELP = ("UEFI first-stage chain: ipxe, or shim-grub (signed shim, GRUB and kernel, "
                "for Secure Boot); default: the group's, the profile's, else by architecture")
-_TIME_FIELDS = frozenset({"created", "updated", "token_expires", "time", "expires"})
+_TIME_FIELDS = frozenset({"created", "updated", "state_since", "token_expires", "time", "expires"})
 
 
 def _print_fields(fields: Mapping[str, Any], width: int, now: float, *,

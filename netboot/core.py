@@ -149,6 +149,7 @@ def machine_dict(machine: Machine) -> dict[str, Any]:
     out = codec.machine_to_dict(machine, secrets=False)
     out["mac"] = str(machine.mac) if machine.mac else None
     out["mac_hexhyp"] = machine.mac.hexhyp if machine.mac else None
+    out["state_since"] = machine.in_state_since  # None stored: in it since it was created
     return out
 
 

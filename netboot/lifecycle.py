@@ -146,7 +146,10 @@ def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> M
                                       for k, v in changes.items()):  # unknown: replace says
         return machine
     # One copy, not one to compare and another to stamp: a storm advances three times per
-    # device, and copying a machine was most of what a report cost.
+    # device, and copying a machine was most of what a report cost. A new state's time is
+    # the update's own float (no object more; the codec writes it from that text).
+    if state is not machine.state:
+        return replace_machine(machine, state=state, updated=now, state_since=now, **changes)
     return replace_machine(machine, state=state, updated=now, **changes)
 
 

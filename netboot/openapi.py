@@ -127,7 +127,9 @@ SCHEMAS: dict[str, Any] = {
         **_MACHINE_PROPS, "id": _STR, "state": _STATE, "mac_hexhyp": _NSTR, "arch": _NSTR,
         "firmware": _NSTR, "ipv4": _NSTR,
         "facts": _MAP, "token_expires": {"type": ["number", "null"]},
-        "created": {"type": "number"}, "updated": {"type": "number"}}},
+        "created": {"type": "number"}, "updated": {"type": "number"},
+        "state_since": {"type": "number", "description": "when it came into its state "
+                        "(its creation, if never changed since): the dashboard's Unchanged for"}}},
     "Registered": {"allOf": [{"$ref": "#/components/schemas/Machine"}, {
         "type": "object", "properties": {"machine_token": {
             "type": "string", "description": "the machine's own token, answered only here "
@@ -401,8 +403,9 @@ def document() -> dict[str, Any]:
                 _query("last_event", {"type": "string", "enum": ["1", "true"]},
                        "add each machine's last event"),
                 _query("unchanged_for", {"type": "integer", "minimum": 0, "maximum": 10**9},
-                       "seconds: only machines unchanged (state, learnt facts) for at least "
-                       "this long; with state, those stuck in it"),
+                       "seconds: only machines in their state for at least this long "
+                       "(state_since; a learnt fact or a token does not reset it); with "
+                       "state, those stuck in it"),
                 _query("label", {"type": "array",
                                  "items": {"type": "string", "pattern": "^[^=]+="}},
                        "key=value; every one must match"),

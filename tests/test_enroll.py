@@ -1489,6 +1489,44 @@ async def test_an_installs_secret_proves_its_repeats_and_nothing_else_does(  # t
         await enroller.register(body, at)
 
 
+async def test_the_time_in_a_state_is_kept_by_every_store_and_filtered_on(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """A machine's state_since (s39-journey): None while it was never changed (read as its
+    creation: no slot for the unbooted machines of a storm), its step's own time when its
+    state changes, untouched by a learnt fact or an edit (``updated``); read back alike by
+    every store, one float with ``updated`` when the state changed at the last update; the
+    listing's ``in_state_before`` and sort ``state_since`` take the creation time for
+    never-changed machines."""
+    from netboot.inventory.base import MachineFilter
+
+    store = every_store
+    for mac in ("52:54:00:00:39:11", "52:54:00:00:39:12"):
+        await store.create_machine(Machine(macs=(MacAddress.parse(mac),), cluster="edge",
+                                           profile="p", created=100.0, updated=100.0))
+    still = await store.machine_by("mac", "52:54:00:00:39:11")
+    assert still is not None and still.state_since is None and still.in_state_since == 100.0
+    enroller = Enroller(store, clock=lambda: 1000.5)
+    moved = await enroller.reinstall("52:54:00:00:39:12")
+    assert moved.state_since is moved.updated == 1000.5
+    stored = await store.machine_by("mac", "52:54:00:00:39:12")
+    assert stored is not None and stored.state_since == 1000.5
+    if not isinstance(store, MemoryStore):
+        assert stored.state_since is stored.updated  # decoded as one float
+    await store.update_machine(replace_machine(stored, facts={"product": "x"}, updated=2000.25))
+    stored = await store.machine_by("mac", "52:54:00:00:39:12")
+    assert stored is not None and stored.updated == 2000.25 and stored.state_since == 1000.5
+
+    async def listed(**flt: Any) -> list[str]:
+        return [str(m.mac) for m in await store.list_machines(MachineFilter(**flt))]
+
+    assert await listed(in_state_before=1500.0) == ["52:54:00:00:39:11", "52:54:00:00:39:12"]
+    assert await listed(in_state_before=500.0) == ["52:54:00:00:39:11"]
+    assert await listed(in_state_before=50.0) == []
+    assert await listed(sort="state_since", descending=True) == [
+        "52:54:00:00:39:12", "52:54:00:00:39:11"]
+    assert await store.count_machines(MachineFilter(in_state_before=500.0)) == 1
+
+
 async def test_what_a_spent_token_gives_a_stranger_within_the_hour(  # type: ignore[no-untyped-def]
         every_store) -> None:
     """The rule's cost, as README "Registration and later boots" states it. The spent
