@@ -149,7 +149,11 @@ def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> M
     # device, and copying a machine was most of what a report cost. A new state's time is
     # the update's own float (no object more; the codec writes it from that text).
     if state is not machine.state:
-        return replace_machine(machine, state=state, updated=now, state_since=now, **changes)
+        # Boxed once: a compiled build (setup.py) holds a float argument as a double and
+        # made an object for each keyword, two floats where one is meant.
+        stamp: Any = now
+        return replace_machine(machine, state=state, updated=stamp, state_since=stamp,
+                               **changes)
     return replace_machine(machine, state=state, updated=now, **changes)
 
 
