@@ -585,13 +585,14 @@ class Api:
         order = request.query.get("order", "asc")
         if order not in ("asc", "desc"):
             raise ValidationError("order", f"{order!r} is not asc or desc")
-        # Machines stuck in a storm: unchanged (state, learnt facts) for at least this many
-        # seconds; with a state, where they are stuck (booting: a script fetched and no
-        # config; installing: no "installed"; installed: never registered).
+        # Machines stuck in a storm: in their state for at least this many seconds (their
+        # state_since: a learnt fact or a token's change does not reset it); with a state,
+        # where they are stuck (booting: a script fetched and no config; installing: no
+        # "installed"; installed: never registered).
         still = _int_query(request, "unchanged_for", 0, 0, 10**9)
         flt = MachineFilter(state=st, cluster=request.query.get("cluster") or None,
                             labels=tuple(labels), text=request.query.get("q") or None,
-                            updated_before=self._clock() - still if still else None,
+                            in_state_before=self._clock() - still if still else None,
                             sort=sort, descending=order == "desc",
                             limit=_int_query(request, "limit", 100, 1, 1000),
                             offset=_int_query(request, "offset", 0, 0, 10**9))

@@ -81,7 +81,7 @@ def _human(value: Any) -> str:
 # Fields of the codec dicts that hold Unix times.
 LOADER_HELP = ("UEFI first-stage chain: ipxe, or shim-grub (signed shim, GRUB and kernel, "
                "for Secure Boot); default: the group's, the profile's, else by architecture")
-_TIME_FIELDS = frozenset({"created", "updated", "token_expires", "time", "expires"})
+_TIME_FIELDS = frozenset({"created", "updated", "state_since", "token_expires", "time", "expires"})
 
 
 def _print_fields(fields: Mapping[str, Any], width: int, now: float, *,
@@ -589,6 +589,11 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                      **_given(args, "profile", "cluster", "role", "loader")}
         item = await core.put(kind, data, create=True)
         _report(args, f"created {single} {args.name}", public_dict(kind, item))
+        if kind == "clusters":
+            # Its token's problems (short, weak) where the operator gave it, as ls says them.
+            for problem in cluster_problems(item):
+                print(f"netboot: warning: cluster {item.name}: {problem['error']}",
+                      file=sys.stderr)
         return 0
     raise ValidationError("action", f"unknown action {args.action!r}")
 
@@ -971,8 +976,28 @@ def _check_config(args: argparse.Namespace) -> int:
             operator_files(cfg.https.cert_file, cfg.https.key_file, cfg.https.ca_file)
     except ConfigError as exc:
         raise located(cfg, exc) from exc  # as serve tells it: the file's line
-    _report(args, f"{args.file}: OK", {"file": args.file, "ok": True})
+    warnings = config_warnings(cfg)
+    for warning in warnings:
+        print(f"netboot: warning: {args.file}: {warning}", file=sys.stderr)
+    _report(args, f"{args.file}: OK", {"file": args.file, "ok": True,
+                                       **({"warnings": warnings} if warnings else {})})
     return 0
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """What a valid config sets that an operator should know of before serving with it.
+    The clusters' own tokens are in the inventory (sealed), not the file: their short or
+    weak form is said by ``clusters ls``/``show``, GET /api/v1/clusters and the dashboard
+    (core.cluster_problems)."""
+    out = []
+    if not cfg.enroll.k3s_secure_token:
+        out.append("enroll.k3s_secure_token is false: every new managed cluster gets k3s's "
+                   "short join token, with which an agent checks nothing of the server it "
+                   "reaches at the cluster's endpoint and sends it the token (a host that "
+                   "takes that address collects the nodes); remove the line for the secure "
+                   "form (K10<CA hash>::…), unless the site's config templates cannot write "
+                   "the cluster's k3s CA")
+    return out
 
 
 def _db_spec(text: str) -> str:

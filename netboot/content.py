@@ -998,9 +998,16 @@ def register_texts(url: str) -> Splice:
     # json.dumps' '": "' between a key and its value. '"keeps":"machine_token"' asks for
     # that token: an older netboot's command printed its answer, so netboot gives it only to
     # a command that says it keeps it (api._registered_out).
+    # The install's secret: made once, before its first try, by the kernel's random UUID
+    # (/proc: no applet beyond cat and mv, 122 random bits), kept root's alone (umask 077)
+    # in /var, which k3OS keeps across boots (its /etc is a tmpfs copied from the image:
+    # /etc/machine-id may be every clone's, or new each boot). Every try of every boot
+    # sends the same one: a repeat whose answer was lost proves its install by it, and a
+    # repeat without it is refused (netboot.enroll.secret_proves).
     u = shlex.quote(url)
     d = "/var/lib/netboot"
     k = f"{d}/machine-token"
+    s = f"{d}/install-secret"
     post = (
         "if command -v curl >/dev/null; "
         f"then o=$(curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}); "
@@ -1008,12 +1015,15 @@ def register_texts(url: str) -> Splice:
         f"{u}); fi"
     )
     return Splice((
+        f"s={s}; [ -s $s ] || (umask 077; mkdir -p {d} && cat /proc/sys/kernel/random/uuid "
+        ">$s.n && mv $s.n $s) 2>/dev/null; "
         f"k={k}; n=360; b='" + _sq('{"mac":"'),
         _sq('",') + "'; a='" + _sq('"token":"'),
         _sq('"') + "'; [ -s $k ] && { n=30; a='" + _sq('"machine_token":"') + "'\"$(cat $k)\"'"
         + _sq('"') + "'; }; b=\"$b$a\"'" + _sq(',"keeps":"machine_token","hostname":"')
         + "'\"$(hostname)\"'"
         + _sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
+        + _sq('","install_secret":"') + "'\"$(cat $s 2>/dev/null)\"'"
         + _sq('","node_name":"'),
         _sq('"}') + "'; r() { i=0; while [ $i -lt $n ]; do "
         f"{post} && {{ mkdir -p {d} && touch {d}/registered; "

@@ -155,6 +155,7 @@ def machine_dict(machine: Machine) -> dict[str, Any]:
     out = codec.machine_to_dict(machine, secrets=False)
     out["mac"] = str(machine.mac) if machine.mac else None
     out["mac_hexhyp"] = machine.mac.hexhyp if machine.mac else None
+    out["state_since"] = machine.in_state_since  # None stored: in it since it was created
     return out
 
 
@@ -179,6 +180,35 @@ def public_dict(kind: str, item: Any) -> dict[str, Any]:
 _SECURE_TOKEN = re.compile(r"K10[0-9a-f]{64}::")
 
 
+# The fewest characters of a join token's secret taken as not weak. k3s takes any non-empty
+# token and bounds no guesses at its join endpoints (its /v1-k3s/ routes check each basic
+# auth as it comes), and a secure token's CA hash is public (/cacerts): the secret is all a
+# guess has to find. k3s's own are 32 hex characters (128 bits), netboot's 64.
+WEAK_TOKEN_BELOW = 16
+
+
+def token_secret(token: str) -> str:
+    """The part of a k3s join token that is the secret, as k3s's parseToken reads it: after
+    ``K10<hash>::`` and a ``user:`` if any; the whole of a short token."""
+    if token.startswith("K10") and "::" in token:
+        rest = token.partition("::")[2]
+        return rest.partition(":")[2] if ":" in rest else rest
+    return token
+
+
+def weak_token(token: str) -> str | None:
+    """Why ``token`` (a cluster's k3s join token) is weak, or None: a secret of fewer than
+    :data:`WEAK_TOKEN_BELOW` characters, or one character repeated. Never shows the token."""
+    secret = token_secret(token)
+    if len(secret) < WEAK_TOKEN_BELOW:
+        return (f"its secret is {len(secret)} characters: k3s bounds no guesses at its join "
+                f"endpoints, so a host reaching a server of it can try them; use "
+                f"{WEAK_TOKEN_BELOW} or more random ones (k3s makes 32 hex characters)")
+    if len(set(secret)) == 1:
+        return "its secret is one character repeated: give a random one"
+    return None
+
+
 def cluster_problems(cluster: Cluster) -> list[dict[str, str]]:
     """What an operator should know of ``cluster``, as a profile's problems are shown: a
     join token in k3s's short form, with which an agent checks nothing of the server it
@@ -187,8 +217,15 @@ def cluster_problems(cluster: Cluster) -> list[dict[str, str]]:
     netboot made k3s CAs keeps it until its operator opts in (session 37's note); said where
     an operator looks (``clusters ls``/``show``, GET /clusters, the dashboard), with the way
     out for its case. The token is not shown: only its form."""
-    if not cluster.token or _SECURE_TOKEN.match(cluster.token):
+    if not cluster.token:
         return []
+    problems = []
+    weak = weak_token(cluster.token)
+    if weak:
+        # Whatever its form: the secure form's CA hash is public, its secret is not.
+        problems.append({"field": "token", "error": f"a weak k3s join token: {weak}"})
+    if _SECURE_TOKEN.match(cluster.token):
+        return problems
     node_token = ("the secure token its first server wrote, "
                   "/var/lib/rancher/k3s/server/node-token (K10…), as its token")
     if cluster.managed:
@@ -200,7 +237,7 @@ def cluster_problems(cluster: Cluster) -> list[dict[str, str]]:
     return [{"field": "token", "error": "the short k3s join token: an agent joining checks "
              "nothing of the server it reaches at the endpoint, and sends it the token; the "
              f"secure form (K10<CA hash>::…) makes it refuse a server that is not the "
-             f"cluster's. Fix: {fix}"}]
+             f"cluster's. Fix: {fix}"}, *problems]
 
 
 def _kind(kind: str) -> str:

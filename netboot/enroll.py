@@ -191,6 +191,17 @@ def token_is(machine: Machine, token: str | None) -> bool:
     return hmac.compare_digest(digest, machine.token_hash)
 
 
+def secret_proves(machine: Machine, secret: str | None) -> bool | None:
+    """Whether ``secret`` is the one the register command of ``machine``'s install sent
+    with its registration (constant-time, against the digest kept): None when it sent none
+    (an older command, or one that could not keep a file), and the older rules decide."""
+    held = machine.secret_hash
+    if not held:
+        return None
+    digest = hashlib.sha256(secret.encode()).hexdigest() if secret else ""
+    return hmac.compare_digest(digest, held)
+
+
 def machine_token_is(machine: Machine, token: str) -> bool:
     """Whether ``token`` is the machine token of a registered ``machine`` (constant-time).
 
@@ -1133,7 +1144,8 @@ class Enroller:
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             machine = await identity.require_ref(self._store, ref)
             updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
-                                        token_hash=None, token_expires=None, install_token=None)
+                                        token_hash=None, token_expires=None, install_token=None,
+                                        secret_hash=None)
             if await self._written(Batch(update=(updated,), expect={machine.id: machine.state},
                                          versions={machine.id: machine.updated}),
                                    attempt, (machine,), recorded=False):
@@ -1347,6 +1359,10 @@ class Enroller:
         hostname = body.get("hostname")
         if hostname is not None and not isinstance(hostname, str):
             raise ValidationError("hostname", "must be a string")
+        secret = body.get("install_secret")
+        if secret is not None and (not isinstance(secret, str) or len(secret) > 256):
+            raise ValidationError("install_secret", "must be a string of at most 256 "
+                                                    "characters")
         keeps = body.get("keeps")
         if keeps is not None and keeps != "machine_token":
             raise ValidationError("keeps", 'only "machine_token": the register command keeps '
@@ -1365,7 +1381,20 @@ class Enroller:
         entries = (audit(machine),) if audit else ()  # made once: the caller keeps each
         if machine.state is _REGISTERED:
             elsewhere = False
-            if machine_token is None:
+            proven = None if machine_token is not None else secret_proves(machine, secret)
+            if proven:
+                # The secret its install's register command made and sent with its
+                # registration (root's alone on the device): the same install, wherever it
+                # is now and whenever it retries (a lost answer, a new lease, a k3OS reboot
+                # with a new or an image's machine-id). A fixed_ipv4 stays.
+                elsewhere = (machine.fixed_ipv4 is None and choice.ipv4 is not None
+                             and str(choice.ipv4) != machine.ipv4)
+            elif proven is not None:
+                # Registered with a secret, repeated without it (or with another): not its
+                # install, from its own address too (a local process reading the config's
+                # spent token got the machine token there), so a 409 naming the state.
+                lifecycle.apply(machine.state, lifecycle.Trigger.REGISTER, subject=machine)
+            elif machine_token is None:
                 repeat = _registered_from(machine, peer, choice)
                 if repeat is None:  # reporting its address: with the registration's evidence?
                     repeat = await self._registered_peer(machine) == str(peer)
@@ -1386,7 +1415,8 @@ class Enroller:
             if machine_token is not None:
                 return await self._reported_at(machine, choice, peer, reported, entries)
             if elsewhere:
-                return await self._repeated_elsewhere(machine, peer, choice, entries)
+                return await self._repeated_elsewhere(machine, peer, choice, entries,
+                                                      proven=bool(proven))
             return await self._repeated(machine, peer, choice, entries)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             facts = {**machine.facts, **reported}
@@ -1407,7 +1437,9 @@ class Enroller:
             updated = lifecycle.advance(machine, lifecycle.Trigger.REGISTER, self._clock(),
                                         ipv4=ipv4, facts=facts,
                                         install_token=self._new_token(),
-                                        token_expires=None)
+                                        token_expires=None,
+                                        secret_hash=hashlib.sha256(secret.encode()).hexdigest()
+                                        if secret else None)
             where = (f"{pinned} (its fixed address; the request came from "
                      f"{peer or 'an unknown address'})" if pinned else
                      f"{choice.address} "
@@ -1512,9 +1544,10 @@ class Enroller:
                        for other in await self._all_machines())
 
     async def _repeated_elsewhere(self, machine: Machine, peer: IPAddress | None,
-                                  choice: AddressChoice,
-                                  entries: Sequence[AuditEntry]) -> Machine:
-        """A repeat taken by :meth:`_moved_before_its_answer`: answered as the first was (the
+                                  choice: AddressChoice, entries: Sequence[AuditEntry], *,
+                                  proven: bool = False) -> Machine:
+        """A repeat taken by :meth:`_moved_before_its_answer` (or ``proven`` by its install's
+        secret, :func:`secret_proves`): answered as the first was (the
         same machine token), its address moved to where it is now (its DNS name, a server's
         cluster endpoint follow, as a later boot's report moves them), one event saying so.
         Its later retries come from that address: repeats as any other."""
@@ -1526,9 +1559,11 @@ class Enroller:
             event = Event(machine.id, self._clock(), "registration repeated",
                           f"registered again from {choice.address} "
                           f"({'the request' if choice.source == 'peer' else 'reported'}) "
-                          "with its spent install token, within "
-                          f"{REPEAT_ELSEWHERE_SECONDS // 60} minutes of its registration at "
-                          f"{machine.ipv4 or 'no address'}: taken as its device, whose answer "
+                          + ("with its spent install token and its install's secret, after "
+                             "its registration at " if proven else
+                             "with its spent install token, within "
+                             f"{REPEAT_ELSEWHERE_SECONDS // 60} minutes of its registration at ")
+                          + f"{machine.ipv4 or 'no address'}: taken as its device, whose answer "
                           f"was lost and whose address changed; {machine.ipv4 or 'none'} -> "
                           f"{ipv4}", {"peer": str(peer) if peer else None})
             if await self._written(Batch(update=(updated,), events=(event,),

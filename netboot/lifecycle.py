@@ -158,7 +158,14 @@ def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> M
                                       for k, v in changes.items()):  # unknown: replace says
         return machine
     # One copy, not one to compare and another to stamp: a storm advances three times per
-    # device, and copying a machine was most of what a report cost.
+    # device, and copying a machine was most of what a report cost. A new state's time is
+    # the update's own float (no object more; the codec writes it from that text).
+    if state is not machine.state:
+        # Boxed once: a compiled build (setup.py) holds a float argument as a double and
+        # made an object for each keyword, two floats where one is meant.
+        stamp: Any = now
+        return replace_machine(machine, state=state, updated=stamp, state_since=stamp,
+                               **changes)
     return replace_machine(machine, state=state, updated=now, **changes)
 
 

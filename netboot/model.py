@@ -248,7 +248,7 @@ NO_ENTRIES: Mapping[str, str] = types.MappingProxyType({})
 _SELDOM_SET: dict[str, Any] = {
     "asset": None, "loader": None, "arch": None, "firmware": None, "ipv4": None,
     "fixed_ipv4": None, "facts": NO_ENTRIES, "token_hash": None, "token_expires": None,
-    "install_token": None}
+    "install_token": None, "secret_hash": None, "state_since": None}
 
 
 def _two_layouts(cls: type[_C], compact: type[_C], whole: type[_C]) -> None:
@@ -416,6 +416,15 @@ class Machine:
     # reboots mid-install gets the same one again (netboot.boot); sealed at rest by the store,
     # never listed, never in a repr. Cleared at registration and by a reinstall.
     install_token: str | None = field(default=None, repr=False)
+    # sha256 hex of the secret the register command made on the installed OS (kept there
+    # where only root reads it, sent with each try of its registration): what proves a
+    # repeat of a lost answer's registration is the same install (netboot.enroll). Set at
+    # registration, cleared by a reinstall; never listed.
+    secret_hash: str | None = field(default=None, repr=False)
+    # When its state last changed (lifecycle.advance: the same float as ``updated`` then);
+    # None: never since it was created, read as ``created`` (:attr:`in_state_since`), so
+    # the machines a storm leaves enrolled and unbooted keep the compact layout.
+    state_since: float | None = None
     created: float = 0.0
     updated: float = 0.0
 
@@ -423,6 +432,13 @@ class Machine:
     def mac(self) -> MacAddress | None:
         """The primary NIC, where one MAC is needed (hostnames, node names); None if unknown."""
         return self.macs[0] if self.macs else None
+
+    @property
+    def in_state_since(self) -> float:
+        """When it came into its state: the dashboard's "Unchanged for", the API's
+        ``unchanged_for`` (a learnt fact or a token moves ``updated``, not this)."""
+        since = self.state_since
+        return self.created if since is None else since
 
     @property
     def ref(self) -> str:

@@ -127,7 +127,9 @@ SCHEMAS: dict[str, Any] = {
         **_MACHINE_PROPS, "id": _STR, "state": _STATE, "mac_hexhyp": _NSTR, "arch": _NSTR,
         "firmware": _NSTR, "ipv4": _NSTR,
         "facts": _MAP, "token_expires": {"type": ["number", "null"]},
-        "created": {"type": "number"}, "updated": {"type": "number"}}},
+        "created": {"type": "number"}, "updated": {"type": "number"},
+        "state_since": {"type": "number", "description": "when it came into its state "
+                        "(its creation, if never changed since): the dashboard's Unchanged for"}}},
     "Registered": {"allOf": [{"$ref": "#/components/schemas/Machine"}, {
         "type": "object", "properties": {"machine_token": {
             "type": "string", "description": "the machine's own token, answered only here "
@@ -223,7 +225,9 @@ SCHEMAS: dict[str, Any] = {
                                               "same answer again (its reply was lost); from "
                                               "elsewhere the same, moved there, within an "
                                               "hour of its registration and with the "
-                                              "machine_id it reported, else a 409"},
+                                              "machine_id it reported, else a 409; "
+                                              "registered with an install_secret: with "
+                                              "that secret from anywhere, else a 409"},
         "machine_token": {"type": "string", "minLength": 1,
                           "description": "instead of token, at later boots: the machine token "
                                          "the registration answered; the machine's address "
@@ -235,6 +239,12 @@ SCHEMAS: dict[str, Any] = {
                       "the device's own addresses; the request's source address wins unless "
                       "it is not routable. Entries that are loopback, link-local, unspecified, "
                       "multicast, broadcast or not addresses are ignored (an event says so)"},
+        "install_secret": {"type": "string", "maxLength": 256, "description":
+                           "a secret the register command made once on the installed OS, sent "
+                           "with every try: netboot keeps its digest, and a repeat of a "
+                           "registration made with one is taken with that secret alone (from "
+                           "any address, at any time until a reinstall) and refused without "
+                           "it (409)"},
         "keeps": {"type": "string", "enum": ["machine_token"],
                   "description": "the caller keeps the machine token: only then does the "
                                  "answer carry it (an older register command printed the "
@@ -396,8 +406,9 @@ def document() -> dict[str, Any]:
                 _query("last_event", {"type": "string", "enum": ["1", "true"]},
                        "add each machine's last event"),
                 _query("unchanged_for", {"type": "integer", "minimum": 0, "maximum": 10**9},
-                       "seconds: only machines unchanged (state, learnt facts) for at least "
-                       "this long; with state, those stuck in it"),
+                       "seconds: only machines in their state for at least this long "
+                       "(state_since; a learnt fact or a token does not reset it); with "
+                       "state, those stuck in it"),
                 _query("label", {"type": "array",
                                  "items": {"type": "string", "pattern": "^[^=]+="}},
                        "key=value; every one must match"),

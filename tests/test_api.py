@@ -571,19 +571,28 @@ async def test_register_records_the_peer_not_a_claimed_loopback(env: Env) -> Non
 
 async def test_machines_unchanged_for_a_while_are_the_stuck_ones(env: Env) -> None:
     """GET /machines?state=booting&unchanged_for=600: which machines fetched their script
-    ten minutes ago or more and nothing since (s36-ops)."""
+    ten minutes ago or more and are still booting (s36-ops): by the time in their state
+    (state_since), which a learnt fact or an edit since (``updated``) does not reset: the
+    third learnt one five minutes ago and is as stuck (s39-journey; before, it was left
+    out). Each machine's state_since is in the API's answer; sorted by it, oldest first."""
     await env.seed()
     for n in (1, 2, 3):
         await env.post("/api/v1/machines", {"mac": f"52:54:00:ab:00:0{n}"}, status=201)
         await boot(env, f"52:54:00:ab:00:0{n}")
     store = env.service.store
-    for n, age in ((1, 3600.0), (3, 900.0)):
+    now = time.time()
+    for n, age, touched in ((1, 3600.0, 3600.0), (3, 900.0, 300.0)):
         m = await store.machine_by("mac", f"52:54:00:ab:00:0{n}")
         assert m is not None and m.state.value == "booting"
-        await store.update_machine(replace(m, updated=time.time() - age))
+        assert m.state_since is m.updated  # set by its step to booting, one float
+        await store.update_machine(replace(m, state_since=now - age, updated=now - touched))
     listed = await env.get("/api/v1/machines?state=booting&unchanged_for=600&last_event=1")
     assert [m["macs"] for m in listed["items"]] == [["52:54:00:ab:00:01"], ["52:54:00:ab:00:03"]]
     assert listed["total"] == 2
+    assert [round(now - m["state_since"]) for m in listed["items"]] == [3600, 900]
+    ordered = await env.get("/api/v1/machines?sort=state_since&order=desc")
+    assert [m["macs"][0] for m in ordered["items"]][-2:] == [
+        "52:54:00:ab:00:03", "52:54:00:ab:00:01"]
     assert listed["items"][0]["last_event"]["kind"] == "install-plan"  # where it stopped
     listed = await env.get("/api/v1/machines?unchanged_for=1800")
     assert [m["macs"] for m in listed["items"]] == [["52:54:00:ab:00:01"]]

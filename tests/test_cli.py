@@ -639,12 +639,13 @@ def test_a_cluster_with_the_short_token_is_named_by_clusters_ls_and_show(
     assert run(capsys, "clusters", "add", "edge", "--config", cfg)[0] == 0
     short = tmp_path / "short.yaml"
     short.write_text(Path(cfg).read_text() + "enroll:\n  k3s_secure_token: false\n")
-    assert run(capsys, "clusters", "add", "old", "--token", "short-secret",
+    # (A secret of 16 characters or more: a shorter one is weak too, said beside it.)
+    assert run(capsys, "clusters", "add", "old", "--token", "short-form-secret-4c1e",
                "--config", str(short))[0] == 0
     rc, out, _ = run(capsys, "clusters", "ls", "--config", cfg)
     assert rc == 0 and "cluster old: the short k3s join token" in out, out
     assert "netboot clusters set old --secure-token" in out and "cluster edge:" not in out
-    assert "short-secret" not in out
+    assert "short-form-secret-4c1e" not in out
     shown = json.loads(run(capsys, "clusters", "show", "old", "--json", "--config", cfg)[1])
     assert [p["field"] for p in shown["problems"]] == ["token"]
     assert "problems" not in json.loads(
@@ -657,6 +658,47 @@ def test_a_cluster_with_the_short_token_is_named_by_clusters_ls_and_show(
     assert rc == 0
     rc, out, _ = run(capsys, "clusters", "ls", "--config", cfg)
     assert "cluster old:" not in out
+
+
+def test_a_weak_cluster_token_is_warned_of_where_it_is_given_and_listed(
+        tmp_path: Path, cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """A k3s join token whose secret is short (k3s bounds no guesses at its join endpoints)
+    or one character repeated, in either form: `clusters add` warns on stderr as it takes
+    it, `ls` and `show` (and the API's public form) name it among the problems, never the
+    token; a 32-character random one says nothing (s39-journey)."""
+    k3s_hash = "ab" * 32
+    for name, token, weak in (("ext1", "abc123", True), ("ext2", "x" * 40, True),
+                              ("ext3", f"K10{k3s_hash}::server:hunter2", True),
+                              ("ext4", f"K10{k3s_hash}::server:{'5e' * 16}", False)):
+        rc, out, err = run(capsys, "clusters", "add", name, "--server-url",
+                           "https://192.0.2.50:6443", "--token", token, "--config", cfg)
+        assert rc == 0, err
+        assert ("a weak k3s join token" in err) is weak, err
+        assert token not in out + err and "hunter2" not in err
+        shown = json.loads(run(capsys, "clusters", "show", name, "--json", "--config", cfg)[1])
+        errors = [p["error"] for p in shown.get("problems", ())]
+        assert any("weak" in e for e in errors) is weak, errors
+    rc, out, _ = run(capsys, "clusters", "ls", "--config", cfg)
+    assert "cluster ext1: a weak k3s join token: its secret is 6 characters" in out, out
+    assert "cluster ext3: a weak k3s join token: its secret is 7 characters" in out
+    assert "cluster ext2: a weak k3s join token: its secret is one character" in out
+    assert "cluster ext4:" not in out and "hunter2" not in out
+
+
+def test_check_config_warns_of_a_config_that_makes_short_tokens(
+        tmp_path: Path, cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`enroll.k3s_secure_token: false` makes every new managed cluster's token the short
+    form: check-config takes the file (exit 0) and says so on stderr and in --json; the
+    default says nothing (s39-journey)."""
+    short = tmp_path / "short.yaml"
+    short.write_text(Path(cfg).read_text() + "enroll:\n  k3s_secure_token: false\n")
+    rc, out, err = run(capsys, "check-config", str(short))
+    assert rc == 0 and out.strip() == f"{short}: OK", out
+    assert f"netboot: warning: {short}: enroll.k3s_secure_token is false" in err, err
+    rc, out, _ = run(capsys, "check-config", str(short), "--json")
+    assert rc == 0 and "short join token" in json.loads(out)["warnings"][0]
+    rc, out, err = run(capsys, "check-config", cfg)
+    assert rc == 0 and "warning" not in err, err
 
 
 def test_tokens_create_list_revoke_and_the_audit_log(

@@ -1427,6 +1427,106 @@ async def test_a_repeat_from_a_new_address_within_the_hour_is_its_device_whose_l
         await enroller.register(fixed, ipaddress.ip_address("192.0.2.81"))
 
 
+async def test_an_installs_secret_proves_its_repeats_and_nothing_else_does(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """A registration that sent the register command's per-install secret (s39-journey):
+    the store keeps its sha256 alone (no copy of the secret anywhere in the document); a
+    repeat with it is the same install wherever and whenever it comes (a lease changed, a
+    day later, another machine-id: a k3OS boot), moved there unless fixed_ipv4; one without
+    it, or with another, is the 409 even from the registered address (where a local process
+    reading the config got the machine token before) and within the hour with the
+    machine-id. A reinstall forgets the digest."""
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import AuthError, TransitionRefused
+    from netboot.inventory import codec
+
+    store = every_store
+    secret = "0b6f3c1e-9a41-4c52-8d7e-2f1a6b3c4d5e"
+    mac = await _installed(store, "52:54:00:00:39:01", "s1")
+    enroller = Enroller(store, clock=lambda: 1000.0)
+    body = {"mac": str(mac), "token": "tok", "machine_id": "c1a0", "install_secret": secret,
+            "keeps": "machine_token"}
+    at = ipaddress.ip_address("192.0.2.70")
+    first = await enroller.register(body, at, audit=_audited)
+    stored = await store.get_machine(first.id)
+    assert stored is not None
+    assert stored.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
+    assert secret not in repr(stored) and secret not in codec.machine_json(stored)
+    assert "secret_hash" not in codec.machine_to_dict(stored, secrets=False)
+    enroller._clock = lambda: 1001.0
+    # Not its install: no secret, another one, from its own address too, with its machine-id.
+    for other in ({k: v for k, v in body.items() if k != "install_secret"},
+                  {**body, "install_secret": ""}, {**body, "install_secret": secret + "x"}):
+        for peer in ("192.0.2.70", "192.0.2.71"):
+            with pytest.raises(TransitionRefused):
+                await enroller.register(other, ipaddress.ip_address(peer), audit=_audited)
+    assert [e.kind for e in await store.list_events(first.id)] == ["registered"]
+    # Its install, from where it registered: answered as the first.
+    again = await enroller.register(body, at)
+    assert again.install_token == first.install_token and again.ipv4 == "192.0.2.70"
+    # A day later, from a new lease, with a new machine-id (k3OS's /etc is in memory).
+    enroller._clock = lambda: 1000.0 + 86400
+    moved = await enroller.register({**body, "machine_id": "d2b1"},
+                                    ipaddress.ip_address("192.0.2.72"))
+    assert moved.install_token == first.install_token and moved.ipv4 == "192.0.2.72"
+    event = (await store.list_events(first.id))[-1]
+    assert event.kind == "registration repeated" and "192.0.2.70 -> 192.0.2.72" in event.message
+    assert "secret" in event.message and secret not in event.message
+    # A fixed_ipv4 stays: answered, not moved.
+    machine = await store.get_machine(first.id)
+    await store.update_machine(replace_machine(machine, fixed_ipv4="192.0.2.80"))
+    kept = await enroller.register(body, ipaddress.ip_address("192.0.2.73"))
+    assert kept.install_token == first.install_token
+    stored = await store.get_machine(first.id)
+    assert stored is not None and stored.ipv4 == "192.0.2.72"
+    # A reinstall: the digest goes with the token.
+    await enroller.reinstall(str(mac))
+    stored = await store.get_machine(first.id)
+    assert stored is not None and stored.secret_hash is None
+    with pytest.raises(AuthError):
+        await enroller.register(body, at)
+
+
+async def test_the_time_in_a_state_is_kept_by_every_store_and_filtered_on(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """A machine's state_since (s39-journey): None while it was never changed (read as its
+    creation: no slot for the unbooted machines of a storm), its step's own time when its
+    state changes, untouched by a learnt fact or an edit (``updated``); read back alike by
+    every store, one float with ``updated`` when the state changed at the last update; the
+    listing's ``in_state_before`` and sort ``state_since`` take the creation time for
+    never-changed machines."""
+    from netboot.inventory.base import MachineFilter
+
+    store = every_store
+    for mac in ("52:54:00:00:39:11", "52:54:00:00:39:12"):
+        await store.create_machine(Machine(macs=(MacAddress.parse(mac),), cluster="edge",
+                                           profile="p", created=100.0, updated=100.0))
+    still = await store.machine_by("mac", "52:54:00:00:39:11")
+    assert still is not None and still.state_since is None and still.in_state_since == 100.0
+    enroller = Enroller(store, clock=lambda: 1000.5)
+    moved = await enroller.reinstall("52:54:00:00:39:12")
+    assert moved.state_since is moved.updated == 1000.5
+    stored = await store.machine_by("mac", "52:54:00:00:39:12")
+    assert stored is not None and stored.state_since == 1000.5
+    if not isinstance(store, MemoryStore):
+        assert stored.state_since is stored.updated  # decoded as one float
+    await store.update_machine(replace_machine(stored, facts={"product": "x"}, updated=2000.25))
+    stored = await store.machine_by("mac", "52:54:00:00:39:12")
+    assert stored is not None and stored.updated == 2000.25 and stored.state_since == 1000.5
+
+    async def listed(**flt: Any) -> list[str]:
+        return [str(m.mac) for m in await store.list_machines(MachineFilter(**flt))]
+
+    assert await listed(in_state_before=1500.0) == ["52:54:00:00:39:11", "52:54:00:00:39:12"]
+    assert await listed(in_state_before=500.0) == ["52:54:00:00:39:11"]
+    assert await listed(in_state_before=50.0) == []
+    assert await listed(sort="state_since", descending=True) == [
+        "52:54:00:00:39:12", "52:54:00:00:39:11"]
+    assert await store.count_machines(MachineFilter(in_state_before=500.0)) == 1
+
+
 async def test_what_a_spent_token_gives_a_stranger_within_the_hour(  # type: ignore[no-untyped-def]
         every_store) -> None:
     """The rule's cost, as README "Registration and later boots" states it. The spent

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -116,7 +117,8 @@ def _busybox_sh(tmp_path: Path) -> Callable[[str], Awaitable[tuple[int, bytes]]]
     assert busybox, "busybox not installed: run tests/install-deps.sh (busybox-static)"
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget", "printf"):
+    for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget", "printf",
+                   "mv"):
         (bin_dir / applet).symlink_to(busybox)
 
     async def run(command: str) -> tuple[int, bytes]:
@@ -303,6 +305,121 @@ def test_a_lost_answer_retried_from_a_new_lease_registers_there(
     assert kinds.count("registered") == 1 and kinds[-1] == "registration repeated", kinds
     assert "192.0.2.60 -> 192.0.2.10" in out["events"][-1].message
     assert out["machine_id"] == "5f3a8c0e2b7d4e61a9c0d1e2f3a4b5c6"
+
+
+MAC2 = "52:54:00:00:60:02"
+
+
+def test_an_installs_secret_proves_its_retries_and_a_clone_or_local_process_gets_nothing(
+        namespace: str, tmp_path: Path) -> None:
+    """The rendered register command under busybox sh + wget, two machines from one image
+    (the same image-baked /etc/machine-id, s38-review2's case). The clone registers. The
+    device's first answer is lost. Then, in this order: a local process on the device (no
+    root: it cannot read the secret, the config's spent token it can) posts from the
+    device's address; the clone, holding the device's spent token, runs the device's
+    command with its own secret; the device reboots (k3OS: a new machine-id, /var kept) on
+    a new lease and retries. The first two get 409s and no machine token (before
+    s39-journey: the local process got it, 200); the device gets 200, keeps the token, and
+    moves (before: a 409, its machine-id being the clone's too, until a reinstall)."""
+    run = _busybox_sh(tmp_path)
+    root, clone_root = tmp_path / "root", tmp_path / "clone"
+    image_id, new_id = tmp_path / "machine-id", tmp_path / "machine-id-2"
+    image_id.write_text("5f3a8c0e2b7d4e61a9c0d1e2f3a4b5c6\n")
+    new_id.write_text("0a1b2c3d4e5f60718293a4b5c6d7e8f9\n")
+
+    async def scenario() -> dict[str, Any]:
+        service = await build(load(write_config(tmp_path / "cfg"), env={}))
+        runner = web.AppRunner(service.app)
+        servers: list[asyncio.Server] = []
+        out: dict[str, Any] = {}
+        try:
+            store = service.store
+            await store.put_cluster(Cluster(name="edge", token="t", server_url="managed"))
+            await store.put_cluster(Cluster(name="lab", token="u", server_url="managed"))
+            port = await _served(service, runner)
+            await store.create_machine(Machine(macs=(MacAddress.parse(MAC2),), hostname="s2",
+                                               cluster="lab", role=Role.SERVER, profile="p"))
+            tokens = {}
+            for mac, at in ((MAC, "192.0.2.60"), (MAC2, "192.0.2.61")):
+                connector = aiohttp.TCPConnector(local_addr=(at, 0))
+                async with aiohttp.ClientSession(connector=connector) as http, \
+                        http.get(f"{service.base_url}/ipxe?mac={mac}&arch=x86_64") as resp:
+                    script = await resp.text()
+                assert "?token=" in script, script
+                tokens[mac] = script.split("?token=", 1)[1].split()[0]
+
+            async def device_at(address: str, mac: str, token: str, home: Path,
+                                machine_id: Path, drop: int = 0) -> tuple[_Proxy, str]:
+                proxy = _Proxy(("192.0.2.1", port), address, drop)
+                server = await asyncio.start_server(proxy.handle, address, 0)
+                servers.append(server)
+                url = f"http://{address}:{server.sockets[0].getsockname()[1]}/api/v1/register"
+                command = (register_command(url, mac, token, "n")
+                           .replace("/var/lib/netboot", str(home))
+                           .replace("/etc/machine-id", str(machine_id))
+                           .replace("n=360", "n=1").replace("sleep 10", "sleep 1"))
+                return proxy, command
+
+            proxy, command = await device_at("192.0.2.61", MAC2, tokens[MAC2], clone_root,
+                                             image_id)
+            out["clone registers"] = (await run(command), list(proxy.answered))
+            proxy, command = await device_at("192.0.2.60", MAC, tokens[MAC], root, image_id,
+                                             drop=1)
+            out["first"] = (await run(command), list(proxy.answered))
+            out["secret after the first"] = (root / "install-secret").read_text()
+            # A local process at the device's address: the config's token, no secret.
+            connector = aiohttp.TCPConnector(local_addr=("192.0.2.60", 0))
+            async with aiohttp.ClientSession(connector=connector) as http, http.post(
+                    f"{service.base_url}/api/v1/register",
+                    json={"mac": MAC, "token": tokens[MAC], "keeps": "machine_token",
+                          "machine_id": image_id.read_text().strip()}) as resp:
+                out["local"] = (resp.status, await resp.text())
+            # The clone with the device's spent token and its own secret (no machine token
+            # of its own in the way: another directory holding only its secret).
+            attack = tmp_path / "attack"
+            attack.mkdir()
+            (attack / "install-secret").write_bytes((clone_root / "install-secret").read_bytes())
+            proxy, command = await device_at("192.0.2.61", MAC, tokens[MAC], attack, image_id)
+            out["clone"] = (await run(command), list(proxy.answered))
+            # The device's next boot: a new lease, a new machine-id, /var kept.
+            proxy, command = await device_at("192.0.2.10", MAC, tokens[MAC], root, new_id)
+            out["retry"] = (await run(command), list(proxy.answered))
+            stored = await store.machine_by("mac", MAC)
+            assert stored is not None
+            out["token"], out["ipv4"] = stored.install_token, stored.ipv4
+            out["events"] = await store.list_events(stored.id)
+            return out
+        finally:
+            for server in servers:
+                server.close()
+            await runner.cleanup()
+            await service.boot.drain()
+            await service.store.close()
+
+    def statuses(answers: list[bytes]) -> list[bytes]:
+        return [a.split(b" ", 2)[1] for a in answers]
+
+    # The clone's address, on the namespace's loopback beside tests.netns' three.
+    subprocess.run(["ip", "-n", namespace, "addr", "add", "192.0.2.61/32", "dev", "lo"],
+                   check=True)
+    out = in_namespace(namespace, scenario)
+    assert statuses(out["clone registers"][1]) == [b"200"]
+    assert statuses(out["first"][1]) == [b"200"]  # lost
+    secret = out["secret after the first"]
+    assert len(secret.strip()) == 36 and (root / "install-secret").stat().st_mode & 0o077 == 0
+    assert (clone_root / "install-secret").read_text() != secret
+    assert out["local"][0] == 409 and "machine_token" not in out["local"][1], out["local"]
+    (_, printed), answers = out["clone"]
+    assert statuses(answers) == [b"409"], (printed, answers)
+    assert b"machine_token" not in b"".join(answers)
+    assert not (tmp_path / "attack" / "machine-token").exists()
+    (status, printed), answers = out["retry"]
+    assert status == 0 and statuses(answers) == [b"200"], (printed, answers)
+    assert (root / "machine-token").read_text() == out["token"] and out["token"]
+    assert (root / "install-secret").read_text() == secret  # the same one, every try
+    assert out["ipv4"] == "192.0.2.10"
+    event = out["events"][-1]
+    assert event.kind == "registration repeated" and "192.0.2.60 -> 192.0.2.10" in event.message
 
 
 def _older_register_command(url: str, mac: str, token: str, node_name: str) -> str:

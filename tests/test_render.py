@@ -1591,11 +1591,14 @@ def _plain_register_command(url: str, mac: str, token: str, node_name: str) -> s
             "else o=$(wget -q -O- --header 'Content-Type: application/json' --post-data "
             f"\"$b\" {u}); fi")
     key = "'\"machine_token\": \"'"
-    return (f"k={d}/machine-token; n=360; b='" + sq('{"mac":"' + js(mac) + '",')
+    return (f"s={d}/install-secret; [ -s $s ] || (umask 077; mkdir -p {d} && cat "
+            "/proc/sys/kernel/random/uuid >$s.n && mv $s.n $s) 2>/dev/null; "
+            f"k={d}/machine-token; n=360; b='" + sq('{"mac":"' + js(mac) + '",')
             + "'; a='" + sq('"token":"' + js(token) + '"')
             + "'; [ -s $k ] && { n=30; a='\"machine_token\":\"'\"$(cat $k)\"'\"'; }; "
             "b=\"$b$a\"'" + sq(',"keeps":"machine_token","hostname":"') + "'\"$(hostname)\"'"
             + sq('","machine_id":"') + "'\"$(cat /etc/machine-id 2>/dev/null)\"'"
+            + sq('","install_secret":"') + "'\"$(cat $s 2>/dev/null)\"'"
             + sq('","node_name":"' + js(node_name) + '"}') + "'; "
             "r() { i=0; while [ $i -lt $n ]; do "
             f"{post} && {{ mkdir -p {d} && touch {d}/registered; "

@@ -30,7 +30,11 @@ from netboot.model import (
 )
 
 # What machines can be listed by: "mac" is the default order (codec.machine_order).
-SORT_KEYS = ("mac", "hostname", "state", "cluster", "updated", "created")
+SORT_KEYS = ("mac", "hostname", "state", "cluster", "updated", "created", "state_since")
+# A sort key that is no column: its SQL (SQLite's, PostgreSQL's), the time a machine came
+# into its state (Machine.in_state_since: ``state_since``, else ``created``).
+SINCE_SQLITE = "COALESCE(json_extract(m.data, '$.state_since'), m.created)"
+SINCE_POSTGRES = "COALESCE(((m.data::jsonb) ->> 'state_since')::float8, m.created)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,10 @@ class MachineFilter:
     # (seconds since the epoch): with a state, the ones stuck in it (the dashboard's
     # "unchanged for" filter in a storm).
     updated_before: float | None = None
+    # Machines in their state since before this (Machine.in_state_since): with a state, the
+    # ones stuck in it (the dashboard's "Unchanged for", the API's unchanged_for), which a
+    # learnt fact or a token's change, moving ``updated``, does not reset.
+    in_state_before: float | None = None
     sort: str = "mac"  # one of SORT_KEYS
     descending: bool = False
     limit: int = 100

@@ -161,7 +161,7 @@ def sort_machines(machines: list[Machine], sort: str, descending: bool) -> list[
         return found[::-1] if descending else found
 
     def value(machine: Machine) -> Any:
-        v = getattr(machine, sort)
+        v = getattr(machine, "in_state_since" if sort == "state_since" else sort)
         return v.value if isinstance(v, enum.Enum) else v
 
     present = [m for m in found if value(m) is not None]
@@ -316,8 +316,8 @@ def _ipv4(value: str | None, field: str) -> str | None:
 
 
 def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]:
-    """Every field of ``machine``; ``secrets=False`` leaves out ``token_hash`` and the install
-    token (API listings)."""
+    """Every field of ``machine``; ``secrets=False`` leaves out ``token_hash``, the install
+    token and ``secret_hash`` (API listings)."""
     out: dict[str, Any] = {
         "id": machine.id,
         "macs": [str(m) for m in machine.macs],
@@ -339,11 +339,13 @@ def machine_to_dict(machine: Machine, *, secrets: bool = True) -> dict[str, Any]
         "token_hash": machine.token_hash,
         "token_expires": machine.token_expires,
         "install_token": machine.install_token,
+        "secret_hash": machine.secret_hash,
+        "state_since": machine.state_since,
         "created": machine.created,
         "updated": machine.updated,
     }
     if not secrets:
-        del out["token_hash"], out["install_token"]
+        del out["token_hash"], out["install_token"], out["secret_hash"]
     return out
 
 
@@ -382,7 +384,7 @@ def machine_from_dict(data: object) -> Machine:
         uuid=_opt_str(d, "uuid"),
         serial=_opt_str(d, "serial"),
         asset=_opt_str(d, "asset"),
-        labels=_str_map(d, "labels"),
+        labels=_str_map(d, "labels") or NO_ENTRIES,
         cluster=_opt_str(d, "cluster"),
         role=_opt_enum(d, "role", Role),
         profile=_opt_str(d, "profile"),
@@ -391,10 +393,12 @@ def machine_from_dict(data: object) -> Machine:
         firmware=_opt_enum(d, "firmware", Firmware),
         ipv4=_ipv4(_opt_str(d, "ipv4"), "ipv4"),
         fixed_ipv4=_ipv4(_opt_str(d, "fixed_ipv4"), "fixed_ipv4"),
-        facts=_str_map(d, "facts"),
+        facts=_str_map(d, "facts") or NO_ENTRIES,
         token_hash=_opt_str(d, "token_hash"),
         token_expires=_opt_float(d, "token_expires"),
         install_token=_opt_str(d, "install_token"),
+        secret_hash=_opt_str(d, "secret_hash"),
+        state_since=_opt_float(d, "state_since"),
         created=_float(d, "created", default=0.0),
         updated=_float(d, "updated", default=0.0),
     )
@@ -405,7 +409,7 @@ def machine_from_dict(data: object) -> Machine:
 # building the machine a second time to see that it reads back.
 
 _MACHINE_TEXT = ("hostname", "uuid", "serial", "asset", "cluster", "profile", "token_hash",
-                 "install_token")
+                 "install_token", "secret_hash")
 _MACHINE_ENUMS: tuple[tuple[str, type[enum.Enum]], ...] = (
     ("role", Role), ("loader", LoaderChain), ("arch", Arch), ("firmware", Firmware))
 # Enum members by value: a dict look-up, where calling the enum class is ten times slower.
@@ -466,7 +470,8 @@ def _exact(m: Machine) -> bool:
             or ((v := m.cluster) is not None and type(v) is not str)
             or ((v := m.profile) is not None and type(v) is not str)
             or ((v := m.token_hash) is not None and type(v) is not str)
-            or ((v := m.install_token) is not None and type(v) is not str)):
+            or ((v := m.install_token) is not None and type(v) is not str)
+            or ((v := m.secret_hash) is not None and type(v) is not str)):
         return False
     if ((m.role is not None and type(m.role) is not Role)
             or (m.loader is not None and type(m.loader) is not LoaderChain)
@@ -488,13 +493,14 @@ def _exact(m: Machine) -> bool:
     if (((v := m.ipv4) is not None and not _canonical_ipv4(v))
             or ((v := m.fixed_ipv4) is not None and not _canonical_ipv4(v))):
         return False
-    created, updated, expires = m.created, m.updated, m.token_expires
-    # Three floats are finite when their sum is: an infinity or a NaN among them makes it
+    created, updated, expires, since = m.created, m.updated, m.token_expires, m.state_since
+    # Four floats are finite when their sum is: an infinity or a NaN among them makes it
     # one. (A sum past the largest double, from times near 1e308, says "not exact" of
     # finite ones: the caller then takes the round trip, which is only slower.)
     return (type(created) is float and type(updated) is float
             and (expires is None or type(expires) is float)
-            and math.isfinite(created + updated + (expires or 0.0)))
+            and (since is None or type(since) is float)
+            and math.isfinite(created + updated + (expires or 0.0) + (since or 0.0)))
 
 
 def _canonical_ipv4(value: object) -> bool:
@@ -523,7 +529,7 @@ def machine_document(machine: Machine) -> dict[str, Any]:
         out["labels"] = dict(m.labels)
     if m.facts:
         out["facts"] = dict(m.facts)
-    for key in ("ipv4", "fixed_ipv4", "token_expires"):
+    for key in ("ipv4", "fixed_ipv4", "token_expires", "state_since"):
         value = getattr(m, key)
         if value is not None:
             out[key] = value
@@ -631,6 +637,7 @@ def machine_texts(machine: Machine, install_token: str | None = None,
     profile = "" if (v := m.profile) is None else ',"profile":' + q(v)
     token_hash = "" if (v := m.token_hash) is None else ',"token_hash":' + q(v)
     token = "" if (v := install_token or m.install_token) is None else ',"install_token":' + q(v)
+    secret = "" if (v := m.secret_hash) is None else ',"secret_hash":' + q(v)
     role = "" if (e1 := m.role) is None else ',"role":' + _QUOTED[e1._value_]
     loader = "" if (e2 := m.loader) is None else ',"loader":' + _QUOTED[e2._value_]
     arch = "" if (e3 := m.arch) is None else ',"arch":' + _QUOTED[e3._value_]
@@ -658,6 +665,15 @@ def machine_texts(machine: Machine, install_token: str | None = None,
         expires = f',"token_expires":{int(t)}{text_updated[10:]}'
     else:
         expires = ',"token_expires":' + r(t)
+    # Its state's time is its update's when the state changed last (lifecycle.advance: the
+    # same float): that text, not a second repr (~7,000 instructions). Equal nonzero doubles
+    # have one repr; 0.0 and -0.0 are equal with two.
+    if (t := m.state_since) is None:
+        since = ""
+    elif t is updated or (t == updated and t):
+        since = ',"state_since":' + text_updated
+    else:
+        since = ',"state_since":' + r(t)
     # A batch's creation times, memoised (the docstring); not 0.0, an equal key to -0.0 of
     # another text (any other two equal floats are one double: one text).
     created = m.created
@@ -667,8 +683,8 @@ def machine_texts(machine: Machine, install_token: str | None = None,
         if times is not None and created:
             times[created] = text_created
     text = (f'{{"id":{q(m.id)},"macs":[{mac_text}],"state":{_QUOTED[m.state._value_]}'
-            f"{hostname}{uuid}{serial}{asset}{cluster}{profile}{token_hash}{token}{role}"
-            f"{loader}{arch}{firmware}{labels}{facts}{ipv4}{fixed_ipv4}{expires}"
+            f"{hostname}{uuid}{serial}{asset}{cluster}{profile}{token_hash}{token}{secret}{role}"
+            f"{loader}{arch}{firmware}{labels}{facts}{ipv4}{fixed_ipv4}{expires}{since}"
             f',"created":{text_created},"updated":{text_updated}}}')
     if not claims:
         return text, ""
@@ -763,7 +779,7 @@ def claims_change(stored: Any, machine: Machine
 
 # The fields machine_delta writes as JSON text (bound through SQLite's json()), the others
 # as strings (quoted by SQLite).
-DELTA_JSON = frozenset({"facts", "token_expires", "updated"})
+DELTA_JSON = frozenset({"facts", "token_expires", "state_since", "updated"})
 
 
 def machine_delta(old: Machine, new: Machine, install_token: str | None = None
@@ -879,6 +895,14 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
             values.append(a if install_token is None else install_token)
         else:
             return None
+    if (a := n.secret_hash) is not (b := o.secret_hash) and (type(a) is not str or a != b):
+        if a is None:
+            gone.append("secret_hash")
+        elif type(a) is str:
+            keys.append("secret_hash")
+            values.append(a)
+        else:
+            return None
     if (f1 := n.role) is not o.role:
         if f1 is None:
             gone.append("role")
@@ -956,6 +980,16 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
         else:
             keys.append("token_expires")
             values.append(repr(t))
+    if (t := n.state_since) is not (u := o.state_since) and (
+            type(t) is not type(u) or t != u):
+        if t is None:
+            gone.append("state_since")
+        elif type(t) is not float or not math.isfinite(t):
+            return None
+        else:
+            keys.append("state_since")
+            values.append((text_updated or repr(updated)) if t is updated
+                          or (t == updated and t) else repr(t))
     if text_updated:
         keys.append("updated")
         values.append(text_updated)
@@ -1123,7 +1157,8 @@ class NewMachines(_MadeOnDemand[Machine]):
         # Every field in Machine's order (machine_of_values: the values are as checked).
         return machine_of_values((macs, ident, self._state, hostname, uuid, serial, asset,
                                   labels, cluster, role, profile, None, None, None, None,
-                                  fixed_ipv4, NO_ENTRIES, None, None, None, now, now))
+                                  fixed_ipv4, NO_ENTRIES, None, None, None, None, None, now,
+                                  now))
 
     def sealed(self, seal: Callable[[Machine], Machine]) -> NewMachines:
         """These machines with ``seal`` applied to those added whole (an import's rows carry
@@ -1271,9 +1306,10 @@ def _document_machine(d: dict[str, Any], maps: SharedMaps | None = None) -> Mach
     if (type(ident) is not str or not ident.startswith(ID_PREFIX) or not ident.isprintable()
             or "/" in ident or ident != ident.strip()):
         return None
-    hostname, uuid, serial, asset, cluster, profile, token_hash, install_token = texts = (
+    (hostname, uuid, serial, asset, cluster, profile, token_hash, install_token,
+     secret_hash) = texts = (
         get("hostname"), get("uuid"), get("serial"), get("asset"), get("cluster"),
-        get("profile"), get("token_hash"), get("install_token"))
+        get("profile"), get("token_hash"), get("install_token"), get("secret_hash"))
     for text in texts:
         if text is not None and type(text) is not str:
             return None
@@ -1299,11 +1335,12 @@ def _document_machine(d: dict[str, Any], maps: SharedMaps | None = None) -> Mach
     if (ipv4 is not None and not _canonical_ipv4(ipv4)) \
             or (fixed_ipv4 is not None and not _canonical_ipv4(fixed_ipv4)):
         return None
-    created, updated, expires = (_stored_time(get("created", 0.0)),
-                                 _stored_time(get("updated", 0.0)),
-                                 _stored_time(get("token_expires")))
+    created, updated, expires, since = (_stored_time(get("created", 0.0)),
+                                        _stored_time(get("updated", 0.0)),
+                                        _stored_time(get("token_expires")),
+                                        _stored_time(get("state_since")))
     if created is None or updated is None or created is _NOT_A_TIME \
-            or updated is _NOT_A_TIME or expires is _NOT_A_TIME:
+            or updated is _NOT_A_TIME or expires is _NOT_A_TIME or since is _NOT_A_TIME:
         return None
     if maps is not None:
         created = maps.time(created)
@@ -1311,10 +1348,12 @@ def _document_machine(d: dict[str, Any], maps: SharedMaps | None = None) -> Mach
         # Never changed since it was enrolled (a bulk import's machines): one float object
         # for both times, 24 bytes less a machine in a process holding the inventory.
         updated = created
+    if since and since == updated:
+        since = updated  # its state changed at its last update: one float for both
     return machine_of_values((
         tuple(macs), ident, state, hostname, uuid, serial, asset, labels, cluster, role,
         profile, loader, arch, firmware, ipv4, fixed_ipv4, facts, token_hash, expires,
-        install_token, created, updated))
+        install_token, secret_hash, since, created, updated))
 
 
 # Enum members by value, None for an absent field (a member of these is never None).

@@ -119,6 +119,9 @@ class MemoryStore:
                 continue
             if flt.updated_before is not None and not machine.updated < flt.updated_before:
                 continue
+            if flt.in_state_before is not None \
+                    and not machine.in_state_since < flt.in_state_before:
+                continue
             if flt.ids is not None and machine.id not in flt.ids:
                 continue
             if flt.text and not codec.matches_text(machine, flt.text):

@@ -75,7 +75,14 @@ from netboot.errors import (
 )
 from netboot.identity import claims
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
+from netboot.inventory.base import (
+    SINCE_POSTGRES,
+    Batch,
+    Changes,
+    EventListener,
+    MachineFilter,
+    Sealer,
+)
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.dsn import PeerSettings
 from netboot.inventory.dsn import redact as dsn_redact
@@ -1685,7 +1692,7 @@ class PostgresStore:
             order = "m.mac IS NULL DESC, m.mac DESC, m.id DESC"
         elif flt.sort != "mac":
             # The column name comes from SORT_KEYS (checked by codec.check_filter).
-            column = f"m.{flt.sort}"
+            column = SINCE_POSTGRES if flt.sort == "state_since" else f"m.{flt.sort}"
             order = f"{column} IS NULL, {column}{' DESC' if flt.descending else ''}, {order}"
         n = len(params)
         async with self._conn() as conn:
@@ -2504,6 +2511,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
     if flt.updated_before is not None:
         clauses.append(f"m.updated < {arg(float(flt.updated_before))}")
+    if flt.in_state_before is not None:
+        clauses.append(f"{SINCE_POSTGRES} < {arg(float(flt.in_state_before))}")
     if flt.ids is not None:
         clauses.append(f"m.id = ANY({arg(sorted(flt.ids))}::text[])")
     if flt.text:

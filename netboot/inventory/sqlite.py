@@ -56,7 +56,14 @@ from netboot.errors import (
 )
 from netboot.identity import claims
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter, Sealer
+from netboot.inventory.base import (
+    SINCE_SQLITE,
+    Batch,
+    Changes,
+    EventListener,
+    MachineFilter,
+    Sealer,
+)
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.sealed import Sealed, join_token_context
 from netboot.inventory.signal import Signal, wait_until
@@ -1646,6 +1653,9 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
     if flt.updated_before is not None:
         clauses.append("m.updated < ?")
         params.append(flt.updated_before)
+    if flt.in_state_before is not None:
+        clauses.append(f"{SINCE_SQLITE} < ?")
+        params.append(flt.in_state_before)
     if flt.ids is not None:
         # One parameter however many (a JSON array), not one each: SQLite's limit is 32,766.
         clauses.append("m.id IN (SELECT value FROM json_each(?))")
@@ -1672,7 +1682,7 @@ def _list_machines(conn: sqlite3.Connection, flt: MachineFilter) -> list[Machine
         order = "m.mac IS NULL DESC, m.mac DESC, m.id DESC"
     elif flt.sort != "mac":
         # The column name comes from SORT_KEYS (checked by codec.check_filter), never a value.
-        column = f"m.{flt.sort}"
+        column = SINCE_SQLITE if flt.sort == "state_since" else f"m.{flt.sort}"
         order = (f"{column} IS NULL, {column}{' DESC' if flt.descending else ''}, {order}")
     # Decoded a thousand rows at a time, not after fetchall(): all 100,000 documents (35 MB
     # of text) are never held beside the machines made of them (a re-import reads every

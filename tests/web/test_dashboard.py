@@ -19,9 +19,10 @@ async def test_the_pages_have_an_icon_and_favicon_ico_is_no_404(env: Env) -> Non
 
 
 async def test_the_machines_column_says_what_its_time_is(env: Env) -> None:
-    """The column showed the time since the machine last changed (a label edit resets it),
-    not since its state changed (the stored machine has no such time): it says so."""
+    """The column is the time in the machine's state (state_since, s39-journey: a label
+    edit or a learnt fact no longer resets it), and sorts by it."""
     resp = await env.client.get("/ui/app.js")
     script = await resp.text()
-    assert '"Unchanged for", "updated"' in script
-    assert "In state" not in script and "in this state" not in script
+    assert '"Unchanged for", "state_since"' in script
+    assert 'h("td", {title: iso(m.state_since)}, ago(m.state_since))' in script
+    assert 'h("td", {title: iso(m.updated)}' not in script

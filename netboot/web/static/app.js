@@ -193,7 +193,7 @@ function machinesView(root) {
   const pager = h("div", {class: "pager"});
   const columns = [["macs", "MAC(s)", null], ["hostname", "Hostname", "hostname"],
     ["serial", "Serial", null], ["cluster", "Cluster", "cluster"], ["role", "Role", null],
-    ["state", "State", "state"], ["last", "Last event", null], ["since", "Unchanged for", "updated"]];
+    ["state", "State", "state"], ["last", "Last event", null], ["since", "Unchanged for", "state_since"]];
   const head = h("tr", {}, columns.map(([, label, key]) => {
     if (!key) return h("th", {}, label);
     const mark = query.sort === key ? (query.order === "asc" ? " ▲" : " ▼") : "";
@@ -268,7 +268,7 @@ function machinesView(root) {
       h("td", {}, stateBadge(m.state)),
       h("td", {class: "event", title: last ? `${iso(last.time)} ${last.message}` : ""},
         last ? `${last.kind}: ${last.message}` : ""),
-      h("td", {title: iso(m.updated)}, ago(m.updated)));
+      h("td", {title: iso(m.state_since)}, ago(m.state_since)));
     }));
     if (!data.items.length) {
       tbody.append(h("tr", {}, h("td", {colspan: columns.length, class: "muted"},
@@ -337,7 +337,8 @@ function machineView(root, id) {
       ["serial", m.serial], ["UUID", m.uuid], ["asset", m.asset], ["cluster", m.cluster],
       ["role", m.role], ["profile", m.profile], ["arch", m.arch], ["firmware", m.firmware],
       ["address", m.ipv4], ["labels", Object.entries(m.labels).map(([k, v]) => `${k}=${v}`).join(", ")],
-      ["created", iso(m.created)], ["last changed", `${ago(m.updated)} ago (${iso(m.updated)})`]];
+      ["created", iso(m.created)], ["last changed", `${ago(m.updated)} ago (${iso(m.updated)})`],
+      ["in its state", `${ago(m.state_since)} (since ${iso(m.state_since)})`]];
     info.replaceChildren(...fields.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v || "—")]));
     const {clusters, profiles} = await choices();
     const buttons = [];
