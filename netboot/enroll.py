@@ -1159,8 +1159,12 @@ class Enroller:
         # config (callgrind; benchmarks/README.md s39-http1st).
         now = self._clock()
         state = lifecycle.apply(machine.state, _FETCHED, subject=machine)
+        # A new state's time is the update's own float, as lifecycle.advance sets it
+        # (state_since: the dashboard's "Unchanged for"); boxed once for the compiled build.
+        stamp: Any = now
         updated = (machine if state == machine.state
-                   else replace_machine(machine, state=state, updated=now))
+                   else replace_machine(machine, state=state, updated=stamp,
+                                        state_since=stamp))
         # By position, as model.event_of makes it (no class call: s38-install).
         event = event_of(machine.id, self._clock(), "config", f"{what} fetched", {})
         if updated is machine:

@@ -938,6 +938,9 @@ async def test_a_first_installs_copy_holds_what_learn_makes_of_its_request(
         == told | {"firmware": Firmware.UEFI if known else Firmware.IPXE}
     assert after.facts == {**learnt.facts, "install_peer": "192.0.2.7"}
     assert after.token_hash and after.install_token == "tok" and after.updated == clock.now
+    # The step changed the state: its time is the update's (s39-journey's state_since, the
+    # dashboard's "Unchanged for"), set in this written-out step as lifecycle.advance sets it.
+    assert after.state_since == clock.now and before.state_since is None
 
 
 async def test_a_kept_decision_follows_every_change_at_once(tmp_path: Path) -> None:

@@ -1527,6 +1527,23 @@ async def test_the_time_in_a_state_is_kept_by_every_store_and_filtered_on(  # ty
     assert await store.count_machines(MachineFilter(in_state_before=500.0)) == 1
 
 
+async def test_a_config_fetch_that_moves_the_state_stamps_its_time(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """config_fetched writes lifecycle.advance's step out (s39-http1st): a fetch that moves
+    the machine's state stamps state_since with the step's own time, as advance does; one
+    that keeps the state keeps the machine as it is."""
+    store = every_store
+    await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:39:21"),),
+                                       state=MachineState.BOOTING, cluster="edge",
+                                       profile="p", created=100.0, updated=100.0))
+    read = await store.machine_by("mac", "52:54:00:00:39:21")
+    assert read is not None and read.state_since is None
+    await Enroller(store, clock=lambda: 1000.5).config_fetched(read, "k3OS config")
+    moved = await store.machine_by("mac", "52:54:00:00:39:21")
+    assert moved is not None and moved.state != MachineState.BOOTING
+    assert moved.state_since == moved.updated == 1000.5
+
+
 async def test_what_a_spent_token_gives_a_stranger_within_the_hour(  # type: ignore[no-untyped-def]
         every_store) -> None:
     """The rule's cost, as README "Registration and later boots" states it. The spent
