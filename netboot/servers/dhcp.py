@@ -766,6 +766,20 @@ class DhcpServer:
             _log.exception("dhcp: %s xid %#010x: fixed-address lookup failed", mac, xid)
         return None
 
+    async def _sibling(self, mac: str, other: str | None) -> str | None:
+        """``other`` if it is another NIC of ``mac``'s machine (the fixed address's taker:
+        LeasePool.fixed_refused), else None; asked of the store only when there is one."""
+        if other is None:
+            return None
+        try:
+            machine = await asyncio.wait_for(self._store.machine_by("mac", mac),
+                                             self._decide_timeout)
+        except Exception as exc:  # refused as before: the warning names the holder
+            _log.debug("dhcp: %s: which machine it is not known: %r", mac, exc)
+            return None
+        return other if machine is not None and any(str(m) == other for m in machine.macs) \
+            else None
+
     def _reply(
         self, packet: dhcp.Inbound, reply: dhcp.Packet, peer: Address, pxe_port: bool
     ) -> Reply:
@@ -915,7 +929,9 @@ class DhcpServer:
 
         stage_task = self._decide(client, xid) if client.pxe else _none()
         fixed, stage = await asyncio.gather(self._fixed(mac, xid), stage_task)
-        if fixed is not None and (why := pool.fixed_refused(mac, fixed, now)) is not None:
+        if fixed is not None and (why := pool.fixed_refused(
+                mac, fixed, now, await self._sibling(mac, pool.taker(fixed, mac, now)))) \
+                is not None:
             # dnsmasq's "not using configured address": a pool address instead.
             self._limited.log(logging.WARNING, f"fixed {mac}",
                               "dhcp: %s xid %#010x: not using its fixed_ipv4 %s: %s; offered "
