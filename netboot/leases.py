@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from netboot.model import Lease
+from netboot.model import Lease, Machine
 
 
 class LeaseStore(Protocol):  # implemented by the inventory
@@ -36,6 +36,7 @@ class LeaseStore(Protocol):  # implemented by the inventory
     async def put_lease(self, lease: Lease, *, now: float | None = None) -> None: ...
     async def delete_lease(self, mac: str) -> None: ...
     async def fixed_address(self, mac: str) -> str | None: ...
+    async def machine_by(self, kind: str, value: str) -> Machine | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,26 +162,37 @@ class LeasePool:
                 held.append(self._leases[holder])
         return held
 
-    def fixed_refused(self, mac: str, fixed: str, now: float) -> str | None:
+    def taker(self, ip: str, mac: str, now: float) -> str | None:
+        """The other client ``ip`` is leased or offered to now, if any."""
+        holder = self._by_ip.get(ip)
+        if holder is not None and holder != mac and self._leases[holder].expires > now:
+            return holder
+        offered = self._offered_ip.get(ip)
+        if offered is not None and offered != mac and self._offers[offered].expires > now:
+            return offered
+        return None
+
+    def fixed_refused(self, mac: str, fixed: str, now: float,
+                      sibling: str | None = None) -> str | None:
         """Why ``fixed`` (the machine's ``fixed_ipv4``) must not be given to ``mac`` now, or
         None. Given anyway, two hosts answer ARP for one address: dnsmasq (rfc2131.c, a
         ``dhcp-host`` address) refuses one that is the server's ("not using configured
         address ... because it is in use by the server or relay"), leased to another client
         ("... because it is leased to"), or declined ("... previously declined"), and offers
         a dynamic one instead; the caller does the same, for every address of this host and
-        the configured router's too."""
+        the configured router's too. ``sibling``: another NIC of the same machine, whose
+        lease or offer of it is no reason (dnsmasq: not when that MAC is of the same
+        dhcp-host, config_has_mac); taking it ends theirs (_set_lease)."""
         try:
             value = int(ipaddress.IPv4Address(fixed))
         except ValueError:
             return "it is not an IPv4 address"
         if value in self._own or value in self._configured:
             return "it is in use by this server (one of its addresses) or the router"
-        holder = self._by_ip.get(fixed)
-        if holder is not None and holder != mac and self._leases[holder].expires > now:
-            return f"it is leased to {holder}"
-        offered = self._offered_ip.get(fixed)
-        if offered is not None and offered != mac and self._offers[offered].expires > now:
-            return f"it is offered to {offered}"
+        other = self.taker(fixed, mac, now)
+        if other is not None and other != sibling:
+            leased = self._by_ip.get(fixed) == other
+            return f"it is {'leased' if leased else 'offered'} to {other}"
         if self.declined(fixed, now):
             return "it was declined (in use on the network?)"
         return None

@@ -256,8 +256,10 @@ async def share_ca(config: Config, store: Store, sealer: Sealer) -> None:
     if not config.https.enabled or config.https.cert_file:
         return
     authority = Authority(config.data_dir / "tls", sealer.derive("ca key passphrase"))
-    recorded = await store.get_setting(CA_SETTING)
     mine = authority.files()
+    if mine is None and (authority.cert_path.exists() or authority.private_file.exists()):
+        return  # half a CA: never written over (its key lost); prepare_tls says so, with a fix
+    recorded = await store.get_setting(CA_SETTING)
     made = mine is None
     if mine is None:
         if recorded is not None:

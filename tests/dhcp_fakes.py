@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 
-from netboot.model import Arch, BootRequest, Firmware, FirstStage, Lease
+from netboot.model import Arch, BootRequest, Firmware, FirstStage, Lease, MacAddress, Machine
 
 
 class TableDecider:
@@ -59,9 +59,11 @@ class TableDecider:
 
 
 class MemoryLeaseStore:
-    def __init__(self, fixed: dict[str, str] | None = None) -> None:
+    def __init__(self, fixed: dict[str, str] | None = None,
+                 machines: tuple[tuple[str, ...], ...] = ()) -> None:
         self.leases: dict[str, Lease] = {}
         self.fixed = dict(fixed or {})
+        self.machines = machines  # the MACs of one machine each (others: one MAC each)
         self.writes = 0
 
     async def list_leases(self) -> list[Lease]:
@@ -77,3 +79,12 @@ class MemoryLeaseStore:
 
     async def fixed_address(self, mac: str) -> str | None:
         return self.fixed.get(mac)
+
+    async def machine_by(self, kind: str, value: str) -> Machine | None:
+        assert kind == "mac", kind
+        macs = next((m for m in self.machines if value in m),
+                    (value,) if value in self.fixed else None)
+        if macs is None:
+            return None
+        return Machine(macs=tuple(MacAddress.parse(m) for m in macs),
+                       fixed_ipv4=self.fixed.get(value))

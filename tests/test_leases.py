@@ -358,6 +358,29 @@ async def test_fixed_address_from_store() -> None:
     assert offer.yiaddr == "192.0.2.20"
 
 
+async def test_a_fixed_address_leased_to_another_nic_of_the_same_machine_is_given() -> None:
+    """A machine with two NICs (A, B) and one fixed_ipv4: booted from A, then from B (A's
+    PXE timed out, the firmware's boot order, a NIC swapped for its twin). B was refused the
+    address as "leased to A" (s39-net's refusal) and installed with a pool address, not its
+    own. dnsmasq refuses a configured address leased to another MAC only when that MAC is
+    not in the same dhcp-host (rfc2131.c, config_has_mac); another machine's (C) still is."""
+    fixed = "192.0.2.20"
+    store = MemoryLeaseStore(fixed={A: fixed, B: fixed, C: fixed}, machines=((A, B),))
+    server = await make_server(store, Clock())
+    for mac in (A, B):
+        raw = bytes.fromhex(mac.replace(":", ""))
+        [(offer, _)] = await ask(server, message(MessageType.DISCOVER, raw))
+        assert offer.yiaddr == fixed, mac
+        [(ack, _)] = await ask(server, message(MessageType.REQUEST, raw, opts={
+            Opt.SERVER_ID: ip(SERVER), Opt.REQUESTED_IP: ip(fixed)}))
+        assert ack.message_type == MessageType.ACK and ack.yiaddr == fixed, mac
+    [(offer, _)] = await ask(server, message(MessageType.DISCOVER, bytes.fromhex(
+        C.replace(":", ""))))
+    assert offer.yiaddr == "192.0.2.100"  # leased to B, of another machine
+    await server.flush_leases()
+    assert store.leases[B].ipv4 == fixed
+
+
 async def test_pool_exhaustion_means_no_offer() -> None:
     server = await make_server(MemoryLeaseStore(), Clock())
     for i in range(10):

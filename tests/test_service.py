@@ -1717,3 +1717,37 @@ async def test_a_certificate_that_fails_to_load_leaves_the_loaded_one_serving(
         assert service.tls is good
     finally:
         await service.close()
+
+
+async def test_a_half_ca_is_not_overwritten_by_the_inventorys(tmp_path: Path) -> None:
+    """A data dir whose tls/ holds ca.key but not ca.pem (a half-restored backup, a file
+    removed by hand): share_ca (s39-multi) saw "no CA of its own" and wrote the inventory's
+    CA over it, this server's CA private key gone for good and start-up silent about it.
+    Left as it is now: start-up stops with prepare_tls's "half a CA" and its fix, as before
+    sharing, and the operator decides."""
+    import json
+
+    from netboot.inventory.memory import MemoryStore
+    from netboot.pki import Authority
+    from netboot.sealing import Sealer
+    from netboot.service import CA_SETTING, prepare_tls, share_ca
+
+    config = load(write_config(tmp_path), env={})
+    sealer = Sealer.generate()
+    other = Authority(tmp_path / "other", sealer.derive("ca key passphrase"))
+    other.load_or_create()
+    files = other.files()
+    assert files is not None
+    store = MemoryStore()
+    await store.open()
+    await store.claim_setting(CA_SETTING, json.dumps({"cert": files[0].decode(),
+                                                      "key": files[1].decode()}))
+    tls = config.data_dir / "tls"
+    tls.mkdir(parents=True, mode=0o700)
+    (tls / "ca.key").write_bytes(b"this server's own CA key")
+    await share_ca(config, store, sealer)
+    assert (tls / "ca.key").read_bytes() == b"this server's own CA key"
+    assert not (tls / "ca.pem").exists()
+    with pytest.raises(ConfigError, match="half a CA"):
+        prepare_tls(config, "192.0.2.10", sealer)
+    await store.close()

@@ -228,6 +228,9 @@ class DhcpServer:
         # Networks whose relays are answered: relay_networks, the served interfaces' own
         # and (authoritative) the pool's; made again whenever an address comes or goes.
         self._networks: list[ipaddress.IPv4Network] = list(self._relay_networks)
+        # Authoritative on each interface: those with no address on the pool's network,
+        # whose own requests get no answer (_off_pool).
+        self._off_pool: frozenset[str] = frozenset()
         self._watcher = watcher
         self._own_watcher = False
         self._open: dict[str | None, _Open] = {}
@@ -324,6 +327,19 @@ class DhcpServer:
                 nets.append(pool)
         return nets
 
+    def _off_pool_links(self, addresses: Addresses) -> frozenset[str]:
+        """Authoritative on each interface (none named): the interfaces with no address on
+        the pool's network. A request that came in on one is not answered (a relayed one
+        is, by its giaddr): dnsmasq answers from a dhcp-range of the receiving interface's
+        network only ("no address range available for DHCP request via eth1"); offering
+        the pool there made netboot a second DHCP server of a management LAN."""
+        if not self._each or self._settings.mode != "authoritative" \
+                or not self._settings.pool_start:
+            return frozenset()
+        pool = self._settings.network()
+        on = {a.name for a in addresses if ipaddress.IPv4Address(a.address) in pool}
+        return frozenset(a.name for a in addresses if a.name not in on)
+
     async def start(self) -> None:
         if self._watcher is None:
             self._watcher, self._own_watcher = InterfaceWatcher(), True
@@ -333,6 +349,7 @@ class DhcpServer:
             addresses = self._watcher.addresses()
             targets = self._wanted(addresses)
             self._networks = self._served_networks(addresses)
+            self._off_pool = self._off_pool_links(addresses)
             for name in self._interfaces:
                 if name not in targets:
                     _log.warning("dhcp: interface %s has no IPv4 address (yet): served once "
@@ -425,6 +442,7 @@ class DhcpServer:
 
     def _on_addresses(self, addresses: Addresses) -> None:
         self._reserve_host(addresses)
+        self._off_pool = self._off_pool_links(addresses)
         networks = self._served_networks(addresses)
         if networks != self._networks:
             self._networks = networks
@@ -675,6 +693,13 @@ class DhcpServer:
         client = self._classifier.classify(packet, peer[0], interface)
         if pxe_port or self._settings.mode == "proxy":
             return self._proxy(packet, client, peer, server_ip, pxe_port, keep)
+        if interface in self._off_pool and packet.giaddr == ZERO_IP:
+            self.summary.note("no range on this link")
+            self._limited.log(logging.WARNING, f"no range {interface}",
+                              "dhcp: xid %#010x from %s: no address range available for DHCP "
+                              "request via %s (the pool is of %s): not answered, as dnsmasq",
+                              packet.xid, peer[0], interface, self._settings.network())
+            return []
         return self._authoritative(packet, client, peer, server_ip)
 
     async def _decide(self, client: Client, xid: int) -> FirstStage | None:
@@ -740,6 +765,20 @@ class DhcpServer:
         except Exception:
             _log.exception("dhcp: %s xid %#010x: fixed-address lookup failed", mac, xid)
         return None
+
+    async def _sibling(self, mac: str, other: str | None) -> str | None:
+        """``other`` if it is another NIC of ``mac``'s machine (the fixed address's taker:
+        LeasePool.fixed_refused), else None; asked of the store only when there is one."""
+        if other is None:
+            return None
+        try:
+            machine = await asyncio.wait_for(self._store.machine_by("mac", mac),
+                                             self._decide_timeout)
+        except Exception as exc:  # refused as before: the warning names the holder
+            _log.debug("dhcp: %s: which machine it is not known: %r", mac, exc)
+            return None
+        return other if machine is not None and any(str(m) == other for m in machine.macs) \
+            else None
 
     def _reply(
         self, packet: dhcp.Inbound, reply: dhcp.Packet, peer: Address, pxe_port: bool
@@ -890,7 +929,9 @@ class DhcpServer:
 
         stage_task = self._decide(client, xid) if client.pxe else _none()
         fixed, stage = await asyncio.gather(self._fixed(mac, xid), stage_task)
-        if fixed is not None and (why := pool.fixed_refused(mac, fixed, now)) is not None:
+        if fixed is not None and (why := pool.fixed_refused(
+                mac, fixed, now, await self._sibling(mac, pool.taker(fixed, mac, now)))) \
+                is not None:
             # dnsmasq's "not using configured address": a pool address instead.
             self._limited.log(logging.WARNING, f"fixed {mac}",
                               "dhcp: %s xid %#010x: not using its fixed_ipv4 %s: %s; offered "

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -77,13 +77,15 @@ def link(bare_link: Link) -> Iterator[Link]:
 
 class Server:
     def __init__(self, link: Link, mode: str, interface: str | None = None,
-                 relay_networks: str | None = None, fixed: str = "") -> None:
+                 relay_networks: str | None = None, fixed: str = "",
+                 advertise: str = "") -> None:
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", link.server_ns, sys.executable, "-m",
              "tests.servers.dhcp_netns_runner", mode, interface or link.server_if,
              *([relay_networks] if relay_networks else [])],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "DHCP_RUNNER_FIXED": fixed},
+            env={**os.environ, "PYTHONPATH": str(ROOT), "DHCP_RUNNER_FIXED": fixed,
+                 "DHCP_RUNNER_ADVERTISE": advertise},
         )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)
@@ -409,6 +411,37 @@ def test_a_fixed_address_of_the_server_or_another_machines_is_not_offered(link: 
     assert "not using its fixed_ipv4 192.0.2.1: it is in use by this server" in log, log
     assert ("not using its fixed_ipv4 192.0.2.50: it is leased to 52:54:00:00:00:c4; "
             "offered an address of the pool instead") in log, log
+    assert "Traceback" not in log, log
+
+
+def test_authoritative_on_each_interface_answers_no_link_off_the_pools_network(
+        link: Link) -> None:
+    """Authoritative mode, an address advertised and no interface named (serve's listeners
+    on each interface since s39-net): a second NIC of the server on a management network
+    (198.51.100.1/24, no pool there) heard a device's DISCOVER there and offered it an
+    address of the provisioning pool (192.0.2.100), a network its link does not have: a
+    second DHCP server on the management LAN. dnsmasq answers a request that came in on
+    an interface only from a range of that interface's network ("no address range
+    available for DHCP request via eth1"), a relayed one by its giaddr; so does netboot
+    now. The provisioning link is still answered."""
+    ip("-n", link.server_ns, "link", "add", "nbm0", "type", "veth", "peer", "name", "nbm1",
+       "netns", link.client_ns)
+    ip("-n", link.server_ns, "addr", "add", "198.51.100.1/24", "dev", "nbm0")
+    ip("-n", link.server_ns, "link", "set", "nbm0", "up")
+    ip("-n", link.client_ns, "link", "set", "nbm1", "up")
+    server = Server(link, "authoritative", "each", advertise="192.0.2.1")
+    mgmt = replace(link, client_if="nbm1")
+    try:
+        on_mgmt = _exchange_in_namespace(mgmt, _client(
+            MessageType.DISCOVER, bytes.fromhex("5254000000e5"), 0x5EED0701))
+        on_pool = _exchange_in_namespace(link, _client(
+            MessageType.DISCOVER, bytes.fromhex("5254000000f5"), 0x5EED0702))
+    finally:
+        log = server.stop()
+    assert on_mgmt is None, (dhcp.parse(on_mgmt), log)
+    assert on_pool is not None, log
+    assert dhcp.parse(on_pool).yiaddr == "192.0.2.100", log
+    assert "no address range available for DHCP request via nbm0" in log, log
     assert "Traceback" not in log, log
 
 
