@@ -1,6 +1,7 @@
 """Instructions a first DHCP sighting of an enrolled machine costs, by phase and thread.
 
     python benchmarks/dhcp1st_replay.py [--count 1000] [--compare OTHER_TREE]
+    python benchmarks/dhcp1st_replay.py --only record [--compare OTHER_TREE]  # one phase
     python benchmarks/dhcp1st_replay.py --phase record [--count 1000]   # one phase, once
 
 ``--count`` enrolled machines each send one UEFI x86-64 DISCOVER (dhcp_offers.py's), handed
@@ -16,7 +17,8 @@ Each phase is run under ``valgrind --tool=callgrind`` alone (``--toggle-collect`
 ``sorted()`` it is wrapped in, in the loop thread and in the store's threads for their
 jobs of the commit); the figure is each thread's instructions divided by ``--count``. The
 recorder's delay and backlog are lifted so that nothing is written before the commit phase,
-and the view's background sync every 50 ms (``boot.DHCP_VIEW_AGE``: one per ~500 first
+the paced records all run in one loop turn (``boot.RECORD_SLICE``), and the view's
+background sync every 50 ms (``boot.DHCP_VIEW_AGE``: one per ~500 first
 DISCOVERs when serving, one per few under callgrind's slowdown) is not started. Runs of one
 tree agree within ~0.1 %. ``--compare``: another checkout (``/work/wt/s39-base``) beside
 this one. Not part of pytest; needs valgrind. (benchmarks/README.md, s39-sighting.)
@@ -61,6 +63,10 @@ def replay(count: int, warm: int, measured: str) -> None:
     from netboot.servers.udp import BoundaryProtocol
 
     netboot.boot.DHCP_VIEW_AGE = 1e9
+    # The records paced by wall time (1 ms a loop turn): under callgrind a turn held one or
+    # two of them as the machine's load had it, and the turns' count moved the record phase's
+    # figure by ~5 % between runs of one tree. All in one turn: what serving amortises.
+    netboot.boot.RECORD_SLICE = 1e9
 
     def run(name: str, fn: Callable[[], Any]) -> Any:
         if name != measured:
@@ -153,6 +159,7 @@ def main() -> None:
     parser.add_argument("--compare", type=Path, metavar="TREE",
                         help="another checkout, counted beside this one")
     parser.add_argument("--phase", choices=PHASES, help="run this phase once, uncounted")
+    parser.add_argument("--only", choices=PHASES, help="count this phase alone")
     parser.add_argument("--child", choices=PHASES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child or args.phase:
@@ -163,7 +170,7 @@ def main() -> None:
     print(f"instructions a first DISCOVER ({args.count}, {args.warm} warm-up); threads: the "
           "loop's first, then the store's that ran")
     with tempfile.TemporaryDirectory() as tmp:
-        for phase in PHASES:
+        for phase in (args.only,) if args.only else PHASES:
             for name, tree in trees:
                 figures = counted(tree, phase, args.count, args.warm, Path(tmp))
                 print(f"{phase:9} {name:8} {tree}: " + " / ".join(f"{f:,}" for f in figures),
