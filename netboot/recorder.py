@@ -159,8 +159,9 @@ class Recorder:
             if self.dropped == 1 or self.dropped % 10_000 == 0:
                 self._log.error("%d boot events dropped: the inventory is unreachable and "
                                 "%d are queued already", self.dropped, self._max_queued)
-        self._remember(event, version)
-        self._write_later()
+        self._said(event.machine, (event.kind, event.message), version)
+        if self._writer is None and self.failing is None:  # _write_later, without its call
+            self._writer = asyncio.ensure_future(self._write_soon())
 
     def _write_later(self) -> None:
         if self._writer is None and self.failing is None:
@@ -223,7 +224,8 @@ class Recorder:
             # requests restate what the older ones told (what the device says about itself).
             del redos[0]
         redos.append(redo)
-        self._write_later()
+        if self._writer is None and self.failing is None:  # _write_later, without its call
+            self._writer = asyncio.ensure_future(self._write_soon())
 
     def learning(self, machine: Machine) -> Machine:
         """``machine`` with the facts queued for it by :meth:`learned`: what the next batch
@@ -236,12 +238,19 @@ class Recorder:
         """Queue ``event`` unless the newest event of its machine says the same (kind and
         message). ``version`` stands for the machine's state: a note remembered for another
         version is not trusted (someone else may have written events since)."""
-        if self.repeats(event.machine, event.kind, event.message, version):
-            return
-        if event.machine not in self._newest:
-            known = self._last.get(event.machine)
+        # repeats() written out (every first DHCP sighting of a storm notes here): one
+        # look-up of the machine's queued note, else of its remembered saying.
+        machine_id = event.machine
+        queued = self._newest.get(machine_id)
+        if queued is not None:  # the newest of all, whoever wrote since
+            if queued.kind == event.kind and queued.message == event.message:
+                return
+        else:
+            known = self._last.get(machine_id)
             if known is None or known[1] is not version:
                 self._unsure.add(id(event))  # compared with the store when written
+            elif known[0] == (event.kind, event.message):
+                return
         self._record(event, version)
 
     def repeats(self, machine_id: str, kind: str, message: str, version: object = None,

@@ -964,3 +964,36 @@ async def test_each_group_commit_is_told_its_rows_and_time(
             await rec.commit(Batch(update=[machine], events=[ev("x", machine.id)],
                                    expect={machine.id: MachineState.INSTALLED}))
         assert len(told) == 2
+
+
+async def test_a_note_is_queued_exactly_when_repeats_says_it_is_none(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """note() has repeats() written out (s39-sighting): for every state a machine's newest
+    saying can be in here (none; remembered for this version, another one, or none; queued
+    alike or not), a note is dropped exactly when repeats() said so, it is compared with the
+    store exactly when nothing here vouches for the version, and ``told`` moves with every
+    note queued (boot._DhcpRepeat relies on it)."""
+    own, _ = stores
+    versions = (None, "v1", "v2")
+    for remembered, queued, version, said in itertools.product(
+            (None, *versions), (None, "same", "other"), versions, ("a", "b")):
+        recorder = Recorder(own, delay=3600)
+        if remembered is not None:
+            recorder._said("m1", ("a", "a"), remembered)  # as a written event leaves it
+        if queued is not None:
+            recorder.record(Event("m1", 1.0, said if queued == "same" else "c",
+                                  said if queued == "same" else "c"))
+        expected_drop = recorder.repeats("m1", said, said, version)
+        unsure_before = set(recorder._unsure)
+        told, queue = recorder.told, recorder.queued
+        event = Event("m1", 2.0, said, said)
+        recorder.note(event, version)
+        case = (remembered, queued, version, said)
+        assert (recorder.queued == queue) is expected_drop, case
+        assert (recorder.told == told) is expected_drop, case
+        trusted = queued is not None or (remembered is not None and remembered is version)
+        assert (recorder._unsure - unsure_before == {id(event)}) is (
+            not expected_drop and not trusted), case
+        if not expected_drop:
+            assert recorder.last("m1") == (said, said) and recorder.pending("m1") is event
+        recorder._cancel_asleep()

@@ -424,21 +424,30 @@ class InventoryView:
         if self._counts is not None:
             _recount(self._counts, old, machine)
         if old is not None:
-            if machine is not None and _same_entries(old, machine):
-                # What no index holds changed (an install's state, token and facts; a
-                # report's step): the object replaced, its index entries left as they are.
-                self._machines[machine_id] = machine
-                return
-            if machine is not None and _entries_added(old, machine):
-                # Identifiers only added (a first DHCP sighting's UUID from option 97): every
-                # entry of the old one is the new one's too, so indexing the new one leaves
-                # what removing the old one first would, without that walk (each first
-                # sighting of a storm's group commit comes here, benchmarks/README.md,
-                # s36-dhcp1st).
-                self._machines[machine_id] = machine
-                _index(self._keys, self._servers, self._no_mac, machine,
-                       all_clusters=self.loaded)
-                return
+            # _same_entries, then _entries_added, asked in one go: the NICs and the running
+            # servers compared once (each first sighting of a storm's group commit comes
+            # here: s39-sighting).
+            if machine is not None and machine.macs == old.macs \
+                    and not _running_server(old) and not _running_server(machine):
+                uuid, serial, asset = old.uuid, old.serial, old.asset
+                if machine.uuid == uuid and machine.serial == serial \
+                        and machine.asset == asset:
+                    # What no index holds changed (an install's state, token and facts; a
+                    # report's step): the object replaced, its index entries left as they
+                    # are.
+                    self._machines[machine_id] = machine
+                    return
+                if (uuid is None or machine.uuid == uuid) \
+                        and (serial is None or machine.serial == serial) \
+                        and (asset is None or machine.asset == asset):
+                    # Identifiers only added (a first DHCP sighting's UUID from option 97):
+                    # every entry of the old one is the new one's too, so indexing the new
+                    # one leaves what removing the old one first would, without that walk
+                    # (benchmarks/README.md, s36-dhcp1st).
+                    self._machines[machine_id] = machine
+                    _index(self._keys, self._servers, self._no_mac, machine,
+                           all_clusters=self.loaded)
+                    return
             _unindex(self._keys, self._servers, self._no_mac, machine_id, old)
         if old is None or machine is None or _running_server(old) or _running_server(machine):
             # Another machine's decision may read this one: as a cluster's server (its join
@@ -1000,25 +1009,6 @@ def _recount(counts: dict[tuple[str | None, MachineState], int], old: Machine | 
     if new is not None:
         pair = (new.cluster, new.state)
         counts[pair] = counts.get(pair, 0) + 1
-
-
-def _same_entries(old: Machine, new: Machine) -> bool:
-    """Whether ``new`` has every index entry ``old`` has (:func:`_index`: the identifiers
-    :func:`_keys_of` reads, the machines without a NIC) and neither is a running server (the
-    cluster's servers, which another machine's decision reads: ``InventoryView.shared``)."""
-    return (new.macs == old.macs and new.uuid == old.uuid and new.serial == old.serial
-            and new.asset == old.asset and not _running_server(old)
-            and not _running_server(new))
-
-
-def _entries_added(old: Machine, new: Machine) -> bool:
-    """Whether ``new`` has every index entry ``old`` has and perhaps more: the same NICs, each
-    of UUID, serial and asset tag the same or set where ``old`` had none, and neither a running
-    server (:func:`_same_entries` otherwise)."""
-    return (new.macs == old.macs and (old.uuid is None or new.uuid == old.uuid)
-            and (old.serial is None or new.serial == old.serial)
-            and (old.asset is None or new.asset == old.asset)
-            and not _running_server(old) and not _running_server(new))
 
 
 def _running_server(machine: Machine) -> bool:
