@@ -10,7 +10,7 @@ the run's directory) at exit, with, in perf_counter ns:
   its updates and events;
 - ``applies``: each ``SqliteStore._apply_here`` on the writer thread: begun, ended, its
   thread CPU, updates and creates;
-- ``reads``: each read on the reader thread; ``checkpoints``: each WAL checkpoint.
+- ``checkpoints``: each WAL checkpoint (the checkpointer's passes, the writer's own).
 
 ``tail_waits.py RUN_DIR/tailwaits.*.json`` says what a tail commit waited for (s39-tail).
 Diagnosis only: the wrappers cost the loop a few µs a commit.
@@ -41,7 +41,7 @@ def _probe() -> None:
     from netboot.inventory import sqlite
 
     ns = time.perf_counter_ns
-    found: dict[str, list[Any]] = {"commits": [], "writes": [], "applies": [], "reads": [],
+    found: dict[str, list[Any]] = {"commits": [], "writes": [], "applies": [],
                                    "checkpoints": []}
     tid = threading.get_native_id()
 
@@ -80,16 +80,6 @@ def _probe() -> None:
             found["applies"].append((t, ns(), time.thread_time_ns() - cpu, len(update),
                                      len(create)))
 
-    guard = sqlite.SqliteStore._guard
-
-    def guarded(self: Any, fn: Any, args: Any, reader: bool) -> Any:
-        t = ns()
-        try:
-            return guard(self, fn, args, reader)
-        finally:
-            if reader:
-                found["reads"].append((t, ns()))
-
     def timed(name: str) -> None:
         f = getattr(sqlite.SqliteStore, name)
 
@@ -105,7 +95,6 @@ def _probe() -> None:
     recorder.Recorder.commit = committing  # type: ignore[method-assign]
     recorder.Recorder._write = writing  # type: ignore[method-assign]
     sqlite.SqliteStore._apply_here = applying  # type: ignore[method-assign]
-    sqlite.SqliteStore._guard = guarded  # type: ignore[method-assign]
     timed("_checkpoint")
     timed("_checkpoint_here")
 
