@@ -400,36 +400,30 @@ class Recorder:
             # left the handled exception as the thread's current one, and every exception
             # raised later in the process carried it and its frames as __context__
             # (tests/test_compiled.py: test_identity's and test_lifecycle's chains).
-            if refused is not None:
-                if len(batches) == 1 or isinstance(refused, OutcomeUnknown):
-                    # An outcome unknown is no refusal: the group may be written, and each batch
-                    # written again alone would be twice (its events, its audit entries; a
-                    # create its own Conflict). Each caller is told what the store said.
-                    for _, done, _ in batches:
-                        group.settle(done, refused)
-                    return
-                # One of them was refused (a conflict, a stale state): each alone, in the
-                # order they came, so that only the refused one fails.
-                for commit in batches:
-                    batch, done, _ = commit
-                    try:
-                        await self._write(batch, strict=True, commits=(commit,))
-                    except NetbootError as one:
-                        group.settle(done, one)
-                    except BaseException as one:
-                        group.settle(done, one)
-                        raise
-                    else:
-                        group.settle(done, None)
+            if refused is None:
+                for _, done, _ in batches:
+                    group.settle(done, None)
                 return
-        # Written: its callers told so once the lock is let go, not under it. Letting it go
-        # wakes the next group (gathered meanwhile) ahead of them in the loop's queue, so
-        # that group's write is handed to the writer thread before this group's callers
-        # answer their devices (a storm's tail: hundreds of answers rendered in that loop
-        # turn, 0.1-0.3 s under load, which the next group waited out before its write
-        # began; benchmarks/README.md, s39-tail). Each is still told only what is committed.
-        for _, done, _ in batches:
-            group.settle(done, None)
+            if len(batches) == 1 or isinstance(refused, OutcomeUnknown):
+                # An outcome unknown is no refusal: the group may be written, and each batch
+                # written again alone would be twice (its events, its audit entries; a
+                # create its own Conflict). Each caller is told what the store said.
+                for _, done, _ in batches:
+                    group.settle(done, refused)
+                return
+            # One of them was refused (a conflict, a stale state): each alone, in the
+            # order they came, so that only the refused one fails.
+            for commit in batches:
+                batch, done, _ = commit
+                try:
+                    await self._write(batch, strict=True, commits=(commit,))
+                except NetbootError as one:
+                    group.settle(done, one)
+                except BaseException as one:
+                    group.settle(done, one)
+                    raise
+                else:
+                    group.settle(done, None)
 
     async def flush(self) -> None:
         """Write everything queued until now, in one transaction."""

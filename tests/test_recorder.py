@@ -206,41 +206,6 @@ async def test_grouped_commits_keep_compare_and_set(
     await recorder.close()
 
 
-async def test_the_next_group_is_handed_to_the_store_before_the_last_groups_callers_resume(
-        stores: tuple[SqliteStore, SqliteStore], monkeypatch: pytest.MonkeyPatch) -> None:
-    """The commits gathered while a group was written go to the store before that group's
-    callers carry on: a storm's tail answers hundreds of devices in the loop turn after a
-    group, and the next group, already waiting, must not wait for those answers before its
-    transaction even begins. Each caller is still told only once its own write is in."""
-    own, other = stores
-    recorder = Recorder(own, delay=3600)
-    order: list[tuple[str, ...]] = []
-    apply = own.apply_batch
-
-    async def applying(batch: Batch) -> None:
-        order.append(("write", *sorted(e.kind for e in batch.events)))
-        await apply(batch)
-        order.append(("in", *sorted(e.kind for e in batch.events)))
-
-    monkeypatch.setattr(own, "apply_batch", applying)
-
-    async def device(kind: str) -> None:
-        await recorder.commit(Batch(events=(ev(kind),)))
-        order.append(("told", kind))
-        assert kind in await kinds(other)  # committed before it is told
-
-    first = asyncio.ensure_future(device("a"))
-    while not order:  # the first group's write is under way
-        await asyncio.sleep(0)
-    others = [asyncio.ensure_future(device(kind)) for kind in ("b", "c")]
-    await asyncio.gather(first, *others)
-    assert order[:3] == [("write", "a"), ("in", "a"), ("write", "b", "c")]
-    assert order.index(("told", "a")) > order.index(("write", "b", "c"))
-    assert order.index(("told", "b")) > order.index(("in", "b", "c"))
-    assert order.index(("told", "c")) > order.index(("in", "b", "c"))
-    await recorder.close()
-
-
 async def test_a_commit_expecting_another_machine_of_its_group_is_written_after_it(
         stores: tuple[SqliteStore, SqliteStore]) -> None:
     """A commit that updates one machine on the state of another (its expectation names
