@@ -9,19 +9,27 @@ With interfaces named, va's address (the first's) is advertised.
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Op, Opt
 from tests.conftest import INITRD, KERNEL
 from tests.netns import until
+from tests.servers.test_dhcp_netns import CLIENT_SCRIPT
 from tests.test_service_follow_netns import config as enrolled_config
 from tests.test_service_follow_netns import resolve, reverse
 from tests.test_service_reached_netns import (
     MAC_A,
     MAC_B,
+    MAC_HELD,
+    SUBNETS,
     curl,
     env,
     ip,
@@ -41,28 +49,32 @@ def subnets() -> Iterator[dict[str, str]]:
 
 
 def config(tmp_path: Path, dhcp: str = "off", *, named: bool = True,
-           dns: bool = False) -> tuple[str, ...]:
+           dns: bool = False, tftp: bool = False) -> tuple[str, ...]:
     """``named``: ``server.interfaces: [va, vb]``, else ``server.advertise: 192.0.2.10``
-    and no interface named (one 0.0.0.0 socket each)."""
+    and no interface named (one 0.0.0.0 socket each). ``dhcp``: "off", "proxy" or
+    "authoritative"; with ``tftp``, TFTP on its port 69 and a BIOS loader among the assets."""
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "vmlinuz").write_bytes(KERNEL)
     (assets / "initrd.img").write_bytes(INITRD)
+    (assets / "undionly.kpxe").write_bytes(b"UNDI" * 100)  # what a BIOS PXE ROM is offered
     path = tmp_path / "netboot.yaml"
     text = (f"server:\n  data_dir: {tmp_path / 'data'}\n"
             + ("  interfaces: [va, vb]\n" if named else "  advertise: 192.0.2.10\n")
-            + "tftp:\n  enabled: false\nhttps:\n  enabled: true\n"
+            + f"tftp:\n  enabled: {str(tftp).lower()}\nhttps:\n  enabled: true\n"
             f"dns:\n  enabled: {str(dns).lower()}\nassets:\n  dirs: [{assets}]\n")
     if dhcp == "authoritative":
         text += ("dhcp:\n  mode: authoritative\n  authoritative:\n"
                  "    pool_start: 192.0.2.100\n    pool_end: 192.0.2.150\n"
                  "    netmask: 255.255.255.0\n    router: 192.0.2.1\n")
     else:
-        text += 'dhcp:\n  mode: "off"\n'
+        text += f'dhcp:\n  mode: "{dhcp}"\n'
     path.write_text(text)
     cfg = ("--config", str(path))
     for args in (("profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img"),
-                 ("machines", "add", MAC_A, "--profile", "p")):
+                 ("machines", "add", MAC_A, "--profile", "p"),
+                 ("machines", "add", MAC_B, "--profile", "p"),
+                 ("machines", "add", MAC_HELD)):
         subprocess.run(netboot(*args[:2], *cfg, *args[2:]), check=True, env=env(),
                        capture_output=True, timeout=60)
     return cfg
@@ -218,4 +230,98 @@ def test_with_interfaces_named_dns_answers_on_each_named_interface(
     log = (tmp_path / "serve.log").read_text()
     assert got == {"a": "192.0.2.10", "b": "198.51.100.10"}, (got, log)
     assert came is not None, log
+    assert "Traceback" not in log, log
+
+
+def ipxe_offer(ns: str, mac: str) -> dhcp.Packet | None:
+    """iPXE's DISCOVER broadcast from ``ns``'s eth0 (its user class), and the proxy offer:
+    its boot file is the URL of the script it chains to."""
+    discover = dhcp.Packet(
+        op=Op.REQUEST, xid=0x39002EED, chaddr=bytes.fromhex(mac.replace(":", "")),
+        flags=dhcp.BROADCAST_FLAG, options=(
+            dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType.DISCOVER,))),
+            dhcp.Option(Opt.PARAMETER_REQUEST_LIST, bytes((1, 3, 43, 60, 66, 67))),
+            dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00000:UNDI:002001"),
+            dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x00"),
+            dhcp.Option(Opt.CLIENT_NDI, b"\x01\x02\x01"),
+            dhcp.Option(Opt.USER_CLASS, b"iPXE")))
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT_SCRIPT,
+                           "eth0", dhcp.encode(discover, pad_to=300).hex()],
+                          capture_output=True, timeout=60)
+    return dhcp.parse(bytes.fromhex(done.stdout.decode().strip())) if done.returncode == 0 \
+        else None
+
+
+def tftp_get(ns: str, url: str) -> tuple[int, bytes]:
+    """A TFTP read by curl from ``ns`` (curl's exit status: 0 when the file came)."""
+    done = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "10", "-o", "-",
+                           url], capture_output=True, timeout=20)
+    return done.returncode, done.stdout
+
+
+def test_with_interfaces_named_each_device_is_answered_with_the_address_it_asked_at(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """``server.interfaces: [va, vb]``, no address given, proxyDHCP and TFTP on: a device on
+    vb's network (198.51.100.0/24, no route to va's) got option 54 and next-server
+    192.0.2.10 (va's, the advertised one), iPXE a boot file URL naming it, and scripts
+    and TFTP configs whose URLs named it: its boot stopped at the first download. dnsmasq
+    answers with the address of the interface a request came in on (next-server and
+    option 54 default to it), pixiecore likewise. Now each device gets the address of its
+    own side, in its offers, its scripts and configs, and fetches its loader, its script
+    and every URL in it from there; a device on va keeps va's."""
+    cfg = config(tmp_path, "proxy", tftp=True)
+    ca = str(tmp_path / "data" / "tls" / "ca.pem")
+    got: dict[str, dict[str, object]] = {}
+    with serving(cfg, subnets, tmp_path):
+        for side, mac in (("a", MAC_A), ("b", MAC_B)):
+            server_ip = SUBNETS[side][0]
+            ns = subnets[side]
+            seen = got[side] = {}
+            offer = pxe_offer(ns, mac)
+            seen["pxe"] = offer and (offer.siaddr, offer.option(Opt.SERVER_ID),
+                                     offer.file_name)
+            if offer is not None:  # the ROM's next step: its loader over TFTP from siaddr
+                seen["loader"] = tftp_get(ns, f"tftp://{offer.siaddr}/{offer.file_name}")[0]
+            chained = ipxe_offer(ns, mac)
+            seen["ipxe"] = chained and (chained.siaddr, chained.option(Opt.SERVER_ID),
+                                        chained.file_name)
+            if chained is None:
+                continue
+            status, body = curl(ns, chained.file_name)  # iPXE chains to the boot file's URL
+            seen["boot.ipxe"] = status, set(re.findall(r"https?://([^/:\s]+)", body.decode()))
+            status, body = curl(ns, f"http://{server_ip}:8080/ipxe?mac={mac}&arch=x86_64")
+            script = body.decode()
+            urls = re.findall(r"https?://[^\s\"']+", script)
+            seen["script"] = status, {re.sub(r"^https?://([^/:]+).*", r"\1", u) for u in urls}
+            # Every URL in it fetched from the device's side, as iPXE and k3OS would.
+            seen["fetched"] = {curl(ns, url, "--cacert", ca)[0] for url in urls}
+            # U-Boot's per-NIC pxelinux config over TFTP carries the config URL.
+            status, body = tftp_get(ns, f"tftp://{server_ip}/pxelinux.cfg/01-"
+                                        f"{mac.replace(':', '-')}")
+            seen["pxelinux"] = status, set(re.findall(r"https?://([^/:\s]+)", body.decode()))
+        # One NIC's script asked on one side, then the other, then the first again (a
+        # held machine's is kept per NIC, an install's too): each time naming the address
+        # asked, never the other's (an install's on another side than its token's is held).
+        crossed = [(mac, side, curl(subnets[side], f"http://{SUBNETS[side][0]}:8080/ipxe?"
+                                    f"mac={mac}&arch=x86_64"))
+                   for mac in (MAC_HELD, MAC_A) for side in ("b", "a", "b")]
+    log = (tmp_path / "serve.log").read_text()
+    for mac, side, (status, body) in crossed:
+        hosts = set(re.findall(r"https?://([^/:\s]+)", body.decode()))
+        assert status == 200 and hosts == {SUBNETS[side][0]}, (mac, side, body)
+    for side, seen in got.items():
+        server_ip = SUBNETS[side][0]
+        packed = socket.inet_aton(server_ip)
+        assert seen == {
+            "pxe": (server_ip, packed, "undionly.kpxe"), "loader": 0,
+            "ipxe": (server_ip, packed, f"http://{server_ip}:8080/boot.ipxe"),
+            "boot.ipxe": (200, {server_ip}), "script": (200, {server_ip}),
+            "fetched": {200}, "pxelinux": (0, {server_ip})}, (side, seen, log)
+    assert "dhcp: proxy mode listening on 0.0.0.0:67 (vb), advertising 198.51.100.10" in log, log
+    # The start-up summary names each address a device may reach, not va's only.
+    summary = log[log.index("netboot serving on"):]
+    assert summary.startswith("netboot serving on 192.0.2.10, 198.51.100.10 (no address "
+                              "advertised: each device gets the one it reaches)\n"), log
+    assert "  HTTP   http://192.0.2.10:8080/, http://198.51.100.10:8080/  (iPXE chain URL: " \
+        "http://192.0.2.10:8080/boot.ipxe, http://198.51.100.10:8080/boot.ipxe)\n" in summary, log
     assert "Traceback" not in log, log
