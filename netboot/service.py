@@ -1334,16 +1334,18 @@ async def build(config: Config, *, app: bool = True) -> Service:
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).
+        stand_in = url_stand_in(config, advertise)
         core = build_core(config, store, lambda: holder["base"],
                           trust=TrustOf(config, lambda: service.tls, lambda: holder["https"]),
-                          stand_in=url_stand_in(config, advertise))
+                          stand_in=stand_in)
         new_token = await ensure_admin_token(core.access, config.data_dir)
         http_log = logging.getLogger("netboot.http")
         ids = RequestIds()
         plain = PlainHttp(
             config.http.plain_api,
             https_url=lambda: holder["https"] if service.tls is not None else None,
-            api_token_prefix=TOKEN_PREFIX, session_cookie=SESSION_COOKIE, log=http_log)
+            api_token_prefix=TOKEN_PREFIX, session_cookie=SESSION_COOKIE, log=http_log,
+            stand_in=stand_in)
         if config.http.plain_api == "allow":
             log.warning("http.plain_api is allow: the API and the dashboard answer plain HTTP "
                         "from any peer, and tokens cross the network in clear")

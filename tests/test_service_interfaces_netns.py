@@ -299,6 +299,9 @@ def test_with_interfaces_named_each_device_is_answered_with_the_address_it_asked
             status, body = tftp_get(ns, f"tftp://{server_ip}/pxelinux.cfg/01-"
                                         f"{mac.replace(':', '-')}")
             seen["pxelinux"] = status, set(re.findall(r"https?://([^/:\s]+)", body.decode()))
+        # The API over plain HTTP from each side: refused, naming the HTTPS URL to use.
+        refused = {side: curl(subnets[side], f"http://{SUBNETS[side][0]}:8080/api/v1/"
+                              "machines") for side in SUBNETS}
         # One NIC's script asked on one side, then the other, then the first again (a
         # held machine's is kept per NIC, an install's too): each time naming the address
         # asked, never the other's (an install's on another side than its token's is held).
@@ -306,6 +309,9 @@ def test_with_interfaces_named_each_device_is_answered_with_the_address_it_asked
                                     f"mac={mac}&arch=x86_64"))
                    for mac in (MAC_HELD, MAC_A) for side in ("b", "a", "b")]
     log = (tmp_path / "serve.log").read_text()
+    for side, (status, body) in refused.items():
+        assert status == 403 and f"use https://{SUBNETS[side][0]}:8443/api/v1/machines" \
+            in body.decode(), (side, status, body)
     for mac, side, (status, body) in crossed:
         hosts = set(re.findall(r"https?://([^/:\s]+)", body.decode()))
         assert status == 200 and hosts == {SUBNETS[side][0]}, (mac, side, body)
