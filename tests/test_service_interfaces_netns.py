@@ -12,17 +12,15 @@ import json
 import re
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from netboot.wire import dhcp
-from netboot.wire.dhcp import MessageType, Op, Opt
+from netboot.wire.dhcp import Opt
 from tests.conftest import INITRD, KERNEL
 from tests.netns import until
-from tests.servers.test_dhcp_netns import CLIENT_SCRIPT
 from tests.test_service_follow_netns import config as enrolled_config
 from tests.test_service_follow_netns import resolve, reverse
 from tests.test_service_reached_netns import (
@@ -37,6 +35,7 @@ from tests.test_service_reached_netns import (
     netboot,
     pxe_offer,
     serving,
+    tftp,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2"),
@@ -49,10 +48,10 @@ def subnets() -> Iterator[dict[str, str]]:
 
 
 def config(tmp_path: Path, dhcp: str = "off", *, named: bool = True,
-           dns: bool = False, tftp: bool = False) -> tuple[str, ...]:
+           dns: bool = False, tftp_on: bool = False) -> tuple[str, ...]:
     """``named``: ``server.interfaces: [va, vb]``, else ``server.advertise: 192.0.2.10``
     and no interface named (one 0.0.0.0 socket each). ``dhcp``: "off", "proxy" or
-    "authoritative"; with ``tftp``, TFTP on its port 69 and a BIOS loader among the assets."""
+    "authoritative"; with ``tftp_on``, TFTP on its port 69 and a BIOS loader among the assets."""
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "vmlinuz").write_bytes(KERNEL)
@@ -61,7 +60,7 @@ def config(tmp_path: Path, dhcp: str = "off", *, named: bool = True,
     path = tmp_path / "netboot.yaml"
     text = (f"server:\n  data_dir: {tmp_path / 'data'}\n"
             + ("  interfaces: [va, vb]\n" if named else "  advertise: 192.0.2.10\n")
-            + f"tftp:\n  enabled: {str(tftp).lower()}\nhttps:\n  enabled: true\n"
+            + f"tftp:\n  enabled: {str(tftp_on).lower()}\nhttps:\n  enabled: true\n"
             f"dns:\n  enabled: {str(dns).lower()}\nassets:\n  dirs: [{assets}]\n")
     if dhcp == "authoritative":
         text += ("dhcp:\n  mode: authoritative\n  authoritative:\n"
@@ -233,32 +232,6 @@ def test_with_interfaces_named_dns_answers_on_each_named_interface(
     assert "Traceback" not in log, log
 
 
-def ipxe_offer(ns: str, mac: str) -> dhcp.Packet | None:
-    """iPXE's DISCOVER broadcast from ``ns``'s eth0 (its user class), and the proxy offer:
-    its boot file is the URL of the script it chains to."""
-    discover = dhcp.Packet(
-        op=Op.REQUEST, xid=0x39002EED, chaddr=bytes.fromhex(mac.replace(":", "")),
-        flags=dhcp.BROADCAST_FLAG, options=(
-            dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType.DISCOVER,))),
-            dhcp.Option(Opt.PARAMETER_REQUEST_LIST, bytes((1, 3, 43, 60, 66, 67))),
-            dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00000:UNDI:002001"),
-            dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x00"),
-            dhcp.Option(Opt.CLIENT_NDI, b"\x01\x02\x01"),
-            dhcp.Option(Opt.USER_CLASS, b"iPXE")))
-    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT_SCRIPT,
-                           "eth0", dhcp.encode(discover, pad_to=300).hex()],
-                          capture_output=True, timeout=60)
-    return dhcp.parse(bytes.fromhex(done.stdout.decode().strip())) if done.returncode == 0 \
-        else None
-
-
-def tftp_get(ns: str, url: str) -> tuple[int, bytes]:
-    """A TFTP read by curl from ``ns`` (curl's exit status: 0 when the file came)."""
-    done = subprocess.run(["ip", "netns", "exec", ns, "curl", "-s", "-m", "10", "-o", "-",
-                           url], capture_output=True, timeout=20)
-    return done.returncode, done.stdout
-
-
 def test_with_interfaces_named_each_device_is_answered_with_the_address_it_asked_at(
         subnets: dict[str, str], tmp_path: Path) -> None:
     """``server.interfaces: [va, vb]``, no address given, proxyDHCP and TFTP on: a device on
@@ -269,7 +242,7 @@ def test_with_interfaces_named_each_device_is_answered_with_the_address_it_asked
     option 54 default to it), pixiecore likewise. Now each device gets the address of its
     own side, in its offers, its scripts and configs, and fetches its loader, its script
     and every URL in it from there; a device on va keeps va's."""
-    cfg = config(tmp_path, "proxy", tftp=True)
+    cfg = config(tmp_path, "proxy", tftp_on=True)
     ca = str(tmp_path / "data" / "tls" / "ca.pem")
     got: dict[str, dict[str, object]] = {}
     with serving(cfg, subnets, tmp_path):
@@ -281,8 +254,8 @@ def test_with_interfaces_named_each_device_is_answered_with_the_address_it_asked
             seen["pxe"] = offer and (offer.siaddr, offer.option(Opt.SERVER_ID),
                                      offer.file_name)
             if offer is not None:  # the ROM's next step: its loader over TFTP from siaddr
-                seen["loader"] = tftp_get(ns, f"tftp://{offer.siaddr}/{offer.file_name}")[0]
-            chained = ipxe_offer(ns, mac)
+                seen["loader"] = tftp(ns, f"tftp://{offer.siaddr}/{offer.file_name}")[0]
+            chained = pxe_offer(ns, mac, dhcp.Option(Opt.USER_CLASS, b"iPXE"))
             seen["ipxe"] = chained and (chained.siaddr, chained.option(Opt.SERVER_ID),
                                         chained.file_name)
             if chained is None:
@@ -296,7 +269,7 @@ def test_with_interfaces_named_each_device_is_answered_with_the_address_it_asked
             # Every URL in it fetched from the device's side, as iPXE and k3OS would.
             seen["fetched"] = {curl(ns, url, "--cacert", ca)[0] for url in urls}
             # U-Boot's per-NIC pxelinux config over TFTP carries the config URL.
-            status, body = tftp_get(ns, f"tftp://{server_ip}/pxelinux.cfg/01-"
+            status, body = tftp(ns, f"tftp://{server_ip}/pxelinux.cfg/01-"
                                         f"{mac.replace(':', '-')}")
             seen["pxelinux"] = status, set(re.findall(r"https?://([^/:\s]+)", body.decode()))
         # The API over plain HTTP from each side: refused, naming the HTTPS URL to use.
