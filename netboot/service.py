@@ -523,12 +523,17 @@ def reached_at(config: Config, advertise: str) -> list[tuple[str, str]]:
 def named_addresses(config: Config) -> list[str]:
     """The first IPv4 address of each interface of ``server.interfaces`` that has one now
     (start-up's read; Service._tls_addresses then follows every address of each)."""
+    return [address for _, address in named_at(config)]
+
+
+def named_at(config: Config) -> list[tuple[str, str]]:
+    """Each interface of ``server.interfaces`` that has an IPv4 address now, and its first."""
     from netboot.servers.sockets import interface_ipv4
 
     found = []
     for name in config.server.interfaces:
         try:
-            found.append(interface_ipv4(name))
+            found.append((name, interface_ipv4(name)))
         except ConfigError:
             continue
     return found

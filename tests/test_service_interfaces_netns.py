@@ -243,6 +243,14 @@ def test_with_interfaces_named_each_device_is_answered_with_the_address_it_asked
     own side, in its offers, its scripts and configs, and fetches its loader, its script
     and every URL in it from there; a device on va keeps va's."""
     cfg = config(tmp_path, "proxy", tftp_on=True)
+    # netboot render on that host: what a device on va gets, vb's address said on stderr
+    # (it said nothing: a reader took va's URLs for every device's).
+    rendered = subprocess.run(netboot("render", *cfg, MAC_B, "pxelinux", ns=subnets["srv"]),
+                              env=env(), capture_output=True, timeout=60, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "http://192.0.2.10:8080/config/" in rendered.stdout, rendered.stdout
+    assert "rendered as a device on va gets it (192.0.2.10); on vb 198.51.100.10" \
+        in rendered.stderr, rendered.stderr
     ca = str(tmp_path / "data" / "tls" / "ca.pem")
     got: dict[str, dict[str, object]] = {}
     with serving(cfg, subnets, tmp_path):
