@@ -273,6 +273,7 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False,
         build_core,
         public_base_url,
         public_https_url,
+        url_stand_in,
     )
 
     @functools.cache
@@ -288,7 +289,8 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False,
 
     @functools.cache
     def base_url() -> str:
-        return reached_url(public_base_url(cfg, advertise()), local())
+        return reached_url(public_base_url(cfg, advertise()), local(),
+                           url_stand_in(cfg, advertise()))
 
     @functools.cache
     def trust() -> Trust:
@@ -296,7 +298,8 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False,
         found = _exported_ca(cfg) if cfg.https.enabled else None
         if found is None:
             return Trust()
-        return Trust(reached_url(public_https_url(cfg, advertise()), local()), *found)
+        return Trust(reached_url(public_https_url(cfg, advertise()), local(),
+                                 url_stand_in(cfg, advertise())), *found)
 
     return build_core(cfg, store, base_url, check_templates=check_templates, trust=trust)
 
@@ -307,13 +310,15 @@ def _device_address(cfg: Config, advertise: str, device_at: str | None = None) -
     (service.reached_at, Content.at): that of the interface whose network holds the address
     the machine is known at (``device_at``), as the device asking over it gets; else the
     first interface's, said on stderr with the others' (a device on another gets that
-    one's). None where an address is advertised."""
+    one's). Likewise where several interfaces are named and no address or public URL given
+    (service.url_stand_in): each device gets its interface's. None where an address is
+    advertised."""
     import ipaddress
 
     from netboot.servers.interfaces import network, snapshot_by_ioctl
-    from netboot.service import by_reach, reached_at
+    from netboot.service import by_reach, named_at, reached_at, url_stand_in
 
-    found = reached_at(cfg, advertise)
+    found = named_at(cfg) if url_stand_in(cfg, advertise) else reached_at(cfg, advertise)
     if not found:
         if by_reach(cfg, advertise):
             print("netboot: no address advertised, no default route and no interface with "

@@ -39,6 +39,7 @@ from netboot.model import (
     equal,
     loopback_url,
     reached_url,
+    stands_in,
 )
 from netboot.render import WHOLE, Renderer, Splice, Spliced, plain
 from netboot.wire import uimage
@@ -125,16 +126,17 @@ class _Reached:
     """A base URL as served to the clients that reach this host at one address
     (:func:`reached_url`), made again only when the base changed (a port bound at start)."""
 
-    def __init__(self, base_url: Callable[[], str], local: str) -> None:
+    def __init__(self, base_url: Callable[[], str], local: str, stand_in: str = "") -> None:
         self._base_url = base_url
         self._local = local
+        self._stand_in = stand_in
         self._kept = ("", "")
 
     def __call__(self) -> str:
         base = self._base_url()
         kept = self._kept
         if kept[0] != base:
-            kept = self._kept = (base, reached_url(base, self._local))
+            kept = self._kept = (base, reached_url(base, self._local, self._stand_in))
         return kept[1]
 
 
@@ -142,16 +144,18 @@ class _ReachedTrust:
     """:class:`_Reached` for the HTTPS base URL of a Trust: the same Trust object while the
     one it is made of is (the caches compare it by identity first)."""
 
-    def __init__(self, trust: Callable[[], Trust], local: str) -> None:
+    def __init__(self, trust: Callable[[], Trust], local: str, stand_in: str = "") -> None:
         self._trust = trust
         self._local = local
+        self._stand_in = stand_in
         self._kept: tuple[Trust | None, Trust] = (None, Trust())
 
     def __call__(self) -> Trust:
         trust = self._trust()
         kept = self._kept
         if kept[0] is not trust:
-            https = reached_url(trust.https_base, self._local) if trust.https_base else ""
+            https = (reached_url(trust.https_base, self._local, self._stand_in)
+                     if trust.https_base else "")
             kept = self._kept = (trust, trust if https == trust.https_base
                                  else replace(trust, https_base=https))
         return kept[1]
@@ -179,8 +183,12 @@ class Content:
         logger: logging.Logger | None = None,
         trust: Callable[[], Trust] = Trust,
         caches_of: Content | None = None,
+        stand_in: str = "",
     ) -> None:
         self._trust = trust
+        # A host in the base URLs swapped for the address a client reached, as a loopback
+        # one is (service.url_stand_in: the first of several named interfaces' address).
+        self._stand_in = stand_in
         self._store = store
         self._boot = boot
         self._render = renderer
@@ -226,11 +234,13 @@ class Content:
 
     def by_address(self) -> bool:
         """Whether what is served differs by the address a client reached (:meth:`at`): the
-        base URL names a loopback host (a host without a default route and no --advertise)."""
+        base URL names a loopback host (a host without a default route and no --advertise)
+        or the stand-in (the first of several named interfaces' address, none given)."""
         base = self._base_url()
         known = self._by_address
         if known[0] != base:  # one look at the base's host a base (not one a request)
-            known = self._by_address = (base, loopback_url(base))
+            known = self._by_address = (base, loopback_url(base)
+                                        or stands_in(base, self._stand_in))
         return known[1]
 
     def at(self, local: str | None) -> Content:
@@ -245,10 +255,13 @@ class Content:
         if view is None:
             if len(self._views) >= _FEW:
                 self._views.clear()  # bounded: a host has a few addresses
-            view = self._views[local] = self if reached_url(base, local) == base else Content(
-                self._store, self._boot, self._render, self.assets,
-                _Reached(self._base_url, local), self._enroller, clock=self._clock,
-                logger=self._log, trust=_ReachedTrust(self._trust, local), caches_of=self)
+            stand_in = self._stand_in
+            view = self._views[local] = self if reached_url(base, local, stand_in) == base \
+                else Content(self._store, self._boot, self._render, self.assets,
+                             _Reached(self._base_url, local, stand_in), self._enroller,
+                             clock=self._clock, logger=self._log,
+                             trust=_ReachedTrust(self._trust, local, stand_in),
+                             caches_of=self)
         return view
 
     @property

@@ -1010,10 +1010,11 @@ def url_host(address: str) -> str:
     return f"[{address}]" if ":" in address else address
 
 
-def reached_url(url: str, local: str | None) -> str:
+def reached_url(url: str, local: str | None, stand_in: str = "") -> str:
     """``url`` as a client that reached this host at ``local`` (the socket's own address of
-    its connection) can use it: a loopback host in it is ``local``; any other URL, or a
-    ``local`` that is loopback itself, unspecified or unknown (None), unchanged.
+    its connection) can use it: a loopback host in it, or ``stand_in`` (:func:`stands_in`),
+    is ``local``; any other URL, or a ``local`` that is loopback itself, unspecified or
+    unknown (None), unchanged.
 
     A loopback host is what a host without a default route advertises when no address is
     given (service.advertised_address warns of it): on a device's side 127.0.0.1 is the
@@ -1027,11 +1028,19 @@ def reached_url(url: str, local: str | None) -> str:
     address = parse_ip(local)
     if address is None or address.is_loopback or address.is_unspecified:
         return url
-    if not loopback_url(url):
+    if not (loopback_url(url) or stands_in(url, stand_in)):
         return url
     parts = urlsplit(url)
     port = f":{parts.port}" if parts.port is not None else ""
     return urlunsplit(parts._replace(netloc=f"{url_host(str(address))}{port}"))
+
+
+def stands_in(url: str, stand_in: str) -> bool:
+    """Whether a URL's host is ``stand_in``: the first named interface's address where
+    ``server.interfaces`` names several and no address or public URL was given
+    (service.url_stand_in), which a device on another named interface's network may not
+    reach; dnsmasq and pixiecore answer with the address a request came in on."""
+    return bool(stand_in) and urlsplit(url).hostname == stand_in
 
 
 def loopback_url(url: str) -> bool:

@@ -379,7 +379,8 @@ def boot_settings(config: Config) -> BootSettings:
 
 
 def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
-               check_templates: bool = True, trust: Callable[[], Trust] = Trust) -> Core:
+               check_templates: bool = True, trust: Callable[[], Trust] = Trust,
+               stand_in: str = "") -> Core:
     """The operations below the API and the CLI, built the same way for both, so that
     ``netboot render`` and ``explain`` answer with the server's settings (DNS zone, default
     profile, discovery policy, token lifetime)."""
@@ -396,7 +397,7 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
                            burst_all_sources=config.discovery.burst_all_sources))
     enroller.find_mac = boot.machine_by_mac  # registrations from the synced view
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
-                      base_url, enroller, trust=trust)
+                      base_url, enroller, trust=trust, stand_in=stand_in)
     return Core(store, enroller, boot, content, audit_keep=config.inventory.audit_keep,
                 secure_token=config.enroll.k3s_secure_token)
 
@@ -516,13 +517,29 @@ def dhcp_listeners(config: Config,
     (or on the only one of a host without a default route) never got its offer. dnsmasq
     sends a reply out of the interface its request came in on (IP_PKTINFO)."""
     if config.server.interfaces:
-        return list(config.server.interfaces), advertise, False
+        # Several named and no address given: each answers with its own (dnsmasq's
+        # next-server and option 54 default to the receiving interface's address), not
+        # the first one's, which a device on another's network may not reach.
+        return (list(config.server.interfaces),
+                advertise if config.server.advertise or len(config.server.interfaces) == 1
+                else None, False)
     if not by_reach(config, advertise):
         return None, advertise, True
     found = [name for name, _ in reached_at(config, advertise)]
     log.info("dhcp: no address to advertise: answering on %s, each with its own address, "
              "and on each interface that comes up later", ", ".join(found) or "no interface yet")
     return None, None, True
+
+
+def url_stand_in(config: Config, advertise: str) -> str:
+    """The host that a device's URLs name as the address its request came in on
+    (Content.at, model.stands_in), where ``server.interfaces`` names several and neither
+    an address nor a public URL was given: the advertised (first interface's) address,
+    which a device on another named interface's network may not reach. Else none."""
+    if (len(config.server.interfaces) > 1 and not config.server.advertise
+            and not config.http.public_url and not config.https.public_url):
+        return advertise
+    return ""
 
 
 def by_reach(config: Config, advertise: str) -> bool:
@@ -554,12 +571,17 @@ def reached_at(config: Config, advertise: str) -> list[tuple[str, str]]:
 def named_addresses(config: Config) -> list[str]:
     """The first IPv4 address of each interface of ``server.interfaces`` that has one now
     (start-up's read; Service._tls_addresses then follows every address of each)."""
+    return [address for _, address in named_at(config)]
+
+
+def named_at(config: Config) -> list[tuple[str, str]]:
+    """Each interface of ``server.interfaces`` that has an IPv4 address now, and its first."""
     from netboot.servers.sockets import interface_ipv4
 
     found = []
     for name in config.server.interfaces:
         try:
-            found.append(interface_ipv4(name))
+            found.append((name, interface_ipv4(name)))
         except ConfigError:
             continue
     return found
@@ -1193,13 +1215,17 @@ class Service:
     def summary(self) -> str:
         cfg = self.config
         # Where a device's URLs name the address it reached (Content.at: 127.0.0.1 is
-        # advertised), each interface's, not the loopback one no device can use.
-        reached = [address for _, address in reached_at(cfg, self.advertise)] \
+        # advertised, or several interfaces are named), each interface's, not the loopback
+        # one no device can use, nor the first named one's only.
+        stand_in = url_stand_in(cfg, self.advertise)
+        reached = (named_addresses(cfg) if stand_in else
+                   [address for _, address in reached_at(cfg, self.advertise)]) \
             if self.content.by_address() else []
         https = self.url_holder.get("https", "")
 
         def each(url: str, path: str = "") -> str:
-            return ", ".join(f"{reached_url(url, a)}/{path}" for a in reached) or f"{url}/{path}"
+            return ", ".join(f"{reached_url(url, a, stand_in)}/{path}"
+                             for a in reached) or f"{url}/{path}"
 
         lines = [
             f"netboot serving on {', '.join(reached) or self.advertise}"
@@ -1362,15 +1388,18 @@ async def build(config: Config, *, app: bool = True) -> Service:
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).
+        stand_in = url_stand_in(config, advertise)
         core = build_core(config, store, lambda: holder["base"],
-                          trust=TrustOf(config, lambda: service.tls, lambda: holder["https"]))
+                          trust=TrustOf(config, lambda: service.tls, lambda: holder["https"]),
+                          stand_in=stand_in)
         new_token = await ensure_admin_token(core.access, config.data_dir)
         http_log = logging.getLogger("netboot.http")
         ids = RequestIds()
         plain = PlainHttp(
             config.http.plain_api,
             https_url=lambda: holder["https"] if service.tls is not None else None,
-            api_token_prefix=TOKEN_PREFIX, session_cookie=SESSION_COOKIE, log=http_log)
+            api_token_prefix=TOKEN_PREFIX, session_cookie=SESSION_COOKIE, log=http_log,
+            stand_in=stand_in)
         if config.http.plain_api == "allow":
             log.warning("http.plain_api is allow: the API and the dashboard answer plain HTTP "
                         "from any peer, and tokens cross the network in clear")

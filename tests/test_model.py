@@ -416,3 +416,26 @@ def test_a_loopback_url_is_the_address_the_client_reached(
 
     assert reached_url(url, local) == expected
     assert loopback_url(url) == (url != expected or url.startswith("http://127.0.0.1"))
+
+
+@pytest.mark.parametrize(("url", "local", "expected"), [
+    # The stand-in host (the first of several named interfaces' address, none given) is
+    # the address the client reached, as dnsmasq's answers name the receiving interface's.
+    ("http://192.0.2.10:8080/ipxe", "198.51.100.10", "http://198.51.100.10:8080/ipxe"),
+    ("https://192.0.2.10:8443", "198.51.100.10", "https://198.51.100.10:8443"),
+    ("http://192.0.2.10:8080", "192.0.2.10", "http://192.0.2.10:8080"),
+    ("http://192.0.2.10:8080", "127.0.0.1", "http://192.0.2.10:8080"),  # this host's client
+    ("http://192.0.2.10:8080", None, "http://192.0.2.10:8080"),
+    # Another host, or one that only begins like it, is kept.
+    ("http://192.0.2.100:8080", "198.51.100.10", "http://192.0.2.100:8080"),
+    ("https://netboot.example", "198.51.100.10", "https://netboot.example"),
+])
+def test_the_stand_in_host_is_the_address_the_client_reached(
+        url: str, local: str | None, expected: str) -> None:
+    from netboot.model import reached_url, stands_in
+
+    assert reached_url(url, local, "192.0.2.10") == expected
+    assert reached_url(url, local) == url  # without a stand-in, kept
+    assert stands_in(url, "192.0.2.10") == url.startswith(("http://192.0.2.10:",
+                                                           "https://192.0.2.10:"))
+    assert not stands_in(url, "")

@@ -1751,3 +1751,29 @@ async def test_a_half_ca_is_not_overwritten_by_the_inventorys(tmp_path: Path) ->
     with pytest.raises(ConfigError, match="half a CA"):
         prepare_tls(config, "192.0.2.10", sealer)
     await store.close()
+
+
+@pytest.mark.parametrize(("server", "http", "https", "answered", "stand_in"), [
+    # Several named, nothing given: each answers with its own address (dnsmasq's
+    # next-server and option 54 default to the receiving interface's), and the URLs'
+    # advertised host (the first one's) is the address a device reached.
+    ({"interfaces": ("va", "vb")}, {}, {}, None, "192.0.2.10"),
+    # An address or a public URL the operator gave wins everywhere.
+    ({"interfaces": ("va", "vb"), "advertise": "192.0.2.10"}, {}, {}, "192.0.2.10", ""),
+    ({"interfaces": ("va", "vb")}, {"public_url": "http://boot.example:8080"}, {},
+     None, ""),
+    ({"interfaces": ("va", "vb")}, {}, {"public_url": "https://boot.example:8443"},
+     None, ""),
+    # One named: its address, as before.
+    ({"interfaces": ("va",)}, {}, {}, "192.0.2.10", ""),
+])
+def test_several_named_interfaces_answer_each_with_its_own_address(
+        server: dict[str, Any], http: dict[str, Any], https: dict[str, Any],
+        answered: str | None, stand_in: str) -> None:
+    from netboot.config import Config, HttpConfig, HttpsConfig, ServerConfig
+    from netboot.service import dhcp_listeners, url_stand_in
+
+    cfg = Config(server=ServerConfig(**server), http=HttpConfig(**http),
+                 https=HttpsConfig(**https))
+    assert dhcp_listeners(cfg, "192.0.2.10") == (list(server["interfaces"]), answered, False)
+    assert url_stand_in(cfg, "192.0.2.10") == stand_in

@@ -9,12 +9,16 @@ With interfaces named, va's address (the first's) is advertised.
 from __future__ import annotations
 
 import json
+import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from netboot.wire import dhcp
+from netboot.wire.dhcp import Opt
 from tests.conftest import INITRD, KERNEL
 from tests.netns import until
 from tests.test_service_follow_netns import config as enrolled_config
@@ -22,6 +26,8 @@ from tests.test_service_follow_netns import resolve, reverse
 from tests.test_service_reached_netns import (
     MAC_A,
     MAC_B,
+    MAC_HELD,
+    SUBNETS,
     curl,
     env,
     ip,
@@ -29,6 +35,7 @@ from tests.test_service_reached_netns import (
     netboot,
     pxe_offer,
     serving,
+    tftp,
 )
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2"),
@@ -41,28 +48,32 @@ def subnets() -> Iterator[dict[str, str]]:
 
 
 def config(tmp_path: Path, dhcp: str = "off", *, named: bool = True,
-           dns: bool = False) -> tuple[str, ...]:
+           dns: bool = False, tftp_on: bool = False) -> tuple[str, ...]:
     """``named``: ``server.interfaces: [va, vb]``, else ``server.advertise: 192.0.2.10``
-    and no interface named (one 0.0.0.0 socket each)."""
+    and no interface named (one 0.0.0.0 socket each). ``dhcp``: "off", "proxy" or
+    "authoritative"; with ``tftp_on``, TFTP on its port 69 and a BIOS loader among the assets."""
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "vmlinuz").write_bytes(KERNEL)
     (assets / "initrd.img").write_bytes(INITRD)
+    (assets / "undionly.kpxe").write_bytes(b"UNDI" * 100)  # what a BIOS PXE ROM is offered
     path = tmp_path / "netboot.yaml"
     text = (f"server:\n  data_dir: {tmp_path / 'data'}\n"
             + ("  interfaces: [va, vb]\n" if named else "  advertise: 192.0.2.10\n")
-            + "tftp:\n  enabled: false\nhttps:\n  enabled: true\n"
+            + f"tftp:\n  enabled: {str(tftp_on).lower()}\nhttps:\n  enabled: true\n"
             f"dns:\n  enabled: {str(dns).lower()}\nassets:\n  dirs: [{assets}]\n")
     if dhcp == "authoritative":
         text += ("dhcp:\n  mode: authoritative\n  authoritative:\n"
                  "    pool_start: 192.0.2.100\n    pool_end: 192.0.2.150\n"
                  "    netmask: 255.255.255.0\n    router: 192.0.2.1\n")
     else:
-        text += 'dhcp:\n  mode: "off"\n'
+        text += f'dhcp:\n  mode: "{dhcp}"\n'
     path.write_text(text)
     cfg = ("--config", str(path))
     for args in (("profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img"),
-                 ("machines", "add", MAC_A, "--profile", "p")):
+                 ("machines", "add", MAC_A, "--profile", "p"),
+                 ("machines", "add", MAC_B, "--profile", "p"),
+                 ("machines", "add", MAC_HELD)):
         subprocess.run(netboot(*args[:2], *cfg, *args[2:]), check=True, env=env(),
                        capture_output=True, timeout=60)
     return cfg
@@ -218,4 +229,86 @@ def test_with_interfaces_named_dns_answers_on_each_named_interface(
     log = (tmp_path / "serve.log").read_text()
     assert got == {"a": "192.0.2.10", "b": "198.51.100.10"}, (got, log)
     assert came is not None, log
+    assert "Traceback" not in log, log
+
+
+def test_with_interfaces_named_each_device_is_answered_with_the_address_it_asked_at(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """``server.interfaces: [va, vb]``, no address given, proxyDHCP and TFTP on: a device on
+    vb's network (198.51.100.0/24, no route to va's) got option 54 and next-server
+    192.0.2.10 (va's, the advertised one), iPXE a boot file URL naming it, and scripts
+    and TFTP configs whose URLs named it: its boot stopped at the first download. dnsmasq
+    answers with the address of the interface a request came in on (next-server and
+    option 54 default to it), pixiecore likewise. Now each device gets the address of its
+    own side, in its offers, its scripts and configs, and fetches its loader, its script
+    and every URL in it from there; a device on va keeps va's."""
+    cfg = config(tmp_path, "proxy", tftp_on=True)
+    # netboot render on that host: what a device on va gets, vb's address said on stderr
+    # (it said nothing: a reader took va's URLs for every device's).
+    rendered = subprocess.run(netboot("render", *cfg, MAC_B, "pxelinux", ns=subnets["srv"]),
+                              env=env(), capture_output=True, timeout=60, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    assert "http://192.0.2.10:8080/config/" in rendered.stdout, rendered.stdout
+    assert "rendered as a device on va gets it (192.0.2.10); on vb 198.51.100.10" \
+        in rendered.stderr, rendered.stderr
+    ca = str(tmp_path / "data" / "tls" / "ca.pem")
+    got: dict[str, dict[str, object]] = {}
+    with serving(cfg, subnets, tmp_path):
+        for side, mac in (("a", MAC_A), ("b", MAC_B)):
+            server_ip = SUBNETS[side][0]
+            ns = subnets[side]
+            seen = got[side] = {}
+            offer = pxe_offer(ns, mac)
+            seen["pxe"] = offer and (offer.siaddr, offer.option(Opt.SERVER_ID),
+                                     offer.file_name)
+            if offer is not None:  # the ROM's next step: its loader over TFTP from siaddr
+                seen["loader"] = tftp(ns, f"tftp://{offer.siaddr}/{offer.file_name}")[0]
+            chained = pxe_offer(ns, mac, dhcp.Option(Opt.USER_CLASS, b"iPXE"))
+            seen["ipxe"] = chained and (chained.siaddr, chained.option(Opt.SERVER_ID),
+                                        chained.file_name)
+            if chained is None:
+                continue
+            status, body = curl(ns, chained.file_name)  # iPXE chains to the boot file's URL
+            seen["boot.ipxe"] = status, set(re.findall(r"https?://([^/:\s]+)", body.decode()))
+            status, body = curl(ns, f"http://{server_ip}:8080/ipxe?mac={mac}&arch=x86_64")
+            script = body.decode()
+            urls = re.findall(r"https?://[^\s\"']+", script)
+            seen["script"] = status, {re.sub(r"^https?://([^/:]+).*", r"\1", u) for u in urls}
+            # Every URL in it fetched from the device's side, as iPXE and k3OS would.
+            seen["fetched"] = {curl(ns, url, "--cacert", ca)[0] for url in urls}
+            # U-Boot's per-NIC pxelinux config over TFTP carries the config URL.
+            status, body = tftp(ns, f"tftp://{server_ip}/pxelinux.cfg/01-"
+                                        f"{mac.replace(':', '-')}")
+            seen["pxelinux"] = status, set(re.findall(r"https?://([^/:\s]+)", body.decode()))
+        # The API over plain HTTP from each side: refused, naming the HTTPS URL to use.
+        refused = {side: curl(subnets[side], f"http://{SUBNETS[side][0]}:8080/api/v1/"
+                              "machines") for side in SUBNETS}
+        # One NIC's script asked on one side, then the other, then the first again (a
+        # held machine's is kept per NIC, an install's too): each time naming the address
+        # asked, never the other's (an install's on another side than its token's is held).
+        crossed = [(mac, side, curl(subnets[side], f"http://{SUBNETS[side][0]}:8080/ipxe?"
+                                    f"mac={mac}&arch=x86_64"))
+                   for mac in (MAC_HELD, MAC_A) for side in ("b", "a", "b")]
+    log = (tmp_path / "serve.log").read_text()
+    for side, (status, body) in refused.items():
+        assert status == 403 and f"use https://{SUBNETS[side][0]}:8443/api/v1/machines" \
+            in body.decode(), (side, status, body)
+    for mac, side, (status, body) in crossed:
+        hosts = set(re.findall(r"https?://([^/:\s]+)", body.decode()))
+        assert status == 200 and hosts == {SUBNETS[side][0]}, (mac, side, body)
+    for side, seen in got.items():
+        server_ip = SUBNETS[side][0]
+        packed = socket.inet_aton(server_ip)
+        assert seen == {
+            "pxe": (server_ip, packed, "undionly.kpxe"), "loader": 0,
+            "ipxe": (server_ip, packed, f"http://{server_ip}:8080/boot.ipxe"),
+            "boot.ipxe": (200, {server_ip}), "script": (200, {server_ip}),
+            "fetched": {200}, "pxelinux": (0, {server_ip})}, (side, seen, log)
+    assert "dhcp: proxy mode listening on 0.0.0.0:67 (vb), advertising 198.51.100.10" in log, log
+    # The start-up summary names each address a device may reach, not va's only.
+    summary = log[log.index("netboot serving on"):]
+    assert summary.startswith("netboot serving on 192.0.2.10, 198.51.100.10 (no address "
+                              "advertised: each device gets the one it reaches)\n"), log
+    assert "  HTTP   http://192.0.2.10:8080/, http://198.51.100.10:8080/  (iPXE chain URL: " \
+        "http://192.0.2.10:8080/boot.ipxe, http://198.51.100.10:8080/boot.ipxe)\n" in summary, log
     assert "Traceback" not in log, log

@@ -120,8 +120,9 @@ def serving(cfg: tuple[str, ...], subnets: dict[str, str], tmp_path: Path) -> It
         log.close()
 
 
-def pxe_offer(ns: str, mac: str) -> dhcp.Packet | None:
-    """A BIOS PXE ROM's DISCOVER broadcast from ``ns``'s eth0, and the proxy offer."""
+def pxe_offer(ns: str, mac: str, *extra: dhcp.Option) -> dhcp.Packet | None:
+    """A BIOS PXE ROM's DISCOVER broadcast from ``ns``'s eth0, and the proxy offer;
+    ``extra``: options more (iPXE's user class: its boot file is then a URL)."""
     discover = dhcp.Packet(
         op=Op.REQUEST, xid=0x36005EED, chaddr=bytes.fromhex(mac.replace(":", "")),
         flags=dhcp.BROADCAST_FLAG, options=(
@@ -129,7 +130,7 @@ def pxe_offer(ns: str, mac: str) -> dhcp.Packet | None:
             dhcp.Option(Opt.PARAMETER_REQUEST_LIST, bytes((1, 3, 43, 60, 66, 67))),
             dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00000:UNDI:002001"),
             dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x00"),
-            dhcp.Option(Opt.CLIENT_NDI, b"\x01\x02\x01")))
+            dhcp.Option(Opt.CLIENT_NDI, b"\x01\x02\x01"), *extra))
     done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT_SCRIPT,
                            "eth0", dhcp.encode(discover, pad_to=300).hex()],
                           capture_output=True, timeout=60)

@@ -913,6 +913,7 @@ class PlainHttp:
     https_url: Callable[[], str | None] = lambda: None  # the HTTPS base URL, None if off
     api_token_prefix: str = ""  # how an API token starts (netboot.access.TOKEN_PREFIX)
     session_cookie: str = ""  # the dashboard's session cookie (netboot.web.auth)
+    stand_in: str = ""  # a host swapped for the address reached, as loopback (url_stand_in)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger(__name__))
 
     def __post_init__(self) -> None:
@@ -978,9 +979,10 @@ class PlainHttp:
         and no --advertise, which start-up warns of) is the address the request came in
         on: the client reached this host there, and could never reach its 127.0.0.1. Not
         the Host header, which the client writes (an open redirect): the socket's own
-        address, as `trusts` reads it."""
+        address, as `trusts` reads it. Likewise the stand-in (several interfaces named, the
+        first one's address advertised: model.stands_in)."""
         base = self.https_url()
-        return reached_url(base, local_address(request)) if base else base
+        return reached_url(base, local_address(request), self.stand_in) if base else base
 
     def refusal(self, request: web.Request, what: str) -> PlainHttpRefused:
         base = self.https_base(request)
