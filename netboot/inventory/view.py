@@ -139,8 +139,9 @@ class InventoryView:
         self.rules += 1
         self.loaded = False
         self._machines: dict[str, Machine | None] = {}  # id -> machine (None: no such id)
-        # kind -> identifier -> machine id (None: nobody's; only while not loaded)
-        self._keys: dict[str, dict[_Key, str | None]] = {k: {} for k in _KINDS}
+        # kind -> identifier -> machine id (None: nobody's; only while not loaded); and
+        # "fixed": a fixed_ipv4 -> the machine that has it (fixed_holder), not an identifier.
+        self._keys: dict[str, dict[_Key, str | None]] = {k: {} for k in (*_KINDS, _FIXED)}
         self._profiles: dict[str, Profile] | None = None
         self._clusters: dict[str, Cluster] | None = None
         self._groups: dict[str, Group] | None = None
@@ -584,6 +585,14 @@ class InventoryView:
             return None if machine_id is None else self._machines.get(machine_id)
         return None if self.loaded else UNSEEN
 
+    def fixed_holder(self, ipv4: str) -> str | None:
+        """The id of the machine whose ``fixed_ipv4`` is ``ipv4`` (canonical text), or None:
+        one dictionary look-up, kept exact with the machines (_index, _unindex), so that the
+        authoritative pool never leases one machine's fixed address to another (LeasePool,
+        ``reserved_fixed``). Only the machines held: before the view is loaded (the first
+        seconds after start), one not read yet is not known here."""
+        return self._keys[_FIXED].get(ipv4)
+
     def matching_text(self, text: str, kept: SearchKept, most: int | None = None
                       ) -> set[str] | None:
         """The ids of the machines whose hostname, id, or any MAC, UUID, serial or asset tag
@@ -843,6 +852,7 @@ def _seen(done: asyncio.Future[Any]) -> None:
 
 
 _KINDS = ("mac", "uuid", "serial", "asset")
+_FIXED = "fixed"  # fixed_ipv4 -> machine id, in _keys beside the identifiers (fixed_holder)
 
 
 def _keys_of(machine: Machine) -> list[tuple[str, _Key]]:
@@ -960,6 +970,8 @@ def _index(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[str,
     ident = machine.id
     for kind, key in _keys_of(machine):
         keys[kind][key] = ident
+    if machine.fixed_ipv4 is not None:
+        keys[_FIXED][machine.fixed_ipv4] = ident
     cluster = machine.cluster
     if cluster is not None and _running_server(machine):
         held = servers.get(cluster)
@@ -977,6 +989,8 @@ def _unindex(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[st
         index = keys[kind]
         if index.get(key) == machine_id:  # else another machine holds it now
             del index[key]
+    if machine.fixed_ipv4 is not None and keys[_FIXED].get(machine.fixed_ipv4) == machine_id:
+        del keys[_FIXED][machine.fixed_ipv4]
     if machine.cluster is not None:
         held = servers.get(machine.cluster)
         if held is not None:
@@ -1007,7 +1021,8 @@ def _same_entries(old: Machine, new: Machine) -> bool:
     :func:`_keys_of` reads, the machines without a NIC) and neither is a running server (the
     cluster's servers, which another machine's decision reads: ``InventoryView.shared``)."""
     return (new.macs == old.macs and new.uuid == old.uuid and new.serial == old.serial
-            and new.asset == old.asset and not _running_server(old)
+            and new.asset == old.asset and new.fixed_ipv4 == old.fixed_ipv4
+            and not _running_server(old)
             and not _running_server(new))
 
 
@@ -1018,6 +1033,7 @@ def _entries_added(old: Machine, new: Machine) -> bool:
     return (new.macs == old.macs and (old.uuid is None or new.uuid == old.uuid)
             and (old.serial is None or new.serial == old.serial)
             and (old.asset is None or new.asset == old.asset)
+            and (old.fixed_ipv4 is None or new.fixed_ipv4 == old.fixed_ipv4)
             and not _running_server(old) and not _running_server(new))
 
 

@@ -543,6 +543,7 @@ class DhcpServer:
             settings.pool_start, settings.pool_end,
             lease_seconds=settings.lease_seconds, decline_seconds=settings.decline_seconds,
             offer_seconds=settings.offer_seconds, reserved=reserved, network=settings.network(),
+            reserved_fixed=getattr(self._decider, "fixed_holder", None),
         )
         # Start-up may wait on the store; the DHCP path never does.
         leases = await self._store.list_leases()
