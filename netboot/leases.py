@@ -141,6 +141,14 @@ class LeasePool:
         except ValueError:
             return False
 
+    def links(self, addresses: Iterable[tuple[str, str]]) -> frozenset[str]:
+        """Of ``addresses`` (interface name, IPv4 address), the interfaces the pool is for:
+        those with an address on the pool's network. dnsmasq answers a request that was not
+        relayed only on an interface whose address a dhcp-range's network holds (dhcp.c
+        ``complete_context``; else "no address range available for DHCP request via
+        <iface>"): a management NIC on another network gets no offer of the pool's."""
+        return frozenset(name for name, address in addresses if self.on_network(address))
+
     def reserve_host(self, addresses: Iterable[str]) -> list[Lease]:
         """This host's IPv4 addresses now (an interface's that came or went: rtnetlink):
         those inside the pool are never offered, as dnsmasq never offers the address of the

@@ -245,6 +245,11 @@ class DhcpServer:
         self._probe_seconds = probe_seconds
         self._clock = clock
         self.pool: LeasePool | None = None
+        # Authoritative: the interfaces with an address on the pool's network, where a
+        # request that was not relayed is answered (LeasePool.links), and those others
+        # whose request was dropped and said so (once each).
+        self._pool_links: frozenset[str] = frozenset()
+        self._told_no_pool: set[str] = set()
         self._pending: dict[str, Lease | None] = {}  # mac -> lease to put, None = delete
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -417,6 +422,8 @@ class DhcpServer:
         that came up later inside it: netboot leased its own address, s37-net's "left")."""
         if self.pool is None:
             return
+        self._pool_links = self.pool.links((a.name, a.address) for a in addresses)
+        self._told_no_pool -= self._pool_links
         for lease in self.pool.reserve_host(a.address for a in addresses):
             _log.warning("dhcp: %s is now an address of this host, and leased to %s until %s: "
                          "its renewal is refused and it is offered another address (as "
@@ -676,7 +683,24 @@ class DhcpServer:
         client = self._classifier.classify(packet, peer[0], interface)
         if pxe_port or self._settings.mode == "proxy":
             return self._proxy(packet, client, peer, server_ip, pxe_port, keep)
+        if (interface is not None and packet.giaddr == ZERO_IP
+                and interface not in self._pool_links):
+            self._no_pool_here(interface)
+            return []
         return self._authoritative(packet, client, peer, server_ip)
+
+    def _no_pool_here(self, interface: str) -> None:
+        """A request that was not relayed, on an interface off the pool's network: dropped
+        (LeasePool.links), said once per interface."""
+        self.summary.note("no pool on the interface")
+        if interface not in self._told_no_pool:
+            self._told_no_pool.add(interface)
+            _log.warning("dhcp: no address range available for DHCP requests via %s: no "
+                         "address of it is on the pool's network %s "
+                         "(dhcp.authoritative.pool_start, netmask); its requests are not "
+                         "answered (as dnsmasq). Name the provisioning interface "
+                         "(server.interfaces) to listen there only", interface,
+                         self._settings.network())
 
     async def _decide(self, client: Client, xid: int) -> FirstStage | None:
         try:

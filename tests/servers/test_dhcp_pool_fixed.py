@@ -19,6 +19,7 @@ from netboot.servers.dhcp import DhcpServer
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Op, Opt
 from tests.servers.test_dhcp import LOOPBACK, Client
+from tests.test_leases import Clock
 
 SERVER_IP = "192.0.2.1"
 SETTINGS = DhcpSettings(
@@ -28,14 +29,6 @@ SETTINGS = DhcpSettings(
 DEVICE = MacAddress.parse("52:54:00:00:0b:01")  # not enrolled: a dynamic client
 MAC_2 = MacAddress.parse("52:54:00:00:0b:02")
 MAC_3 = MacAddress.parse("52:54:00:00:0b:03")
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @dataclass
