@@ -496,6 +496,10 @@ class BootService:
         view once loaded, exact after its sync; the store's one grouped read until then."""
         return self._view
 
+    def fixed_holder(self, ipv4: str) -> str | None:
+        """The machine whose ``fixed_ipv4`` this is (the view's), for the DHCP pool."""
+        return self._view.fixed_holder(ipv4)
+
     async def load_view(self) -> None:
         """Read the whole inventory into memory (``netboot serve``, in the background once it
         answers): from then on a decision reads nothing from the store but its change feed."""

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import heapq
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -67,6 +67,7 @@ class LeasePool:
         offer_seconds: int = 60,
         reserved: Iterable[str] = (),
         network: ipaddress.IPv4Network | None = None,
+        reserved_fixed: Callable[[str], str | None] | None = None,
     ) -> None:
         self._start = int(ipaddress.IPv4Address(start))
         self._end = int(ipaddress.IPv4Address(end))
@@ -84,6 +85,16 @@ class LeasePool:
         # address is never one of them (fixed_refused).
         self._own: frozenset[int] = frozenset()
         self._network = network
+        # Which machine an address is the fixed_ipv4 of (the inventory view's index, one
+        # look-up), or None: such an address is never leased to another client, as dnsmasq
+        # never offers a dynamic address a dhcp-host reserves (dhcp.c address_allocate
+        # skips config_find_by_address). Asked of the one candidate chosen, not of the pool.
+        self._reserved_fixed = reserved_fixed
+        # Candidates passed over as some machine's fixed address (value -> text): looked at
+        # again only when no other address is free (_choose), those no longer reserved (the
+        # machine deleted or given another address) then given back. Bounded by the fixed
+        # addresses inside the pool, which the operator sets, not a client.
+        self._passed_fixed: dict[int, str] = {}
         self._leases: dict[str, Lease] = {}  # mac -> lease
         self._by_ip: dict[str, str] = {}  # ip -> mac (leases)
         self._offers: dict[str, Offer] = {}  # mac -> pending offer
@@ -130,6 +141,14 @@ class LeasePool:
             return ipaddress.IPv4Address(ip) in self._network
         except ValueError:
             return False
+
+    def links(self, addresses: Iterable[tuple[str, str]]) -> frozenset[str]:
+        """Of ``addresses`` (interface name, IPv4 address), the interfaces the pool is for:
+        those with an address on the pool's network. dnsmasq answers a request that was not
+        relayed only on an interface whose address a dhcp-range's network holds (dhcp.c
+        ``complete_context``; else "no address range available for DHCP request via
+        <iface>"): a management NIC on another network gets no offer of the pool's."""
+        return frozenset(name for name, address in addresses if self.on_network(address))
 
     def reserve_host(self, addresses: Iterable[str]) -> list[Lease]:
         """This host's IPv4 addresses now (an interface's that came or went: rtnetlink):
@@ -202,9 +221,11 @@ class LeasePool:
         return until is not None and until > now
 
     def _free_for(self, ip: str, mac: str, now: float) -> bool:
-        """``ip`` may be given to ``mac``: not leased or offered to another live client,
-        not recently declined."""
+        """``ip`` may be given to ``mac`` as a dynamic address: not leased or offered to
+        another live client, not recently declined, not some machine's fixed address."""
         if self.declined(ip, now) or self._elsewhere.get(ip, 0.0) > now:
+            return False
+        if self._reserved_fixed is not None and self._reserved_fixed(ip) is not None:
             return False
         holder = self._by_ip.get(ip)
         if holder is not None and holder != mac:
@@ -370,11 +391,29 @@ class LeasePool:
                 self._fresh += 1
                 if value in self._reserved:
                     continue
+            elif self._passed_fixed and self._unreserved_given_back():
+                continue
             else:
                 return None
             ip = str(ipaddress.IPv4Address(value))
+            if self._reserved_fixed is not None and self._reserved_fixed(ip) is not None:
+                # Not a candidate while it is reserved; it has no holding whose end would
+                # give it back, so it is kept aside (_unreserved_given_back).
+                self._passed_fixed[value] = ip
+                continue
             if self._free_for(ip, mac, now):
                 return ip
+
+    def _unreserved_given_back(self) -> bool:
+        """The addresses passed over as fixed that are no longer any machine's, made
+        candidates again; whether there were any."""
+        assert self._reserved_fixed is not None
+        freed = [value for value, ip in self._passed_fixed.items()
+                 if self._reserved_fixed(ip) is None]
+        for value in freed:
+            ip = self._passed_fixed.pop(value)
+            self._given_back(ip)
+        return bool(freed)
 
     def request(
         self,

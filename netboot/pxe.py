@@ -57,7 +57,9 @@ class BootDecider(Protocol):  # implemented by netboot/boot.py
     # (or None): the server then answers repeats of the same bytes with the reply it sent.
     # netboot.boot.BootService.repeat_guard says what it checks. Also optional:
     # ``first_stage_now(request)``, asked instead of ``first_stage`` when the decider has it
-    # (BootService's: its ``first_stage`` always answers a future, for other callers).
+    # (BootService's: its ``first_stage`` always answers a future, for other callers). And
+    # ``fixed_holder(ipv4)``: the machine whose fixed_ipv4 an address is, or None (from
+    # memory), which the authoritative pool never leases to another (LeasePool).
 
 
 # ---------------------------------------------------------------------------------------------

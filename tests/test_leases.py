@@ -206,6 +206,33 @@ def test_a_fixed_address_of_the_host_the_router_or_another_client_is_refused() -
     assert p.fixed_refused(A, "198.51.100.10", T0) is None
 
 
+def test_an_address_that_is_a_machines_fixed_ipv4_is_never_leased_to_another() -> None:
+    """dnsmasq never offers a dynamic address a dhcp-host reserves: a machine's fixed_ipv4
+    inside the pool is skipped, as it is set, changed or dropped (the view's index, asked of
+    the candidate only); a lease of an address made fixed later is not offered to its client
+    again and its renewal is NAKed, so the client moves and the machine gets its address."""
+    fixed = {"192.0.2.100": "m1"}  # the view: fixed_ipv4 -> machine id
+    p = pool(reserved_fixed=fixed.get)
+    assert p.offer(A, T0) == "192.0.2.101"
+    assert p.offer(B, T0, requested="192.0.2.100") == "192.0.2.102"  # not even asked for
+    assert p.request(C, "192.0.2.100", T0) is None  # nor taken (init-reboot): NAK
+    assert p.offer(C, T0) is None  # .101 and .102 offered: the pool is full
+    del fixed["192.0.2.100"]  # the machine deleted, or given another address
+    assert p.offer(C, T0) == "192.0.2.100"
+    lease = p.request(C, "192.0.2.100", T0, selecting=True)
+    assert lease is not None
+    fixed["192.0.2.100"] = "m2"  # another machine given C's address as its fixed one
+    assert p.request(C, "192.0.2.100", T0 + 30) is None  # its renewal: NAK
+    assert p.offer(C, T0 + 31) is None  # not its lease again (.101, .102 offered)
+    assert p.fixed_refused(A, "192.0.2.100", T0 + 31) == f"it is leased to {C}"
+    p.not_selected(A)  # A took another server's offer
+    assert p.offer(C, T0 + 32) == "192.0.2.101"  # C moves ...
+    assert p.request(C, "192.0.2.101", T0 + 32, selecting=True) is not None
+    # ... and the machine's own address is free for it.
+    assert p.fixed_refused(A, "192.0.2.100", T0 + 33) is None
+    assert p.offer(A, T0 + 33, fixed="192.0.2.100") == "192.0.2.100"
+
+
 def test_exhaustion() -> None:
     p = pool()
     for i, mac in enumerate((A, B, C)):

@@ -139,8 +139,9 @@ class InventoryView:
         self.rules += 1
         self.loaded = False
         self._machines: dict[str, Machine | None] = {}  # id -> machine (None: no such id)
-        # kind -> identifier -> machine id (None: nobody's; only while not loaded)
-        self._keys: dict[str, dict[_Key, str | None]] = {k: {} for k in _KINDS}
+        # kind -> identifier -> machine id (None: nobody's; only while not loaded); and
+        # "fixed": a fixed_ipv4 -> the machine that has it (fixed_holder), not an identifier.
+        self._keys: dict[str, dict[_Key, str | None]] = {k: {} for k in (*_KINDS, _FIXED)}
         self._profiles: dict[str, Profile] | None = None
         self._clusters: dict[str, Cluster] | None = None
         self._groups: dict[str, Group] | None = None
@@ -427,7 +428,10 @@ class InventoryView:
             # _same_entries, then _entries_added, asked in one go: the NICs and the running
             # servers compared once (each first sighting of a storm's group commit comes
             # here: s39-sighting).
+            # A fixed_ipv4 changed takes the whole walk: the pool's reserved addresses are
+            # an index too (_FIXED: s39-pool).
             if machine is not None and machine.macs == old.macs \
+                    and machine.fixed_ipv4 == old.fixed_ipv4 \
                     and not _running_server(old) and not _running_server(machine):
                 uuid, serial, asset = old.uuid, old.serial, old.asset
                 if machine.uuid == uuid and machine.serial == serial \
@@ -592,6 +596,14 @@ class InventoryView:
             machine_id = index[key]
             return None if machine_id is None else self._machines.get(machine_id)
         return None if self.loaded else UNSEEN
+
+    def fixed_holder(self, ipv4: str) -> str | None:
+        """The id of the machine whose ``fixed_ipv4`` is ``ipv4`` (canonical text), or None:
+        one dictionary look-up, kept exact with the machines (_index, _unindex), so that the
+        authoritative pool never leases one machine's fixed address to another (LeasePool,
+        ``reserved_fixed``). Only the machines held: before the view is loaded (the first
+        seconds after start), one not read yet is not known here."""
+        return self._keys[_FIXED].get(ipv4)
 
     def matching_text(self, text: str, kept: SearchKept, most: int | None = None
                       ) -> set[str] | None:
@@ -852,6 +864,7 @@ def _seen(done: asyncio.Future[Any]) -> None:
 
 
 _KINDS = ("mac", "uuid", "serial", "asset")
+_FIXED = "fixed"  # fixed_ipv4 -> machine id, in _keys beside the identifiers (fixed_holder)
 
 
 def _keys_of(machine: Machine) -> list[tuple[str, _Key]]:
@@ -969,6 +982,8 @@ def _index(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[str,
     ident = machine.id
     for kind, key in _keys_of(machine):
         keys[kind][key] = ident
+    if machine.fixed_ipv4 is not None:
+        keys[_FIXED][machine.fixed_ipv4] = ident
     cluster = machine.cluster
     if cluster is not None and _running_server(machine):
         held = servers.get(cluster)
@@ -986,6 +1001,8 @@ def _unindex(keys: dict[str, dict[_Key, str | None]], servers: dict[str, dict[st
         index = keys[kind]
         if index.get(key) == machine_id:  # else another machine holds it now
             del index[key]
+    if machine.fixed_ipv4 is not None and keys[_FIXED].get(machine.fixed_ipv4) == machine_id:
+        del keys[_FIXED][machine.fixed_ipv4]
     if machine.cluster is not None:
         held = servers.get(machine.cluster)
         if held is not None:

@@ -228,9 +228,6 @@ class DhcpServer:
         # Networks whose relays are answered: relay_networks, the served interfaces' own
         # and (authoritative) the pool's; made again whenever an address comes or goes.
         self._networks: list[ipaddress.IPv4Network] = list(self._relay_networks)
-        # Authoritative on each interface: those with no address on the pool's network,
-        # whose own requests get no answer (_off_pool).
-        self._off_pool: frozenset[str] = frozenset()
         self._watcher = watcher
         self._own_watcher = False
         self._open: dict[str | None, _Open] = {}
@@ -248,6 +245,11 @@ class DhcpServer:
         self._probe_seconds = probe_seconds
         self._clock = clock
         self.pool: LeasePool | None = None
+        # Authoritative: the interfaces with an address on the pool's network, where a
+        # request that was not relayed is answered (LeasePool.links), and those others
+        # whose request was dropped and said so (once each).
+        self._pool_links: frozenset[str] = frozenset()
+        self._told_no_pool: set[str] = set()
         self._pending: dict[str, Lease | None] = {}  # mac -> lease to put, None = delete
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -327,19 +329,6 @@ class DhcpServer:
                 nets.append(pool)
         return nets
 
-    def _off_pool_links(self, addresses: Addresses) -> frozenset[str]:
-        """Authoritative on each interface (none named): the interfaces with no address on
-        the pool's network. A request that came in on one is not answered (a relayed one
-        is, by its giaddr): dnsmasq answers from a dhcp-range of the receiving interface's
-        network only ("no address range available for DHCP request via eth1"); offering
-        the pool there made netboot a second DHCP server of a management LAN."""
-        if not self._each or self._settings.mode != "authoritative" \
-                or not self._settings.pool_start:
-            return frozenset()
-        pool = self._settings.network()
-        on = {a.name for a in addresses if ipaddress.IPv4Address(a.address) in pool}
-        return frozenset(a.name for a in addresses if a.name not in on)
-
     async def start(self) -> None:
         if self._watcher is None:
             self._watcher, self._own_watcher = InterfaceWatcher(), True
@@ -349,7 +338,6 @@ class DhcpServer:
             addresses = self._watcher.addresses()
             targets = self._wanted(addresses)
             self._networks = self._served_networks(addresses)
-            self._off_pool = self._off_pool_links(addresses)
             for name in self._interfaces:
                 if name not in targets:
                     _log.warning("dhcp: interface %s has no IPv4 address (yet): served once "
@@ -434,6 +422,8 @@ class DhcpServer:
         that came up later inside it: netboot leased its own address, s37-net's "left")."""
         if self.pool is None:
             return
+        self._pool_links = self.pool.links((a.name, a.address) for a in addresses)
+        self._told_no_pool -= self._pool_links
         for lease in self.pool.reserve_host(a.address for a in addresses):
             _log.warning("dhcp: %s is now an address of this host, and leased to %s until %s: "
                          "its renewal is refused and it is offered another address (as "
@@ -442,7 +432,6 @@ class DhcpServer:
 
     def _on_addresses(self, addresses: Addresses) -> None:
         self._reserve_host(addresses)
-        self._off_pool = self._off_pool_links(addresses)
         networks = self._served_networks(addresses)
         if networks != self._networks:
             self._networks = networks
@@ -561,6 +550,7 @@ class DhcpServer:
             settings.pool_start, settings.pool_end,
             lease_seconds=settings.lease_seconds, decline_seconds=settings.decline_seconds,
             offer_seconds=settings.offer_seconds, reserved=reserved, network=settings.network(),
+            reserved_fixed=getattr(self._decider, "fixed_holder", None),
         )
         # Start-up may wait on the store; the DHCP path never does.
         leases = await self._store.list_leases()
@@ -693,14 +683,24 @@ class DhcpServer:
         client = self._classifier.classify(packet, peer[0], interface)
         if pxe_port or self._settings.mode == "proxy":
             return self._proxy(packet, client, peer, server_ip, pxe_port, keep)
-        if interface in self._off_pool and packet.giaddr == ZERO_IP:
-            self.summary.note("no range on this link")
-            self._limited.log(logging.WARNING, f"no range {interface}",
-                              "dhcp: xid %#010x from %s: no address range available for DHCP "
-                              "request via %s (the pool is of %s): not answered, as dnsmasq",
-                              packet.xid, peer[0], interface, self._settings.network())
+        if (interface is not None and packet.giaddr == ZERO_IP
+                and interface not in self._pool_links):
+            self._no_pool_here(interface)
             return []
         return self._authoritative(packet, client, peer, server_ip)
+
+    def _no_pool_here(self, interface: str) -> None:
+        """A request that was not relayed, on an interface off the pool's network: dropped
+        (LeasePool.links), said once per interface."""
+        self.summary.note("no pool on the interface")
+        if interface not in self._told_no_pool:
+            self._told_no_pool.add(interface)
+            _log.warning("dhcp: no address range available for DHCP request via %s: no "
+                         "address of it is on the pool's network %s "
+                         "(dhcp.authoritative.pool_start, netmask); its requests are not "
+                         "answered (as dnsmasq). Name the provisioning interface "
+                         "(server.interfaces) to listen there only", interface,
+                         self._settings.network())
 
     async def _decide(self, client: Client, xid: int) -> FirstStage | None:
         try:

@@ -846,7 +846,7 @@ async def test_a_machine_put_again_leaves_the_index_a_fresh_one_would_have(
     rng = random.Random(7)
     for step in range(400):
         machine = machines[rng.choice(sorted(machines))]
-        what = rng.randrange(7)
+        what = rng.randrange(8)
         if what <= 1:  # no identifier moves: the shortcut
             machine = replace(machine, updated=float(step), facts={"step": str(step)},
                               state=rng.choice((MachineState.BOOTING, MachineState.INSTALLING,
@@ -860,6 +860,9 @@ async def test_a_machine_put_again_leaves_the_index_a_fresh_one_would_have(
                                                          MachineState.INSTALLED)))
         elif what == 5:
             machine = replace(machine, uuid=rng.choice((None, str(uuid_of(step)))))
+        elif what == 6:  # its fixed address set, changed or dropped (one per machine)
+            machine = replace(machine, fixed_ipv4=rng.choice((
+                None, f"198.51.{step // 256}.{step % 256}")))
         else:
             first = machine.macs[:1] or (MacAddress.parse(f"02:00:00:01:00:{step % 256:02x}"),)
             machine = replace(machine, macs=rng.choice((
@@ -867,7 +870,8 @@ async def test_a_machine_put_again_leaves_the_index_a_fresh_one_would_have(
                                                  f"{step % 256:02x}")))))
         machines[machine.id] = machine
         view.adopt((machine,), {})  # no commit: nothing read
-        keys: dict[str, dict[object, str | None]] = {k: {} for k in view_module._KINDS}
+        keys: dict[str, dict[object, str | None]] = {
+            k: {} for k in (*view_module._KINDS, view_module._FIXED)}
         servers: dict[str, dict[str, Machine]] = {}
         no_mac: set[str] = set()
         for held in machines.values():
@@ -905,13 +909,18 @@ async def test_identifiers_only_added_are_indexed_without_taking_the_old_entries
              (replace(second, uuid=uuid_of(2), serial="SN2", updated=1.0), False),  # added
              (replace(third, uuid=uuid_of(3), updated=1.0), False),  # added, serial kept
              (replace(first, uuid=uuid_of(4), updated=2.0), True),  # changed
-             (replace(third, uuid=uuid_of(3), serial=None, updated=2.0), True)]  # removed
+             (replace(third, uuid=uuid_of(3), serial=None, updated=2.0), True),  # removed
+             (replace(second, uuid=uuid_of(2), serial="SN2", fixed_ipv4="198.51.100.5",
+                      updated=2.0), False),  # a fixed address added
+             (replace(second, uuid=uuid_of(2), serial="SN2", fixed_ipv4="198.51.100.6",
+                      updated=3.0), True)]  # changed
     for machine, out in steps:
         taken_out.clear()
         view.adopt((machine,), {})
         assert taken_out == ([machine.id] if out else [])  # before: always taken out
         machines[machine.id] = machine
-        keys: dict[str, dict[object, str | None]] = {k: {} for k in view_module._KINDS}
+        keys: dict[str, dict[object, str | None]] = {
+            k: {} for k in (*view_module._KINDS, view_module._FIXED)}
         no_mac: set[str] = set()
         for held in machines.values():
             view_module._index(keys, {}, no_mac, held)

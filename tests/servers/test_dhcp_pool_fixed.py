@@ -1,0 +1,123 @@
+"""Authoritative DHCP over real sockets, a real SQLite inventory and the boot path's view:
+the pool never leases a machine's fixed_ipv4 to another client (dnsmasq never offers a
+dynamic address a dhcp-host reserves), as machines are created, edited and deleted."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from netboot.boot import BootService, BootSettings, loader_aliases
+from netboot.enroll import Enroller
+from netboot.files import FileTree
+from netboot.inventory.sqlite import SqliteStore
+from netboot.model import MacAddress, Machine, MachineState
+from netboot.pxe import DhcpSettings
+from netboot.servers.dhcp import DhcpServer
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Op, Opt
+from tests.servers.test_dhcp import LOOPBACK, Client
+from tests.test_leases import Clock
+
+SERVER_IP = "192.0.2.1"
+SETTINGS = DhcpSettings(
+    mode="authoritative", pool_start="192.0.2.100", pool_end="192.0.2.102",
+    netmask="255.255.255.0", lease_seconds=3600, decline_seconds=600,
+)
+DEVICE = MacAddress.parse("52:54:00:00:0b:01")  # not enrolled: a dynamic client
+MAC_2 = MacAddress.parse("52:54:00:00:0b:02")
+MAC_3 = MacAddress.parse("52:54:00:00:0b:03")
+
+
+@dataclass
+class Env:
+    store: SqliteStore
+    boot: BootService
+    server: DhcpServer
+    client: Client
+    clock: Clock
+
+    async def ask(self, mtype: MessageType, requested: str | None = None,
+                  mac: MacAddress = DEVICE) -> dhcp.Packet:
+        """One datagram to the server's port, its one answer (broadcast, to loopback: the
+        broadcast flag is set, never a unicast to the address offered)."""
+        options = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((mtype,)))]
+        if requested is not None:
+            options.append(dhcp.Option(Opt.REQUESTED_IP, bytes(
+                int(x) for x in requested.split("."))))
+        raw = dhcp.encode(dhcp.Packet(op=Op.REQUEST, xid=0x5e1f, chaddr=mac.raw,
+                                      flags=dhcp.BROADCAST_FLAG, options=tuple(options)),
+                          pad_to=dhcp.MIN_PACKET_SIZE)
+        await self.client.send(raw, self.server.ports[0])
+        packet, _ = await self.client.receive()
+        return packet
+
+
+@contextlib.asynccontextmanager
+async def started(tmp_path: Path) -> AsyncIterator[Env]:
+    store = SqliteStore(tmp_path / "netboot.db")
+    await store.open()
+    boot = BootService(store, FileTree([tmp_path], pinned=loader_aliases()),
+                       BootSettings(policy="hold"), Enroller(store))
+    client, clock = Client(), Clock()
+    server = DhcpServer(SETTINGS, boot, store, interfaces=None, advertise=SERVER_IP,
+                        host=LOOPBACK, port=0, pxe_port=0, broadcast_address=LOOPBACK,
+                        client_port=client.port, probe=False, clock=clock)
+    try:
+        await server.start()
+        yield Env(store, boot, server, client, clock)
+    finally:
+        await server.close()
+        client.close()
+        await boot.drain()
+        await store.close()
+
+
+async def test_a_machines_fixed_address_is_never_leased_to_another_client(
+        tmp_path: Path) -> None:
+    async with started(tmp_path) as env:
+        await env.store.create_machine(Machine(
+            macs=(MacAddress.parse("52:54:00:00:0a:01"),), fixed_ipv4="192.0.2.100",
+            state=MachineState.INSTALLED))
+        await env.boot.load_view()
+        offer = await env.ask(MessageType.DISCOVER)
+        assert offer.message_type == MessageType.OFFER
+        assert offer.yiaddr == "192.0.2.101"  # .100 is the machine's (before: offered)
+        # Asked for by a client that had it (INIT-REBOOT): not given either.
+        nak = await env.ask(MessageType.REQUEST, "192.0.2.100")
+        assert nak.message_type == MessageType.NAK
+        ack = await env.ask(MessageType.REQUEST, "192.0.2.101")
+        assert ack.message_type == MessageType.ACK and ack.yiaddr == "192.0.2.101"
+
+        # The machine given another address: .100 is the pool's again (offered once no
+        # address never handed out is left).
+        one = await env.store.machine_by("mac", "52:54:00:00:0a:01")
+        assert one is not None
+        await env.store.update_machine(replace(one, fixed_ipv4="192.0.2.50"))
+        await env.boot.resync()
+        assert (await env.ask(MessageType.DISCOVER, mac=MAC_2)).yiaddr == "192.0.2.102"
+        assert (await env.ask(MessageType.DISCOVER, mac=MAC_3)).yiaddr == "192.0.2.100"
+
+        # A second machine given the device's leased address as its fixed one: the
+        # device's renewal is NAKed (dnsmasq: not renewed to the other client) and it
+        # is offered another address.
+        await env.store.create_machine(Machine(
+            macs=(MacAddress.parse("52:54:00:00:0a:02"),), fixed_ipv4="192.0.2.101",
+            state=MachineState.INSTALLED))
+        await env.boot.resync()
+        env.clock.now += 61  # the offers above run out
+        renewal = await env.ask(MessageType.REQUEST, "192.0.2.101")
+        assert renewal.message_type == MessageType.NAK
+        moved = await env.ask(MessageType.DISCOVER)
+        assert moved.message_type == MessageType.OFFER and moved.yiaddr == "192.0.2.100"
+        assert (await env.ask(MessageType.REQUEST, "192.0.2.100")).message_type == \
+            MessageType.ACK
+
+        # Deleted, the machine's address is offered again.
+        two = await env.store.machine_by("mac", "52:54:00:00:0a:02")
+        assert two is not None
+        await env.store.delete_machine(two.id)
+        await env.boot.resync()
+        assert (await env.ask(MessageType.DISCOVER, mac=MAC_2)).yiaddr == "192.0.2.101"

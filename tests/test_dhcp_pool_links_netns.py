@@ -1,0 +1,49 @@
+"""Authoritative DHCP with an address advertised and no interface named (DHCP listens on
+each interface, s39-net), or with interfaces named: the pool answers only on an interface
+whose network holds it.
+
+The namespaces of tests/test_service_reached_netns.py: ``netboot serve`` in one of its own
+with va on 192.0.2.0/24 (the pool's network) and vb on 198.51.100.0/24 (say a management
+NIC), veth pairs to a client namespace each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.test_service_interfaces_netns import config
+from tests.test_service_reached_netns import MAC_A, MAC_B, namespaces, pxe_offer, serving
+
+pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2"),
+              pytest.mark.requires("curl", "curl")]
+
+
+@pytest.fixture
+def subnets() -> Iterator[dict[str, str]]:
+    yield from namespaces("s39pool", ("a", "b"))
+
+
+@pytest.mark.parametrize("named", [False, True])
+def test_the_pool_is_offered_only_on_an_interface_of_its_network(
+        subnets: dict[str, str], tmp_path: Path, named: bool) -> None:
+    """A DISCOVER on vb (198.51.100.0/24) was offered 192.0.2.x of the pool: a host on the
+    management network given an address of another network, with the provisioning
+    network's router. dnsmasq answers only where a dhcp-range's network holds the
+    interface's address ("no address range available for DHCP request via vb"); now so does
+    netboot, saying why once per interface. The same with both interfaces named
+    (``server.interfaces: [va, vb]``)."""
+    cfg = config(tmp_path, dhcp="authoritative", named=named)
+    with serving(cfg, subnets, tmp_path):
+        on_a = pxe_offer(subnets["a"], MAC_A)
+        on_b = [pxe_offer(subnets["b"], MAC_B) for _ in range(2)]
+    log = (tmp_path / "serve.log").read_text()
+    assert on_a is not None and on_a.yiaddr == "192.0.2.100", log
+    assert on_b == [None, None], (on_b, log)
+    told = [line for line in log.splitlines()
+            if "no address range available for DHCP request via" in line]
+    assert len(told) == 1 and "via vb:" in told[0] and "192.0.2.0/24" in told[0], log
+    assert "via va" not in log, log
+    assert "Traceback" not in log, log
