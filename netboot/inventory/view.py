@@ -428,14 +428,15 @@ class InventoryView:
             # _same_entries, then _entries_added, asked in one go: the NICs and the running
             # servers compared once (each first sighting of a storm's group commit comes
             # here: s39-sighting).
-            # A fixed_ipv4 changed takes the whole walk: the pool's reserved addresses are
-            # an index too (_FIXED: s39-pool).
+            # The fixed_ipv4 is an index entry too (the pool's reserved addresses, _FIXED:
+            # s39-pool): one changed takes the whole walk, one set where none was is added.
+            fixed = old.fixed_ipv4
             if machine is not None and machine.macs == old.macs \
-                    and machine.fixed_ipv4 == old.fixed_ipv4 \
+                    and (fixed is None or machine.fixed_ipv4 == fixed) \
                     and not _running_server(old) and not _running_server(machine):
                 uuid, serial, asset = old.uuid, old.serial, old.asset
                 if machine.uuid == uuid and machine.serial == serial \
-                        and machine.asset == asset:
+                        and machine.asset == asset and machine.fixed_ipv4 == fixed:
                     # What no index holds changed (an install's state, token and facts; a
                     # report's step): the object replaced, its index entries left as they
                     # are.
