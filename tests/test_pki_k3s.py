@@ -297,16 +297,18 @@ def test_the_ca_is_what_k3s_signs_with(tmp_path: Path) -> None:
                            str(tmp_path / "leaf.crt"))
 
 
-async def test_the_ca_key_is_sealed_at_rest(tmp_path: Path) -> None:
+async def test_the_ca_key_and_the_agent_token_are_sealed_at_rest(tmp_path: Path) -> None:
     sealer = Sealer.generate()
     path = tmp_path / "inventory.db"
     store = SqliteStore(path, sealer=sealer)
     await store.open()
     cert, key = k3s_server_ca()
+    agent = "K10" + "0" * 64 + "::node:" + "a" * 64
     await store.put_cluster(Cluster(name="edge", token="K10" + "0" * 64 + "::server:s",
-                                    ca_cert=cert, ca_key=key), create=True)
+                                    ca_cert=cert, ca_key=key, agent_token=agent), create=True)
     assert (await store.get_cluster("edge")) == Cluster(
-        name="edge", token="K10" + "0" * 64 + "::server:s", ca_cert=cert, ca_key=key)
+        name="edge", token="K10" + "0" * 64 + "::server:s", ca_cert=cert, ca_key=key,
+        agent_token=agent)
     await store.close()
     import sqlite3
 
@@ -314,8 +316,11 @@ async def test_the_ca_key_is_sealed_at_rest(tmp_path: Path) -> None:
         "SELECT data FROM clusters WHERE name = 'edge'").fetchone()
     assert "PRIVATE KEY" not in data and key.splitlines()[1] not in data
     assert '"ca_key": "nbs1:' in data or '"ca_key":"nbs1:' in data
+    assert "a" * 64 not in data
+    assert '"agent_token": "nbs1:' in data or '"agent_token":"nbs1:' in data
     assert cert.splitlines()[1] in data  # the certificate is public
     assert "ca_key" not in repr(Cluster(name="edge", ca_key=key))
+    assert "a" * 64 not in repr(Cluster(name="edge", agent_token=agent))
 
 
 async def test_render_and_the_dashboards_view_withhold_the_ca_key(env: Env) -> None:
@@ -329,6 +334,8 @@ async def test_render_and_the_dashboards_view_withhold_the_ca_key(env: Env) -> N
         assert key_line not in text and "K3S-CA-KEY" in text, text
         assert cluster.ca_cert.splitlines()[1] in text
         assert cluster.token not in text
+        # Nor the agent token's secret, which a server's config gives k3s (agent-token).
+        assert k3s_parse_token(cluster.agent_token)[2] not in text and "agent-token" in text
     for listed in (await env.get("/api/v1/clusters"), [await env.get("/api/v1/clusters/edge")]):
         assert all("ca_key" not in c and "token" not in c for c in listed)
     # (``netboot render``, the CLI, prints what the same core call gives.)
@@ -562,3 +569,30 @@ async def test_a_cluster_made_before_gets_an_agent_token_at_start_up_unless_a_no
     finally:
         await service.boot.drain()
         await service.store.close()
+
+
+async def test_an_external_clusters_agents_join_with_the_agent_token_its_operator_gave(
+        env: Env) -> None:
+    """An external cluster's servers are not netboot's: their agent token, if they have one,
+    is the operator's to give (the servers' server/agent-token file); an edit without it
+    keeps it; without one, agents get the cluster's token as before."""
+    agent_token = "K10" + "1" * 64 + "::node:" + "b" * 32
+    await env.post("/api/v1/clusters", {"name": "ext", "server_url": "https://192.0.2.50:6443",
+                                        "token": "K10" + "1" * 64 + "::server:" + "c" * 32,
+                                        "agent_token": agent_token}, status=201)
+    shown = await env.get("/api/v1/clusters/ext")
+    assert "agent_token" not in shown and "b" * 32 not in str(shown)
+    r = await call(env, "PUT", "/api/v1/clusters/ext", json_body={**shown, "labels": {"a": "b"}})
+    assert r.status == 200, r.text
+    stored = await env.service.store.get_cluster("ext")
+    assert stored is not None and stored.agent_token == agent_token
+    await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
+                                        "initrds": ["initrd.img"]}, status=201)
+    for mac, role in ((AGENT, "agent"), (S0, "server")):
+        await env.post("/api/v1/machines", {"mac": mac, "cluster": "ext", "role": role,
+                                            "profile": "k3os"}, status=201)
+    _, agent = await k3os_config(env, AGENT)
+    assert agent["k3os"]["token"] == agent_token
+    _, server = await k3os_config(env, S0)  # a server joining it: both, as k3s wants
+    assert server["k3os"]["token"] == stored.token
+    assert k3s_users(server)["node"][0] == "b" * 32
