@@ -490,6 +490,10 @@ class Core:
         if not secret:
             secret = secrets.token_hex(32)
         agent = _given(cluster.agent_token, data, "agent_token", create)
+        if agent is not None and agent.startswith("K10") and "::" in agent:
+            # A secure form given (a server's agent-token file): its secret, wrapped below
+            # with this cluster's CA (k3s keeps a server's agent-token as given: the secret).
+            agent = _secret(agent, "ca")
         if agent is None and old is not None and old.agent_token:
             agent = _secret(old.agent_token, old.ca_cert)
         if not agent and (old is None or await self._configured_node(old) is None):

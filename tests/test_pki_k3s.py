@@ -596,3 +596,15 @@ async def test_an_external_clusters_agents_join_with_the_agent_token_its_operato
     _, server = await k3os_config(env, S0)  # a server joining it: both, as k3s wants
     assert server["k3os"]["token"] == stored.token
     assert k3s_users(server)["node"][0] == "b" * 32
+
+
+async def test_an_agent_token_given_in_the_secure_form_is_taken_as_its_secret(env: Env) -> None:
+    """k3s keeps a server's agent-token as given: a K10 form given to a managed cluster is
+    taken as the secret it wraps and wrapped with the cluster's own CA, never twice."""
+    await env.post("/api/v1/clusters", {"name": "edge",
+                                        "agent_token": "K10" + "2" * 64 + "::node:given"},
+                   status=201)
+    cluster = await env.service.store.get_cluster("edge")
+    assert cluster is not None and cluster.ca_cert
+    assert k3s_parse_token(cluster.agent_token) == (k3s_hash_ca(cluster.ca_cert.encode()),
+                                                    "node", "given")
