@@ -170,14 +170,6 @@ SCHEMAS: dict[str, Any] = {
                                  "generated for a managed one; a replace without it keeps it. "
                                  "A managed cluster with a k3s CA is given it in the secure "
                                  "form K10<ca_hash>::server:<this>"},
-        "agent_token": {"type": "string", "writeOnly": True,
-                        "description": "what the cluster's agents join with, which k3s's "
-                                       "servers (given it as agent-token) accept for no "
-                                       "server's join: generated for a managed cluster "
-                                       "(secure form K10<ca_hash>::node:<secret>; its servers "
-                                       "are given the secret); an external cluster's is its "
-                                       "servers' agent token, if they have one (else its "
-                                       "agents get token); a replace without it keeps it"},
         "ca_hash": {"type": ["string", "null"], "readOnly": True,
                     "description": "managed clusters: SHA-256 of the k3s server CA netboot made "
                                    "(what /cacerts of its servers serves), named by the secure "
