@@ -666,8 +666,11 @@ class Api:
                                        arch=request.query.get("arch"),
                                        local=local_address(request), join_token=MASKED)
         for cluster in await self._store.list_clusters():
-            if cluster.token:
-                text = text.replace(cluster.token, MASKED)
+            # An agent token's secret alone is what a server's config carries (agent-token).
+            agent = cluster.agent_token
+            for secret in (cluster.token, agent, agent.rpartition(":")[2]):
+                if secret:
+                    text = text.replace(secret, MASKED)
         return web.Response(text=text, content_type="text/plain",
                             headers={"Cache-Control": "no-store"})
 

@@ -1484,11 +1484,11 @@ class BootService:
             # are the same for every one but those nodes themselves (not served from here),
             # until a setting, a cluster or a server changes (``shared`` moves).
             labels, taints, node_name = _node_join(machine, cluster, group)
-            return join_of(role, kept.endpoint, False, cluster.token, labels, taints,
-                           node_name, kept.san)
+            return join_of(role, kept.endpoint, False, _join_token(cluster, role), labels,
+                           taints, node_name, kept.san)
         labels, taints, node_name = _node_join(machine, cluster, group)
-        return join_of(role, cluster.server_url, False, cluster.token, labels, taints,
-                       node_name, ())
+        return join_of(role, cluster.server_url, False, _join_token(cluster, role), labels,
+                       taints, node_name, ())
 
     async def _k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
                         group: Group | None, *, claim: bool = True) -> K3sJoin:
@@ -1518,7 +1518,8 @@ class BootService:
         # Only the init node, and only while no other server runs, initialises: reinstalling
         # the first server of a live cluster must join it, not start a second cluster.
         if init_id == machine.id and not running:
-            return K3sJoin(role, None, True, cluster.token, labels, taints, node_name, san)
+            return K3sJoin(role, None, True, _join_token(cluster, role), labels, taints,
+                           node_name, san)
         # The first server first, so that every node joins the same one.
         running.sort(key=lambda m: m.id != init_id)
         endpoint = self._endpoint(cluster, running)
@@ -1538,7 +1539,8 @@ class BootService:
                 _keep(self._joining, cluster.name, _Joining(shared, cluster, self.settings,
                                                             frozenset(ids), endpoint, san),
                       _FEW_CLUSTERS)
-        return K3sJoin(role, endpoint, False, cluster.token, labels, taints, node_name, san)
+        return K3sJoin(role, endpoint, False, _join_token(cluster, role), labels, taints,
+                       node_name, san)
 
     async def _cluster_init(self, cluster: Cluster, machine: Machine,
                             ) -> tuple[str | None, list[Machine]]:
@@ -2081,6 +2083,14 @@ def _chain_of(group: Group | None, profile: Profile | None) -> tuple[LoaderChain
     if profile is not None and profile.loader is not None:
         return profile.loader, f"set on profile {profile.name}"
     return None, "default for the architecture"
+
+
+def _join_token(cluster: Cluster, role: Role) -> str:
+    """The token a node of ``role`` joins ``cluster`` with: an agent its agent token where
+    the cluster has one (k3s's servers accept it for an agent's join, never a server's: root
+    on an agent must not join the control plane), a server the cluster's token."""
+    agent = cluster.agent_token
+    return agent if agent and role != "server" else cluster.token  # Role.SERVER's value
 
 
 def _node_join(machine: Machine, cluster: Cluster, group: Group | None,

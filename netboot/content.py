@@ -319,20 +319,25 @@ class Content:
         if want.k3s:
             # The cluster's k3s server CA, for its servers only (written before k3s first
             # starts: netboot.pki, k3s_server_ca); "" for agents and clusters without one.
-            ca = ca_key = ""
+            # and the secret its agents join with (k3s's agent-token), for them too.
+            ca = ca_key = agent = ""
             if k3s and k3s.role == "server":  # Role.SERVER's value, as K3sJoin.args
                 cluster = plan.cluster
                 if cluster is not None:
                     ca, ca_key = cluster.ca_cert, cluster.ca_key
+                    # The password alone: k3s takes a server's agent-token as the password
+                    # as given (pkg/daemons/control/deps, getNodePass), not as a K10 form.
+                    agent = cluster.agent_token.rpartition(":")[2]
             ctx["k3s"] = {
                 "role": str(k3s.role), "server_url": k3s.server_url,
                 "cluster_init": k3s.cluster_init, "token": k3s.token,
                 "labels": dict(k3s.labels), "taints": list(k3s.taints),
                 "node_name": k3s.node_name, "args": list(k3s.args),
-                "server_ca": ca, "server_ca_key": ca_key,
+                "server_ca": ca, "server_ca_key": ca_key, "agent_token": agent,
             } if k3s else {"role": "agent", "server_url": None, "cluster_init": False,
                            "token": "", "labels": {}, "taints": [], "node_name": "",
-                           "args": ["agent"], "server_ca": "", "server_ca_key": ""}
+                           "args": ["agent"], "server_ca": "", "server_ca_key": "",
+                           "agent_token": ""}
         if want.nocloud_url:
             ctx["nocloud_url"] = (f"{urls.base}/nocloud/{hexhyp}/"
                                   + (f"{token}/" if token else ""))
@@ -825,7 +830,7 @@ class Content:
                 header=header, read=read)
             k3s = plan.k3s
             if k3s is not None and k3s.role == "server" and name in _CA_WRITERS:
-                _check_writes_ca(name, plan, text)  # (an agent's config never has the CA)
+                _check_server_writes(name, plan, text)  # (an agent's config never has the CA)
             if made_of is not None:
                 _keep(self._configs, (plan.mac, name), (template, made_of, text), CONFIGS_KEPT)
             return text
@@ -848,10 +853,11 @@ def _server_ca(plan: BootPlan) -> tuple[str, str] | None:
     return cluster.ca_cert, cluster.ca_key
 
 
-def _check_writes_ca(name: str, plan: BootPlan, text: str) -> None:
-    """A server's config that does not write its cluster's k3s CA is refused: its k3s would
-    make a CA of its own, whose hash is not the secure token's, and every other node would
-    refuse it (a site's template from before netboot made the CA)."""
+def _check_server_writes(name: str, plan: BootPlan, text: str) -> None:
+    """A server's config that does not write its cluster's k3s CA, or give it the agent
+    token, is refused: its k3s would make a CA of its own, whose hash is not the secure
+    token's, and every other node would refuse it; or refuse every agent (a site's template
+    from before netboot made the CA, or agent tokens)."""
     ca = _server_ca(plan)
     # The certificate's first base64 line: the same text in any YAML form of the PEM (tojson,
     # a block scalar) but base64 (which a site's template would not use for a PEM).
@@ -862,6 +868,15 @@ def _check_writes_ca(name: str, plan: BootPlan, text: str) -> None:
                           "/var/lib/rancher/k3s/server/tls/server-ca.crt and .key, as netboot's "
                           "template does): k3s would make its own, which the cluster's secure "
                           "token does not name")
+    # Agents are given the agent token: a server not given its secret refuses every one.
+    cluster = plan.cluster
+    if cluster is not None and cluster.agent_token \
+            and cluster.agent_token.rpartition(":")[2] not in text:
+        raise RenderError(f"template {name} does not give a server node of cluster "
+                          f"{cluster.name!r} its agent token (k3s.agent_token as k3s's "
+                          "agent-token, in /etc/rancher/k3s/config.yaml, as netboot's template "
+                          "does): the cluster's agents join with it, and a server without it "
+                          "would refuse them")
 
 
 # Profiles' and clusters' context values kept (Content._of_profile, _of_cluster): a site has

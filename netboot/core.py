@@ -45,7 +45,7 @@ from netboot.model import (
     Profile,
     Role,
 )
-from netboot.pki import k3s_secure_token, k3s_server_ca
+from netboot.pki import K3S_AGENT_USER, k3s_secure_token, k3s_server_ca
 
 KINDS = ("profiles", "clusters", "groups")
 RENDER_KINDS = ("ipxe", "pxelinux", "grub", "config", "nocloud")
@@ -238,6 +238,17 @@ def cluster_problems(cluster: Cluster) -> list[dict[str, str]]:
              "nothing of the server it reaches at the endpoint, and sends it the token; the "
              f"secure form (K10<CA hash>::…) makes it refuse a server that is not the "
              f"cluster's. Fix: {fix}"}, *problems]
+
+
+def _given(value: str, data: Mapping[str, Any], key: str, create: bool) -> str | None:
+    """A cluster's secret as its creator or an edit gave it (None: not given)."""
+    return value if value and (create or key in data) else None
+
+
+def _secret(token: str, ca_cert: str) -> str:
+    """The secret a cluster's stored token wraps: after "::" and the user, as k3s's
+    parseToken reads it, where the cluster's CA made it the secure form; else as stored."""
+    return token.partition("::")[2].partition(":")[2] if ca_cert else token
 
 
 def _kind(kind: str) -> str:
@@ -489,12 +500,17 @@ class Core:
             raise ValidationError("endpoint", "only a managed cluster has one: an external "
                                               "cluster's server_url already is its endpoint")
         if not cluster.managed:
-            if cluster.token:
-                return cluster
-            if not create and "token" not in data:
+            # Its servers are not netboot's: its agent token, if any, is the operator's (the
+            # servers' agent-token file), kept as the token is when an edit leaves it out.
+            if not create and ("token" not in data or "agent_token" not in data):
                 old = await self.store.get_cluster(cluster.name)
                 if old is not None:
-                    return replace(cluster, token=old.token)
+                    cluster = replace(
+                        cluster, token=cluster.token if "token" in data else old.token,
+                        agent_token=(cluster.agent_token if "agent_token" in data
+                                     else old.agent_token))
+            if cluster.token:
+                return cluster
             raise ValidationError("token", "required for an external cluster (k3s node token)")
         return await self._managed_join(cluster, data, create=create)
 
@@ -528,36 +544,69 @@ class Core:
         wraps."""
         old = None if create else await self.store.get_cluster(cluster.name)
         ca_cert, ca_key = (old.ca_cert, old.ca_key) if old is not None else ("", "")
-        given = cluster.token if cluster.token and (create or "token" in data) else None
-        # The secret alone: what was given, or kept, or new (never returned or logged).
-        secret = given
+        # The secrets alone: what was given, or kept, or new (never returned or logged).
+        secret = _given(cluster.token, data, "token", create)
         if secret is None and old is not None:
-            # After "::" and the user, as k3s's parseToken reads it.
-            secret = old.token.partition("::")[2].partition(":")[2] if old.ca_cert \
-                else old.token
+            secret = _secret(old.token, old.ca_cert)
         if not secret:
             secret = secrets.token_hex(32)
+        agent = _given(cluster.agent_token, data, "agent_token", create)
+        if agent is not None and agent.startswith("K10") and "::" in agent:
+            # A secure form given (a server's agent-token file): its secret, wrapped below
+            # with this cluster's CA (k3s keeps a server's agent-token as given: the secret).
+            agent = _secret(agent, "ca")
+        if agent is None and old is not None and old.agent_token:
+            agent = _secret(old.agent_token, old.ca_cert)
+        if not agent and (old is None or await self._configured_node(old) is None):
+            # A new cluster, or one made before netboot made agent tokens whose servers were
+            # not yet told to run without one (they would refuse agents given one).
+            agent = secrets.token_hex(32)
         if not ca_cert and (secure or (create and self._secure_token)):
             if old is not None:
                 await self._no_node_configured(old)
             # An RSA key: 10-70 ms of CPU here, off the event loop.
             ca_cert, ca_key = await asyncio.to_thread(k3s_server_ca)
         token = k3s_secure_token(secret, ca_cert) if ca_cert else secret
-        return replace(cluster, token=token, ca_cert=ca_cert, ca_key=ca_key)
+        agent_token = (k3s_secure_token(agent, ca_cert, user=K3S_AGENT_USER) if ca_cert and agent
+                       else agent or "")
+        return replace(cluster, token=token, ca_cert=ca_cert, ca_key=ca_key,
+                       agent_token=agent_token)
 
-    async def _no_node_configured(self, cluster: Cluster) -> None:
-        """Refuse a new CA for ``cluster`` once one of its nodes fetched a config without it:
-        a server among them runs k3s on a CA of its own making, whose hash no token names."""
+    async def give_agent_tokens(self) -> list[str]:
+        """Give each managed cluster made before netboot made agent tokens one, while none of
+        its nodes has fetched a config (its servers would refuse agents given one): run at
+        start-up, before any config is served. The names of the clusters given one."""
+        given = []
+        for cluster in await self.store.list_clusters():
+            if not cluster.managed or cluster.agent_token:
+                continue
+            made = await self._managed_join(cluster, {}, create=False)
+            if made.agent_token:
+                await self.store.put_cluster(made, create=False)
+                given.append(cluster.name)
+        return given
+
+    async def _configured_node(self, cluster: Cluster) -> tuple[Machine, MachineState] | None:
+        """A node of ``cluster`` that fetched its config (and its state), if any."""
         for state in (MachineState.INSTALLING, MachineState.INSTALLED, MachineState.REGISTERED,
                       MachineState.FAILED):
             nodes = await self.store.list_machines(MachineFilter(cluster=cluster.name,
                                                                  state=state, limit=1))
             if nodes:
-                raise Conflict(f"cluster {cluster.name!r} has nodes that fetched their config "
-                               f"with its short token ({nodes[0].ref} is {state}): a server "
-                               "among them made its own k3s CA. Reinstall every node of it "
-                               "(netboot machines reinstall) before asking for the secure "
-                               "token")
+                return nodes[0], state
+        return None
+
+    async def _no_node_configured(self, cluster: Cluster) -> None:
+        """Refuse a new CA for ``cluster`` once one of its nodes fetched a config without it:
+        a server among them runs k3s on a CA of its own making, whose hash no token names."""
+        configured = await self._configured_node(cluster)
+        if configured is not None:
+            node, state = configured
+            raise Conflict(f"cluster {cluster.name!r} has nodes that fetched their config "
+                           f"with its short token ({node.ref} is {state}): a server "
+                           "among them made its own k3s CA. Reinstall every node of it "
+                           "(netboot machines reinstall) before asking for the secure "
+                           "token")
 
     async def _check_group(self, group: Group) -> None:
         if group.hostname_template:
@@ -678,7 +727,11 @@ class Core:
 
 
 def _join_token_as(plan: BootPlan, token: str | None) -> BootPlan:
-    """``plan`` with ``token`` as its cluster's join token (None: as it is)."""
-    if token is None or plan.k3s is None:
+    """``plan`` with ``token`` as its cluster's join token and agent token (None: as they
+    are)."""
+    k3s, cluster = plan.k3s, plan.cluster
+    if token is None or k3s is None:
         return plan
-    return replace(plan, k3s=replace(plan.k3s, token=token))
+    if cluster is not None and cluster.agent_token:
+        cluster = replace(cluster, agent_token=token)
+    return replace(plan, k3s=replace(k3s, token=token), cluster=cluster)

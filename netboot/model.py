@@ -716,6 +716,14 @@ class Cluster:
     # out of repr, never listed).
     ca_cert: str = ""
     ca_key: str = field(default="", repr=False)
+    # What the cluster's agents join with, as they are given it (the secure form
+    # ``K10<CA hash>::node:<secret>`` where the cluster has a CA): k3s's servers, given its
+    # secret as ``agent-token``, accept it for an agent's join only, never for a server's
+    # (README "What a host on the provisioning network can take"), so root on an agent, or
+    # whoever reads its config, cannot join the control plane. Empty: agents join with
+    # ``token`` (a cluster whose servers were configured before netboot made agent tokens;
+    # an external cluster whose operator gave none). A secret as the token is.
+    agent_token: str = field(default="", repr=False)
 
     @property
     def managed(self) -> bool:

@@ -516,6 +516,11 @@ K3S_SERVER_CA_KEY = "/var/lib/rancher/k3s/server/tls/server-ca.key"
 # The user part of the secure token: what k3s's own node-token file names (servers and agents
 # both accept it; k3s keeps only the password: pkg/util/token.go, NormalizeToken).
 K3S_TOKEN_USER = "server"
+# The user of an agent's secure token: k3s's servers keep the agent token as the password of
+# user "node", group "k3s:agent" (pkg/daemons/control/deps, genUsers), which joins agents but
+# not servers (the supervisor's /v1-k3s/server-bootstrap wants "k3s:server"), and write it as
+# ``K10<CA hash>::node:<password>`` to ``server/agent-token``.
+K3S_AGENT_USER = "node"
 
 
 def k3s_server_ca(*, clock: Callable[[], datetime.datetime] = _now) -> tuple[str, str]:
@@ -551,7 +556,8 @@ def k3s_ca_hash(ca_pem: str) -> str:
     return hashlib.sha256(ca_pem.encode("ascii")).hexdigest()
 
 
-def k3s_secure_token(password: str, ca_pem: str) -> str:
-    """``K10<CA hash>::server:<password>``: the secure form of a join secret (k3s
-    clientaccess.FormatTokenBytes)."""
-    return f"K10{k3s_ca_hash(ca_pem)}::{K3S_TOKEN_USER}:{password}"
+def k3s_secure_token(password: str, ca_pem: str, *, user: str = K3S_TOKEN_USER) -> str:
+    """``K10<CA hash>::<user>:<password>``: the secure form of a join secret (k3s
+    clientaccess.FormatTokenBytes); ``user`` "server" for the cluster's token,
+    :data:`K3S_AGENT_USER` for its agent token."""
+    return f"K10{k3s_ca_hash(ca_pem)}::{user}:{password}"

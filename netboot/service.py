@@ -1393,6 +1393,10 @@ async def build(config: Config, *, app: bool = True) -> Service:
                           trust=TrustOf(config, lambda: service.tls, lambda: holder["https"]),
                           stand_in=stand_in)
         new_token = await ensure_admin_token(core.access, config.data_dir)
+        # Before any config is served: a cluster made before agent tokens whose nodes have
+        # none of their configs yet gets one now (its agents then never carry its token).
+        for name in await core.give_agent_tokens():
+            log.info("cluster %s: made its k3s agent token (its agents join with it)", name)
         http_log = logging.getLogger("netboot.http")
         ids = RequestIds()
         plain = PlainHttp(

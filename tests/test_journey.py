@@ -206,7 +206,9 @@ async def test_a_registered_server_moves_to_another_cluster_only_through_a_reins
     await register(env, S0, token2, "192.0.2.60")
     _, far_agent = await install(env, "52:54:00:36:00:20")
     assert far_agent["server_url"] == "https://192.0.2.60:6443"
-    assert far_agent["token"] == far.token
+    # With far's agent token (never edge's, nor a token a server's join takes).
+    assert far_agent["token"] == far.agent_token != far.token
+    assert far.agent_token != edge.agent_token
 
 
 async def test_an_import_row_moving_a_registered_machine_is_refused_with_its_line(

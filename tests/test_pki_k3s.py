@@ -37,6 +37,7 @@ from tests.conftest import (
 
 S0, S1 = "52:54:00:37:00:01", "52:54:00:37:00:02"
 AGENT = "52:54:00:37:00:10"
+K3S_CONFIG_FILE = "/etc/rancher/k3s/config.yaml"
 CLOUD_INIT = {"name": "ubuntu", "kernel": "vmlinuz", "initrds": ["initrd.img"],
               "config_template": "cloud-init"}
 
@@ -78,6 +79,39 @@ def k3s_parse_token(token: str) -> tuple[str, str, str]:
     user, sep, password = creds.partition(":")
     assert sep and password, token  # "invalid token format"
     return ca_hash, user, password
+
+
+def k3s_users(server: dict[str, Any]) -> dict[str, tuple[str, frozenset[str]]]:
+    """The passwd a k3s server writes from its config (pkg/daemons/control/deps, genUsers):
+    user -> (password, groups). "server" has the token's password (NormalizeToken); "node"
+    the agent-token as given (getNodePass), the server's password where none is given.
+    ``server``: a server's k3OS config or its cloud-init user-data (k3s's config file)."""
+    files = written(server)
+    k3s_file = files.get(K3S_CONFIG_FILE)
+    k3s_config = yaml.safe_load(k3s_file["content"]) if k3s_file else {}
+    token = server["k3os"]["token"] if "k3os" in server else k3s_config["token"]
+    password = k3s_parse_token(token)[2] if token.startswith("K10") else token
+    agent = k3s_config.get("agent-token") or password
+    # The server token joins servers and agents; the agent token agents only (the docs'
+    # "Token Types"; router.go: /v1-k3s/server-bootstrap wants the k3s:server role).
+    return {"server": (password, frozenset({"k3s:server", "k3s:agent"})),
+            "node": (agent, frozenset({"k3s:agent"}))}
+
+
+def k3s_joins(users: dict[str, tuple[str, frozenset[str]]], token: str, role: str,
+              served_ca: bytes | None = None) -> bool:
+    """Whether a node of ``role`` given ``token`` joins the server whose passwd is ``users``
+    (pkg/clientaccess ParseAndValidateTokenForUser: the token's own user, else "server" for
+    a server's join, "node" for an agent's; a secure token's hash must be the served CA's;
+    then basic auth, and the role the endpoint wants)."""
+    user = "server" if role == "server" else "node"
+    password = token
+    if token.startswith("K10"):
+        ca_hash, user, password = k3s_parse_token(token)
+        if served_ca is not None and ca_hash != k3s_hash_ca(served_ca):
+            return False
+    known = users.get(user)
+    return known is not None and known[0] == password and f"k3s:{role}" in known[1]
 
 
 def written(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -140,19 +174,31 @@ async def test_the_token_names_the_hash_k3s_computes_of_what_the_servers_cacerts
     assert second["k3os"]["token"] == first["k3os"]["token"]
     assert written(second)[K3S_SERVER_CA] == files[K3S_SERVER_CA]
     assert written(second)[K3S_SERVER_CA_KEY] == files[K3S_SERVER_CA_KEY]
-    # An agent: the same secure token, no CA file.
+    # Both servers accept the same agent token (k3s wants it on every server), from k3s's
+    # own config file, which only root reads.
+    assert written(second)[K3S_CONFIG_FILE] == files[K3S_CONFIG_FILE]
+    assert files[K3S_CONFIG_FILE]["permissions"] == "0600"
+    users = k3s_users(first)
+    assert k3s_joins(users, second["k3os"]["token"], "server", served)
+    # An agent: its own secure token (the same CA's hash, user "node"), which the servers
+    # take for an agent's join, not a server's; no CA file, no k3s config file.
     _, agent = await k3os_config(env, AGENT)
-    assert agent["k3os"]["token"] == first["k3os"]["token"]
+    agent_token = agent["k3os"]["token"]
+    assert k3s_parse_token(agent_token)[:2] == (ca_hash, "node")
+    assert k3s_joins(users, agent_token, "agent", served)
+    assert not k3s_joins(users, agent_token, "server", served)
+    assert password not in str(agent)
     assert not any("rancher" in path for path in written(agent))
     # The API names the CA by that hash, never the CA's key or the token.
     shown = await env.get("/api/v1/clusters/edge")
     assert shown["ca_hash"] == ca_hash
-    assert not {"token", "ca_cert", "ca_key"} & set(shown)
+    assert not {"token", "ca_cert", "ca_key", "agent_token"} & set(shown)
 
 
 async def test_without_https_a_servers_config_writes_the_ca_alone(
         tmp_path: Path, aiohttp_client: Any) -> None:
-    """k3OS's write_files then holds only the k3s CA (no netboot CA before it)."""
+    """k3OS's write_files then holds only the k3s CA and k3s's config file (no netboot CA
+    before them)."""
     cfg = load(write_config(tmp_path, https="  enabled: false\n"), env={})
     service = await build(cfg)
     try:
@@ -160,7 +206,7 @@ async def test_without_https_a_servers_config_writes_the_ca_alone(
         env = Env(service, client, (cfg.data_dir / "admin.token").read_text().strip())
         await managed(env)
         _, config = await k3os_config(env, S0)
-        assert set(written(config)) == {K3S_SERVER_CA, K3S_SERVER_CA_KEY}
+        assert set(written(config)) == {K3S_SERVER_CA, K3S_SERVER_CA_KEY, K3S_CONFIG_FILE}
         served = written(config)[K3S_SERVER_CA]["content"].encode()
         assert k3s_parse_token(config["k3os"]["token"])[0] == k3s_hash_ca(served)
     finally:
@@ -192,8 +238,14 @@ async def test_cloud_init_user_data_writes_the_ca_for_servers_only(env: Env) -> 
     assert "/etc/rancher/k3s/config.yaml" in agent
     assert not {K3S_SERVER_CA, K3S_SERVER_CA_KEY} & set(agent)
     assert not any(path.startswith("/var/lib/rancher/k3s/server/") for path in agent)
-    assert yaml.safe_load(agent["/etc/rancher/k3s/config.yaml"]["content"])["token"] \
-        == k3s_config["token"]
+    # Its token joins agents, not servers; the servers' agent-token is its secret.
+    agent_token = yaml.safe_load(agent[K3S_CONFIG_FILE]["content"])["token"]
+    assert "agent-token" not in agent[K3S_CONFIG_FILE]["content"]
+    passwd = k3s_users(users[S0])
+    assert k3s_joins(passwd, agent_token, "agent", served)
+    assert not k3s_joins(passwd, agent_token, "server", served)
+    assert k3s_joins(passwd, k3s_config["token"], "server", served)
+    assert k3s_parse_token(agent_token)[2] == k3s_config["agent-token"]
     # cloud-init writes files (init stage) before runcmd installs and starts k3s.
     assert list(users[S0]).index("write_files") < list(users[S0]).index("runcmd")
 
@@ -245,16 +297,18 @@ def test_the_ca_is_what_k3s_signs_with(tmp_path: Path) -> None:
                            str(tmp_path / "leaf.crt"))
 
 
-async def test_the_ca_key_is_sealed_at_rest(tmp_path: Path) -> None:
+async def test_the_ca_key_and_the_agent_token_are_sealed_at_rest(tmp_path: Path) -> None:
     sealer = Sealer.generate()
     path = tmp_path / "inventory.db"
     store = SqliteStore(path, sealer=sealer)
     await store.open()
     cert, key = k3s_server_ca()
+    agent = "K10" + "0" * 64 + "::node:" + "a" * 64
     await store.put_cluster(Cluster(name="edge", token="K10" + "0" * 64 + "::server:s",
-                                    ca_cert=cert, ca_key=key), create=True)
+                                    ca_cert=cert, ca_key=key, agent_token=agent), create=True)
     assert (await store.get_cluster("edge")) == Cluster(
-        name="edge", token="K10" + "0" * 64 + "::server:s", ca_cert=cert, ca_key=key)
+        name="edge", token="K10" + "0" * 64 + "::server:s", ca_cert=cert, ca_key=key,
+        agent_token=agent)
     await store.close()
     import sqlite3
 
@@ -262,8 +316,11 @@ async def test_the_ca_key_is_sealed_at_rest(tmp_path: Path) -> None:
         "SELECT data FROM clusters WHERE name = 'edge'").fetchone()
     assert "PRIVATE KEY" not in data and key.splitlines()[1] not in data
     assert '"ca_key": "nbs1:' in data or '"ca_key":"nbs1:' in data
+    assert "a" * 64 not in data
+    assert '"agent_token": "nbs1:' in data or '"agent_token":"nbs1:' in data
     assert cert.splitlines()[1] in data  # the certificate is public
     assert "ca_key" not in repr(Cluster(name="edge", ca_key=key))
+    assert "a" * 64 not in repr(Cluster(name="edge", agent_token=agent))
 
 
 async def test_render_and_the_dashboards_view_withhold_the_ca_key(env: Env) -> None:
@@ -277,6 +334,8 @@ async def test_render_and_the_dashboards_view_withhold_the_ca_key(env: Env) -> N
         assert key_line not in text and "K3S-CA-KEY" in text, text
         assert cluster.ca_cert.splitlines()[1] in text
         assert cluster.token not in text
+        # Nor the agent token's secret, which a server's config gives k3s (agent-token).
+        assert k3s_parse_token(cluster.agent_token)[2] not in text and "agent-token" in text
     for listed in (await env.get("/api/v1/clusters"), [await env.get("/api/v1/clusters/edge")]):
         assert all("ca_key" not in c and "token" not in c for c in listed)
     # (``netboot render``, the CLI, prints what the same core call gives.)
@@ -296,8 +355,11 @@ async def test_a_cluster_made_before_keeps_its_short_token_until_its_operator_op
     shown = await env.get("/api/v1/clusters/edge")
     r = await call(env, "PUT", "/api/v1/clusters/edge", json_body={**shown, "endpoint": None})
     assert r.status == 200, r.text
-    assert (await env.service.store.get_cluster("edge")) == Cluster(name="edge",
-                                                                    token="s" * 64)
+    # ... but give it an agent token: none of its nodes has its config (a server that has
+    # would refuse agents given one).
+    edited = await env.service.store.get_cluster("edge")
+    assert edited is not None and len(edited.agent_token) == 64
+    assert edited == Cluster(name="edge", token="s" * 64, agent_token=edited.agent_token)
     # Opting in while no node has its config: the same secret, now in the secure form.
     r = await call(env, "POST", "/api/v1/clusters/edge/secure-token")
     assert r.status == 200, r.text
@@ -306,6 +368,8 @@ async def test_a_cluster_made_before_keeps_its_short_token_until_its_operator_op
     assert cluster is not None and cluster.ca_cert and cluster.ca_key
     assert k3s_parse_token(cluster.token) == (k3s_hash_ca(cluster.ca_cert.encode()), "server",
                                               "s" * 64)
+    assert k3s_parse_token(cluster.agent_token) == (k3s_hash_ca(cluster.ca_cert.encode()),
+                                                    "node", edited.agent_token)
     _, config = await k3os_config(env, S0)
     assert config["k3os"]["token"] == cluster.token
     assert written(config)[K3S_SERVER_CA]["content"] == cluster.ca_cert
@@ -408,3 +472,142 @@ async def test_a_short_token_cluster_is_a_problem_until_given_its_servers_secure
     assert stored is not None and stored.token == node_token and not stored.ca_cert
     assert k3s_parse_token(stored.token) == (k3s_hash_ca(ca.encode()), "server",
                                              "short-form-secret-4c1e")
+
+
+# --- the agent token: an agent's config joins no server (s39-agenttok) ----------------------
+
+
+def strings(value: Any) -> list[str]:
+    """Every string in a parsed config, and in the YAML files it writes (k3s's config)."""
+    if isinstance(value, str):
+        try:
+            inner = yaml.safe_load(value)
+        except yaml.YAMLError:
+            inner = None
+        return [value, *(strings(inner) if isinstance(inner, dict | list) else [])]
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (*strings(k), *strings(v))]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return []
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["secure", "short"])
+@pytest.mark.parametrize("template", ["k3os", "cloud-init"])
+async def test_an_agents_config_holds_no_token_a_server_join_accepts(
+        make_env: EnvFactory, template: str, secure: bool) -> None:
+    """What a host that reads an agent's config gets (as the agent fetches it: its install
+    token, no API token), or root on the agent: no string in it joins the cluster's servers
+    as a server (k3s's server-bootstrap, its datastore), and its own token joins as an
+    agent. Found by s39-attack: every agent carried the cluster's one token."""
+    env = await make_env("" if secure else "enroll:\n  k3s_secure_token: false\n")
+    await managed(env)
+    if template == "cloud-init":
+        await env.post("/api/v1/profiles", CLOUD_INIT, status=201)
+        for mac in (S0, AGENT):
+            r = await call(env, "PATCH", f"/api/v1/machines/{mac}",
+                           json_body={"profile": "ubuntu"})
+            assert r.status == 200, r.text
+    configs = {}
+    for mac in (S0, AGENT):
+        token = install_token(await boot(env, mac))
+        path = (f"/config/{hexhyp(mac)}?token={token}" if template == "k3os"
+                else f"/nocloud/{hexhyp(mac)}/{token}/user-data")
+        r = await call(env, "GET", path, admin=False)
+        assert r.status == 200, (r.status, r.text)
+        configs[mac] = (r.text, yaml.safe_load(r.text))
+        if mac == S0:
+            await registered(env, S0, token, "192.0.2.21")
+    server, agent = configs[S0][1], configs[AGENT][1]
+    served = written(server)[K3S_SERVER_CA]["content"].encode() if secure else None
+    passwd = k3s_users(server)
+    found = strings(agent)
+    assert not [s for s in found if k3s_joins(passwd, s, "server", served)]
+    assert passwd["server"][0] not in configs[AGENT][0]  # nor the server's secret in any form
+    joins = [s for s in found if k3s_joins(passwd, s, "agent", served)]
+    assert joins and all(s.startswith("K10") == secure for s in joins)
+    # The server's own token joins servers (the cluster is still joinable by its servers).
+    token = (server["k3os"]["token"] if template == "k3os" else
+             yaml.safe_load(written(server)[K3S_CONFIG_FILE]["content"])["token"])
+    assert k3s_joins(passwd, token, "server", served)
+
+
+async def test_a_cluster_made_before_gets_an_agent_token_at_start_up_unless_a_node_has_its_config(
+        tmp_path: Path, aiohttp_client: Any) -> None:
+    """A cluster an older netboot made has no agent token. One whose nodes have no config
+    yet gets one when netboot starts, before it serves any; one whose server already runs
+    keeps its agents on the cluster's token (that server was told no agent token, and would
+    refuse agents given one), until its nodes are reinstalled and netboot restarted."""
+    cfg = load(write_config(tmp_path), env={})
+    service = await build(cfg)
+    try:
+        client = await aiohttp_client(FrontTestServer(service))
+        env = Env(service, client, (cfg.data_dir / "admin.token").read_text().strip())
+        for name in ("idle", "running"):
+            await service.store.put_cluster(Cluster(name=name, token=name * 8), create=True)
+        await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
+                                            "initrds": ["initrd.img"]}, status=201)
+        for mac, cluster, role in ((S0, "running", "server"), (AGENT, "running", "agent"),
+                                   (S1, "idle", "server")):
+            await env.post("/api/v1/machines", {"mac": mac, "cluster": cluster, "role": role,
+                                                "profile": "k3os"}, status=201)
+        token, running_server = await k3os_config(env, S0)  # the cluster forms
+        assert K3S_CONFIG_FILE not in written(running_server)
+        await registered(env, S0, token, "192.0.2.21")
+    finally:
+        await service.boot.drain()
+        await service.store.close()
+    service = await build(cfg)  # netboot started again (this version)
+    try:
+        client = await aiohttp_client(FrontTestServer(service))
+        env = Env(service, client, (cfg.data_dir / "admin.token").read_text().strip())
+        idle = await service.store.get_cluster("idle")
+        running = await service.store.get_cluster("running")
+        assert idle is not None and len(idle.agent_token) == 64 and idle.token == "idle" * 8
+        assert running == Cluster(name="running", token="running" * 8)
+        _, agent = await k3os_config(env, AGENT)
+        assert k3s_joins(k3s_users(running_server), agent["k3os"]["token"], "agent")
+        _, idle_server = await k3os_config(env, S1)
+        assert k3s_users(idle_server)["node"][0] == idle.agent_token
+    finally:
+        await service.boot.drain()
+        await service.store.close()
+
+
+async def test_an_external_clusters_agents_join_with_the_agent_token_its_operator_gave(
+        env: Env) -> None:
+    """An external cluster's servers are not netboot's: their agent token, if they have one,
+    is the operator's to give (the servers' server/agent-token file); an edit without it
+    keeps it; without one, agents get the cluster's token as before."""
+    agent_token = "K10" + "1" * 64 + "::node:" + "b" * 32
+    await env.post("/api/v1/clusters", {"name": "ext", "server_url": "https://192.0.2.50:6443",
+                                        "token": "K10" + "1" * 64 + "::server:" + "c" * 32,
+                                        "agent_token": agent_token}, status=201)
+    shown = await env.get("/api/v1/clusters/ext")
+    assert "agent_token" not in shown and "b" * 32 not in str(shown)
+    r = await call(env, "PUT", "/api/v1/clusters/ext", json_body={**shown, "labels": {"a": "b"}})
+    assert r.status == 200, r.text
+    stored = await env.service.store.get_cluster("ext")
+    assert stored is not None and stored.agent_token == agent_token
+    await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
+                                        "initrds": ["initrd.img"]}, status=201)
+    for mac, role in ((AGENT, "agent"), (S0, "server")):
+        await env.post("/api/v1/machines", {"mac": mac, "cluster": "ext", "role": role,
+                                            "profile": "k3os"}, status=201)
+    _, agent = await k3os_config(env, AGENT)
+    assert agent["k3os"]["token"] == agent_token
+    _, server = await k3os_config(env, S0)  # a server joining it: both, as k3s wants
+    assert server["k3os"]["token"] == stored.token
+    assert k3s_users(server)["node"][0] == "b" * 32
+
+
+async def test_an_agent_token_given_in_the_secure_form_is_taken_as_its_secret(env: Env) -> None:
+    """k3s keeps a server's agent-token as given: a K10 form given to a managed cluster is
+    taken as the secret it wraps and wrapped with the cluster's own CA, never twice."""
+    await env.post("/api/v1/clusters", {"name": "edge",
+                                        "agent_token": "K10" + "2" * 64 + "::node:given"},
+                   status=201)
+    cluster = await env.service.store.get_cluster("edge")
+    assert cluster is not None and cluster.ca_cert
+    assert k3s_parse_token(cluster.agent_token) == (k3s_hash_ca(cluster.ca_cert.encode()),
+                                                    "node", "given")

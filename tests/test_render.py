@@ -230,6 +230,28 @@ def test_k3os_cluster_init() -> None:
     assert doc["k3os"]["k3s_args"] == ["server", "--cluster-init", "--node-name", "edge-1"]
 
 
+def test_a_servers_configs_give_k3s_the_agent_token_golden_and_valid() -> None:
+    """A server of a cluster with an agent token (s39-agenttok): k3s's agent-token, the
+    secret alone (k3s keeps it as given), in k3s's own config file (0600), which k3OS writes
+    with write_files and cloud-init's k3s config holds; its join token stays the token."""
+    cluster = dataclasses.replace(CLUSTER, agent_token="agent-s3cret")
+    k3s = K3sJoin(Role.SERVER, "https://192.0.2.50:6443", False, "s3cret", {}, (), "edge-1")
+    server = plan(BootAction.INSTALL, cluster=cluster, k3s=k3s,
+                  machine=dataclasses.replace(MACHINE, role=Role.SERVER))
+    text = content().k3os_config(server)
+    golden("k3os-config-server.yaml", text)
+    doc = yaml.safe_load(text)
+    assert doc["k3os"]["token"] == "s3cret"
+    (k3s_file,) = doc["write_files"]
+    assert k3s_file["path"] == "/etc/rancher/k3s/config.yaml"
+    assert k3s_file["permissions"] == "0600"
+    assert yaml.safe_load(k3s_file["content"]) == {"agent-token": "agent-s3cret"}
+    text = content().nocloud(server, "user-data")
+    golden("nocloud-user-data-server", text)
+    k3s_config = yaml.safe_load(yaml.safe_load(text)["write_files"][0]["content"])
+    assert k3s_config["token"] == "s3cret" and k3s_config["agent-token"] == "agent-s3cret"
+
+
 @pytest.mark.parametrize("name", ["meta-data", "user-data", "vendor-data"])
 def test_nocloud_golden_and_valid(name: str) -> None:
     text = content().nocloud(plan(BootAction.INSTALL), name)

@@ -1479,10 +1479,13 @@ def cluster_to_dict(cluster: Cluster, *, secrets: bool = True) -> dict[str, Any]
     if not secrets:
         del out["token"]
         out["ca_hash"] = k3s_ca_hash(cluster.ca_cert) if cluster.ca_cert else None
-    elif cluster.ca_cert or cluster.ca_key:
+        return out
+    if cluster.ca_cert or cluster.ca_key:
         # Only where there is one: documents of clusters without stay as they were.
         out["ca_cert"] = cluster.ca_cert
         out["ca_key"] = cluster.ca_key
+    if cluster.agent_token:  # as the CA: only where there is one
+        out["agent_token"] = cluster.agent_token
     return out
 
 
@@ -1500,6 +1503,7 @@ def cluster_from_dict(data: object) -> Cluster:
         endpoint=_endpoint(d),
         ca_cert=_str(d, "ca_cert", default=""),
         ca_key=_str(d, "ca_key", default=""),
+        agent_token=_str(d, "agent_token", default=""),
     )
 
 

@@ -1,10 +1,10 @@
 """The secrets inside stored values, sealed on write and opened on read (every store on disk).
 
-A cluster's join token and k3s CA key, and a machine's install token while its install is
-under way (it opens the machine's config, which carries the join token), are sealed with the
-injected :class:`~netboot.inventory.base.Sealer`, each bound to the cluster or machine it
-belongs to: the database file, its logs and its backups never hold them in clear. Callers
-see plain values. Without a sealer (tests, ``--memory``) values pass through unchanged.
+A cluster's join token, agent token and k3s CA key, and a machine's install token while its
+install is under way (it opens the machine's config, which carries the join token), are sealed
+with the injected :class:`~netboot.inventory.base.Sealer`, each bound to the cluster or
+machine it belongs to: the database file, its logs and its backups never hold them in clear.
+Callers see plain values. Without a sealer (tests, ``--memory``) values pass through unchanged.
 """
 
 from __future__ import annotations
@@ -29,6 +29,16 @@ def join_token_context(cluster: str) -> str:
 def ca_key_context(cluster: str) -> str:
     # As the join token's: bound to its cluster.
     return f"k3s CA key of cluster {cluster!r}"
+
+
+def agent_token_context(cluster: str) -> str:
+    # As the join token's: bound to its cluster.
+    return f"agent token of cluster {cluster!r}"
+
+
+# The secrets of a cluster's stored form, each with the context it is sealed under.
+_CLUSTER_SECRETS = (("token", join_token_context), ("ca_key", ca_key_context),
+                    ("agent_token", agent_token_context))
 
 
 # Machines whose install token's sealed form is kept (Sealed.sealed_token, open_machine): a
@@ -114,21 +124,16 @@ class Sealed:
         """The stored form of ``cluster``: checked, its join token sealed."""
         data = codec.cluster_to_dict(cluster)
         codec.cluster_from_dict(data)
-        if self.sealer is not None and data["token"]:
-            data["token"] = self.sealer.seal(data["token"],
-                                             context=join_token_context(cluster.name))
-        if self.sealer is not None and data.get("ca_key"):
-            data["ca_key"] = self.sealer.seal(data["ca_key"],
-                                              context=ca_key_context(cluster.name))
+        if self.sealer is not None:
+            for key, context in _CLUSTER_SECRETS:
+                if data.get(key):
+                    data[key] = self.sealer.seal(data[key], context=context(cluster.name))
         return data
 
     def open_cluster(self, data: Any) -> Cluster:
         if self.sealer is not None and isinstance(data, dict):
             name = str(data.get("name"))
-            if data.get("token"):
-                data["token"] = self.sealer.unseal(str(data["token"]),
-                                                   context=join_token_context(name))
-            if data.get("ca_key"):
-                data["ca_key"] = self.sealer.unseal(str(data["ca_key"]),
-                                                    context=ca_key_context(name))
+            for key, context in _CLUSTER_SECRETS:
+                if data.get(key):
+                    data[key] = self.sealer.unseal(str(data[key]), context=context(name))
         return codec.cluster_from_dict(data)

@@ -17,7 +17,8 @@ Kernel command line it reads (all rendered by netboot's profile template):
 
 With ``netboot.k3s=standin`` (this machine has no k3s binary): a node whose ``k3s_args``
 start with ``server`` listens on TCP 6443 with busybox ``nc`` and stays up, answering each
-join line with ``accepted``/``refused`` after comparing the token, as k3s would; an agent
+join line with ``accepted``/``refused`` after comparing the token (the server's, or the
+agent token its k3s config file gives) as k3s would; an agent
 takes ``server_url`` and ``token`` from its config and connects to that host and port.
 
 Console lines:
@@ -182,6 +183,10 @@ if [ "$K3S" = standin ]; then
   case "$ROLE" in
     server)
       printf '%s\n' "$TOK" > /run/k3s.token
+      # The agent token's secret, as k3s reads it from its config file (agent-token), which
+      # the config writes as one JSON-quoted line: agents join with it, not with $TOK.
+      sed -n 's/.*"agent-token: \\"\([0-9A-Za-z]*\)\\"\\n".*/\1/p' /tmp/config \
+        > /run/k3s.agent-token
       nc -ll -p 6443 -e /bin/k3s-standin &
       n=0
       until netstat -ltn | grep -q ':6443 '; do
@@ -290,7 +295,11 @@ END { if (failed) exit 2; exit found ? 0 : 1 }
 K3S_STANDIN = r"""#!/bin/sh
 read -r line
 tok=${line##* token=}
-if [ "$tok" = "$(cat /run/k3s.token)" ]; then verdict=accepted; else verdict=refused; fi
+# An agent joins with the server token or with the agent token (its password: the part after
+# the last ":" of K10<hash>::node:<password>, or all of a short one), as k3s's passwd has them.
+agent=$(cat /run/k3s.agent-token)
+if [ "$tok" = "$(cat /run/k3s.token)" ] || { [ -n "$agent" ] && [ "${tok##*:}" = "$agent" ]; }
+then verdict=accepted; else verdict=refused; fi
 echo "NETBOOT-K3S: $verdict ${line%% token=*}" > /dev/console
 echo "$verdict by $(hostname)"
 """
