@@ -224,6 +224,19 @@ def cluster_problems(cluster: Cluster) -> list[dict[str, str]]:
     if weak:
         # Whatever its form: the secure form's CA hash is public, its secret is not.
         problems.append({"field": "token", "error": f"a weak k3s join token: {weak}"})
+    weak = weak_token(cluster.agent_token) if cluster.agent_token else None
+    if weak:  # an operator's own, given: every agent's config carries it
+        problems.append({"field": "agent_token", "error": f"a weak k3s agent token: {weak}"})
+    if cluster.managed and not cluster.agent_token:
+        # Its servers were configured before netboot made agent tokens (Core.
+        # give_agent_tokens gave it none): its agents are given the cluster's token, which
+        # k3s takes for a server's join too (README "k3s's agent token").
+        problems.append({"field": "agent_token", "error": (
+            "no agent token: its agents join with the cluster's token, which k3s also "
+            "takes for a server's join, so root on an agent, or whoever reads an agent's "
+            "config, can join its control plane and read its datastore. Fix: reinstall "
+            f"every node of it (netboot machines reinstall), then restart netboot or edit "
+            f"cluster {cluster.name} before any of them fetches its config: it is given one")})
     if _SECURE_TOKEN.match(cluster.token):
         return problems
     node_token = ("the secure token its first server wrote, "

@@ -461,8 +461,10 @@ async def test_a_short_token_cluster_is_a_problem_until_given_its_servers_secure
     await env.service.store.put_cluster(Cluster(name="old", token="short-form-secret-4c1e"),
                                         create=True)
     shown = await env.get("/api/v1/clusters/old")
-    (problem,) = shown["problems"]
+    # (Made before agent tokens too: that is a problem of its own, which the PUT mends.)
+    problem, agent = shown["problems"]
     assert problem["field"] == "token" and "node-token" in problem["error"]
+    assert agent["field"] == "agent_token" and "no agent token" in agent["error"]
     assert "short-form-secret-4c1e" not in str(shown)
     node_token = f"K10{k3s_hash_ca(ca.encode())}::server:short-form-secret-4c1e"
     r = await call(env, "PUT", "/api/v1/clusters/old", json_body={**shown, "token": node_token})
@@ -569,6 +571,20 @@ async def test_a_cluster_made_before_gets_an_agent_token_at_start_up_unless_a_no
         assert k3s_joins(k3s_users(running_server), agent["k3os"]["token"], "agent")
         _, idle_server = await k3os_config(env, S1)
         assert k3s_users(idle_server)["node"][0] == idle.agent_token
+        # The operator is told, where a cluster's problems are read, with the way out.
+        shown = await env.get("/api/v1/clusters/running")
+        (problem,) = [p for p in shown.get("problems", ()) if p["field"] == "agent_token"]
+        assert "root on an agent" in problem["error"] and "reinstall" in problem["error"]
+        assert "running" * 8 not in str(shown)
+        idle_shown = await env.get("/api/v1/clusters/idle")  # (its short token's is said)
+        assert [p["field"] for p in idle_shown.get("problems", ())] == ["token"]
+        for mac in (S0, AGENT):
+            await env.post(f"/api/v1/machines/{mac}/reinstall", {}, status=200)
+        r = await call(env, "PUT", "/api/v1/clusters/running", json_body=shown)
+        assert r.status == 200, r.text
+        assert [p["field"] for p in r.json().get("problems", ())] == ["token"], r.text
+        running = await service.store.get_cluster("running")
+        assert running is not None and len(running.agent_token) == 64
     finally:
         await service.boot.drain()
         await service.store.close()
@@ -611,3 +627,7 @@ async def test_an_agent_token_given_in_the_secure_form_is_taken_as_its_secret(en
     assert cluster is not None and cluster.ca_cert
     assert k3s_parse_token(cluster.agent_token) == (k3s_hash_ca(cluster.ca_cert.encode()),
                                                     "node", "given")
+    # Five characters every agent's config carries: said, as a weak join token is.
+    (problem,) = (await env.get("/api/v1/clusters/edge"))["problems"]
+    assert problem == {"field": "agent_token", "error": problem["error"]}
+    assert problem["error"].startswith("a weak k3s agent token: its secret is 5 characters")
