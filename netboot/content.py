@@ -871,12 +871,25 @@ def _check_server_writes(name: str, plan: BootPlan, text: str) -> None:
     # Agents are given the agent token: a server not given its secret refuses every one.
     cluster = plan.cluster
     if cluster is not None and cluster.agent_token \
-            and cluster.agent_token.rpartition(":")[2] not in text:
+            and not _gives(cluster.agent_token.rpartition(":")[2], text):
         raise RenderError(f"template {name} does not give a server node of cluster "
                           f"{cluster.name!r} its agent token (k3s.agent_token as k3s's "
                           "agent-token, in /etc/rancher/k3s/config.yaml, as netboot's template "
                           "does): the cluster's agents join with it, and a server without it "
                           "would refuse them")
+
+
+def _gives(secret: str, text: str) -> bool:
+    """Whether a config's ``text`` holds ``secret`` as a template writes it: as it is (a
+    block scalar), or as ``tojson`` writes it, once or twice (k3OS's ``write_files``
+    content is a JSON string of a line holding one). An operator's own agent token may hold
+    what tojson escapes (``&``, ``<``, ``>``, ``'`` as ``\\u0026``…, ``"``, ``\\``): k3s
+    takes any text, and reads the escapes back."""
+    if secret in text:
+        return True
+    once = (encode_basestring_ascii(secret)[1:-1].replace("<", "\\u003c")
+            .replace(">", "\\u003e").replace("&", "\\u0026").replace("'", "\\u0027"))
+    return once in text or encode_basestring_ascii(once)[1:-1] in text
 
 
 # Profiles' and clusters' context values kept (Content._of_profile, _of_cluster): a site has

@@ -631,3 +631,30 @@ async def test_an_agent_token_given_in_the_secure_form_is_taken_as_its_secret(en
     (problem,) = (await env.get("/api/v1/clusters/edge"))["problems"]
     assert problem == {"field": "agent_token", "error": problem["error"]}
     assert problem["error"].startswith("a weak k3s agent token: its secret is 5 characters")
+
+
+async def test_an_agent_token_given_with_json_escaped_characters_is_given_to_servers(
+        env: Env) -> None:
+    """An operator's own agent token may hold characters the templates' ``tojson`` escapes
+    (``&``, ``<``, ``>``, ``'``: ``\\u0026``…; k3s takes any text): its servers are given it
+    all the same, as k3s reads it from its config file, and agents join with it; the check
+    that a server's template gives it must not take the escaped form for a missing one
+    (every server's config was a 500)."""
+    secret = "it's-<edge>&agent-9f3c1d"
+    await managed(env, body={"agent_token": secret})
+    cluster = await env.service.store.get_cluster("edge")
+    assert cluster is not None and k3s_parse_token(cluster.agent_token)[2] == secret
+    token, server = await k3os_config(env, S0)
+    assert k3s_users(server)["node"][0] == secret
+    await registered(env, S0, token, "192.0.2.21")
+    _, agent = await k3os_config(env, AGENT)
+    assert k3s_joins(k3s_users(server), agent["k3os"]["token"], "agent")
+    # cloud-init's user-data (the secret once JSON-escaped, in k3s's config file) too.
+    await env.post("/api/v1/profiles", CLOUD_INIT, status=201)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:37:00:03", "cluster": "edge",
+                                        "role": "server", "profile": "ubuntu"}, status=201)
+    token = install_token(await boot(env, "52:54:00:37:00:03"))
+    r = await call(env, "GET", f"/nocloud/{hexhyp('52:54:00:37:00:03')}/{token}/user-data",
+                   admin=False)
+    assert r.status == 200, (r.status, r.text)
+    assert k3s_users(yaml.safe_load(r.text))["node"][0] == secret
