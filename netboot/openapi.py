@@ -180,7 +180,10 @@ SCHEMAS: dict[str, Any] = {
                                    "POST /api/v1/clusters/{name}/secure-token)"},
         "problems": {"type": "array", "readOnly": True, "description": (
             "shown, never taken: a join token in k3s's short form (agents then check "
-            "nothing of the server they join), with the way to the secure form"), "items": {
+            "nothing of the server they join), with the way to the secure form; a weak "
+            "join or agent token; a managed cluster without an agent token (its agents "
+            "join with the cluster's token, which joins servers too), with the way out"),
+            "items": {
                 "type": "object", "required": ["field", "error"],
                 "properties": {"field": _STR, "error": _STR}}},
         "labels": _MAP, "taints": _LIST, "description": _STR,

@@ -546,7 +546,7 @@ function clustersView(root) {
         h("dl", {class: "fields"}, h("dt", {}, "k3s"), h("dd", {}, c.server_url),
           h("dt", {}, "endpoint"), h("dd", {}, endpoint),
           c.description ? [h("dt", {}, "description"), h("dd", {}, c.description)] : null),
-        problemsBox(c, "This cluster's agents check nothing of the server they join:", "cluster"),
+        problemsBox(c, "What this cluster's k3s tokens let others do:", "cluster"),
         h("table", {class: "machines"}, h("thead", {}, h("tr", {},
           ["Hostname", "MAC(s)", "Role", "State", "Address"].map((t) => h("th", {}, t)))),
         h("tbody", {}, nodes.map((n) => h("tr", {onclick: () => {
