@@ -120,9 +120,10 @@ def serving(cfg: tuple[str, ...], subnets: dict[str, str], tmp_path: Path) -> It
         log.close()
 
 
-def pxe_offer(ns: str, mac: str, *extra: dhcp.Option) -> dhcp.Packet | None:
+def pxe_offer(ns: str, mac: str, *extra: dhcp.Option, tries: int = 5) -> dhcp.Packet | None:
     """A BIOS PXE ROM's DISCOVER broadcast from ``ns``'s eth0, and the proxy offer;
-    ``extra``: options more (iPXE's user class: its boot file is then a URL)."""
+    ``extra``: options more (iPXE's user class: its boot file is then a URL); ``tries``: 2 s
+    each (a request that must get no answer waits them all out)."""
     discover = dhcp.Packet(
         op=Op.REQUEST, xid=0x36005EED, chaddr=bytes.fromhex(mac.replace(":", "")),
         flags=dhcp.BROADCAST_FLAG, options=(
@@ -132,7 +133,7 @@ def pxe_offer(ns: str, mac: str, *extra: dhcp.Option) -> dhcp.Packet | None:
             dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x00"),
             dhcp.Option(Opt.CLIENT_NDI, b"\x01\x02\x01"), *extra))
     done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT_SCRIPT,
-                           "eth0", dhcp.encode(discover, pad_to=300).hex()],
+                           "eth0", dhcp.encode(discover, pad_to=300).hex(), str(tries)],
                           capture_output=True, timeout=60)
     return dhcp.parse(bytes.fromhex(done.stdout.decode().strip())) if done.returncode == 0 \
         else None

@@ -177,7 +177,7 @@ sock.bind(("0.0.0.0", 68))
 """
 
 CLIENT_SCRIPT = _CLIENT_SOCKET + r"""data = bytes.fromhex(sys.argv[2])
-for attempt in range(5):
+for attempt in range(int(sys.argv[3]) if len(sys.argv) > 3 else 5):
     sock.sendto(data, ("255.255.255.255", 67))
     ready, _, _ = select.select([sock], [], [], 2)
     while ready:
