@@ -1386,12 +1386,10 @@ class BootService:
             # applies (a new token is never the machine's), and its **changes handed on
             # to replace_machine again was ~8,000 loop instructions more (callgrind).
             state = lifecycle.apply(was.state, _INSTALL_PLAN, subject=was)
-            # A new state's time is the update's own float, as lifecycle.advance sets it
-            # (s39-journey's state_since: the dashboard's "Unchanged for").
-            stamp: Any = now
+            stamp: Any = now  # one float for updated and state_since (lifecycle.advance's)
             machine = replace_machine(
                 machine, state=state, updated=stamp,
-                state_since=stamp if state is not read else was.state_since, facts=facts,
+                state_since=lifecycle.since(was, state, stamp), facts=facts,
                 uuid=uuid, serial=serial, asset=asset, arch=arch, firmware=firmware,
                 token_hash=hash_token(token), install_token=token,
                 token_expires=now + (profile.install_timeout

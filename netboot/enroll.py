@@ -1154,17 +1154,8 @@ class Enroller:
         return updated
 
     async def config_fetched(self, machine: Machine, what: str) -> None:
-        # lifecycle.advance's step written out (it has no other change to make): its
-        # **changes handed on to replace_machine cost ~3,000 loop instructions a first
-        # config (callgrind; benchmarks/README.md s39-http1st).
-        now = self._clock()
-        state = lifecycle.apply(machine.state, _FETCHED, subject=machine)
-        # A new state's time is the update's own float, as lifecycle.advance sets it
-        # (state_since: the dashboard's "Unchanged for"); boxed once for the compiled build.
-        stamp: Any = now
-        updated = (machine if state == machine.state
-                   else replace_machine(machine, state=state, updated=stamp,
-                                        state_since=stamp))
+        # The state alone: lifecycle.moved, advance without **changes (s39-http1st).
+        updated = lifecycle.moved(machine, _FETCHED, self._clock())
         # By position, as model.event_of makes it (no class call: s38-install).
         event = event_of(machine.id, self._clock(), "config", f"{what} fetched", {})
         if updated is machine:

@@ -169,6 +169,24 @@ def advance(machine: Machine, trigger: Trigger, now: float, **changes: Any) -> M
     return replace_machine(machine, state=state, updated=now, **changes)
 
 
+def moved(machine: Machine, trigger: Trigger, now: float) -> Machine:
+    """:func:`advance` of a step that changes nothing but the state (a config fetched):
+    no ``**changes`` to spread (~3,000 loop instructions a first config: s39-http1st), the
+    same answer: ``machine`` itself where the state stays, else its copy stamped."""
+    state = apply(machine.state, trigger, subject=machine)
+    if state == machine.state:
+        return machine
+    stamp: Any = now  # boxed once, as advance's
+    return replace_machine(machine, state=state, updated=stamp, state_since=stamp)
+
+
+def since(machine: Machine, state: MachineState, stamp: float) -> float | None:
+    """The ``state_since`` of ``machine``'s copy in ``state`` stamped ``stamp``, for a step
+    written out beside :func:`advance` (boot's install plan): the stamp where the state
+    changes, as advance sets it, else the machine's own."""
+    return stamp if state is not machine.state else machine.state_since
+
+
 def first_state(trigger: Trigger, *, subject: str = "the machine") -> MachineState:
     """The state a machine is created in (discovered by its firmware, or enrolled)."""
     return apply(None, trigger, subject=subject)
