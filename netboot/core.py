@@ -261,7 +261,7 @@ def _given(value: str, data: Mapping[str, Any], key: str, create: bool) -> str |
 def _secret(token: str, ca_cert: str) -> str:
     """The secret a cluster's stored token wraps: after "::" and the user, as k3s's
     parseToken reads it, where the cluster's CA made it the secure form; else as stored."""
-    return token.partition("::")[2].partition(":")[2] if ca_cert else token
+    return token_secret(token) if ca_cert else token
 
 
 def _kind(kind: str) -> str:
@@ -567,7 +567,7 @@ class Core:
         if agent is not None and agent.startswith("K10") and "::" in agent:
             # A secure form given (a server's agent-token file): its secret, wrapped below
             # with this cluster's CA (k3s keeps a server's agent-token as given: the secret).
-            agent = _secret(agent, "ca")
+            agent = token_secret(agent)
         if agent is None and old is not None and old.agent_token:
             agent = _secret(old.agent_token, old.ca_cert)
         if not agent and (old is None or await self._configured_node(old) is None):
