@@ -512,16 +512,22 @@ class Core:
         if cluster.endpoint and not cluster.managed:
             raise ValidationError("endpoint", "only a managed cluster has one: an external "
                                               "cluster's server_url already is its endpoint")
+        old = None if create else await self.store.get_cluster(cluster.name)
+        if old is not None and old.managed != cluster.managed:
+            await self._no_node_moved(old)
         if not cluster.managed:
             # Its servers are not netboot's: its agent token, if any, is the operator's (the
             # servers' agent-token file), kept as the token is when an edit leaves it out.
-            if not create and ("token" not in data or "agent_token" not in data):
-                old = await self.store.get_cluster(cluster.name)
-                if old is not None:
-                    cluster = replace(
-                        cluster, token=cluster.token if "token" in data else old.token,
-                        agent_token=(cluster.agent_token if "agent_token" in data
-                                     else old.agent_token))
+            # Not a managed cluster's: those were netboot's, wrapping the k3s CA that an
+            # external cluster does not keep, so that the same cluster made managed again
+            # gave its next first server no CA and a token naming the dropped one: every
+            # agent refused that server (s40-attack).
+            if old is not None and not old.managed and (
+                    "token" not in data or "agent_token" not in data):
+                cluster = replace(
+                    cluster, token=cluster.token if "token" in data else old.token,
+                    agent_token=(cluster.agent_token if "agent_token" in data
+                                 else old.agent_token))
             if cluster.token:
                 return cluster
             raise ValidationError("token", "required for an external cluster (k3s node token)")
@@ -620,6 +626,23 @@ class Core:
                            "among them made its own k3s CA. Reinstall every node of it "
                            "(netboot machines reinstall) before asking for the secure "
                            "token")
+
+    async def _no_node_moved(self, old: Cluster) -> None:
+        """Refuse turning ``old`` from managed to external or back once one of its nodes
+        fetched its config: they run on its k3s CA and join token (netboot's, or the external
+        servers'), which the other kind does not keep; a machine's cluster is refused the
+        same way while it is registered (lifecycle.check_move)."""
+        configured = await self._configured_node(old)
+        if configured is not None:
+            node, state = configured
+            kind, moved = (("managed", "give it an endpoint (netboot clusters set "
+                            f"{old.name} --endpoint)") if old.managed else
+                           (f"external ({old.server_url})", "give another https:// URL"))
+            raise Conflict(f"cluster {old.name!r} is {kind} and has nodes that fetched their "
+                           f"config ({node.ref} is {state}): they joined it with its k3s CA "
+                           "and token, which the other kind does not keep. Reinstall or "
+                           "remove its nodes first (netboot machines reinstall); to point "
+                           f"them at a load balancer, {moved}", field="server_url")
 
     async def _check_group(self, group: Group) -> None:
         if group.hostname_template:

@@ -590,6 +590,45 @@ async def test_a_cluster_made_before_gets_an_agent_token_at_start_up_unless_a_no
         await service.store.close()
 
 
+async def test_a_cluster_turned_external_and_back_keeps_what_its_nodes_joined_with(
+        env: Env) -> None:
+    """A PUT that turned a managed cluster external (a wrong URL, corrected) dropped its k3s
+    CA and kept its token, which names that CA; made managed again, its next first server
+    got no CA files (k3s makes its own) and that token: every agent refused it ("token CA
+    hash does not match"), silently, the key gone for good. Found by s40-attack: the switch
+    is refused while a node has its config, and an external cluster never keeps netboot's
+    token."""
+    await managed(env)
+    external = {"server_url": "https://192.0.2.50:6443"}
+    before = await env.service.store.get_cluster("edge")
+    await k3os_config(env, S0)  # its first server runs on the cluster's CA from now on
+    r = await call(env, "PUT", "/api/v1/clusters/edge", json_body=external)
+    assert r.status == 409 and r.json()["field"] == "server_url", r.text
+    assert S0 in r.text and "reinstall" in r.text
+    assert await env.service.store.get_cluster("edge") == before
+    # A cluster none of whose nodes has its config: the switch is free, but an external
+    # cluster's token is its servers', not netboot's (which wraps a CA it drops).
+    await env.post("/api/v1/clusters", {"name": "fresh", "server_url": "managed"}, status=201)
+    r = await call(env, "PUT", "/api/v1/clusters/fresh", json_body=external)
+    assert r.status == 400 and r.json()["field"] == "token", r.text
+    r = await call(env, "PUT", "/api/v1/clusters/fresh",
+                   json_body={**external, "token": "e" * 64})
+    assert r.status == 200, r.text
+    r = await call(env, "PUT", "/api/v1/clusters/fresh", json_body={"server_url": "managed"})
+    assert r.status == 200, r.text
+    for mac, role in ((S1, "server"), (AGENT, "agent")):
+        r = await call(env, "PATCH", f"/api/v1/machines/{mac}",
+                       json_body={"cluster": "fresh", "role": role})
+        assert r.status == 200, r.text
+    token, server = await k3os_config(env, S1)
+    await registered(env, S1, token, "192.0.2.22")
+    _, agent = await k3os_config(env, AGENT)
+    # What the server's /cacerts serves: the CA its config wrote, else one k3s makes.
+    ca = written(server).get(K3S_SERVER_CA)
+    served = ca["content"].encode() if ca else k3s_server_ca()[0].encode()
+    assert k3s_joins(k3s_users(server), agent["k3os"]["token"], "agent", served)
+
+
 async def test_an_external_clusters_agents_join_with_the_agent_token_its_operator_gave(
         env: Env) -> None:
     """An external cluster's servers are not netboot's: their agent token, if they have one,
