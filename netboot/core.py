@@ -518,12 +518,7 @@ class Core:
         if not cluster.managed:
             # Its servers are not netboot's: its agent token, if any, is the operator's (the
             # servers' agent-token file), kept as the token is when an edit leaves it out.
-            # Not a managed cluster's: those were netboot's, wrapping the k3s CA that an
-            # external cluster does not keep, so that the same cluster made managed again
-            # gave its next first server no CA and a token naming the dropped one: every
-            # agent refused that server (s40-attack).
-            if old is not None and not old.managed and (
-                    "token" not in data or "agent_token" not in data):
+            if old is not None and ("token" not in data or "agent_token" not in data):
                 cluster = replace(
                     cluster, token=cluster.token if "token" in data else old.token,
                     agent_token=(cluster.agent_token if "agent_token" in data
@@ -562,6 +557,13 @@ class Core:
         kept (its servers run on it), and a token given for it is taken as the secret it
         wraps."""
         old = None if create else await self.store.get_cluster(cluster.name)
+        if old is not None and not old.managed:
+            # An external cluster made managed (none of its nodes has its config:
+            # _no_node_moved) is a new one: its token was its servers', or netboot's of
+            # when it was managed before, wrapping a CA that an external cluster does not
+            # keep; kept, the next first server got no CA and a token naming that one, and
+            # every agent refused it (s40-attack).
+            old, create = None, True
         ca_cert, ca_key = (old.ca_cert, old.ca_key) if old is not None else ("", "")
         # The secrets alone: what was given, or kept, or new (never returned or logged).
         secret = _given(cluster.token, data, "token", create)
