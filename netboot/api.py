@@ -32,7 +32,7 @@ from netboot.access import (
     public_token,
 )
 from netboot.addresses import parse_peer
-from netboot.core import Core, machine_dict, public_dict
+from netboot.core import Core, machine_dict, machine_version, public_dict
 from netboot.enroll import (
     SERVER_NEEDS_OPERATOR,
     fleet_status,
@@ -142,6 +142,28 @@ def _registered_out(machine: Machine, body: Mapping[str, Any]) -> dict[str, Any]
             and (body.get("keeps") == "machine_token" or "machine_token" in body):
         out["machine_token"] = machine.install_token
     return out
+
+
+def _etag(machine: Machine) -> dict[str, str]:
+    """A machine's version as an ETag (RFC 9110 §8.8.3), for a later edit's If-Match."""
+    return {"ETag": f'"{machine_version(machine)}"'}
+
+
+def _if_match(request: web.Request) -> frozenset[str] | None:
+    """The versions an edit's If-Match names (RFC 9110 §13.1.1: the edit is made only if
+    the machine is at one of them, else 412), None without the header or with ``*`` (any:
+    the machine exists). Two operators editing one machine: the second, who read it before
+    the first's edit, is told instead of writing over it (a PATCH's labels replace the
+    machine's; Kubernetes' resourceVersion, which Tinkerbell's objects have). A weak tag
+    (W/"…") never matches: If-Match compares strongly."""
+    header = request.headers.get("If-Match")
+    if header is None:
+        return None
+    tags = [tag.strip() for tag in header.split(",")]
+    if "*" in tags:
+        return None
+    return frozenset(tag[1:-1] for tag in tags
+                     if len(tag) >= 2 and tag[0] == tag[-1] == '"')
 
 
 def _object(body: Any) -> dict[str, Any]:
@@ -626,7 +648,8 @@ class Api:
         return web.json_response(self._machine_out(machine), status=201)
 
     async def get_machine(self, request: web.Request) -> web.Response:
-        return web.json_response(self._machine_out(await self._machine(request)))
+        machine = await self._machine(request)
+        return web.json_response(self._machine_out(machine), headers=_etag(machine))
 
     async def _machine(self, request: web.Request) -> Machine:
         return await self._core.machine(request.match_info["ref"])
@@ -634,8 +657,9 @@ class Api:
     async def patch_machine(self, request: web.Request) -> web.Response:
         await self._machine(request)  # 404 before 400: the path is checked first
         body = _object(await read_json(request))
-        machine = await self._core.update_machine(request.match_info["ref"], body)
-        return web.json_response(self._machine_out(machine))
+        machine = await self._core.update_machine(request.match_info["ref"], body,
+                                                  versions=_if_match(request))
+        return web.json_response(self._machine_out(machine), headers=_etag(machine))
 
     async def delete_machine(self, request: web.Request) -> web.Response:
         await self._core.delete_machine(request.match_info["ref"])

@@ -32,7 +32,7 @@ from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
 from netboot.logs import BatchedStreamHandler, TextFormatter, printable
-from netboot.model import Arch, LoaderChain, MachineState, Scope
+from netboot.model import Arch, LoaderChain, Machine, MachineState, Scope
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -399,27 +399,34 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
         value = getattr(args, key, None)
         if value is not None:
             changes[key] = (value or None) if key in _CLEARABLE else value
-    if args.label or args.remove_label or args.add_mac:
-        machine = await core.machine(args.mac)
+    added = _labels(args.label) if args.label else {}
+
+    def made(machine: Machine) -> dict[str, Any]:
+        # From the machine as update_machine reads it, at each of its reads: made from a
+        # read of our own before, the labels and NICs another writer added meanwhile (an
+        # operator's label through the API, a NIC attached) were written away (s40-attack).
+        out = dict(changes)
         if args.label or args.remove_label:
             labels = dict(machine.labels)
-            labels.update(_labels(args.label))
+            labels.update(added)
             for key in args.remove_label or ():
                 labels.pop(key, None)
-            changes["labels"] = labels
+            out["labels"] = labels
         if args.add_mac:
             # A NIC more (one enrolled by serial alone, a Raspberry Pi's); the API's PATCH
             # takes the whole list.
-            changes["macs"] = [*map(str, machine.macs), *args.add_mac]
-    if not changes:
+            out["macs"] = [*map(str, machine.macs), *args.add_mac]
+        return out
+
+    if not (changes or args.label or args.remove_label or args.add_mac):
         raise ValidationError("machines set", "nothing to change: give --cluster, --role, "
                                               "--profile, --hostname, --label, --remove-label, "
                                               "--add-mac, --fixed-ipv4 or --loader")
-    m = await core.update_machine(args.mac, changes)
+    m = await core.update_machine(args.mac, made)
     shown = [f"{key} {getattr(m, key) or '-'}" for key in _SETTABLE if key in changes]
-    if "macs" in changes:
+    if args.add_mac:
         shown.append("macs " + ",".join(map(str, m.macs)))
-    if "labels" in changes:
+    if args.label or args.remove_label:
         # Every label the machine keeps, a scanner's too (an enroll token writes any text):
         # escaped as every table is (s38-attack).
         shown.append("labels " + (",".join(f"{printable(k)}={printable(v)}"

@@ -16,7 +16,7 @@ import asyncio
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -27,7 +27,14 @@ from netboot.addresses import check_fixed_ipv4
 from netboot.boot import BootService
 from netboot.content import Content
 from netboot.enroll import Enroller, check_hostname, check_hostname_template, enroll_only_refusal
-from netboot.errors import DECIDE_ATTEMPTS, Conflict, NotFound, StateChanged, ValidationError
+from netboot.errors import (
+    DECIDE_ATTEMPTS,
+    Conflict,
+    NotFound,
+    PreconditionFailed,
+    StateChanged,
+    ValidationError,
+)
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
@@ -258,6 +265,12 @@ def _given(value: str, data: Mapping[str, Any], key: str, create: bool) -> str |
     return value if value and (create or key in data) else None
 
 
+def machine_version(machine: Machine) -> str:
+    """What a machine's edit is compared on (its ``updated``, which every write of it
+    moves: the store's compare-and-set), as the API's ETag carries it: exact (repr)."""
+    return repr(machine.updated)
+
+
 def _secret(token: str, ca_cert: str) -> str:
     """The secret a cluster's stored token wraps: after "::" and the user, as k3s's
     parseToken reads it, where the cluster's CA made it the secure form; else as stored."""
@@ -353,14 +366,26 @@ class Core:
         check_fixed_ipv4(machine.fixed_ipv4, self.enroller.server_addresses())
         return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
 
-    async def update_machine(self, ref: str, changes: Mapping[str, Any]) -> Machine:
+    async def update_machine(self, ref: str,
+                             changes: Mapping[str, Any] | Callable[[Machine], Mapping[str, Any]],
+                             *, versions: Collection[str] | None = None) -> Machine:
         """Change the given fields; the others are kept. ``macs`` replaces the NICs; ``mac``
-        alone may only repeat one of them (one-NIC clients send it back)."""
+        alone may only repeat one of them (one-NIC clients send it back).
+
+        ``changes`` may be made from the machine as read (a label added to its labels, a NIC
+        to its NICs: ``netboot machines set``), at each read: made from a read before this
+        one, it wrote back what another writer changed meanwhile (another operator's label,
+        a NIC attached). ``versions``: the machine's :func:`machine_version` as the caller saw
+        it (the API's If-Match); if it is none of them now, :class:`PreconditionFailed` and
+        nothing written."""
         attempt = 0
         while True:
             attempt += 1
             old = await self.machine(ref)
-            machine = await self._patched(old, changes)
+            if versions is not None and machine_version(old) not in versions:
+                raise PreconditionFailed(f"{old.ref} changed since the version given (it is "
+                                         f"{machine_version(old)} now): read it again")
+            machine = await self._patched(old, changes(old) if callable(changes) else changes)
             # The whole machine is written back: compare-and-set on the state and on the
             # version read, so that what another writer stored since the read (a state and
             # install token, a NIC attached, a fact a device reported, another server's

@@ -125,6 +125,11 @@ class StateChanged(Conflict):
     written; read the machine again and decide again."""
 
 
+class PreconditionFailed(Conflict):
+    """The caller's condition on the object's version (the API's If-Match) does not hold:
+    another writer changed it since the caller read it. Nothing was written (HTTP 412)."""
+
+
 # Times in all a step refused with StateChanged is made again from the machine as stored now:
 # the boot path's decisions, the installer's writes (enroll), a config fetch, the API's edit
 # (core). Each retry reads what the other writer committed, so more than a few means a bug,

@@ -368,6 +368,8 @@ _ERRORS = {400: "a field is wrong; 'field' names it", 401: "no token, or an unkn
            "or expired one (WWW-Authenticate: Bearer)",
            403: "the token's scope does not allow this; 'scope' names one that would",
            404: "not found", 409: "conflicts with the inventory or the machine's state",
+           412: "If-Match names another version of the machine than its current one (its "
+                "ETag): another writer changed it since it was read; nothing was changed",
            413: "request body too large",
            429: "more reports than the machine's budget (enroll.report_burst, report_rate): "
                 "ask again after Retry-After seconds",
@@ -455,7 +457,11 @@ def document() -> dict[str, Any]:
             "parameters": [_path_param("ref")],
             "get": _op("one machine", need=READ, out="Machine"),
             "patch": _op("change a machine", need=OPERATE, body="MachinePatch", out="Machine",
-                         errors=(400, 404, 409)),
+                         errors=(400, 404, 409, 412), params=(
+                             {"name": "If-Match", "in": "header", "required": False,
+                              "schema": _STR, "description": "the ETag of the machine as "
+                              "read (GET): the change is made only if it is still that "
+                              "version, else 412 (RFC 9110 §13.1.1)"},)),
             "delete": _op("remove a machine", need=OPERATE, ok=204),
         },
         "/api/v1/machines/{ref}/approve": {

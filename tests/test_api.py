@@ -1294,6 +1294,45 @@ async def test_patch_macs_replaces_the_nics_and_conflicts_are_409(env: Env) -> N
     assert (await env.get(f"/api/v1/machines/{MAC}"))["macs"] == [MAC2, MAC]
 
 
+
+async def test_an_edit_made_on_an_older_read_is_refused_with_if_match(env: Env) -> None:
+    """Two operators edit one machine: each read it, the first changed its labels, and the
+    second's PATCH (its labels replace the machine's) wrote the first's away, with no way
+    for a client to ask otherwise: If-Match was not looked at (RFC 9110 §13.1.1: a server
+    that receives it evaluates it before the method). Found by s40-attack. Each read now
+    carries the machine's version as an ETag; an edit with If-Match of another is a 412 and
+    changes nothing; without If-Match, or with ``*``, an edit is made as before."""
+    m = await env.post("/api/v1/machines", {"mac": MAC, "labels": {"rack": "r1"}}, status=201)
+    ref = f"/api/v1/machines/{m['id']}"
+    seen = await call(env, "GET", ref)  # both operators read it
+    tag = seen.headers["etag"]
+    assert tag.startswith('"') and tag.endswith('"') and len(tag) > 2, seen.headers
+    first = await call(env, "PATCH", ref, json_body={"labels": {"rack": "r1", "owner": "a"}},
+                       headers={"If-Match": tag})
+    assert first.status == 200 and first.headers["etag"] != tag, first.text
+    second = await call(env, "PATCH", ref, json_body={"labels": {"rack": "r2"}},
+                        headers={"If-Match": tag})
+    assert second.status == 412 and second.json()["field"] == "If-Match", second.text
+    assert (await env.get(ref))["labels"] == {"rack": "r1", "owner": "a"}
+    for stale in ("W/" + first.headers["etag"], '"0.5"'):  # If-Match compares strongly
+        r = await call(env, "PATCH", ref, json_body={"hostname": "x"},
+                       headers={"If-Match": stale})
+        assert r.status == 412, (stale, r.text)
+    # Read again, then made; one of several tags, and "*" (the machine exists), are met.
+    now = (await call(env, "GET", ref)).headers["etag"]
+    assert now == first.headers["etag"]
+    r = await call(env, "PATCH", ref, json_body={"labels": {"rack": "r2", "owner": "a"}},
+                   headers={"If-Match": f'"0.5", {now}'})
+    assert r.status == 200 and r.json()["labels"] == {"rack": "r2", "owner": "a"}, r.text
+    r = await call(env, "PATCH", ref, json_body={"hostname": "n1"}, headers={"If-Match": "*"})
+    assert r.status == 200, r.text
+    r = await call(env, "PATCH", ref, json_body={"hostname": "n2"})
+    assert r.status == 200 and r.json()["hostname"] == "n2", r.text
+    # The one on a machine that is gone is its 404, as without If-Match.
+    r = await call(env, "PATCH", "/api/v1/machines/52:54:00:00:0f:0f",
+                   json_body={"hostname": "x"}, headers={"If-Match": now})
+    assert r.status == 404, r.text
+
 # --- tokens, scopes and the audit log through the API ----------------------------------------
 
 

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ from netboot.config import load
 from netboot.errors import AuthError
 from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
-from netboot.model import Scope
+from netboot.model import MacAddress, Scope
 from tests import pg
 from tests.conftest import write_config
 
@@ -292,6 +293,46 @@ def test_profiles_add_sets_what_the_api_sets(
     rc, _, err = run(capsys, "profiles", "add", "bad", "--kernel", "vmlinuz", "--fdtdir",
                      "../../etc", "--config", cfg)
     assert rc == 2 and err.startswith("netboot: fdtdir: ")
+
+
+def test_machines_set_adds_to_the_labels_and_nics_as_stored_when_it_writes(
+        cfg: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`machines set --label` (and `--add-mac`) made the machine's whole label map (NIC
+    list) from a read of its own, before the edit's compare-and-set loop: what another
+    writer stored between that read and the write (an operator's label through the API, a
+    NIC attached) was written away, the retry reapplying the stale map. Found by
+    s40-attack: the map is made from each read of the loop. The other writer here commits
+    right after the command's first read of the machine."""
+    from dataclasses import replace
+
+    from netboot import identity
+    from netboot.inventory.base import Batch
+
+    assert run(capsys, "machines", "add", "52:54:00:aa:00:21", "--label", "rack=r1",
+               "--config", cfg)[0] == 0
+    real = identity.require_ref
+    reads: list[str] = []
+
+    async def read_then_another_writes(store: Any, ref: str) -> Any:
+        machine = await real(store, ref)
+        if not reads:
+            other = replace(machine, labels={**machine.labels, "owner": "ops"},
+                            macs=(*machine.macs, MacAddress.parse("52:54:00:aa:00:22")),
+                            updated=machine.updated + 1)
+            await store.apply_batch(Batch(update=(other,),
+                                          versions={machine.id: machine.updated}))
+        reads.append(ref)
+        return machine
+
+    monkeypatch.setattr(identity, "require_ref", read_then_another_writes)
+    rc, out, err = run(capsys, "machines", "set", "52:54:00:aa:00:21", "--label", "room=a",
+                       "--add-mac", "52:54:00:aa:00:23", "--config", cfg)
+    assert rc == 0, err
+    monkeypatch.setattr(identity, "require_ref", real)
+    rc, out, _ = run(capsys, "machines", "show", "52:54:00:aa:00:21", "--json", "--config", cfg)
+    shown = json.loads(out)
+    assert shown["labels"] == {"rack": "r1", "owner": "ops", "room": "a"}
+    assert shown["macs"] == ["52:54:00:aa:00:21", "52:54:00:aa:00:22", "52:54:00:aa:00:23"]
 
 
 def test_machines_set_moves_a_machine_and_changes_only_what_is_given(

@@ -51,6 +51,7 @@ from netboot.errors import (
     NotFound,
     OutcomeUnknown,
     PlainHttpRefused,
+    PreconditionFailed,
     RateLimited,
     RenderError,
     ScopeRequired,
@@ -511,6 +512,9 @@ def error_reply(exc: Exception, log: logging.Logger, method: str, target: str,
         return _json({"error": "access denied"}, 403)
     if isinstance(exc, NotFound):
         return _json({"error": str(exc)}, 404)
+    if isinstance(exc, PreconditionFailed):
+        # RFC 9110 §13.1.1: If-Match false, the method not performed.
+        return _json({"error": str(exc), "field": "If-Match"}, 412)
     if isinstance(exc, TransitionRefused):
         # The current state, machine-readable: a client can tell "already installed" from
         # "failed, reinstall first" without parsing the message.
