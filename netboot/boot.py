@@ -1261,10 +1261,11 @@ class BootService:
         if effective is None:
             effective = await self._effective(machine, request)
         group, profile, cluster, role = effective
-        if profile is None:
+        if profile is None or (cluster is None and _gone_cluster(machine, group)):
             reason = ("no profile: set one on the machine, a group that selects it or "
                       "enroll.default_profile"
-                      + (f" (group {group.name!r} has none)" if group else ""))
+                      + (f" (group {group.name!r} has none)" if group else "")
+                      if profile is None else _gone_cluster(machine, group))
             if record:
                 await self._event(machine, "hold", reason, request, once=True)
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
@@ -1444,6 +1445,8 @@ class BootService:
         if effective is None:
             effective = await self._effective(machine, request)
         group, profile, cluster, role = effective
+        if cluster is None and _gone_cluster(machine, group):
+            raise Conflict(_gone_cluster(machine, group))
         k3s = (None if cluster is None else self._known_join(machine, cluster, role, group)
                or await self._k3s_join(machine, cluster, role, group, claim=claim))
         if cluster is not None and k3s is not None and k3s.waiting:
@@ -2071,6 +2074,20 @@ def _left(machine: Machine, cluster: str) -> bool:
     (s36-journey). A cluster or role not yet bound (None) has not left."""
     return (machine.cluster is not None and machine.cluster != cluster) or \
         machine.role == Role.AGENT
+
+
+def _gone_cluster(machine: Machine, group: Group | None) -> str:
+    """Why a machine whose cluster (its own, or its group's) is not in the inventory is
+    held, "" if it names none. Deleting a cluster in use is refused (Core.delete), but a
+    machine or group given it while it was being deleted, or a copy made by hand, named one
+    no more there: it installed with no k3s server and an empty token, a node that never
+    joins, and nothing said it (s40-attack)."""
+    name = machine.cluster or (group.cluster if group else None)
+    if not name:
+        return ""
+    return (f"cluster {name!r} does not exist: create it, or give the "
+            + ("machine another (netboot machines set REF --cluster NAME)"
+               if machine.cluster else f"group {group.name if group else ''!r} another"))
 
 
 def _chain_of(group: Group | None, profile: Profile | None) -> tuple[LoaderChain | None, str]:

@@ -16,6 +16,7 @@ from netboot import boot as boot_module
 from netboot import enroll
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.enroll import Enroller
+from netboot.errors import Conflict
 from netboot.files import FileTree
 from netboot.inventory.memory import MemoryStore
 from netboot.inventory.sqlite import SqliteStore
@@ -219,6 +220,36 @@ async def test_no_profile_holds(setup: tuple[BootService, MemoryStore, Clock]) -
     await store.create_machine(Machine(macs=(MAC,), hostname="x"))
     plan = await boot.plan(req(Firmware.IPXE))
     assert plan.action == BootAction.HOLD and "no profile" in plan.reason
+
+
+async def test_a_machine_whose_cluster_is_gone_is_held_not_installed_without_one(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    """Deleting a cluster in use is refused, but a machine or group given it while it was
+    being deleted (the check and the delete are two steps; two servers over PostgreSQL)
+    named a cluster no longer there, and installed with no k3s server and an empty token:
+    a node that never joins, nothing said. Found by s40-attack (a cluster deleted with
+    machines in it). Now held, the reason naming the cluster; its config is refused."""
+    boot, store, _ = setup
+    await store.put_cluster(Cluster(name="gone", server_url="https://192.0.2.60:6443",
+                                    token="t"))
+    machine = Machine(macs=(MAC,), hostname="a1", profile="p", cluster="gone",
+                      role=Role.AGENT)
+    await store.create_machine(machine)
+    await store.put_group(Group(name="g", selector={"arch": ("x86_64",)}, profile="p",
+                                cluster="gone"))
+    grouped = MacAddress.parse("52:54:00:00:00:12")
+    await store.create_machine(Machine(macs=(grouped,), hostname="a2"))
+    planned = await boot.plan(req(Firmware.IPXE))
+    assert planned.action == BootAction.INSTALL and planned.k3s is not None
+    await store.delete_cluster("gone")
+    with pytest.raises(Conflict, match="cluster 'gone' does not exist"):
+        await boot.config_plan(machine, token="tok", reason="config")
+    for mac, fix in ((MAC, "machines set"), (grouped, "group 'g' another")):
+        plan = await boot.plan(BootRequest(mac=mac, firmware=Firmware.IPXE, arch=Arch.X86_64,
+                                           via="dhcp"))
+        assert plan.action == BootAction.HOLD and plan.token is None, plan
+        assert "cluster 'gone' does not exist" in plan.reason and fix in plan.reason
+    assert "does not exist" in (await boot.explain(str(MAC)))["reason"]
 
 
 async def test_managed_cluster_first_server_inits(
