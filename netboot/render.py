@@ -257,7 +257,10 @@ class Renderer:
                 raise caused(RenderError(
                     f"template {name!r} not found in {self._dirs_text()}"), exc) from exc
             if isinstance(exc, jinja2.UndefinedError):
-                raise caused(RenderError(f"template {name!r}: {exc.message}"), exc) from exc
+                # With its line, as README's Templates section says: the operator's site
+                # template named alone, a device's config was a 500 to search (s40-attack).
+                raise caused(RenderError(f"template {name!r}{_line_at(exc, name)}: "
+                                         f"{exc.message}"), exc) from exc
             if isinstance(exc, jinja2.TemplateError):
                 raise caused(RenderError(f"template {name!r}: {exc}"), exc) from exc
             if isinstance(exc, RenderError):
@@ -1864,6 +1867,12 @@ def _failed_at(exc: Exception, name: str | None) -> str:
     template's line failed (``name``: the template rendered). Such an error was let out as
     it was: a 500 and a traceback for an operator's template text (benchmarks/README.md,
     s37-attack, s37-polish)."""
+    return f"{_line_at(exc, name)}: {type(exc).__name__}: {exc}"
+
+
+def _line_at(exc: Exception, name: str | None) -> str:
+    """``, line N`` (``of FILE`` for an included template's) of :func:`_failed_at`, "" where
+    no template frame is in the traceback."""
     where = ""
     tb = exc.__traceback__
     while tb is not None:
@@ -1876,7 +1885,7 @@ def _failed_at(exc: Exception, name: str | None) -> str:
                     name is None or file != os.path.basename(name)):
                 where += f" of {file}"
         tb = tb.tb_next
-    return f"{where}: {type(exc).__name__}: {exc}"
+    return where
 
 
 def _render(template: jinja2.Template, context: Mapping[str, Any]) -> str:

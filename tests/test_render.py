@@ -448,6 +448,24 @@ def test_strict_undefined_and_sandbox(tmp_path: Path) -> None:
     assert r.render("uboot/boot.scr.txt", {}).startswith("# netboot")
 
 
+def test_an_undefined_name_is_said_with_its_line(tmp_path: Path) -> None:
+    """README (Templates): "a failure while rendering (an undefined name, ...) is a render
+    error naming the template and line". An undefined name named the template alone: a
+    site's config template of a hundred lines, a device's config a 500 to search. Found by
+    s40-attack (a config with a template error)."""
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "k3os.yaml").write_text(
+        "# a site's config\nhostname: x\nrack: {{ machine.labels['nope'] }}\n")
+    (tmp_path / "outer.yaml").write_text("a: 1\n{% include 'cloud-config/k3os.yaml' %}\n")
+    r = Renderer([tmp_path, templates_dir()])
+    context = {"machine": {"labels": {}}}
+    with pytest.raises(RenderError, match=r"^template 'cloud-config/k3os.yaml', line 3: "
+                                          r".*has no attribute 'nope'"):
+        r.yaml_document("cloud-config/k3os.yaml", context)
+    with pytest.raises(RenderError, match=r"^template 'outer.yaml', line 3 of k3os.yaml: "):
+        r.render("outer.yaml", context)
+
+
 def test_invalid_yaml_output_is_render_error(tmp_path: Path) -> None:
     (tmp_path / "cloud-config").mkdir()
     (tmp_path / "cloud-config" / "k3os.yaml").write_text("a: [unclosed\n")
