@@ -1659,6 +1659,10 @@ class Enroller:
         claimed = _claims_of(existing.values())
         by_host = {m.hostname: m.id for m in existing.values() if m.hostname}
         seen_host: dict[str, int] = {}  # hostname -> line
+        # One fixed_ipv4 per machine, as Core._fixed_ipv4_free: the inventory's holders,
+        # and the line that gave one (a machine's NICs share it: one row, one machine).
+        by_fixed = {m.fixed_ipv4: m.id for m in existing.values() if m.fixed_ipv4}
+        seen_fixed: dict[str, int] = {}
         line_of: dict[str, int] = {}  # machine id -> line
         update: list[Machine] = []
         merge: list[tuple[str, str]] = []
@@ -1715,6 +1719,18 @@ class Enroller:
                     holder = "another machine" if create_only else existing[owner].ref
                     errors.append(RowError(line, "hostname", f"{hostname!r} is used by "
                                            f"{holder} in the inventory"))
+                    continue
+            if (fixed := values[9]) is not None:
+                if fixed in seen_fixed:
+                    errors.append(RowError(line, "fixed_ipv4", f"{fixed} duplicates line "
+                                           f"{seen_fixed[fixed]}"))
+                    continue
+                seen_fixed[fixed] = line
+                owner = by_fixed.get(fixed)
+                if owner is not None and owner != ident and owner not in {d.id for d in absorb}:
+                    holder = "another machine" if create_only else existing[owner].ref
+                    errors.append(RowError(line, "fixed_ipv4", f"{fixed} is the fixed address "
+                                           f"of {holder} in the inventory"))
                     continue
             if target is None and not absorb:
                 # The usual row: a new machine, never built as a Machine here (its checked

@@ -449,6 +449,28 @@ async def warn_of_unservable_profiles(store: Store) -> None:
                         error.message, profile.name, profile.name)
 
 
+async def warn_of_shared_fixed_addresses(store: Store) -> None:
+    """Machines that share a ``fixed_ipv4``, stored before the API refused it (s40-net):
+    said at start, each address with its machines and the fix, and served as before (DHCP
+    gives it to the first that asks, the others a pool address: LeasePool.fixed_refused).
+    One scan of the documents that have one (json_extract in SQLite, in C)."""
+    holders: dict[str, list[str]] = {}
+    total = await store.count_machines(MachineFilter(with_fixed_ipv4=True))
+    if not total:
+        return
+    for machine in await store.list_machines(MachineFilter(with_fixed_ipv4=True,
+                                                           limit=total + 100)):
+        if machine.fixed_ipv4 is not None:
+            holders.setdefault(machine.fixed_ipv4, []).append(machine.ref)
+    for address, refs in sorted(holders.items()):
+        if len(refs) > 1:
+            log.warning("machines %s share the fixed_ipv4 %s (stored by an older netboot): "
+                        "authoritative DHCP gives it to the first that asks and the others "
+                        "a pool address; give each its own (netboot machines set REF "
+                        "--fixed-ipv4 ..., PATCH /api/v1/machines/REF)",
+                        ", ".join(refs), address)
+
+
 def advertised_address(config: Config, *, by_reach_told: bool = False) -> str:
     """The address DHCP answers and URLs name. ``by_reach_told``: the caller says itself
     which address a device gets where none is found (``netboot render`` prints the
@@ -1430,6 +1452,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         await check_default_profile(config, store)
         await warn_of_missing_rule_refs(config, store)
         await warn_of_unservable_profiles(store)
+        await warn_of_shared_fixed_addresses(store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).

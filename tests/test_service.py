@@ -1811,3 +1811,24 @@ async def test_without_a_default_route_the_warning_and_the_banner_name_one_addre
         else:
             assert banner == "netboot serving on 127.0.0.1", banner
             assert "advertising 127.0.0.1" in warning, warning
+
+
+async def test_machines_sharing_a_fixed_address_are_told_at_start(
+        make_env: EnvFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """An inventory written before the API refused a shared fixed_ipv4 (s40-net) may hold
+    two machines with one: start-up names them and the fix, and starts."""
+    env = await make_env()
+    for mac, fixed in (("52:54:00:40:00:11", "192.0.2.50"), ("52:54:00:40:00:12", "192.0.2.51"),
+                       ("52:54:00:40:00:13", "192.0.2.52")):
+        await env.post("/api/v1/machines", {"mac": mac, "fixed_ipv4": fixed}, status=201)
+    store = env.service.store
+    second = next(m for m in await store.list_machines() if m.ref == "52:54:00:40:00:12")
+    await store.update_machine(replace(second, fixed_ipv4="192.0.2.50"))  # as an old one did
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="netboot.service"):
+        again = await build(env.service.config)
+    await again.store.close()
+    told = [r.getMessage() for r in caplog.records if "share the fixed_ipv4" in r.getMessage()]
+    assert told == [told[0]] and told[0].startswith(
+        "machines 52:54:00:40:00:11, 52:54:00:40:00:12 share the fixed_ipv4 192.0.2.50 "), told
+    assert "netboot machines set REF --fixed-ipv4" in told[0]

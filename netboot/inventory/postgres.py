@@ -2507,6 +2507,10 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append(f"((m.data::jsonb) ->> 'uuid') = {arg(flt.uuid)}")
     if flt.serials:
         clauses.append(f"((m.data::jsonb) ->> 'serial') = ANY({arg(list(flt.serials))}::text[])")
+    if flt.fixed_ipv4 is not None:
+        clauses.append(f"((m.data::jsonb) ->> 'fixed_ipv4') = {arg(flt.fixed_ipv4)}")
+    if flt.with_fixed_ipv4:
+        clauses.append("((m.data::jsonb) ->> 'fixed_ipv4') IS NOT NULL")
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
     if flt.updated_before is not None:
