@@ -351,12 +351,21 @@ class Core:
         (:meth:`Enroller.enroll`)."""
         machine = await self._parse_machine(data)
         check_fixed_ipv4(machine.fixed_ipv4, self.enroller.server_addresses())
-        await self._fixed_ipv4_free(machine.fixed_ipv4, None)
-        return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
+        if machine.fixed_ipv4 is None:
+            return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
+        async with self.enroller.fixed_lock:  # checked and written with no other between
+            await self._fixed_ipv4_free(machine.fixed_ipv4, None)
+            return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
 
     async def update_machine(self, ref: str, changes: Mapping[str, Any]) -> Machine:
         """Change the given fields; the others are kept. ``macs`` replaces the NICs; ``mac``
         alone may only repeat one of them (one-NIC clients send it back)."""
+        if changes.get("fixed_ipv4") is None:
+            return await self._update_machine(ref, changes)
+        async with self.enroller.fixed_lock:  # _patched's check and the write, as one
+            return await self._update_machine(ref, changes)
+
+    async def _update_machine(self, ref: str, changes: Mapping[str, Any]) -> Machine:
         attempt = 0
         while True:
             attempt += 1

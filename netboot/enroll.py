@@ -883,6 +883,10 @@ class Enroller:
         # The running server's own addresses and its DHCP router's (set by the wiring): no
         # machine's fixed_ipv4 may be one (addresses.check_fixed_ipv4).
         self.server_addresses: Callable[[], Collection[str]] = tuple
+        # Held by a write that sets a fixed_ipv4 (Core.create_machine, update_machine, an
+        # import) from its check that no other machine has it to its commit: two API calls
+        # at once on this server cannot both pass the check (s40-net). Not across servers.
+        self.fixed_lock = asyncio.Lock()
 
     async def event(self, machine_id: str, kind: str, message: str = "",
                     data: Mapping[str, Any] | None = None) -> None:
@@ -1631,8 +1635,10 @@ class Enroller:
             refused: StateChanged | None = None
             with _collector_paused():
                 try:
-                    return await self._import_rows(rows, dry_run=dry_run, progress=progress,
-                                                   create_only=create_only)
+                    async with self.fixed_lock:
+                        return await self._import_rows(rows, dry_run=dry_run,
+                                                       progress=progress,
+                                                       create_only=create_only)
                 except StateChanged as exc:
                     refused = exc
             # A machine the import read was changed meanwhile without moving its state (a

@@ -2394,3 +2394,25 @@ async def one_fixed_address_each(env: Env) -> None:
     held = sorted((m.fixed_ipv4, m.ref) for m in await env.service.store.list_machines()
                   if m.fixed_ipv4)
     assert held == [("192.0.2.50", "52:54:00:40:00:01"), ("192.0.2.51", "52:54:00:40:00:03")]
+
+
+async def test_two_machines_given_one_fixed_address_at_once_one_is_refused(
+        env: Env) -> None:
+    """Two API calls at once, each giving a machine 192.0.2.70: both read that no machine
+    had it before either wrote, and both were stored. The check and the write now hold one
+    lock of the server's: one 201 (or 200), the others 409, one machine holds it."""
+    for n in range(4):
+        await env.post("/api/v1/machines", {"mac": f"52:54:00:40:01:0{n}"}, status=201)
+    replies = await asyncio.gather(
+        *(call(env, "POST", "/api/v1/machines",
+               json_body={"mac": f"52:54:00:40:02:0{n}", "fixed_ipv4": "192.0.2.70"})
+          for n in range(3)),
+        *(call(env, "PATCH", f"/api/v1/machines/52:54:00:40:01:0{n}",
+               json_body={"fixed_ipv4": "192.0.2.70"}) for n in range(4)),
+        call(env, "POST", "/api/v1/machines:bulk", json_body={"machines": [
+            {"mac": "52:54:00:40:03:01", "fixed_ipv4": "192.0.2.70"}]}))
+    statuses = sorted(r.status for r in replies)
+    assert statuses.count(409) + statuses.count(400) == len(replies) - 1, statuses
+    held = [m.ref for m in await env.service.store.list_machines()
+            if m.fixed_ipv4 == "192.0.2.70"]
+    assert len(held) == 1, held
