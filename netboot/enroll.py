@@ -800,6 +800,25 @@ def _updated(old: Machine, machine: Machine, absorb: Sequence[Machine], now: flo
     return merged
 
 
+def _taken(field: str, value: str, shown: str, held_as: str, line: int,
+           seen: dict[str, int], held: Mapping[str, str], ident: str,
+           absorb: Sequence[Machine], existing: Mapping[str, Machine],
+           create_only: bool) -> RowError | None:
+    """An import row's hostname or fixed_ipv4 that an earlier row gave (``seen``: value ->
+    line, this line's noted) or that another machine of the inventory has (``held``: value
+    -> machine id; the row's own machine and the discovered records it absorbs excepted),
+    as the row's error; else None. A token that may not read machines is told "another
+    machine", not which (s37-attack)."""
+    if value in seen:
+        return RowError(line, field, f"{shown} duplicates line {seen[value]}")
+    seen[value] = line
+    owner = held.get(value)
+    if owner is not None and owner != ident and owner not in {d.id for d in absorb}:
+        holder = "another machine" if create_only else existing[owner].ref
+        return RowError(line, field, f"{shown} {held_as} {holder} in the inventory")
+    return None
+
+
 def _changes_nothing(old: Machine, values: _Values) -> bool:
     """Whether ``_updated(old, <the row's machine>, [], now) == old``, read from the row's
     checked values without building, copying and comparing machines (three quarters of a
@@ -1714,30 +1733,16 @@ class Enroller:
             hostname = values[1]
             if target is not None and hostname == target.hostname:
                 hostname = target.hostname  # the stored string, not the row's copy, is kept
-            if hostname:
-                if hostname in seen_host:
-                    errors.append(RowError(line, "hostname", f"{hostname!r} duplicates "
-                                           f"line {seen_host[hostname]}"))
-                    continue
-                seen_host[hostname] = line
-                owner = by_host.get(hostname)
-                if owner is not None and owner != ident and owner not in {d.id for d in absorb}:
-                    holder = "another machine" if create_only else existing[owner].ref
-                    errors.append(RowError(line, "hostname", f"{hostname!r} is used by "
-                                           f"{holder} in the inventory"))
-                    continue
-            if (fixed := values[9]) is not None:
-                if fixed in seen_fixed:
-                    errors.append(RowError(line, "fixed_ipv4", f"{fixed} duplicates line "
-                                           f"{seen_fixed[fixed]}"))
-                    continue
-                seen_fixed[fixed] = line
-                owner = by_fixed.get(fixed)
-                if owner is not None and owner != ident and owner not in {d.id for d in absorb}:
-                    holder = "another machine" if create_only else existing[owner].ref
-                    errors.append(RowError(line, "fixed_ipv4", f"{fixed} is the fixed address "
-                                           f"of {holder} in the inventory"))
-                    continue
+            if hostname and (clash := _taken(
+                    "hostname", hostname, repr(hostname), "is used by", line, seen_host,
+                    by_host, ident, absorb, existing, create_only)) is not None:
+                errors.append(clash)
+                continue
+            if (fixed := values[9]) is not None and (clash := _taken(
+                    "fixed_ipv4", fixed, fixed, "is the fixed address of", line, seen_fixed,
+                    by_fixed, ident, absorb, existing, create_only)) is not None:
+                errors.append(clash)
+                continue
             if target is None and not absorb:
                 # The usual row: a new machine, never built as a Machine here (its checked
                 # values go to the store as they are).
