@@ -13,6 +13,7 @@ NotFound (404), Conflict (409) naming what is in the way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import time
@@ -289,6 +290,32 @@ def _arch(text: str | None) -> Arch | None:
                               f"{', '.join(a.value for a in Arch)}") from None
 
 
+class _BothHeld:
+    """This server's lock, then the database's (PostgresStore.fixed_addresses_held): the
+    API's fixed_ipv4 check and write as one across the servers of one PostgreSQL."""
+
+    def __init__(self, here: asyncio.Lock,
+                 across: Callable[[], contextlib.AbstractAsyncContextManager[None]]) -> None:
+        self._here, self._across = here, across
+        self._held: list[contextlib.AbstractAsyncContextManager[None]] = []
+
+    async def __aenter__(self) -> None:
+        await self._here.acquire()  # one holder here at a time: _held has one entry
+        try:
+            held = self._across()
+            await held.__aenter__()
+        except BaseException:
+            self._here.release()
+            raise
+        self._held.append(held)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self._held.pop().__aexit__(*exc)
+        finally:
+            self._here.release()
+
+
 class Core:
     def __init__(self, store: Store, enroller: Enroller, boot: BootService, content: Content,
                  *, clock: Callable[[], float] = time.time,
@@ -304,6 +331,9 @@ class Core:
         # Tokens, scopes and the audit log: one set of rules for the API, CLI and dashboard.
         self.access = Access(store, clock=clock, commit=enroller.recorder.commit,
                              audit_keep=audit_keep)
+        across = getattr(store, "fixed_addresses_held", None)
+        if across is not None:
+            enroller.fixed_lock = _BothHeld(enroller.fixed_lock, across)
 
     # -- machines -----------------------------------------------------------------------
     async def machine(self, ref: str) -> Machine:

@@ -2416,3 +2416,31 @@ async def test_two_machines_given_one_fixed_address_at_once_one_is_refused(
     held = [m.ref for m in await env.service.store.list_machines()
             if m.fixed_ipv4 == "192.0.2.70"]
     assert len(held) == 1, held
+
+
+async def test_two_servers_on_one_postgresql_give_one_fixed_address_once(
+        make_env: EnvFactory, pg_dsn: str, tmp_path: Any) -> None:
+    """Two servers on one PostgreSQL, each asked at once to give a machine 192.0.2.71: each
+    server's own lock let one call of each through, and both were stored. The check and
+    the write hold a lock of the database's too (PostgresStore.fixed_addresses_held)."""
+    extra = f'inventory:\n  backend: postgresql\n  dsn: "{pg_dsn}"\n'
+    a = await make_env(extra, sub="a")
+    (tmp_path / "b" / "data").mkdir(parents=True)
+    key = a.service.config.data_dir / "secret.key"
+    (tmp_path / "b" / "data" / "secret.key").write_bytes(key.read_bytes())
+    (tmp_path / "b" / "data" / "secret.key").chmod(0o600)
+    # The inventory's admin token is a's (made once per inventory): b's client sends it.
+    token = a.service.config.data_dir / "admin.token"
+    (tmp_path / "b" / "data" / "admin.token").write_bytes(token.read_bytes())
+    b = await make_env(extra, sub="b")
+    for n in range(6):
+        await a.post("/api/v1/machines", {"mac": f"52:54:00:40:04:0{n}"}, status=201)
+    replies = await asyncio.gather(*(
+        call(env, "PATCH", f"/api/v1/machines/52:54:00:40:04:0{n}",
+             json_body={"fixed_ipv4": "192.0.2.71"})
+        for n, env in zip(range(6), (a, b) * 3, strict=True)))
+    statuses = sorted(r.status for r in replies)
+    assert statuses == [200, 409, 409, 409, 409, 409], statuses
+    held = [m.ref for m in await a.service.store.list_machines()
+            if m.fixed_ipv4 == "192.0.2.71"]
+    assert len(held) == 1, held
