@@ -991,9 +991,33 @@ def _check_config(args: argparse.Namespace) -> int:
     warnings = config_warnings(cfg)
     for warning in warnings:
         print(f"netboot: warning: {args.file}: {warning}", file=sys.stderr)
+    # What start-up says of this host's interfaces, said here too (each names its line).
+    located_warnings = [str(w) for w in _interface_warnings(cfg)]
+    for text in located_warnings:
+        print(f"netboot: warning: {text}", file=sys.stderr)
+    warnings += located_warnings
     _report(args, f"{args.file}: OK", {"file": args.file, "ok": True,
                                        **({"warnings": warnings} if warnings else {})})
     return 0
+
+
+def _interface_warnings(cfg: Config) -> list[ConfigError]:
+    """The host's interfaces read as serve reads them (netlink), for what serve would warn
+    of at start (service.interfaces_off_pool): only where authoritative DHCP names some."""
+    if cfg.dhcp.mode != "authoritative" or not cfg.server.interfaces:
+        return []
+    from netboot.servers.interfaces import InterfaceWatcher
+    from netboot.service import interfaces_off_pool
+
+    async def addresses() -> tuple[Any, ...]:
+        watcher = InterfaceWatcher()
+        await watcher.start()
+        try:
+            return watcher.addresses()
+        finally:
+            watcher.close()
+
+    return interfaces_off_pool(cfg, asyncio.run(addresses()))
 
 
 def config_warnings(cfg: Config) -> list[str]:

@@ -13,6 +13,7 @@ NotFound (404), Conflict (409) naming what is in the way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import secrets
 import time
@@ -302,6 +303,32 @@ def _arch(text: str | None) -> Arch | None:
                               f"{', '.join(a.value for a in Arch)}") from None
 
 
+class _BothHeld:
+    """This server's lock, then the database's (PostgresStore.fixed_addresses_held): the
+    API's fixed_ipv4 check and write as one across the servers of one PostgreSQL."""
+
+    def __init__(self, here: asyncio.Lock,
+                 across: Callable[[], contextlib.AbstractAsyncContextManager[None]]) -> None:
+        self._here, self._across = here, across
+        self._held: list[contextlib.AbstractAsyncContextManager[None]] = []
+
+    async def __aenter__(self) -> None:
+        await self._here.acquire()  # one holder here at a time: _held has one entry
+        try:
+            held = self._across()
+            await held.__aenter__()
+        except BaseException:
+            self._here.release()
+            raise
+        self._held.append(held)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            await self._held.pop().__aexit__(*exc)
+        finally:
+            self._here.release()
+
+
 class Core:
     def __init__(self, store: Store, enroller: Enroller, boot: BootService, content: Content,
                  *, clock: Callable[[], float] = time.time,
@@ -317,6 +344,9 @@ class Core:
         # Tokens, scopes and the audit log: one set of rules for the API, CLI and dashboard.
         self.access = Access(store, clock=clock, commit=enroller.recorder.commit,
                              audit_keep=audit_keep)
+        across = getattr(store, "fixed_addresses_held", None)
+        if across is not None:
+            enroller.fixed_lock = _BothHeld(enroller.fixed_lock, across)
 
     # -- machines -----------------------------------------------------------------------
     async def machine(self, ref: str) -> Machine:
@@ -364,7 +394,11 @@ class Core:
         (:meth:`Enroller.enroll`)."""
         machine = await self._parse_machine(data)
         check_fixed_ipv4(machine.fixed_ipv4, self.enroller.server_addresses())
-        return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
+        if machine.fixed_ipv4 is None:
+            return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
+        async with self.enroller.fixed_lock:  # checked and written with no other between
+            await self._fixed_ipv4_free(machine.fixed_ipv4, None)
+            return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
 
     async def update_machine(self, ref: str,
                              changes: Mapping[str, Any] | Callable[[Machine], Mapping[str, Any]],
@@ -378,6 +412,16 @@ class Core:
         a NIC attached). ``versions``: the machine's :func:`machine_version` as the caller saw
         it (the API's If-Match); if it is none of them now, :class:`PreconditionFailed` and
         nothing written."""
+        if not callable(changes) and changes.get("fixed_ipv4") is None:
+            return await self._update_machine(ref, changes, versions)
+        # _patched's fixed-address check and the write, as one (a change made from the
+        # machine as read may set one too).
+        async with self.enroller.fixed_lock:
+            return await self._update_machine(ref, changes, versions)
+
+    async def _update_machine(
+            self, ref: str, changes: Mapping[str, Any] | Callable[[Machine], Mapping[str, Any]],
+            versions: Collection[str] | None) -> Machine:
         attempt = 0
         while True:
             attempt += 1
@@ -424,10 +468,28 @@ class Core:
         lifecycle.check_move(old, parsed.cluster, parsed.role)
         if parsed.fixed_ipv4 != old.fixed_ipv4:  # one stored before is the DHCP log's to say
             check_fixed_ipv4(parsed.fixed_ipv4, self.enroller.server_addresses())
+            await self._fixed_ipv4_free(parsed.fixed_ipv4, old.id)
         return replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
                        serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
                        cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,
                        loader=parsed.loader, fixed_ipv4=parsed.fixed_ipv4, updated=self._clock())
+
+    async def _fixed_ipv4_free(self, fixed: str | None, own: str | None) -> None:
+        """A ``fixed_ipv4`` another machine has is a 409 naming it: two machines given one
+        address both answer ARP for it, and authoritative DHCP gives it to the first that
+        asks (the other a pool address, LeasePool.fixed_refused). dnsmasq refuses the same
+        address in two dhcp-host lines unless they are one host's MACs ("duplicate IP
+        address"); one machine's NICs share its one fixed_ipv4 (s39-review2). A read
+        before the write (a scan of the stored documents, on an edit of the field only):
+        two calls at once can still both pass (benchmarks/README.md ### s40-net, left)."""
+        if fixed is None:
+            return
+        for other in await self.store.list_machines(MachineFilter(fixed_ipv4=fixed, limit=2)):
+            if other.id != own:
+                name = f"{other.ref} ({other.hostname})" if other.hostname else other.ref
+                raise Conflict(f"fixed_ipv4 {fixed} is the fixed address of machine "
+                               f"{name}: give each machine an address of its own",
+                               field="fixed_ipv4", holder=other.id)
 
     async def delete_machine(self, ref: str) -> Machine:
         machine = await self.machine(ref)

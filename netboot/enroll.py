@@ -800,6 +800,25 @@ def _updated(old: Machine, machine: Machine, absorb: Sequence[Machine], now: flo
     return merged
 
 
+def _taken(field: str, value: str, shown: str, held_as: str, line: int,
+           seen: dict[str, int], held: Mapping[str, str], ident: str,
+           absorb: Sequence[Machine], existing: Mapping[str, Machine],
+           create_only: bool) -> RowError | None:
+    """An import row's hostname or fixed_ipv4 that an earlier row gave (``seen``: value ->
+    line, this line's noted) or that another machine of the inventory has (``held``: value
+    -> machine id; the row's own machine and the discovered records it absorbs excepted),
+    as the row's error; else None. A token that may not read machines is told "another
+    machine", not which (s37-attack)."""
+    if value in seen:
+        return RowError(line, field, f"{shown} duplicates line {seen[value]}")
+    seen[value] = line
+    owner = held.get(value)
+    if owner is not None and owner != ident and owner not in {d.id for d in absorb}:
+        holder = "another machine" if create_only else existing[owner].ref
+        return RowError(line, field, f"{shown} {held_as} {holder} in the inventory")
+    return None
+
+
 def _changes_nothing(old: Machine, values: _Values) -> bool:
     """Whether ``_updated(old, <the row's machine>, [], now) == old``, read from the row's
     checked values without building, copying and comparing machines (three quarters of a
@@ -883,6 +902,11 @@ class Enroller:
         # The running server's own addresses and its DHCP router's (set by the wiring): no
         # machine's fixed_ipv4 may be one (addresses.check_fixed_ipv4).
         self.server_addresses: Callable[[], Collection[str]] = tuple
+        # Held by a write that sets a fixed_ipv4 (Core.create_machine, update_machine, an
+        # import) from its check that no other machine has it to its commit: two API calls
+        # at once cannot both pass the check (s40-net). This server's lock; the wiring
+        # (Core) puts one that is the database's too in its place where the store has one.
+        self.fixed_lock: Any = asyncio.Lock()
 
     async def event(self, machine_id: str, kind: str, message: str = "",
                     data: Mapping[str, Any] | None = None) -> None:
@@ -1631,8 +1655,10 @@ class Enroller:
             refused: StateChanged | None = None
             with _collector_paused():
                 try:
-                    return await self._import_rows(rows, dry_run=dry_run, progress=progress,
-                                                   create_only=create_only)
+                    async with self.fixed_lock:
+                        return await self._import_rows(rows, dry_run=dry_run,
+                                                       progress=progress,
+                                                       create_only=create_only)
                 except StateChanged as exc:
                     refused = exc
             # A machine the import read was changed meanwhile without moving its state (a
@@ -1659,6 +1685,10 @@ class Enroller:
         claimed = _claims_of(existing.values())
         by_host = {m.hostname: m.id for m in existing.values() if m.hostname}
         seen_host: dict[str, int] = {}  # hostname -> line
+        # One fixed_ipv4 per machine, as Core._fixed_ipv4_free: the inventory's holders,
+        # and the line that gave one (a machine's NICs share it: one row, one machine).
+        by_fixed = {m.fixed_ipv4: m.id for m in existing.values() if m.fixed_ipv4}
+        seen_fixed: dict[str, int] = {}
         line_of: dict[str, int] = {}  # machine id -> line
         update: list[Machine] = []
         merge: list[tuple[str, str]] = []
@@ -1704,18 +1734,16 @@ class Enroller:
             hostname = values[1]
             if target is not None and hostname == target.hostname:
                 hostname = target.hostname  # the stored string, not the row's copy, is kept
-            if hostname:
-                if hostname in seen_host:
-                    errors.append(RowError(line, "hostname", f"{hostname!r} duplicates "
-                                           f"line {seen_host[hostname]}"))
-                    continue
-                seen_host[hostname] = line
-                owner = by_host.get(hostname)
-                if owner is not None and owner != ident and owner not in {d.id for d in absorb}:
-                    holder = "another machine" if create_only else existing[owner].ref
-                    errors.append(RowError(line, "hostname", f"{hostname!r} is used by "
-                                           f"{holder} in the inventory"))
-                    continue
+            if hostname and (clash := _taken(
+                    "hostname", hostname, repr(hostname), "is used by", line, seen_host,
+                    by_host, ident, absorb, existing, create_only)) is not None:
+                errors.append(clash)
+                continue
+            if (fixed := values[9]) is not None and (clash := _taken(
+                    "fixed_ipv4", fixed, fixed, "is the fixed address of", line, seen_fixed,
+                    by_fixed, ident, absorb, existing, create_only)) is not None:
+                errors.append(clash)
+                continue
             if target is None and not absorb:
                 # The usual row: a new machine, never built as a Machine here (its checked
                 # values go to the store as they are).

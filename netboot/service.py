@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 from netboot.access import SESSION_COOKIE, TOKEN_PREFIX, Access
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.cacerts import deferred_system_cas
-from netboot.config import Config, inventory_dsn
+from netboot.config import Config, inventory_dsn, located
 from netboot.content import PER_MACHINE, STABLE, Content, Trust
 from netboot.core import Core
 from netboot.discovery import DiscoveryLimits
@@ -449,6 +449,28 @@ async def warn_of_unservable_profiles(store: Store) -> None:
                         error.message, profile.name, profile.name)
 
 
+async def warn_of_shared_fixed_addresses(store: Store) -> None:
+    """Machines that share a ``fixed_ipv4``, stored before the API refused it (s40-net):
+    said at start, each address with its machines and the fix, and served as before (DHCP
+    gives it to the first that asks, the others a pool address: LeasePool.fixed_refused).
+    One scan of the documents that have one (json_extract in SQLite, in C)."""
+    holders: dict[str, list[str]] = {}
+    total = await store.count_machines(MachineFilter(with_fixed_ipv4=True))
+    if not total:
+        return
+    for machine in await store.list_machines(MachineFilter(with_fixed_ipv4=True,
+                                                           limit=total + 100)):
+        if machine.fixed_ipv4 is not None:
+            holders.setdefault(machine.fixed_ipv4, []).append(machine.ref)
+    for address, refs in sorted(holders.items()):
+        if len(refs) > 1:
+            log.warning("machines %s share the fixed_ipv4 %s (stored by an older netboot): "
+                        "authoritative DHCP gives it to the first that asks and the others "
+                        "a pool address; give each its own (netboot machines set REF "
+                        "--fixed-ipv4 ..., PATCH /api/v1/machines/REF)",
+                        ", ".join(refs), address)
+
+
 def advertised_address(config: Config, *, by_reach_told: bool = False) -> str:
     """The address DHCP answers and URLs name. ``by_reach_told``: the caller says itself
     which address a device gets where none is found (``netboot render`` prints the
@@ -490,10 +512,22 @@ def advertised_address(config: Config, *, by_reach_told: bool = False) -> str:
     # name the interfaces' addresses), but which interface provisions is a guess.
     if by_reach_told:
         return "127.0.0.1"
-    log.warning("no --interface or --advertise given and no default route: advertising "
-                "127.0.0.1; devices are answered with the address they reach this host at "
-                "(DHCP on each interface, the URLs of each request), but name the "
-                "provisioning interface with --interface to fix it")
+    # Said as the start-up summary says it ("netboot serving on 192.0.2.10 (no address
+    # advertised ...)", Service.summary): the same reached_at list, not the 127.0.0.1 that
+    # only the server's own clients are given.
+    reached = reached_at(config, "127.0.0.1")
+    if reached:
+        log.warning("no --interface or --advertise given and no default route: no one "
+                    "address advertised; each device is answered with the address it reaches "
+                    "this host at (%s: DHCP on each interface, the URLs of each request); "
+                    "name the provisioning interface with --interface (or set --advertise) "
+                    "to choose one", ", ".join(f"{address} on {name}"
+                                               for name, address in reached))
+    else:
+        log.warning("no --interface or --advertise given, no default route and no interface "
+                    "with an IPv4 address yet: advertising 127.0.0.1; a device is answered "
+                    "with the address it reaches this host at once an interface has one, but "
+                    "name the provisioning interface with --interface to fix it")
     return "127.0.0.1"
 
 
@@ -529,6 +563,37 @@ def dhcp_listeners(config: Config,
     log.info("dhcp: no address to advertise: answering on %s, each with its own address, "
              "and on each interface that comes up later", ", ".join(found) or "no interface yet")
     return None, None, True
+
+
+def interfaces_off_pool(config: Config, addresses: Sequence[Any]) -> list[ConfigError]:
+    """Authoritative DHCP with ``server.interfaces`` named: each named interface that has an
+    IPv4 address now but none on the pool's network, which answers no request that is not
+    relayed (DhcpServer's pool links, as dnsmasq: "no address range available for DHCP
+    request via vb"). Said at start and by check-config, where the setting was written,
+    not first at the interface's first request; a warning, not a refusal: dnsmasq starts
+    with such an interface (it logs its range only), and an address may come later.
+    ``addresses``: InterfaceWatcher's (name, address, prefixlen) entries."""
+    auth = config.dhcp.authoritative
+    if config.dhcp.mode != "authoritative" or not auth.pool_start or not config.server.interfaces:
+        return []
+    import ipaddress
+
+    from netboot.servers.interfaces import network
+
+    pool = ipaddress.IPv4Network(f"{auth.pool_start}/{auth.netmask}", strict=False)
+    out = []
+    for name in config.server.interfaces:
+        nets = [network(entry) for entry in addresses if entry.name == name]
+        if nets and pool not in nets:
+            out.append(located(config, ConfigError(
+                f"authoritative DHCP: interface {name} has no address on the pool's network "
+                f"{pool} (dhcp.authoritative.pool_start, netmask; {name} has "
+                f"{', '.join(map(str, nets))}): its requests are not answered, only relayed "
+                f"ones (dnsmasq answers none there either)",
+                key="server.interfaces",
+                fix=f"give {name} an address on {pool}, take it out of server.interfaces, "
+                    "or relay its network's requests (dhcp.relay_networks)")))
+    return out
 
 
 def url_stand_in(config: Config, advertise: str) -> str:
@@ -830,6 +895,8 @@ class Service:
                               each_interface=each, relay_networks=cfg.dhcp.relay_networks,
                               watcher=await self._watcher())
             await dhcp.start()
+            for warning in interfaces_off_pool(cfg, (await self._watcher()).addresses()):
+                log.warning("%s", warning)
             self.metrics.read_dhcp_outcomes(dhcp.summary.totals)
             self.servers.append(dhcp)
         if cfg.dns.enabled:
@@ -1385,6 +1452,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         await check_default_profile(config, store)
         await warn_of_missing_rule_refs(config, store)
         await warn_of_unservable_profiles(store)
+        await warn_of_shared_fixed_addresses(store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).

@@ -2383,3 +2383,103 @@ async def test_a_registration_body_is_bounded_as_a_report_is(env: Env) -> None:
     r = await call(env, "POST", "/api/v1/register", data=small,
                    headers={"Content-Type": "application/json"}, admin=False)
     error(r, 401)
+
+
+async def test_two_machines_are_never_given_one_fixed_address(make_env: EnvFactory) -> None:
+    """A fixed_ipv4 another machine has was stored (create, PATCH, bulk, import): two hosts
+    answering ARP for one address, which DHCP only logged at offer time. dnsmasq refuses a
+    dhcp-host address given twice unless both are one host's MACs. Now a 409 naming the
+    other machine (create, PATCH) or the row's error (bulk, import, also two rows of one
+    file), on SQLite and PostgreSQL; one machine's two NICs share its address, and a machine
+    given its own address again is no conflict."""
+    await one_fixed_address_each(await make_env())
+
+
+async def test_two_machines_are_never_given_one_fixed_address_postgresql(
+        make_env: EnvFactory, pg_dsn: str) -> None:
+    await one_fixed_address_each(
+        await make_env(f'inventory:\n  backend: postgresql\n  dsn: "{pg_dsn}"\n'))
+
+
+async def one_fixed_address_each(env: Env) -> None:
+    await env.post("/api/v1/machines", {"macs": ["52:54:00:40:00:01", "52:54:00:40:00:02"],
+                                        "hostname": "holder", "fixed_ipv4": "192.0.2.50"},
+                   status=201)
+    reply = await call(env, "POST", "/api/v1/machines",
+                       json_body={"mac": "52:54:00:40:00:03", "fixed_ipv4": "192.0.2.50"})
+    body = error(reply, 409, "fixed_ipv4")
+    assert "52:54:00:40:00:01 (holder)" in body["error"], body
+    await env.post("/api/v1/machines", {"mac": "52:54:00:40:00:03",
+                                        "fixed_ipv4": "192.0.2.51"}, status=201)
+    reply = await call(env, "PATCH", "/api/v1/machines/52:54:00:40:00:03",
+                       json_body={"fixed_ipv4": "192.0.2.50"})
+    assert "holder" in json.dumps(error(reply, 409, "fixed_ipv4"))
+    # Its own address again, and a PATCH of another field of the holder: no conflict.
+    reply = await call(env, "PATCH", "/api/v1/machines/52:54:00:40:00:01",
+                       json_body={"fixed_ipv4": "192.0.2.50", "hostname": "holder2"})
+    assert reply.status == 200, reply.text
+    reply = await call(env, "POST", "/api/v1/machines:bulk", json_body={"machines": [
+        {"mac": "52:54:00:40:00:04", "fixed_ipv4": "192.0.2.50"},
+        {"mac": "52:54:00:40:00:05", "fixed_ipv4": "192.0.2.60"},
+        {"mac": "52:54:00:40:00:06", "fixed_ipv4": "192.0.2.60"}]})
+    assert reply.status == 400, reply.text
+    errors = reply.json()["errors"]
+    assert [(e["line"], e["field"]) for e in errors] == [(1, "fixed_ipv4"), (3, "fixed_ipv4")]
+    assert "52:54:00:40:00:01" in errors[0]["message"] and "line 2" in errors[1]["message"]
+    reply = await call(env, "POST", "/api/v1/machines:import?format=csv",
+                       data="mac,fixed_ipv4\n52:54:00:40:00:07,192.0.2.51\n",
+                       headers={"Content-Type": "text/csv"})
+    assert reply.status == 400 and "52:54:00:40:00:03" in reply.text, reply.text
+    held = sorted((m.fixed_ipv4, m.ref) for m in await env.service.store.list_machines()
+                  if m.fixed_ipv4)
+    assert held == [("192.0.2.50", "52:54:00:40:00:01"), ("192.0.2.51", "52:54:00:40:00:03")]
+
+
+async def test_two_machines_given_one_fixed_address_at_once_one_is_refused(
+        env: Env) -> None:
+    """Two API calls at once, each giving a machine 192.0.2.70: both read that no machine
+    had it before either wrote, and both were stored. The check and the write now hold one
+    lock of the server's: one 201 (or 200), the others 409, one machine holds it."""
+    for n in range(4):
+        await env.post("/api/v1/machines", {"mac": f"52:54:00:40:01:0{n}"}, status=201)
+    replies = await asyncio.gather(
+        *(call(env, "POST", "/api/v1/machines",
+               json_body={"mac": f"52:54:00:40:02:0{n}", "fixed_ipv4": "192.0.2.70"})
+          for n in range(3)),
+        *(call(env, "PATCH", f"/api/v1/machines/52:54:00:40:01:0{n}",
+               json_body={"fixed_ipv4": "192.0.2.70"}) for n in range(4)),
+        call(env, "POST", "/api/v1/machines:bulk", json_body={"machines": [
+            {"mac": "52:54:00:40:03:01", "fixed_ipv4": "192.0.2.70"}]}))
+    statuses = sorted(r.status for r in replies)
+    assert statuses.count(409) + statuses.count(400) == len(replies) - 1, statuses
+    held = [m.ref for m in await env.service.store.list_machines()
+            if m.fixed_ipv4 == "192.0.2.70"]
+    assert len(held) == 1, held
+
+
+async def test_two_servers_on_one_postgresql_give_one_fixed_address_once(
+        make_env: EnvFactory, pg_dsn: str, tmp_path: Any) -> None:
+    """Two servers on one PostgreSQL, each asked at once to give a machine 192.0.2.71: each
+    server's own lock let one call of each through, and both were stored. The check and
+    the write hold a lock of the database's too (PostgresStore.fixed_addresses_held)."""
+    extra = f'inventory:\n  backend: postgresql\n  dsn: "{pg_dsn}"\n'
+    a = await make_env(extra, sub="a")
+    (tmp_path / "b" / "data").mkdir(parents=True)
+    key = a.service.config.data_dir / "secret.key"
+    (tmp_path / "b" / "data" / "secret.key").write_bytes(key.read_bytes())
+    (tmp_path / "b" / "data" / "secret.key").chmod(0o600)
+    # The inventory's admin token is a's (made once per inventory): b's client sends it.
+    token = a.service.config.data_dir / "admin.token"
+    (tmp_path / "b" / "data" / "admin.token").write_bytes(token.read_bytes())
+    b = await make_env(extra, sub="b")
+    for n in range(6):
+        await a.post("/api/v1/machines", {"mac": f"52:54:00:40:04:0{n}"}, status=201)
+    replies = await asyncio.gather(*(
+        call(env, "PATCH", f"/api/v1/machines/52:54:00:40:04:0{n}",
+             json_body={"fixed_ipv4": "192.0.2.71"})
+        for n, env in zip(range(6), (a, b) * 3, strict=True)))
+    statuses = sorted(r.status for r in replies)
+    assert statuses == [200, 409, 409, 409, 409, 409], statuses
+    held = [m.ref for m in await a.service.store.list_machines()
+            if m.fixed_ipv4 == "192.0.2.71"]
+    assert len(held) == 1, held

@@ -9,13 +9,22 @@ NIC), veth pairs to a client namespace each.
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.test_service_interfaces_netns import config
-from tests.test_service_reached_netns import MAC_A, MAC_B, namespaces, pxe_offer, serving
+from tests.test_service_reached_netns import (
+    MAC_A,
+    MAC_B,
+    env,
+    namespaces,
+    netboot,
+    pxe_offer,
+    serving,
+)
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2"),
               pytest.mark.requires("curl", "curl")]
@@ -49,3 +58,28 @@ def test_the_pool_is_offered_only_on_an_interface_of_its_network(
     assert len(told) == 1 and "via vb:" in told[0] and "192.0.2.0/24" in told[0], log
     assert "via va" not in log, log
     assert "Traceback" not in log, log
+
+
+def test_a_named_interface_off_the_pools_network_is_told_at_start(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """``server.interfaces: [va, vb]`` with vb on 198.51.100.0/24, off the pool's network:
+    vb answers no direct request, which was said only at its first request. Now start-up
+    says it before any request comes, and ``check-config`` on the host says it too, each
+    with the file and line of the setting and the fix; serve still starts (dnsmasq starts
+    with such an interface and logs only its range)."""
+    cfg = config(tmp_path, dhcp="authoritative", named=True)
+    with serving(cfg, subnets, tmp_path):
+        log = (tmp_path / "serve.log").read_text()
+    path = cfg[1]
+    line = Path(path).read_text().splitlines().index("  interfaces: [va, vb]") + 1
+    told = [text for text in log.splitlines()
+            if "has no address on the pool's network" in text]
+    assert len(told) == 1, log
+    assert f"{path}:{line}: server.interfaces: authoritative DHCP: interface vb " in told[0]
+    assert "192.0.2.0/24" in told[0] and "fix: give vb an address on 192.0.2.0/24" in told[0]
+    assert "no address range available" not in log, log  # no request came
+    checked = subprocess.run(netboot("check-config", path, ns=subnets["srv"]), env=env(),
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr
+    assert f"{path}:{line}: server.interfaces: authoritative DHCP: interface vb " \
+        in checked.stderr and "interface va" not in checked.stderr, checked.stderr

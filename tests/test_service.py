@@ -1777,3 +1777,58 @@ def test_several_named_interfaces_answer_each_with_its_own_address(
                  https=HttpsConfig(**https))
     assert dhcp_listeners(cfg, "192.0.2.10") == (list(server["interfaces"]), answered, False)
     assert url_stand_in(cfg, "192.0.2.10") == stand_in
+
+
+async def test_without_a_default_route_the_warning_and_the_banner_name_one_address(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A host without a default route and nothing given: start-up warned "advertising
+    127.0.0.1 ... name the provisioning interface with --interface to fix it" while the
+    banner said "netboot serving on 192.0.2.77", each device being answered with the address
+    it reaches. Both now name the interfaces' addresses; 127.0.0.1 is said only where no
+    interface has an address yet (and then the banner says it too)."""
+    import netboot.service
+
+    text = write_config(tmp_path).read_text().replace("  advertise: 192.0.2.10\n", "")
+    path = tmp_path / "noadvertise.yaml"
+    path.write_text(text)
+    monkeypatch.setattr(netboot.service, "default_route_interface", lambda *a: None)
+    for found in ([("eth9", "192.0.2.77")], []):
+        monkeypatch.setattr(netboot.service, "reached_at",
+                            lambda cfg, adv, found=found: found if adv == "127.0.0.1" else [])
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="netboot.service"):
+            service = await build(load(path, env={}))
+        try:
+            banner = service.summary().splitlines()[0]
+        finally:
+            await service.close()
+        (warning,) = [r.getMessage() for r in caplog.records if "no default route" in
+                      r.getMessage()]
+        if found:
+            assert banner.startswith("netboot serving on 192.0.2.77 "), banner
+            assert "192.0.2.77 on eth9" in warning and "127.0.0.1" not in warning, warning
+        else:
+            assert banner == "netboot serving on 127.0.0.1", banner
+            assert "advertising 127.0.0.1" in warning, warning
+
+
+async def test_machines_sharing_a_fixed_address_are_told_at_start(
+        make_env: EnvFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """An inventory written before the API refused a shared fixed_ipv4 (s40-net) may hold
+    two machines with one: start-up names them and the fix, and starts."""
+    env = await make_env()
+    for mac, fixed in (("52:54:00:40:00:11", "192.0.2.50"), ("52:54:00:40:00:12", "192.0.2.51"),
+                       ("52:54:00:40:00:13", "192.0.2.52")):
+        await env.post("/api/v1/machines", {"mac": mac, "fixed_ipv4": fixed}, status=201)
+    store = env.service.store
+    second = next(m for m in await store.list_machines() if m.ref == "52:54:00:40:00:12")
+    await store.update_machine(replace(second, fixed_ipv4="192.0.2.50"))  # as an old one did
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="netboot.service"):
+        again = await build(env.service.config)
+    await again.store.close()
+    told = [r.getMessage() for r in caplog.records if "share the fixed_ipv4" in r.getMessage()]
+    assert told == [told[0]] and told[0].startswith(
+        "machines 52:54:00:40:00:11, 52:54:00:40:00:12 share the fixed_ipv4 192.0.2.50 "), told
+    assert "netboot machines set REF --fixed-ipv4" in told[0]

@@ -45,6 +45,10 @@ class MachineFilter:
     uuid: str | None = None  # exact, canonical lowercase form
     serials: tuple[str, ...] = ()  # any of these exact serials
     has_mac: bool | None = None  # True: at least one NIC known; False: none yet
+    # The machines given this fixed_ipv4 (canonical text), or (with_fixed_ipv4) any: the
+    # API's check that no two share one, start-up's report of those that do. A scan.
+    fixed_ipv4: str | None = None
+    with_fixed_ipv4: bool = False
     # Case-insensitive substring of the hostname, id, or any MAC, UUID, serial or asset tag
     # (the dashboard's search box).
     text: str | None = None

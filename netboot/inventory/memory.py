@@ -115,6 +115,10 @@ class MemoryStore:
                 continue
             if flt.serials and machine.serial not in flt.serials:
                 continue
+            if flt.fixed_ipv4 is not None and machine.fixed_ipv4 != flt.fixed_ipv4:
+                continue
+            if flt.with_fixed_ipv4 and machine.fixed_ipv4 is None:
+                continue
             if flt.has_mac is not None and bool(machine.macs) != flt.has_mac:
                 continue
             if flt.updated_before is not None and not machine.updated < flt.updated_before:

@@ -148,6 +148,9 @@ _FULL_PROBE = ("INSERT INTO commit_marks (id) SELECT gen_random_uuid()"
 WRITE_LOCK = 0x6E6574626F6F74
 # Migrations take their own lock, so that a migration and the writers it blocks are told apart.
 MIGRATE_LOCK = WRITE_LOCK + 1
+# A session's lock of the API writes that set a fixed_ipv4 (exclusive): check and write as
+# one across every server of the database.
+FIXED_LOCK = WRITE_LOCK + 2
 CHANNEL = "netboot_changes"
 _LAST_CHANGE = "SELECT coalesce(max(seq), 0) FROM changes"
 # A write's mark (commit_marks, migration 4): a random key written in its transaction as it
@@ -604,6 +607,20 @@ class PostgresStore:
         notification cannot be lost unnoticed: while the LISTEN connection is down, readers
         still sync on their own schedule (InventoryView.fresh's ``max_age``)."""
         return self._commits
+
+    @contextlib.asynccontextmanager
+    async def fixed_addresses_held(self) -> AsyncIterator[None]:
+        """Held by one caller of every server on this database at a time: an API write that
+        sets a fixed_ipv4 (Core._fixed_held), from its check that no other machine has it
+        to its commit, which runs on another connection (the lock is this session's, not a
+        transaction's: pg_advisory_lock). A connection given back holding it (its unlock
+        failed) is let go by asyncpg's reset (pg_advisory_unlock_all)."""
+        async with self._conn() as conn:
+            await conn.execute("SELECT pg_advisory_lock($1)", FIXED_LOCK)
+            try:
+                yield
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", FIXED_LOCK)
 
     # plumbing ----------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -2507,6 +2524,10 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append(f"((m.data::jsonb) ->> 'uuid') = {arg(flt.uuid)}")
     if flt.serials:
         clauses.append(f"((m.data::jsonb) ->> 'serial') = ANY({arg(list(flt.serials))}::text[])")
+    if flt.fixed_ipv4 is not None:
+        clauses.append(f"((m.data::jsonb) ->> 'fixed_ipv4') = {arg(flt.fixed_ipv4)}")
+    if flt.with_fixed_ipv4:
+        clauses.append("((m.data::jsonb) ->> 'fixed_ipv4') IS NOT NULL")
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
     if flt.updated_before is not None:

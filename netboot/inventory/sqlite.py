@@ -1648,6 +1648,11 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
     if flt.serials:
         clauses.append(f"json_extract(m.data, '$.serial') IN ({','.join('?' * len(flt.serials))})")
         params.extend(flt.serials)
+    if flt.fixed_ipv4 is not None:
+        clauses.append("json_extract(m.data, '$.fixed_ipv4') = ?")
+        params.append(flt.fixed_ipv4)
+    if flt.with_fixed_ipv4:
+        clauses.append("json_extract(m.data, '$.fixed_ipv4') IS NOT NULL")
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
     if flt.updated_before is not None:

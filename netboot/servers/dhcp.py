@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import inspect
 import ipaddress
 import logging
@@ -452,13 +453,19 @@ class DhcpServer:
 
     async def _reconcile(self, addresses: Addresses) -> None:
         wanted = self._wanted(addresses)
+        readdressed = False
         for interface, opened in list(self._open.items()):
             if wanted.get(interface) != opened.server_ip:
                 del self._open[interface]
                 self._let_go(opened)
+                readdressed = readdressed or interface in wanted
                 _log.info("dhcp: stopped listening on %s (%s)", interface,
                           "its address went away" if interface not in wanted
                           else f"its address is now {wanted[interface]}")
+        if readdressed:
+            # A transport closes its socket on the loop's next turn: without SO_REUSEADDR
+            # (_bind) the same device's new listener binds only once the old one is shut.
+            await asyncio.sleep(0)
         for interface, server_ip in wanted.items():
             if interface in self._open:
                 continue
@@ -520,18 +527,28 @@ class DhcpServer:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
             if interface:
-                # One socket per interface on 0.0.0.0 (broadcasts only reach a 0.0.0.0 bind)
-                # needs SO_REUSEADDR to share the port, and SO_BINDTODEVICE so that we know
-                # the receiving interface and force the egress one (protocols.md §1.5).
-                # Without interfaces, no SO_REUSEADDR: then a second DHCP server on the port
-                # is a clear start-up error instead of two servers splitting the traffic.
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                # One socket per interface on 0.0.0.0 (broadcasts only reach a 0.0.0.0 bind),
+                # SO_BINDTODEVICE so that we know the receiving interface and force the
+                # egress one (protocols.md §1.5). No SO_REUSEADDR: Linux lets UDP sockets
+                # bound to different devices share a port without it (udp_lib_lport_inuse),
+                # so netboot's own listeners still bind, while a second DHCP server on the
+                # same interface, or on every one (0.0.0.0 unbound), is refused at start
+                # instead of two servers splitting the clients (dnsmasq: "failed to bind
+                # DHCP server socket: Address in use"). UDP has no TIME_WAIT to reuse.
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, interface.encode())
             sock.bind((self._host, port))
             sock.setblocking(False)
             sockets.grow_receive_buffer(sock)
         except OSError as exc:
             sock.close()
+            if interface and exc.errno == errno.EADDRINUSE:
+                raise ConfigError(
+                    f"DHCP: UDP {self._host}:{port} on {interface} is already in use by "
+                    "another DHCP server on this host (another netboot, dnsmasq, "
+                    "systemd-networkd?): two DHCP servers on one network split its clients; "
+                    f"see: ss -lupn '( sport = :{port} )'", key="server.interfaces",
+                    fix=f"stop the other DHCP server on {interface}, or serve another "
+                        "interface (server.interfaces, --interface)") from exc
             raise sockets.bind_error(
                 exc, what="DHCP", proto="UDP", host=self._host, port=port, key=key, flag=flag,
                 interface=interface, interface_key="server.interfaces", others="dnsmasq",

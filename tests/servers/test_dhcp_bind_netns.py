@@ -1,0 +1,165 @@
+"""A second DHCP server on one interface of this host is refused at start, as dnsmasq does.
+
+Since DHCP listens per interface (one 0.0.0.0 socket bound to each device, s39-net), two
+``netboot serve`` on the same interface, or netboot beside a dnsmasq run with
+``--bind-interfaces``, both bound port 67 (SO_REUSEADDR on both) and both answered, each
+client taking whichever offer came first. dnsmasq refuses the second: "failed to bind DHCP
+server socket: Address in use". Real sockets, real dnsmasq, in a namespace of the test's own
+(``tests.netns``) with veth pairs made inside it; nothing touches the host's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from netboot.errors import ConfigError
+from netboot.pxe import DhcpSettings
+from netboot.servers.dhcp import DhcpServer
+from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
+from tests.netns import in_namespace, ip, namespace, until
+
+__all__ = ["namespace"]  # the fixture, used by name
+
+pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2")]
+
+
+def interfaces(ns: str, *names: str) -> None:
+    subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                    "net.ipv4.conf.all.promote_secondaries=1",
+                    "net.ipv4.conf.default.promote_secondaries=1"], check=True, timeout=20)
+    for number, name in enumerate(names):
+        # A veth pair with both ends in the namespace (no dummy module on every kernel).
+        ip("-n", ns, "link", "add", name, "type", "veth", "peer", "name", f"{name}p")
+        ip("-n", ns, "link", "set", f"{name}p", "up")
+        ip("-n", ns, "addr", "add", f"198.51.100.{number + 1}/24" if number else
+           "192.0.2.1/24", "dev", name)
+        ip("-n", ns, "link", "set", name, "up")
+
+
+def server(*interfaces: str) -> DhcpServer:
+    return DhcpServer(DhcpSettings(), TableDecider(), MemoryLeaseStore(),
+                      interfaces=list(interfaces), advertise=None, probe=False)
+
+
+async def refused(second: DhcpServer) -> ConfigError | None:
+    try:
+        await second.start()
+    except ConfigError as exc:
+        return exc
+    await second.close()
+    return None
+
+
+def test_a_second_dhcp_server_on_the_same_interface_is_refused(namespace: str) -> None:
+    """Two netboots on d0: the second stops with the port, the interface and the fix.
+    netboot's own listeners (d0 and d1 in one server, :67 and :4011 each), a second netboot
+    on another interface, and a listener made again when its interface is readdressed
+    still bind."""
+    interfaces(namespace, "d0", "d1")
+
+    async def scenario() -> tuple[dict[str | None, str], ConfigError | None,
+                                  dict[str | None, str]]:
+        first = server("d0")
+        await first.start()
+        try:
+            second = await refused(server("d0"))
+            other = server("d1")  # the other interface: another network, another server
+            await other.start()
+            elsewhere = dict(other.interfaces)
+            await other.close()
+            both = server("d0", "d1")
+            both_error = await refused(both)  # d0 is the first's
+            assert both_error is not None
+        finally:
+            await first.close()
+        both = server("d0", "d1")
+        await both.start()
+        try:
+            listening = dict(both.interfaces)
+            # Readdressed in one step (the secondary promoted as the primary goes): d0's
+            # listeners are let go and bound again on the same device at once.
+            await asyncio.to_thread(ip, "-n", namespace, "addr", "add", "192.0.2.5/24",
+                                    "dev", "d0")
+            await asyncio.to_thread(ip, "-n", namespace, "addr", "del", "192.0.2.1/24",
+                                    "dev", "d0")
+            for _ in range(100):
+                if both.interfaces.get("d0") == "192.0.2.5":
+                    break
+                await asyncio.sleep(0.05)
+            listening["again"] = both.interfaces.get("d0") or ""
+        finally:
+            await both.close()
+        return listening, second, elsewhere
+
+    listening, second, elsewhere = in_namespace(namespace, scenario)
+    assert second is not None, "a second DHCP server on d0 was let start"
+    text = str(second)
+    assert "UDP 0.0.0.0:67 on d0" in text and "already" in text, text
+    assert second.fix is not None and "d0" in second.fix, text
+    assert elsewhere == {"d1": "198.51.100.2"}
+    assert listening == {"d0": "192.0.2.1", "d1": "198.51.100.2", "again": "192.0.2.5"}
+
+
+@pytest.mark.requires("dnsmasq", "dnsmasq")
+def test_netboot_beside_dnsmasq_on_the_same_interface_is_refused(namespace: str) -> None:
+    """dnsmasq with --bind-interfaces (SO_REUSEADDR and SO_REUSEPORT on its 0.0.0.0:67) on
+    d0: netboot on d0 is refused, on d1 it starts; and dnsmasq started after netboot on d0
+    fails to bind, as it does beside another dnsmasq."""
+    interfaces(namespace, "d0", "d1")
+    dnsmasq = shutil.which("dnsmasq")
+    assert dnsmasq is not None
+    args = ["ip", "netns", "exec", namespace, dnsmasq, "--no-daemon", "--port=0",
+            "--bind-interfaces", "--interface=d0", "--except-interface=lo",
+            "--dhcp-range=192.0.2.100,192.0.2.150,1h", "--leasefile-ro",
+            "--conf-file=/dev/null", "--pid-file=", "--log-facility=-"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # dnsmasq with one interface binds it: "0.0.0.0%d0:67" in ss.
+        assert until(lambda: b"%d0:67 " in subprocess.run(
+            ["ip", "netns", "exec", namespace, "ss", "-uanHp"], capture_output=True,
+            timeout=20).stdout, 10) is not None, "dnsmasq did not listen"
+
+        async def beside() -> tuple[ConfigError | None, dict[str | None, str]]:
+            error = await refused(server("d0"))
+            other = server("d1")
+            await other.start()
+            await other.close()
+            return error, dict(other.interfaces)
+
+        error, _ = in_namespace(namespace, beside)
+    finally:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(10)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert error is not None, "netboot started on d0 beside dnsmasq on d0"
+    assert "UDP 0.0.0.0:67 on d0" in str(error), str(error)
+
+    async def first_then_dnsmasq() -> tuple[int | None, str]:
+        first = server("d0")
+        await first.start()
+        try:
+            late = await asyncio.create_subprocess_exec(
+                *args[4:], stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+            try:
+                out, _ = await asyncio.wait_for(late.communicate(), 10)
+            except TimeoutError:
+                late.terminate()
+                out, _ = await late.communicate()
+                return None, out.decode()
+            return late.returncode, out.decode()
+        finally:
+            await first.close()
+
+    started = time.monotonic()
+    code, out = in_namespace(namespace, first_then_dnsmasq)
+    assert time.monotonic() - started < 30
+    assert code not in (None, 0) and "Address already in use" in out, (code, out)
