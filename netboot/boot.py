@@ -500,6 +500,13 @@ class BootService:
         """The machine whose ``fixed_ipv4`` this is (the view's), for the DHCP pool."""
         return self._view.fixed_holder(ipv4)
 
+    async def same_machine(self, mac: str, other: str) -> bool:
+        """Whether NIC ``other`` is another of ``mac``'s machine (the view's, as a decision
+        reads it): the DHCP server gives a machine's fixed_ipv4 held by its other NIC, as
+        dnsmasq does within one dhcp-host (config_has_mac; LeasePool.fixed_refused)."""
+        machine = await self._view.machine_by("mac", mac)
+        return machine is not None and any(str(nic) == other for nic in machine.macs)
+
     async def load_view(self) -> None:
         """Read the whole inventory into memory (``netboot serve``, in the background once it
         answers): from then on a decision reads nothing from the store but its change feed."""

@@ -59,7 +59,9 @@ class BootDecider(Protocol):  # implemented by netboot/boot.py
     # ``first_stage_now(request)``, asked instead of ``first_stage`` when the decider has it
     # (BootService's: its ``first_stage`` always answers a future, for other callers). And
     # ``fixed_holder(ipv4)``: the machine whose fixed_ipv4 an address is, or None (from
-    # memory), which the authoritative pool never leases to another (LeasePool).
+    # memory), which the authoritative pool never leases to another (LeasePool); and
+    # ``same_machine(mac, other)``, awaited: whether two NICs are one machine's, for a fixed
+    # address the machine's other NIC holds (DhcpServer._sibling).
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pytest
+
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.enroll import Enroller
 from netboot.files import FileTree
@@ -121,3 +123,40 @@ async def test_a_machines_fixed_address_is_never_leased_to_another_client(
         await env.store.delete_machine(two.id)
         await env.boot.resync()
         assert (await env.ask(MessageType.DISCOVER, mac=MAC_2)).yiaddr == "192.0.2.101"
+
+
+async def test_a_fixed_address_held_by_the_machines_other_nic_is_given_from_the_view(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A two-NIC machine's fixed_ipv4, leased to its first NIC, is given to its second (as
+    dnsmasq within one dhcp-host, config_has_mac), and to no other client. Which machine a
+    NIC is comes from the boot path's view (BootService.same_machine), as every decision's
+    does: the DHCP server reads no machine from the store."""
+    first, second = MacAddress.parse("52:54:00:00:0c:01"), MacAddress.parse("52:54:00:00:0c:02")
+    async with started(tmp_path) as env:
+        await env.store.create_machine(Machine(
+            macs=(first, second), fixed_ipv4="192.0.2.100", state=MachineState.INSTALLED))
+        await env.boot.load_view()
+
+        fixed = {str(first): "192.0.2.100", str(second): "192.0.2.100"}
+
+        async def fixed_address(mac: str) -> str | None:  # the store's, without its read
+            return fixed.get(mac)
+
+        async def no_read(kind: str, value: str) -> Machine | None:
+            raise AssertionError(f"the DHCP server read the store's machine by {kind}")
+
+        assert await env.store.fixed_address(str(second)) == "192.0.2.100"
+        monkeypatch.setattr(env.store, "fixed_address", fixed_address)
+        monkeypatch.setattr(env.store, "machine_by", no_read)
+        for mac in (first, second):
+            offer = await env.ask(MessageType.DISCOVER, mac=mac)
+            assert offer.yiaddr == "192.0.2.100", mac
+            ack = await env.ask(MessageType.REQUEST, "192.0.2.100", mac=mac)
+            assert ack.message_type == MessageType.ACK and ack.yiaddr == "192.0.2.100", mac
+        # A client of no machine asking for it: refused, offered a pool address.
+        assert (await env.ask(MessageType.REQUEST, "192.0.2.100")).message_type == \
+            MessageType.NAK
+        assert (await env.ask(MessageType.DISCOVER)).yiaddr == "192.0.2.101"
+        await env.server.flush_leases()
+        leases = {lease.mac: lease.ipv4 for lease in await env.store.list_leases()}
+        assert leases[str(second)] == "192.0.2.100" and str(first) not in leases
