@@ -27,11 +27,16 @@ from netboot.model import Arch, BootRequest, Firmware, FirstStage, Lease
 
 class TableDecider:
     def __init__(self, *, deny: frozenset[str] = frozenset(), delay: float = 0.0,
+                 fixed: dict[str, str] | None = None,
                  machines: tuple[tuple[str, ...], ...] = ()) -> None:
         self.deny = deny
         self.delay = delay
+        self.fixed = dict(fixed or {})  # MAC -> its machine's fixed_ipv4
         self.machines = machines  # the MACs of one machine each (others: one MAC each)
         self.requests: list[BootRequest] = []
+
+    async def fixed_address(self, mac: str) -> str | None:
+        return self.fixed.get(mac)
 
     async def same_machine(self, mac: str, other: str) -> bool:
         return any(mac in macs and other in macs for macs in self.machines)
@@ -64,9 +69,8 @@ class TableDecider:
 
 
 class MemoryLeaseStore:
-    def __init__(self, fixed: dict[str, str] | None = None) -> None:
+    def __init__(self) -> None:
         self.leases: dict[str, Lease] = {}
-        self.fixed = dict(fixed or {})
         self.writes = 0
 
     async def list_leases(self) -> list[Lease]:
@@ -79,6 +83,3 @@ class MemoryLeaseStore:
     async def delete_lease(self, mac: str) -> None:
         self.writes += 1
         self.leases.pop(mac, None)
-
-    async def fixed_address(self, mac: str) -> str | None:
-        return self.fixed.get(mac)

@@ -379,9 +379,9 @@ async def test_decline_release_and_inform() -> None:
     assert dest == ("192.0.2.77", 68)
 
 
-async def test_fixed_address_from_store() -> None:
-    store = MemoryLeaseStore(fixed={A: "192.0.2.20"})
-    server = await make_server(store, Clock())
+async def test_fixed_address_from_the_decider() -> None:
+    store = MemoryLeaseStore()
+    server = await make_server(store, Clock(), TableDecider(fixed={A: "192.0.2.20"}))
     [(offer, _)] = await ask(server, message(MessageType.DISCOVER, MAC))
     assert offer.yiaddr == "192.0.2.20"
 
@@ -393,8 +393,9 @@ async def test_a_fixed_address_leased_to_another_nic_of_the_same_machine_is_give
     own. dnsmasq refuses a configured address leased to another MAC only when that MAC is
     not in the same dhcp-host (rfc2131.c, config_has_mac); another machine's (C) still is."""
     fixed = "192.0.2.20"
-    store = MemoryLeaseStore(fixed={A: fixed, B: fixed, C: fixed})
-    server = await make_server(store, Clock(), TableDecider(machines=((A, B),)))
+    store = MemoryLeaseStore()
+    server = await make_server(store, Clock(), TableDecider(
+        fixed={A: fixed, B: fixed, C: fixed}, machines=((A, B),)))
     for mac in (A, B):
         raw = bytes.fromhex(mac.replace(":", ""))
         [(offer, _)] = await ask(server, message(MessageType.DISCOVER, raw))

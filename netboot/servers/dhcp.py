@@ -211,8 +211,12 @@ class DhcpServer:
         # it be answered without parsing, classifying, deciding or encoding (_Answer).
         self._repeat_guard: Callable[[Any, FirstStage], Callable[[], bool] | None] | None = (
             getattr(decider, "repeat_guard", None))
-        # ``same_machine(mac, other)``: whether two NICs are one machine's (BootService's,
-        # from its view), for a fixed address another NIC of the machine holds (_sibling).
+        # Which machine a NIC is, for the authoritative pool, is the decider's to tell
+        # (BootService's, from its view; pxe.BootDecider): ``fixed_address(mac)``, its
+        # machine's fixed_ipv4 (_fixed), and ``same_machine(mac, other)``, whether two NICs
+        # are one machine's (_sibling). A decider without them gives no fixed addresses.
+        self._fixed_address: Callable[[str], Awaitable[str | None]] | None = (
+            getattr(decider, "fixed_address", None))
         self._same_machine: Callable[[str, str], Awaitable[bool]] | None = (
             getattr(decider, "same_machine", None))
         self._answers: dict[_Listener, _Answers] = {}
@@ -761,8 +765,11 @@ class DhcpServer:
             _log.error("dhcp: %s xid %#010x: boot decision failed", mac, xid, exc_info=exc)
 
     async def _fixed(self, mac: str, xid: int) -> str | None:
+        fixed_address = self._fixed_address
+        if fixed_address is None:
+            return None
         try:
-            return await asyncio.wait_for(self._store.fixed_address(mac), self._decide_timeout)
+            return await asyncio.wait_for(fixed_address(mac), self._decide_timeout)
         except TimeoutError:
             self._limited.log(logging.WARNING, "fixed",
                               "dhcp: %s xid %#010x: fixed-address lookup timed out", mac, xid)
@@ -877,7 +884,7 @@ class DhcpServer:
     async def _authoritative(
         self, packet: dhcp.Inbound, client: Client, peer: Address, server_ip: str
     ) -> list[Reply]:
-        # Always a coroutine: the lease pool's fixed address comes from the store.
+        # Always a coroutine: the fixed address may wait for the decider's view to sync.
         pool = self.pool
         assert pool is not None
         mac = str(client.request.mac)
