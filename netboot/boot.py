@@ -500,6 +500,25 @@ class BootService:
         """The machine whose ``fixed_ipv4`` this is (the view's), for the DHCP pool."""
         return self._view.fixed_holder(ipv4)
 
+    async def fixed_address(self, mac: str) -> str | None:
+        """The ``fixed_ipv4`` of the machine NIC ``mac`` is (the authoritative pool's answer
+        for it), from the view as a decision reads it (synced first unless fresh, as
+        :meth:`first_stage` does): no store read of the whole machine per DHCP packet, and
+        the same machines the pool's reservations (:meth:`fixed_holder`) come from."""
+        view = self._view
+        if self.health.up and not view.fresh(DHCP_VIEW_AGE):
+            await view.sync()
+        machine = await view.machine_by("mac", mac)
+        return None if machine is None else machine.fixed_ipv4
+
+    async def same_machine(self, mac: str, other: str) -> bool:
+        """Whether NIC ``other`` is another of ``mac``'s machine (the view's, as
+        :meth:`fixed_address` read it just before): the DHCP server gives a machine's
+        fixed_ipv4 held by its other NIC, as dnsmasq does within one dhcp-host
+        (config_has_mac; LeasePool.fixed_refused)."""
+        machine = await self._view.machine_by("mac", mac)
+        return machine is not None and any(str(nic) == other for nic in machine.macs)
+
     async def load_view(self) -> None:
         """Read the whole inventory into memory (``netboot serve``, in the background once it
         answers): from then on a decision reads nothing from the store but its change feed."""

@@ -28,15 +28,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from netboot.model import Lease, Machine
+from netboot.model import Lease
 
 
 class LeaseStore(Protocol):  # implemented by the inventory
     async def list_leases(self) -> list[Lease]: ...
     async def put_lease(self, lease: Lease, *, now: float | None = None) -> None: ...
     async def delete_lease(self, mac: str) -> None: ...
-    async def fixed_address(self, mac: str) -> str | None: ...
-    async def machine_by(self, kind: str, value: str) -> Machine | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +178,11 @@ class LeasePool:
             if holder is not None:
                 held.append(self._leases[holder])
         return held
+
+    def holder(self, ip: str) -> str | None:
+        """The client ``ip`` is leased to (run out or not), if any: the one a request
+        granting it ends (_set_lease)."""
+        return self._by_ip.get(ip)
 
     def taker(self, ip: str, mac: str, now: float) -> str | None:
         """The other client ``ip`` is leased or offered to now, if any."""

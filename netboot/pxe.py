@@ -59,7 +59,10 @@ class BootDecider(Protocol):  # implemented by netboot/boot.py
     # ``first_stage_now(request)``, asked instead of ``first_stage`` when the decider has it
     # (BootService's: its ``first_stage`` always answers a future, for other callers). And
     # ``fixed_holder(ipv4)``: the machine whose fixed_ipv4 an address is, or None (from
-    # memory), which the authoritative pool never leases to another (LeasePool).
+    # memory), which the authoritative pool never leases to another (LeasePool); and, for
+    # the authoritative pool, awaited: ``fixed_address(mac)``, the fixed_ipv4 of the machine
+    # a NIC is (none without it), and ``same_machine(mac, other)``, whether two NICs are one
+    # machine's, for a fixed address the machine's other NIC holds (DhcpServer._sibling).
 
 
 # ---------------------------------------------------------------------------------------------

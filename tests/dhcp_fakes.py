@@ -22,14 +22,24 @@ from __future__ import annotations
 
 import asyncio
 
-from netboot.model import Arch, BootRequest, Firmware, FirstStage, Lease, MacAddress, Machine
+from netboot.model import Arch, BootRequest, Firmware, FirstStage, Lease
 
 
 class TableDecider:
-    def __init__(self, *, deny: frozenset[str] = frozenset(), delay: float = 0.0) -> None:
+    def __init__(self, *, deny: frozenset[str] = frozenset(), delay: float = 0.0,
+                 fixed: dict[str, str] | None = None,
+                 machines: tuple[tuple[str, ...], ...] = ()) -> None:
         self.deny = deny
         self.delay = delay
+        self.fixed = dict(fixed or {})  # MAC -> its machine's fixed_ipv4
+        self.machines = machines  # the MACs of one machine each (others: one MAC each)
         self.requests: list[BootRequest] = []
+
+    async def fixed_address(self, mac: str) -> str | None:
+        return self.fixed.get(mac)
+
+    async def same_machine(self, mac: str, other: str) -> bool:
+        return any(mac in macs and other in macs for macs in self.machines)
 
     async def first_stage(self, request: BootRequest) -> FirstStage | None:
         self.requests.append(request)
@@ -59,11 +69,8 @@ class TableDecider:
 
 
 class MemoryLeaseStore:
-    def __init__(self, fixed: dict[str, str] | None = None,
-                 machines: tuple[tuple[str, ...], ...] = ()) -> None:
+    def __init__(self) -> None:
         self.leases: dict[str, Lease] = {}
-        self.fixed = dict(fixed or {})
-        self.machines = machines  # the MACs of one machine each (others: one MAC each)
         self.writes = 0
 
     async def list_leases(self) -> list[Lease]:
@@ -76,15 +83,3 @@ class MemoryLeaseStore:
     async def delete_lease(self, mac: str) -> None:
         self.writes += 1
         self.leases.pop(mac, None)
-
-    async def fixed_address(self, mac: str) -> str | None:
-        return self.fixed.get(mac)
-
-    async def machine_by(self, kind: str, value: str) -> Machine | None:
-        assert kind == "mac", kind
-        macs = next((m for m in self.machines if value in m),
-                    (value,) if value in self.fixed else None)
-        if macs is None:
-            return None
-        return Machine(macs=tuple(MacAddress.parse(m) for m in macs),
-                       fixed_ipv4=self.fixed.get(value))

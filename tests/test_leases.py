@@ -268,9 +268,10 @@ class Clock:
         return self.now
 
 
-async def make_server(store: LeaseStore, clock: Clock) -> DhcpServer:
-    server = DhcpServer(SETTINGS, TableDecider(), store, interfaces=None, advertise=SERVER,
-                        clock=clock)
+async def make_server(store: LeaseStore, clock: Clock,
+                      decider: TableDecider | None = None) -> DhcpServer:
+    server = DhcpServer(SETTINGS, decider or TableDecider(), store, interfaces=None,
+                        advertise=SERVER, clock=clock)
     await server.load_pool([SERVER])
     return server
 
@@ -378,9 +379,9 @@ async def test_decline_release_and_inform() -> None:
     assert dest == ("192.0.2.77", 68)
 
 
-async def test_fixed_address_from_store() -> None:
-    store = MemoryLeaseStore(fixed={A: "192.0.2.20"})
-    server = await make_server(store, Clock())
+async def test_fixed_address_from_the_decider() -> None:
+    store = MemoryLeaseStore()
+    server = await make_server(store, Clock(), TableDecider(fixed={A: "192.0.2.20"}))
     [(offer, _)] = await ask(server, message(MessageType.DISCOVER, MAC))
     assert offer.yiaddr == "192.0.2.20"
 
@@ -392,8 +393,9 @@ async def test_a_fixed_address_leased_to_another_nic_of_the_same_machine_is_give
     own. dnsmasq refuses a configured address leased to another MAC only when that MAC is
     not in the same dhcp-host (rfc2131.c, config_has_mac); another machine's (C) still is."""
     fixed = "192.0.2.20"
-    store = MemoryLeaseStore(fixed={A: fixed, B: fixed, C: fixed}, machines=((A, B),))
-    server = await make_server(store, Clock())
+    store = MemoryLeaseStore()
+    server = await make_server(store, Clock(), TableDecider(
+        fixed={A: fixed, B: fixed, C: fixed}, machines=((A, B),)))
     for mac in (A, B):
         raw = bytes.fromhex(mac.replace(":", ""))
         [(offer, _)] = await ask(server, message(MessageType.DISCOVER, raw))
@@ -405,7 +407,7 @@ async def test_a_fixed_address_leased_to_another_nic_of_the_same_machine_is_give
         C.replace(":", ""))))
     assert offer.yiaddr == "192.0.2.100"  # leased to B, of another machine
     await server.flush_leases()
-    assert store.leases[B].ipv4 == fixed
+    assert store.leases[B].ipv4 == fixed and A not in store.leases  # B's ended A's
 
 
 async def test_pool_exhaustion_means_no_offer() -> None:

@@ -212,6 +212,14 @@ class DhcpServer:
         # it be answered without parsing, classifying, deciding or encoding (_Answer).
         self._repeat_guard: Callable[[Any, FirstStage], Callable[[], bool] | None] | None = (
             getattr(decider, "repeat_guard", None))
+        # Which machine a NIC is, for the authoritative pool, is the decider's to tell
+        # (BootService's, from its view; pxe.BootDecider): ``fixed_address(mac)``, its
+        # machine's fixed_ipv4 (_fixed), and ``same_machine(mac, other)``, whether two NICs
+        # are one machine's (_sibling). A decider without them gives no fixed addresses.
+        self._fixed_address: Callable[[str], Awaitable[str | None]] | None = (
+            getattr(decider, "fixed_address", None))
+        self._same_machine: Callable[[str, str], Awaitable[bool]] | None = (
+            getattr(decider, "same_machine", None))
         self._answers: dict[_Listener, _Answers] = {}
         self.answered_again = 0  # repeats answered from a kept answer (tests, metrics)
         self._store = leases
@@ -577,10 +585,14 @@ class DhcpServer:
     # -- lease persistence (background) ------------------------------------------------------
 
     def _persist(self, changes: Changes) -> None:
-        for lease in changes.put:
-            self._pending[lease.mac] = lease
+        # Written in the order queued: deletes first, and a put queued again moved after
+        # them, so that an address's new lease never meets the one it ended (Conflict).
+        pending = self._pending
         for mac in changes.delete:
-            self._pending[mac] = None
+            pending[mac] = None
+        for lease in changes.put:
+            pending.pop(lease.mac, None)
+            pending[lease.mac] = lease
         if (changes.put or changes.delete) and self._wake is not None:
             self._wake.set()
 
@@ -770,8 +782,11 @@ class DhcpServer:
             _log.error("dhcp: %s xid %#010x: boot decision failed", mac, xid, exc_info=exc)
 
     async def _fixed(self, mac: str, xid: int) -> str | None:
+        fixed_address = self._fixed_address
+        if fixed_address is None:
+            return None
         try:
-            return await asyncio.wait_for(self._store.fixed_address(mac), self._decide_timeout)
+            return await asyncio.wait_for(fixed_address(mac), self._decide_timeout)
         except TimeoutError:
             self._limited.log(logging.WARNING, "fixed",
                               "dhcp: %s xid %#010x: fixed-address lookup timed out", mac, xid)
@@ -785,17 +800,17 @@ class DhcpServer:
 
     async def _sibling(self, mac: str, other: str | None) -> str | None:
         """``other`` if it is another NIC of ``mac``'s machine (the fixed address's taker:
-        LeasePool.fixed_refused), else None; asked of the store only when there is one."""
-        if other is None:
+        LeasePool.fixed_refused), else None. Which machine a NIC is, is the decider's to
+        tell (BootService.same_machine, from its view), asked only when there is one."""
+        same = self._same_machine
+        if other is None or same is None:
             return None
         try:
-            machine = await asyncio.wait_for(self._store.machine_by("mac", mac),
-                                             self._decide_timeout)
+            sibling = await asyncio.wait_for(same(mac, other), self._decide_timeout)
         except Exception as exc:  # refused as before: the warning names the holder
             _log.debug("dhcp: %s: which machine it is not known: %r", mac, exc)
             return None
-        return other if machine is not None and any(str(m) == other for m in machine.macs) \
-            else None
+        return other if sibling else None
 
     def _reply(
         self, packet: dhcp.Inbound, reply: dhcp.Packet, peer: Address, pxe_port: bool
@@ -886,7 +901,7 @@ class DhcpServer:
     async def _authoritative(
         self, packet: dhcp.Inbound, client: Client, peer: Address, server_ip: str
     ) -> list[Reply]:
-        # Always a coroutine: the lease pool's fixed address comes from the store.
+        # Always a coroutine: the fixed address may wait for the decider's view to sync.
         pool = self.pool
         assert pool is not None
         mac = str(client.request.mac)
@@ -972,6 +987,7 @@ class DhcpServer:
             ip = requested or (packet.ciaddr if packet.ciaddr != ZERO_IP else None)
             if ip is None:
                 return []
+            holder = pool.holder(ip)
             lease = pool.request(mac, ip, now, fixed=fixed, hostname=hostname,
                                  selecting=server_id is not None)
             if lease is None:
@@ -983,7 +999,11 @@ class DhcpServer:
             else:
                 # Claimed already, unless fixed or the inventory was away; written again in
                 # the background all the same, after any change still queued for this MAC.
-                self._persist(Changes(put=(lease,)))
+                # The lease this one ended (a fixed address another NIC of the machine held,
+                # _sibling) deleted first: the inventory holds one lease an address.
+                ended = () if holder is None or holder == mac or pool.lease(holder) is not None \
+                    else (holder,)
+                self._persist(Changes(put=(lease,), delete=ended))
                 grant = AddressGrant(MessageType.ACK, ip, pool.lease_seconds)
         boot = stage if grant.message_type != MessageType.NAK else None
         try:

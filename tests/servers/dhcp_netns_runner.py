@@ -34,7 +34,7 @@ async def main(mode: str, interface: str, relay_networks: tuple[str, ...] = ()) 
     each = interface == "each"
     fixed = dict(pair.split("=") for pair in os.environ.get("DHCP_RUNNER_FIXED", "").split(",")
                  if pair)
-    server = DhcpServer(settings, TableDecider(), MemoryLeaseStore(fixed),
+    server = DhcpServer(settings, TableDecider(fixed=fixed), MemoryLeaseStore(),
                         interfaces=None if each else [interface],
                         advertise=os.environ.get("DHCP_RUNNER_ADVERTISE") or None,
                         each_interface=each, relay_networks=relay_networks)

@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import pytest
+
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.enroll import Enroller
 from netboot.files import FileTree
@@ -121,3 +123,42 @@ async def test_a_machines_fixed_address_is_never_leased_to_another_client(
         await env.store.delete_machine(two.id)
         await env.boot.resync()
         assert (await env.ask(MessageType.DISCOVER, mac=MAC_2)).yiaddr == "192.0.2.101"
+
+
+async def test_a_fixed_address_held_by_the_machines_other_nic_is_given_from_the_view(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A two-NIC machine's fixed_ipv4, leased to its first NIC, is given to its second (as
+    dnsmasq within one dhcp-host, config_has_mac), and to no other client. Which machine a
+    NIC is, and its fixed address, come from the boot path's view (BootService.same_machine,
+    .fixed_address), as every decision's does: the DHCP server reads no machine from the
+    store. The inventory holds the second NIC's lease alone, as the pool does."""
+    first, second = MacAddress.parse("52:54:00:00:0c:01"), MacAddress.parse("52:54:00:00:0c:02")
+    async with started(tmp_path) as env:
+        await env.store.create_machine(Machine(
+            macs=(first, second), fixed_ipv4="192.0.2.100", state=MachineState.INSTALLED))
+        await env.boot.load_view()
+
+
+        async def no_read(*args: object) -> None:
+            raise AssertionError(f"the DHCP server read a machine from the store: {args}")
+
+        monkeypatch.setattr(env.store, "fixed_address", no_read)
+        monkeypatch.setattr(env.store, "machine_by", no_read)
+        for mac in (first, second):
+            offer = await env.ask(MessageType.DISCOVER, mac=mac)
+            assert offer.yiaddr == "192.0.2.100", mac
+            ack = await env.ask(MessageType.REQUEST, "192.0.2.100", mac=mac)
+            assert ack.message_type == MessageType.ACK and ack.yiaddr == "192.0.2.100", mac
+        # A client of no machine asking for it: refused, offered a pool address.
+        assert (await env.ask(MessageType.REQUEST, "192.0.2.100")).message_type == \
+            MessageType.NAK
+        assert (await env.ask(MessageType.DISCOVER)).yiaddr == "192.0.2.101"
+        await env.server.flush_leases()
+        leases = {lease.mac: lease.ipv4 for lease in await env.store.list_leases()}
+        assert leases[str(second)] == "192.0.2.100" and str(first) not in leases
+
+        # Given another address (in this process, no resync asked): the next packet's
+        # answer is from the view synced for it, as a decision's is.
+        [machine] = await env.store.list_machines()
+        await env.store.update_machine(replace(machine, fixed_ipv4="192.0.2.50"))
+        assert (await env.ask(MessageType.DISCOVER, mac=first)).yiaddr == "192.0.2.50"
