@@ -590,13 +590,25 @@ class Core:
         its nodes has fetched a config (its servers would refuse agents given one): run at
         start-up, before any config is served. The names of the clusters given one."""
         given = []
-        for cluster in await self.store.list_clusters():
-            if not cluster.managed or cluster.agent_token:
-                continue
-            made = await self._managed_join(cluster, {}, create=False)
-            if made.agent_token:
-                await self.store.put_cluster(made, create=False)
+        for read in await self.store.list_clusters():
+            cluster: Cluster | None = read
+            for _attempt in range(DECIDE_ATTEMPTS):
+                if cluster is None or not cluster.managed or cluster.agent_token:
+                    break
+                made = await self._managed_join(cluster, {}, create=False)
+                if not made.agent_token:
+                    break
+                # Compare-and-set on the cluster as read: several servers on one PostgreSQL
+                # start at once, each here; the last write won, and a server's config served
+                # from the first named a secret its peers then no longer gave (s39-agenttok).
+                # The loser reads the winner's token (or an edit made meanwhile) and keeps it.
+                try:
+                    await self.store.put_cluster(made, create=False, expect=cluster)
+                except StateChanged:
+                    cluster = await self.store.get_cluster(cluster.name)
+                    continue
                 given.append(cluster.name)
+                break
         return given
 
     async def _configured_node(self, cluster: Cluster) -> tuple[Machine, MachineState] | None:

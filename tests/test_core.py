@@ -7,6 +7,7 @@ HTTP server in the test serves, so a rule kept by one face and not the other sho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -20,6 +21,7 @@ from netboot.cli import main
 from netboot.core import NOCLOUD_FILES, TOKEN_PLACEHOLDER
 from netboot.errors import ConfigError
 from netboot.model import MacAddress, Machine, MachineState, Role
+from tests import pg
 from tests.conftest import BASE, Env, EnvFactory, Reply, boot, call, install_token, write_config
 
 MAC = "52:54:00:12:34:56"
@@ -454,3 +456,43 @@ async def test_render_grub_and_explain_the_chain(
     assert rc == 0, err
     why = json.loads(explained)
     assert (why["loader"], why["loader_source"]) == ("shim-grub", "set on the machine")
+
+
+# --- an old cluster's agent token, given by several servers starting at once (s40-sec) ---
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_servers_starting_at_once_give_an_old_cluster_one_agent_token(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two servers on one inventory start at once and each gives a cluster an older netboot
+    made an agent token (Core.give_agent_tokens). The first to write wins and may serve a
+    server's config naming it at once; the other, whose read came before that write, must
+    not overwrite it (the last write won: agents given the second secret were refused by
+    the server configured with the first). Ordered by a store wrapper, not a sleep: the
+    second server's write waits until the first has given its token."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.model import Cluster
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_cluster(Cluster(name="old", token="o" * 32), create=True)
+        writing, first_given = asyncio.Event(), asyncio.Event()
+        put = a.put_cluster
+
+        async def after_the_other(cluster: Cluster, **kw: Any) -> None:
+            writing.set()  # a has read the cluster and made its token: b writes first
+            await first_given.wait()
+            await put(cluster, **kw)
+
+        a.put_cluster = after_the_other  # type: ignore[method-assign]
+        core_a, core_b = (Core(s, Enroller(s), None, None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        slow = asyncio.ensure_future(core_a.give_agent_tokens())
+        await writing.wait()
+        assert await core_b.give_agent_tokens() == ["old"]
+        given = await b.get_cluster("old")
+        assert given is not None and len(given.agent_token) == 64
+        first_given.set()
+        assert await slow == []  # it read the other's and kept it
+        for store in (a, b):
+            assert await store.get_cluster("old") == given
