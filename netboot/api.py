@@ -845,7 +845,10 @@ class Api:
                 if "name" in body and body["name"] != name:
                     raise ValidationError("name", "does not match the URL")
                 body = {**body, "name": name}
-            item = await self._core.put(kind, body, create=create)
+            force = request.query.get("force", "false")
+            if force not in ("true", "false"):
+                raise ValidationError("force", "true or false")
+            item = await self._core.put(kind, body, create=create, force=force == "true")
             request[TARGET_KEY] = item.name
             return web.json_response(out(item), status=201 if create else 200)
         return handler

@@ -185,6 +185,11 @@ _SECURE_TOKEN = re.compile(r"K10[0-9a-f]{64}::")
 # auth as it comes), and a secure token's CA hash is public (/cacerts): the secret is all a
 # guess has to find. k3s's own are 32 hex characters (128 bits), netboot's 64.
 WEAK_TOKEN_BELOW = 16
+# The states of a node that fetched its config (its k3s runs, or will, on what it was given).
+_CONFIGURED = (MachineState.INSTALLING, MachineState.INSTALLED, MachineState.REGISTERED,
+               MachineState.FAILED)
+# The nodes told, each by an event, that a forced agent token change left them on the old.
+_FORCE_TOLD = 10_000
 
 
 def token_secret(token: str) -> str:
@@ -469,8 +474,11 @@ class Core:
         items: list[Any] = await getattr(self.store, f"list_{kind}")()
         return items
 
-    async def put(self, kind: str, data: Mapping[str, Any], *, create: bool) -> Any:
-        """Create (``create``) or replace a profile, cluster or group from its JSON shape."""
+    async def put(self, kind: str, data: Mapping[str, Any], *, create: bool,
+                  force: bool = False) -> Any:
+        """Create (``create``) or replace a profile, cluster or group from its JSON shape.
+        ``force``: a managed cluster's agent token changed though nodes of it have their
+        config (:meth:`_agent_token_change`)."""
         single = _kind(kind)
         if not create:
             await self.get(kind, str(data.get("name")))  # replacing needs it to exist
@@ -489,7 +497,7 @@ class Core:
         item = parse({k: v for k, v in data.items() if k not in aside})
         check_name(item.name)
         if single == "cluster":
-            item = await self._check_cluster(item, data, create=create)
+            item = await self._check_cluster(item, data, create=create, force=force)
         elif single == "group":
             await self._check_group(item)
         elif item.config_template not in CONFIG_TEMPLATES:
@@ -505,7 +513,7 @@ class Core:
         return item
 
     async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any], *,
-                             create: bool) -> Cluster:
+                             create: bool, force: bool = False) -> Cluster:
         if not cluster.managed and not cluster.server_url.startswith("https://"):
             raise ValidationError("server_url", f"{cluster.server_url!r}: an https:// URL of "
                                   "the k3s API, or 'managed'")
@@ -525,7 +533,7 @@ class Core:
             if cluster.token:
                 return cluster
             raise ValidationError("token", "required for an external cluster (k3s node token)")
-        return await self._managed_join(cluster, data, create=create)
+        return await self._managed_join(cluster, data, create=create, force=force)
 
     async def secure_token(self, name: str) -> Cluster:
         """Give a managed cluster made with the short token (before netboot made k3s CAs, or
@@ -543,7 +551,7 @@ class Core:
         return made
 
     async def _managed_join(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
-                            secure: bool = False) -> Cluster:
+                            secure: bool = False, force: bool = False) -> Cluster:
         """A managed cluster's join token and k3s server CA (README "What a host on the
         provisioning network can take").
 
@@ -568,6 +576,9 @@ class Core:
             # A secure form given (a server's agent-token file): its secret, wrapped below
             # with this cluster's CA (k3s keeps a server's agent-token as given: the secret).
             agent = token_secret(agent)
+        if agent is not None and old is not None and agent != (
+                _secret(old.agent_token, old.ca_cert) if old.agent_token else ""):
+            await self._agent_token_change(old, force)
         if agent is None and old is not None and old.agent_token:
             agent = _secret(old.agent_token, old.ca_cert)
         if not agent and (old is None or await self._configured_node(old) is None):
@@ -584,6 +595,39 @@ class Core:
                        else agent or "")
         return replace(cluster, token=token, ca_cert=ca_cert, ca_key=ca_key,
                        agent_token=agent_token)
+
+    async def _agent_token_change(self, old: Cluster, force: bool) -> None:
+        """A managed cluster's agent token changed by an edit: refused (409) while a node of
+        it has its config, unless ``force``, which tells each such node's history what it
+        breaks. k3s has no rotation of the agent token (``k3s token rotate`` changes the
+        server token alone): each server keeps the ``agent-token`` its config gave it, each
+        agent that joined keeps its token and presents it again at every start of k3s, so
+        the new one given to the next nodes is refused by the running servers, and the old
+        one by servers configured after."""
+        configured = await self._configured_node(old)
+        if configured is None:
+            return
+        node, state = configured
+        if not force:
+            raise Conflict(
+                f"cluster {old.name!r} runs on the agent token it has: {node.ref} is {state} "
+                "with its config, and k3s keeps the agent token a server was given (its "
+                "agent-token) and the one an agent joined with, checked at every start of "
+                "k3s; nodes given a new one would be refused by its servers. Fix: reinstall "
+                "every node of it (netboot machines reinstall) before changing it; or change "
+                "agent-token on each of its servers and the token of each of its agents by "
+                "hand (/etc/rancher/k3s/config.yaml, then restart k3s), then give it again "
+                f"with force (PUT /api/v1/clusters/{old.name}?force=true)", field="agent_token")
+        now = self._clock()
+        events = [Event(m.id, now, "agent token changed",
+                        f"the agent token of cluster {old.name} was changed by force while "
+                        f"this node was {m.state} with its config: its k3s keeps the old one "
+                        "(a server's agent-token, an agent's token) until it is changed there "
+                        "by hand or the node is reinstalled; until then agents given the new "
+                        "one are refused by servers on the old one, and the reverse")
+                  for state in _CONFIGURED for m in await self.store.list_machines(
+                      MachineFilter(cluster=old.name, state=state, limit=_FORCE_TOLD))]
+        await self.enroller.recorder.commit(Batch(events=tuple(events[:_FORCE_TOLD])))
 
     async def give_agent_tokens(self) -> list[str]:
         """Give each managed cluster made before netboot made agent tokens one, while none of
@@ -613,8 +657,7 @@ class Core:
 
     async def _configured_node(self, cluster: Cluster) -> tuple[Machine, MachineState] | None:
         """A node of ``cluster`` that fetched its config (and its state), if any."""
-        for state in (MachineState.INSTALLING, MachineState.INSTALLED, MachineState.REGISTERED,
-                      MachineState.FAILED):
+        for state in _CONFIGURED:
             nodes = await self.store.list_machines(MachineFilter(cluster=cluster.name,
                                                                  state=state, limit=1))
             if nodes:
