@@ -845,7 +845,7 @@ class Api:
                 if "name" in body and body["name"] != name:
                     raise ValidationError("name", "does not match the URL")
                 body = {**body, "name": name}
-            force = request.query.get("force", "false")
+            force = request.query.get("force", "false") if kind == "clusters" else "false"
             if force not in ("true", "false"):
                 raise ValidationError("force", "true or false")
             item = await self._core.put(kind, body, create=create, force=force == "true")

@@ -72,6 +72,23 @@ _EDITABLE = ("macs", "hostname", "uuid", "serial", "asset", "labels", "cluster",
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
+# An external cluster's server_url, as k3s's --server takes it: https://, a host name or an
+# IPv4 address or a bracketed IPv6 address (each form ipaddress and urlsplit take), a port
+# of 1 to 65535, a path of printable ASCII; nothing else. It is written into every agent's
+# config; "https://" and anything after it was taken, control characters and all, and k3s
+# on each agent failed to parse it (and a URL parser in a client of the API raised on it).
+_H16 = "[0-9A-Fa-f]{1,4}"
+_IPV6 = "|".join((f"(?:{_H16}:){{7}}{_H16}", f"(?:{_H16}:){{1,7}}:",
+                  *(f"(?:{_H16}:){{1,{7 - n}}}(?::{_H16}){{1,{n}}}" for n in range(1, 7)),
+                  f":(?:(?::{_H16}){{1,7}}|:)"))
+_PORT = ("(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+         "|[1-9][0-9]{0,3})")
+_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# The end as (?![\s\S]), not $ (which also matches before a last newline): openapi's.
+SERVER_URL_PATTERN = (f"^https://(?:{_LABEL}(?:[.]{_LABEL})*|\\[(?:{_IPV6})\\])(?::{_PORT})?"
+                      "(?:/[!-~]*)?(?![\\s\\S])")
+
+
 def check_asset_ref(field: str, ref: str, *, url: bool = True, path: bool = True) -> None:
     """Refuse a profile's kernel, initrd or asset that netboot could never serve: it was
     stored and each boot was refused (the asset route's 403 for '..', a 404 for the rest).
@@ -514,9 +531,10 @@ class Core:
 
     async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any], *,
                              create: bool, force: bool = False) -> Cluster:
-        if not cluster.managed and not cluster.server_url.startswith("https://"):
+        if not cluster.managed and not re.search(SERVER_URL_PATTERN, cluster.server_url):
             raise ValidationError("server_url", f"{cluster.server_url!r}: an https:// URL of "
-                                  "the k3s API, or 'managed'")
+                                  "the k3s API (a host name or address, a port, a path; no "
+                                  "space or control character), or 'managed'")
         if cluster.endpoint and not cluster.managed:
             raise ValidationError("endpoint", "only a managed cluster has one: an external "
                                               "cluster's server_url already is its endpoint")
