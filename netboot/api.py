@@ -258,6 +258,7 @@ class Api:
         r.add_delete(f"{p}/machines/{{ref}}", self.allow(operate, self.delete_machine))
         r.add_post(f"{p}/machines/{{ref}}/approve", self.allow(enroll, self.approve))
         r.add_post(f"{p}/machines/{{ref}}/reinstall", self.allow(operate, self.reinstall))
+        r.add_post(f"{p}/machines/{{ref}}/claim", self.allow(operate, self.give_to_claim))
         r.add_get(f"{p}/machines/{{ref}}/explain", self.allow(read, self.explain))
         r.add_get(f"{p}/machines/{{ref}}/events", self.allow(read, self.list_events))
         # Masked renders: what the device gets, without its install token or the join token.
@@ -645,6 +646,11 @@ class Api:
         body = _object(await read_json(request)) if request.body_exists else {}
         machine = await self._core.approve(request.match_info["ref"], body,
                                            enroll_only=self._create_only(request))
+        return web.json_response(self._machine_out(machine))
+
+    async def give_to_claim(self, request: web.Request) -> web.Response:
+        machine = await self._core.give_to_claim(request.match_info["ref"],
+                                                 _object(await read_json(request)))
         return web.json_response(self._machine_out(machine))
 
     async def reinstall(self, request: web.Request) -> web.Response:

@@ -205,6 +205,8 @@ WEAK_TOKEN_BELOW = 16
 # The states of a node that fetched its config (its k3s runs, or will, on what it was given).
 _CONFIGURED = (MachineState.INSTALLING, MachineState.INSTALLED, MachineState.REGISTERED,
                MachineState.FAILED)
+# A refused registration's claim: the sha256 of its install's secret (enroll._contested).
+_CLAIM = re.compile("[0-9a-f]{64}")
 # The nodes told, each by an event, that a forced agent token change left them on the old.
 _FORCE_TOLD = 10_000
 
@@ -477,6 +479,15 @@ class Core:
 
     async def reinstall(self, ref: str) -> Machine:
         return await self.enroller.reinstall(ref)
+
+    async def give_to_claim(self, ref: str, data: Mapping[str, Any]) -> Machine:
+        """POST /machines/{ref}/claim: a registered machine given to the install whose
+        registration was refused with ``claim`` (Enroller.give_to_claim)."""
+        claim = data.get("claim")
+        if not isinstance(claim, str) or not _CLAIM.fullmatch(claim):
+            raise ValidationError("claim", "the claim a 'registration contested' event of the "
+                                           "machine names (64 hexadecimal digits)")
+        return await self.enroller.give_to_claim(ref, claim)
 
     # -- profiles, clusters, groups -------------------------------------------------------
     async def get(self, kind: str, name: str) -> Any:

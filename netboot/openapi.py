@@ -224,6 +224,8 @@ SCHEMAS: dict[str, Any] = {
     "ClusterCreate": {"allOf": [_ref("Cluster"), {
         "if": _EXTERNAL, "then": {"required": ["token"],
                                   "properties": {"token": {"minLength": 1}}}}]},
+    "Claim": {"type": "object", "required": ["claim"], "properties": {
+        "claim": {"type": "string", "pattern": "^[0-9a-f]{64}(?![\\s\\S])"}}},
     "Group": {"type": "object", "required": ["name"], "additionalProperties": False,
               "properties": {
         "name": NAME, "selector": {"type": "object", "additionalProperties": _LIST},
@@ -492,6 +494,13 @@ def document() -> dict[str, Any]:
             "parameters": [_path_param("ref")],
             "post": _op("install again on next boot", need=OPERATE, out="Machine",
                         errors=(400, 404, 409)),
+        },
+        "/api/v1/machines/{ref}/claim": {
+            "parameters": [_path_param("ref")],
+            "post": _op("give a registered machine to the install whose registration was "
+                        "refused with this claim (a 'registration contested' event names "
+                        "it): its next try is answered, the holder's machine token void",
+                        need=OPERATE, body="Claim", out="Machine", errors=(400, 404, 409)),
         },
         "/api/v1/machines/{ref}/explain": {
             "parameters": [_path_param("ref")],
