@@ -110,6 +110,20 @@ class _Proxy:
             writer.close()
 
 
+def _statuses(answers: list[bytes]) -> list[bytes]:
+    """The HTTP status of each answer a _Proxy passed back."""
+    return [a.split(b" ", 2)[1] for a in answers]
+
+
+async def _closed(service: Service, runner: web.AppRunner,
+                  servers: list[asyncio.Server]) -> None:
+    for server in servers:
+        server.close()
+    await runner.cleanup()
+    await service.boot.drain()
+    await service.store.close()
+
+
 def _busybox_sh(tmp_path: Path) -> Callable[[str], Awaitable[tuple[int, bytes]]]:
     """A device's shell: busybox ``sh`` with only the applets the register command names
     (``wget``, no curl) on its PATH; what it prints and its status, bounded to 40 s."""
@@ -390,31 +404,24 @@ def test_an_installs_secret_proves_its_retries_and_a_clone_or_local_process_gets
             out["events"] = await store.list_events(stored.id)
             return out
         finally:
-            for server in servers:
-                server.close()
-            await runner.cleanup()
-            await service.boot.drain()
-            await service.store.close()
-
-    def statuses(answers: list[bytes]) -> list[bytes]:
-        return [a.split(b" ", 2)[1] for a in answers]
+            await _closed(service, runner, servers)
 
     # The clone's address, on the namespace's loopback beside tests.netns' three.
     subprocess.run(["ip", "-n", namespace, "addr", "add", "192.0.2.61/32", "dev", "lo"],
                    check=True)
     out = in_namespace(namespace, scenario)
-    assert statuses(out["clone registers"][1]) == [b"200"]
-    assert statuses(out["first"][1]) == [b"200"]  # lost
+    assert _statuses(out["clone registers"][1]) == [b"200"]
+    assert _statuses(out["first"][1]) == [b"200"]  # lost
     secret = out["secret after the first"]
     assert len(secret.strip()) == 36 and (root / "install-secret").stat().st_mode & 0o077 == 0
     assert (clone_root / "install-secret").read_text() != secret
     assert out["local"][0] == 409 and "machine_token" not in out["local"][1], out["local"]
     (_, printed), answers = out["clone"]
-    assert statuses(answers) == [b"409"], (printed, answers)
+    assert _statuses(answers) == [b"409"], (printed, answers)
     assert b"machine_token" not in b"".join(answers)
     assert not (tmp_path / "attack" / "machine-token").exists()
     (status, printed), answers = out["retry"]
-    assert status == 0 and statuses(answers) == [b"200"], (printed, answers)
+    assert status == 0 and _statuses(answers) == [b"200"], (printed, answers)
     assert (root / "machine-token").read_text() == out["token"] and out["token"]
     assert (root / "install-secret").read_text() == secret  # the same one, every try
     assert out["ipv4"] == "192.0.2.10"
@@ -490,20 +497,13 @@ def test_a_host_that_registered_first_is_told_and_the_device_given_the_machine_b
             out["claim_made"] = claim
             return out
         finally:
-            for server in servers:
-                server.close()
-            await runner.cleanup()
-            await service.boot.drain()
-            await service.store.close()
-
-    def statuses(answers: list[bytes]) -> list[bytes]:
-        return [a.split(b" ", 2)[1] for a in answers]
+            await _closed(service, runner, servers)
 
     subprocess.run(["ip", "-n", namespace, "addr", "add", "192.0.2.61/32", "dev", "lo"],
                    check=True)
     out = in_namespace(namespace, scenario)
-    assert statuses(out["host"][1]) == [b"200"]
-    assert statuses(out["device"][1]) == [b"409", b"409"], out["device"]
+    assert _statuses(out["host"][1]) == [b"200"]
+    assert _statuses(out["device"][1]) == [b"409", b"409"], out["device"]
     assert not out["device kept a token"]
     told = [e for e in out["events"] if e.kind == "registration contested"]
     assert len(told) == 1, out["events"]  # two tries from one place: told once
@@ -512,11 +512,11 @@ def test_a_host_that_registered_first_is_told_and_the_device_given_the_machine_b
     assert (device / "install-secret").read_text().strip() not in told[0].message
     assert out["claim"][0] == 200, out["claim"]
     (status, printed), answers = out["device again"]
-    assert status == 0 and statuses(answers) == [b"200"], (printed, answers)
+    assert status == 0 and _statuses(answers) == [b"200"], (printed, answers)
     assert (device / "machine-token").read_text() == out["token"] and out["token"]
     assert out["ipv4"] == "192.0.2.60"
     assert (host / "machine-token").read_text() != out["token"]
-    assert statuses(out["host again"][1]) == [b"401"], out["host again"]
+    assert _statuses(out["host again"][1]) == [b"401"], out["host again"]
 
 
 def _older_register_command(url: str, mac: str, token: str, node_name: str) -> str:
