@@ -72,7 +72,8 @@ _EDITABLE = ("macs", "hostname", "uuid", "serial", "asset", "labels", "cluster",
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
-# An external cluster's server_url, as k3s's --server takes it: https://, a host name or an
+# An external cluster's server_url, as k3s's --server takes it: https://, a host name (Go's URL
+# parser, and so k3s, takes an underscore in one: some sites have them) or an
 # IPv4 address or a bracketed IPv6 address (each form ipaddress and urlsplit take), a port
 # of 1 to 65535, a path of printable ASCII; nothing else. It is written into every agent's
 # config; "https://" and anything after it was taken, control characters and all, and k3s
@@ -83,7 +84,7 @@ _IPV6 = "|".join((f"(?:{_H16}:){{7}}{_H16}", f"(?:{_H16}:){{1,7}}:",
                   f":(?:(?::{_H16}){{1,7}}|:)"))
 _PORT = ("(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
          "|[1-9][0-9]{0,3})")
-_LABEL = "[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LABEL = "[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 # The end as (?![\s\S]), not $ (which also matches before a last newline): openapi's.
 SERVER_URL_PATTERN = (f"^https://(?:{_LABEL}(?:[.]{_LABEL})*|\\[(?:{_IPV6})\\])(?::{_PORT})?"
                       "(?:/[!-~]*)?(?![\\s\\S])")
