@@ -526,8 +526,8 @@ class Core:
         item = parse({k: v for k, v in data.items() if k not in aside})
         check_name(item.name)
         if single == "cluster":
-            item = await self._check_cluster(item, data, create=create, force=force)
-        elif single == "group":
+            return await self._put_cluster(item, data, create=create, force=force)
+        if single == "group":
             await self._check_group(item)
         elif item.config_template not in CONFIG_TEMPLATES:
             # Any other name was rendered as k3os: a "cloudinit" typo installed the wrong OS
@@ -540,6 +540,24 @@ class Core:
                 raise errors[0][1]
         await getattr(self.store, f"put_{single}")(item, create=create)
         return item
+
+    async def _put_cluster(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
+                           force: bool) -> Cluster:
+        """A cluster checked and written; a replace as a compare-and-set on the cluster read
+        first (made again on the cluster as stored now when another server changed it
+        meanwhile): an edit must not undo the agent token another server's start-up gave
+        the cluster (Core.give_agent_tokens), whose configs name it."""
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+            read = None if create else await self.store.get_cluster(cluster.name)
+            made = await self._check_cluster(cluster, data, create=create, force=force)
+            try:
+                await self.store.put_cluster(made, create=create, expect=read)
+            except StateChanged:
+                if attempt == DECIDE_ATTEMPTS:
+                    raise
+                continue
+            return made
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any], *,
                              create: bool, force: bool = False) -> Cluster:

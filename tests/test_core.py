@@ -496,3 +496,43 @@ async def test_servers_starting_at_once_give_an_old_cluster_one_agent_token(
         assert await slow == []  # it read the other's and kept it
         for store in (a, b):
             assert await store.get_cluster("old") == given
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_an_edit_made_while_another_server_gives_the_agent_token_keeps_it(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """An operator edits an old cluster on one server while another server starting up
+    gives it its agent token: the edit, read before that token, made its own (no node has
+    a config) and wrote it over the other's, which that server's configs had named. The
+    edit is now a compare-and-set: made again on the cluster as stored, it keeps the token."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.model import Cluster
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_cluster(Cluster(name="old", token="o" * 32), create=True)
+        writing, first_given = asyncio.Event(), asyncio.Event()
+        put = a.put_cluster
+
+        async def after_the_other(cluster: Cluster, **kw: Any) -> None:
+            if not writing.is_set():
+                writing.set()  # the edit has read and made its cluster: b writes first
+                await first_given.wait()
+            await put(cluster, **kw)
+
+        a.put_cluster = after_the_other  # type: ignore[method-assign]
+        core_a, core_b = (Core(s, Enroller(s), None, None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        edit = asyncio.ensure_future(core_a.put("clusters", {
+            "name": "old", "server_url": "managed", "description": "rack 4"}, create=False))
+        await writing.wait()
+        assert await core_b.give_agent_tokens() == ["old"]
+        given = await b.get_cluster("old")
+        assert given is not None and len(given.agent_token) == 64
+        first_given.set()
+        edited = await edit
+        assert edited.description == "rack 4" and edited.agent_token == given.agent_token
+        stored = await b.get_cluster("old")
+        assert stored is not None and stored.agent_token == given.agent_token
+        assert stored.description == "rack 4"
