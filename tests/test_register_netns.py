@@ -124,6 +124,16 @@ async def _closed(service: Service, runner: web.AppRunner,
     await service.store.close()
 
 
+def _with_a_second_host(namespace: str,
+                        scenario: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """``scenario`` run in ``namespace`` with 192.0.2.61 (a clone, a host on the VLAN) on
+    its loopback beside tests.netns' three addresses."""
+    subprocess.run(["ip", "-n", namespace, "addr", "add", "192.0.2.61/32", "dev", "lo"],
+                   check=True)
+    out: dict[str, Any] = in_namespace(namespace, scenario)
+    return out
+
+
 def _busybox_sh(tmp_path: Path) -> Callable[[str], Awaitable[tuple[int, bytes]]]:
     """A device's shell: busybox ``sh`` with only the applets the register command names
     (``wget``, no curl) on its PATH; what it prints and its status, bounded to 40 s."""
@@ -406,10 +416,7 @@ def test_an_installs_secret_proves_its_retries_and_a_clone_or_local_process_gets
         finally:
             await _closed(service, runner, servers)
 
-    # The clone's address, on the namespace's loopback beside tests.netns' three.
-    subprocess.run(["ip", "-n", namespace, "addr", "add", "192.0.2.61/32", "dev", "lo"],
-                   check=True)
-    out = in_namespace(namespace, scenario)
+    out = _with_a_second_host(namespace, scenario)
     assert _statuses(out["clone registers"][1]) == [b"200"]
     assert _statuses(out["first"][1]) == [b"200"]  # lost
     secret = out["secret after the first"]
@@ -499,9 +506,7 @@ def test_a_host_that_registered_first_is_told_and_the_device_given_the_machine_b
         finally:
             await _closed(service, runner, servers)
 
-    subprocess.run(["ip", "-n", namespace, "addr", "add", "192.0.2.61/32", "dev", "lo"],
-                   check=True)
-    out = in_namespace(namespace, scenario)
+    out = _with_a_second_host(namespace, scenario)
     assert _statuses(out["host"][1]) == [b"200"]
     assert _statuses(out["device"][1]) == [b"409", b"409"], out["device"]
     assert not out["device kept a token"]
