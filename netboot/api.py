@@ -280,6 +280,7 @@ class Api:
         r.add_delete(f"{p}/machines/{{ref}}", self.allow(operate, self.delete_machine))
         r.add_post(f"{p}/machines/{{ref}}/approve", self.allow(enroll, self.approve))
         r.add_post(f"{p}/machines/{{ref}}/reinstall", self.allow(operate, self.reinstall))
+        r.add_post(f"{p}/machines/{{ref}}/claim", self.allow(operate, self.give_to_claim))
         r.add_get(f"{p}/machines/{{ref}}/explain", self.allow(read, self.explain))
         r.add_get(f"{p}/machines/{{ref}}/events", self.allow(read, self.list_events))
         # Masked renders: what the device gets, without its install token or the join token.
@@ -671,6 +672,11 @@ class Api:
                                            enroll_only=self._create_only(request))
         return web.json_response(self._machine_out(machine))
 
+    async def give_to_claim(self, request: web.Request) -> web.Response:
+        machine = await self._core.give_to_claim(request.match_info["ref"],
+                                                 _object(await read_json(request)))
+        return web.json_response(self._machine_out(machine))
+
     async def reinstall(self, request: web.Request) -> web.Response:
         machine = await self._core.reinstall(request.match_info["ref"])
         return web.json_response(self._machine_out(machine))
@@ -869,7 +875,10 @@ class Api:
                 if "name" in body and body["name"] != name:
                     raise ValidationError("name", "does not match the URL")
                 body = {**body, "name": name}
-            item = await self._core.put(kind, body, create=create)
+            force = request.query.get("force", "false") if kind == "clusters" else "false"
+            if force not in ("true", "false"):
+                raise ValidationError("force", "true or false")
+            item = await self._core.put(kind, body, create=create, force=force == "true")
             request[TARGET_KEY] = item.name
             return web.json_response(out(item), status=201 if create else 200)
         return handler

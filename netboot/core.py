@@ -80,6 +80,24 @@ _EDITABLE = ("macs", "hostname", "uuid", "serial", "asset", "labels", "cluster",
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
 
 
+# An external cluster's server_url, as k3s's --server takes it: https://, a host name (Go's URL
+# parser, and so k3s, takes an underscore in one: some sites have them) or an
+# IPv4 address or a bracketed IPv6 address (each form ipaddress and urlsplit take), a port
+# of 1 to 65535, a path of printable ASCII; nothing else. It is written into every agent's
+# config; "https://" and anything after it was taken, control characters and all, and k3s
+# on each agent failed to parse it (and a URL parser in a client of the API raised on it).
+_H16 = "[0-9A-Fa-f]{1,4}"
+_IPV6 = "|".join((f"(?:{_H16}:){{7}}{_H16}", f"(?:{_H16}:){{1,7}}:",
+                  *(f"(?:{_H16}:){{1,{7 - n}}}(?::{_H16}){{1,{n}}}" for n in range(1, 7)),
+                  f":(?:(?::{_H16}){{1,7}}|:)"))
+_PORT = ("(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+         "|[1-9][0-9]{0,3})")
+_LABEL = "[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+# The end as (?![\s\S]), not $ (which also matches before a last newline): openapi's.
+SERVER_URL_PATTERN = (f"^https://(?:{_LABEL}(?:[.]{_LABEL})*|\\[(?:{_IPV6})\\])(?::{_PORT})?"
+                      "(?:/[!-~]*)?(?![\\s\\S])")
+
+
 def check_asset_ref(field: str, ref: str, *, url: bool = True, path: bool = True) -> None:
     """Refuse a profile's kernel, initrd or asset that netboot could never serve: it was
     stored and each boot was refused (the asset route's 403 for '..', a 404 for the rest).
@@ -193,6 +211,13 @@ _SECURE_TOKEN = re.compile(r"K10[0-9a-f]{64}::")
 # auth as it comes), and a secure token's CA hash is public (/cacerts): the secret is all a
 # guess has to find. k3s's own are 32 hex characters (128 bits), netboot's 64.
 WEAK_TOKEN_BELOW = 16
+# The states of a node that fetched its config (its k3s runs, or will, on what it was given).
+_CONFIGURED = (MachineState.INSTALLING, MachineState.INSTALLED, MachineState.REGISTERED,
+               MachineState.FAILED)
+# A refused registration's claim: the sha256 of its install's secret (enroll._contested).
+_CLAIM = re.compile("[0-9a-f]{64}")
+# The nodes told, each by an event, that a forced agent token change left them on the old.
+_FORCE_TOLD = 10_000
 
 
 def token_secret(token: str) -> str:
@@ -543,6 +568,15 @@ class Core:
     async def reinstall(self, ref: str) -> Machine:
         return await self.enroller.reinstall(ref)
 
+    async def give_to_claim(self, ref: str, data: Mapping[str, Any]) -> Machine:
+        """POST /machines/{ref}/claim: a registered machine given to the install whose
+        registration was refused with ``claim`` (Enroller.give_to_claim)."""
+        claim = data.get("claim")
+        if not isinstance(claim, str) or not _CLAIM.fullmatch(claim):
+            raise ValidationError("claim", "the claim a 'registration contested' event of the "
+                                           "machine names (64 hexadecimal digits)")
+        return await self.enroller.give_to_claim(ref, claim)
+
     # -- profiles, clusters, groups -------------------------------------------------------
     async def get(self, kind: str, name: str) -> Any:
         single = _kind(kind)
@@ -556,8 +590,11 @@ class Core:
         items: list[Any] = await getattr(self.store, f"list_{kind}")()
         return items
 
-    async def put(self, kind: str, data: Mapping[str, Any], *, create: bool) -> Any:
-        """Create (``create``) or replace a profile, cluster or group from its JSON shape."""
+    async def put(self, kind: str, data: Mapping[str, Any], *, create: bool,
+                  force: bool = False) -> Any:
+        """Create (``create``) or replace a profile, cluster or group from its JSON shape.
+        ``force``: a managed cluster's agent token changed though nodes of it have their
+        config (:meth:`_agent_token_change`)."""
         single = _kind(kind)
         if not create:
             await self.get(kind, str(data.get("name")))  # replacing needs it to exist
@@ -576,8 +613,8 @@ class Core:
         item = parse({k: v for k, v in data.items() if k not in aside})
         check_name(item.name)
         if single == "cluster":
-            item = await self._check_cluster(item, data, create=create)
-        elif single == "group":
+            return await self._put_cluster(item, data, create=create, force=force)
+        if single == "group":
             await self._check_group(item)
         elif item.config_template not in CONFIG_TEMPLATES:
             # Any other name was rendered as k3os: a "cloudinit" typo installed the wrong OS
@@ -591,11 +628,30 @@ class Core:
         await getattr(self.store, f"put_{single}")(item, create=create)
         return item
 
+    async def _put_cluster(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
+                           force: bool) -> Cluster:
+        """A cluster checked and written; a replace as a compare-and-set on the cluster read
+        first (made again on the cluster as stored now when another server changed it
+        meanwhile): an edit must not undo the agent token another server's start-up gave
+        the cluster (Core.give_agent_tokens), whose configs name it."""
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+            read = None if create else await self.store.get_cluster(cluster.name)
+            made = await self._check_cluster(cluster, data, create=create, force=force)
+            try:
+                await self.store.put_cluster(made, create=create, expect=read)
+            except StateChanged:
+                if attempt == DECIDE_ATTEMPTS:
+                    raise
+                continue
+            return made
+        raise AssertionError("unreachable")  # the loop returns or raises
+
     async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any], *,
-                             create: bool) -> Cluster:
-        if not cluster.managed and not cluster.server_url.startswith("https://"):
+                             create: bool, force: bool = False) -> Cluster:
+        if not cluster.managed and not re.search(SERVER_URL_PATTERN, cluster.server_url):
             raise ValidationError("server_url", f"{cluster.server_url!r}: an https:// URL of "
-                                  "the k3s API, or 'managed'")
+                                  "the k3s API (a host name or address, a port, a path; no "
+                                  "space or control character), or 'managed'")
         if cluster.endpoint and not cluster.managed:
             raise ValidationError("endpoint", "only a managed cluster has one: an external "
                                               "cluster's server_url already is its endpoint")
@@ -613,7 +669,7 @@ class Core:
             if cluster.token:
                 return cluster
             raise ValidationError("token", "required for an external cluster (k3s node token)")
-        return await self._managed_join(cluster, data, create=create)
+        return await self._managed_join(cluster, data, create=create, force=force)
 
     async def secure_token(self, name: str) -> Cluster:
         """Give a managed cluster made with the short token (before netboot made k3s CAs, or
@@ -631,7 +687,7 @@ class Core:
         return made
 
     async def _managed_join(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
-                            secure: bool = False) -> Cluster:
+                            secure: bool = False, force: bool = False) -> Cluster:
         """A managed cluster's join token and k3s server CA (README "What a host on the
         provisioning network can take").
 
@@ -663,6 +719,9 @@ class Core:
             # A secure form given (a server's agent-token file): its secret, wrapped below
             # with this cluster's CA (k3s keeps a server's agent-token as given: the secret).
             agent = token_secret(agent)
+        if agent is not None and old is not None and agent != (
+                _secret(old.agent_token, old.ca_cert) if old.agent_token else ""):
+            await self._agent_token_change(old, force)
         if agent is None and old is not None and old.agent_token:
             agent = _secret(old.agent_token, old.ca_cert)
         if not agent and (old is None or await self._configured_node(old) is None):
@@ -680,24 +739,68 @@ class Core:
         return replace(cluster, token=token, ca_cert=ca_cert, ca_key=ca_key,
                        agent_token=agent_token)
 
+    async def _agent_token_change(self, old: Cluster, force: bool) -> None:
+        """A managed cluster's agent token changed by an edit: refused (409) while a node of
+        it has its config, unless ``force``, which tells each such node's history what it
+        breaks. k3s has no rotation of the agent token (``k3s token rotate`` changes the
+        server token alone): each server keeps the ``agent-token`` its config gave it, each
+        agent that joined keeps its token and presents it again at every start of k3s, so
+        the new one given to the next nodes is refused by the running servers, and the old
+        one by servers configured after."""
+        configured = await self._configured_node(old)
+        if configured is None:
+            return
+        node, state = configured
+        if not force:
+            raise Conflict(
+                f"cluster {old.name!r} runs on the agent token it has: {node.ref} is {state} "
+                "with its config, and k3s keeps the agent token a server was given (its "
+                "agent-token) and the one an agent joined with, checked at every start of "
+                "k3s; nodes given a new one would be refused by its servers. Fix: reinstall "
+                "every node of it (netboot machines reinstall) before changing it; or change "
+                "agent-token on each of its servers and the token of each of its agents by "
+                "hand (/etc/rancher/k3s/config.yaml, then restart k3s), then give it again "
+                f"with force (PUT /api/v1/clusters/{old.name}?force=true)", field="agent_token")
+        now = self._clock()
+        events = [Event(m.id, now, "agent token changed",
+                        f"the agent token of cluster {old.name} was changed by force while "
+                        f"this node was {m.state} with its config: its k3s keeps the old one "
+                        "(a server's agent-token, an agent's token) until it is changed there "
+                        "by hand or the node is reinstalled; until then agents given the new "
+                        "one are refused by servers on the old one, and the reverse")
+                  for state in _CONFIGURED for m in await self.store.list_machines(
+                      MachineFilter(cluster=old.name, state=state, limit=_FORCE_TOLD))]
+        await self.enroller.recorder.commit(Batch(events=tuple(events[:_FORCE_TOLD])))
+
     async def give_agent_tokens(self) -> list[str]:
         """Give each managed cluster made before netboot made agent tokens one, while none of
         its nodes has fetched a config (its servers would refuse agents given one): run at
         start-up, before any config is served. The names of the clusters given one."""
         given = []
-        for cluster in await self.store.list_clusters():
-            if not cluster.managed or cluster.agent_token:
-                continue
-            made = await self._managed_join(cluster, {}, create=False)
-            if made.agent_token:
-                await self.store.put_cluster(made, create=False)
+        for read in await self.store.list_clusters():
+            cluster: Cluster | None = read
+            for _attempt in range(DECIDE_ATTEMPTS):
+                if cluster is None or not cluster.managed or cluster.agent_token:
+                    break
+                made = await self._managed_join(cluster, {}, create=False)
+                if not made.agent_token:
+                    break
+                # Compare-and-set on the cluster as read: several servers on one PostgreSQL
+                # start at once, each here; the last write won, and a server's config served
+                # from the first named a secret its peers then no longer gave (s39-agenttok).
+                # The loser reads the winner's token (or an edit made meanwhile) and keeps it.
+                try:
+                    await self.store.put_cluster(made, create=False, expect=cluster)
+                except StateChanged:
+                    cluster = await self.store.get_cluster(cluster.name)
+                    continue
                 given.append(cluster.name)
+                break
         return given
 
     async def _configured_node(self, cluster: Cluster) -> tuple[Machine, MachineState] | None:
         """A node of ``cluster`` that fetched its config (and its state), if any."""
-        for state in (MachineState.INSTALLING, MachineState.INSTALLED, MachineState.REGISTERED,
-                      MachineState.FAILED):
+        for state in _CONFIGURED:
             nodes = await self.store.list_machines(MachineFilter(cluster=cluster.name,
                                                                  state=state, limit=1))
             if nodes:

@@ -102,6 +102,15 @@ _OLDER_COMMAND = ("; its register command is an older netboot's (it keeps no mac
 # address and be taken as the device (Enroller._moved_before_its_answer): the register
 # command's own retries, 360 tries 10 s apart (content.register_texts), an hour.
 REPEAT_ELSEWHERE_SECONDS = 3600
+# A repeat refused for another install's secret (or none) is told as a "registration
+# contested" event: at most CONTEST_BURST a machine at once, one every CONTEST_EVERY seconds
+# after, so that a flood of them (the spent token is in the config: anyone who read it can
+# post it, from as many addresses as it has) cannot fill the store or push out the history;
+# the same claim from the same place again is told once.
+CONTEST_BURST = 5
+CONTEST_EVERY = 60.0
+# The newest events of a machine read to find the claim an operator gives it to (claim).
+_CLAIMS_SEEN = 200
 # The newest events of a machine read to find its registration's (a registered machine writes
 # a few: its repeats are told once a place, its later boots only when its address moves).
 _REGISTERED_SEEN = 50
@@ -886,6 +895,7 @@ class Enroller:
         self._report_burst, self._report_rate = report_burst, report_rate
         self._reports = TokenBuckets(report_rate, report_burst, _REPORT_BUDGETS)
         self._refusing: set[str] = set()
+        self._contests = TokenBuckets(1 / CONTEST_EVERY, CONTEST_BURST, _REPORT_BUDGETS)
         # (machine id, token expiry) told as a "token expired" event (refuse_expired).
         self._expired_told: set[tuple[str, float, str]] = set()
         # Every event of this process is written through one recorder, so that history keeps
@@ -1412,6 +1422,9 @@ class Enroller:
                 # Registered with a secret, repeated without it (or with another): not its
                 # install, from its own address too (a local process reading the config's
                 # spent token got the machine token there), so a 409 naming the state.
+                # Told: the machine's own device, if a host registered it first (README
+                # "What a host on the provisioning network can take").
+                await self._contested(machine, peer, choice, secret)
                 lifecycle.apply(machine.state, lifecycle.Trigger.REGISTER, subject=machine)
             elif machine_token is None:
                 repeat = _registered_from(machine, peer, choice)
@@ -1486,6 +1499,68 @@ class Enroller:
             machine = await self._read_again(machine)
         log_line(self._log, logging.INFO, "registered mac=%s ip=%s cluster=%s", mac, ipv4,
                  machine.cluster)  # once per machine of a storm: see log_line
+        return updated
+
+    async def _contested(self, machine: Machine, peer: IPAddress | None,
+                         choice: AddressChoice, secret: str | None) -> None:
+        """A ``registration contested`` event for a repeat refused for another install's
+        secret (or none): where it came from, and its claim (the sha256 of the secret it
+        sent, as netboot would keep it) that :meth:`give_to_claim` hands the machine to.
+        Bounded (:data:`CONTEST_BURST`, :data:`CONTEST_EVERY`); one claim from one place is
+        told once while nothing else is recorded of the machine."""
+        claim = hashlib.sha256(secret.encode()).hexdigest() if secret else None
+        from_ = str(peer) if peer else "an unknown address"
+        if choice.address and str(choice.address) != from_:
+            from_ += f" (reporting {choice.address})"
+        message = (f"a registration with its spent install token from {from_} was refused: "
+                   + (f"another install's secret (claim {claim})" if claim else
+                      "no install's secret (an older register command, or a process that "
+                      "read the config)")
+                   + f", while the one registered at {machine.ipv4 or 'no address'} holds "
+                   "the machine. If that one is not this machine's device and the refused "
+                   "one is, " + (f"'POST /api/v1/machines/{machine.ref}/claim' with "
+                                 f'{{"claim": "{claim}"}} gives the machine to it at its next '
+                                 "try, without a reinstall" if claim else
+                                 "'netboot machines reinstall' gives it back"))
+        kind = "registration contested"
+        if self.recorder.last(machine.id) == (kind, message) \
+                or not self._contests.take(machine.id, self._clock()):
+            return
+        await self.event(machine.id, kind, message,
+                         {"peer": str(peer) if peer else None, "claim": claim})
+
+    async def give_to_claim(self, ref: str, claim: str) -> Machine:
+        """Give registered machine ``ref`` to the install whose refused registration made
+        ``claim`` (a ``registration contested`` event among its newest): its digest becomes
+        the one kept, the machine token of the registration that held it is void, and the
+        claimant's next try (the same secret) is answered as its registration's repeat,
+        moved to where it is (k3s's node password has the same remedy: delete the node's
+        stored password and the next join sets it). NotFound for a claim it did not make."""
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+            machine = await identity.require_ref(self._store, ref)
+            if machine.state is not _REGISTERED:
+                raise Conflict(f"{machine.ref} is {machine.state}, not registered: its next "
+                               "registration is its install's own", field="state")
+            events = await self._store.list_events(machine.id, limit=_CLAIMS_SEEN)
+            made = next((e for e in reversed(events) if e.kind == "registration contested"
+                         and isinstance(e.data.get("claim"), str)
+                         and hmac.compare_digest(e.data["claim"].encode(), claim.encode())),
+                        None)
+            if made is None:
+                raise NotFound(f"no refused registration of {machine.ref} made claim "
+                               f"{claim!r} (its newest {_CLAIMS_SEEN} events)")
+            updated = replace_machine(machine, secret_hash=claim, install_token=None,
+                                      updated=self._clock())
+            event = Event(machine.id, self._clock(), "registration claimed",
+                          f"given to the install whose registration from "
+                          f"{made.data.get('peer') or 'an unknown address'} was refused "
+                          f"(claim {claim}): its next try is answered; the machine token of "
+                          f"the registration at {machine.ipv4 or 'no address'} is void")
+            if await self._written(Batch(update=(updated,), events=(event,),
+                                         expect={machine.id: machine.state},
+                                         versions={machine.id: machine.updated}),
+                                   attempt, (machine,)):
+                break
         return updated
 
     async def _registration(self, machine: Machine) -> Event | None:

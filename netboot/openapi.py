@@ -14,6 +14,7 @@ from netboot.access import (
     Permission,
     scope_needed,
 )
+from netboot.core import SERVER_URL_PATTERN
 from netboot.inventory.base import SORT_KEYS
 from netboot.model import Arch, MachineState, Role, Scope
 
@@ -69,6 +70,23 @@ _FDTDIR = {"type": ["string", "null"], "pattern": f"^{_ASSET_PATH}{_END}",
            "description": "a directory relative to assets.dirs (no '..', not starting with '/')"}
 _ISO_URL = {"type": ["string", "null"], "pattern": f"^(?:{_ASSET_URL})?{_END}",
             "description": "an http:// or https:// URL (no space)"}
+# A managed cluster's endpoint (model.check_endpoint): a part of what the server takes that
+# holds each form it answers (lowercase; an IPv6 address in brackets; https:// kept), and no
+# address it refuses (loopback, link-local, multicast, unspecified; an all-digit name).
+_OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
+_ENDPOINT_V4 = (f"(?!169[.]254[.])(?:22[0-3]|2[01][0-9]|1[3-9][0-9]|12[89]|1[01][0-9]|12[0-6]"
+                f"|[1-9][0-9]|[1-9])(?:[.]{_OCTET}){{3}}")
+_ENDPOINT_HOST = ("(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?[.]){0,2}"
+                  "[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_G = "[0-9a-f]{1,4}"
+# Its first group neither 0 (::, ::1) nor fe80-febf (link-local) nor ff.. (multicast).
+_ENDPOINT_V6 = (f"(?=(?:[1-9a-f][0-9a-f]{{0,2}}|[1-9a-e][0-9a-f]{{3}}|f[0-9a-d][0-9a-f]{{2}}):)"
+                f"(?:(?:{_G}:){{7}}{_G}|(?:{_G}:){{1,7}}:|"
+                + "|".join(f"(?:{_G}:){{1,{7 - n}}}(?::{_G}){{1,{n}}}" for n in range(1, 7))
+                + ")")
+ENDPOINT_PATTERN = (f"^(?:https://)?(?:{_ENDPOINT_HOST}|{_ENDPOINT_V4}|\\[{_ENDPOINT_V6}\\])"
+                    "(?::(?:6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}"
+                    "|[1-9][0-9]{0,3}))?(?![\\s\\S])")
 _EXTERNAL = {"required": ["server_url"], "properties": {"server_url": {"pattern": "^https://"}}}
 
 
@@ -165,13 +183,20 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {
         "name": NAME,
         "server_url": {"type": "string", "anyOf": [{"const": "managed"},
-                                                   {"pattern": "^https://"}],
+                                                   {"pattern": SERVER_URL_PATTERN}],
                        "description": "https://… of the k3s API, or 'managed' (the default)"},
         "token": {"type": "string", "writeOnly": True,
                   "description": "the k3s node token; required to create an external cluster, "
                                  "generated for a managed one; a replace without it keeps it. "
                                  "A managed cluster with a k3s CA is given it in the secure "
                                  "form K10<ca_hash>::server:<this>"},
+        "agent_token": {"type": "string", "writeOnly": True, "description": (
+            "the k3s agent token its agents join with (never answered): a managed cluster "
+            "makes one, and takes one given (its secret, or K10…::node:<secret>, given "
+            "to its servers as agent-token); a change once a node of it has its config is a "
+            "409 unless ?force=true. An external cluster's is its servers' "
+            "(server/agent-token); none: its agents get its token. A replace without it "
+            "keeps it")},
         "ca_hash": {"type": ["string", "null"], "readOnly": True,
                     "description": "managed clusters: SHA-256 of the k3s server CA netboot made "
                                    "(what /cacerts of its servers serves), named by the secure "
@@ -187,7 +212,7 @@ SCHEMAS: dict[str, Any] = {
                 "type": "object", "required": ["field", "error"],
                 "properties": {"field": _STR, "error": _STR}}},
         "labels": _MAP, "taints": _LIST, "description": _STR,
-        "endpoint": {"type": ["string", "null"], "description":
+        "endpoint": {"type": ["string", "null"], "pattern": ENDPOINT_PATTERN, "description":
                      "managed clusters: where nodes reach the servers (a VIP or DNS name): "
                      "host, host:port or https://host[:port], not loopback, link-local, "
                      "multicast or unspecified; unset, the first registered server's "
@@ -199,6 +224,8 @@ SCHEMAS: dict[str, Any] = {
     "ClusterCreate": {"allOf": [_ref("Cluster"), {
         "if": _EXTERNAL, "then": {"required": ["token"],
                                   "properties": {"token": {"minLength": 1}}}}]},
+    "Claim": {"type": "object", "required": ["claim"], "properties": {
+        "claim": {"type": "string", "pattern": "^[0-9a-f]{64}(?![\\s\\S])"}}},
     "Group": {"type": "object", "required": ["name"], "additionalProperties": False,
               "properties": {
         "name": NAME, "selector": {"type": "object", "additionalProperties": _LIST},
@@ -474,6 +501,13 @@ def document() -> dict[str, Any]:
             "post": _op("install again on next boot", need=OPERATE, out="Machine",
                         errors=(400, 404, 409)),
         },
+        "/api/v1/machines/{ref}/claim": {
+            "parameters": [_path_param("ref")],
+            "post": _op("give a registered machine to the install whose registration was "
+                        "refused with this claim (a 'registration contested' event names "
+                        "it): its next try is answered, the holder's machine token void",
+                        need=OPERATE, body="Claim", out="Machine", errors=(400, 404, 409)),
+        },
         "/api/v1/machines/{ref}/explain": {
             "parameters": [_path_param("ref")],
             "get": _op("which group, profile and decision, and why", need=READ,
@@ -562,7 +596,11 @@ def document() -> dict[str, Any]:
             "get": _op(f"one {kind[:-1]}", need=READ, out=schema),
             "put": _op(f"replace a {kind[:-1]}", need=CONFIGURE, body=f"{schema}Replace",
                        out=schema,
-                       errors=(400, 404, 409)),
+                       errors=(400, 404, 409), params=(_query(
+                           "force", {"type": "string", "enum": ["true", "false"]},
+                           "true: take a new agent_token though a node of the cluster has "
+                           "its config (each such node's history says what it breaks)"),)
+                       if kind == "clusters" else ()),
             "delete": _op(f"remove a {kind[:-1]}", need=CONFIGURE, ok=204, errors=(404, 409)),
         }
         # What a schema cannot say: a body's "name" must be the URL's, and a group names a

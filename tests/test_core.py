@@ -7,10 +7,12 @@ HTTP server in the test serves, so a rule kept by one face and not the other sho
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import shlex
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from netboot.cli import main
 from netboot.core import NOCLOUD_FILES, TOKEN_PLACEHOLDER
 from netboot.errors import ConfigError
 from netboot.model import MacAddress, Machine, MachineState, Role
+from tests import pg
 from tests.conftest import BASE, Env, EnvFactory, Reply, boot, call, install_token, write_config
 
 MAC = "52:54:00:12:34:56"
@@ -454,3 +457,56 @@ async def test_render_grub_and_explain_the_chain(
     assert rc == 0, err
     why = json.loads(explained)
     assert (why["loader"], why["loader_source"]) == ("shim-grub", "set on the machine")
+
+
+# --- an old cluster's agent token, given by several servers starting at once (s40-sec) ---
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("first", ["start-up", "edit"])
+async def test_an_old_clusters_agent_token_given_by_one_server_is_kept_by_the_others(
+        kind: str, first: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two servers on one inventory: one gives a cluster an older netboot made its agent
+    token (Core.give_agent_tokens, at its start) and may serve a server's config naming it
+    at once. The other read the cluster before that write, either starting too (it made a
+    token of its own) or for an operator's edit (which, no node having a config, made one
+    too): it wrote its own over the first (agents given one secret were then refused by a
+    server configured with the other). Now both writes are compare-and-sets, made again on
+    the cluster as stored. Ordered by a store wrapper, not a sleep: the second server's
+    first write waits until the first server has given its token."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.model import Cluster
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_cluster(Cluster(name="old", token="o" * 32), create=True)
+        writing, first_given = asyncio.Event(), asyncio.Event()
+        put = a.put_cluster
+
+        async def after_the_other(cluster: Cluster, **kw: Any) -> None:
+            if not writing.is_set():
+                writing.set()  # a has read the cluster and made its token: b writes first
+                await first_given.wait()
+            await put(cluster, **kw)
+
+        a.put_cluster = after_the_other  # type: ignore[method-assign]
+        core_a, core_b = (Core(s, Enroller(s), None, None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        slow = asyncio.ensure_future(core_a.give_agent_tokens() if first == "start-up" else
+                                     core_a.put("clusters", {"name": "old",
+                                                             "server_url": "managed",
+                                                             "description": "rack 4"},
+                                                create=False))
+        await writing.wait()
+        assert await core_b.give_agent_tokens() == ["old"]
+        given = await b.get_cluster("old")
+        assert given is not None and len(given.agent_token) == 64
+        first_given.set()
+        done = await slow
+        if first == "start-up":
+            assert done == []  # it read the other's and kept it
+        else:
+            given = replace(given, description="rack 4")
+            assert done == given
+        for store in (a, b):
+            assert await store.get_cluster("old") == given

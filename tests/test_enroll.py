@@ -1462,7 +1462,9 @@ async def test_an_installs_secret_proves_its_repeats_and_nothing_else_does(  # t
         for peer in ("192.0.2.70", "192.0.2.71"):
             with pytest.raises(TransitionRefused):
                 await enroller.register(other, ipaddress.ip_address(peer), audit=_audited)
-    assert [e.kind for e in await store.list_events(first.id)] == ["registered"]
+    # Each told once (s40-sec: a "registration contested" event, its place and its claim).
+    assert [e.kind for e in await store.list_events(first.id)] == [
+        "registered", *["registration contested"] * 5]
     # Its install, from where it registered: answered as the first.
     again = await enroller.register(body, at)
     assert again.install_token == first.install_token and again.ipv4 == "192.0.2.70"
@@ -1487,6 +1489,69 @@ async def test_an_installs_secret_proves_its_repeats_and_nothing_else_does(  # t
     assert stored is not None and stored.secret_hash is None
     with pytest.raises(AuthError):
         await enroller.register(body, at)
+
+
+async def test_a_refused_claim_is_told_bounded_and_the_operator_gives_the_machine_to_it(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """A host on the VLAN with a machine's install token registers it first, with its own
+    secret; the real device's registration (its own install's secret) is refused. Before,
+    nothing was recorded: the operator never learnt a second host claimed the machine. Now
+    a "registration contested" event names where it came from and its claim (the digest of
+    its secret, never the secret); a flood from many addresses is told at most
+    CONTEST_BURST times, then one a CONTEST_EVERY; the operator gives the machine to the
+    claim in one step (no reinstall): the device's next try is answered and moved to its
+    address, the first host's machine token is void and its secret refused."""
+    import hashlib
+    import ipaddress
+
+    from netboot.enroll import CONTEST_BURST, CONTEST_EVERY
+    from netboot.errors import AuthError, NotFound, TransitionRefused
+
+    store = every_store
+    now = [1000.0]
+    mac = await _installed(store, "52:54:00:00:40:01", "c1")
+    enroller = Enroller(store, clock=lambda: now[0])
+    thief = {"mac": str(mac), "token": "tok", "install_secret": "7e1d0c55-thief",
+             "keeps": "machine_token"}
+    held = await enroller.register(thief, ipaddress.ip_address("192.0.2.66"), audit=_audited)
+    device_secret = "3f0a9c2e-5b7d-4e1f-a6c8-d9e0f1a2b3c4"
+    device = {**thief, "install_secret": device_secret, "machine_id": "d1"}
+    claim = hashlib.sha256(device_secret.encode()).hexdigest()
+    for _ in range(3):  # its retries from one place: told once
+        with pytest.raises(TransitionRefused):
+            await enroller.register(device, ipaddress.ip_address("192.0.2.10"))
+    told = [e for e in await store.list_events(held.id) if e.kind == "registration contested"]
+    assert len(told) == 1 and "192.0.2.10" in told[0].message and claim in told[0].message
+    assert told[0].data == {"peer": "192.0.2.10", "claim": claim}
+    assert device_secret not in repr(await store.list_events(held.id))
+    # A flood from many addresses (anyone who read the config has the spent token).
+    for i in range(40):
+        with pytest.raises(TransitionRefused):
+            await enroller.register({**device, "install_secret": f"flood-{i}"},
+                                    ipaddress.ip_address(f"198.51.100.{i + 1}"))
+    told = [e for e in await store.list_events(held.id) if e.kind == "registration contested"]
+    assert len(told) == CONTEST_BURST
+    now[0] += CONTEST_EVERY
+    with pytest.raises(TransitionRefused):
+        await enroller.register(device, ipaddress.ip_address("192.0.2.11"))
+    told = [e for e in await store.list_events(held.id) if e.kind == "registration contested"]
+    assert len(told) == CONTEST_BURST + 1 and "192.0.2.11" in told[-1].message
+    # Given to the device's claim: a claim never made is a NotFound.
+    with pytest.raises(NotFound):
+        await enroller.give_to_claim(str(mac), "0" * 64)
+    given = await enroller.give_to_claim(str(mac), claim)
+    assert given.secret_hash == claim and not given.install_token
+    assert (await store.list_events(held.id))[-1].kind == "registration claimed"
+    answered = await enroller.register(device, ipaddress.ip_address("192.0.2.12"))
+    assert answered.install_token and answered.install_token != held.install_token
+    stored = await store.get_machine(held.id)
+    assert stored is not None and stored.ipv4 == "192.0.2.12"
+    assert stored.state == MachineState.REGISTERED
+    with pytest.raises(AuthError):  # the first host's machine token is void
+        await enroller.register({"mac": str(mac), "machine_token": held.install_token},
+                                ipaddress.ip_address("192.0.2.66"))
+    with pytest.raises(TransitionRefused):  # and its secret no longer proves anything
+        await enroller.register(thief, ipaddress.ip_address("192.0.2.66"))
 
 
 async def test_the_time_in_a_state_is_kept_by_every_store_and_filtered_on(  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from netboot.config import load
+from netboot.core import token_secret
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Cluster
 from netboot.pki import K3S_SERVER_CA, K3S_SERVER_CA_KEY, k3s_server_ca
@@ -693,3 +694,43 @@ async def test_an_agent_token_given_with_json_escaped_characters_is_given_to_ser
                    admin=False)
     assert r.status == 200, (r.status, r.text)
     assert k3s_users(yaml.safe_load(r.text))["node"][0] == secret
+
+
+async def test_a_running_clusters_agent_token_is_changed_only_by_force_which_tells_its_nodes(
+        env: Env) -> None:
+    """k3s has no rotation of the agent token (``k3s token rotate`` changes the server token
+    alone): a server keeps the agent-token its config gave it, an agent the token it joined
+    with, presented again at each start of k3s. A new agent token given to a cluster whose
+    server has its config gave the next agents a token that server refuses: refused with a
+    409 naming the fix (reinstall, or change it by hand and force), nothing changed; with
+    ``force=true`` it is taken, and each configured node's history says what it breaks."""
+    await managed(env)
+    token, server = await k3os_config(env, S0)
+    await registered(env, S0, token, "192.0.2.21")
+    before = await env.service.store.get_cluster("edge")
+    assert before is not None
+    new = {"name": "edge", "server_url": "managed", "agent_token": "n3w-agent-secret-4f9a2c"}
+    r = await call(env, "PUT", "/api/v1/clusters/edge", json_body=new)
+    assert r.status == 409, r.text
+    assert r.json()["field"] == "agent_token" and "reinstall" in r.json()["error"]
+    assert "/api/v1/clusters/edge?force=true" in r.json()["error"] and S0 in r.json()["error"]
+    assert await env.service.store.get_cluster("edge") == before
+    _, agent = await k3os_config(env, AGENT)  # the next agent still joins the running server
+    assert k3s_joins(k3s_users(server), agent["k3os"]["token"], "agent")
+    r = await call(env, "PUT", "/api/v1/clusters/edge?force=maybe", json_body=new)
+    assert r.status == 400 and r.json()["field"] == "force", r.text
+    # The same token given again (a body read and written back) is no change.
+    same = {**new, "agent_token": token_secret(before.agent_token)}
+    r = await call(env, "PUT", "/api/v1/clusters/edge", json_body=same)
+    assert r.status == 200, r.text
+    r = await call(env, "PUT", "/api/v1/clusters/edge?force=true", json_body=new)
+    assert r.status == 200, r.text
+    after = await env.service.store.get_cluster("edge")
+    assert after is not None and k3s_parse_token(after.agent_token)[2] == new["agent_token"]
+    told = {}
+    for mac in (S0, AGENT):
+        events = await env.get(f"/api/v1/machines/{mac}/events")
+        told[mac] = [e["message"] for e in events if e["kind"] == "agent token changed"]
+    assert len(told[S0]) == 1 and len(told[AGENT]) == 1, told
+    assert "keeps the old one" in told[S0][0]
+    assert new["agent_token"] not in str(told)

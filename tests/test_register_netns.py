@@ -110,6 +110,30 @@ class _Proxy:
             writer.close()
 
 
+def _statuses(answers: list[bytes]) -> list[bytes]:
+    """The HTTP status of each answer a _Proxy passed back."""
+    return [a.split(b" ", 2)[1] for a in answers]
+
+
+async def _closed(service: Service, runner: web.AppRunner,
+                  servers: list[asyncio.Server]) -> None:
+    for server in servers:
+        server.close()
+    await runner.cleanup()
+    await service.boot.drain()
+    await service.store.close()
+
+
+def _with_a_second_host(namespace: str,
+                        scenario: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    """``scenario`` run in ``namespace`` with 192.0.2.61 (a clone, a host on the VLAN) on
+    its loopback beside tests.netns' three addresses."""
+    subprocess.run(["ip", "-n", namespace, "addr", "add", "192.0.2.61/32", "dev", "lo"],
+                   check=True)
+    out: dict[str, Any] = in_namespace(namespace, scenario)
+    return out
+
+
 def _busybox_sh(tmp_path: Path) -> Callable[[str], Awaitable[tuple[int, bytes]]]:
     """A device's shell: busybox ``sh`` with only the applets the register command names
     (``wget``, no curl) on its PATH; what it prints and its status, bounded to 40 s."""
@@ -390,36 +414,114 @@ def test_an_installs_secret_proves_its_retries_and_a_clone_or_local_process_gets
             out["events"] = await store.list_events(stored.id)
             return out
         finally:
-            for server in servers:
-                server.close()
-            await runner.cleanup()
-            await service.boot.drain()
-            await service.store.close()
+            await _closed(service, runner, servers)
 
-    def statuses(answers: list[bytes]) -> list[bytes]:
-        return [a.split(b" ", 2)[1] for a in answers]
-
-    # The clone's address, on the namespace's loopback beside tests.netns' three.
-    subprocess.run(["ip", "-n", namespace, "addr", "add", "192.0.2.61/32", "dev", "lo"],
-                   check=True)
-    out = in_namespace(namespace, scenario)
-    assert statuses(out["clone registers"][1]) == [b"200"]
-    assert statuses(out["first"][1]) == [b"200"]  # lost
+    out = _with_a_second_host(namespace, scenario)
+    assert _statuses(out["clone registers"][1]) == [b"200"]
+    assert _statuses(out["first"][1]) == [b"200"]  # lost
     secret = out["secret after the first"]
     assert len(secret.strip()) == 36 and (root / "install-secret").stat().st_mode & 0o077 == 0
     assert (clone_root / "install-secret").read_text() != secret
     assert out["local"][0] == 409 and "machine_token" not in out["local"][1], out["local"]
     (_, printed), answers = out["clone"]
-    assert statuses(answers) == [b"409"], (printed, answers)
+    assert _statuses(answers) == [b"409"], (printed, answers)
     assert b"machine_token" not in b"".join(answers)
     assert not (tmp_path / "attack" / "machine-token").exists()
     (status, printed), answers = out["retry"]
-    assert status == 0 and statuses(answers) == [b"200"], (printed, answers)
+    assert status == 0 and _statuses(answers) == [b"200"], (printed, answers)
     assert (root / "machine-token").read_text() == out["token"] and out["token"]
     assert (root / "install-secret").read_text() == secret  # the same one, every try
     assert out["ipv4"] == "192.0.2.10"
     event = out["events"][-1]
     assert event.kind == "registration repeated" and "192.0.2.60 -> 192.0.2.10" in event.message
+
+
+def test_a_host_that_registered_first_is_told_and_the_device_given_the_machine_by_its_claim(
+        namespace: str, tmp_path: Path) -> None:
+    """A host on the VLAN (192.0.2.61) with the machine's install token runs its register
+    command first: registered, its own secret kept. The real device (192.0.2.60), booting
+    its install, runs the same command with its own secret: 409 at each try, and (before
+    s40-sec) nothing recorded. Now a "registration contested" event names 192.0.2.60 and the
+    claim, the sha256 of the secret the device's busybox made; the operator posts that claim
+    (one step, no reinstall); the device's next boot is answered and registered there, and
+    the host's later boot with its machine token is refused."""
+    import hashlib
+
+    run = _busybox_sh(tmp_path)
+    device, host = tmp_path / "device", tmp_path / "host"
+    machine_id = tmp_path / "machine-id"
+    machine_id.write_text("5f3a8c0e2b7d4e61a9c0d1e2f3a4b5c6\n")
+    cfg = load(write_config(tmp_path / "cfg"), env={})
+
+    async def scenario() -> dict[str, Any]:
+        service = await build(cfg)
+        runner = web.AppRunner(service.app)
+        servers: list[asyncio.Server] = []
+        out: dict[str, Any] = {}
+        try:
+            store = service.store
+            await store.put_cluster(Cluster(name="edge", token="t", server_url="managed"))
+            port = await _served(service, runner)
+            async with aiohttp.ClientSession() as http, \
+                    http.get(f"{service.base_url}/ipxe?mac={MAC}&arch=x86_64") as resp:
+                script = await resp.text()
+            token = script.split("?token=", 1)[1].split()[0]
+
+            async def at(address: str, home: Path) -> tuple[_Proxy, str]:
+                proxy = _Proxy(("192.0.2.1", port), address)
+                server = await asyncio.start_server(proxy.handle, address, 0)
+                servers.append(server)
+                url = f"http://{address}:{server.sockets[0].getsockname()[1]}/api/v1/register"
+                return proxy, (register_command(url, MAC, token, "n")
+                               .replace("/var/lib/netboot", str(home))
+                               .replace("/etc/machine-id", str(machine_id))
+                               .replace("n=360", "n=2").replace("n=30;", "n=1;")
+                               .replace("sleep 10", "sleep 1"))
+
+            for name, address, home in (("host", "192.0.2.61", host),
+                                        ("device", "192.0.2.60", device)):
+                proxy, command = await at(address, home)
+                out[name] = (await run(command), list(proxy.answered))
+            out["device kept a token"] = (device / "machine-token").exists()
+            stored = await store.machine_by("mac", MAC)
+            assert stored is not None
+            out["events"] = await store.list_events(stored.id)
+            admin = (cfg.data_dir / "admin.token").read_text().strip()
+            # What its command sends: $(cat $s), the UUID without its newline.
+            claim = hashlib.sha256((device / "install-secret").read_text().strip().encode()
+                                   ).hexdigest()
+            async with aiohttp.ClientSession() as http, http.post(
+                    f"{service.base_url}/api/v1/machines/{MAC}/claim", json={"claim": claim},
+                    headers={"Authorization": f"Bearer {admin}"}) as resp:
+                out["claim"] = (resp.status, await resp.text())
+            for name, address, home in (("device again", "192.0.2.60", device),
+                                        ("host again", "192.0.2.61", host)):
+                proxy, command = await at(address, home)
+                out[name] = (await run(command), list(proxy.answered))
+            stored = await store.machine_by("mac", MAC)
+            assert stored is not None
+            out["token"], out["ipv4"] = stored.install_token, stored.ipv4
+            out["claim_made"] = claim
+            return out
+        finally:
+            await _closed(service, runner, servers)
+
+    out = _with_a_second_host(namespace, scenario)
+    assert _statuses(out["host"][1]) == [b"200"]
+    assert _statuses(out["device"][1]) == [b"409", b"409"], out["device"]
+    assert not out["device kept a token"]
+    told = [e for e in out["events"] if e.kind == "registration contested"]
+    assert len(told) == 1, out["events"]  # two tries from one place: told once
+    assert told[0].data == {"peer": "192.0.2.60", "claim": out["claim_made"]}
+    assert "192.0.2.61" in told[0].message and out["claim_made"] in told[0].message
+    assert (device / "install-secret").read_text().strip() not in told[0].message
+    assert out["claim"][0] == 200, out["claim"]
+    (status, printed), answers = out["device again"]
+    assert status == 0 and _statuses(answers) == [b"200"], (printed, answers)
+    assert (device / "machine-token").read_text() == out["token"] and out["token"]
+    assert out["ipv4"] == "192.0.2.60"
+    assert (host / "machine-token").read_text() != out["token"]
+    assert _statuses(out["host again"][1]) == [b"401"], out["host again"]
 
 
 def _older_register_command(url: str, mac: str, token: str, node_name: str) -> str:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from netboot.errors import NotFound, StateChanged
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -35,6 +36,17 @@ SORT_KEYS = ("mac", "hostname", "state", "cluster", "updated", "created", "state
 # into its state (Machine.in_state_since: ``state_since``, else ``created``).
 SINCE_SQLITE = "COALESCE(json_extract(m.data, '$.state_since'), m.created)"
 SINCE_POSTGRES = "COALESCE(((m.data::jsonb) ->> 'state_since')::float8, m.created)"
+
+
+def check_cluster_unchanged(name: str, stored: Cluster | None, read: Cluster) -> None:
+    """The compare-and-set of ``put_cluster(expect=read)``: the cluster as stored now (opened)
+    is the one its writer read."""
+    if stored is None:
+        raise NotFound(f"cluster {name!r} not found")
+    if stored != read:
+        raise StateChanged(f"cluster {name!r} was changed since it was read: another writer "
+                           "(another server on this inventory) changed it meanwhile",
+                           field="cluster", holder=name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -373,7 +385,14 @@ class Store(ChangeFeed, StateCounts, Protocol):
 
     async def list_clusters(self) -> list[Cluster]: ...
 
-    async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None: ...
+    async def put_cluster(self, cluster: Cluster, *, create: bool = False,
+                          expect: Cluster | None = None) -> None:
+        """Insert or replace; with ``create=True`` Conflict if the name exists. With
+        ``expect`` (the cluster as its writer read it), a compare-and-set: replaced only if
+        the stored cluster is still that one, else StateChanged (field ``cluster``) and
+        nothing written; a cluster has no version column, so the stored value itself, read
+        and written in one transaction, is what is compared (two servers on one PostgreSQL
+        giving an old cluster its agent token at once: one wins, the other reads it)."""
 
     async def delete_cluster(self, name: str) -> None: ...
 

@@ -21,7 +21,13 @@ from netboot import identity
 from netboot.errors import Conflict, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, Changes, EventListener, MachineFilter
+from netboot.inventory.base import (
+    Batch,
+    Changes,
+    EventListener,
+    MachineFilter,
+    check_cluster_unchanged,
+)
 from netboot.inventory.signal import Signal, wait_until
 from netboot.model import (
     ApiToken,
@@ -266,10 +272,13 @@ class MemoryStore:
         self._check_open()
         return [self._clusters[k] for k in sorted(self._clusters)]
 
-    async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
+    async def put_cluster(self, cluster: Cluster, *, create: bool = False,
+                          expect: Cluster | None = None) -> None:
         self._changed()
         self._check_open()
         value = codec.cluster_from_dict(codec.cluster_to_dict(cluster))
+        if expect is not None:
+            check_cluster_unchanged(cluster.name, self._clusters.get(cluster.name), expect)
         _put(self._clusters, "cluster", value.name, value, create)
 
     async def delete_cluster(self, name: str) -> None:

@@ -82,6 +82,7 @@ from netboot.inventory.base import (
     EventListener,
     MachineFilter,
     Sealer,
+    check_cluster_unchanged,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.dsn import PeerSettings
@@ -1903,9 +1904,22 @@ class PostgresStore:
     async def list_clusters(self) -> list[Cluster]:
         return [self._sealed.open_cluster(d) for d in await self._list_named("cluster")]
 
-    async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
+    async def put_cluster(self, cluster: Cluster, *, create: bool = False,
+                          expect: Cluster | None = None) -> None:
         data = self._sealed.cluster_data(cluster)
-        await self._put_named("cluster", cluster.name, codec.dumps(data, "cluster"), create)
+        text = codec.dumps(data, "cluster")
+        if expect is None:
+            await self._put_named("cluster", cluster.name, text, create)
+            return
+        # The row locked (FOR UPDATE) from its read to its write: another server's
+        # compare-and-set on it waits, then reads what this one wrote.
+        async with self._write() as conn:
+            stored = await conn.fetchval("SELECT data FROM clusters WHERE name = $1 FOR UPDATE",
+                                         cluster.name)
+            check_cluster_unchanged(cluster.name, None if stored is None
+                                    else self._sealed.open_cluster(json.loads(stored)), expect)
+            await conn.execute("UPDATE clusters SET data = $2 WHERE name = $1", cluster.name,
+                               text)
 
     async def delete_cluster(self, name: str) -> None:
         await self._delete_named("cluster", name)

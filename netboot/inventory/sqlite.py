@@ -63,6 +63,7 @@ from netboot.inventory.base import (
     EventListener,
     MachineFilter,
     Sealer,
+    check_cluster_unchanged,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.sealed import Sealed, join_token_context
@@ -1085,9 +1086,15 @@ class SqliteStore:
     async def list_clusters(self) -> list[Cluster]:
         return [self._sealed.open_cluster(d) for d in await self._read(_list_named, "cluster")]
 
-    async def put_cluster(self, cluster: Cluster, *, create: bool = False) -> None:
+    async def put_cluster(self, cluster: Cluster, *, create: bool = False,
+                          expect: Cluster | None = None) -> None:
         data = self._sealed.cluster_data(cluster)
-        await self._run(_put_named, "cluster", cluster.name, codec.dumps(data, "cluster"), create)
+        text = codec.dumps(data, "cluster")
+        if expect is None:
+            await self._run(_put_named, "cluster", cluster.name, text, create)
+        else:
+            await self._run(_put_cluster_if, cluster.name, text, self._sealed.open_cluster,
+                            expect)
 
     async def delete_cluster(self, name: str) -> None:
         await self._run(_delete_named, "cluster", name)
@@ -2280,6 +2287,17 @@ def _put_named(conn: sqlite3.Connection, kind: str, name: str, data: str, create
             " ON CONFLICT (name) DO UPDATE SET data = excluded.data",
             (name, data),
         )
+
+
+def _put_cluster_if(conn: sqlite3.Connection, name: str, data: str,
+                    open_cluster: Callable[[Any], Cluster], read: Cluster) -> None:
+    """Replace cluster ``name`` if it is still ``read`` (base.check_cluster_unchanged): the
+    read and the write in one write transaction, so no other writer comes between."""
+    with _immediate(conn):
+        row = conn.execute("SELECT data FROM clusters WHERE name = ?", (name,)).fetchone()
+        check_cluster_unchanged(name, None if row is None else open_cluster(json.loads(row[0])),
+                                read)
+        conn.execute("UPDATE clusters SET data = ? WHERE name = ?", (data, name))
 
 
 def _delete_named(conn: sqlite3.Connection, kind: str, name: str) -> None:

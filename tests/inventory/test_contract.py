@@ -678,6 +678,25 @@ async def test_clusters(store: Store) -> None:
         await store.delete_cluster("edge")
 
 
+async def test_a_cluster_written_on_the_one_read_is_refused_once_changed(store: Store) -> None:
+    """put_cluster(expect=): written if the stored cluster is still the one read, else
+    StateChanged naming it and nothing written (clusters have no version column: the value
+    itself is compared; Core.give_agent_tokens on servers starting at once)."""
+    await store.put_cluster(CLUSTER, create=True)
+    read = await store.get_cluster("edge")
+    assert read is not None
+    given = replace(read, agent_token="a" * 64)
+    await store.put_cluster(given, expect=read)
+    assert await store.get_cluster("edge") == given
+    with pytest.raises(StateChanged) as refused:
+        await store.put_cluster(replace(read, agent_token="b" * 64), expect=read)
+    assert refused.value.field == "cluster" and refused.value.holder == "edge"
+    assert await store.get_cluster("edge") == given
+    with pytest.raises(NotFound):
+        await store.put_cluster(Cluster(name="gone"), expect=Cluster(name="gone"))
+    assert await store.get_cluster("gone") is None
+
+
 async def test_groups(store: Store) -> None:
     await store.put_group(GROUP, create=True)
     got = await store.get_group("rack1")
