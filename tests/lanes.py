@@ -1,18 +1,19 @@
 """Two lanes for ``pytest -n 2`` (pytest-xdist; the README's test command and .ci/run): the
-QEMU end-to-end suite and the compiled build's test in one worker, every other test in the
-other, each lane in collection order.
+QEMU end-to-end suite, the multiserver pairs and the compiled build's test in one worker,
+every other test in the other, each lane in collection order.
 
 The suite was one core's work on a 2-core CI machine (S39: 19 min of user CPU in 26 min of
 wall). The end-to-end boots (QEMU under TCG in namespaces of their own, with random names:
-netboot.lab.session's prefix) and the mypyc build with the compiled tests (in a copy of the
-checkout, on loopback ports the kernel gives) share nothing with the other tests, so they run
-beside them. Everything else stays in one worker in the order it always ran in: its tests
-were written for one process at a time (one PostgreSQL cluster of tests/pg.py a process,
-podman's image tag of tests/test_container.py, the namespace tests' fixed names, the
-multiserver pairs), and no two of them meet anything they did not meet before
-(benchmarks/README.md, s40-ci). xdist's own distributions (``--dist load`` given
-explicitly is the same as ``-n`` alone, so only ``-n`` without ``--dist`` gets the lanes)
-would spread those tests over both workers.
+netboot.lab.session's prefix), the multiserver pairs (``netboot serve`` processes on loopback
+ports of their own choosing, namespaces named ``nbt-<random>``, the worker's own PostgreSQL
+cluster of tests/pg.py: a temporary directory and a Unix socket, no TCP) and the mypyc build
+with the compiled tests (in a copy of the checkout, on loopback ports the kernel gives)
+share nothing with the other tests, so they run beside them. Everything else stays in one
+worker, in the order a plain run takes it: those tests were written for one process at a
+time (podman's image tag of tests/test_container.py, which removes the others; the timing
+bounds of the servers' tests; the inventory tests' one PostgreSQL cluster), and no two of
+them run at once (benchmarks/README.md, s40-ci). xdist's own distributions (``--dist``
+given) would spread them over both workers.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 # Whose tests run beside the rest: path prefixes of their node ids.
-BESIDE = ("tests/e2e/", "tests/test_compiled.py::")
+BESIDE = ("tests/e2e/", "tests/multiserver/", "tests/test_compiled.py::")
 BESIDE_LANE = "beside"
 SERIAL_LANE = "serial"
 
