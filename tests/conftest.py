@@ -33,8 +33,8 @@ settings.register_profile("netboot", deadline=None, derandomize=True, database=N
 settings.load_profile("netboot")
 
 # The ``namespace`` fixture of the tests that put servers and clients on addresses of their
-# own network namespace.
-pytest_plugins = ["tests.netns"]
+# own network namespace; the two lanes of ``pytest -n 2`` (tests/lanes.py).
+pytest_plugins = ["tests.netns", "tests.lanes"]
 
 KERNEL = b"\x7fKERNEL" + bytes(range(256)) * 64  # 16 KiB + 7 bytes of not-quite-random data
 INITRD = b"070701" + b"\x00" * 5000
@@ -60,10 +60,29 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The compiled build of tests/test_compiled.py starts now, beside the tests before it."""
-    from tests import test_compiled
+    """The compiled build of tests/test_compiled.py starts now, beside the tests before it.
+    In an xdist worker every worker collects every test: the build starts with the first
+    test of the lane that runs it instead (``pytest_runtest_protocol``)."""
+    from tests import lanes, test_compiled
 
-    test_compiled.start_early(session)
+    if not lanes.in_worker(session.config):
+        test_compiled.start_early(session)
+
+
+_LANE_STARTED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item) -> None:
+    """Under ``-n 2``: the worker given the lane of tests/test_compiled.py starts its build
+    as that lane's first test starts (the end-to-end tests run meanwhile)."""
+    from tests import lanes, test_compiled
+
+    config = item.config
+    if (lanes.in_worker(config) and not config.stash.get(_LANE_STARTED, False)
+            and lanes.lane(item.nodeid) == lanes.BESIDE_LANE):
+        config.stash[_LANE_STARTED] = True
+        test_compiled.start_early(item.session)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
