@@ -667,8 +667,7 @@ class Api:
                                        local=local_address(request), join_token=MASKED)
         for cluster in await self._store.list_clusters():
             # An agent token's secret alone is what a server's config carries (agent-token).
-            agent = cluster.agent_token
-            for secret in (cluster.token, agent, agent.rpartition(":")[2]):
+            for secret in (cluster.token, cluster.agent_token, cluster.agent_secret):
                 if secret:
                     text = text.replace(secret, MASKED)
         return web.Response(text=text, content_type="text/plain",
