@@ -32,7 +32,7 @@ from netboot.access import (
     public_token,
 )
 from netboot.addresses import parse_peer
-from netboot.core import Core, machine_dict, public_dict
+from netboot.core import Core, machine_dict, machine_ref, public_dict
 from netboot.enroll import (
     SERVER_NEEDS_OPERATOR,
     fleet_status,
@@ -252,7 +252,8 @@ class Api:
         r.add_post(f"{p}/machines", self.allow(enroll, self.create_machine))
         r.add_post(f"{p}/machines:bulk", self.allow(enroll, self.bulk))
         r.add_post(f"{p}/machines:import", self.allow(enroll, self.import_file))
-        # {ref}: one of the machine's MACs (any spelling) or its id (netboot.identity.by_ref).
+        # {ref}: one of the machine's MACs (any spelling), its id, or its hostname
+        # (core.machine_ref: the id or MAC first; one that is both and names two is a 409).
         r.add_get(f"{p}/machines/{{ref}}", self.allow(read, self.get_machine))
         r.add_patch(f"{p}/machines/{{ref}}", self.allow(operate, self.patch_machine))
         r.add_delete(f"{p}/machines/{{ref}}", self.allow(operate, self.delete_machine))
@@ -303,7 +304,7 @@ class Api:
             try:
                 return await handler(request)
             except Conflict as exc:
-                if exc.holder is None:
+                if exc.holder is None and not exc.candidates:
                     raise
                 # A token that may not read (enroll: a factory-floor scanner) is told that an
                 # identifier or name is taken, not which machine holds it: "serial X already
@@ -434,8 +435,9 @@ class Api:
                            made: list[AuditEntry]) -> Reply | None:
         try:
             machine = await self._core.boot.machine_by_ref(ref)
-        except NotFound:
-            return None  # only an operator learns which machines do not exist
+        except (NotFound, ValidationError):
+            return None  # only an operator learns which machines do not exist (or names
+            # them by hostname): aiohttp's path answers
         if not token_matches(machine, bearer, self._clock()):
             return None  # an operator reporting by hand, or nobody
         asked[0] = f"machine:{machine.id}"
@@ -628,31 +630,36 @@ class Api:
     async def get_machine(self, request: web.Request) -> web.Response:
         return web.json_response(self._machine_out(await self._machine(request)))
 
+    async def _ref(self, request: web.Request) -> str:
+        """The path's ``{ref}``, a hostname taken as the machine's id (core.machine_ref)."""
+        return await machine_ref(self._store, request.match_info["ref"])
+
     async def _machine(self, request: web.Request) -> Machine:
-        return await self._core.machine(request.match_info["ref"])
+        return await self._core.machine(await self._ref(request))
 
     async def patch_machine(self, request: web.Request) -> web.Response:
-        await self._machine(request)  # 404 before 400: the path is checked first
+        ref = await self._ref(request)
+        await self._core.machine(ref)  # 404 before 400: the path is checked first
         body = _object(await read_json(request))
-        machine = await self._core.update_machine(request.match_info["ref"], body)
+        machine = await self._core.update_machine(ref, body)
         return web.json_response(self._machine_out(machine))
 
     async def delete_machine(self, request: web.Request) -> web.Response:
-        await self._core.delete_machine(request.match_info["ref"])
+        await self._core.delete_machine(await self._ref(request))
         return web.Response(status=204)
 
     async def approve(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request)) if request.body_exists else {}
-        machine = await self._core.approve(request.match_info["ref"], body,
+        machine = await self._core.approve(await self._ref(request), body,
                                            enroll_only=self._create_only(request))
         return web.json_response(self._machine_out(machine))
 
     async def reinstall(self, request: web.Request) -> web.Response:
-        machine = await self._core.reinstall(request.match_info["ref"])
+        machine = await self._core.reinstall(await self._ref(request))
         return web.json_response(self._machine_out(machine))
 
     async def explain(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._core.explain(request.match_info["ref"],
+        return web.json_response(await self._core.explain(await self._ref(request),
                                                           arch=request.query.get("arch")))
 
     async def render(self, request: web.Request) -> web.Response:
@@ -662,7 +669,7 @@ class Api:
         (README's "Access")."""
         # At the address the request came in on: on a host with no address advertised, a
         # device there gets URLs naming it, not the 127.0.0.1 the base URL holds.
-        text = await self._core.render(request.match_info["ref"], request.match_info["kind"],
+        text = await self._core.render(await self._ref(request), request.match_info["kind"],
                                        arch=request.query.get("arch"),
                                        local=local_address(request), join_token=MASKED)
         for cluster in await self._store.list_clusters():
@@ -684,10 +691,11 @@ class Api:
         try:
             # From the boot path's view (synced): three reports per install in a storm.
             machine = await self._core.boot.machine_by_ref(request.match_info["ref"])
-        except NotFound:
+        except (NotFound, ValidationError):
             # Only an operator learns which machines do not exist; a stranger learns nothing.
+            # An operator may name the machine by its hostname (mark-installed).
             (await self.principal(request)).require(Permission.OPERATE)
-            raise
+            machine = await self._core.boot.machine_by_ref(await self._ref(request))
         token = bearer_token(request)
         if token_matches(machine, token, self._clock()):
             request[ACTOR_KEY] = f"machine:{machine.id}"
@@ -698,8 +706,11 @@ class Api:
                 # (over plain HTTP from the network: "use HTTPS") (s33-attack).
                 request[ACTOR_KEY] = f"machine:{machine.id}"
                 await self._enroll.refuse_expired(machine, "report")
-            # Not this machine's install token: an operator reporting by hand, or nobody.
+            # Not this machine's install token: an operator reporting by hand, or nobody;
+            # the operator's ref read as every other route reads it (a hostname spelled as
+            # a MAC that names two machines is a 409, not the one whose MAC it is).
             (await self.principal(request)).require(Permission.OPERATE)
+            machine = await self._core.boot.machine_by_ref(await self._ref(request))
         limit = request.app[MAX_EVENT_KEY]
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit,

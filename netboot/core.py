@@ -31,6 +31,7 @@ from netboot.errors import DECIDE_ATTEMPTS, Conflict, NotFound, StateChanged, Va
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
+    ID_PREFIX,
     Arch,
     BootAction,
     BootPlan,
@@ -279,6 +280,40 @@ def _mac_or_none(ref: str) -> MacAddress | None:
         return MacAddress.parse(ref)
     except ValidationError:
         return None
+
+
+async def machine_ref(store: Store, ref: str) -> str:
+    """``ref`` as the machine commands take it, where an operator may name a machine by its
+    hostname (every API ``{ref}``, every CLI REF): the text itself when it is a machine id
+    (``m-…``) or one of its MACs, the id of the machine whose hostname it is (any case)
+    otherwise. The order of lookup is the id or MAC first, then the hostname; a text that is
+    both (a hostname spelled as a MAC, ``aabbccddeeff``, or as an id) and names two machines
+    is a Conflict listing both, never either one: a ``DELETE`` must not take the machine
+    the operator did not mean. Texts that cannot be hostnames (a MAC with colons) cost no
+    hostname read, as before; a valid hostname nobody has is NotFound."""
+    bare = ref.strip()
+    try:
+        name = check_hostname(bare)
+    except ValidationError:
+        if bare.startswith(ID_PREFIX) or _mac_or_none(bare) is not None:
+            return ref  # a MAC with ':' or '.'
+        raise ValidationError("mac", f"{ref!r} is neither a MAC address (aa:bb:cc:dd:ee:ff), "
+                                     f"a machine id ({ID_PREFIX}…) nor a hostname") from None
+    by_name = await store.get_machine_by_hostname(name)
+    if not bare.startswith(ID_PREFIX) and _mac_or_none(bare) is None:
+        if by_name is None:
+            raise NotFound(f"machine {ref} not found (give one of its MACs, its id or its "
+                           "hostname)")
+        return by_name.id
+    if by_name is None:
+        return ref
+    other = await identity.by_ref(store, bare)
+    if other is None or other.id == by_name.id:
+        return by_name.id
+    kind = "id" if bare.startswith(ID_PREFIX) else "MAC"
+    raise Conflict(f"{ref!r} names two machines: {other.id} by its {kind} and {by_name.id} "
+                   f"by its hostname {by_name.hostname}: give the one you mean by its id",
+                   field="ref", candidates=(other.id, by_name.id))
 
 
 def _arch(text: str | None) -> Arch | None:
