@@ -316,6 +316,12 @@ async def machine_ref(store: Store, ref: str) -> str:
                    field="ref", candidates=(other.id, by_name.id))
 
 
+# Written once a start-up found no registered machine of an older register command
+# (Core.older_registrations): later starts read none. Any machine registered since was
+# registered by the current command, whose install secret a configured node always sends.
+OLDER_NONE_SETTING = "older_registrations_none"
+
+
 def _arch(text: str | None) -> Arch | None:
     try:
         return Arch(text) if text else None
@@ -633,6 +639,27 @@ class Core:
                 await self.store.put_cluster(made, create=False)
                 given.append(cluster.name)
         return given
+
+    async def older_registrations(self) -> list[Machine]:
+        """The registered machines an older netboot's register command registered (no
+        install secret: configs rendered before session 39; before session 37 also no
+        machine token kept): they keep that command's weaker rules (a repeat registration
+        from their address is answered without proof) until reinstalled. Run at start-up:
+        one grouped count, the registered machines read only where some are, and none read
+        again once a start found none (:data:`OLDER_NONE_SETTING`; a restore of an older
+        inventory brings its own settings)."""
+        if await self.store.get_setting(OLDER_NONE_SETTING):
+            return []
+        counts = await self.store.state_counts()
+        registered = sum(n for (_, state), n in counts.items()
+                         if state is MachineState.REGISTERED)
+        older = [] if not registered else [
+            m for m in await self.store.list_machines(MachineFilter(
+                state=MachineState.REGISTERED, limit=registered, sort="hostname"))
+            if m.secret_hash is None]
+        if not older:
+            await self.store.put_setting(OLDER_NONE_SETTING, "1")
+        return older
 
     async def _configured_node(self, cluster: Cluster) -> tuple[Machine, MachineState] | None:
         """A node of ``cluster`` that fetched its config (and its state), if any."""

@@ -1777,3 +1777,66 @@ def test_several_named_interfaces_answer_each_with_its_own_address(
                  https=HttpsConfig(**https))
     assert dhcp_listeners(cfg, "192.0.2.10") == (list(server["interfaces"]), answered, False)
     assert url_stand_in(cfg, "192.0.2.10") == stand_in
+
+
+async def test_an_upgrade_names_the_machines_an_older_register_command_registered(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Machines registered by an older netboot's register command (no install secret:
+    configs rendered before session 39, before session 37 no machine token either) keep its
+    weaker rules until reinstalled, and an upgrade said nothing of them (only each one's
+    registered event did). Start-up now says how many, which, and the fix; from the store's
+    grouped count and its registered machines, never their events; and once a start found
+    none, later starts read nothing."""
+    from netboot.core import OLDER_NONE_SETTING
+    from netboot.inventory.sqlite import SqliteStore
+    from netboot.model import MachineState
+    from netboot.service import open_inventory
+
+    cfg = load(write_config(tmp_path), env={})
+    store, _ = await open_inventory(cfg)  # the inventory an older netboot wrote
+    try:
+        for i, (name, secret) in enumerate((("old-1", None), ("new-1", "ab" * 32))):
+            await store.create_machine(Machine(
+                macs=(MacAddress.parse(f"52:54:00:40:00:0{i}"),), hostname=name,
+                state=MachineState.REGISTERED, secret_hash=secret))
+        await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:40:00:09"),),
+                                           hostname="enrolled-1"))
+    finally:
+        await store.close()
+
+    async def start() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="netboot.service"):
+            started = await build(cfg)
+            await started.close()
+        return [r.getMessage() for r in caplog.records if "older netboot" in r.getMessage()]
+
+    (said,) = await start()  # the upgraded server's first start
+    assert said.startswith("1 registered machines were registered by an older netboot's "
+                           "register command (old-1)"), said
+    assert "netboot machines reinstall REF" in said
+    assert await start() == [said]  # until it is reinstalled
+
+    store, _ = await open_inventory(cfg)
+    try:  # reinstalled (its new install's command sends the secret)
+        old = await store.get_machine_by_hostname("old-1")
+        assert old is not None
+        await store.update_machine(replace(old, state=MachineState.REINSTALL))
+    finally:
+        await store.close()
+    assert await start() == []
+    # Found none: later starts read no machine (the marker), nor the states' count.
+    read: list[str] = []
+    listed = SqliteStore.list_machines
+
+    async def counted(self: SqliteStore, *args: Any, **kw: Any) -> Any:
+        read.append(repr(args))
+        return await listed(self, *args, **kw)
+    monkeypatch.setattr(SqliteStore, "list_machines", counted)
+    service = await build(cfg)
+    try:
+        assert await service.store.get_setting(OLDER_NONE_SETTING) == "1"
+        assert not [r for r in read if "REGISTERED" in r], read
+    finally:
+        await service.close()
