@@ -320,6 +320,8 @@ async def machine_ref(store: Store, ref: str) -> str:
 # (Core.older_registrations): later starts read none. Any machine registered since was
 # registered by the current command, whose install secret a configured node always sends.
 OLDER_NONE_SETTING = "older_registrations_none"
+_MAY_REGISTER = frozenset({MachineState.BOOTING, MachineState.INSTALLING,
+                           MachineState.INSTALLED})
 
 
 def _arch(text: str | None) -> Arch | None:
@@ -646,8 +648,8 @@ class Core:
         machine token kept): they keep that command's weaker rules (a repeat registration
         from their address is answered without proof) until reinstalled. Run at start-up:
         one grouped count, the registered machines read only where some are, and none read
-        again once a start found none (:data:`OLDER_NONE_SETTING`; a restore of an older
-        inventory brings its own settings)."""
+        again once a start found none and no install under way (:data:`OLDER_NONE_SETTING`;
+        a restore of an older inventory brings its own settings)."""
         if await self.store.get_setting(OLDER_NONE_SETTING):
             return []
         counts = await self.store.state_counts()
@@ -657,7 +659,10 @@ class Core:
             m for m in await self.store.list_machines(MachineFilter(
                 state=MachineState.REGISTERED, limit=registered, sort="hostname"))
             if m.secret_hash is None]
-        if not older:
+        # A machine installing may still register with a config rendered before the
+        # upgrade: the marker waits until none is (their next start reads again).
+        underway = any(n for (_, state), n in counts.items() if state in _MAY_REGISTER)
+        if not older and not underway:
             await self.store.put_setting(OLDER_NONE_SETTING, "1")
         return older
 

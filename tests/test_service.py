@@ -1801,7 +1801,7 @@ async def test_an_upgrade_names_the_machines_an_older_register_command_registere
                 macs=(MacAddress.parse(f"52:54:00:40:00:0{i}"),), hostname=name,
                 state=MachineState.REGISTERED, secret_hash=secret))
         await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:40:00:09"),),
-                                           hostname="enrolled-1"))
+                                           hostname="late-1", state=MachineState.INSTALLING))
     finally:
         await store.close()
 
@@ -1818,13 +1818,22 @@ async def test_an_upgrade_names_the_machines_an_older_register_command_registere
     assert "netboot machines reinstall REF" in said
     assert await start() == [said]  # until it is reinstalled
 
-    store, _ = await open_inventory(cfg)
-    try:  # reinstalled (its new install's command sends the secret)
-        old = await store.get_machine_by_hostname("old-1")
-        assert old is not None
-        await store.update_machine(replace(old, state=MachineState.REINSTALL))
-    finally:
-        await store.close()
+    async def moved(name: str, state: MachineState) -> None:
+        store, _ = await open_inventory(cfg)
+        try:
+            machine = await store.get_machine_by_hostname(name)
+            assert machine is not None
+            await store.update_machine(replace(machine, state=state))
+        finally:
+            await store.close()
+
+    await moved("old-1", MachineState.REINSTALL)  # its new install's command sends one
+    assert await start() == []
+    # One installing from a config rendered before the upgrade registers after it.
+    await moved("late-1", MachineState.REGISTERED)
+    (said,) = await start()
+    assert "1 registered machines" in said and "(late-1)" in said, said
+    await moved("late-1", MachineState.REINSTALL)
     assert await start() == []
     # Found none: later starts read no machine (the marker), nor the states' count.
     read: list[str] = []
