@@ -71,6 +71,9 @@ PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 # Set on a refused report that is not the first of its run (RateLimited.told): not audited.
 TOLD_KEY = web.RequestKey("told", bool)
 TARGET_KEY = web.RequestKey("target", str)
+# The machine id a hostname in the path named (api._ref): the audit entry's target, since a
+# hostname may name another machine tomorrow.
+REF_KEY = web.RequestKey("ref", str)
 SSE_KEEPALIVE_SECONDS = 15.0
 # How often an open event stream's token is checked again: a stream is authenticated when it
 # opens and then lasts as long as its reader, so a revoked or expired token (a leaked
@@ -343,8 +346,8 @@ class Api:
         if (cancel is not None and not (outcome.isdigit() and int(outcome) < 400)
                 and not outcome.endswith(UNKNOWN)):
             outcome = "aborted"  # nothing changed, and nobody was told: the client is gone
-        target = (request.match_info.get("ref") or request.match_info.get("name")
-                  or request.get(TARGET_KEY, ""))
+        target = (request.get(REF_KEY) or request.match_info.get("ref")
+                  or request.match_info.get("name") or request.get(TARGET_KEY, ""))
         if not request.get(TOLD_KEY, False):  # a run of refused reports: audited once
             await self._audit(request.get(ACTOR_KEY, "-"), request.method, route.canonical,
                               target, request.remote, outcome)
@@ -632,7 +635,11 @@ class Api:
 
     async def _ref(self, request: web.Request) -> str:
         """The path's ``{ref}``, a hostname taken as the machine's id (core.machine_ref)."""
-        return await machine_ref(self._store, request.match_info["ref"])
+        given = request.match_info["ref"]
+        ref = await machine_ref(self._store, given)
+        if ref != given:
+            request[REF_KEY] = ref
+        return ref
 
     async def _machine(self, request: web.Request) -> Machine:
         return await self._core.machine(await self._ref(request))

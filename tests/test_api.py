@@ -2408,3 +2408,10 @@ async def test_a_machine_is_named_by_its_hostname_in_every_ref_route(env: Env) -
     r = await call(env, "DELETE", "/api/v1/machines/m-rack1")
     assert r.status == 204
     error(await call(env, "GET", f"/api/v1/machines/{d['id']}"), 404)
+    # The audit names the machine a hostname named by its id (a hostname may be given to
+    # another machine later).
+    audit = await env.get("/api/v1/audit")
+    entries = audit if isinstance(audit, list) else audit["items"]
+    (removed,) = [e for e in entries
+                  if e["action"].startswith("DELETE") and e["outcome"] == "204"]
+    assert removed["target"] == d["id"], removed
