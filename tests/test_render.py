@@ -348,16 +348,11 @@ def test_a_cloud_init_node_whose_first_boot_never_registered_retries_at_each_boo
 
 
 def _in_session(sid: int) -> bool:
-    """Whether a process of session ``sid`` is left (/proc/PID/stat's sixth field)."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[3]) == sid:
-                return True
-    return False
+    """Whether a process of session ``sid`` is left (procps's pgrep -s)."""
+    import subprocess
+
+    return subprocess.run(["pgrep", "-s", str(sid)], stdout=subprocess.DEVNULL,
+                          check=False).returncode == 0
 
 
 def test_uboot_script_image() -> None:
