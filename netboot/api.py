@@ -32,7 +32,7 @@ from netboot.access import (
     public_token,
 )
 from netboot.addresses import parse_peer
-from netboot.core import Core, machine_dict, machine_version, public_dict
+from netboot.core import Core, machine_dict, machine_ref, machine_version, public_dict
 from netboot.enroll import (
     SERVER_NEEDS_OPERATOR,
     fleet_status,
@@ -71,6 +71,9 @@ PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 # Set on a refused report that is not the first of its run (RateLimited.told): not audited.
 TOLD_KEY = web.RequestKey("told", bool)
 TARGET_KEY = web.RequestKey("target", str)
+# The machine id a hostname in the path named (api._ref): the audit entry's target, since a
+# hostname may name another machine tomorrow.
+REF_KEY = web.RequestKey("ref", str)
 SSE_KEEPALIVE_SECONDS = 15.0
 # How often an open event stream's token is checked again: a stream is authenticated when it
 # opens and then lasts as long as its reader, so a revoked or expired token (a leaked
@@ -274,7 +277,8 @@ class Api:
         r.add_post(f"{p}/machines", self.allow(enroll, self.create_machine))
         r.add_post(f"{p}/machines:bulk", self.allow(enroll, self.bulk))
         r.add_post(f"{p}/machines:import", self.allow(enroll, self.import_file))
-        # {ref}: one of the machine's MACs (any spelling) or its id (netboot.identity.by_ref).
+        # {ref}: one of the machine's MACs (any spelling), its id, or its hostname
+        # (core.machine_ref: the id or MAC first; one that is both and names two is a 409).
         r.add_get(f"{p}/machines/{{ref}}", self.allow(read, self.get_machine))
         r.add_patch(f"{p}/machines/{{ref}}", self.allow(operate, self.patch_machine))
         r.add_delete(f"{p}/machines/{{ref}}", self.allow(operate, self.delete_machine))
@@ -326,7 +330,7 @@ class Api:
             try:
                 return await handler(request)
             except Conflict as exc:
-                if exc.holder is None:
+                if exc.holder is None and not exc.candidates:
                     raise
                 # A token that may not read (enroll: a factory-floor scanner) is told that an
                 # identifier or name is taken, not which machine holds it: "serial X already
@@ -365,8 +369,8 @@ class Api:
         if (cancel is not None and not (outcome.isdigit() and int(outcome) < 400)
                 and not outcome.endswith(UNKNOWN)):
             outcome = "aborted"  # nothing changed, and nobody was told: the client is gone
-        target = (request.match_info.get("ref") or request.match_info.get("name")
-                  or request.get(TARGET_KEY, ""))
+        target = (request.get(REF_KEY) or request.match_info.get("ref")
+                  or request.match_info.get("name") or request.get(TARGET_KEY, ""))
         if not request.get(TOLD_KEY, False):  # a run of refused reports: audited once
             await self._audit(request.get(ACTOR_KEY, "-"), request.method, route.canonical,
                               target, request.remote, outcome)
@@ -457,8 +461,9 @@ class Api:
                            made: list[AuditEntry]) -> Reply | None:
         try:
             machine = await self._core.boot.machine_by_ref(ref)
-        except NotFound:
-            return None  # only an operator learns which machines do not exist
+        except (NotFound, ValidationError):
+            return None  # only an operator learns which machines do not exist (or names
+            # them by hostname): aiohttp's path answers
         if not token_matches(machine, bearer, self._clock()):
             return None  # an operator reporting by hand, or nobody
         asked[0] = f"machine:{machine.id}"
@@ -652,37 +657,45 @@ class Api:
         machine = await self._machine(request)
         return web.json_response(self._machine_out(machine), headers=_etag(machine))
 
+    async def _ref(self, request: web.Request) -> str:
+        """The path's ``{ref}``, a hostname taken as the machine's id (core.machine_ref)."""
+        given = request.match_info["ref"]
+        ref = await machine_ref(self._store, given)
+        if ref != given:
+            request[REF_KEY] = ref
+        return ref
+
     async def _machine(self, request: web.Request) -> Machine:
-        return await self._core.machine(request.match_info["ref"])
+        return await self._core.machine(await self._ref(request))
 
     async def patch_machine(self, request: web.Request) -> web.Response:
-        await self._machine(request)  # 404 before 400: the path is checked first
+        ref = await self._ref(request)
+        await self._core.machine(ref)  # 404 before 400: the path is checked first
         body = _object(await read_json(request))
-        machine = await self._core.update_machine(request.match_info["ref"], body,
-                                                  versions=_if_match(request))
+        machine = await self._core.update_machine(ref, body, versions=_if_match(request))
         return web.json_response(self._machine_out(machine), headers=_etag(machine))
 
     async def delete_machine(self, request: web.Request) -> web.Response:
-        await self._core.delete_machine(request.match_info["ref"])
+        await self._core.delete_machine(await self._ref(request))
         return web.Response(status=204)
 
     async def approve(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request)) if request.body_exists else {}
-        machine = await self._core.approve(request.match_info["ref"], body,
+        machine = await self._core.approve(await self._ref(request), body,
                                            enroll_only=self._create_only(request))
         return web.json_response(self._machine_out(machine))
 
     async def give_to_claim(self, request: web.Request) -> web.Response:
-        machine = await self._core.give_to_claim(request.match_info["ref"],
+        machine = await self._core.give_to_claim(await self._ref(request),
                                                  _object(await read_json(request)))
         return web.json_response(self._machine_out(machine))
 
     async def reinstall(self, request: web.Request) -> web.Response:
-        machine = await self._core.reinstall(request.match_info["ref"])
+        machine = await self._core.reinstall(await self._ref(request))
         return web.json_response(self._machine_out(machine))
 
     async def explain(self, request: web.Request) -> web.Response:
-        return web.json_response(await self._core.explain(request.match_info["ref"],
+        return web.json_response(await self._core.explain(await self._ref(request),
                                                           arch=request.query.get("arch")))
 
     async def render(self, request: web.Request) -> web.Response:
@@ -692,13 +705,12 @@ class Api:
         (README's "Access")."""
         # At the address the request came in on: on a host with no address advertised, a
         # device there gets URLs naming it, not the 127.0.0.1 the base URL holds.
-        text = await self._core.render(request.match_info["ref"], request.match_info["kind"],
+        text = await self._core.render(await self._ref(request), request.match_info["kind"],
                                        arch=request.query.get("arch"),
                                        local=local_address(request), join_token=MASKED)
         for cluster in await self._store.list_clusters():
             # An agent token's secret alone is what a server's config carries (agent-token).
-            agent = cluster.agent_token
-            for secret in (cluster.token, agent, agent.rpartition(":")[2]):
+            for secret in (cluster.token, cluster.agent_token, cluster.agent_secret):
                 if secret:
                     text = text.replace(secret, MASKED)
         return web.Response(text=text, content_type="text/plain",
@@ -715,10 +727,11 @@ class Api:
         try:
             # From the boot path's view (synced): three reports per install in a storm.
             machine = await self._core.boot.machine_by_ref(request.match_info["ref"])
-        except NotFound:
+        except (NotFound, ValidationError):
             # Only an operator learns which machines do not exist; a stranger learns nothing.
+            # An operator may name the machine by its hostname (mark-installed).
             (await self.principal(request)).require(Permission.OPERATE)
-            raise
+            machine = await self._core.boot.machine_by_ref(await self._ref(request))
         token = bearer_token(request)
         if token_matches(machine, token, self._clock()):
             request[ACTOR_KEY] = f"machine:{machine.id}"
@@ -729,8 +742,11 @@ class Api:
                 # (over plain HTTP from the network: "use HTTPS") (s33-attack).
                 request[ACTOR_KEY] = f"machine:{machine.id}"
                 await self._enroll.refuse_expired(machine, "report")
-            # Not this machine's install token: an operator reporting by hand, or nobody.
+            # Not this machine's install token: an operator reporting by hand, or nobody;
+            # the operator's ref read as every other route reads it (a hostname spelled as
+            # a MAC that names two machines is a 409, not the one whose MAC it is).
             (await self.principal(request)).require(Permission.OPERATE)
+            machine = await self._core.boot.machine_by_ref(await self._ref(request))
         limit = request.app[MAX_EVENT_KEY]
         if request.content_length is not None and request.content_length > limit:
             raise web.HTTPRequestEntityTooLarge(max_size=limit,

@@ -183,36 +183,15 @@ async def _hostname_refs(args: argparse.Namespace, store: Store) -> None:
     edge-1`, `mark-installed rack1-a`): hostnames are unique in the inventory and are what the
     dashboard and `events` name machines by, yet a REF was only a MAC or an id ("'edge-1' is
     neither a MAC address nor a machine id"). Each such REF is given to the command as the
-    machine's id; the API's {ref} stays a MAC or an id."""
+    machine's id, as the API's {ref} is (core.machine_ref)."""
+    from netboot.core import machine_ref
+
     for attr in ("mac", "macs", "ref"):
         value = getattr(args, attr, None)
         if isinstance(value, str):
-            setattr(args, attr, await _by_hostname(store, value))
+            setattr(args, attr, await machine_ref(store, value))
         elif isinstance(value, list):
-            setattr(args, attr, [await _by_hostname(store, v) for v in value])
-
-
-async def _by_hostname(store: Store, text: str) -> str:
-    from netboot.enroll import check_hostname
-    from netboot.model import ID_PREFIX, MacAddress
-
-    bare = text.strip()
-    if bare.startswith(ID_PREFIX):
-        return text
-    try:
-        MacAddress.parse(bare)
-        return text  # a MAC is a MAC, whatever a hostname spells
-    except ValidationError:
-        pass
-    try:
-        name = check_hostname(bare)
-    except ValidationError:
-        return text  # neither: the command says so, as before
-    machine = await store.get_machine_by_hostname(name)
-    if machine is None:
-        raise NotFound(f"machine {text} not found (give one of its MACs, its id or its "
-                       "hostname)")
-    return machine.id
+            setattr(args, attr, [await machine_ref(store, v) for v in value])
 
 
 async def _with_store(args: argparse.Namespace,

@@ -325,9 +325,7 @@ class Content:
                 cluster = plan.cluster
                 if cluster is not None:
                     ca, ca_key = cluster.ca_cert, cluster.ca_key
-                    # The password alone: k3s takes a server's agent-token as the password
-                    # as given (pkg/daemons/control/deps, getNodePass), not as a K10 form.
-                    agent = cluster.agent_token.rpartition(":")[2]
+                    agent = cluster.agent_secret
             ctx["k3s"] = {
                 "role": str(k3s.role), "server_url": k3s.server_url,
                 "cluster_init": k3s.cluster_init, "token": k3s.token,
@@ -871,7 +869,7 @@ def _check_server_writes(name: str, plan: BootPlan, text: str) -> None:
     # Agents are given the agent token: a server not given its secret refuses every one.
     cluster = plan.cluster
     if cluster is not None and cluster.agent_token \
-            and not _gives(cluster.agent_token.rpartition(":")[2], text):
+            and not _gives(cluster.agent_secret, text):
         raise RenderError(f"template {name} does not give a server node of cluster "
                           f"{cluster.name!r} its agent token (k3s.agent_token as k3s's "
                           "agent-token, in /etc/rancher/k3s/config.yaml, as netboot's template "

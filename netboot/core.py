@@ -39,6 +39,7 @@ from netboot.errors import (
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, MachineFilter, Store
 from netboot.model import (
+    ID_PREFIX,
     Arch,
     BootAction,
     BootPlan,
@@ -318,6 +319,48 @@ def _mac_or_none(ref: str) -> MacAddress | None:
         return MacAddress.parse(ref)
     except ValidationError:
         return None
+
+
+async def machine_ref(store: Store, ref: str) -> str:
+    """``ref`` as the machine commands take it, where an operator may name a machine by its
+    hostname (every API ``{ref}``, every CLI REF): the text itself when it is a machine id
+    (``m-…``) or one of its MACs, the id of the machine whose hostname it is (any case)
+    otherwise. The order of lookup is the id or MAC first, then the hostname; a text that is
+    both (a hostname spelled as a MAC, ``aabbccddeeff``, or as an id) and names two machines
+    is a Conflict listing both, never either one: a ``DELETE`` must not take the machine
+    the operator did not mean. Texts that cannot be hostnames (a MAC with colons) cost no
+    hostname read, as before; a valid hostname nobody has is NotFound."""
+    bare = ref.strip()
+    try:
+        name = check_hostname(bare)
+    except ValidationError:
+        if bare.startswith(ID_PREFIX) or _mac_or_none(bare) is not None:
+            return ref  # a MAC with ':' or '.'
+        raise ValidationError("mac", f"{ref!r} is neither a MAC address (aa:bb:cc:dd:ee:ff), "
+                                     f"a machine id ({ID_PREFIX}…) nor a hostname") from None
+    by_name = await store.get_machine_by_hostname(name)
+    if not bare.startswith(ID_PREFIX) and _mac_or_none(bare) is None:
+        if by_name is None:
+            raise NotFound(f"machine {ref} not found (give one of its MACs, its id or its "
+                           "hostname)")
+        return by_name.id
+    if by_name is None:
+        return ref
+    other = await identity.by_ref(store, bare)
+    if other is None or other.id == by_name.id:
+        return by_name.id
+    kind = "id" if bare.startswith(ID_PREFIX) else "MAC"
+    raise Conflict(f"{ref!r} names two machines: {other.id} by its {kind} and {by_name.id} "
+                   f"by its hostname {by_name.hostname}: give the one you mean by its id",
+                   field="ref", candidates=(other.id, by_name.id))
+
+
+# Written once a start-up found no registered machine of an older register command
+# (Core.older_registrations): later starts read none. Any machine registered since was
+# registered by the current command, whose install secret a configured node always sends.
+OLDER_NONE_SETTING = "older_registrations_none"
+_MAY_REGISTER = frozenset({MachineState.BOOTING, MachineState.INSTALLING,
+                           MachineState.INSTALLED})
 
 
 def _arch(text: str | None) -> Arch | None:
@@ -797,6 +840,30 @@ class Core:
                 given.append(cluster.name)
                 break
         return given
+
+    async def older_registrations(self) -> list[Machine]:
+        """The registered machines an older netboot's register command registered (no
+        install secret: configs rendered before session 39; before session 37 also no
+        machine token kept): they keep that command's weaker rules (a repeat registration
+        from their address is answered without proof) until reinstalled. Run at start-up:
+        one grouped count, the registered machines read only where some are, and none read
+        again once a start found none and no install under way (:data:`OLDER_NONE_SETTING`;
+        a restore of an older inventory brings its own settings)."""
+        if await self.store.get_setting(OLDER_NONE_SETTING):
+            return []
+        counts = await self.store.state_counts()
+        registered = sum(n for (_, state), n in counts.items()
+                         if state is MachineState.REGISTERED)
+        older = [] if not registered else [
+            m for m in await self.store.list_machines(MachineFilter(
+                state=MachineState.REGISTERED, limit=registered, sort="hostname"))
+            if m.secret_hash is None]
+        # A machine installing may still register with a config rendered before the
+        # upgrade: the marker waits until none is (their next start reads again).
+        underway = any(n for (_, state), n in counts.items() if state in _MAY_REGISTER)
+        if not older and not underway:
+            await self.store.put_setting(OLDER_NONE_SETTING, "1")
+        return older
 
     async def _configured_node(self, cluster: Cluster) -> tuple[Machine, MachineState] | None:
         """A node of ``cluster`` that fetched its config (and its state), if any."""

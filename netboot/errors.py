@@ -109,14 +109,16 @@ class Conflict(NetbootError):
     """The change conflicts with what exists (a MAC or hostname already used, ...).
 
     ``field`` names the contested field and ``holder`` the machine that has it, when the
-    conflict is about one (the API reports both so a script can act on them).
+    conflict is about one (the API reports both so a script can act on them);
+    ``candidates`` the machines a name could mean, when it names several.
     """
 
     def __init__(self, message: str, *, field: str | None = None,
-                 holder: str | None = None) -> None:
+                 holder: str | None = None, candidates: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.field = field
         self.holder = holder
+        self.candidates = candidates
 
 
 class StateChanged(Conflict):

@@ -729,6 +729,14 @@ class Cluster:
     def managed(self) -> bool:
         return self.server_url == "managed"
 
+    @property
+    def agent_secret(self) -> str:
+        """The password alone of :attr:`agent_token` (the text after its last ``:``; the
+        whole of a bare one), "" without one: what a server is given as k3s's
+        ``agent-token``, which k3s takes as the password as given (pkg/daemons/control/deps,
+        getNodePass), not as a ``K10`` form; and what a rendered text must never show."""
+        return self.agent_token.rpartition(":")[2]
+
 
 # Request labels that a group selector may name besides machine labels.
 SELECTOR_KEYS = (

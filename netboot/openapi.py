@@ -30,8 +30,9 @@ _HEX2 = "[0-9A-Fa-f]{2}"
 MAC_PATTERN = ("^(" + "|".join((
     f"{_HEX2}(:{_HEX2}){{5}}", f"{_HEX2}(-{_HEX2}){{5}}", f"01-{_HEX2}(-{_HEX2}){{5}}",
     "[0-9A-Fa-f]{4}[.][0-9A-Fa-f]{4}[.][0-9A-Fa-f]{4}", "[0-9A-Fa-f]{12}")) + ")$")
-REF_PATTERN = MAC_PATTERN[:-2] + "|m-[0-9a-f]{12})$"
 _LABEL = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# A MAC, an id, or a hostname (core.machine_ref).
+REF_PATTERN = MAC_PATTERN[:-2] + f"|m-[0-9a-f]{{12}}|{_LABEL}([.]{_LABEL})*)$"
 HOSTNAME = {"type": "string", "pattern": f"^{_LABEL}([.]{_LABEL})*$", "maxLength": 253}
 _MAC = {"type": "string", "pattern": MAC_PATTERN}
 _UUID = {"type": "string", "pattern": "^[0-9A-Fa-f]{8}(-?[0-9A-Fa-f]{4}){3}-?[0-9A-Fa-f]{12}$"}
@@ -418,7 +419,10 @@ def _path_param(name: str) -> dict[str, Any]:
                            "schema": {"type": "string"}}
     if name == "ref":
         out["schema"]["pattern"] = REF_PATTERN
-        out["description"] = "one of the machine's MACs (any common form), or its id"
+        out["description"] = ("one of the machine's MACs (any common form), its id, or its "
+                              "hostname (any case); looked up as an id or MAC first, then as "
+                              "a hostname: a text that names two machines so (a hostname "
+                              "spelled as a MAC) is a 409 listing both (candidates)")
     return out
 
 

@@ -1465,6 +1465,16 @@ async def build(config: Config, *, app: bool = True) -> Service:
         # none of their configs yet gets one now (its agents then never carry its token).
         for name in await core.give_agent_tokens():
             log.info("cluster %s: made its k3s agent token (its agents join with it)", name)
+        # After an upgrade: the machines an older register command registered, and the fix.
+        older = await core.older_registrations()
+        if older:
+            log.warning("%d registered machines were registered by an older netboot's register "
+                        "command (%s): they keep its weaker rules (a repeat registration from "
+                        "their address is answered without proof; those registered before "
+                        "session 37 report no new address at later boots) until reinstalled: "
+                        "netboot machines reinstall REF for each, when it may reinstall",
+                        len(older), ", ".join(m.hostname or m.ref for m in older[:5])
+                        + (", ..." if len(older) > 5 else ""))
         http_log = logging.getLogger("netboot.http")
         ids = RequestIds()
         plain = PlainHttp(

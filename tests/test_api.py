@@ -298,7 +298,9 @@ async def test_patch_machine_errors(env: Env) -> None:
     error(await call(env, "PATCH", path, json_body={"state": "melted"}), 400, "state")
     error(await call(env, "PATCH", path, json_body={"arch": "x86_64"}), 400, "arch")
     error(await call(env, "PATCH", path, json_body=[1]), 400, "body")
-    error(await call(env, "PATCH", "/api/v1/machines/not-a-mac", json_body={}), 400, "mac")
+    error(await call(env, "PATCH", "/api/v1/machines/not_a_mac", json_body={}), 400, "mac")
+    # A text that may be a hostname is looked up as one (core.machine_ref): nobody has it.
+    error(await call(env, "PATCH", "/api/v1/machines/not-a-mac", json_body={}), 404)
     # A state is not a setting: PATCH refuses it and points at the endpoints that change it.
     refused = error(await call(env, "PATCH", path, json_body={"mac": "5254.0012.3456",
                                                               "state": "installed"}), 400, "state")
@@ -312,8 +314,11 @@ async def test_patch_machine_errors(env: Env) -> None:
 async def test_bad_mac_in_path_is_400(env: Env) -> None:
     for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/events"), ("GET", "/explain"),
                            ("POST", "/approve"), ("POST", "/reinstall"), ("POST", "/events")):
+        r = await call(env, method, f"/api/v1/machines/not_a_mac{suffix}", json_body={})
+        assert "nor a hostname" in error(r, 400, "mac")["error"]
+        # A hostname nobody has ('not-a-mac' may be one): 404 (core.machine_ref).
         r = await call(env, method, f"/api/v1/machines/not-a-mac{suffix}", json_body={})
-        error(r, 400, "mac")
+        error(r, 404)
 
 
 async def test_unknown_machine_is_404_everywhere(env: Env) -> None:
@@ -2500,3 +2505,67 @@ async def test_two_servers_on_one_postgresql_give_one_fixed_address_once(
     held = [m.ref for m in await a.service.store.list_machines()
             if m.fixed_ipv4 == "192.0.2.71"]
     assert len(held) == 1, held
+async def test_a_machine_is_named_by_its_hostname_in_every_ref_route(env: Env) -> None:
+    """Operators type hostnames (the dashboard and ``events`` name machines by them): every
+    ``{ref}`` route takes one, any case. The id or MAC is looked up first, then the hostname;
+    a hostname spelled as another machine's MAC (or id) is a 409 listing both, never either
+    one: a DELETE must not take the machine the operator did not mean."""
+    await env.seed()
+    a = await machine(env, hostname="Edge-1", cluster="edge", profile="k3os")
+    assert (await env.get("/api/v1/machines/EDGE-1"))["id"] == a["id"]
+    patched = await call(env, "PATCH", "/api/v1/machines/edge-1",
+                         json_body={"labels": {"rack": "r2"}})
+    assert patched.status == 200, patched.text
+    assert patched.json()["id"] == a["id"] and patched.json()["labels"] == {"rack": "r2"}
+    explained = await env.get("/api/v1/machines/edge-1/explain")
+    assert explained["known"] and explained["id"] == a["id"]
+    rendered = await call(env, "GET", "/api/v1/machines/edge-1/render/ipxe")
+    assert rendered.status == 200 and "#!ipxe" in rendered.text, rendered.text
+    assert isinstance(await env.get("/api/v1/machines/edge-1/events"), list)
+    # mark-installed by hand (an operator's report), as the CLI's does.
+    marked = await call(env, "POST", "/api/v1/machines/Edge-1/events",
+                        json_body={"kind": "installed"})
+    assert marked.status == 201, marked.text
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "installed"
+    reinstalled = await call(env, "POST", "/api/v1/machines/edge-1/reinstall")
+    assert reinstalled.status == 200 and reinstalled.json()["id"] == a["id"], reinstalled.text
+    # A stranger learns nothing of a hostname: no token, 401, as for an unknown MAC.
+    stranger = await env.client.post("/api/v1/machines/edge-1/events",
+                                     json={"kind": "installed"})
+    assert stranger.status == 401
+    # A hostname nobody has: 404 saying what a ref may be.
+    gone = error(await call(env, "GET", "/api/v1/machines/edge-9"), 404)
+    assert "hostname" in gone["error"]
+    error(await call(env, "DELETE", "/api/v1/machines/edge-9"), 404)
+
+    # A hostname that is another machine's MAC in its bare form: both named, neither taken.
+    compact = MAC.replace(":", "")
+    b = await env.post("/api/v1/machines", {"mac": MAC2, "hostname": compact}, status=201)
+    for method, path in (("GET", compact), ("DELETE", compact), ("GET", compact.upper()),
+                         ("POST", f"{compact}/reinstall"), ("GET", f"{compact}/explain")):
+        body = error(await call(env, method, f"/api/v1/machines/{path}"), 409, "ref")
+        assert sorted(body["candidates"]) == sorted([a["id"], b["id"]]), body
+    assert (await env.get(f"/api/v1/machines/{a['id']}"))["hostname"] == "edge-1"
+    assert (await env.get(f"/api/v1/machines/{b['id']}"))["hostname"] == compact
+    # The colon form cannot be a hostname: always the MAC, no 409; nor can the hyphen form
+    # here (no machine has that hostname).
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["id"] == a["id"]
+    assert (await env.get("/api/v1/machines/52-54-00-12-34-56"))["id"] == a["id"]
+    # A MAC-shaped hostname whose MAC nobody has is that machine's name alone.
+    c = await env.post("/api/v1/machines", {"mac": "52:54:00:12:34:58",
+                                            "hostname": "5254000000ff"}, status=201)
+    assert (await env.get("/api/v1/machines/5254000000FF"))["id"] == c["id"]
+    # ... and so is a hostname that starts as an id does, where no machine has that id.
+    d = await env.post("/api/v1/machines", {"mac": "52:54:00:12:34:59",
+                                            "hostname": "m-rack1"}, status=201)
+    assert (await env.get("/api/v1/machines/m-rack1"))["id"] == d["id"]
+    r = await call(env, "DELETE", "/api/v1/machines/m-rack1")
+    assert r.status == 204
+    error(await call(env, "GET", f"/api/v1/machines/{d['id']}"), 404)
+    # The audit names the machine a hostname named by its id (a hostname may be given to
+    # another machine later).
+    audit = await env.get("/api/v1/audit")
+    entries = audit if isinstance(audit, list) else audit["items"]
+    (removed,) = [e for e in entries
+                  if e["action"].startswith("DELETE") and e["outcome"] == "204"]
+    assert removed["target"] == d["id"], removed

@@ -1137,3 +1137,13 @@ def test_a_machine_is_named_by_its_hostname_where_a_ref_is_asked(
     assert rc != 0 and "neither a MAC address" in err, err
     # `machines add`'s MAC is a new machine's, never looked up as a hostname.
     assert run(capsys, "machines", "add", "edge-1", "--config", cfg)[0] != 0
+    # A hostname spelled as another machine's MAC names both: refused, neither removed
+    # (the API's {ref} rule, core.machine_ref); the colon form is the MAC alone.
+    assert run(capsys, "machines", "add", "02:00:00:00:0e:03", "--hostname", "02000000"
+               "0e01", "--config", cfg)[0] == 0
+    rc, _, err = run(capsys, "machines", "rm", "020000000e01", "--config", cfg)
+    assert rc != 0 and "names two machines" in err, err
+    rc, out, err = run(capsys, "machines", "ls", "--json", "--config", cfg)
+    assert rc == 0 and len(json.loads(out)) == 3, (out, err)
+    rc, out, err = run(capsys, "machines", "show", "02:00:00:00:0e:01", "--json", "--config", cfg)
+    assert rc == 0 and json.loads(out)["hostname"] == "edge-1", err

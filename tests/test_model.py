@@ -439,3 +439,22 @@ def test_the_stand_in_host_is_the_address_the_client_reached(
     assert stands_in(url, "192.0.2.10") == url.startswith(("http://192.0.2.10:",
                                                            "https://192.0.2.10:"))
     assert not stands_in(url, "")
+
+
+@pytest.mark.parametrize(("agent_token", "secret"), [
+    # netboot's secure form for agents (core._managed_join with a CA), k3s's parse of it.
+    ("K10" + "ab" * 32 + "::node:" + "5e" * 16, "5e" * 16),
+    ("f00d" * 8, "f00d" * 8),  # the bare secret (a cluster without a CA)
+    ("", ""),  # none: agents join with the cluster's token
+])
+def test_a_clusters_agent_secret_is_the_password_k3s_servers_are_given(
+        agent_token: str, secret: str) -> None:
+    """The one parser of the agent token that a server's config (``agent-token``), the
+    template check and the render's masking all use; k3s's token parse agrees on every form
+    netboot stores (core.token_secret)."""
+    from netboot.core import token_secret
+    from netboot.model import Cluster
+
+    cluster = Cluster("edge", token="t" * 32, agent_token=agent_token)
+    assert cluster.agent_secret == secret == token_secret(agent_token)
+    assert secret not in repr(cluster) or not secret

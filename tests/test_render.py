@@ -266,38 +266,93 @@ def test_nocloud_golden_and_valid(name: str) -> None:
         assert doc["local-hostname"] == "edge-1"
 
 
-def test_cloud_inits_later_boots_run_the_register_command_once_registered(
+def test_a_cloud_init_node_whose_first_boot_never_registered_retries_at_each_boot(
         tmp_path: Path) -> None:
-    """cloud-init runs runcmd once per instance: the user-data also writes the register
-    command to a file and a per-boot script that runs it only once a machine token is kept
-    (on a first boot per-boot scripts run before runcmd: registering then would come before
-    the k3s install). Run as written, against a fake curl (s37-register)."""
+    """cloud-init runs runcmd once per instance: a node whose first boot's hour of register
+    tries all failed (netboot down, a wrong route) registered at no later boot (k3OS's
+    run_cmd runs each boot). The rendered user-data's per-boot script now runs the register
+    command at every boot after runcmd's (cloud_final: scripts_per_boot before scripts_user,
+    so not on the first), until one try is answered, then only the machine token's report.
+    Boots played as cloud-init plays them, with the user-data's own texts, by the system's
+    sh (a cloud-init image's dash; busybox's sh runs its own wget and sleep applets whatever
+    PATH says: the register command under busybox is test_register_netns.py's, against the
+    real server); the server a fake curl that fails until told to answer; sleep a no-op
+    (the hour's 360 tries at once)."""
     import subprocess
 
     doc = yaml.safe_load(content().nocloud(plan(BootAction.INSTALL), "user-data"))
-    files = {f["path"]: f for f in doc["write_files"]}
-    command = files["/var/lib/netboot/register"]["content"]
-    assert ["sh", "-c", command] in doc["runcmd"]  # the same command, once in each place
-    per_boot = files["/var/lib/cloud/scripts/per-boot/netboot-register"]
-    assert per_boot["permissions"] == "0755"
+    files = {f["path"]: f["content"] for f in doc["write_files"]}
     root = tmp_path / "root"
     root.mkdir()
-    (root / "register").write_text(command.replace("/var/lib/netboot", str(root)))
-    script = tmp_path / "per-boot"
-    script.write_text(per_boot["content"].replace("/var/lib/netboot", str(root)))
+
+    def here(text: str) -> str:
+        return text.replace("/var/lib/netboot", str(root))
+    (root / "register").write_text(here(files["/var/lib/netboot/register"]))
+    per_boot = tmp_path / "per-boot"
+    per_boot.write_text(here(files["/var/lib/cloud/scripts/per-boot/netboot-register"]))
+    k3s_install, *runcmd = doc["runcmd"]
+    assert "get.k3s.io" in " ".join(k3s_install)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    calls = tmp_path / "calls"
-    (bin_dir / "curl").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n'
-                                  "echo '{\"machine_token\": \"mt-1\"}'\n")
-    (bin_dir / "curl").chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin"}
-    subprocess.run(["sh", str(script)], check=True, env=env, timeout=30)
-    assert not calls.exists()  # a first boot: nothing kept yet, runcmd registers
-    (root / "machine-token").write_text("mt-1")
-    subprocess.run(["sh", str(script)], check=True, env=env, timeout=30, capture_output=True)
-    (line,) = calls.read_text().splitlines()
-    assert '"machine_token":"mt-1"' in line and '"token"' not in line
+    client, path = "curl", f"{bin_dir}:/usr/bin:/bin"
+    calls, up = tmp_path / "calls", tmp_path / "up"
+    # The server: every try recorded; refused (curl -f's and wget's exit 1) until it is up.
+    (bin_dir / client).write_text(
+        '#!/bin/sh\n'
+        f'echo "$@" >> {calls}\n[ -f {up} ] || exit 1\n'
+        'echo \'{"machine_token": "mt-1"}\'\n')
+    (bin_dir / client).chmod(0o755)
+    (bin_dir / "sleep").write_text("#!/bin/sh\n")
+    (bin_dir / "sleep").chmod(0o755)
+    env = {"PATH": path}
+    sh = "sh"
+
+    def tries() -> list[str]:
+        return calls.read_text().splitlines() if calls.exists() else []
+
+    def boot(first: bool) -> None:
+        # The per-boot script leaves the command to the background: a boot is over when no
+        # process of its session is left (awaited, bounded, never timed).
+        script = subprocess.Popen([sh, str(per_boot)], env=env, start_new_session=True)
+        assert script.wait(30) == 0
+        deadline = time.monotonic() + 600
+        while _in_session(script.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if first:  # runcmd, after the k3s install (not run here)
+            for cmd in runcmd:
+                assert cmd[:2] == ["sh", "-c"]
+                subprocess.run([sh, "-c", here(cmd[2])], env=env, timeout=600,
+                               capture_output=True)
+
+    boot(first=True)  # netboot unreachable the whole hour (per-boot: not yet, runcmd's)
+    assert len(tries()) == 360 and not (root / "registered").exists()
+    assert all('"token":"' in t for t in tries())  # the install token's registration
+    calls.unlink()
+    boot(first=False)  # still down: the next boot tries again, its hour
+    assert len(tries()) == 360
+    calls.unlink()
+    up.touch()
+    boot(first=False)  # up: registered, its machine token kept
+    (first_try,) = tries()
+    assert '"token":"' in first_try and '"machine_token":"' not in first_try
+    assert (root / "registered").exists() and (root / "machine-token").read_text() == "mt-1"
+    calls.unlink()
+    boot(first=False)  # registered: only the machine token's report of where it is
+    (report,) = tries()
+    assert '"machine_token":"mt-1"' in report and '"token":"' not in report
+    # A node registered by an older netboot (no machine token kept): nothing more.
+    calls.unlink()
+    (root / "machine-token").unlink()
+    boot(first=False)
+    assert tries() == []
+
+
+def _in_session(sid: int) -> bool:
+    """Whether a process of session ``sid`` is left (procps's pgrep -s)."""
+    import subprocess
+
+    return subprocess.run(["pgrep", "-s", str(sid)], stdout=subprocess.DEVNULL,
+                          check=False).returncode == 0
 
 
 def test_uboot_script_image() -> None:

@@ -1832,3 +1832,73 @@ async def test_machines_sharing_a_fixed_address_are_told_at_start(
     assert told == [told[0]] and told[0].startswith(
         "machines 52:54:00:40:00:11, 52:54:00:40:00:12 share the fixed_ipv4 192.0.2.50 "), told
     assert "netboot machines set REF --fixed-ipv4" in told[0]
+async def test_an_upgrade_names_the_machines_an_older_register_command_registered(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Machines registered by an older netboot's register command (no install secret:
+    configs rendered before session 39, before session 37 no machine token either) keep its
+    weaker rules until reinstalled, and an upgrade said nothing of them (only each one's
+    registered event did). Start-up now says how many, which, and the fix; from the store's
+    grouped count and its registered machines, never their events; and once a start found
+    none, later starts read nothing."""
+    from netboot.core import OLDER_NONE_SETTING
+    from netboot.inventory.sqlite import SqliteStore
+    from netboot.model import MachineState
+    from netboot.service import open_inventory
+
+    cfg = load(write_config(tmp_path), env={})
+    store, _ = await open_inventory(cfg)  # the inventory an older netboot wrote
+    try:
+        for i, (name, secret) in enumerate((("old-1", None), ("new-1", "ab" * 32))):
+            await store.create_machine(Machine(
+                macs=(MacAddress.parse(f"52:54:00:40:00:0{i}"),), hostname=name,
+                state=MachineState.REGISTERED, secret_hash=secret))
+        await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:40:00:09"),),
+                                           hostname="late-1", state=MachineState.INSTALLING))
+    finally:
+        await store.close()
+
+    async def start() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="netboot.service"):
+            started = await build(cfg)
+            await started.close()
+        return [r.getMessage() for r in caplog.records if "older netboot" in r.getMessage()]
+
+    (said,) = await start()  # the upgraded server's first start
+    assert said.startswith("1 registered machines were registered by an older netboot's "
+                           "register command (old-1)"), said
+    assert "netboot machines reinstall REF" in said
+    assert await start() == [said]  # until it is reinstalled
+
+    async def moved(name: str, state: MachineState) -> None:
+        store, _ = await open_inventory(cfg)
+        try:
+            machine = await store.get_machine_by_hostname(name)
+            assert machine is not None
+            await store.update_machine(replace(machine, state=state))
+        finally:
+            await store.close()
+
+    await moved("old-1", MachineState.REINSTALL)  # its new install's command sends one
+    assert await start() == []
+    # One installing from a config rendered before the upgrade registers after it.
+    await moved("late-1", MachineState.REGISTERED)
+    (said,) = await start()
+    assert "1 registered machines" in said and "(late-1)" in said, said
+    await moved("late-1", MachineState.REINSTALL)
+    assert await start() == []
+    # Found none: later starts read no machine (the marker), nor the states' count.
+    read: list[str] = []
+    listed = SqliteStore.list_machines
+
+    async def counted(self: SqliteStore, *args: Any, **kw: Any) -> Any:
+        read.append(repr(args))
+        return await listed(self, *args, **kw)
+    monkeypatch.setattr(SqliteStore, "list_machines", counted)
+    service = await build(cfg)
+    try:
+        assert await service.store.get_setting(OLDER_NONE_SETTING) == "1"
+        assert not [r for r in read if "REGISTERED" in r], read
+    finally:
+        await service.close()

@@ -520,12 +520,14 @@ def error_reply(exc: Exception, log: logging.Logger, method: str, target: str,
         # "failed, reinstall first" without parsing the message.
         return _json({"error": str(exc), "state": exc.state, "event": exc.event}, 409)
     if isinstance(exc, Conflict):
-        body = {"error": str(exc)}
+        conflict: dict[str, Any] = {"error": str(exc)}
         if exc.field is not None:
-            body["field"] = exc.field
+            conflict["field"] = exc.field
         if exc.holder is not None:
-            body["holder"] = exc.holder
-        return _json(body, 409)
+            conflict["holder"] = exc.holder
+        if exc.candidates:
+            conflict["candidates"] = list(exc.candidates)
+        return _json(conflict, 409)
     if isinstance(exc, RenderError):
         log.error("render failed for %s %s: %s", method, target, exc)
         return _json({"error": f"render failed: {exc}"}, 500)

@@ -444,3 +444,62 @@ async def test_a_cluster_with_the_short_k3s_token_says_so_on_the_clusters_page(
     await expect(page.locator("section.cluster[data-cluster=edge]")).to_be_visible()
     await expect(page.locator("section.cluster[data-cluster=edge] .problems")).to_have_count(0)
     await shots(page, "clusters-short-token")
+
+
+async def test_an_operator_marks_a_machine_installed_from_its_page_after_confirming(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """The CLI's and API's mark-installed on the machine's page (s39-user left it): a
+    machine whose disk holds its install already (installed after the backup a restore
+    brought back) boots that disk. As Remove, it asks first; a dismissed question changes
+    nothing. As every action, the API's scope rule decides: a read token's session is
+    refused (403 shown), the machine unchanged."""
+    env = await make_env()
+    await env.seed()
+    made = await env.post("/api/v1/machines", {"mac": "52:54:00:aa:00:21",
+                                               "hostname": "rack1-a", "cluster": "edge",
+                                               "profile": "k3os"}, status=201)
+    page_url = url(env, f"/#/machine/{made['id']}")
+
+    # A read token's session: the button is there, the API refuses it, nothing changes.
+    reader = (await env.post("/api/v1/tokens", {"name": "wall-screen", "scope": "read"},
+                             status=201))["token"]
+    page = await browser.new_page(viewport={"width": 1360, "height": 900})
+    page.set_default_timeout(TIMEOUT_MS)
+    await page.goto(url(env, "/login"))
+    await page.fill("#token", reader)
+    await page.click("button[type=submit]")
+    await expect(page).to_have_url(url(env, "/"))
+    await page.goto(page_url)
+    page.once("dialog", lambda dialog: dialog.accept())
+    await page.click("button.mark-installed")
+    await expect(page.locator("#notice")).to_contain_text("operator")
+    await shots(page, "read-session-refused")
+    assert (await env.get(f"/api/v1/machines/{made['id']}"))["state"] == "enrolled"
+    await page.close()
+
+    page = await logged_in(browser, env, shots)
+    await page.goto(page_url)
+    button = page.locator("button.mark-installed")
+    await expect(button).to_have_text("Mark installed")
+    # Asked first: dismissed, nothing sent.
+    asked: list[str] = []
+
+    async def dismiss(dialog: Any) -> None:
+        asked.append(dialog.message)
+        await dialog.dismiss()
+    page.once("dialog", dismiss)
+    await button.click()
+    await asyncio.sleep(0.5)
+    assert asked and "rack1-a" in asked[0] and "local disk" in asked[0], asked
+    assert (await env.get(f"/api/v1/machines/{made['id']}"))["state"] == "enrolled"
+    # Accepted: installed, said so, on the timeline, and the button gone.
+    page.once("dialog", lambda dialog: dialog.accept())
+    await button.click()
+    await expect(page.locator("#notice")).to_contain_text("rack1-a marked installed")
+    await expect(page.locator("ol.timeline")).to_contain_text("marked installed by the operator")
+    await expect(page.locator("button.mark-installed")).to_have_count(0)
+    await shots(page, "marked-installed")
+    assert (await env.get(f"/api/v1/machines/{made['id']}"))["state"] == "installed"
+    # Its next network boot is its disk.
+    why = await env.get(f"/api/v1/machines/{made['id']}/explain")
+    assert why["state"] == "installed" and "local" in why["decision"], why

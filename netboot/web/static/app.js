@@ -14,6 +14,9 @@ const PAGE = 50;
 const RELOAD_MS = 700;
 const STATES = ["discovered", "enrolled", "booting", "installing", "installed", "registered",
   "failed", "reinstall"];
+// The states an operator's "installed" takes a machine out of (netboot.lifecycle: enrolled,
+// booting, installing or reinstall → installed).
+const MARKABLE = ["enrolled", "booting", "installing", "reinstall"];
 
 // ---- helpers ---------------------------------------------------------------------------
 
@@ -348,6 +351,22 @@ function machineView(root, id) {
     } else {
       buttons.push(h("button", {onclick: () => act("reinstall requested", "POST",
         `/machines/${ref}/reinstall`)}, "Reinstall"));
+    }
+    if (MARKABLE.includes(m.state)) {
+      // The CLI's `machines mark-installed` (the installer's report, made by an operator:
+      // the API refuses it to a read or enroll scope): a machine whose disk holds its
+      // install already (installed after the backup a restore brought back, or by other
+      // means) boots that disk, not the installer that would wipe it.
+      const name = m.hostname || m.id;
+      buttons.push(h("button", {class: "mark-installed", onclick: () => {
+        if (confirm(`Mark ${name} installed? Its next network boot goes to its local disk ` +
+            "and nothing installs it again until a reinstall. Only for a machine whose disk " +
+            "already holds its install.")) {
+          act(`${name} marked installed`, "POST", `/machines/${ref}/events`,
+            {kind: "installed", message: `marked installed by the operator from the ` +
+              `dashboard (was ${m.state})`});
+        }
+      }}, "Mark installed"));
     }
     buttons.push(h("button", {class: "danger", onclick: () => {
       if (confirm(`Remove ${m.hostname || m.id} and its history from the inventory?`)) {
