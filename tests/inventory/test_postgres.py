@@ -2422,3 +2422,75 @@ async def test_the_servers_full_disk_is_store_full_told_by_health_until_a_write_
         await admin.close()
         subprocess.run(["umount", "-l", str(mount)], check=False)
         mount.rmdir()
+
+
+@pytest.mark.root
+async def test_a_full_disk_found_by_one_server_is_told_by_every_server_until_writes_succeed(
+        postgres: pg.Cluster) -> None:
+    """Two servers' stores on one inventory whose tablespace is an 8 MiB tmpfs, filled: A's
+    write is refused; B, which writes nothing meanwhile, says so too (its health: degraded,
+    naming the full disk) within a check, told by A's notification, and both say nothing
+    once space is freed (each one's own probe taken). Before s40-multi B said ok until its
+    own next write needed a page: one server healthy, its peer failing."""
+    import pwd
+
+    from netboot.errors import StoreFull
+
+    mount = postgres.base / f"tiny-{uuid.uuid4().hex[:8]}"
+    mount.mkdir()
+    # Room, once freed, for both servers' probes (each ~1 MiB, left until autovacuum).
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)],
+                   check=True)
+    space = f"s40_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres.dsn())
+    stores: list[PostgresStore] = []
+    try:
+        entry = pwd.getpwnam("postgres")
+        os.chown(mount, entry.pw_uid, entry.pw_gid)
+        await admin.execute(f"CREATE TABLESPACE {space} LOCATION '{mount}'")
+        async with pg.fresh_schema(postgres) as dsn:
+            try:
+                for _ in range(2):
+                    store = PostgresStore(f"{dsn}&default_tablespace={space}",
+                                          peer=replace(QUICK, check_interval=1,
+                                                       check_timeout=1))
+                    stores.append(store)
+                    await store.open()
+                a, b = stores
+                schema = dsn.split("search_path=", 1)[1]
+                await admin.execute(f"CREATE TABLE {schema}.filler (t text) TABLESPACE "
+                                    f"{space}; ALTER TABLE {schema}.filler ALTER t SET "
+                                    "STORAGE PLAIN")
+                with pytest.raises(asyncpg.DiskFullError):
+                    for _ in range(10_000):  # bounded: 8 MiB is ~4,300 rows
+                        await admin.execute(
+                            f"INSERT INTO {schema}.filler SELECT (SELECT string_agg("
+                            "md5(random()::text || g || h), '') FROM generate_series(1, 60) h) "
+                            "FROM generate_series(1, 50) g")
+                await asyncio.sleep(1.5)  # checks ran: nothing written, nothing known
+                assert a.stuck_writes() is None and b.stuck_writes() is None
+                with pytest.raises(StoreFull):
+                    for i in range(200):  # until a write needs a page the disk has not
+                        await a.create_machine(Machine(
+                            macs=(MacAddress.parse(f"52:54:00:00:40:{i % 256:02x}"),)))
+                await _within("B told of A's full disk",
+                              lambda: b.stuck_writes() is not None)
+                said = b.stuck_writes()
+                assert said is not None and "No space left on device" in said, said
+                assert "another netboot server" in said
+                await asyncio.sleep(2.5)  # B's own probes meanwhile: refused, still said
+                assert b.stuck_writes() is not None and a.stuck_writes() is not None
+                await admin.execute(f"DROP TABLE {schema}.filler")
+                await _within("both clear once writes are taken",
+                              lambda: a.stuck_writes() is None and b.stuck_writes() is None)
+                await b.create_machine(Machine(
+                    macs=(MacAddress.parse("52:54:00:00:40:ff"),), hostname="after"))
+            finally:
+                for store in stores:
+                    await store.close()
+    finally:
+        with contextlib.suppress(asyncpg.PostgresError):
+            await admin.execute(f"DROP TABLESPACE IF EXISTS {space}")
+        await admin.close()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()
