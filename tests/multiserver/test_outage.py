@@ -10,8 +10,6 @@ stopped by its PID and started again, under two real ``netboot serve`` processes
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -307,22 +305,12 @@ async def test_a_full_postgresql_disk_found_by_a_is_told_by_b_at_once(
     status, metrics: what the dashboard's banner shows) from A's notification, not from its
     own next write; both say ok again once space is freed. (Before s40-multi: B said ok
     until it wrote, A degraded: one server healthy, its peer failing.)"""
-    import pwd
-    import uuid
-
     import asyncpg
 
-    mount = postgres.base / f"tiny-{uuid.uuid4().hex[:8]}"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(mount)],
-                   check=True)
-    space = f"s40p_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres.dsn())
     try:
-        entry = pwd.getpwnam("postgres")
-        os.chown(mount, entry.pw_uid, entry.pw_gid)
-        await admin.execute(f"CREATE TABLESPACE {space} LOCATION '{mount}'")
-        async with pg.fresh_schema(postgres) as dsn:
+        async with pg.tiny_tablespace(postgres, "8m") as space, \
+                pg.fresh_schema(postgres) as dsn:
             shared = Inventory("postgresql", "  backend: postgresql\n"
                                f"  dsn: {dsn + '&default_tablespace=' + space!r}\n")
             async with running_pair(tmp_path, shared) as pair:
@@ -330,15 +318,7 @@ async def test_a_full_postgresql_disk_found_by_a_is_told_by_b_at_once(
                 await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": NEW},
                                 status=201)
                 schema = dsn.split("search_path=", 1)[1]
-                await admin.execute(f"CREATE TABLE {schema}.filler (t text) TABLESPACE "
-                                    f"{space}; ALTER TABLE {schema}.filler ALTER t SET "
-                                    "STORAGE PLAIN")
-                with pytest.raises(asyncpg.DiskFullError):
-                    for _ in range(10_000):  # bounded: 8 MiB is ~4,300 rows
-                        await admin.execute(
-                            f"INSERT INTO {schema}.filler SELECT (SELECT string_agg("
-                            "md5(random()::text || g || h), '') FROM generate_series(1, 60) h) "
-                            "FROM generate_series(1, 50) g")
+                await pg.fill_tablespace(admin, schema, space)
                 assert await healthy(pair, pair.b)
                 refused = None
                 for i in range(300):  # until a write needs a page the disk has not
@@ -363,8 +343,4 @@ async def test_a_full_postgresql_disk_found_by_a_is_told_by_b_at_once(
                                 f"{server.name} is healthy again")
                 assert is_install(await pair.boot(pair.b, NEW))
     finally:
-        with contextlib.suppress(asyncpg.PostgresError):
-            await admin.execute(f"DROP TABLESPACE IF EXISTS {space}")
         await admin.close()
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-        mount.rmdir()
