@@ -484,3 +484,41 @@ def repool(dsn: str, mode: str) -> None:
     ini = base / "pgbouncer.ini"
     ini.write_text(re.sub(r"(?m)^pool_mode = .*$", f"pool_mode = {mode}", ini.read_text()))
     os.kill(int((base / "pgbouncer.pid").read_text()), signal.SIGHUP)
+
+
+@contextlib.asynccontextmanager
+async def tiny_tablespace(cluster: Cluster, size: str) -> AsyncIterator[str]:
+    """A tablespace of ``cluster`` on a tmpfs of ``size`` (``mount``'s words: "3m"), its
+    name: a disk that a test fills (``fill_tablespace``) without touching any other. Mounted
+    in the cluster's own directory, which the server's user reaches (not pytest's 0700 one);
+    root only. Dropped and unmounted after, the schemas using it gone first."""
+    mount = cluster.base / f"tiny-{uuid.uuid4().hex[:8]}"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                    str(mount)], check=True)
+    space = f"tiny_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(cluster.dsn())
+    try:
+        entry = pwd.getpwnam("postgres")
+        os.chown(mount, entry.pw_uid, entry.pw_gid)
+        await admin.execute(f"CREATE TABLESPACE {space} LOCATION '{mount}'")
+        yield space
+    finally:
+        with contextlib.suppress(asyncpg.PostgresError):
+            await admin.execute(f"DROP TABLESPACE IF EXISTS {space}")
+        await admin.close()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+        mount.rmdir()
+
+
+async def fill_tablespace(admin: asyncpg.Connection, schema: str, space: str) -> None:
+    """Fill ``space`` (``tiny_tablespace``) with the table ``{schema}.filler`` (uncompressed
+    random text) until the server says its disk is full; dropping that table frees it."""
+    await admin.execute(f"CREATE TABLE {schema}.filler (t text) TABLESPACE {space};"
+                        f" ALTER TABLE {schema}.filler ALTER t SET STORAGE PLAIN")
+    with pytest.raises(asyncpg.DiskFullError):
+        for _ in range(10_000):  # bounded: 8 MiB is ~4,300 rows
+            await admin.execute(
+                f"INSERT INTO {schema}.filler SELECT (SELECT string_agg("
+                "md5(random()::text || g || h), '') FROM generate_series(1, 60) h) "
+                "FROM generate_series(1, 50) g")

@@ -143,6 +143,16 @@ _READ_ONLY_FIX = ("the PostgreSQL server takes reads only: a standby, or "
 FULL_PROBE_ROWS = 16_384
 _FULL_PROBE = ("INSERT INTO commit_marks (id) SELECT gen_random_uuid()"
                " FROM generate_series(1, $1::int)")
+# A store that found writes refused tells the other servers of the inventory at once (a
+# notification on CHANNEL whose payload is this and its why), and again at each of its
+# probes refused: a server that writes little (answering known machines) would otherwise say
+# ok until its own next write needs a page, its peer degraded (s39-multi's "left"). Told,
+# a server says it as its own and probes as its own: its probe taken clears it. Not a row:
+# the disk that refuses writes refuses a marker too; a notification is a few bytes of the
+# server's queue and one commit record, which a full tablespace still takes.
+_REFUSED = "writes refused "
+# A notification's payload is at most 8,000 bytes: the why is cut well within.
+_REFUSED_WHY = 2_000
 
 
 # pg_advisory_xact_lock key of the inventory's writers: "netboot" in ASCII.
@@ -573,6 +583,7 @@ class PostgresStore:
         # _conn), until a write succeeds (_probe_full, from the check); None: not full.
         self._full: str | None = None
         self._full_probe: asyncio.Future[None] | None = None
+        self._telling: asyncio.Future[None] | None = None  # the last _tell_refused
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
         self._commits = 0
@@ -652,15 +663,20 @@ class PostgresStore:
                 # Reads still answer: "unreachable" sent operators to the network, and health
                 # said ok (s37-chaos's SQLite fix, for PostgreSQL). Said by stuck_writes until
                 # a write succeeds (the check probes while it is: _probe_full).
-                self._full = why = (f"inventory {self.name}: {self._reason(exc)} (free space "
-                                    "on the PostgreSQL server's disk that holds the "
-                                    "inventory's tablespace)")
-                raise StoreFull(why) from exc
+                was, self._full = self._full, (
+                    f"inventory {self.name}: {self._reason(exc)} (free space on the "
+                    "PostgreSQL server's disk that holds the inventory's tablespace)")
+                if was is None:
+                    self._tell_refused()
+                raise StoreFull(self._full) from exc
             if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
                 # The same for a server turned read-only: every write a 503 "unreachable"
                 # while /healthz said ok (s39-multi). Cleared the same way, by the probe.
-                self._full = why = f"inventory {self.name}: {self._reason(exc)} ({_READ_ONLY_FIX})"
-                raise WritesRefused(why) from exc
+                was, self._full = self._full, (
+                    f"inventory {self.name}: {self._reason(exc)} ({_READ_ONLY_FIX})")
+                if was is None:
+                    self._tell_refused()
+                raise WritesRefused(self._full) from exc
             raise StoreError(f"inventory {self.name}: {self._reason(exc)}") from exc
 
     async def _probe_full(self) -> None:
@@ -681,11 +697,34 @@ class PostgresStore:
                 finally:
                     await probe.rollback()
         except StoreError:
-            return  # StoreFull: still full (_conn said so again); another: the check's
+            # StoreFull: still full (_conn said so again), told again for a server started
+            # since; another: the check's.
+            if self._full is not None:
+                self._tell_refused()
+            return
         if self._full is not None:
             log.warning("inventory %s: %s takes writes again", self.name,
                         "the server" if _READ_ONLY_FIX in self._full else "its disk")
         self._full = None
+
+    def _tell_refused(self) -> None:
+        """Tell the other servers why writes are refused (_REFUSED), beside the caller: one
+        notification on a pool session, at most one under way (a storm's refused writes
+        send one)."""
+        telling = self._telling
+        if self._pool is not None and (telling is None or telling.done()):
+            self._telling = asyncio.ensure_future(self._notify_refused())
+
+    async def _notify_refused(self) -> None:
+        why = self._full
+        if why is None:
+            return
+        # Unanswered or refused (a standby takes no NOTIFY), the others find out at their
+        # own write or check, as before.
+        with contextlib.suppress(StoreError):
+            async with self._conn() as conn:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL,
+                                   _REFUSED + why[:_REFUSED_WHY])
 
     @contextlib.asynccontextmanager
     async def _write(self, *, feed: bool = True, lock: bool = True,
@@ -994,9 +1033,10 @@ class PostgresStore:
         beat, self._beat = self._beat, None
         if beat is not None:
             beat.cancel()  # its session is closed with the pool's, below
-        probe, self._full_probe = self._full_probe, None
-        if probe is not None:
-            probe.cancel()
+        for task in (self._full_probe, self._telling):
+            if task is not None:
+                task.cancel()
+        self._full_probe = self._telling = None
         for conn in (self._notify, self._feed):
             if conn is not None:
                 with contextlib.suppress(asyncpg.InterfaceError, OSError,
@@ -1585,6 +1625,13 @@ class PostgresStore:
 
     def _notified(self, _conn: object, pid: int, _channel: str, payload: str) -> None:
         self._heard = time.monotonic()
+        if payload.startswith(_REFUSED):
+            # Another server's writes were refused (this one's own: its pool's PIDs): said by
+            # this one's health too, until its own probe is taken (the check's, _probe_full).
+            if pid not in self._own and self._full is None:
+                self._full = f"{payload[len(_REFUSED):]} (told by another netboot server)"
+                log.warning("inventory %s: writes refused: %s", self.name, self._full)
+            return
         if payload:  # not a commit's (its trigger's is empty): open()'s probe (_delivered)
             probe = self._probe
             if probe is not None and payload == probe[0] and not probe[1].done():

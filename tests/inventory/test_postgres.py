@@ -2359,23 +2359,13 @@ async def test_the_servers_full_disk_is_store_full_told_by_health_until_a_write_
     server's disk; reads answer; stuck_writes says why (health: degraded) until the check's
     probe write succeeds once space is freed, then writes are taken again. (Before
     s38-journey: a StoreError read "unreachable", and stuck_writes said nothing.)"""
-    import pwd
-
     from netboot.errors import StoreFull
 
-    # In the cluster's own directory: the server's user reaches it (not pytest's 0700 one).
-    mount = postgres.base / f"tiny-{uuid.uuid4().hex[:8]}"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m,mode=0700", "tmpfs", str(mount)],
-                   check=True)
-    space = f"s38_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(postgres.dsn())
     store: PostgresStore | None = None
     try:
-        entry = pwd.getpwnam("postgres")
-        os.chown(mount, entry.pw_uid, entry.pw_gid)
-        await admin.execute(f"CREATE TABLESPACE {space} LOCATION '{mount}'")
-        async with pg.fresh_schema(postgres) as dsn:
+        async with pg.tiny_tablespace(postgres, "3m") as space, \
+                pg.fresh_schema(postgres) as dsn:
             try:
                 store = PostgresStore(f"{dsn}&default_tablespace={space}",
                                       peer=replace(QUICK, check_interval=1, check_timeout=1))
@@ -2383,15 +2373,7 @@ async def test_the_servers_full_disk_is_store_full_told_by_health_until_a_write_
                 kept = Machine(macs=(MacAddress.parse("52:54:00:00:38:30"),), hostname="kept")
                 await store.create_machine(kept)
                 schema = dsn.split("search_path=", 1)[1]
-                await admin.execute(f"CREATE TABLE {schema}.filler (t text) TABLESPACE "
-                                    f"{space}; ALTER TABLE {schema}.filler ALTER t SET "
-                                    "STORAGE PLAIN")
-                with pytest.raises(asyncpg.DiskFullError):
-                    for _ in range(10_000):  # bounded: 3 MiB is ~1,600 rows
-                        await admin.execute(
-                            f"INSERT INTO {schema}.filler SELECT (SELECT string_agg("
-                            "md5(random()::text || g || h), '') FROM generate_series(1, 60) h) "
-                            "FROM generate_series(1, 50) g")
+                await pg.fill_tablespace(admin, schema, space)
                 assert store.stuck_writes() is None
                 with pytest.raises(StoreFull) as full:
                     for i in range(200):  # until a write needs a page the disk has not
@@ -2417,8 +2399,55 @@ async def test_the_servers_full_disk_is_store_full_told_by_health_until_a_write_
                 if store is not None:
                     await store.close()
     finally:
-        with contextlib.suppress(asyncpg.PostgresError):
-            await admin.execute(f"DROP TABLESPACE IF EXISTS {space}")
         await admin.close()
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-        mount.rmdir()
+
+
+@pytest.mark.root
+async def test_a_full_disk_found_by_one_server_is_told_by_every_server_until_writes_succeed(
+        postgres: pg.Cluster) -> None:
+    """Two servers' stores on one inventory whose tablespace is an 8 MiB tmpfs, filled: A's
+    write is refused; B, which writes nothing meanwhile, says so too (its health: degraded,
+    naming the full disk) within a check, told by A's notification, and both say nothing
+    once space is freed (each one's own probe taken). Before s40-multi B said ok until its
+    own next write needed a page: one server healthy, its peer failing."""
+    from netboot.errors import StoreFull
+
+    admin = await asyncpg.connect(postgres.dsn())
+    stores: list[PostgresStore] = []
+    try:
+        # Room, once freed, for both servers' probes (each ~1 MiB, left until autovacuum).
+        async with pg.tiny_tablespace(postgres, "8m") as space, \
+                pg.fresh_schema(postgres) as dsn:
+            try:
+                for _ in range(2):
+                    store = PostgresStore(f"{dsn}&default_tablespace={space}",
+                                          peer=replace(QUICK, check_interval=1,
+                                                       check_timeout=1))
+                    stores.append(store)
+                    await store.open()
+                a, b = stores
+                schema = dsn.split("search_path=", 1)[1]
+                await pg.fill_tablespace(admin, schema, space)
+                await asyncio.sleep(1.5)  # checks ran: nothing written, nothing known
+                assert a.stuck_writes() is None and b.stuck_writes() is None
+                with pytest.raises(StoreFull):
+                    for i in range(200):  # until a write needs a page the disk has not
+                        await a.create_machine(Machine(
+                            macs=(MacAddress.parse(f"52:54:00:00:40:{i % 256:02x}"),)))
+                await _within("B told of A's full disk",
+                              lambda: b.stuck_writes() is not None)
+                said = b.stuck_writes()
+                assert said is not None and "No space left on device" in said, said
+                assert "another netboot server" in said
+                await asyncio.sleep(2.5)  # B's own probes meanwhile: refused, still said
+                assert b.stuck_writes() is not None and a.stuck_writes() is not None
+                await admin.execute(f"DROP TABLE {schema}.filler")
+                await _within("both clear once writes are taken",
+                              lambda: a.stuck_writes() is None and b.stuck_writes() is None)
+                await b.create_machine(Machine(
+                    macs=(MacAddress.parse("52:54:00:00:40:ff"),), hostname="after"))
+            finally:
+                for store in stores:
+                    await store.close()
+    finally:
+        await admin.close()

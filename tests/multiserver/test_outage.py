@@ -295,3 +295,52 @@ async def test_postgresql_turned_read_only_is_told_as_refusing_writes(
     await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": "52:54:00:13:10:05"},
                     status=201)
     assert "takes writes again" in pair.a.log()
+
+
+@pytest.mark.root
+async def test_a_full_postgresql_disk_found_by_a_is_told_by_b_at_once(
+        tmp_path: Path, postgres: pg.Cluster) -> None:
+    """The inventory's tablespace on an 8 MiB tmpfs, filled by another table: A's write is
+    refused (503, disk full); B, which writes nothing meanwhile, says so too (/healthz,
+    status, metrics: what the dashboard's banner shows) from A's notification, not from its
+    own next write; both say ok again once space is freed. (Before s40-multi: B said ok
+    until it wrote, A degraded: one server healthy, its peer failing.)"""
+    import asyncpg
+
+    admin = await asyncpg.connect(postgres.dsn())
+    try:
+        async with pg.tiny_tablespace(postgres, "8m") as space, \
+                pg.fresh_schema(postgres) as dsn:
+            shared = Inventory("postgresql", "  backend: postgresql\n"
+                               f"  dsn: {dsn + '&default_tablespace=' + space!r}\n")
+            async with running_pair(tmp_path, shared) as pair:
+                await seed(pair, pair.a)
+                await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": NEW},
+                                status=201)
+                schema = dsn.split("search_path=", 1)[1]
+                await pg.fill_tablespace(admin, schema, space)
+                assert await healthy(pair, pair.b)
+                refused = None
+                for i in range(300):  # until a write needs a page the disk has not
+                    async with pair.http.post(pair.a.base + "/api/v1/machines",
+                                              headers=pair.auth,
+                                              json={"mac": f"52:54:00:13:11:{i % 256:02x}",
+                                                    "hostname": f"h{i}" + "x" * 50}) as resp:
+                        if resp.status == 503:
+                            refused = await resp.json()
+                            break
+                        assert resp.status == 201, await resp.text()
+                assert refused is not None and "full" in refused["error"], refused
+                await until(lambda: healthy_not(pair, pair.b), "B says the disk is full")
+                status = await pair.call(pair.b, "GET", "/api/v1/status", status=200)
+                assert status["inventory"]["state"] == "degraded", status
+                assert "No space left on device" in status["inventory"]["detail"], status
+                metrics = await pair.call(pair.b, "GET", "/metrics", admin=False, status=200)
+                assert "netboot_inventory_up 0.0" in metrics
+                await admin.execute(f"DROP TABLE {schema}.filler")
+                for server in (pair.a, pair.b):
+                    await until(lambda s=server: healthy(pair, s),  # type: ignore[misc]
+                                f"{server.name} is healthy again")
+                assert is_install(await pair.boot(pair.b, NEW))
+    finally:
+        await admin.close()

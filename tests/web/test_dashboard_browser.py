@@ -503,3 +503,30 @@ async def test_an_operator_marks_a_machine_installed_from_its_page_after_confirm
     # Its next network boot is its disk.
     why = await env.get(f"/api/v1/machines/{made['id']}/explain")
     assert why["state"] == "installed" and "local" in why["decision"], why
+
+
+async def test_the_inventorys_refused_writes_are_a_banner_on_every_page_until_they_clear(
+        make_env: EnvFactory, browser: Browser, shots: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes refused (a full or read-only database; with several servers, told by the one
+    that found it): /healthz and the status said so, the dashboard nothing, and an operator
+    found out from failing actions (s40-multi). Now a banner on every page names it, asked
+    again every 15 s (HEALTH_MS), and goes once writes are taken."""
+    env = await make_env()
+    page = await logged_in(browser, env, shots)
+    banner = page.locator("#inventory-health")
+    await expect(banner).to_be_hidden()
+    why = "inventory test: could not extend file: No space left on device"
+    # The store's own answer (a PostgreSQL store sets it from a refused write, its own or
+    # another server's notification); the service's watcher turns it into health.
+    monkeypatch.setattr(env.service.store, "stuck_writes", lambda: why, raising=False)
+    await env.service.watch_once()  # the watcher's round (the test's env runs none)
+    assert not env.service.boot.health.up
+    await page.goto(url(env, "/#/profiles"))  # a page that asks nothing of the status itself
+    await expect(banner).to_contain_text("No space left on device", timeout=25_000)
+    await expect(banner).to_contain_text("degraded")
+    await shots(page, "inventory-refuses-writes")
+    monkeypatch.setattr(env.service.store, "stuck_writes", lambda: None, raising=False)
+    await env.service.watch_once()
+    assert env.service.boot.health.up
+    await expect(banner).to_be_hidden(timeout=25_000)

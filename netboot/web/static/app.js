@@ -12,6 +12,8 @@
 const API = "/api/v1";
 const PAGE = 50;
 const RELOAD_MS = 700;
+// How often every page asks the inventory's state for its banner (one GET /status).
+const HEALTH_MS = 15_000;
 const STATES = ["discovered", "enrolled", "booting", "installing", "installed", "registered",
   "failed", "reinstall"];
 // The states an operator's "installed" takes a machine out of (netboot.lifecycle: enrolled,
@@ -101,6 +103,22 @@ function notice(text, kind = "ok") {
   el.hidden = false;
   clearTimeout(notice.timer);
   notice.timer = setTimeout(() => { el.hidden = true; }, 6000);
+}
+
+function inventoryHealth(inventory) {
+  // The inventory's state as this server's /healthz tells it (GET /status): a banner on every
+  // page while it is not ok (writes refused: a full or read-only database, told by whichever
+  // server of the inventory found it), gone once it is.
+  const el = document.getElementById("inventory-health");
+  const bad = inventory && inventory.state !== "ok";
+  el.hidden = !bad;
+  el.textContent = bad ? `Inventory ${inventory.state}: ${inventory.detail || ""}` : "";
+}
+
+async function checkHealth() {
+  try {
+    inventoryHealth((await api("GET", "/status")).data.inventory);
+  } catch (err) { /* the list's own load says why a call failed */ }
 }
 
 function failed(err) {
@@ -225,6 +243,7 @@ function machinesView(root) {
 
   async function loadCounts() {
     const {data} = await api("GET", "/status");
+    inventoryHealth(data.inventory);
     counts.replaceChildren(
       h("button", {class: `count${query.state === "" ? " active" : ""}`,
         onclick: () => { query.state = ""; stateSel.value = ""; query.offset = 0; load(); }},
@@ -638,5 +657,7 @@ function route() {
 
 window.addEventListener("hashchange", route);
 route();
+checkHealth();
+setInterval(checkHealth, HEALTH_MS);
 connect();
 refreshDiscovered();
