@@ -354,8 +354,7 @@ class Content:
                                              machine.firmware if machine else None)
         if source is not None:
             assert profile is not None  # source is its command line
-            ctx["cmdline"] = self._render.cmdline(source, ctx, what=f"profile {profile.name} "
-                                                  "cmdline")
+            ctx["cmdline"] = self._render.cmdline(source, ctx, profile.name)
         return ctx
 
     def _wanted(self, names: frozenset[str] | None, source: str | None) -> _Wanted:

@@ -659,6 +659,39 @@ or ``InitVar``); an unknown field is a TypeError, as replace says."""
 replace_machine = _machine_replacer()
 
 
+def machine_changer(*changed: str) -> Callable[..., Machine]:
+    """A :data:`replace_machine` for one set of fields, given by position in ``changed``'s
+    order: ``change(machine, *values)`` is ``replace_machine(machine, **dict(zip(changed,
+    values)))``, the same value. For a step made once or more per request with the same
+    fields each time (a first install's copy: 14 of them; a config's state step: 3):
+    ``replace_machine``'s keywords matched to its 24 parameters, the others filled from
+    their defaults and 24 ``_KEEP`` tests were ~3,400 instructions of a first install's copy
+    of 14,000 (callgrind, benchmarks/README.md s40-http1st); here every field is read or
+    given in place, by position. A machine of another class (a subclass) is replace's."""
+    names = list(_MACHINE_PLACES)
+    unknown = [n for n in changed if n not in _MACHINE_PLACES]
+    if unknown or len(set(changed)) != len(changed) or not changed:
+        raise TypeError(f"not a set of Machine's fields: {changed!r}")
+    scope: dict[str, Any] = {"of_values": _machine_of_values, "layouts": _MACHINE_LAYOUTS,
+                             "replace_machine": replace_machine}
+    args = ", ".join(changed)
+    exec(f"def change(_machine_, {args}, /):\n"  # noqa: S102
+         "    if type(_machine_) not in layouts:\n"
+         "        return replace_machine(_machine_, "
+         + ", ".join(f"{n}={n}" for n in changed) + ")\n"
+         "    return of_values((" + ", ".join(n if n in changed else f"_machine_.{n}"
+                                    for n in names) + ",))", scope)
+    made: Callable[..., Machine] = scope["change"]
+    made.__module__ = __name__
+    made.__qualname__ = made.__name__ = f"change_{'_'.join(changed)}"
+    return made
+
+
+# lifecycle.moved's step (a config fetched): the state, stamped (updated, state_since).
+restate: Callable[[Machine, MachineState, float, float | None], Machine] = machine_changer(
+    "state", "updated", "state_since")
+
+
 def machine_of_values(values: Sequence[Any]) -> Machine:
     """``Machine(*values)`` (every field, in declaration order) in half the time: the frozen
     dataclass's ``__init__`` sets each of its 22 fields through ``object.__setattr__`` by

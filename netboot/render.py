@@ -408,7 +408,11 @@ class Renderer:
         self._string_names[source] = names
         return names
 
-    def cmdline(self, source: str, context: Mapping[str, Any], *, what: str) -> str:
+    def cmdline(self, source: str, context: Mapping[str, Any], profile: str) -> str:
+        """Profile ``profile``'s kernel command line ``source`` rendered, on one line (its
+        name by position, the errors' "profile NAME cmdline" made only for an error: that
+        text and the keyword were ~850 of every install script's loop instructions,
+        s40-http1st)."""
         # render_string's split form reached at once where it is kept and answers (a storm's
         # every command line: render_string's, _compiled's, _rendered's and _split_of's calls
         # skipped, s35-loop); else its way, which compiles and says what fails.
@@ -416,12 +420,14 @@ class Renderer:
         raw = kept[1].text(context, self._frozen, False) \
             if kept is not None and kept[1] is not None else None
         if raw is None:
-            raw = self.render_string(source, context, what=what, volatile=self.volatile)
+            raw = self.render_string(source, context, what=f"profile {profile} cmdline",
+                                     volatile=self.volatile)
         text = " ".join(raw.split())
         # iPXE's tokenizer treats a token starting with '#' as a comment (exec.c). (A text
         # without '#' has none: most command lines, asked once per install.)
         if "#" in text and any(tok.startswith("#") for tok in text.split()):
-            raise RenderError(f"{what}: a kernel argument starts with '#', iPXE would drop it")
+            raise RenderError(f"profile {profile} cmdline: a kernel argument starts with '#', "
+                              "iPXE would drop it")
         return text
 
     def yaml_document(self, name: str, context: Mapping[str, Any], *, header: str = "") -> str:

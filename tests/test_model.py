@@ -17,6 +17,7 @@ from dataclasses import (
 
 import pytest
 
+from netboot import model
 from netboot.errors import ValidationError
 from netboot.identity import Identity, Resolution
 from netboot.model import (
@@ -154,6 +155,61 @@ def test_replace_machine_gives_what_dataclasses_replace_gives() -> None:
                                                for f in fields(Machine)})) is type(machine)
     with pytest.raises(TypeError):
         replace(machine, colour="blue")
+
+
+def test_a_machine_changer_gives_what_replace_machine_gives() -> None:
+    """A changer of a set of fields by position (model.machine_changer: a first install's
+    copy, a config's state step) makes replace_machine's value of the same changes, for any
+    set of fields in any order, from either layout to either, holding the very objects
+    given; a non-field, a field named twice or none is refused where it is made."""
+    import random
+
+    from netboot import boot
+
+    rng = random.Random(40)
+    names = [f.name for f in fields(Machine)]
+    compact = Machine(macs=(MacAddress.parse("02:00:00:00:00:01"),), hostname="edge-1",
+                      serial="SN1", labels={"rack": "r1"}, cluster="edge", role=Role.AGENT,
+                      created=1.0, updated=2.0)
+    whole = replace_machine(compact, facts={"product": "x"}, install_token="t", arch=Arch.X86_64)
+    other = Machine(id="m-000000000002", state=MachineState.BOOTING, hostname="other",
+                    uuid="u", asset="a", profile="p", loader=LoaderChain.SHIM_GRUB,
+                    arch=Arch.ARM64, firmware=Firmware.UEFI, ipv4="192.0.2.7",
+                    fixed_ipv4="192.0.2.8", facts={"remote_addr": "192.0.2.9"}, token_hash="h",
+                    token_expires=9.0, install_token="t2", secret_hash="s", state_since=3.5,
+                    created=3.0, updated=4.0)
+    # The seldom-set fields' first values too: a copy may go back to the compact layout.
+    first = {f.name: getattr(compact, f.name) for f in fields(Machine)}
+    kept = {"state": boot._install_copy.__name__, "restate": model.restate.__name__}
+    assert kept == {"state": "change_state_updated_state_since_facts_uuid_serial_asset_arch_"
+                             "firmware_token_hash_install_token_token_expires_cluster_role",
+                    "restate": "change_state_updated_state_since"}
+    changers = [(("state", "updated", "state_since", "facts", "uuid", "serial", "asset",
+                  "arch", "firmware", "token_hash", "install_token", "token_expires",
+                  "cluster", "role"), boot._install_copy),
+                (("state", "updated", "state_since"), model.restate)]
+    for _ in range(300):
+        chosen = tuple(rng.sample(names, rng.randint(1, len(names))))
+        changers.append((chosen, model.machine_changer(*chosen)))
+    for chosen, change in changers:
+        for machine in (compact, whole, other):
+            given = tuple(getattr(rng.choice((other, compact, whole)), n) if rng.random() < 0.8
+                          else first[n] for n in chosen)
+            made = change(machine, *given)
+            want = replace_machine(machine, **dict(zip(chosen, given, strict=True)))
+            assert made == want and type(made) is type(want), chosen
+            assert all(getattr(made, n) is getattr(want, n) for n in names), chosen
+            assert made is not machine
+    # Not one of Machine's layouts: replace_machine (dataclasses.replace) decides.
+    profile = Profile(name="p", kernel="k")
+    with pytest.raises(TypeError):
+        model.restate(profile, MachineState.BOOTING, 1.0, 1.0)  # type: ignore[arg-type]
+    for wrong in ((), ("colour",), ("state", "state"), ("state", "kernel")):
+        with pytest.raises(TypeError, match="not a set of Machine's fields"):
+            model.machine_changer(*wrong)
+    with pytest.raises(TypeError):  # by position only
+        model.restate(compact, state=MachineState.BOOTING, updated=1.0,  # type: ignore[call-arg]
+                      state_since=1.0)
 
 
 def _as_dataclasses_writes_it(cls: type) -> type:

@@ -376,19 +376,23 @@ def test_cmdline_must_be_one_line_and_no_hash() -> None:
     assert content().context(plan(BootAction.INSTALL, profile=p))["cmdline"] == \
         "a=1 b=2 c=52-54-00-00-00-11"
     bad = Profile(name="x", kernel="vmlinuz", cmdline="quiet #comment")
-    with pytest.raises(RenderError, match="starts with '#'"):
+    with pytest.raises(RenderError, match=r"^profile x cmdline: a kernel argument starts with '#'"):
         content().context(plan(BootAction.INSTALL, profile=bad))
+    # A command line that does not render says whose it is too (the name made only then).
+    broken = Profile(name="edge-x86", kernel="vmlinuz", cmdline="a={{ mac | nosuchfilter }}")
+    with pytest.raises(RenderError, match=r"^profile edge-x86 cmdline: .*nosuchfilter"):
+        content().context(plan(BootAction.INSTALL, profile=broken))
 
 
 def test_cmdline_compiled_once_and_an_edited_one_renders_anew() -> None:
     r = renderer()
     ctx = {"mac": "m1"}
-    assert r.cmdline("a={{ mac }}", ctx, what="p") == "a=m1"
-    assert r.cmdline("a={{ mac }}", {"mac": "m2"}, what="p") == "a=m2"
-    assert r.cmdline("b={{ mac }}", ctx, what="p") == "b=m1"  # the profile was edited
+    assert r.cmdline("a={{ mac }}", ctx, "p") == "a=m1"
+    assert r.cmdline("a={{ mac }}", {"mac": "m2"}, "p") == "a=m2"
+    assert r.cmdline("b={{ mac }}", ctx, "p") == "b=m1"  # the profile was edited
     for i in range(300):  # more distinct texts than are kept: the oldest give way
-        assert r.cmdline(f"n={i}", ctx, what="p") == f"n={i}"
-    assert r.cmdline("a={{ mac }}", ctx, what="p") == "a=m1"
+        assert r.cmdline(f"n={i}", ctx, "p") == f"n={i}"
+    assert r.cmdline("a={{ mac }}", ctx, "p") == "a=m1"
 
 
 def _machines(n: int) -> list[BootPlan]:
@@ -424,8 +428,8 @@ def test_split_render_equals_the_whole_render_for_every_shipped_template() -> No
             assert split._render.ipxe(name, ctx) == expected, name
         for source in ("k3os.txt", "cloud-init.txt"):
             text = (templates_dir() / "cmdline" / source).read_text()
-            assert split._render.cmdline(text, ctx, what="t") == \
-                whole._render.cmdline(text, ctx, what="t")
+            assert split._render.cmdline(text, ctx, "t") == \
+                whole._render.cmdline(text, ctx, "t")
     # It was split, not rendered whole: one skeleton per template and distinct rest.
     kept = {key: s for key, s in split._render._splits.values() if s is not None}
     assert len(kept) >= 4
@@ -951,9 +955,9 @@ def test_config_context_has_the_command_line_only_for_a_template_that_reads_it(
     rendered: list[str] = []
     real = c._render.cmdline
 
-    def counting(source: str, context: Mapping[str, object], *, what: str) -> str:
+    def counting(source: str, context: Mapping[str, object], profile: str) -> str:
         rendered.append(source)
-        return real(source, context, what=what)
+        return real(source, context, profile)
 
     c._render.cmdline = counting  # type: ignore[method-assign]
     p = plan(BootAction.INSTALL)
@@ -1148,13 +1152,13 @@ def test_a_kept_split_form_answers_at_once_and_an_edit_is_rendered_anew(
     line = "a={{ mac }}  b={{ p }}"
     with r.pinned():
         assert r.ipxe_with("ipxe/t.ipxe", context("m1")) == "#!ipxe\necho m1 x\n"
-        assert r.cmdline(line, {"mac": "m1", "p": "y"}, what="w") == "a=m1 b=y"
+        assert r.cmdline(line, {"mac": "m1", "p": "y"}, "w") == "a=m1 b=y"
     assert calls == ["render", "string"]  # the split forms made
     calls.clear()
     with r.pinned():
         assert r.ipxe_with("ipxe/t.ipxe", context("m2")) == "#!ipxe\necho m2 x\n"
-        assert r.cmdline(line, {"mac": "m2", "p": "y"}, what="w") == "a=m2 b=y"
-        assert r.cmdline(line, {"mac": "m 3", "p": "z"}, what="w") == "a=m 3 b=z"
+        assert r.cmdline(line, {"mac": "m2", "p": "y"}, "w") == "a=m2 b=y"
+        assert r.cmdline(line, {"mac": "m 3", "p": "z"}, "w") == "a=m 3 b=z"
     assert calls == []
     assert r.ipxe_with("ipxe/t.ipxe", context("m4")) == "#!ipxe\necho m4 x\n"
     assert calls == ["render"]  # not pinned: the template looked up as render does
