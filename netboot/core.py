@@ -710,6 +710,8 @@ class Core:
         ca_cert, ca_key = (old.ca_cert, old.ca_key) if old is not None else ("", "")
         # The secrets alone: what was given, or kept, or new (never returned or logged).
         secret = _given(cluster.token, data, "token", create)
+        if old is not None and secret == old.token:
+            secret = None  # its own token given back (a node-token read): kept as it is
         if secret is None and old is not None:
             secret = _secret(old.token, old.ca_cert)
         if not secret:
@@ -734,10 +736,55 @@ class Core:
             # An RSA key: 10-70 ms of CPU here, off the event loop.
             ca_cert, ca_key = await asyncio.to_thread(k3s_server_ca)
         token = k3s_secure_token(secret, ca_cert) if ca_cert else secret
+        if old is not None and token_secret(token) != token_secret(old.token):
+            # The secret k3s compares, not the form: the secure token a short cluster's first
+            # server wrote (README's way out) wraps the secret it has, and is no change.
+            await self._token_change(old, force)
         agent_token = (k3s_secure_token(agent, ca_cert, user=K3S_AGENT_USER) if ca_cert and agent
                        else agent or "")
         return replace(cluster, token=token, ca_cert=ca_cert, ca_key=ca_key,
                        agent_token=agent_token)
+
+    async def _token_change(self, old: Cluster, force: bool) -> None:
+        """A managed cluster's own (server) token changed by an edit: refused (409) while a
+        node of it has its config, unless ``force``, as its agent token is
+        (:meth:`_agent_token_change`). k3s's way is ``k3s token rotate`` (k3s-io/k3s
+        docs/adrs/server-token-rotation.md, docs cli/token): run on one server, it
+        re-encrypts the datastore's bootstrap data with the new token; then every server, and
+        every agent that joined with the old one, is restarted with the new. Given to
+        netboot alone, the running servers keep the old, and every server installed next
+        (and every agent given the cluster's token: one without an agent token) is refused,
+        or, a server, cannot open the bootstrap data."""
+        configured = await self._configured_node(old)
+        if configured is None:
+            return
+        node, state = configured
+        if not force:
+            raise Conflict(
+                f"cluster {old.name!r} runs on the token it has: {node.ref} is {state} with "
+                "its config, and k3s keeps the token its servers started with (the "
+                "datastore's bootstrap data is encrypted with it); nodes given a new one "
+                "would be refused by its servers. Fix: reinstall every node of it (netboot "
+                "machines reinstall) before changing it; or rotate it in k3s (k3s token "
+                "rotate --new-token NEW on one of its servers, then the token in every "
+                "server's config and in every agent's that joined with it, and restart "
+                "k3s), then give it again with force "
+                f"(PUT /api/v1/clusters/{old.name}?force=true)", field="token")
+        await self._tell_configured(old, "token changed", (
+            f"the token of cluster {old.name} was changed by force while this node was "
+            "{state} with its config: its k3s keeps the old one until it is rotated there "
+            "(k3s token rotate on a server, then each node's token, restarting k3s) or the "
+            "node is reinstalled; until then servers given the new one are refused by "
+            "servers on the old one"))
+
+    async def _tell_configured(self, old: Cluster, kind: str, message: str) -> None:
+        """An event ``kind`` in each configured node's history (at most _FORCE_TOLD):
+        ``message`` with the node's ``{state}``."""
+        now = self._clock()
+        events = [Event(m.id, now, kind, message.replace("{state}", f"{m.state}"))
+                  for state in _CONFIGURED for m in await self.store.list_machines(
+                      MachineFilter(cluster=old.name, state=state, limit=_FORCE_TOLD))]
+        await self.enroller.recorder.commit(Batch(events=tuple(events[:_FORCE_TOLD])))
 
     async def _agent_token_change(self, old: Cluster, force: bool) -> None:
         """A managed cluster's agent token changed by an edit: refused (409) while a node of
@@ -761,16 +808,12 @@ class Core:
                 "agent-token on each of its servers and the token of each of its agents by "
                 "hand (/etc/rancher/k3s/config.yaml, then restart k3s), then give it again "
                 f"with force (PUT /api/v1/clusters/{old.name}?force=true)", field="agent_token")
-        now = self._clock()
-        events = [Event(m.id, now, "agent token changed",
-                        f"the agent token of cluster {old.name} was changed by force while "
-                        f"this node was {m.state} with its config: its k3s keeps the old one "
-                        "(a server's agent-token, an agent's token) until it is changed there "
-                        "by hand or the node is reinstalled; until then agents given the new "
-                        "one are refused by servers on the old one, and the reverse")
-                  for state in _CONFIGURED for m in await self.store.list_machines(
-                      MachineFilter(cluster=old.name, state=state, limit=_FORCE_TOLD))]
-        await self.enroller.recorder.commit(Batch(events=tuple(events[:_FORCE_TOLD])))
+        await self._tell_configured(old, "agent token changed", (
+            f"the agent token of cluster {old.name} was changed by force while this node "
+            "was {state} with its config: its k3s keeps the old one (a server's "
+            "agent-token, an agent's token) until it is changed there by hand or the node is "
+            "reinstalled; until then agents given the new one are refused by servers on the "
+            "old one, and the reverse"))
 
     async def give_agent_tokens(self) -> list[str]:
         """Give each managed cluster made before netboot made agent tokens one, while none of
