@@ -32,7 +32,7 @@ from netboot.access import (
     public_token,
 )
 from netboot.addresses import parse_peer
-from netboot.core import Core, machine_dict, machine_ref, machine_version, public_dict
+from netboot.core import Core, item_version, machine_dict, machine_ref, public_dict
 from netboot.enroll import (
     SERVER_NEEDS_OPERATOR,
     fleet_status,
@@ -53,6 +53,7 @@ from netboot.errors import (
     ValidationError,
 )
 from netboot.events import EventBus, Missed, Published, Subscription
+from netboot.identity import machine_version
 from netboot.inventory import codec
 from netboot.inventory.base import SORT_KEYS, GroupsKept, MachineFilter
 from netboot.logs import RateLimitedLog, log_line
@@ -150,6 +151,11 @@ def _registered_out(machine: Machine, body: Mapping[str, Any]) -> dict[str, Any]
 def _etag(machine: Machine) -> dict[str, str]:
     """A machine's version as an ETag (RFC 9110 §8.8.3), for a later edit's If-Match."""
     return {"ETag": f'"{machine_version(machine)}"'}
+
+
+def _item_etag(kind: str, item: Any) -> dict[str, str]:
+    """A profile's, cluster's or group's version as an ETag (core.item_version)."""
+    return {"ETag": f'"{item_version(kind, item)}"'}
 
 
 def _if_match(request: web.Request) -> frozenset[str] | None:
@@ -676,14 +682,15 @@ class Api:
         return web.json_response(self._machine_out(machine), headers=_etag(machine))
 
     async def delete_machine(self, request: web.Request) -> web.Response:
-        await self._core.delete_machine(await self._ref(request))
+        await self._core.delete_machine(await self._ref(request), versions=_if_match(request))
         return web.Response(status=204)
 
     async def approve(self, request: web.Request) -> web.Response:
         body = _object(await read_json(request)) if request.body_exists else {}
         machine = await self._core.approve(await self._ref(request), body,
-                                           enroll_only=self._create_only(request))
-        return web.json_response(self._machine_out(machine))
+                                           enroll_only=self._create_only(request),
+                                           versions=_if_match(request))
+        return web.json_response(self._machine_out(machine), headers=_etag(machine))
 
     async def give_to_claim(self, request: web.Request) -> web.Response:
         machine = await self._core.give_to_claim(await self._ref(request),
@@ -691,8 +698,9 @@ class Api:
         return web.json_response(self._machine_out(machine))
 
     async def reinstall(self, request: web.Request) -> web.Response:
-        machine = await self._core.reinstall(await self._ref(request))
-        return web.json_response(self._machine_out(machine))
+        machine = await self._core.reinstall(await self._ref(request),
+                                             versions=_if_match(request))
+        return web.json_response(self._machine_out(machine), headers=_etag(machine))
 
     async def explain(self, request: web.Request) -> web.Response:
         return web.json_response(await self._core.explain(await self._ref(request),
@@ -878,7 +886,8 @@ class Api:
         out = functools.partial(public_dict, kind)
 
         async def handler(request: web.Request) -> web.Response:
-            return web.json_response(out(await self._core.get(kind, request.match_info["name"])))
+            item = await self._core.get(kind, request.match_info["name"])
+            return web.json_response(out(item), headers=_item_etag(kind, item))
         return handler
 
     def _put(self, kind: str, *, create: bool) -> Handler:
@@ -894,9 +903,13 @@ class Api:
             force = request.query.get("force", "false") if kind == "clusters" else "false"
             if force not in ("true", "false"):
                 raise ValidationError("force", "true or false")
-            item = await self._core.put(kind, body, create=create, force=force == "true")
+            # If-Match on a replace (RFC 9110 §13.1.1): a whole replacement made on an older
+            # read wrote away what another operator changed meanwhile (s40-attack).
+            item = await self._core.put(kind, body, create=create, force=force == "true",
+                                        versions=None if create else _if_match(request))
             request[TARGET_KEY] = item.name
-            return web.json_response(out(item), status=201 if create else 200)
+            return web.json_response(out(item), status=201 if create else 200,
+                                     headers=_item_etag(kind, item))
         return handler
 
     def _delete(self, kind: str) -> Handler:

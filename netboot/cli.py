@@ -120,7 +120,7 @@ def _config(args: argparse.Namespace) -> Config:
 # Commands that change the inventory: each goes to the audit log, as the API's changes do.
 CHANGES = frozenset({
     ("machines", "add"), ("machines", "rm"), ("machines", "reinstall"), ("machines", "approve"),
-    ("machines", "set"), ("machines", "mark-installed"),
+    ("machines", "set"), ("machines", "mark-installed"), ("machines", "claim"),
     *((kind, action) for kind in ("profiles", "clusters", "groups")
       for action in ("add", "rm", "set")),
     ("import", None), ("tokens", "create"), ("tokens", "revoke"),
@@ -483,6 +483,14 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         if args.json:
             _print_json(changed)
         return 0
+    if args.action == "claim":
+        # s40-sec's claim (Core.give_to_claim), as POST /api/v1/machines/{ref}/claim.
+        m = await core.give_to_claim(args.mac, {"claim": args.claim})
+        _report(args, f"{m.ref} is given to the install whose registration was refused with "
+                      f"claim {args.claim}: its next try is answered; the machine token of "
+                      f"the registration at {m.ipv4 or 'no address'} is void",
+                machine_dict(m))
+        return 0
     if args.action == "mark-installed":
         # The installer's own report, made by the operator (lifecycle: enrolled, booting,
         # installing or reinstall → installed): a machine that installed after a restored
@@ -551,12 +559,19 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
         changed = public_dict(kind, await core.get(kind, args.name))
         if args.endpoint is not None:
             changed["endpoint"] = args.endpoint or None  # "" clears it
-        cluster = await core.put(kind, changed, create=False)
+        changed |= _given(args, "token", "agent_token")
+        cluster = await core.put(kind, changed, create=False, force=args.force)
         if args.secure_token:
             cluster = await core.secure_token(args.name)
         print(f"cluster {cluster.name}: endpoint {cluster.endpoint or 'unset (first server)'}"
               + (f", k3s CA {public_dict(kind, cluster)['ca_hash']} (secure token)"
                  if cluster.ca_cert else ", short token"))
+        if args.token is not None or args.agent_token is not None:
+            # What the API's response says of them (cluster_problems: weak, short); a forced
+            # change is in each configured node's history (Core._token_change).
+            for problem in cluster_problems(cluster):
+                print(f"netboot: warning: cluster {cluster.name}: {problem['error']}",
+                      file=sys.stderr)
         return 0
     if args.action == "add":
         data: dict[str, Any] = {"name": args.name}
@@ -568,7 +583,7 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
                               "description")}
         elif kind == "clusters":
             data |= {"labels": _labels(args.label),
-                     **_given(args, "server_url", "token", "endpoint")}
+                     **_given(args, "server_url", "token", "agent_token", "endpoint")}
         else:
             selector = {}
             for item in args.selector or ():
@@ -1244,6 +1259,12 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     ap.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
     ap.add_argument("--profile", help=dict(MACHINE_FLAGS)["--profile"])
     ap.add_argument("--hostname", help="only with one MAC (default: the hostname template)")
+    cl = msub.add_parser("claim", parents=[common],
+                         help="give a registered machine to the install whose registration "
+                              "was refused with CLAIM (its 'registration contested' event "
+                              "names it): its next try is answered, without a reinstall")
+    cl.add_argument("mac", metavar="REF", help=REF_HELP)
+    cl.add_argument("claim", help="the claim the event names (64 hexadecimal digits)")
 
     for kind in ("profiles", "clusters", "groups"):
         k = sub.add_parser(kind, help=f"{kind} of the inventory")
@@ -1289,6 +1310,9 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                                   "k3s server, which --token joins")
             add.add_argument("--token", help="an existing cluster's join token (with an "
                                              "https:// --server-url); a managed one's is made")
+            add.add_argument("--agent-token", help="an existing cluster's agent token (its "
+                                                   "servers' agent-token file), given to its "
+                                                   "agents in place of --token")
             add.add_argument("--label", action="append", metavar="KEY=VALUE",
                              help=NODE_LABEL_HELP)
             endpoint_help = ("where nodes reach a managed cluster's servers (a VIP or DNS "
@@ -1302,6 +1326,16 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
                               help="a managed cluster made with the short token (before "
                               "netboot made k3s CAs): make its CA and give its nodes the "
                               "secure token (refused once a node fetched its config)")
+            cset.add_argument("--token", help="the cluster's join token: an external "
+                              "cluster's servers' node-token, or a managed one's own (refused "
+                              "while a node of it has its config, unless --force)")
+            cset.add_argument("--agent-token", help="the agent token: an external cluster's "
+                              "servers' agent-token, or a managed one's (refused while a node "
+                              "of it has its config, unless --force)")
+            cset.add_argument("--force", action="store_true",
+                              help="take --token or --agent-token though nodes of the cluster "
+                              "have their config (change it on them first: the refusal says "
+                              "how); each such node's history says what it breaks")
         else:
             add.add_argument("--selector", action="append", help="key=value[,value...]")
             add.add_argument("--profile", help="the profile its machines install")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import re
 import secrets
 import time
@@ -203,6 +205,22 @@ def public_dict(kind: str, item: Any) -> dict[str, Any]:
     return codec.group_to_dict(item)
 
 
+def item_version(kind: str, item: Any) -> str:
+    """A profile's, cluster's or group's version, as the API's ETag carries it for a later
+    replace's If-Match (RFC 9110 §13.1.1): the SHA-256 of what a GET shows of it. Never of
+    a cluster's secrets: a read token holder could test guesses of a weak one against it
+    (a change of them alone is still caught by the write's compare-and-set on the cluster
+    as read, Core._put_cluster)."""
+    shown = json.dumps(public_dict(kind, item), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(shown.encode()).hexdigest()[:32]
+
+
+def _require_item_version(kind: str, item: Any, versions: Collection[str] | None) -> None:
+    if versions is not None and item_version(kind, item) not in versions:
+        raise PreconditionFailed(f"{kind[:-1]} {item.name!r} changed since the version given "
+                                 f"(it is {item_version(kind, item)} now): read it again")
+
+
 # k3s's secure token: "K10" and the server CA's SHA-256 (hex), then "::" (k3s clientaccess).
 _SECURE_TOKEN = re.compile(r"K10[0-9a-f]{64}::")
 
@@ -290,12 +308,6 @@ def cluster_problems(cluster: Cluster) -> list[dict[str, str]]:
 def _given(value: str, data: Mapping[str, Any], key: str, create: bool) -> str | None:
     """A cluster's secret as its creator or an edit gave it (None: not given)."""
     return value if value and (create or key in data) else None
-
-
-def machine_version(machine: Machine) -> str:
-    """What a machine's edit is compared on (its ``updated``, which every write of it
-    moves: the store's compare-and-set), as the API's ETag carries it: exact (repr)."""
-    return repr(machine.updated)
 
 
 def _secret(token: str, ca_cert: str) -> str:
@@ -494,9 +506,7 @@ class Core:
         while True:
             attempt += 1
             old = await self.machine(ref)
-            if versions is not None and machine_version(old) not in versions:
-                raise PreconditionFailed(f"{old.ref} changed since the version given (it is "
-                                         f"{machine_version(old)} now): read it again")
+            identity.require_version(old, versions)
             machine = await self._patched(old, changes(old) if callable(changes) else changes)
             # The whole machine is written back: compare-and-set on the state and on the
             # version read, so that what another writer stored since the read (a state and
@@ -559,13 +569,18 @@ class Core:
                                f"{name}: give each machine an address of its own",
                                field="fixed_ipv4", holder=other.id)
 
-    async def delete_machine(self, ref: str) -> Machine:
+    async def delete_machine(self, ref: str, *,
+                             versions: Collection[str] | None = None) -> Machine:
+        """``versions``: the API's If-Match (identity.require_version); checked on the read
+        before the delete (the stores' delete compares nothing: a write between the two is
+        deleted with it)."""
         machine = await self.machine(ref)
+        identity.require_version(machine, versions)
         await self.store.delete_machine(machine.id)
         return machine
 
-    async def approve(self, ref: str, data: Mapping[str, Any], *,
-                      enroll_only: bool = False) -> Machine:
+    async def approve(self, ref: str, data: Mapping[str, Any], *, enroll_only: bool = False,
+                      versions: Collection[str] | None = None) -> Machine:
         """Let a discovered machine install: cluster, role, profile and hostname are optional,
         but it must end up with a profile (its own, a group's or ``enroll.default_profile``),
         or approving would leave it held with nothing said. ``enroll_only``: the caller may
@@ -581,6 +596,7 @@ class Core:
             raise ValidationError("role", f"{role_text!r} is not server or agent")
         role = Role(role_text) if role_text else None
         machine = await self.machine(ref)
+        identity.require_version(machine, versions)
         cluster, profile = data.get("cluster"), data.get("profile")
         await self.enroller.validate_refs(cluster, profile)
         lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=machine.ref)
@@ -593,7 +609,7 @@ class Core:
                                               profile=profile or machine.profile))
         return await self.enroller.approve(machine.id, cluster=cluster, role=role,
                                            profile=profile, hostname=data.get("hostname"),
-                                           enroll_only=enroll_only)
+                                           enroll_only=enroll_only, versions=versions)
 
     async def _check_installable(self, machine: Machine) -> None:
         group, profile, _, _ = await self.boot.effective(machine)
@@ -608,8 +624,9 @@ class Core:
             f"enroll.default_profile is not set; name one with --profile (API: \"profile\"), "
             f"{choose}")
 
-    async def reinstall(self, ref: str) -> Machine:
-        return await self.enroller.reinstall(ref)
+    async def reinstall(self, ref: str, *,
+                        versions: Collection[str] | None = None) -> Machine:
+        return await self.enroller.reinstall(ref, versions=versions)
 
     async def give_to_claim(self, ref: str, data: Mapping[str, Any]) -> Machine:
         """POST /machines/{ref}/claim: a registered machine given to the install whose
@@ -634,13 +651,15 @@ class Core:
         return items
 
     async def put(self, kind: str, data: Mapping[str, Any], *, create: bool,
-                  force: bool = False) -> Any:
+                  force: bool = False, versions: Collection[str] | None = None) -> Any:
         """Create (``create``) or replace a profile, cluster or group from its JSON shape.
-        ``force``: a managed cluster's agent token changed though nodes of it have their
-        config (:meth:`_agent_token_change`)."""
+        ``force``: a managed cluster's token or agent token changed though nodes of it have
+        their config (:meth:`_token_change`). ``versions``: a replace's If-Match
+        (:func:`item_version`); another is a 412, nothing written."""
         single = _kind(kind)
         if not create:
-            await self.get(kind, str(data.get("name")))  # replacing needs it to exist
+            stored = await self.get(kind, str(data.get("name")))  # replacing needs it to exist
+            _require_item_version(kind, stored, versions)
         parse: Callable[[Any], Any] = {"profile": codec.profile_from_dict,
                                        "cluster": codec.cluster_from_dict,
                                        "group": codec.group_from_dict}[single]
@@ -656,7 +675,8 @@ class Core:
         item = parse({k: v for k, v in data.items() if k not in aside})
         check_name(item.name)
         if single == "cluster":
-            return await self._put_cluster(item, data, create=create, force=force)
+            return await self._put_cluster(item, data, create=create, force=force,
+                                           versions=versions)
         if single == "group":
             await self._check_group(item)
         elif item.config_template not in CONFIG_TEMPLATES:
@@ -668,17 +688,21 @@ class Core:
             errors = profile_file_errors(item)
             if errors:
                 raise errors[0][1]
+        # A profile's or group's If-Match is checked on the read above: their stores compare
+        # nothing on a write (a replace between the two is written over).
         await getattr(self.store, f"put_{single}")(item, create=create)
         return item
 
     async def _put_cluster(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
-                           force: bool) -> Cluster:
+                           force: bool, versions: Collection[str] | None = None) -> Cluster:
         """A cluster checked and written; a replace as a compare-and-set on the cluster read
         first (made again on the cluster as stored now when another server changed it
         meanwhile): an edit must not undo the agent token another server's start-up gave
         the cluster (Core.give_agent_tokens), whose configs name it."""
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             read = None if create else await self.store.get_cluster(cluster.name)
+            if read is not None:  # If-Match on each read: the write compares that read
+                _require_item_version("clusters", read, versions)
             made = await self._check_cluster(cluster, data, create=create, force=force)
             try:
                 await self.store.put_cluster(made, create=create, expect=read)
@@ -753,6 +777,8 @@ class Core:
         ca_cert, ca_key = (old.ca_cert, old.ca_key) if old is not None else ("", "")
         # The secrets alone: what was given, or kept, or new (never returned or logged).
         secret = _given(cluster.token, data, "token", create)
+        if old is not None and secret == old.token:
+            secret = None  # its own token given back (a node-token read): kept as it is
         if secret is None and old is not None:
             secret = _secret(old.token, old.ca_cert)
         if not secret:
@@ -777,10 +803,36 @@ class Core:
             # An RSA key: 10-70 ms of CPU here, off the event loop.
             ca_cert, ca_key = await asyncio.to_thread(k3s_server_ca)
         token = k3s_secure_token(secret, ca_cert) if ca_cert else secret
+        if old is not None and token_secret(token) != token_secret(old.token):
+            # The secret k3s compares, not the form: the secure token a short cluster's first
+            # server wrote (README's way out) wraps the secret it has, and is no change.
+            await self._token_change(old, force)
         agent_token = (k3s_secure_token(agent, ca_cert, user=K3S_AGENT_USER) if ca_cert and agent
                        else agent or "")
         return replace(cluster, token=token, ca_cert=ca_cert, ca_key=ca_key,
                        agent_token=agent_token)
+
+    async def _token_change(self, old: Cluster, force: bool) -> None:
+        """A managed cluster's own (server) token changed by an edit: refused (409) while a
+        node of it has its config, unless ``force``, as its agent token is
+        (:meth:`_agent_token_change`). k3s's way is ``k3s token rotate`` (k3s-io/k3s
+        docs/adrs/server-token-rotation.md, docs cli/token): run on one server, it
+        re-encrypts the datastore's bootstrap data with the new token; then every server, and
+        every agent that joined with the old one, is restarted with the new. Given to
+        netboot alone, the running servers keep the old, and every server installed next
+        (and every agent given the cluster's token: one without an agent token) is refused,
+        or, a server, cannot open the bootstrap data."""
+        await self._running_change(
+            old, force, "token",
+            why="k3s keeps the token its servers started with (the datastore's bootstrap "
+                "data is encrypted with it); nodes given a new one would be refused by its "
+                "servers",
+            by_hand="rotate it in k3s (k3s token rotate --new-token NEW on one of its "
+                    "servers, then the token in every server's config and in every agent's "
+                    "that joined with it, and restart k3s)",
+            told="until it is rotated there (k3s token rotate on a server, then each node's "
+                 "token, restarting k3s) or the node is reinstalled; until then servers given "
+                 "the new one are refused by servers on the old one")
 
     async def _agent_token_change(self, old: Cluster, force: bool) -> None:
         """A managed cluster's agent token changed by an edit: refused (409) while a node of
@@ -790,27 +842,38 @@ class Core:
         agent that joined keeps its token and presents it again at every start of k3s, so
         the new one given to the next nodes is refused by the running servers, and the old
         one by servers configured after."""
+        await self._running_change(
+            old, force, "agent_token",
+            why="k3s keeps the agent token a server was given (its agent-token) and the one "
+                "an agent joined with, checked at every start of k3s; nodes given a new one "
+                "would be refused by its servers",
+            by_hand="change agent-token on each of its servers and the token of each of its "
+                    "agents by hand (/etc/rancher/k3s/config.yaml, then restart k3s)",
+            told="(a server's agent-token, an agent's token) until it is changed there by "
+                 "hand or the node is reinstalled; until then agents given the new one are "
+                 "refused by servers on the old one, and the reverse")
+
+    async def _running_change(self, old: Cluster, force: bool, field: str, *, why: str,
+                              by_hand: str, told: str) -> None:
+        """A managed cluster's ``field`` (token, agent_token) changed while a node of it has
+        its config: a 409 naming the node, ``why`` and the fixes (reinstall; ``by_hand``
+        and force); with ``force``, each such node (up to _FORCE_TOLD) gets an event saying
+        that its k3s keeps the old one ``told``."""
         configured = await self._configured_node(old)
         if configured is None:
             return
         node, state = configured
+        what = field.replace("_", " ")
         if not force:
             raise Conflict(
-                f"cluster {old.name!r} runs on the agent token it has: {node.ref} is {state} "
-                "with its config, and k3s keeps the agent token a server was given (its "
-                "agent-token) and the one an agent joined with, checked at every start of "
-                "k3s; nodes given a new one would be refused by its servers. Fix: reinstall "
-                "every node of it (netboot machines reinstall) before changing it; or change "
-                "agent-token on each of its servers and the token of each of its agents by "
-                "hand (/etc/rancher/k3s/config.yaml, then restart k3s), then give it again "
-                f"with force (PUT /api/v1/clusters/{old.name}?force=true)", field="agent_token")
+                f"cluster {old.name!r} runs on the {what} it has: {node.ref} is {state} with "
+                f"its config, and {why}. Fix: reinstall every node of it (netboot machines "
+                f"reinstall) before changing it; or {by_hand}, then give it again with force "
+                f"(PUT /api/v1/clusters/{old.name}?force=true)", field=field)
         now = self._clock()
-        events = [Event(m.id, now, "agent token changed",
-                        f"the agent token of cluster {old.name} was changed by force while "
-                        f"this node was {m.state} with its config: its k3s keeps the old one "
-                        "(a server's agent-token, an agent's token) until it is changed there "
-                        "by hand or the node is reinstalled; until then agents given the new "
-                        "one are refused by servers on the old one, and the reverse")
+        events = [Event(m.id, now, f"{what} changed",
+                        f"the {what} of cluster {old.name} was changed by force while this "
+                        f"node was {m.state} with its config: its k3s keeps the old one {told}")
                   for state in _CONFIGURED for m in await self.store.list_machines(
                       MachineFilter(cluster=old.name, state=state, limit=_FORCE_TOLD))]
         await self.enroller.recorder.commit(Batch(events=tuple(events[:_FORCE_TOLD])))

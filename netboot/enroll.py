@@ -1101,14 +1101,17 @@ class Enroller:
 
     async def approve(self, ref: str, *, cluster: str | None, role: Role | None,
                       profile: str | None, hostname: str | None = None,
-                      enroll_only: bool = False) -> Machine:
+                      enroll_only: bool = False,
+                      versions: Collection[str] | None = None) -> Machine:
         """Enroll a discovered machine (or change an enrolled one before it boots).
         ``enroll_only``: for a caller that may enroll but not change machines (an ``enroll``
         token): no server, and no change to a machine enrolled already (its repeat of an
-        approval that changes nothing is answered as before)."""
+        approval that changes nothing is answered as before). ``versions``: the API's
+        If-Match (identity.require_version), checked on each read."""
         await self.validate_refs(cluster, profile)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             machine = await identity.require_ref(self._store, ref)
+            identity.require_version(machine, versions)
             lifecycle.apply(machine.state, lifecycle.Trigger.APPROVE, subject=machine.ref)
             refused = enroll_only and enroll_only_refusal(
                 machine, cluster=cluster, role=role, profile=profile, hostname=hostname)
@@ -1174,9 +1177,13 @@ class Enroller:
             self._expired_told.add(told)
         raise AuthError(message)
 
-    async def reinstall(self, ref: str) -> Machine:
+    async def reinstall(self, ref: str, *,
+                        versions: Collection[str] | None = None) -> Machine:
+        """``versions``: the API's If-Match (identity.require_version), checked on each
+        read: a write after it fails the compare-and-set and is read again."""
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             machine = await identity.require_ref(self._store, ref)
+            identity.require_version(machine, versions)
             updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
                                         token_hash=None, token_expires=None, install_token=None,
                                         secret_hash=None)
@@ -1519,8 +1526,9 @@ class Enroller:
                    + f", while the one registered at {machine.ipv4 or 'no address'} holds "
                    "the machine. If that one is not this machine's device and the refused "
                    "one is, " + (f"'POST /api/v1/machines/{machine.ref}/claim' with "
-                                 f'{{"claim": "{claim}"}} gives the machine to it at its next '
-                                 "try, without a reinstall" if claim else
+                                 f'{{"claim": "{claim}"}} (netboot machines claim '
+                                 f"{machine.ref} {claim}) gives the machine to it at its "
+                                 "next try, without a reinstall" if claim else
                                  "'netboot machines reinstall' gives it back"))
         kind = "registration contested"
         if self.recorder.last(machine.id) == (kind, message) \

@@ -28,11 +28,11 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
-from netboot.errors import Conflict, NotFound, ValidationError
+from netboot.errors import Conflict, NotFound, PreconditionFailed, ValidationError
 from netboot.model import (
     ID_PREFIX,
     BootRequest,
@@ -416,6 +416,21 @@ def require(machine: Machine) -> None:
     if not claims(machine):
         raise ValidationError("mac", "required: a machine needs at least one identifier, a "
                                      "MAC (mac, macs), a serial, an asset tag or a UUID")
+
+
+def machine_version(machine: Machine) -> str:
+    """What a machine's edit is compared on (its ``updated``, which every write of it
+    moves: the store's compare-and-set), as the API's ETag carries it: exact (repr)."""
+    return repr(machine.updated)
+
+
+def require_version(machine: Machine, versions: Collection[str] | None) -> None:
+    """The API's If-Match (RFC 9110 §13.1.1): ``machine`` at one of ``versions`` (None: any),
+    else PreconditionFailed (412), before anything is written. Checked on each read of a
+    compare-and-set loop, so a write between the check and the commit is read again."""
+    if versions is not None and machine_version(machine) not in versions:
+        raise PreconditionFailed(f"{machine.ref} changed since the version given (it is "
+                                 f"{machine_version(machine)} now): read it again")
 
 
 def claimed(kind: str, value: str, holder: Machine) -> Conflict:

@@ -396,12 +396,19 @@ _ERRORS = {400: "a field is wrong; 'field' names it", 401: "no token, or an unkn
            "or expired one (WWW-Authenticate: Bearer)",
            403: "the token's scope does not allow this; 'scope' names one that would",
            404: "not found", 409: "conflicts with the inventory or the machine's state",
-           412: "If-Match names another version of the machine than its current one (its "
-                "ETag): another writer changed it since it was read; nothing was changed",
+           412: "If-Match names another version of it than its current one (its ETag): "
+                "another writer changed it since it was read; nothing was changed",
            413: "request body too large",
            429: "more reports than the machine's budget (enroll.report_burst, report_rate): "
                 "ask again after Retry-After seconds",
            503: "the inventory is unavailable"}
+
+
+def _if_match(what: str) -> dict[str, Any]:
+    """The If-Match header of a change of ``what`` (RFC 9110 §13.1.1; api._if_match)."""
+    return {"name": "If-Match", "in": "header", "required": False, "schema": _STR,
+            "description": f"the ETag of the {what} as read (GET): the change is made only if "
+                           "it is still that version, else 412 (RFC 9110 §13.1.1)"}
 
 
 def _query(name: str, schema: dict[str, Any], description: str = "") -> dict[str, Any]:
@@ -488,22 +495,20 @@ def document() -> dict[str, Any]:
             "parameters": [_path_param("ref")],
             "get": _op("one machine", need=READ, out="Machine"),
             "patch": _op("change a machine", need=OPERATE, body="MachinePatch", out="Machine",
-                         errors=(400, 404, 409, 412), params=(
-                             {"name": "If-Match", "in": "header", "required": False,
-                              "schema": _STR, "description": "the ETag of the machine as "
-                              "read (GET): the change is made only if it is still that "
-                              "version, else 412 (RFC 9110 §13.1.1)"},)),
-            "delete": _op("remove a machine", need=OPERATE, ok=204),
+                         errors=(400, 404, 409, 412), params=(_if_match("machine"),)),
+            "delete": _op("remove a machine", need=OPERATE, ok=204, errors=(400, 404, 412),
+                          params=(_if_match("machine"),)),
         },
         "/api/v1/machines/{ref}/approve": {
             "parameters": [_path_param("ref")],
             "post": _op("approve a discovered machine", need=ENROLL, body="Approve",
-                        out="Machine", errors=(400, 404, 409), body_required=False),
+                        out="Machine", errors=(400, 404, 409, 412), body_required=False,
+                        params=(_if_match("machine"),)),
         },
         "/api/v1/machines/{ref}/reinstall": {
             "parameters": [_path_param("ref")],
             "post": _op("install again on next boot", need=OPERATE, out="Machine",
-                        errors=(400, 404, 409)),
+                        errors=(400, 404, 409, 412), params=(_if_match("machine"),)),
         },
         "/api/v1/machines/{ref}/claim": {
             "parameters": [_path_param("ref")],
@@ -600,11 +605,11 @@ def document() -> dict[str, Any]:
             "get": _op(f"one {kind[:-1]}", need=READ, out=schema),
             "put": _op(f"replace a {kind[:-1]}", need=CONFIGURE, body=f"{schema}Replace",
                        out=schema,
-                       errors=(400, 404, 409), params=(_query(
+                       errors=(400, 404, 409, 412), params=(_if_match(kind[:-1]), *((_query(
                            "force", {"type": "string", "enum": ["true", "false"]},
-                           "true: take a new agent_token though a node of the cluster has "
-                           "its config (each such node's history says what it breaks)"),)
-                       if kind == "clusters" else ()),
+                           "true: take a new token or agent_token though a node of the "
+                           "cluster has its config (each such node's history says what it "
+                           "breaks)"),) if kind == "clusters" else ()))),
             "delete": _op(f"remove a {kind[:-1]}", need=CONFIGURE, ok=204, errors=(404, 409)),
         }
         # What a schema cannot say: a body's "name" must be the URL's, and a group names a

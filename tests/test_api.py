@@ -1355,6 +1355,76 @@ async def test_an_edit_made_on_an_older_read_is_refused_with_if_match(env: Env) 
                    json_body={"hostname": "x"}, headers={"If-Match": now})
     assert r.status == 404, r.text
 
+async def test_a_delete_reinstall_or_approve_made_on_an_older_read_is_refused_with_if_match(
+        env: Env) -> None:
+    """s40-attack's If-Match was honoured on a machine's PATCH alone: an operator's DELETE,
+    reinstall or approve made on a read from before another operator's edit was made over
+    it. Each now takes If-Match (RFC 9110 §13.1.1): another version is a 412 and nothing is
+    written; the current one, "*" or none, as before; approve and reinstall answer the
+    machine's new ETag."""
+    await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz"}, status=201)
+    m = await env.post("/api/v1/machines", {"mac": MAC, "profile": "k3os"}, status=201)
+    ref = f"/api/v1/machines/{m['id']}"
+    old = (await call(env, "GET", ref)).headers["etag"]
+    edited = await call(env, "PATCH", ref, json_body={"hostname": "by-the-other"})
+    assert edited.status == 200, edited.text
+    before = await env.service.store.get_machine(m["id"])
+    for method, path, body in (("POST", f"{ref}/approve", {"hostname": "mine"}),
+                               ("POST", f"{ref}/reinstall", None),
+                               ("DELETE", ref, None)):
+        r = await call(env, method, path, json_body=body, headers={"If-Match": old})
+        assert r.status == 412 and r.json()["field"] == "If-Match", (path, r.text)
+        assert await env.service.store.get_machine(m["id"]) == before, path
+    now = edited.headers["etag"]
+    r = await call(env, "POST", f"{ref}/approve", json_body={"hostname": "mine"},
+                   headers={"If-Match": now})
+    assert r.status == 200 and r.json()["hostname"] == "mine", r.text
+    r = await call(env, "POST", f"{ref}/reinstall", headers={"If-Match": r.headers["etag"]})
+    assert r.status == 200 and r.json()["state"] == "reinstall", r.text
+    r = await call(env, "DELETE", ref, headers={"If-Match": now})  # older than reinstall's
+    assert r.status == 412, r.text
+    current = (await call(env, "GET", ref)).headers["etag"]
+    r = await call(env, "DELETE", ref, headers={"If-Match": f'"0.5", {current}'})
+    assert r.status == 204, r.text
+    assert await env.service.store.get_machine(m["id"]) is None
+
+
+@pytest.mark.parametrize("kind,body,key,first,second", [
+    ("profiles", {"name": "k3os", "kernel": "vmlinuz"}, "description", "first's", "second's"),
+    ("clusters", {"name": "edge", "server_url": "managed"}, "description", "first's",
+     "second's"),
+    ("groups", {"name": "rack1", "selector": {"rack": ["1"]}, "profile": "k3os"}, "labels",
+     {"owner": "first"}, {"owner": "second"})])
+async def test_a_replace_made_on_an_older_read_is_refused_with_if_match(
+        env: Env, kind: str, body: dict[str, Any], key: str, first: Any, second: Any) -> None:
+    """A PUT replaces a profile, cluster or group whole: two operators who read one, the
+    second's PUT wrote away the first's change (s40-attack, left). A GET and a PUT answer
+    its version as an ETag; a PUT with If-Match of another is a 412, nothing written."""
+    if kind != "profiles":
+        await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz"}, status=201)
+    await env.post(f"/api/v1/{kind}", body, status=201)
+    path = f"/api/v1/{kind}/{body['name']}"
+    read = await call(env, "GET", path)  # both operators read it
+    tag = read.headers["etag"]
+    assert tag.startswith('"') and tag.endswith('"') and len(tag) > 2, read.headers
+    r = await call(env, "PUT", path, json_body={**body, key: first}, headers={"If-Match": tag})
+    assert r.status == 200 and r.headers["etag"] not in (None, tag), r.text
+    made = r.headers["etag"]
+    kept = await env.get(path)
+    r = await call(env, "PUT", path, json_body={**body, key: second}, headers={"If-Match": tag})
+    assert r.status == 412 and r.json()["field"] == "If-Match", r.text
+    assert await env.get(path) == kept and kept[key] == first
+    now = (await call(env, "GET", path)).headers["etag"]
+    assert now == made
+    r = await call(env, "PUT", path, json_body={**body, key: second},
+                   headers={"If-Match": f'"0.5", {now}'})
+    assert r.status == 200 and r.json()[key] == second, r.text
+    r = await call(env, "PUT", path, json_body=body, headers={"If-Match": "*"})
+    assert r.status == 200, r.text
+    r = await call(env, "PUT", path, json_body=body)
+    assert r.status == 200, r.text
+
+
 # --- tokens, scopes and the audit log through the API ----------------------------------------
 
 

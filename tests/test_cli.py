@@ -1147,3 +1147,77 @@ def test_a_machine_is_named_by_its_hostname_where_a_ref_is_asked(
     assert rc == 0 and len(json.loads(out)) == 3, (out, err)
     rc, out, err = run(capsys, "machines", "show", "02:00:00:00:0e:01", "--json", "--config", cfg)
     assert rc == 0 and json.loads(out)["hostname"] == "edge-1", err
+
+
+def test_clusters_set_changes_a_running_clusters_tokens_only_by_force_as_the_api_does(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """s40-sec's and s40-token's refusal of a running managed cluster's token or agent token
+    changed, and its `force`, had no command: `clusters set --token/--agent-token` says the
+    API's 409 (naming the fix) and changes nothing; with `--force` takes it, and each node
+    that had its config is told in its history; `clusters add --agent-token` gives an
+    external cluster its servers' agent token."""
+    assert run(capsys, "clusters", "add", "edge", "--config", cfg)[0] == 0
+    assert run(capsys, "profiles", "add", "k3os", "--kernel", "k3os/vmlinuz",
+               "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "52:54:00:aa:00:31", "--cluster", "edge",
+               "--role", "server", "--profile", "k3os", "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "mark-installed", "52:54:00:aa:00:31", "--config", cfg)[0] == 0
+    before = json.loads(run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)[1])
+    for flag, value in (("--token", "n3w-server-secret-9b7d1e"),
+                        ("--agent-token", "n3w-agent-secret-4f9a2c")):
+        rc, out, err = run(capsys, "clusters", "set", "edge", flag, value, "--config", cfg)
+        assert rc != 0 and "reinstall" in err and "?force=true" in err, (rc, out, err)
+        assert "52:54:00:aa:00:31" in err and value not in out + err
+        after = json.loads(run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)[1])
+        assert after == before
+        rc, out, err = run(capsys, "clusters", "set", "edge", flag, value, "--force",
+                           "--config", cfg)
+        assert rc == 0, err
+        assert value not in out + err
+    rc, out, _ = run(capsys, "machines", "show", "52:54:00:aa:00:31", "--json", "--config", cfg)
+    kinds = [e["kind"] for e in json.loads(out)["events"]]
+    assert "token changed" in kinds and "agent token changed" in kinds, kinds
+    rc, out, err = run(capsys, "clusters", "add", "ext", "--server-url",
+                       "https://192.0.2.50:6443", "--token", "K10" + "ab" * 32 + "::server:"
+                       + "5e" * 16, "--agent-token", "4f" * 4, "--config", cfg)
+    assert rc == 0, err  # taken: its (weak) agent token is warned of as it is given
+    assert "cluster ext: a weak k3s agent token" in err and "4f" * 4 not in out + err, err
+
+
+def test_machines_claim_gives_the_machine_to_a_refused_registration_as_the_api_does(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """s40-sec's claim had no command: `machines claim REF CLAIM` gives a registered
+    machine to the install whose registration a `registration contested` event names,
+    with the API's words; a claim no refused registration made is its 404's message, one
+    not 64 hex digits its 400 naming claim."""
+    claim = "c1" * 32
+    assert run(capsys, "machines", "ls", "--config", cfg)[0] == 0  # the inventory made
+    asyncio.run(_contested(cfg, claim))
+    rc, out, err = run(capsys, "machines", "claim", "52:54:00:aa:00:41", "ab" * 32,
+                       "--config", cfg)
+    assert rc != 0 and "no refused registration" in err, (rc, out, err)
+    rc, out, err = run(capsys, "machines", "claim", "52:54:00:aa:00:41", "nope", "--config", cfg)
+    assert rc != 0 and "claim" in err and "64 hexadecimal" in err, (rc, out, err)
+    rc, out, err = run(capsys, "machines", "claim", "52:54:00:aa:00:41", claim, "--config", cfg)
+    assert rc == 0, err
+    assert "its next try is answered" in out and "192.0.2.30 is void" in out, out
+    rc, out, _ = run(capsys, "machines", "show", "52:54:00:aa:00:41", "--json", "--config", cfg)
+    assert "registration claimed" in [e["kind"] for e in json.loads(out)["events"]]
+
+
+async def _contested(cfg: str, claim: str) -> None:
+    """A registered machine and the event of a registration refused with ``claim``, as
+    enroll._contested writes it."""
+    from netboot.model import Event, Machine, MachineState
+
+    store = SqliteStore(load(cfg, env={}).db_path)
+    await store.open()
+    try:
+        machine = Machine(macs=(MacAddress.parse("52:54:00:aa:00:41"),), hostname="n41",
+                          state=MachineState.REGISTERED, ipv4="192.0.2.30",
+                          secret_hash="00" * 32)
+        await store.create_machine(machine)
+        await store.add_event(Event(machine.id, time.time(), "registration contested",
+                                    "refused", {"peer": "192.0.2.31", "claim": claim}))
+    finally:
+        await store.close()

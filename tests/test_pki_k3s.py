@@ -379,8 +379,11 @@ async def test_a_cluster_made_before_keeps_its_short_token_until_its_operator_op
     assert r.status == 200 and await env.service.store.get_cluster("edge") == cluster
     r = await call(env, "PUT", "/api/v1/clusters/edge", json_body={"name": "edge"})
     assert r.status == 200 and await env.service.store.get_cluster("edge") == cluster
-    # A new secret is wrapped with the same CA's hash.
+    # A new secret is wrapped with the same CA's hash (S0 has its config: by force only).
     r = await call(env, "PUT", "/api/v1/clusters/edge",
+                   json_body={"name": "edge", "token": "K10x::server:y"})
+    assert r.status == 409 and r.json()["field"] == "token", r.text
+    r = await call(env, "PUT", "/api/v1/clusters/edge?force=true",
                    json_body={"name": "edge", "token": "K10x::server:y"})
     assert r.status == 200
     again = await env.service.store.get_cluster("edge")
@@ -734,3 +737,63 @@ async def test_a_running_clusters_agent_token_is_changed_only_by_force_which_tel
     assert len(told[S0]) == 1 and len(told[AGENT]) == 1, told
     assert "keeps the old one" in told[S0][0]
     assert new["agent_token"] not in str(told)
+
+
+async def test_a_running_clusters_token_is_changed_only_by_force_which_tells_its_nodes(
+        env: Env) -> None:
+    """The cluster's own (server) token as its agent token is: k3s's way to change it is
+    ``k3s token rotate`` on a server and every node restarted with the new one (k3s-io/k3s
+    docs/adrs/server-token-rotation.md); given to netboot alone while a server of it runs,
+    every server installed next was given a token the running one refuses. Refused with a
+    409 naming the fix, nothing changed; its own token given back is no change; with
+    ``force=true`` taken, and each configured node's history says what it breaks."""
+    await managed(env)
+    token, server = await k3os_config(env, S0)
+    await registered(env, S0, token, "192.0.2.21")
+    before = await env.service.store.get_cluster("edge")
+    assert before is not None
+    new = {"name": "edge", "server_url": "managed", "token": "n3w-server-secret-9b7d1e"}
+    r = await call(env, "PUT", "/api/v1/clusters/edge", json_body=new)
+    assert r.status == 409, r.text
+    assert r.json()["field"] == "token" and "k3s token rotate" in r.json()["error"]
+    assert "/api/v1/clusters/edge?force=true" in r.json()["error"] and S0 in r.json()["error"]
+    assert await env.service.store.get_cluster("edge") == before
+    _, second = await k3os_config(env, S1)  # the next server still joins the running one
+    assert k3s_joins(k3s_users(server), second["k3os"]["token"], "server")
+    for same in (before.token, token_secret(before.token)):  # given back: no change
+        r = await call(env, "PUT", "/api/v1/clusters/edge", json_body={**new, "token": same})
+        assert r.status == 200, r.text
+        assert await env.service.store.get_cluster("edge") == before
+    r = await call(env, "PUT", "/api/v1/clusters/edge?force=true", json_body=new)
+    assert r.status == 200, r.text
+    after = await env.service.store.get_cluster("edge")
+    assert after is not None and k3s_parse_token(after.token)[2] == new["token"]
+    assert after.agent_token == before.agent_token
+    told = {}
+    for mac in (S0, S1, AGENT):
+        events = await env.get(f"/api/v1/machines/{mac}/events")
+        told[mac] = [e["message"] for e in events if e["kind"] == "token changed"]
+    assert len(told[S0]) == 1 and len(told[S1]) == 1 and not told[AGENT], told
+    assert "keeps the old one" in told[S0][0] and "registered" in told[S0][0]
+    assert new["token"] not in str(told)
+
+
+async def test_a_running_short_token_cluster_is_given_its_first_servers_secure_token(
+        env: Env) -> None:
+    """README's way out for a short-token cluster whose nodes run: the secure token its
+    first server wrote (node-token) wraps the secret the cluster has, so it is no change of
+    the token k3s compares and is taken without force."""
+    ca, _ = k3s_server_ca()
+    await env.service.store.put_cluster(Cluster(name="edge", token="short-form-secret-4c1e"),
+                                        create=True)
+    await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
+                                        "initrds": ["initrd.img"]}, status=201)
+    await env.post("/api/v1/machines", {"mac": S0, "hostname": "s0", "cluster": "edge",
+                                        "role": "server", "profile": "k3os"}, status=201)
+    await k3os_config(env, S0)
+    node_token = f"K10{k3s_hash_ca(ca.encode())}::server:short-form-secret-4c1e"
+    r = await call(env, "PUT", "/api/v1/clusters/edge",
+                   json_body={"name": "edge", "server_url": "managed", "token": node_token})
+    assert r.status == 200, r.text
+    stored = await env.service.store.get_cluster("edge")
+    assert stored is not None and stored.token == node_token
