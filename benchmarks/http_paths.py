@@ -923,7 +923,8 @@ def main() -> None:
             t0 = time.perf_counter()
             subprocess.run([args.python, "-c", MINT, str(seeds[name]), TOKEN_TAIL,
                             str(servers_seeded), "1" if name == "installing" else "0"],
-                           check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(older)})
+                           check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(older)},
+                           cwd=work.root)  # not the harness's checkout (-c: first on the path)
             print(f"seed {name}: {servers_seeded} registered servers"
                   + (f", install tokens minted for {args.enrolled - servers_seeded} machines"
                      if name == "installing" else "")

@@ -278,7 +278,11 @@ def main() -> None:
         if first:
             subprocess.run([args.python, "-c", MINT, str(seed), TOKEN_TAIL, str(first),
                             "1" if args.config else "0"],
-                           check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(older)})
+                           check=True, timeout=900, env={**os.environ, "PYTHONPATH": str(older)},
+                           # Not the harness's: ``-c`` puts the working directory first on
+                           # the path, so run from a checkout the seed was minted by its
+                           # netboot, not the baseline's (an older tree could not read it).
+                           cwd=work.root)
         for r in range(1, args.rounds + 1):
             children = {name: start(args.python, tree, tmp / f"run-{name}", seed, work.assets,
                                     args.requests, r, args.enrolled, first, args.config,

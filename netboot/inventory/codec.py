@@ -780,6 +780,12 @@ def claims_change(stored: Any, machine: Machine
 # The fields machine_delta writes as JSON text (bound through SQLite's json()), the others
 # as strings (quoted by SQLite).
 DELTA_JSON = frozenset({"facts", "token_expires", "state_since", "updated"})
+# The key machine_delta gives, after "updated" and without a value of its own, for a
+# ``state_since`` that is the update time (a state change): set from the ``updated``
+# value's parameter again (one value bound, its text made once). A fourth ``json_set`` path
+# with its own bound text was ~6,000 of the SQLite writer's instructions a first config
+# (benchmarks/README.md s40-config1st).
+SINCE_UPDATED = "state_since=updated"
 
 
 def machine_delta(old: Machine, new: Machine, install_token: str | None = None
@@ -787,7 +793,8 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
                              tuple[tuple[str, str], ...]] | None:
     """What makes the document of ``old`` (a machine as a store read it: every field in
     :func:`stored_machine`'s form) a document of ``new``: the top-level keys to set, with
-    their values (the JSON text of :data:`DELTA_JSON`'s, the string of the others), and
+    their values (the JSON text of :data:`DELTA_JSON`'s, the string of the others; none
+    for :data:`SINCE_UPDATED`, the last key, which sets ``state_since`` to ``updated``'s), and
     the keys to remove (a field back at its default, which :func:`machine_document` leaves
     out), and the identifier rows ``new`` adds (the (kind, value) pairs
     :func:`netboot.identity.claims` gives of a UUID, serial or asset tag ``old`` lacked: the
@@ -980,19 +987,23 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
         else:
             keys.append("token_expires")
             values.append(repr(t))
+    since_updated = False
     if (t := n.state_since) is not (u := o.state_since) and (
             type(t) is not type(u) or t != u):
         if t is None:
             gone.append("state_since")
         elif type(t) is not float or not math.isfinite(t):
             return None
+        elif text_updated and (t is updated or (t == updated and t)):
+            since_updated = True  # (as a rule: a state change; keyed after "updated")
         else:
             keys.append("state_since")
-            values.append((text_updated or repr(updated)) if t is updated
-                          or (t == updated and t) else repr(t))
+            values.append((text_updated or repr(updated)) if t == updated and t else repr(t))
     if text_updated:
         keys.append("updated")
         values.append(text_updated)
+        if since_updated:
+            keys.append(SINCE_UPDATED)
     return tuple(keys), tuple(gone), values, added
 
 

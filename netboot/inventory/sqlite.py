@@ -2148,7 +2148,12 @@ def _update_in_place(changed: tuple[str, ...], keys: tuple[str, ...],
     it prepared). The keys are codec's own names, never a caller's."""
     data = "data"
     if keys:
+        # codec.SINCE_UPDATED, after "updated": its parameter (numbered as SQLite numbers
+        # them, the indexed columns' first) bound once, named again; the plain ``?`` after
+        # it go on from the highest number given.
         data = "json_set(data, " + ", ".join(
+            f"'$.state_since', json(?{len(changed) + keys.index('updated') + 1})"
+            if k == codec.SINCE_UPDATED else
             f"'$.{k}', json(?)" if k in codec.DELTA_JSON else f"'$.{k}', ?" for k in keys) + ")"
     if gone:
         data = "json_remove(" + data + "".join(f", '$.{k}'" for k in gone) + ")"

@@ -1084,6 +1084,10 @@ _DELTA_POOL: dict[str, st.SearchStrategy[Any]] = {
     # (Each machine's own, made in change(): "u1"/"u2" two UUIDs, the other a placeholder.)
     "uuid": st.sampled_from([None, "u1", "u2", "ffffffff-ffff-ffff-ffff-ffffffffffff"]),
     "asset": st.sampled_from([None, "AT"]),
+    # "updated": the update's own time (a state change, lifecycle.advance: the same float),
+    # "equal": an equal float of its own (the same value read back); both set from the
+    # update time's parameter (codec.SINCE_UPDATED), the others written as their own.
+    "state_since": st.sampled_from([None, 1764900000.75, "updated", "equal"]),
 }
 
 
@@ -1098,15 +1102,19 @@ def test_updates_from_their_bases_read_back_exactly(tmp_path_factory: pytest.Tem
     netboot's (the fields at their defaults left out). Also when it was written in
     machine_to_dict's long form (an older netboot), with install tokens sealed, when
     identifiers are added (a UUID, placeholder or not, a serial, an asset tag: their rows
-    inserted) and when identifiers or labels change (the whole document written then): the
-    identifier rows are the machines' claims after each step."""
+    inserted) and when identifiers or labels change (the whole document written then), and
+    with ``state_since`` absent, its own time, or the update's (set from the update time's
+    parameter): the identifier rows are the machines' claims after each step."""
     from netboot.sealing import Sealer
 
     path = tmp_path_factory.mktemp("delta") / "n.db"
     sealed = data.draw(st.booleans())
 
-    def change(i: int) -> dict[str, Any]:
+    def change(i: int, stamp: float) -> dict[str, Any]:
         drawn = data.draw(st.fixed_dictionaries({}, optional=_DELTA_POOL))
+        if drawn.get("state_since") in ("updated", "equal"):
+            drawn["state_since"] = (stamp if drawn["state_since"] == "updated"
+                                    else float(repr(stamp)))
         for key in ("hostname", "serial", "asset"):  # each machine's own (no two conflict)
             if drawn.get(key) is not None and not drawn[key].startswith("To be"):
                 drawn[key] += f"-{i}"
@@ -1118,8 +1126,9 @@ def test_updates_from_their_bases_read_back_exactly(tmp_path_factory: pytest.Tem
         store = SqliteStore(path, sealer=Sealer.generate() if sealed else None)
         await store.open()
         try:
+            t0 = 1764900000.25
             now = [Machine(macs=(MacAddress.parse(f"02:00:00:00:00:0{i}"),), id=f"m-d{i}",
-                           created=1764900000.25, updated=1764900000.25, **change(i))
+                           created=t0, updated=t0, **change(i, t0))
                    for i in range(2)]
             await store.apply_batch(Batch(create=now))
             now = [m for m in [await store.get_machine(m.id) for m in now] if m is not None]
@@ -1138,7 +1147,8 @@ def test_updates_from_their_bases_read_back_exactly(tmp_path_factory: pytest.Tem
                 picked = sorted(data.draw(st.sets(st.integers(0, 1), min_size=1)))
                 bases = {now[i].id: now[i] for i in picked}
                 for i in picked:
-                    now[i] = replace(now[i], **change(i), updated=1764960000.1234567 + step)
+                    stamp = 1764960000.1234567 + step
+                    now[i] = replace(now[i], **change(i, stamp), updated=stamp)
                 await store.apply_batch(Batch(
                     update=[now[i] for i in picked], versions={
                         i: b.updated for i, b in bases.items()}, bases=bases))
@@ -1194,10 +1204,14 @@ async def test_a_first_install_changes_the_stored_document_in_place(tmp_path: Pa
         facts = {"manufacturer": "QEMU", "arch": "x86_64", "install_peer": "127.0.0.1"}
         installed = replace(read, state=MachineState.BOOTING, token_hash="cd" * 32,
                             install_token="secret-token", token_expires=now + 3600,
-                            facts=facts, updated=now, cluster="c0", role=Role.AGENT)
+                            facts=facts, updated=now, state_since=now, cluster="c0",
+                            role=Role.AGENT)
         await store.apply_batch(Batch(update=(installed,), expect={m.id: read.state},
                                       versions={m.id: read.updated}, bases={m.id: read}))
-        fetched = replace(installed, state=MachineState.INSTALLING, updated=now + 61.5)
+        # As lifecycle.advance stamps a state change: one float for both times.
+        later = now + 61.5
+        fetched = replace(installed, state=MachineState.INSTALLING, updated=later,
+                          state_since=later)
         await store.apply_batch(Batch(update=(fetched,), expect={m.id: installed.state},
                                       versions={m.id: installed.updated},
                                       bases={m.id: installed}))
@@ -1209,9 +1223,18 @@ async def test_a_first_install_changes_the_stored_document_in_place(tmp_path: Pa
         assert "'$.install_token', 'nbs1:" in updates[0]
         assert "'$.facts', json('" in updates[0] and "cluster = 'c0'" in updates[0]
         assert "secret-token" not in updates[0]
+        # state_since from the update time's parameter, after it (codec.SINCE_UPDATED): the
+        # install plan's numbered after its indexed columns (state, cluster), the config
+        # fetch's after its state.
+        assert ("'$.updated', json('1764960000.0137'), '$.state_since', "
+                "json('1764960000.0137'))" in updates[0])
         assert updates[1].startswith("UPDATE machines SET state = 'installing', data = "
                                      "json_set(data, '$.state', 'installing', '$.updated', "
+                                     "json('1764960061.5137'), '$.state_since', "
                                      "json('1764960061.5137'))")
+        delta = codec.machine_delta(installed, fetched)
+        assert delta is not None and delta[0] == ("state", "updated", codec.SINCE_UPDATED)
+        assert delta[2] == ["installing", "1764960061.5137"]  # the time's text bound once
         assert not any("machine_keys" in s or "machine_labels" in s for s in statements)
         assert await store.get_machine(m.id) == fetched
         with raw(tmp_path / "n.db") as conn:
