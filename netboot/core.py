@@ -237,6 +237,10 @@ _CONFIGURED = (MachineState.INSTALLING, MachineState.INSTALLED, MachineState.REG
 _CLAIM = re.compile("[0-9a-f]{64}")
 # The nodes told, each by an event, that a forced agent token change left them on the old.
 _FORCE_TOLD = 10_000
+# The event each node that had its config gets when one of its cluster's tokens is changed
+# by force (Core._running_change): literal kinds, so that the kinds netboot writes are read
+# from its source and refused as a device's report (tests/test_enroll.py).
+_FORCED_KINDS = {"token": "token changed", "agent_token": "agent token changed"}
 
 
 def token_secret(token: str) -> str:
@@ -871,7 +875,7 @@ class Core:
                 f"reinstall) before changing it; or {by_hand}, then give it again with force "
                 f"(PUT /api/v1/clusters/{old.name}?force=true)", field=field)
         now = self._clock()
-        events = [Event(m.id, now, f"{what} changed",
+        events = [Event(m.id, now, _FORCED_KINDS[field],
                         f"the {what} of cluster {old.name} was changed by force while this "
                         f"node was {m.state} with its config: its k3s keeps the old one {told}")
                   for state in _CONFIGURED for m in await self.store.list_machines(
