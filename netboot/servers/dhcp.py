@@ -565,6 +565,20 @@ class DhcpServer:
                     f"see: ss -lupn '( sport = :{port} )'", key="server.interfaces",
                     fix=f"stop the other DHCP server on {interface}, or serve another "
                         "interface (server.interfaces, --interface)") from exc
+            if exc.errno == errno.EADDRINUSE and self._settings.mode == "proxy" \
+                    and key == "dhcp.port" and port == 67:
+                # A proxyDHCP beside a DHCP server of this host: moving port 67 (the generic
+                # error's fix) answers no client; sharing it per interface does.
+                where = f"{self._host}:{port}" + (f" on {interface}" if interface else "")
+                raise ConfigError(
+                    f"DHCP: UDP {where} is already in use (a DHCP server on this host: "
+                    f"dnsmasq, libvirt's, systemd-networkd?); see: ss -lupn '( sport = "
+                    f":{port} )'", key="server.interfaces",
+                    fix=("the DHCP server there does not share the port: run dnsmasq with "
+                         "--bind-interfaces (libvirt's does), or run netboot on another host"
+                         if interface else "name the provisioning interface (server."
+                         "interfaces, --interface): a proxyDHCP shares port 67 per interface "
+                         "with a DHCP server that allows it")) from exc
             raise sockets.bind_error(
                 exc, what="DHCP", proto="UDP", host=self._host, port=port, key=key, flag=flag,
                 interface=interface, interface_key="server.interfaces", others="dnsmasq",

@@ -278,3 +278,33 @@ async def refused_or_kept(netboot: DhcpServer) -> ConfigError | None:
     except ConfigError as exc:
         return exc
     return None
+
+
+@pytest.mark.requires("dnsmasq", "dnsmasq")
+def test_a_proxydhcp_that_cannot_share_port_67_names_the_fix(namespace: str) -> None:
+    """Where the site's DHCP server on this host does not let port 67 be shared, the error
+    said "stop the other service or choose another port with --dhcp-port": a proxyDHCP on
+    another port answers no client, and stopping the site's DHCP server is no fix. Without
+    server.interfaces (dnsmasq --bind-interfaces on d0): name the interface. On d0 beside a
+    dnsmasq that binds every interface (no --bind-interfaces: no SO_REUSEADDR): that one
+    does not share it."""
+    interfaces(namespace, "d0", "d1")
+    proxy = DhcpSettings()
+    errors: list[ConfigError | None] = []
+    for args in (dnsmasq_args(namespace),
+                 [a for a in dnsmasq_args(namespace) if a != "--bind-interfaces"]):
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            assert until(lambda: udp_sockets(namespace, ":67") > 0, 10) is not None
+            netboot = (DhcpServer(proxy, TableDecider(), MemoryLeaseStore(), interfaces=[],
+                                  advertise="192.0.2.1", probe=False)
+                       if "--bind-interfaces" in args else server("d0", settings=proxy))
+            errors.append(in_namespace(namespace, lambda netboot=netboot: refused(netboot)))
+        finally:
+            stopped(proc)
+    unnamed, named = errors
+    assert unnamed is not None and unnamed.fix is not None, unnamed
+    assert "--interface" in unnamed.fix and "--dhcp-port" not in unnamed.fix, unnamed
+    assert named is not None and named.fix is not None, named
+    assert "--bind-interfaces" in named.fix and "on d0" in str(named), named
