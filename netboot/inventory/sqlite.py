@@ -1164,14 +1164,16 @@ class SqliteStore:
     @contextlib.asynccontextmanager
     async def fixed_addresses_held(self) -> AsyncIterator[None]:
         """Held by one caller of every process on this file at a time: an API or CLI write
-        that sets a fixed_ipv4 (Core's fixed lock), from its check that no other machine has
-        it to its commit (PostgresStore's advisory lock, here an flock of the database file:
-        a CLI process beside a server, or two servers on one file, each passed the check
-        before either wrote). SQLite's own locks are fcntl byte ranges, which an flock does
-        not meet; closing the descriptor lets it go, also where the holder dies. Waited for
-        without a thread (a cancelled wait takes nothing): polled every 10 ms, only while
-        another holds it, which is one write's time (an import's, for an import)."""
-        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        that sets a fixed_ipv4 (core._BothHeld), from its check that no other machine has it
+        to its commit (PostgresStore's advisory lock; here a CLI process beside a server, or
+        two servers on one file, each passed the check before either wrote). An flock of
+        the database's directory, not of the file: closing any descriptor of the database
+        file drops every fcntl lock this process holds on it, SQLite's own (its WAL-mode
+        shared lock, which tells another process it is not the last), and a directory's
+        flock meets none of them; it goes when the descriptor closes, also when the holder
+        dies. Waited for without a thread (a cancelled wait takes nothing): polled every
+        10 ms, only while another process holds it, one write's time (an import's)."""
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             while True:
                 try:
