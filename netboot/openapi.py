@@ -77,8 +77,13 @@ _ISO_URL = {"type": ["string", "null"], "pattern": f"^(?:{_ASSET_URL})?{_END}",
 _OCTET = "(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _ENDPOINT_V4 = (f"(?!169[.]254[.])(?:22[0-3]|2[01][0-9]|1[3-9][0-9]|12[89]|1[01][0-9]|12[0-6]"
                 f"|[1-9][0-9]|[1-9])(?:[.]{_OCTET}){{3}}")
-_ENDPOINT_HOST = ("(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?[.]){0,2}"
-                  "[a-z](?:[a-z0-9-]{0,61}[a-z0-9])?")
+# A DNS name of any number of labels (k3s.dc1.example.com, the server's canonical form, was
+# refused by a pattern of three at most: a client validating a Cluster it was answered
+# refused it), of at most 253 characters, a last dot kept, either case (the server lowercases
+# it); its last label starts with a letter (no all-digit name).
+_ENDPOINT_HOST = ("(?=[A-Za-z0-9.-]{1,253}(?![A-Za-z0-9.-]))"
+                  "(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?[.])*"
+                  "[A-Za-z](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?[.]?")
 _G = "[0-9a-f]{1,4}"
 # Its first group neither 0 (::, ::1) nor fe80-febf (link-local) nor ff.. (multicast).
 _ENDPOINT_V6 = (f"(?=(?:[1-9a-f][0-9a-f]{{0,2}}|[1-9a-e][0-9a-f]{{3}}|f[0-9a-d][0-9a-f]{{2}}):)"

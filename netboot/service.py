@@ -583,8 +583,12 @@ def interfaces_off_pool(config: Config, addresses: Sequence[Any]) -> list[Config
     pool = ipaddress.IPv4Network(f"{auth.pool_start}/{auth.netmask}", strict=False)
     out = []
     for name in config.server.interfaces:
-        nets = [network(entry) for entry in addresses if entry.name == name]
-        if nets and pool not in nets:
+        mine = [entry for entry in addresses if entry.name == name]
+        nets = [network(entry) for entry in mine]
+        # The server's rule (LeasePool.links, dnsmasq's): an address of it that the pool's
+        # network holds, not a network equal to the pool's (a /24 address under a /16 pool
+        # netmask is answered).
+        if mine and not any(ipaddress.IPv4Address(entry.address) in pool for entry in mine):
             out.append(located(config, ConfigError(
                 f"authoritative DHCP: interface {name} has no address on the pool's network "
                 f"{pool} (dhcp.authoritative.pool_start, netmask; {name} has "

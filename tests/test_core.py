@@ -510,3 +510,75 @@ async def test_an_old_clusters_agent_token_given_by_one_server_is_kept_by_the_ot
             assert done == given
         for store in (a, b):
             assert await store.get_cluster("old") == given
+
+
+# --- one fixed_ipv4, given at once by two processes on one inventory (s40-review) --------
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_fixed_address_given_at_once_by_the_cli_and_a_server_is_given_once(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`netboot machines set B --fixed-ipv4 X` (a CLI process) beside a server's PATCH of A
+    to X, on one SQLite file: the check that no other machine has X and the write held
+    only a lock of each process's (s40-net's asyncio lock; PostgreSQL's advisory lock
+    covered servers there), so both read "free" and both were stored: two machines answer
+    ARP for X. Ordered by a store wrapper: the first's check waits until the second has
+    checked too (bounded: with the lock the second cannot check before the first writes)."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.base import MachineFilter
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        core_a, core_b = (Core(s, Enroller(s), None, None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        for n in (1, 2):
+            await core_a.create_machine({"mac": f"52:54:00:40:0f:0{n}"}, note="enrolled")
+        checking, checked = asyncio.Event(), asyncio.Event()
+        list_a, list_b = a.list_machines, b.list_machines
+
+        async def a_waits(flt: MachineFilter | None = None, **kw: Any) -> list[Machine]:
+            found = await list_a(flt, **kw)
+            if flt is not None and flt.fixed_ipv4 is not None:
+                checking.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(checked.wait(), 2)
+            return found
+
+        async def b_checks(flt: MachineFilter | None = None, **kw: Any) -> list[Machine]:
+            found = await list_b(flt, **kw)
+            if flt is not None and flt.fixed_ipv4 is not None:
+                checked.set()
+            return found
+
+        a.list_machines = a_waits  # type: ignore[method-assign]
+        b.list_machines = b_checks  # type: ignore[method-assign]
+        first = asyncio.ensure_future(core_a.update_machine("52:54:00:40:0f:01",
+                                                            {"fixed_ipv4": "192.0.2.72"}))
+        await checking.wait()  # a has checked, not written
+        outcomes = await asyncio.gather(
+            first, core_b.update_machine("52:54:00:40:0f:02", {"fixed_ipv4": "192.0.2.72"}),
+            return_exceptions=True)
+        held = [m.ref for m in await list_a(MachineFilter(fixed_ipv4="192.0.2.72"))]
+        assert len(held) == 1, (held, outcomes)
+        assert sum(isinstance(o, Conflict) for o in outcomes) == 1, outcomes
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_second_core_on_one_enroller_takes_the_stores_fixed_lock_once(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A second Core made on a server's enroller (tests/test_pki.py's) wrapped its fixed
+    lock again: every write setting a fixed_ipv4 then failed (AttributeError: the inner
+    wrapper is no asyncio.Lock), and had it been one, the store's lock taken twice in one
+    task, the second on another connection or descriptor, waits for the first forever."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+
+    async with contextlib.AsyncExitStack() as stack:
+        (store,) = await pg.stores_on_one_inventory(kind, tmp_path, request, stack, count=1)
+        enroller = Enroller(store)
+        Core(store, enroller, None, None)  # type: ignore[arg-type]
+        core = Core(store, enroller, None, None)  # type: ignore[arg-type]
+        machine = await asyncio.wait_for(core.create_machine(
+            {"mac": "52:54:00:40:0f:11", "fixed_ipv4": "192.0.2.73"}, note="enrolled"), 30)
+        assert machine.fixed_ipv4 == "192.0.2.73"

@@ -17,6 +17,7 @@ import pytest
 import schemathesis
 
 from netboot.config import load
+from netboot.errors import ValidationError
 from netboot.model import MachineState, Role
 from netboot.openapi import document
 from netboot.service import build
@@ -133,3 +134,33 @@ def test_the_documents_boot_file_pattern_is_what_the_server_takes(ref: str) -> N
         except ValidationError:
             taken = False
         assert (re.search(schema["pattern"], ref) is not None) == taken, (ref, url)
+
+
+@pytest.mark.parametrize(("endpoint", "taken"), [
+    ("k3s.dc1.example.com", True), ("api.k3s.dc1.edge.example.com", True),
+    ("https://k3s-api.site-7.corp.example.net:6443", True), ("K3S.Example.COM", True),
+    ("k3s.example.com.", True), ("k3s.example.com.:6443", True), ("vip", True),
+    ("192.0.2.10:6443", True), ("[2001:db8::10]", True), ("https://[2001:db8::10]:6443", True),
+    (".".join(["a" * 63] * 3 + ["b" * 61]), True), (".".join(["a" * 63] * 3 + ["b" * 62]), False),
+    ("127.0.1.1", False), ("169.254.0.1", False), ("1.2.3.4.5", False), ("-a.example", False),
+    ("a-.example", False), ("under_score.example", False), ("vip.example/k8s", False),
+    ("http://vip.example", False), ("vip.example:0", False), ("vip.example:65536", False),
+])
+def test_the_documents_endpoint_pattern_holds_the_endpoints_the_server_answers(
+        endpoint: str, taken: bool) -> None:
+    # The Cluster schema is the body and the answer: a client validating an answered cluster
+    # against it refused a VIP's name of four labels (the pattern held three at most), and
+    # one validating its request refused a name the server takes (openapi.ENDPOINT_PATTERN).
+    import re
+
+    from netboot.model import check_endpoint
+    from netboot.openapi import ENDPOINT_PATTERN
+
+    try:
+        canonical = check_endpoint(endpoint)
+    except ValidationError:
+        canonical = None
+    assert (canonical is not None) == taken, endpoint
+    assert (re.search(ENDPOINT_PATTERN, endpoint) is not None) == taken, endpoint
+    if canonical is not None:
+        assert re.search(ENDPOINT_PATTERN, canonical) is not None, canonical

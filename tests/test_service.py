@@ -1902,3 +1902,35 @@ async def test_an_upgrade_names_the_machines_an_older_register_command_registere
         assert not [r for r in read if "REGISTERED" in r], read
     finally:
         await service.close()
+
+
+def test_an_interface_whose_address_the_pools_network_holds_is_not_told_off_it(
+        tmp_path: Path) -> None:
+    """interfaces_off_pool compared the interface's network with the pool's for equality,
+    where the DHCP server answers an interface whose *address* the pool's network holds
+    (LeasePool.links, as dnsmasq): va at 192.0.2.1/24 under a pool netmask of 255.255.0.0
+    (or a /25 under a /24) is answered, yet start-up and check-config said "its requests
+    are not answered". vb, off it, is still told."""
+    from netboot.leases import LeasePool
+    from netboot.pxe import DhcpSettings
+    from netboot.service import interfaces_off_pool
+    from netboot.wire.rtnetlink import AddressMessage
+
+    path = write_config(tmp_path)
+    text = path.read_text().replace("  advertise: 192.0.2.10\n",
+                                    "  advertise: 192.0.2.10\n  interfaces: [va, vb]\n")
+    for netmask, prefix in (("255.255.0.0", 24), ("255.255.255.0", 25)):
+        path.write_text(text.replace('dhcp:\n  mode: "off"\n', (
+            "dhcp:\n  mode: authoritative\n  authoritative:\n    pool_start: 192.0.2.100\n"
+            f"    pool_end: 192.0.2.120\n    netmask: {netmask}\n")))
+        cfg = load(path, env={})
+        addresses = (AddressMessage(True, 2, "va", "192.0.2.1", prefix),
+                     AddressMessage(True, 3, "vb", "198.51.100.1", 24))
+        pool = LeasePool("192.0.2.100", "192.0.2.120", lease_seconds=3600, decline_seconds=600,
+                         network=DhcpSettings(mode="authoritative", pool_start="192.0.2.100",
+                                              pool_end="192.0.2.120", netmask=netmask
+                                              ).network())
+        # The server's rule: va answered, vb not.
+        assert pool.links((a.name, a.address) for a in addresses) == {"va"}
+        told = [str(w) for w in interfaces_off_pool(cfg, addresses)]
+        assert len(told) == 1 and "interface vb " in told[0], (netmask, told)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -38,7 +39,15 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -1151,6 +1160,30 @@ class SqliteStore:
     async def fixed_address(self, mac: str) -> str | None:
         machine = await self.machine_by("mac", mac)
         return None if machine is None else machine.fixed_ipv4
+
+    @contextlib.asynccontextmanager
+    async def fixed_addresses_held(self) -> AsyncIterator[None]:
+        """Held by one caller of every process on this file at a time: an API or CLI write
+        that sets a fixed_ipv4 (core._BothHeld), from its check that no other machine has it
+        to its commit (PostgresStore's advisory lock; here a CLI process beside a server, or
+        two servers on one file, each passed the check before either wrote). An flock of
+        the database's directory, not of the file: closing any descriptor of the database
+        file drops every fcntl lock this process holds on it, SQLite's own (its WAL-mode
+        shared lock, which tells another process it is not the last), and a directory's
+        flock meets none of them; it goes when the descriptor closes, also when the holder
+        dies. Waited for without a thread (a cancelled wait takes nothing): polled every
+        10 ms, only while another process holds it, one write's time (an import's)."""
+        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+            yield
+        finally:
+            os.close(fd)
 
     # change feed -------------------------------------------------------------------------
     def settled(self, seq: int) -> bool:

@@ -537,19 +537,27 @@ class DhcpServer:
             if interface:
                 # One socket per interface on 0.0.0.0 (broadcasts only reach a 0.0.0.0 bind),
                 # SO_BINDTODEVICE so that we know the receiving interface and force the
-                # egress one (protocols.md §1.5). No SO_REUSEADDR: Linux lets UDP sockets
-                # bound to different devices share a port without it (udp_lib_lport_inuse),
-                # so netboot's own listeners still bind, while a second DHCP server on the
-                # same interface, or on every one (0.0.0.0 unbound), is refused at start
-                # instead of two servers splitting the clients (dnsmasq: "failed to bind
-                # DHCP server socket: Address in use"). UDP has no TIME_WAIT to reuse.
+                # egress one (protocols.md §1.5). Authoritative, no SO_REUSEADDR: Linux lets
+                # UDP sockets bound to different devices share a port without it
+                # (udp_lib_lport_inuse), so netboot's own listeners still bind, while a
+                # second DHCP server on the same interface, or on every one (0.0.0.0
+                # unbound), is refused at start instead of two servers splitting the
+                # clients (dnsmasq: "failed to bind DHCP server socket: Address in use").
+                # UDP has no TIME_WAIT to reuse. A proxyDHCP is made to run beside the
+                # site's DHCP server, which may be on this host (libvirt's dnsmasq on
+                # virbr0, a router's dnsmasq --bind-interfaces, systemd-networkd): both
+                # with SO_REUSEADDR, each gets the broadcasts (dnsmasq's proxy mode binds
+                # beside another the same way, bind-interfaces setting SO_REUSEADDR).
+                if self._settings.mode == "proxy":
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 sock.setsockopt(socket.SOL_SOCKET, sockets.SO_BINDTODEVICE, interface.encode())
             sock.bind((self._host, port))
             sock.setblocking(False)
             sockets.grow_receive_buffer(sock)
         except OSError as exc:
             sock.close()
-            if interface and exc.errno == errno.EADDRINUSE:
+            if interface and exc.errno == errno.EADDRINUSE \
+                    and self._settings.mode == "authoritative":
                 raise ConfigError(
                     f"DHCP: UDP {self._host}:{port} on {interface} is already in use by "
                     "another DHCP server on this host (another netboot, dnsmasq, "
@@ -557,6 +565,20 @@ class DhcpServer:
                     f"see: ss -lupn '( sport = :{port} )'", key="server.interfaces",
                     fix=f"stop the other DHCP server on {interface}, or serve another "
                         "interface (server.interfaces, --interface)") from exc
+            if exc.errno == errno.EADDRINUSE and self._settings.mode == "proxy" \
+                    and key == "dhcp.port" and port == 67:
+                # A proxyDHCP beside a DHCP server of this host: moving port 67 (the generic
+                # error's fix) answers no client; sharing it per interface does.
+                where = f"{self._host}:{port}" + (f" on {interface}" if interface else "")
+                raise ConfigError(
+                    f"DHCP: UDP {where} is already in use (a DHCP server on this host: "
+                    f"dnsmasq, libvirt's, systemd-networkd?); see: ss -lupn '( sport = "
+                    f":{port} )'", key="server.interfaces",
+                    fix=("the DHCP server there does not share the port: run dnsmasq with "
+                         "--bind-interfaces (libvirt's does), or run netboot on another host"
+                         if interface else "name the provisioning interface (server."
+                         "interfaces, --interface): a proxyDHCP shares port 67 per interface "
+                         "with a DHCP server that allows it")) from exc
             raise sockets.bind_error(
                 exc, what="DHCP", proto="UDP", host=self._host, port=port, key=key, flag=flag,
                 interface=interface, interface_key="server.interfaces", others="dnsmasq",

@@ -1,4 +1,5 @@
-"""A second DHCP server on one interface of this host is refused at start, as dnsmasq does.
+"""A second DHCP server on one interface of this host is refused at start, as dnsmasq does;
+a proxyDHCP beside the site's DHCP server on this host starts and both answer.
 
 Since DHCP listens per interface (one 0.0.0.0 socket bound to each device, s39-net), two
 ``netboot serve`` on the same interface, or netboot beside a dnsmasq run with
@@ -12,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -21,12 +24,34 @@ import pytest
 from netboot.errors import ConfigError
 from netboot.pxe import DhcpSettings
 from netboot.servers.dhcp import DhcpServer
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Op, Opt
 from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
-from tests.netns import in_namespace, ip, namespace, until
+from tests.netns import in_namespace, ip, namespace, udp_sockets, until
 
 __all__ = ["namespace"]  # the fixture, used by name
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2")]
+
+
+def dnsmasq_args(ns: str) -> list[str]:
+    """The site's DHCP server on d0: a dnsmasq run as libvirt runs its own on virbr0."""
+    dnsmasq = shutil.which("dnsmasq")
+    assert dnsmasq is not None
+    return ["ip", "netns", "exec", ns, dnsmasq, "--no-daemon", "--port=0",
+            "--bind-interfaces", "--interface=d0", "--except-interface=lo",
+            "--dhcp-range=192.0.2.100,192.0.2.150,1h", "--leasefile-ro",
+            "--conf-file=/dev/null", "--pid-file=", "--log-facility=-"]
+
+
+def stopped(proc: subprocess.Popen[str]) -> str:
+    proc.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(10)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(10)
+    return proc.stdout.read() if proc.stdout else ""
 
 
 def interfaces(ns: str, *names: str) -> None:
@@ -42,8 +67,13 @@ def interfaces(ns: str, *names: str) -> None:
         ip("-n", ns, "link", "set", name, "up")
 
 
-def server(*interfaces: str) -> DhcpServer:
-    return DhcpServer(DhcpSettings(), TableDecider(), MemoryLeaseStore(),
+# Authoritative DHCP: the mode that is a DHCP server (a proxyDHCP is made to run beside one).
+AUTHORITATIVE = DhcpSettings(mode="authoritative", pool_start="192.0.2.100",
+                             pool_end="192.0.2.109")
+
+
+def server(*interfaces: str, settings: DhcpSettings = AUTHORITATIVE) -> DhcpServer:
+    return DhcpServer(settings, TableDecider(), MemoryLeaseStore(),
                       interfaces=list(interfaces), advertise=None, probe=False)
 
 
@@ -57,7 +87,7 @@ async def refused(second: DhcpServer) -> ConfigError | None:
 
 
 def test_a_second_dhcp_server_on_the_same_interface_is_refused(namespace: str) -> None:
-    """Two netboots on d0: the second stops with the port, the interface and the fix.
+    """Two authoritative netboots on d0: the second stops with the port, the interface and the fix.
     netboot's own listeners (d0 and d1 in one server, :67 and :4011 each), a second netboot
     on another interface, and a listener made again when its interface is readdressed
     still bind."""
@@ -109,15 +139,10 @@ def test_a_second_dhcp_server_on_the_same_interface_is_refused(namespace: str) -
 @pytest.mark.requires("dnsmasq", "dnsmasq")
 def test_netboot_beside_dnsmasq_on_the_same_interface_is_refused(namespace: str) -> None:
     """dnsmasq with --bind-interfaces (SO_REUSEADDR and SO_REUSEPORT on its 0.0.0.0:67) on
-    d0: netboot on d0 is refused, on d1 it starts; and dnsmasq started after netboot on d0
-    fails to bind, as it does beside another dnsmasq."""
+    d0: authoritative netboot on d0 is refused, on d1 it starts; and dnsmasq started after
+    authoritative netboot on d0 fails to bind, as it does beside another dnsmasq."""
     interfaces(namespace, "d0", "d1")
-    dnsmasq = shutil.which("dnsmasq")
-    assert dnsmasq is not None
-    args = ["ip", "netns", "exec", namespace, dnsmasq, "--no-daemon", "--port=0",
-            "--bind-interfaces", "--interface=d0", "--except-interface=lo",
-            "--dhcp-range=192.0.2.100,192.0.2.150,1h", "--leasefile-ro",
-            "--conf-file=/dev/null", "--pid-file=", "--log-facility=-"]
+    args = dnsmasq_args(namespace)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         # dnsmasq with one interface binds it: "0.0.0.0%d0:67" in ss.
@@ -134,12 +159,7 @@ def test_netboot_beside_dnsmasq_on_the_same_interface_is_refused(namespace: str)
 
         error, _ = in_namespace(namespace, beside)
     finally:
-        proc.terminate()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(10)
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        stopped(proc)
     assert error is not None, "netboot started on d0 beside dnsmasq on d0"
     assert "UDP 0.0.0.0:67 on d0" in str(error), str(error)
 
@@ -163,3 +183,128 @@ def test_netboot_beside_dnsmasq_on_the_same_interface_is_refused(namespace: str)
     code, out = in_namespace(namespace, first_then_dnsmasq)
     assert time.monotonic() - started < 30
     assert code not in (None, 0) and "Address already in use" in out, (code, out)
+
+
+# A PXE client on the far end of d0 (d0p, moved to a namespace of its own): it broadcasts one
+# DISCOVER (broadcast flag: both servers answer by broadcast) and prints each reply in hex
+# (two at most: the two servers').
+_PXE_CLIENT = r"""
+import select, socket, sys, time
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+sock.setsockopt(socket.SOL_SOCKET, 25, b"d0p")  # SO_BINDTODEVICE
+sock.bind(("0.0.0.0", 68))
+sock.sendto(bytes.fromhex(sys.argv[1]), ("255.255.255.255", 67))
+end, replies = time.monotonic() + 5, 0
+while time.monotonic() < end and replies < 2:
+    if select.select([sock], [], [], 0.2)[0]:
+        print(sock.recv(4096).hex(), flush=True)
+        replies += 1
+"""
+
+
+@pytest.mark.requires("dnsmasq", "dnsmasq")
+def test_a_proxydhcp_beside_the_sites_dhcp_server_on_the_same_interface_starts(
+        namespace: str) -> None:
+    """A proxyDHCP is made to run beside the site's DHCP server, which may be on this host
+    (libvirt's dnsmasq on virbr0, a router's dnsmasq): netboot in proxy mode on d0 beside a
+    dnsmasq serving addresses on d0 starts, whichever starts first, and a PXE client's
+    DISCOVER gets both offers, dnsmasq's address and netboot's boot file, as with dnsmasq's
+    own proxy mode beside another dnsmasq."""
+    interfaces(namespace, "d0", "d1")
+    client_ns = f"{namespace}-c"
+    ip("netns", "add", client_ns)
+    try:
+        ip("-n", namespace, "link", "set", "d0p", "netns", client_ns)
+        ip("-n", client_ns, "addr", "add", "192.0.2.50/24", "dev", "d0p")
+        ip("-n", client_ns, "link", "set", "d0p", "up")
+        discover = dhcp.Packet(
+            op=Op.REQUEST, xid=0x5EED0040, chaddr=bytes.fromhex("525400004040"),
+            flags=dhcp.BROADCAST_FLAG, options=(
+                dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType.DISCOVER,))),
+                dhcp.Option(Opt.PARAMETER_REQUEST_LIST, bytes((1, 3, 43, 60, 66, 67))),
+                dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00000:UNDI:002001"),
+                dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x00"),
+                dhcp.Option(Opt.CLIENT_NDI, b"\x01\x02\x01")))
+        client = ["ip", "netns", "exec", client_ns, sys.executable, "-c", _PXE_CLIENT,
+                  dhcp.encode(discover, pad_to=300).hex()]
+        proxy = DhcpSettings()
+        for dnsmasq_first in (True, False):
+            proc: subprocess.Popen[str] | None = None
+            if dnsmasq_first:
+                proc = subprocess.Popen(dnsmasq_args(namespace), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+                assert until(lambda: udp_sockets(namespace, "%d0:67") > 0, 10) is not None
+
+            async def scenario(proc: subprocess.Popen[str] | None) -> tuple[
+                    ConfigError | None, subprocess.Popen[str] | None, list[str]]:
+                netboot = server("d0", settings=proxy)
+                error = await refused_or_kept(netboot)
+                if error is not None:
+                    return error, proc, []
+                try:
+                    if proc is None:
+                        proc = subprocess.Popen(dnsmasq_args(namespace),
+                                                stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True)
+                        for _ in range(200):
+                            if udp_sockets(namespace, "%d0:67") > 1 or proc.poll() is not None:
+                                break
+                            await asyncio.sleep(0.05)
+                    out = await asyncio.to_thread(subprocess.run, client, capture_output=True,
+                                                  text=True, timeout=30)
+                    return None, proc, out.stdout.split()
+                finally:
+                    await netboot.close()
+
+            try:
+                error, proc, replies = in_namespace(namespace, functools.partial(scenario, proc))
+            finally:
+                log = stopped(proc) if proc is not None else ""
+            assert error is None, f"proxy netboot refused beside the site's dnsmasq: {error}"
+            offers = [dhcp.parse(bytes.fromhex(r)) for r in replies]
+            assert sorted((o.yiaddr == "0.0.0.0", o.file_name or "") for o in offers
+                          if o.xid == 0x5EED0040 and o.message_type == MessageType.OFFER) == [
+                (False, ""), (True, "undionly.kpxe")], (dnsmasq_first, offers, log)
+    finally:
+        subprocess.run(["ip", "netns", "del", client_ns], capture_output=True, timeout=20)
+
+
+async def refused_or_kept(netboot: DhcpServer) -> ConfigError | None:
+    """``netboot`` started (and kept, for the caller to close), or the ConfigError that
+    refused it."""
+    try:
+        await netboot.start()
+    except ConfigError as exc:
+        return exc
+    return None
+
+
+@pytest.mark.requires("dnsmasq", "dnsmasq")
+def test_a_proxydhcp_that_cannot_share_port_67_names_the_fix(namespace: str) -> None:
+    """Where the site's DHCP server on this host does not let port 67 be shared, the error
+    said "stop the other service or choose another port with --dhcp-port": a proxyDHCP on
+    another port answers no client, and stopping the site's DHCP server is no fix. Without
+    server.interfaces (dnsmasq --bind-interfaces on d0): name the interface. On d0 beside a
+    dnsmasq that binds every interface (no --bind-interfaces: no SO_REUSEADDR): that one
+    does not share it."""
+    interfaces(namespace, "d0", "d1")
+    proxy = DhcpSettings()
+    errors: list[ConfigError | None] = []
+    for args in (dnsmasq_args(namespace),
+                 [a for a in dnsmasq_args(namespace) if a != "--bind-interfaces"]):
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            assert until(lambda: udp_sockets(namespace, ":67") > 0, 10) is not None
+            netboot = (DhcpServer(proxy, TableDecider(), MemoryLeaseStore(), interfaces=[],
+                                  advertise="192.0.2.1", probe=False)
+                       if "--bind-interfaces" in args else server("d0", settings=proxy))
+            errors.append(in_namespace(namespace, lambda netboot=netboot: refused(netboot)))
+        finally:
+            stopped(proc)
+    unnamed, named = errors
+    assert unnamed is not None and unnamed.fix is not None, unnamed
+    assert "--interface" in unnamed.fix and "--dhcp-port" not in unnamed.fix, unnamed
+    assert named is not None and named.fix is not None, named
+    assert "--bind-interfaces" in named.fix and "on d0" in str(named), named
