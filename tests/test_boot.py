@@ -1632,6 +1632,41 @@ async def test_dhcp_memos_forgotten_when_quiet_are_made_again_with_the_same_answ
             assert [e.kind for e in await w.store.list_events(machine.id)] == ["dhcp"]
 
 
+async def test_a_first_install_lets_its_nics_dhcp_memo_go(tmp_path: Path) -> None:
+    """A NIC's DHCP memo (the request, its identity, the decision and the machine as it was)
+    is let go once the NIC's first install is planned over HTTP, not held to the storm's
+    last moment (s40-mem): its firmware's DHCP is over, and the memo names the machine
+    before the install. Memos of NICs not installing (held, or not asked yet) stay. The
+    NIC's next boot is decided as one not seen yet: the same loader, the install under way
+    kept (installing again hands it the same token)."""
+    (tmp_path / "snponly.efi").write_bytes(b"x")
+    machines = [Machine(macs=(MacAddress.parse(f"02:00:00:04:00:{i:02x}"),),
+                        hostname=f"g{i}", profile="p") for i in range(6)]
+    dhcp = [BootRequest(mac=m.mac, firmware=Firmware.UEFI, arch=Arch.X86_64, via="dhcp",
+                        remote_addr=None) for m in machines]
+    async with _watched(tmp_path, machines) as w:
+        await w.boot.load_view()
+        for stage in await asyncio.gather(*(w.boot.first_stage(r) for r in dhcp)):
+            assert stage is not None and stage.path == "snponly.efi"
+        await w.boot.drain()
+        assert set(w.boot._seen) == {m.mac for m in machines}
+        plans = [await w.boot.plan(BootRequest(mac=m.mac, firmware=Firmware.IPXE,
+                                               arch=Arch.X86_64, via="http",
+                                               remote_addr="192.0.2.50"))
+                 for m in machines[:4]]
+        assert all(p.action == BootAction.INSTALL and p.token for p in plans)
+        assert set(w.boot._seen) == {m.mac for m in machines[4:]}  # not installing: kept
+        stage = await w.boot.first_stage(dhcp[0])  # its next boot, as a NIC not seen yet
+        assert stage is not None and stage.path == "snponly.efi"
+        assert dhcp[0].mac in w.boot._seen
+        again = await w.boot.plan(BootRequest(mac=machines[0].mac, firmware=Firmware.IPXE,
+                                              arch=Arch.X86_64, via="http",
+                                              remote_addr="192.0.2.50"))
+        assert again.action == BootAction.INSTALL and again.token == plans[0].token
+        await w.boot.drain()
+        await w.recorder.flush()
+
+
 async def test_kept_joins_are_bounded_and_the_oldest_is_made_again(tmp_path: Path) -> None:
     """The joins kept per managed cluster stay at most ``_FEW_CLUSTERS`` (a site with more
     clusters churns them, never grows them), the newest kept; a cluster whose join was

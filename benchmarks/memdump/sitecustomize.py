@@ -3,7 +3,9 @@ PYTHONPATH): on SIGUSR1 the process writes what its memory is made of into $MEMD
 ``dumpN.*`` (N counting the signals): ``.pymalloc`` (sys._debugmallocstats() and glibc's
 malloc_stats()), ``.smaps`` (/proc/self/smaps), with MEMDUMP_TYPES=1 ``.types.json`` (a
 count and a sys.getsizeof sum per type over gc.get_objects(), the frozen heap thawed for
-it and frozen again), with MEMDUMP_TRACE=N a tracemalloc snapshot ``.trace`` (tracing of N
+it and frozen again; with MEMDUMP_BIG=N too, its N largest dicts, lists, sets and deques by
+sys.getsizeof, each with its length and who holds it: an object's type and attribute),
+with MEMDUMP_TRACE=N a tracemalloc snapshot ``.trace`` (tracing of N
 frames starts at the first signal: what is traced is what came after it); ``.done`` last.
 Diagnosis only (s35-mem): the dumps cost the server time; tracing slows a storm severalfold.
 """
@@ -26,6 +28,7 @@ def _dump(signum: int, frame: FrameType | None) -> None:
     import json
     import shutil
     import tracemalloc
+    from collections import deque
 
     n = _count[0]
     _count[0] += 1
@@ -54,11 +57,29 @@ def _dump(signum: int, frame: FrameType | None) -> None:
             name = type(o).__qualname__
             counts[name] += 1
             sizes[name] += sys.getsizeof(o)
+        big = []
+        if os.environ.get("MEMDUMP_BIG"):  # the largest containers, by their holder
+            sized = sorted((o for o in objects if isinstance(o, (dict, list, set, deque))),
+                           key=sys.getsizeof, reverse=True)[:int(os.environ["MEMDUMP_BIG"])]
+            for o in sized:
+                holders = []
+                for r in gc.get_referrers(o):
+                    if r is objects or r is sized:
+                        continue
+                    if isinstance(r, dict):
+                        names = [k for k, v in r.items() if v is o][:1]
+                        owners = [type(h).__qualname__ for h in gc.get_referrers(r)
+                                  if getattr(h, "__dict__", None) is r][:1]
+                        holders.append(f"{owners}.{names}")
+                    else:
+                        holders.append(type(r).__qualname__)
+                big.append([type(o).__qualname__, sys.getsizeof(o), len(o), holders[:3]])
+            del sized
         del objects
         gc.freeze()
         with open(base + ".types.json", "w") as out:
             json.dump({"frozen": frozen, "count": counts.most_common(300),
-                       "size": sizes.most_common(300)}, out)
+                       "size": sizes.most_common(300), "big": big}, out)
     if os.environ.get("MEMDUMP_TRACE"):
         if tracemalloc.is_tracing():
             tracemalloc.take_snapshot().dump(base + ".trace")
