@@ -826,3 +826,18 @@ async def test_a_rotated_token_given_as_its_servers_node_token_is_taken_as_its_s
     assert k3s_parse_token(after.token) == (ca_hash, "server", "r0tated-server-secret-5e2a9c")
     _, second = await k3os_config(env, S1)  # the next server joins the rotated ones
     assert second["k3os"]["token"] == rotated
+
+
+async def test_an_agent_token_with_a_colon_in_its_secret_joins_the_servers(env: Env) -> None:
+    """A server is given the agent token's password as k3s parses it from the agents' token
+    (parseToken: after ``K10<hash>::``, after the first ``:``, the user's), not the text
+    after its last ``:`` (Cluster.agent_secret): an operator's agent secret with a ``:``
+    (``site:pass``) gave the servers ``pass`` and the agents ``site:pass``, and every agent
+    was refused."""
+    await managed(env, body={"agent_token": "site:agent-pass-7c41e09b"})
+    token, server = await k3os_config(env, S0)
+    await registered(env, S0, token, "192.0.2.21")  # the cluster's endpoint: agents boot
+    _, agent = await k3os_config(env, AGENT)
+    users = k3s_users(server)
+    assert users["node"][0] == "site:agent-pass-7c41e09b", users
+    assert k3s_joins(users, agent["k3os"]["token"], "agent")
