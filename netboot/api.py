@@ -666,6 +666,13 @@ class Api:
     async def _ref(self, request: web.Request) -> str:
         """The path's ``{ref}``, a hostname taken as the machine's id (core.machine_ref)."""
         given = request.match_info["ref"]
+        who = request.get(PRINCIPAL_KEY)
+        if who is None or not who.allows(Permission.READ):
+            # A token that may not read (enroll: a scanner approving) names a machine by a
+            # MAC or id, as before: by a guessed hostname its approval's answer, or refusal,
+            # gave the machine's MAC (s37-attack's mapping; the device's own report is
+            # answered by its MAC or id alone).
+            return given
         ref = await machine_ref(self._store, given)
         if ref != given:
             request[REF_KEY] = ref

@@ -56,7 +56,7 @@ from netboot.model import (
     Profile,
     Role,
 )
-from netboot.pki import K3S_AGENT_USER, k3s_secure_token, k3s_server_ca
+from netboot.pki import K3S_AGENT_USER, k3s_ca_hash, k3s_secure_token, k3s_server_ca
 
 KINDS = ("profiles", "clusters", "groups")
 RENDER_KINDS = ("ipxe", "pxelinux", "grub", "config", "nocloud")
@@ -809,6 +809,11 @@ class Core:
                 await self._no_node_configured(old)
             # An RSA key: 10-70 ms of CPU here, off the event loop.
             ca_cert, ca_key = await asyncio.to_thread(k3s_server_ca)
+        if ca_cert and secret.startswith(f"K10{k3s_ca_hash(ca_cert)}::"):
+            # This CA's secure form given (a server's node-token after ``k3s token rotate``):
+            # its secret, wrapped below; wrapped whole, k3s read the password as
+            # "K10<hash>::server:<secret>" and the servers on the secret refused every node.
+            secret = token_secret(secret)
         token = k3s_secure_token(secret, ca_cert) if ca_cert else secret
         if old is not None and token_secret(token) != token_secret(old.token):
             # The secret k3s compares, not the form: the secure token a short cluster's first

@@ -764,11 +764,16 @@ class Cluster:
 
     @property
     def agent_secret(self) -> str:
-        """The password alone of :attr:`agent_token` (the text after its last ``:``; the
-        whole of a bare one), "" without one: what a server is given as k3s's
-        ``agent-token``, which k3s takes as the password as given (pkg/daemons/control/deps,
-        getNodePass), not as a ``K10`` form; and what a rendered text must never show."""
-        return self.agent_token.rpartition(":")[2]
+        """The password alone of :attr:`agent_token` as k3s's parseToken reads it from the
+        agents' token (pkg/clientaccess/token.go: after ``K10<hash>::``, then after the first
+        ``:``, the user's; the whole of a bare one without ``:``), "" without one: what a
+        server is given as k3s's ``agent-token``, which k3s takes as the password as given
+        (pkg/daemons/control/deps, getNodePass), not as a ``K10`` form; and what a rendered
+        text must never show. Not the text after the last ``:``: a secret with one
+        (``site:pass``) gave the servers ``pass`` and every agent was refused."""
+        token = self.agent_token
+        rest = token.partition("::")[2] if "::" in token else token
+        return rest.partition(":")[2] if ":" in rest else rest
 
 
 # Request labels that a group selector may name besides machine labels.

@@ -2329,6 +2329,33 @@ async def test_an_enroll_token_is_not_told_which_machine_holds_a_name(env: Env) 
     assert error(r, 409)["holder"] and MAC in r.text
 
 
+async def test_an_enroll_token_cannot_name_a_machine_by_its_hostname(env: Env) -> None:
+    """A hostname in the path (core.machine_ref, s40-ops) let a scanner's token, which may
+    approve, learn the MAC of any machine whose hostname it guessed (``edge-1``, ``rack1-a``):
+    an approval repeated on an enrolled machine answers the machine, and one refused names
+    it by its MAC, the mapping s37-attack took away from this token (a host on the VLAN asks
+    for a machine's install with its MAC). A token that may not read names machines by MAC
+    or id, as before; an operator's hostname still works."""
+    await env.seed()
+    machine_id = (await env.post("/api/v1/machines", {
+        "mac": MAC, "hostname": "edge-1", "profile": "k3os"}, status=201))["id"]
+    scanner = await _scanner(env)
+    for body in ({}, {"hostname": "edge-1"}):
+        r = await call(env, "POST", "/api/v1/machines/edge-1/approve", json_body=body,
+                       headers=scanner, admin=False)
+        assert r.status == 400 and MAC not in r.text and machine_id not in r.text, r.text
+    r = await call(env, "POST", "/api/v1/machines/nobody-9/approve", json_body={},
+                   headers=scanner, admin=False)
+    assert r.status == 400, r.text  # a hostname nobody has: told as one somebody has
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/approve", json_body={},
+                   headers=scanner, admin=False)
+    assert r.status == 200, r.text  # by its MAC, as before
+    operator = {"Authorization": f"Bearer {await scoped_token(env, 'operator')}"}
+    r = await call(env, "POST", "/api/v1/machines/edge-1/approve", json_body={},
+                   headers=operator, admin=False)
+    assert r.status == 200 and r.json()["mac"] == MAC, r.text
+
+
 async def test_a_read_token_never_sees_a_join_token_in_a_render_whatever_its_characters(
         env: Env) -> None:
     """``render`` masked the join token by replacing its text in the rendered output; the

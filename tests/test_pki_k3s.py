@@ -797,3 +797,47 @@ async def test_a_running_short_token_cluster_is_given_its_first_servers_secure_t
     assert r.status == 200, r.text
     stored = await env.service.store.get_cluster("edge")
     assert stored is not None and stored.token == node_token
+
+
+async def test_a_rotated_token_given_as_its_servers_node_token_is_taken_as_its_secret(
+        env: Env) -> None:
+    """After ``k3s token rotate --new-token NEW`` on a server of a managed cluster, the
+    server's node-token file holds ``K10<the cluster's CA hash>::server:NEW``: the form an
+    operator copies, and what the 409 of a token change leads to (then given with force).
+    It was wrapped whole with the CA's hash again (``K10<hash>::server:K10<hash>::server:
+    NEW``), whose password k3s reads as ``K10<hash>::server:NEW`` (parseToken: after the
+    first ``::`` and the user): every node installed next was refused by the servers on NEW.
+    Its secret is taken, as an agent token's secure form is; another CA's form stays as
+    given (test_a_cluster_made_before_keeps_its_short_token_until_its_operator_opts_in)."""
+    await managed(env)
+    token, _ = await k3os_config(env, S0)
+    await registered(env, S0, token, "192.0.2.21")
+    before = await env.service.store.get_cluster("edge")
+    assert before is not None and before.ca_cert
+    ca_hash = k3s_hash_ca(before.ca_cert.encode())
+    rotated = f"K10{ca_hash}::server:r0tated-server-secret-5e2a9c"
+    body = {"name": "edge", "server_url": "managed", "token": rotated}
+    r = await call(env, "PUT", "/api/v1/clusters/edge", json_body=body)
+    assert r.status == 409 and r.json()["field"] == "token", r.text
+    r = await call(env, "PUT", "/api/v1/clusters/edge?force=true", json_body=body)
+    assert r.status == 200, r.text
+    after = await env.service.store.get_cluster("edge")
+    assert after is not None and after.token == rotated, after.token
+    assert k3s_parse_token(after.token) == (ca_hash, "server", "r0tated-server-secret-5e2a9c")
+    _, second = await k3os_config(env, S1)  # the next server joins the rotated ones
+    assert second["k3os"]["token"] == rotated
+
+
+async def test_an_agent_token_with_a_colon_in_its_secret_joins_the_servers(env: Env) -> None:
+    """A server is given the agent token's password as k3s parses it from the agents' token
+    (parseToken: after ``K10<hash>::``, after the first ``:``, the user's), not the text
+    after its last ``:`` (Cluster.agent_secret): an operator's agent secret with a ``:``
+    (``site:pass``) gave the servers ``pass`` and the agents ``site:pass``, and every agent
+    was refused."""
+    await managed(env, body={"agent_token": "site:agent-pass-7c41e09b"})
+    token, server = await k3os_config(env, S0)
+    await registered(env, S0, token, "192.0.2.21")  # the cluster's endpoint: agents boot
+    _, agent = await k3os_config(env, AGENT)
+    users = k3s_users(server)
+    assert users["node"][0] == "site:agent-pass-7c41e09b", users
+    assert k3s_joins(users, agent["k3os"]["token"], "agent")
