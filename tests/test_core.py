@@ -510,3 +510,73 @@ async def test_an_old_clusters_agent_token_given_by_one_server_is_kept_by_the_ot
             assert done == given
         for store in (a, b):
             assert await store.get_cluster("old") == given
+
+
+# --- If-Match on a profile's or group's replace and a machine's delete, compared on write ---
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("what", ["profiles", "groups", "machine"])
+async def test_a_change_between_if_match_and_the_write_is_a_412_and_nothing_written(
+        kind: str, what: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two stores on one inventory (two servers, or a CLI beside a server): the API's
+    If-Match was checked on a read, then the other wrote the item (a replace, an edit of the
+    machine) before this one's write. The write compares what was read in its own
+    transaction: a 412 and nothing written; before, the replace was written over the
+    other's and the edited machine deleted. Ordered by a store wrapper, not a sleep."""
+    from netboot.core import Core, item_version
+    from netboot.enroll import Enroller
+    from netboot.errors import PreconditionFailed
+    from netboot.identity import machine_version
+    from netboot.inventory import codec
+    from netboot.model import Group, Profile
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        core_a = Core(a, Enroller(a), None, None)  # type: ignore[arg-type]
+        if what == "machine":
+            machine = Machine(id="m-1", macs=(MacAddress.parse("52:54:00:41:00:01"),),
+                              hostname="edge-1", updated=100.0)
+            await a.create_machine(machine)
+            read = await a.get_machine("m-1")
+            assert read is not None
+            version = machine_version(read)
+            theirs: Any = replace(read, hostname="edge-2", updated=read.updated + 1)
+            write = "delete_machine"
+
+            async def other() -> None:
+                await b.update_machine(theirs)
+        else:
+            item: Any = (Profile(name="p", kernel="vmlinuz") if what == "profiles"
+                         else Group(name="g", selector={"arch": ("arm64",)}))
+            single = what[:-1]
+            await getattr(a, f"put_{single}")(item, create=True)
+            version = item_version(what, item)
+            theirs = (replace(item, description="theirs") if what == "profiles"
+                      else replace(item, labels={"rack": "theirs"}))
+            write = f"put_{single}"
+
+            async def other() -> None:
+                await getattr(b, f"put_{single}")(theirs)
+        original = getattr(a, write)
+
+        async def after_the_other(*args: Any, **kw: Any) -> None:
+            if not injected:
+                injected.append(True)
+                await other()  # between this server's If-Match check and its write
+            await original(*args, **kw)
+
+        injected: list[bool] = []
+        setattr(a, write, after_the_other)
+        with pytest.raises(PreconditionFailed):
+            if what == "machine":
+                await core_a.delete_machine("m-1", versions={version})
+            else:
+                mine = (codec.profile_to_dict(replace(item, description="mine"))
+                        if what == "profiles"
+                        else codec.group_to_dict(replace(item, labels={"rack": "mine"})))
+                await core_a.put(what, mine, create=False, versions={version})
+        assert injected
+        for store in (a, b):
+            stored = (await store.get_machine("m-1") if what == "machine" else
+                      await getattr(store, f"get_{what[:-1]}")(theirs.name))
+            assert stored == theirs

@@ -63,7 +63,7 @@ from netboot.inventory.base import (
     EventListener,
     MachineFilter,
     Sealer,
-    check_cluster_unchanged,
+    check_unchanged,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.sealed import Sealed, join_token_context
@@ -990,8 +990,9 @@ class SqliteStore:
         await self.apply_batch(Batch(update=(machine,), expect={} if expect_state is None
                                      else {machine.id: expect_state}))
 
-    async def delete_machine(self, machine_id: str) -> None:
-        await self._run(_delete_machine, machine_id)
+    async def delete_machine(self, machine_id: str, *, expect_updated: float | None = None
+                             ) -> None:
+        await self._run(_delete_machine, machine_id, expect_updated)
 
     async def apply_batch(self, batch: Batch) -> None:
         """One ``BEGIN IMMEDIATE`` transaction: merges, creates, updates, events in order."""
@@ -1073,8 +1074,14 @@ class SqliteStore:
     async def list_profiles(self) -> list[Profile]:
         return [codec.profile_from_dict(d) for d in await self._read(_list_named, "profile")]
 
-    async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
-        await self._run(_put_named, "profile", profile.name, codec.profile_json(profile), create)
+    async def put_profile(self, profile: Profile, *, create: bool = False,
+                          expect: Profile | None = None) -> None:
+        text = codec.profile_json(profile)
+        if expect is None:
+            await self._run(_put_named, "profile", profile.name, text, create)
+        else:
+            await self._run(_put_named_if, "profile", profile.name, text,
+                            codec.profile_from_dict, expect)
 
     async def delete_profile(self, name: str) -> None:
         await self._run(_delete_named, "profile", name)
@@ -1093,8 +1100,8 @@ class SqliteStore:
         if expect is None:
             await self._run(_put_named, "cluster", cluster.name, text, create)
         else:
-            await self._run(_put_cluster_if, cluster.name, text, self._sealed.open_cluster,
-                            expect)
+            await self._run(_put_named_if, "cluster", cluster.name, text,
+                            self._sealed.open_cluster, expect)
 
     async def delete_cluster(self, name: str) -> None:
         await self._run(_delete_named, "cluster", name)
@@ -1106,8 +1113,14 @@ class SqliteStore:
     async def list_groups(self) -> list[Group]:
         return [codec.group_from_dict(d) for d in await self._read(_list_named, "group")]
 
-    async def put_group(self, group: Group, *, create: bool = False) -> None:
-        await self._run(_put_named, "group", group.name, codec.group_json(group), create)
+    async def put_group(self, group: Group, *, create: bool = False,
+                        expect: Group | None = None) -> None:
+        text = codec.group_json(group)
+        if expect is None:
+            await self._run(_put_named, "group", group.name, text, create)
+        else:
+            await self._run(_put_named_if, "group", group.name, text, codec.group_from_dict,
+                            expect)
 
     async def delete_group(self, name: str) -> None:
         await self._run(_delete_named, "group", name)
@@ -1744,8 +1757,13 @@ def _state_counts(conn: sqlite3.Connection) -> dict[tuple[str | None, MachineSta
         "SELECT state, cluster, count(*) FROM machines GROUP BY state, cluster")}
 
 
-def _delete_machine(conn: sqlite3.Connection, machine_id: str) -> None:
+def _delete_machine(conn: sqlite3.Connection, machine_id: str,
+                    expect_updated: float | None = None) -> None:
     with _immediate(conn):
+        if expect_updated is not None:  # compared in the delete's transaction
+            row = conn.execute("SELECT updated FROM machines WHERE id = ?",
+                               (machine_id,)).fetchone()
+            codec.check_version(machine_id, expect_updated, None if row is None else row[0])
         macs = [r[0] for r in conn.execute(
             "SELECT value FROM machine_keys WHERE machine = ? AND kind = 'mac'", (machine_id,))]
         # Labels and keys go by ON DELETE CASCADE; events and leases have no foreign key.
@@ -2294,15 +2312,17 @@ def _put_named(conn: sqlite3.Connection, kind: str, name: str, data: str, create
         )
 
 
-def _put_cluster_if(conn: sqlite3.Connection, name: str, data: str,
-                    open_cluster: Callable[[Any], Cluster], read: Cluster) -> None:
-    """Replace cluster ``name`` if it is still ``read`` (base.check_cluster_unchanged): the
-    read and the write in one write transaction, so no other writer comes between."""
+def _put_named_if(conn: sqlite3.Connection, kind: str, name: str, data: str,
+                  open_item: Callable[[Any], Any], read: Any) -> None:
+    """Replace the ``kind`` named ``name`` if it is still ``read`` (base.check_unchanged):
+    the read and the write in one write transaction, so no other writer comes between."""
+    table = _TABLES[kind]
     with _immediate(conn):
-        row = conn.execute("SELECT data FROM clusters WHERE name = ?", (name,)).fetchone()
-        check_cluster_unchanged(name, None if row is None else open_cluster(json.loads(row[0])),
-                                read)
-        conn.execute("UPDATE clusters SET data = ? WHERE name = ?", (data, name))
+        row = conn.execute(f"SELECT data FROM {table} WHERE name = ?",  # noqa: S608
+                           (name,)).fetchone()
+        check_unchanged(kind, name, None if row is None else open_item(json.loads(row[0])),
+                        read)
+        conn.execute(f"UPDATE {table} SET data = ? WHERE name = ?", (data, name))  # noqa: S608
 
 
 def _delete_named(conn: sqlite3.Connection, kind: str, name: str) -> None:
