@@ -384,8 +384,9 @@ def _arch(text: str | None) -> Arch | None:
 
 
 class _BothHeld:
-    """This server's lock, then the database's (PostgresStore.fixed_addresses_held): the
-    API's fixed_ipv4 check and write as one across the servers of one PostgreSQL."""
+    """This server's lock, then the inventory's (PostgresStore.fixed_addresses_held, an
+    advisory lock; SqliteStore's, an flock beside the file): the API's and CLI's fixed_ipv4
+    check and write as one across the servers of one PostgreSQL or processes on one file."""
 
     def __init__(self, here: asyncio.Lock,
                  across: Callable[[], contextlib.AbstractAsyncContextManager[None]]) -> None:
@@ -559,7 +560,9 @@ class Core:
         address in two dhcp-host lines unless they are one host's MACs ("duplicate IP
         address"); one machine's NICs share its one fixed_ipv4 (s39-review2). A read
         before the write (a scan of the stored documents, on an edit of the field only):
-        two calls at once can still both pass (benchmarks/README.md ### s40-net, left)."""
+        made under ``enroller.fixed_lock`` with the write, which holds the inventory's lock
+        too (_BothHeld): two calls at once, from any processes on one inventory, cannot both
+        pass (benchmarks/README.md ### s40-net, ### s40-cas)."""
         if fixed is None:
             return
         for other in await self.store.list_machines(MachineFilter(fixed_ipv4=fixed, limit=2)):

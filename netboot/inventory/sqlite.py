@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -38,7 +39,15 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -96,6 +105,10 @@ CANCELLED_WRITE_WAIT = 2 * BUSY_TIMEOUT_MS / 1000
 # (benchmarks/README.md, s35-echo); a writer waiting for another process's lock (up to
 # BUSY_TIMEOUT_MS) is not waited for past this.
 NOTE_WAIT = 0.02
+# How long an API write of a fixed_ipv4 waits for another process's (fixed_addresses_held),
+# polled every FIXED_LOCK_POLL s: the holder's check and write take milliseconds.
+FIXED_LOCK_WAIT = 30.0
+FIXED_LOCK_POLL = 0.005
 # The WAL index (-shm) is mapped into memory in 32 KiB regions, one per 4062 WAL frames. Its
 # pages are reserved on disk up to this size at open, so that a later full disk cannot turn
 # a touch of a mapped page into a SIGBUS (the checkpoints keep the WAL within WAL_FRAMES):
@@ -551,6 +564,42 @@ class SqliteStore:
         returns, on the event loop's thread, so a reader that sees the count unchanged
         since its last sync knows this process wrote nothing since."""
         return self._commits
+
+    @contextlib.asynccontextmanager
+    async def fixed_addresses_held(self) -> AsyncIterator[None]:
+        """Held by one caller of every process on this file at a time (a server, a CLI
+        beside it, a second server): an API or CLI write that sets a fixed_ipv4, from its
+        check that no other machine has it to its commit (Core's fixed_lock, as
+        PostgresStore's advisory lock). An flock(2) of a file beside the inventory's,
+        ``<file>-fixed.lock``: let go when its descriptor closes, a holder's crash too. Not
+        a check in the write transaction (a unique expression index on the documents'
+        fixed_ipv4): SQLite evaluates it on every write of a machine, the boot path's
+        too, as the expression indexes migration 4 dropped for that cost."""
+        if self.path.name in ("", ":memory:"):
+            yield  # one connection's database: no other process shares it
+            return
+        lock = self.path.with_name(self.path.name + "-fixed.lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"the inventory {self.path}: cannot open {lock}: "
+                             f"{exc.strerror}") from exc
+        try:
+            deadline = time.monotonic() + FIXED_LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreError(
+                            f"the inventory {self.path}: another process held its fixed "
+                            f"address lock ({self.path.name}-fixed.lock) for "
+                            f"{FIXED_LOCK_WAIT:.0f} s; try again") from None
+                    await asyncio.sleep(FIXED_LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)  # lets the flock go
 
     # plumbing ----------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
