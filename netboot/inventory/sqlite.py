@@ -1125,12 +1125,15 @@ class SqliteStore:
 
     async def put_profile(self, profile: Profile, *, create: bool = False,
                           expect: Profile | None = None) -> None:
-        text = codec.profile_json(profile)
+        await self._put_item("profile", profile.name, codec.profile_json(profile), create,
+                             codec.profile_from_dict, expect)
+
+    async def _put_item(self, kind: str, name: str, text: str, create: bool,
+                        open_item: Callable[[Any], Any], expect: Any) -> None:
         if expect is None:
-            await self._run(_put_named, "profile", profile.name, text, create)
-        else:
-            await self._run(_put_named_if, "profile", profile.name, text,
-                            codec.profile_from_dict, expect)
+            await self._run(_put_named, kind, name, text, create)
+        else:  # a compare-and-set (base.check_unchanged)
+            await self._run(_put_named_if, kind, name, text, open_item, expect)
 
     async def delete_profile(self, name: str) -> None:
         await self._run(_delete_named, "profile", name)
@@ -1145,12 +1148,8 @@ class SqliteStore:
     async def put_cluster(self, cluster: Cluster, *, create: bool = False,
                           expect: Cluster | None = None) -> None:
         data = self._sealed.cluster_data(cluster)
-        text = codec.dumps(data, "cluster")
-        if expect is None:
-            await self._run(_put_named, "cluster", cluster.name, text, create)
-        else:
-            await self._run(_put_named_if, "cluster", cluster.name, text,
-                            self._sealed.open_cluster, expect)
+        await self._put_item("cluster", cluster.name, codec.dumps(data, "cluster"), create,
+                             self._sealed.open_cluster, expect)
 
     async def delete_cluster(self, name: str) -> None:
         await self._run(_delete_named, "cluster", name)
@@ -1164,12 +1163,8 @@ class SqliteStore:
 
     async def put_group(self, group: Group, *, create: bool = False,
                         expect: Group | None = None) -> None:
-        text = codec.group_json(group)
-        if expect is None:
-            await self._run(_put_named, "group", group.name, text, create)
-        else:
-            await self._run(_put_named_if, "group", group.name, text, codec.group_from_dict,
-                            expect)
+        await self._put_item("group", group.name, codec.group_json(group), create,
+                             codec.group_from_dict, expect)
 
     async def delete_group(self, name: str) -> None:
         await self._run(_delete_named, "group", name)
