@@ -388,9 +388,9 @@ def _arch(text: str | None) -> Arch | None:
 
 
 class _BothHeld:
-    """This server's lock, then the database's (PostgresStore.fixed_addresses_held,
-    SqliteStore's): the API's and the CLI's fixed_ipv4 check and write as one across the
-    processes of one inventory."""
+    """This server's lock, then the inventory's (PostgresStore.fixed_addresses_held, an
+    advisory lock; SqliteStore's, an flock beside the file): the API's and CLI's fixed_ipv4
+    check and write as one across the servers of one PostgreSQL or processes on one file."""
 
     def __init__(self, here: asyncio.Lock,
                  across: Callable[[], contextlib.AbstractAsyncContextManager[None]]) -> None:
@@ -566,7 +566,9 @@ class Core:
         address in two dhcp-host lines unless they are one host's MACs ("duplicate IP
         address"); one machine's NICs share its one fixed_ipv4 (s39-review2). A read
         before the write (a scan of the stored documents, on an edit of the field only):
-        two calls at once can still both pass (benchmarks/README.md ### s40-net, left)."""
+        made under ``enroller.fixed_lock`` with the write, which holds the inventory's lock
+        too (_BothHeld): two calls at once, from any processes on one inventory, cannot both
+        pass (benchmarks/README.md ### s40-net, ### s40-cas)."""
         if fixed is None:
             return
         for other in await self.store.list_machines(MachineFilter(fixed_ipv4=fixed, limit=2)):
@@ -579,11 +581,17 @@ class Core:
     async def delete_machine(self, ref: str, *,
                              versions: Collection[str] | None = None) -> Machine:
         """``versions``: the API's If-Match (identity.require_version); checked on the read
-        before the delete (the stores' delete compares nothing: a write between the two is
-        deleted with it)."""
+        and, with it, the delete compares that read's ``updated`` in its own transaction: a
+        write of the machine between the two (another server, a CLI) is a 412, nothing
+        deleted."""
         machine = await self.machine(ref)
         identity.require_version(machine, versions)
-        await self.store.delete_machine(machine.id)
+        try:
+            await self.store.delete_machine(
+                machine.id, expect_updated=None if versions is None else machine.updated)
+        except StateChanged:
+            identity.require_version(await self.machine(ref), versions)  # a 412 as a rule
+            raise
         return machine
 
     async def approve(self, ref: str, data: Mapping[str, Any], *, enroll_only: bool = False,
@@ -695,10 +703,24 @@ class Core:
             errors = profile_file_errors(item)
             if errors:
                 raise errors[0][1]
-        # A profile's or group's If-Match is checked on the read above: their stores compare
-        # nothing on a write (a replace between the two is written over).
-        await getattr(self.store, f"put_{single}")(item, create=create)
-        return item
+        put = getattr(self.store, f"put_{single}")
+        if create:
+            await put(item, create=True)
+            return item
+        # A compare-and-set on the one read (If-Match checked on each read): a replace
+        # committed meanwhile by another server or a CLI is not written over unseen; read
+        # again, it is a 412 where If-Match was given, else this replace is made on it.
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+            try:
+                await put(item, expect=stored)
+            except StateChanged:
+                if attempt == DECIDE_ATTEMPTS:
+                    raise
+                stored = await self.get(kind, item.name)
+                _require_item_version(kind, stored, versions)
+                continue
+            return item
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _put_cluster(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
                            force: bool, versions: Collection[str] | None = None) -> Cluster:

@@ -582,3 +582,179 @@ async def test_a_second_core_on_one_enroller_takes_the_stores_fixed_lock_once(
         machine = await asyncio.wait_for(core.create_machine(
             {"mac": "52:54:00:40:0f:11", "fixed_ipv4": "192.0.2.73"}, note="enrolled"), 30)
         assert machine.fixed_ipv4 == "192.0.2.73"
+
+
+# --- If-Match on a profile's or group's replace and a machine's delete, compared on write ---
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("what", ["profiles", "groups", "machine"])
+async def test_a_change_between_if_match_and_the_write_is_a_412_and_nothing_written(
+        kind: str, what: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two stores on one inventory (two servers, or a CLI beside a server): the API's
+    If-Match was checked on a read, then the other wrote the item (a replace, an edit of the
+    machine) before this one's write. The write compares what was read in its own
+    transaction: a 412 and nothing written; before, the replace was written over the
+    other's and the edited machine deleted. Ordered by a store wrapper, not a sleep."""
+    from netboot.core import Core, item_version
+    from netboot.enroll import Enroller
+    from netboot.errors import PreconditionFailed
+    from netboot.identity import machine_version
+    from netboot.inventory import codec
+    from netboot.model import Group, Profile
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        core_a = Core(a, Enroller(a), None, None)  # type: ignore[arg-type]
+        if what == "machine":
+            machine = Machine(id="m-1", macs=(MacAddress.parse("52:54:00:41:00:01"),),
+                              hostname="edge-1", updated=100.0)
+            await a.create_machine(machine)
+            read = await a.get_machine("m-1")
+            assert read is not None
+            version = machine_version(read)
+            theirs: Any = replace(read, hostname="edge-2", updated=read.updated + 1)
+            write = "delete_machine"
+
+            async def other() -> None:
+                await b.update_machine(theirs)
+        else:
+            item: Any = (Profile(name="p", kernel="vmlinuz") if what == "profiles"
+                         else Group(name="g", selector={"arch": ("arm64",)}))
+            single = what[:-1]
+            await getattr(a, f"put_{single}")(item, create=True)
+            version = item_version(what, item)
+            theirs = (replace(item, description="theirs") if what == "profiles"
+                      else replace(item, labels={"rack": "theirs"}))
+            write = f"put_{single}"
+
+            async def other() -> None:
+                await getattr(b, f"put_{single}")(theirs)
+        original = getattr(a, write)
+
+        async def after_the_other(*args: Any, **kw: Any) -> None:
+            if not injected:
+                injected.append(True)
+                await other()  # between this server's If-Match check and its write
+            await original(*args, **kw)
+
+        injected: list[bool] = []
+        setattr(a, write, after_the_other)
+        with pytest.raises(PreconditionFailed):
+            if what == "machine":
+                await core_a.delete_machine("m-1", versions={version})
+            else:
+                mine = (codec.profile_to_dict(replace(item, description="mine"))
+                        if what == "profiles"
+                        else codec.group_to_dict(replace(item, labels={"rack": "mine"})))
+                await core_a.put(what, mine, create=False, versions={version})
+        assert injected
+        for store in (a, b):
+            stored = (await store.get_machine("m-1") if what == "machine" else
+                      await getattr(store, f"get_{what[:-1]}")(theirs.name))
+            assert stored == theirs
+
+
+async def test_two_processes_on_one_sqlite_file_give_one_fixed_address_once(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A server and a CLI beside it (two stores on one SQLite file, each with its own Core
+    and so its own lock), each asked at once to give a machine 192.0.2.71: both checks read
+    "free" before either wrote, and two machines were stored with one address (s40-net
+    closed it within a server and across PostgreSQL servers only). Now the check and the
+    write hold the file's lock too (SqliteStore.fixed_addresses_held): one wins, the others
+    get the API's 409 naming the holder."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory("sqlite", tmp_path, request, stack)
+        cores = [Core(s, Enroller(s), None, None) for s in (a, b)]  # type: ignore[arg-type]
+        macs = [f"52:54:00:40:05:0{n}" for n in range(6)]
+        for n, text in enumerate(macs):
+            await a.create_machine(Machine(id=f"m-{n}", macs=(MacAddress.parse(text),),
+                                           updated=1.0))
+        outcomes = await asyncio.gather(*(
+            core.update_machine(text, {"fixed_ipv4": "192.0.2.71"})
+            for text, core in zip(macs, cores * 3, strict=True)), return_exceptions=True)
+        refused = [o for o in outcomes if isinstance(o, Conflict)]
+        assert len(refused) == 5, outcomes
+        assert {(type(c), c.field) for c in refused} == {(Conflict, "fixed_ipv4")}, refused
+        assert all("192.0.2.71 is the fixed address of machine" in str(c) for c in refused)
+        for store in (a, b):
+            held = [m.id for m in await store.list_machines() if m.fixed_ipv4 == "192.0.2.71"]
+            assert len(held) == 1, held
+
+
+async def test_a_fixed_address_written_by_another_process_under_its_lock_is_a_409(
+        tmp_path: Path) -> None:
+    """The same across real processes: a child Python (a CLI beside the server) holds the
+    file's fixed-address lock, passes its check and stores machine m-a with 192.0.2.72.
+    This process's PATCH of m-b, asked meanwhile, waits for the lock, then reads m-a's
+    address: a 409 naming m-a, and one machine holds it (without the lock its check read
+    "free" before the child's write and both were stored)."""
+    import sys
+
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.sqlite import SqliteStore
+    from tests.conftest import this_checkout
+
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        for n, text in enumerate(("52:54:00:40:06:01", "52:54:00:40:06:02")):
+            await store.create_machine(Machine(id=f"m-{'ab'[n]}", updated=1.0,
+                                               macs=(MacAddress.parse(text),)))
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", f"""
+import asyncio, contextlib, dataclasses, sys
+from netboot.inventory.sqlite import SqliteStore
+async def main():
+    store = SqliteStore({str(path)!r})
+    await store.open()
+    held = getattr(store, "fixed_addresses_held", contextlib.nullcontext)  # as Core's
+    async with held():
+        print("held", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        machine = await store.get_machine("m-a")
+        await store.update_machine(dataclasses.replace(machine, fixed_ipv4="192.0.2.72",
+                                                       updated=2.0))
+    await store.close()
+asyncio.run(main())
+""", stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=this_checkout())
+        assert child.stdout is not None and child.stdin is not None
+        assert await asyncio.wait_for(child.stdout.readline(), 60) == b"held\n"
+        # The child writes once this PATCH is waiting for the lock or (without one) has
+        # made its check: whichever comes first, not a sleep.
+        waiting, checked = asyncio.Event(), asyncio.Event()
+        held, listed = getattr(store, "fixed_addresses_held", None), store.list_machines
+        if held is not None:
+            def waiting_held() -> Any:
+                waiting.set()
+                return held()
+            store.fixed_addresses_held = waiting_held  # type: ignore[method-assign]
+
+        async def checking(*args: Any, **kw: Any) -> Any:
+            checked.set()
+            return await listed(*args, **kw)
+
+        store.list_machines = checking  # type: ignore[method-assign]
+        core = Core(store, Enroller(store), None, None)  # type: ignore[arg-type]
+        patch = asyncio.ensure_future(core.update_machine("m-b", {"fixed_ipv4": "192.0.2.72"}))
+        first = [asyncio.ensure_future(e.wait()) for e in (waiting, checked)]
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        for f in first:
+            f.cancel()
+        store.list_machines = listed  # type: ignore[method-assign]
+        child.stdin.write(b"go\n")
+        await child.stdin.drain()
+        assert await asyncio.wait_for(child.wait(), 60) == 0
+        with pytest.raises(Conflict, match=r"192\.0\.2\.72 is the fixed address of machine") as c:
+            await asyncio.wait_for(patch, 60)
+        assert c.value.field == "fixed_ipv4" and c.value.holder == "m-a"
+        held = [m.id for m in await store.list_machines() if m.fixed_ipv4 == "192.0.2.72"]
+        assert held == ["m-a"], held
+    finally:
+        await store.close()

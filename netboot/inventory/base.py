@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from netboot.errors import NotFound, StateChanged
 from netboot.model import (
@@ -38,15 +38,16 @@ SINCE_SQLITE = "COALESCE(json_extract(m.data, '$.state_since'), m.created)"
 SINCE_POSTGRES = "COALESCE(((m.data::jsonb) ->> 'state_since')::float8, m.created)"
 
 
-def check_cluster_unchanged(name: str, stored: Cluster | None, read: Cluster) -> None:
-    """The compare-and-set of ``put_cluster(expect=read)``: the cluster as stored now (opened)
-    is the one its writer read."""
+def check_unchanged(kind: str, name: str, stored: Any, read: Any) -> None:
+    """The compare-and-set of ``put_cluster``/``put_profile``/``put_group(expect=read)``:
+    the item as stored now (opened) is the one its writer read (``kind``: cluster, profile,
+    group)."""
     if stored is None:
-        raise NotFound(f"cluster {name!r} not found")
+        raise NotFound(f"{kind} {name!r} not found")
     if stored != read:
-        raise StateChanged(f"cluster {name!r} was changed since it was read: another writer "
-                           "(another server on this inventory) changed it meanwhile",
-                           field="cluster", holder=name)
+        raise StateChanged(f"{kind} {name!r} was changed since it was read: another writer "
+                           "(another server or a CLI on this inventory) changed it meanwhile",
+                           field=kind, holder=name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,8 +366,12 @@ class Store(ChangeFeed, StateCounts, Protocol):
         """NotFound if absent; Conflict if a new identifier or hostname belongs to another;
         with ``expect_state``, StateChanged if the stored machine is in another state."""
 
-    async def delete_machine(self, machine_id: str) -> None:
-        """NotFound if absent. Deletes its events and the leases of its MACs too."""
+    async def delete_machine(self, machine_id: str, *, expect_updated: float | None = None
+                             ) -> None:
+        """NotFound if absent. Deletes its events and the leases of its MACs too. With
+        ``expect_updated`` (the machine's ``updated`` as its deleter read it: the API's
+        If-Match), a compare-and-set in the delete's transaction: StateChanged (field
+        ``updated``, codec.check_version) and nothing deleted if another writer changed it."""
 
     async def apply_batch(self, batch: Batch) -> None:
         """All creates and updates in one transaction; Conflict/NotFound rolls back all."""
@@ -376,8 +381,10 @@ class Store(ChangeFeed, StateCounts, Protocol):
 
     async def list_profiles(self) -> list[Profile]: ...
 
-    async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
-        """Insert or replace; with ``create=True`` Conflict if the name exists."""
+    async def put_profile(self, profile: Profile, *, create: bool = False,
+                          expect: Profile | None = None) -> None:
+        """Insert or replace; with ``create=True`` Conflict if the name exists. With
+        ``expect``, a compare-and-set as put_cluster's (check_unchanged, field ``profile``)."""
 
     async def delete_profile(self, name: str) -> None: ...
 
@@ -400,7 +407,9 @@ class Store(ChangeFeed, StateCounts, Protocol):
 
     async def list_groups(self) -> list[Group]: ...
 
-    async def put_group(self, group: Group, *, create: bool = False) -> None: ...
+    async def put_group(self, group: Group, *, create: bool = False,
+                        expect: Group | None = None) -> None:
+        """As put_profile (field ``group``)."""
 
     async def delete_group(self, name: str) -> None: ...
 

@@ -26,7 +26,7 @@ from netboot.inventory.base import (
     Changes,
     EventListener,
     MachineFilter,
-    check_cluster_unchanged,
+    check_unchanged,
 )
 from netboot.inventory.signal import Signal, wait_until
 from netboot.model import (
@@ -168,12 +168,15 @@ class MemoryStore:
         await self.apply_batch(Batch(update=(machine,), expect={} if expect_state is None
                                      else {machine.id: expect_state}))
 
-    async def delete_machine(self, machine_id: str) -> None:
+    async def delete_machine(self, machine_id: str, *, expect_updated: float | None = None
+                             ) -> None:
         self._changed()
         self._check_open()
         machine = self._machines.get(machine_id)
         if machine is None:
             raise NotFound(f"machine {machine_id} not found")
+        if expect_updated is not None:
+            codec.check_version(machine_id, expect_updated, machine.updated)
         self._release(self._machines, self._keys, self._hostnames, machine)
         self._events.pop(machine_id, None)
         for mac in machine.macs:
@@ -253,10 +256,13 @@ class MemoryStore:
         self._check_open()
         return [self._profiles[k] for k in sorted(self._profiles)]
 
-    async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
+    async def put_profile(self, profile: Profile, *, create: bool = False,
+                          expect: Profile | None = None) -> None:
         self._changed()
         self._check_open()
         value = codec.profile_from_dict(codec.profile_to_dict(profile))
+        if expect is not None:
+            check_unchanged("profile", profile.name, self._profiles.get(profile.name), expect)
         _put(self._profiles, "profile", value.name, value, create)
 
     async def delete_profile(self, name: str) -> None:
@@ -278,7 +284,7 @@ class MemoryStore:
         self._check_open()
         value = codec.cluster_from_dict(codec.cluster_to_dict(cluster))
         if expect is not None:
-            check_cluster_unchanged(cluster.name, self._clusters.get(cluster.name), expect)
+            check_unchanged("cluster", cluster.name, self._clusters.get(cluster.name), expect)
         _put(self._clusters, "cluster", value.name, value, create)
 
     async def delete_cluster(self, name: str) -> None:
@@ -294,10 +300,13 @@ class MemoryStore:
         self._check_open()
         return [self._groups[k] for k in sorted(self._groups)]
 
-    async def put_group(self, group: Group, *, create: bool = False) -> None:
+    async def put_group(self, group: Group, *, create: bool = False,
+                        expect: Group | None = None) -> None:
         self._changed()
         self._check_open()
         value = codec.group_from_dict(codec.group_to_dict(group))
+        if expect is not None:
+            check_unchanged("group", group.name, self._groups.get(group.name), expect)
         _put(self._groups, "group", value.name, value, create)
 
     async def delete_group(self, name: str) -> None:

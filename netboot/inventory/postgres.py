@@ -82,7 +82,7 @@ from netboot.inventory.base import (
     EventListener,
     MachineFilter,
     Sealer,
-    check_cluster_unchanged,
+    check_unchanged,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.dsn import PeerSettings
@@ -1815,8 +1815,12 @@ class PostgresStore:
         await self.apply_batch(Batch(update=(machine,), expect={} if expect_state is None
                                      else {machine.id: expect_state}))
 
-    async def delete_machine(self, machine_id: str) -> None:
+    async def delete_machine(self, machine_id: str, *, expect_updated: float | None = None
+                             ) -> None:
         async with self._write() as conn:
+            if expect_updated is not None:  # the row locked from this read to its delete
+                codec.check_version(machine_id, expect_updated, await conn.fetchval(
+                    "SELECT updated FROM machines WHERE id = $1 FOR UPDATE", machine_id))
             macs = await conn.fetch(
                 "SELECT value FROM machine_keys WHERE machine = $1 AND kind = 'mac'",
                 machine_id)
@@ -1938,8 +1942,17 @@ class PostgresStore:
     async def list_profiles(self) -> list[Profile]:
         return [codec.profile_from_dict(d) for d in await self._list_named("profile")]
 
-    async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
-        await self._put_named("profile", profile.name, codec.profile_json(profile), create)
+    async def put_profile(self, profile: Profile, *, create: bool = False,
+                          expect: Profile | None = None) -> None:
+        await self._put_item("profile", profile.name, codec.profile_json(profile), create,
+                             codec.profile_from_dict, expect)
+
+    async def _put_item(self, kind: str, name: str, text: str, create: bool,
+                        open_item: Callable[[Any], Any], expect: Any) -> None:
+        if expect is None:
+            await self._put_named(kind, name, text, create)
+        else:  # a compare-and-set (base.check_unchanged)
+            await self._put_named_if(kind, name, text, open_item, expect)
 
     async def delete_profile(self, name: str) -> None:
         await self._delete_named("profile", name)
@@ -1954,19 +1967,22 @@ class PostgresStore:
     async def put_cluster(self, cluster: Cluster, *, create: bool = False,
                           expect: Cluster | None = None) -> None:
         data = self._sealed.cluster_data(cluster)
-        text = codec.dumps(data, "cluster")
-        if expect is None:
-            await self._put_named("cluster", cluster.name, text, create)
-            return
-        # The row locked (FOR UPDATE) from its read to its write: another server's
-        # compare-and-set on it waits, then reads what this one wrote.
+        await self._put_item("cluster", cluster.name, codec.dumps(data, "cluster"), create,
+                             self._sealed.open_cluster, expect)
+
+    async def _put_named_if(self, kind: str, name: str, data: str,
+                            open_item: Callable[[Any], Any], read: Any) -> None:
+        """Replace the ``kind`` named ``name`` if it is still ``read`` (check_unchanged).
+        The row locked (FOR UPDATE) from its read to its write: another server's
+        compare-and-set on it waits, then reads what this one wrote."""
+        table = _TABLES[kind]
         async with self._write() as conn:
-            stored = await conn.fetchval("SELECT data FROM clusters WHERE name = $1 FOR UPDATE",
-                                         cluster.name)
-            check_cluster_unchanged(cluster.name, None if stored is None
-                                    else self._sealed.open_cluster(json.loads(stored)), expect)
-            await conn.execute("UPDATE clusters SET data = $2 WHERE name = $1", cluster.name,
-                               text)
+            stored = await conn.fetchval(
+                f"SELECT data FROM {table} WHERE name = $1 FOR UPDATE", name)  # noqa: S608
+            check_unchanged(kind, name, None if stored is None
+                            else open_item(json.loads(stored)), read)
+            await conn.execute(f"UPDATE {table} SET data = $2 WHERE name = $1",  # noqa: S608
+                               name, data)
 
     async def delete_cluster(self, name: str) -> None:
         await self._delete_named("cluster", name)
@@ -1978,8 +1994,10 @@ class PostgresStore:
     async def list_groups(self) -> list[Group]:
         return [codec.group_from_dict(d) for d in await self._list_named("group")]
 
-    async def put_group(self, group: Group, *, create: bool = False) -> None:
-        await self._put_named("group", group.name, codec.group_json(group), create)
+    async def put_group(self, group: Group, *, create: bool = False,
+                        expect: Group | None = None) -> None:
+        await self._put_item("group", group.name, codec.group_json(group), create,
+                             codec.group_from_dict, expect)
 
     async def delete_group(self, name: str) -> None:
         await self._delete_named("group", name)

@@ -72,7 +72,7 @@ from netboot.inventory.base import (
     EventListener,
     MachineFilter,
     Sealer,
-    check_cluster_unchanged,
+    check_unchanged,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.sealed import Sealed, join_token_context
@@ -105,6 +105,10 @@ CANCELLED_WRITE_WAIT = 2 * BUSY_TIMEOUT_MS / 1000
 # (benchmarks/README.md, s35-echo); a writer waiting for another process's lock (up to
 # BUSY_TIMEOUT_MS) is not waited for past this.
 NOTE_WAIT = 0.02
+# How long an API write of a fixed_ipv4 waits for another process's (fixed_addresses_held),
+# polled every FIXED_LOCK_POLL s: the holder's check and write take milliseconds.
+FIXED_LOCK_WAIT = 30.0
+FIXED_LOCK_POLL = 0.005
 # The WAL index (-shm) is mapped into memory in 32 KiB regions, one per 4062 WAL frames. Its
 # pages are reserved on disk up to this size at open, so that a later full disk cannot turn
 # a touch of a mapped page into a SIGBUS (the checkpoints keep the WAL within WAL_FRAMES):
@@ -561,6 +565,42 @@ class SqliteStore:
         since its last sync knows this process wrote nothing since."""
         return self._commits
 
+    @contextlib.asynccontextmanager
+    async def fixed_addresses_held(self) -> AsyncIterator[None]:
+        """Held by one caller of every process on this file at a time (a server, a CLI
+        beside it, a second server): an API or CLI write that sets a fixed_ipv4, from its
+        check that no other machine has it to its commit (Core's fixed_lock, as
+        PostgresStore's advisory lock). An flock(2) of a file beside the inventory's,
+        ``<file>-fixed.lock``: let go when its descriptor closes, a holder's crash too. Not
+        a check in the write transaction (a unique expression index on the documents'
+        fixed_ipv4): SQLite evaluates it on every write of a machine, the boot path's
+        too, as the expression indexes migration 4 dropped for that cost."""
+        if self.path.name in ("", ":memory:"):
+            yield  # one connection's database: no other process shares it
+            return
+        lock = self.path.with_name(self.path.name + "-fixed.lock")
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise StoreError(f"the inventory {self.path}: cannot open {lock}: "
+                             f"{exc.strerror}") from exc
+        try:
+            deadline = time.monotonic() + FIXED_LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise StoreError(
+                            f"the inventory {self.path}: another process held its fixed "
+                            f"address lock ({self.path.name}-fixed.lock) for "
+                            f"{FIXED_LOCK_WAIT:.0f} s; try again") from None
+                    await asyncio.sleep(FIXED_LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)  # lets the flock go
+
     # plumbing ----------------------------------------------------------------------------
     async def _run(self, fn: Callable[..., _R], *args: Any) -> _R:
         if self._executor is None:
@@ -999,8 +1039,9 @@ class SqliteStore:
         await self.apply_batch(Batch(update=(machine,), expect={} if expect_state is None
                                      else {machine.id: expect_state}))
 
-    async def delete_machine(self, machine_id: str) -> None:
-        await self._run(_delete_machine, machine_id)
+    async def delete_machine(self, machine_id: str, *, expect_updated: float | None = None
+                             ) -> None:
+        await self._run(_delete_machine, machine_id, expect_updated)
 
     async def apply_batch(self, batch: Batch) -> None:
         """One ``BEGIN IMMEDIATE`` transaction: merges, creates, updates, events in order."""
@@ -1082,8 +1123,17 @@ class SqliteStore:
     async def list_profiles(self) -> list[Profile]:
         return [codec.profile_from_dict(d) for d in await self._read(_list_named, "profile")]
 
-    async def put_profile(self, profile: Profile, *, create: bool = False) -> None:
-        await self._run(_put_named, "profile", profile.name, codec.profile_json(profile), create)
+    async def put_profile(self, profile: Profile, *, create: bool = False,
+                          expect: Profile | None = None) -> None:
+        await self._put_item("profile", profile.name, codec.profile_json(profile), create,
+                             codec.profile_from_dict, expect)
+
+    async def _put_item(self, kind: str, name: str, text: str, create: bool,
+                        open_item: Callable[[Any], Any], expect: Any) -> None:
+        if expect is None:
+            await self._run(_put_named, kind, name, text, create)
+        else:  # a compare-and-set (base.check_unchanged)
+            await self._run(_put_named_if, kind, name, text, open_item, expect)
 
     async def delete_profile(self, name: str) -> None:
         await self._run(_delete_named, "profile", name)
@@ -1098,12 +1148,8 @@ class SqliteStore:
     async def put_cluster(self, cluster: Cluster, *, create: bool = False,
                           expect: Cluster | None = None) -> None:
         data = self._sealed.cluster_data(cluster)
-        text = codec.dumps(data, "cluster")
-        if expect is None:
-            await self._run(_put_named, "cluster", cluster.name, text, create)
-        else:
-            await self._run(_put_cluster_if, cluster.name, text, self._sealed.open_cluster,
-                            expect)
+        await self._put_item("cluster", cluster.name, codec.dumps(data, "cluster"), create,
+                             self._sealed.open_cluster, expect)
 
     async def delete_cluster(self, name: str) -> None:
         await self._run(_delete_named, "cluster", name)
@@ -1115,8 +1161,10 @@ class SqliteStore:
     async def list_groups(self) -> list[Group]:
         return [codec.group_from_dict(d) for d in await self._read(_list_named, "group")]
 
-    async def put_group(self, group: Group, *, create: bool = False) -> None:
-        await self._run(_put_named, "group", group.name, codec.group_json(group), create)
+    async def put_group(self, group: Group, *, create: bool = False,
+                        expect: Group | None = None) -> None:
+        await self._put_item("group", group.name, codec.group_json(group), create,
+                             codec.group_from_dict, expect)
 
     async def delete_group(self, name: str) -> None:
         await self._run(_delete_named, "group", name)
@@ -1160,30 +1208,6 @@ class SqliteStore:
     async def fixed_address(self, mac: str) -> str | None:
         machine = await self.machine_by("mac", mac)
         return None if machine is None else machine.fixed_ipv4
-
-    @contextlib.asynccontextmanager
-    async def fixed_addresses_held(self) -> AsyncIterator[None]:
-        """Held by one caller of every process on this file at a time: an API or CLI write
-        that sets a fixed_ipv4 (core._BothHeld), from its check that no other machine has it
-        to its commit (PostgresStore's advisory lock; here a CLI process beside a server, or
-        two servers on one file, each passed the check before either wrote). An flock of
-        the database's directory, not of the file: closing any descriptor of the database
-        file drops every fcntl lock this process holds on it, SQLite's own (its WAL-mode
-        shared lock, which tells another process it is not the last), and a directory's
-        flock meets none of them; it goes when the descriptor closes, also when the holder
-        dies. Waited for without a thread (a cancelled wait takes nothing): polled every
-        10 ms, only while another process holds it, one write's time (an import's)."""
-        fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    await asyncio.sleep(0.01)
-            yield
-        finally:
-            os.close(fd)
 
     # change feed -------------------------------------------------------------------------
     def settled(self, seq: int) -> bool:
@@ -1777,8 +1801,13 @@ def _state_counts(conn: sqlite3.Connection) -> dict[tuple[str | None, MachineSta
         "SELECT state, cluster, count(*) FROM machines GROUP BY state, cluster")}
 
 
-def _delete_machine(conn: sqlite3.Connection, machine_id: str) -> None:
+def _delete_machine(conn: sqlite3.Connection, machine_id: str,
+                    expect_updated: float | None = None) -> None:
     with _immediate(conn):
+        if expect_updated is not None:  # compared in the delete's transaction
+            row = conn.execute("SELECT updated FROM machines WHERE id = ?",
+                               (machine_id,)).fetchone()
+            codec.check_version(machine_id, expect_updated, None if row is None else row[0])
         macs = [r[0] for r in conn.execute(
             "SELECT value FROM machine_keys WHERE machine = ? AND kind = 'mac'", (machine_id,))]
         # Labels and keys go by ON DELETE CASCADE; events and leases have no foreign key.
@@ -2327,15 +2356,17 @@ def _put_named(conn: sqlite3.Connection, kind: str, name: str, data: str, create
         )
 
 
-def _put_cluster_if(conn: sqlite3.Connection, name: str, data: str,
-                    open_cluster: Callable[[Any], Cluster], read: Cluster) -> None:
-    """Replace cluster ``name`` if it is still ``read`` (base.check_cluster_unchanged): the
-    read and the write in one write transaction, so no other writer comes between."""
+def _put_named_if(conn: sqlite3.Connection, kind: str, name: str, data: str,
+                  open_item: Callable[[Any], Any], read: Any) -> None:
+    """Replace the ``kind`` named ``name`` if it is still ``read`` (base.check_unchanged):
+    the read and the write in one write transaction, so no other writer comes between."""
+    table = _TABLES[kind]
     with _immediate(conn):
-        row = conn.execute("SELECT data FROM clusters WHERE name = ?", (name,)).fetchone()
-        check_cluster_unchanged(name, None if row is None else open_cluster(json.loads(row[0])),
-                                read)
-        conn.execute("UPDATE clusters SET data = ? WHERE name = ?", (data, name))
+        row = conn.execute(f"SELECT data FROM {table} WHERE name = ?",  # noqa: S608
+                           (name,)).fetchone()
+        check_unchanged(kind, name, None if row is None else open_item(json.loads(row[0])),
+                        read)
+        conn.execute(f"UPDATE {table} SET data = ? WHERE name = ?", (data, name))  # noqa: S608
 
 
 def _delete_named(conn: sqlite3.Connection, kind: str, name: str) -> None:

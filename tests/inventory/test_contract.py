@@ -697,6 +697,44 @@ async def test_a_cluster_written_on_the_one_read_is_refused_once_changed(store: 
     assert await store.get_cluster("gone") is None
 
 
+@pytest.mark.parametrize("kind", ["profile", "group"])
+async def test_a_profile_or_group_written_on_the_one_read_is_refused_once_changed(
+        store: Store, kind: str) -> None:
+    """put_profile/put_group(expect=), as put_cluster's: the API's If-Match compared in the
+    write's own transaction (Core.put), so a replace committed meanwhile is not lost."""
+    item = PROFILE if kind == "profile" else GROUP
+    put, get = getattr(store, f"put_{kind}"), getattr(store, f"get_{kind}")
+    await put(item, create=True)
+    read = await get(item.name)
+    given = replace(read, profile=None) if kind == "group" else replace(read, cmdline="a=1")
+    await put(given, expect=read)
+    assert await get(item.name) == given
+    with pytest.raises(StateChanged) as refused:
+        await put(replace(read, labels={"x": "y"}) if kind == "group"
+                  else replace(read, description="theirs"), expect=read)
+    assert refused.value.field == kind and refused.value.holder == item.name
+    assert await get(item.name) == given
+    with pytest.raises(NotFound):
+        await put(replace(item, name="gone"), expect=replace(item, name="gone"))
+    assert await get("gone") is None
+
+
+async def test_a_machine_deleted_on_its_version_read_is_kept_once_changed(store: Store) -> None:
+    """delete_machine(expect_updated=): the API's If-Match on a DELETE compared in the
+    delete's transaction; a machine written meanwhile stays, StateChanged naming it."""
+    await store.create_machine(machine(updated=10.0))
+    changed = replace(machine(updated=11.0), hostname="edge-2")
+    await store.update_machine(changed)
+    with pytest.raises(StateChanged) as refused:
+        await store.delete_machine(changed.id, expect_updated=10.0)
+    assert refused.value.field == "updated" and refused.value.holder == changed.id
+    assert await store.get_machine(changed.id) == changed
+    await store.delete_machine(changed.id, expect_updated=11.0)
+    assert await store.get_machine(changed.id) is None
+    with pytest.raises(NotFound):
+        await store.delete_machine(changed.id, expect_updated=11.0)
+
+
 async def test_groups(store: Store) -> None:
     await store.put_group(GROUP, create=True)
     got = await store.get_group("rack1")
