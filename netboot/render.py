@@ -9,6 +9,7 @@ line (iPXE and pxelinux read one line), and cloud-config parses as YAML.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import marshal
@@ -128,6 +129,10 @@ class Renderer:
         self._string_names: OrderedDict[str, frozenset[str] | None] = OrderedDict()
         self._shapes = _YamlShapes()
         self._fresh = _Freshness(self.dirs, self._log, recheck)
+        # Kept here, not by _Freshness: a pin holding its owner made a reference cycle, so a
+        # dropped renderer's inotify instance was given back only by the cyclic collector
+        # (31 held at once in tests/test_render.py, of 128 per user; s40-flake).
+        self._pin = _Pin(self._fresh)
         # Values never changed once made (freeze): id() -> its serial (never given twice);
         # the values, kept so that no other object has their id while they are listed.
         self._frozen: dict[int, int] = {}
@@ -149,7 +154,7 @@ class Renderer:
         """``with renderer.pinned():`` the template files are checked once, at its start,
         for everything rendered inside (an install script and its command line, a config and
         its): one look at the watch per answer, not one per file. Never across an await."""
-        return self._fresh.pin
+        return self._pin
 
     def freeze(self, value: object) -> None:
         """The caller's word that ``value`` (a ``stable`` name's value: a profile's dict,
@@ -379,8 +384,18 @@ class Renderer:
                 # script, without render's, _template's, _rendered's and _split_of's calls
                 # (s35-loop). Else render's way, which says what fails.
                 fresh, env = self._fresh, self._jinja
-                template = fresh._checked.get((env, name)) \
-                    if fresh._pins and env is not None and self.volatile else None
+                template = None
+                if fresh._pins and env is not None and self.volatile:
+                    template = fresh._checked.get((env, name))
+                    if template is None:
+                        # Not yet checked in this pin (always so without a watch: the pin's
+                        # start moved the generation), checked now as render would, so the
+                        # kept form answers in both modes (s40-flake). One that fails to
+                        # load: render's way says why.
+                        try:
+                            template = fresh.template(env, name)
+                        except Exception:
+                            template = None
                 kept = self._splits.get(id(template)) if template is not None else None
                 if kept is not None and kept[0] is template and kept[1] is not None:
                     text = kept[1].text(made, self._frozen, False)
@@ -960,7 +975,6 @@ class _Freshness:
         self._texts: dict[str, tuple[int, str | None]] = {}
         self._read: dict[str, tuple[tuple[int, int, int], str]] = {}
         self._pins = 0  # open pin scopes (_Pin): the generation is not looked at again
-        self.pin = _Pin(self)
         # time.monotonic() just before the watch was last looked at (-inf: never, or no
         # watch): a request that had arrived before it is answered by that look (generation).
         self._looked = -math.inf
@@ -1138,10 +1152,24 @@ class _Watch:
                 raise OSError(ctypes.get_errno(), "inotify_init1")
             watch = cls(fd, libc.inotify_add_watch, dirs)
         except (OSError, AttributeError) as exc:
-            log.debug("template files checked at every use (no inotify: %s)", exc)
+            # Said once per renderer, at its first render, as a warning: nothing is wrong in
+            # what is served, but every use now stats its files, and a test that counts
+            # renders sees the other mode (s40-flake).
+            if isinstance(exc, OSError) and exc.errno == errno.EMFILE:
+                log.warning("template files checked at every use: no inotify instance left "
+                            "(fs.inotify.max_user_instances=%s per user, all in use, or this "
+                            "process's open-file limit); raise it (sysctl "
+                            "fs.inotify.max_user_instances=512) or stop what holds them",
+                            _proc_value("/proc/sys/fs/inotify/max_user_instances"))
+            else:
+                log.warning("template files checked at every use: no inotify (%s)", exc)
             return None
         if not watch._whole:
-            log.debug("template files checked at every use (inotify_add_watch failed)")
+            log.warning("template files checked at every use: not every template directory "
+                        "could be watched (fs.inotify.max_user_watches=%s reached, or more "
+                        "than %d directories under %s)",
+                        _proc_value("/proc/sys/fs/inotify/max_user_watches"), _MAX_WATCHED,
+                        ", ".join(str(d) for d in dirs))
             watch.close()
             return None
         return watch
@@ -1185,6 +1213,15 @@ class _Watch:
                 break
         self._whole = self._watch_all()
         return True
+
+
+def _proc_value(path: str) -> str:
+    """A /proc/sys setting as written there ("?" where it cannot be read), for a message."""
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
 
 
 # Where a printed per-machine value goes in a skeleton: NUL never occurs in a rendered script,
