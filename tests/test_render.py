@@ -1517,7 +1517,7 @@ def test_a_renderer_dropped_without_close_is_freed_by_its_last_reference(tmp_pat
             with r.pinned():
                 assert r.ipxe_with("ipxe/t.ipxe", lambda names, m=mac: {"mac": m}) \
                     == f"#!ipxe\necho {mac}\n"
-                assert r.cmdline("a={{ mac }}", {"mac": mac}, what="w") == f"a={mac}"
+                assert r.cmdline("a={{ mac }}", {"mac": mac}, "w") == f"a={mac}"
                 r.yaml_config("c.yaml", lambda names, m=mac: {"mac": m})
         watched = r._fresh._watch is not None
         assert held() == count + watched
