@@ -591,6 +591,75 @@ async def test_register_records_the_peer_not_a_claimed_loopback(env: Env) -> Non
     assert "ignored reported address '127.0.0.1' (loopback)" in event["message"]
 
 
+async def _register_from(env: Env, peer: str, body: dict[str, Any]) -> int:
+    """POST /api/v1/register on its own connection from ``peer`` (a loopback address): the
+    transport's peer is the registration's source. The reply's status."""
+    import asyncio
+
+    raw_body = json.dumps(body).encode()
+    reader, writer = await asyncio.open_connection(env.client.host, env.client.port,
+                                                   local_addr=(peer, 0))
+    try:
+        writer.write(b"POST /api/v1/register HTTP/1.1\r\nHost: 192.0.2.10\r\n"
+                     b"Content-Type: application/json\r\nConnection: close\r\n"
+                     + f"Content-Length: {len(raw_body)}\r\n\r\n".encode() + raw_body)
+        await writer.drain()
+        raw = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    return int(raw.split(b" ", 2)[1])
+
+
+async def test_a_flood_of_random_claims_cannot_hide_the_devices(env: Env) -> None:
+    """A host with a machine's spent install token registers it first; then a flood of
+    1,000 refused registrations with random secrets, from 100 addresses (s40-review), uses
+    every rate-limited "registration contested" event up; the real device's register
+    command tries after them, twice (it retries every 10 s with its one secret), then 300
+    more random ones come. Before (s40-sec), its claim was recorded nowhere: the operator's
+    claim was a 404 and the machine could never be given to it. Now each refused claim is
+    kept by its address, a flood's one-off claims dropped first: the 404 of a wrong claim
+    names the device's address and its claim, the most tried; given to it, its next try is
+    answered and the machine moves to it. Real sockets, the real SQLite store."""
+    import hashlib
+    import secrets
+
+    from netboot.enroll import CONTEST_BURST
+
+    await env.seed()
+    await machine(env)
+    token = install_token(await boot(env, MAC))
+    thief = {"mac": MAC, "token": token, "install_secret": "thief-" + secrets.token_hex(8),
+             "addresses": ["198.51.100.66"], "keeps": "machine_token"}
+    assert await _register_from(env, "127.0.0.66", thief) == 200
+    flood = [f"127.0.1.{i % 100 + 1}" for i in range(1300)]
+    for peer in flood[:1000]:
+        assert await _register_from(env, peer, {**thief, "install_secret":
+                                                secrets.token_hex(16)}) == 409
+    device_secret = "3f0a9c2e-5b7d-4e1f-a6c8-" + secrets.token_hex(6)
+    claim = hashlib.sha256(device_secret.encode()).hexdigest()
+    device = {**thief, "install_secret": device_secret, "addresses": ["198.51.100.7"]}
+    for _ in range(2):
+        assert await _register_from(env, "127.0.0.7", device) == 409
+    for peer in flood[1000:]:
+        assert await _register_from(env, peer, {**thief, "install_secret":
+                                                secrets.token_hex(16)}) == 409
+    events = await env.get(f"/api/v1/machines/{MAC}/events")
+    told = [e for e in events if e["kind"] == "registration contested"]
+    assert len(told) == CONTEST_BURST  # the store bounded: the device's is not among them
+    assert all(e["data"]["claim"] != claim for e in told)
+    wrong = error(await call(env, "POST", f"/api/v1/machines/{MAC}/claim",
+                             json_body={"claim": "0" * 64}), 404)
+    assert f"127.0.0.7 sent {claim} 2 times" in json.dumps(wrong)
+    given = await env.post(f"/api/v1/machines/{MAC}/claim", {"claim": claim})
+    assert given["state"] == "registered"
+    last = (await env.get(f"/api/v1/machines/{MAC}/events"))[-1]
+    assert last["kind"] == "registration claimed" and "127.0.0.7" in last["message"]
+    assert await _register_from(env, "127.0.0.7", device) == 200
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["ipv4"] == "198.51.100.7"
+    assert await _register_from(env, "127.0.0.66", thief) == 409
+
+
 async def test_machines_unchanged_for_a_while_are_the_stuck_ones(env: Env) -> None:
     """GET /machines?state=booting&unchanged_for=600: which machines fetched their script
     ten minutes ago or more and are still booting (s36-ops): by the time in their state
