@@ -619,8 +619,9 @@ async def test_a_flood_of_random_claims_cannot_hide_the_devices(env: Env) -> Non
     more random ones come. Before (s40-sec), its claim was recorded nowhere: the operator's
     claim was a 404 and the machine could never be given to it. Now each refused claim is
     kept by its address, a flood's one-off claims dropped first: the 404 of a wrong claim
-    names the device's address and its claim, the most tried; given to it, its next try is
-    answered and the machine moves to it. Real sockets, the real SQLite store."""
+    and GET .../claims name the device's address and its claim, the most tried; given to
+    it, its next try is answered and the machine moves to it.
+    Real sockets, the real SQLite store."""
     import hashlib
     import secrets
 
@@ -651,6 +652,10 @@ async def test_a_flood_of_random_claims_cannot_hide_the_devices(env: Env) -> Non
     wrong = error(await call(env, "POST", f"/api/v1/machines/{MAC}/claim",
                              json_body={"claim": "0" * 64}), 404)
     assert f"127.0.0.7 sent {claim} 2 times" in json.dumps(wrong)
+    kept = await env.get(f"/api/v1/machines/{MAC}/claims")
+    assert len(kept) <= 32 and kept[0]["peer"] == "127.0.0.7"  # the most tried first
+    assert (kept[0]["claim"], kept[0]["tries"]) == (claim, 2)
+    assert all(k["tries"] == 1 for k in kept[1:])
     given = await env.post(f"/api/v1/machines/{MAC}/claim", {"claim": claim})
     assert given["state"] == "registered"
     last = (await env.get(f"/api/v1/machines/{MAC}/events"))[-1]
