@@ -524,8 +524,9 @@ def document() -> dict[str, Any]:
         "/api/v1/machines/{ref}/claim": {
             "parameters": [_path_param("ref")],
             "post": _op("give a registered machine to the install whose registration was "
-                        "refused with this claim (a 'registration contested' event names "
-                        "it): its next try is answered, the holder's machine token void",
+                        "refused with this claim (a 'registration contested' event or "
+                        "GET .../claims names it): its next try is answered, the holder's "
+                        "machine token void",
                         need=OPERATE, body="Claim", out="Machine", errors=(400, 404, 409)),
         },
         "/api/v1/machines/{ref}/claims": {
