@@ -291,6 +291,7 @@ class Api:
         r.add_post(f"{p}/machines/{{ref}}/approve", self.allow(enroll, self.approve))
         r.add_post(f"{p}/machines/{{ref}}/reinstall", self.allow(operate, self.reinstall))
         r.add_post(f"{p}/machines/{{ref}}/claim", self.allow(operate, self.give_to_claim))
+        r.add_get(f"{p}/machines/{{ref}}/claims", self.allow(read, self.refused_claims))
         r.add_get(f"{p}/machines/{{ref}}/explain", self.allow(read, self.explain))
         r.add_get(f"{p}/machines/{{ref}}/events", self.allow(read, self.list_events))
         # Masked renders: what the device gets, without its install token or the join token.
@@ -703,6 +704,14 @@ class Api:
         machine = await self._core.give_to_claim(await self._ref(request),
                                                  _object(await read_json(request)))
         return web.json_response(self._machine_out(machine))
+
+    async def refused_claims(self, request: web.Request) -> web.Response:
+        # The claims this server refused by address (netboot.claims), the most tried first:
+        # where the device's is found when a flood used its events up (s40-claim).
+        machine = await self._machine(request)
+        return web.json_response([
+            {"peer": h.peer or None, "claim": h.claim, "tries": h.tries, "first": h.first,
+             "last": h.last} for h in self._core.enroller.claims.held(machine.id)])
 
     async def reinstall(self, request: web.Request) -> web.Response:
         machine = await self._core.reinstall(await self._ref(request),

@@ -1262,7 +1262,10 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     cl = msub.add_parser("claim", parents=[common],
                          help="give a registered machine to the install whose registration "
                               "was refused with CLAIM (its 'registration contested' event "
-                              "names it): its next try is answered, without a reinstall")
+                              "names it): its next try is answered, without a reinstall; "
+                              "works on the database, so it sees the events only, not the "
+                              "claims a server keeps by address (GET "
+                              "/api/v1/machines/REF/claims, given through that server's API)")
     cl.add_argument("mac", metavar="REF", help=REF_HELP)
     cl.add_argument("claim", help="the claim the event names (64 hexadecimal digits)")
 

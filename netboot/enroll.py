@@ -38,6 +38,7 @@ import yaml
 from netboot import identity, lifecycle
 from netboot.addresses import AddressChoice, IPAddress, check_fixed_ipv4
 from netboot.addresses import choose as choose_address
+from netboot.claims import RefusedClaims
 from netboot.discovery import TokenBuckets
 from netboot.errors import (
     DECIDE_ATTEMPTS,
@@ -111,6 +112,9 @@ CONTEST_BURST = 5
 CONTEST_EVERY = 60.0
 # The newest events of a machine read to find the claim an operator gives it to (claim).
 _CLAIMS_SEEN = 200
+# The kept claims (netboot.claims) a NotFound of claim names, the most tried first: where an
+# operator finds the device's when a flood used its events up (s40-claim).
+_CLAIMS_TOLD = 5
 # The newest events of a machine read to find its registration's (a registered machine writes
 # a few: its repeats are told once a place, its later boots only when its address moves).
 _REGISTERED_SEEN = 50
@@ -896,6 +900,9 @@ class Enroller:
         self._reports = TokenBuckets(report_rate, report_burst, _REPORT_BUDGETS)
         self._refusing: set[str] = set()
         self._contests = TokenBuckets(1 / CONTEST_EVERY, CONTEST_BURST, _REPORT_BUDGETS)
+        # Each refused claim by the address it came from, beside the rate-limited events: a
+        # flood of random secrets cannot hide the device's (s40-claim: netboot.claims).
+        self.claims = RefusedClaims()
         # (machine id, token expiry) told as a "token expired" event (refuse_expired).
         self._expired_told: set[tuple[str, float, str]] = set()
         # Every event of this process is written through one recorder, so that history keeps
@@ -1531,6 +1538,8 @@ class Enroller:
                                  "next try, without a reinstall" if claim else
                                  "'netboot machines reinstall' gives it back"))
         kind = "registration contested"
+        if claim:
+            self.claims.refused(machine.id, str(peer) if peer else "", claim, self._clock())
         if self.recorder.last(machine.id) == (kind, message) \
                 or not self._contests.take(machine.id, self._clock()):
             return
@@ -1554,21 +1563,30 @@ class Enroller:
                          and isinstance(e.data.get("claim"), str)
                          and hmac.compare_digest(e.data["claim"].encode(), claim.encode())),
                         None)
-            if made is None:
+            held = self.claims.find(machine.id, claim)
+            if made is None and held is None:
                 raise NotFound(f"no refused registration of {machine.ref} made claim "
-                               f"{claim!r} (its newest {_CLAIMS_SEEN} events)")
+                               f"{claim!r} (its newest {_CLAIMS_SEEN} events"
+                               + "".join(f"; {h.peer or 'an unknown address'} sent {h.claim} "
+                                         f"{h.tries} times" for h in
+                                         self.claims.held(machine.id)[:_CLAIMS_TOLD])
+                               + ")")
+            # Where it came from: its kept entry (how often it tried) else its event's.
+            peer = (held.peer if held else made.data.get("peer") if made else None) \
+                or "an unknown address"
+            tries = f", {held.tries} tries" if held else ""
             updated = replace_machine(machine, secret_hash=claim, install_token=None,
                                       updated=self._clock())
             event = Event(machine.id, self._clock(), "registration claimed",
-                          f"given to the install whose registration from "
-                          f"{made.data.get('peer') or 'an unknown address'} was refused "
-                          f"(claim {claim}): its next try is answered; the machine token of "
+                          f"given to the install whose registration from {peer} was refused "
+                          f"(claim {claim}{tries}): its next try is answered; the machine token of "
                           f"the registration at {machine.ipv4 or 'no address'} is void")
             if await self._written(Batch(update=(updated,), events=(event,),
                                          expect={machine.id: machine.state},
                                          versions={machine.id: machine.updated}),
                                    attempt, (machine,)):
                 break
+        self.claims.forget(machine.id)  # refused against the registration no longer held
         return updated
 
     async def _registration(self, machine: Machine) -> Event | None:

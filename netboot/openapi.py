@@ -232,6 +232,12 @@ SCHEMAS: dict[str, Any] = {
                                   "properties": {"token": {"minLength": 1}}}}]},
     "Claim": {"type": "object", "required": ["claim"], "properties": {
         "claim": {"type": "string", "pattern": "^[0-9a-f]{64}(?![\\s\\S])"}}},
+    "RefusedClaim": {"type": "object", "required": ["peer", "claim", "tries", "first", "last"],
+                     "properties": {
+        "peer": {**_NSTR, "description": "the address it came from"},
+        "claim": {"type": "string", "description": "the sha256 of the secret it sent"},
+        "tries": {"type": "integer", "description": "how many times in a row"},
+        "first": {"type": "number"}, "last": {"type": "number"}}},
     "Group": {"type": "object", "required": ["name"], "additionalProperties": False,
               "properties": {
         "name": NAME, "selector": {"type": "object", "additionalProperties": _LIST},
@@ -518,9 +524,17 @@ def document() -> dict[str, Any]:
         "/api/v1/machines/{ref}/claim": {
             "parameters": [_path_param("ref")],
             "post": _op("give a registered machine to the install whose registration was "
-                        "refused with this claim (a 'registration contested' event names "
-                        "it): its next try is answered, the holder's machine token void",
+                        "refused with this claim (a 'registration contested' event or "
+                        "GET .../claims names it): its next try is answered, the holder's "
+                        "machine token void",
                         need=OPERATE, body="Claim", out="Machine", errors=(400, 404, 409)),
+        },
+        "/api/v1/machines/{ref}/claims": {
+            "parameters": [_path_param("ref")],
+            "get": _op("the claims this server refused for the machine, by the address they "
+                       "came from (its latest each), the most tried first: a device retries "
+                       "its one claim, a flood's come once", need=READ,
+                       out="array:RefusedClaim"),
         },
         "/api/v1/machines/{ref}/explain": {
             "parameters": [_path_param("ref")],

@@ -560,27 +560,34 @@ async def test_cluster_endpoint_is_stored_canonical_and_returned(env: Env) -> No
     assert stored is not None and stored.endpoint == "[2001:db8::10]" and stored.token
 
 
-async def test_register_records_the_peer_not_a_claimed_loopback(env: Env) -> None:
-    """The transport's peer reaches the registration decision: the request is sent from
-    127.0.0.2, so the refused peer in the event is that address, not the test client's."""
+async def _register_from(env: Env, peer: str, body: dict[str, Any]) -> bytes:
+    """POST /api/v1/register on its own connection from ``peer`` (a loopback address): the
+    transport's peer is the registration's source. The raw reply."""
     import asyncio
 
-    await env.seed()
-    await machine(env)
-    token = install_token(await boot(env, MAC))
-    body = json.dumps({"mac": MAC, "token": token,
-                       "addresses": ["127.0.0.1", "198.51.100.7"]}).encode()
+    raw_body = json.dumps(body).encode()
     reader, writer = await asyncio.open_connection(env.client.host, env.client.port,
-                                                   local_addr=("127.0.0.2", 0))
+                                                   local_addr=(peer, 0))
     try:
         writer.write(b"POST /api/v1/register HTTP/1.1\r\nHost: 192.0.2.10\r\n"
                      b"Content-Type: application/json\r\nConnection: close\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                     + f"Content-Length: {len(raw_body)}\r\n\r\n".encode() + raw_body)
         await writer.drain()
         raw = await reader.read()
     finally:
         writer.close()
         await writer.wait_closed()
+    return raw
+
+
+async def test_register_records_the_peer_not_a_claimed_loopback(env: Env) -> None:
+    """The transport's peer reaches the registration decision: the request is sent from
+    127.0.0.2, so the refused peer in the event is that address, not the test client's."""
+    await env.seed()
+    await machine(env)
+    token = install_token(await boot(env, MAC))
+    raw = await _register_from(env, "127.0.0.2", {"mac": MAC, "token": token,
+                                                  "addresses": ["127.0.0.1", "198.51.100.7"]})
     assert raw.startswith(b"HTTP/1.1 200"), raw
     registered = await env.get(f"/api/v1/machines/{MAC}")
     assert registered["ipv4"] == "198.51.100.7"  # a loopback peer: the routable claim
@@ -589,6 +596,62 @@ async def test_register_records_the_peer_not_a_claimed_loopback(env: Env) -> Non
     assert {(r["address"], r["source"], r["reason"]) for r in event["data"]["refused"]} == {
         ("127.0.0.2", "peer", "loopback"), ("127.0.0.1", "reported", "loopback")}
     assert "ignored reported address '127.0.0.1' (loopback)" in event["message"]
+
+
+async def test_a_flood_of_random_claims_cannot_hide_the_devices(env: Env) -> None:
+    """A host with a machine's spent install token registers it first; then a flood of
+    1,000 refused registrations with random secrets, from 100 addresses (s40-review), uses
+    every rate-limited "registration contested" event up; the real device's register
+    command tries after them, twice (it retries every 10 s with its one secret), then 300
+    more random ones come. Before (s40-sec), its claim was recorded nowhere: the operator's
+    claim was a 404 and the machine could never be given to it. Now each refused claim is
+    kept by its address, a flood's one-off claims dropped first: the 404 of a wrong claim
+    and GET .../claims name the device's address and its claim, the most tried; given to
+    it, its next try is answered and the machine moves to it.
+    Real sockets, the real SQLite store."""
+    import hashlib
+    import secrets
+
+    from netboot.enroll import CONTEST_BURST
+
+    await env.seed()
+    await machine(env)
+    token = install_token(await boot(env, MAC))
+    thief = {"mac": MAC, "token": token, "install_secret": "thief-" + secrets.token_hex(8),
+             "addresses": ["198.51.100.66"], "keeps": "machine_token"}
+
+    async def status(peer: str, body: dict[str, Any]) -> int:
+        return int((await _register_from(env, peer, body)).split(b" ", 2)[1])
+
+    assert await status("127.0.0.66", thief) == 200
+    flood = [f"127.0.1.{i % 100 + 1}" for i in range(1300)]
+    for peer in flood[:1000]:
+        assert await status(peer, {**thief, "install_secret": secrets.token_hex(16)}) == 409
+    device_secret = "3f0a9c2e-5b7d-4e1f-a6c8-" + secrets.token_hex(6)
+    claim = hashlib.sha256(device_secret.encode()).hexdigest()
+    device = {**thief, "install_secret": device_secret, "addresses": ["198.51.100.7"]}
+    for _ in range(2):
+        assert await status("127.0.0.7", device) == 409
+    for peer in flood[1000:]:
+        assert await status(peer, {**thief, "install_secret": secrets.token_hex(16)}) == 409
+    events = await env.get(f"/api/v1/machines/{MAC}/events")
+    told = [e for e in events if e["kind"] == "registration contested"]
+    assert len(told) == CONTEST_BURST  # the store bounded: the device's is not among them
+    assert all(e["data"]["claim"] != claim for e in told)
+    wrong = error(await call(env, "POST", f"/api/v1/machines/{MAC}/claim",
+                             json_body={"claim": "0" * 64}), 404)
+    assert f"127.0.0.7 sent {claim} 2 times" in json.dumps(wrong)
+    kept = await env.get(f"/api/v1/machines/{MAC}/claims")
+    assert len(kept) <= 32 and kept[0]["peer"] == "127.0.0.7"  # the most tried first
+    assert (kept[0]["claim"], kept[0]["tries"]) == (claim, 2)
+    assert all(k["tries"] == 1 for k in kept[1:])
+    given = await env.post(f"/api/v1/machines/{MAC}/claim", {"claim": claim})
+    assert given["state"] == "registered"
+    last = (await env.get(f"/api/v1/machines/{MAC}/events"))[-1]
+    assert last["kind"] == "registration claimed" and "127.0.0.7" in last["message"]
+    assert await status("127.0.0.7", device) == 200
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["ipv4"] == "198.51.100.7"
+    assert await status("127.0.0.66", thief) == 409
 
 
 async def test_machines_unchanged_for_a_while_are_the_stuck_ones(env: Env) -> None:
