@@ -136,7 +136,7 @@ def test_a_second_dhcp_server_on_the_same_interface_is_refused(namespace: str) -
     assert listening == {"d0": "192.0.2.1", "d1": "198.51.100.2", "again": "192.0.2.5"}
 
 
-@pytest.mark.requires("dnsmasq", "dnsmasq")
+@pytest.mark.requires("dnsmasq", "dnsmasq-base")
 def test_netboot_beside_dnsmasq_on_the_same_interface_is_refused(namespace: str) -> None:
     """dnsmasq with --bind-interfaces (SO_REUSEADDR and SO_REUSEPORT on its 0.0.0.0:67) on
     d0: authoritative netboot on d0 is refused, on d1 it starts; and dnsmasq started after
@@ -203,7 +203,7 @@ while time.monotonic() < end and replies < 2:
 """
 
 
-@pytest.mark.requires("dnsmasq", "dnsmasq")
+@pytest.mark.requires("dnsmasq", "dnsmasq-base")
 def test_a_proxydhcp_beside_the_sites_dhcp_server_on_the_same_interface_starts(
         namespace: str) -> None:
     """A proxyDHCP is made to run beside the site's DHCP server, which may be on this host
@@ -280,7 +280,7 @@ async def refused_or_kept(netboot: DhcpServer) -> ConfigError | None:
     return None
 
 
-@pytest.mark.requires("dnsmasq", "dnsmasq")
+@pytest.mark.requires("dnsmasq", "dnsmasq-base")
 def test_a_proxydhcp_that_cannot_share_port_67_names_the_fix(namespace: str) -> None:
     """Where the site's DHCP server on this host does not let port 67 be shared, the error
     said "stop the other service or choose another port with --dhcp-port": a proxyDHCP on
