@@ -260,6 +260,10 @@ class DhcpServer:
         self._pool_links: frozenset[str] = frozenset()
         self._told_no_pool: set[str] = set()
         self._pending: dict[str, Lease | None] = {}  # mac -> lease to put, None = delete
+        # Held while a flush writes: a flush asked (close, a test) while the background
+        # writer has taken a lease out of _pending and is still writing it waits for that
+        # write too; it returned at once and the lease was not yet in the store (CI, once).
+        self._flushing = asyncio.Lock()
         self._wake: asyncio.Event | None = None
         self._writer: asyncio.Task[None] | None = None
         self._probe_task: asyncio.Task[None] | None = None
@@ -619,17 +623,19 @@ class DhcpServer:
             self._wake.set()
 
     async def flush_leases(self) -> None:
-        while self._pending:
-            mac, lease = next(iter(self._pending.items()))
-            del self._pending[mac]
-            try:
-                if lease is None:
-                    await self._store.delete_lease(mac)
-                else:
-                    await self._store.put_lease(lease)
-            except Exception:
-                # The in-memory pool stays right; the store catches up with the next change.
-                _log.exception("dhcp: %s: persisting the lease failed", mac)
+        async with self._flushing:
+            while self._pending:
+                mac, lease = next(iter(self._pending.items()))
+                del self._pending[mac]
+                try:
+                    if lease is None:
+                        await self._store.delete_lease(mac)
+                    else:
+                        await self._store.put_lease(lease)
+                except Exception:
+                    # The in-memory pool stays right; the store catches up with the next
+                    # change.
+                    _log.exception("dhcp: %s: persisting the lease failed", mac)
 
     async def _write_leases(self) -> None:
         assert self._wake is not None
