@@ -1,4 +1,4 @@
-"""Two lanes for ``pytest -n 2`` (pytest-xdist; opt-in, not yet CI's command): the
+"""Two lanes for ``pytest -n 2`` (pytest-xdist; the README's test command and CI's): the
 QEMU end-to-end suite, the multiserver pairs and the compiled build's test in one worker,
 every other test in the other, each lane in collection order.
 
