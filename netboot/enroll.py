@@ -1198,6 +1198,8 @@ class Enroller:
                                          versions={machine.id: machine.updated}),
                                    attempt, (machine,), recorded=False):
                 break
+        # The claims refused against the registration it ends: none is its next install's.
+        self.claims.forget(machine.id)
         await self.event(machine.id, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
 
@@ -1511,6 +1513,9 @@ class Enroller:
                                          audit=entries), attempt, (machine,)):
                 break
             machine = await self._read_again(machine)
+        # Claims refused against an earlier registration (a reinstall by the CLI or another
+        # server, which this one's kept claims never heard of) are not this one's.
+        self.claims.forget(machine.id)
         log_line(self._log, logging.INFO, "registered mac=%s ip=%s cluster=%s", mac, ipv4,
                  machine.cluster)  # once per machine of a storm: see log_line
         return updated
@@ -1559,7 +1564,13 @@ class Enroller:
                 raise Conflict(f"{machine.ref} is {machine.state}, not registered: its next "
                                "registration is its install's own", field="state")
             events = await self._store.list_events(machine.id, limit=_CLAIMS_SEEN)
-            made = next((e for e in reversed(events) if e.kind == "registration contested"
+            # Refused against this registration only: one refused before a reinstall was
+            # another install's (its secret died with that disk), and given, it voided the
+            # device's machine token and refused its own secret until a reinstall.
+            since = next((i for i in range(len(events) - 1, -1, -1)
+                          if events[i].kind == "registered"), -1)
+            made = next((e for e in reversed(events[since + 1:])
+                         if e.kind == "registration contested"
                          and isinstance(e.data.get("claim"), str)
                          and hmac.compare_digest(e.data["claim"].encode(), claim.encode())),
                         None)

@@ -1554,6 +1554,55 @@ async def test_a_refused_claim_is_told_bounded_and_the_operator_gives_the_machin
         await enroller.register(thief, ipaddress.ip_address("192.0.2.66"))
 
 
+@pytest.mark.parametrize("where", ["here", "by the CLI"])
+async def test_a_claim_refused_before_a_reinstall_is_not_given_to_the_next_install(  # type: ignore[no-untyped-def]
+        every_store, where: str) -> None:
+    """A host registered the machine first and the device's registration was refused (its
+    claim kept and told); the operator reinstalled the machine instead (README's other way
+    out) and the device registered its new install. Before, the old install's claim (its
+    event, and this server's kept copy: never forgotten but when given) could still be
+    given to the new registration: the device's machine token voided and its new secret
+    refused at every try, until another reinstall. Now a claim counts only against the
+    registration it was refused by: a 404, and nothing of the old one is listed."""
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import NotFound, TransitionRefused
+
+    store = every_store
+    now = [1000.0]
+    mac = await _installed(store, "52:54:00:00:41:01", "c41")
+    enroller = Enroller(store, clock=lambda: now[0])
+    thief = {"mac": str(mac), "token": "tok", "install_secret": "thief",
+             "keeps": "machine_token"}
+    held = await enroller.register(thief, ipaddress.ip_address("192.0.2.66"))
+    device = {**thief, "install_secret": "first-install-of-the-device"}
+    old_claim = hashlib.sha256(b"first-install-of-the-device").hexdigest()
+    for _ in range(3):
+        with pytest.raises(TransitionRefused):
+            await enroller.register(device, ipaddress.ip_address("192.0.2.10"))
+    assert [h.claim for h in enroller.claims.held(held.id)] == [old_claim]
+    now[0] += 60
+    await (enroller if where == "here" else Enroller(store, clock=lambda: now[0])).reinstall(
+        str(mac))
+    if where == "here":
+        assert enroller.claims.held(held.id) == []  # GET .../claims lists none of it
+    # Its new install (a new install token), registered by the device from its address.
+    machine = await store.get_machine(held.id)
+    await store.update_machine(replace_machine(
+        machine, state=MachineState.INSTALLED, updated=now[0],
+        token_hash=hashlib.sha256(b"tok2").hexdigest()))
+    now[0] += 600
+    second = {**device, "token": "tok2", "install_secret": "second-install"}
+    registered = await enroller.register(second, ipaddress.ip_address("192.0.2.10"))
+    assert registered.state == MachineState.REGISTERED and enroller.claims.held(held.id) == []
+    with pytest.raises(NotFound):
+        await enroller.give_to_claim(str(mac), old_claim)
+    # The device's new install is still the one held: its repeat is answered.
+    again = await enroller.register(second, ipaddress.ip_address("192.0.2.10"))
+    assert again.install_token == registered.install_token
+
+
 async def test_the_time_in_a_state_is_kept_by_every_store_and_filtered_on(  # type: ignore[no-untyped-def]
         every_store) -> None:
     """A machine's state_since (s39-journey): None while it was never changed (read as its
