@@ -1483,12 +1483,81 @@ async def test_an_installs_secret_proves_its_repeats_and_nothing_else_does(  # t
     assert kept.install_token == first.install_token
     stored = await store.get_machine(first.id)
     assert stored is not None and stored.ipv4 == "192.0.2.72"
-    # A reinstall: the digest goes with the token.
+    # A reinstall: the token goes, and the secret opens nothing with it (its digest is kept,
+    # inert, for a reinstall the operator takes back: s41-attack, the test below).
     await enroller.reinstall(str(mac))
     stored = await store.get_machine(first.id)
-    assert stored is not None and stored.secret_hash is None
+    assert stored is not None and stored.token_hash is None and stored.install_token is None
     with pytest.raises(AuthError):
         await enroller.register(body, at)
+    with pytest.raises(AuthError):  # nor its machine token with the secret, while reinstalling
+        await enroller.register({"mac": str(mac), "machine_token": first.install_token,
+                                 "install_secret": secret}, at)
+
+
+async def test_a_reinstall_taken_back_registers_the_node_that_still_runs_it(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """A registered server reinstalled by mistake, taken back with mark-installed (README:
+    "a reinstall asked by mistake, taken back"; the dashboard's Mark installed): its node
+    never stopped, but the reinstall voided its machine token, so each later boot's report
+    was a 401 and the machine stayed ``installed`` for good: out of its cluster's endpoint
+    and DNS name, every node installed next held waiting for a first server that ran all
+    along (seen on a live server: ``waiting for cluster edge2's first server to register``),
+    until a real reinstall wiped it. Now its install's secret, which every try sends, proves
+    the install it still runs: registered again, a new machine token, moved where it is.
+    Nothing else opens it: not before the operator's word, not without the secret, not once
+    a new install is under way."""
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import AuthError
+
+    store = every_store
+    now = [1000.0]
+    mac = await _installed(store, "52:54:00:00:41:11", "s41")
+    enroller = Enroller(store, clock=lambda: now[0])
+    secret = "5d0e2f6a-1b3c-4d5e-8f70-a1b2c3d4e5f6"
+    first = await enroller.register({"mac": str(mac), "token": "tok", "install_secret": secret,
+                                     "keeps": "machine_token"}, ipaddress.ip_address("192.0.2.70"))
+    boot = {"mac": str(mac), "machine_token": first.install_token, "install_secret": secret,
+            "keeps": "machine_token"}
+    now[0] += 60
+    await enroller.reinstall(str(mac))
+    with pytest.raises(AuthError):  # asked: the node is refused (its reinstall stands)
+        await enroller.register(boot, ipaddress.ip_address("192.0.2.71"))
+    machine = await store.get_machine(first.id)
+    assert machine is not None
+    await enroller.report(machine, {"kind": "installed", "message": "taken back"})
+    for wrong in ({**boot, "install_secret": "guess"}, {k: v for k, v in boot.items()
+                                                        if k != "install_secret"}):
+        with pytest.raises(AuthError):
+            await enroller.register(wrong, ipaddress.ip_address("192.0.2.71"))
+    now[0] += 60
+    again = await enroller.register(boot, ipaddress.ip_address("192.0.2.71"))
+    assert again.state == MachineState.REGISTERED and again.ipv4 == "192.0.2.71"
+    assert again.install_token and again.install_token != first.install_token
+    assert again.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
+    event = (await store.list_events(first.id))[-1]
+    assert event.kind == "registered" and "taken back" in event.message
+    # Its next boot reports with the new machine token, as any registered machine's.
+    moved = await enroller.register({**boot, "machine_token": again.install_token},
+                                    ipaddress.ip_address("192.0.2.72"))
+    assert moved.ipv4 == "192.0.2.72"
+    # A reinstall that goes on: once its new install is under way (an install token of its
+    # own), the old install's secret opens nothing, and it is gone at the next registration.
+    await enroller.reinstall(str(mac))
+    machine = await store.get_machine(first.id)
+    assert machine is not None
+    await store.update_machine(replace_machine(
+        machine, state=MachineState.INSTALLED, updated=now[0] + 1,
+        token_hash=hashlib.sha256(b"tok2").hexdigest()))
+    with pytest.raises(AuthError):
+        await enroller.register({**boot, "machine_token": again.install_token},
+                                ipaddress.ip_address("192.0.2.71"))
+    newest = await enroller.register({"mac": str(mac), "token": "tok2",
+                                      "install_secret": "its-new-install"},
+                                     ipaddress.ip_address("192.0.2.73"))
+    assert newest.secret_hash == hashlib.sha256(b"its-new-install").hexdigest()
 
 
 async def test_a_refused_claim_is_told_bounded_and_the_operator_gives_the_machine_to_it(  # type: ignore[no-untyped-def]
