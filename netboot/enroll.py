@@ -1606,13 +1606,19 @@ class Enroller:
                          and isinstance(e.data.get("claim"), str)
                          and hmac.compare_digest(e.data["claim"].encode(), claim.encode())),
                         None)
+            # This server's kept claims, since that registration too: another server (or
+            # the CLI) may have reinstalled and registered it, which this one never heard.
+            after = events[since].time if since >= 0 else None
             held = self.claims.find(machine.id, claim)
+            if held is not None and after is not None and held.last < after:
+                held = None
             if made is None and held is None:
+                told = [h for h in self.claims.held(machine.id)
+                        if after is None or h.last >= after][:_CLAIMS_TOLD]
                 raise NotFound(f"no refused registration of {machine.ref} made claim "
                                f"{claim!r} (its newest {_CLAIMS_SEEN} events"
                                + "".join(f"; {h.peer or 'an unknown address'} sent {h.claim} "
-                                         f"{h.tries} times" for h in
-                                         self.claims.held(machine.id)[:_CLAIMS_TOLD])
+                                         f"{h.tries} times" for h in told)
                                + ")")
             # Where it came from: its kept entry (how often it tried) else its event's.
             peer = (held.peer if held else made.data.get("peer") if made else None) \
