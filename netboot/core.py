@@ -728,6 +728,8 @@ class Core:
         first (made again on the cluster as stored now when another server changed it
         meanwhile): an edit must not undo the agent token another server's start-up gave
         the cluster (Core.give_agent_tokens), whose configs name it."""
+        if create:
+            await self._cluster_name_free(cluster.name)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             read = None if create else await self.store.get_cluster(cluster.name)
             if read is not None:  # If-Match on each read: the write compares that read
@@ -741,6 +743,18 @@ class Core:
                 continue
             return made
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _cluster_name_free(self, name: str) -> None:
+        """A cluster named as another but for case is a 409: both are one DNS name,
+        ``<cluster>.<zone>`` (names compare without case, RFC 4343 §3), which then answered
+        both clusters' servers (the zone reads a machine's cluster in lower case) while the
+        nodes of each were sent there: a node joined the other cluster's server, or was
+        refused by it (its CA hash)."""
+        for other in await self.store.list_clusters():
+            if other.name != name and other.name.lower() == name.lower():
+                raise Conflict(f"cluster {other.name!r} exists: a cluster's name is also its "
+                               f"DNS name ({name.lower()}.<zone>), which does not tell case "
+                               "apart; give this one another name", field="name")
 
     async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any], *,
                              create: bool, force: bool = False) -> Cluster:

@@ -758,3 +758,28 @@ asyncio.run(main())
         assert held == ["m-a"], held
     finally:
         await store.close()
+
+
+async def test_a_cluster_named_as_another_but_for_case_is_refused() -> None:
+    """Clusters "edge" and "Edge" were both taken: one DNS name, edge.<zone>, answered the
+    servers of both (netboot.names reads a machine's cluster in lower case) and the nodes of
+    each were told it (boot's serves_cluster), so a node joined, or was refused by, the
+    other cluster's server. Now the second is a 409 naming the field; other names, and a
+    replace of the cluster itself, as before."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.open()
+    core = Core(store, Enroller(store), None, None)  # type: ignore[arg-type]
+    external = {"server_url": "https://192.0.2.50:6443", "token": "a-token-of-its-servers"}
+    await core.put("clusters", {"name": "edge", **external}, create=True)
+    for name in ("Edge", "EDGE"):
+        with pytest.raises(Conflict) as refused:
+            await core.put("clusters", {"name": name, **external}, create=True)
+        assert refused.value.field == "name" and "'edge'" in str(refused.value)
+    assert [c.name for c in await store.list_clusters()] == ["edge"]
+    await core.put("clusters", {"name": "edge-2", **external}, create=True)
+    await core.put("clusters", {"name": "edge", **external, "description": "x"}, create=False)
