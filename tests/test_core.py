@@ -783,3 +783,27 @@ async def test_a_cluster_named_as_another_but_for_case_is_refused() -> None:
     assert [c.name for c in await store.list_clusters()] == ["edge"]
     await core.put("clusters", {"name": "edge-2", **external}, create=True)
     await core.put("clusters", {"name": "edge", **external, "description": "x"}, create=False)
+
+
+async def test_an_id_names_its_machine_whatever_another_hostname_spells() -> None:
+    """A hostname spelled as another machine's id (``m-`` and 12 hex digits: a valid
+    hostname, which an enroll token may give) made that id a 409 on every {ref} route and
+    CLI REF, whose remedy, "give the one you mean by its id", was the very text refused: a
+    machine enrolled by serial alone, with no hostname, had no name left. An id now names
+    its machine; the other is named by its own id, and its hostname where no id is it."""
+    from netboot.core import machine_ref
+    from netboot.inventory.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.open()
+    serial_only = Machine(serial="CZ41ATK01")
+    await store.create_machine(serial_only)
+    squatter = Machine(macs=(MacAddress.parse("52:54:00:41:0a:01"),),
+                       hostname=serial_only.id)
+    await store.create_machine(squatter)
+    assert await machine_ref(store, serial_only.id) == serial_only.id
+    assert await machine_ref(store, squatter.id) == squatter.id
+    # An id-shaped hostname no machine's id is: that machine's name alone.
+    named = Machine(macs=(MacAddress.parse("52:54:00:41:0a:02"),), hostname="m-00000000abcd")
+    await store.create_machine(named)
+    assert await machine_ref(store, "m-00000000abcd") == named.id
