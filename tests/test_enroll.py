@@ -1560,6 +1560,22 @@ async def test_a_reinstall_taken_back_registers_the_node_that_still_runs_it(  # 
     assert newest.secret_hash == hashlib.sha256(b"its-new-install").hexdigest()
 
 
+async def _registered_by_a_thief(store: Any, mac_text: str, hostname: str, now: list[float],
+                                 secret: str) -> tuple[Enroller, MacAddress, dict[str, str],
+                                                       Machine]:
+    """An installed machine registered first by a host that read its install token, with a
+    secret of its own (README "What a host on the provisioning network can take"): the
+    enroller (its clock ``now[0]``), the MAC, the host's body and the machine as registered."""
+    import ipaddress
+
+    mac = await _installed(store, mac_text, hostname)
+    enroller = Enroller(store, clock=lambda: now[0])
+    thief = {"mac": str(mac), "token": "tok", "install_secret": secret,
+             "keeps": "machine_token"}
+    held = await enroller.register(thief, ipaddress.ip_address("192.0.2.66"), audit=_audited)
+    return enroller, mac, thief, held
+
+
 async def test_a_refused_claim_is_told_bounded_and_the_operator_gives_the_machine_to_it(  # type: ignore[no-untyped-def]
         every_store) -> None:
     """A host on the VLAN with a machine's install token registers it first, with its own
@@ -1578,11 +1594,8 @@ async def test_a_refused_claim_is_told_bounded_and_the_operator_gives_the_machin
 
     store = every_store
     now = [1000.0]
-    mac = await _installed(store, "52:54:00:00:40:01", "c1")
-    enroller = Enroller(store, clock=lambda: now[0])
-    thief = {"mac": str(mac), "token": "tok", "install_secret": "7e1d0c55-thief",
-             "keeps": "machine_token"}
-    held = await enroller.register(thief, ipaddress.ip_address("192.0.2.66"), audit=_audited)
+    enroller, mac, thief, held = await _registered_by_a_thief(
+        store, "52:54:00:00:40:01", "c1", now, "7e1d0c55-thief")
     device_secret = "3f0a9c2e-5b7d-4e1f-a6c8-d9e0f1a2b3c4"
     device = {**thief, "install_secret": device_secret, "machine_id": "d1"}
     claim = hashlib.sha256(device_secret.encode()).hexdigest()
@@ -1640,11 +1653,8 @@ async def test_a_claim_refused_before_a_reinstall_is_not_given_to_the_next_insta
 
     store = every_store
     now = [1000.0]
-    mac = await _installed(store, "52:54:00:00:41:01", "c41")
-    enroller = Enroller(store, clock=lambda: now[0])
-    thief = {"mac": str(mac), "token": "tok", "install_secret": "thief",
-             "keeps": "machine_token"}
-    held = await enroller.register(thief, ipaddress.ip_address("192.0.2.66"))
+    enroller, mac, thief, held = await _registered_by_a_thief(
+        store, "52:54:00:00:41:01", "c41", now, "thief")
     device = {**thief, "install_secret": "first-install-of-the-device"}
     old_claim = hashlib.sha256(b"first-install-of-the-device").hexdigest()
     for _ in range(3):
