@@ -342,10 +342,12 @@ async def machine_ref(store: Store, ref: str) -> str:
     hostname (every API ``{ref}``, every CLI REF): the text itself when it is a machine id
     (``m-…``) or one of its MACs, the id of the machine whose hostname it is (any case)
     otherwise. The order of lookup is the id or MAC first, then the hostname; a text that is
-    both (a hostname spelled as a MAC, ``aabbccddeeff``, or as an id) and names two machines
-    is a Conflict listing both, never either one: a ``DELETE`` must not take the machine
-    the operator did not mean. Texts that cannot be hostnames (a MAC with colons) cost no
-    hostname read, as before; a valid hostname nobody has is NotFound."""
+    both (a hostname spelled as a MAC, ``aabbccddeeff``) and names two machines is a
+    Conflict listing both, never either one: a ``DELETE`` must not take the machine the
+    operator did not mean. A machine's id always names it (a hostname spelled as another
+    machine's id does not take it: the Conflict's remedy is the id). Texts that cannot be
+    hostnames (a MAC with colons) cost no hostname read, as before; a valid hostname nobody
+    has is NotFound."""
     bare = ref.strip()
     try:
         name = check_hostname(bare)
@@ -365,8 +367,12 @@ async def machine_ref(store: Store, ref: str) -> str:
     other = await identity.by_ref(store, bare)
     if other is None or other.id == by_name.id:
         return by_name.id
-    kind = "id" if bare.startswith(ID_PREFIX) else "MAC"
-    raise Conflict(f"{ref!r} names two machines: {other.id} by its {kind} and {by_name.id} "
+    if bare.startswith(ID_PREFIX):
+        # An id names its machine, whatever another's hostname spells: it is what the 409
+        # below tells the operator to give, and the only name of a machine enrolled without
+        # a MAC or a hostname (an enroll token may give a machine such a hostname).
+        return other.id
+    raise Conflict(f"{ref!r} names two machines: {other.id} by its MAC and {by_name.id} "
                    f"by its hostname {by_name.hostname}: give the one you mean by its id",
                    field="ref", candidates=(other.id, by_name.id))
 
@@ -728,6 +734,8 @@ class Core:
         first (made again on the cluster as stored now when another server changed it
         meanwhile): an edit must not undo the agent token another server's start-up gave
         the cluster (Core.give_agent_tokens), whose configs name it."""
+        if create:
+            await self._cluster_name_free(cluster.name)
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             read = None if create else await self.store.get_cluster(cluster.name)
             if read is not None:  # If-Match on each read: the write compares that read
@@ -741,6 +749,18 @@ class Core:
                 continue
             return made
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    async def _cluster_name_free(self, name: str) -> None:
+        """A cluster named as another but for case is a 409: both are one DNS name,
+        ``<cluster>.<zone>`` (names compare without case, RFC 4343 §3), which then answered
+        both clusters' servers (the zone reads a machine's cluster in lower case) while the
+        nodes of each were sent there: a node joined the other cluster's server, or was
+        refused by it (its CA hash)."""
+        for other in await self.store.list_clusters():
+            if other.name != name and other.name.lower() == name.lower():
+                raise Conflict(f"cluster {other.name!r} exists: a cluster's name is also its "
+                               f"DNS name ({name.lower()}.<zone>), which does not tell case "
+                               "apart; give this one another name", field="name")
 
     async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any], *,
                              create: bool, force: bool = False) -> Cluster:

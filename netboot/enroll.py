@@ -215,6 +215,23 @@ def secret_proves(machine: Machine, secret: str | None) -> bool | None:
     return hmac.compare_digest(digest, held)
 
 
+# The states whose install's secret digest a reinstall keeps (see Enroller.reinstall): a
+# registered machine's, and one asked again before its next install.
+_KEEP_SECRET = frozenset({MachineState.REGISTERED, MachineState.REINSTALL})
+
+
+def _taken_back(machine: Machine, secret: object) -> bool:
+    """Whether a later boot refused for its machine token is the node of a reinstall the
+    operator took back: the machine is ``installed`` by an operator's word alone (no install
+    token: mark-installed from ``reinstall``), and ``secret`` is the one its registered
+    install's register command sends with every try (root's alone on the node), whose digest
+    the reinstall kept. Else that node was refused at every boot and never registered again:
+    a server of it left its cluster's endpoint and DNS name, and every node installed next
+    was held waiting for a first server that ran all along."""
+    return (machine.state is MachineState.INSTALLED and machine.token_hash is None
+            and isinstance(secret, str) and bool(secret_proves(machine, secret)))
+
+
 def machine_token_is(machine: Machine, token: str) -> bool:
     """Whether ``token`` is the machine token of a registered ``machine`` (constant-time).
 
@@ -1191,13 +1208,21 @@ class Enroller:
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             machine = await identity.require_ref(self._store, ref)
             identity.require_version(machine, versions)
+            # The machine token is void; a registered install's secret digest is kept, inert
+            # (only a registered machine's is compared) unless the operator takes the
+            # reinstall back (mark-installed): then its node, still running that install,
+            # proves itself by it at its next boot and is registered again (_taken_back).
+            # Its next install's registration replaces it.
+            kept = machine.secret_hash if machine.state in _KEEP_SECRET else None
             updated = lifecycle.advance(machine, lifecycle.Trigger.REINSTALL, self._clock(),
                                         token_hash=None, token_expires=None, install_token=None,
-                                        secret_hash=None)
+                                        secret_hash=kept)
             if await self._written(Batch(update=(updated,), expect={machine.id: machine.state},
                                          versions={machine.id: machine.updated}),
                                    attempt, (machine,), recorded=False):
                 break
+        # The claims refused against the registration it ends: none is its next install's.
+        self.claims.forget(machine.id)
         await self.event(machine.id, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
 
@@ -1379,10 +1404,15 @@ class Enroller:
             raise ValidationError("token", "required: the install token from the kernel command "
                                            "line or config")
         machine = await self.find_mac(mac)
+        taken_back = False
         # Same answer for unknown MAC and wrong token: registration must not reveal the inventory.
         if machine_token is not None:
             if machine is None or not machine_token_is(machine, machine_token):
-                raise AuthError("unknown machine or wrong token")
+                if machine is None or not _taken_back(machine, body.get("install_secret")):
+                    raise AuthError("unknown machine or wrong token")
+                # The node of a reinstall the operator took back: registered again below
+                # (the machine token it holds was voided by the reinstall).
+                machine_token, taken_back = None, True
         elif machine is None or machine.state is not _REGISTERED \
                 or not token_is(machine, token):
             # A replay with the spent token of a registered machine is a 409 naming its state
@@ -1494,7 +1524,11 @@ class Enroller:
                      f"no usable address (kept {machine.ipv4 or 'none'})")
             event = Event(machine.id, self._clock(), "registered", f"registered at {where}"
                           + (f" as {hostname}" if hostname else "") + refused
-                          + "; its install token is spent" + ("" if keeps else _OLDER_COMMAND),
+                          + ("; again after its reinstall was taken back (marked installed): "
+                             "its install's secret proves the install it still runs, and a "
+                             "new machine token replaces the one the reinstall voided"
+                             if taken_back else "; its install token is spent")
+                          + ("" if keeps else _OLDER_COMMAND),
                           {"addresses": addresses,
                            "peer": str(peer) if peer else None,
                            "refused": [{"address": r.text, "reason": r.reason,
@@ -1511,6 +1545,9 @@ class Enroller:
                                          audit=entries), attempt, (machine,)):
                 break
             machine = await self._read_again(machine)
+        # Claims refused against an earlier registration (a reinstall by the CLI or another
+        # server, which this one's kept claims never heard of) are not this one's.
+        self.claims.forget(machine.id)
         log_line(self._log, logging.INFO, "registered mac=%s ip=%s cluster=%s", mac, ipv4,
                  machine.cluster)  # once per machine of a storm: see log_line
         return updated
@@ -1559,17 +1596,29 @@ class Enroller:
                 raise Conflict(f"{machine.ref} is {machine.state}, not registered: its next "
                                "registration is its install's own", field="state")
             events = await self._store.list_events(machine.id, limit=_CLAIMS_SEEN)
-            made = next((e for e in reversed(events) if e.kind == "registration contested"
+            # Refused against this registration only: one refused before a reinstall was
+            # another install's (its secret died with that disk), and given, it voided the
+            # device's machine token and refused its own secret until a reinstall.
+            since = next((i for i in range(len(events) - 1, -1, -1)
+                          if events[i].kind == "registered"), -1)
+            made = next((e for e in reversed(events[since + 1:])
+                         if e.kind == "registration contested"
                          and isinstance(e.data.get("claim"), str)
                          and hmac.compare_digest(e.data["claim"].encode(), claim.encode())),
                         None)
+            # This server's kept claims, since that registration too: another server (or
+            # the CLI) may have reinstalled and registered it, which this one never heard.
+            after = events[since].time if since >= 0 else None
             held = self.claims.find(machine.id, claim)
+            if held is not None and after is not None and held.last < after:
+                held = None
             if made is None and held is None:
+                told = [h for h in self.claims.held(machine.id)
+                        if after is None or h.last >= after][:_CLAIMS_TOLD]
                 raise NotFound(f"no refused registration of {machine.ref} made claim "
                                f"{claim!r} (its newest {_CLAIMS_SEEN} events"
                                + "".join(f"; {h.peer or 'an unknown address'} sent {h.claim} "
-                                         f"{h.tries} times" for h in
-                                         self.claims.held(machine.id)[:_CLAIMS_TOLD])
+                                         f"{h.tries} times" for h in told)
                                + ")")
             # Where it came from: its kept entry (how often it tried) else its event's.
             peer = (held.peer if held else made.data.get("peer") if made else None) \

@@ -263,7 +263,7 @@ class Zone:
                     builder.claim((*service, *ckey), f"cluster {cluster.name!r} SRV")
 
         machine_ips: list[tuple[Key, ipaddress.IPv4Address]] = []
-        endpoint: dict[bytes, list[tuple[Key, ipaddress.IPv4Address]]] = {
+        endpoint: dict[bytes, list[tuple[Key | None, ipaddress.IPv4Address]]] = {
             c: [] for c in cluster_names
         }
         for machine in machines:
@@ -275,21 +275,29 @@ class Zone:
                 continue
             host, ip = named
             hkey = (host.encode(), *origin)
-            if not builder.claim(hkey, f"machine {machine.ref}"):
-                continue
-            builder.address(hkey, ip)
-            machine_ips.append((hkey, ip))
+            own = builder.claim(hkey, f"machine {machine.ref}")
+            if own:
+                builder.address(hkey, ip)
+                machine_ips.append((hkey, ip))
             member_of = (machine.cluster or "").lower().encode()
             if member_of in endpoint and is_cluster_endpoint(machine):
-                endpoint[member_of].append((hkey, ip))
+                # An address of its cluster's name even where its own name is another's (a
+                # cluster's, the server's, a machine's before it): serves_cluster, which the
+                # boot decision asks before it gives nodes that name, counts it by its
+                # host_record alone, and a sole server named so left <cluster>.Z with no
+                # address while every agent was sent there. Its SRV names it only where its
+                # name is its own.
+                endpoint[member_of].append((hkey if own else None, ip))
 
         endpoints: dict[str, tuple[str, ...]] = {}
         for clabel, members in endpoint.items():
             ckey = (clabel, *origin)
-            for hkey, ip in members:
+            for owned, ip in members:
                 builder.address(ckey, ip)
+                if owned is None:
+                    continue
                 # RFC 2782: priority 0, weight 10, the target never compressed.
-                srv = _SRV_HEAD.pack(0, 10, k3s_port) + _wire_name(hkey)
+                srv = _SRV_HEAD.pack(0, 10, k3s_port) + _wire_name(owned)
                 for service in _SRV_SERVICES:
                     builder.add((*service, *ckey), _T_SRV, srv)
             endpoints[cluster_names[clabel]] = tuple(str(ip) for _, ip in members)

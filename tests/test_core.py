@@ -758,3 +758,52 @@ asyncio.run(main())
         assert held == ["m-a"], held
     finally:
         await store.close()
+
+
+async def test_a_cluster_named_as_another_but_for_case_is_refused() -> None:
+    """Clusters "edge" and "Edge" were both taken: one DNS name, edge.<zone>, answered the
+    servers of both (netboot.names reads a machine's cluster in lower case) and the nodes of
+    each were told it (boot's serves_cluster), so a node joined, or was refused by, the
+    other cluster's server. Now the second is a 409 naming the field; other names, and a
+    replace of the cluster itself, as before."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.open()
+    core = Core(store, Enroller(store), None, None)  # type: ignore[arg-type]
+    external = {"server_url": "https://192.0.2.50:6443", "token": "a-token-of-its-servers"}
+    await core.put("clusters", {"name": "edge", **external}, create=True)
+    for name in ("Edge", "EDGE"):
+        with pytest.raises(Conflict) as refused:
+            await core.put("clusters", {"name": name, **external}, create=True)
+        assert refused.value.field == "name" and "'edge'" in str(refused.value)
+    assert [c.name for c in await store.list_clusters()] == ["edge"]
+    await core.put("clusters", {"name": "edge-2", **external}, create=True)
+    await core.put("clusters", {"name": "edge", **external, "description": "x"}, create=False)
+
+
+async def test_an_id_names_its_machine_whatever_another_hostname_spells() -> None:
+    """A hostname spelled as another machine's id (``m-`` and 12 hex digits: a valid
+    hostname, which an enroll token may give) made that id a 409 on every {ref} route and
+    CLI REF, whose remedy, "give the one you mean by its id", was the very text refused: a
+    machine enrolled by serial alone, with no hostname, had no name left. An id now names
+    its machine; the other is named by its own id, and its hostname where no id is it."""
+    from netboot.core import machine_ref
+    from netboot.inventory.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.open()
+    serial_only = Machine(serial="CZ41ATK01")
+    await store.create_machine(serial_only)
+    squatter = Machine(macs=(MacAddress.parse("52:54:00:41:0a:01"),),
+                       hostname=serial_only.id)
+    await store.create_machine(squatter)
+    assert await machine_ref(store, serial_only.id) == serial_only.id
+    assert await machine_ref(store, squatter.id) == squatter.id
+    # An id-shaped hostname no machine's id is: that machine's name alone.
+    named = Machine(macs=(MacAddress.parse("52:54:00:41:0a:02"),), hostname="m-00000000abcd")
+    await store.create_machine(named)
+    assert await machine_ref(store, "m-00000000abcd") == named.id

@@ -1483,12 +1483,97 @@ async def test_an_installs_secret_proves_its_repeats_and_nothing_else_does(  # t
     assert kept.install_token == first.install_token
     stored = await store.get_machine(first.id)
     assert stored is not None and stored.ipv4 == "192.0.2.72"
-    # A reinstall: the digest goes with the token.
+    # A reinstall: the token goes, and the secret opens nothing with it (its digest is kept,
+    # inert, for a reinstall the operator takes back: s41-attack, the test below).
     await enroller.reinstall(str(mac))
     stored = await store.get_machine(first.id)
-    assert stored is not None and stored.secret_hash is None
+    assert stored is not None and stored.token_hash is None and stored.install_token is None
     with pytest.raises(AuthError):
         await enroller.register(body, at)
+    with pytest.raises(AuthError):  # nor its machine token with the secret, while reinstalling
+        await enroller.register({"mac": str(mac), "machine_token": first.install_token,
+                                 "install_secret": secret}, at)
+
+
+async def test_a_reinstall_taken_back_registers_the_node_that_still_runs_it(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """A registered server reinstalled by mistake, taken back with mark-installed (README:
+    "a reinstall asked by mistake, taken back"; the dashboard's Mark installed): its node
+    never stopped, but the reinstall voided its machine token, so each later boot's report
+    was a 401 and the machine stayed ``installed`` for good: out of its cluster's endpoint
+    and DNS name, every node installed next held waiting for a first server that ran all
+    along (seen on a live server: ``waiting for cluster edge2's first server to register``),
+    until a real reinstall wiped it. Now its install's secret, which every try sends, proves
+    the install it still runs: registered again, a new machine token, moved where it is.
+    Nothing else opens it: not before the operator's word, not without the secret, not once
+    a new install is under way."""
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import AuthError
+
+    store = every_store
+    now = [1000.0]
+    mac = await _installed(store, "52:54:00:00:41:11", "s41")
+    enroller = Enroller(store, clock=lambda: now[0])
+    secret = "5d0e2f6a-1b3c-4d5e-8f70-a1b2c3d4e5f6"
+    first = await enroller.register({"mac": str(mac), "token": "tok", "install_secret": secret,
+                                     "keeps": "machine_token"}, ipaddress.ip_address("192.0.2.70"))
+    boot = {"mac": str(mac), "machine_token": first.install_token, "install_secret": secret,
+            "keeps": "machine_token"}
+    now[0] += 60
+    await enroller.reinstall(str(mac))
+    with pytest.raises(AuthError):  # asked: the node is refused (its reinstall stands)
+        await enroller.register(boot, ipaddress.ip_address("192.0.2.71"))
+    machine = await store.get_machine(first.id)
+    assert machine is not None
+    await enroller.report(machine, {"kind": "installed", "message": "taken back"})
+    for wrong in ({**boot, "install_secret": "guess"}, {k: v for k, v in boot.items()
+                                                        if k != "install_secret"}):
+        with pytest.raises(AuthError):
+            await enroller.register(wrong, ipaddress.ip_address("192.0.2.71"))
+    now[0] += 60
+    again = await enroller.register(boot, ipaddress.ip_address("192.0.2.71"))
+    assert again.state == MachineState.REGISTERED and again.ipv4 == "192.0.2.71"
+    assert again.install_token and again.install_token != first.install_token
+    assert again.secret_hash == hashlib.sha256(secret.encode()).hexdigest()
+    event = (await store.list_events(first.id))[-1]
+    assert event.kind == "registered" and "taken back" in event.message
+    # Its next boot reports with the new machine token, as any registered machine's.
+    moved = await enroller.register({**boot, "machine_token": again.install_token},
+                                    ipaddress.ip_address("192.0.2.72"))
+    assert moved.ipv4 == "192.0.2.72"
+    # A reinstall that goes on: once its new install is under way (an install token of its
+    # own), the old install's secret opens nothing, and it is gone at the next registration.
+    await enroller.reinstall(str(mac))
+    machine = await store.get_machine(first.id)
+    assert machine is not None
+    await store.update_machine(replace_machine(
+        machine, state=MachineState.INSTALLED, updated=now[0] + 1,
+        token_hash=hashlib.sha256(b"tok2").hexdigest()))
+    with pytest.raises(AuthError):
+        await enroller.register({**boot, "machine_token": again.install_token},
+                                ipaddress.ip_address("192.0.2.71"))
+    newest = await enroller.register({"mac": str(mac), "token": "tok2",
+                                      "install_secret": "its-new-install"},
+                                     ipaddress.ip_address("192.0.2.73"))
+    assert newest.secret_hash == hashlib.sha256(b"its-new-install").hexdigest()
+
+
+async def _registered_by_a_thief(store: Any, mac_text: str, hostname: str, now: list[float],
+                                 secret: str) -> tuple[Enroller, MacAddress, dict[str, str],
+                                                       Machine]:
+    """An installed machine registered first by a host that read its install token, with a
+    secret of its own (README "What a host on the provisioning network can take"): the
+    enroller (its clock ``now[0]``), the MAC, the host's body and the machine as registered."""
+    import ipaddress
+
+    mac = await _installed(store, mac_text, hostname)
+    enroller = Enroller(store, clock=lambda: now[0])
+    thief = {"mac": str(mac), "token": "tok", "install_secret": secret,
+             "keeps": "machine_token"}
+    held = await enroller.register(thief, ipaddress.ip_address("192.0.2.66"), audit=_audited)
+    return enroller, mac, thief, held
 
 
 async def test_a_refused_claim_is_told_bounded_and_the_operator_gives_the_machine_to_it(  # type: ignore[no-untyped-def]
@@ -1509,11 +1594,8 @@ async def test_a_refused_claim_is_told_bounded_and_the_operator_gives_the_machin
 
     store = every_store
     now = [1000.0]
-    mac = await _installed(store, "52:54:00:00:40:01", "c1")
-    enroller = Enroller(store, clock=lambda: now[0])
-    thief = {"mac": str(mac), "token": "tok", "install_secret": "7e1d0c55-thief",
-             "keeps": "machine_token"}
-    held = await enroller.register(thief, ipaddress.ip_address("192.0.2.66"), audit=_audited)
+    enroller, mac, thief, held = await _registered_by_a_thief(
+        store, "52:54:00:00:40:01", "c1", now, "7e1d0c55-thief")
     device_secret = "3f0a9c2e-5b7d-4e1f-a6c8-d9e0f1a2b3c4"
     device = {**thief, "install_secret": device_secret, "machine_id": "d1"}
     claim = hashlib.sha256(device_secret.encode()).hexdigest()
@@ -1552,6 +1634,56 @@ async def test_a_refused_claim_is_told_bounded_and_the_operator_gives_the_machin
                                 ipaddress.ip_address("192.0.2.66"))
     with pytest.raises(TransitionRefused):  # and its secret no longer proves anything
         await enroller.register(thief, ipaddress.ip_address("192.0.2.66"))
+
+
+@pytest.mark.parametrize("where", ["here", "by the CLI", "by another server"])
+async def test_a_claim_refused_before_a_reinstall_is_not_given_to_the_next_install(  # type: ignore[no-untyped-def]
+        every_store, where: str) -> None:
+    """A host registered the machine first and the device's registration was refused (its
+    claim kept and told); the operator reinstalled the machine instead (README's other way
+    out) and the device registered its new install. Before, the old install's claim (its
+    event, and this server's kept copy: never forgotten but when given) could still be
+    given to the new registration: the device's machine token voided and its new secret
+    refused at every try, until another reinstall. Now a claim counts only against the
+    registration it was refused by: a 404, and nothing of the old one is listed."""
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import NotFound, TransitionRefused
+
+    store = every_store
+    now = [1000.0]
+    enroller, mac, thief, held = await _registered_by_a_thief(
+        store, "52:54:00:00:41:01", "c41", now, "thief")
+    device = {**thief, "install_secret": "first-install-of-the-device"}
+    old_claim = hashlib.sha256(b"first-install-of-the-device").hexdigest()
+    for _ in range(3):
+        with pytest.raises(TransitionRefused):
+            await enroller.register(device, ipaddress.ip_address("192.0.2.10"))
+    assert [h.claim for h in enroller.claims.held(held.id)] == [old_claim]
+    now[0] += 60
+    other = Enroller(store, clock=lambda: now[0])  # the CLI, or the other server of a pair
+    await (enroller if where == "here" else other).reinstall(str(mac))
+    if where == "here":
+        assert enroller.claims.held(held.id) == []  # GET .../claims lists none of it
+    # Its new install (a new install token), registered by the device from its address.
+    machine = await store.get_machine(held.id)
+    await store.update_machine(replace_machine(
+        machine, state=MachineState.INSTALLED, updated=now[0],
+        token_hash=hashlib.sha256(b"tok2").hexdigest()))
+    now[0] += 600
+    second = {**device, "token": "tok2", "install_secret": "second-install"}
+    registrar = other if where == "by another server" else enroller
+    registered = await registrar.register(second, ipaddress.ip_address("192.0.2.10"))
+    assert registered.state == MachineState.REGISTERED
+    if where != "by another server":
+        assert enroller.claims.held(held.id) == []
+    with pytest.raises(NotFound) as refused:
+        await enroller.give_to_claim(str(mac), old_claim)
+    assert f"sent {old_claim}" not in str(refused.value)  # nor offered among the kept
+    # The device's new install is still the one held: its repeat is answered.
+    again = await enroller.register(second, ipaddress.ip_address("192.0.2.10"))
+    assert again.install_token == registered.install_token
 
 
 async def test_the_time_in_a_state_is_kept_by_every_store_and_filtered_on(  # type: ignore[no-untyped-def]

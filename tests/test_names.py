@@ -26,6 +26,7 @@ from netboot.names import (
     answer,
     formerr_for,
     parse_query,
+    serves_cluster,
 )
 
 
@@ -180,6 +181,29 @@ def test_cluster_endpoint_follows_registration_and_failure() -> None:
     assert rdata(ask(holder.zone(), "edge.netboot.lan")) == ["10.0.0.11", "10.0.0.13"]
     assert rdata(ask(holder.zone(), "node0.netboot.lan")) == ["10.0.0.10"]
     assert ask(holder.zone(), "netboot.lan", "SOA").rr[0].rdata.times[0] == 44
+
+
+@pytest.mark.parametrize("case", ["named as its cluster", "named as another cluster",
+                                  "named as the server", "named as a machine before it"])
+def test_a_server_whose_name_is_taken_is_still_an_address_of_its_cluster(case: str) -> None:
+    """The boot decision sends a managed cluster's nodes to <cluster>.Z once serves_cluster
+    says a registered server of it has a name and an address (boot.BootService._endpoint);
+    the zone left a server whose hostname another owner claimed first (its cluster, another
+    cluster, the server's own name, a machine listed before it) out of <cluster>.Z too, so
+    with it the sole server every agent was told a name with no address, and never joined."""
+    server = machine(0, role=Role.SERVER, hostname={
+        "named as its cluster": "edge", "named as another cluster": "empty",
+        "named as the server": "netboot", "named as a machine before it": "node1",
+    }[case])
+    machines = [machine(1), server, machine(2)]
+    assert serves_cluster("edge", [server])  # what the boot decision asks
+    zone = build(machines)
+    assert rdata(ask(zone, "edge.netboot.lan")) == ["10.0.0.10"]
+    assert zone.endpoints["edge"] == ("10.0.0.10",)
+    # Its SRV names only a name of its own: none here (another owner's name answers
+    # another address, or the cluster's itself).
+    assert ask(zone, "_k3s._tcp.edge.netboot.lan", "SRV").rr == []
+    assert any("already used by" in c for c in zone.conflicts)
 
 
 @pytest.mark.parametrize("service", ["_k3s", "_kubernetes"])
