@@ -767,20 +767,37 @@ class Core:
             raise ValidationError("token", "required for an external cluster (k3s node token)")
         return await self._managed_join(cluster, data, create=create, force=force)
 
-    async def secure_token(self, name: str) -> Cluster:
+    async def secure_token(self, name: str, *,
+                           versions: Collection[str] | None = None) -> Cluster:
         """Give a managed cluster made with the short token (before netboot made k3s CAs, or
         with ``enroll.k3s_secure_token: false``) its CA and the secure token: refused once a
         node of it fetched its config (_no_node_configured); a cluster that has one keeps
-        it."""
-        cluster = await self.get("clusters", name)
-        if not cluster.managed:
-            raise ValidationError("server_url", f"cluster {name!r} is external: its servers "
-                                  "made their CA; give their own secure token (K10…, their "
-                                  "node-token file) as its token")
-        made: Cluster = await self._managed_join(cluster, {}, create=False, secure=True)
-        if made != cluster:
-            await self.store.put_cluster(made, create=False)
-        return made
+        it. ``versions``: the API's If-Match, as a replace's.
+
+        Written as a compare-and-set on the cluster read, as every other cluster write
+        (_put_cluster): it was written whole without one, so an edit committed meanwhile by
+        another server or a CLI (its description, the agent token a starting server gave
+        it) was undone, and of two asked at once each made a CA, the last stored, and the
+        other's caller shown a CA hash that no longer was the cluster's. The loser reads
+        the cluster again: the winner's CA is kept, and returned."""
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+            cluster = await self.get("clusters", name)
+            _require_item_version("clusters", cluster, versions)
+            if not cluster.managed:
+                raise ValidationError("server_url", f"cluster {name!r} is external: its "
+                                      "servers made their CA; give their own secure token "
+                                      "(K10…, their node-token file) as its token")
+            made: Cluster = await self._managed_join(cluster, {}, create=False, secure=True)
+            if made == cluster:
+                return made
+            try:
+                await self.store.put_cluster(made, create=False, expect=cluster)
+            except StateChanged:
+                if attempt == DECIDE_ATTEMPTS:
+                    raise
+                continue
+            return made
+        raise AssertionError("unreachable")  # the loop returns or raises
 
     async def _managed_join(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
                             secure: bool = False, force: bool = False) -> Cluster:
@@ -1007,17 +1024,36 @@ class Core:
         others = [g for g in await self.store.list_groups() if g.name != group.name]
         grouping.check_groups([*others, group])
 
-    async def delete(self, kind: str, name: str) -> None:
+    async def delete(self, kind: str, name: str, *,
+                     versions: Collection[str] | None = None) -> None:
         """Remove a profile, cluster or group; refused while anything still uses it, since
-        a machine whose profile or cluster vanished would boot without one, silently."""
+        a machine whose profile or cluster vanished would boot without one, silently.
+        ``versions``: the API's If-Match (:func:`item_version`); another is a 412.
+
+        The delete compares the item read and (a profile, a cluster) finds no machine or
+        group naming it in its own transaction (Store.delete_profile): a machine enrolled
+        into it, or an edit of it, by another server or a CLI after this check is a 409 (a
+        412 where If-Match was given), nothing deleted; before, the machine was left naming
+        a cluster that was gone and was held at its next boot."""
         single = _kind(kind)
-        await self.get(kind, name)
-        if single in ("profile", "cluster"):
-            users = await self._users(single, name)
-            if users:
-                raise Conflict(f"{single} {name!r} is used by {', '.join(users)}; "
-                               "change or remove those first")
-        await getattr(self.store, f"delete_{single}")(name)
+        delete = getattr(self.store, f"delete_{single}")
+        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+            item = await self.get(kind, name)
+            _require_item_version(kind, item, versions)
+            unused = {}
+            if single != "group":  # a group is no machine's: none names one
+                users = await self._users(single, name)
+                if users:
+                    raise Conflict(f"{single} {name!r} is used by {', '.join(users)}; "
+                                   "change or remove those first")
+                unused = {"unused": True}
+            try:
+                await delete(name, expect=item, **unused)
+            except StateChanged:  # changed since read: If-Match and the users again
+                if attempt == DECIDE_ATTEMPTS:
+                    raise
+                continue
+            return
 
     async def _users(self, ref: str, name: str, most: int = 5) -> list[str]:
         users = [f"group {g.name!r}" for g in await self.store.list_groups()

@@ -758,3 +758,179 @@ asyncio.run(main())
         assert held == ["m-a"], held
     finally:
         await store.close()
+
+
+# --- rules that are check-then-write across writers (s41-integrity) -----------------------
+
+def _settings_only() -> Any:
+    """What Core._users reads of a BootService: its settings (no default profile, no rule)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(settings=SimpleNamespace(default_profile=None, policy="manual",
+                                                    rules=()))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("what", ["profiles", "clusters"])
+@pytest.mark.parametrize("user", ["machine", "group"])
+async def test_a_user_given_it_between_the_delete_check_and_the_delete_keeps_it(
+        kind: str, what: str, user: str, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """Core.delete checked that no machine or group used the profile or cluster, then
+    deleted it: another server (or a CLI beside this one) that enrolled a machine into it,
+    or made a group of it, between the two left that machine naming one that is gone (held
+    at its next boot, "does not exist"). The delete now finds its users in its own
+    transaction: a 409 naming the machine or group, and nothing deleted. Ordered by a
+    store wrapper: the other writes between this one's check and its delete."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.model import Cluster, Profile
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+        await a.put_cluster(Cluster(name="c", token="t" * 32), create=True)
+        core_a, core_b = (Core(s, Enroller(s), _settings_only(), None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        single = what[:-1]
+        name = "p" if single == "profile" else "c"
+        original = getattr(a, f"delete_{single}")
+        given: list[str] = []
+
+        async def after_the_other(*args: Any, **kw: Any) -> None:
+            if not given:  # this server found no user; the other gives it one now
+                if user == "machine":
+                    made = await core_b.create_machine({"mac": MAC, single: name},
+                                                       note="enrolled")
+                    given.append(made.id)
+                else:
+                    await core_b.put("groups", {"name": "rack1", "selector": {"rack": ["1"]},
+                                                single: name}, create=True)
+                    given.append("rack1")
+            await original(*args, **kw)
+
+        setattr(a, f"delete_{single}", after_the_other)
+        with pytest.raises(Conflict) as refused:
+            await core_a.delete(what, name)
+        assert given
+        assert refused.value.field == single and refused.value.holder == given[0]
+        assert (f"machine {MAC}" if user == "machine" else "group 'rack1'") in str(refused.value)
+        for store in (a, b):
+            assert await getattr(store, f"get_{single}")(name) is not None
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("what", ["profiles", "clusters", "groups"])
+async def test_a_change_between_if_match_and_the_delete_is_a_412_and_nothing_deleted(
+        kind: str, what: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A DELETE's If-Match checked on a read, then another server (or a CLI) changed the
+    item before the delete: the delete compares the read in its own transaction, a 412 and
+    the other's change kept; before, If-Match was not even looked at, and the item changed
+    meanwhile was deleted unseen."""
+    from netboot.core import Core, item_version
+    from netboot.enroll import Enroller
+    from netboot.errors import PreconditionFailed
+    from netboot.model import Cluster, Group, Profile
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        core_a = Core(a, Enroller(a), _settings_only(), None)  # type: ignore[arg-type]
+        item: Any = {"profiles": Profile(name="p", kernel="vmlinuz"),
+                     "clusters": Cluster(name="c", token="t" * 32),
+                     "groups": Group(name="g", selector={"arch": ("arm64",)})}[what]
+        single = what[:-1]
+        await getattr(a, f"put_{single}")(item, create=True)
+        version = item_version(what, item)
+        theirs = (replace(item, labels={"rack": "theirs"}) if what == "groups"
+                  else replace(item, description="theirs"))
+        original = getattr(a, f"delete_{single}")
+        changed: list[bool] = []
+
+        async def after_the_other(*args: Any, **kw: Any) -> None:
+            if not changed:
+                changed.append(True)
+                await getattr(b, f"put_{single}")(theirs)
+            await original(*args, **kw)
+
+        setattr(a, f"delete_{single}", after_the_other)
+        with pytest.raises(PreconditionFailed):
+            await core_a.delete(what, item.name, versions={version})
+        assert changed
+        for store in (a, b):
+            assert await getattr(store, f"get_{single}")(item.name) == theirs
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_secure_token_given_while_another_writer_edits_the_cluster_keeps_both(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`netboot clusters set old --secure-token` (Core.secure_token) wrote the cluster whole
+    with no compare-and-set, unlike every other cluster write: an edit another server or a
+    CLI committed between its read and its write (a description here; the agent token a
+    starting server gives an old cluster) was undone. Now a compare-and-set on the read,
+    made again on the cluster as stored: both the edit and the new CA are kept. Ordered by a
+    store wrapper: the other's edit commits between this one's read and its write."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.model import Cluster
+    from netboot.pki import k3s_ca_hash
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_cluster(Cluster(name="old", token="o" * 32), create=True)
+        core_a = Core(a, Enroller(a), _settings_only(), None)  # type: ignore[arg-type]
+        put, edited = a.put_cluster, []
+
+        async def after_the_other(cluster: Cluster, **kw: Any) -> None:
+            if not edited:
+                stored = await b.get_cluster("old")
+                assert stored is not None
+                edited.append(True)
+                await b.put_cluster(replace(stored, description="rack 4"))
+            await put(cluster, **kw)
+
+        a.put_cluster = after_the_other  # type: ignore[method-assign]
+        made = await core_a.secure_token("old")
+        assert edited and made.ca_cert
+        assert made.token.startswith(f"K10{k3s_ca_hash(made.ca_cert)}::")
+        for store in (a, b):
+            stored = await store.get_cluster("old")
+            assert stored == made and stored.description == "rack 4"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_two_secure_tokens_asked_at_once_both_answer_the_one_stored(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two `--secure-token` at once (a CLI and a server's POST .../secure-token): each made
+    a CA and wrote it, the last one stored; the first caller was shown a CA hash (and a
+    token) that was no longer the cluster's. Now the loser's compare-and-set fails, it reads
+    the winner's cluster, which has a CA, and keeps it: both answer the one stored."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.model import Cluster
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_cluster(Cluster(name="old", token="o" * 32), create=True)
+        cores = [Core(s, Enroller(s), _settings_only(), None)  # type: ignore[arg-type]
+                 for s in (a, b)]
+        both_made, puts = asyncio.Event(), []
+        for store in (a, b):
+            put = store.put_cluster
+
+            async def when_both_made(cluster: Cluster, *, _put: Any = put, **kw: Any) -> None:
+                puts.append(cluster.ca_cert)
+                if len(puts) == 2:
+                    both_made.set()
+                with contextlib.suppress(TimeoutError):  # bounded: one may never come
+                    await asyncio.wait_for(both_made.wait(), 5)
+                await _put(cluster, **kw)
+
+            store.put_cluster = when_both_made  # type: ignore[method-assign]
+        made = await asyncio.gather(*(core.secure_token("old") for core in cores))
+        assert len(set(puts[:2])) == 2  # each made a CA of its own, both read the short one
+        stored = await a.get_cluster("old")
+        assert stored is not None and stored.ca_cert
+        assert made == [stored, stored]
+        assert await b.get_cluster("old") == stored
+
