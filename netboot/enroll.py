@@ -986,7 +986,12 @@ class Enroller:
                 # The device's DISCOVER recorded between this read and this write (an
                 # operator enrolling a pallet as it powers on): its discovered record now
                 # holds the identifier; read again and take it over, as if it had been there.
-                if attempt >= DECIDE_ATTEMPTS or not await self._discovered(refused.holder):
+                # Or the name the template chose, read as free, was given to another machine
+                # by another writer since (another server, a CLI): the store's unique index
+                # refused it, and the next free one is chosen, as if it had been taken then.
+                chosen = refused.field == "hostname" and machine.hostname is None
+                if attempt >= DECIDE_ATTEMPTS or not (
+                        chosen or await self._discovered(refused.holder)):
                     raise refused
                 continue
             if made is not None:

@@ -934,3 +934,65 @@ async def test_two_secure_tokens_asked_at_once_both_answer_the_one_stored(
         assert made == [stored, stored]
         assert await b.get_cluster("old") == stored
 
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_one_hostname_given_at_once_by_two_writers_is_given_once(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two servers (or a CLI beside a server) enrolling two machines with one hostname at
+    once: the store's unique index on the case-folded hostname decides in the committing
+    transaction, so one is stored and the other is a 409 naming the field and the holder
+    (two machines with one name: DNS answers one of them, dnsmasq's "duplicate name")."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        cores = [Core(s, Enroller(s), None, None) for s in (a, b)]  # type: ignore[arg-type]
+        macs = [f"52:54:00:41:0a:0{n}" for n in range(4)]
+        outcomes = await asyncio.gather(*(
+            core.create_machine({"mac": text, "hostname": "Edge-1" if n % 2 else "edge-1"},
+                                note="enrolled")
+            for n, (text, core) in enumerate(zip(macs, cores * 2, strict=True))),
+            return_exceptions=True)
+        made = [o for o in outcomes if isinstance(o, Machine)]
+        refused = [o for o in outcomes if isinstance(o, Conflict)]
+        assert len(made) == 1 and len(refused) == 3, outcomes
+        assert all(c.field == "hostname" and c.holder == made[0].id for c in refused), refused
+        for store in (a, b):
+            named = [m.id for m in await store.list_machines() if m.hostname is not None]
+            assert named == [made[0].id]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_template_name_taken_by_another_writer_meanwhile_is_chosen_again(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A machine enrolled without a hostname is named by the template, the first free name
+    read; another writer (a server, a CLI) that gave that name to another machine between
+    the read and this write made the store refuse it, and the enrollment, which named no
+    hostname, failed with "hostname 'node-123456' is used by …" (here two NICs of two
+    vendors with one low half). The name is now chosen again: the next free one."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        core_a, core_b = (Core(s, Enroller(s), None, None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        by_hostname, theirs = a.get_machine_by_hostname, []
+
+        async def then_the_other(hostname: str) -> Machine | None:
+            found = await by_hostname(hostname)
+            if found is None and not theirs:  # read as free: the other takes it now
+                theirs.append(await core_b.create_machine({"mac": "02:00:00:12:34:56"},
+                                                          note="enrolled"))
+            return found
+
+        a.get_machine_by_hostname = then_the_other  # type: ignore[method-assign]
+        mine = await core_a.create_machine({"mac": MAC}, note="enrolled")
+        assert [m.hostname for m in theirs] == ["node-123456"]
+        assert mine.hostname == "node-123456-2"
+        for store in (a, b):
+            assert {m.hostname for m in await store.list_machines()} == {
+                "node-123456", "node-123456-2"}
+
