@@ -996,3 +996,74 @@ async def test_a_template_name_taken_by_another_writer_meanwhile_is_chosen_again
             assert {m.hostname for m in await store.list_machines()} == {
                 "node-123456", "node-123456-2"}
 
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_an_import_swapping_two_machines_fixed_addresses_is_made(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """An import giving A B's fixed_ipv4 and B A's (renumbering two hosts) was refused on
+    both rows ("is the fixed address of …"): each row was checked against the inventory as
+    read, where the other still held it. A file is read as a whole, as dnsmasq reads its
+    dhcp-host lines: an address held by a machine the file gives another is free. One held
+    by a machine the file leaves as it is stays refused, naming it."""
+    from netboot.enroll import Enroller
+
+    async with contextlib.AsyncExitStack() as stack:
+        (store,) = await pg.stores_on_one_inventory(kind, tmp_path, request, stack, count=1)
+        enroller = Enroller(store)
+        macs = [f"52:54:00:41:0b:0{n}" for n in range(3)]
+        for n, text in enumerate(macs):
+            await store.create_machine(Machine(id=f"m-{n}", macs=(MacAddress.parse(text),),
+                                               fixed_ipv4=f"192.0.2.8{n}", updated=1.0))
+        report = await enroller.import_rows([
+            (1, {"mac": macs[0], "fixed_ipv4": "192.0.2.81"}),
+            (2, {"mac": macs[1], "fixed_ipv4": "192.0.2.80"})])
+        assert report.applied and not report.errors, report
+        report = await enroller.import_rows([
+            (1, {"mac": macs[0], "fixed_ipv4": "192.0.2.82"}),
+            (2, {"mac": macs[1], "fixed_ipv4": "192.0.2.83"})])
+        assert not report.applied
+        assert [(e.line, e.field) for e in report.errors] == [(1, "fixed_ipv4")], report
+        assert f"192.0.2.82 is the fixed address of {macs[2]}" in report.errors[0].message
+        assert {m.id: m.fixed_ipv4 for m in await store.list_machines()} == {
+            "m-0": "192.0.2.81", "m-1": "192.0.2.80", "m-2": "192.0.2.82"}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_an_import_holds_the_fixed_address_lock_only_to_check_and_commit(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """An import held the inventory's fixed-address lock (PostgreSQL's advisory lock, the
+    flock beside a SQLite file) for its whole run: every other server's and CLI's write of a
+    fixed_ipv4 waited for a large file's parse and checks (up to FIXED_LOCK_WAIT, then
+    failed). Now only its check of the addresses against their holders as stored then, and
+    its commit, hold it: another process's write made while the import reads and checks
+    goes through at once, and the import, whose file gives the same address, is a 409 naming
+    that machine, never a second holder."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        core_a, core_b = (Core(s, Enroller(s), None, None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        for n in range(2):
+            await a.create_machine(Machine(id=f"m-{n}", macs=(MacAddress.parse(
+                f"52:54:00:41:0c:0{n}"),), updated=1.0))
+        list_groups, other = a.list_groups, []
+
+        async def the_other_meanwhile() -> Any:
+            if not other:  # the import has read and checked its rows, not yet written
+                other.append(await asyncio.wait_for(core_b.update_machine(
+                    "m-1", {"fixed_ipv4": "192.0.2.90"}), 30))
+            return await list_groups()
+
+        a.list_groups = the_other_meanwhile  # type: ignore[method-assign]
+        with pytest.raises(Conflict, match=r"line 1: fixed_ipv4 192\.0\.2\.90 is the fixed "
+                                           r"address of 52:54:00:41:0c:01") as refused:
+            await core_a.enroller.import_rows([(1, {"mac": "52:54:00:41:0c:00",
+                                                    "fixed_ipv4": "192.0.2.90"})])
+        assert refused.value.field == "fixed_ipv4"
+        assert [m.id for m in other] == ["m-1"]
+        for store in (a, b):
+            assert {m.id: m.fixed_ipv4 for m in await store.list_machines()} == {
+                "m-0": None, "m-1": "192.0.2.90"}
