@@ -19,9 +19,9 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from netboot import groups as grouping
 from netboot import identity, lifecycle
@@ -219,6 +219,22 @@ def _require_item_version(kind: str, item: Any, versions: Collection[str] | None
     if versions is not None and item_version(kind, item) not in versions:
         raise PreconditionFailed(f"{kind[:-1]} {item.name!r} changed since the version given "
                                  f"(it is {item_version(kind, item)} now): read it again")
+
+
+_T = TypeVar("_T")
+
+
+async def _again_on_change(step: Callable[[], Awaitable[_T]]) -> _T:
+    """``step``: a read, its checks, and a compare-and-set write on that read; made again on
+    what is stored now when another writer (a server, a CLI) changed it between the two
+    (StateChanged), up to DECIDE_ATTEMPTS times, then that refusal (a 409)."""
+    for attempt in range(1, DECIDE_ATTEMPTS + 1):
+        try:
+            return await step()
+        except StateChanged:
+            if attempt == DECIDE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 # k3s's secure token: "K10" and the server CA's SHA-256 (hex), then "::" (k3s clientaccess).
@@ -728,19 +744,14 @@ class Core:
         first (made again on the cluster as stored now when another server changed it
         meanwhile): an edit must not undo the agent token another server's start-up gave
         the cluster (Core.give_agent_tokens), whose configs name it."""
-        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+        async def step() -> Cluster:
             read = None if create else await self.store.get_cluster(cluster.name)
             if read is not None:  # If-Match on each read: the write compares that read
                 _require_item_version("clusters", read, versions)
             made = await self._check_cluster(cluster, data, create=create, force=force)
-            try:
-                await self.store.put_cluster(made, create=create, expect=read)
-            except StateChanged:
-                if attempt == DECIDE_ATTEMPTS:
-                    raise
-                continue
+            await self.store.put_cluster(made, create=create, expect=read)
             return made
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return await _again_on_change(step)
 
     async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any], *,
                              create: bool, force: bool = False) -> Cluster:
@@ -780,7 +791,7 @@ class Core:
         it) was undone, and of two asked at once each made a CA, the last stored, and the
         other's caller shown a CA hash that no longer was the cluster's. The loser reads
         the cluster again: the winner's CA is kept, and returned."""
-        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+        async def step() -> Cluster:
             cluster = await self.get("clusters", name)
             _require_item_version("clusters", cluster, versions)
             if not cluster.managed:
@@ -788,16 +799,10 @@ class Core:
                                       "servers made their CA; give their own secure token "
                                       "(K10…, their node-token file) as its token")
             made: Cluster = await self._managed_join(cluster, {}, create=False, secure=True)
-            if made == cluster:
-                return made
-            try:
+            if made != cluster:
                 await self.store.put_cluster(made, create=False, expect=cluster)
-            except StateChanged:
-                if attempt == DECIDE_ATTEMPTS:
-                    raise
-                continue
             return made
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return await _again_on_change(step)
 
     async def _managed_join(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
                             secure: bool = False, force: bool = False) -> Cluster:
@@ -1037,7 +1042,7 @@ class Core:
         a cluster that was gone and was held at its next boot."""
         single = _kind(kind)
         delete = getattr(self.store, f"delete_{single}")
-        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+        async def step() -> None:  # changed since read: If-Match and the users again
             item = await self.get(kind, name)
             _require_item_version(kind, item, versions)
             unused = {}
@@ -1047,13 +1052,8 @@ class Core:
                     raise Conflict(f"{single} {name!r} is used by {', '.join(users)}; "
                                    "change or remove those first")
                 unused = {"unused": True}
-            try:
-                await delete(name, expect=item, **unused)
-            except StateChanged:  # changed since read: If-Match and the users again
-                if attempt == DECIDE_ATTEMPTS:
-                    raise
-                continue
-            return
+            await delete(name, expect=item, **unused)
+        await _again_on_change(step)
 
     async def _users(self, ref: str, name: str, most: int = 5) -> list[str]:
         users = [f"group {g.name!r}" for g in await self.store.list_groups()
