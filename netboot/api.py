@@ -658,7 +658,8 @@ class Api:
             raise ScopeRequired("operator", SERVER_NEEDS_OPERATOR)
         machine = await self._core.create_machine(body, note="created through the API")
         request[TARGET_KEY] = machine.id
-        return web.json_response(self._machine_out(machine), status=201)
+        return web.json_response(self._machine_out(machine), status=201,
+                                 headers=_etag(machine))
 
     async def get_machine(self, request: web.Request) -> web.Response:
         machine = await self._machine(request)
@@ -887,8 +888,10 @@ class Api:
         return web.json_response([self._machine_out(m) for m in nodes])
 
     async def secure_token(self, request: web.Request) -> web.Response:
-        cluster = await self._core.secure_token(request.match_info["name"])
-        return web.json_response(public_dict("clusters", cluster))
+        cluster = await self._core.secure_token(request.match_info["name"],
+                                                versions=_if_match(request))
+        return web.json_response(public_dict("clusters", cluster),
+                                 headers=_item_etag("clusters", cluster))
 
     # -- profiles, clusters, groups -----------------------------------------------------
     def _list(self, kind: str) -> Handler:
@@ -930,7 +933,11 @@ class Api:
 
     def _delete(self, kind: str) -> Handler:
         async def handler(request: web.Request) -> web.Response:
-            await self._core.delete(kind, request.match_info["name"])
+            # If-Match on a delete as on a replace (RFC 9110 §13.1.1): compared in the
+            # delete's own transaction (Core.delete); it was ignored, and an item another
+            # operator had changed since the caller's read was deleted unseen.
+            await self._core.delete(kind, request.match_info["name"],
+                                    versions=_if_match(request))
             return web.Response(status=204)
         return handler
 

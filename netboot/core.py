@@ -19,9 +19,9 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from netboot import groups as grouping
 from netboot import identity, lifecycle
@@ -219,6 +219,22 @@ def _require_item_version(kind: str, item: Any, versions: Collection[str] | None
     if versions is not None and item_version(kind, item) not in versions:
         raise PreconditionFailed(f"{kind[:-1]} {item.name!r} changed since the version given "
                                  f"(it is {item_version(kind, item)} now): read it again")
+
+
+_T = TypeVar("_T")
+
+
+async def _again_on_change(step: Callable[[], Awaitable[_T]]) -> _T:
+    """``step``: a read, its checks, and a compare-and-set write on that read; made again on
+    what is stored now when another writer (a server, a CLI) changed it between the two
+    (StateChanged), up to DECIDE_ATTEMPTS times, then that refusal (a 409)."""
+    for attempt in range(1, DECIDE_ATTEMPTS + 1):
+        try:
+            return await step()
+        except StateChanged:
+            if attempt == DECIDE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")  # the loop returns or raises
 
 
 # k3s's secure token: "K10" and the server CA's SHA-256 (hex), then "::" (k3s clientaccess).
@@ -736,19 +752,15 @@ class Core:
         the cluster (Core.give_agent_tokens), whose configs name it."""
         if create:
             await self._cluster_name_free(cluster.name)
-        for attempt in range(1, DECIDE_ATTEMPTS + 1):
+
+        async def step() -> Cluster:
             read = None if create else await self.store.get_cluster(cluster.name)
             if read is not None:  # If-Match on each read: the write compares that read
                 _require_item_version("clusters", read, versions)
             made = await self._check_cluster(cluster, data, create=create, force=force)
-            try:
-                await self.store.put_cluster(made, create=create, expect=read)
-            except StateChanged:
-                if attempt == DECIDE_ATTEMPTS:
-                    raise
-                continue
+            await self.store.put_cluster(made, create=create, expect=read)
             return made
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return await _again_on_change(step)
 
     async def _cluster_name_free(self, name: str) -> None:
         """A cluster named as another but for case is a 409: both are one DNS name,
@@ -787,20 +799,31 @@ class Core:
             raise ValidationError("token", "required for an external cluster (k3s node token)")
         return await self._managed_join(cluster, data, create=create, force=force)
 
-    async def secure_token(self, name: str) -> Cluster:
+    async def secure_token(self, name: str, *,
+                           versions: Collection[str] | None = None) -> Cluster:
         """Give a managed cluster made with the short token (before netboot made k3s CAs, or
         with ``enroll.k3s_secure_token: false``) its CA and the secure token: refused once a
         node of it fetched its config (_no_node_configured); a cluster that has one keeps
-        it."""
-        cluster = await self.get("clusters", name)
-        if not cluster.managed:
-            raise ValidationError("server_url", f"cluster {name!r} is external: its servers "
-                                  "made their CA; give their own secure token (K10…, their "
-                                  "node-token file) as its token")
-        made: Cluster = await self._managed_join(cluster, {}, create=False, secure=True)
-        if made != cluster:
-            await self.store.put_cluster(made, create=False)
-        return made
+        it. ``versions``: the API's If-Match, as a replace's.
+
+        Written as a compare-and-set on the cluster read, as every other cluster write
+        (_put_cluster): it was written whole without one, so an edit committed meanwhile by
+        another server or a CLI (its description, the agent token a starting server gave
+        it) was undone, and of two asked at once each made a CA, the last stored, and the
+        other's caller shown a CA hash that no longer was the cluster's. The loser reads
+        the cluster again: the winner's CA is kept, and returned."""
+        async def step() -> Cluster:
+            cluster = await self.get("clusters", name)
+            _require_item_version("clusters", cluster, versions)
+            if not cluster.managed:
+                raise ValidationError("server_url", f"cluster {name!r} is external: its "
+                                      "servers made their CA; give their own secure token "
+                                      "(K10…, their node-token file) as its token")
+            made: Cluster = await self._managed_join(cluster, {}, create=False, secure=True)
+            if made != cluster:
+                await self.store.put_cluster(made, create=False, expect=cluster)
+            return made
+        return await _again_on_change(step)
 
     async def _managed_join(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
                             secure: bool = False, force: bool = False) -> Cluster:
@@ -1027,17 +1050,31 @@ class Core:
         others = [g for g in await self.store.list_groups() if g.name != group.name]
         grouping.check_groups([*others, group])
 
-    async def delete(self, kind: str, name: str) -> None:
+    async def delete(self, kind: str, name: str, *,
+                     versions: Collection[str] | None = None) -> None:
         """Remove a profile, cluster or group; refused while anything still uses it, since
-        a machine whose profile or cluster vanished would boot without one, silently."""
+        a machine whose profile or cluster vanished would boot without one, silently.
+        ``versions``: the API's If-Match (:func:`item_version`); another is a 412.
+
+        The delete compares the item read and (a profile, a cluster) finds no machine or
+        group naming it in its own transaction (Store.delete_profile): a machine enrolled
+        into it, or an edit of it, by another server or a CLI after this check is a 409 (a
+        412 where If-Match was given), nothing deleted; before, the machine was left naming
+        a cluster that was gone and was held at its next boot."""
         single = _kind(kind)
-        await self.get(kind, name)
-        if single in ("profile", "cluster"):
-            users = await self._users(single, name)
-            if users:
-                raise Conflict(f"{single} {name!r} is used by {', '.join(users)}; "
-                               "change or remove those first")
-        await getattr(self.store, f"delete_{single}")(name)
+        delete = getattr(self.store, f"delete_{single}")
+        async def step() -> None:  # changed since read: If-Match and the users again
+            item = await self.get(kind, name)
+            _require_item_version(kind, item, versions)
+            unused = {}
+            if single != "group":  # a group is no machine's: none names one
+                users = await self._users(single, name)
+                if users:
+                    raise Conflict(f"{single} {name!r} is used by {', '.join(users)}; "
+                                   "change or remove those first")
+                unused = {"unused": True}
+            await delete(name, expect=item, **unused)
+        await _again_on_change(step)
 
     async def _users(self, ref: str, name: str, most: int = 5) -> list[str]:
         users = [f"group {g.name!r}" for g in await self.store.list_groups()

@@ -849,6 +849,44 @@ def _taken(field: str, value: str, shown: str, held_as: str, line: int,
     return None
 
 
+class _FixedGiven:
+    """The fixed_ipv4 addresses an import's rows give, and what lets one held by another
+    machine of the inventory through: the row's own machine, a discovered record it
+    absorbs, or a machine the file gives another address (two machines' addresses
+    swapped: dnsmasq's dhcp-host lines of one file are read as a whole too)."""
+
+    def __init__(self, given: Mapping[str, int], line_of: Mapping[str, int],
+                 update: Sequence[Machine], merge: Sequence[tuple[str, str]],
+                 existing: Mapping[str, Machine]) -> None:
+        self.ident = {line: ident for ident, line in line_of.items()}  # line -> machine id
+        # Address -> line, of the addresses the import writes: not one a row gives again to
+        # the machine that had it when read (a re-import's), which it does not write.
+        self.given = {value: line for value, line in given.items()
+                      if (m := existing.get(self.ident[line])) is None
+                      or m.fixed_ipv4 != value}
+        self.into = dict(merge)  # an absorbed record's id -> the row's machine id
+        self.freed = {m.id for m in update if m.id in existing
+                      and existing[m.id].fixed_ipv4 not in (None, m.fixed_ipv4)}
+
+    def clashes(self, holders: Mapping[str, tuple[str, str]],
+                create_only: bool) -> list[RowError]:
+        """Each address given that ``holders`` (address -> the id and ref of its machine)
+        has another machine keep, as its row's error, by line."""
+        out = []
+        for value, line in self.given.items():
+            held = holders.get(value)
+            if held is None:
+                continue
+            owner, ref = held
+            ident = self.ident.get(line)
+            if owner == ident or self.into.get(owner, owner) == ident or owner in self.freed:
+                continue
+            holder = "another machine" if create_only else ref
+            out.append(RowError(line, "fixed_ipv4",
+                                f"{value} is the fixed address of {holder} in the inventory"))
+        return sorted(out, key=lambda e: e.line)
+
+
 def _changes_nothing(old: Machine, values: _Values) -> bool:
     """Whether ``_updated(old, <the row's machine>, [], now) == old``, read from the row's
     checked values without building, copying and comparing machines (three quarters of a
@@ -1003,7 +1041,12 @@ class Enroller:
                 # The device's DISCOVER recorded between this read and this write (an
                 # operator enrolling a pallet as it powers on): its discovered record now
                 # holds the identifier; read again and take it over, as if it had been there.
-                if attempt >= DECIDE_ATTEMPTS or not await self._discovered(refused.holder):
+                # Or the name the template chose, read as free, was given to another machine
+                # by another writer since (another server, a CLI): the store's unique index
+                # refused it, and the next free one is chosen, as if it had been taken then.
+                chosen = refused.field == "hostname" and machine.hostname is None
+                if attempt >= DECIDE_ATTEMPTS or not (
+                        chosen or await self._discovered(refused.holder)):
                     raise refused
                 continue
             if made is not None:
@@ -1805,10 +1848,12 @@ class Enroller:
             refused: StateChanged | None = None
             with _collector_paused():
                 try:
-                    async with self.fixed_lock:
-                        return await self._import_rows(rows, dry_run=dry_run,
-                                                       progress=progress,
-                                                       create_only=create_only)
+                    # Not under the fixed-address lock: only its check of the addresses
+                    # given against the inventory as stored then, and its commit, are
+                    # (_import_rows); held for the whole run, every other server's and
+                    # CLI's write of a fixed_ipv4 waited for a large file's parse.
+                    return await self._import_rows(rows, dry_run=dry_run, progress=progress,
+                                                   create_only=create_only)
                 except StateChanged as exc:
                     refused = exc
             # A machine the import read was changed meanwhile without moving its state (a
@@ -1889,9 +1934,12 @@ class Enroller:
                     by_host, ident, absorb, existing, create_only)) is not None:
                 errors.append(clash)
                 continue
+            # Against the file's other rows here; against the inventory's holders once
+            # every row is read (_FixedGiven): a machine the file gives another address
+            # frees its own (two machines' addresses swapped).
             if (fixed := values[9]) is not None and (clash := _taken(
-                    "fixed_ipv4", fixed, fixed, "is the fixed address of", line, seen_fixed,
-                    by_fixed, ident, absorb, existing, create_only)) is not None:
+                    "fixed_ipv4", fixed, fixed, "", line, seen_fixed, {}, ident, absorb,
+                    existing, create_only)) is not None:
                 errors.append(clash)
                 continue
             if target is None and not absorb:
@@ -1964,6 +2012,13 @@ class Enroller:
                     holder = "another machine" if create_only else existing[owner].ref
                     errors.append(RowError(line, "hostname",
                                            f"{hostname!r} is used by {holder}"))
+        given = _FixedGiven(seen_fixed, line_of, update, merge, existing) if seen_fixed \
+            else None
+        if given is not None and given.given:
+            failed = {e.line for e in errors}
+            errors += [clash for clash in given.clashes(
+                {v: (i, existing[i].ref) for v, i in by_fixed.items()}, create_only)
+                if clash.line not in failed]
         report = ImportReport(
             created=tuple(create.refs()), changed=tuple(m.ref for m in update),
             unchanged=tuple(m.ref for m in unchanged),
@@ -1985,10 +2040,32 @@ class Enroller:
         # machine written from the import's read (import_rows makes it again).
         read = [existing[m] for m in [*(u.id for u in update), *(s for s, _ in merge)]
                 if m in existing]
-        await self.recorder.commit(Batch(merge=merge, create=create, update=update,
-                                         events=events, expect={m.id: m.state for m in read},
-                                         versions={m.id: m.updated for m in read}))
+        batch = Batch(merge=merge, create=create, update=update, events=events,
+                      expect={m.id: m.state for m in read},
+                      versions={m.id: m.updated for m in read})
+        if given is None or not given.given:
+            await self.recorder.commit(batch)
+            return replace(report, applied=True)
+        # The addresses the file gives checked again against their holders as stored now,
+        # and written, under the lock every write of a fixed_ipv4 holds from its check to
+        # its commit (Core._fixed_ipv4_free; across servers and processes, _BothHeld): one
+        # given to another machine since this import read the inventory is a 409 naming
+        # it, never two machines with one address.
+        async with self.fixed_lock:
+            clashes = given.clashes(await self._fixed_holders(), create_only)
+            if clashes:
+                raise Conflict(f"line {clashes[0].line}: fixed_ipv4 {clashes[0].message}, "
+                               "given it by another writer since this import read the "
+                               "inventory; import the file again", field="fixed_ipv4")
+            await self.recorder.commit(batch)
         return replace(report, applied=True)
+
+    async def _fixed_holders(self) -> dict[str, tuple[str, str]]:
+        """Each fixed_ipv4 of the inventory now: its machine's id and ref (one scan)."""
+        flt = MachineFilter(with_fixed_ipv4=True)
+        total = await self._store.count_machines(flt)
+        return {m.fixed_ipv4: (m.id, m.ref) for m in await self._store.list_machines(
+            replace(flt, limit=total + 100)) if m.fixed_ipv4} if total else {}
 
     @staticmethod
     def _row_target(own: Sequence[_Claim], line: int, existing: Mapping[str, Machine],

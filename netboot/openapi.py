@@ -371,9 +371,12 @@ def _security(need: Permission) -> list[dict[str, list[str]]]:
 
 def _op(summary: str, *, need: Permission | None, body: str | None = None, ok: int = 200,
         out: str | None = None, errors: tuple[int, ...] = (400, 404),
-        params: tuple[dict[str, Any], ...] = (), body_required: bool = True) -> dict[str, Any]:
+        params: tuple[dict[str, Any], ...] = (), body_required: bool = True,
+        etag: str | None = None) -> dict[str, Any]:
     """One operation; ``need``: the permission it needs (None: no API token, the device's own
-    credential is checked by the handler and the caller documents it)."""
+    credential is checked by the handler and the caller documents it). ``etag``: what its
+    success answers with as its ETag header (api._etag, api._item_etag), the version a later
+    change's If-Match names."""
     op: dict[str, Any] = {"summary": summary, "responses": {}}
     if out == "array:Machine" or (out and out.startswith("array:")):
         schema: dict[str, Any] = {"type": "array", "items": _ref(out.split(":", 1)[1])}
@@ -382,6 +385,10 @@ def _op(summary: str, *, need: Permission | None, body: str | None = None, ok: i
     op["responses"][str(ok)] = {"description": "success",
                                 **({"content": {"application/json": {"schema": schema}}}
                                    if out else {})}
+    if etag:
+        op["responses"][str(ok)]["headers"] = {"ETag": {
+            "description": f"the version of the {etag} (RFC 9110 §8.8.3), for a later "
+                           "change's If-Match", "required": True, "schema": _STR}}
     # 503: the inventory failed (a full disk, a lock held too long); never reported as 404.
     codes = set(errors) | {503} | ({401, 403} if need else set())
     for code in sorted(codes):
@@ -469,7 +476,7 @@ def document() -> dict[str, Any]:
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
                 _query("offset", {"type": "integer", "minimum": 0, "maximum": 10**9}))),
             "post": _op("enroll a machine", need=ENROLL, body="MachineInput", ok=201,
-                        out="Machine", errors=(400, 409, 413)),
+                        out="Machine", errors=(400, 409, 413), etag="machine"),
         },
         "/api/v1/machines:bulk": {
             "post": _op("bulk enrollment in one transaction", need=ENROLL, body="Bulk", ok=201,
@@ -504,9 +511,10 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/machines/{ref}": {
             "parameters": [_path_param("ref")],
-            "get": _op("one machine", need=READ, out="Machine"),
+            "get": _op("one machine", need=READ, out="Machine", etag="machine"),
             "patch": _op("change a machine", need=OPERATE, body="MachinePatch", out="Machine",
-                         errors=(400, 404, 409, 412), params=(_if_match("machine"),)),
+                         errors=(400, 404, 409, 412), params=(_if_match("machine"),),
+                         etag="machine"),
             "delete": _op("remove a machine", need=OPERATE, ok=204, errors=(400, 404, 412),
                           params=(_if_match("machine"),)),
         },
@@ -514,12 +522,13 @@ def document() -> dict[str, Any]:
             "parameters": [_path_param("ref")],
             "post": _op("approve a discovered machine", need=ENROLL, body="Approve",
                         out="Machine", errors=(400, 404, 409, 412), body_required=False,
-                        params=(_if_match("machine"),)),
+                        params=(_if_match("machine"),), etag="machine"),
         },
         "/api/v1/machines/{ref}/reinstall": {
             "parameters": [_path_param("ref")],
             "post": _op("install again on next boot", need=OPERATE, out="Machine",
-                        errors=(400, 404, 409, 412), params=(_if_match("machine"),)),
+                        errors=(400, 404, 409, 412), params=(_if_match("machine"),),
+                        etag="machine"),
         },
         "/api/v1/machines/{ref}/claim": {
             "parameters": [_path_param("ref")],
@@ -568,7 +577,8 @@ def document() -> dict[str, Any]:
             "parameters": [_path_param("name")],
             "post": _op("a managed cluster made with the short token: make its k3s server CA "
                         "and join with the secure token (409 once a node fetched its config)",
-                        need=CONFIGURE, out="Cluster", errors=(400, 404, 409)),
+                        need=CONFIGURE, out="Cluster", errors=(400, 404, 409, 412),
+                        params=(_if_match("cluster"),), etag="cluster"),
         },
         "/api/v1/clusters/{name}/nodes": {
             "parameters": [_path_param("name")],
@@ -617,19 +627,20 @@ def document() -> dict[str, Any]:
             "get": _op(f"list {kind}", need=READ, out=f"array:{schema}", errors=()),
             "post": _op(f"create a {kind[:-1]}", need=CONFIGURE,
                         body="ClusterCreate" if kind == "clusters" else schema, ok=201,
-                        out=schema, errors=(400, 409, 413)),
+                        out=schema, errors=(400, 409, 413), etag=kind[:-1]),
         }
         paths[f"/api/v1/{kind}/{{name}}"] = {
             "parameters": [_path_param("name")],
-            "get": _op(f"one {kind[:-1]}", need=READ, out=schema),
+            "get": _op(f"one {kind[:-1]}", need=READ, out=schema, etag=kind[:-1]),
             "put": _op(f"replace a {kind[:-1]}", need=CONFIGURE, body=f"{schema}Replace",
-                       out=schema,
+                       out=schema, etag=kind[:-1],
                        errors=(400, 404, 409, 412), params=(_if_match(kind[:-1]), *((_query(
                            "force", {"type": "string", "enum": ["true", "false"]},
                            "true: take a new token or agent_token though a node of the "
                            "cluster has its config (each such node's history says what it "
                            "breaks)"),) if kind == "clusters" else ()))),
-            "delete": _op(f"remove a {kind[:-1]}", need=CONFIGURE, ok=204, errors=(404, 409)),
+            "delete": _op(f"remove a {kind[:-1]}", need=CONFIGURE, ok=204,
+                          errors=(404, 409, 412), params=(_if_match(kind[:-1]),)),
         }
         # What a schema cannot say: a body's "name" must be the URL's, and a group names a
         # profile and a cluster that exist (a 400 naming the field); two equally specific

@@ -1488,6 +1488,86 @@ async def test_a_replace_made_on_an_older_read_is_refused_with_if_match(
     assert r.status == 200, r.text
 
 
+@pytest.mark.parametrize("kind,body,key,changed", [
+    ("profiles", {"name": "k3os", "kernel": "vmlinuz"}, "description", "theirs"),
+    ("clusters", {"name": "edge", "server_url": "managed"}, "description", "theirs"),
+    ("groups", {"name": "rack1", "selector": {"rack": ["1"]}, "profile": "k3os"}, "labels",
+     {"owner": "theirs"})])
+async def test_a_delete_made_on_an_older_read_is_refused_with_if_match(
+        env: Env, kind: str, body: dict[str, Any], key: str, changed: Any) -> None:
+    """A DELETE of a profile, cluster or group ignored If-Match (s41-integrity): an operator
+    who read it, then saw another change it, deleted the changed one unseen; a PUT already
+    took it. Another version is a 412 naming If-Match and nothing deleted; the current one,
+    one of a list, or ``*`` deletes it."""
+    if kind != "profiles":
+        await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz"}, status=201)
+    await env.post(f"/api/v1/{kind}", body, status=201)
+    path = f"/api/v1/{kind}/{body['name']}"
+    tag = (await call(env, "GET", path)).headers["etag"]
+    r = await call(env, "PUT", path, json_body={**body, key: changed})  # another's change
+    assert r.status == 200, r.text
+    now = r.headers["etag"]
+    kept = await env.get(path)
+    r = await call(env, "DELETE", path, headers={"If-Match": tag})
+    assert r.status == 412 and r.json()["field"] == "If-Match", r.text
+    assert await env.get(path) == kept
+    r = await call(env, "DELETE", path, headers={"If-Match": f'"0.5", {now}'})
+    assert r.status == 204, r.text
+    assert (await call(env, "GET", path)).status == 404
+    await env.post(f"/api/v1/{kind}", body, status=201)
+    assert (await call(env, "DELETE", path, headers={"If-Match": "*"})).status == 204
+
+
+# Each operation answering its item's version as an ETag (api._etag, api._item_etag).
+_ETAGGED = {("/api/v1/machines", "post"), ("/api/v1/machines/{ref}", "get"),
+            ("/api/v1/machines/{ref}", "patch"), ("/api/v1/machines/{ref}/approve", "post"),
+            ("/api/v1/machines/{ref}/reinstall", "post"),
+            ("/api/v1/clusters/{name}/secure-token", "post"),
+            *((f"/api/v1/{kind}", "post") for kind in ("profiles", "clusters", "groups")),
+            *((f"/api/v1/{kind}/{{name}}", method) for kind in ("profiles", "clusters", "groups")
+              for method in ("get", "put"))}
+
+
+async def test_the_etag_every_change_compares_is_declared_where_it_is_answered(env: Env) -> None:
+    """The ETag an If-Match names was answered by the server but not declared in the
+    OpenAPI document (s41-integrity): a client generated from it had no way to read it.
+    Each operation that answers one declares it, and each one declared is answered; every
+    operation taking If-Match is one of an item that a GET gives an ETag of."""
+    doc = document()
+    declared = {(p, m) for p, m in documented(doc)
+                if "ETag" in next(iter(doc["paths"][p][m]["responses"].values())).get(
+                    "headers", {})}
+    assert declared == _ETAGGED
+    for path, method in documented(doc):
+        op = doc["paths"][path][method]
+        if any(p["name"] == "If-Match" for p in op.get("parameters", [])):
+            assert (path, "get") in _ETAGGED or path.endswith(("/approve", "/reinstall",
+                                                               "/secure-token")), path
+            assert "412" in op["responses"], path
+    for kind in ("profiles", "clusters", "groups"):
+        delete = doc["paths"][f"/api/v1/{kind}/{{name}}"]["delete"]
+        assert [p["name"] for p in delete["parameters"]] == ["If-Match"], kind
+    # Answered by the server where declared: one call of each.
+    await env.post("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz"}, status=201)
+    calls: list[tuple[str, str, Any, int]] = [
+        ("POST", "/api/v1/machines", {"mac": MAC}, 201),
+        ("GET", f"/api/v1/machines/{MAC}", None, 200),
+        ("PATCH", f"/api/v1/machines/{MAC}", {"hostname": "n1"}, 200),
+        ("POST", f"/api/v1/machines/{MAC}/reinstall", None, 200),
+        ("POST", "/api/v1/clusters", {"name": "edge", "server_url": "managed"}, 201),
+        ("POST", "/api/v1/clusters/edge/secure-token", None, 200),
+        ("POST", "/api/v1/groups", {"name": "g", "selector": {"rack": ["1"]}}, 201)]
+    calls += [(method, f"/api/v1/{kind}/{name}", body, 200)
+              for kind, name, body in (("profiles", "k3os", {"kernel": "vmlinuz"}),
+                                       ("clusters", "edge", {"server_url": "managed"}),
+                                       ("groups", "g", {"selector": {"rack": ["1"]}}))
+              for method in ("GET", "PUT")]
+    for method, path, body, status in calls:
+        r = await call(env, method, path, json_body=body)
+        assert r.status == status, (method, path, r.text)
+        assert r.headers.get("etag", "").startswith('"'), (method, path, r.headers)
+
+
 # --- tokens, scopes and the audit log through the API ----------------------------------------
 
 

@@ -807,3 +807,310 @@ async def test_an_id_names_its_machine_whatever_another_hostname_spells() -> Non
     named = Machine(macs=(MacAddress.parse("52:54:00:41:0a:02"),), hostname="m-00000000abcd")
     await store.create_machine(named)
     assert await machine_ref(store, "m-00000000abcd") == named.id
+# --- rules that are check-then-write across writers (s41-integrity) -----------------------
+
+def _settings_only() -> Any:
+    """What Core._users reads of a BootService: its settings (no default profile, no rule)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(settings=SimpleNamespace(default_profile=None, policy="manual",
+                                                    rules=()))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("what", ["profiles", "clusters"])
+@pytest.mark.parametrize("user", ["machine", "group"])
+async def test_a_user_given_it_between_the_delete_check_and_the_delete_keeps_it(
+        kind: str, what: str, user: str, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """Core.delete checked that no machine or group used the profile or cluster, then
+    deleted it: another server (or a CLI beside this one) that enrolled a machine into it,
+    or made a group of it, between the two left that machine naming one that is gone (held
+    at its next boot, "does not exist"). The delete now finds its users in its own
+    transaction: a 409 naming the machine or group, and nothing deleted. Ordered by a
+    store wrapper: the other writes between this one's check and its delete."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.model import Cluster, Profile
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+        await a.put_cluster(Cluster(name="c", token="t" * 32), create=True)
+        core_a, core_b = (Core(s, Enroller(s), _settings_only(), None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        single = what[:-1]
+        name = "p" if single == "profile" else "c"
+        original = getattr(a, f"delete_{single}")
+        given: list[str] = []
+
+        async def after_the_other(*args: Any, **kw: Any) -> None:
+            if not given:  # this server found no user; the other gives it one now
+                if user == "machine":
+                    made = await core_b.create_machine({"mac": MAC, single: name},
+                                                       note="enrolled")
+                    given.append(made.id)
+                else:
+                    await core_b.put("groups", {"name": "rack1", "selector": {"rack": ["1"]},
+                                                single: name}, create=True)
+                    given.append("rack1")
+            await original(*args, **kw)
+
+        setattr(a, f"delete_{single}", after_the_other)
+        with pytest.raises(Conflict) as refused:
+            await core_a.delete(what, name)
+        assert given
+        assert refused.value.field == single and refused.value.holder == given[0]
+        assert (f"machine {MAC}" if user == "machine" else "group 'rack1'") in str(refused.value)
+        for store in (a, b):
+            assert await getattr(store, f"get_{single}")(name) is not None
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("what", ["profiles", "clusters", "groups"])
+async def test_a_change_between_if_match_and_the_delete_is_a_412_and_nothing_deleted(
+        kind: str, what: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A DELETE's If-Match checked on a read, then another server (or a CLI) changed the
+    item before the delete: the delete compares the read in its own transaction, a 412 and
+    the other's change kept; before, If-Match was not even looked at, and the item changed
+    meanwhile was deleted unseen."""
+    from netboot.core import Core, item_version
+    from netboot.enroll import Enroller
+    from netboot.errors import PreconditionFailed
+    from netboot.model import Cluster, Group, Profile
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        core_a = Core(a, Enroller(a), _settings_only(), None)  # type: ignore[arg-type]
+        item: Any = {"profiles": Profile(name="p", kernel="vmlinuz"),
+                     "clusters": Cluster(name="c", token="t" * 32),
+                     "groups": Group(name="g", selector={"arch": ("arm64",)})}[what]
+        single = what[:-1]
+        await getattr(a, f"put_{single}")(item, create=True)
+        version = item_version(what, item)
+        theirs = (replace(item, labels={"rack": "theirs"}) if what == "groups"
+                  else replace(item, description="theirs"))
+        original = getattr(a, f"delete_{single}")
+        changed: list[bool] = []
+
+        async def after_the_other(*args: Any, **kw: Any) -> None:
+            if not changed:
+                changed.append(True)
+                await getattr(b, f"put_{single}")(theirs)
+            await original(*args, **kw)
+
+        setattr(a, f"delete_{single}", after_the_other)
+        with pytest.raises(PreconditionFailed):
+            await core_a.delete(what, item.name, versions={version})
+        assert changed
+        for store in (a, b):
+            assert await getattr(store, f"get_{single}")(item.name) == theirs
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_secure_token_given_while_another_writer_edits_the_cluster_keeps_both(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`netboot clusters set old --secure-token` (Core.secure_token) wrote the cluster whole
+    with no compare-and-set, unlike every other cluster write: an edit another server or a
+    CLI committed between its read and its write (a description here; the agent token a
+    starting server gives an old cluster) was undone. Now a compare-and-set on the read,
+    made again on the cluster as stored: both the edit and the new CA are kept. Ordered by a
+    store wrapper: the other's edit commits between this one's read and its write."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.model import Cluster
+    from netboot.pki import k3s_ca_hash
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_cluster(Cluster(name="old", token="o" * 32), create=True)
+        core_a = Core(a, Enroller(a), _settings_only(), None)  # type: ignore[arg-type]
+        put, edited = a.put_cluster, []
+
+        async def after_the_other(cluster: Cluster, **kw: Any) -> None:
+            if not edited:
+                stored = await b.get_cluster("old")
+                assert stored is not None
+                edited.append(True)
+                await b.put_cluster(replace(stored, description="rack 4"))
+            await put(cluster, **kw)
+
+        a.put_cluster = after_the_other  # type: ignore[method-assign]
+        made = await core_a.secure_token("old")
+        assert edited and made.ca_cert
+        assert made.token.startswith(f"K10{k3s_ca_hash(made.ca_cert)}::")
+        for store in (a, b):
+            stored = await store.get_cluster("old")
+            assert stored == made and stored.description == "rack 4"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_two_secure_tokens_asked_at_once_both_answer_the_one_stored(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two `--secure-token` at once (a CLI and a server's POST .../secure-token): each made
+    a CA and wrote it, the last one stored; the first caller was shown a CA hash (and a
+    token) that was no longer the cluster's. Now the loser's compare-and-set fails, it reads
+    the winner's cluster, which has a CA, and keeps it: both answer the one stored."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.model import Cluster
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_cluster(Cluster(name="old", token="o" * 32), create=True)
+        cores = [Core(s, Enroller(s), _settings_only(), None)  # type: ignore[arg-type]
+                 for s in (a, b)]
+        both_made, puts = asyncio.Event(), []
+        for store in (a, b):
+            put = store.put_cluster
+
+            async def when_both_made(cluster: Cluster, *, _put: Any = put, **kw: Any) -> None:
+                puts.append(cluster.ca_cert)
+                if len(puts) == 2:
+                    both_made.set()
+                with contextlib.suppress(TimeoutError):  # bounded: one may never come
+                    await asyncio.wait_for(both_made.wait(), 5)
+                await _put(cluster, **kw)
+
+            store.put_cluster = when_both_made  # type: ignore[method-assign]
+        made = await asyncio.gather(*(core.secure_token("old") for core in cores))
+        assert len(set(puts[:2])) == 2  # each made a CA of its own, both read the short one
+        stored = await a.get_cluster("old")
+        assert stored is not None and stored.ca_cert
+        assert made == [stored, stored]
+        assert await b.get_cluster("old") == stored
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_one_hostname_given_at_once_by_two_writers_is_given_once(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two servers (or a CLI beside a server) enrolling two machines with one hostname at
+    once: the store's unique index on the case-folded hostname decides in the committing
+    transaction, so one is stored and the other is a 409 naming the field and the holder
+    (two machines with one name: DNS answers one of them, dnsmasq's "duplicate name")."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        cores = [Core(s, Enroller(s), None, None) for s in (a, b)]  # type: ignore[arg-type]
+        macs = [f"52:54:00:41:0a:0{n}" for n in range(4)]
+        outcomes = await asyncio.gather(*(
+            core.create_machine({"mac": text, "hostname": "Edge-1" if n % 2 else "edge-1"},
+                                note="enrolled")
+            for n, (text, core) in enumerate(zip(macs, cores * 2, strict=True))),
+            return_exceptions=True)
+        made = [o for o in outcomes if isinstance(o, Machine)]
+        refused = [o for o in outcomes if isinstance(o, Conflict)]
+        assert len(made) == 1 and len(refused) == 3, outcomes
+        assert all(c.field == "hostname" and c.holder == made[0].id for c in refused), refused
+        for store in (a, b):
+            named = [m.id for m in await store.list_machines() if m.hostname is not None]
+            assert named == [made[0].id]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_template_name_taken_by_another_writer_meanwhile_is_chosen_again(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A machine enrolled without a hostname is named by the template, the first free name
+    read; another writer (a server, a CLI) that gave that name to another machine between
+    the read and this write made the store refuse it, and the enrollment, which named no
+    hostname, failed with "hostname 'node-123456' is used by …" (here two NICs of two
+    vendors with one low half). The name is now chosen again: the next free one."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        core_a, core_b = (Core(s, Enroller(s), None, None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        by_hostname, theirs = a.get_machine_by_hostname, []
+
+        async def then_the_other(hostname: str) -> Machine | None:
+            found = await by_hostname(hostname)
+            if found is None and not theirs:  # read as free: the other takes it now
+                theirs.append(await core_b.create_machine({"mac": "02:00:00:12:34:56"},
+                                                          note="enrolled"))
+            return found
+
+        a.get_machine_by_hostname = then_the_other  # type: ignore[method-assign]
+        mine = await core_a.create_machine({"mac": MAC}, note="enrolled")
+        assert [m.hostname for m in theirs] == ["node-123456"]
+        assert mine.hostname == "node-123456-2"
+        for store in (a, b):
+            assert {m.hostname for m in await store.list_machines()} == {
+                "node-123456", "node-123456-2"}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_an_import_swapping_two_machines_fixed_addresses_is_made(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """An import giving A B's fixed_ipv4 and B A's (renumbering two hosts) was refused on
+    both rows ("is the fixed address of …"): each row was checked against the inventory as
+    read, where the other still held it. A file is read as a whole, as dnsmasq reads its
+    dhcp-host lines: an address held by a machine the file gives another is free. One held
+    by a machine the file leaves as it is stays refused, naming it."""
+    from netboot.enroll import Enroller
+
+    async with contextlib.AsyncExitStack() as stack:
+        (store,) = await pg.stores_on_one_inventory(kind, tmp_path, request, stack, count=1)
+        enroller = Enroller(store)
+        macs = [f"52:54:00:41:0b:0{n}" for n in range(3)]
+        for n, text in enumerate(macs):
+            await store.create_machine(Machine(id=f"m-{n}", macs=(MacAddress.parse(text),),
+                                               fixed_ipv4=f"192.0.2.8{n}", updated=1.0))
+        report = await enroller.import_rows([
+            (1, {"mac": macs[0], "fixed_ipv4": "192.0.2.81"}),
+            (2, {"mac": macs[1], "fixed_ipv4": "192.0.2.80"})])
+        assert report.applied and not report.errors, report
+        report = await enroller.import_rows([
+            (1, {"mac": macs[0], "fixed_ipv4": "192.0.2.82"}),
+            (2, {"mac": macs[1], "fixed_ipv4": "192.0.2.83"})])
+        assert not report.applied
+        assert [(e.line, e.field) for e in report.errors] == [(1, "fixed_ipv4")], report
+        assert f"192.0.2.82 is the fixed address of {macs[2]}" in report.errors[0].message
+        assert {m.id: m.fixed_ipv4 for m in await store.list_machines()} == {
+            "m-0": "192.0.2.81", "m-1": "192.0.2.80", "m-2": "192.0.2.82"}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_an_import_holds_the_fixed_address_lock_only_to_check_and_commit(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """An import held the inventory's fixed-address lock (PostgreSQL's advisory lock, the
+    flock beside a SQLite file) for its whole run: every other server's and CLI's write of a
+    fixed_ipv4 waited for a large file's parse and checks (up to FIXED_LOCK_WAIT, then
+    failed). Now only its check of the addresses against their holders as stored then, and
+    its commit, hold it: another process's write made while the import reads and checks
+    goes through at once, and the import, whose file gives the same address, is a 409 naming
+    that machine, never a second holder."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        core_a, core_b = (Core(s, Enroller(s), None, None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        for n in range(2):
+            await a.create_machine(Machine(id=f"m-{n}", macs=(MacAddress.parse(
+                f"52:54:00:41:0c:0{n}"),), updated=1.0))
+        list_groups, other = a.list_groups, []
+
+        async def the_other_meanwhile() -> Any:
+            if not other:  # the import has read and checked its rows, not yet written
+                other.append(await asyncio.wait_for(core_b.update_machine(
+                    "m-1", {"fixed_ipv4": "192.0.2.90"}), 30))
+            return await list_groups()
+
+        a.list_groups = the_other_meanwhile  # type: ignore[method-assign]
+        with pytest.raises(Conflict, match=r"line 1: fixed_ipv4 192\.0\.2\.90 is the fixed "
+                                           r"address of 52:54:00:41:0c:01") as refused:
+            await core_a.enroller.import_rows([(1, {"mac": "52:54:00:41:0c:00",
+                                                    "fixed_ipv4": "192.0.2.90"})])
+        assert refused.value.field == "fixed_ipv4"
+        assert [m.id for m in other] == ["m-1"]
+        for store in (a, b):
+            assert {m.id: m.fixed_ipv4 for m in await store.list_machines()} == {
+                "m-0": None, "m-1": "192.0.2.90"}

@@ -15,7 +15,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from netboot.errors import NotFound, StateChanged
+from netboot.errors import Conflict, NotFound, StateChanged
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -48,6 +48,15 @@ def check_unchanged(kind: str, name: str, stored: Any, read: Any) -> None:
         raise StateChanged(f"{kind} {name!r} was changed since it was read: another writer "
                            "(another server or a CLI on this inventory) changed it meanwhile",
                            field=kind, holder=name)
+
+
+def in_use(kind: str, name: str, user: str, holder: str) -> Conflict:
+    """The refusal of ``delete_profile``/``delete_cluster(unused=True)``: ``user`` (``machine
+    <ref>`` or ``group '<name>'``; ``holder`` its id or name) names it at the delete's
+    commit, though the deleter's check found none (another writer gave it meanwhile)."""
+    return Conflict(f"{kind} {name!r} is used by {user} (given it by another writer since "
+                    "this delete checked: another server or a CLI on this inventory); change "
+                    "or remove it first", field=kind, holder=holder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -386,7 +395,14 @@ class Store(ChangeFeed, StateCounts, Protocol):
         """Insert or replace; with ``create=True`` Conflict if the name exists. With
         ``expect``, a compare-and-set as put_cluster's (check_unchanged, field ``profile``)."""
 
-    async def delete_profile(self, name: str) -> None: ...
+    async def delete_profile(self, name: str, *, expect: Profile | None = None,
+                             unused: bool = False) -> None:
+        """NotFound if absent. With ``expect`` (the profile as its deleter read it: the API's
+        If-Match), a compare-and-set in the delete's transaction, as put_profile's
+        (StateChanged, nothing deleted). With ``unused``, refused (:func:`in_use`, a
+        Conflict naming the user) while a machine or a group names it, checked in the
+        delete's transaction too: a machine given it by another writer after the deleter's
+        own check is not left naming a profile that is gone."""
 
     async def get_cluster(self, name: str) -> Cluster | None: ...
 
@@ -401,7 +417,9 @@ class Store(ChangeFeed, StateCounts, Protocol):
         and written in one transaction, is what is compared (two servers on one PostgreSQL
         giving an old cluster its agent token at once: one wins, the other reads it)."""
 
-    async def delete_cluster(self, name: str) -> None: ...
+    async def delete_cluster(self, name: str, *, expect: Cluster | None = None,
+                             unused: bool = False) -> None:
+        """As delete_profile."""
 
     async def get_group(self, name: str) -> Group | None: ...
 
@@ -411,7 +429,8 @@ class Store(ChangeFeed, StateCounts, Protocol):
                         expect: Group | None = None) -> None:
         """As put_profile (field ``group``)."""
 
-    async def delete_group(self, name: str) -> None: ...
+    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
+        """As delete_profile (no user: a machine is selected by a group, never names one)."""
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None: ...

@@ -27,6 +27,7 @@ from netboot.inventory.base import (
     EventListener,
     MachineFilter,
     check_unchanged,
+    in_use,
 )
 from netboot.inventory.signal import Signal, wait_until
 from netboot.model import (
@@ -265,9 +266,14 @@ class MemoryStore:
             check_unchanged("profile", profile.name, self._profiles.get(profile.name), expect)
         _put(self._profiles, "profile", value.name, value, create)
 
-    async def delete_profile(self, name: str) -> None:
+    async def delete_profile(self, name: str, *, expect: Profile | None = None,
+                             unused: bool = False) -> None:
         self._changed()
         self._check_open()
+        if expect is not None:
+            check_unchanged("profile", name, self._profiles.get(name), expect)
+        if unused:
+            self._unused("profile", name)
         _delete(self._profiles, "profile", name)
 
     async def get_cluster(self, name: str) -> Cluster | None:
@@ -287,9 +293,14 @@ class MemoryStore:
             check_unchanged("cluster", cluster.name, self._clusters.get(cluster.name), expect)
         _put(self._clusters, "cluster", value.name, value, create)
 
-    async def delete_cluster(self, name: str) -> None:
+    async def delete_cluster(self, name: str, *, expect: Cluster | None = None,
+                             unused: bool = False) -> None:
         self._changed()
         self._check_open()
+        if expect is not None:
+            check_unchanged("cluster", name, self._clusters.get(name), expect)
+        if unused:
+            self._unused("cluster", name)
         _delete(self._clusters, "cluster", name)
 
     async def get_group(self, name: str) -> Group | None:
@@ -309,10 +320,22 @@ class MemoryStore:
             check_unchanged("group", group.name, self._groups.get(group.name), expect)
         _put(self._groups, "group", value.name, value, create)
 
-    async def delete_group(self, name: str) -> None:
+    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
         self._changed()
         self._check_open()
+        if expect is not None:
+            check_unchanged("group", name, self._groups.get(name), expect)
         _delete(self._groups, "group", name)
+
+    def _unused(self, kind: str, name: str) -> None:
+        """base.in_use: no machine (the first by id) or group (by name) names it."""
+        for machine_id in sorted(self._machines):
+            m = self._machines[machine_id]
+            if getattr(m, kind) == name:
+                raise in_use(kind, name, f"machine {m.ref}", m.id)
+        for group in sorted(self._groups):
+            if getattr(self._groups[group], kind) == name:
+                raise in_use(kind, name, f"group {group!r}", group)
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None:

@@ -83,6 +83,7 @@ from netboot.inventory.base import (
     MachineFilter,
     Sealer,
     check_unchanged,
+    in_use,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.dsn import PeerSettings
@@ -1929,9 +1930,34 @@ class PostgresStore:
                     f"INSERT INTO {table} (name, data) VALUES ($1, $2)"  # noqa: S608
                     " ON CONFLICT (name) DO UPDATE SET data = excluded.data", name, data)
 
-    async def _delete_named(self, kind: str, name: str) -> None:
+    async def _delete_named(self, kind: str, name: str, open_item: Callable[[Any], Any],
+                            read: Any, unused: bool) -> None:
+        """Delete the ``kind`` named ``name``; if it is still ``read`` (check_unchanged)
+        and, ``unused``, no machine or group names it (base.in_use): checked under the
+        writers' lock, which every machine and group write takes, so none comes between."""
+        table = _TABLES[kind]
         async with self._write() as conn:
-            if await conn.fetchval(f"DELETE FROM {_TABLES[kind]} WHERE name = $1"  # noqa: S608
+            if read is not None:
+                stored = await conn.fetchval(
+                    f"SELECT data FROM {table} WHERE name = $1 FOR UPDATE", name)  # noqa: S608
+                check_unchanged(kind, name, None if stored is None
+                                else open_item(json.loads(stored)), read)
+            if unused:
+                # A cluster by its indexed column; a profile by a scan of the documents (as
+                # Core._users pages through them), stopped at the first.
+                where = ("cluster = $1" if kind == "cluster"
+                         else "(data::jsonb) ->> 'profile' = $1")
+                found = await conn.fetchrow(
+                    f"SELECT coalesce(mac, id), id FROM machines WHERE {where} LIMIT 1",  # noqa: S608
+                    name)
+                if found is not None:
+                    raise in_use(kind, name, f"machine {found[0]}", found[1])
+                group = await conn.fetchval(
+                    f"SELECT name FROM groups WHERE (data::jsonb) ->> '{kind}' = $1"  # noqa: S608
+                    " ORDER BY name LIMIT 1", name)
+                if group is not None:
+                    raise in_use(kind, name, f"group {group!r}", group)
+            if await conn.fetchval(f"DELETE FROM {table} WHERE name = $1"  # noqa: S608
                                    " RETURNING name", name) is None:
                 raise NotFound(f"{kind} {name!r} not found")
 
@@ -1954,8 +1980,9 @@ class PostgresStore:
         else:  # a compare-and-set (base.check_unchanged)
             await self._put_named_if(kind, name, text, open_item, expect)
 
-    async def delete_profile(self, name: str) -> None:
-        await self._delete_named("profile", name)
+    async def delete_profile(self, name: str, *, expect: Profile | None = None,
+                             unused: bool = False) -> None:
+        await self._delete_named("profile", name, codec.profile_from_dict, expect, unused)
 
     async def get_cluster(self, name: str) -> Cluster | None:
         data = await self._get_named("cluster", name)
@@ -1984,8 +2011,9 @@ class PostgresStore:
             await conn.execute(f"UPDATE {table} SET data = $2 WHERE name = $1",  # noqa: S608
                                name, data)
 
-    async def delete_cluster(self, name: str) -> None:
-        await self._delete_named("cluster", name)
+    async def delete_cluster(self, name: str, *, expect: Cluster | None = None,
+                             unused: bool = False) -> None:
+        await self._delete_named("cluster", name, self._sealed.open_cluster, expect, unused)
 
     async def get_group(self, name: str) -> Group | None:
         data = await self._get_named("group", name)
@@ -1999,8 +2027,8 @@ class PostgresStore:
         await self._put_item("group", group.name, codec.group_json(group), create,
                              codec.group_from_dict, expect)
 
-    async def delete_group(self, name: str) -> None:
-        await self._delete_named("group", name)
+    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
+        await self._delete_named("group", name, codec.group_from_dict, expect, False)
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None:

@@ -73,6 +73,7 @@ from netboot.inventory.base import (
     MachineFilter,
     Sealer,
     check_unchanged,
+    in_use,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.sealed import Sealed, join_token_context
@@ -1135,8 +1136,9 @@ class SqliteStore:
         else:  # a compare-and-set (base.check_unchanged)
             await self._run(_put_named_if, kind, name, text, open_item, expect)
 
-    async def delete_profile(self, name: str) -> None:
-        await self._run(_delete_named, "profile", name)
+    async def delete_profile(self, name: str, *, expect: Profile | None = None,
+                             unused: bool = False) -> None:
+        await self._run(_delete_named, "profile", name, codec.profile_from_dict, expect, unused)
 
     async def get_cluster(self, name: str) -> Cluster | None:
         data = await self._read(_get_named, "cluster", name)
@@ -1151,8 +1153,10 @@ class SqliteStore:
         await self._put_item("cluster", cluster.name, codec.dumps(data, "cluster"), create,
                              self._sealed.open_cluster, expect)
 
-    async def delete_cluster(self, name: str) -> None:
-        await self._run(_delete_named, "cluster", name)
+    async def delete_cluster(self, name: str, *, expect: Cluster | None = None,
+                             unused: bool = False) -> None:
+        await self._run(_delete_named, "cluster", name, self._sealed.open_cluster, expect,
+                        unused)
 
     async def get_group(self, name: str) -> Group | None:
         data = await self._read(_get_named, "group", name)
@@ -1166,8 +1170,8 @@ class SqliteStore:
         await self._put_item("group", group.name, codec.group_json(group), create,
                              codec.group_from_dict, expect)
 
-    async def delete_group(self, name: str) -> None:
-        await self._run(_delete_named, "group", name)
+    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
+        await self._run(_delete_named, "group", name, codec.group_from_dict, expect, False)
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None:
@@ -2369,10 +2373,34 @@ def _put_named_if(conn: sqlite3.Connection, kind: str, name: str, data: str,
         conn.execute(f"UPDATE {table} SET data = ? WHERE name = ?", (data, name))  # noqa: S608
 
 
-def _delete_named(conn: sqlite3.Connection, kind: str, name: str) -> None:
-    cur = conn.execute(f"DELETE FROM {_TABLES[kind]} WHERE name = ?", (name,))  # noqa: S608
-    if cur.rowcount == 0:
-        raise NotFound(f"{kind} {name!r} not found")
+def _delete_named(conn: sqlite3.Connection, kind: str, name: str,
+                  open_item: Callable[[Any], Any], read: Any, unused: bool) -> None:
+    """Delete the ``kind`` named ``name``; if it is still ``read`` (base.check_unchanged)
+    and, ``unused``, no machine or group names it (base.in_use): checked in the delete's
+    own write transaction, so no other writer comes between the check and the delete."""
+    table = _TABLES[kind]
+    with _immediate(conn):
+        if read is not None:
+            row = conn.execute(f"SELECT data FROM {table} WHERE name = ?",  # noqa: S608
+                               (name,)).fetchone()
+            check_unchanged(kind, name, None if row is None else open_item(json.loads(row[0])),
+                            read)
+        if unused:
+            # A cluster by its indexed column; a profile by a scan of the documents (as
+            # Core._users pages through them), stopped at the first.
+            where = ("cluster = ?" if kind == "cluster"
+                     else "json_extract(data, '$.profile') = ?")
+            found = conn.execute(f"SELECT coalesce(mac, id), id FROM machines WHERE {where}"  # noqa: S608
+                                 " LIMIT 1", (name,)).fetchone()
+            if found is not None:
+                raise in_use(kind, name, f"machine {found[0]}", found[1])
+            found = conn.execute(f"SELECT name FROM groups WHERE json_extract(data, '$.{kind}')"  # noqa: S608
+                                 " = ? ORDER BY name LIMIT 1", (name,)).fetchone()
+            if found is not None:
+                raise in_use(kind, name, f"group {found[0]!r}", found[0])
+        cur = conn.execute(f"DELETE FROM {table} WHERE name = ?", (name,))  # noqa: S608
+        if cur.rowcount == 0:
+            raise NotFound(f"{kind} {name!r} not found")
 
 
 def _add_event(conn: sqlite3.Connection, event: Event, data: str) -> None:

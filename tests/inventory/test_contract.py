@@ -9,6 +9,7 @@ import random
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -717,6 +718,61 @@ async def test_a_profile_or_group_written_on_the_one_read_is_refused_once_change
     with pytest.raises(NotFound):
         await put(replace(item, name="gone"), expect=replace(item, name="gone"))
     assert await get("gone") is None
+
+
+@pytest.mark.parametrize("kind", ["profile", "cluster", "group"])
+async def test_a_profile_cluster_or_group_deleted_on_the_one_read_is_kept_once_changed(
+        store: Store, kind: str) -> None:
+    """delete_profile/delete_cluster/delete_group(expect=): the API's If-Match on a DELETE
+    compared in the delete's own transaction, as a replace's (check_unchanged)."""
+    item: Any = {"profile": PROFILE, "cluster": CLUSTER, "group": GROUP}[kind]
+    put, get = getattr(store, f"put_{kind}"), getattr(store, f"get_{kind}")
+    delete = getattr(store, f"delete_{kind}")
+    await put(item, create=True)
+    read = await get(item.name)
+    given = replace(read, description="theirs") if kind != "group" else replace(
+        read, labels={"x": "y"})
+    await put(given)
+    with pytest.raises(StateChanged) as refused:
+        await delete(item.name, expect=read)
+    assert refused.value.field == kind and refused.value.holder == item.name
+    assert await get(item.name) == given
+    await delete(item.name, expect=given)
+    assert await get(item.name) is None
+    with pytest.raises(NotFound):
+        await delete(item.name, expect=given)
+
+
+@pytest.mark.parametrize("kind", ["profile", "cluster"])
+async def test_a_profile_or_cluster_in_use_is_not_deleted_unused(store: Store,
+                                                                 kind: str) -> None:
+    """delete_profile/delete_cluster(unused=True): refused while a machine or a group names
+    it, found in the delete's own transaction (base.in_use: a Conflict naming the user);
+    without ``unused`` a store deletes as before (a test's dangling reference)."""
+    item: Any = PROFILE if kind == "profile" else CLUSTER
+    put, get = getattr(store, f"put_{kind}"), getattr(store, f"get_{kind}")
+    delete = getattr(store, f"delete_{kind}")
+    await put(item, create=True)
+    await store.create_machine(machine(MAC2))
+    await store.create_machine(machine(MAC1, **{kind: item.name}))
+    with pytest.raises(Conflict) as refused:
+        await delete(item.name, unused=True)
+    assert refused.value.field == kind and refused.value.holder == mid(MAC1)
+    assert f"{kind} {item.name!r} is used by machine {MAC1}" in str(refused.value)
+    await store.delete_machine(mid(MAC1))
+    await store.put_group(replace(GROUP, **{"profile" if kind == "cluster" else "cluster":
+                                            None, kind: item.name}), create=True)
+    with pytest.raises(Conflict, match="is used by group 'rack1'") as refused:
+        await delete(item.name, unused=True, expect=item)
+    assert refused.value.holder == "rack1"
+    assert await get(item.name) == item
+    await store.delete_group("rack1")
+    await delete(item.name, unused=True, expect=item)
+    assert await get(item.name) is None
+    await put(item, create=True)
+    await store.create_machine(machine(MAC1, **{kind: item.name}))
+    await delete(item.name)  # not asked: the store holds no policy
+    assert await get(item.name) is None
 
 
 async def test_a_machine_deleted_on_its_version_read_is_kept_once_changed(store: Store) -> None:
