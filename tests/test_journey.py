@@ -286,6 +286,7 @@ async def test_with_authoritative_dhcp_nodes_and_dns_follow_a_servers_new_fixed_
         service.boot.settings = dataclasses.replace(service.boot.settings, cluster_domain=None)
         assert (await endpoint())[0] == "https://192.0.2.70:6443"
     finally:
+        service.content.close()
         await service.store.close()
 
 

@@ -212,6 +212,7 @@ async def test_without_https_a_servers_config_writes_the_ca_alone(
         assert k3s_parse_token(config["k3os"]["token"])[0] == k3s_hash_ca(served)
     finally:
         await service.boot.drain()
+        service.content.close()
         await service.store.close()
 
 
@@ -562,6 +563,7 @@ async def test_a_cluster_made_before_gets_an_agent_token_at_start_up_unless_a_no
         await registered(env, S0, token, "192.0.2.21")
     finally:
         await service.boot.drain()
+        service.content.close()
         await service.store.close()
     service = await build(cfg)  # netboot started again (this version)
     try:
@@ -591,6 +593,7 @@ async def test_a_cluster_made_before_gets_an_agent_token_at_start_up_unless_a_no
         assert running is not None and len(running.agent_token) == 64
     finally:
         await service.boot.drain()
+        service.content.close()
         await service.store.close()
 
 

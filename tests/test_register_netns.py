@@ -70,6 +70,7 @@ def test_register_from_192_0_2_60_claiming_loopback_records_192_0_2_60(
         finally:
             await runner.cleanup()
             await service.boot.drain()
+            service.content.close()
             await service.store.close()
 
     out = in_namespace(namespace, scenario)
@@ -121,6 +122,7 @@ async def _closed(service: Service, runner: web.AppRunner,
         server.close()
     await runner.cleanup()
     await service.boot.drain()
+    service.content.close()
     await service.store.close()
 
 
@@ -228,6 +230,7 @@ def test_a_registration_whose_answer_is_lost_and_a_later_boots_new_lease(
                 server.close()
             await runner.cleanup()
             await service.boot.drain()
+            service.content.close()
             await service.store.close()
 
     out = in_namespace(namespace, scenario)
@@ -315,6 +318,7 @@ def test_a_lost_answer_retried_from_a_new_lease_registers_there(
                 server.close()
             await runner.cleanup()
             await service.boot.drain()
+            service.content.close()
             await service.store.close()
 
     out = in_namespace(namespace, scenario)
@@ -585,6 +589,7 @@ def test_an_older_netboots_register_command_stops_and_prints_no_secret(
                 server.close()
             await runner.cleanup()
             await service.boot.drain()
+            service.content.close()
             await service.store.close()
 
     out = in_namespace(namespace, scenario)

@@ -387,6 +387,7 @@ async def test_the_view_loads_with_the_gil_handed_over_briskly(tmp_path: Path) -
         assert order[-1] == ("loaded", before) and sys.getswitchinterval() == before
         assert before > LOAD_SWITCH_INTERVAL
     finally:
+        service.content.close()
         await service.store.close()
 
 
@@ -426,6 +427,7 @@ async def test_no_full_collection_starts_while_the_view_loads(tmp_path: Path) ->
         with contextlib.suppress(ValueError):
             gc.callbacks.remove(collected)
         kept.clear()
+        service.content.close()
         await service.store.close()
 
 
