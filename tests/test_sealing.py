@@ -277,6 +277,54 @@ async def test_join_token_is_in_the_config_and_in_no_log_line_or_file_byte(
     assert not [line for line in lines if JOIN_TOKEN in line or admin in line]
 
 
+async def test_a_machine_that_registered_leaves_no_sealed_form_kept(tmp_path: Path) -> None:
+    """Through the served journey (script, config, installer's reports, registration, on a
+    real SQLite store with the service's sealer): the install token's sealed form is kept
+    while the install is under way (each write of the machine writes it again) and let go
+    at its registration, whose machine token is not kept either. A storm's registered
+    machines kept two each until the store's bound (131,072) pushed them out (s41-mem)."""
+    cfg = load(write_config(tmp_path, "dns:\n  enabled: false\n"), env={})
+    service = await build(cfg)
+    await service.start()
+    admin = (cfg.data_dir / "admin.token").read_text().strip()
+    auth = {"Authorization": f"Bearer {admin}"}
+    base = f"http://127.0.0.1:{service.http_port}"
+    service.base_url = base
+    store = service.store
+    kept = store._sealed._seals  # type: ignore[attr-defined]
+    try:
+        async with aiohttp.ClientSession() as http:
+            async def call(method: str, path: str, status: int, **kw: object) -> str:
+                async with http.request(method, base + path, **kw) as resp:  # type: ignore[arg-type]
+                    text = await resp.text()
+                    assert resp.status == status, (path, resp.status, text)
+                    return text
+
+            await call("POST", "/api/v1/clusters", 201, headers=auth, json={
+                "name": "edge", "server_url": "https://192.0.2.50:6443", "token": JOIN_TOKEN})
+            await call("POST", "/api/v1/profiles", 201, headers=auth, json={
+                "name": "k3os", "kernel": "vmlinuz", "initrds": ["initrd.img"]})
+            await call("POST", "/api/v1/machines", 201, headers=auth, json={
+                "mac": MAC, "cluster": "edge", "profile": "k3os", "role": "agent"})
+            script = await call("GET", f"/ipxe?mac={HEXHYP}&arch=x86_64", 200)
+            token = script.split("token=", 1)[1].split()[0].split("&")[0]
+            assert len(kept) == 1
+            await call("GET", f"/config/{HEXHYP}?token={token}", 200)
+            for kind in ("installing", "installed"):
+                await call("POST", f"/api/v1/machines/{HEXHYP}/events", 201,
+                           headers={"Authorization": f"Bearer {token}"},
+                           json={"kind": kind, "message": kind})
+            assert len(kept) == 1  # one a machine, its install's
+            await call("POST", "/api/v1/register", 200, json={
+                "mac": MAC, "token": token, "hostname": "n1", "addresses": ["192.0.2.77"]})
+            assert len(kept) == 0
+            (registered,) = await store.list_machines()
+            assert registered.state is MachineState.REGISTERED
+            assert registered.install_token and registered.install_token != token
+    finally:
+        await service.close()
+
+
 def test_a_cluster_or_join_plan_in_a_log_line_does_not_carry_the_token() -> None:
     from netboot.model import K3sJoin, Role
 
