@@ -3,11 +3,13 @@ migration of clear tokens, a lost key, and the join token in no file byte and no
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
 import stat
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from netboot.errors import ConfigError, StoreError
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Cluster, MacAddress, Machine, MachineState
 from netboot.sealing import Sealer, read_key, write_key
-from netboot.service import SEAL_KEY_SETTING, build
+from netboot.service import SEAL_KEY_SETTING, Service, build
 from tests.conftest import write_config
 
 # Shaped like a k3s server token, and long enough that a chance match is impossible.
@@ -226,14 +228,17 @@ async def test_first_start_makes_private_files(tmp_path: Path) -> None:
 # --- a whole install: the token reaches the device and nothing else ------------------------------
 
 
-async def test_join_token_is_in_the_config_and_in_no_log_line_or_file_byte(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.DEBUG)
+Call = Callable[..., Awaitable[str]]
+
+
+@contextlib.asynccontextmanager
+async def served(tmp_path: Path) -> AsyncIterator[tuple[Service, Call, dict[str, str], str]]:
+    """``netboot serve`` as it runs (its SQLite store and sealer): the service, a ``call``
+    over real sockets checking the status, the admin's header and token."""
     cfg = load(write_config(tmp_path, "dns:\n  enabled: false\n"), env={})
     service = await build(cfg)
     await service.start()
     admin = (cfg.data_dir / "admin.token").read_text().strip()
-    auth = {"Authorization": f"Bearer {admin}"}
     base = f"http://127.0.0.1:{service.http_port}"
     service.base_url = base
     try:
@@ -244,37 +249,76 @@ async def test_join_token_is_in_the_config_and_in_no_log_line_or_file_byte(
                     assert resp.status == status, (path, resp.status, text)
                     return text
 
-            await call("POST", "/api/v1/clusters", 201, headers=auth, json={
-                "name": "edge", "server_url": "https://192.0.2.50:6443", "token": JOIN_TOKEN})
-            await call("POST", "/api/v1/profiles", 201, headers=auth, json={
-                "name": "k3os", "kernel": "vmlinuz", "initrds": ["initrd.img"]})
-            await call("POST", "/api/v1/machines", 201, headers=auth, json={
-                "mac": MAC, "cluster": "edge", "profile": "k3os", "role": "agent"})
-            listed = await call("GET", "/api/v1/clusters", 200, headers=auth)
-            shown = await call("GET", "/api/v1/clusters/edge", 200, headers=auth)
-            assert JOIN_TOKEN not in listed + shown
-            script = await call("GET", f"/ipxe?mac={HEXHYP}&arch=x86_64", 200)
-            token = script.split("token=", 1)[1].split()[0].split("&")[0]
-            # Kept (for a device that reboots mid-install) only sealed.
-            assert token.encode() not in db_bytes(cfg.db_path)
-            config = await call("GET", f"/config/{HEXHYP}?token={token}", 200)
-            assert yaml.safe_load(config)["k3os"]["token"] == JOIN_TOKEN
-            user_data = await call("GET", f"/nocloud/{HEXHYP}/{token}/user-data", 200)
-            assert JOIN_TOKEN in user_data
-            await call("POST", f"/api/v1/machines/{HEXHYP}/events", 201,
-                       headers={"Authorization": f"Bearer {token}"},
-                       json={"kind": "installed", "message": "done"})
-            await call("POST", "/api/v1/register", 200, json={
-                "mac": MAC, "token": token, "hostname": "n1", "addresses": ["192.0.2.77"]})
-            await call("GET", "/api/v1/machines", 200, headers=auth)
-            await call("GET", f"/api/v1/machines/{HEXHYP}/events", 200, headers=auth)
-        assert JOIN_TOKEN.encode() not in db_bytes(cfg.db_path)
+            yield service, call, {"Authorization": f"Bearer {admin}"}, admin
     finally:
         await service.close()
-    assert JOIN_TOKEN.encode() not in db_bytes(cfg.db_path)
+
+
+async def installs(call: Call, auth: dict[str, str]) -> str:
+    """A cluster, a profile, the machine of MAC enrolled in them, its install script asked
+    for: its install token."""
+    await call("POST", "/api/v1/clusters", 201, headers=auth, json={
+        "name": "edge", "server_url": "https://192.0.2.50:6443", "token": JOIN_TOKEN})
+    await call("POST", "/api/v1/profiles", 201, headers=auth, json={
+        "name": "k3os", "kernel": "vmlinuz", "initrds": ["initrd.img"]})
+    await call("POST", "/api/v1/machines", 201, headers=auth, json={
+        "mac": MAC, "cluster": "edge", "profile": "k3os", "role": "agent"})
+    script = await call("GET", f"/ipxe?mac={HEXHYP}&arch=x86_64", 200)
+    return script.split("token=", 1)[1].split()[0].split("&")[0]
+
+
+async def test_join_token_is_in_the_config_and_in_no_log_line_or_file_byte(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    async with served(tmp_path) as (service, call, auth, admin):
+        db = service.config.db_path
+        token = await installs(call, auth)
+        listed = await call("GET", "/api/v1/clusters", 200, headers=auth)
+        shown = await call("GET", "/api/v1/clusters/edge", 200, headers=auth)
+        assert JOIN_TOKEN not in listed + shown
+        # Kept (for a device that reboots mid-install) only sealed.
+        assert token.encode() not in db_bytes(db)
+        config = await call("GET", f"/config/{HEXHYP}?token={token}", 200)
+        assert yaml.safe_load(config)["k3os"]["token"] == JOIN_TOKEN
+        user_data = await call("GET", f"/nocloud/{HEXHYP}/{token}/user-data", 200)
+        assert JOIN_TOKEN in user_data
+        await call("POST", f"/api/v1/machines/{HEXHYP}/events", 201,
+                   headers={"Authorization": f"Bearer {token}"},
+                   json={"kind": "installed", "message": "done"})
+        await call("POST", "/api/v1/register", 200, json={
+            "mac": MAC, "token": token, "hostname": "n1", "addresses": ["192.0.2.77"]})
+        await call("GET", "/api/v1/machines", 200, headers=auth)
+        await call("GET", f"/api/v1/machines/{HEXHYP}/events", 200, headers=auth)
+        assert JOIN_TOKEN.encode() not in db_bytes(db)
+    assert JOIN_TOKEN.encode() not in db_bytes(db)
     lines = [r.getMessage() + (r.exc_text or "") for r in caplog.records]
     assert any("config" in line for line in lines)  # the flow was logged, and
     assert not [line for line in lines if JOIN_TOKEN in line or admin in line]
+
+
+async def test_a_machine_that_registered_leaves_no_sealed_form_kept(tmp_path: Path) -> None:
+    """Through the served journey (script, config, installer's reports, registration, on a
+    real SQLite store with the service's sealer): the install token's sealed form is kept
+    while the install is under way (each write of the machine writes it again) and let go
+    at its registration, whose machine token is not kept either. A storm's registered
+    machines kept two each until the store's bound (131,072) pushed them out (s41-mem)."""
+    async with served(tmp_path) as (service, call, auth, _):
+        store = service.store
+        kept = store._sealed._seals  # type: ignore[attr-defined]
+        token = await installs(call, auth)
+        assert len(kept) == 1
+        await call("GET", f"/config/{HEXHYP}?token={token}", 200)
+        for kind in ("installing", "installed"):
+            await call("POST", f"/api/v1/machines/{HEXHYP}/events", 201,
+                       headers={"Authorization": f"Bearer {token}"},
+                       json={"kind": kind, "message": kind})
+        assert len(kept) == 1  # one a machine, its install's
+        await call("POST", "/api/v1/register", 200, json={
+            "mac": MAC, "token": token, "hostname": "n1", "addresses": ["192.0.2.77"]})
+        assert len(kept) == 0
+        (registered,) = await store.list_machines()
+        assert registered.state is MachineState.REGISTERED
+        assert registered.install_token and registered.install_token != token
 
 
 def test_a_cluster_or_join_plan_in_a_log_line_does_not_carry_the_token() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 from netboot.inventory import codec
 from netboot.inventory.base import Sealer
-from netboot.model import Cluster, Machine, replace_machine
+from netboot.model import Cluster, Machine, MachineState, replace_machine
 
 
 def install_token_context(machine_id: str) -> str:
@@ -46,19 +46,31 @@ _CLUSTER_SECRETS = (("token", join_token_context), ("ca_key", ca_key_context),
 # facts). A storm's first config comes a minute or two after its install script: 4,096 kept
 # the sealed forms of the last second of a storm's installs (~4,500 a second), and every
 # config of a larger storm sealed its token anew (~18,500 of a first config's ~484,000 loop
-# instructions, session 27). Each kept form costs ~340 bytes (its key's tuple, its text, the
+# instructions, session 27). Each kept form costs ~340 bytes (its tuple, its text, the
 # ordered dict's slot and link; the id and the token are the machine's own strings): ~45 MB
 # at most, ~34 MB with a storm of 100,000 machines' installs under way.
 _KEPT_SEALS = 1 << 17
+
+# The states of a machine whose install is under way: its token (minted with its install
+# script) is written again at each of its updates until it registers, whose machine token
+# (the same field, sealed alike) is written again only at its later boots' reports. Only
+# these machines' sealed forms are kept: a registered machine's two (its spent install
+# token's, its machine token's) were kept until the bound pushed them out, 2 a machine
+# after a storm (~0.7 MB for 1,000; ~45 MB at the bound), and the view's load kept one for
+# every registered machine of the fleet (s41-mem).
+# (A tuple: ``in`` finds a member by identity, where a frozenset hashes the enum first.)
+_UNDER_WAY = (MachineState.BOOTING, MachineState.INSTALLING, MachineState.INSTALLED)
 
 
 class Sealed:
     def __init__(self, sealer: Sealer | None) -> None:
         self.sealer = sealer
-        # (machine id, token in clear) -> its sealed form, oldest first. An OrderedDict, not a
+        # machine id -> (its token in clear, that token's sealed form), oldest first; one a
+        # machine, of those whose install is under way (_UNDER_WAY). An OrderedDict, not a
         # dict: dropping a plain dict's first key (next(iter(...))) walks every slot freed
         # since it was last resized, ~1 µs of the event loop per first install once full.
-        self._seals: collections.OrderedDict[tuple[str, str], str] = collections.OrderedDict()
+        self._seals: collections.OrderedDict[str, tuple[str, str]] = \
+            collections.OrderedDict()
 
     def seal_machine(self, machine: Machine) -> Machine:
         sealed = self.sealed_token(machine)
@@ -69,42 +81,57 @@ class Sealed:
         is written as it is (none, no sealer, or sealed already). For a writer that encodes
         the machine with it (SQLite's rows) instead of a sealed copy of the machine."""
         token = machine.install_token
-        if self.sealer is None or not token or self.sealer.is_sealed(token):
+        sealer = self.sealer
+        if sealer is None:
+            return None
+        if machine.state not in _UNDER_WAY:
+            # Registered (its machine token, written again only at its later boots'
+            # reports), failed, enrolled again: nothing kept, its install's form let go.
+            self._seals.pop(machine.id, None)
+            if not token or sealer.is_sealed(token):
+                return None
+            return sealer.seal(token, context=install_token_context(machine.id))
+        if not token or sealer.is_sealed(token):
             return None
         # A machine's token is sealed once and that text written again at each update of
         # the machine while its install is under way (booting -> installing, facts): a new
         # nonce each time was ~3 µs of the event loop per update and said nothing new. The
         # same clear text under the same context and key gives the same sealed text, which
         # reveals only that the token did not change, as the row itself does.
-        key = (machine.id, token)
-        sealed = self._seals.get(key)
-        if sealed is None:
-            sealed = self.sealer.seal(token, context=install_token_context(machine.id))
-            if len(self._seals) >= _KEPT_SEALS:  # (not _keep: it is not there, and a first
-                self._seals.popitem(last=False)  # install seals its new token here)
-            self._seals[key] = sealed
+        seals = self._seals
+        kept = seals.get(machine.id)
+        if kept is not None:
+            if kept[0] == token:
+                return kept[1]
+            del seals[machine.id]  # its earlier token's (a reinstall): one a machine
+        elif len(seals) >= _KEPT_SEALS:  # (not _keep: a first install's path)
+            seals.popitem(last=False)
+        sealed = sealer.seal(token, context=install_token_context(machine.id))
+        seals[machine.id] = (token, sealed)
         return sealed
 
     def open_machine(self, machine: Machine | None, *, keep: bool = False) -> Machine | None:
         """``machine`` as read, its install token opened. ``keep``: its sealed form is kept
-        as :meth:`sealed_token` keeps those it makes, so that the machine written again with
-        that token (its config fetched: booting -> installing) writes that text again, not
-        a new seal; for the event loop's reads (the view's load) only, not a thread's."""
+        as :meth:`sealed_token` keeps those it makes (its install under way), so that the
+        machine written again with that token (its config fetched: booting -> installing)
+        writes that text again, not a new seal; for the event loop's reads (the view's
+        load) only, not a thread's."""
         if machine is None or self.sealer is None or not machine.install_token:
             return machine
         sealed = machine.install_token
         token = self.sealer.unseal(sealed, context=install_token_context(machine.id))
-        if keep and token != sealed:  # it was sealed (a value from before sealing is not)
-            self._keep((machine.id, token), sealed)
+        # (A value from before sealing is not kept: the start-up migration seals it.)
+        if keep and token != sealed and machine.state in _UNDER_WAY:
+            self._keep(machine.id, token, sealed)
         return replace_machine(machine, install_token=token)
 
-    def _keep(self, key: tuple[str, str], sealed: str) -> None:
+    def _keep(self, machine_id: str, token: str, sealed: str) -> None:
         seals = self._seals
-        if key in seals:
-            seals.move_to_end(key)
+        if machine_id in seals:
+            seals.move_to_end(machine_id)
         elif len(seals) >= _KEPT_SEALS:
             seals.popitem(last=False)
-        seals[key] = sealed
+        seals[machine_id] = (token, sealed)
 
     def as_read(self, stored: Machine, sealed: Machine, given: Machine) -> Machine | None:
         """What a read gives back of ``stored``, the stored form (codec.stored_machine) of

@@ -15,13 +15,18 @@ import asyncio
 import logging
 import os
 import secrets
+import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from aiohttp import hdrs, web
 from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpRequestParser
+from aiohttp.tcp_helpers import tcp_keepalive
 from aiohttp.web_fileresponse import NOSENDFILE
+from aiohttp.web_protocol import RequestPayloadError
 
 from netboot.errors import OutcomeUnknown
 from netboot.logs import log_context
@@ -369,6 +374,41 @@ class AiohttpAccessLogger(AccessLogger, AbstractAccessLogger):
 class AiohttpHandler(GuardedHandler, web.RequestHandler):
     """:class:`GuardedHandler` over aiohttp's RequestHandler: what every connection is once
     aiohttp is imported (and what a connection accepted before is handed to)."""
+
+    # RequestHandler keeps every argument of its parser but this one (_begin_aiohttp): its
+    # default, and the one given, if any, on the handler.
+    _auto_decompress = True
+
+    def __init__(self, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        if "auto_decompress" in kwargs:
+            self._auto_decompress = bool(kwargs["auto_decompress"])
+
+    def _attach(self, transport: asyncio.BaseTransport) -> None:
+        # RequestHandler.connection_made (aiohttp 3.14) without its keep-alive timer and
+        # handler task (GuardedHandler.connection_made).
+        BaseProtocol.connection_made(self, transport)  # the transport, TCP_NODELAY
+        real = cast(asyncio.Transport, transport)
+        if self._tcp_keepalive:
+            tcp_keepalive(real)
+        assert self._manager is not None
+        self._manager.connection_made(self, real)
+
+    def _begin_aiohttp(self) -> None:
+        # The parser RequestHandler.__init__ makes, with the arguments it was given (kept
+        # on the handler), and the task its connection_made starts, as it starts it.
+        if self._parser is None:
+            self._parser = HttpRequestParser(
+                self, self._loop, self._read_bufsize, max_line_size=self.max_line_size,
+                max_field_size=self.max_field_size, max_headers=self.max_headers,
+                payload_exception=RequestPayloadError, auto_decompress=self._auto_decompress,
+                max_msg_queue_size=self._max_msg_queue_size)
+        if self._task_handler is None:
+            if sys.version_info >= (3, 12):
+                self._task_handler = asyncio.Task(self.start(), loop=self._loop,
+                                                  eager_start=True)
+            else:
+                self._task_handler = self._loop.create_task(self.start())
 
 
 class GuardedSite(web.BaseSite):

@@ -1739,6 +1739,12 @@ class GuardedHandler(_HandlerBase):
             # false) until it is given a request (_to_aiohttp), which makes the deque; an
             # append before that fails loudly, and no queue is ever shared.
             self._messages = cast(Any, ())
+            # aiohttp's request parser (~1 KB with its C state) and its handler task (the
+            # task, its coroutine and the future it waits on: ~0.95 KB), unused too: made at
+            # the first request handed over (_to_aiohttp: AiohttpHandler._begin_aiohttp),
+            # never for a connection the front door answers whole (~1.9 MiB of a
+            # 1,000-device storm's open connections at its last moment; s40-mem, s41-mem).
+            self._parser = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         peer = transport.get_extra_info("peername")
@@ -1763,19 +1769,28 @@ class GuardedHandler(_HandlerBase):
         self._sock = sock if self._plain_tcp else None  # uvloop makes a new one each time
         # Asked once a connection: a device's URLs name it where the base URL is a loopback
         # one (Content.at).
-        if self._front is not None:
+        if self._front is None:
+            super().connection_made(transport)
+        else:
             self._local = self._front.routes.local_of(transport)
-        super().connection_made(transport)
-        if self._front is not None and self._keepalive_handle is not None:
-            # aiohttp's keep-alive timer, armed for every new connection, is let go at once:
-            # the guard's sweep closes the connection once idle (keep_alive), and aiohttp
-            # arms its own again after answering a request it is handed. (Its timeout is
-            # not zeroed around connection_made instead: from Python 3.12 the handler
-            # task starts eagerly in there and keeps the value it reads for good.)
-            self._keepalive_handle.cancel()
-            self._keepalive_handle = None
+            # aiohttp's connection_made without its handler task and keep-alive timer: the
+            # task is made at the first request handed to aiohttp, and the guard's sweep
+            # closes the connection once idle (keep_alive); aiohttp arms its own timer
+            # after answering a request it is handed.
+            self._attach(transport)
+            self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
             self._guard.keep_alive(self, self._loop)
         self._guard.await_head(self, self._loop)
+
+    def _attach(self, transport: asyncio.BaseTransport) -> None:
+        """aiohttp's ``connection_made`` but its keep-alive timer and handler task
+        (AiohttpHandler's: this module imports no aiohttp)."""
+        raise NotImplementedError
+
+    def _begin_aiohttp(self) -> None:
+        """aiohttp's request parser and handler task, made for the first request handed
+        to aiohttp (AiohttpHandler's)."""
+        raise NotImplementedError
 
     def head_deadline(self) -> None:
         """header_timeout is over (ConnectionGuard._sweep_heads)."""
@@ -1821,6 +1836,7 @@ class GuardedHandler(_HandlerBase):
             data, self._unread = self._unread[:size], self._unread[size:]
         if not self._handed:
             self._messages = deque()  # (its empty tuple until now: __init__)
+            self._begin_aiohttp()
         self._handed = True
         super().data_received(data)
 
@@ -2083,6 +2099,13 @@ class GuardedHandler(_HandlerBase):
         if self._front_busy and self.transport is not None:
             self._next_keepalive_close_time = self._loop.time() + self._keepalive_timeout
             self._guard.touch(self)  # (the sweep's order: see ConnectionGuard._sweep_idle)
+        if not self._handed and self._front is not None:
+            # No handler task of aiohttp's to find it idle (made at the first hand-over), nor
+            # its timer: the guard's sweep asks once due (idle_due) and looks again later.
+            if self.transport is not None \
+                    and self._loop.time() >= self._next_keepalive_close_time:
+                self.force_close()
+            return
         super()._process_keepalive()
 
     @property
@@ -2151,6 +2174,8 @@ class GuardedHandler(_HandlerBase):
         """Waiting for a request (a fresh or kept-alive connection), none being handled and
         no byte of the next one read (the front's part of a head: closing then would cut a
         request the client has begun to send, which it may not retry)."""
+        if not self._handed and self._front is not None:
+            return not self._front_busy and not self._unread  # aiohttp has no task here
         waiter = getattr(self, "_waiter", None)
         return (waiter is not None and not waiter.done() and not self._front_busy
                 and not self._unread)
