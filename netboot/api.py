@@ -708,10 +708,15 @@ class Api:
     async def refused_claims(self, request: web.Request) -> web.Response:
         # The claims this server refused by address (netboot.claims), the most tried first:
         # where the device's is found when a flood used its events up (s40-claim).
+        # Only those refused against its registration as it is now (a reinstalled machine's
+        # old contest is history: s41-ops). Kept-Since: when this server began keeping them
+        # (its start): a claim refused before is lost, and found again at the next try.
         machine = await self._machine(request)
+        claims = self._core.enroller.claims
         return web.json_response([
             {"peer": h.peer or None, "claim": h.claim, "tries": h.tries, "first": h.first,
-             "last": h.last} for h in self._core.enroller.claims.held(machine.id)])
+             "last": h.last} for h in claims.held(machine)],
+            headers={"Kept-Since": repr(claims.since)})
 
     async def reinstall(self, request: web.Request) -> web.Response:
         machine = await self._core.reinstall(await self._ref(request),

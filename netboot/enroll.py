@@ -38,7 +38,7 @@ import yaml
 from netboot import identity, lifecycle
 from netboot.addresses import AddressChoice, IPAddress, check_fixed_ipv4
 from netboot.addresses import choose as choose_address
-from netboot.claims import RefusedClaims
+from netboot.claims import RefusedClaims, kept_since
 from netboot.discovery import TokenBuckets
 from netboot.errors import (
     DECIDE_ATTEMPTS,
@@ -902,7 +902,7 @@ class Enroller:
         self._contests = TokenBuckets(1 / CONTEST_EVERY, CONTEST_BURST, _REPORT_BUDGETS)
         # Each refused claim by the address it came from, beside the rate-limited events: a
         # flood of random secrets cannot hide the device's (s40-claim: netboot.claims).
-        self.claims = RefusedClaims()
+        self.claims = RefusedClaims(since=clock())
         # (machine id, token expiry) told as a "token expired" event (refuse_expired).
         self._expired_told: set[tuple[str, float, str]] = set()
         # Every event of this process is written through one recorder, so that history keeps
@@ -1198,6 +1198,9 @@ class Enroller:
                                          versions={machine.id: machine.updated}),
                                    attempt, (machine,), recorded=False):
                 break
+        # Its refused claims were against the registration it leaves (also told apart by
+        # claims.registration_of, for another server's reinstall): freed now.
+        self.claims.forget(machine.id)
         await self.event(machine.id, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
 
@@ -1539,7 +1542,7 @@ class Enroller:
                                  "'netboot machines reinstall' gives it back"))
         kind = "registration contested"
         if claim:
-            self.claims.refused(machine.id, str(peer) if peer else "", claim, self._clock())
+            self.claims.refused(machine, str(peer) if peer else "", claim, self._clock())
         if self.recorder.last(machine.id) == (kind, message) \
                 or not self._contests.take(machine.id, self._clock()):
             return
@@ -1559,17 +1562,23 @@ class Enroller:
                 raise Conflict(f"{machine.ref} is {machine.state}, not registered: its next "
                                "registration is its install's own", field="state")
             events = await self._store.list_events(machine.id, limit=_CLAIMS_SEEN)
+            # Only a refusal of the registration held now: one of an earlier registration
+            # (before a reinstall) is history, not a claim on this one (s41-ops).
+            since = machine.in_state_since
             made = next((e for e in reversed(events) if e.kind == "registration contested"
-                         and isinstance(e.data.get("claim"), str)
+                         and e.time >= since and isinstance(e.data.get("claim"), str)
                          and hmac.compare_digest(e.data["claim"].encode(), claim.encode())),
                         None)
-            held = self.claims.find(machine.id, claim)
+            held = self.claims.find(machine, claim)
             if made is None and held is None:
                 raise NotFound(f"no refused registration of {machine.ref} made claim "
-                               f"{claim!r} (its newest {_CLAIMS_SEEN} events"
+                               f"{claim!r} (its newest {_CLAIMS_SEEN} events since its "
+                               "registration, and the claims this server kept since it "
+                               f"started, {kept_since(self.claims)}: one refused before, "
+                               "or by another server, is found at the device's next try"
                                + "".join(f"; {h.peer or 'an unknown address'} sent {h.claim} "
                                          f"{h.tries} times" for h in
-                                         self.claims.held(machine.id)[:_CLAIMS_TOLD])
+                                         self.claims.held(machine)[:_CLAIMS_TOLD])
                                + ")")
             # Where it came from: its kept entry (how often it tried) else its event's.
             peer = (held.peer if held else made.data.get("peer") if made else None) \

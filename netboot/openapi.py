@@ -533,7 +533,10 @@ def document() -> dict[str, Any]:
             "parameters": [_path_param("ref")],
             "get": _op("the claims this server refused for the machine, by the address they "
                        "came from (its latest each), the most tried first: a device retries "
-                       "its one claim, a flood's come once", need=READ,
+                       "its one claim, a flood's come once; only those refused against "
+                       "its registration as it is now (none after a reinstall); header "
+                       "Kept-Since: when this server began keeping them (its start, in "
+                       "seconds since the epoch)", need=READ,
                        out="array:RefusedClaim"),
         },
         "/api/v1/machines/{ref}/explain": {
