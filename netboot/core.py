@@ -1078,7 +1078,7 @@ class Core:
         if machine is None and key is None:
             raise NotFound(f"machine {ref} not found (give one of its MACs or its id)")
         wanted = _arch(arch)
-        content = self.content.at(local)
+        content = self.content.at(local).dry()  # its failure is not the machine's event
         if kind in ("ipxe", "pxelinux", "grub"):
             firmware = {"pxelinux": Firmware.UBOOT, "grub": Firmware.UEFI}.get(kind,
                                                                                Firmware.IPXE)

@@ -110,6 +110,16 @@ REPEAT_ELSEWHERE_SECONDS = 3600
 # the same claim from the same place again is told once.
 CONTEST_BURST = 5
 CONTEST_EVERY = 60.0
+# A machine's script or config that failed to render is a "render failed" event (its file,
+# line and fix), which a device asking again every few seconds (iPXE's retry, an installer's
+# loop, a DHCP-iPXE cycle between other events) must not repeat into the store: the same
+# saying as the machine's newest event is dropped (Recorder.note), and at most
+# RENDER_FAILED_BURST a machine at once, one every RENDER_FAILED_EVERY seconds after.
+RENDER_FAILED_BURST = 3
+RENDER_FAILED_EVERY = 600.0
+# Where a render error names its template's line (render._line_at: ", line N" and, for an
+# included template's, " of FILE").
+_RENDER_LINE = re.compile(r", line (\d+)(?: of ([^:]+))?:")
 # The newest events of a machine read to find the claim an operator gives it to (claim).
 _CLAIMS_SEEN = 200
 # The kept claims (netboot.claims) a NotFound of claim names, the most tried first: where an
@@ -900,6 +910,8 @@ class Enroller:
         self._reports = TokenBuckets(report_rate, report_burst, _REPORT_BUDGETS)
         self._refusing: set[str] = set()
         self._contests = TokenBuckets(1 / CONTEST_EVERY, CONTEST_BURST, _REPORT_BUDGETS)
+        self._render_fails = TokenBuckets(1 / RENDER_FAILED_EVERY, RENDER_FAILED_BURST,
+                                          _REPORT_BUDGETS)
         # Each refused claim by the address it came from, beside the rate-limited events: a
         # flood of random secrets cannot hide the device's (s40-claim: netboot.claims).
         self.claims = RefusedClaims(since=clock())
@@ -1548,6 +1560,35 @@ class Enroller:
             return
         await self.event(machine.id, kind, message,
                          {"peer": str(peer) if peer else None, "claim": claim})
+
+    def render_failed(self, machine: Machine, what: str, kind: str, template: str | None,
+                      exc: Exception) -> None:
+        """A ``render failed`` event: ``machine``'s ``what`` (its iPXE script, its config)
+        failed to render with ``exc`` (a RenderError: a template's undefined name, its
+        syntax, a check of its output), from ``template`` (its file, None: not one file),
+        with the line and the fix. It was only logged, a 500 to the device: the dashboard
+        and ``netboot machines show`` said nothing of why the machine was stuck (s41-ops).
+        Queued with the boot path's notes (no commit awaited: the device's answer is the
+        500 either way); bounded (:data:`RENDER_FAILED_BURST`, :data:`RENDER_FAILED_EVERY`)."""
+        text = str(exc)
+        where = _RENDER_LINE.search(text)
+        line = int(where.group(1)) if where else None
+        # A line of a template it includes is named by that file's name (in the text).
+        included = where.group(2) if where else None
+        at = f", line {line}" if line and not included else ""
+        message = (f"its {what} failed to render: {text}"
+                   + (f" (template file {template}{at})" if template else "")
+                   + f". Fix: correct that template line, or the value it reads (the "
+                   "machine's, its profile's, cluster's or group's); 'netboot render "
+                   f"{machine.ref} {kind}' shows the error without a boot, and the device's "
+                   "next try renders it again")
+        recorder = self.recorder
+        if recorder.repeats(machine.id, "render failed", message, machine) \
+                or not self._render_fails.take(machine.id, self._clock()):
+            return
+        recorder.note(Event(machine.id, self._clock(), "render failed", message,
+                            {"template": template, "line": line, "included": included,
+                             "error": text}), machine)
 
     async def give_to_claim(self, ref: str, claim: str) -> Machine:
         """Give registered machine ``ref`` to the install whose refused registration made

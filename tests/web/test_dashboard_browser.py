@@ -530,3 +530,33 @@ async def test_the_inventorys_refused_writes_are_a_banner_on_every_page_until_th
     await env.service.watch_once()
     assert env.service.boot.health.up
     await expect(banner).to_be_hidden(timeout=25_000)
+
+
+async def test_a_machine_stuck_on_a_template_error_says_so_in_the_list_and_its_timeline(
+        make_env: EnvFactory, browser: Browser, shots: Any, tmp_path: Path) -> None:
+    """An operator's install template with an undefined name: the device's /ipxe was a 500
+    and a server log line, and the dashboard showed the machine as enrolled with nothing
+    more (s41-ops). Now the list's last event (live) and the machine's timeline say that
+    its iPXE script failed to render, with the template file, its line and the fix."""
+    own = tmp_path / "own-templates"
+    (own / "ipxe").mkdir(parents=True)
+    (own / "ipxe" / "install.ipxe").write_text(
+        "#!ipxe\n# a site's script\nkernel {{ kernel_urll }}\nboot\n")
+    env = await make_env(f"templates:\n  dir: {own}\n")
+    await env.seed()
+    mac = "52:54:00:aa:00:41"
+    await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    page = await logged_in(browser, env, shots)
+    row = page.locator("table.machines tbody tr", has_text=mac)
+    await expect(row).to_contain_text("enrolled")
+    resp = await env.client.get(f"/ipxe?mac={mac}&arch=x86_64")
+    assert resp.status == 500
+    await env.service.enroller.recorder.flush()  # the note's group commit, then its event
+    await expect(row).to_contain_text("render failed: its iPXE script failed to render")
+    await shots(page, "render-failed-in-list")
+    await row.click()
+    timeline = page.locator("li", has_text="render failed")
+    await expect(timeline).to_contain_text("'kernel_urll' is undefined")
+    await expect(timeline).to_contain_text(f"{own / 'ipxe' / 'install.ipxe'}, line 3")
+    await expect(timeline).to_contain_text(f"netboot render {mac} ipxe")
+    await shots(page, "render-failed-in-timeline")
