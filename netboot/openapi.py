@@ -496,7 +496,9 @@ def document() -> dict[str, Any]:
         "/api/v1/events/stream": {
             "get": {**_op("every machine event as it is recorded: Server-Sent Events "
                           "(event: machine, data: an Event; event: missed when this reader "
-                          "fell behind)", need=READ, errors=()),
+                          "fell behind; event: inventory, data: the inventory's health as "
+                          "GET /status's inventory, as the stream opens and when it "
+                          "changes)", need=READ, errors=()),
                     "responses": {"200": {"description": "text/event-stream"},
                                   "401": {"description": _ERRORS[401]},
                                   "403": {"description": _ERRORS[403]},

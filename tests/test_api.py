@@ -2152,6 +2152,39 @@ async def _open_stream(env: Env) -> Any:
     return resp
 
 
+async def test_the_event_stream_tells_the_inventorys_health_as_it_opens_and_changes(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard's banner asked GET /api/v1/status (the fleet's counts too) every 15 s
+    per open tab (s41-ops). Now the stream it has open says the inventory's health as
+    GET /status's ``inventory`` does: as it opens, then when it changes (down, then up
+    again), and nothing more while it stays. Real HTTP."""
+    from netboot import api
+
+    monkeypatch.setattr(api, "SSE_HEALTH_SECONDS", 0.05)
+
+    async def told(resp: Any) -> dict[str, Any]:
+        while True:
+            frame = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+            if b"\nevent: inventory\n" in b"\n" + frame:
+                return dict(json.loads(frame.split(b"data: ", 1)[1]))
+            assert frame.startswith(b":"), frame  # nothing else is sent meanwhile
+
+    stream = await env.client.get("/api/v1/events/stream", headers=env.auth)
+    assert stream.status == 200
+    try:
+        status = (await env.get("/api/v1/status"))["inventory"]
+        assert await told(stream) == status == {"state": "ok", "detail": None}
+        health = env.service.boot.health
+        health.failed("disk full: No space left on device", answers=True)
+        degraded = await told(stream)
+        assert degraded["state"] == "degraded" and "No space left" in degraded["detail"]
+        assert degraded == (await env.get("/api/v1/status"))["inventory"]
+        health.restored()
+        assert await told(stream) == {"state": "ok", "detail": None}
+    finally:
+        stream.close()
+
+
 async def test_one_token_holds_at_most_its_share_of_the_event_streams(env: Env) -> None:
     """One read token could hold every one of the server's 256 streams (and every other
     dashboard was refused): now ``max_per_holder`` a token, told with a 429 that names the

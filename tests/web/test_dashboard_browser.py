@@ -510,19 +510,24 @@ async def test_the_inventorys_refused_writes_are_a_banner_on_every_page_until_th
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes refused (a full or read-only database; with several servers, told by the one
     that found it): /healthz and the status said so, the dashboard nothing, and an operator
-    found out from failing actions (s40-multi). Now a banner on every page names it, asked
-    again every 15 s (HEALTH_MS), and goes once writes are taken."""
+    found out from failing actions (s40-multi). Now a banner on every page names it, and
+    goes once writes are taken. Told by the event stream the page has open (as it opens and
+    when the health changes): each tab asked GET /api/v1/status (the fleet's counts too)
+    every 15 s for it (s41-ops); no /status is asked here."""
     env = await make_env()
     page = await logged_in(browser, env, shots)
     banner = page.locator("#inventory-health")
     await expect(banner).to_be_hidden()
+    await page.goto(url(env, "/#/profiles"))  # a page that asks nothing of the status itself
+    await expect(page.locator("#live")).to_have_text("live")
+    statuses: list[str] = []
+    page.on("request", lambda r: statuses.append(r.url) if "/api/v1/status" in r.url else None)
     why = "inventory test: could not extend file: No space left on device"
     # The store's own answer (a PostgreSQL store sets it from a refused write, its own or
     # another server's notification); the service's watcher turns it into health.
     monkeypatch.setattr(env.service.store, "stuck_writes", lambda: why, raising=False)
     await env.service.watch_once()  # the watcher's round (the test's env runs none)
     assert not env.service.boot.health.up
-    await page.goto(url(env, "/#/profiles"))  # a page that asks nothing of the status itself
     await expect(banner).to_contain_text("No space left on device", timeout=25_000)
     await expect(banner).to_contain_text("degraded")
     await shots(page, "inventory-refuses-writes")
@@ -530,6 +535,7 @@ async def test_the_inventorys_refused_writes_are_a_banner_on_every_page_until_th
     await env.service.watch_once()
     assert env.service.boot.health.up
     await expect(banner).to_be_hidden(timeout=25_000)
+    assert statuses == [], statuses  # from the stream, not a GET /status
 
 
 async def test_a_machine_stuck_on_a_template_error_says_so_in_the_list_and_its_timeline(
