@@ -281,11 +281,12 @@ class Content:
                 exc: RenderError) -> None:
         """A device's ``what`` for ``plan`` failed to render from template ``name``: told as
         its machine's event (an unknown machine's only logged: no machine to tell it on)."""
-        machine = plan.machine
-        if self._tells and machine is not None:
+        machine, enroller = plan.machine, self._enroller
+        # (No enroller: the render tests' stand-in Content, which renders for no service.)
+        if self._tells and machine is not None and enroller is not None:
             template = self._render.version(name)
-            self._enroller.render_failed(machine, what, kind,
-                                         getattr(template, "filename", None) or name, exc)
+            enroller.render_failed(machine, what, kind,
+                                   getattr(template, "filename", None) or name, exc)
 
     @property
     def urls(self) -> Urls:
