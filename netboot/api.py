@@ -76,6 +76,10 @@ TARGET_KEY = web.RequestKey("target", str)
 # hostname may name another machine tomorrow.
 REF_KEY = web.RequestKey("ref", str)
 SSE_KEEPALIVE_SECONDS = 15.0
+# How often an open event stream looks at the inventory's health (InventoryHealth.as_dict,
+# a few attribute reads), to send ``event: inventory`` when it changed: the dashboard's
+# banner, which asked GET /api/v1/status (the fleet's counts too) every 15 s per open tab.
+SSE_HEALTH_SECONDS = 2.0
 # How often an open event stream's token is checked again: a stream is authenticated when it
 # opens and then lasts as long as its reader, so a revoked or expired token (a leaked
 # dashboard token revoked, a 90 s one) kept receiving every machine event, and kept one of
@@ -249,6 +253,12 @@ def _answered(status: int, unknown: bool) -> str:
 # the view stops looking past this many (benchmarks/README.md s37-ops).
 TEXT_IDS_MAX = 10_000
 
+
+
+def _health_frame(health: Mapping[str, str | None]) -> bytes:
+    """The SSE message of the inventory's health (``event: inventory``, as GET /status's
+    ``inventory``: state and detail)."""
+    return f"event: inventory\ndata: {json.dumps(health)}\n\n".encode()
 
 class Api:
     """The HTTP face of :class:`netboot.core.Core`: parses requests, answers JSON."""
@@ -499,8 +509,10 @@ class Api:
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-Sent Events: every machine event as it is recorded (``event: machine``),
         and ``event: missed`` when this reader fell behind and events were dropped (reload
-        what is shown). Needs a token (bearer or the dashboard's cookie): event messages
-        name machines, addresses and clusters (read scope)."""
+        what is shown); ``event: inventory``, the inventory's health (GET /status's), as it
+        opens and whenever it changes (the dashboard's banner). Needs a token (bearer or the
+        dashboard's cookie): event messages name machines, addresses and clusters (read
+        scope)."""
         assert self._events is not None
         token = request_token(request)  # what opened it (guarded: valid then)
         with self._events.subscribe(request.get(ACTOR_KEY)) as sub:
@@ -522,12 +534,21 @@ class Api:
         reader leaves (ConnectionResetError)."""
         loop = asyncio.get_running_loop()
         checked = loop.time()
-        # The browser reconnects by itself after a drop (EventSource, 3 s by default).
-        await resp.write(b"retry: 3000\n: connected\n\n")
+        # The inventory's health as the dashboard's banner shows it (GET /status's
+        # "inventory"): sent as the stream opens and again whenever it changes, so that an
+        # open tab asks no /status for it (s41-ops).
+        health = self._core.boot.health
+        told = health.as_dict()
+        # The browser reconnects by itself after a drop (EventSource, 3 s by default). The
+        # health in the first message, with the retry (a reader that reads one message to
+        # see the stream open reads them both), then the comment that says it is open.
+        await resp.write(b"retry: 3000\n" + _health_frame(told) + b": connected\n\n")
+        wrote = loop.time()
         while True:
             idle = False
             try:
-                item = await asyncio.wait_for(sub.next(), SSE_KEEPALIVE_SECONDS)
+                item = await asyncio.wait_for(sub.next(), min(SSE_HEALTH_SECONDS,
+                                                              SSE_KEEPALIVE_SECONDS))
             except TimeoutError:
                 item, idle = None, True
             if item is None and not idle:  # the server stops (EventBus.close)
@@ -543,16 +564,24 @@ class Api:
                     pass  # the inventory does not answer now: asked again next time
                 else:
                     checked = loop.time()
+            now = health.as_dict()
+            if now != told:
+                told = now
+                await resp.write(_health_frame(now))
+                wrote = loop.time()
             if item is None:
-                # A comment line: keeps proxies and NAT from closing an idle stream,
-                # and finds a reader that went away.
-                await resp.write(b": keep-alive\n\n")
+                if loop.time() - wrote >= SSE_KEEPALIVE_SECONDS:
+                    # A comment line: keeps proxies and NAT from closing an idle stream,
+                    # and finds a reader that went away.
+                    await resp.write(b": keep-alive\n\n")
+                    wrote = loop.time()
                 continue
             # What else is queued goes in the same write: a storm's group commit
             # publishes hundreds of events at once, which were a write (a send, a TCP
             # segment) each, per open dashboard (benchmarks/README.md, s36-ops).
             await resp.write(b"".join([self._frame(item),
                                        *map(self._frame, sub.ready())]))
+            wrote = loop.time()
 
     def _frame(self, item: Published | Missed) -> bytes:
         """An SSE message. A machine event is encoded once for every stream that sends it
@@ -709,10 +738,15 @@ class Api:
     async def refused_claims(self, request: web.Request) -> web.Response:
         # The claims this server refused by address (netboot.claims), the most tried first:
         # where the device's is found when a flood used its events up (s40-claim).
+        # Only those refused against its registration as it is now (a reinstalled machine's
+        # old contest is history: s41-ops). Kept-Since: when this server began keeping them
+        # (its start): a claim refused before is lost, and found again at the next try.
         machine = await self._machine(request)
+        claims = self._core.enroller.claims
         return web.json_response([
             {"peer": h.peer or None, "claim": h.claim, "tries": h.tries, "first": h.first,
-             "last": h.last} for h in self._core.enroller.claims.held(machine.id)])
+             "last": h.last} for h in claims.held(machine)],
+            headers={"Kept-Since": repr(claims.since)})
 
     async def reinstall(self, request: web.Request) -> web.Response:
         machine = await self._core.reinstall(await self._ref(request),

@@ -536,6 +536,10 @@ class BootService:
         answers): from then on a decision reads nothing from the store but its change feed."""
         await self._view.load()
 
+    def held_machines(self) -> list[Machine] | None:
+        """Every machine as the loaded view holds it (None until :meth:`load_view` is done)."""
+        return self._view.held_machines()
+
     # -- DHCP -------------------------------------------------------------------------
     def first_stage(self, request: BootRequest) -> asyncio.Future[FirstStage | None]:
         """What the firmware's DHCP answer points at, or None to stay silent.

@@ -13,12 +13,21 @@ store write: a flood costs the store nothing more): :data:`PLACES` addresses a m
 those whose claim came once dropped first, oldest first, and :data:`MACHINES` machines,
 the least recently contested dropped first. Kept by this process: lost at a restart and not
 shared between servers, which the device's next try (10 s later) makes up for.
+
+Each claim is kept with the registration it was refused against (:func:`registration_of`:
+when the machine came into its state, and the secret that holds it), and is told only while
+that registration is the machine's: a reinstall, a new registration or a claim given (here, by
+another process, or by another server of the inventory) makes them history. Before, a
+reinstalled machine's old contest was shown as current, and could be given to (s41-ops).
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
+
+from netboot.model import Machine
 
 # Addresses kept a machine: a flood from more addresses than this, each sending its secret
 # twice or more, is what can push a device's entry out; one-off claims go first.
@@ -28,32 +37,53 @@ PLACES = 32
 MACHINES = 1024
 
 
+def kept_since(claims: RefusedClaims) -> str:
+    """When ``claims`` began to be kept (this process's start), as messages say it."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(claims.since))
+
+
+def registration_of(machine: Machine) -> tuple[float, str | None]:
+    """What names the registration a claim is refused against: when the machine came into
+    its state (a reinstall, a new registration move it) and the secret that holds it (a claim
+    given replaces it, the state unmoved)."""
+    return (machine.in_state_since, machine.secret_hash)
+
+
 @dataclass(slots=True)
 class Held:
     """The latest claim refused from ``peer``: sent ``tries`` times in a row, from
-    ``first`` to ``last`` (the clock's seconds)."""
+    ``first`` to ``last`` (the clock's seconds), against registration ``against``
+    (:func:`registration_of`)."""
 
     peer: str
     claim: str
     tries: int
     first: float
     last: float
+    against: tuple[float, str | None]
 
 
 class RefusedClaims:
     """Per machine, the latest claim refused from each address (see the module)."""
 
-    __slots__ = ("_by_machine", "_machines", "_places")
+    __slots__ = ("_by_machine", "_machines", "_places", "since")
 
-    def __init__(self, places: int = PLACES, machines: int = MACHINES) -> None:
+    def __init__(self, places: int = PLACES, machines: int = MACHINES, *,
+                 since: float = 0.0) -> None:
         self._places = places
         self._machines = machines
+        # When this process began keeping them (its start): a claim refused before it is
+        # lost, which the API and its 404s say (the device's next try is kept again).
+        self.since = since
         # machine id -> peer -> its latest claim, the least recently refused first.
         self._by_machine: OrderedDict[str, OrderedDict[str, Held]] = OrderedDict()
 
-    def refused(self, machine_id: str, peer: str, claim: str, now: float) -> Held:
-        """Keep ``claim``, refused from ``peer`` for ``machine_id`` at ``now``."""
+    def refused(self, machine: Machine, peer: str, claim: str, now: float) -> Held:
+        """Keep ``claim``, refused from ``peer`` for registered ``machine`` at ``now``."""
+        machine_id, against = machine.id, registration_of(machine)
         places = self._by_machine.pop(machine_id, None)
+        if places is not None and any(h.against != against for h in places.values()):
+            places = None  # refused against an earlier registration: history now
         if places is None:
             places = OrderedDict()
             if len(self._by_machine) >= self._machines:
@@ -64,7 +94,7 @@ class RefusedClaims:
             held.tries += 1
             held.last = now
         else:
-            held = Held(peer, claim, 1, now, now)
+            held = Held(peer, claim, 1, now, now, against)
             if len(places) >= self._places:
                 # A one-off first (a flood's random secret), else the oldest: a device
                 # retrying its one secret outlives a flood of new ones.
@@ -76,16 +106,23 @@ class RefusedClaims:
         places[peer] = held
         return held
 
-    def find(self, machine_id: str, claim: str) -> Held | None:
-        """The address's entry that holds ``claim`` (the most tried if several)."""
-        places = self._by_machine.get(machine_id)
-        found = [h for h in places.values() if h.claim == claim] if places else []
+    def find(self, machine: Machine, claim: str) -> Held | None:
+        """The address's entry that holds ``claim`` against the machine's registration as it
+        is now (the most tried if several)."""
+        found = [h for h in self._current(machine) if h.claim == claim]
         return max(found, key=lambda h: (h.tries, h.last)) if found else None
 
-    def held(self, machine_id: str) -> list[Held]:
-        """The machine's kept claims, the most tried first (then the latest)."""
-        places = self._by_machine.get(machine_id)
-        return sorted(places.values(), key=lambda h: (-h.tries, -h.last)) if places else []
+    def held(self, machine: Machine) -> list[Held]:
+        """The claims kept against the machine's registration as it is now (none once it was
+        reinstalled, registered again or given), the most tried first (then the latest)."""
+        return sorted(self._current(machine), key=lambda h: (-h.tries, -h.last))
+
+    def _current(self, machine: Machine) -> list[Held]:
+        places = self._by_machine.get(machine.id)
+        if not places:
+            return []
+        against = registration_of(machine)
+        return [h for h in places.values() if h.against == against]
 
     def forget(self, machine_id: str) -> None:
         """Drop the machine's claims (given, or registered again: they were refused

@@ -484,12 +484,9 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             _print_json(changed)
         return 0
     if args.action == "claim":
-        # s40-sec's claim (Core.give_to_claim), as POST /api/v1/machines/{ref}/claim.
+        # s40-sec's claim (Core.give_to_claim) on the database: no server answered (_claim).
         m = await core.give_to_claim(args.mac, {"claim": args.claim})
-        _report(args, f"{m.ref} is given to the install whose registration was refused with "
-                      f"claim {args.claim}: its next try is answered; the machine token of "
-                      f"the registration at {m.ipv4 or 'no address'} is void",
-                machine_dict(m))
+        _claim_given(args, m)
         return 0
     if args.action == "mark-installed":
         # The installer's own report, made by the operator (lifecycle: enrolled, booting,
@@ -917,12 +914,8 @@ def _events(args: argparse.Namespace) -> int:
     from netboot import follow
 
     cfg = _config(args)
-    host = cfg.http.listen if cfg.http.listen not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    base = args.server or f"http://{host}:{cfg.http.port}"
+    base, ca = _server(args, cfg)
     token = _api_token(args, cfg)
-    # netboot's own CA, for an https:// --server (readable by whoever may read the token).
-    ca_pem = cfg.data_dir / "tls" / "ca.pem"
-    ca = ca_pem if base.startswith("https://") and os.access(ca_pem, os.R_OK) else None
 
     async def run() -> None:
         machine = (await follow.machine_id(base, token, args.ref, ca_file=ca) if args.ref
@@ -936,6 +929,104 @@ def _events(args: argparse.Namespace) -> int:
         await follow.follow(base, token, machine=machine, emit=emit, ca_file=ca, names=names)
 
     asyncio.run(run())
+    return 0
+
+
+def _server(args: argparse.Namespace, cfg: Config) -> tuple[str, Path | None]:
+    """The running server's base URL (``--server``, else this host's http.port) and the CA
+    to trust for it: netboot's own, for an https:// one (readable by whoever may read the
+    token)."""
+    host = cfg.http.listen if cfg.http.listen not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    base = args.server or f"http://{host}:{cfg.http.port}"
+    ca_pem = cfg.data_dir / "tls" / "ca.pem"
+    return base, ca_pem if base.startswith("https://") and os.access(ca_pem, os.R_OK) else None
+
+
+def _claim_given(args: argparse.Namespace, m: Any) -> None:
+    """What ``netboot machines claim REF CLAIM`` says once given (``m``: the machine)."""
+    ref, ipv4 = (m.ref, m.ipv4) if not isinstance(m, dict) else (
+        (m.get("macs") or [m["id"]])[0], m.get("ipv4"))
+    _report(args, f"{ref} is given to the install whose registration was refused with "
+                  f"claim {args.claim}: its next try is answered; the machine token of "
+                  f"the registration at {ipv4 or 'no address'} is void",
+            m if isinstance(m, dict) else machine_dict(m))
+
+
+def _claim(args: argparse.Namespace) -> int:
+    """``netboot machines claim REF [CLAIM]`` through the running server's API: it holds,
+    beside the events, the claims it refused by address (netboot.claims), which a flood's
+    rate-limited events may not name (s40-claim). The CLI worked on the database and saw
+    the events only: a kept claim was a 404 there (s41-ops). Without CLAIM, the claims the
+    server keeps (GET .../claims). With no server listening, CLAIM is given from the
+    database's events, as before, and said so."""
+    from urllib.parse import quote
+
+    import aiohttp
+
+    from netboot import follow
+
+    cfg = _config(args)
+    base, ca = _server(args, cfg)
+    base = base.rstrip("/")
+    url = f"{base}/api/v1/machines/{quote(args.mac.strip(), safe='')}/claim"
+
+    async def ask(token: str) -> tuple[int, Any, str | None]:
+        headers = {"Authorization": f"Bearer {token}"}
+        timeout = aiohttp.ClientTimeout(total=30, sock_connect=5)
+        async with follow._session(ca, timeout=timeout) as http:
+            request = (http.post(url, json={"claim": args.claim}, headers=headers)
+                       if args.claim else http.get(url + "s", headers=headers))
+            async with request as resp:
+                try:
+                    body = await resp.json(content_type=None)
+                except ValueError:
+                    body = None
+                return resp.status, body, resp.headers.get("Kept-Since")
+
+    try:
+        # No token at all (no NETBOOT_TOKEN, no admin.token: no server ever ran here) is
+        # the same as no server listening.
+        status, body, since = asyncio.run(ask(_api_token(args, cfg)))
+    except aiohttp.ClientSSLError as exc:  # a server answers: its certificate is refused
+        raise NetbootError(f"{base}: {exc}") from exc
+    except (aiohttp.ClientConnectorError, ValidationError) as exc:
+        if isinstance(exc, ValidationError) and (args.token_file or "NETBOOT_TOKEN"
+                                                 in os.environ):
+            raise
+        why = exc.message if isinstance(exc, ValidationError) else str(exc)
+        if not args.claim:
+            raise NetbootError(f"no server answers at {base} ({why}): the claims it "
+                               "refused are kept by the running server only (--server "
+                               "names it)") from exc
+        print(f"netboot: no server answers at {base} ({why}): the claim is looked for in "
+              "the machine's events only (a server keeps the claims it refuses, by "
+              "address, while it runs)", file=sys.stderr)
+        return asyncio.run(_with_store(args, lambda s, c: _machines(args, s, c)))
+    if status >= 400:
+        reason = body.get("error") if isinstance(body, dict) else None
+        text = f"{url}: HTTP {status}" + (f": {reason}" if reason else "")
+        if status == 404:
+            raise NotFound(text)
+        if status == 400:  # as the database's ValidationError: exit status 2
+            raise ValidationError(str(body.get("field") or "claim")
+                                  if isinstance(body, dict) else "claim", text)
+        raise NetbootError(text)  # a 409 (not registered) as its Conflict: 1
+    if args.claim:
+        _claim_given(args, body)
+        return 0
+    when = (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(since)))
+            if since else "its start")
+    if args.json:
+        _print_json(body)
+    elif not body:
+        print(f"no refused claim kept of {args.mac} (by {base}, since {when})")
+    else:
+        now = time.time()
+        print(_table([(k["peer"] or "-", k["claim"], str(k["tries"]),
+                       _when(k["first"], now), _when(k["last"], now)) for k in body],
+                     ["from", "claim", "tries", "first", "last"]))
+        print(f"kept by {base} since {when}: give one with 'netboot machines claim "
+              f"{args.mac} CLAIM'", file=sys.stderr)
     return 0
 
 
@@ -1261,13 +1352,18 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     ap.add_argument("--hostname", help="only with one MAC (default: the hostname template)")
     cl = msub.add_parser("claim", parents=[common],
                          help="give a registered machine to the install whose registration "
-                              "was refused with CLAIM (its 'registration contested' event "
-                              "names it): its next try is answered, without a reinstall; "
-                              "works on the database, so it sees the events only, not the "
-                              "claims a server keeps by address (GET "
-                              "/api/v1/machines/REF/claims, given through that server's API)")
+                              "was refused with CLAIM (its 'registration contested' event, "
+                              "or the claims the server keeps by address, name it): its "
+                              "next try is answered, without a reinstall; without CLAIM, "
+                              "list the claims the server keeps. Through the running "
+                              "server's API (with none listening, CLAIM is looked for in "
+                              "the database's events only)")
     cl.add_argument("mac", metavar="REF", help=REF_HELP)
-    cl.add_argument("claim", help="the claim the event names (64 hexadecimal digits)")
+    cl.add_argument("claim", nargs="?",
+                    help="the claim the event or the list names (64 hexadecimal digits)")
+    cl.add_argument("--server", help="the server's base URL (default: this host, http.port)")
+    cl.add_argument("--token-file", help="file with an API token (default: NETBOOT_TOKEN, "
+                                         "else admin.token in the data directory)")
 
     for kind in ("profiles", "clusters", "groups"):
         k = sub.add_parser(kind, help=f"{kind} of the inventory")
@@ -1484,6 +1580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from netboot.lab import cli as lab_cli
 
             return int(lab_cli.run(args))
+        if args.cmd == "machines" and args.action == "claim":
+            return _claim(args)
         if args.cmd == "machines":
             return asyncio.run(_with_store(args, lambda s, c: _machines(args, s, c)))
         if args.cmd in ("profiles", "clusters", "groups"):

@@ -219,6 +219,9 @@ class Content:
         # Local address -> this content as the clients that reached it there get it (at).
         self._views: dict[str, Content] = {}
         self._by_address: tuple[str, bool] = ("", False)  # base URL -> at() may differ
+        # Whether a render that fails is told as the machine's event (Enroller.render_failed):
+        # a device's ask, not an operator's dry run (:meth:`dry`).
+        self._tells = True
         if caches_of is not None:
             # A view (at): every cache shared. Each keeps with a text the base URL and the
             # Trust it was made with and hands it out only while they are equal, so a text
@@ -263,6 +266,27 @@ class Content:
                              trust=_ReachedTrust(self._trust, local, stand_in),
                              caches_of=self)
         return view
+
+    def dry(self) -> Content:
+        """This content for a dry run (``netboot render``, the API's render): the same
+        caches, but a render that fails is the caller's error only, not the machine's
+        ``render failed`` event (no device asked)."""
+        view = Content(self._store, self._boot, self._render, self.assets, self._base_url,
+                       self._enroller, clock=self._clock, logger=self._log,
+                       trust=self._trust, caches_of=self, stand_in=self._stand_in)
+        view._tells = False
+        return view
+
+    def _failed(self, plan: BootPlan, name: str, what: str, kind: str,
+                exc: RenderError) -> None:
+        """A device's ``what`` for ``plan`` failed to render from template ``name``: told as
+        its machine's event (an unknown machine's only logged: no machine to tell it on)."""
+        machine, enroller = plan.machine, self._enroller
+        # (No enroller: the render tests' stand-in Content, which renders for no service.)
+        if self._tells and machine is not None and enroller is not None:
+            template = self._render.version(name)
+            enroller.render_failed(machine, what, kind,
+                                   getattr(template, "filename", None) or name, exc)
 
     @property
     def urls(self) -> Urls:
@@ -510,7 +534,11 @@ class Content:
         (:meth:`_install_script`).
         """
         with self._render.pinned():  # its template and command line: one look at the watch
-            return self._render_ipxe(plan)
+            try:
+                return self._render_ipxe(plan)
+            except RenderError as exc:
+                self._failed(plan, f"ipxe/{plan.action!s}.ipxe", "iPXE script", "ipxe", exc)
+                raise
 
     def _render_ipxe(self, plan: BootPlan) -> str:
         name = f"ipxe/{plan.action!s}.ipxe"  # !s: see boot._install_plan
@@ -569,6 +597,14 @@ class Content:
         return self.render_pxelinux(await self._boot.plan(request))
 
     def render_pxelinux(self, plan: BootPlan) -> str:
+        try:
+            return self._render_pxelinux(plan)
+        except RenderError as exc:
+            self._failed(plan, f"pxelinux/{plan.action!s}.cfg", "pxelinux config",
+                         "pxelinux", exc)
+            raise
+
+    def _render_pxelinux(self, plan: BootPlan) -> str:
         """The pxelinux config of a plan; an ignored machine gets none (U-Boot moves on)."""
         if plan.action == BootAction.IGNORE:
             raise NotFound(f"no pxelinux config for {plan.mac}: {plan.reason}")
@@ -616,6 +652,13 @@ class Content:
         return _read(self.assets.resolve("grub/" + name))
 
     def render_grub(self, plan: BootPlan, *, via: str = "tftp") -> str:
+        try:
+            return self._render_grub(plan, via)
+        except RenderError as exc:
+            self._failed(plan, f"grub/{plan.action!s}.cfg", "grub.cfg", "grub", exc)
+            raise
+
+    def _render_grub(self, plan: BootPlan, via: str) -> str:
         """The per-machine grub.cfg of a plan (one template per boot action). The kernel and
         initrds come from the same server and protocol GRUB was loaded over: TFTP paths, or
         ``/assets/...`` for UEFI HTTP boot (GRUB's ``$root`` is that server either way)."""
@@ -787,14 +830,23 @@ class Content:
 
     def k3os_config(self, plan: BootPlan) -> str:
         _need_profile(plan)
-        return self._config("cloud-config/k3os.yaml", plan)
+        try:
+            return self._config("cloud-config/k3os.yaml", plan)
+        except RenderError as exc:
+            self._failed(plan, "cloud-config/k3os.yaml", "k3OS config", "config", exc)
+            raise
 
     def nocloud(self, plan: BootPlan, name: str) -> str:
         if name not in ("meta-data", "user-data", "vendor-data"):
             raise NotFound(f"no NoCloud file {name!r}")
         _need_profile(plan)
         header = "#cloud-config" if name != "meta-data" else ""
-        return self._config(f"cloud-config/cloud-init/{name}", plan, header=header)
+        template = f"cloud-config/cloud-init/{name}"
+        try:
+            return self._config(template, plan, header=header)
+        except RenderError as exc:
+            self._failed(plan, template, f"cloud-init {name}", "nocloud", exc)
+            raise
 
     def _config(self, name: str, plan: BootPlan, *, header: str = "") -> str:
         """Config template ``name`` rendered for ``plan`` and checked (YAML).

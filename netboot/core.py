@@ -19,7 +19,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -393,12 +393,18 @@ async def machine_ref(store: Store, ref: str) -> str:
                    field="ref", candidates=(other.id, by_name.id))
 
 
-# Written once a start-up found no registered machine of an older register command
-# (Core.older_registrations): later starts read none. Any machine registered since was
-# registered by the current command, whose install secret a configured node always sends.
-OLDER_NONE_SETTING = "older_registrations_none"
-_MAY_REGISTER = frozenset({MachineState.BOOTING, MachineState.INSTALLING,
-                           MachineState.INSTALLED})
+def older_registrations(machines: Iterable[Machine]) -> list[Machine]:
+    """The registered machines an older netboot's register command registered (no install
+    secret: configs rendered before session 39; before session 37 also no machine token
+    kept): they keep that command's weaker rules (a repeat registration from their address
+    is answered without proof) until reinstalled. ``machines``: the loaded view's (service:
+    once loaded, at every start; no read of the store). A start-up read every registered
+    machine from the store until a start found none, then a marker in the settings stopped
+    it for good: in a rolling upgrade (several servers, one PostgreSQL) the first upgraded
+    server wrote it while another, still older, registered machines without a secret, which
+    no later start then named (s41-ops)."""
+    return [m for m in machines
+            if m.state is MachineState.REGISTERED and m.secret_hash is None]
 
 
 def _arch(text: str | None) -> Arch | None:
@@ -981,30 +987,6 @@ class Core:
                 break
         return given
 
-    async def older_registrations(self) -> list[Machine]:
-        """The registered machines an older netboot's register command registered (no
-        install secret: configs rendered before session 39; before session 37 also no
-        machine token kept): they keep that command's weaker rules (a repeat registration
-        from their address is answered without proof) until reinstalled. Run at start-up:
-        one grouped count, the registered machines read only where some are, and none read
-        again once a start found none and no install under way (:data:`OLDER_NONE_SETTING`;
-        a restore of an older inventory brings its own settings)."""
-        if await self.store.get_setting(OLDER_NONE_SETTING):
-            return []
-        counts = await self.store.state_counts()
-        registered = sum(n for (_, state), n in counts.items()
-                         if state is MachineState.REGISTERED)
-        older = [] if not registered else [
-            m for m in await self.store.list_machines(MachineFilter(
-                state=MachineState.REGISTERED, limit=registered, sort="hostname"))
-            if m.secret_hash is None]
-        # A machine installing may still register with a config rendered before the
-        # upgrade: the marker waits until none is (their next start reads again).
-        underway = any(n for (_, state), n in counts.items() if state in _MAY_REGISTER)
-        if not older and not underway:
-            await self.store.put_setting(OLDER_NONE_SETTING, "1")
-        return older
-
     async def _configured_node(self, cluster: Cluster) -> tuple[Machine, MachineState] | None:
         """A node of ``cluster`` that fetched its config (and its state), if any."""
         for state in _CONFIGURED:
@@ -1135,7 +1117,7 @@ class Core:
         if machine is None and key is None:
             raise NotFound(f"machine {ref} not found (give one of its MACs or its id)")
         wanted = _arch(arch)
-        content = self.content.at(local)
+        content = self.content.at(local).dry()  # its failure is not the machine's event
         if kind in ("ipxe", "pxelinux", "grub"):
             firmware = {"pxelinux": Firmware.UBOOT, "grub": Firmware.UEFI}.get(kind,
                                                                                Firmware.IPXE)

@@ -38,7 +38,7 @@ import yaml
 from netboot import identity, lifecycle
 from netboot.addresses import AddressChoice, IPAddress, check_fixed_ipv4
 from netboot.addresses import choose as choose_address
-from netboot.claims import RefusedClaims
+from netboot.claims import RefusedClaims, kept_since
 from netboot.discovery import TokenBuckets
 from netboot.errors import (
     DECIDE_ATTEMPTS,
@@ -110,6 +110,16 @@ REPEAT_ELSEWHERE_SECONDS = 3600
 # the same claim from the same place again is told once.
 CONTEST_BURST = 5
 CONTEST_EVERY = 60.0
+# A machine's script or config that failed to render is a "render failed" event (its file,
+# line and fix), which a device asking again every few seconds (iPXE's retry, an installer's
+# loop, a DHCP-iPXE cycle between other events) must not repeat into the store: the same
+# saying as the machine's newest event is dropped (Recorder.note), and at most
+# RENDER_FAILED_BURST a machine at once, one every RENDER_FAILED_EVERY seconds after.
+RENDER_FAILED_BURST = 3
+RENDER_FAILED_EVERY = 600.0
+# Where a render error names its template's line (render._line_at: ", line N" and, for an
+# included template's, " of FILE").
+_RENDER_LINE = re.compile(r", line (\d+)(?: of ([^:]+))?:")
 # The newest events of a machine read to find the claim an operator gives it to (claim).
 _CLAIMS_SEEN = 200
 # The kept claims (netboot.claims) a NotFound of claim names, the most tried first: where an
@@ -955,9 +965,11 @@ class Enroller:
         self._reports = TokenBuckets(report_rate, report_burst, _REPORT_BUDGETS)
         self._refusing: set[str] = set()
         self._contests = TokenBuckets(1 / CONTEST_EVERY, CONTEST_BURST, _REPORT_BUDGETS)
+        self._render_fails = TokenBuckets(1 / RENDER_FAILED_EVERY, RENDER_FAILED_BURST,
+                                          _REPORT_BUDGETS)
         # Each refused claim by the address it came from, beside the rate-limited events: a
         # flood of random secrets cannot hide the device's (s40-claim: netboot.claims).
-        self.claims = RefusedClaims()
+        self.claims = RefusedClaims(since=clock())
         # (machine id, token expiry) told as a "token expired" event (refuse_expired).
         self._expired_told: set[tuple[str, float, str]] = set()
         # Every event of this process is written through one recorder, so that history keeps
@@ -1264,7 +1276,8 @@ class Enroller:
                                          versions={machine.id: machine.updated}),
                                    attempt, (machine,), recorded=False):
                 break
-        # The claims refused against the registration it ends: none is its next install's.
+        # Its refused claims were against the registration it leaves (also told apart by
+        # claims.registration_of, for another server's reinstall): freed now.
         self.claims.forget(machine.id)
         await self.event(machine.id, "reinstall", f"reinstall requested (was {machine.state})")
         return updated
@@ -1619,12 +1632,41 @@ class Enroller:
                                  "'netboot machines reinstall' gives it back"))
         kind = "registration contested"
         if claim:
-            self.claims.refused(machine.id, str(peer) if peer else "", claim, self._clock())
+            self.claims.refused(machine, str(peer) if peer else "", claim, self._clock())
         if self.recorder.last(machine.id) == (kind, message) \
                 or not self._contests.take(machine.id, self._clock()):
             return
         await self.event(machine.id, kind, message,
                          {"peer": str(peer) if peer else None, "claim": claim})
+
+    def render_failed(self, machine: Machine, what: str, kind: str, template: str | None,
+                      exc: Exception) -> None:
+        """A ``render failed`` event: ``machine``'s ``what`` (its iPXE script, its config)
+        failed to render with ``exc`` (a RenderError: a template's undefined name, its
+        syntax, a check of its output), from ``template`` (its file, None: not one file),
+        with the line and the fix. It was only logged, a 500 to the device: the dashboard
+        and ``netboot machines show`` said nothing of why the machine was stuck (s41-ops).
+        Queued with the boot path's notes (no commit awaited: the device's answer is the
+        500 either way); bounded (:data:`RENDER_FAILED_BURST`, :data:`RENDER_FAILED_EVERY`)."""
+        text = str(exc)
+        where = _RENDER_LINE.search(text)
+        line = int(where.group(1)) if where else None
+        # A line of a template it includes is named by that file's name (in the text).
+        included = where.group(2) if where else None
+        at = f", line {line}" if line and not included else ""
+        message = (f"its {what} failed to render: {text}"
+                   + (f" (template file {template}{at})" if template else "")
+                   + f". Fix: correct that template line, or the value it reads (the "
+                   "machine's, its profile's, cluster's or group's); 'netboot render "
+                   f"{machine.ref} {kind}' shows the error without a boot, and the device's "
+                   "next try renders it again")
+        recorder = self.recorder
+        if recorder.repeats(machine.id, "render failed", message, machine) \
+                or not self._render_fails.take(machine.id, self._clock()):
+            return
+        recorder.note(Event(machine.id, self._clock(), "render failed", message,
+                            {"template": template, "line": line, "included": included,
+                             "error": text}), machine)
 
     async def give_to_claim(self, ref: str, claim: str) -> Machine:
         """Give registered machine ``ref`` to the install whose refused registration made
@@ -1639,29 +1681,23 @@ class Enroller:
                 raise Conflict(f"{machine.ref} is {machine.state}, not registered: its next "
                                "registration is its install's own", field="state")
             events = await self._store.list_events(machine.id, limit=_CLAIMS_SEEN)
-            # Refused against this registration only: one refused before a reinstall was
-            # another install's (its secret died with that disk), and given, it voided the
-            # device's machine token and refused its own secret until a reinstall.
-            since = next((i for i in range(len(events) - 1, -1, -1)
-                          if events[i].kind == "registered"), -1)
-            made = next((e for e in reversed(events[since + 1:])
-                         if e.kind == "registration contested"
-                         and isinstance(e.data.get("claim"), str)
+            # Only a refusal of the registration held now: one of an earlier registration
+            # (before a reinstall) is history, not a claim on this one (s41-ops).
+            since = machine.in_state_since
+            made = next((e for e in reversed(events) if e.kind == "registration contested"
+                         and e.time >= since and isinstance(e.data.get("claim"), str)
                          and hmac.compare_digest(e.data["claim"].encode(), claim.encode())),
                         None)
-            # This server's kept claims, since that registration too: another server (or
-            # the CLI) may have reinstalled and registered it, which this one never heard.
-            after = events[since].time if since >= 0 else None
-            held = self.claims.find(machine.id, claim)
-            if held is not None and after is not None and held.last < after:
-                held = None
+            held = self.claims.find(machine, claim)
             if made is None and held is None:
-                told = [h for h in self.claims.held(machine.id)
-                        if after is None or h.last >= after][:_CLAIMS_TOLD]
                 raise NotFound(f"no refused registration of {machine.ref} made claim "
-                               f"{claim!r} (its newest {_CLAIMS_SEEN} events"
+                               f"{claim!r} (its newest {_CLAIMS_SEEN} events since its "
+                               "registration, and the claims this server kept since it "
+                               f"started, {kept_since(self.claims)}: one refused before, "
+                               "or by another server, is found at the device's next try"
                                + "".join(f"; {h.peer or 'an unknown address'} sent {h.claim} "
-                                         f"{h.tries} times" for h in told)
+                                         f"{h.tries} times" for h in
+                                         self.claims.held(machine)[:_CLAIMS_TOLD])
                                + ")")
             # Where it came from: its kept entry (how often it tried) else its event's.
             peer = (held.peer if held else made.data.get("peer") if made else None) \

@@ -503,7 +503,9 @@ def document() -> dict[str, Any]:
         "/api/v1/events/stream": {
             "get": {**_op("every machine event as it is recorded: Server-Sent Events "
                           "(event: machine, data: an Event; event: missed when this reader "
-                          "fell behind)", need=READ, errors=()),
+                          "fell behind; event: inventory, data: the inventory's health as "
+                          "GET /status's inventory, as the stream opens and when it "
+                          "changes)", need=READ, errors=()),
                     "responses": {"200": {"description": "text/event-stream"},
                                   "401": {"description": _ERRORS[401]},
                                   "403": {"description": _ERRORS[403]},
@@ -542,7 +544,10 @@ def document() -> dict[str, Any]:
             "parameters": [_path_param("ref")],
             "get": _op("the claims this server refused for the machine, by the address they "
                        "came from (its latest each), the most tried first: a device retries "
-                       "its one claim, a flood's come once", need=READ,
+                       "its one claim, a flood's come once; only those refused against "
+                       "its registration as it is now (none after a reinstall); header "
+                       "Kept-Since: when this server began keeping them (its start, in "
+                       "seconds since the epoch)", need=READ,
                        out="array:RefusedClaim"),
         },
         "/api/v1/machines/{ref}/explain": {

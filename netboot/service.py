@@ -19,7 +19,7 @@ import ssl
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +50,7 @@ from netboot.inventory.dsn import INSTALL_ASYNCPG
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
-from netboot.model import Scope, parse_ip, reached_url
+from netboot.model import Machine, Scope, parse_ip, reached_url
 from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer
 from netboot.sealing import Sealer, read_key, write_key
@@ -945,6 +945,7 @@ class Service:
                 log.warning("inventory view not loaded, decisions read the store: %s", exc)
                 return
             log.info("inventory view loaded in %.1f s", time.monotonic() - started)
+            warn_of_older_registrations(self.boot.held_machines() or [])
             if self.view_loaded is not None:
                 self.view_loaded()
 
@@ -1436,6 +1437,23 @@ def check_hostname_templates(config: Config) -> None:
                                   "{cluster}, {role} or {product}") from exc
 
 
+def warn_of_older_registrations(machines: Iterable[Machine]) -> None:
+    """After an upgrade: the machines an older register command registered, and the fix.
+    Told at every start, once the view is loaded (from memory: no read of the store), so
+    that the last server of a rolling upgrade names those its older self registered."""
+    from netboot.core import older_registrations
+
+    older = older_registrations(machines)
+    if older:
+        log.warning("%d registered machines were registered by an older netboot's register "
+                    "command (%s): they keep its weaker rules (a repeat registration from "
+                    "their address is answered without proof; those registered before "
+                    "session 37 report no new address at later boots) until reinstalled: "
+                    "netboot machines reinstall REF for each, when it may reinstall",
+                    len(older), ", ".join(m.hostname or m.ref for m in older[:5])
+                    + (", ..." if len(older) > 5 else ""))
+
+
 async def build(config: Config, *, app: bool = True) -> Service:
     """The service, its listeners not yet bound. ``app=False`` leaves aiohttp's application
     (and aiohttp's import) to :meth:`Service.start`, after the listeners answer: what
@@ -1469,16 +1487,6 @@ async def build(config: Config, *, app: bool = True) -> Service:
         # none of their configs yet gets one now (its agents then never carry its token).
         for name in await core.give_agent_tokens():
             log.info("cluster %s: made its k3s agent token (its agents join with it)", name)
-        # After an upgrade: the machines an older register command registered, and the fix.
-        older = await core.older_registrations()
-        if older:
-            log.warning("%d registered machines were registered by an older netboot's register "
-                        "command (%s): they keep its weaker rules (a repeat registration from "
-                        "their address is answered without proof; those registered before "
-                        "session 37 report no new address at later boots) until reinstalled: "
-                        "netboot machines reinstall REF for each, when it may reinstall",
-                        len(older), ", ".join(m.hostname or m.ref for m in older[:5])
-                        + (", ..." if len(older) > 5 else ""))
         http_log = logging.getLogger("netboot.http")
         ids = RequestIds()
         plain = PlainHttp(

@@ -654,6 +654,53 @@ async def test_a_flood_of_random_claims_cannot_hide_the_devices(env: Env) -> Non
     assert await status("127.0.0.66", thief) == 409
 
 
+async def test_a_reinstalled_machines_old_contest_is_history_not_a_claim(env: Env) -> None:
+    """A refused registration's claim is kept (and its event written) against the
+    registration that held the machine then. After a reinstall and the new install's
+    registration, GET .../claims still listed it as current and POST .../claim gave the
+    new registration's machine to it (s41-ops): now it is history, a 404 that says since
+    when this server keeps claims; a refusal of the new registration is kept and given.
+    Kept-Since: when the server began keeping them. Real sockets, the real SQLite store."""
+    import hashlib
+
+    await env.seed()
+    await machine(env)
+    token = install_token(await boot(env, MAC))
+    first = {"mac": MAC, "token": token, "install_secret": "first-install",
+             "addresses": ["198.51.100.6"], "keeps": "machine_token"}
+
+    async def status(peer: str, body: dict[str, Any]) -> int:
+        return int((await _register_from(env, peer, body)).split(b" ", 2)[1])
+
+    async def kept() -> list[str]:
+        resp = await env.client.get(f"/api/v1/machines/{MAC}/claims", headers=env.auth)
+        assert resp.status == 200
+        assert 0 < float(resp.headers["Kept-Since"]) <= time.time()
+        return [k["claim"] for k in await resp.json()]
+
+    assert await status("127.0.0.6", first) == 200
+    old = hashlib.sha256(b"another-host").hexdigest()
+    assert await status("127.0.0.7", {**first, "install_secret": "another-host"}) == 409
+    assert await kept() == [old]
+    await env.post(f"/api/v1/machines/{MAC}/reinstall", None)
+    assert await kept() == []
+    token = install_token(await boot(env, MAC))
+    second = {**first, "token": token, "install_secret": "second-install"}
+    assert await status("127.0.0.6", second) == 200
+    assert await kept() == []  # the old contest is not this registration's
+    refused = error(await call(env, "POST", f"/api/v1/machines/{MAC}/claim",
+                               json_body={"claim": old}), 404)
+    assert "since its registration" in refused["error"], refused
+    assert "this server kept since it started" in refused["error"], refused
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "registered"
+    new = hashlib.sha256(b"a-third-host").hexdigest()
+    assert await status("127.0.0.8", {**second, "install_secret": "a-third-host"}) == 409
+    assert await kept() == [new]
+    given = await env.post(f"/api/v1/machines/{MAC}/claim", {"claim": new})
+    assert given["state"] == "registered"
+    assert await kept() == []
+
+
 async def test_machines_unchanged_for_a_while_are_the_stuck_ones(env: Env) -> None:
     """GET /machines?state=booting&unchanged_for=600: which machines fetched their script
     ten minutes ago or more and are still booting (s36-ops): by the time in their state
@@ -2183,6 +2230,39 @@ async def _open_stream(env: Env) -> Any:
     assert resp.status == 200
     assert (await resp.content.readuntil(b"\n\n")).startswith(b"retry: 3000")
     return resp
+
+
+async def test_the_event_stream_tells_the_inventorys_health_as_it_opens_and_changes(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard's banner asked GET /api/v1/status (the fleet's counts too) every 15 s
+    per open tab (s41-ops). Now the stream it has open says the inventory's health as
+    GET /status's ``inventory`` does: as it opens, then when it changes (down, then up
+    again), and nothing more while it stays. Real HTTP."""
+    from netboot import api
+
+    monkeypatch.setattr(api, "SSE_HEALTH_SECONDS", 0.05)
+
+    async def told(resp: Any) -> dict[str, Any]:
+        while True:
+            frame = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+            if b"\nevent: inventory\n" in b"\n" + frame:
+                return dict(json.loads(frame.split(b"data: ", 1)[1]))
+            assert frame.startswith(b":"), frame  # nothing else is sent meanwhile
+
+    stream = await env.client.get("/api/v1/events/stream", headers=env.auth)
+    assert stream.status == 200
+    try:
+        status = (await env.get("/api/v1/status"))["inventory"]
+        assert await told(stream) == status == {"state": "ok", "detail": None}
+        health = env.service.boot.health
+        health.failed("disk full: No space left on device", answers=True)
+        degraded = await told(stream)
+        assert degraded["state"] == "degraded" and "No space left" in degraded["detail"]
+        assert degraded == (await env.get("/api/v1/status"))["inventory"]
+        health.restored()
+        assert await told(stream) == {"state": "ok", "detail": None}
+    finally:
+        stream.close()
 
 
 async def test_one_token_holds_at_most_its_share_of_the_event_streams(env: Env) -> None:

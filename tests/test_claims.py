@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from netboot.claims import RefusedClaims
+from netboot.model import Machine, MachineState
+
+
+def registered(machine_id: str, since: float = 1.0, secret: str = "00" * 32) -> Machine:
+    """A machine registered at ``since`` holding ``secret``."""
+    return Machine(id=machine_id, state=MachineState.REGISTERED, state_since=since,
+                   secret_hash=secret)
+
+
+M1, M2, M3, M4, M = (registered(n) for n in ("m1", "m2", "m3", "m4", "m"))
 
 
 def test_a_retried_claim_outlives_a_flood_of_one_off_ones_and_every_bound_holds() -> None:
@@ -12,33 +24,52 @@ def test_a_retried_claim_outlives_a_flood_of_one_off_ones_and_every_bound_holds(
     when the claim changes; at most ``machines`` machines, the least recently contested
     dropped; forget drops a machine's."""
     kept = RefusedClaims(places=8, machines=3)
-    assert kept.refused("m1", "192.0.2.7", "c" * 64, 1.0).tries == 1
-    assert kept.refused("m1", "192.0.2.7", "c" * 64, 11.0).tries == 2
+    assert kept.refused(M1, "192.0.2.7", "c" * 64, 1.0).tries == 1
+    assert kept.refused(M1, "192.0.2.7", "c" * 64, 11.0).tries == 2
     for i in range(10_000):
-        kept.refused("m1", f"198.51.100.{i % 500}", f"{i:064x}", 20.0 + i)
-        assert len(kept.held("m1")) <= 8
-    found = kept.find("m1", "c" * 64)
+        kept.refused(M1, f"198.51.100.{i % 500}", f"{i:064x}", 20.0 + i)
+        assert len(kept.held(M1)) <= 8
+    found = kept.find(M1, "c" * 64)
     assert found is not None and (found.peer, found.tries, found.first, found.last) == (
         "192.0.2.7", 2, 1.0, 11.0)
-    assert kept.held("m1")[0] is found  # the most tried first
-    assert kept.find("m1", f"{0:064x}") is None  # an old one-off: pushed out
-    assert kept.find("m1", f"{9_999:064x}") is not None  # the latest: kept
+    assert kept.held(M1)[0] is found  # the most tried first
+    assert kept.find(M1, f"{0:064x}") is None  # an old one-off: pushed out
+    assert kept.find(M1, f"{9_999:064x}") is not None  # the latest: kept
     # One address: its latest claim only; a new one starts its tries again.
-    assert kept.refused("m1", "192.0.2.7", "d" * 64, 12_000.0).tries == 1
-    assert kept.find("m1", "c" * 64) is None
+    assert kept.refused(M1, "192.0.2.7", "d" * 64, 12_000.0).tries == 1
+    assert kept.find(M1, "c" * 64) is None
     # Machines: the least recently contested goes.
-    for m in ("m2", "m3", "m4"):
+    for m in (M2, M3, M4):
         kept.refused(m, "192.0.2.1", "e" * 64, 1.0)
-    assert kept.held("m1") == [] and kept.find("m4", "e" * 64) is not None
+    assert kept.held(M1) == [] and kept.find(M4, "e" * 64) is not None
     kept.forget("m4")
-    assert kept.find("m4", "e" * 64) is None and kept.held("nope") == []
+    assert kept.find(M4, "e" * 64) is None and kept.held(registered("nope")) == []
 
 
 def test_when_every_kept_address_retried_the_oldest_goes() -> None:
     """With no one-off left to drop, the least recently refused address goes."""
     kept = RefusedClaims(places=2)
     for peer in ("192.0.2.1", "192.0.2.2"):
-        kept.refused("m", peer, peer.rjust(64, "0"), 1.0)
-        kept.refused("m", peer, peer.rjust(64, "0"), 2.0)
-    kept.refused("m", "192.0.2.3", "f" * 64, 3.0)
-    assert [h.peer for h in kept.held("m")] == ["192.0.2.2", "192.0.2.3"]
+        kept.refused(M, peer, peer.rjust(64, "0"), 1.0)
+        kept.refused(M, peer, peer.rjust(64, "0"), 2.0)
+    kept.refused(M, "192.0.2.3", "f" * 64, 3.0)
+    assert [h.peer for h in kept.held(M)] == ["192.0.2.2", "192.0.2.3"]
+
+
+def test_claims_refused_against_an_earlier_registration_are_history() -> None:
+    """Kept against the registration that held the machine: once it was reinstalled and
+    registered again (its state since another time), or given to a claim (another secret
+    held), by this process or another server (no forget here), they are neither listed nor
+    found (s41-ops: a reinstalled machine's old contest was shown as current, and given);
+    a refusal of the new registration drops them and is kept."""
+    kept = RefusedClaims(since=5.0)
+    assert kept.since == 5.0
+    kept.refused(M1, "192.0.2.7", "c" * 64, 2.0)
+    assert [h.claim for h in kept.held(M1)] == ["c" * 64]
+    again = registered("m1", since=100.0)  # reinstalled, registered again
+    assert kept.held(again) == [] and kept.find(again, "c" * 64) is None
+    given = replace(M1, secret_hash="c" * 64)  # given to the claim: state unmoved
+    assert kept.held(given) == [] and kept.find(given, "c" * 64) is None
+    kept.refused(again, "192.0.2.8", "d" * 64, 101.0)
+    assert [h.claim for h in kept.held(again)] == ["d" * 64]
+    assert kept.held(M1) == []  # the earlier registration's are gone for good

@@ -1221,3 +1221,64 @@ async def _contested(cfg: str, claim: str) -> None:
                                     "refused", {"peer": "192.0.2.31", "claim": claim}))
     finally:
         await store.close()
+
+
+async def test_machines_claim_reaches_the_claims_the_running_server_keeps(
+        make_env: Any, tmp_path: Path) -> None:
+    """A host with the spent install token uses every rate-limited "registration contested"
+    event up; the device's refusal (twice) is then kept by the server only (netboot.claims).
+    `netboot machines claim` worked on the database and read the events only: the device's
+    claim was a 404 there (s41-ops). Now it goes through the running server's API: without
+    CLAIM it lists the kept claims (the device's, tried twice), with it the machine is
+    given. The CLI as its own process, the server over real HTTP."""
+    import hashlib
+    import secrets
+
+    from netboot.enroll import CONTEST_BURST
+    from tests.conftest import boot, install_token
+    from tests.test_api import _register_from
+
+    env = await make_env()
+    await env.seed()
+    mac = "52:54:00:41:00:02"
+    await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    token = install_token(await boot(env, mac))
+    body = {"mac": mac, "token": token, "install_secret": "holder",
+            "addresses": ["198.51.100.6"], "keeps": "machine_token"}
+
+    async def register(peer: str, secret: str) -> int:
+        raw = await _register_from(env, peer, {**body, "install_secret": secret})
+        return int(raw.split(b" ", 2)[1])
+    assert await register("127.0.0.66", "holder") == 200
+    for i in range(CONTEST_BURST):
+        assert await register(f"127.0.1.{i + 1}", secrets.token_hex(16)) == 409
+    device = "device-" + secrets.token_hex(8)
+    claim = hashlib.sha256(device.encode()).hexdigest()
+    for _ in range(2):
+        assert await register("127.0.0.7", device) == 409
+    events = await env.get(f"/api/v1/machines/{mac}/events")
+    assert claim not in json.dumps(events)  # the events were used up: kept only
+
+    async def cli(*args: str) -> tuple[int, str, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "netboot", "machines", "claim", mac, *args,
+            "--server", f"http://127.0.0.1:{env.client.port}",
+            "--config", str(tmp_path / "a" / "netboot.yaml"),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "NETBOOT_TOKEN": env.admin,
+                 "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode is not None
+        return proc.returncode, out.decode(), err.decode()
+
+    rc, out, err = await cli("--json")
+    assert rc == 0, err
+    listed = json.loads(out)
+    assert (listed[0]["claim"], listed[0]["tries"]) == (claim, 2), listed
+    rc, out, err = await cli()
+    assert rc == 0 and claim in out and "kept by http://127.0.0.1:" in err, (out, err)
+    rc, out, err = await cli("0" * 64)
+    assert rc == 1 and "HTTP 404" in err and f"sent {claim} 2 times" in err, (rc, out, err)
+    rc, out, err = await cli(claim)
+    assert rc == 0 and "is given to the install" in out, (rc, out, err)
+    assert await register("127.0.0.7", device) == 200

@@ -905,3 +905,77 @@ async def test_a_tftp_config_names_the_address_reached_where_the_base_url_is_loo
     # Without a way to ask (TftpServer without by_address), the base URL as it is.
     kept = (await content.tftp_open(path, PEER)).data
     assert kept is not None and b"http://127.0.0.1:8080/config/" in kept
+
+
+async def test_a_script_that_fails_to_render_is_the_machines_event_bounded_with_its_fix(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """An operator's install template with an undefined name (line 3), and its grub.cfg
+    too: each device ask was a 500 and a log line, and nothing on the machine, so that the
+    dashboard and `netboot machines show` said nothing of why it was stuck (s41-ops). Now
+    a ``render failed`` event names what failed, the template's file and line, and the fix;
+    a device asking again and again (20 times, its iPXE and GRUB asks alternating, so that
+    no two in a row say the same) records at most RENDER_FAILED_BURST of them; an
+    operator's dry run (the API's render) records none. Real HTTP, the real SQLite store,
+    `netboot machines show` as its own process."""
+    import json
+    import subprocess
+    import sys
+
+    from netboot.enroll import RENDER_FAILED_BURST
+
+    own = tmp_path / "own-templates"
+    (own / "ipxe").mkdir(parents=True)
+    (own / "grub").mkdir()
+    (own / "ipxe" / "install.ipxe").write_text(
+        "#!ipxe\n# a site's script\nkernel {{ kernel_urll }} {{ cmdline }}\nboot\n")
+    (own / "grub" / "install.cfg").write_text("set timeout=1\n{{ no_such_name }}\n")
+    env = await make_env(f"templates:\n  dir: {own}\n")
+    await env.seed()
+    mac = "52:54:00:41:00:01"
+    await env.post("/api/v1/machines", {"mac": mac}, status=201)
+
+    async def told() -> list[dict[str, object]]:
+        await env.service.enroller.recorder.flush()
+        events = await env.get(f"/api/v1/machines/{mac}/events")
+        return [e for e in events if e["kind"] == "render failed"]
+
+    dry = await env.client.get(f"/api/v1/machines/{mac}/render/ipxe?arch=x86_64",
+                               headers=env.auth)
+    assert dry.status == 500 and "kernel_urll" in await dry.text()
+    assert await told() == []  # an operator's dry run: no device is stuck
+    for i in range(20):
+        path = (f"/ipxe?mac={mac}&arch=x86_64" if i % 2 == 0
+                else f"/grub/grub.cfg-01-{mac}")
+        resp = await env.client.get(path)
+        assert resp.status == 500, (path, resp.status, await resp.text())
+        if i == 0:  # the machines list's last event (the dashboard's list) says it
+            await env.service.enroller.recorder.flush()
+            listed = await env.get("/api/v1/machines?last_event=1")
+            assert listed["items"][0]["last_event"]["kind"] == "render failed"
+    failed = await told()
+    assert 2 <= len(failed) <= RENDER_FAILED_BURST, failed
+    ipxe = next(e for e in failed if "iPXE script" in str(e["message"]))
+    message = str(ipxe["message"])
+    assert "'ipxe/install.ipxe', line 3: 'kernel_urll' is undefined" in message, message
+    assert f"template file {own / 'ipxe' / 'install.ipxe'}, line 3" in message, message
+    assert f"netboot render {mac} ipxe" in message and "Fix:" in message
+    data = ipxe["data"]
+    assert isinstance(data, dict)
+    assert (data["template"], data["line"]) == (str(own / "ipxe" / "install.ipxe"), 3)
+    grub = [e for e in failed if "grub.cfg" in str(e["message"])]
+    assert grub and "no_such_name" in str(grub[0]["message"])
+    assert f"netboot render {mac} grub" in str(grub[0]["message"])
+    # `netboot machines show`, as its own process.
+    cfg_path = tmp_path / "a" / "netboot.yaml"
+    shown = subprocess.run(
+        [sys.executable, "-m", "netboot", "machines", "show", mac, "--json",
+         "--config", str(cfg_path)], capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert shown.returncode == 0, shown.stderr
+    kinds = [e["kind"] for e in json.loads(shown.stdout)["events"]]
+    assert "render failed" in kinds, kinds
+    shown = subprocess.run(
+        [sys.executable, "-m", "netboot", "machines", "show", mac, "--config", str(cfg_path)],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert "render failed" in shown.stdout and "kernel_urll" in shown.stdout, shown.stdout

@@ -714,6 +714,13 @@ class InventoryView:
         found = await self._store_servers(cluster)
         return _by_mac({m.id: m for m in found})
 
+    def held_machines(self) -> list[Machine] | None:
+        """Every machine, from memory once loaded (None until then): start-up's scans of
+        the whole fleet read no store (service: the older register commands)."""
+        if not self.loaded:
+            return None
+        return [m for m in self._machines.values() if m is not None]
+
     def held_servers(self, cluster: str) -> list[Machine] | Unseen:
         """What :meth:`registered_servers` answers when it answers without waiting;
         :data:`UNSEEN` where only the store can tell."""

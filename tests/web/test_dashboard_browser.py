@@ -510,19 +510,24 @@ async def test_the_inventorys_refused_writes_are_a_banner_on_every_page_until_th
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Writes refused (a full or read-only database; with several servers, told by the one
     that found it): /healthz and the status said so, the dashboard nothing, and an operator
-    found out from failing actions (s40-multi). Now a banner on every page names it, asked
-    again every 15 s (HEALTH_MS), and goes once writes are taken."""
+    found out from failing actions (s40-multi). Now a banner on every page names it, and
+    goes once writes are taken. Told by the event stream the page has open (as it opens and
+    when the health changes): each tab asked GET /api/v1/status (the fleet's counts too)
+    every 15 s for it (s41-ops); no /status is asked here."""
     env = await make_env()
     page = await logged_in(browser, env, shots)
     banner = page.locator("#inventory-health")
     await expect(banner).to_be_hidden()
+    await page.goto(url(env, "/#/profiles"))  # a page that asks nothing of the status itself
+    await expect(page.locator("#live")).to_have_text("live")
+    statuses: list[str] = []
+    page.on("request", lambda r: statuses.append(r.url) if "/api/v1/status" in r.url else None)
     why = "inventory test: could not extend file: No space left on device"
     # The store's own answer (a PostgreSQL store sets it from a refused write, its own or
     # another server's notification); the service's watcher turns it into health.
     monkeypatch.setattr(env.service.store, "stuck_writes", lambda: why, raising=False)
     await env.service.watch_once()  # the watcher's round (the test's env runs none)
     assert not env.service.boot.health.up
-    await page.goto(url(env, "/#/profiles"))  # a page that asks nothing of the status itself
     await expect(banner).to_contain_text("No space left on device", timeout=25_000)
     await expect(banner).to_contain_text("degraded")
     await shots(page, "inventory-refuses-writes")
@@ -530,3 +535,34 @@ async def test_the_inventorys_refused_writes_are_a_banner_on_every_page_until_th
     await env.service.watch_once()
     assert env.service.boot.health.up
     await expect(banner).to_be_hidden(timeout=25_000)
+    assert statuses == [], statuses  # from the stream, not a GET /status
+
+
+async def test_a_machine_stuck_on_a_template_error_says_so_in_the_list_and_its_timeline(
+        make_env: EnvFactory, browser: Browser, shots: Any, tmp_path: Path) -> None:
+    """An operator's install template with an undefined name: the device's /ipxe was a 500
+    and a server log line, and the dashboard showed the machine as enrolled with nothing
+    more (s41-ops). Now the list's last event (live) and the machine's timeline say that
+    its iPXE script failed to render, with the template file, its line and the fix."""
+    own = tmp_path / "own-templates"
+    (own / "ipxe").mkdir(parents=True)
+    (own / "ipxe" / "install.ipxe").write_text(
+        "#!ipxe\n# a site's script\nkernel {{ kernel_urll }}\nboot\n")
+    env = await make_env(f"templates:\n  dir: {own}\n")
+    await env.seed()
+    mac = "52:54:00:aa:00:41"
+    await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    page = await logged_in(browser, env, shots)
+    row = page.locator("table.machines tbody tr", has_text=mac)
+    await expect(row).to_contain_text("enrolled")
+    resp = await env.client.get(f"/ipxe?mac={mac}&arch=x86_64")
+    assert resp.status == 500
+    await env.service.enroller.recorder.flush()  # the note's group commit, then its event
+    await expect(row).to_contain_text("render failed: its iPXE script failed to render")
+    await shots(page, "render-failed-in-list")
+    await row.click()
+    timeline = page.locator("li", has_text="render failed")
+    await expect(timeline).to_contain_text("'kernel_urll' is undefined")
+    await expect(timeline).to_contain_text(f"{own / 'ipxe' / 'install.ipxe'}, line 3")
+    await expect(timeline).to_contain_text(f"netboot render {mac} ipxe")
+    await shots(page, "render-failed-in-timeline")

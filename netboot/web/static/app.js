@@ -12,8 +12,6 @@
 const API = "/api/v1";
 const PAGE = 50;
 const RELOAD_MS = 700;
-// How often every page asks the inventory's state for its banner (one GET /status).
-const HEALTH_MS = 15_000;
 const STATES = ["discovered", "enrolled", "booting", "installing", "installed", "registered",
   "failed", "reinstall"];
 // The states an operator's "installed" takes a machine out of (netboot.lifecycle: enrolled,
@@ -106,19 +104,14 @@ function notice(text, kind = "ok") {
 }
 
 function inventoryHealth(inventory) {
-  // The inventory's state as this server's /healthz tells it (GET /status): a banner on every
-  // page while it is not ok (writes refused: a full or read-only database, told by whichever
-  // server of the inventory found it), gone once it is.
+  // The inventory's state as this server's /healthz tells it (the event stream's "inventory"
+  // as it opens and when it changes; GET /status's too): a banner on every page while it is
+  // not ok (writes refused: a full or read-only database, told by whichever server of the
+  // inventory found it), gone once it is. Each tab asked GET /status for it every 15 s.
   const el = document.getElementById("inventory-health");
   const bad = inventory && inventory.state !== "ok";
   el.hidden = !bad;
   el.textContent = bad ? `Inventory ${inventory.state}: ${inventory.detail || ""}` : "";
-}
-
-async function checkHealth() {
-  try {
-    inventoryHealth((await api("GET", "/status")).data.inventory);
-  } catch (err) { /* the list's own load says why a call failed */ }
 }
 
 function failed(err) {
@@ -180,6 +173,7 @@ function connect() {
     refreshDiscovered();
     if (view && view.onEvent) view.onEvent(ev);
   });
+  source.addEventListener("inventory", (msg) => inventoryHealth(JSON.parse(msg.data)));
   source.addEventListener("missed", () => {
     if (view && view.onMissed) view.onMissed();
   });
@@ -657,7 +651,5 @@ function route() {
 
 window.addEventListener("hashchange", route);
 route();
-checkHealth();
-setInterval(checkHealth, HEALTH_MS);
-connect();
+connect(); // its "inventory" event shows the banner (no GET /status a tab every 15 s)
 refreshDiscovered();
