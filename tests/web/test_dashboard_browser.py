@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+import netboot
 from netboot.model import Event
 from tests.conftest import Env, EnvFactory, boot, call, install_token
 
@@ -31,6 +32,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "dashboard"
 HOLD = "discovery:\n  policy: hold\n"
 TIMEOUT_MS = 15_000
+# The dashboard's script, whose HEALTH_MS a test reads.
+APP_JS = Path(netboot.__file__).resolve().parent / "web" / "static" / "app.js"
 
 
 @pytest.fixture
@@ -514,6 +517,17 @@ async def test_the_inventorys_refused_writes_are_a_banner_on_every_page_until_th
     again every 15 s (HEALTH_MS), and goes once writes are taken."""
     env = await make_env()
     page = await logged_in(browser, env, shots)
+    # The page's timers on a clock the test moves: HEALTH_MS is made to pass rather than
+    # waited out (twice 15 s of the suite's wall time; s41-ci). Installed, then the page
+    # loaded again, so that its health interval is on that clock, which stands still from
+    # then on but where the test moves it: a status asked less often than every HEALTH_MS
+    # shows no banner.
+    health_ms = int(re.search(r"const HEALTH_MS = ([0-9_]+);", APP_JS.read_text())
+                    .group(1))  # type: ignore[union-attr]
+    await page.clock.install()
+    await page.reload()
+    await expect(page.locator("#live")).to_have_text("live")
+    await page.clock.pause_at(time.time() + 1)  # not behind the page's clock: a jump forward
     banner = page.locator("#inventory-health")
     await expect(banner).to_be_hidden()
     why = "inventory test: could not extend file: No space left on device"
@@ -523,10 +537,13 @@ async def test_the_inventorys_refused_writes_are_a_banner_on_every_page_until_th
     await env.service.watch_once()  # the watcher's round (the test's env runs none)
     assert not env.service.boot.health.up
     await page.goto(url(env, "/#/profiles"))  # a page that asks nothing of the status itself
-    await expect(banner).to_contain_text("No space left on device", timeout=25_000)
+    await page.clock.fast_forward(health_ms)  # the status asked again, once
+    await expect(banner).to_contain_text("No space left on device", timeout=TIMEOUT_MS)
     await expect(banner).to_contain_text("degraded")
     await shots(page, "inventory-refuses-writes")
     monkeypatch.setattr(env.service.store, "stuck_writes", lambda: None, raising=False)
     await env.service.watch_once()
     assert env.service.boot.health.up
-    await expect(banner).to_be_hidden(timeout=25_000)
+    await expect(banner).to_be_visible()  # until the status is asked again
+    await page.clock.fast_forward(health_ms)
+    await expect(banner).to_be_hidden(timeout=TIMEOUT_MS)
