@@ -522,8 +522,9 @@ async def test_the_inventorys_refused_writes_are_a_banner_on_every_page_until_th
     # loaded again, so that its health interval is on that clock, which stands still from
     # then on but where the test moves it: a status asked less often than every HEALTH_MS
     # shows no banner.
-    health_ms = int(re.search(r"const HEALTH_MS = ([0-9_]+);", APP_JS.read_text())
-                    .group(1))  # type: ignore[union-attr]
+    said = re.search(r"const HEALTH_MS = ([0-9_]+);", APP_JS.read_text())
+    assert said is not None, "app.js names no HEALTH_MS"
+    health_ms = int(said.group(1))
     await page.clock.install()
     await page.reload()
     await expect(page.locator("#live")).to_have_text("live")
