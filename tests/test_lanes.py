@@ -22,7 +22,7 @@ def test_the_lanes_of_node_ids() -> None:
         == BESIDE_LANE
     for nodeid in ("tests/servers/test_dhcp_netns.py::test_x",
                    "tests/test_dhcp_pool_links_netns.py::test_x[True]",
-                   "tests/test_lanes.py::test_x",
+                   "tests/test_lanes.py::test_x", "tests/test_harness.py::test_x",
                    "tests/test_openapi.py::"
                    "test_schemathesis_finds_no_server_error_and_no_schema_violation"):
         assert lane(nodeid) == BESIDE_LANE, nodeid
