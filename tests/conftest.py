@@ -85,6 +85,25 @@ def pytest_runtest_protocol(item: pytest.Item) -> None:
         test_compiled.start_early(item.session)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+    """Once a test's fixtures are torn down, aiohttp forgets the handlers it has seen.
+
+    aiohttp keeps each (handler, apps) it built middlewares for in a module-wide LRU cache
+    of 1,024 (``web_app._cached_build_middleware``): a test's service, whose routes are bound
+    methods of it, lived on after the test, with its renderer's inotify instance (128 per
+    user, shared by every process of the user), its inventory view and its Jinja templates.
+    In ``pytest -n 2`` a serial lane held 87 instances by tests/test_render.py, and with the
+    other lane's the user's 128 ran out (test_a_kept_split_form_answers_at_once_...[free]
+    failed: "no inotify watch"); every full collection also walked the dead services."""
+    yield
+    from aiohttp import web_app
+
+    cache = getattr(web_app, "_cached_build_middleware", None)
+    if cache is not None:
+        cache.cache_clear()
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     from tests import test_compiled
 

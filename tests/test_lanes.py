@@ -20,6 +20,14 @@ def test_the_lanes_of_node_ids() -> None:
     assert lane("tests/multiserver/test_outage.py::test_x[sqlite]") == BESIDE_LANE
     assert lane("tests/test_compiled.py::test_the_compiled_paths_pass_their_tests") \
         == BESIDE_LANE
+    for nodeid in ("tests/servers/test_dhcp_netns.py::test_x",
+                   "tests/test_dhcp_pool_links_netns.py::test_x[True]",
+                   "tests/test_lanes.py::test_x", "tests/test_harness.py::test_x",
+                   "tests/test_openapi.py::"
+                   "test_schemathesis_finds_no_server_error_and_no_schema_violation"):
+        assert lane(nodeid) == BESIDE_LANE, nodeid
+    assert lane("tests/test_openapi.py::test_every_state_and_role_the_document_names_is_"
+                "the_model_s") == SERIAL_LANE
     for nodeid in ("tests/test_compiled_probe.py::test_x", "tests/test_e2e.py::test_x",
                    "tests/inventory/test_postgres.py::test_x[tests/e2e/]",
                    "tests/servers/test_http.py::test_x", "tests/test_container.py::test_x"):

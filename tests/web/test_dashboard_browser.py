@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+import netboot
 from netboot.model import Event
 from tests.conftest import Env, EnvFactory, boot, call, install_token
 
@@ -31,6 +32,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "dashboard"
 HOLD = "discovery:\n  policy: hold\n"
 TIMEOUT_MS = 15_000
+# The dashboard's script, whose HEALTH_MS a test reads.
+APP_JS = Path(netboot.__file__).resolve().parent / "web" / "static" / "app.js"
 
 
 @pytest.fixture
