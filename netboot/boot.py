@@ -465,6 +465,7 @@ class BootService:
         self.health = health or InventoryHealth()
         self._recorder = enroller.recorder  # one per process: history keeps its order
         self._recorder.newest = self._newest
+        self._recorder.teaches = _learnt_again  # _learn_later's redos: Batch.learnt
         self._recorder.adopt = self._view.adopt
         self._assets = assets
         self.settings = settings
@@ -1450,7 +1451,7 @@ class BootService:
             versions = {machine.id: version}
             await self._recorder.commit(batch_of((), (), (machine,), (event,),
                                                  {machine.id: read}, versions, (),
-                                                 {machine.id: was}), version=machine)
+                                                 {machine.id: was}, ()), version=machine)
             self._view.adopt((machine,), versions)
             # Its NIC's DHCP memo (_Seen) let go: its firmware's DHCP is over for this boot,
             # and the decision it holds names the machine as it was before this step (a

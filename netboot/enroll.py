@@ -1305,7 +1305,7 @@ class Enroller:
         await self.recorder.commit(batch_of((), (), (updated,), (event,),
                                             {machine.id: machine.state},
                                             {machine.id: machine.updated}, (),
-                                            {machine.id: machine}))
+                                            {machine.id: machine}, ()))
 
     def forget_idle(self) -> None:
         """The report budgets full again by now forgotten (the same as none: a machine

@@ -126,6 +126,10 @@ class Recorder:
         self._learned: dict[str, list[Callable[[Machine], Machine]]] = {}
         self.newest: Callable[[Collection[str]], Awaitable[dict[str, Machine | None]]] | None = (
             None)
+        # The function whose partials (functools.partial) are redos that set only what a
+        # boot request teaches (netboot.boot._learnt_again): a machine learnt by those alone
+        # is written as such (Batch.learnt), its other fields not compared with the stored.
+        self.teaches: Callable[..., Machine] | None = None
         # Told what was written, with the version each was written from (InventoryView.adopt).
         self.adopt: Callable[[Sequence[Machine], Mapping[str, float]], None] | None = None
         self._groups: set[asyncio.Task[None]] = set()
@@ -215,7 +219,9 @@ class Recorder:
     def learned(self, machine_id: str, redo: Callable[[Machine], Machine]) -> None:
         """Store ``redo(machine)`` with the next batch, applied to the machine as it is stored
         then (nothing if it changes nothing, or the machine is gone). For what a device told
-        about itself and was told nothing about: not worth a commit before the answer."""
+        about itself and was told nothing about: not worth a commit before the answer.
+        ``redo`` changes only what a boot request teaches (netboot.boot.learn's fields, an
+        identifier only where there is none): the store writes those alone (Batch.learnt)."""
         self.activity += 1
         self.told += 1
         redos = self._learned.setdefault(machine_id, [])
@@ -451,9 +457,9 @@ class Recorder:
         written = False  # the events are committed
         try:
             events = await self._drop_repeats(queued)
-            relearnt = await self._relearn(learned)
+            relearnt, taught = await self._relearn(learned)
             refused: NetbootError | None = None
-            whole = _with(batch, events, relearnt)
+            whole = _with(batch, events, relearnt, taught)
             began = time.perf_counter()
             try:
                 await self._store.apply_batch(whole)
@@ -468,7 +474,7 @@ class Recorder:
             if refused is not None:  # awaited outside the handler: see _write_group
                 # Refused, perhaps for a learnt fact (another server moved that machine
                 # since it was read): the events without them, then each machine alone.
-                whole = _with(batch, events, [])
+                whole = _with(batch, events, [], set())
                 began = time.perf_counter()
                 await self._store.apply_batch(whole)
                 written = True
@@ -598,22 +604,30 @@ class Recorder:
             adopt([new for _, new in part], {old.id: old.updated for old, _ in part})
 
     async def _relearn(self, learned: dict[str, list[Callable[[Machine], Machine]]],
-                       ) -> list[tuple[Machine, Machine]]:
-        """(as stored, with the facts) for each machine whose facts change it."""
+                       ) -> tuple[list[tuple[Machine, Machine]], set[str]]:
+        """(as stored, with the facts) for each machine whose facts change it, and the ids
+        of those learnt by :attr:`teaches`' redos alone (Batch.learnt)."""
+        taught: set[str] = set()
         if not learned or self.newest is None:
-            return []
+            return [], taught
         updates = []
+        teaches = self.teaches
         for i, (machine_id, current) in enumerate((await self.newest(learned)).items()):
             if i and not i % _SLICE:
                 await asyncio.sleep(0)  # see _relearnt
             if current is None:
                 continue  # deleted meanwhile: nothing to learn about
             updated = current
+            alone = teaches is not None
             for redo in learned[machine_id]:
                 updated = redo(updated)
+                if alone and getattr(redo, "func", None) is not teaches:
+                    alone = False
             if updated != current:
                 updates.append((current, updated))
-        return updates
+                if alone:
+                    taught.add(machine_id)
+        return updates, taught
 
     async def _drop_repeats(self, queued: list[Event]) -> list[Event]:
         """``queued`` without the notes that repeat their machine's newest stored event."""
@@ -688,7 +702,8 @@ def _rows(batch: Batch) -> int:
     return len(batch.create) + len(batch.update) + len(batch.events) + len(batch.merge)
 
 
-def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machine]]) -> Batch:
+def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machine]],
+          taught: set[str]) -> Batch:
     """``batch`` after the queued ``events``, with the learnt updates (compare-and-set on
     the state and version each machine was read in: learnt again on it, each is the whole
     machine, which must not undo a change committed since that read)."""
@@ -709,9 +724,12 @@ def _with(batch: Batch, events: list[Event], relearnt: list[tuple[Machine, Machi
         versions.update(batch.versions)
     if batch.bases:
         bases.update(batch.bases)
+    # ``taught``: the learnt updates that are their base with only what a boot request
+    # teaches (_relearn), written without comparing the other fields (Batch.learnt).
+    learnt: Collection[str] = taught if not batch.learnt else {*batch.learnt, *taught}
     return Batch(merge=batch.merge, create=batch.create, update=update,
                  events=codec.joined(events, batch.events), expect=expect, versions=versions,
-                 audit=batch.audit, bases=bases)
+                 audit=batch.audit, bases=bases, learnt=learnt)
 
 
 def _fate(group: _Group, done: asyncio.Future[None]) -> asyncio.Future[None]:

@@ -18,6 +18,7 @@ from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.enroll import Enroller
 from netboot.errors import Conflict
 from netboot.files import FileTree
+from netboot.inventory.base import Batch
 from netboot.inventory.memory import MemoryStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import (
@@ -1356,6 +1357,52 @@ async def _stored_first_dhcp(w: _Watched, machines: list[Machine],
         assert stored.uuid == f"00000000-0000-4000-8000-{i:012d}"
         assert (stored.arch, stored.firmware) == (Arch.X86_64, Firmware.UEFI)
         assert stored.facts.get("manufacturer") == "QEMU"
+
+
+async def test_a_dhcp_storms_learnt_facts_are_written_as_learnt_and_read_back_exact(
+        tmp_path: Path) -> None:
+    """A storm's first DISCOVERs: their group commit names every machine learnt (Batch.learnt:
+    the SQLite writer compares only what learn() sets), and what it stores is what the view
+    answers, to the field, read again after a restart: the document, the UUID's row (found
+    by it), arch, firmware, facts and version."""
+    import json
+
+    from netboot.inventory import codec
+
+    (tmp_path / "snponly.efi").write_bytes(b"x")
+    machines, requests = _first_dhcp(40, 4)
+    batches: list[Batch] = []
+    async with _watched(tmp_path, machines) as w:
+        apply = w.store.apply_batch
+
+        async def seen(batch: Batch) -> None:
+            batches.append(batch)
+            await apply(batch)
+
+        w.store.apply_batch = seen  # type: ignore[method-assign]
+        await w.boot.load_view()
+        w.recorder._delay, w.recorder._backlog = 3600.0, 1000
+        for stage in await asyncio.gather(*(w.boot.first_stage(r) for r in requests)):
+            assert stage is not None
+        await w.boot.drain()
+        await w.recorder.flush()
+        assert [set(b.learnt) for b in batches if b.update] == [{m.id for m in machines}]
+        held = {m.id: w.boot._view.held_machine(m.id) for m in machines}
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        for i, machine in enumerate(machines):
+            mine = held[machine.id]
+            assert isinstance(mine, Machine) and mine.uuid is not None
+            assert mine.facts == {"manufacturer": "QEMU"}
+            assert (mine.arch, mine.firmware) == (Arch.X86_64, Firmware.UEFI)
+            assert await store.get_machine(machine.id) == mine
+            assert await store.machine_by("uuid", f"00000000-0000-4000-8000-{i:012d}") == mine
+            text = await store._run(lambda conn, i=machine.id: conn.execute(
+                "SELECT data FROM machines WHERE id = ?", (i,)).fetchone()[0])
+            assert json.loads(text) == codec.machine_document(mine)
+    finally:
+        await store.close()
 
 
 async def test_a_dhcp_storms_records_use_their_decisions_memo_once_it_is_evicted(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import textwrap
 import time
@@ -262,6 +263,48 @@ async def test_learnt_facts_are_kept_through_an_outage_and_never_overwrite_a_mov
     now = await store.get_machine(machine.id)
     assert now is not None and now.state == MachineState.REGISTERED and now.hostname == "learnt"
     assert await kinds(store, machine.id) == ["dhcp", "again"]
+    await recorder.close()
+    await store.close()
+
+
+async def test_only_machines_learnt_by_the_teaching_redos_alone_are_written_as_learnt(
+        tmp_path: Path) -> None:
+    """Batch.learnt (its other fields not compared by the store) names exactly the machines
+    whose every queued redo is a partial of ``Recorder.teaches`` (boot's learn): one also
+    given another redo (a hostname set) is written whole, and every change is stored."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    fleet = [Machine(macs=(MacAddress.parse(f"02:00:00:00:01:0{i}"),), id=f"m-t{i}",
+                     hostname=f"h{i}") for i in range(3)]
+    await store.apply_batch(Batch(create=fleet))
+    recorder = Recorder(store, delay=3600)
+
+    async def newest(ids: Collection[str]) -> dict[str, Machine | None]:
+        return {i: await store.get_machine(i) for i in ids}
+
+    def teach(fact: str, machine: Machine) -> Machine:
+        return replace(machine, facts={**machine.facts, fact: "1"}, updated=machine.updated + 1)
+
+    recorder.newest, recorder.teaches = newest, teach
+    batches: list[Batch] = []
+    apply = store.apply_batch
+
+    async def seen(batch: Batch) -> None:
+        batches.append(batch)
+        await apply(batch)
+
+    store.apply_batch = seen  # type: ignore[method-assign]
+    recorder.learned("m-t0", functools.partial(teach, "a"))
+    recorder.learned("m-t0", functools.partial(teach, "b"))
+    recorder.learned("m-t1", functools.partial(teach, "a"))
+    recorder.learned("m-t1", lambda m: replace(m, hostname="other", updated=m.updated + 1))
+    recorder.learned("m-t2", lambda m: replace(m, facts={"c": "1"}, updated=m.updated + 1))
+    await recorder.flush()
+    assert [set(b.learnt) for b in batches] == [{"m-t0"}]
+    stored = {m.id: m for m in await store.list_machines()}
+    assert stored["m-t0"].facts == {"a": "1", "b": "1"} and stored["m-t0"].hostname == "h0"
+    assert stored["m-t1"].facts == {"a": "1"} and stored["m-t1"].hostname == "other"
+    assert stored["m-t2"].facts == {"c": "1"}
     await recorder.close()
     await store.close()
 

@@ -126,15 +126,23 @@ class Batch:
     # document in place, benchmarks/README.md s35-writer). A hint: writing the whole
     # machine stores the same.
     bases: Mapping[str, Machine] = field(default_factory=dict)
+    # Ids of updates that are their base (``bases``) with only what a boot request teaches
+    # (netboot.boot.learn: facts, UUID, serial, asset tag, arch, firmware and ``updated``;
+    # an identifier set only where the base has none, cleaned as netboot.identity cleans
+    # it): the recorder's learnt facts (Recorder.learned). A hint: a store may write those
+    # fields without comparing the others (SQLite, codec.machine_delta's ``learnt``).
+    learnt: Collection[str] = frozenset()
 
 
 # Made once per first install, and per group commit (model.slot_init: each slot set by its
 # descriptor, not object.__setattr__ by name).
 slot_init(Batch)
-# By position: merge, create, update, events, expect, versions, audit, bases (model.by_position).
+# By position: merge, create, update, events, expect, versions, audit, bases, learnt
+# (model.by_position).
 batch_of: Callable[[Sequence[tuple[str, str]], Sequence[Machine], Sequence[Machine],
                     Sequence[Event], Mapping[str, MachineState], Mapping[str, float],
-                    Sequence[AuditEntry], Mapping[str, Machine]], Batch] = by_position(Batch)
+                    Sequence[AuditEntry], Mapping[str, Machine], Collection[str]],
+                   Batch] = by_position(Batch)
 
 
 @dataclass(frozen=True, slots=True)

@@ -788,7 +788,8 @@ DELTA_JSON = frozenset({"facts", "token_expires", "state_since", "updated"})
 SINCE_UPDATED = "state_since=updated"
 
 
-def machine_delta(old: Machine, new: Machine, install_token: str | None = None
+def machine_delta(old: Machine, new: Machine, install_token: str | None = None,
+                  learnt: bool = False,
                   ) -> tuple[tuple[str, ...], tuple[str, ...], list[str],
                              tuple[tuple[str, str], ...]] | None:
     """What makes the document of ``old`` (a machine as a store read it: every field in
@@ -812,9 +813,18 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
     object (a machine made from another by ``replace`` shares the others) or an equal value
     of the same type (an int time equal to a float one is not what a read gives back).
     Written out field by field, without helpers: a call or a loop over a tuple of fields is
-    ~1,000 instructions a field here."""
+    ~1,000 instructions a field here.
+
+    ``learnt``: ``new`` is ``old`` with only what a boot request teaches (Batch.learnt:
+    :func:`netboot.boot.learn`'s facts, UUID, serial, asset tag, arch, firmware and update
+    time; an identifier only set where ``old`` has none, as the request's Identity cleaned
+    it): only those fields are compared, and the identifiers are their own rows. A first
+    DHCP sighting's delta was ~33,000 of the SQLite writer's instructions, ~11,000 of them
+    the other seventeen fields compared and the UUID cleaned again (benchmarks/README.md,
+    s41-sighting)."""
     o, n = old, new
-    if ((n.macs is not o.macs and (type(n.macs) is not type(o.macs) or n.macs != o.macs))
+    if not learnt and (
+            (n.macs is not o.macs and (type(n.macs) is not type(o.macs) or n.macs != o.macs))
             or (n.id is not o.id and n.id != o.id)
             or ((c := n.labels) is not (d := o.labels) and (c or d)
                 and (type(c) is not dict or type(d) is not dict or c != d))
@@ -837,95 +847,102 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
             return None
         keys.append("uuid")
         values.append(a)
-        if v := identity.clean_uuid(a):
+        if learnt:
+            added += (("uuid", a),)  # the request's Identity cleaned it
+        elif v := identity.clean_uuid(a):
             added += (("uuid", v),)
     if (a := n.serial) is not (b := o.serial) and (type(a) is not type(b) or a != b):
         if b is not None or type(a) is not str:
             return None
         keys.append("serial")
         values.append(a)
-        if v := identity.clean_text(a):
+        if learnt:
+            added += (("serial", a),)  # the request's Identity cleaned it
+        elif v := identity.clean_text(a):
             added += (("serial", v),)
     if (a := n.asset) is not (b := o.asset) and (type(a) is not type(b) or a != b):
         if b is not None or type(a) is not str:
             return None
         keys.append("asset")
         values.append(a)
-        if v := identity.clean_text(a):
+        if learnt:
+            added += (("asset", a),)  # the request's Identity cleaned it
+        elif v := identity.clean_text(a):
             added += (("asset", v),)
-    if (e := n.state) is not o.state:
-        if type(e) is not MachineState:
-            return None
-        keys.append("state")
-        values.append(e._value_)
-    # The optional strings in machine_document's order (json_set appends a key the document
-    # lacks: any order reads back alike). A string is compared by value only when both are
-    # str: any other type is refused when set. Written out five times on purpose: a loop
-    # over (name, value) pairs cost 50,947 instructions a call against 35,402 (s35-writer).
-    if (a := n.hostname) is not (b := o.hostname) and (type(a) is not str or a != b):
-        if a is None:
-            gone.append("hostname")
-        elif type(a) is str:
-            keys.append("hostname")
-            values.append(a)
-        else:
-            return None
-    if (a := n.cluster) is not (b := o.cluster) and (type(a) is not str or a != b):
-        if a is None:
-            gone.append("cluster")
-        elif type(a) is str:
-            keys.append("cluster")
-            values.append(a)
-        else:
-            return None
-    if (a := n.profile) is not (b := o.profile) and (type(a) is not str or a != b):
-        if a is None:
-            gone.append("profile")
-        elif type(a) is str:
-            keys.append("profile")
-            values.append(a)
-        else:
-            return None
-    if (a := n.token_hash) is not (b := o.token_hash) and (type(a) is not str or a != b):
-        if a is None:
-            gone.append("token_hash")
-        elif type(a) is str:
-            keys.append("token_hash")
-            values.append(a)
-        else:
-            return None
-    if (a := n.install_token) is not (b := o.install_token) and (type(a) is not str or a != b):
-        if a is None:
-            gone.append("install_token")
-        elif type(a) is str:
-            keys.append("install_token")
-            values.append(a if install_token is None else install_token)
-        else:
-            return None
-    if (a := n.secret_hash) is not (b := o.secret_hash) and (type(a) is not str or a != b):
-        if a is None:
-            gone.append("secret_hash")
-        elif type(a) is str:
-            keys.append("secret_hash")
-            values.append(a)
-        else:
-            return None
-    if (f1 := n.role) is not o.role:
-        if f1 is None:
-            gone.append("role")
-        elif type(f1) is Role:
-            keys.append("role")
-            values.append(f1._value_)
-        else:
-            return None
-    if (f2 := n.loader) is not o.loader:
-        if f2 is None:
-            gone.append("loader")
-        elif type(f2) is LoaderChain:
-            keys.append("loader")
-            values.append(f2._value_)
-        else:
-            return None
+    if not learnt:  # the fields learn() leaves as they are, but arch and firmware
+        if (e := n.state) is not o.state:
+            if type(e) is not MachineState:
+                return None
+            keys.append("state")
+            values.append(e._value_)
+        # The optional strings in machine_document's order (json_set appends a key the document
+        # lacks: any order reads back alike). A string is compared by value only when both are
+        # str: any other type is refused when set. Written out five times on purpose: a loop
+        # over (name, value) pairs cost 50,947 instructions a call against 35,402 (s35-writer).
+        if (a := n.hostname) is not (b := o.hostname) and (type(a) is not str or a != b):
+            if a is None:
+                gone.append("hostname")
+            elif type(a) is str:
+                keys.append("hostname")
+                values.append(a)
+            else:
+                return None
+        if (a := n.cluster) is not (b := o.cluster) and (type(a) is not str or a != b):
+            if a is None:
+                gone.append("cluster")
+            elif type(a) is str:
+                keys.append("cluster")
+                values.append(a)
+            else:
+                return None
+        if (a := n.profile) is not (b := o.profile) and (type(a) is not str or a != b):
+            if a is None:
+                gone.append("profile")
+            elif type(a) is str:
+                keys.append("profile")
+                values.append(a)
+            else:
+                return None
+        if (a := n.token_hash) is not (b := o.token_hash) and (type(a) is not str or a != b):
+            if a is None:
+                gone.append("token_hash")
+            elif type(a) is str:
+                keys.append("token_hash")
+                values.append(a)
+            else:
+                return None
+        if (a := n.install_token) is not (b := o.install_token) and (type(a) is not str or a != b):
+            if a is None:
+                gone.append("install_token")
+            elif type(a) is str:
+                keys.append("install_token")
+                values.append(a if install_token is None else install_token)
+            else:
+                return None
+        if (a := n.secret_hash) is not (b := o.secret_hash) and (type(a) is not str or a != b):
+            if a is None:
+                gone.append("secret_hash")
+            elif type(a) is str:
+                keys.append("secret_hash")
+                values.append(a)
+            else:
+                return None
+        if (f1 := n.role) is not o.role:
+            if f1 is None:
+                gone.append("role")
+            elif type(f1) is Role:
+                keys.append("role")
+                values.append(f1._value_)
+            else:
+                return None
+        if (f2 := n.loader) is not o.loader:
+            if f2 is None:
+                gone.append("loader")
+            elif type(f2) is LoaderChain:
+                keys.append("loader")
+                values.append(f2._value_)
+            else:
+                return None
     if (f3 := n.arch) is not o.arch:
         if f3 is None:
             gone.append("arch")
@@ -954,51 +971,53 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None
                     return None
             keys.append("facts")
             values.append(_facts_text(c))
-    if (a := n.ipv4) is not (b := o.ipv4) and (type(a) is not str or a != b):
-        if a is None:
-            gone.append("ipv4")
-        elif _canonical_ipv4(a):
-            keys.append("ipv4")
-            values.append(a)
-        else:
-            return None
-    if (a := n.fixed_ipv4) is not (b := o.fixed_ipv4) and (type(a) is not str or a != b):
-        if a is None:
-            gone.append("fixed_ipv4")
-        elif _canonical_ipv4(a):
-            keys.append("fixed_ipv4")
-            values.append(a)
-        else:
-            return None
+    if not learnt:
+        if (a := n.ipv4) is not (b := o.ipv4) and (type(a) is not str or a != b):
+            if a is None:
+                gone.append("ipv4")
+            elif _canonical_ipv4(a):
+                keys.append("ipv4")
+                values.append(a)
+            else:
+                return None
+        if (a := n.fixed_ipv4) is not (b := o.fixed_ipv4) and (type(a) is not str or a != b):
+            if a is None:
+                gone.append("fixed_ipv4")
+            elif _canonical_ipv4(a):
+                keys.append("fixed_ipv4")
+                values.append(a)
+            else:
+                return None
     updated = n.updated
     if type(updated) is not float or not math.isfinite(updated):
         return None
     text_updated = "" if updated is o.updated or updated == o.updated else repr(updated)
-    if (t := n.token_expires) is not (u := o.token_expires) and (
-            type(t) is not type(u) or t != u):
-        if t is None:
-            gone.append("token_expires")
-        elif type(t) is not float or not math.isfinite(t):
-            return None
-        elif (t - updated).is_integer() and _SHIFT_LOW < updated <= t < _SHIFT_HIGH:
-            # As machine_texts writes it (its text from the update time's).
-            keys.append("token_expires")
-            values.append(f"{int(t)}{(text_updated or repr(updated))[10:]}")
-        else:
-            keys.append("token_expires")
-            values.append(repr(t))
     since_updated = False
-    if (t := n.state_since) is not (u := o.state_since) and (
-            type(t) is not type(u) or t != u):
-        if t is None:
-            gone.append("state_since")
-        elif type(t) is not float or not math.isfinite(t):
-            return None
-        elif text_updated and (t is updated or (t == updated and t)):
-            since_updated = True  # (as a rule: a state change; keyed after "updated")
-        else:
-            keys.append("state_since")
-            values.append((text_updated or repr(updated)) if t == updated and t else repr(t))
+    if not learnt:  # (learn() sets no token time nor state time)
+        if (t := n.token_expires) is not (u := o.token_expires) and (
+                type(t) is not type(u) or t != u):
+            if t is None:
+                gone.append("token_expires")
+            elif type(t) is not float or not math.isfinite(t):
+                return None
+            elif (t - updated).is_integer() and _SHIFT_LOW < updated <= t < _SHIFT_HIGH:
+                # As machine_texts writes it (its text from the update time's).
+                keys.append("token_expires")
+                values.append(f"{int(t)}{(text_updated or repr(updated))[10:]}")
+            else:
+                keys.append("token_expires")
+                values.append(repr(t))
+        if (t := n.state_since) is not (u := o.state_since) and (
+                type(t) is not type(u) or t != u):
+            if t is None:
+                gone.append("state_since")
+            elif type(t) is not float or not math.isfinite(t):
+                return None
+            elif text_updated and (t is updated or (t == updated and t)):
+                since_updated = True  # (as a rule: a state change; keyed after "updated")
+            else:
+                keys.append("state_since")
+                values.append((text_updated or repr(updated)) if t == updated and t else repr(t))
     if text_updated:
         keys.append("updated")
         values.append(text_updated)

@@ -423,7 +423,7 @@ class _Row:
 
     def __init__(self, machine: Machine, install_token: str | None = None,
                  times: dict[float, str] | None = None, update: bool = False,
-                 base: Machine | None = None) -> None:
+                 base: Machine | None = None, learnt: bool = False) -> None:
         # What would not read back is refused now (see codec's docstring), checked in place.
         # ``install_token``: what the document holds in place of the machine's own (sealed);
         # ``times``: the texts of times, shared by a batch's rows (codec.machine_json).
@@ -433,8 +433,10 @@ class _Row:
         # (codec.machine_delta): its other fields, labels and identifiers are the stored
         # ones but those it adds (their rows inserted, ``delta[3]``), so the claims are not
         # compared (None), and the document is made only if the group is written row by
-        # row (_slow_batch).
-        self.delta = None if base is None else codec.machine_delta(base, machine, install_token)
+        # row (_slow_batch). ``learnt``: ``machine`` is ``base`` with learnt facts alone
+        # (Batch.learnt), whose other fields are not compared.
+        self.delta = None if base is None else codec.machine_delta(base, machine, install_token,
+                                                                   learnt)
         self.base = base
         if self.delta is not None:
             self.machine = m = machine
@@ -1074,7 +1076,7 @@ class SqliteStore:
             await self._run(self._apply_here, create, batch.update,
                             [sealed(m) for m in batch.update], rows, batch.merge,
                             dict(batch.expect), audit, batch.create, dict(batch.versions),
-                            batch.bases)
+                            batch.bases, batch.learnt)
             if batch.events and listener is not None:
                 # A stream opened while the batch was written keeps copies too, as one
                 # opened before: the events are checked already, only their data is copied.
@@ -1090,12 +1092,12 @@ class SqliteStore:
                     merge: Sequence[tuple[str, str]], expect: Mapping[str, MachineState],
                     audit: Sequence[tuple[float, str, str, str, str, str]],
                     given_create: Sequence[Machine], versions: Mapping[str, float],
-                    bases: Mapping[str, Machine]) -> None:
+                    bases: Mapping[str, Machine], learnt: Collection[str] = ()) -> None:
         """On the worker: the batch, then (committed) what it wrote, noted for the feed.
         ``update`` as given, ``tokens`` what each one's document holds in place of its
         install token (Sealed.sealed_token)."""
         written = _apply_batch(conn, create, update, events, merge, expect, audit, tokens,
-                               versions, bases)
+                               versions, bases, learnt)
         if len(create) >= BULK_ROWS:  # committed without a checkpoint: see _apply_batch
             self._bulk_written = True
         if written is not None:
@@ -1832,11 +1834,12 @@ def _apply_batch(
     tokens: Sequence[str | None] | None = None,
     versions: Mapping[str, float] | None = None,
     bases: Mapping[str, Machine] | None = None,
+    learnt: Collection[str] = (),
 ) -> tuple[int, int, list[_Row]] | None:
     """The feed's newest position before and after the batch (read under its write lock)
     and the rows written, creates then updates; None for a bulk import (not kept).
     ``tokens``: what each update's document holds in place of its install token;
-    ``bases``: Batch.bases."""
+    ``bases``, ``learnt``: Batch.bases, Batch.learnt."""
     updated = zip(update, tokens, strict=True) if tokens is not None else (
         (m, None) for m in update)
     if len(create) < BULK_ROWS:
@@ -1849,7 +1852,8 @@ def _apply_batch(
         creates = [_Row(m, None, times) for m in create]
         found = _bases(update, bases, versions) if bases and not (create or merge) else None
         updates = ([_Row(m, t, times, True) for m, t in updated] if found is None else
-                   [_Row(m, t, times, True, found.get(m.id)) for m, t in updated])
+                   [_Row(m, t, times, True, found.get(m.id), m.id in learnt)
+                    for m, t in updated])
         span = _write_batch(conn, create, creates, updates, events, merge, expect, audit,
                             versions)
         return (*span, [*creates, *updates]) if span is not None else None

@@ -868,3 +868,47 @@ def test_equal_creation_times_decoded_are_one_float() -> None:
     alone = codec.machine_json(Machine(macs=(MacAddress(bytes(6)),), id="m-alone",
                                        created=1700000000.25, updated=1700000000.25))
     assert codec.machine_from_document(json.loads(alone)).created is not a.created
+
+
+_TAUGHT_UUIDS = [None, "4c4c4544-0042-3910-8056-b4c04f4b3631",
+                 "4C4C4544-0042-3910-8056-B4C04F4B3632", "00000000-0000-0000-0000-000000000000",
+                 "not a uuid"]
+
+
+@settings(max_examples=300)
+@given(uuid=st.sampled_from(_TAUGHT_UUIDS), serial=st.sampled_from([None, "SN1", " SN2 ", ""]),
+       asset=st.sampled_from([None, "AT1", "To be filled by O.E.M."]),
+       arch=st.sampled_from(list(Arch)), firmware=st.sampled_from(list(Firmware)),
+       manufacturer=st.sampled_from([None, "QEMU", 'a "quoted" \u00e9']),
+       remote=st.sampled_from([None, "192.0.2.9"]),
+       held=st.sampled_from([None, "4c4c4544-0042-3910-8056-b4c04f4b3639"]),
+       known=st.sampled_from([(None, None, None), (Arch.ARM64, Firmware.UEFI, "SN0")]),
+       facts=st.sampled_from([{}, {"manufacturer": "Dell"}, {"platform": "efi"}]),
+       taken=st.sets(st.sampled_from(["uuid", "serial", "asset"])),
+       again=st.booleans())
+def test_a_learnt_delta_is_the_delta_of_every_field(
+        uuid: str | None, serial: str | None, asset: str | None, arch: Arch,
+        firmware: Firmware, manufacturer: str | None, remote: str | None, held: str | None,
+        known: tuple[Arch | None, Firmware | None, str | None], facts: dict[str, str],
+        taken: set[str], again: bool) -> None:
+    """machine_delta of an update that boot.learn made (Batch.learnt: its other fields
+    not compared, its identifiers taken as cleaned) is what comparing every field gives,
+    identifier rows included, for requests with placeholders, uncleaned identifiers,
+    identifiers other machines hold and a machine learnt twice (two requests in a group)."""
+    from netboot.boot import learn
+    from netboot.model import BootRequest
+
+    base = Machine(macs=(MacAddress.parse(MAC),), id="m-learnt", hostname="h", uuid=held,
+                   arch=known[0], firmware=known[1], serial=known[2], facts=facts,
+                   updated=1764960000.25, labels={"rack": "1"}, cluster="c")
+    request = BootRequest(mac=MacAddress.parse(MAC), arch=arch, firmware=firmware, uuid=uuid,
+                          serial=serial, asset=asset, manufacturer=manufacturer,
+                          remote_addr=remote, via="dhcp")
+    new = learn(base, request, 1764960061.123456789, frozenset(taken))
+    if again:
+        new = learn(new, replace(request, asset="AT2", manufacturer="other"), 1764960062.5)
+    if new is base:
+        return
+    full = codec.machine_delta(base, new)
+    assert full is not None
+    assert codec.machine_delta(base, new, None, True) == full
