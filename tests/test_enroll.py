@@ -1660,12 +1660,12 @@ async def test_a_claim_refused_before_a_reinstall_is_not_given_to_the_next_insta
     for _ in range(3):
         with pytest.raises(TransitionRefused):
             await enroller.register(device, ipaddress.ip_address("192.0.2.10"))
-    assert [h.claim for h in enroller.claims.held(held.id)] == [old_claim]
+    assert [h.claim for h in enroller.claims.held(await store.get_machine(held.id))] == [old_claim]
     now[0] += 60
     other = Enroller(store, clock=lambda: now[0])  # the CLI, or the other server of a pair
     await (enroller if where == "here" else other).reinstall(str(mac))
     if where == "here":
-        assert enroller.claims.held(held.id) == []  # GET .../claims lists none of it
+        assert enroller.claims.held(await store.get_machine(held.id)) == []  # GET .../claims lists none of it
     # Its new install (a new install token), registered by the device from its address.
     machine = await store.get_machine(held.id)
     await store.update_machine(replace_machine(
@@ -1677,7 +1677,7 @@ async def test_a_claim_refused_before_a_reinstall_is_not_given_to_the_next_insta
     registered = await registrar.register(second, ipaddress.ip_address("192.0.2.10"))
     assert registered.state == MachineState.REGISTERED
     if where != "by another server":
-        assert enroller.claims.held(held.id) == []
+        assert enroller.claims.held(await store.get_machine(held.id)) == []
     with pytest.raises(NotFound) as refused:
         await enroller.give_to_claim(str(mac), old_claim)
     assert f"sent {old_claim}" not in str(refused.value)  # nor offered among the kept
