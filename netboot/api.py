@@ -708,10 +708,13 @@ class Api:
     async def refused_claims(self, request: web.Request) -> web.Response:
         # The claims this server refused by address (netboot.claims), the most tried first:
         # where the device's is found when a flood used its events up (s40-claim).
+        # Refused since its registration (state_since): older ones were refused against
+        # another registration and are not given it (Enroller.give_to_claim).
         machine = await self._machine(request)
+        since = machine.state_since if machine.state_since is not None else -math.inf
         return web.json_response([
             {"peer": h.peer or None, "claim": h.claim, "tries": h.tries, "first": h.first,
-             "last": h.last} for h in self._core.enroller.claims.held(machine.id)])
+             "last": h.last} for h in self._core.enroller.claims.held(machine.id, since)])
 
     async def reinstall(self, request: web.Request) -> web.Response:
         machine = await self._core.reinstall(await self._ref(request),

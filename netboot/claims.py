@@ -17,6 +17,7 @@ shared between servers, which the device's next try (10 s later) makes up for.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -76,18 +77,24 @@ class RefusedClaims:
         places[peer] = held
         return held
 
-    def find(self, machine_id: str, claim: str) -> Held | None:
-        """The address's entry that holds ``claim`` (the most tried if several)."""
+    def find(self, machine_id: str, claim: str, since: float = -math.inf) -> Held | None:
+        """The address's entry that holds ``claim`` (the most tried if several), refused
+        at ``since`` or after (the registration that holds the machine now: one refused
+        only before it was refused against another)."""
         places = self._by_machine.get(machine_id)
-        found = [h for h in places.values() if h.claim == claim] if places else []
+        found = [h for h in places.values()
+                 if h.claim == claim and h.last >= since] if places else []
         return max(found, key=lambda h: (h.tries, h.last)) if found else None
 
-    def held(self, machine_id: str) -> list[Held]:
-        """The machine's kept claims, the most tried first (then the latest)."""
+    def held(self, machine_id: str, since: float = -math.inf) -> list[Held]:
+        """The machine's kept claims refused at ``since`` or after, the most tried first
+        (then the latest)."""
         places = self._by_machine.get(machine_id)
-        return sorted(places.values(), key=lambda h: (-h.tries, -h.last)) if places else []
+        return sorted((h for h in places.values() if h.last >= since),
+                      key=lambda h: (-h.tries, -h.last)) if places else []
 
     def forget(self, machine_id: str) -> None:
-        """Drop the machine's claims (given, or registered again: they were refused
-        against a registration that is no longer the one held)."""
+        """Drop the machine's claims (given: they were refused against a registration that
+        is no longer the one held; one registered again, or given by another server, is
+        told by the ``since`` of :meth:`find` and :meth:`held`)."""
         self._by_machine.pop(machine_id, None)

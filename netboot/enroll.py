@@ -115,6 +115,9 @@ _CLAIMS_SEEN = 200
 # The kept claims (netboot.claims) a NotFound of claim names, the most tried first: where an
 # operator finds the device's when a flood used its events up (s40-claim).
 _CLAIMS_TOLD = 5
+# The events that begin a registration's hold of a machine: claims refused before the newest
+# are not given it (give_to_claim).
+_HOLDERS = frozenset({"registered", "registration claimed"})
 # The newest events of a machine read to find its registration's (a registered machine writes
 # a few: its repeats are told once a place, its later boots only when its address moves).
 _REGISTERED_SEEN = 50
@@ -1559,17 +1562,30 @@ class Enroller:
                 raise Conflict(f"{machine.ref} is {machine.state}, not registered: its next "
                                "registration is its install's own", field="state")
             events = await self._store.list_events(machine.id, limit=_CLAIMS_SEEN)
-            made = next((e for e in reversed(events) if e.kind == "registration contested"
-                         and isinstance(e.data.get("claim"), str)
-                         and hmac.compare_digest(e.data["claim"].encode(), claim.encode())),
-                        None)
-            held = self.claims.find(machine.id, claim)
+            # Only a claim refused against the registration that holds the machine now: one
+            # refused before it (before a reinstall and the new install's registration, or
+            # before the machine was given to another claim) was another holder's rival, a
+            # flood's or the device's old install's secret; given, it took the machine from
+            # its device (s41-review). Its event is newer than the holder's; its kept entry
+            # was refused since then at least once.
+            made: Event | None = None
+            since = machine.state_since if machine.state_since is not None else -math.inf
+            for e in reversed(events):
+                if e.kind in _HOLDERS:
+                    since = e.time
+                    break
+                if made is None and e.kind == "registration contested" \
+                        and isinstance(e.data.get("claim"), str) \
+                        and hmac.compare_digest(e.data["claim"].encode(), claim.encode()):
+                    made = e
+            held = self.claims.find(machine.id, claim, since)
             if made is None and held is None:
                 raise NotFound(f"no refused registration of {machine.ref} made claim "
-                               f"{claim!r} (its newest {_CLAIMS_SEEN} events"
+                               f"{claim!r} since its registration (its newest {_CLAIMS_SEEN} "
+                               "events"
                                + "".join(f"; {h.peer or 'an unknown address'} sent {h.claim} "
                                          f"{h.tries} times" for h in
-                                         self.claims.held(machine.id)[:_CLAIMS_TOLD])
+                                         self.claims.held(machine.id, since)[:_CLAIMS_TOLD])
                                + ")")
             # Where it came from: its kept entry (how often it tried) else its event's.
             peer = (held.peer if held else made.data.get("peer") if made else None) \
