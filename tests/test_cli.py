@@ -1167,6 +1167,8 @@ def test_clusters_set_changes_a_running_clusters_tokens_only_by_force_as_the_api
                         ("--agent-token", "n3w-agent-secret-4f9a2c")):
         rc, out, err = run(capsys, "clusters", "set", "edge", flag, value, "--config", cfg)
         assert rc != 0 and "reinstall" in err and "?force=true" in err, (rc, out, err)
+        # The command's own way to force it named too (s41-review: only the API's was).
+        assert f"netboot clusters set edge {flag} ... --force" in err, err
         assert "52:54:00:aa:00:31" in err and value not in out + err
         after = json.loads(run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)[1])
         assert after == before
