@@ -1210,10 +1210,6 @@ class SqliteStore:
     async def delete_lease(self, mac: str) -> None:
         await self._run(_delete_lease, codec.normalise_mac(mac))
 
-    async def fixed_address(self, mac: str) -> str | None:
-        machine = await self.machine_by("mac", mac)
-        return None if machine is None else machine.fixed_ipv4
-
     # change feed -------------------------------------------------------------------------
     def settled(self, seq: int) -> bool:
         """Whether nothing was committed after ``seq`` (base.SettledFeed): the probe's
