@@ -40,9 +40,6 @@ class Leases:
     async def delete_lease(self, mac: str) -> None:
         self.leases.pop(mac, None)
 
-    async def fixed_address(self, mac: str) -> str | None:
-        return None
-
 
 class NoBoot:
     async def first_stage(self, request: object) -> None:  # not asked: no PXE option

@@ -1297,11 +1297,12 @@ class BootService:
         if effective is None:
             effective = await self._effective(machine, request)
         group, profile, cluster, role = effective
-        if profile is None or (cluster is None and _gone_cluster(machine, group)):
+        gone = "" if cluster is not None else _gone_cluster(machine, group)
+        if profile is None or gone:
             reason = ("no profile: set one on the machine, a group that selects it or "
                       "enroll.default_profile"
                       + (f" (group {group.name!r} has none)" if group else "")
-                      if profile is None else _gone_cluster(machine, group))
+                      if profile is None else gone)
             if record:
                 await self._event(machine, "hold", reason, request, once=True)
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
@@ -1486,8 +1487,9 @@ class BootService:
         if effective is None:
             effective = await self._effective(machine, request)
         group, profile, cluster, role = effective
-        if cluster is None and _gone_cluster(machine, group):
-            raise Conflict(_gone_cluster(machine, group))
+        gone = "" if cluster is not None else _gone_cluster(machine, group)
+        if gone:  # its install plan was held for it (_install_plan): no config either
+            raise Conflict(gone, field="cluster")
         k3s = (None if cluster is None else self._known_join(machine, cluster, role, group)
                or await self._k3s_join(machine, cluster, role, group, claim=claim))
         if cluster is not None and k3s is not None and k3s.waiting:

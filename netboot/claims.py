@@ -125,6 +125,7 @@ class RefusedClaims:
         return [h for h in places.values() if h.against == against]
 
     def forget(self, machine_id: str) -> None:
-        """Drop the machine's claims (given, or registered again: they were refused
-        against a registration that is no longer the one held)."""
+        """Drop the machine's claims (given: they were refused against a registration that
+        is no longer the one held; one registered again, or given by another server, is
+        told by the ``since`` of :meth:`find` and :meth:`held`)."""
         self._by_machine.pop(machine_id, None)

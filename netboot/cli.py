@@ -602,7 +602,7 @@ async def _named(kind: str, args: argparse.Namespace, store: Store, cfg: Config)
 
 
 async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
-    from netboot.enroll import Enroller, iter_import, parse_import
+    from netboot.enroll import iter_import, parse_import
 
     # "-": standard input, as Unix tools read it (a file outside a container, piped into
     # `podman exec -i NAME netboot import -`); its errors are named "<stdin>:LINE:".
@@ -631,7 +631,10 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             done = int(width * n / max(total, 1))
             print(f"\r[{'#' * done}{'.' * (width - done)}] {n}/{total}", end="", file=sys.stderr)
 
-    enroller = Enroller(store, hostname_template=cfg.enroll.hostname_template)
+    # The server's wiring (Core puts the inventory's own lock in the enroller's fixed_lock):
+    # a bare Enroller checked and wrote its rows' fixed_ipv4 under this process's lock
+    # alone, and a server's PATCH of the address meanwhile stored it twice (s41-review).
+    enroller = _core(store, cfg).enroller
     try:
         report = await enroller.import_rows(rows, dry_run=args.dry_run, progress=progress)
     except ValidationError as exc:  # a CSV file is read as the import goes

@@ -763,8 +763,16 @@ class Core:
             read = None if create else await self.store.get_cluster(cluster.name)
             if read is not None:  # If-Match on each read: the write compares that read
                 _require_item_version("clusters", read, versions)
-            made = await self._check_cluster(cluster, data, create=create, force=force)
+            # What a forced token change tells its nodes (_running_change), written once the
+            # change is: told before the write, a write refused (another writer's edit each
+            # try, a full disk) left every node's history saying a change no one made, and
+            # each try made again on another's edit told them once more.
+            told: list[Event] = []
+            made = await self._check_cluster(cluster, data, create=create, force=force,
+                                             told=told)
             await self.store.put_cluster(made, create=create, expect=read)
+            if told:
+                await self.enroller.recorder.commit(Batch(events=tuple(told)))
             return made
         return await _again_on_change(step)
 
@@ -781,7 +789,8 @@ class Core:
                                "apart; give this one another name", field="name")
 
     async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any], *,
-                             create: bool, force: bool = False) -> Cluster:
+                             create: bool, force: bool = False,
+                             told: list[Event] | None = None) -> Cluster:
         if not cluster.managed and not re.search(SERVER_URL_PATTERN, cluster.server_url):
             raise ValidationError("server_url", f"{cluster.server_url!r}: an https:// URL of "
                                   "the k3s API (a host name or address, a port, a path; no "
@@ -803,7 +812,7 @@ class Core:
             if cluster.token:
                 return cluster
             raise ValidationError("token", "required for an external cluster (k3s node token)")
-        return await self._managed_join(cluster, data, create=create, force=force)
+        return await self._managed_join(cluster, data, create=create, force=force, told=told)
 
     async def secure_token(self, name: str, *,
                            versions: Collection[str] | None = None) -> Cluster:
@@ -832,7 +841,8 @@ class Core:
         return await _again_on_change(step)
 
     async def _managed_join(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
-                            secure: bool = False, force: bool = False) -> Cluster:
+                            secure: bool = False, force: bool = False,
+                            told: list[Event] | None = None) -> Cluster:
         """A managed cluster's join token and k3s server CA (README "What a host on the
         provisioning network can take").
 
@@ -843,7 +853,8 @@ class Core:
         given a hash of another would refuse it; ``secure`` (:meth:`secure_token`) makes
         its CA while none of its nodes has fetched its config. A cluster's CA, once made, is
         kept (its servers run on it), and a token given for it is taken as the secret it
-        wraps."""
+        wraps. ``told``: where a forced change's events for its nodes go (_running_change),
+        for the caller to write with the change."""
         old = None if create else await self.store.get_cluster(cluster.name)
         if old is not None and not old.managed:
             # An external cluster made managed (none of its nodes has its config:
@@ -868,7 +879,9 @@ class Core:
             agent = token_secret(agent)
         if agent is not None and old is not None and agent != (
                 _secret(old.agent_token, old.ca_cert) if old.agent_token else ""):
-            await self._agent_token_change(old, force)
+            told_of = await self._agent_token_change(old, force)
+            if told is not None:
+                told += told_of
         if agent is None and old is not None and old.agent_token:
             agent = _secret(old.agent_token, old.ca_cert)
         if not agent and (old is None or await self._configured_node(old) is None):
@@ -889,13 +902,15 @@ class Core:
         if old is not None and token_secret(token) != token_secret(old.token):
             # The secret k3s compares, not the form: the secure token a short cluster's first
             # server wrote (README's way out) wraps the secret it has, and is no change.
-            await self._token_change(old, force)
+            told_of = await self._token_change(old, force)
+            if told is not None:
+                told += told_of
         agent_token = (k3s_secure_token(agent, ca_cert, user=K3S_AGENT_USER) if ca_cert and agent
                        else agent or "")
         return replace(cluster, token=token, ca_cert=ca_cert, ca_key=ca_key,
                        agent_token=agent_token)
 
-    async def _token_change(self, old: Cluster, force: bool) -> None:
+    async def _token_change(self, old: Cluster, force: bool) -> list[Event]:
         """A managed cluster's own (server) token changed by an edit: refused (409) while a
         node of it has its config, unless ``force``, as its agent token is
         (:meth:`_agent_token_change`). k3s's way is ``k3s token rotate`` (k3s-io/k3s
@@ -905,7 +920,7 @@ class Core:
         netboot alone, the running servers keep the old, and every server installed next
         (and every agent given the cluster's token: one without an agent token) is refused,
         or, a server, cannot open the bootstrap data."""
-        await self._running_change(
+        return await self._running_change(
             old, force, "token",
             why="k3s keeps the token its servers started with (the datastore's bootstrap "
                 "data is encrypted with it); nodes given a new one would be refused by its "
@@ -917,7 +932,7 @@ class Core:
                  "token, restarting k3s) or the node is reinstalled; until then servers given "
                  "the new one are refused by servers on the old one")
 
-    async def _agent_token_change(self, old: Cluster, force: bool) -> None:
+    async def _agent_token_change(self, old: Cluster, force: bool) -> list[Event]:
         """A managed cluster's agent token changed by an edit: refused (409) while a node of
         it has its config, unless ``force``, which tells each such node's history what it
         breaks. k3s has no rotation of the agent token (``k3s token rotate`` changes the
@@ -925,7 +940,7 @@ class Core:
         agent that joined keeps its token and presents it again at every start of k3s, so
         the new one given to the next nodes is refused by the running servers, and the old
         one by servers configured after."""
-        await self._running_change(
+        return await self._running_change(
             old, force, "agent_token",
             why="k3s keeps the agent token a server was given (its agent-token) and the one "
                 "an agent joined with, checked at every start of k3s; nodes given a new one "
@@ -937,14 +952,15 @@ class Core:
                  "refused by servers on the old one, and the reverse")
 
     async def _running_change(self, old: Cluster, force: bool, field: str, *, why: str,
-                              by_hand: str, told: str) -> None:
+                              by_hand: str, told: str) -> list[Event]:
         """A managed cluster's ``field`` (token, agent_token) changed while a node of it has
         its config: a 409 naming the node, ``why`` and the fixes (reinstall; ``by_hand``
-        and force); with ``force``, each such node (up to _FORCE_TOLD) gets an event saying
-        that its k3s keeps the old one ``told``."""
+        and force); with ``force``, the events of each such node (up to _FORCE_TOLD) saying
+        that its k3s keeps the old one ``told``, returned: written by the caller with the
+        change (Core._put_cluster), not before it."""
         configured = await self._configured_node(old)
         if configured is None:
-            return
+            return []
         node, state = configured
         what = field.replace("_", " ")
         if not force:
@@ -952,14 +968,15 @@ class Core:
                 f"cluster {old.name!r} runs on the {what} it has: {node.ref} is {state} with "
                 f"its config, and {why}. Fix: reinstall every node of it (netboot machines "
                 f"reinstall) before changing it; or {by_hand}, then give it again with force "
-                f"(PUT /api/v1/clusters/{old.name}?force=true)", field=field)
+                f"(PUT /api/v1/clusters/{old.name}?force=true, or netboot clusters set "
+                f"{old.name} --{field.replace('_', '-')} ... --force)", field=field)
         now = self._clock()
         events = [Event(m.id, now, _FORCED_KINDS[field],
                         f"the {what} of cluster {old.name} was changed by force while this "
                         f"node was {m.state} with its config: its k3s keeps the old one {told}")
                   for state in _CONFIGURED for m in await self.store.list_machines(
                       MachineFilter(cluster=old.name, state=state, limit=_FORCE_TOLD))]
-        await self.enroller.recorder.commit(Batch(events=tuple(events[:_FORCE_TOLD])))
+        return events[:_FORCE_TOLD]
 
     async def give_agent_tokens(self) -> list[str]:
         """Give each managed cluster made before netboot made agent tokens one, while none of

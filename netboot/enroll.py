@@ -125,6 +125,9 @@ _CLAIMS_SEEN = 200
 # The kept claims (netboot.claims) a NotFound of claim names, the most tried first: where an
 # operator finds the device's when a flood used its events up (s40-claim).
 _CLAIMS_TOLD = 5
+# The events that begin a registration's hold of a machine: claims refused before the newest
+# are not given it (give_to_claim).
+_HOLDERS = frozenset({"registered", "registration claimed"})
 # The newest events of a machine read to find its registration's (a registered machine writes
 # a few: its repeats are told once a place, its later boots only when its address moves).
 _REGISTERED_SEEN = 50
@@ -1681,13 +1684,21 @@ class Enroller:
                 raise Conflict(f"{machine.ref} is {machine.state}, not registered: its next "
                                "registration is its install's own", field="state")
             events = await self._store.list_events(machine.id, limit=_CLAIMS_SEEN)
-            # Only a refusal of the registration held now: one of an earlier registration
-            # (before a reinstall) is history, not a claim on this one (s41-ops).
+            # Only a claim refused against the registration that holds the machine now: one
+            # refused before it (before a reinstall and the new install's registration, or
+            # before the machine was given to another claim) was another holder's rival, a
+            # flood's or the device's old install's secret; given, it took the machine from
+            # its device (s41-review, s41-ops). Its event is newer than the holder's; its
+            # kept entry was refused against the registration as it is now (claims).
+            made: Event | None = None
             since = machine.in_state_since
-            made = next((e for e in reversed(events) if e.kind == "registration contested"
-                         and e.time >= since and isinstance(e.data.get("claim"), str)
-                         and hmac.compare_digest(e.data["claim"].encode(), claim.encode())),
-                        None)
+            for e in reversed(events):
+                if e.kind in _HOLDERS or e.time < since:
+                    break
+                if made is None and e.kind == "registration contested" \
+                        and isinstance(e.data.get("claim"), str) \
+                        and hmac.compare_digest(e.data["claim"].encode(), claim.encode()):
+                    made = e
             held = self.claims.find(machine, claim)
             if made is None and held is None:
                 raise NotFound(f"no refused registration of {machine.ref} made claim "

@@ -131,6 +131,10 @@ SCHEMAS: dict[str, Any] = {
                                        "would be allowed"},
                              "holder": {"type": "string",
                                         "description": "409: id of the machine that has it"},
+                             "candidates": {"type": "array", "items": _STR, "description":
+                                            "409 of a {ref} that names two machines (a "
+                                            "hostname spelled as another's MAC or id): "
+                                            "their ids; give the one meant by its id"},
                              "state": {**_STATE, "description": "409 of a refused lifecycle "
                                        "step: the machine's current state"},
                              "event": {"type": "string", "readOnly": True}}},
@@ -671,6 +675,15 @@ def document() -> dict[str, Any]:
         op["description"] += (" A MAC, UUID, serial, asset tag or hostname that another "
                               "machine holds is a 409 naming the field and that machine "
                               "(holder; not to an enroll token, which reads nothing).")
+    # Any {ref} may name two machines, a hostname spelled as another's MAC or id
+    # (core.machine_ref): a 409 listing both (candidates) on every operation that takes one.
+    for path, item in paths.items():
+        if "{ref}" in path:
+            for method, op in item.items():
+                if method != "parameters" and "409" not in op["responses"]:
+                    op["responses"]["409"] = {
+                        "description": "the {ref} names two machines (candidates)",
+                        "content": {"application/json": {"schema": _ref("Error")}}}
     for path in ("/api/v1/machines:bulk", "/api/v1/machines:import"):
         paths[path]["post"]["description"] += (
             " Each row is checked as one enrollment (its profile and cluster must exist); any "

@@ -99,6 +99,36 @@ async def test_openapi_security_marks_every_operation_but_the_devices_own(env: E
                 assert scheme != "bearer" or len(scopes) == 1  # alternatives, one scope each
 
 
+async def test_every_ref_operation_documents_the_409_of_a_ref_that_names_two_machines(
+        env: Env) -> None:
+    """A ``{ref}`` that is one machine's hostname and another's MAC (bare form) is a 409
+    listing both (core.machine_ref) on every operation that takes one, as the path
+    parameter's description says; the document listed no 409 for GET, DELETE, explain,
+    events or claims, and its Error had no ``candidates``: a client checking the answer
+    against the document (schemathesis's status_code_conformance) refused it (s41-review)."""
+    await env.seed()
+    a = await machine(env, hostname="edge-1", cluster="edge", profile="k3os")
+    compact = MAC.replace(":", "")
+    b = await env.post("/api/v1/machines", {"mac": MAC2, "hostname": compact}, status=201)
+    doc = document()
+    error_schema = doc["components"]["schemas"]["Error"]["properties"]
+    assert error_schema["candidates"]["type"] == "array", error_schema
+    checked = []
+    for path, method in sorted(documented(doc)):
+        if "{ref}" not in path:
+            continue
+        body = {"kind": "progress"} if path.endswith("/events") else (
+            {"claim": "0" * 64} if path.endswith("/claim") else {})
+        r = await call(env, method.upper(), path.replace("{ref}", compact).replace(
+            "{kind}", "ipxe"), json_body=body)
+        answered = error(r, 409, "ref")
+        assert sorted(answered["candidates"]) == sorted([a["id"], b["id"]]), (path, answered)
+        assert "409" in doc["paths"][path][method]["responses"], (method, path)
+        checked.append((method, path))
+    assert len(checked) >= 11, checked
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["hostname"] == "edge-1"  # none taken
+
+
 # --- auth: every documented operation refuses without / with a wrong token --------------------
 
 

@@ -243,8 +243,9 @@ async def test_a_machine_whose_cluster_is_gone_is_held_not_installed_without_one
     planned = await boot.plan(req(Firmware.IPXE))
     assert planned.action == BootAction.INSTALL and planned.k3s is not None
     await store.delete_cluster("gone")
-    with pytest.raises(Conflict, match="cluster 'gone' does not exist"):
+    with pytest.raises(Conflict, match="cluster 'gone' does not exist") as refused:
         await boot.config_plan(machine, token="tok", reason="config")
+    assert refused.value.field == "cluster"  # the 409 names the field to fix
     for mac, fix in ((MAC, "machines set"), (grouped, "group 'g' another")):
         plan = await boot.plan(BootRequest(mac=mac, firmware=Firmware.IPXE, arch=Arch.X86_64,
                                            via="dhcp"))

@@ -199,6 +199,37 @@ def test_import_dry_run_errors_and_idempotence(cfg: str, tmp_path: Path,
     assert len(json.loads(out)) == 2
 
 
+def test_an_import_of_fixed_addresses_takes_the_inventorys_fixed_lock(
+        cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`netboot import` beside a server on one SQLite file: its rows' fixed_ipv4 were checked
+    against the inventory and written under the command's own lock alone (a bare Enroller:
+    Core puts the file's lock in the wiring's), so a server's PATCH giving another machine
+    the address at once could read it free too, and both stored it (s41-review; s40-net and
+    s40-cas closed it for the API and `machines set`). The import takes the file's lock as
+    they do: held by another process past its bound, the import says so, nothing written."""
+    import fcntl
+
+    from netboot.inventory import sqlite as sqlite_store
+
+    rows = tmp_path / "fleet.csv"
+    rows.write_text("mac,fixed_ipv4\n02:00:00:00:00:41,192.0.2.41\n")
+    assert run(capsys, "machines", "ls", "--config", cfg)[0] == 0  # the inventory made
+    (db,) = (tmp_path / "data").glob("*.db")
+    monkeypatch.setattr(sqlite_store, "FIXED_LOCK_WAIT", 0.2)
+    fd = os.open(f"{db}-fixed.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's check and write under way
+        rc, out, err = run(capsys, "import", str(rows), "--config", cfg)
+    finally:
+        os.close(fd)
+    assert rc != 0 and "fixed address lock" in err, (rc, out, err)
+    rc, out, _ = run(capsys, "machines", "ls", "--json", "--config", cfg)
+    assert rc == 0 and json.loads(out) == []
+    rc, out, err = run(capsys, "import", str(rows), "--config", cfg)  # let go: imported
+    assert rc == 0 and "1 were created" in out, err
+
+
 @pytest.mark.parametrize(("name", "text", "line", "message"), [
     ("fleet.csv", "mac,hostname\n02:00:00:00:00:01,a,extra\n", 2,
      "more values than header columns"),
@@ -1167,6 +1198,8 @@ def test_clusters_set_changes_a_running_clusters_tokens_only_by_force_as_the_api
                         ("--agent-token", "n3w-agent-secret-4f9a2c")):
         rc, out, err = run(capsys, "clusters", "set", "edge", flag, value, "--config", cfg)
         assert rc != 0 and "reinstall" in err and "?force=true" in err, (rc, out, err)
+        # The command's own way to force it named too (s41-review: only the API's was).
+        assert f"netboot clusters set edge {flag} ... --force" in err, err
         assert "52:54:00:aa:00:31" in err and value not in out + err
         after = json.loads(run(capsys, "clusters", "show", "edge", "--json", "--config", cfg)[1])
         assert after == before

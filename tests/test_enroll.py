@@ -1665,7 +1665,8 @@ async def test_a_claim_refused_before_a_reinstall_is_not_given_to_the_next_insta
     other = Enroller(store, clock=lambda: now[0])  # the CLI, or the other server of a pair
     await (enroller if where == "here" else other).reinstall(str(mac))
     if where == "here":
-        assert enroller.claims.held(await store.get_machine(held.id)) == []  # GET .../claims lists none of it
+        # GET .../claims lists none of it
+        assert enroller.claims.held(await store.get_machine(held.id)) == []
     # Its new install (a new install token), registered by the device from its address.
     machine = await store.get_machine(held.id)
     await store.update_machine(replace_machine(
@@ -1684,6 +1685,81 @@ async def test_a_claim_refused_before_a_reinstall_is_not_given_to_the_next_insta
     # The device's new install is still the one held: its repeat is answered.
     again = await enroller.register(second, ipaddress.ip_address("192.0.2.10"))
     assert again.install_token == registered.install_token
+
+
+async def _a_thief(store: Any, mac_text: str, hostname: str
+                   ) -> tuple[list[float], Enroller, MacAddress, dict[str, str]]:
+    """An installed machine (_installed), an enroller whose clock is the list's one value,
+    and the registration body of a host that read the machine's install token and sends a
+    secret of its own."""
+    now = [1000.0]
+    mac = await _installed(store, mac_text, hostname)
+    thief = {"mac": str(mac), "token": "tok", "install_secret": "7e1d0c55-thief",
+             "keeps": "machine_token"}
+    return now, Enroller(store, clock=lambda: now[0]), mac, thief
+
+
+async def test_a_claim_refused_against_an_earlier_registration_is_not_given_the_machine(  # type: ignore[no-untyped-def]
+        every_store) -> None:
+    """give_to_claim took any claim among the machine's newest events or kept claims, also
+    one refused against an earlier holder: after the machine was given to its device's
+    claim, or reinstalled and registered by its new install, a flood's claim (or the old
+    install's) refused before was still given the machine, taking it from its device and
+    voiding its machine token (s41-review). Only a claim refused since the registration
+    that holds the machine now is given it; GET .../claims lists those alone."""
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import NotFound, TransitionRefused
+
+    def claim_of(secret: str) -> str:
+        return hashlib.sha256(secret.encode()).hexdigest()
+
+    store = every_store
+    now, enroller, mac, thief = await _a_thief(store, "52:54:00:00:40:02", "c2")
+    flood = {**thief, "install_secret": "flood-0c9d"}
+    device = {**thief, "install_secret": "3f0a9c2e-device"}
+    await enroller.register(thief, ipaddress.ip_address("192.0.2.66"))
+    now[0] += 1
+    for body, peer in ((flood, "198.51.100.7"), (device, "192.0.2.10")):
+        with pytest.raises(TransitionRefused):
+            await enroller.register(body, ipaddress.ip_address(peer))
+    now[0] += 1
+    await enroller.give_to_claim(str(mac), claim_of(device["install_secret"]))
+    now[0] += 1
+    # The flood's claim was the thief's rival, refused before the device was given it.
+    with pytest.raises(NotFound, match="since its registration"):
+        await enroller.give_to_claim(str(mac), claim_of(flood["install_secret"]))
+    answered = await enroller.register(device, ipaddress.ip_address("192.0.2.10"))
+    assert answered.secret_hash == claim_of(device["install_secret"])
+    now[0] += 1
+    with pytest.raises(TransitionRefused):  # the device's rival, kept and told
+        await enroller.register(flood, ipaddress.ip_address("198.51.100.7"))
+    assert [h.claim for h in enroller.claims.held(await store.get_machine(answered.id))] == [
+        claim_of(flood["install_secret"])]
+    # Reinstalled; its new install registers with its own secret.
+    now[0] += 1
+    await enroller.reinstall(str(mac))
+    stored = await store.get_machine(answered.id)
+    assert stored is not None
+    await store.update_machine(replace_machine(
+        stored, state=MachineState.INSTALLED, updated=now[0],
+        token_hash=hashlib.sha256(b"tok2").hexdigest()))
+    now[0] += 1
+    second = {**device, "token": "tok2", "install_secret": "9b8a7c6d-device-2"}
+    registered = await enroller.register(second, ipaddress.ip_address("192.0.2.10"))
+    now[0] += 1
+    with pytest.raises(NotFound):  # refused against the earlier install's registration
+        await enroller.give_to_claim(str(mac), claim_of(flood["install_secret"]))
+    assert enroller.claims.held(registered) == []
+    # Refused again (the new install's spent token, read from its config), now against
+    # this registration: given, as any rival the operator picks.
+    now[0] += 1
+    with pytest.raises(TransitionRefused):
+        await enroller.register({**flood, "token": "tok2"},
+                                ipaddress.ip_address("198.51.100.7"))
+    given = await enroller.give_to_claim(str(mac), claim_of(flood["install_secret"]))
+    assert given.secret_hash == claim_of(flood["install_secret"])
 
 
 async def test_the_time_in_a_state_is_kept_by_every_store_and_filtered_on(  # type: ignore[no-untyped-def]

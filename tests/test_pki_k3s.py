@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -779,6 +780,52 @@ async def test_a_running_clusters_token_is_changed_only_by_force_which_tells_its
     assert len(told[S0]) == 1 and len(told[S1]) == 1 and not told[AGENT], told
     assert "keeps the old one" in told[S0][0] and "registered" in told[S0][0]
     assert new["token"] not in str(told)
+
+
+async def test_a_forced_token_change_is_told_to_its_nodes_once_and_only_when_it_is_made(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forced change's "agent token changed" events are written with the change: another
+    writer's edit of the cluster between the PUT's read and its write (its compare-and-set
+    refused, made again on the edit) told every node twice, and edits at each try (the PUT
+    refused, 409, nothing changed) left each node's history saying a change no one made
+    (s41-review: the events were committed while the change was being checked)."""
+    await managed(env)
+    token, _ = await k3os_config(env, S0)
+    await registered(env, S0, token, "192.0.2.21")
+    store = env.service.store
+    before = await store.get_cluster("edge")
+    assert before is not None
+    put = store.put_cluster
+    edits, races = [0], [100]  # an edit before every try: refused, nothing changed
+
+    async def raced(cluster: Cluster, *, create: bool = False,
+                    expect: Cluster | None = None) -> None:
+        if expect is not None and edits[0] < races[0]:
+            # Another operator's edit (a label) committed just before this write.
+            edits[0] += 1
+            stored = await store.get_cluster(cluster.name)
+            assert stored is not None
+            await put(replace(stored, labels={**stored.labels, "edit": str(edits[0])}))
+        await put(cluster, create=create, expect=expect)
+
+    monkeypatch.setattr(store, "put_cluster", raced)
+    new = {"name": "edge", "server_url": "managed", "agent_token": "n3w-agent-secret-4f9a2c"}
+    r = await call(env, "PUT", "/api/v1/clusters/edge?force=true", json_body=new)
+    assert r.status == 409, r.text
+    after = await store.get_cluster("edge")
+    assert after is not None and after.agent_token == before.agent_token
+
+    async def told(mac: str) -> list[str]:
+        return [e["message"] for e in await env.get(f"/api/v1/machines/{mac}/events")
+                if e["kind"] == "agent token changed"]
+
+    assert await told(S0) == [] and await told(AGENT) == []
+    edits[0], races[0] = 0, 1  # one edit: made again on it, and taken
+    r = await call(env, "PUT", "/api/v1/clusters/edge?force=true", json_body=new)
+    assert r.status == 200, r.text
+    after = await store.get_cluster("edge")
+    assert after is not None and k3s_parse_token(after.agent_token)[2] == new["agent_token"]
+    assert len(await told(S0)) == 1 and await told(AGENT) == []  # AGENT has no config
 
 
 async def test_a_running_short_token_cluster_is_given_its_first_servers_secure_token(

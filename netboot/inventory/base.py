@@ -481,9 +481,6 @@ class Store(ChangeFeed, StateCounts, Protocol):
     async def delete_lease(self, mac: str) -> None:
         """No error if absent (a RELEASE for an unknown lease is harmless)."""
 
-    async def fixed_address(self, mac: str) -> str | None:
-        """The ``fixed_ipv4`` of the machine with this MAC among its NICs, if any."""
-
     # small key/value settings (admin token hash, schema facts, counters) -------------
     async def get_setting(self, key: str) -> str | None: ...
 

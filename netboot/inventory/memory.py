@@ -410,10 +410,6 @@ class MemoryStore:
         if old is not None:
             self._lease_addrs.pop(old.ipv4, None)
 
-    async def fixed_address(self, mac: str) -> str | None:
-        machine = await self.machine_by("mac", mac)
-        return None if machine is None else machine.fixed_ipv4
-
     # settings ------------------------------------------------------------------------
     async def get_setting(self, key: str) -> str | None:
         self._check_open()

@@ -2122,10 +2122,6 @@ class PostgresStore:
         mac = codec.normalise_mac(mac)
         await self._single("execute", "DELETE FROM leases WHERE mac = $1", mac)
 
-    async def fixed_address(self, mac: str) -> str | None:
-        machine = await self.machine_by("mac", mac)
-        return None if machine is None else machine.fixed_ipv4
-
     # change feed -------------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def _feed_conn(self) -> AsyncIterator[asyncpg.Connection]:

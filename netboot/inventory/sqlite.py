@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import itertools
 import json
@@ -36,6 +37,7 @@ import logging
 import math
 import os
 import sqlite3
+import stat
 import struct
 import threading
 import time
@@ -585,9 +587,12 @@ class SqliteStore:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
-            raise StoreError(f"the inventory {self.path}: cannot open {lock}: "
-                             f"{exc.strerror}") from exc
+            raise StoreError(f"the inventory {self.path}: cannot open {lock}: {exc.strerror}"
+                             + (" (another user's: give it the inventory file's owner, "
+                                f"chown --reference={self.path} {lock}, or remove it)"
+                                if exc.errno == errno.EACCES else "")) from exc
         try:
+            _as_inventory(fd, self.path)
             deadline = time.monotonic() + FIXED_LOCK_WAIT
             while True:
                 try:
@@ -1210,10 +1215,6 @@ class SqliteStore:
 
     async def delete_lease(self, mac: str) -> None:
         await self._run(_delete_lease, codec.normalise_mac(mac))
-
-    async def fixed_address(self, mac: str) -> str | None:
-        machine = await self.machine_by("mac", mac)
-        return None if machine is None else machine.fixed_ipv4
 
     # change feed -------------------------------------------------------------------------
     def settled(self, seq: int) -> bool:
@@ -2362,6 +2363,24 @@ def _put_named(conn: sqlite3.Connection, kind: str, name: str, data: str, create
             " ON CONFLICT (name) DO UPDATE SET data = excluded.data",
             (name, data),
         )
+
+
+def _as_inventory(fd: int, path: Path) -> None:
+    """The inventory's lock file ``fd`` given the owner and mode of the inventory's file
+    ``path``, as SQLite gives its -wal and -shm files (os_unix.c: robustFchown when run as
+    root, the database's mode): made by a CLI run as root beside a server running as its own
+    user (the container's netboot), it was root's alone (0600), and every fixed_ipv4 write of
+    the server failed to open it. A user that may not change it leaves it as it is."""
+    try:
+        want, have = os.stat(path), os.fstat(fd)
+    except OSError:
+        return
+    mode = stat.S_IMODE(want.st_mode) & 0o666
+    with contextlib.suppress(OSError):
+        if os.geteuid() == 0 and (have.st_uid, have.st_gid) != (want.st_uid, want.st_gid):
+            os.fchown(fd, want.st_uid, want.st_gid)
+        if stat.S_IMODE(have.st_mode) != mode and have.st_uid == os.geteuid():
+            os.fchmod(fd, mode)
 
 
 def _put_named_if(conn: sqlite3.Connection, kind: str, name: str, data: str,

@@ -991,14 +991,6 @@ async def test_lease_address_validated(store: Store) -> None:
     assert err.value.field == "ipv4"
 
 
-async def test_fixed_address(store: Store) -> None:
-    assert await store.fixed_address(MAC1) is None
-    await store.create_machine(machine(MAC1, fixed_ipv4="10.1.0.5"))
-    await store.create_machine(machine(MAC2))
-    assert await store.fixed_address(MAC1) == "10.1.0.5"
-    assert await store.fixed_address(MAC2) is None
-
-
 # --- settings --------------------------------------------------------------------------------
 
 

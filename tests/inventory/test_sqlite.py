@@ -2203,3 +2203,71 @@ def test_an_inventory_that_cannot_open_on_a_full_disk_names_the_full_disk(
     monkeypatch.setattr(sqlite_store, "_free_space", lambda directory: 1 << 30)
     said = str(sqlite_store._unopenable(path, failed))
     assert said == f"cannot open inventory {path}: cannot migrate inventory {path}: disk I/O error"
+
+
+def _lock_as(owner: int, lock: Path) -> str:
+    """What a process of user ``owner`` gets opening and locking ``lock`` as
+    SqliteStore.fixed_addresses_held does (a fork that drops root: nothing but these system
+    calls runs in it): "held", or the error's name."""
+    import errno
+    import fcntl
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(owner)
+            os.setuid(owner)
+            try:
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                said = "held"
+            except OSError as exc:
+                said = errno.errorcode.get(exc.errno or 0, "?")
+            os.write(write, said.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as out:
+            return out.read().decode()
+    finally:
+        os.waitpid(pid, 0)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a process as another user")
+async def test_the_fixed_address_lock_a_root_cli_made_is_taken_by_the_inventorys_owner() -> None:
+    """A CLI run as root beside a server running as its own user (the container's netboot)
+    made the fixed-address lock file (SqliteStore.fixed_addresses_held) root's alone, 0600:
+    the server's next fixed_ipv4 write could not open it, nor any after. SQLite gives its
+    own -wal and -shm files the database file's owner and mode when run as root; the lock
+    file is given them too, and the owner's process takes it (s41-review)."""
+    import tempfile
+
+    owner = 65534  # nobody
+    home = Path(tempfile.mkdtemp(prefix="s41lock-", dir="/tmp"))
+    try:
+        os.chown(home, owner, owner)
+        path = home / "inv.db"
+        store = SqliteStore(path)
+        await store.open()
+        await store.close()
+        for made in home.iterdir():
+            os.chown(made, owner, owner)
+        os.chmod(path, 0o640)
+        store = SqliteStore(path)  # the CLI, as root
+        await store.open()
+        try:
+            async with store.fixed_addresses_held():
+                pass
+            assert _lock_as(owner, home / "inv.db-fixed.lock") == "held"  # the server
+            lock = os.stat(home / "inv.db-fixed.lock")
+            assert (lock.st_uid, lock.st_gid, lock.st_mode & 0o777) == (owner, owner, 0o640)
+            # SQLite's own files beside it, made by this root process, are the owner's too.
+            assert {made.stat().st_uid for made in home.iterdir()} == {owner}
+        finally:
+            await store.close()
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

@@ -142,7 +142,6 @@ async def test_a_fixed_address_held_by_the_machines_other_nic_is_given_from_the_
         async def no_read(*args: object) -> None:
             raise AssertionError(f"the DHCP server read a machine from the store: {args}")
 
-        monkeypatch.setattr(env.store, "fixed_address", no_read)
         monkeypatch.setattr(env.store, "machine_by", no_read)
         for mac in (first, second):
             offer = await env.ask(MessageType.DISCOVER, mac=mac)
