@@ -569,8 +569,8 @@ class Content:
         """The install script of a plan not kept (a first install's): the frame of its shape
         with its MAC, token and hostname put in, where it has one (:class:`_Frame`), else
         rendered (and its shape's frame made). A storm's first installs share a few shapes:
-        one per template, command line, profile, cluster, reason, base URL, CA and console,
-        and whether the machine has a hostname. The context and the two split renders (the
+        one per template, command line, profile, reason, base URL, CA and console, and
+        whether the machine has a hostname. The context and the two split renders (the
         command line's and the script's) were ~a fifth of a first install's loop
         instructions; the frame is a copy, a slice assignment and a join.
 
@@ -602,7 +602,8 @@ class Content:
             return render.ipxe_with(name, lambda names: self.context(plan, names=names))
         hostname = machine.hostname
         trust = self._trust() if want.trust else None
-        key = (template, source, plan.action, plan.reason, plan.retry_seconds,
+        # The profile by its id: the frame holds it, so that no other takes that id meanwhile.
+        key = (template, source, id(profile), plan.action, plan.reason, plan.retry_seconds,
                self._base_url(),
                default_console(machine.arch, machine.firmware) if want.console else None,
                not hostname, not token)
@@ -610,10 +611,14 @@ class Content:
         plain = not ((hostname and hostname.strip(_FRAME_PLAIN)) or token.strip(_FRAME_PLAIN))
         mac = plan.mac
         values = (mac.hex(":"), mac.hex("-"), token, hostname or "")
-        if frame is not None and plain and frame.fits(profile, plan.cluster, trust):
+        if frame is not None and plain and frame.fits(profile, trust):
+            want.framed += 1
             return frame.text(values)
         marked = None
-        if plain and (frame is not None or key not in frames):  # none yet, or made of others
+        # None yet, or made of others (another CA); not where frames are made more than used
+        # (more shapes in turn than are kept: each frame made is a render more).
+        if plain and (frame is not None or key not in frames) and (
+                want.made < _FEW or want.framed >= 8 * want.made):
             marks = self._marks
             with contextlib.suppress(RenderError):  # the render below says why
                 marked = render.ipxe_with(name, lambda names: self.context(
@@ -621,7 +626,8 @@ class Content:
                     stand_in=(marks[0], marks[1], marks[3] if hostname else hostname)))
         text = render.ipxe_with(name, lambda names: self.context(plan, names=names))
         if marked is not None:
-            made = (self._frame_of(marked, profile, plan.cluster, trust)
+            want.made += 1
+            made = (self._frame_of(marked, profile, trust)
                     if render.only_printing(name, source) else None)
             if len(frames) >= _FEW:
                 frames.clear()  # bounded: old templates', profiles' and reasons' go
@@ -629,13 +635,12 @@ class Content:
             frames[key] = made if made is not None and made.text(values) == text else None
         return text
 
-    def _frame_of(self, marked: str, profile: Profile, cluster: Cluster | None,
-                  trust: Trust | None) -> _Frame:
+    def _frame_of(self, marked: str, profile: Profile, trust: Trust | None) -> _Frame:
         """The frame of an install script rendered with :attr:`_marks` for its values."""
         pieces = self._marked_at.split(marked)
         which = tuple(self._marks.index(m) for m in pieces[1::2])
         pieces[1::2] = [""] * len(which)
-        return _Frame(profile, cluster, trust, pieces, which)
+        return _Frame(profile, trust, pieces, which)
 
     def _install_made_of(self, name: str, plan: BootPlan) -> tuple[object, ...] | None:
         """What an install script of ``plan`` is made of besides the plan (see
@@ -1002,8 +1007,8 @@ class _Wanted:
     with every machine of a profile, plan dict and cluster (Content._shared: by their ids,
     the objects kept beside, so that no other object takes one of those ids meanwhile)."""
 
-    __slots__ = ("cluster", "config_url", "console", "events_url", "frames",
-                 "instance_serial", "k3s", "machine", "machine_keys", "nocloud_url",
+    __slots__ = ("cluster", "config_url", "console", "events_url", "framed", "frames",
+                 "instance_serial", "k3s", "machine", "machine_keys", "made", "nocloud_url",
                  "profile_files", "register_command", "shared", "trust")
 
     def __init__(self, names: frozenset[str] | None) -> None:
@@ -1027,25 +1032,27 @@ class _Wanted:
                                                       dict[str, Any]]] = {}
         # An install script's frames (Content._framed), where its template and command line
         # read no per-machine value but the MAC's two forms, the token, the config URL made
-        # of them, the machine's hostname and the command line: None where they read more.
+        # of them, the machine's hostname and the command line: None where they read more,
+        # or the cluster (a fleet's hundreds of clusters would be as many shapes).
         self.frames: dict[tuple[object, ...], _Frame | None] | None = (
             {} if names is not None and not (
                 self.instance_serial or self.k3s or self.nocloud_url or self.events_url
-                or self.register_command)
+                or self.register_command or self.cluster)
             and (not self.machine or self.machine_keys == ("hostname",)) else None)
+        self.made = 0  # frames made (each a render more)
+        self.framed = 0  # scripts made of them
 
 
 class _Frame:
     """An install script of one shape (Content._framed): its text cut at the places of the
     per-machine values, which of them goes in each, and what else it was made of (the
-    profile, cluster and trust objects: its key holds the rest)."""
+    profile and trust objects: its key holds the rest)."""
 
-    __slots__ = ("cluster", "pick", "profile", "slots", "trust")
+    __slots__ = ("pick", "profile", "slots", "trust")
 
-    def __init__(self, profile: Profile, cluster: Cluster | None, trust: Trust | None,
-                 slots: list[str], which: tuple[int, ...]) -> None:
+    def __init__(self, profile: Profile, trust: Trust | None, slots: list[str],
+                 which: tuple[int, ...]) -> None:
         self.profile = profile
-        self.cluster = cluster
         self.trust = trust
         self.slots = slots  # the fixed texts, with a place between each two
         # The values (MAC, MAC with hyphens, token, hostname) in the places' order: one C
@@ -1053,9 +1060,8 @@ class _Frame:
         self.pick: Callable[[tuple[str, ...]], Any] = (
             itemgetter(*which) if len(which) > 1 else _one(which[0]) if which else _none)
 
-    def fits(self, profile: Profile, cluster: Cluster | None, trust: Trust | None) -> bool:
-        return (self.profile is profile and self.cluster is cluster
-                and (self.trust is trust or self.trust == trust))
+    def fits(self, profile: Profile, trust: Trust | None) -> bool:
+        return self.profile is profile and (self.trust is trust or self.trust == trust)
 
     def text(self, values: tuple[str, ...]) -> str:
         pieces = self.slots.copy()

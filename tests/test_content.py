@@ -472,13 +472,15 @@ async def _first_install(env: Env, mac: str, arch: Arch = Arch.X86_64,
 async def test_first_install_scripts_of_one_shape_are_its_frame_filled_in_as_rendered(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """A storm's first installs share a few script shapes (a template, command line,
-    profile, cluster, reason, base URL, CA and console, and whether the machine has a
-    hostname): the first of a shape is rendered, the others are its frame with their MAC,
-    token and hostname put in (Content._framed), no render. Each is the text the whole
-    context renders; an edit of the template, of the profile or of the base URL is in the
-    next one."""
+    profile, reason, base URL, CA and console, and whether the machine has a hostname: not
+    its cluster, which the script does not read): the first of a shape is rendered, the
+    others are its frame with their MAC, token and hostname put in (Content._framed), no
+    render. Each is the text the whole context renders; an edit of the template, of the
+    profile or of the base URL is in the next one."""
     env, own, shipped = await own_template(make_env, tmp_path, "ipxe/install.ipxe")
     await env.seed()
+    await env.post("/api/v1/clusters", {"name": "core", "server_url": "https://192.0.2.51:6443",
+                                        "token": "k3s-secret-token"}, status=201)
     machines = [("52:54:00:00:05:01", "n-1", Arch.X86_64), ("52:54:00:00:05:02", "n-2",
                                                              Arch.X86_64),
                 ("52:54:00:00:05:03", None, Arch.X86_64), ("52:54:00:00:05:04", None,
@@ -491,7 +493,8 @@ async def test_first_install_scripts_of_one_shape_are_its_frame_filled_in_as_ren
                                                             Arch.X86_64)]
     store = env.service.store
     for mac, hostname, _ in machines:
-        body: dict[str, object] = {"mac": mac, "profile": "k3os", "cluster": "edge"}
+        body: dict[str, object] = {"mac": mac, "profile": "k3os",
+                                   "cluster": "core" if mac.endswith(("2", "6")) else "edge"}
         if hostname is not None:
             body["hostname"] = hostname
         await env.post("/api/v1/machines", body, status=201)
