@@ -1031,16 +1031,23 @@ class _Wanted:
                                                       Cluster | None, str, Trust | None,
                                                       dict[str, Any]]] = {}
         # An install script's frames (Content._framed), where its template and command line
-        # read no per-machine value but the MAC's two forms, the token, the config URL made
-        # of them, the machine's hostname and the command line: None where they read more,
-        # or the cluster (a fleet's hundreds of clusters would be as many shapes).
+        # read nothing but _FRAMED_NAMES (no per-machine value but the MAC's two forms, the
+        # token, the config URL made of them, the machine's hostname and the command line;
+        # not the cluster: a fleet's hundreds of clusters would be as many shapes): None
+        # where they read more. A name this does not know (a new one) is refused.
         self.frames: dict[tuple[object, ...], _Frame | None] | None = (
-            {} if names is not None and not (
-                self.instance_serial or self.k3s or self.nocloud_url or self.events_url
-                or self.register_command or self.cluster)
+            {} if names is not None and names <= _FRAMED_NAMES
             and (not self.machine or self.machine_keys == ("hostname",)) else None)
         self.made = 0  # frames made (each a render more)
         self.framed = 0  # scripts made of them
+
+
+# The names a template with frames may read (_Wanted.frames): the shared values
+# (Content._shared's, but the cluster), the console, and the per-machine values a frame has
+# a place for (Content._framed).
+_FRAMED_NAMES = frozenset({"base_url", "profile", "plan", *_TRUST_NAMES, *_PROFILE_FILES,
+                           "console", "cmdline", "mac", "mac_hexhyp", "token", "config_url",
+                           "machine", "machine.hostname"})
 
 
 class _Frame:
