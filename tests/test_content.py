@@ -548,6 +548,33 @@ async def test_an_install_script_that_reads_a_machines_value_otherwise_is_render
     assert rendered == ["ipxe/install.ipxe"] * (len(macs) + 1)
 
 
+async def test_an_install_script_reading_a_name_frames_do_not_know_is_rendered_each_time(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """A context name a frame has no place for and does not know to be shared (one added
+    later: here a machine's own, given by a wrapped context) keeps its template without
+    frames: a frame would hold the value of the machine it was made for, which the check
+    against that machine's own render cannot see."""
+    env, own, shipped = await own_template(make_env, tmp_path, "ipxe/install.ipxe")
+    own.write_text(shipped + "# {{ site_name }}\n")
+    await env.seed()
+    macs = [f"52:54:00:00:08:{i:02x}" for i in range(1, 4)]
+    for mac in macs:
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    content = env.service.content
+    real = content.context
+
+    def context(plan: object, **kw: object) -> dict[str, object]:
+        made = real(plan, **kw)  # type: ignore[arg-type]
+        made["site_name"] = f"site-of-{made['mac']}" if "stand_in" not in kw else (
+            f"site-of-{plan.mac}")  # type: ignore[attr-defined]
+        return made
+
+    content.context = context  # type: ignore[method-assign,assignment]
+    for mac in macs:
+        text, whole = await _first_install(env, mac)
+        assert text == whole and text.endswith(f"# site-of-{mac}\n"), mac
+
+
 async def test_a_token_that_prints_otherwise_than_itself_is_rendered_not_filled_in(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """A frame's values are put in as they are: a token of other characters (a token source
