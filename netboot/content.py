@@ -6,14 +6,18 @@ cloud-init NoCloud files, U-Boot script image); it never decides what a machine 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import secrets
 import shlex
+import string
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from json.encoder import encode_basestring_ascii
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -45,6 +49,10 @@ from netboot.render import WHOLE, Renderer, Splice, Spliced, plain
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
+# The characters of a value put in an install script's frame (Content._framed): a MAC's,
+# a token's (base64url), a hostname's as a rule. Printed as they are by tojson, in no
+# whitespace split of the command line, and none of them a '#'.
+_FRAME_PLAIN = string.ascii_letters + string.digits + "-_.:"
 # The context names whose values differ from one machine to the next (Content.context), and
 # the keys of ``k3s`` that do (its node name, in its k3s arguments too; the rest is its
 # cluster's, group's and role's): an iPXE script, command line or config that only prints
@@ -203,6 +211,12 @@ class Content:
         self._installs: OrderedDict[MacAddress, tuple[BootPlan, tuple[object, ...], str]] = (
             OrderedDict())
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
+        # Texts an install script's frame is rendered with in place of the MAC, the MAC with
+        # hyphens, the token and the hostname (_framed), found where they are printed: of
+        # letters and digits (the same through tojson), and no template's own.
+        marks = secrets.token_hex(8)
+        self._marks = tuple(f"nb{marks}{kind}" for kind in "mhtn")
+        self._marked_at = re.compile(f"(nb{marks}[mhtn])")
         # (NIC, template name) -> (template, what else it was made of, text): see _config
         self._configs: OrderedDict[tuple[MacAddress, str], tuple[object, tuple[object, ...],
                                                                  str]] = OrderedDict()
@@ -300,12 +314,15 @@ class Content:
 
     # -- context ----------------------------------------------------------------------
     def context(self, plan: BootPlan, *, token: str | None = None, cmdline: bool = True,
-                names: frozenset[str] | None = None) -> dict[str, Any]:
+                names: frozenset[str] | None = None,
+                stand_in: tuple[str, str, str | None] | None = None) -> dict[str, Any]:
         """What templates are rendered with. ``cmdline=False``: without the kernel command
         line (for a template that does not read it: rendering it was half of this).
         ``names``: the names the template reads (Renderer.ipxe_with, yaml_config), where
         known: the values no such name reads (and no command line it reads) are not made;
-        an install script reads neither the join nor the register command."""
+        an install script reads neither the join nor the register command. ``stand_in``:
+        texts given in place of the MAC's two forms and of the machine's hostname, for a
+        template reading no other machine key (an install script's frame, _make_frame)."""
         urls = self.urls
         mac = plan.mac
         token = token if token is not None else (plan.token or "")
@@ -325,8 +342,8 @@ class Content:
         ctx = self._shared(want, urls, profile, plan, trust).copy()
         # MacAddress.hexhyp's and str()'s texts, without their two calls: made once, three
         # URLs and a name print the first, the context and the register command the second.
-        hexhyp = mac.hex("-")
-        mac_text = mac.hex(":")
+        hexhyp = mac.hex("-") if stand_in is None else stand_in[1]
+        mac_text = mac.hex(":") if stand_in is None else stand_in[0]
         ctx["mac"] = mac_text
         ctx["mac_hexhyp"] = hexhyp
         ctx["token"] = token
@@ -338,7 +355,8 @@ class Content:
         if want.instance_serial:
             ctx["instance_serial"] = int(machine.updated) if machine else 0
         if want.machine:
-            ctx["machine"] = (_machine_dict(machine, want.machine_keys) if machine
+            ctx["machine"] = ({"hostname": stand_in[2]} if stand_in is not None
+                              else _machine_dict(machine, want.machine_keys) if machine
                               else {"mac": mac_text, "hostname": None})
         if want.k3s:
             # The cluster's k3s server CA, for its servers only (written before k3s first
@@ -566,14 +584,91 @@ class Content:
         (looking cost ~4 % of a first install's loop instructions). Its render was ~a fifth
         of the loop's work per install asked again (session 25)."""
         made_of = self._install_made_of(name, plan) if self._boot.repeated(plan) else None
-        if made_of is not None:
-            kept = self._installs.get(plan.mac)
-            if kept is not None and kept[0] is plan and kept[1] == made_of:
-                return kept[2]
+        if made_of is None:
+            return self._framed(name, plan)
+        kept = self._installs.get(plan.mac)
+        if kept is not None and kept[0] is plan and kept[1] == made_of:
+            return kept[2]
         text = self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
-        if made_of is not None:
-            _keep(self._installs, plan.mac, (plan, made_of, text), INSTALLS_KEPT)
+        _keep(self._installs, plan.mac, (plan, made_of, text), INSTALLS_KEPT)
         return text
+
+    def _framed(self, name: str, plan: BootPlan) -> str:
+        """The install script of a plan not kept (a first install's): the frame of its shape
+        with its MAC, token and hostname put in, where it has one (:class:`_Frame`), else
+        rendered (and its shape's frame made). A storm's first installs share a few shapes:
+        one per template, command line, profile, reason, base URL, CA and console, and
+        whether the machine has a hostname. The context and the two split renders (the
+        command line's and the script's) were ~a fifth of a first install's loop
+        instructions; the frame is a copy, a slice assignment and a join.
+
+        The text is the one a render gives: a frame is made only where the template and its
+        command line are split (Renderer.only_printing: their per-machine values printed
+        whole, through ``or``, ``~`` or ``tojson``, and nothing else of them depends on
+        those values), read no per-machine value but those (_Wanted.frames), and the values
+        put in are of letters, digits and ``-_.:`` (a MAC, a token, a hostname as a rule):
+        their texts are the same through ``tojson`` and the command line's whitespace
+        split, where no ``#`` can start a word. It is made from a render with marks in their
+        place (``or`` given a mark where its value is true), and checked against the
+        render of the request that made it."""
+        render = self._render
+        template, names = render.reads(name)
+        profile, machine, token = plan.profile, plan.machine, plan.token or ""
+        want: _Wanted | None = None
+        source: str | None = None
+        if (names is not None and profile is not None and machine is not None
+                and plan.command is None and type(plan.reason) is str
+                and type(plan.retry_seconds) is int):
+            try:
+                source = (profile.cmdline or self._default_cmdline(profile.config_template)
+                          if "cmdline" in names else None)
+                want = self._wanted(names, source)
+            except RenderError:  # the render says why
+                pass
+        frames = want.frames if want is not None else None
+        if frames is None or want is None or profile is None or machine is None:
+            return render.ipxe_with(name, lambda names: self.context(plan, names=names))
+        hostname = machine.hostname
+        trust = self._trust() if want.trust else None
+        # The profile by its id: the frame holds it, so that no other takes that id meanwhile.
+        key = (template, source, id(profile), plan.action, plan.reason, plan.retry_seconds,
+               self._base_url(),
+               default_console(machine.arch, machine.firmware) if want.console else None,
+               not hostname, not token)
+        frame = frames.get(key)
+        plain = not ((hostname and hostname.strip(_FRAME_PLAIN)) or token.strip(_FRAME_PLAIN))
+        mac = plan.mac
+        values = (mac.hex(":"), mac.hex("-"), token, hostname or "")
+        if frame is not None and plain and frame.fits(profile, trust):
+            want.framed += 1
+            return frame.text(values)
+        marked = None
+        # None yet, or made of others (another CA); not where frames are made more than used
+        # (more shapes in turn than are kept: each frame made is a render more).
+        if plain and (frame is not None or key not in frames) and (
+                want.made < _FEW or want.framed >= 8 * want.made):
+            marks = self._marks
+            with contextlib.suppress(RenderError):  # the render below says why
+                marked = render.ipxe_with(name, lambda names: self.context(
+                    plan, names=names, token=marks[2] if token else None,
+                    stand_in=(marks[0], marks[1], marks[3] if hostname else hostname)))
+        text = render.ipxe_with(name, lambda names: self.context(plan, names=names))
+        if marked is not None:
+            want.made += 1
+            made = (self._frame_of(marked, profile, trust)
+                    if render.only_printing(name, source) else None)
+            if len(frames) >= _FEW:
+                frames.clear()  # bounded: old templates', profiles' and reasons' go
+            # None: this shape is rendered (not tried again).
+            frames[key] = made if made is not None and made.text(values) == text else None
+        return text
+
+    def _frame_of(self, marked: str, profile: Profile, trust: Trust | None) -> _Frame:
+        """The frame of an install script rendered with :attr:`_marks` for its values."""
+        pieces = self._marked_at.split(marked)
+        which = tuple(self._marks.index(m) for m in pieces[1::2])
+        pieces[1::2] = [""] * len(which)
+        return _Frame(profile, trust, pieces, which)
 
     def _install_made_of(self, name: str, plan: BootPlan) -> tuple[object, ...] | None:
         """What an install script of ``plan`` is made of besides the plan (see
@@ -964,9 +1059,9 @@ class _Wanted:
     with every machine of a profile, plan dict and cluster (Content._shared: by their ids,
     the objects kept beside, so that no other object takes one of those ids meanwhile)."""
 
-    __slots__ = ("cluster", "config_url", "console", "events_url", "instance_serial", "k3s",
-                 "machine", "machine_keys", "nocloud_url", "profile_files",
-                 "register_command", "shared", "trust")
+    __slots__ = ("cluster", "config_url", "console", "events_url", "framed", "frames",
+                 "instance_serial", "k3s", "machine", "machine_keys", "made", "nocloud_url",
+                 "profile_files", "register_command", "shared", "trust")
 
     def __init__(self, names: frozenset[str] | None) -> None:
         def reads(some: frozenset[str]) -> bool:
@@ -987,6 +1082,61 @@ class _Wanted:
         self.shared: dict[tuple[int, int, int], tuple[Profile | None, dict[str, Any],
                                                       Cluster | None, str, Trust | None,
                                                       dict[str, Any]]] = {}
+        # An install script's frames (Content._framed), where its template and command line
+        # read nothing but _FRAMED_NAMES (no per-machine value but the MAC's two forms, the
+        # token, the config URL made of them, the machine's hostname and the command line;
+        # not the cluster: a fleet's hundreds of clusters would be as many shapes): None
+        # where they read more. A name this does not know (a new one) is refused.
+        self.frames: dict[tuple[object, ...], _Frame | None] | None = (
+            {} if names is not None and names <= _FRAMED_NAMES
+            and (not self.machine or self.machine_keys == ("hostname",)) else None)
+        self.made = 0  # frames made (each a render more)
+        self.framed = 0  # scripts made of them
+
+
+# The names a template with frames may read (_Wanted.frames): the shared values
+# (Content._shared's, but the cluster), the console, and the per-machine values a frame has
+# a place for (Content._framed).
+_FRAMED_NAMES = frozenset({"base_url", "profile", "plan", *_TRUST_NAMES, *_PROFILE_FILES,
+                           "console", "cmdline", "mac", "mac_hexhyp", "token", "config_url",
+                           "machine", "machine.hostname"})
+
+
+class _Frame:
+    """An install script of one shape (Content._framed): its text cut at the places of the
+    per-machine values, which of them goes in each, and what else it was made of (the
+    profile and trust objects: its key holds the rest)."""
+
+    __slots__ = ("pick", "profile", "slots", "trust")
+
+    def __init__(self, profile: Profile, trust: Trust | None, slots: list[str],
+                 which: tuple[int, ...]) -> None:
+        self.profile = profile
+        self.trust = trust
+        self.slots = slots  # the fixed texts, with a place between each two
+        # The values (MAC, MAC with hyphens, token, hostname) in the places' order: one C
+        # call (itemgetter of one index gives the value, not a tuple of it).
+        self.pick: Callable[[tuple[str, ...]], Any] = (
+            itemgetter(*which) if len(which) > 1 else _one(which[0]) if which else _none)
+
+    def fits(self, profile: Profile, trust: Trust | None) -> bool:
+        return self.profile is profile and (self.trust is trust or self.trust == trust)
+
+    def text(self, values: tuple[str, ...]) -> str:
+        pieces = self.slots.copy()
+        pieces[1::2] = self.pick(values)
+        return "".join(pieces)
+
+
+def _one(index: int) -> Callable[[tuple[str, ...]], tuple[str]]:
+    def pick(values: tuple[str, ...]) -> tuple[str]:
+        return (values[index],)
+
+    return pick
+
+
+def _none(values: tuple[str, ...]) -> tuple[()]:
+    return ()
 
 
 # The machine's context keys that are its attribute as it is (machine_to_dict's value):

@@ -406,6 +406,24 @@ class Renderer:
                 pass
         return self.ipxe(name, context(None))
 
+    def only_printing(self, name: str, source: str | None) -> bool:
+        """Whether template ``name`` (as the current :meth:`pinned` scope has it) and the
+        command line ``source`` (None: none) each have their split form (:class:`_Split`),
+        made by a render of each before: their ``volatile`` values, by the form's proof from
+        the templates' trees, are only printed (whole, through ``or``, ``~`` or ``tojson``)
+        and nothing else of them depends on those values (Content._install_frame)."""
+        env = self._jinja
+        if env is None or not self.volatile or not self._fresh._pins:
+            return False
+        template = self._fresh._checked.get((env, name))
+        kept = self._splits.get(id(template)) if template is not None else None
+        if kept is None or kept[0] is not template or kept[1] is None:
+            return False
+        if source is None:
+            return True
+        kept = self._splits.get(source)
+        return kept is not None and kept[0] == source and kept[1] is not None
+
     def string_reads(self, source: str) -> frozenset[str] | None:
         """The context names template text ``source`` (a command line) reads; None where that
         cannot be told (it takes in another template, or does not parse: its render then

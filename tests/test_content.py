@@ -12,7 +12,7 @@ import pytest
 from netboot.errors import Forbidden, NotFound
 from netboot.model import Arch, Firmware, Lease, MachineState
 from netboot.wire import uimage
-from tests.conftest import KERNEL, Env, EnvFactory, boot
+from tests.conftest import KERNEL, Env, EnvFactory, boot, call, install_token
 
 PEER = ("192.0.2.101", 2000)
 
@@ -439,6 +439,163 @@ async def test_an_install_script_is_given_the_machine_keys_it_reads(env: Env) ->
     assert made and made[-1]["machine"] == {"hostname": "n-44"}
     assert "installing n-44 " in text
     assert text == content._render.ipxe("ipxe/install.ipxe", real(plan))
+
+
+def _counting_renders(env: Env) -> list[str]:
+    """The install scripts rendered from now on (each call of the renderer's ipxe_with, the
+    way a first install's script is rendered), by template name."""
+    renderer = env.service.content._render
+    rendered: list[str] = []
+    real = renderer.ipxe_with
+
+    def counting(name: str, context: Callable[[object], dict[str, object]]) -> str:
+        rendered.append(name)
+        return real(name, context)  # type: ignore[arg-type]
+
+    renderer.ipxe_with = counting  # type: ignore[method-assign]
+    return rendered
+
+
+async def _first_install(env: Env, mac: str, arch: Arch = Arch.X86_64,
+                         ) -> tuple[str, str]:
+    """A first install's script, and the script the whole context renders for its plan."""
+    from netboot.model import BootAction, BootRequest, MacAddress
+
+    content = env.service.content
+    plan, text = await content.ipxe_script(BootRequest(
+        mac=MacAddress.parse(mac), arch=arch, firmware=Firmware.IPXE, via="http",
+        remote_addr="192.0.2.9"))
+    assert plan.action == BootAction.INSTALL and plan.token, plan.reason
+    return text, content._render.ipxe(f"ipxe/{plan.action}.ipxe", content.context(plan))
+
+
+async def test_first_install_scripts_of_one_shape_are_its_frame_filled_in_as_rendered(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """A storm's first installs share a few script shapes (a template, command line,
+    profile, reason, base URL, CA and console, and whether the machine has a hostname: not
+    its cluster, which the script does not read): the first of a shape is rendered, the
+    others are its frame with their MAC, token and hostname put in (Content._framed), no
+    render. Each is the text the whole context renders; an edit of the template, of the
+    profile or of the base URL is in the next one."""
+    env, own, shipped = await own_template(make_env, tmp_path, "ipxe/install.ipxe")
+    await env.seed()
+    await env.post("/api/v1/clusters", {"name": "core", "server_url": "https://192.0.2.51:6443",
+                                        "token": "k3s-secret-token"}, status=201)
+    machines = [("52:54:00:00:05:01", "n-1", Arch.X86_64), ("52:54:00:00:05:02", "n-2",
+                                                             Arch.X86_64),
+                ("52:54:00:00:05:03", None, Arch.X86_64), ("52:54:00:00:05:04", None,
+                                                            Arch.X86_64),
+                ("52:54:00:00:05:05", "n-5", Arch.ARM64), ("52:54:00:00:05:06", "n-6",
+                                                            Arch.ARM64),
+                ("52:54:00:00:05:07", "n-7", Arch.X86_64), ("52:54:00:00:05:08", "n-8",
+                                                            Arch.X86_64),
+                ("52:54:00:00:05:09", "n-9", Arch.X86_64), ("52:54:00:00:05:0a", "n-10",
+                                                            Arch.X86_64)]
+    store = env.service.store
+    for mac, hostname, _ in machines:
+        body: dict[str, object] = {"mac": mac, "profile": "k3os",
+                                   "cluster": "core" if mac.endswith(("2", "6")) else "edge"}
+        if hostname is not None:
+            body["hostname"] = hostname
+        await env.post("/api/v1/machines", body, status=201)
+        if hostname is None:  # enrolled with a name of enroll.hostname_template's: none
+            machine = await store.machine_by("mac", mac)
+            assert machine is not None and machine.hostname
+            await store.update_machine(dataclasses.replace(machine, hostname=None))
+    rendered = _counting_renders(env)
+    tokens = set()
+    for i, (mac, hostname, arch) in enumerate(machines[:6]):
+        text, whole = await _first_install(env, mac, arch)
+        assert text == whole, mac
+        assert f"installing {hostname or mac} " in text
+        tokens.add(install_token(text))
+        # The first of each shape (hostname, none; another console) rendered: twice, its
+        # frame's marked render and its own; the second of each filled in.
+        assert len(rendered) == (i // 2 + 1) * 2, (mac, rendered)
+    assert len(tokens) == 6
+    text, whole = await _first_install(env, machines[6][0])  # a known shape: filled in
+    assert text == whole and len(rendered) == 6
+    own.write_text(shipped + "# edited by the operator\n")
+    os.utime(own, (1, 1))  # another mtime, whatever the clock's resolution
+    text, whole = await _first_install(env, machines[7][0])
+    assert text == whole and text.endswith("# edited by the operator\n")
+    r = await call(env, "PUT", "/api/v1/profiles/k3os", json_body={"kernel": "vmlinuz-2"})
+    assert r.status == 200, r.text
+    text, whole = await _first_install(env, machines[8][0])
+    assert text == whole and "/assets/vmlinuz-2" in text
+    env.service.base_url = "http://192.0.2.98:8080"
+    text, whole = await _first_install(env, machines[9][0])
+    assert text == whole and "http://192.0.2.98:8080/assets/vmlinuz-2" in text
+    assert len(rendered) == 12  # each change rendered its new shape once
+
+
+async def test_an_install_script_that_reads_a_machines_value_otherwise_is_rendered_each_time(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """Where the template does more with a per-machine value than print it (a test of the
+    MAC), no frame stands for its scripts: each is rendered, as the whole context gives it."""
+    env, own, shipped = await own_template(make_env, tmp_path, "ipxe/install.ipxe")
+    own.write_text(shipped + "{% if mac.endswith('1') %}# one\n{% endif %}")
+    await env.seed()
+    # The first not one the test is true of: its frame would hold for it, not the others.
+    macs = [f"52:54:00:00:06:{i}" for i in ("02", "03", "11", "21")]
+    for mac in macs:
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    rendered = _counting_renders(env)
+    for mac in macs:
+        text, whole = await _first_install(env, mac)
+        assert text == whole and text.endswith("# one\n") == mac.endswith("1"), mac
+    # Each rendered; the first twice (its frame tried: its marked render, then refused).
+    assert rendered == ["ipxe/install.ipxe"] * (len(macs) + 1)
+
+
+async def test_an_install_script_reading_a_name_frames_do_not_know_is_rendered_each_time(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """A context name a frame has no place for and does not know to be shared (one added
+    later: here a machine's own, given by a wrapped context) keeps its template without
+    frames: a frame would hold the value of the machine it was made for, which the check
+    against that machine's own render cannot see."""
+    env, own, shipped = await own_template(make_env, tmp_path, "ipxe/install.ipxe")
+    own.write_text(shipped + "# {{ site_name }}\n")
+    await env.seed()
+    macs = [f"52:54:00:00:08:{i:02x}" for i in range(1, 4)]
+    for mac in macs:
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    content = env.service.content
+    real = content.context
+
+    def context(plan: object, **kw: object) -> dict[str, object]:
+        made = real(plan, **kw)  # type: ignore[arg-type]
+        made["site_name"] = f"site-of-{made['mac']}" if "stand_in" not in kw else (
+            f"site-of-{plan.mac}")  # type: ignore[attr-defined]
+        return made
+
+    content.context = context  # type: ignore[method-assign,assignment]
+    for mac in macs:
+        text, whole = await _first_install(env, mac)
+        assert text == whole and text.endswith(f"# site-of-{mac}\n"), mac
+
+
+async def test_a_token_that_prints_otherwise_than_itself_is_rendered_not_filled_in(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """A frame's values are put in as they are: a token of other characters (a token source
+    of the operator's own, escaped by tojson; spaces the command line's words fold) is
+    rendered, as the whole context gives it."""
+    env, own, shipped = await own_template(make_env, tmp_path, "ipxe/install.ipxe")
+    own.write_text(shipped + "# {{ token | tojson }}\n")
+    await env.seed(cmdline="nb.t={{ token }} nb.c={{ config_url }}")
+    macs = [f"52:54:00:00:07:{i:02x}" for i in range(1, 6)]
+    for mac in macs:
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    given = iter(["plain-0", "plain-1", 'quoted"<2', "spaced  3", "plain-4"])
+    env.service.boot._new_token = given.__next__  # type: ignore[method-assign]
+    rendered = _counting_renders(env)
+    texts = []
+    for mac in macs:
+        text, whole = await _first_install(env, mac)
+        assert text == whole, mac
+        texts.append(text)
+    assert texts[2].endswith('# "quoted\\"\\u003c2"\n') and "nb.t=spaced 3 " in texts[3]
+    assert len(rendered) == 2 + 1 + 1  # the shape's, then each of the two tokens'
 
 
 async def test_an_operators_install_script_gets_every_name_it_reads(
