@@ -254,11 +254,11 @@ def _answered(status: int, unknown: bool) -> str:
 TEXT_IDS_MAX = 10_000
 
 
-
 def _health_frame(health: Mapping[str, str | None]) -> bytes:
     """The SSE message of the inventory's health (``event: inventory``, as GET /status's
     ``inventory``: state and detail)."""
     return f"event: inventory\ndata: {json.dumps(health)}\n\n".encode()
+
 
 class Api:
     """The HTTP face of :class:`netboot.core.Core`: parses requests, answers JSON."""

@@ -738,17 +738,17 @@ class Core:
         # A compare-and-set on the one read (If-Match checked on each read): a replace
         # committed meanwhile by another server or a CLI is not written over unseen; read
         # again, it is a 412 where If-Match was given, else this replace is made on it.
-        for attempt in range(1, DECIDE_ATTEMPTS + 1):
-            try:
-                await put(item, expect=stored)
-            except StateChanged:
-                if attempt == DECIDE_ATTEMPTS:
-                    raise
+        again = False  # the first try writes on the read above
+
+        async def step() -> Any:
+            nonlocal stored, again
+            if again:  # another writer's change since the last read: on it, read again
                 stored = await self.get(kind, item.name)
                 _require_item_version(kind, stored, versions)
-                continue
+            again = True
+            await put(item, expect=stored)
             return item
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return await _again_on_change(step)
 
     async def _put_cluster(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
                            force: bool, versions: Collection[str] | None = None) -> Cluster:
