@@ -517,10 +517,12 @@ class BootService:
         """The ``fixed_ipv4`` of the machine NIC ``mac`` is (the authoritative pool's answer
         for it), from the view as a decision reads it (synced first unless fresh, as
         :meth:`first_stage` does): no store read of the whole machine per DHCP packet, and
-        the same machines the pool's reservations (:meth:`fixed_holder`) come from."""
+        the same machines the pool's reservations (:meth:`fixed_holder`) come from. A sync
+        that fails answers from the view as it is (:meth:`_fresh`, as a first stage is): the
+        pool's address instead would put the machine where its DNS record is not."""
         view = self._view
         if self.health.up and not view.fresh(DHCP_VIEW_AGE):
-            await view.sync()
+            await self._fresh()
         machine = await view.machine_by("mac", mac)
         return None if machine is None else machine.fixed_ipv4
 

@@ -1830,3 +1830,39 @@ def test_what_a_request_teaches_follows_learns_rules() -> None:
         if expected is not None:
             assert list(boot_module._news(machine, request, taken)["facts"]) == \
                 list(expected["facts"])  # the facts' order too
+
+
+async def test_a_fixed_address_is_answered_from_the_view_when_its_sync_fails(
+        tmp_path: Path) -> None:
+    """The authoritative pool's fixed_ipv4 lookup (BootService.fixed_address) with the
+    inventory gone between two syncs: the machine's address as the loaded view holds it, as
+    a first stage is answered from memory then. It raised StoreError, which the DHCP server
+    took as no fixed address and offered an address of the pool: the machine came up on
+    another address than the one its DNS record and its operator give it (dnsmasq answers a
+    dhcp-host from its configuration, never from a store)."""
+    from netboot.errors import StoreError
+    from netboot.inventory.base import Changes
+
+    class GoneStore(SqliteStore):
+        gone = False
+
+        async def changes_since(self, seq: int) -> Changes:
+            if self.gone:
+                raise StoreError("database is locked")
+            return await super().changes_since(seq)
+
+    store = GoneStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        await store.create_machine(Machine(macs=(MAC,), fixed_ipv4="192.0.2.10"))
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                           Enroller(store))
+        await boot.load_view()
+        assert await boot.fixed_address(str(MAC)) == "192.0.2.10"
+        await store.put_setting("s42", "1")  # a commit here: the view is not fresh
+        store.gone = True
+        assert await boot.fixed_address(str(MAC)) == "192.0.2.10"
+        assert not boot.health.up  # the outage is told as the first stage tells it
+        await boot.drain()
+    finally:
+        await store.close()
