@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import secrets
 import time
@@ -36,6 +37,7 @@ from netboot.errors import (
     NotFound,
     PreconditionFailed,
     StateChanged,
+    StoreError,
     ValidationError,
 )
 from netboot.inventory import codec
@@ -222,6 +224,7 @@ def _require_item_version(kind: str, item: Any, versions: Collection[str] | None
 
 
 _T = TypeVar("_T")
+_log = logging.getLogger(__name__)
 
 
 async def _again_on_change(step: Callable[[], Awaitable[_T]]) -> _T:
@@ -772,9 +775,25 @@ class Core:
                                              told=told)
             await self.store.put_cluster(made, create=create, expect=read)
             if told:
-                await self.enroller.recorder.commit(Batch(events=tuple(told)))
+                await self._tell_saved(cluster.name, told)
             return made
         return await _again_on_change(step)
+
+    async def _tell_saved(self, name: str, events: list[Event]) -> None:
+        """A forced change's events for its nodes, after the change was saved: a store that
+        refuses them now (a full disk, a lock past its wait) leaves them queued, written
+        with the recorder's next group commit once it takes writes, and the change answered
+        as made. Its error answered ("nothing was changed; try again") for a change that was
+        saved, and the retry, no change any more, told no node what broke its k3s."""
+        recorder = self.enroller.recorder
+        try:
+            await recorder.commit(Batch(events=tuple(events)))
+        except StoreError as exc:
+            _log.warning("cluster %s: its change is saved; its %d nodes' events of it are "
+                         "queued until the inventory takes writes again: %s", name,
+                         len(events), exc)
+            for event in events:
+                recorder.record(event)
 
     async def _cluster_name_free(self, name: str) -> None:
         """A cluster named as another but for case is a 409: both are one DNS name,

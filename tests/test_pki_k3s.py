@@ -21,6 +21,8 @@ import yaml
 
 from netboot.config import load
 from netboot.core import token_secret
+from netboot.errors import StoreError
+from netboot.inventory.base import Batch
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Cluster
 from netboot.pki import K3S_SERVER_CA, K3S_SERVER_CA_KEY, k3s_server_ca
@@ -826,6 +828,39 @@ async def test_a_forced_token_change_is_told_to_its_nodes_once_and_only_when_it_
     after = await store.get_cluster("edge")
     assert after is not None and k3s_parse_token(after.agent_token)[2] == new["agent_token"]
     assert len(await told(S0)) == 1 and await told(AGENT) == []  # AGENT has no config
+
+
+async def test_a_forced_change_saved_is_answered_as_saved_when_its_events_fail_to_write(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A forced agent token change committed, then its nodes' events refused by the store
+    (a full disk, a lock past its wait): the PUT answers the change it made (200, the new
+    token's cluster), and the events are queued and written once the store takes writes
+    again. It answered the events' error (a 503) for a change that was saved: the operator
+    read it as not made and retried, and no node's history said what broke its k3s."""
+    await managed(env)
+    token, _ = await k3os_config(env, S0)
+    await registered(env, S0, token, "192.0.2.21")
+    store = env.service.store
+    apply = store.apply_batch
+    refused = [0]
+
+    async def full(batch: Batch) -> None:
+        if any(e.kind == "agent token changed" for e in batch.events) and not refused[0]:
+            refused[0] += 1
+            raise StoreError("database or disk is full")
+        await apply(batch)
+
+    monkeypatch.setattr(store, "apply_batch", full)
+    new = {"name": "edge", "server_url": "managed", "agent_token": "n3w-agent-secret-4f9a2c"}
+    r = await call(env, "PUT", "/api/v1/clusters/edge?force=true", json_body=new)
+    assert refused[0] == 1
+    assert r.status == 200, r.text
+    after = await store.get_cluster("edge")
+    assert after is not None and k3s_parse_token(after.agent_token)[2] == new["agent_token"]
+    await env.service.boot.drain()  # the queued events' group commit
+    told = [e["message"] for e in await env.get(f"/api/v1/machines/{S0}/events")
+            if e["kind"] == "agent token changed"]
+    assert len(told) == 1, told
 
 
 async def test_a_running_short_token_cluster_is_given_its_first_servers_secure_token(
