@@ -1086,15 +1086,20 @@ class Core:
             _require_item_version(kind, item, versions)
             unused = {}
             if single != "group":  # a group is no machine's: none names one
-                users = await self._users(single, name)
+                users, holder = await self._users(single, name)
                 if users:
+                    # Field and holder as the delete's own check (base.in_use) names them:
+                    # this one had neither.
                     raise Conflict(f"{single} {name!r} is used by {', '.join(users)}; "
-                                   "change or remove those first")
+                                   "change or remove those first", field=single,
+                                   holder=holder)
                 unused = {"unused": True}
             await delete(name, expect=item, **unused)
         await _again_on_change(step)
 
-    async def _users(self, ref: str, name: str, most: int = 5) -> list[str]:
+    async def _users(self, ref: str, name: str, most: int = 5) -> tuple[list[str], str | None]:
+        """What names profile or cluster ``name`` (``ref``), told as the 409 tells them, and
+        the id of the first machine among them (the 409's holder), if any."""
         users = [f"group {g.name!r}" for g in await self.store.list_groups()
                  if getattr(g, ref) == name]
         if ref == "profile" and name == self.boot.settings.default_profile:
@@ -1107,24 +1112,24 @@ class Core:
                       for i, rule in enumerate(settings.rules) if getattr(rule, ref) == name]
         if ref == "cluster":
             flt = MachineFilter(cluster=name, limit=most)
-            macs = [m.ref for m in await self.store.list_machines(flt)]
+            machines = await self.store.list_machines(flt)
             total = await self.store.count_machines(flt)
         else:
             # Machines are not indexed by profile: page through them all (proving that none
             # uses it takes the whole scan anyway), naming a few.
-            macs, total, offset = [], 0, 0
+            machines, total, offset = [], 0, 0
             while True:
                 page = await self.store.list_machines(MachineFilter(limit=1000, offset=offset))
-                using = [m.ref for m in page if m.profile == name]
-                macs += using[:most - len(macs)]
+                using = [m for m in page if m.profile == name]
+                machines += using[:most - len(machines)]
                 total += len(using)
                 if len(page) < 1000:
                     break
                 offset += 1000
-        users += [f"machine {mac}" for mac in macs]
-        if total > len(macs):
-            users.append(f"{total - len(macs)} more machines")
-        return users
+        users += [f"machine {m.ref}" for m in machines]
+        if total > len(machines):
+            users.append(f"{total - len(machines)} more machines")
+        return users, machines[0].id if machines else None
 
     # -- what a device gets -----------------------------------------------------------------
     async def explain(self, ref: str, *, arch: str | None = None) -> dict[str, Any]:

@@ -130,10 +130,14 @@ SCHEMAS: dict[str, Any] = {
                              "scope": {"type": "string", "description": "403: a scope that "
                                        "would be allowed"},
                              "holder": {"type": "string",
-                                        "description": "409: id of the machine that has it"},
+                                        "description": "409: id of the machine that has it "
+                                        "(an identifier, a hostname, an address) or uses it "
+                                        "(a profile or cluster deleted); absent where no "
+                                        "machine does (a group uses it: the error names it)"},
                              "candidates": {"type": "array", "items": _STR, "description":
                                             "409 of a {ref} that names two machines (a "
-                                            "hostname spelled as another's MAC or id): "
+                                            "hostname spelled as another's MAC; an id "
+                                            "always names its own): "
                                             "their ids; give the one meant by its id"},
                              "state": {**_STATE, "description": "409 of a refused lifecycle "
                                        "step: the machine's current state"},
@@ -675,7 +679,7 @@ def document() -> dict[str, Any]:
         op["description"] += (" A MAC, UUID, serial, asset tag or hostname that another "
                               "machine holds is a 409 naming the field and that machine "
                               "(holder; not to an enroll token, which reads nothing).")
-    # Any {ref} may name two machines, a hostname spelled as another's MAC or id
+    # Any {ref} may name two machines, a hostname spelled as another's MAC
     # (core.machine_ref): a 409 listing both (candidates) on every operation that takes one.
     for path, item in paths.items():
         if "{ref}" in path:

@@ -45,15 +45,18 @@ def check_unchanged(kind: str, name: str, stored: Any, read: Any) -> None:
     if stored is None:
         raise NotFound(f"{kind} {name!r} not found")
     if stored != read:
+        # No holder: a Conflict's holder is a machine's id (OpenAPI's Error), and the item
+        # is the one the request names; it was the item's own name.
         raise StateChanged(f"{kind} {name!r} was changed since it was read: another writer "
                            "(another server or a CLI on this inventory) changed it meanwhile",
-                           field=kind, holder=name)
+                           field=kind)
 
 
-def in_use(kind: str, name: str, user: str, holder: str) -> Conflict:
+def in_use(kind: str, name: str, user: str, holder: str | None) -> Conflict:
     """The refusal of ``delete_profile``/``delete_cluster(unused=True)``: ``user`` (``machine
-    <ref>`` or ``group '<name>'``; ``holder`` its id or name) names it at the delete's
-    commit, though the deleter's check found none (another writer gave it meanwhile)."""
+    <ref>`` or ``group '<name>'``; ``holder`` the machine's id, None for a group: a
+    Conflict's holder is a machine's id) names it at the delete's commit, though the
+    deleter's check found none (another writer gave it meanwhile)."""
     return Conflict(f"{kind} {name!r} is used by {user} (given it by another writer since "
                     "this delete checked: another server or a CLI on this inventory); change "
                     "or remove it first", field=kind, holder=holder)

@@ -335,7 +335,7 @@ class MemoryStore:
                 raise in_use(kind, name, f"machine {m.ref}", m.id)
         for group in sorted(self._groups):
             if getattr(self._groups[group], kind) == name:
-                raise in_use(kind, name, f"group {group!r}", group)
+                raise in_use(kind, name, f"group {group!r}", None)
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None:

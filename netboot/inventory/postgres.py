@@ -1956,7 +1956,7 @@ class PostgresStore:
                     f"SELECT name FROM groups WHERE (data::jsonb) ->> '{kind}' = $1"  # noqa: S608
                     " ORDER BY name LIMIT 1", name)
                 if group is not None:
-                    raise in_use(kind, name, f"group {group!r}", group)
+                    raise in_use(kind, name, f"group {group!r}", None)
             if await conn.fetchval(f"DELETE FROM {table} WHERE name = $1"  # noqa: S608
                                    " RETURNING name", name) is None:
                 raise NotFound(f"{kind} {name!r} not found")

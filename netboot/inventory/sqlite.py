@@ -2420,7 +2420,7 @@ def _delete_named(conn: sqlite3.Connection, kind: str, name: str,
             found = conn.execute(f"SELECT name FROM groups WHERE json_extract(data, '$.{kind}')"  # noqa: S608
                                  " = ? ORDER BY name LIMIT 1", (name,)).fetchone()
             if found is not None:
-                raise in_use(kind, name, f"group {found[0]!r}", found[0])
+                raise in_use(kind, name, f"group {found[0]!r}", None)
         cur = conn.execute(f"DELETE FROM {table} WHERE name = ?", (name,))  # noqa: S608
         if cur.rowcount == 0:
             raise NotFound(f"{kind} {name!r} not found")
