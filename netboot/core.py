@@ -703,6 +703,7 @@ class Core:
         their config (:meth:`_token_change`). ``versions``: a replace's If-Match
         (:func:`item_version`); another is a 412, nothing written."""
         single = _kind(kind)
+        stored = None
         if not create:
             stored = await self.get(kind, str(data.get("name")))  # replacing needs it to exist
             _require_item_version(kind, stored, versions)
@@ -722,7 +723,7 @@ class Core:
         check_name(item.name)
         if single == "cluster":
             return await self._put_cluster(item, data, create=create, force=force,
-                                           versions=versions)
+                                           versions=versions, stored=stored)
         if single == "group":
             await self._check_group(item)
         elif item.config_template not in CONFIG_TEMPLATES:
@@ -754,26 +755,32 @@ class Core:
         return await _again_on_change(step)
 
     async def _put_cluster(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
-                           force: bool, versions: Collection[str] | None = None) -> Cluster:
+                           force: bool, versions: Collection[str] | None = None,
+                           stored: Cluster | None = None) -> Cluster:
         """A cluster checked and written; a replace as a compare-and-set on the cluster read
         first (made again on the cluster as stored now when another server changed it
         meanwhile): an edit must not undo the agent token another server's start-up gave
-        the cluster (Core.give_agent_tokens), whose configs name it."""
+        the cluster (Core.give_agent_tokens), whose configs name it. ``stored``: a
+        replace's cluster as the caller read it (If-Match checked), the first try's read;
+        each try's checks and write are made on its one read."""
         if create:
             await self._cluster_name_free(cluster.name)
+        read = stored
 
         async def step() -> Cluster:
-            read = None if create else await self.store.get_cluster(cluster.name)
-            if read is not None:  # If-Match on each read: the write compares that read
+            nonlocal read
+            if not create and read is None:  # If-Match on each read: the write compares it
+                read = await self.get("clusters", cluster.name)
                 _require_item_version("clusters", read, versions)
             # What a forced token change tells its nodes (_running_change), written once the
             # change is: told before the write, a write refused (another writer's edit each
             # try, a full disk) left every node's history saying a change no one made, and
             # each try made again on another's edit told them once more.
             told: list[Event] = []
-            made = await self._check_cluster(cluster, data, create=create, force=force,
+            made = await self._check_cluster(cluster, data, read, create=create, force=force,
                                              told=told)
-            await self.store.put_cluster(made, create=create, expect=read)
+            expect, read = read, None  # a next try reads again: another writer's change
+            await self.store.put_cluster(made, create=create, expect=expect)
             if told:
                 await self._tell_saved(cluster.name, told)
             return made
@@ -807,9 +814,11 @@ class Core:
                                f"DNS name ({name.lower()}.<zone>), which does not tell case "
                                "apart; give this one another name", field="name")
 
-    async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any], *,
-                             create: bool, force: bool = False,
+    async def _check_cluster(self, cluster: Cluster, data: Mapping[str, Any],
+                             old: Cluster | None, *, create: bool, force: bool = False,
                              told: list[Event] | None = None) -> Cluster:
+        """``cluster`` checked against ``old`` (as stored: the read its write compares,
+        None for a new one) and, a managed one, given its join token and CA."""
         if not cluster.managed and not re.search(SERVER_URL_PATTERN, cluster.server_url):
             raise ValidationError("server_url", f"{cluster.server_url!r}: an https:// URL of "
                                   "the k3s API (a host name or address, a port, a path; no "
@@ -817,7 +826,6 @@ class Core:
         if cluster.endpoint and not cluster.managed:
             raise ValidationError("endpoint", "only a managed cluster has one: an external "
                                               "cluster's server_url already is its endpoint")
-        old = None if create else await self.store.get_cluster(cluster.name)
         if old is not None and old.managed != cluster.managed:
             await self._no_node_moved(old)
         if not cluster.managed:
@@ -831,7 +839,8 @@ class Core:
             if cluster.token:
                 return cluster
             raise ValidationError("token", "required for an external cluster (k3s node token)")
-        return await self._managed_join(cluster, data, create=create, force=force, told=told)
+        return await self._managed_join(cluster, data, old, create=create, force=force,
+                                        told=told)
 
     async def secure_token(self, name: str, *,
                            versions: Collection[str] | None = None) -> Cluster:
@@ -853,13 +862,15 @@ class Core:
                 raise ValidationError("server_url", f"cluster {name!r} is external: its "
                                       "servers made their CA; give their own secure token "
                                       "(K10…, their node-token file) as its token")
-            made: Cluster = await self._managed_join(cluster, {}, create=False, secure=True)
+            made: Cluster = await self._managed_join(cluster, {}, cluster, create=False,
+                                                     secure=True)
             if made != cluster:
                 await self.store.put_cluster(made, create=False, expect=cluster)
             return made
         return await _again_on_change(step)
 
-    async def _managed_join(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
+    async def _managed_join(self, cluster: Cluster, data: Mapping[str, Any],
+                            old: Cluster | None, *, create: bool,
                             secure: bool = False, force: bool = False,
                             told: list[Event] | None = None) -> Cluster:
         """A managed cluster's join token and k3s server CA (README "What a host on the
@@ -874,7 +885,11 @@ class Core:
         kept (its servers run on it), and a token given for it is taken as the secret it
         wraps. ``told``: where a forced change's events for its nodes go (_running_change),
         for the caller to write with the change."""
-        old = None if create else await self.store.get_cluster(cluster.name)
+        # ``old``: the cluster as its caller read it, whose write compares that read (one
+        # read a try: each of _put_cluster's tries read it three times, and decided on reads
+        # other than the one its compare-and-set held to).
+        if create:
+            old = None
         if old is not None and not old.managed:
             # An external cluster made managed (none of its nodes has its config:
             # _no_node_moved) is a new one: its token was its servers', or netboot's of
@@ -1007,7 +1022,7 @@ class Core:
             for _attempt in range(DECIDE_ATTEMPTS):
                 if cluster is None or not cluster.managed or cluster.agent_token:
                     break
-                made = await self._managed_join(cluster, {}, create=False)
+                made = await self._managed_join(cluster, {}, cluster, create=False)
                 if not made.agent_token:
                     break
                 # Compare-and-set on the cluster as read: several servers on one PostgreSQL

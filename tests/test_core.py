@@ -824,6 +824,57 @@ def _settings_only() -> Any:
                                                     rules=()))
 
 
+@pytest.mark.parametrize("server_url", ["managed", "https://192.0.2.50:6443"])
+async def test_a_cluster_replace_reads_the_cluster_once_a_try_and_writes_on_that_read(
+        server_url: str) -> None:
+    """Core.put of a cluster: its checks (_check_cluster, _managed_join) and its
+    compare-and-set write all on one read of the cluster, the If-Match-checked one of the
+    first try, read again only for a try after another writer's change. Each try read it
+    three times (s41-review): three round trips to PostgreSQL, and checks decided on reads
+    other than the one the write compared."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.inventory.memory import MemoryStore
+    from netboot.model import Cluster
+
+    store = MemoryStore()
+    await store.open()
+    token = "K10" + "0" * 64 + "::server:secret" if server_url != "managed" else "t" * 32
+    await store.put_cluster(Cluster(name="c", server_url=server_url, token=token),
+                            create=True)
+    core = Core(store, Enroller(store), _settings_only(), None)  # type: ignore[arg-type]
+    real, reads = store.get_cluster, [0]
+
+    async def get_cluster(name: str) -> Cluster | None:
+        reads[0] += 1
+        return await real(name)
+
+    store.get_cluster = get_cluster  # type: ignore[method-assign]
+    await core.put("clusters", {"name": "c", "server_url": server_url,
+                                "description": "rack 1"}, create=False)
+    assert reads[0] == 1
+    stored = await real("c")
+    assert stored is not None and stored.description == "rack 1" and stored.token
+    put, raced = store.put_cluster, [1]
+
+    async def after_another(cluster: Cluster, *, create: bool = False,
+                            expect: Cluster | None = None) -> None:
+        if raced[0]:  # another writer's edit just before this write: refused, read again
+            raced[0] = 0
+            edited = await real("c")
+            assert edited is not None
+            await put(replace(edited, labels={"by": "other"}))
+        await put(cluster, create=create, expect=expect)
+
+    store.put_cluster = after_another  # type: ignore[method-assign]
+    reads[0] = 0
+    await core.put("clusters", {"name": "c", "server_url": server_url,
+                                "description": "rack 2"}, create=False)
+    assert reads[0] == 2  # the first try's, the second's
+    stored = await real("c")
+    assert stored is not None and stored.description == "rack 2"
+
+
 @pytest.mark.parametrize("what", ["profiles", "clusters"])
 async def test_a_delete_refused_for_its_users_names_the_field_and_a_machine_holder(
         what: str) -> None:
