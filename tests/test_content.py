@@ -1064,44 +1064,6 @@ async def test_a_tftp_config_names_the_address_reached_where_the_base_url_is_loo
     assert kept is not None and b"http://127.0.0.1:8080/config/" in kept
 
 
-async def test_a_config_or_nocloud_file_that_fails_to_render_is_the_machines_event(
-        make_env: EnvFactory, tmp_path: Path) -> None:
-    """The config paths' render failures are told as the install script's are (Content's
-    _Told, one for the five paths): a k3OS config and a cloud-init user-data of an
-    operator's templates with an undefined name, each fetched by its installing device
-    with its token, are each a 500 and the machine's ``render failed`` event naming what
-    failed and its template file."""
-    own = tmp_path / "own-templates"
-    (own / "cloud-config" / "cloud-init").mkdir(parents=True)
-    (own / "cloud-config" / "k3os.yaml").write_text("hostname: {{ no_such_k3os }}\n")
-    (own / "cloud-config" / "cloud-init" / "user-data").write_text(
-        "#cloud-config\nhostname: {{ no_such_user_data }}\n")
-    env = await make_env(f"templates:\n  dir: {own}\n")
-    await env.seed()
-    await env.post("/api/v1/profiles", {"name": "ci", "kernel": "vmlinuz",
-                                        "config_template": "cloud-init"}, status=201)
-    k3os, ci = "52:54:00:41:00:11", "52:54:00:41:00:12"
-    await env.post("/api/v1/machines", {"mac": k3os}, status=201)
-    await env.post("/api/v1/machines", {"mac": ci, "profile": "ci"}, status=201)
-
-    async def failed(mac: str, path: str) -> str:
-        resp = await env.client.get(path.format(hexhyp=mac.replace(":", "-"),
-                                                token=install_token(await boot(env, mac))))
-        assert resp.status == 500, (path, resp.status, await resp.text())
-        await env.service.enroller.recorder.flush()
-        told = [str(e["message"]) for e in await env.get(f"/api/v1/machines/{mac}/events")
-                if e["kind"] == "render failed"]
-        assert len(told) == 1, told
-        return told[0]
-
-    said = await failed(k3os, "/config/{hexhyp}?token={token}")
-    assert "k3OS config" in said and "no_such_k3os" in said, said
-    assert f"template file {own / 'cloud-config' / 'k3os.yaml'}" in said, said
-    said = await failed(ci, "/nocloud/{hexhyp}/{token}/user-data")
-    assert "cloud-init user-data" in said and "no_such_user_data" in said, said
-    assert f"template file {own / 'cloud-config' / 'cloud-init' / 'user-data'}" in said, said
-
-
 async def test_a_script_that_fails_to_render_is_the_machines_event_bounded_with_its_fix(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """An operator's install template with an undefined name (line 3), and its grub.cfg

@@ -501,6 +501,17 @@ async def test_site_template_render_failure_is_500_not_404(make_env: EnvFactory,
     assert "missing_var" in r.json()["error"]
     # A failed render is not a fetched config: the machine has not moved on.
     assert await state(env) == "booting"
+    # Each is its machine's "render failed" event, naming what failed and its file, as an
+    # install script's is (Content._told, the five render paths' one way; s42-review).
+    await env.service.enroller.recorder.flush()
+    for mac, what, name, file in (
+            (MAC, "k3OS config", "nickname", site / "cloud-config" / "k3os.yaml"),
+            ("52:54:00:12:34:57", "cloud-init user-data", "missing_var",
+             site / "cloud-config" / "cloud-init" / "user-data")):
+        told = [str(e["message"]) for e in await env.get(f"/api/v1/machines/{mac}/events")
+                if e["kind"] == "render failed"]
+        assert len(told) == 1 and what in told[0] and name in told[0], told
+        assert f"template file {file}" in told[0], told
 
 
 async def test_explain_does_not_claim_cluster_init(env: Env) -> None:
