@@ -796,10 +796,19 @@ async def test_an_install_plans_context_dict_is_made_once_per_reason(env: Env) -
     int but prints otherwise); any other plan's (a hold's, whose reason may name the
     machine) is made for it and never frozen. Each holds what its plan says, and the
     scripts follow the reason."""
+    from netboot import content as content_module
+    from netboot import model
     from netboot.model import BootAction, BootPlan, MacAddress, Profile
 
     content = env.service.content
     frozen = content._render._frozen
+    # A partial mypyc build (content.py compiled, model.py not: how a change of content.py
+    # is compiled alone to test it) reads a Python BootPlan's ``retry_seconds`` as its
+    # declared int, so a bool given is 1 there, where the plan keeps True: the whole build
+    # and the interpreted one agree with the plan (s42-review; every partial build failed
+    # here from s31 on, each session finding it again).
+    partial = (content_module.__file__ or "").endswith(".so") and not (
+        model.__file__ or "").endswith(".so")
     mac = MacAddress.parse("52:54:00:00:00:7a")
     profile = Profile(name="p", kernel="storm/vmlinuz", initrds=("storm/initrd",))
 
@@ -807,7 +816,8 @@ async def test_an_install_plans_context_dict_is_made_once_per_reason(env: Env) -
              retry: int = 0) -> dict[str, object]:
         made = BootPlan(action, mac, reason, retry_seconds=retry, profile=profile, token="tok")
         got: dict[str, object] = content.context(made)["plan"]
-        kept = made.retry_seconds  # (a compiled BootPlan keeps a bool given as an int)
+        # (A compiled BootPlan keeps a bool given as an int; a compiled content reads it so.)
+        kept = int(made.retry_seconds) if partial else made.retry_seconds
         assert got == {"action": str(action), "reason": reason, "retry_seconds": kept,
                        "command": None} and type(got["retry_seconds"]) is type(kept)
         return got
