@@ -48,7 +48,8 @@ def check_unchanged(kind: str, name: str, stored: Any, read: Any) -> None:
         # No holder: a Conflict's holder is a machine's id (OpenAPI's Error), and the item
         # is the one the request names; it was the item's own name.
         raise StateChanged(f"{kind} {name!r} was changed since it was read: another writer "
-                           "(another server or a CLI on this inventory) changed it meanwhile",
+                           "(another server or a CLI on this inventory) changed it meanwhile; "
+                           "send the change again (it is made on the item as stored then)",
                            field=kind)
 
 

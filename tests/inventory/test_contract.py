@@ -693,6 +693,7 @@ async def test_a_cluster_written_on_the_one_read_is_refused_once_changed(store: 
         await store.put_cluster(replace(read, agent_token="b" * 64), expect=read)
     # No holder: it is a machine's id (OpenAPI's Error), and the cluster is the one named.
     assert refused.value.field == "cluster" and refused.value.holder is None
+    assert "send the change again" in str(refused.value)  # what to do: a message's fix
     assert await store.get_cluster("edge") == given
     with pytest.raises(NotFound):
         await store.put_cluster(Cluster(name="gone"), expect=Cluster(name="gone"))
