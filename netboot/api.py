@@ -69,6 +69,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACTOR_KEY = web.RequestKey("actor", str)
 # Who the request's token is (Api.principal): what an import may do with it.
 PRINCIPAL_KEY = web.RequestKey("principal", Principal)
+# What an approval answers a token that may not read (Api.approve): the machine's identity
+# and the settings its approval decided (Machine's required fields: id, macs, state).
+_APPROVAL_SHOWN = ("id", "mac", "macs", "state", "hostname", "cluster", "role", "profile")
 # Set on a refused report that is not the first of its run (RateLimited.told): not audited.
 TOLD_KEY = web.RequestKey("told", bool)
 TARGET_KEY = web.RequestKey("target", str)
@@ -728,7 +731,15 @@ class Api:
         machine = await self._core.approve(await self._ref(request), body,
                                            enroll_only=self._create_only(request),
                                            versions=_if_match(request))
-        return web.json_response(self._machine_out(machine), headers=_etag(machine))
+        out = self._machine_out(machine)
+        who = request.get(PRINCIPAL_KEY)
+        if who is None or not who.allows(Permission.READ):
+            # A token that may enroll but not read (a scanner approving by MAC) is told what
+            # its approval decided, not the machine: its repeat of an approval on a machine an
+            # operator enrolled (enroll_only lets it through) answered the serial, labels,
+            # facts and fixed_ipv4 of any MAC it named, a read its scope lacks (s41-attack).
+            out = {key: out.get(key) for key in _APPROVAL_SHOWN}
+        return web.json_response(out, headers=_etag(machine))
 
     async def give_to_claim(self, request: web.Request) -> web.Response:
         machine = await self._core.give_to_claim(await self._ref(request),

@@ -901,6 +901,32 @@ async def test_a_repeated_approval_changes_nothing(env: Env) -> None:
     assert [e["kind"] for e in events].count("enrolled") == 2, events
 
 
+async def test_an_enroll_tokens_approval_answers_what_it_decided_not_the_machine(
+        env: Env) -> None:
+    """A token that may enroll but not read (a scanner) repeating an approval of a machine an
+    operator enrolled (allowed: a repeat that changes nothing) is told the machine's id and
+    what its approval decided, not its serial, labels, facts or fixed address, which its
+    scope may not read (s41-attack's leftover). A reader is answered the whole machine."""
+    await env.seed()
+    await machine(env, hostname="n1", cluster="edge", role="agent", profile="k3os",
+                  serial="SN-HIDDEN-1", labels={"rack": "r9"}, fixed_ipv4="192.0.2.77")
+    scanner = {"Authorization": f"Bearer {await scoped_token(env, 'enroll')}"}
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/approve", json_body={},
+                   headers=scanner, admin=False)
+    assert r.status == 200, r.text
+    told = r.json()
+    assert told["state"] == "enrolled" and told["macs"] == [MAC] and told["hostname"] == "n1"
+    assert not {"serial", "labels", "facts", "fixed_ipv4", "uuid", "ipv4"} & set(told), told
+    assert "SN-HIDDEN-1" not in r.text and "192.0.2.77" not in r.text and "r9" not in r.text
+    # A discovered machine's first approval by the scanner: the same shape.
+    await boot(env, MAC2)
+    first = await call(env, "POST", f"/api/v1/machines/{MAC2}/approve", json_body={},
+                       headers=scanner, admin=False)
+    assert first.status == 200 and set(first.json()) == set(told), first.text
+    whole = await call(env, "POST", f"/api/v1/machines/{MAC}/approve", json_body={})
+    assert whole.json()["serial"] == "SN-HIDDEN-1" and whole.json()["fixed_ipv4"] == "192.0.2.77"
+
+
 async def test_reinstall_errors(env: Env) -> None:
     await boot(env, MAC)
     error(await call(env, "POST", f"/api/v1/machines/{MAC}/reinstall"), 409)
