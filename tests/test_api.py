@@ -792,6 +792,26 @@ async def test_cluster_crud_and_nodes(env: Env) -> None:
     error(await call(env, "DELETE", "/api/v1/clusters/nope"), 404)
 
 
+async def test_a_group_giving_an_install_under_way_its_profile_is_not_deleted(
+        env: Env) -> None:
+    """Deleting the group that gave a machine its profile while its install is under way
+    (its script served, its config not yet fetched) broke the install midway: the plan binds
+    the cluster and role, not the profile, so its config was a 409 "no profile"
+    (s41-attack's leftover). Now a 409 naming the machine and the way out; with the profile
+    given to the machine itself the group goes and the config is still served."""
+    await env.seed()
+    await machine(env)
+    token = install_token(await boot(env, MAC))
+    refused = error(await call(env, "DELETE", "/api/v1/groups/all-x86"), 409, "name")
+    assert MAC in refused["error"] and "--profile k3os" in refused["error"], refused
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "booting"
+    r = await call(env, "PATCH", f"/api/v1/machines/{MAC}", json_body={"profile": "k3os"})
+    assert r.status == 200, r.text
+    assert (await call(env, "DELETE", "/api/v1/groups/all-x86")).status == 204
+    r = await call(env, "GET", f"/config/{MAC}?token={token}", admin=False)
+    assert r.status == 200, r.text
+
+
 async def test_cluster_used_by_a_machine_cannot_be_deleted(env: Env) -> None:
     await env.post("/api/v1/clusters", {"name": "edge"}, status=201)
     await machine(env, cluster="edge")
