@@ -471,6 +471,27 @@ async def warn_of_shared_fixed_addresses(store: Store) -> None:
                         ", ".join(refs), address)
 
 
+async def warn_of_clusters_named_but_for_case(store: Store) -> None:
+    """Clusters whose names differ only by case, stored before a second such one was a 409
+    (s41-attack): one DNS name, ``<cluster>.<zone>``, which answers the servers of all of
+    them while the nodes of each are sent there (a node joins, or is refused by, another's
+    server). Kept as they are (removing one is the operator's call, and its machines'),
+    said at every start with the fix, as shared fixed addresses are."""
+    named: dict[str, list[str]] = {}
+    for cluster in await store.list_clusters():
+        named.setdefault(cluster.name.lower(), []).append(cluster.name)
+    for lower, names in sorted(named.items()):
+        if len(names) > 1:
+            log.warning("clusters %s are named alike but for case (stored by an older "
+                        "netboot): they are one DNS name, %s.<zone>, which answers the "
+                        "servers of each, and the nodes of each are sent there, where they "
+                        "may join another's server or be refused by it. Keep one: give the "
+                        "others' machines and groups a cluster of another name (netboot "
+                        "clusters add NAME; netboot machines set REF --cluster NAME), then "
+                        "remove them (netboot clusters rm NAME)",
+                        ", ".join(sorted(names)), lower)
+
+
 def advertised_address(config: Config, *, by_reach_told: bool = False) -> str:
     """The address DHCP answers and URLs name. ``by_reach_told``: the caller says itself
     which address a device gets where none is found (``netboot render`` prints the
@@ -1475,6 +1496,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         await warn_of_missing_rule_refs(config, store)
         await warn_of_unservable_profiles(store)
         await warn_of_shared_fixed_addresses(store)
+        await warn_of_clusters_named_but_for_case(store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).

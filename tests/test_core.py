@@ -785,6 +785,33 @@ async def test_a_cluster_named_as_another_but_for_case_is_refused() -> None:
     await core.put("clusters", {"name": "edge", **external, "description": "x"}, create=False)
 
 
+async def test_clusters_named_alike_but_for_case_already_stored_are_told_at_start(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Clusters differing only by case stored before the 409 above (s41-attack's leftover)
+    were kept with nothing said, their nodes still sent to one DNS name answering the servers
+    of both: start-up names them and the fix; a store without such names says nothing."""
+    from netboot.inventory.memory import MemoryStore
+    from netboot.model import Cluster
+    from netboot.service import warn_of_clusters_named_but_for_case
+
+    store = MemoryStore()
+    await store.open()
+    for name in ("edge", "edge2", "core"):
+        await store.put_cluster(Cluster(name=name), create=True)
+    caplog.clear()
+    await warn_of_clusters_named_but_for_case(store)
+    assert not caplog.records
+    for name in ("Edge", "EDGE2"):  # written as an older netboot took them
+        await store.put_cluster(Cluster(name=name), create=True)
+    caplog.clear()
+    await warn_of_clusters_named_but_for_case(store)
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 2, told
+    assert told[0].startswith("clusters Edge, edge are named alike but for case")
+    assert "edge.<zone>" in told[0] and "netboot clusters rm NAME" in told[0]
+    assert told[1].startswith("clusters EDGE2, edge2 ")
+
+
 async def test_an_id_names_its_machine_whatever_another_hostname_spells() -> None:
     """A hostname spelled as another machine's id (``m-`` and 12 hex digits: a valid
     hostname, which an enroll token may give) made that id a 409 on every {ref} route and
