@@ -967,6 +967,7 @@ class Service:
                 return
             log.info("inventory view loaded in %.1f s", time.monotonic() - started)
             warn_of_older_registrations(self.boot.held_machines() or [])
+            warn_of_a_clock_behind(self.boot.held_machines() or [], time.time())
             if self.view_loaded is not None:
                 self.view_loaded()
 
@@ -1473,6 +1474,32 @@ def warn_of_older_registrations(machines: Iterable[Machine]) -> None:
                     "netboot machines reinstall REF for each, when it may reinstall",
                     len(older), ", ".join(m.hostname or m.ref for m in older[:5])
                     + (", ..." if len(older) > 5 else ""))
+
+
+# How far behind the inventory's newest change the clock may start before it is told
+# (warn_of_a_clock_behind): two servers' clocks apart by NTP's usual error are not.
+CLOCK_BEHIND_TOLD = 300.0
+
+
+def warn_of_a_clock_behind(machines: Iterable[Machine], now: float) -> None:
+    """A clock behind the newest change of the inventory (a board without a real-time clock,
+    started before NTP set it): install tokens issued now expire when the clock is stepped
+    forward, before their installs end, and events written now are stamped in the past
+    (inventory.events_keep_days drops them early). Nothing said it (s41-attack); told at
+    start, once the view is loaded (from memory: no read of the store), with the fix."""
+    newest = max(machines, key=lambda m: m.updated, default=None)
+    if newest is None or newest.updated - now <= CLOCK_BEHIND_TOLD:
+        return
+    log.warning("the clock (%s) is %.0f s behind the inventory's newest change (%s, machine "
+                "%s): started before the time was set (no real-time clock, NTP not synced "
+                "yet)? Install tokens issued now expire once the clock is set forward, "
+                "before their installs end, and events written now are stamped in the past. "
+                "Start netboot once the time is synced (systemd: After=time-sync.target "
+                "with systemd-time-wait-sync enabled)",
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
+                newest.updated - now,
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(newest.updated)),
+                newest.ref)
 
 
 async def build(config: Config, *, app: bool = True) -> Service:
