@@ -1071,11 +1071,12 @@ class Core:
                 if installing:
                     raise Conflict(
                         f"group {name!r} gives its profile {item.profile!r} to "
-                        f"{', '.join(installing)}, installing now: their installers fetch "
-                        "their config from it, which without the group is a 409 (or another "
-                        "profile's) and the install breaks midway. Wait for those installs "
-                        "to finish, or give each machine the profile itself (netboot machines "
-                        f"set REF --profile {item.profile}), then delete it", field="name")
+                        f"{', '.join(installing)}, whose install is under way: its "
+                        "installer fetches its config from it, which without the group is a "
+                        "409 (or another profile's) and the install breaks midway. Wait for "
+                        "those installs to finish, or give each machine the profile itself "
+                        f"(netboot machines set REF --profile {item.profile}), then delete it",
+                        field="name")
             else:  # a group is no machine's: none names one
                 users = await self._users(single, name)
                 if users:
