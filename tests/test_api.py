@@ -926,7 +926,8 @@ async def test_an_enroll_tokens_approval_answers_what_it_decided_not_the_machine
     """A token that may enroll but not read (a scanner) repeating an approval of a machine an
     operator enrolled (allowed: a repeat that changes nothing) is told the machine's id and
     what its approval decided, not its serial, labels, facts or fixed address, which its
-    scope may not read (s41-attack's leftover). A reader is answered the whole machine."""
+    scope may not read (s41-attack's leftover); its create over a discovered record, not
+    that record's learnt facts. A reader is answered the whole machine."""
     await env.seed()
     await machine(env, hostname="n1", cluster="edge", role="agent", profile="k3os",
                   serial="SN-HIDDEN-1", labels={"rack": "r9"}, fixed_ipv4="192.0.2.77")
@@ -945,6 +946,13 @@ async def test_an_enroll_tokens_approval_answers_what_it_decided_not_the_machine
     assert first.status == 200 and set(first.json()) == set(told), first.text
     whole = await call(env, "POST", f"/api/v1/machines/{MAC}/approve", json_body={})
     assert whole.json()["serial"] == "SN-HIDDEN-1" and whole.json()["fixed_ipv4"] == "192.0.2.77"
+    # A create over a discovered record (its learnt facts): the same shape.
+    await env.client.get("/ipxe", params={"mac": "52:54:00:00:00:77", "arch": "x86_64",
+                                          "manufacturer": "HiddenCorp"})
+    made = await call(env, "POST", "/api/v1/machines", json_body={"mac": "52:54:00:00:00:77"},
+                      headers=scanner, admin=False)
+    assert made.status == 201 and set(made.json()) == set(told), made.text
+    assert "HiddenCorp" not in made.text
 
 
 async def test_reinstall_errors(env: Env) -> None:
