@@ -69,6 +69,9 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ACTOR_KEY = web.RequestKey("actor", str)
 # Who the request's token is (Api.principal): what an import may do with it.
 PRINCIPAL_KEY = web.RequestKey("principal", Principal)
+# What a create or an approval answers a token that may not read (Api._told): the machine's
+# identity and the settings it decided (Machine's required fields: id, macs, state).
+_APPROVAL_SHOWN = ("id", "mac", "macs", "state", "hostname", "cluster", "role", "profile")
 # Set on a refused report that is not the first of its run (RateLimited.told): not audited.
 TOLD_KEY = web.RequestKey("told", bool)
 TARGET_KEY = web.RequestKey("target", str)
@@ -687,7 +690,7 @@ class Api:
             raise ScopeRequired("operator", SERVER_NEEDS_OPERATOR)
         machine = await self._core.create_machine(body, note="created through the API")
         request[TARGET_KEY] = machine.id
-        return web.json_response(self._machine_out(machine), status=201,
+        return web.json_response(self._told(request, machine), status=201,
                                  headers=_etag(machine))
 
     async def get_machine(self, request: web.Request) -> web.Response:
@@ -728,7 +731,19 @@ class Api:
         machine = await self._core.approve(await self._ref(request), body,
                                            enroll_only=self._create_only(request),
                                            versions=_if_match(request))
-        return web.json_response(self._machine_out(machine), headers=_etag(machine))
+        return web.json_response(self._told(request, machine), headers=_etag(machine))
+
+    def _told(self, request: web.Request, machine: Machine) -> dict[str, Any]:
+        """The machine a create or an approval answers: to a token that may enroll but not
+        read (a scanner), what it decided, not the machine. Its repeat of an approval on a
+        machine an operator enrolled (enroll_only lets it through) answered the serial,
+        labels, facts and fixed_ipv4 of any MAC it named, and a create over a discovered
+        record that record's learnt facts, reads its scope lacks (s41-attack)."""
+        out = self._machine_out(machine)
+        who = request.get(PRINCIPAL_KEY)
+        if who is None or not who.allows(Permission.READ):
+            return {key: out.get(key) for key in _APPROVAL_SHOWN}
+        return out
 
     async def give_to_claim(self, request: web.Request) -> web.Response:
         machine = await self._core.give_to_claim(await self._ref(request),

@@ -1100,7 +1100,18 @@ class Core:
             item = await self.get(kind, name)
             _require_item_version(kind, item, versions)
             unused = {}
-            if single != "group":  # a group is no machine's: none names one
+            if single == "group":
+                installing = await self._installing_with(item)
+                if installing:
+                    raise Conflict(
+                        f"group {name!r} gives its profile {item.profile!r} to "
+                        f"{', '.join(installing)}, whose install is under way: its "
+                        "installer fetches its config from it, which without the group is a "
+                        "409 (or another profile's) and the install breaks midway. Wait for "
+                        "those installs to finish, or give each machine the profile itself "
+                        f"(netboot machines set REF --profile {item.profile}), then delete it",
+                        field="name")
+            else:  # a group is no machine's: none names one
                 users, holder = await self._users(single, name)
                 if users:
                     # Field and holder as the delete's own check (base.in_use) names them:
@@ -1111,6 +1122,29 @@ class Core:
                 unused = {"unused": True}
             await delete(name, expect=item, **unused)
         await _again_on_change(step)
+
+    async def _installing_with(self, group: Group, most: int = 5) -> list[str]:
+        """The machines (``most`` named, then how many more) whose install is under way
+        (booting, installing) with ``group``'s profile: their own names none and the group
+        selects them as their stored labels and facts read. The install plan binds a
+        machine's cluster and role (lifecycle.JOINED), not its profile, which its config
+        reads again (BootService.config_plan): a delete in between broke the install (its
+        config a 409 naming no profile, or the default profile's). Checked before the
+        delete's transaction, a plan made meanwhile is not seen (as a group's edit is not)."""
+        if group.profile is None:
+            return []
+        groups = await self.store.list_groups()
+        using: list[str] = []
+        for state in (MachineState.BOOTING, MachineState.INSTALLING):
+            for machine in await self.store.list_machines(MachineFilter(state=state,
+                                                                        limit=10_000)):
+                if machine.profile is not None:
+                    continue
+                chosen = grouping.select(groups, grouping.machine_labels(machine))
+                if chosen is not None and chosen.name == group.name:
+                    using.append(f"machine {machine.ref}")
+        return using[:most] + ([f"{len(using) - most} more machines"]
+                               if len(using) > most else [])
 
     async def _users(self, ref: str, name: str, most: int = 5) -> tuple[list[str], str | None]:
         """What names profile or cluster ``name`` (``ref``), told as the 409 tells them, and

@@ -117,6 +117,14 @@ CONTEST_EVERY = 60.0
 # RENDER_FAILED_BURST a machine at once, one every RENDER_FAILED_EVERY seconds after.
 RENDER_FAILED_BURST = 3
 RENDER_FAILED_EVERY = 600.0
+# A later boot of a known machine refused for its machine token (a reinstall standing, a
+# backup restored from before its registration, a reinstall that kept no secret) is a
+# "registration refused" event, which the node's register command repeating its try (30
+# tries a boot, every boot) or a host posting the MAC must not repeat into the store: the same
+# saying as the machine's newest event is dropped, and at most REFUSED_BOOT_BURST a machine at
+# once, one every REFUSED_BOOT_EVERY seconds after.
+REFUSED_BOOT_BURST = 3
+REFUSED_BOOT_EVERY = 600.0
 # Where a render error names its template's line (render._line_at: ", line N" and, for an
 # included template's, " of FILE").
 _RENDER_LINE = re.compile(r", line (\d+)(?: of ([^:]+))?:")
@@ -970,6 +978,8 @@ class Enroller:
         self._contests = TokenBuckets(1 / CONTEST_EVERY, CONTEST_BURST, _REPORT_BUDGETS)
         self._render_fails = TokenBuckets(1 / RENDER_FAILED_EVERY, RENDER_FAILED_BURST,
                                           _REPORT_BUDGETS)
+        self._refused_boots = TokenBuckets(1 / REFUSED_BOOT_EVERY, REFUSED_BOOT_BURST,
+                                           _REPORT_BUDGETS)
         # Each refused claim by the address it came from, beside the rate-limited events: a
         # flood of random secrets cannot hide the device's (s40-claim: netboot.claims).
         self.claims = RefusedClaims(since=clock())
@@ -1468,6 +1478,8 @@ class Enroller:
         if machine_token is not None:
             if machine is None or not machine_token_is(machine, machine_token):
                 if machine is None or not _taken_back(machine, body.get("install_secret")):
+                    if machine is not None:
+                        self._refused_boot(machine, peer)
                     raise AuthError("unknown machine or wrong token")
                 # The node of a reinstall the operator took back: registered again below
                 # (the machine token it holds was voided by the reinstall).
@@ -1641,6 +1653,53 @@ class Enroller:
             return
         await self.event(machine.id, kind, message,
                          {"peer": str(peer) if peer else None, "claim": claim})
+
+    def _refused_boot(self, machine: Machine, peer: IPAddress | None) -> None:
+        """A ``registration refused`` event: a later boot of ``machine``'s installed OS (its
+        register command with a machine token) was refused, the answer the same 401 as an
+        unknown MAC's. It was told nowhere: after a reinstall that stands its node's 30
+        tries a boot, and after a backup restored from before its registration then marked
+        installed (or a reinstall by a netboot that kept no install secret) every boot, were
+        refused with the machine's history silent on why (s41-attack). Says what state
+        refused it and the way out. Queued with the boot path's notes (no commit awaited:
+        the answer is the 401 either way, as soon as an unknown MAC's); bounded
+        (:data:`REFUSED_BOOT_BURST`, :data:`REFUSED_BOOT_EVERY`); the token is not told."""
+        state = machine.state
+        ref = machine.ref
+        if state is _REGISTERED:
+            why = ("the machine token it sent is not the one its registration gave (an "
+                   "inventory restored from a backup taken before that registration, or a "
+                   "host that is not its device)")
+            fix = (f"if it is the device, 'netboot machines reinstall {ref}' and a network "
+                   "boot install it again")
+        elif state is MachineState.REINSTALL:
+            why = ("the machine is to be reinstalled: the reinstall voided the machine token "
+                   "of the install its node still runs")
+            fix = ("a network boot installs it again; if the reinstall was asked by mistake, "
+                   f"'netboot machines mark-installed {ref}' takes it back"
+                   + ("" if machine.secret_hash else " (though with no install secret kept "
+                      "its node cannot prove its install then: a reinstall by an older "
+                      "netboot dropped it)"))
+        else:
+            why = (f"the machine is {state} and holds no machine token"
+                   + (": marked installed, but its node's install secret is not the one kept"
+                      if state is MachineState.INSTALLED and machine.secret_hash else
+                      " (a reinstall voided it and no new install registered, or the "
+                      "inventory was restored from a backup taken before its registration; "
+                      "no install secret is kept to prove its node by)"))
+            fix = (f"'netboot machines reinstall {ref}' and a network boot install it again, "
+                   "with a new machine token")
+        message = (f"a later boot of its installed OS (its register command, from "
+                   f"{peer or 'an unknown address'}) was refused (401): {why}. It retries at "
+                   f"every boot until then. Fix: {fix}")
+        kind = "registration refused"
+        recorder = self.recorder
+        if recorder.repeats(machine.id, kind, message, machine) \
+                or not self._refused_boots.take(machine.id, self._clock()):
+            return
+        recorder.note(Event(machine.id, self._clock(), kind, message,
+                            {"peer": str(peer) if peer else None, "state": str(state)}),
+                      machine)
 
     def render_failed(self, machine: Machine, what: str, kind: str, template: str | None,
                       exc: Exception) -> None:

@@ -536,8 +536,8 @@ class Renderer:
             # CPU of a /config answer, and every installing device fetches one.
             yaml.load(text, Loader=_LOADER)  # noqa: S506
         except yaml.YAMLError as exc:
-            raise caused(RenderError(f"template {name!r} rendered invalid YAML: {exc}"),
-                          exc) from exc
+            raise caused(RenderError(f"template {name!r} rendered invalid YAML: "
+                                     f"{_yaml_problem(exc)}"), exc) from exc
         if marked is not None:
             self._shapes.learn(marked)
         return text
@@ -1917,6 +1917,22 @@ def _known(source: str) -> str:
     """``source``'s value, where it is not undefined (else _Unsure: the whole render says
     what is wrong). ``_t`` is taken as soon as it is set: an inner one is done by then."""
     return f"(_t if not isinstance(_t := {source}, U) else unsure())"
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What a rendered config's YAML error says, by line and column, without the text of
+    its line: PyYAML's pure-Python parser (where it is built without libyaml) prints the line
+    it failed at, of the rendered config, which holds the machine's install token and its
+    cluster's join token, and the error is a ``render failed`` event that a read token and
+    the event stream are shown (libyaml's marks carry no text)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    said = []
+    for what, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+        if what or mark is not None:
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            said.append(f"{what or 'here'}{at}")
+    return "; ".join(said) or type(exc).__name__
 
 
 def _failed_at(exc: Exception, name: str | None) -> str:

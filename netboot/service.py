@@ -471,6 +471,27 @@ async def warn_of_shared_fixed_addresses(store: Store) -> None:
                         ", ".join(refs), address)
 
 
+async def warn_of_clusters_named_but_for_case(store: Store) -> None:
+    """Clusters whose names differ only by case, stored before a second such one was a 409
+    (s41-attack): one DNS name, ``<cluster>.<zone>``, which answers the servers of all of
+    them while the nodes of each are sent there (a node joins, or is refused by, another's
+    server). Kept as they are (removing one is the operator's call, and its machines'),
+    said at every start with the fix, as shared fixed addresses are."""
+    named: dict[str, list[str]] = {}
+    for cluster in await store.list_clusters():
+        named.setdefault(cluster.name.lower(), []).append(cluster.name)
+    for lower, names in sorted(named.items()):
+        if len(names) > 1:
+            log.warning("clusters %s are named alike but for case (stored by an older "
+                        "netboot): they are one DNS name, %s.<zone>, which answers the "
+                        "servers of each, and the nodes of each are sent there, where they "
+                        "may join another's server or be refused by it. Keep one: give the "
+                        "others' machines and groups a cluster of another name (netboot "
+                        "clusters add NAME; netboot machines set REF --cluster NAME), then "
+                        "remove them (netboot clusters rm NAME)",
+                        ", ".join(sorted(names)), lower)
+
+
 def advertised_address(config: Config, *, by_reach_told: bool = False) -> str:
     """The address DHCP answers and URLs name. ``by_reach_told``: the caller says itself
     which address a device gets where none is found (``netboot render`` prints the
@@ -946,6 +967,7 @@ class Service:
                 return
             log.info("inventory view loaded in %.1f s", time.monotonic() - started)
             warn_of_older_registrations(self.boot.held_machines() or [])
+            warn_of_a_clock_behind(self.boot.held_machines() or [], time.time())
             if self.view_loaded is not None:
                 self.view_loaded()
 
@@ -1454,6 +1476,32 @@ def warn_of_older_registrations(machines: Iterable[Machine]) -> None:
                     + (", ..." if len(older) > 5 else ""))
 
 
+# How far behind the inventory's newest change the clock may start before it is told
+# (warn_of_a_clock_behind): two servers' clocks apart by NTP's usual error are not.
+CLOCK_BEHIND_TOLD = 300.0
+
+
+def warn_of_a_clock_behind(machines: Iterable[Machine], now: float) -> None:
+    """A clock behind the newest change of the inventory (a board without a real-time clock,
+    started before NTP set it): install tokens issued now expire when the clock is stepped
+    forward, before their installs end, and events written now are stamped in the past
+    (inventory.events_keep_days drops them early). Nothing said it (s41-attack); told at
+    start, once the view is loaded (from memory: no read of the store), with the fix."""
+    newest = max(machines, key=lambda m: m.updated, default=None)
+    if newest is None or newest.updated - now <= CLOCK_BEHIND_TOLD:
+        return
+    log.warning("the clock (%s) is %.0f s behind the inventory's newest change (%s, machine "
+                "%s): started before the time was set (no real-time clock, NTP not synced "
+                "yet)? Install tokens issued now expire once the clock is set forward, "
+                "before their installs end, and events written now are stamped in the past. "
+                "Start netboot once the time is synced (systemd: After=time-sync.target "
+                "with systemd-time-wait-sync enabled)",
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
+                newest.updated - now,
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(newest.updated)),
+                newest.ref)
+
+
 async def build(config: Config, *, app: bool = True) -> Service:
     """The service, its listeners not yet bound. ``app=False`` leaves aiohttp's application
     (and aiohttp's import) to :meth:`Service.start`, after the listeners answer: what
@@ -1475,6 +1523,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         await warn_of_missing_rule_refs(config, store)
         await warn_of_unservable_profiles(store)
         await warn_of_shared_fixed_addresses(store)
+        await warn_of_clusters_named_but_for_case(store)
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).

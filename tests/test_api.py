@@ -792,6 +792,26 @@ async def test_cluster_crud_and_nodes(env: Env) -> None:
     error(await call(env, "DELETE", "/api/v1/clusters/nope"), 404)
 
 
+async def test_a_group_giving_an_install_under_way_its_profile_is_not_deleted(
+        env: Env) -> None:
+    """Deleting the group that gave a machine its profile while its install is under way
+    (its script served, its config not yet fetched) broke the install midway: the plan binds
+    the cluster and role, not the profile, so its config was a 409 "no profile"
+    (s41-attack's leftover). Now a 409 naming the machine and the way out; with the profile
+    given to the machine itself the group goes and the config is still served."""
+    await env.seed()
+    await machine(env)
+    token = install_token(await boot(env, MAC))
+    refused = error(await call(env, "DELETE", "/api/v1/groups/all-x86"), 409, "name")
+    assert MAC in refused["error"] and "--profile k3os" in refused["error"], refused
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["state"] == "booting"
+    r = await call(env, "PATCH", f"/api/v1/machines/{MAC}", json_body={"profile": "k3os"})
+    assert r.status == 200, r.text
+    assert (await call(env, "DELETE", "/api/v1/groups/all-x86")).status == 204
+    r = await call(env, "GET", f"/config/{MAC}?token={token}", admin=False)
+    assert r.status == 200, r.text
+
+
 async def test_cluster_used_by_a_machine_cannot_be_deleted(env: Env) -> None:
     await env.post("/api/v1/clusters", {"name": "edge"}, status=201)
     await machine(env, cluster="edge")
@@ -899,6 +919,40 @@ async def test_a_repeated_approval_changes_nothing(env: Env) -> None:
     assert moved.status == 200 and moved.json()["profile"] == "other", moved.text
     events = await env.get(f"/api/v1/machines/{MAC}/events")
     assert [e["kind"] for e in events].count("enrolled") == 2, events
+
+
+async def test_an_enroll_tokens_approval_answers_what_it_decided_not_the_machine(
+        env: Env) -> None:
+    """A token that may enroll but not read (a scanner) repeating an approval of a machine an
+    operator enrolled (allowed: a repeat that changes nothing) is told the machine's id and
+    what its approval decided, not its serial, labels, facts or fixed address, which its
+    scope may not read (s41-attack's leftover); its create over a discovered record, not
+    that record's learnt facts. A reader is answered the whole machine."""
+    await env.seed()
+    await machine(env, hostname="n1", cluster="edge", role="agent", profile="k3os",
+                  serial="SN-HIDDEN-1", labels={"rack": "r9"}, fixed_ipv4="192.0.2.77")
+    scanner = {"Authorization": f"Bearer {await scoped_token(env, 'enroll')}"}
+    r = await call(env, "POST", f"/api/v1/machines/{MAC}/approve", json_body={},
+                   headers=scanner, admin=False)
+    assert r.status == 200, r.text
+    told = r.json()
+    assert told["state"] == "enrolled" and told["macs"] == [MAC] and told["hostname"] == "n1"
+    assert not {"serial", "labels", "facts", "fixed_ipv4", "uuid", "ipv4"} & set(told), told
+    assert "SN-HIDDEN-1" not in r.text and "192.0.2.77" not in r.text and "r9" not in r.text
+    # A discovered machine's first approval by the scanner: the same shape.
+    await boot(env, MAC2)
+    first = await call(env, "POST", f"/api/v1/machines/{MAC2}/approve", json_body={},
+                       headers=scanner, admin=False)
+    assert first.status == 200 and set(first.json()) == set(told), first.text
+    whole = await call(env, "POST", f"/api/v1/machines/{MAC}/approve", json_body={})
+    assert whole.json()["serial"] == "SN-HIDDEN-1" and whole.json()["fixed_ipv4"] == "192.0.2.77"
+    # A create over a discovered record (its learnt facts): the same shape.
+    await env.client.get("/ipxe", params={"mac": "52:54:00:00:00:77", "arch": "x86_64",
+                                          "manufacturer": "HiddenCorp"})
+    made = await call(env, "POST", "/api/v1/machines", json_body={"mac": "52:54:00:00:00:77"},
+                      headers=scanner, admin=False)
+    assert made.status == 201 and set(made.json()) == set(told), made.text
+    assert "HiddenCorp" not in made.text
 
 
 async def test_reinstall_errors(env: Env) -> None:

@@ -1560,6 +1560,70 @@ async def test_a_reinstall_taken_back_registers_the_node_that_still_runs_it(  # 
     assert newest.secret_hash == hashlib.sha256(b"its-new-install").hexdigest()
 
 
+async def test_a_refused_later_boot_of_a_known_machine_is_told_on_it(store) -> None:  # type: ignore[no-untyped-def]
+    """A later boot refused for its machine token (the same 401 as an unknown MAC's) is a
+    ``registration refused`` event on the machine, with why and the way out: an inventory
+    restored from a backup taken before the machine's registration, then marked installed,
+    refused its node at every boot, and a reinstall that stands refused its node's 30 tries a
+    boot, with nothing in the machine's history (s41-attack's leftovers). Told once while
+    the same, bounded against a host posting the MAC from many places; never the token."""
+    import ipaddress
+
+    from netboot.enroll import REFUSED_BOOT_BURST
+    from netboot.errors import AuthError
+
+    def refusals(events: Any) -> list[Any]:
+        return [e for e in events if e.kind == "registration refused"]
+
+    now = [1000.0]
+    mac = await _installed(store, "52:54:00:00:42:01", "b42")
+    enroller = Enroller(store, clock=lambda: now[0])
+    backup = await enroller.find_mac(mac)
+    assert backup is not None
+    node = ipaddress.ip_address("192.0.2.80")
+    first = await enroller.register({"mac": str(mac), "token": "tok", "install_secret": "s",
+                                     "keeps": "machine_token"}, node)
+    boot = {"mac": str(mac), "machine_token": first.install_token, "install_secret": "s",
+            "keeps": "machine_token"}
+    # The backup restored: the machine as it was before it registered (installed, the
+    # operator's Mark installed changing nothing of it), the node's machine token unknown.
+    now[0] += 60
+    await store.update_machine(replace_machine(backup, updated=now[0]))
+    for _ in range(30):  # one boot's tries
+        with pytest.raises(AuthError, match="unknown machine or wrong token"):
+            await enroller.register(boot, node)
+    await enroller.recorder.flush()
+    told = refusals(await store.list_events(first.id))
+    assert len(told) == 1, told
+    assert "192.0.2.80" in told[0].message and "installed" in told[0].message
+    assert f"netboot machines reinstall {first.ref}" in told[0].message
+    assert first.install_token not in told[0].message + repr(told[0].data)
+    # Registered again, then reinstalled: the reinstall stands, the old install's node is told
+    # refused, with the operator's two ways out.
+    machine = await store.get_machine(first.id)
+    assert machine is not None
+    await store.update_machine(replace_machine(machine, state=MachineState.REGISTERED,
+                                               install_token=first.install_token,
+                                               updated=now[0] + 1))
+    now[0] += 60
+    await enroller.reinstall(str(mac))
+    with pytest.raises(AuthError, match="unknown machine or wrong token"):
+        await enroller.register(boot, node)
+    await enroller.recorder.flush()
+    newest = refusals(await store.list_events(first.id))[-1]
+    assert "reinstall" in newest.message and "mark-installed" in newest.message, newest
+    # A host posting the MAC from many places: bounded.
+    for i in range(20):
+        with pytest.raises(AuthError):
+            await enroller.register({**boot, "machine_token": f"guess{i}"},
+                                    ipaddress.ip_address(f"192.0.2.{100 + i}"))
+    await enroller.recorder.flush()
+    assert len(refusals(await store.list_events(first.id))) <= 1 + REFUSED_BOOT_BURST
+    # An unknown MAC: the same answer, nothing written anywhere.
+    with pytest.raises(AuthError, match="unknown machine or wrong token"):
+        await enroller.register({**boot, "mac": "52:54:00:00:42:99"}, node)
+
+
 async def _registered_by_a_thief(store: Any, mac_text: str, hostname: str, now: list[float],
                                  secret: str) -> tuple[Enroller, MacAddress, dict[str, str],
                                                        Machine]:

@@ -535,6 +535,31 @@ def test_invalid_yaml_output_is_render_error(tmp_path: Path) -> None:
         r.yaml_document("cloud-config/k3os.yaml", {})
 
 
+@pytest.mark.parametrize("loader", ["SafeLoader", "CSafeLoader"])
+def test_invalid_yaml_output_names_its_line_not_its_text(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: str) -> None:
+    """A config rendering invalid YAML names the line and column, never the line's text:
+    PyYAML without libyaml (its pure-Python parser) printed the rendered line, here the join
+    token's, into the error, which is a ``render failed`` event a read token and the event
+    stream are shown (s42-attack)."""
+    import yaml
+
+    from netboot import render as render_module
+
+    if not hasattr(yaml, loader):
+        pytest.skip(f"PyYAML built without {loader}")
+    monkeypatch.setattr(render_module, "_LOADER", getattr(yaml, loader))
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "k.yaml").write_text(
+        "a: 1\ntoken: {{ k3s.token | tojson }} {{ k3s.token }}\n")
+    r = Renderer([tmp_path])
+    secret = "K10-join-token-never-shown"
+    with pytest.raises(RenderError, match="invalid YAML") as refused:
+        r.yaml_document("cloud-config/k.yaml", {"k3s": {"token": secret}})
+    assert secret not in str(refused.value), str(refused.value)
+    assert "line 2, column " in str(refused.value), str(refused.value)
+
+
 def test_syntax_error_stops_startup_with_file_and_line(tmp_path: Path) -> None:
     (tmp_path / "ipxe").mkdir()
     (tmp_path / "ipxe" / "local.ipxe").write_text("#!ipxe\n\n{% if %}\n")
