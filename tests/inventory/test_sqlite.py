@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -164,8 +165,8 @@ async def test_a_new_inventory_says_so_in_one_line_and_an_old_one_each_step(
     store = SqliteStore(old)
     await store.open()
     await store.close()
-    assert next(r.getMessage() for r in caplog.records if "schema" in r.getMessage()) == (
-        f"inventory {old}: migrated schema to version {SCHEMA_VERSION}")
+    assert [r.getMessage() for r in caplog.records if "schema" in r.getMessage()][:-1] == [
+        f"inventory {old}: migrated schema to version {v}" for v in range(7, SCHEMA_VERSION + 1)]
 
 
 async def test_refuses_newer_schema(tmp_path: Path) -> None:
@@ -2271,3 +2272,90 @@ async def test_the_fixed_address_lock_a_root_cli_made_is_taken_by_the_inventorys
             await store.close()
     finally:
         shutil.rmtree(home, ignore_errors=True)
+
+
+_FIXED_WRITER = """
+import asyncio, sys
+from netboot.errors import Conflict
+from netboot.inventory.sqlite import SqliteStore
+from netboot.model import MacAddress, Machine
+
+async def main(path, first, count):
+    store = SqliteStore(path)
+    await store.open()
+    won = 0
+    try:
+        for i in range(count):
+            mac = MacAddress((0x06_00_00_00_00_00 + first + i).to_bytes(6, "big"))
+            try:
+                await store.create_machine(Machine(macs=(mac,), id=f"m-p{first + i}",
+                                                   fixed_ipv4=f"198.51.100.{i + 1}"))
+                won += 1
+            except Conflict:
+                pass
+    finally:
+        await store.close()
+    print(won)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
+"""
+
+
+async def test_two_processes_giving_the_same_fixed_addresses_give_each_once(
+        tmp_path: Path) -> None:
+    """Two processes on one file (a server and an older tool, neither taking netboot's
+    fixed-address lock) give the same 150 addresses to machines of their own at once: the
+    file's unique index lets each address be held once, whoever wins it."""
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+    env = {**os.environ, "PYTHONPATH": str(Path(netboot.__file__).resolve().parent.parent)}
+    count = 150
+    procs = [await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _FIXED_WRITER, str(path), str(first), str(count), env=env,
+        stdout=asyncio.subprocess.PIPE) for first in (0, 1000)]
+    outs = await asyncio.wait_for(asyncio.gather(*(p.communicate() for p in procs)), 120)
+    assert [p.returncode for p in procs] == [0, 0]
+    won = [int(out.decode()) for out, _ in outs]
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        held = await store.list_machines(MachineFilter(with_fixed_ipv4=True, limit=1000))
+    finally:
+        await store.close()
+    by_address = collections.Counter(m.fixed_ipv4 for m in held)
+    assert sum(won) == len(held) == count and set(by_address.values()) == {1}, (won, by_address)
+
+
+async def test_a_file_holding_one_fixed_address_twice_is_migrated_keeping_both(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Migration 8 (the fixed_ipv4 column and its unique index) on a file of schema 7 where
+    two machines share an address (stored before the API refused it): nothing dropped, the
+    oldest holds the index entry, start-up names both (contract.check_a_shared_fixed_...)."""
+    from tests.inventory.test_contract import check_a_shared_fixed_address_migrated, machine
+
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    a = machine("02:00:00:00:00:01", hostname="a", fixed_ipv4="192.0.2.7", created=1.0,
+                updated=1.0)
+    b = machine("02:00:00:00:00:02", hostname="b", created=2.0, updated=2.0)
+    await store.apply_batch(Batch(create=[a, b]))
+    await store.close()
+    # The file as schema 7 left it, b's document given a's address by an older netboot.
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute("DROP INDEX machines_fixed_ipv4")
+        conn.execute("ALTER TABLE machines DROP COLUMN fixed_ipv4")
+        conn.execute("UPDATE machines SET data = json_set(data, '$.fixed_ipv4', '192.0.2.7')"
+                     " WHERE id = ?", (b.id,))
+        conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        await check_a_shared_fixed_address_migrated(store, a, replace(b, fixed_ipv4=a.fixed_ipv4),
+                                                    caplog)
+    finally:
+        await store.close()
