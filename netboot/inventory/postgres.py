@@ -391,7 +391,8 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     )),
     ("one fixed_ipv4 per address, refused by the database (as in SQLite's migration 8): a "
      "column the writers set, unique; a duplicate stored before is left to its oldest holder "
-     "and named at start-up", (
+     "and named at start-up. The profile a machine names, a column indexed for a profile's "
+     "delete", (
         # A column, not an expression index over the document: every machine update would
         # parse its document, and no update of one could be HOT (a column an indexed
         # expression reads, changed). Written with its own value it leaves HOT as it was.
@@ -401,16 +402,21 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         " WHERE ipv4 IS NOT NULL ORDER BY ipv4, created, id) f WHERE m.id = f.id",
         "CREATE UNIQUE INDEX machines_fixed_ipv4 ON machines (fixed_ipv4)"
         " WHERE fixed_ipv4 IS NOT NULL",
+        # The profile a machine names, for a profile's delete (as SQLite's migration 8).
+        'ALTER TABLE machines ADD COLUMN profile TEXT COLLATE "C"',
+        "UPDATE machines SET profile = (data::jsonb) ->> 'profile'"
+        " WHERE (data::jsonb) ->> 'profile' IS NOT NULL",
+        "CREATE INDEX machines_profile ON machines (profile) WHERE profile IS NOT NULL",
     )),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _MACHINE_COLUMNS = ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated",
-                    "fixed_ipv4")
+                    "fixed_ipv4", "profile")
 _INSERT_MACHINE = (
     "INSERT INTO machines (id, mac, hostname, state, cluster, data, created, updated,"
-    " fixed_ipv4) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+    " fixed_ipv4, profile) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 )
 # The fixed_ipv4 column: the machine's address, but NULL kept where the stored document
 # already held that address while another machine holds the column (a duplicate migration 5
@@ -421,7 +427,8 @@ _UPDATE_MACHINE = (
     " created = $7, updated = $8, fixed_ipv4 = CASE WHEN $9::text IS NULL THEN NULL"
     " WHEN fixed_ipv4 = $9 THEN fixed_ipv4 WHEN fixed_ipv4 IS NULL"
     " AND (data::jsonb) ->> 'fixed_ipv4' = $9 AND EXISTS (SELECT 1 FROM machines o"
-    " WHERE o.fixed_ipv4 = $9 AND o.id <> $1) THEN NULL ELSE $9 END WHERE id = $1"
+    " WHERE o.fixed_ipv4 = $9 AND o.id <> $1) THEN NULL ELSE $9 END, profile = $10"
+    " WHERE id = $1"
 )
 # The addresses a batch of updates moves, let go before any is written (sqlite.py's
 # _let_go_fixed): an import swapping two machines' addresses is written.
@@ -446,7 +453,7 @@ class _Row:
         mac = as_dict["macs"][0] if as_dict["macs"] else None
         self.params: tuple[Any, ...] = (
             m.id, mac, m.hostname, m.state.value, m.cluster, codec.dumps(as_dict, "machine"),
-            float(as_dict["created"]), float(as_dict["updated"]), m.fixed_ipv4)
+            float(as_dict["created"]), float(as_dict["updated"]), m.fixed_ipv4, m.profile)
         self.labels = [(m.id, k, v) for k, v in as_dict["labels"].items()]
         self.keys = [(kind, value, m.id) for kind, value in claims(m)]
 
@@ -1978,10 +1985,9 @@ class PostgresStore:
                 check_unchanged(kind, name, None if stored is None
                                 else open_item(json.loads(stored)), read)
             if unused:
-                # A cluster by its indexed column; a profile by a scan of the documents (as
-                # Core._users pages through them), stopped at the first.
-                where = ("cluster = $1" if kind == "cluster"
-                         else "(data::jsonb) ->> 'profile' = $1")
+                # By the indexed column (a profile's since migration 5: it parsed every
+                # machine's document here, the writers' lock held).
+                where = "cluster = $1" if kind == "cluster" else "profile = $1"
                 found = await conn.fetchrow(
                     f"SELECT coalesce(mac, id), id FROM machines WHERE {where} LIMIT 1",  # noqa: S608
                     name)

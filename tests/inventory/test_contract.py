@@ -1787,3 +1787,40 @@ async def check_a_shared_fixed_address_migrated(store: Store, a: Machine, b: Mac
         await store.create_machine(machine(mac(78), fixed_ipv4="192.0.2.99"))
     with pytest.raises(Conflict, match=re.escape(f"fixed_ipv4 {a.fixed_ipv4} is")):
         await store.create_machine(machine(mac(78), fixed_ipv4=a.fixed_ipv4))
+    # The profile a names, an indexed column since the migration too, found by its delete.
+    with pytest.raises(Conflict, match="is used by machine") as err:
+        await store.delete_profile(PROFILE.name, unused=True)
+    assert err.value.holder == a.id
+
+
+async def test_a_profile_named_by_every_write_path_keeps_its_delete_refused(
+        store: Store) -> None:
+    """A profile's delete finds the machines naming it by an indexed column the writers set
+    beside the document (SQLite migration 8, PostgreSQL 5), no longer by reading every
+    document in its write transaction: each write path sets it (a create, a whole update, a
+    bulk import, a boot's write in place from its base), and one taking the profile away
+    frees it."""
+    await store.put_profile(PROFILE, create=True)
+    name = PROFILE.name
+
+    async def refused_by(holder: str) -> None:
+        with pytest.raises(Conflict) as err:
+            await store.delete_profile(name, unused=True)
+        assert err.value.holder == holder
+
+    a = machine(MAC1, updated=1.0)
+    await store.create_machine(a)
+    await store.update_machine(replace(a, profile=name, updated=2.0))
+    await refused_by(a.id)
+    await store.update_machine(replace(a, updated=3.0))
+    in_place = replace(a, profile=name, updated=4.0)
+    await store.apply_batch(Batch(update=[in_place], versions={a.id: 3.0},
+                                  bases={a.id: replace(a, updated=3.0)}))
+    await refused_by(a.id)
+    await store.apply_batch(Batch(update=[replace(in_place, profile=None, updated=5.0)],
+                                  versions={a.id: 4.0}, bases={a.id: in_place}))
+    many = [machine(mac(100 + i), profile=name if i == 555 else None) for i in range(600)]
+    await store.apply_batch(Batch(create=many))
+    await refused_by(many[555].id)
+    await store.delete_machine(many[555].id)
+    await store.delete_profile(name, unused=True)

@@ -2466,17 +2466,20 @@ async def test_a_database_holding_one_fixed_address_twice_is_migrated_keeping_bo
         pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """Migration 5 (the fixed_ipv4 column and its unique index) on a database of schema 4
     where two machines share an address: as SQLite's migration 8 (test_sqlite.py)."""
-    a = contract.machine(contract.MAC1, hostname="a", fixed_ipv4="192.0.2.7", created=1.0,
-                         updated=1.0)
+    a = contract.machine(contract.MAC1, hostname="a", fixed_ipv4="192.0.2.7", profile="k3os",
+                         created=1.0, updated=1.0)
     b = contract.machine(contract.MAC2, hostname="b", created=2.0, updated=2.0)
     store = PostgresStore(pg_dsn)
     await store.open()
+    await store.put_profile(contract.PROFILE)
     await store.apply_batch(Batch(create=[a, b]))
     await store.close()
     conn = await asyncpg.connect(pg_dsn)
     try:
         await conn.execute("DROP INDEX machines_fixed_ipv4;"
                            " ALTER TABLE machines DROP COLUMN fixed_ipv4;"
+                           " DROP INDEX machines_profile;"
+                           " ALTER TABLE machines DROP COLUMN profile;"
                            " DELETE FROM schema_migrations WHERE version = 5")
         await conn.execute("UPDATE machines SET data = (jsonb_set(data::jsonb, '{fixed_ipv4}',"
                            " '\"192.0.2.7\"'))::text WHERE id = $1", b.id)

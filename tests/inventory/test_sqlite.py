@@ -2333,14 +2333,19 @@ async def test_a_file_holding_one_fixed_address_twice_is_migrated_keeping_both(
     """Migration 8 (the fixed_ipv4 column and its unique index) on a file of schema 7 where
     two machines share an address (stored before the API refused it): nothing dropped, the
     oldest holds the index entry, start-up names both (contract.check_a_shared_fixed_...)."""
-    from tests.inventory.test_contract import check_a_shared_fixed_address_migrated, machine
+    from tests.inventory.test_contract import (
+        PROFILE,
+        check_a_shared_fixed_address_migrated,
+        machine,
+    )
 
     path = tmp_path / "inv.db"
     store = SqliteStore(path)
     await store.open()
-    a = machine("02:00:00:00:00:01", hostname="a", fixed_ipv4="192.0.2.7", created=1.0,
-                updated=1.0)
+    a = machine("02:00:00:00:00:01", hostname="a", fixed_ipv4="192.0.2.7", profile="k3os",
+                created=1.0, updated=1.0)
     b = machine("02:00:00:00:00:02", hostname="b", created=2.0, updated=2.0)
+    await store.put_profile(PROFILE)
     await store.apply_batch(Batch(create=[a, b]))
     await store.close()
     # The file as schema 7 left it, b's document given a's address by an older netboot.
@@ -2348,6 +2353,8 @@ async def test_a_file_holding_one_fixed_address_twice_is_migrated_keeping_both(
     with conn:
         conn.execute("DROP INDEX machines_fixed_ipv4")
         conn.execute("ALTER TABLE machines DROP COLUMN fixed_ipv4")
+        conn.execute("DROP INDEX machines_profile")
+        conn.execute("ALTER TABLE machines DROP COLUMN profile")
         conn.execute("UPDATE machines SET data = json_set(data, '$.fixed_ipv4', '192.0.2.7')"
                      " WHERE id = ?", (b.id,))
         conn.execute("PRAGMA user_version = 7")
@@ -2357,5 +2364,34 @@ async def test_a_file_holding_one_fixed_address_twice_is_migrated_keeping_both(
     try:
         await check_a_shared_fixed_address_migrated(store, a, replace(b, fixed_ipv4=a.fixed_ipv4),
                                                     caplog)
+    finally:
+        await store.close()
+
+
+async def test_a_profile_delete_finds_its_users_by_an_index_in_its_write_transaction(
+        tmp_path: Path) -> None:
+    """delete_profile(unused=True) looks for a machine naming the profile with the write
+    lock held (s41-integrity): it read every machine's document there (81-150 ms of CPU at
+    100,000 machines, every boot's write waiting). Each statement it runs on machines is now
+    a search of an index (SQLite's own plan of it, EXPLAIN QUERY PLAN), never a scan."""
+    from tests.inventory.test_contract import PROFILE
+
+    store = SqliteStore(tmp_path / "inv.db")
+    await store.open()
+    try:
+        await store.put_profile(PROFILE, create=True)
+        await store.apply_batch(Batch(create=[Machine(macs=(MacAddress((0x0200_0000_0000 + i)
+                                                                       .to_bytes(6, "big")),))
+                                              for i in range(50)]))
+        statements: list[str] = []
+        await store._run(lambda conn: conn.set_trace_callback(statements.append))
+        await store.delete_profile(PROFILE.name, unused=True)
+        await store._run(lambda conn: conn.set_trace_callback(None))
+        reads = [s for s in statements if s.lstrip().upper().startswith("SELECT")
+                 and " machines " in f"{s} "]
+        assert reads, statements
+        plans = await store._run(lambda conn: [
+            [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + s)] for s in reads])
+        assert all(p and not any(step.startswith("SCAN") for step in p) for p in plans), plans
     finally:
         await store.close()
