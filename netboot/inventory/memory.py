@@ -227,19 +227,20 @@ class MemoryStore:
             self._release(machines, keys, hostnames, old)
             _let_go(fixed, old)
             moved.append((source, target))
+        if len(updates) > 1 or (updates and creates):
+            # The addresses the batch moves let go first (sqlite._let_go_fixed): an import
+            # swapping two machines' addresses, or giving a new machine the one it moves
+            # an enrolled one off, is written.
+            for machine in updates:
+                if (old := machines.get(machine.id)) is not None \
+                        and old.fixed_ipv4 != machine.fixed_ipv4:
+                    _let_go(fixed, old)
         for machine in creates:
             if machine.id in machines:
                 raise Conflict(f"machine {machine.id} already exists")
             _claim(machines, keys, hostnames, machine)
             _hold(fixed, machines, machine)
             machines[machine.id] = machine
-        if len(updates) > 1:
-            # The addresses the batch moves let go first (sqlite._let_go_fixed): an import
-            # swapping two machines' addresses is written.
-            for machine in updates:
-                if (old := machines.get(machine.id)) is not None \
-                        and old.fixed_ipv4 != machine.fixed_ipv4:
-                    _let_go(fixed, old)
         for machine in updates:
             old = machines.get(machine.id)
             if old is None:

@@ -2792,14 +2792,16 @@ async def _stored(conn: asyncpg.Connection, query: str,
 async def _slow_batch(conn: asyncpg.Connection, creates: list[_Row], updates: list[_Row],
                       decode: Callable[[str | None], Machine | None]) -> None:
     """The same writes with the checks MemoryStore makes, in the same order and words."""
+    # A new machine may take the address an update moves an enrolled one off (the fast
+    # path's COPY, first, was refused by the index), machines may swap theirs.
+    if len(updates) > 1 or (updates and creates):
+        await _let_go_fixed(conn, updates)
     for row in creates:
         if await conn.fetchval("SELECT 1 FROM machines WHERE id = $1", row.id):
             raise Conflict(f"machine {row.id} already exists")
         await _check_claims(conn, row, decode)
         await conn.execute(_INSERT_MACHINE, *row.params)
         await _insert_children(conn, row)
-    if len(updates) > 1:
-        await _let_go_fixed(conn, updates)
     for row in updates:
         if not await conn.fetchval("SELECT 1 FROM machines WHERE id = $1", row.id):
             raise NotFound(f"machine {row.id} not found")

@@ -2350,6 +2350,10 @@ def _from_staging(conn: sqlite3.Connection) -> None:
 
 def _slow_batch(conn: sqlite3.Connection, creates: list[_Row], updates: list[_Row]) -> None:
     """The same writes with the checks MemoryStore makes, in the same order and words."""
+    # The addresses the batch's updates move let go first, as the fast path does
+    # (_let_go_fixed, _let_go_moved): a new machine may take one an update gives up.
+    if len(updates) > 1 or (updates and creates):
+        _let_go_moved(conn, updates)
     for row in creates:
         if conn.execute("SELECT 1 FROM machines WHERE id = ?", (row.id,)).fetchone():
             raise Conflict(f"machine {row.id} already exists")
@@ -2358,11 +2362,6 @@ def _slow_batch(conn: sqlite3.Connection, creates: list[_Row], updates: list[_Ro
         conn.execute(_INSERT_MACHINE, row.insert_params())
         conn.executemany(_INSERT_LABEL, row.labels)
         conn.executemany(_INSERT_KEY, row.keys)
-    # The addresses the batch moves let go first, as the fast path does (_let_go_fixed).
-    if len(updates) > 1:
-        conn.executemany("UPDATE machines SET fixed_ipv4 = NULL WHERE id = ?"
-                         " AND fixed_ipv4 IS NOT ?", [(r.id, r.machine.fixed_ipv4)
-                                                      for r in updates])
     for row in updates:
         if not conn.execute("SELECT 1 FROM machines WHERE id = ?", (row.id,)).fetchone():
             raise NotFound(f"machine {row.id} not found")
@@ -2372,6 +2371,17 @@ def _slow_batch(conn: sqlite3.Connection, creates: list[_Row], updates: list[_Ro
         conn.execute(_DELETE_KEYS, (row.id,))
         conn.executemany(_INSERT_LABEL, row.labels)
         conn.executemany(_INSERT_KEY, row.keys)
+
+
+def _let_go_moved(conn: sqlite3.Connection, updates: Sequence[_Row]) -> None:
+    """The fixed_ipv4 column of each of ``updates`` emptied where the update gives its
+    machine another address, before _slow_batch writes the batch row by row: a new machine
+    may take the address an update moves an enrolled one off (an import's; the fast path,
+    which inserts first, was refused by the index and the batch replayed here), machines
+    may swap theirs. Each row sets its own again as it is written."""
+    conn.executemany("UPDATE machines SET fixed_ipv4 = NULL WHERE id = ? AND fixed_ipv4 IS NOT"
+                     " NULL AND fixed_ipv4 IS NOT ?", [(r.id, r.machine.fixed_ipv4)
+                                                       for r in updates])
 
 
 def _let_go_fixed(conn: sqlite3.Connection, moved: Sequence[str]) -> None:

@@ -1824,3 +1824,25 @@ async def test_a_profile_named_by_every_write_path_keeps_its_delete_refused(
     await refused_by(many[555].id)
     await store.delete_machine(many[555].id)
     await store.delete_profile(name, unused=True)
+
+
+async def test_a_new_machine_given_the_address_an_update_moves_another_off_is_written(
+        store: Store) -> None:
+    """An import creating a machine with the address it moves an enrolled one off (one
+    batch: its creates are written before its updates) is written; the index still refuses
+    the address to the new machine when the batch leaves it to its holder."""
+    a = machine(MAC1, fixed_ipv4="192.0.2.1", updated=1.0)
+    await store.create_machine(a)
+    c = machine(MAC3, fixed_ipv4="192.0.2.1")
+    with pytest.raises(Conflict, match=taken("192.0.2.1")) as err:
+        await store.apply_batch(Batch(create=[c], update=[replace(a, hostname="a")]))
+    assert err.value.holder == a.id
+    moved = replace(a, fixed_ipv4="192.0.2.2", updated=2.0)
+    await store.apply_batch(Batch(create=[c], update=[moved]))
+    assert await store.list_machines() == [moved, c]
+    # A bulk import's (past sqlite.BULK_ROWS) likewise.
+    many = [machine(mac(100 + i)) for i in range(599)] + [
+        machine(mac(99), fixed_ipv4="192.0.2.2")]
+    await store.apply_batch(Batch(create=many, update=[replace(moved, fixed_ipv4=None)]))
+    assert [m.id for m in await store.list_machines(MachineFilter(fixed_ipv4="192.0.2.2"))
+            ] == [mid(mac(99))]
