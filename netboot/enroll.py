@@ -2130,19 +2130,24 @@ class Enroller:
         # address. The holders are read only then, to name the line: reading every machine
         # with an address first, under the lock, was ~2 s of CPU of a re-import of 100,000
         # giving 1,000 new ones (s41-integrity).
+        # (The holders read after the handler: mypyc's compiled coroutines must not await
+        # inside one, tests/test_compiled.py.)
         async with self.fixed_lock:
+            held: Conflict | None = None
             try:
                 await self.recorder.commit(batch)
-            except Conflict as refused:
-                if refused.field != "fixed_ipv4":
-                    raise _chosen_taken(refused, chosen, rows) from None
+            except Conflict as exc:
+                if exc.field != "fixed_ipv4":
+                    raise _chosen_taken(exc, chosen, rows) from None
+                held = exc
+            if held is not None:
                 clashes = given.clashes(await self._fixed_holders(), create_only)
                 if not clashes:
-                    raise
+                    raise held
                 raise Conflict(f"line {clashes[0].line}: fixed_ipv4 {clashes[0].message}, "
                                "given it by another writer since this import read the "
                                "inventory; import the file again", field="fixed_ipv4",
-                               holder=refused.holder) from None
+                               holder=held.holder)
         return replace(report, applied=True)
 
     async def _fixed_holders(self) -> dict[str, tuple[str, str]]:
