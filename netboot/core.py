@@ -512,11 +512,26 @@ class Core:
         (:meth:`Enroller.enroll`)."""
         machine = await self._parse_machine(data)
         check_fixed_ipv4(machine.fixed_ipv4, self.enroller.server_addresses())
-        if machine.fixed_ipv4 is None:
+        if machine.fixed_ipv4 is None and machine.cluster is None and machine.profile is None:
             return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
         async with self.enroller.fixed_lock:  # checked and written with no other between
+            await self._refs_still(machine.cluster, machine.profile)
             await self._fixed_ipv4_free(machine.fixed_ipv4, None)
             return await self.enroller.enroll(replace(machine, updated=self._clock()), note)
+
+    async def _refs_still(self, cluster: str | None, profile: str | None) -> None:
+        """The cluster and profile a write names, checked again under ``enroller.fixed_lock``
+        (held by the write to its commit, and by :meth:`delete`'s delete): one checked
+        before (validate_refs) and deleted by another writer since (another server or a CLI
+        on this inventory, whose delete found no machine naming it yet) is a 409 naming it,
+        not a machine left naming one that is gone (held at its next boot)."""
+        try:
+            await self.enroller.validate_refs(cluster, profile)
+        except ValidationError as e:
+            name = cluster if e.field == "cluster" else profile
+            raise Conflict(f"{e.field} {name!r} was deleted by another writer (another server "
+                           "or a CLI on this inventory) since this write checked it; create it "
+                           "again or name another", field=e.field, holder=name or "") from None
 
     async def update_machine(self, ref: str,
                              changes: Mapping[str, Any] | Callable[[Machine], Mapping[str, Any]],
@@ -530,10 +545,12 @@ class Core:
         a NIC attached). ``versions``: the machine's :func:`machine_version` as the caller saw
         it (the API's If-Match); if it is none of them now, :class:`PreconditionFailed` and
         nothing written."""
-        if not callable(changes) and changes.get("fixed_ipv4") is None:
+        if not callable(changes) and all(changes.get(k) is None
+                                         for k in ("fixed_ipv4", "cluster", "profile")):
             return await self._update_machine(ref, changes, versions)
         # _patched's fixed-address check and the write, as one (a change made from the
-        # machine as read may set one too).
+        # machine as read may set one too); its cluster's and profile's check too, which
+        # Core.delete's delete waits for (_refs_still).
         async with self.enroller.fixed_lock:
             return await self._update_machine(ref, changes, versions)
 
@@ -653,9 +670,15 @@ class Core:
         await self._check_installable(replace(machine, cluster=cluster or machine.cluster,
                                               role=role or machine.role,
                                               profile=profile or machine.profile))
-        return await self.enroller.approve(machine.id, cluster=cluster, role=role,
-                                           profile=profile, hostname=data.get("hostname"),
-                                           enroll_only=enroll_only, versions=versions)
+        if cluster is None and profile is None:
+            return await self.enroller.approve(machine.id, cluster=cluster, role=role,
+                                               profile=profile, hostname=data.get("hostname"),
+                                               enroll_only=enroll_only, versions=versions)
+        async with self.enroller.fixed_lock:  # the names checked again, as create_machine's
+            await self._refs_still(cluster, profile)
+            return await self.enroller.approve(machine.id, cluster=cluster, role=role,
+                                               profile=profile, hostname=data.get("hostname"),
+                                               enroll_only=enroll_only, versions=versions)
 
     async def _check_installable(self, machine: Machine) -> None:
         group, profile, _, _ = await self.boot.effective(machine)
@@ -1120,6 +1143,11 @@ class Core:
                                    "change or remove those first", field=single,
                                    holder=holder)
                 unused = {"unused": True}
+                # Under the lock a machine write naming it holds from its check to its
+                # commit (_refs_still): one that checked it before waits, then is refused.
+                async with self.enroller.fixed_lock:
+                    await delete(name, expect=item, **unused)
+                return
             await delete(name, expect=item, **unused)
         await _again_on_change(step)
 

@@ -908,6 +908,30 @@ class _FixedGiven:
         return sorted(out, key=lambda e: e.line)
 
 
+_USED_HOSTNAME = re.compile(r"hostname '([^']*)' is used by ")
+
+
+def _chosen_taken(refused: Conflict, chosen: Mapping[str, int],
+                  rows: Iterable[Any]) -> Conflict:
+    """What an import refused at its commit raises: a hostname the template chose for an
+    unnamed row, read as free, that another writer (another server, a CLI) gave meanwhile
+    is a StateChanged (field ``updated``) that import_rows answers by making the import
+    again from the inventory as stored now, choosing the next free names, as a single
+    enrollment chooses again (Enroller.enroll); rows read once (a stream) cannot be, and
+    it names the row and the fix. Any other refusal is raised as it is."""
+    found = _USED_HOSTNAME.match(str(refused)) if refused.field == "hostname" else None
+    line = chosen.get(found.group(1)) if found is not None else None
+    if found is None or line is None:
+        return refused
+    message = (f"line {line}: hostname {found.group(1)!r}, chosen by the hostname template, "
+               "was given to another machine by another writer (another server or a CLI) "
+               "since this import read the inventory")
+    if isinstance(rows, Sequence):
+        return StateChanged(message, field="updated", holder=refused.holder)
+    return Conflict(f"{message}; import the file again: its unnamed rows get the next free "
+                    "names", field="hostname", holder=refused.holder)
+
+
 def _changes_nothing(old: Machine, values: _Values) -> bool:
     """Whether ``_updated(old, <the row's machine>, [], now) == old``, read from the row's
     checked values without building, copying and comparing machines (three quarters of a
@@ -2084,6 +2108,7 @@ class Enroller:
         # both the inventory and the rest of the file.
         # (Made only when needed: for a re-import, two sets of 100,000 names for nothing.)
         taken = {*by_host, *seen_host} if unnamed else set()
+        chosen: dict[str, int] = {}  # a name the template chose -> its row's line
         groups = await self._store.list_groups()
         # Only a group's own template changes a machine's: without any, each unnamed row
         # takes the default without its labels made to select one (25,000 rows of a file).
@@ -2105,6 +2130,7 @@ class Enroller:
                 name, n = f"{base[:58]}-{n}", n + 1
             taken.add(name)
             create.rename(i, name)
+            chosen[name] = line_of[m.id]
         # A hostname freed by one row and taken by another in the same file is fine; a name
         # taken from a machine the file does not rename is not.
         renamed = {m.id for m in update} | {source for source, _ in merge}
@@ -2150,20 +2176,37 @@ class Enroller:
                       expect={m.id: m.state for m in read},
                       versions={m.id: m.updated for m in read})
         if given is None or not given.given:
-            await self.recorder.commit(batch)
+            try:
+                await self.recorder.commit(batch)
+            except Conflict as refused:
+                raise _chosen_taken(refused, chosen, rows) from None
             return replace(report, applied=True)
-        # The addresses the file gives checked again against their holders as stored now,
-        # and written, under the lock every write of a fixed_ipv4 holds from its check to
-        # its commit (Core._fixed_ipv4_free; across servers and processes, _BothHeld): one
-        # given to another machine since this import read the inventory is a 409 naming
-        # it, never two machines with one address.
+        # Written under the lock every write of a fixed_ipv4 holds from its check to its
+        # commit (Core._fixed_ipv4_free; across servers and processes, _BothHeld). The store
+        # refuses an address another machine holds (its unique index, which lets a batch
+        # swap addresses): one given to another machine since this import read the
+        # inventory is a 409 naming its line and holder, never two machines with one
+        # address. The holders are read only then, to name the line: reading every machine
+        # with an address first, under the lock, was ~2 s of CPU of a re-import of 100,000
+        # giving 1,000 new ones (s41-integrity).
+        # (The holders read after the handler: mypyc's compiled coroutines must not await
+        # inside one, tests/test_compiled.py.)
         async with self.fixed_lock:
-            clashes = given.clashes(await self._fixed_holders(), create_only)
-            if clashes:
+            held: Conflict | None = None
+            try:
+                await self.recorder.commit(batch)
+            except Conflict as exc:
+                if exc.field != "fixed_ipv4":
+                    raise _chosen_taken(exc, chosen, rows) from None
+                held = exc
+            if held is not None:
+                clashes = given.clashes(await self._fixed_holders(), create_only)
+                if not clashes:
+                    raise held
                 raise Conflict(f"line {clashes[0].line}: fixed_ipv4 {clashes[0].message}, "
                                "given it by another writer since this import read the "
-                               "inventory; import the file again", field="fixed_ipv4")
-            await self.recorder.commit(batch)
+                               "inventory; import the file again", field="fixed_ipv4",
+                               holder=held.holder)
         return replace(report, applied=True)
 
     async def _fixed_holders(self) -> dict[str, tuple[str, str]]:

@@ -979,10 +979,19 @@ async def test_a_user_given_it_between_the_delete_check_and_the_delete_keeps_it(
                           for s in (a, b))
         single = what[:-1]
         name = "p" if single == "profile" else "c"
-        original = getattr(a, f"delete_{single}")
         given: list[str] = []
+        # Between this server's check (Core._users) and its delete: not in the store's
+        # delete itself, which Core.delete makes under the lock a machine's write holds
+        # from its check to its commit (Core._refs_still): the other's write would wait
+        # for it there.
+        users = core_a._users
 
-        async def after_the_other(*args: Any, **kw: Any) -> None:
+        async def checked_then_the_other(*args: Any, **kw: Any) -> list[str]:
+            found = await users(*args, **kw)
+            await after_the_other()
+            return found
+
+        async def after_the_other() -> None:
             if not given:  # this server found no user; the other gives it one now
                 if user == "machine":
                     made = await core_b.create_machine({"mac": MAC, single: name},
@@ -992,9 +1001,8 @@ async def test_a_user_given_it_between_the_delete_check_and_the_delete_keeps_it(
                     await core_b.put("groups", {"name": "rack1", "selector": {"rack": ["1"]},
                                                 single: name}, create=True)
                     given.append("rack1")
-            await original(*args, **kw)
 
-        setattr(a, f"delete_{single}", after_the_other)
+        core_a._users = checked_then_the_other  # type: ignore[method-assign]
         with pytest.raises(Conflict) as refused:
             await core_a.delete(what, name)
         assert given
@@ -1003,6 +1011,63 @@ async def test_a_user_given_it_between_the_delete_check_and_the_delete_keeps_it(
         assert (f"machine {MAC}" if user == "machine" else "group 'rack1'") in str(refused.value)
         for store in (a, b):
             assert await getattr(store, f"get_{single}")(name) is not None
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("what", ["profiles", "clusters"])
+@pytest.mark.parametrize("write", ["create", "approve"])
+async def test_a_machine_written_after_its_cluster_or_profile_was_deleted_is_refused(
+        kind: str, what: str, write: str, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """The other direction (s41-integrity's left item): a server checked that the cluster
+    (or profile) a new machine names exists, then another server (or a CLI) deleted it,
+    finding no machine naming it yet, then the first wrote its machine: left naming one
+    that is gone (held at its next boot). Now the write checks the name again under the
+    lock it holds to its commit, which the delete holds too: a 409 naming it, nothing
+    written. Ordered by a store wrapper: the delete commits right after the first check."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.model import Cluster, Profile
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+        await a.put_cluster(Cluster(name="c", token="t" * 32), create=True)
+        core_a, core_b = (Core(s, Enroller(s), _settings_only(), None)  # type: ignore[arg-type]
+                          for s in (a, b))
+        single = what[:-1]
+        name = "p" if single == "profile" else "c"
+        if write == "approve":
+            await a.create_machine(Machine(macs=(MacAddress.parse(MAC),),
+                                           state=MachineState.DISCOVERED))
+        read = getattr(a, f"get_{single}")
+        deleted: list[bool] = []
+
+        async def checked_then_deleted(wanted: str) -> Any:
+            found = await read(wanted)
+            if not deleted:  # this server saw it; the other deletes it now
+                deleted.append(True)
+                await core_b.delete(what, name)
+            return found
+
+        setattr(a, f"get_{single}", checked_then_deleted)
+        core_a._check_installable = _nothing  # type: ignore[method-assign]
+        with pytest.raises(Conflict) as refused:
+            if write == "create":
+                await core_a.create_machine({"mac": MAC, single: name}, note="enrolled")
+            else:
+                await core_a.approve(MAC, {single: name})
+        assert deleted
+        assert (refused.value.field, refused.value.holder) == (single, name)
+        assert "was deleted by another writer" in str(refused.value)
+        for store in (a, b):
+            assert await read(name) is None
+            assert [getattr(m, single) for m in await store.list_machines()] in ([], [None])
+
+
+async def _nothing(*args: Any) -> None:
+    return None
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])

@@ -12,6 +12,7 @@ import pathlib
 import re
 import traceback
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -2151,3 +2152,81 @@ async def test_a_machine_token_posts_at_the_report_rate_not_without_bound(  # ty
     now[0] += 1.0  # the rate gives one more a second
     moved = await enroller.register(later, ipaddress.ip_address("192.0.2.73"), audit=_audited)
     assert moved.ipv4 == "192.0.2.73"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_an_address_another_writer_gives_meanwhile_fails_the_import_naming_its_line(
+        kind: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> None:
+    """An import giving a machine a new fixed_ipv4 that another server (or a CLI) gives
+    another machine between the import's read and its commit: refused by the store's
+    unique index at the commit, a 409 naming the file's line, the address and its holder,
+    nothing of the file written (s42-integrity: the holders are read only then, no longer
+    every machine with an address before each such commit)."""
+    from netboot.errors import Conflict
+
+    async with contextlib.AsyncExitStack() as stack:
+        one, two = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        enroller = Enroller(one)
+        theirs = Machine(macs=(MacAddress.parse("52:54:00:42:00:99"),), id="m-theirs")
+
+        @contextlib.asynccontextmanager
+        async def after_the_other() -> Any:
+            await two.create_machine(replace(theirs, fixed_ipv4="192.0.2.5"))
+            yield
+
+        enroller.fixed_lock = after_the_other()
+        text = ("mac,hostname,fixed_ipv4\n52:54:00:42:00:01,a,192.0.2.4\n"
+                "52:54:00:42:00:02,b,192.0.2.5\n")
+        with pytest.raises(Conflict) as refused:
+            await enroller.import_rows(enroll.iter_import(text, "csv"))
+        assert str(refused.value).startswith(
+            "line 3: fixed_ipv4 192.0.2.5 is the fixed address of 52:54:00:42:00:99 in the "
+            "inventory, given it by another writer since this import read the inventory")
+        assert (refused.value.field, refused.value.holder) == ("fixed_ipv4", theirs.id)
+        assert [m.id for m in await one.list_machines()] == [theirs.id]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("read", ["list", "stream"])
+async def test_a_template_name_another_writer_takes_meanwhile_is_chosen_again_by_an_import(
+        kind: str, read: str, tmp_path: pathlib.Path, request: pytest.FixtureRequest) -> None:
+    """An import's unnamed rows are named by the hostname template from the names free when
+    it read the inventory; another server (or a CLI) giving one of those names to another
+    machine before the import's commit made the store refuse the whole file ("hostname
+    'edge-sn2' is used by ..."), though the file asked for no name. Now the import is made
+    again from the inventory as stored then, the row given the next free name, as a single
+    enrollment chooses again (s41-integrity); rows read once (a stream) cannot be read
+    again: a 409 naming the row and the fix, nothing written."""
+    from netboot.errors import Conflict
+
+    async with contextlib.AsyncExitStack() as stack:
+        one, two = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        enroller = Enroller(one, hostname_template="edge-{serial}")
+        theirs = Machine(macs=(MacAddress.parse("52:54:00:42:00:99"),), id="m-theirs",
+                         hostname="edge-sn2")
+        commit = enroller.recorder.commit
+        taken: list[bool] = []
+
+        async def after_the_other(batch: Any) -> Any:
+            if not taken:
+                taken.append(True)
+                await two.create_machine(theirs)
+            return await commit(batch)
+
+        enroller.recorder.commit = after_the_other  # type: ignore[method-assign]
+        text = "mac,hostname,serial\n52:54:00:42:00:01,a,SN1\n52:54:00:42:00:02,,SN2\n"
+        rows = enroll.iter_import(text, "csv")
+        if read == "list":
+            report = await enroller.import_rows(list(rows))
+            assert report.applied
+            assert sorted(m.hostname for m in await one.list_machines()) == [
+                "a", "edge-sn2", "edge-sn2-2"]
+            return
+        with pytest.raises(Conflict) as refused:
+            await enroller.import_rows(iter(rows))
+        assert str(refused.value).startswith(
+            "line 3: hostname 'edge-sn2', chosen by the hostname template, was given to "
+            "another machine by another writer")
+        assert "import the file again" in str(refused.value)
+        assert (refused.value.field, refused.value.holder) == ("hostname", theirs.id)
+        assert [m.id for m in await one.list_machines()] == [theirs.id]

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -22,7 +23,7 @@ import aiohttp
 import pytest
 
 from netboot.config import load
-from netboot.errors import ConfigError
+from netboot.errors import ConfigError, Conflict
 from netboot.inventory.postgres import PostgresStore
 from netboot.model import MacAddress, Machine
 from netboot.service import (
@@ -1825,7 +1826,15 @@ async def test_machines_sharing_a_fixed_address_are_told_at_start(
         await env.post("/api/v1/machines", {"mac": mac, "fixed_ipv4": fixed}, status=201)
     store = env.service.store
     second = next(m for m in await store.list_machines() if m.ref == "52:54:00:40:00:12")
-    await store.update_machine(replace(second, fixed_ipv4="192.0.2.50"))  # as an old one did
+    # As an older netboot stored it: in the document alone (the store itself now refuses a
+    # second holder, the fixed_ipv4 column's unique index: sqlite.py migration 8).
+    with pytest.raises(Conflict, match=re.escape("fixed_ipv4 192.0.2.50 is the fixed address")):
+        await store.update_machine(replace(second, fixed_ipv4="192.0.2.50"))
+    conn = sqlite3.connect(store.path)
+    with conn:
+        conn.execute("UPDATE machines SET data = json_set(data, '$.fixed_ipv4', '192.0.2.50')"
+                     " WHERE id = ?", (second.id,))
+    conn.close()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="netboot.service"):
         again = await build(env.service.config)

@@ -63,6 +63,15 @@ def in_use(kind: str, name: str, user: str, holder: str | None) -> Conflict:
                     "or remove it first", field=kind, holder=holder)
 
 
+def fixed_taken(fixed: str, ref: str, holder: str) -> Conflict:
+    """A store's refusal of a second machine given one ``fixed_ipv4`` (its unique index):
+    ``ref`` names the machine holding it, ``holder`` its id. Core checks first
+    (Core._fixed_ipv4_free, worded alike); this is what a writer that did not, or that
+    raced another, is told."""
+    return Conflict(f"fixed_ipv4 {fixed} is the fixed address of machine {ref}: give each "
+                    "machine an address of its own", field="fixed_ipv4", holder=holder)
+
+
 @dataclass(frozen=True, slots=True)
 class MachineFilter:
     state: MachineState | None = None

@@ -1030,8 +1030,10 @@ def machine_delta(old: Machine, new: Machine, install_token: str | None = None,
 # one), whether it has more MACs, hostname, state, cluster, the document's text, created,
 # updated, and its identifiers other than MACs as identity.claims cleans them (None when it
 # has none, or a placeholder).
+# id, first MAC, more MACs, hostname, state, cluster, document, created, updated, UUID,
+# serial, asset tag, fixed_ipv4 and profile (columns of their own: sqlite.py migration 8).
 BulkColumns = tuple[str, str | None, bool, str | None, str, str | None, str, float, float,
-                    str | None, str | None, str | None]
+                    str | None, str | None, str | None, str | None, str | None]
 
 
 def bulk_columns(machine: Machine) -> BulkColumns:
@@ -1044,7 +1046,8 @@ def bulk_columns(machine: Machine) -> BulkColumns:
     return (m.id, str(macs[0]) if macs else None, len(macs) > 1, m.hostname, m.state._value_,
             m.cluster, machine_texts(m, claims=False)[0], m.created, m.updated,
             identity.clean_uuid(m.uuid),
-            identity.clean_text(m.serial), identity.clean_text(m.asset))
+            identity.clean_text(m.serial), identity.clean_text(m.asset), m.fixed_ipv4,
+            m.profile)
 
 
 def bulk_columns_of(machines: Sequence[Machine]) -> Iterator[BulkColumns]:
@@ -1236,7 +1239,7 @@ class NewMachines(_MadeOnDemand[Machine]):
             if fixed_ipv4 is not None:
                 text += ',"fixed_ipv4":' + q(fixed_ipv4)
             yield (ident, first, len(macs) > 1, hostname, state_value, cluster, text + tail,
-                   now, now, uuid, serial, asset)
+                   now, now, uuid, serial, asset, fixed_ipv4, profile)
 
 
 class SharedMaps:

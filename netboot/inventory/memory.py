@@ -27,6 +27,7 @@ from netboot.inventory.base import (
     EventListener,
     MachineFilter,
     check_unchanged,
+    fixed_taken,
     in_use,
 )
 from netboot.inventory.signal import Signal, wait_until
@@ -63,6 +64,7 @@ class MemoryStore:
         self._machines: dict[str, Machine] = {}  # id -> machine
         self._keys: dict[tuple[str, str], str] = {}  # (kind, value) claim -> id
         self._hostnames: dict[str, str] = {}  # folded hostname -> id
+        self._fixed: dict[str, str] = {}  # fixed_ipv4 -> id (the stores' unique index)
         self._profiles: dict[str, Profile] = {}
         self._clusters: dict[str, Cluster] = {}
         self._groups: dict[str, Group] = {}
@@ -179,6 +181,7 @@ class MemoryStore:
         if expect_updated is not None:
             codec.check_version(machine_id, expect_updated, machine.updated)
         self._release(self._machines, self._keys, self._hostnames, machine)
+        _let_go(self._fixed, machine)
         self._events.pop(machine_id, None)
         for mac in machine.macs:
             self._drop_lease(str(mac))
@@ -215,28 +218,42 @@ class MemoryStore:
         machines = dict(self._machines)
         keys = dict(self._keys)
         hostnames = dict(self._hostnames)
+        fixed = dict(self._fixed)
         moved: list[tuple[str, str]] = []
         for source, target in batch.merge:
             old = machines.get(source)
             if old is None:
                 raise NotFound(f"machine {source} not found")
             self._release(machines, keys, hostnames, old)
+            _let_go(fixed, old)
             moved.append((source, target))
+        if len(updates) > 1 or (updates and creates):
+            # The addresses the batch moves let go first (sqlite._let_go_fixed): an import
+            # swapping two machines' addresses, or giving a new machine the one it moves
+            # an enrolled one off, is written.
+            for machine in updates:
+                if (old := machines.get(machine.id)) is not None \
+                        and old.fixed_ipv4 != machine.fixed_ipv4:
+                    _let_go(fixed, old)
         for machine in creates:
             if machine.id in machines:
                 raise Conflict(f"machine {machine.id} already exists")
             _claim(machines, keys, hostnames, machine)
+            _hold(fixed, machines, machine)
             machines[machine.id] = machine
         for machine in updates:
             old = machines.get(machine.id)
             if old is None:
                 raise NotFound(f"machine {machine.id} not found")
             self._release(machines, keys, hostnames, old)
+            _let_go(fixed, old)
             _claim(machines, keys, hostnames, machine)
+            _hold(fixed, machines, machine)
             machines[machine.id] = machine
         self._machines = machines
         self._keys = keys
         self._hostnames = hostnames
+        self._fixed = fixed
         for source, target in moved:
             history = self._events.pop(source, [])
             self._events[target] = sorted(history + self._events.get(target, []),
@@ -513,6 +530,21 @@ class MemoryStore:
 
 def _copy_machine(machine: Machine) -> Machine:
     return codec.machine_from_dict(codec.machine_to_dict(machine))
+
+
+def _let_go(fixed: dict[str, str], machine: Machine) -> None:
+    if machine.fixed_ipv4 is not None and fixed.get(machine.fixed_ipv4) == machine.id:
+        del fixed[machine.fixed_ipv4]
+
+
+def _hold(fixed: dict[str, str], machines: dict[str, Machine], machine: Machine) -> None:
+    """Index ``machine``'s fixed_ipv4 (base.fixed_taken if another machine holds it)."""
+    if (address := machine.fixed_ipv4) is None:
+        return
+    holder = fixed.get(address)
+    if holder is not None and holder != machine.id:
+        raise fixed_taken(address, machines[holder].ref, holder)
+    fixed[address] = machine.id
 
 
 def _claim(machines: dict[str, Machine], keys: dict[tuple[str, str], str],

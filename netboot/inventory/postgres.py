@@ -57,7 +57,14 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Collection,
+    Mapping,
+    Sequence,
+)
 from typing import Any, TypeVar
 
 import asyncpg
@@ -83,6 +90,7 @@ from netboot.inventory.base import (
     MachineFilter,
     Sealer,
     check_unchanged,
+    fixed_taken,
     in_use,
 )
 from netboot.inventory.committed import CommittedHere
@@ -381,18 +389,52 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
         # No SQLite counterpart: a SQLite write's outcome is its own process's to know.
         "CREATE TABLE commit_marks (id UUID PRIMARY KEY, lost BOOLEAN NOT NULL DEFAULT false)",
     )),
+    ("one fixed_ipv4 per address, refused by the database (as in SQLite's migration 8): a "
+     "column the writers set, unique; a duplicate stored before is left to its oldest holder "
+     "and named at start-up. The profile a machine names, a column indexed for a profile's "
+     "delete", (
+        # A column, not an expression index over the document: every machine update would
+        # parse its document, and no update of one could be HOT (a column an indexed
+        # expression reads, changed). Written with its own value it leaves HOT as it was.
+        'ALTER TABLE machines ADD COLUMN fixed_ipv4 TEXT COLLATE "C"',
+        "UPDATE machines m SET fixed_ipv4 = f.ipv4 FROM (SELECT DISTINCT ON (ipv4) id, ipv4"
+        " FROM (SELECT id, created, (data::jsonb) ->> 'fixed_ipv4' AS ipv4 FROM machines) d"
+        " WHERE ipv4 IS NOT NULL ORDER BY ipv4, created, id) f WHERE m.id = f.id",
+        "CREATE UNIQUE INDEX machines_fixed_ipv4 ON machines (fixed_ipv4)"
+        " WHERE fixed_ipv4 IS NOT NULL",
+        # The profile a machine names, for a profile's delete (as SQLite's migration 8).
+        'ALTER TABLE machines ADD COLUMN profile TEXT COLLATE "C"',
+        "UPDATE machines SET profile = (data::jsonb) ->> 'profile'"
+        " WHERE (data::jsonb) ->> 'profile' IS NOT NULL",
+        "CREATE INDEX machines_profile ON machines (profile) WHERE profile IS NOT NULL",
+    )),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
-_MACHINE_COLUMNS = ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated")
+_MACHINE_COLUMNS = ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated",
+                    "fixed_ipv4", "profile")
 _INSERT_MACHINE = (
-    "INSERT INTO machines (id, mac, hostname, state, cluster, data, created, updated)"
-    " VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
+    "INSERT INTO machines (id, mac, hostname, state, cluster, data, created, updated,"
+    " fixed_ipv4, profile) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
 )
+# The fixed_ipv4 column: the machine's address, but NULL kept where the stored document
+# already held that address while another machine holds the column (a duplicate migration 5
+# found: its boots and edits go on; start-up names it). The document is parsed only when
+# the column is NULL and the address is not (an address given, or such a duplicate).
 _UPDATE_MACHINE = (
     "UPDATE machines SET mac = $2, hostname = $3, state = $4, cluster = $5, data = $6,"
-    " created = $7, updated = $8 WHERE id = $1"
+    " created = $7, updated = $8, fixed_ipv4 = CASE WHEN $9::text IS NULL THEN NULL"
+    " WHEN fixed_ipv4 = $9 THEN fixed_ipv4 WHEN fixed_ipv4 IS NULL"
+    " AND (data::jsonb) ->> 'fixed_ipv4' = $9 AND EXISTS (SELECT 1 FROM machines o"
+    " WHERE o.fixed_ipv4 = $9 AND o.id <> $1) THEN NULL ELSE $9 END, profile = $10"
+    " WHERE id = $1"
+)
+# The addresses a batch of updates moves, let go before any is written (sqlite.py's
+# _let_go_fixed): an import swapping two machines' addresses is written.
+_LET_GO_FIXED = (
+    "UPDATE machines m SET fixed_ipv4 = NULL FROM unnest($1::text[], $2::text[]) AS u (id, ip)"
+    " WHERE m.id = u.id AND m.fixed_ipv4 IS NOT NULL AND m.fixed_ipv4 IS DISTINCT FROM u.ip"
 )
 _INSERT_LABEL = "INSERT INTO machine_labels (machine, key, value) VALUES ($1, $2, $3)"
 _INSERT_KEY = "INSERT INTO machine_keys (kind, value, machine) VALUES ($1, $2, $3)"
@@ -411,7 +453,7 @@ class _Row:
         mac = as_dict["macs"][0] if as_dict["macs"] else None
         self.params: tuple[Any, ...] = (
             m.id, mac, m.hostname, m.state.value, m.cluster, codec.dumps(as_dict, "machine"),
-            float(as_dict["created"]), float(as_dict["updated"]))
+            float(as_dict["created"]), float(as_dict["updated"]), m.fixed_ipv4, m.profile)
         self.labels = [(m.id, k, v) for k, v in as_dict["labels"].items()]
         self.keys = [(kind, value, m.id) for kind, value in claims(m)]
 
@@ -1877,7 +1919,7 @@ class PostgresStore:
                                    target, source)
             try:
                 async with conn.transaction():  # a savepoint
-                    await _fast_batch(conn, creates, updates, self._peer)
+                    await _fast_batch(conn, creates, updates, self._peer, batch.bases)
             except (asyncpg.UniqueViolationError, _Retry):
                 # COPY and executemany cannot say which row failed: replay one by one under
                 # the same lock to name it (see sqlite.py).
@@ -1943,10 +1985,9 @@ class PostgresStore:
                 check_unchanged(kind, name, None if stored is None
                                 else open_item(json.loads(stored)), read)
             if unused:
-                # A cluster by its indexed column; a profile by a scan of the documents (as
-                # Core._users pages through them), stopped at the first.
-                where = ("cluster = $1" if kind == "cluster"
-                         else "(data::jsonb) ->> 'profile' = $1")
+                # By the indexed column (a profile's since migration 5: it parsed every
+                # machine's document here, the writers' lock held).
+                where = "cluster = $1" if kind == "cluster" else "profile = $1"
                 found = await conn.fetchrow(
                     f"SELECT coalesce(mac, id), id FROM machines WHERE {where} LIMIT 1",  # noqa: S608
                     name)
@@ -2655,7 +2696,7 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
 
 
 async def _fast_batch(conn: asyncpg.Connection, creates: list[_Row], updates: list[_Row],
-                      peer: PeerSettings) -> None:
+                      peer: PeerSettings, bases: Mapping[str, Machine]) -> None:
     if creates:
         # COPY: a 100k-machine import is one stream, not 100k statements.
         await copy_records(conn, peer, "machines", [r.params for r in creates],
@@ -2672,6 +2713,11 @@ async def _fast_batch(conn: asyncpg.Connection, creates: list[_Row], updates: li
             "SELECT count(*) FROM machines WHERE id = ANY($1::text[])", ids)
         if present != len(ids):
             raise _Retry
+        # Not for a group commit of boots: their bases (Batch.bases) say no address moves.
+        if len(updates) > 1 and any(
+                (base := bases.get(r.id)) is None or base.fixed_ipv4 != r.machine.fixed_ipv4
+                for r in updates):
+            await _let_go_fixed(conn, updates)
         await conn.executemany(_UPDATE_MACHINE, [r.params for r in updates])
         # Labels and identifiers rarely change with an update (a state step, a fact, a token):
         # rewritten only for the machines where they differ from what is stored (as the
@@ -2746,6 +2792,10 @@ async def _stored(conn: asyncpg.Connection, query: str,
 async def _slow_batch(conn: asyncpg.Connection, creates: list[_Row], updates: list[_Row],
                       decode: Callable[[str | None], Machine | None]) -> None:
     """The same writes with the checks MemoryStore makes, in the same order and words."""
+    # A new machine may take the address an update moves an enrolled one off (the fast
+    # path's COPY, first, was refused by the index), machines may swap theirs.
+    if len(updates) > 1 or (updates and creates):
+        await _let_go_fixed(conn, updates)
     for row in creates:
         if await conn.fetchval("SELECT 1 FROM machines WHERE id = $1", row.id):
             raise Conflict(f"machine {row.id} already exists")
@@ -2762,6 +2812,11 @@ async def _slow_batch(conn: asyncpg.Connection, creates: list[_Row], updates: li
         await _insert_children(conn, row)
 
 
+async def _let_go_fixed(conn: asyncpg.Connection, updates: list[_Row]) -> None:
+    await conn.execute(_LET_GO_FIXED, [r.id for r in updates],
+                       [r.machine.fixed_ipv4 for r in updates])
+
+
 async def _insert_children(conn: asyncpg.Connection, row: _Row) -> None:
     for rows, sql in ((row.labels, _INSERT_LABEL), (row.keys, _INSERT_KEY)):
         if rows:
@@ -2776,6 +2831,14 @@ async def _check_claims(conn: asyncpg.Connection, row: _Row,
             " WHERE k.kind = $1 AND k.value = $2 AND k.machine <> $3", kind, value, row.id))
         if holder is not None:
             raise identity.claimed(kind, value, holder)
+    if (fixed := row.machine.fixed_ipv4) is not None:
+        # Refused as the unique index refuses it, but the duplicate _UPDATE_MACHINE keeps.
+        other = await conn.fetchrow(
+            "SELECT id, coalesce(mac, id) FROM machines WHERE fixed_ipv4 = $1 AND id <> $2"
+            " AND NOT EXISTS (SELECT 1 FROM machines s WHERE s.id = $2 AND s.fixed_ipv4 IS NULL"
+            " AND (s.data::jsonb) ->> 'fixed_ipv4' = $1)", fixed, row.id)
+        if other is not None:
+            raise fixed_taken(fixed, other[1], other[0])
     hostname = row.machine.hostname
     if hostname is None:
         return

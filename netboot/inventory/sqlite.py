@@ -75,6 +75,7 @@ from netboot.inventory.base import (
     MachineFilter,
     Sealer,
     check_unchanged,
+    fixed_taken,
     in_use,
 )
 from netboot.inventory.committed import CommittedHere
@@ -364,6 +365,36 @@ MIGRATIONS: tuple[tuple[Step, ...], ...] = (
         "CREATE INDEX machines_rare_states ON machines (state, mac IS NULL, mac, id)"
         " WHERE state IN ('discovered', 'failed')",
     ),
+    (
+        # One fixed_ipv4 per address, refused by the file itself (s42-integrity): a writer
+        # that does not take netboot's fixed-address lock (hand SQL setting the column, a
+        # tool of its own) can no longer give two machines one address, which authoritative
+        # DHCP would lease to both. A column the writers set beside the document, not an
+        # expression index over it: SQLite would evaluate json_extract on every write of a
+        # machine, the boot path's included (~12,000 instructions an update, callgrind).
+        # An older netboot cannot write the file once this migration ran (user_version).
+        "ALTER TABLE machines ADD COLUMN fixed_ipv4 TEXT",
+        # A file that holds one address twice (stored before the API refused it, s40-net)
+        # keeps every machine as it is: the oldest holder's column is set, the others' left
+        # NULL (their documents keep the address; DHCP gives it to the first that asks), and
+        # start-up names them all with the fix (service.warn_of_shared_fixed_addresses).
+        # Their writes keep it so (_fixed_column) until it is changed.
+        "UPDATE machines SET fixed_ipv4 = json_extract(data, '$.fixed_ipv4') WHERE id IN"
+        " (SELECT id FROM (SELECT id, row_number() OVER (PARTITION BY"
+        " json_extract(data, '$.fixed_ipv4') ORDER BY created, id) AS n FROM machines"
+        " WHERE json_extract(data, '$.fixed_ipv4') IS NOT NULL) WHERE n = 1)",
+        "CREATE UNIQUE INDEX machines_fixed_ipv4 ON machines (fixed_ipv4)"
+        " WHERE fixed_ipv4 IS NOT NULL",
+        # The profile a machine names, a column beside the document for the same reason:
+        # a profile's delete finds a machine naming it in its write transaction
+        # (_delete_named) by this index, where it read every machine's document with the
+        # write lock held (81-150 ms of CPU at 100,000 machines, s41-integrity), which every
+        # boot's write waited for.
+        "ALTER TABLE machines ADD COLUMN profile TEXT",
+        "UPDATE machines SET profile = json_extract(data, '$.profile')"
+        " WHERE json_extract(data, '$.profile') IS NOT NULL",
+        "CREATE INDEX machines_profile ON machines (profile) WHERE profile IS NOT NULL",
+    ),
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -375,12 +406,17 @@ _RARE_STATES = "m.state IN ('discovered', 'failed')"
 RARE_STATES = frozenset({MachineState.DISCOVERED, MachineState.FAILED})
 
 _INSERT_MACHINE = (
+    "INSERT INTO machines (id, mac, hostname, state, cluster, data, created, updated,"
+    " fixed_ipv4, profile) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+# Migration 3's insert, as it ran then (the columns of that schema).
+_INSERT_MACHINE_V3 = (
     "INSERT INTO machines (id, mac, hostname, state, cluster, data, created, updated)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _UPDATE_MACHINE = (
     "UPDATE machines SET mac = ?, hostname = ?, state = ?, cluster = ?, data = ?, created = ?,"
-    " updated = ? WHERE id = ?"
+    " updated = ?, fixed_ipv4 = ?, profile = ? WHERE id = ?"
 )
 # The stored columns an update compares with, by id, for every machine of a group at once (one
 # statement, not one per machine), with the parts of the stored document that the label and
@@ -396,12 +432,12 @@ _UPDATE_MACHINE = (
 # Not the document itself: an update that leaves it as it was leaves those parts too.
 _STORED_COLUMNS = (
     "SELECT id, mac, hostname, state, cluster, json_extract(data, '$.labels', '$.macs',"
-    " '$.uuid', '$.serial', '$.asset'), updated FROM machines"
+    " '$.uuid', '$.serial', '$.asset'), updated, fixed_ipv4, profile FROM machines"
     " WHERE id IN (SELECT value FROM json_each(?))")
 # The indexed columns that an update sets, by which of them changed: SQLite rewrites the
 # entries of every index on a column named in SET, even to its own value (an install, which
 # changes the state alone, rewrote the MAC-order, hostname and cluster indexes too).
-_INDEXED = ("mac", "hostname", "state", "cluster")
+_INDEXED = ("mac", "hostname", "state", "cluster", "fixed_ipv4", "profile")
 _UPDATE_CHANGED = {
     changed: "UPDATE machines SET " + "".join(f"{c} = ?, " for c in changed)  # noqa: S608 - names from _INDEXED
     + "data = ?, created = ?, updated = ? WHERE id = ?"
@@ -475,13 +511,14 @@ class _Row:
         m = self.machine
         state, cluster = m.state.value, m.cluster
         return (self.id, self.mac, m.hostname, state, cluster, self.document(), self.created,
-                self.updated)
+                self.updated, m.fixed_ipv4, m.profile)
 
-    def update_params(self) -> tuple[Any, ...]:
+    def update_params(self, fixed: str | None) -> tuple[Any, ...]:
+        """``fixed``: the fixed_ipv4 column's value (_fixed_column)."""
         m = self.machine
         state, cluster = m.state.value, m.cluster
         return (self.mac, m.hostname, state, cluster, self.document(), self.created,
-                self.updated, self.id)
+                self.updated, fixed, m.profile, self.id)
 
 
 class _Retry(Exception):
@@ -576,10 +613,11 @@ class SqliteStore:
         beside it, a second server): an API or CLI write that sets a fixed_ipv4, from its
         check that no other machine has it to its commit (Core's fixed_lock, as
         PostgresStore's advisory lock). An flock(2) of a file beside the inventory's,
-        ``<file>-fixed.lock``: let go when its descriptor closes, a holder's crash too. Not
-        a check in the write transaction (a unique expression index on the documents'
-        fixed_ipv4): SQLite evaluates it on every write of a machine, the boot path's
-        too, as the expression indexes migration 4 dropped for that cost."""
+        ``<file>-fixed.lock``: let go when its descriptor closes, a holder's crash too.
+        Since migration 8 the file itself refuses one address to two machines (the
+        fixed_ipv4 column's unique index): the lock makes Core's check, made before the
+        write, the one that answers (a 409 naming the holder, the same words), not a
+        replay of the refused batch."""
         if self.path.name in ("", ":memory:"):
             yield  # one connection's database: no other process shares it
             return
@@ -1641,7 +1679,7 @@ def _machines_by_id(conn: sqlite3.Connection) -> None:
                     serial=None if kind == "serial" else machine.serial,
                     asset=None if kind == "asset" else machine.asset)
         row = _Row(machine)
-        conn.execute(_INSERT_MACHINE, row.insert_params())
+        conn.execute(_INSERT_MACHINE_V3, row.insert_params()[:8])
         conn.executemany(_INSERT_LABEL, row.labels)
         conn.executemany(_INSERT_KEY, row.keys)
 
@@ -2082,6 +2120,7 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
     # before another machine of the group gives it up is refused, the group written again
     # row by row to name it (_slow_batch), as when every row was deleted and inserted.
     keys: list[_Row | list[tuple[str, str, str]]] = []
+    moved: list[str] = []  # the machines whose fixed_ipv4 column changes
     for r in updates:
         m = r.machine
         old = stored[r.id]
@@ -2100,12 +2139,16 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
         # statement's shape).
         # (Changed in place, its creation time is the stored one: not set again.)
         data = (r.data, r.created) if (delta := r.delta) is None else delta[2]
-        if old[1] == r.mac and old[2] == m.hostname and old[4] == m.cluster:  # as a rule
+        if (old[1] == r.mac and old[2] == m.hostname and old[4] == m.cluster
+                and old[7] == m.fixed_ipv4 and old[8] == m.profile):  # as a rule
             shape, params = (((), (*data, r.updated, r.id)) if old[3] == state
                              else (_STATE_ONLY, (state, *data, r.updated, r.id)))
         else:
+            if old[7] != m.fixed_ipv4:
+                moved.append(r.id)
             changed = [(c, now) for c, was, now in zip(
-                _INDEXED, old[1:5], (r.mac, m.hostname, state, m.cluster), strict=True)
+                _INDEXED, (*old[1:5], old[7], old[8]), (r.mac, m.hostname, state, m.cluster,
+                                                         m.fixed_ipv4, m.profile), strict=True)
                 if was != now]
             shape = tuple([c for c, _ in changed])
             params = (*[now for _, now in changed], *data, r.updated, r.id)
@@ -2136,6 +2179,7 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
                 run = []
                 keys.append(run)
             run.extend([(kind, value, r.id) for kind, value in added])
+    _let_go_fixed(conn, moved)
     for shape, rows in shapes.items():
         conn.executemany(_UPDATE_CHANGED[shape], rows)
     for (shape, keys_set, gone), rows in in_place.items():
@@ -2174,6 +2218,7 @@ def _update_bases(conn: sqlite3.Connection, updates: list[_Row],
     shapes: dict[tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]],
                  list[tuple[Any, ...]]] = {}
     added: list[tuple[str, str, str]] | None = None
+    moved: list[str] = []  # the machines whose fixed_ipv4 column changes
     for r in updates:
         m, base, delta = r.machine, r.base, r.delta
         assert base is not None and delta is not None  # the caller tested
@@ -2187,18 +2232,24 @@ def _update_bases(conn: sqlite3.Connection, updates: list[_Row],
         hostname, cluster = m.hostname, m.cluster
         shape: tuple[str, ...]
         params: tuple[Any, ...]
-        if hostname == base.hostname and cluster == base.cluster:  # as a rule
+        if (hostname == base.hostname and cluster == base.cluster
+                and m.fixed_ipv4 == base.fixed_ipv4 and m.profile == base.profile):  # as a rule
             shape = () if state == was else _STATE_ONLY
             params = ((*delta[2], r.updated, r.id, versions.pop(r.id), was) if state == was
                       else (state, *delta[2], r.updated, r.id, versions.pop(r.id), was))
         else:
+            if m.fixed_ipv4 != base.fixed_ipv4:
+                moved.append(r.id)
             changed = [(c, now) for c, was_value, now in (
                 ("hostname", base.hostname, hostname), ("state", was, state),
-                ("cluster", base.cluster, cluster)) if was_value != now]
+                ("cluster", base.cluster, cluster),
+                ("fixed_ipv4", base.fixed_ipv4, m.fixed_ipv4),
+                ("profile", base.profile, m.profile)) if was_value != now]
             shape = tuple([c for c, _ in changed])
             params = (*[now for _, now in changed], *delta[2], r.updated, r.id,
                       versions.pop(r.id), was)
         shapes.setdefault((shape, delta[0], delta[1]), []).append(params)
+    _let_go_fixed(conn, moved)
     written = 0
     for (columns, keys_set, gone), rows in shapes.items():
         written += conn.executemany(_update_in_place(columns, keys_set, gone, True),
@@ -2264,11 +2315,12 @@ def _bulk_insert(conn: sqlite3.Connection, create: Sequence[Machine]) -> None:
     every index page it touched into it; one statement copies each page at most once. In
     chunks, so that the staging table fits in memory (all 100,000 rows took 80 MiB there)."""
     conn.execute("CREATE TEMP TABLE bulk (id, mac, more_macs, hostname, state, cluster, data,"
-                 " created, updated, uuid, serial, asset)")
+                 " created, updated, uuid, serial, asset, fixed_ipv4, profile)")
     rows = codec.bulk_columns_of(create)
     try:
         while chunk := list(itertools.islice(rows, BULK_CHUNK)):
-            conn.executemany("INSERT INTO temp.bulk VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            conn.executemany("INSERT INTO temp.bulk VALUES"
+                             " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                              chunk)
             _from_staging(conn)
             conn.execute("DELETE FROM temp.bulk")
@@ -2279,8 +2331,8 @@ def _bulk_insert(conn: sqlite3.Connection, create: Sequence[Machine]) -> None:
 def _from_staging(conn: sqlite3.Connection) -> None:
     """The machines of ``temp.bulk`` into their tables, identifiers and labels."""
     conn.execute("INSERT INTO machines (id, mac, hostname, state, cluster, data, created,"
-                 " updated) SELECT id, mac, hostname, state, cluster, data, created,"
-                 " updated FROM temp.bulk")
+                 " updated, fixed_ipv4, profile) SELECT id, mac, hostname, state, cluster, data,"
+                 " created, updated, fixed_ipv4, profile FROM temp.bulk")
     conn.execute("INSERT INTO machine_labels (machine, key, value)"
                  " SELECT b.id, l.key, l.value FROM temp.bulk b,"
                  " json_each(b.data, '$.labels') l")
@@ -2298,10 +2350,15 @@ def _from_staging(conn: sqlite3.Connection) -> None:
 
 def _slow_batch(conn: sqlite3.Connection, creates: list[_Row], updates: list[_Row]) -> None:
     """The same writes with the checks MemoryStore makes, in the same order and words."""
+    # The addresses the batch's updates move let go first, as the fast path does
+    # (_let_go_fixed, _let_go_moved): a new machine may take one an update gives up.
+    if len(updates) > 1 or (updates and creates):
+        _let_go_moved(conn, updates)
     for row in creates:
         if conn.execute("SELECT 1 FROM machines WHERE id = ?", (row.id,)).fetchone():
             raise Conflict(f"machine {row.id} already exists")
         _check_claims(conn, row)
+        _fixed_column(conn, row, create=True)
         conn.execute(_INSERT_MACHINE, row.insert_params())
         conn.executemany(_INSERT_LABEL, row.labels)
         conn.executemany(_INSERT_KEY, row.keys)
@@ -2309,11 +2366,53 @@ def _slow_batch(conn: sqlite3.Connection, creates: list[_Row], updates: list[_Ro
         if not conn.execute("SELECT 1 FROM machines WHERE id = ?", (row.id,)).fetchone():
             raise NotFound(f"machine {row.id} not found")
         _check_claims(conn, row)
-        conn.execute(_UPDATE_MACHINE, row.update_params())
+        conn.execute(_UPDATE_MACHINE, row.update_params(_fixed_column(conn, row)))
         conn.execute(_DELETE_LABELS, (row.id,))
         conn.execute(_DELETE_KEYS, (row.id,))
         conn.executemany(_INSERT_LABEL, row.labels)
         conn.executemany(_INSERT_KEY, row.keys)
+
+
+def _let_go_moved(conn: sqlite3.Connection, updates: Sequence[_Row]) -> None:
+    """The fixed_ipv4 column of each of ``updates`` emptied where the update gives its
+    machine another address, before _slow_batch writes the batch row by row: a new machine
+    may take the address an update moves an enrolled one off (an import's; the fast path,
+    which inserts first, was refused by the index and the batch replayed here), machines
+    may swap theirs. Each row sets its own again as it is written."""
+    conn.executemany("UPDATE machines SET fixed_ipv4 = NULL WHERE id = ? AND fixed_ipv4 IS NOT"
+                     " NULL AND fixed_ipv4 IS NOT ?", [(r.id, r.machine.fixed_ipv4)
+                                                       for r in updates])
+
+
+def _let_go_fixed(conn: sqlite3.Connection, moved: Sequence[str]) -> None:
+    """Empty the fixed_ipv4 column of the machines ``moved`` (those of a batch whose address
+    changes) before any of them is written, when there are two or more: an import that swaps
+    two machines' addresses (A given B's, B given A's) is then written, where the unique
+    index, checked at each row (SQLite cannot defer it), refused the first row. Each row
+    then sets its own, so the index still refuses an address the batch leaves held by two."""
+    if len(moved) > 1:
+        conn.execute("UPDATE machines SET fixed_ipv4 = NULL WHERE fixed_ipv4 IS NOT NULL"
+                     " AND id IN (SELECT value FROM json_each(?))", (json.dumps(moved),))
+
+
+def _fixed_column(conn: sqlite3.Connection, row: _Row, *, create: bool = False) -> str | None:
+    """What the fixed_ipv4 column of ``row`` is written as (machines_fixed_ipv4, migration
+    8): its address, or a Conflict naming the machine holding it (as Core._fixed_ipv4_free
+    words it). An address the machine's stored document already held while another machine
+    holds its column (a duplicate the migration found) is written NULL again, as stored:
+    its boots and edits go on; start-up names it."""
+    fixed = row.machine.fixed_ipv4
+    if fixed is None:
+        return None
+    holder = conn.execute("SELECT id, coalesce(mac, id) FROM machines WHERE fixed_ipv4 = ?"
+                          " AND id <> ?", (fixed, row.id)).fetchone()
+    if holder is None:
+        return fixed
+    if not create and conn.execute(
+            "SELECT fixed_ipv4 IS NULL AND json_extract(data, '$.fixed_ipv4') = ? FROM machines"
+            " WHERE id = ?", (fixed, row.id)).fetchone() == (1,):
+        return None
+    raise fixed_taken(fixed, holder[1], holder[0])
 
 
 def _check_claims(conn: sqlite3.Connection, row: _Row) -> None:
@@ -2409,10 +2508,9 @@ def _delete_named(conn: sqlite3.Connection, kind: str, name: str,
             check_unchanged(kind, name, None if row is None else open_item(json.loads(row[0])),
                             read)
         if unused:
-            # A cluster by its indexed column; a profile by a scan of the documents (as
-            # Core._users pages through them), stopped at the first.
-            where = ("cluster = ?" if kind == "cluster"
-                     else "json_extract(data, '$.profile') = ?")
+            # By the indexed column (a profile's since migration 8: it read every machine's
+            # document here, with the write lock held).
+            where = "cluster = ?" if kind == "cluster" else "profile = ?"
             found = conn.execute(f"SELECT coalesce(mac, id), id FROM machines WHERE {where}"  # noqa: S608
                                  " LIMIT 1", (name,)).fetchone()
             if found is not None:

@@ -6,6 +6,7 @@ import asyncio
 import collections
 import contextlib
 import random
+import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -1652,3 +1653,198 @@ async def test_a_claim_takes_over_only_an_expired_lease(store: Store) -> None:
             await store.put_lease(Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0), now=now)
     await store.put_lease(Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0), now=100.0)
     assert await store.list_leases() == [Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0)]
+
+
+# --- one fixed_ipv4 per address, owned by the store (s42-integrity) ----------------------
+
+
+def taken(address: str) -> str:
+    """The store's refusal of ``address`` to a second machine (base.fixed_taken)."""
+    return re.escape(f"fixed_ipv4 {address} is the fixed address of machine")
+
+
+async def test_a_fixed_address_given_to_a_second_machine_is_refused_by_the_store(
+        store: Store) -> None:
+    """Whoever writes (Core checks first, under its lock; a writer that does not: hand SQL
+    setting the column, a tool of its own, a writer that raced another), the store itself
+    refuses a second machine one fixed_ipv4, naming the holder: authoritative DHCP would
+    lease it to both."""
+    a = machine(MAC1, hostname="a", fixed_ipv4="192.0.2.10", created=1.0, updated=1.0)
+    await store.create_machine(a)
+    b = machine(MAC2, hostname="b", fixed_ipv4="192.0.2.10")
+    with pytest.raises(Conflict, match=re.escape(
+            "fixed_ipv4 192.0.2.10 is the fixed address of machine")) as err:
+        await store.create_machine(b)
+    assert (err.value.field, err.value.holder) == ("fixed_ipv4", a.id)
+    await store.create_machine(replace(b, fixed_ipv4=None))
+    for write in (lambda: store.update_machine(b),
+                  lambda: store.apply_batch(Batch(update=[b], versions={b.id: b.updated},
+                                                  bases={b.id: replace(b, fixed_ipv4=None)}))):
+        with pytest.raises(Conflict, match=taken("192.0.2.10")) as err:
+            await write()
+        assert (err.value.field, err.value.holder) == ("fixed_ipv4", a.id)
+    # A bulk import (a batch past sqlite.BULK_ROWS: its own insert path) likewise.
+    many = [machine(mac(100 + i), fixed_ipv4=f"198.51.100.{i % 200 + 1}") for i in range(600)]
+    many[-1] = replace(many[-1], fixed_ipv4="192.0.2.10")
+    with pytest.raises(Conflict, match=taken("192.0.2.10")) as err:
+        await store.apply_batch(Batch(create=many[:200] + many[-1:] + many[200:599]))
+    assert err.value.holder == a.id
+    assert await store.count_machines() == 2
+    # Let go, it is free: a machine's own address again is no conflict.
+    await store.update_machine(replace(a, fixed_ipv4="192.0.2.11", updated=2.0))
+    await store.update_machine(replace(b, updated=2.0))
+    await store.update_machine(replace(b, hostname="b2", updated=3.0))
+    assert (await store.get_machine(b.id)).fixed_ipv4 == "192.0.2.10"  # type: ignore[union-attr]
+    await store.delete_machine(b.id)
+    await store.create_machine(replace(b, id="m-c", macs=(MacAddress.parse(MAC3),)))
+
+
+async def test_a_batch_swapping_two_machines_fixed_addresses_is_written(store: Store) -> None:
+    """An import that swaps two machines' addresses (A given B's, B given A's) is one batch:
+    the unique index, checked at each row, must not refuse it; a batch that leaves one
+    address to two machines still is."""
+    a = machine(MAC1, fixed_ipv4="192.0.2.1", updated=1.0)
+    b = machine(MAC2, fixed_ipv4="192.0.2.2", updated=1.0)
+    c = machine(MAC3, fixed_ipv4="192.0.2.3", updated=1.0)
+    await store.apply_batch(Batch(create=[a, b, c]))
+    swapped = [replace(a, fixed_ipv4="192.0.2.2", updated=2.0),
+               replace(b, fixed_ipv4="192.0.2.1", updated=2.0)]
+    await store.apply_batch(Batch(update=swapped))
+    assert await store.list_machines() == [*swapped, c]
+    # A rotation of three, one of them given none (it lets go before the others take).
+    rotated = [replace(swapped[0], fixed_ipv4="192.0.2.3", updated=3.0),
+               replace(swapped[1], fixed_ipv4=None, updated=3.0),
+               replace(c, fixed_ipv4="192.0.2.1", updated=3.0)]
+    await store.apply_batch(Batch(update=rotated))
+    assert await store.list_machines() == rotated
+    # Two of the batch given one address: refused, nothing written.
+    with pytest.raises(Conflict, match=taken("192.0.2.9")) as err:
+        await store.apply_batch(Batch(update=[replace(rotated[0], fixed_ipv4="192.0.2.9"),
+                                              replace(rotated[2], fixed_ipv4="192.0.2.9")]))
+    assert err.value.field == "fixed_ipv4"
+    # One moved onto an address the batch leaves to its holder: refused.
+    with pytest.raises(Conflict, match=taken("192.0.2.1")) as err:
+        await store.apply_batch(Batch(update=[replace(rotated[0], fixed_ipv4="192.0.2.1"),
+                                              replace(rotated[1], hostname="x")]))
+    assert err.value.holder == c.id
+    assert await store.list_machines() == rotated
+    # The freed addresses are free.
+    await store.create_machine(machine(mac(9), fixed_ipv4="192.0.2.2"))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_two_writers_giving_one_fixed_address_at_once_give_it_once(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Two real writers on one inventory (two SQLite stores on one file, each with its own
+    connections as two processes have; two PostgreSQL stores on one schema, as two
+    servers), neither taking netboot's fixed-address lock (an older server's or a tool's
+    write), give two new machines one address at once, many times: the store lets exactly
+    one have it, the other is refused naming it."""
+    async with contextlib.AsyncExitStack() as stack:
+        one, two = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        for i in range(20):
+            address = f"198.51.100.{i + 1}"
+            a = machine(mac(2 * i + 1), fixed_ipv4=address)
+            b = machine(mac(2 * i + 2), fixed_ipv4=address)
+            results = await asyncio.gather(one.create_machine(a), two.create_machine(b),
+                                           return_exceptions=True)
+            refused = [r for r in results if isinstance(r, Conflict)]
+            assert len(refused) == 1 and results.count(None) == 1, results
+            winner = a if results[0] is None else b
+            assert (refused[0].field, refused[0].holder) == ("fixed_ipv4", winner.id)
+            held = await one.list_machines(MachineFilter(fixed_ipv4=address))
+            assert [m.id for m in held] == [winner.id]
+
+
+async def check_a_shared_fixed_address_migrated(store: Store, a: Machine, b: Machine,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """After the migration that gave the store its unique fixed_ipv4 index, on an inventory
+    where an older netboot stored ``a`` and then ``b`` with one address: both kept as they
+    were, start-up names both and the fix, ``b`` boots and is edited as before, and no
+    third machine is given the address; ``b`` given another address lets go of it."""
+    from netboot.service import warn_of_shared_fixed_addresses
+
+    assert await store.get_machine(a.id) == a and await store.get_machine(b.id) == b
+    with caplog.at_level("WARNING"):
+        await warn_of_shared_fixed_addresses(store)
+    assert f"machines {a.ref}, {b.ref} share the fixed_ipv4 {a.fixed_ipv4}" in caplog.text
+    assert "--fixed-ipv4" in caplog.text
+    # b's writes go on: a boot's (in place, Batch.bases) and an edit of the whole machine.
+    booted = replace(b, state=MachineState.BOOTING, updated=b.updated + 1)
+    await store.apply_batch(Batch(update=[booted], versions={b.id: b.updated},
+                                  bases={b.id: b}, learnt=frozenset()))
+    edited = replace(booted, hostname="b-renamed", updated=booted.updated + 1)
+    await store.update_machine(edited)
+    await store.apply_batch(Batch(update=[replace(edited, labels={"r": "1"}),
+                                          replace(a, labels={"r": "1"})]))
+    assert (await store.get_machine(b.id)).fixed_ipv4 == a.fixed_ipv4  # type: ignore[union-attr]
+    with pytest.raises(Conflict, match=re.escape(f"fixed_ipv4 {a.fixed_ipv4} is")) as err:
+        await store.create_machine(machine(mac(77), fixed_ipv4=a.fixed_ipv4))
+    assert err.value.holder == a.id
+    # b given an address of its own: a still holds the shared one, b holds its new one.
+    moved = replace(await store.get_machine(b.id), fixed_ipv4="192.0.2.99",  # type: ignore[type-var]
+                    updated=edited.updated + 5)
+    await store.update_machine(moved)
+    with pytest.raises(Conflict, match=taken("192.0.2.99")):
+        await store.create_machine(machine(mac(78), fixed_ipv4="192.0.2.99"))
+    with pytest.raises(Conflict, match=re.escape(f"fixed_ipv4 {a.fixed_ipv4} is")):
+        await store.create_machine(machine(mac(78), fixed_ipv4=a.fixed_ipv4))
+    # The profile a names, an indexed column since the migration too, found by its delete.
+    with pytest.raises(Conflict, match="is used by machine") as err:
+        await store.delete_profile(PROFILE.name, unused=True)
+    assert err.value.holder == a.id
+
+
+async def test_a_profile_named_by_every_write_path_keeps_its_delete_refused(
+        store: Store) -> None:
+    """A profile's delete finds the machines naming it by an indexed column the writers set
+    beside the document (SQLite migration 8, PostgreSQL 5), no longer by reading every
+    document in its write transaction: each write path sets it (a create, a whole update, a
+    bulk import, a boot's write in place from its base), and one taking the profile away
+    frees it."""
+    await store.put_profile(PROFILE, create=True)
+    name = PROFILE.name
+
+    async def refused_by(holder: str) -> None:
+        with pytest.raises(Conflict) as err:
+            await store.delete_profile(name, unused=True)
+        assert err.value.holder == holder
+
+    a = machine(MAC1, updated=1.0)
+    await store.create_machine(a)
+    await store.update_machine(replace(a, profile=name, updated=2.0))
+    await refused_by(a.id)
+    await store.update_machine(replace(a, updated=3.0))
+    in_place = replace(a, profile=name, updated=4.0)
+    await store.apply_batch(Batch(update=[in_place], versions={a.id: 3.0},
+                                  bases={a.id: replace(a, updated=3.0)}))
+    await refused_by(a.id)
+    await store.apply_batch(Batch(update=[replace(in_place, profile=None, updated=5.0)],
+                                  versions={a.id: 4.0}, bases={a.id: in_place}))
+    many = [machine(mac(100 + i), profile=name if i == 555 else None) for i in range(600)]
+    await store.apply_batch(Batch(create=many))
+    await refused_by(many[555].id)
+    await store.delete_machine(many[555].id)
+    await store.delete_profile(name, unused=True)
+
+
+async def test_a_new_machine_given_the_address_an_update_moves_another_off_is_written(
+        store: Store) -> None:
+    """An import creating a machine with the address it moves an enrolled one off (one
+    batch: its creates are written before its updates) is written; the index still refuses
+    the address to the new machine when the batch leaves it to its holder."""
+    a = machine(MAC1, fixed_ipv4="192.0.2.1", updated=1.0)
+    await store.create_machine(a)
+    c = machine(MAC3, fixed_ipv4="192.0.2.1")
+    with pytest.raises(Conflict, match=taken("192.0.2.1")) as err:
+        await store.apply_batch(Batch(create=[c], update=[replace(a, hostname="a")]))
+    assert err.value.holder == a.id
+    moved = replace(a, fixed_ipv4="192.0.2.2", updated=2.0)
+    await store.apply_batch(Batch(create=[c], update=[moved]))
+    assert await store.list_machines() == [moved, c]
+    # A bulk import's (past sqlite.BULK_ROWS) likewise.
+    many = [machine(mac(100 + i)) for i in range(599)] + [
+        machine(mac(99), fixed_ipv4="192.0.2.2")]
+    await store.apply_batch(Batch(create=many, update=[replace(moved, fixed_ipv4=None)]))
+    assert [m.id for m in await store.list_machines(MachineFilter(fixed_ipv4="192.0.2.2"))
+            ] == [mid(mac(99))]

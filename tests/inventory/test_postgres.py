@@ -25,6 +25,7 @@ import pytest
 
 from netboot.errors import OutcomeUnknown, StoreError
 from netboot.inventory import postgres
+from netboot.inventory.base import Batch
 from netboot.inventory.dsn import PeerSettings
 from netboot.inventory.postgres import SCHEMA_VERSION, PostgresStore
 from netboot.inventory.sqlite import SqliteStore
@@ -2459,3 +2460,35 @@ async def test_a_full_disk_found_by_one_server_is_told_by_every_server_until_wri
                     await store.close()
     finally:
         await admin.close()
+
+
+async def test_a_database_holding_one_fixed_address_twice_is_migrated_keeping_both(
+        pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """Migration 5 (the fixed_ipv4 column and its unique index) on a database of schema 4
+    where two machines share an address: as SQLite's migration 8 (test_sqlite.py)."""
+    a = contract.machine(contract.MAC1, hostname="a", fixed_ipv4="192.0.2.7", profile="k3os",
+                         created=1.0, updated=1.0)
+    b = contract.machine(contract.MAC2, hostname="b", created=2.0, updated=2.0)
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    await store.put_profile(contract.PROFILE)
+    await store.apply_batch(Batch(create=[a, b]))
+    await store.close()
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await conn.execute("DROP INDEX machines_fixed_ipv4;"
+                           " ALTER TABLE machines DROP COLUMN fixed_ipv4;"
+                           " DROP INDEX machines_profile;"
+                           " ALTER TABLE machines DROP COLUMN profile;"
+                           " DELETE FROM schema_migrations WHERE version = 5")
+        await conn.execute("UPDATE machines SET data = (jsonb_set(data::jsonb, '{fixed_ipv4}',"
+                           " '\"192.0.2.7\"'))::text WHERE id = $1", b.id)
+    finally:
+        await conn.close()
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        await contract.check_a_shared_fixed_address_migrated(
+            store, a, replace(b, fixed_ipv4=a.fixed_ipv4), caplog)
+    finally:
+        await store.close()
