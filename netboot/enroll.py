@@ -38,7 +38,7 @@ import yaml
 from netboot import identity, lifecycle
 from netboot.addresses import AddressChoice, IPAddress, check_fixed_ipv4
 from netboot.addresses import choose as choose_address
-from netboot.claims import RefusedClaims, kept_since
+from netboot.claims import KeptClaims, RefusedClaims
 from netboot.discovery import TokenBuckets
 from netboot.errors import (
     DECIDE_ATTEMPTS,
@@ -973,6 +973,9 @@ class Enroller:
         # Each refused claim by the address it came from, beside the rate-limited events: a
         # flood of random secrets cannot hide the device's (s40-claim: netboot.claims).
         self.claims = RefusedClaims(since=clock())
+        # ... shared through the inventory: listed and given by any server, kept through a
+        # restart (s42-ops).
+        self.kept = KeptClaims(self.claims, store, clock=clock, logger=logger)
         # (machine id, token expiry) told as a "token expired" event (refuse_expired).
         self._expired_told: set[tuple[str, float, str]] = set()
         # Every event of this process is written through one recorder, so that history keeps
@@ -1635,7 +1638,7 @@ class Enroller:
                                  "'netboot machines reinstall' gives it back"))
         kind = "registration contested"
         if claim:
-            self.claims.refused(machine, str(peer) if peer else "", claim, self._clock())
+            self.kept.refused(machine, str(peer) if peer else "", claim, self._clock())
         if self.recorder.last(machine.id) == (kind, message) \
                 or not self._contests.take(machine.id, self._clock()):
             return
@@ -1699,16 +1702,15 @@ class Enroller:
                         and isinstance(e.data.get("claim"), str) \
                         and hmac.compare_digest(e.data["claim"].encode(), claim.encode()):
                     made = e
-            held = self.claims.find(machine, claim)
+            kept = await self.kept.held(machine)
+            held = next((h for h in kept if h.claim == claim), None)
             if made is None and held is None:
                 raise NotFound(f"no refused registration of {machine.ref} made claim "
                                f"{claim!r} (its newest {_CLAIMS_SEEN} events since its "
-                               "registration, and the claims this server kept since it "
-                               f"started, {kept_since(self.claims)}: one refused before, "
-                               "or by another server, is found at the device's next try"
+                               "registration, and the claims the servers kept: one refused "
+                               "in the last few seconds is found at the device's next try"
                                + "".join(f"; {h.peer or 'an unknown address'} sent {h.claim} "
-                                         f"{h.tries} times" for h in
-                                         self.claims.held(machine)[:_CLAIMS_TOLD])
+                                         f"{h.tries} times" for h in kept[:_CLAIMS_TOLD])
                                + ")")
             # Where it came from: its kept entry (how often it tried) else its event's.
             peer = (held.peer if held else made.data.get("peer") if made else None) \

@@ -1273,6 +1273,7 @@ class Service:
             self.watcher.close()
             self.watcher = None
         await self.boot.drain()
+        await self.enroller.kept.close()  # the refused claims still to write (s42-ops)
         if self.runner is not None:
             await self.runner.cleanup()
         for listener in self.listeners:  # closed by the runner, unless it never started
