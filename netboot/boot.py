@@ -1394,8 +1394,12 @@ class BootService:
             if again is not machine:  # a fact that did not change writes nothing
                 await self._commit_update(again, machine)
                 machine = again
-            await self._event(machine, "install-plan", _asked_again(profile.name), request,
-                              once=True)
+            said = self._recorder.last(machine.id)
+            # A standing render failure stays the machine's newest event (the list's): its
+            # "asked again" note went after it, once its events were rate limited (s42-ops).
+            if said is None or said[0] != "render failed":
+                await self._event(machine, "install-plan", _asked_again(profile.name),
+                                  request, once=True)
         elif record:
             token = self._new_token()
             now = self._clock()

@@ -291,16 +291,25 @@ class Content:
         view._tells = False
         return view
 
-    def _failed(self, plan: BootPlan, name: str, what: str, kind: str,
+    def _failed(self, plan: BootPlan, name: str | None, what: str, kind: str,
                 exc: RenderError) -> None:
         """A device's ``what`` for ``plan`` failed to render from template ``name``: told as
         its machine's event (an unknown machine's only logged: no machine to tell it on)."""
         machine, enroller = plan.machine, self._enroller
         # (No enroller: the render tests' stand-in Content, which renders for no service.)
         if self._tells and machine is not None and enroller is not None:
-            template = self._render.version(name)
+            template = None if name is None else self._render.version(name)
             enroller.render_failed(machine, what, kind,
                                    getattr(template, "filename", None) or name, exc)
+
+    def _rendered(self, plan: BootPlan, what: str) -> None:
+        """A device's ``what`` for ``plan`` rendered: if it was told as failing, a
+        ``rendered`` event says it is fixed (Enroller.rendered). Called only while some
+        render fails: the first-install path pays an empty dict's look."""
+        enroller, machine = self._enroller, plan.machine
+        if enroller is not None and self._tells and machine is not None \
+                and machine.id in enroller.render_failing:
+            enroller.rendered(machine, what)
 
     @property
     def urls(self) -> Urls:
@@ -553,10 +562,13 @@ class Content:
         """
         with self._render.pinned():  # its template and command line: one look at the watch
             try:
-                return self._render_ipxe(plan)
+                text = self._render_ipxe(plan)
             except RenderError as exc:
                 self._failed(plan, f"ipxe/{plan.action!s}.ipxe", "iPXE script", "ipxe", exc)
                 raise
+            if self._enroller is not None and self._enroller.render_failing:
+                self._rendered(plan, "iPXE script")  # a call only while some render fails
+            return text
 
     def _render_ipxe(self, plan: BootPlan) -> str:
         name = f"ipxe/{plan.action!s}.ipxe"  # !s: see boot._install_plan
@@ -693,11 +705,14 @@ class Content:
 
     def render_pxelinux(self, plan: BootPlan) -> str:
         try:
-            return self._render_pxelinux(plan)
+            text = self._render_pxelinux(plan)
         except RenderError as exc:
             self._failed(plan, f"pxelinux/{plan.action!s}.cfg", "pxelinux config",
                          "pxelinux", exc)
             raise
+        if self._enroller is not None and self._enroller.render_failing:
+            self._rendered(plan, "pxelinux config")  # a call only while some render fails
+        return text
 
     def _render_pxelinux(self, plan: BootPlan) -> str:
         """The pxelinux config of a plan; an ignored machine gets none (U-Boot moves on)."""
@@ -748,10 +763,13 @@ class Content:
 
     def render_grub(self, plan: BootPlan, *, via: str = "tftp") -> str:
         try:
-            return self._render_grub(plan, via)
+            text = self._render_grub(plan, via)
         except RenderError as exc:
             self._failed(plan, f"grub/{plan.action!s}.cfg", "grub.cfg", "grub", exc)
             raise
+        if self._enroller is not None and self._enroller.render_failing:
+            self._rendered(plan, "grub.cfg")  # a call only while some render fails
+        return text
 
     def _render_grub(self, plan: BootPlan, via: str) -> str:
         """The per-machine grub.cfg of a plan (one template per boot action). The kernel and
@@ -846,7 +864,14 @@ class Content:
         plan = await self._boot.plan(request)
         if plan.action != BootAction.INSTALL:
             raise NotFound(f"{machine.ref}: {plan.reason}")
-        return _text_blob(self.context(plan)["cmdline"] + "\n")
+        what = "Raspberry Pi cmdline.txt (its profile's command line)"
+        try:
+            cmdline = self.context(plan)["cmdline"]
+        except RenderError as exc:  # was only logged (s42-ops)
+            self._failed(plan, None, what, "ipxe", exc)  # a profile's text, not a file
+            raise
+        self._rendered(plan, what)
+        return _text_blob(cmdline + "\n")
 
     async def _by_serial(self, serial: str) -> Machine | None:
         # The Pi prints its serial as 8 hex digits in the prefix ("0a1b2c3d"); operators copy

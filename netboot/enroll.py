@@ -21,6 +21,7 @@ import re
 import secrets
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import (
     Awaitable,
     Callable,
@@ -970,6 +971,10 @@ class Enroller:
         self._contests = TokenBuckets(1 / CONTEST_EVERY, CONTEST_BURST, _REPORT_BUDGETS)
         self._render_fails = TokenBuckets(1 / RENDER_FAILED_EVERY, RENDER_FAILED_BURST,
                                           _REPORT_BUDGETS)
+        # Machine id -> what of it failed to render, told as a "render failed" event and not
+        # rendered since (Content tells a success: rendered): the boot path's "asked again"
+        # note gives way to it, the list's last event keeps saying why (s42-ops).
+        self.render_failing: OrderedDict[str, set[str]] = OrderedDict()
         # Each refused claim by the address it came from, beside the rate-limited events: a
         # flood of random secrets cannot hide the device's (s40-claim: netboot.claims).
         self.claims = RefusedClaims(since=clock())
@@ -1673,6 +1678,24 @@ class Enroller:
         recorder.note(Event(machine.id, self._clock(), "render failed", message,
                             {"template": template, "line": line, "included": included,
                              "error": text}), machine)
+        failing = self.render_failing
+        failing.setdefault(machine.id, set()).add(what)
+        if len(failing) > _REPORT_BUDGETS:
+            failing.popitem(last=False)
+
+    def rendered(self, machine: Machine, what: str) -> None:
+        """``machine``'s ``what``, told as failing (:attr:`render_failing`), rendered now: a
+        ``rendered`` event, so that its failure is no longer its newest (at most one a
+        ``render failed`` event: bounded as they are)."""
+        failing = self.render_failing.get(machine.id)
+        if failing is None or what not in failing:
+            return
+        failing.discard(what)
+        if not failing:
+            del self.render_failing[machine.id]
+        self.recorder.note(Event(machine.id, self._clock(), "rendered",
+                                 f"its {what} rendered again: the render failure told before "
+                                 "is fixed"), machine)
 
     async def give_to_claim(self, ref: str, claim: str) -> Machine:
         """Give registered machine ``ref`` to the install whose refused registration made
