@@ -541,6 +541,11 @@ class BootService:
         """Every machine as the loaded view holds it (None until :meth:`load_view` is done)."""
         return self._view.held_machines()
 
+    async def held_counts(self) -> dict[tuple[str | None, MachineState], int] | None:
+        """The machines by cluster and state as the loaded view counts them (None until it
+        is loaded: never the store's read of every machine)."""
+        return await self._view.state_counts() if self._view.loaded else None
+
     # -- DHCP -------------------------------------------------------------------------
     def first_stage(self, request: BootRequest) -> asyncio.Future[FirstStage | None]:
         """What the firmware's DHCP answer points at, or None to stay silent.

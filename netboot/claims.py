@@ -43,6 +43,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from netboot.inventory.base import REFUSED_CLAIMS
 from netboot.model import Machine, MachineState
 
 # Addresses kept a machine: a flood from more addresses than this, each sending its secret
@@ -51,8 +52,9 @@ PLACES = 32
 # Machines with kept claims (the least recently contested dropped first): ~PLACES * 200
 # bytes each at most.
 MACHINES = 1024
-# The inventory setting of a machine's kept claims (KeptClaims), then its id.
-SETTING = "refused-claims/"
+# The inventory setting of a machine's kept claims (KeptClaims), then its id: one no
+# server's view holds (base.REFUSED_CLAIMS).
+SETTING = REFUSED_CLAIMS
 # Seconds between two writes of one machine's kept claims: the device's register command
 # retries every 10 s, so its claim is in the store by its next try or the one after.
 WRITE_EVERY = 5.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from netboot.claims import RefusedClaims
 from netboot.model import Machine, MachineState
@@ -101,3 +102,29 @@ def test_a_machines_setting_merges_servers_and_stays_bounded() -> None:
     assert decoded("{not json", against) == [] and decoded(None, against) == []
     assert decoded('{"against": [1, 2], "held": 7}', against) == []
     assert len(decoded(encoded(against, flood), against)) == PLACES
+
+
+async def test_a_machines_kept_claims_written_are_no_change_a_view_holds(tmp_path: Any) -> None:
+    """Each write of a machine's kept claims (a flood's, every WRITE_EVERY seconds a
+    machine) came to every server's view through the change feed as a setting changed:
+    held, and taken for a change of what decisions read (InventoryView.shared, rules), which
+    makes every kept DHCP and install repeat decide again (s42-ops). A real SQLite file; a
+    setting of another key still is one."""
+    from netboot.claims import SETTING
+    from netboot.inventory.sqlite import SqliteStore
+    from netboot.inventory.view import InventoryView
+
+    store = SqliteStore(tmp_path / "inventory.db")
+    await store.open()
+    try:
+        view = InventoryView(store)
+        await view.load()
+        shared, rules = view.shared, view.rules
+        await store.claim_setting(SETTING + "m-1", '{"against": [1, null], "held": []}')
+        await view.sync()
+        assert (view.shared, view.rules) == (shared, rules)
+        await store.put_setting("site-note", "x")
+        await view.sync()
+        assert view.shared > shared and view.rules > rules
+    finally:
+        await store.close()
