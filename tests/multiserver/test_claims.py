@@ -11,6 +11,7 @@ import os
 import secrets
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from netboot.claims import PLACES
@@ -18,23 +19,15 @@ from netboot.enroll import CONTEST_BURST
 from tests.conftest import install_token
 from tests.multiserver.conftest import ROOT, Pair, Server
 from tests.multiserver.test_pair import MAC, seed
+from tests.test_api import _register_from
 
 
 async def register_from(server: Server, peer: str, body: dict[str, Any]) -> int:
     """POST /api/v1/register to ``server`` on a connection of its own from ``peer`` (a
-    loopback address: the registration's source). Its status."""
-    raw = json.dumps(body).encode()
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port,
-                                                   local_addr=(peer, 0))
-    try:
-        writer.write(b"POST /api/v1/register HTTP/1.1\r\nHost: 192.0.2.10\r\n"
-                     b"Content-Type: application/json\r\nConnection: close\r\n"
-                     + f"Content-Length: {len(raw)}\r\n\r\n".encode() + raw)
-        await writer.drain()
-        return int((await reader.read()).split(b" ", 2)[1])
-    finally:
-        writer.close()
-        await writer.wait_closed()
+    loopback address: the registration's source), as tests/test_api.py sends it. Its
+    status."""
+    at = SimpleNamespace(client=SimpleNamespace(host="127.0.0.1", port=server.port))
+    return int((await _register_from(at, peer, body)).split(b" ", 2)[1])  # type: ignore[arg-type]
 
 
 async def listed_until(pair: Pair, server: Server, claim: str) -> list[dict[str, Any]]:
