@@ -32,6 +32,7 @@ from netboot.access import (
     public_token,
 )
 from netboot.addresses import parse_peer
+from netboot.claims import claims_out
 from netboot.core import Core, item_version, machine_dict, machine_ref, public_dict
 from netboot.enroll import (
     SERVER_NEEDS_OPERATOR,
@@ -754,14 +755,14 @@ class Api:
         # The claims this server refused by address (netboot.claims), the most tried first:
         # where the device's is found when a flood used its events up (s40-claim).
         # Only those refused against its registration as it is now (a reinstalled machine's
-        # old contest is history: s41-ops). Kept-Since: when this server began keeping them
-        # (its start): a claim refused before is lost, and found again at the next try.
+        # old contest is history: s41-ops). By any server of the inventory, kept through
+        # restarts (KeptClaims, s42-ops); Kept-Since: when this server began keeping them
+        # (its start), its own counts only since.
         machine = await self._machine(request)
-        claims = self._core.enroller.claims
-        return web.json_response([
-            {"peer": h.peer or None, "claim": h.claim, "tries": h.tries, "first": h.first,
-             "last": h.last} for h in claims.held(machine)],
-            headers={"Kept-Since": repr(claims.since)})
+        enroller = self._core.enroller
+        return web.json_response(
+            claims_out(await enroller.kept.held(machine)),
+            headers={"Kept-Since": repr(enroller.claims.since)})
 
     async def reinstall(self, request: web.Request) -> web.Response:
         machine = await self._core.reinstall(await self._ref(request),

@@ -543,6 +543,11 @@ class BootService:
         """Every machine as the loaded view holds it (None until :meth:`load_view` is done)."""
         return self._view.held_machines()
 
+    async def held_counts(self) -> dict[tuple[str | None, MachineState], int] | None:
+        """The machines by cluster and state as the loaded view counts them (None until it
+        is loaded: never the store's read of every machine)."""
+        return await self._view.state_counts() if self._view.loaded else None
+
     # -- DHCP -------------------------------------------------------------------------
     def first_stage(self, request: BootRequest) -> asyncio.Future[FirstStage | None]:
         """What the firmware's DHCP answer points at, or None to stay silent.
@@ -1396,8 +1401,12 @@ class BootService:
             if again is not machine:  # a fact that did not change writes nothing
                 await self._commit_update(again, machine)
                 machine = again
-            await self._event(machine, "install-plan", _asked_again(profile.name), request,
-                              once=True)
+            said = self._recorder.last(machine.id)
+            # A standing render failure stays the machine's newest event (the list's): its
+            # "asked again" note went after it, once its events were rate limited (s42-ops).
+            if said is None or said[0] != "render failed":
+                await self._event(machine, "install-plan", _asked_again(profile.name),
+                                  request, once=True)
         elif record:
             token = self._new_token()
             now = self._clock()

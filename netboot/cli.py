@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from netboot import __version__
+from netboot.claims import claims_out
 from netboot.config import Config, load, located
 from netboot.core import Core, cluster_problems, machine_dict, profile_file_errors, public_dict
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
@@ -209,7 +210,8 @@ async def _with_store(args: argparse.Namespace,
         what = (args.cmd, getattr(args, "action", None))
         if what != ("machines", "add"):  # its MAC is a new machine's
             await _hostname_refs(args, store)
-        if what not in CHANGES or getattr(args, "dry_run", False):
+        if what not in CHANGES or getattr(args, "dry_run", False) \
+                or (what == ("machines", "claim") and not args.claim):  # a list
             return await fn(store, cfg)
         outcome = "error"
         try:
@@ -484,9 +486,15 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             _print_json(changed)
         return 0
     if args.action == "claim":
-        # s40-sec's claim (Core.give_to_claim) on the database: no server answered (_claim).
-        m = await core.give_to_claim(args.mac, {"claim": args.claim})
-        _claim_given(args, m)
+        # On the database, as every other command: the refused claims any server kept are
+        # there (KeptClaims, s42-ops), beside the events. --server goes through a running
+        # server's API instead (_claim).
+        if args.claim:
+            _claim_given(args, await core.give_to_claim(args.mac, {"claim": args.claim}))
+            return 0
+        machine = await core.machine(args.mac)
+        _claims_listed(args, claims_out(await core.enroller.kept.held(machine)),
+                       "the servers of this inventory")
         return 0
     if args.action == "mark-installed":
         # The installer's own report, made by the operator (lifecycle: enrolled, booting,
@@ -955,13 +963,27 @@ def _claim_given(args: argparse.Namespace, m: Any) -> None:
             m if isinstance(m, dict) else machine_dict(m))
 
 
+def _claims_listed(args: argparse.Namespace, listed: list[dict[str, Any]], by: str) -> None:
+    """What ``netboot machines claim REF`` says: the kept claims ``listed`` (claims_out)."""
+    if args.json:
+        _print_json(listed)
+    elif not listed:
+        print(f"no refused claim kept of {args.mac} (by {by})")
+    else:
+        now = time.time()
+        print(_table([(k["peer"] or "-", k["claim"], str(k["tries"]),
+                       _when(k["first"], now), _when(k["last"], now)) for k in listed],
+                     ["from", "claim", "tries", "first", "last"]))
+        print(f"kept by {by}: give one with 'netboot machines claim {args.mac} CLAIM'",
+              file=sys.stderr)
+
+
 def _claim(args: argparse.Namespace) -> int:
-    """``netboot machines claim REF [CLAIM]`` through the running server's API: it holds,
-    beside the events, the claims it refused by address (netboot.claims), which a flood's
-    rate-limited events may not name (s40-claim). The CLI worked on the database and saw
-    the events only: a kept claim was a 404 there (s41-ops). Without CLAIM, the claims the
-    server keeps (GET .../claims). With no server listening, CLAIM is given from the
-    database's events, as before, and said so."""
+    """``netboot machines claim REF [CLAIM] --server URL`` through that running server's
+    API (GET .../claims, POST .../claim): also the claims it refused in the last few
+    seconds, not yet in the inventory (KeptClaims.every). Without --server the CLI works
+    on the database, as every other command (_machines): session 41's went to this host's
+    server only, whose memory alone held the claims (s41-ops, s42-ops)."""
     from urllib.parse import quote
 
     import aiohttp
@@ -973,7 +995,7 @@ def _claim(args: argparse.Namespace) -> int:
     base = base.rstrip("/")
     url = f"{base}/api/v1/machines/{quote(args.mac.strip(), safe='')}/claim"
 
-    async def ask(token: str) -> tuple[int, Any, str | None]:
+    async def ask(token: str) -> tuple[int, Any]:
         headers = {"Authorization": f"Bearer {token}"}
         timeout = aiohttp.ClientTimeout(total=30, sock_connect=5)
         async with follow._session(ca, timeout=timeout) as http:
@@ -984,27 +1006,13 @@ def _claim(args: argparse.Namespace) -> int:
                     body = await resp.json(content_type=None)
                 except ValueError:
                     body = None
-                return resp.status, body, resp.headers.get("Kept-Since")
+                return resp.status, body
 
     try:
-        # No token at all (no NETBOOT_TOKEN, no admin.token: no server ever ran here) is
-        # the same as no server listening.
-        status, body, since = asyncio.run(ask(_api_token(args, cfg)))
-    except aiohttp.ClientSSLError as exc:  # a server answers: its certificate is refused
-        raise NetbootError(f"{base}: {exc}") from exc
-    except (aiohttp.ClientConnectorError, ValidationError) as exc:
-        if isinstance(exc, ValidationError) and (args.token_file or "NETBOOT_TOKEN"
-                                                 in os.environ):
-            raise
-        why = exc.message if isinstance(exc, ValidationError) else str(exc)
-        if not args.claim:
-            raise NetbootError(f"no server answers at {base} ({why}): the claims it "
-                               "refused are kept by the running server only (--server "
-                               "names it)") from exc
-        print(f"netboot: no server answers at {base} ({why}): the claim is looked for in "
-              "the machine's events only (a server keeps the claims it refuses, by "
-              "address, while it runs)", file=sys.stderr)
-        return asyncio.run(_with_store(args, lambda s, c: _machines(args, s, c)))
+        status, body = asyncio.run(ask(_api_token(args, cfg)))
+    except aiohttp.ClientError as exc:  # refused, or its certificate is
+        raise NetbootError(f"no server answers at {base} ({exc}): without --server the "
+                           "command works on the database") from exc
     if status >= 400:
         reason = body.get("error") if isinstance(body, dict) else None
         text = f"{url}: HTTP {status}" + (f": {reason}" if reason else "")
@@ -1016,20 +1024,8 @@ def _claim(args: argparse.Namespace) -> int:
         raise NetbootError(text)  # a 409 (not registered) as its Conflict: 1
     if args.claim:
         _claim_given(args, body)
-        return 0
-    when = (time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(since)))
-            if since else "its start")
-    if args.json:
-        _print_json(body)
-    elif not body:
-        print(f"no refused claim kept of {args.mac} (by {base}, since {when})")
     else:
-        now = time.time()
-        print(_table([(k["peer"] or "-", k["claim"], str(k["tries"]),
-                       _when(k["first"], now), _when(k["last"], now)) for k in body],
-                     ["from", "claim", "tries", "first", "last"]))
-        print(f"kept by {base} since {when}: give one with 'netboot machines claim "
-              f"{args.mac} CLAIM'", file=sys.stderr)
+        _claims_listed(args, body if isinstance(body, list) else [], base)
     return 0
 
 
@@ -1356,15 +1352,14 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     cl = msub.add_parser("claim", parents=[common],
                          help="give a registered machine to the install whose registration "
                               "was refused with CLAIM (its 'registration contested' event, "
-                              "or the claims the server keeps by address, name it): its "
+                              "or the claims the servers kept by address, name it): its "
                               "next try is answered, without a reinstall; without CLAIM, "
-                              "list the claims the server keeps. Through the running "
-                              "server's API (with none listening, CLAIM is looked for in "
-                              "the database's events only)")
+                              "list the claims the servers kept (in the database)")
     cl.add_argument("mac", metavar="REF", help=REF_HELP)
     cl.add_argument("claim", nargs="?",
                     help="the claim the event or the list names (64 hexadecimal digits)")
-    cl.add_argument("--server", help="the server's base URL (default: this host, http.port)")
+    cl.add_argument("--server", help="through this running server's API instead of the "
+                                     "database (also its claims of the last few seconds)")
     cl.add_argument("--token-file", help="file with an API token (default: NETBOOT_TOKEN, "
                                          "else admin.token in the data directory)")
 
@@ -1583,7 +1578,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from netboot.lab import cli as lab_cli
 
             return int(lab_cli.run(args))
-        if args.cmd == "machines" and args.action == "claim":
+        if args.cmd == "machines" and args.action == "claim" and args.server:
             return _claim(args)
         if args.cmd == "machines":
             return asyncio.run(_with_store(args, lambda s, c: _machines(args, s, c)))

@@ -295,18 +295,28 @@ class Content:
         """A device's render of ``kind`` (:data:`_RENDERED`; ``file``: a NoCloud file's
         name) for ``plan`` failed: told as its machine's ``render failed`` event (an unknown
         machine's only logged: no machine to tell it on), then raised on by the caller (the
-        device's answer says it too). The five render paths' one way to tell it, each a
+        device's answer says it too). The device render paths' one way to tell it, each a
         try/except around its render: a context manager (a class's, s42-review) cost
         ~4,500 interpreted instructions a call (callgrind), ~1.5 % of a first install's
         loop, for a path that almost never fails, where an unraised try costs nothing."""
-        name, what = _RENDERED[kind]
-        name, what = name.format(action=plan.action, file=file), what.format(file=file)
+        template, what, command = _RENDERED[kind]
+        name = template.format(action=plan.action, file=file) or None
+        what = what.format(file=file)
         machine, enroller = plan.machine, self._enroller
         # (No enroller: the render tests' stand-in Content, which renders for no service.)
         if self._tells and machine is not None and enroller is not None:
-            template = self._render.version(name)
-            enroller.render_failed(machine, what, kind,
-                                   getattr(template, "filename", None) or name, exc)
+            version = None if name is None else self._render.version(name)
+            enroller.render_failed(machine, what, command,
+                                   getattr(version, "filename", None) or name, exc)
+
+    def _rendered(self, plan: BootPlan, what: str) -> None:
+        """A device's ``what`` for ``plan`` rendered: if it was told as failing, a
+        ``rendered`` event says it is fixed (Enroller.rendered). Called only while some
+        render fails: the first-install path pays an empty dict's look."""
+        enroller, machine = self._enroller, plan.machine
+        if enroller is not None and self._tells and machine is not None \
+                and machine.id in enroller.render_failing:
+            enroller.rendered(machine, what)
 
     @property
     def urls(self) -> Urls:
@@ -559,10 +569,13 @@ class Content:
         """
         with self._render.pinned():  # its template and command line: one look at the watch
             try:
-                return self._render_ipxe(plan)
+                text = self._render_ipxe(plan)
             except RenderError as exc:
                 self._told(plan, "ipxe", exc)
                 raise
+            if self._enroller is not None and self._enroller.render_failing:
+                self._rendered(plan, "iPXE script")  # a call only while some render fails
+            return text
 
     def _render_ipxe(self, plan: BootPlan) -> str:
         name = f"ipxe/{plan.action!s}.ipxe"  # !s: see boot._install_plan
@@ -699,10 +712,13 @@ class Content:
 
     def render_pxelinux(self, plan: BootPlan) -> str:
         try:
-            return self._render_pxelinux(plan)
+            text = self._render_pxelinux(plan)
         except RenderError as exc:
             self._told(plan, "pxelinux", exc)
             raise
+        if self._enroller is not None and self._enroller.render_failing:
+            self._rendered(plan, "pxelinux config")  # a call only while some render fails
+        return text
 
     def _render_pxelinux(self, plan: BootPlan) -> str:
         """The pxelinux config of a plan; an ignored machine gets none (U-Boot moves on)."""
@@ -753,10 +769,13 @@ class Content:
 
     def render_grub(self, plan: BootPlan, *, via: str = "tftp") -> str:
         try:
-            return self._render_grub(plan, via)
+            text = self._render_grub(plan, via)
         except RenderError as exc:
             self._told(plan, "grub", exc)
             raise
+        if self._enroller is not None and self._enroller.render_failing:
+            self._rendered(plan, "grub.cfg")  # a call only while some render fails
+        return text
 
     def _render_grub(self, plan: BootPlan, via: str) -> str:
         """The per-machine grub.cfg of a plan (one template per boot action). The kernel and
@@ -851,7 +870,13 @@ class Content:
         plan = await self._boot.plan(request)
         if plan.action != BootAction.INSTALL:
             raise NotFound(f"{machine.ref}: {plan.reason}")
-        return _text_blob(self.context(plan)["cmdline"] + "\n")
+        try:
+            cmdline = self.context(plan)["cmdline"]
+        except RenderError as exc:  # was only logged (s42-ops)
+            self._told(plan, "cmdline", exc)
+            raise
+        self._rendered(plan, _RENDERED["cmdline"][1])
+        return _text_blob(cmdline + "\n")
 
     async def _by_serial(self, serial: str) -> Machine | None:
         # The Pi prints its serial as 8 hex digits in the prefix ("0a1b2c3d"); operators copy
@@ -1099,14 +1124,16 @@ class _Wanted:
 
 
 # What each device render (Content._told's kind) is made from and is called in its
-# ``render failed`` event: its template (of the plan's action; a NoCloud file's name) and
-# what the device asked for.
+# ``render failed`` event: its template (of the plan's action; a NoCloud file's name; "":
+# a profile's text, not a file), what the device asked for, and the ``netboot render``
+# kind that shows its error (a Pi's cmdline.txt is the iPXE script's command line).
 _RENDERED = {
-    "ipxe": ("ipxe/{action!s}.ipxe", "iPXE script"),
-    "pxelinux": ("pxelinux/{action!s}.cfg", "pxelinux config"),
-    "grub": ("grub/{action!s}.cfg", "grub.cfg"),
-    "config": ("cloud-config/k3os.yaml", "k3OS config"),
-    "nocloud": ("cloud-config/cloud-init/{file}", "cloud-init {file}"),
+    "ipxe": ("ipxe/{action!s}.ipxe", "iPXE script", "ipxe"),
+    "pxelinux": ("pxelinux/{action!s}.cfg", "pxelinux config", "pxelinux"),
+    "grub": ("grub/{action!s}.cfg", "grub.cfg", "grub"),
+    "config": ("cloud-config/k3os.yaml", "k3OS config", "config"),
+    "nocloud": ("cloud-config/cloud-init/{file}", "cloud-init {file}", "nocloud"),
+    "cmdline": ("", "Raspberry Pi cmdline.txt (its profile's command line)", "ipxe"),
 }
 
 

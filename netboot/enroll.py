@@ -21,6 +21,7 @@ import re
 import secrets
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import (
     Awaitable,
     Callable,
@@ -38,7 +39,7 @@ import yaml
 from netboot import identity, lifecycle
 from netboot.addresses import AddressChoice, IPAddress, check_fixed_ipv4
 from netboot.addresses import choose as choose_address
-from netboot.claims import RefusedClaims, kept_since
+from netboot.claims import KeptClaims, RefusedClaims
 from netboot.discovery import TokenBuckets
 from netboot.errors import (
     DECIDE_ATTEMPTS,
@@ -1004,9 +1005,16 @@ class Enroller:
                                           _REPORT_BUDGETS)
         self._refused_boots = TokenBuckets(1 / REFUSED_BOOT_EVERY, REFUSED_BOOT_BURST,
                                            _REPORT_BUDGETS)
+        # Machine id -> what of it failed to render, told as a "render failed" event and not
+        # rendered since (Content tells a success: rendered): the boot path's "asked again"
+        # note gives way to it, the list's last event keeps saying why (s42-ops).
+        self.render_failing: OrderedDict[str, set[str]] = OrderedDict()
         # Each refused claim by the address it came from, beside the rate-limited events: a
         # flood of random secrets cannot hide the device's (s40-claim: netboot.claims).
         self.claims = RefusedClaims(since=clock())
+        # ... shared through the inventory: listed and given by any server, kept through a
+        # restart (s42-ops).
+        self.kept = KeptClaims(self.claims, store, clock=clock, logger=logger)
         # (machine id, token expiry) told as a "token expired" event (refuse_expired).
         self._expired_told: set[tuple[str, float, str]] = set()
         # Every event of this process is written through one recorder, so that history keeps
@@ -1671,7 +1679,7 @@ class Enroller:
                                  "'netboot machines reinstall' gives it back"))
         kind = "registration contested"
         if claim:
-            self.claims.refused(machine, str(peer) if peer else "", claim, self._clock())
+            self.kept.refused(machine, str(peer) if peer else "", claim, self._clock())
         if self.recorder.last(machine.id) == (kind, message) \
                 or not self._contests.take(machine.id, self._clock()):
             return
@@ -1753,6 +1761,24 @@ class Enroller:
         recorder.note(Event(machine.id, self._clock(), "render failed", message,
                             {"template": template, "line": line, "included": included,
                              "error": text}), machine)
+        failing = self.render_failing
+        failing.setdefault(machine.id, set()).add(what)
+        if len(failing) > _REPORT_BUDGETS:
+            failing.popitem(last=False)
+
+    def rendered(self, machine: Machine, what: str) -> None:
+        """``machine``'s ``what``, told as failing (:attr:`render_failing`), rendered now: a
+        ``rendered`` event, so that its failure is no longer its newest (at most one a
+        ``render failed`` event: bounded as they are)."""
+        failing = self.render_failing.get(machine.id)
+        if failing is None or what not in failing:
+            return
+        failing.discard(what)
+        if not failing:
+            del self.render_failing[machine.id]
+        self.recorder.note(Event(machine.id, self._clock(), "rendered",
+                                 f"its {what} rendered again: the render failure told before "
+                                 "is fixed"), machine)
 
     async def give_to_claim(self, ref: str, claim: str) -> Machine:
         """Give registered machine ``ref`` to the install whose refused registration made
@@ -1782,16 +1808,15 @@ class Enroller:
                         and isinstance(e.data.get("claim"), str) \
                         and hmac.compare_digest(e.data["claim"].encode(), claim.encode()):
                     made = e
-            held = self.claims.find(machine, claim)
+            kept = await self.kept.held(machine)
+            held = next((h for h in kept if h.claim == claim), None)
             if made is None and held is None:
                 raise NotFound(f"no refused registration of {machine.ref} made claim "
                                f"{claim!r} (its newest {_CLAIMS_SEEN} events since its "
-                               "registration, and the claims this server kept since it "
-                               f"started, {kept_since(self.claims)}: one refused before, "
-                               "or by another server, is found at the device's next try"
+                               "registration, and the claims the servers kept: one refused "
+                               "in the last few seconds is found at the device's next try"
                                + "".join(f"; {h.peer or 'an unknown address'} sent {h.claim} "
-                                         f"{h.tries} times" for h in
-                                         self.claims.held(machine)[:_CLAIMS_TOLD])
+                                         f"{h.tries} times" for h in kept[:_CLAIMS_TOLD])
                                + ")")
             # Where it came from: its kept entry (how often it tried) else its event's.
             peer = (held.peer if held else made.data.get("peer") if made else None) \

@@ -30,7 +30,7 @@ from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.cacerts import deferred_system_cas
 from netboot.config import Config, inventory_dsn, located
 from netboot.content import PER_MACHINE, STABLE, Content, Trust
-from netboot.core import Core
+from netboot.core import Core, OlderRegistrations
 from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
@@ -50,7 +50,7 @@ from netboot.inventory.dsn import INSTALL_ASYNCPG
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
-from netboot.model import Machine, Scope, parse_ip, reached_url
+from netboot.model import Machine, MachineState, Scope, parse_ip, reached_url
 from netboot.pki import Authority, Tls, operator_files, server_names
 from netboot.render import Renderer
 from netboot.sealing import Sealer, read_key, write_key
@@ -782,6 +782,8 @@ class Service:
     _zone_holder: Any = None
     _zone_fingerprint: int | None = None
     _zone_serial: int = 0
+    # The machines an older register command registered, named at the start and live.
+    _older: OlderRegistrations = field(default_factory=OlderRegistrations)
 
     @property
     def base_url(self) -> str:
@@ -966,7 +968,7 @@ class Service:
                 log.warning("inventory view not loaded, decisions read the store: %s", exc)
                 return
             log.info("inventory view loaded in %.1f s", time.monotonic() - started)
-            warn_of_older_registrations(self.boot.held_machines() or [])
+            await self.look_for_older_registrations(start=True)
             warn_of_a_clock_behind(self.boot.held_machines() or [], time.time())
             if self.view_loaded is not None:
                 self.view_loaded()
@@ -1079,6 +1081,24 @@ class Service:
             level, message = said
             log.log(logging.WARNING if level == "warning" else logging.INFO, "%s", message)
 
+    async def look_for_older_registrations(self, *, start: bool = False) -> None:
+        """Warn of the machines an older register command registered: every one at the
+        start, then each one the view brings while this server runs (another server of the
+        inventory, still on an older version, registered it: a rolling upgrade), looked
+        for when the count of registered machines moved (OlderRegistrations). Only the
+        next start named those (s41-ops)."""
+        counts = await self.boot.held_counts()
+        if counts is None:
+            return
+        registered = sum(n for (_, state), n in counts.items()
+                         if state is MachineState.REGISTERED)
+        older, now = self._older, time.monotonic()
+        if start or older.due(registered, now):
+            held = self.boot.held_machines()
+            if held is not None:
+                warn_of_older_registrations(older.new(held, registered, now),
+                                            live=not start)
+
     async def watch_once(self) -> None:
         """Sync the boot path's view (noticing an outage of the inventory and its end),
         write the boot events queued while it was away, and relay the events other servers
@@ -1087,6 +1107,7 @@ class Service:
         stuck: str | None = None
         try:
             await self.boot.resync()
+            await self.look_for_older_registrations()
             stuck = stuck_writes(self.store)
             health.doubt(cannot_tell(self.store))
             if stuck is not None:  # reads answer, writes would each fail after a wait
@@ -1295,6 +1316,7 @@ class Service:
             self.watcher.close()
             self.watcher = None
         await self.boot.drain()
+        await self.enroller.kept.close()  # the refused claims still to write (s42-ops)
         if self.runner is not None:
             await self.runner.cleanup()
         for listener in self.listeners:  # closed by the runner, unless it never started
@@ -1459,20 +1481,23 @@ def check_hostname_templates(config: Config) -> None:
                                   "{cluster}, {role} or {product}") from exc
 
 
-def warn_of_older_registrations(machines: Iterable[Machine]) -> None:
+def warn_of_older_registrations(machines: Iterable[Machine], *, live: bool = False) -> None:
     """After an upgrade: the machines an older register command registered, and the fix.
     Told at every start, once the view is loaded (from memory: no read of the store), so
-    that the last server of a rolling upgrade names those its older self registered."""
+    that the last server of a rolling upgrade names those its older self registered; and
+    ``live``, as another server still on an older version registers them (s42-ops)."""
     from netboot.core import older_registrations
 
     older = older_registrations(machines)
     if older:
         log.warning("%d registered machines were registered by an older netboot's register "
-                    "command (%s): they keep its weaker rules (a repeat registration from "
+                    "command%s (%s): they keep its weaker rules (a repeat registration from "
                     "their address is answered without proof; those registered before "
                     "session 37 report no new address at later boots) until reinstalled: "
                     "netboot machines reinstall REF for each, when it may reinstall",
-                    len(older), ", ".join(m.hostname or m.ref for m in older[:5])
+                    len(older), " just now (a server of this inventory still runs an older "
+                    "version: upgrade it)" if live else "",
+                    ", ".join(m.hostname or m.ref for m in older[:5])
                     + (", ..." if len(older) > 5 else ""))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from netboot.claims import RefusedClaims
 from netboot.model import Machine, MachineState
@@ -73,3 +74,57 @@ def test_claims_refused_against_an_earlier_registration_are_history() -> None:
     kept.refused(again, "192.0.2.8", "d" * 64, 101.0)
     assert [h.claim for h in kept.held(again)] == ["d" * 64]
     assert kept.held(M1) == []  # the earlier registration's are gone for good
+
+
+def test_a_machines_setting_merges_servers_and_stays_bounded() -> None:
+    """KeptClaims' setting (s42-ops): two servers' claims of one address merge to the most
+    tries any counted, the latest claim of an address wins, the merge is bounded as a
+    server's memory is (one-offs first), and a row refused against another registration,
+    or not one at all, or longer than PLACES, reads as nothing more than PLACES."""
+    from netboot.claims import PLACES, Held, decoded, encoded, merged, registration_of
+
+    against = registration_of(M)
+    a = [Held("192.0.2.7", "c" * 64, 3, 1.0, 30.0, against)]
+    b = [Held("192.0.2.7", "c" * 64, 2, 0.5, 40.0, against),
+         Held("192.0.2.8", "d" * 64, 1, 5.0, 5.0, against)]
+    both = merged(a, b)
+    assert [(h.peer, h.tries, h.first, h.last) for h in both] == [
+        ("192.0.2.8", 1, 5.0, 5.0), ("192.0.2.7", 3, 0.5, 40.0)]
+    assert a[0].tries == 3 and b[0].first == 0.5  # the sources are not changed
+    newer = merged(both, [Held("192.0.2.7", "e" * 64, 1, 50.0, 50.0, against)])
+    assert [h.claim for h in newer if h.peer == "192.0.2.7"] == ["e" * 64]
+    flood = [Held(f"198.51.100.{i}", f"{i:064x}", 1, i, i, against) for i in range(100)]
+    kept = merged(a, flood)
+    assert len(kept) == PLACES and a[0].claim in [h.claim for h in kept]
+    text = encoded(against, kept)
+    assert decoded(text, against) == kept
+    assert decoded(text, registration_of(registered("m", since=2.0))) == []
+    assert decoded("{not json", against) == [] and decoded(None, against) == []
+    assert decoded('{"against": [1, 2], "held": 7}', against) == []
+    assert len(decoded(encoded(against, flood), against)) == PLACES
+
+
+async def test_a_machines_kept_claims_written_are_no_change_a_view_holds(tmp_path: Any) -> None:
+    """Each write of a machine's kept claims (a flood's, every WRITE_EVERY seconds a
+    machine) came to every server's view through the change feed as a setting changed:
+    held, and taken for a change of what decisions read (InventoryView.shared, rules), which
+    makes every kept DHCP and install repeat decide again (s42-ops). A real SQLite file; a
+    setting of another key still is one."""
+    from netboot.claims import SETTING
+    from netboot.inventory.sqlite import SqliteStore
+    from netboot.inventory.view import InventoryView
+
+    store = SqliteStore(tmp_path / "inventory.db")
+    await store.open()
+    try:
+        view = InventoryView(store)
+        await view.load()
+        shared, rules = view.shared, view.rules
+        await store.claim_setting(SETTING + "m-1", '{"against": [1, null], "held": []}')
+        await view.sync()
+        assert (view.shared, view.rules) == (shared, rules)
+        await store.put_setting("site-note", "x")
+        await view.sync()
+        assert view.shared > shared and view.rules > rules
+    finally:
+        await store.close()

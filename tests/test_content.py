@@ -156,6 +156,51 @@ async def test_raspberry_pi_serial_prefix(env: Env) -> None:
             await content.tftp_open(f"9ffefdef/{name}", PEER)
 
 
+async def test_a_raspberry_pis_cmdline_that_fails_to_render_is_its_event_until_fixed(
+        env: Env) -> None:
+    """A Pi's profile command line with an undefined name: its cmdline.txt over real TFTP
+    was an error packet and a log line only (s41-ops left it): now a ``render failed``
+    event of the machine names it, its fix; fixed, the next fetch is a ``rendered``."""
+    from netboot.servers.tftp import TftpServer
+    from netboot.wire.tftp import Data, Error
+    from tests.servers.tftp_client import LOOPBACK, RawClient
+
+    await env.seed()
+    await env.post("/api/v1/profiles", {"name": "pi", "kernel": "kernel8.img",
+                                        "cmdline": "console=serial0 s={{ nocloud_urll }}",
+                                        "config_template": "cloud-init"}, status=201)
+    mac = "dc:a6:32:01:36:c3"
+    await env.post("/api/v1/machines", {"mac": mac, "hostname": "pi-2",
+                                        "serial": "100000009ffefdee", "profile": "pi",
+                                        "cluster": "edge"}, status=201)
+    server = TftpServer(env.service.content, host=LOOPBACK, port=0)
+    await server.start()
+
+    async def fetched() -> object:
+        with RawClient() as client:
+            client.rrq((LOOPBACK, server.port), "9ffefdee/cmdline.txt")
+            packet, _ = await client.recv()
+            return packet
+
+    async def kinds() -> list[tuple[str, str]]:
+        await env.service.enroller.recorder.flush()
+        return [(str(e["kind"]), str(e["message"]))
+                for e in await env.get(f"/api/v1/machines/{mac}/events")]
+    try:
+        assert isinstance(await fetched(), Error)
+        failed = [m for k, m in await kinds() if k == "render failed"]
+        assert len(failed) == 1 and "Raspberry Pi cmdline.txt" in failed[0], failed
+        assert "nocloud_urll" in failed[0] and "Fix:" in failed[0], failed
+        resp = await env.client.put("/api/v1/profiles/pi", headers=env.auth, json={
+            "kernel": "kernel8.img", "cmdline": "console=serial0 s={{ nocloud_url }}",
+            "config_template": "cloud-init"})
+        assert resp.status == 200, await resp.text()
+        assert isinstance(await fetched(), Data)
+        assert (await kinds())[-1][0] == "rendered"
+    finally:
+        await server.close()
+
+
 async def test_a_raspberry_pi_enrolled_without_a_mac_is_refused_saying_how_to_add_it(
         env: Env) -> None:
     # Enrolled by serial alone (boot_assets/README.md: "enroll it with serial"), a Pi was
@@ -1121,6 +1166,23 @@ async def test_a_script_that_fails_to_render_is_the_machines_event_bounded_with_
             assert listed["items"][0]["last_event"]["kind"] == "render failed"
     failed = await told()
     assert 2 <= len(failed) <= RENDER_FAILED_BURST, failed
+    # Its events rate limited, the failure is still the list's last event: the install's
+    # "asked again" note went after it and the list said install-plan (s42-ops).
+    listed = await env.get("/api/v1/machines?last_event=1")
+    assert listed["items"][0]["last_event"]["kind"] == "render failed", listed
+    # Fixed, the next asks render: a "rendered" event each says so, and then the list's last
+    # event (the failure no longer is the machine's newest).
+    (own / "ipxe" / "install.ipxe").write_text("#!ipxe\nkernel {{ kernel_url }}\nboot\n")
+    (own / "grub" / "install.cfg").write_text("set timeout=1\n")
+    for path in (f"/ipxe?mac={mac}&arch=x86_64", f"/grub/grub.cfg-01-{mac}"):
+        resp = await env.client.get(path)
+        assert resp.status == 200, (path, resp.status, await resp.text())
+    await env.service.enroller.recorder.flush()
+    listed = await env.get("/api/v1/machines?last_event=1")
+    assert listed["items"][0]["last_event"]["kind"] == "rendered", listed
+    fixed = [e["message"] for e in await env.get(f"/api/v1/machines/{mac}/events")
+             if e["kind"] == "rendered"]
+    assert 1 <= len(fixed) <= 2 and all("rendered again" in str(m) for m in fixed), fixed
     ipxe = next(e for e in failed if "iPXE script" in str(e["message"]))
     message = str(ipxe["message"])
     assert "'ipxe/install.ipxe', line 3: 'kernel_urll' is undefined" in message, message

@@ -32,6 +32,11 @@ from netboot.model import (
 
 # What machines can be listed by: "mac" is the default order (codec.machine_order).
 SORT_KEYS = ("mac", "hostname", "state", "cluster", "updated", "created", "state_since")
+# The settings that hold a machine's refused claims (netboot.claims.KeptClaims), then its
+# id: read from the store where an operator asks, never by a decision, so that a server's
+# view neither holds them nor takes their writes (a flood's, every few seconds) for a
+# change of what its decisions read (s42-ops).
+REFUSED_CLAIMS = "refused-claims/"
 # A sort key that is no column: its SQL (SQLite's, PostgreSQL's), the time a machine came
 # into its state (Machine.in_state_since: ``state_since``, else ``created``).
 SINCE_SQLITE = "COALESCE(json_extract(m.data, '$.state_since'), m.created)"

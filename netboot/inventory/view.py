@@ -36,6 +36,7 @@ from netboot.groups import select as select_group
 from netboot.identity import UNSEEN, Unseen, clean_text, clean_uuid
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    REFUSED_CLAIMS,
     Changes,
     GroupsKept,
     LocalCommits,
@@ -378,8 +379,12 @@ class InventoryView:
             if self._groups is not None:
                 for name, group in changes.groups.items():
                     _set(self._groups, name, group)
-        self._settings.update(changes.settings)
-        if changes.profiles or changes.clusters or changes.groups or changes.settings:
+        settings = changes.settings
+        if settings and any(k.startswith(REFUSED_CLAIMS) for k in settings):
+            # Machines' refused claims: no decision reads them (base.REFUSED_CLAIMS).
+            settings = {k: v for k, v in settings.items() if not k.startswith(REFUSED_CLAIMS)}
+        self._settings.update(settings)
+        if changes.profiles or changes.clusters or changes.groups or settings:
             self.shared += 1
             self.rules += 1
         self._seq = changes.seq

@@ -563,9 +563,28 @@ async def test_a_machine_stuck_on_a_template_error_says_so_in_the_list_and_its_t
     await env.service.enroller.recorder.flush()  # the note's group commit, then its event
     await expect(row).to_contain_text("render failed: its iPXE script failed to render")
     await shots(page, "render-failed-in-list")
+    # The device asks on past the failures' rate limit: the list still says why it is
+    # stuck (it said install-plan, the install's "asked again" note: s42-ops). Loaded
+    # afresh, so that no event still on its way can pass for it.
+    from netboot.enroll import RENDER_FAILED_BURST
+
+    for _ in range(RENDER_FAILED_BURST + 2):
+        resp = await env.client.get(f"/ipxe?mac={mac}&arch=x86_64")
+        assert resp.status == 500
+    await env.service.enroller.recorder.flush()
+    await page.goto(url(env))
+    await expect(page.locator("#live")).to_have_text("live")
+    await expect(row).to_contain_text("render failed: its iPXE script failed to render")
     await row.click()
     timeline = page.locator("li", has_text="render failed")
     await expect(timeline).to_contain_text("'kernel_urll' is undefined")
     await expect(timeline).to_contain_text(f"{own / 'ipxe' / 'install.ipxe'}, line 3")
     await expect(timeline).to_contain_text(f"netboot render {mac} ipxe")
     await shots(page, "render-failed-in-timeline")
+    # Fixed: the next ask renders, and the timeline says so (live).
+    (own / "ipxe" / "install.ipxe").write_text("#!ipxe\nkernel {{ kernel_url }}\nboot\n")
+    resp = await env.client.get(f"/ipxe?mac={mac}&arch=x86_64")
+    assert resp.status == 200
+    await env.service.enroller.recorder.flush()
+    await expect(page.locator("li", has_text="rendered again")).to_contain_text(
+        "its iPXE script rendered again")
