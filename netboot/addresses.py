@@ -25,6 +25,11 @@ from netboot.errors import ValidationError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # "This host on this network" (RFC 1122 §3.2.1.3): a source address only, never a destination.
 _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+# The limited broadcast (RFC 919), made once: an address parsed from its text is ~30,000
+# instructions, and unusable() made it twice a registration (the reported address and the
+# peer), half of what choosing a registration's address cost (benchmarks/README.md,
+# s42-tail: the register POSTs of a storm's tail).
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +79,7 @@ def unusable(address: IPAddress) -> str | None:
     if address.is_multicast:
         return "multicast"
     if isinstance(address, ipaddress.IPv4Address) and (
-            address == ipaddress.IPv4Address("255.255.255.255") or address.is_reserved):
+            address == _BROADCAST or address.is_reserved):
         # 240.0.0.0/4 (RFC 1112 §4) holds the limited broadcast and nothing routable.
         return "broadcast or reserved"
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
