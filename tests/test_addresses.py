@@ -77,3 +77,24 @@ def test_parse_peer_unmaps_ipv4_mapped_ipv6_and_ignores_non_addresses() -> None:
     assert parse_peer("192.0.2.60") == PEER
     assert parse_peer(None) is None and parse_peer("") is None
     assert parse_peer("/run/netboot.sock") is None
+
+
+@pytest.mark.parametrize(("peer", "reported"), [
+    ("192.0.2.60", ["192.0.2.60"]), ("192.0.2.60", ["192.0.2.60", "2001:db8::5"]),
+    ("192.0.2.60", ["2001:db8::5", "192.0.2.60", "127.0.1.1"]),
+    ("2001:db8::5", ["2001:db8::5", "198.51.100.7"]),
+    ("127.0.0.1", ["127.0.0.1", "198.51.100.7"]), ("127.0.0.1", ["127.0.0.1"]),
+])
+def test_the_peers_own_address_reported_chooses_as_any_other_report(
+        peer: str, reported: list[str]) -> None:
+    # choose() takes a reported text equal to a usable peer's as read (the register
+    # command's usual report): the choice is the one the same address reported in another
+    # spelling (parsed and checked) gives, and an unusable peer's own text is still refused.
+    address = ipaddress.ip_address(peer)
+    respelt = [f" {text}" if text == peer else text for text in reported]
+    fast, parsed = choose(address, reported), choose(address, respelt)
+    assert (fast.ipv4, fast.ipv6, fast.source) == (parsed.ipv4, parsed.ipv6, parsed.source)
+    assert [(r.reason, r.source) for r in fast.refused] == [
+        (r.reason, r.source) for r in parsed.refused]
+    if unusable(address) is not None:
+        assert (peer, "reported") in [(r.text, r.source) for r in fast.refused]
