@@ -98,3 +98,32 @@ def test_the_peers_own_address_reported_chooses_as_any_other_report(
         (r.reason, r.source) for r in parsed.refused]
     if unusable(address) is not None:
         assert (peer, "reported") in [(r.text, r.source) for r in fast.refused]
+
+
+@pytest.mark.parametrize("text", [
+    "192.0.2.60", "0.0.0.0", "255.255.255.255", "01.2.3.4", "00.0.0.0", "1.2.3", "1.2.3.4.5",
+    "256.1.1.1", " 192.0.2.60", "192.0.2.60 ", "192.0.2.60\n", "0x1.2.3.4", "1..2.3",
+    "\u0661.2.3.4", "192.0.2.60%eth0", "2001:db8::5", "::ffff:192.0.2.60", "fe80::1%eth0",
+    "edge-1", "", "::"])
+def test_an_address_is_read_exactly_as_ipaddress_reads_it(text: str) -> None:
+    # parse_peer and choose read a dotted quad from its bytes (inet_pton), anything else
+    # through ipaddress: the same address, or the same refusal, as ipaddress alone.
+    try:
+        expected: object = ipaddress.ip_address(text)
+    except ValueError:
+        expected = None
+    unmapped = (expected.ipv4_mapped or expected
+                if isinstance(expected, ipaddress.IPv6Address) else expected)
+    got = parse_peer(text)
+    assert got == unmapped and type(got) is type(unmapped)
+    reported = choose(None, [text])  # a device's report: read with its spaces stripped
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        assert [r.reason for r in reported.refused] == ["not an IP address"]
+        return
+    why = unusable(address)
+    if why is not None:
+        assert [r.reason for r in reported.refused] == [why]
+    else:
+        assert reported.address == address and not reported.refused
