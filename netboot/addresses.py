@@ -89,15 +89,19 @@ def unusable(address: IPAddress) -> str | None:
 
 
 def _address(text: str) -> IPAddress:
-    """``ipaddress.ip_address(text)``, a dotted-quad IPv4 address from its four bytes: the C
-    library's inet_pton(3) takes exactly the texts ipaddress does for IPv4 (four decimal
-    parts of at most 255, no leading zero, nothing around them) and the address built from
-    bytes skips ipaddress's parse of the text, ~25,000 instructions (benchmarks/README.md,
-    s42-tail); anything else is ipaddress's to parse or refuse (ValueError)."""
+    """``ipaddress.ip_address(text)``, a dotted-quad IPv4 address from its four bytes: the
+    address built from bytes skips ipaddress's parse of the text, ~15,000 instructions
+    (benchmarks/README.md, s42-tail). Only a text that is the bytes' own canonical spelling
+    (inet_ntoa of what inet_pton read: four decimal parts of at most 255, no leading zero,
+    nothing around them, whatever a C library's inet_pton also takes) is read so; anything
+    else is ipaddress's to parse or refuse (ValueError)."""
     try:
-        return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
+        packed = socket.inet_pton(socket.AF_INET, text)
     except (OSError, ValueError):
         return ipaddress.ip_address(text)
+    if socket.inet_ntoa(packed) != text:
+        return ipaddress.ip_address(text)
+    return ipaddress.IPv4Address(packed)
 
 
 def _parse(text: str) -> IPAddress | str:
