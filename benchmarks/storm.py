@@ -86,14 +86,16 @@ sent at), failures by stage and reason, wall time of the storm, server CPU secon
 (utime+stime from /proc/<pid>/stat of the server processes and their children), the load
 generators' CPU (each process's) and loop lag, TCP segments the devices' kernel dropped and
 the server's retransmission timeouts, each device slower than STRAGGLER seconds with its
-stages and requests, each TFTP exchange slower than SLOW_TFTP seconds with its address and
-port (to find it in netboot's log), the TFTP sockets bound again to keep a port from another
-device (PORT_REUSE), and netboot ÷ stand-ins. ``--diag`` keeps nstat of both namespaces
-before and after and a capture of the HTTP connections' SYN/FIN/RST packets in the run dir
-(with ``--keep``). Needs root (namespaces), iproute2, dnsmasq and nginx (a target whose
-binary is missing is left out and said so). Every wait is bounded; processes are stopped by
-their own PID; the namespaces are deleted in a finally. Not part of pytest: speed is never
-asserted."""
+stages and requests, the LAST_TRACED devices that ended last with their last stages (the
+storm's tail: start, from the storm's start, and duration of each; their requests in the run
+dir's last.json, to set beside the server's access log), each TFTP exchange slower than
+SLOW_TFTP seconds with its address and port (to find it in netboot's log), the TFTP sockets
+bound again to keep a port from another device (PORT_REUSE), and netboot ÷ stand-ins.
+``--diag`` keeps nstat of both namespaces before and after and a capture of the HTTP
+connections' SYN/FIN/RST packets in the run dir (with ``--keep``). Needs root (namespaces),
+iproute2, dnsmasq and nginx (a target whose binary is missing is left out and said so).
+Every wait is bounded; processes are stopped by their own PID; the namespaces are deleted in
+a finally. Not part of pytest: speed is never asserted."""
 
 from __future__ import annotations
 
@@ -673,6 +675,7 @@ DEVICE_WINDOW = 256 << 10
 # start times and its requests (connection reused or new, local port, time to the response
 # head): a straggler is found in the server's log and a capture by these.
 STRAGGLER = 20.0
+LAST_TRACED = 5  # the devices that ended last, each traced stage by stage (the storm's tail)
 # Each device here shares its address with the devices ``len(CLIENT_IPS)`` apart, where a
 # real device has one of its own. Two of them could be handed the same random TFTP port
 # (~1 pair in 28,000): the later one's RRQ, byte for byte the earlier one's, came from the
@@ -1101,6 +1104,9 @@ class Generator:
         # seconds, resent at the 1 s timer), to find them in netboot's log by address:port.
         self.slow_tftp: list[tuple[int, str, int, str, float, int]] = []
         self.slow: list[dict[str, Any]] = []
+        # Every device that finished: (its end, from the storm's start, k, its stages, its
+        # requests): the LAST_TRACED latest are returned (the storm's tail, traced).
+        self.ended: list[tuple[float, int, list[Any], list[Any]]] = []
         # Each device's downloads: (kernel begun, initrd begun, initrd ended), seconds from
         # the storm's start (report(): the bulk phase's aggregate rate).
         self.downloads: list[tuple[float, float, float]] = []
@@ -1350,6 +1356,7 @@ class Generator:
             return
         total = time.perf_counter() - t_start
         self.times["total"].append(total)
+        self.ended.append((time.perf_counter() - self.t0, dev.k, stamps, reqlog))
         if total > STRAGGLER:
             self.slow.append({"k": dev.k, "ip": dev.ip, "total": total, "stages": stamps,
                               "events": [(a - self.t0, b - a, e) for a, b, e in reqlog]})
@@ -1456,8 +1463,19 @@ class Generator:
                 "slow_tftp": self.slow_tftp,
                 "http_retries": retries,
                 "slow": self.slow, "downloads": self.downloads,
+                "last": [{"k": k, "end": end, "stages": stamps,
+                          "events": [(a - t0, b - a, e) for a, b, e in reqlog]}
+                         for end, k, stamps, reqlog in sorted(self.ended)[-LAST_TRACED:]],
                 "t0_wall": time.time() - (time.perf_counter() - t0),
                 **wire, "offer_tap_drops": tap_drops, "dhcp_socket_drops": socket_dropped}
+
+
+def last_devices(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The LAST_TRACED devices that ended last in the storm (``data``: merge()'s, every
+    process's latest), the last one last: each one's stages and requests, seconds from the
+    storm's start, to read what the storm's tail waited for (benchmarks/README.md,
+    s42-tail)."""
+    return sorted(data.get("last", []), key=lambda d: d["end"])[-LAST_TRACED:]
 
 
 def generate(spec_json: str) -> None:
@@ -1542,7 +1560,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("generator_cpu", "generator_system", "devices", "late_offers",
                 "dhcp_send_failed", "same_port", "rebound", *WIRE_COUNTS):
         merged[key] = sum(part.get(key, 0) for part in parts)
-    for key in ("loop_lag", "retried", "slow_tftp", "slow", "downloads", *WIRE_TIMES):
+    for key in ("loop_lag", "retried", "slow_tftp", "slow", "downloads", "last", *WIRE_TIMES):
         merged[key] = [item for part in parts for item in part.get(key, [])]
     return merged
 
@@ -1714,6 +1732,12 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
         result.lag_p99 = pct(lags, .99) if lags else 0.0
         (run / "slow.json").write_text(json.dumps({"t0_wall": data.get("t0_wall"),
                                                    "slow": data.get("slow", [])}, indent=1))
+        last = last_devices(data)
+        (run / "last.json").write_text(json.dumps({"t0_wall": data.get("t0_wall"),
+                                                   "last": last}, indent=1))
+        for d in last:
+            print(f"{target}: LAST device {d['k']} ended {d['end']:.3f} s; " + ", ".join(
+                f"{n}@{a:.3f}+{b * 1e3:.1f}ms" for n, a, b in d["stages"][-6:]))
         for d in data.get("slow", []):
             print(f"{target}: SLOW device {d['k']} {d['ip']} total {d['total']:.1f} s; "
                   + ", ".join(f"{n}@{a:.2f}+{b:.2f}" for n, a, b in d["stages"]))

@@ -17,6 +17,7 @@ unparsable entries are never stored; each one is named with the reason, for an e
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -25,6 +26,11 @@ from netboot.errors import ValidationError
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # "This host on this network" (RFC 1122 §3.2.1.3): a source address only, never a destination.
 _THIS_NETWORK = ipaddress.IPv4Network("0.0.0.0/8")
+# The limited broadcast (RFC 919), made once: an address parsed from its text is ~30,000
+# instructions, and unusable() made it twice a registration (the reported address and the
+# peer), half of what choosing a registration's address cost (benchmarks/README.md,
+# s42-tail: the register POSTs of a storm's tail).
+_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +61,7 @@ def parse_peer(text: str | None) -> IPAddress | None:
     if not text:
         return None
     try:
-        address = ipaddress.ip_address(text)
+        address = _address(text)
     except ValueError:
         return None  # a UNIX socket or a proxy's odd peer: not an address we can use
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -74,7 +80,7 @@ def unusable(address: IPAddress) -> str | None:
     if address.is_multicast:
         return "multicast"
     if isinstance(address, ipaddress.IPv4Address) and (
-            address == ipaddress.IPv4Address("255.255.255.255") or address.is_reserved):
+            address == _BROADCAST or address.is_reserved):
         # 240.0.0.0/4 (RFC 1112 §4) holds the limited broadcast and nothing routable.
         return "broadcast or reserved"
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -82,9 +88,25 @@ def unusable(address: IPAddress) -> str | None:
     return None
 
 
+def _address(text: str) -> IPAddress:
+    """``ipaddress.ip_address(text)``, a dotted-quad IPv4 address from its four bytes: the
+    address built from bytes skips ipaddress's parse of the text, ~15,000 instructions
+    (benchmarks/README.md, s42-tail). Only a text that is the bytes' own canonical spelling
+    (inet_ntoa of what inet_pton read: four decimal parts of at most 255, no leading zero,
+    nothing around them, whatever a C library's inet_pton also takes) is read so; anything
+    else is ipaddress's to parse or refuse (ValueError)."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET, text)
+    except (OSError, ValueError):
+        return ipaddress.ip_address(text)
+    if socket.inet_ntoa(packed) != text:
+        return ipaddress.ip_address(text)
+    return ipaddress.IPv4Address(packed)
+
+
 def _parse(text: str) -> IPAddress | str:
     try:
-        return ipaddress.ip_address(text.strip())
+        return _address(text.strip())
     except ValueError:
         return "not an IP address"
 
@@ -93,7 +115,15 @@ def choose(peer: IPAddress | None, reported: Sequence[str]) -> AddressChoice:
     """The addresses to register for a device, from its peer address and its own report."""
     refused: list[Refused] = []
     usable: list[IPAddress] = []
+    peer_reason = None if peer is None else unusable(peer)
+    # The peer's own address as the device reports it (the register command reports the
+    # address it has; the storm's devices all do): the peer is taken for its version below,
+    # so that text parsed and checked again changes nothing (~35,000 instructions a
+    # registration; benchmarks/README.md, s42-tail).
+    own = str(peer) if peer is not None and peer_reason is None else None
     for text in reported:
+        if text == own:
+            continue
         parsed = _parse(text)
         reason = parsed if isinstance(parsed, str) else unusable(parsed)
         if reason is not None:
@@ -101,13 +131,12 @@ def choose(peer: IPAddress | None, reported: Sequence[str]) -> AddressChoice:
         elif not isinstance(parsed, str) and parsed not in usable:
             usable.append(parsed)
     if peer is not None:
-        reason = unusable(peer)
-        if reason is None:
+        if peer_reason is None:
             other = [a for a in usable if a.version != peer.version]
             v4 = peer if isinstance(peer, ipaddress.IPv4Address) else _first_v4(other)
             v6 = peer if isinstance(peer, ipaddress.IPv6Address) else _first_v6(other)
             return AddressChoice(v4, v6, "peer", tuple(refused))
-        refused.insert(0, Refused(str(peer), reason, "peer"))
+        refused.insert(0, Refused(str(peer), peer_reason, "peer"))
     if not usable:
         return AddressChoice(None, None, None, tuple(refused))
     return AddressChoice(_first_v4(usable), _first_v6(usable), "reported", tuple(refused))

@@ -25,7 +25,7 @@ import functools
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine, Mapping, Sequence
+from collections.abc import Callable, Collection, Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, TypeVar
 
@@ -539,8 +539,9 @@ class BootService:
         answers): from then on a decision reads nothing from the store but its change feed."""
         await self._view.load()
 
-    def held_machines(self) -> list[Machine] | None:
-        """Every machine as the loaded view holds it (None until :meth:`load_view` is done)."""
+    def held_machines(self) -> Iterator[Machine] | None:
+        """Every machine as the loaded view holds it, one at a time (None until
+        :meth:`load_view` is done)."""
         return self._view.held_machines()
 
     async def held_counts(self) -> dict[tuple[str | None, MachineState], int] | None:

@@ -77,3 +77,53 @@ def test_parse_peer_unmaps_ipv4_mapped_ipv6_and_ignores_non_addresses() -> None:
     assert parse_peer("192.0.2.60") == PEER
     assert parse_peer(None) is None and parse_peer("") is None
     assert parse_peer("/run/netboot.sock") is None
+
+
+@pytest.mark.parametrize(("peer", "reported"), [
+    ("192.0.2.60", ["192.0.2.60"]), ("192.0.2.60", ["192.0.2.60", "2001:db8::5"]),
+    ("192.0.2.60", ["2001:db8::5", "192.0.2.60", "127.0.1.1"]),
+    ("2001:db8::5", ["2001:db8::5", "198.51.100.7"]),
+    ("127.0.0.1", ["127.0.0.1", "198.51.100.7"]), ("127.0.0.1", ["127.0.0.1"]),
+])
+def test_the_peers_own_address_reported_chooses_as_any_other_report(
+        peer: str, reported: list[str]) -> None:
+    # choose() takes a reported text equal to a usable peer's as read (the register
+    # command's usual report): the choice is the one the same address reported in another
+    # spelling (parsed and checked) gives, and an unusable peer's own text is still refused.
+    address = ipaddress.ip_address(peer)
+    respelt = [f" {text}" if text == peer else text for text in reported]
+    fast, parsed = choose(address, reported), choose(address, respelt)
+    assert (fast.ipv4, fast.ipv6, fast.source) == (parsed.ipv4, parsed.ipv6, parsed.source)
+    assert [(r.reason, r.source) for r in fast.refused] == [
+        (r.reason, r.source) for r in parsed.refused]
+    if unusable(address) is not None:
+        assert (peer, "reported") in [(r.text, r.source) for r in fast.refused]
+
+
+@pytest.mark.parametrize("text", [
+    "192.0.2.60", "0.0.0.0", "255.255.255.255", "01.2.3.4", "00.0.0.0", "1.2.3", "1.2.3.4.5",
+    "256.1.1.1", " 192.0.2.60", "192.0.2.60 ", "192.0.2.60\n", "0x1.2.3.4", "1..2.3",
+    "\u0661.2.3.4", "192.0.2.60%eth0", "2001:db8::5", "::ffff:192.0.2.60", "fe80::1%eth0",
+    "edge-1", "", "::"])
+def test_an_address_is_read_exactly_as_ipaddress_reads_it(text: str) -> None:
+    # parse_peer and choose read a dotted quad from its bytes (inet_pton), anything else
+    # through ipaddress: the same address, or the same refusal, as ipaddress alone.
+    try:
+        expected: object = ipaddress.ip_address(text)
+    except ValueError:
+        expected = None
+    unmapped = (expected.ipv4_mapped or expected
+                if isinstance(expected, ipaddress.IPv6Address) else expected)
+    got = parse_peer(text)
+    assert got == unmapped and type(got) is type(unmapped)
+    reported = choose(None, [text])  # a device's report: read with its spaces stripped
+    try:
+        address = ipaddress.ip_address(text.strip())
+    except ValueError:
+        assert [r.reason for r in reported.refused] == ["not an IP address"]
+        return
+    why = unusable(address)
+    if why is not None:
+        assert [r.reason for r in reported.refused] == [why]
+    else:
+        assert reported.address == address and not reported.refused

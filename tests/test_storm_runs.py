@@ -135,7 +135,8 @@ def _part(times: list[float], failed: int, wall: float, cpu: float) -> dict[str,
             "devices": len(times) + failed, "late_offers": 1, "dhcp_send_failed": 0,
             "same_port": 0, "rebound": 0, "loop_lag": [wall / 100], "retried": [],
             "slow_tftp": [], "slow": [], "http_retries": {"reopened": 1, "retry_after": 0},
-            "t0_wall": 5.0}
+            "t0_wall": 5.0, "last": [{"k": k, "end": wall - 1 + k / 10, "stages": [],
+                                      "events": []} for k in range(storm.LAST_TRACED)]}
 
 
 def test_the_generators_results_are_merged_exactly() -> None:
@@ -154,6 +155,8 @@ def test_the_generators_results_are_merged_exactly() -> None:
     assert merged["devices"] == 103 and merged["late_offers"] == 2
     assert merged["http_retries"] == {"reopened": 2, "retry_after": 0}
     assert sorted(merged["loop_lag"]) == [0.2, 0.24]
+    # The devices that ended last, of every process: the storm's tail, traced (s42-tail).
+    assert [d["end"] for d in storm.last_devices(merged)] == [23.0, 23.1, 23.2, 23.3, 23.4]
     assert storm.merge([fast]) is fast
 
 
