@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -20,20 +20,20 @@ from tests.test_content import own_template
 K3OS = "cloud-config/k3os.yaml"
 
 
-def _counting_configs(env: Env) -> list[str]:
-    """The configs rendered from now on (each call of the renderer's yaml_config, the way a
-    config is rendered: a frame's marked render is one too), by template name."""
-    renderer = env.service.content._render
-    rendered: list[str] = []
-    real = renderer.yaml_config
+def _frames(env: Env) -> tuple[int, int]:
+    """The config frames made so far (each a marked render more) and the configs made of
+    them (Content._config_framed's counts, of the templates that may have frames: an
+    install script's with frames has its own, _Wanted.frames), read, not patched in: the
+    same in the mypyc build (tests/test_compiled.py)."""
+    wants = [want for want in env.service.content._wants.values()
+             if want.config_frames is not None and want.frames is None]
+    return sum(want.made for want in wants), sum(want.framed for want in wants)
 
-    def counting(name: str, context: Callable[[object], dict[str, object]],
-                 **kw: object) -> str:
-        rendered.append(name)
-        return real(name, context, **kw)  # type: ignore[arg-type]
 
-    renderer.yaml_config = counting  # type: ignore[method-assign,assignment]
-    return rendered
+def _config_frames(env: Env) -> int:
+    """How many templates may have config frames (_Wanted.config_frames not None)."""
+    return sum(want.config_frames is not None and want.frames is None
+               for want in env.service.content._wants.values())
 
 
 async def _plan(env: Env, mac: str) -> BootPlan:
@@ -90,19 +90,19 @@ async def test_first_configs_of_one_shape_are_its_frame_filled_in_as_rendered(
             for i in range(1, 16)]
     await _enrol(env, macs[:6], profile="k3os", cluster="edge")
     await _enrol(env, macs[6:], profile="k3os", cluster="core")
-    rendered = _counting_configs(env)
     for i, (mac, hostname) in enumerate(macs[:6]):
         text, whole = await _first_config(env, mac)
         assert text == whole, mac
         assert f"# k3OS config for {hostname or mac}," in text
         assert f"node-{mac.replace(':', '-')}" in text if hostname is None else (
             f'"--node-name"\n    - "{hostname}"' in text)
-        # Shapes: a hostname (1, 2), none (3, 4), a hostname again (5, 6).
-        assert len(rendered) == (2, 2, 4, 4, 4, 4)[i], (mac, rendered)
+        # Shapes: a hostname (1, 2), none (3, 4), a hostname again (5, 6): (frames made,
+        # configs filled in).
+        assert _frames(env) == ((1, 0), (1, 1), (2, 1), (2, 2), (2, 3), (2, 4))[i], mac
     text, whole = await _first_config(env, macs[6][0])  # another cluster: its own shape
-    assert text == whole and '"core-secret-token"' in text and len(rendered) == 6
+    assert text == whole and '"core-secret-token"' in text and _frames(env) == (3, 4)
     text, whole = await _first_config(env, macs[7][0])
-    assert text == whole and len(rendered) == 6
+    assert text == whole and _frames(env) == (3, 5)
     r = await call(env, "PUT", "/api/v1/clusters/core",
                    json_body={"server_url": "https://192.0.2.52:6443",
                               "token": "core-new-token", "labels": {"zone": "b"}})
@@ -135,11 +135,10 @@ async def test_first_configs_of_one_shape_are_its_frame_filled_in_as_rendered(
     os.utime(own, (1, 1))  # another mtime, whatever the clock's resolution
     text, whole = await _first_config(env, macs[13][0])
     assert text == whole and text.endswith("# edited by the operator\n")
-    count = len(rendered)
-    text, whole = await _first_config(env, macs[14][0])  # the edited shape: filled in
-    assert text == whole and len(rendered) == count
-    # Each change above rendered its new shape once (twice: marked and its own).
-    assert len(rendered) == 6 + 6 * 2
+    # Each change above made its new shape's frame (a render more)...
+    assert _frames(env) == (3 + 6, 5)
+    text, whole = await _first_config(env, macs[14][0])  # ... filled in for the next
+    assert text == whole and _frames(env) == (9, 6)
 
 
 async def test_every_shipped_config_is_its_render_framed_or_not(env: Env) -> None:
@@ -185,10 +184,13 @@ async def test_odd_macs_hostnames_and_tokens_are_their_own_render(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """Values a frame cannot take as they are (a hostname or token that tojson or the
     register command's quoting would escape, a '#', a space) are rendered; plain odd ones
-    (a hostname "-", a MAC of fe and ff) filled in: each the text the whole context renders."""
+    (a hostname "-" or "a.b_c:d", a MAC of fe and ff) filled in: each the text the whole
+    context renders."""
     env, _, _ = await own_template(make_env, tmp_path, K3OS)
     await env.seed()
-    odd = ["-", "a.b_c:d", 'quo"te', "sp ace", "#hash", "back\\slash", "amp&<lt>", "n-ok"]
+    odd = ["-", "a.b_c:d", 'quo"te', "sp ace", "#hash", "back\\slash", "amp&<lt>", "n-ok",
+           "x'y", "9"]
+    tokens = [f"plain-{i}" for i in range(7)] + ['quoted"<7', "spaced  8", "x'9"]
     macs = [(f"fe:ff:ff:ff:ff:{i:02x}", f"seed-{i}") for i in range(len(odd))]
     await _enrol(env, macs)
     store = env.service.store
@@ -196,12 +198,15 @@ async def test_odd_macs_hostnames_and_tokens_are_their_own_render(
         machine = await store.machine_by("mac", mac)
         assert machine is not None
         await store.update_machine(dataclasses.replace(machine, hostname=hostname))
-    given = iter(["plain-0", 'quoted"<1', "plain-2", "spaced  3", "plain_4", "pl.ain:5",
-                  "plain-6", "x'7"])
-    env.service.boot._new_token = given.__next__
-    for (mac, _), hostname in zip(macs, odd, strict=True):
-        text, whole = await _first_config(env, mac)
-        assert text == whole, (mac, hostname)
+    content = env.service.content
+    for (mac, _), hostname, token in zip(macs, odd, tokens, strict=True):
+        # A token source of the operator's own, as the plan carries it.
+        plan = dataclasses.replace(await _plan(env, mac), token=token)
+        text = content.k3os_config(plan)
+        assert text == _whole(content, K3OS, plan), (mac, hostname, token)
+    # The first's frame made, the second's filled in ("a.b_c:d", "plain-1"); the rest are
+    # not of a frame's letters.
+    assert _frames(env) == (1, 1)
 
 
 async def test_a_config_that_reads_a_machines_value_otherwise_is_rendered_each_time(
@@ -213,12 +218,11 @@ async def test_a_config_that_reads_a_machines_value_otherwise_is_rendered_each_t
     await env.seed()
     macs = [f"52:54:00:00:0c:{i}" for i in ("02", "03", "11", "21")]
     await _enrol(env, [(mac, f"h{i}") for i, mac in enumerate(macs)])
-    rendered = _counting_configs(env)
     for mac in macs:
         text, whole = await _first_config(env, mac)
         assert text == whole and text.endswith("# one\n") == mac.endswith("1"), mac
-    # Each rendered; the first twice (its frame tried: its marked render, then refused).
-    assert rendered == [K3OS] * (len(macs) + 1)
+    # Each rendered: a frame tried once (its marked render, then refused), never used.
+    assert _frames(env) == (1, 0)
 
 
 @pytest.mark.parametrize(("line", "bad"), [
@@ -238,7 +242,6 @@ async def test_a_config_printing_a_value_where_yaml_reads_it_otherwise_is_render
     await env.seed()
     macs = [(f"52:54:00:00:0d:{i:02x}", f"n-{i}") for i in range(1, 4)]
     await _enrol(env, macs)
-    rendered = _counting_configs(env)
     for mac, _ in macs[:2]:
         text, whole = await _first_config(env, mac)
         assert text == whole, mac
@@ -247,7 +250,7 @@ async def test_a_config_printing_a_value_where_yaml_reads_it_otherwise_is_render
     await env.service.store.update_machine(dataclasses.replace(machine, hostname=bad))
     with pytest.raises(RenderError, match="invalid YAML"):
         await _first_config(env, macs[2][0])
-    assert rendered[:3] == [K3OS] * 3  # no frame: each rendered
+    assert _frames(env) == (1, 0)  # tried once, refused: each rendered
 
 
 async def test_a_config_reading_a_name_frames_do_not_know_is_rendered_each_time(
@@ -275,11 +278,10 @@ async def test_a_config_reading_a_name_frames_do_not_know_is_rendered_each_time(
         return made
 
     content.context = context  # type: ignore[method-assign]
-    rendered = _counting_configs(env)
     for i, (mac, _) in enumerate(macs):
         text, whole = await _first_config(env, mac)
         assert text == whole and text.endswith(f"# site-of-{mac} SN{i}\n"), mac
-    assert rendered == [K3OS] * len(macs)  # never framed: not even tried
+    assert _config_frames(env) == 0  # never framed: not even tried
 
 
 async def test_an_operators_config_printing_the_cluster_and_its_urls_is_framed(
@@ -293,8 +295,7 @@ async def test_an_operators_config_printing_the_cluster_and_its_urls_is_framed(
     await env.seed()
     macs = [(f"52:54:00:00:0f:{i:02x}", f"h-{i}") for i in range(1, 5)]
     await _enrol(env, macs)
-    rendered = _counting_configs(env)
     for mac, _ in macs:
         text, whole = await _first_config(env, mac)
         assert text == whole and f"/machines/{mac.replace(':', '-')}/events\"]" in text, mac
-    assert rendered == [K3OS] * 2  # the first's marked render and its own; the rest framed
+    assert _frames(env) == (1, 3)  # the first's frame made; the rest filled in
