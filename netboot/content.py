@@ -1035,8 +1035,9 @@ class Content:
         marked = None
         # None yet, or made of others (another CA, cluster or profile object); not where
         # frames are made more than used (each frame made is a render more).
-        if plain and (frame is not None or key not in frames) and (
-                want.made < _FEW or want.framed >= 8 * want.made):
+        tried = plain and (frame is not None or key not in frames) and (
+            want.made < _FEW or want.framed >= 8 * want.made)
+        if tried:
             marks = self._marks
             marked_plan = plan if not node or k3s is None else replace(
                 plan, k3s=replace(k3s, node_name=marks[4]))
@@ -1046,10 +1047,13 @@ class Content:
                     stand_in=(marks[0], marks[1], marks[3] if hostname else hostname)),
                     header=header, read=read)
         text = self._config_rendered(name, plan, header, read)
-        if marked is not None:
+        if tried:
+            # Counted, and kept (None) where the marked render failed and this one did not:
+            # such a shape is not tried again at every request.
             want.made += 1
             made = (self._config_frame_of(marked, header, profile, trust, cluster)
-                    if self._render.config_only_printing(template) else None)
+                    if marked is not None and self._render.config_only_printing(template)
+                    else None)
             if len(frames) >= _FEW:
                 frames.clear()  # bounded: old templates', profiles' and clusters' go
             # None: this shape is rendered (not tried again).

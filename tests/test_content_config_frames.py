@@ -299,3 +299,19 @@ async def test_an_operators_config_printing_the_cluster_and_its_urls_is_framed(
         text, whole = await _first_config(env, mac)
         assert text == whole and f"/machines/{mac.replace(':', '-')}/events\"]" in text, mac
     assert _frames(env) == (1, 3)  # the first's frame made; the rest filled in
+
+
+async def test_a_shape_whose_marked_render_fails_is_not_tried_again(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """A template that renders with a machine's values but not with the marks (here it cuts
+    the MAC at its colons) has no frame, and its shape's marked render is tried once, not
+    once a config: each config rendered, as the whole context gives it."""
+    env, own, shipped = await own_template(make_env, tmp_path, K3OS)
+    own.write_text(shipped + '# {{ mac.split(":")[5] }}\n')
+    await env.seed()
+    macs = [(f"52:54:00:00:10:{i:02x}", f"h-{i}") for i in range(1, 5)]
+    await _enrol(env, macs)
+    for mac, _ in macs:
+        text, whole = await _first_config(env, mac)
+        assert text == whole and text.endswith(f"# {mac[-2:]}\n"), mac
+    assert _frames(env) == (1, 0)  # tried once (its marked render failed), never used
