@@ -45,7 +45,7 @@ from netboot.model import (
     reached_url,
     stands_in,
 )
-from netboot.render import WHOLE, Renderer, Splice, Spliced, plain
+from netboot.render import WHOLE, Renderer, Splice, Spliced, fills_in_place, plain
 from netboot.wire import uimage
 
 _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
@@ -211,12 +211,13 @@ class Content:
         self._installs: OrderedDict[MacAddress, tuple[BootPlan, tuple[object, ...], str]] = (
             OrderedDict())
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
-        # Texts an install script's frame is rendered with in place of the MAC, the MAC with
-        # hyphens, the token and the hostname (_framed), found where they are printed: of
-        # letters and digits (the same through tojson), and no template's own.
+        # Texts an install script's or a config's frame is rendered with in place of the
+        # MAC, the MAC with hyphens, the token, the hostname and (a config's) the k3s node
+        # name (_framed, _config_framed), found where they are printed: of letters and
+        # digits (the same through tojson), and no template's own.
         marks = secrets.token_hex(8)
-        self._marks = tuple(f"nb{marks}{kind}" for kind in "mhtn")
-        self._marked_at = re.compile(f"(nb{marks}[mhtn])")
+        self._marks = tuple(f"nb{marks}{kind}" for kind in "mhtnk")
+        self._marked_at = re.compile(f"(nb{marks}[mhtnk])")
         # (NIC, template name) -> (template, what else it was made of, text): see _config
         self._configs: OrderedDict[tuple[MacAddress, str], tuple[object, tuple[object, ...],
                                                                  str]] = OrderedDict()
@@ -997,16 +998,125 @@ class Content:
                 kept = self._configs.get((plan.mac, name))
                 if kept is not None and kept[0] is template and kept[1] == made_of:
                     return kept[2]
-            text = self._render.yaml_config(
-                name,
-                lambda names: self.context(plan, names=names),
-                header=header, read=read)
-            k3s = plan.k3s
-            if k3s is not None and k3s.role == "server" and name in _CA_WRITERS:
-                _check_server_writes(name, plan, text)  # (an agent's config never has the CA)
+            text = self._config_framed(name, plan, header, read)
             if made_of is not None:
                 _keep(self._configs, (plan.mac, name), (template, made_of, text), CONFIGS_KEPT)
             return text
+
+    def _config_framed(self, name: str, plan: BootPlan, header: str,
+                       read: tuple[Any, frozenset[str] | None]) -> str:
+        """Config template ``name`` (``read``: its template and names, Renderer.reads) of
+        ``plan``: the frame of its shape with the machine's MAC, token, hostname and k3s
+        node name put in, where it has one (:class:`_Frame`), else rendered and checked
+        (:meth:`_config_rendered`, the shape's frame made). A storm's first configs share a
+        few shapes: one per template, header, base URL, profile, cluster, plan dict, CA,
+        console, the join but its node name (role, server URL, token, labels, taints, TLS
+        names), and whether the machine has a hostname, the plan a token and the join a node
+        name. The context, the split's fill and its YAML check were ~a quarter of a first
+        config's loop bytecodes (s42-config); the frame is a copy, a slice assignment and a
+        join.
+
+        The text is the one the render gives, as for an install script's (:meth:`_framed`):
+        a frame is made only where the template has its split form (Renderer
+        .config_only_printing: its per-machine values only printed), reads no name but
+        _CONFIG_FRAMED_NAMES (of the machine only its hostname), every value put in is of
+        letters, digits and ``-_.:`` (the same text through tojson and the register
+        command's quoting), and every place of one is inside a double-quoted scalar, on a
+        comment's line or on a block scalar's line (render.fills_in_place: the YAML says
+        the same with any such value, so the render's check passes too). It is made from a
+        render with marks in their place and kept only if, filled with the request's own
+        values, it gives the request's own render."""
+        template, names = read
+        profile, machine, k3s, cluster = plan.profile, plan.machine, plan.k3s, plan.cluster
+        want: _Wanted | None = None
+        if (names is not None and template is not None and profile is not None
+                and machine is not None and plan.command is None
+                and type(plan.reason) is str and type(plan.retry_seconds) is int):
+            want = self._wanted(names, None)
+        frames = want.config_frames if want is not None else None
+        if frames is None or want is None or profile is None or machine is None:
+            return self._config_rendered(name, plan, header, read)
+        token = plan.token or ""
+        hostname = machine.hostname
+        node = k3s.node_name if k3s is not None else ""
+        trust = self._trust() if want.trust else None
+        # Profile and cluster by their ids: the frame holds them, so that no other takes
+        # those ids meanwhile; the join's values by value (its labels and taints are its
+        # group's too, its server URL the cluster's servers' as the view has them).
+        key = (template, header, id(profile), id(cluster), plan.action, plan.reason,
+               plan.retry_seconds, self._base_url(),
+               default_console(machine.arch, machine.firmware) if want.console else None,
+               None if k3s is None else (k3s.role, k3s.server_url, k3s.cluster_init,
+                                         k3s.token, tuple(k3s.labels.items()), k3s.taints,
+                                         k3s.tls_san),
+               not hostname, not token, not node)
+        frame = frames.get(key)
+        plain = not ((hostname and hostname.strip(_FRAME_PLAIN)) or token.strip(_FRAME_PLAIN)
+                     or node.strip(_FRAME_PLAIN))
+        mac = plan.mac
+        values = (mac.hex(":"), mac.hex("-"), token, hostname or "", node)
+        if frame is not None and plain and frame.fits(profile, trust, cluster):
+            want.framed += 1
+            text = frame.text(values)
+            if k3s is not None and k3s.role == "server" and name in _CA_WRITERS:
+                _check_server_writes(name, plan, text)  # as the render's (a few a cluster)
+            return text
+        marked = None
+        # None yet, or made of others (another CA, cluster or profile object); not where
+        # frames are made more than used (each frame made is a render more).
+        tried = plain and (frame is not None or key not in frames) and (
+            want.made < _FEW or want.framed >= 8 * want.made)
+        if tried:
+            marks = self._marks
+            marked_plan = plan if not node or k3s is None else replace(
+                plan, k3s=replace(k3s, node_name=marks[4]))
+            with contextlib.suppress(RenderError):  # the render below says why
+                marked = self._render.yaml_config(name, lambda names: self.context(
+                    marked_plan, names=names, token=marks[2] if token else None,
+                    stand_in=(marks[0], marks[1], marks[3] if hostname else hostname)),
+                    header=header, read=read)
+        text = self._config_rendered(name, plan, header, read)
+        if tried:
+            # Counted, and kept (None) where the marked render failed and this one did not:
+            # such a shape is not tried again at every request.
+            want.made += 1
+            made = (self._config_frame_of(marked, header, profile, trust, cluster)
+                    if marked is not None and self._render.config_only_printing(template)
+                    else None)
+            if len(frames) >= _FEW:
+                frames.clear()  # bounded: old templates', profiles' and clusters' go
+            # None: this shape is rendered (not tried again).
+            frames[key] = made if made is not None and made.text(values) == text else None
+        return text
+
+    def _config_frame_of(self, marked: str, header: str, profile: Profile,
+                         trust: Trust | None, cluster: Cluster | None) -> _Frame | None:
+        """The frame of a config rendered with :attr:`_marks` for its values; None where a
+        value's place is not one any such value may take (render.fills_in_place) or the
+        header is not all before the first."""
+        pieces = self._marked_at.split(marked)
+        places, at = [], 0
+        for i, piece in enumerate(pieces):
+            if i % 2:
+                places.append((at, at + len(piece)))
+            at += len(piece)
+        if not pieces[0].startswith(header) or not fills_in_place(marked, places):
+            return None
+        frame = self._frame_of(marked, profile, trust)
+        frame.cluster = cluster
+        return frame
+
+    def _config_rendered(self, name: str, plan: BootPlan, header: str,
+                         read: tuple[Any, frozenset[str] | None]) -> str:
+        """Config template ``name`` rendered for ``plan`` and checked (:meth:`_config`)."""
+        text = self._render.yaml_config(
+            name,
+            lambda names: self.context(plan, names=names),
+            header=header, read=read)
+        k3s = plan.k3s
+        if k3s is not None and k3s.role == "server" and name in _CA_WRITERS:
+            _check_server_writes(name, plan, text)  # (an agent's config never has the CA)
+        return text
 
     def close(self) -> None:
         """What the renderer holds (its inotify instance) given back."""
@@ -1088,7 +1198,8 @@ class _Wanted:
     with every machine of a profile, plan dict and cluster (Content._shared: by their ids,
     the objects kept beside, so that no other object takes one of those ids meanwhile)."""
 
-    __slots__ = ("cluster", "config_url", "console", "events_url", "framed", "frames",
+    __slots__ = ("cluster", "config_frames", "config_url", "console", "events_url", "framed",
+                 "frames",
                  "instance_serial", "k3s", "machine", "machine_keys", "made", "nocloud_url",
                  "profile_files", "register_command", "shared", "trust")
 
@@ -1119,8 +1230,13 @@ class _Wanted:
         self.frames: dict[tuple[object, ...], _Frame | None] | None = (
             {} if names is not None and names <= _FRAMED_NAMES
             and (not self.machine or self.machine_keys == ("hostname",)) else None)
+        # A config's frames (Content._config_framed), where its template reads nothing but
+        # _CONFIG_FRAMED_NAMES (of the machine its hostname alone); None where it reads more.
+        self.config_frames: dict[tuple[object, ...], _Frame | None] | None = (
+            {} if names is not None and names <= _CONFIG_FRAMED_NAMES
+            and (not self.machine or self.machine_keys == ("hostname",)) else None)
         self.made = 0  # frames made (each a render more)
-        self.framed = 0  # scripts made of them
+        self.framed = 0  # scripts and configs made of them
 
 
 # What each device render (Content._told's kind) is made from and is called in its
@@ -1145,25 +1261,37 @@ _FRAMED_NAMES = frozenset({"base_url", "profile", "plan", *_TRUST_NAMES, *_PROFI
                            "machine", "machine.hostname"})
 
 
-class _Frame:
-    """An install script of one shape (Content._framed): its text cut at the places of the
-    per-machine values, which of them goes in each, and what else it was made of (the
-    profile and trust objects: its key holds the rest)."""
+# The names a config with frames may read (_Wanted.config_frames): an install script's but
+# the command line (a config that reads it is not kept either: its files), and the join, the
+# register command, the cluster's dict (a frame is its cluster's) and the URLs made of the
+# MAC and the token (the per-machine values a frame has a place for).
+_CONFIG_FRAMED_NAMES = _FRAMED_NAMES.difference({"cmdline"}).union(
+    {"k3s", "register_command", "cluster", "nocloud_url", "events_url"})
 
-    __slots__ = ("pick", "profile", "slots", "trust")
+
+class _Frame:
+    """An install script or config of one shape (Content._framed, _config_framed): its text
+    cut at the places of the per-machine values, which of them goes in each, and what else
+    it was made of (the profile, trust and, a config's, cluster objects: its key holds the
+    rest)."""
+
+    __slots__ = ("cluster", "pick", "profile", "slots", "trust")
 
     def __init__(self, profile: Profile, trust: Trust | None, slots: list[str],
                  which: tuple[int, ...]) -> None:
         self.profile = profile
         self.trust = trust
+        self.cluster: Cluster | None = None  # a config's (Content._config_frame_of)
         self.slots = slots  # the fixed texts, with a place between each two
-        # The values (MAC, MAC with hyphens, token, hostname) in the places' order: one C
-        # call (itemgetter of one index gives the value, not a tuple of it).
+        # The values (MAC, MAC with hyphens, token, hostname, a config's node name) in the
+        # places' order: one C call (itemgetter of one index gives the value, not a tuple).
         self.pick: Callable[[tuple[str, ...]], Any] = (
             itemgetter(*which) if len(which) > 1 else _one(which[0]) if which else _none)
 
-    def fits(self, profile: Profile, trust: Trust | None) -> bool:
-        return self.profile is profile and (self.trust is trust or self.trust == trust)
+    def fits(self, profile: Profile, trust: Trust | None, cluster: Cluster | None = None,
+             ) -> bool:
+        return (self.profile is profile and self.cluster is cluster
+                and (self.trust is trust or self.trust == trust))
 
     def text(self, values: tuple[str, ...]) -> str:
         pieces = self.slots.copy()

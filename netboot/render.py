@@ -424,6 +424,14 @@ class Renderer:
         kept = self._splits.get(source)
         return kept is not None and kept[0] == source and kept[1] is not None
 
+    def config_only_printing(self, template: object) -> bool:
+        """Whether config template ``template`` (its marking form, as :meth:`reads` gave
+        it) has its split form, made by a render of it before (:meth:`yaml_config`): its
+        ``volatile`` values are only printed, as :meth:`only_printing` says of a script's
+        (Content._config_framed)."""
+        kept = self._splits.get(id(template))
+        return kept is not None and kept[0] is template and kept[1] is not None
+
     def string_reads(self, source: str) -> frozenset[str] | None:
         """The context names template text ``source`` (a command line) reads; None where that
         cannot be told (it takes in another template, or does not parse: its render then
@@ -909,6 +917,71 @@ def _classes(marked: _Marked) -> str | None:
     """One class per value of ``marked`` (see :class:`_YamlShapes`), from libyaml's events
     for its text; None where the text is not cut into lines as libyaml cuts it."""
     text = marked.text
+    spans = _scalar_spans(text)
+    if spans is None:
+        return None
+    quoted, ranges, blocks = spans
+    classes = []
+    for start, value in zip(marked.starts(), marked.values, strict=True):
+        end = start + len(value)
+        if quoted.get(start) == end and _QUOTED.fullmatch(value):
+            classes.append("q")
+        elif not _PLAIN_LINE.fullmatch(value):
+            classes.append("v")
+        else:
+            classes.append(_line_class(text, start, end, ranges, blocks))
+    return "".join(classes)
+
+
+def fills_in_place(text: str, places: Sequence[tuple[int, int]]) -> bool:
+    """Whether YAML ``text`` says the same with any run of ASCII letters, digits and
+    ``-_.:`` (a MAC, a token, a hostname as a rule: Content's config frames) in place of
+    each of its ``places`` (start, end): each is inside a double-quoted scalar that is no
+    mapping key and has no tag or anchor, and not after a backslash (no escape of it), or
+    on a comment's line or a block scalar's line after other text (:func:`_classes`' ``c``
+    and ``b``). Such a run holds no quote, backslash, line break or ``#``: the scanner
+    meets the same tokens, the parser makes the same tree of str scalars. False where the
+    text does not parse."""
+    try:
+        spans = _scalar_spans(text)
+    except Exception:  # no parse, no frame: rendered as before
+        return False
+    if spans is None:
+        return False
+    quoted, ranges, blocks = spans
+    for start, end in places:
+        if any(s < start and end < e for s, e in quoted.items()):
+            if text[start - 1] == "\\":
+                return False
+        elif _line_class(text, start, end, ranges, blocks) == "v":
+            return False
+    return True
+
+
+def _line_class(text: str, start: int, end: int, ranges: list[tuple[int, int]],
+                blocks: list[tuple[int, int]]) -> str:
+    """The class of printable ASCII at ``start``:``end`` of ``text`` by its line (see
+    :func:`_classes`): ``c`` on a comment line that no scalar reaches into, ``b`` on a line
+    of a block scalar below its header after other text, else ``v``."""
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", end)
+    line_end = len(text) if line_end < 0 else line_end
+    before = text[line_start:start]
+    if before.lstrip(" ").startswith("#") and not any(
+            s < line_end and line_start < e for s, e in ranges):
+        return "c"  # a comment line that no scalar reaches into
+    if before.strip(" ") and any(s < line_start and line_end < e for s, e in blocks):
+        # A line of a block scalar below its header (which holds its start), after other
+        # text: not in the indentation that the scalar's first line sets.
+        return "b"
+    return "v"
+
+
+def _scalar_spans(text: str) -> tuple[dict[int, int], list[tuple[int, int]],
+                                      list[tuple[int, int]]] | None:
+    """From libyaml's events for ``text``: each double-quoted value scalar's start -> end
+    (no mapping key, no tag, no anchor), every scalar's and alias's span, and every block
+    scalar's; None where the text is not cut into lines as libyaml cuts it."""
     if any(b in text for b in _OTHER_BREAKS):
         return None
     quoted: dict[int, int] = {}  # start -> end of a double-quoted value scalar
@@ -937,27 +1010,7 @@ def _classes(marked: _Marked) -> str | None:
                 quoted[start] = end
             elif event.style in ("|", ">"):
                 blocks.append((start, end))
-    classes = []
-    for start, value in zip(marked.starts(), marked.values, strict=True):
-        end = start + len(value)
-        line_start = text.rfind("\n", 0, start) + 1
-        line_end = text.find("\n", end)
-        line_end = len(text) if line_end < 0 else line_end
-        before = text[line_start:start]
-        if quoted.get(start) == end and _QUOTED.fullmatch(value):
-            classes.append("q")
-        elif not _PLAIN_LINE.fullmatch(value):
-            classes.append("v")
-        elif before.lstrip(" ").startswith("#") and not any(
-                s < line_end and line_start < e for s, e in ranges):
-            classes.append("c")  # a comment line that no scalar reaches into
-        elif before.strip(" ") and any(s < line_start and line_end < e for s, e in blocks):
-            # A line of a block scalar below its header (which holds its start), after other
-            # text: not in the indentation that the scalar's first line sets.
-            classes.append("b")
-        else:
-            classes.append("v")
-    return "".join(classes)
+    return quoted, ranges, blocks
 
 
 class _Freshness:

@@ -43,6 +43,7 @@ TESTS = (
     "tests/test_boot_shared.py",
     "tests/test_recorder.py",
     "tests/test_content.py",
+    "tests/test_content_config_frames.py",
     "tests/test_render.py",
     "tests/servers/test_http.py",
     "tests/servers/test_http_front.py",
@@ -104,6 +105,9 @@ NOT_COMPILED = (
     # Replaces Content.context, to give a context name frames do not know (s41-ipxe).
     "tests/test_content.py::"
     "test_an_install_script_reading_a_name_frames_do_not_know_is_rendered_each_time",
+    # Replaces Content.context, as above, for a config's frame (s42-config).
+    "tests/test_content_config_frames.py::"
+    "test_a_config_reading_a_name_frames_do_not_know_is_rendered_each_time",
     "tests/servers/test_http.py::"
     "test_a_config_fetched_again_is_kept_until_anything_it_is_made_of_changes",
     # A compiled InventoryView keeps its attributes in a struct (no __dict__): the
