@@ -40,13 +40,13 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from netboot.errors import NetbootError, OutcomeUnknown, StoreError
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, Store
-from netboot.model import Event, Machine, MachineState
+from netboot.inventory.base import Batch, Store, batch_of
+from netboot.model import AuditEntry, Event, Machine, MachineState
 from netboot.unstoppable import told
 
 # Long enough to gather a storm's events into one commit, short enough that `netboot
@@ -380,20 +380,8 @@ class Recorder:
             try:
                 if len(batches) == 1:
                     await self._write(batches[0][0], strict=True, commits=batches)
-                elif _overlap(b for b, _, _ in batches):
-                    # Two of them write one machine: in one transaction both would pass a
-                    # compare-and-set that one after the other only the first passes.
-                    raise _OneByOne
                 else:
-                    await self._write(Batch(
-                        create=[m for b, _, _ in batches for m in b.create],
-                        update=[m for b, _, _ in batches for m in b.update],
-                        events=[e for b, _, _ in batches for e in b.events],
-                        expect={k: v for b, _, _ in batches for k, v in b.expect.items()},
-                        versions={k: v for b, _, _ in batches for k, v in b.versions.items()},
-                        audit=[a for b, _, _ in batches for a in b.audit],
-                        bases={k: v for b, _, _ in batches for k, v in b.bases.items()}),
-                        strict=True, commits=batches)
+                    await self._write(_merged(batches), strict=True, commits=batches)
             except (NetbootError, _OneByOne) as exc:
                 refused: BaseException | None = exc
             except BaseException as exc:
@@ -671,30 +659,57 @@ class _OneByOne(Exception):
     """A group that must be written one batch at a time."""
 
 
-def _overlap(batches: Iterable[Batch]) -> bool:
-    """Whether two of ``batches`` update, create or expect the same machine."""
+def _merged(commits: Sequence[tuple[Batch, object, object]]) -> Batch:
+    """The batches of a group's ``commits`` as one, in their order: their machines, events,
+    checks and audit entries. Raises _OneByOne when two of them update, create or expect
+    the same machine: in one transaction both would pass a compare-and-set that one after
+    the other only the first passes.
+
+    One walk over the group, each batch's parts added by C calls (list ``+=``,
+    ``dict.update``), its overlap checked on the way: seven comprehensions over the group
+    and a walk of its own for the overlap were ~175 bytecodes of the event loop a first
+    install (benchmarks/README.md, s41-ipxe's probe; s42-install)."""
+    create: list[Machine] = []
+    update: list[Machine] = []
+    events: list[Event] = []
+    audit: list[AuditEntry] = []
+    expect: dict[str, MachineState] = {}
+    versions: dict[str, float] = {}
+    bases: dict[str, Machine] = {}
     seen: set[str] = set()
-    for batch in batches:
-        update, expect, versions = batch.update, batch.expect, batch.versions
-        if not batch.create and len(update) == 1 and len(expect) <= 1 and (
-                not versions or (len(versions) == 1 and update[0].id in versions)):
+    for batch, _, _ in commits:
+        made, changed, expected, read = batch.create, batch.update, batch.expect, batch.versions
+        if not made and len(changed) == 1 and len(expected) <= 1 and (
+                not read or (len(read) == 1 and changed[0].id in read)):
             # A group's commits are one machine's each, as a rule (an install's token, a
             # config fetched): its id alone, without a set made per commit of the group.
-            ident = update[0].id
-            if expect and ident not in expect:
-                other = next(iter(expect))
+            ident = changed[0].id
+            if expected and ident not in expected:
+                other = next(iter(expected))
                 if other in seen:
-                    return True
+                    raise _OneByOne
                 seen.add(other)
             if ident in seen:
-                return True
+                raise _OneByOne
             seen.add(ident)
-            continue
-        ids = {*expect, *versions, *(m.id for m in update), *(m.id for m in batch.create)}
-        if not seen.isdisjoint(ids):
-            return True
-        seen |= ids
-    return False
+        else:
+            ids = {*expected, *read, *(m.id for m in changed), *(m.id for m in made)}
+            if not seen.isdisjoint(ids):
+                raise _OneByOne
+            seen |= ids
+            if made:
+                create += made
+        update += changed
+        events += batch.events
+        if expected:
+            expect.update(expected)
+        if read:
+            versions.update(read)
+        if batch.audit:
+            audit += batch.audit
+        if batch.bases:
+            bases.update(batch.bases)
+    return batch_of((), create, update, events, expect, versions, audit, bases, ())
 
 
 def _rows(batch: Batch) -> int:

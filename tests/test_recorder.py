@@ -1040,3 +1040,47 @@ async def test_a_note_is_queued_exactly_when_repeats_says_it_is_none(
         if not expected_drop:
             assert recorder.last("m1") == (said, said) and recorder.pending("m1") is event
         recorder._cancel_asleep()
+
+
+def test_a_groups_batches_are_merged_in_order_and_refused_where_two_write_one_machine() -> None:
+    """recorder._merged (a group commit's batches as one, in one walk): every part of every
+    batch in the order the batches came (machines, events, checks, audit entries, bases),
+    as the seven comprehensions it replaced gave them; and _OneByOne wherever two batches
+    update, create or expect one machine (the rule _overlap had), including through a
+    version read alone and a machine one batch creates and another updates."""
+    from netboot.model import AuditEntry
+    from netboot.recorder import _merged, _OneByOne
+
+    def machine(n: int) -> Machine:
+        return Machine(macs=(MacAddress.parse(f"02:00:00:00:01:{n:02x}"),), id=f"m-{n}")
+
+    m = [machine(n) for n in range(8)]
+    entry = AuditEntry(time=1.0, actor="a", action="x", target="t", peer="p", outcome="ok")
+    batches = [
+        Batch(update=(m[0],), events=(ev("e0", m[0].id),), expect={m[0].id: MachineState.BOOTING},
+              versions={m[0].id: 1.0}, bases={m[0].id: m[0]}),
+        Batch(create=(m[1], m[2]), events=(ev("e1", m[1].id), ev("e2", m[2].id)),
+              audit=(entry,)),
+        Batch(update=(m[3], m[4]), expect={m[3].id: MachineState.ENROLLED},
+              versions={m[4].id: 2.0}),
+        Batch(update=(m[5],), expect={m[6].id: MachineState.INSTALLED}),
+    ]
+    commits = [(b, None, None) for b in batches]
+    merged = _merged(commits)
+    assert list(merged.create) == [m[1], m[2]]
+    assert list(merged.update) == [m[0], m[3], m[4], m[5]]
+    assert [e.kind for e in merged.events] == ["e0", "e1", "e2"]
+    assert merged.expect == {m[0].id: MachineState.BOOTING, m[3].id: MachineState.ENROLLED,
+                             m[6].id: MachineState.INSTALLED}
+    assert list(merged.expect) == [m[0].id, m[3].id, m[6].id]
+    assert merged.versions == {m[0].id: 1.0, m[4].id: 2.0}
+    assert list(merged.audit) == [entry] and merged.bases == {m[0].id: m[0]}
+    assert not merged.merge and not merged.learnt
+    for other in (Batch(update=(m[0],)),  # one machine updated twice
+                  Batch(update=(m[7],), expect={m[0].id: MachineState.BOOTING}),
+                  Batch(update=(m[7],), versions={m[4].id: 2.0}),  # a version read alone
+                  Batch(update=(m[1],)),  # created by one, updated by another
+                  Batch(create=(m[6],))):  # expected by one, created by another
+        with pytest.raises(_OneByOne):
+            _merged([*commits, (other, None, None)])
+    assert list(_merged([*commits, (Batch(update=(m[7],)), None, None)]).update)[-1] is m[7]
