@@ -156,7 +156,7 @@ REPORTED_STEPS: Mapping[str, lifecycle.Trigger] = {
 # written and fails on one missing here.
 NETBOOT_KINDS = frozenset(kind for kind in (
     "enrolled", "discovered", "merged", "nic-attached", "install-plan", "local-boot", "hold",
-    "dhcp", "config", "registered", "reinstall", "updated",
+    "dhcp", "config", "registered", "reinstall", "updated", "rendered",
     *(t.value for t in lifecycle.Trigger), *(s.value for s in MachineState),
 ) if kind not in REPORTED_STEPS)
 
