@@ -611,6 +611,8 @@ class BootService:
         if res is None:
             res, looked = await self._resolve(request, seen), -1
         machine = res.machine
+        # Whether a record of this request was under way before this decision (a repeat).
+        repeat = seen.recorded and request.mac in self._recording
         if fresh:
             self._record_dhcp_soon(request, res, seen, looked)
         if (machine is None or machine.state == _DISCOVERED) \
@@ -634,13 +636,14 @@ class BootService:
                 seen.machine, seen.rules, seen.settings = machine, rules, self.settings
             args = seen.chain
         stage = self.loader(request, *args)
-        if fresh and (seen.recorded or request.mac not in self._recording):
-            # While another request's record of the NIC is under way repeat_guard keeps no
-            # answer (not made then, nor kept alive with the memo). While this request's
-            # own paced record is, it does: the closed loop's repeats of a machine seen for
-            # the first time were each decided in full until the record was written (about
-            # one a first sighting, ~215,000 instructions each; benchmarks/README.md,
-            # s42-dhcp).
+        if fresh and (repeat or request.mac not in self._recording):
+            # While a record of the NIC is under way repeat_guard keeps no answer for the
+            # request that started it (not made then, nor kept alive with the memo, for
+            # every first request of a storm: the guard and the kept answer were ~63,000
+            # instructions more a first DISCOVER), nor for another request. For a repeat
+            # of the request recorded, it does: the closed loop's repeats of a machine seen
+            # for the first time were each decided in full until the record was written
+            # (~215,000 instructions each; benchmarks/README.md, s42-dhcp).
             seen.decided = _Decided(request, res, args, stage)
         return stage
 
