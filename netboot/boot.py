@@ -198,6 +198,11 @@ class _Seen:
     # (BootService._record_now, which drops it).
     res: Resolution | None = None
     looked: int = -1
+    # A paced record of ``request`` was started (_record_dhcp_soon). A memo is never reused
+    # for another request (_seen_dhcp makes a new one), and any other request of the NIC
+    # replaces it: so while the NIC's record is under way and this memo is the NIC's, the
+    # record is this request's, and a repeat of it (equal) teaches it nothing more.
+    recorded: bool = False
 
 
 @dataclass(frozen=True, eq=False, slots=True)
@@ -259,7 +264,11 @@ class _DhcpRepeat:
         request = self.request
         recording = service._recording
         if recording and request.mac in recording:  # (no MAC hashed while none is)
-            return False
+            # Its own paced record under way (the memo still the NIC's: _Seen.recorded):
+            # what a repeat would teach, that record does; told after it, below.
+            seen = self.seen
+            return seen.recorded and service._seen.get(request.mac) is seen \
+                and self._files_as_read()
         machine = self.res.machine
         if machine is None:
             if not service.discovery.refuses(request, service._clock()):
@@ -268,7 +277,11 @@ class _DhcpRepeat:
             if service._tells_more(request, self.res, machine, self.seen):
                 return False
             self.told_at = service._recorder.told
-        exists = service._assets.exists
+        return self._files_as_read()
+
+    def _files_as_read(self) -> bool:
+        """Each loader file the decision looked for still there or still missing."""
+        exists = self.service._assets.exists
         for name, found in self.assets:  # noqa: SIM110 - no generator per datagram
             if exists(name) is not found:
                 return False
@@ -606,6 +619,8 @@ class BootService:
         if res is None:
             res, looked = await self._resolve(request, seen), -1
         machine = res.machine
+        # Whether a record of this request was under way before this decision (a repeat).
+        repeat = seen.recorded and request.mac in self._recording
         if fresh:
             self._record_dhcp_soon(request, res, seen, looked)
         if (machine is None or machine.state == _DISCOVERED) \
@@ -629,9 +644,14 @@ class BootService:
                 seen.machine, seen.rules, seen.settings = machine, rules, self.settings
             args = seen.chain
         stage = self.loader(request, *args)
-        if fresh and request.mac not in self._recording:
-            # (While a record of the NIC is under way repeat_guard keeps no answer: not
-            # made then, nor kept alive with the memo, for every first request of a storm.)
+        if fresh and (repeat or request.mac not in self._recording):
+            # While a record of the NIC is under way repeat_guard keeps no answer for the
+            # request that started it (not made then, nor kept alive with the memo, for
+            # every first request of a storm: the guard and the kept answer were ~63,000
+            # instructions more a first DISCOVER), nor for another request. For a repeat
+            # of the request recorded, it does: the closed loop's repeats of a machine seen
+            # for the first time were each decided in full until the record was written
+            # (~215,000 instructions each; benchmarks/README.md, s42-dhcp).
             seen.decided = _Decided(request, res, args, stage)
         return stage
 
@@ -647,8 +667,8 @@ class BootService:
         seen = self._seen.get(request.mac)
         decided = None if seen is None else seen.decided
         if seen is None or decided is None or decided.request is not request \
-                or decided.stage is not stage or request.mac in self._recording \
-                or not self.health.up:
+                or decided.stage is not stage or not self.health.up \
+                or (request.mac in self._recording and not seen.recorded):
             return None
         view = self._view
         found: list[tuple[str, bytes | str, Machine | None]] = []
@@ -696,7 +716,11 @@ class BootService:
         mac = request.mac
         waiting = self._recording.get(mac)
         if waiting is not None:
-            if request not in waiting and len(waiting) < WAITING_PER_NIC:
+            # A repeat of the request whose record is under way (seen.recorded) teaches
+            # nothing that record does not: not queued to be judged after it (which made
+            # that record take the coroutine's path, _record_now, and looked it up again).
+            if (seen is None or not seen.recorded) and request not in waiting \
+                    and len(waiting) < WAITING_PER_NIC:
                 waiting.append(request)
             return
         if not self._tells_news(request, res, seen):
@@ -711,8 +735,10 @@ class BootService:
             # done, grouped with other tasks' commits.
             self._spawn(self._record_dhcp_nic(request, admitted=machine is None))
             return
-        if seen is not None and looked >= 0:
-            seen.res, seen.looked = res, looked  # for the record: _record_now
+        if seen is not None:
+            seen.recorded = True
+            if looked >= 0:
+                seen.res, seen.looked = res, looked  # for the record: _record_now
         self._paced.append((request, seen))
         if self._pacer is None:
             self._pacer = self._spawn(self._pace_records())

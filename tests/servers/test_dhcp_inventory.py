@@ -432,6 +432,118 @@ async def test_new_settings_end_the_cached_answers(env: Env) -> None:
     assert await env.offer(200) is None
 
 
+async def test_repeats_while_the_first_sightings_record_is_under_way_are_answered_from_the_cache(
+        env: Env) -> None:
+    """A machine seen for the first time: its record (the step noted, the facts learnt) is
+    paced after the answer. Its repeats meanwhile (a closed loop's, a firmware's
+    retransmissions) are answered from the cache, not decided in full each, and are not
+    queued to be judged after the record: they teach nothing it does not (s42-dhcp). The
+    record writes what it wrote before, once; a change to the machine meanwhile is answered
+    at the next DISCOVER; after the record, repeats are answered from the cache again."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()  # as `netboot serve`: the first DISCOVER decided at once
+    async with env.boot._lock(MAC):  # the paced record waits for the NIC's lock
+        first = await env.offer(1)
+        assert first is not None and first.file_name == "snponly.efi"
+        await asyncio.sleep(0)  # the pacer's turn: the record starts, and waits
+        assert MAC in env.boot._recording
+        before = env.server.answered_again
+        for xid in range(2, 7):
+            again = await env.offer(xid)
+            assert again is not None and again.file_name == "snponly.efi" and again.xid == xid
+        # The first DISCOVER keeps no answer (a storm's are asked once); its first repeat
+        # is decided in full, and kept; the others are answered from the cache.
+        assert env.server.answered_again == before + 4
+        assert env.boot._recording[MAC] == []  # nothing queued behind the record
+        # The machine changed meanwhile (another chain): the next DISCOVER says so.
+        stored = await env.store.machine_by("mac", str(MAC))
+        assert stored is not None
+        await env.store.update_machine(replace(stored, loader=LoaderChain.SHIM_GRUB))
+        offer = await env.offer(7)
+        assert offer is not None and offer.file_name == "shimx64.efi"
+        assert MAC in env.boot._recording
+    await env.settle()
+    machine = await env.store.machine_by("mac", str(MAC))
+    assert machine is not None
+    assert machine.uuid == "04030201-0605-0807-090a-525400000a01"  # learnt, as before
+    assert machine.loader == LoaderChain.SHIM_GRUB  # the change kept
+    assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
+    await cached(env, file_name="shimx64.efi")
+    await env.settle()
+    assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
+
+
+async def test_a_repeat_while_its_learnt_facts_are_being_written_is_answered_from_the_cache(
+        env: Env) -> None:
+    """The group commit takes the facts a first sighting learnt off the queue and writes
+    them; until the view adopts the machine it stored, the view's copy lacks them. A repeat
+    judged then was told news (Recorder.learning said nothing queued) and was decided and
+    recorded again; it is answered from the cache, recording nothing (s42-dhcp)."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    assert await env.offer(1) is not None
+    while MAC in env.boot._recording:  # the paced record: the step noted, facts queued
+        await asyncio.sleep(0)
+    assert await env.offer(2) is not None  # decided in full, its answer kept
+    before = env.server.answered_again
+    assert await env.offer(3) is not None
+    assert env.server.answered_again == before + 1
+    entered, release = asyncio.Event(), asyncio.Event()
+    apply_batch = env.store.apply_batch
+
+    async def held(batch: Batch) -> None:
+        entered.set()
+        await release.wait()
+        await apply_batch(batch)
+
+    env.store.apply_batch = held  # type: ignore[method-assign]
+    writing = asyncio.ensure_future(env.recorder.flush())
+    try:
+        await asyncio.wait_for(entered.wait(), 10)
+        assert await env.offer(4) is not None
+        recorded = MAC in env.boot._recording
+    finally:  # the write let go whatever happened (the fixture's drain waits for it)
+        release.set()
+        await writing
+        env.store.apply_batch = apply_batch  # type: ignore[method-assign]
+    assert env.server.answered_again == before + 2
+    assert not recorded  # no second record
+    await env.settle()
+    machine = await env.store.machine_by("mac", str(MAC))
+    assert machine is not None and machine.uuid == "04030201-0605-0807-090a-525400000a01"
+    assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
+
+
+async def test_a_repeat_while_another_request_of_the_nic_is_recorded_is_decided_and_judged_after(
+        env: Env) -> None:
+    """The cache during a record holds for repeats of the recorded request only: another
+    request of the same NIC (here the same device booting with another architecture) is
+    decided in full and waits for the record, and what it teaches is then recorded."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    other = bytearray(discover(MAC, 9))
+    at = other.index(bytes((Opt.CLIENT_ARCH, 2, 0, 7)))
+    other[at + 3] = 9  # EFI x86-64 (arch 9, as some firmware sends it)
+    await env.boot.load_view()
+    async with env.boot._lock(MAC):
+        assert await env.offer(1) is not None
+        await asyncio.sleep(0)
+        assert MAC in env.boot._recording
+        before = env.server.answered_again
+        replies = await env.server.handle(bytes(other), ("0.0.0.0", 68),
+                                          server_ip=SERVER_IP, pxe_port=False)
+        assert replies and env.server.answered_again == before
+        assert len(env.boot._recording[MAC]) == 1  # judged after the record
+        # The first request again: its memo was replaced by the other's, so it is no
+        # repeat of the record under way: decided in full, queued too.
+        assert await env.offer(2) is not None
+        assert env.server.answered_again == before
+        assert len(env.boot._recording[MAC]) == 2
+    await env.settle()
+    machine = await env.store.machine_by("mac", str(MAC))
+    assert machine is not None
+    assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
+
+
 async def test_a_newer_event_of_the_machine_gets_its_dhcp_step_noted_again(
         env: Env) -> None:
     """The repeat's step is noted unless it is the machine's newest event: once another
