@@ -873,6 +873,22 @@ def _settings_only() -> Any:
                                                     rules=()))
 
 
+async def _two_cores_with_p_and_c(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                  stack: contextlib.AsyncExitStack) -> tuple[Any, Any, Any, Any]:
+    """Two servers' stores on one inventory holding profile ``p`` and cluster ``c``, and a
+    Core on each: the delete-against-a-writer races' set-up (both directions)."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.model import Cluster, Profile
+
+    a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+    await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+    await a.put_cluster(Cluster(name="c", token="t" * 32), create=True)
+    core_a, core_b = (Core(s, Enroller(s), _settings_only(), None)  # type: ignore[arg-type]
+                      for s in (a, b))
+    return a, b, core_a, core_b
+
+
 @pytest.mark.parametrize("server_url", ["managed", "https://192.0.2.50:6443"])
 async def test_a_cluster_replace_reads_the_cluster_once_a_try_and_writes_on_that_read(
         server_url: str) -> None:
@@ -966,17 +982,10 @@ async def test_a_user_given_it_between_the_delete_check_and_the_delete_keeps_it(
     at its next boot, "does not exist"). The delete now finds its users in its own
     transaction: a 409 naming the machine or group, and nothing deleted. Ordered by a
     store wrapper: the other writes between this one's check and its delete."""
-    from netboot.core import Core
-    from netboot.enroll import Enroller
     from netboot.errors import Conflict
-    from netboot.model import Cluster, Profile
 
     async with contextlib.AsyncExitStack() as stack:
-        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
-        await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
-        await a.put_cluster(Cluster(name="c", token="t" * 32), create=True)
-        core_a, core_b = (Core(s, Enroller(s), _settings_only(), None)  # type: ignore[arg-type]
-                          for s in (a, b))
+        a, b, core_a, core_b = await _two_cores_with_p_and_c(kind, tmp_path, request, stack)
         single = what[:-1]
         name = "p" if single == "profile" else "c"
         given: list[str] = []
@@ -1025,17 +1034,10 @@ async def test_a_machine_written_after_its_cluster_or_profile_was_deleted_is_ref
     that is gone (held at its next boot). Now the write checks the name again under the
     lock it holds to its commit, which the delete holds too: a 409 naming it, nothing
     written. Ordered by a store wrapper: the delete commits right after the first check."""
-    from netboot.core import Core
-    from netboot.enroll import Enroller
     from netboot.errors import Conflict
-    from netboot.model import Cluster, Profile
 
     async with contextlib.AsyncExitStack() as stack:
-        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
-        await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
-        await a.put_cluster(Cluster(name="c", token="t" * 32), create=True)
-        core_a, core_b = (Core(s, Enroller(s), _settings_only(), None)  # type: ignore[arg-type]
-                          for s in (a, b))
+        a, b, core_a, core_b = await _two_cores_with_p_and_c(kind, tmp_path, request, stack)
         single = what[:-1]
         name = "p" if single == "profile" else "c"
         if write == "approve":
