@@ -368,7 +368,7 @@ def _given(args: argparse.Namespace, *keys: str) -> dict[str, Any]:
 # -- machines ----------------------------------------------------------------------------
 # What `machines set` changes, in its report's order; "" clears the ones a machine may lack.
 _SETTABLE = ("hostname", "cluster", "role", "profile", "fixed_ipv4", "loader")
-_CLEARABLE = frozenset({"cluster", "profile", "fixed_ipv4", "loader"})
+_CLEARABLE = frozenset({"hostname", "cluster", "profile", "fixed_ipv4", "loader"})
 
 
 async def _set_machine(args: argparse.Namespace, core: Core) -> int:
@@ -1310,8 +1310,7 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     ms = msub.add_parser("set", parents=[common],
                          help="change a machine: cluster, role, profile, hostname, labels")
     ms.add_argument("mac", metavar="REF", help=REF_HELP)
-    ms.add_argument("--hostname", help=dict(MACHINE_FLAGS)["--hostname"])
-    for flag in ("--cluster", "--profile", "--fixed-ipv4"):
+    for flag in ("--hostname", "--cluster", "--profile", "--fixed-ipv4"):
         ms.add_argument(flag, help=dict(MACHINE_FLAGS)[flag] + "; '' unsets it")
     ms.add_argument("--role", choices=["server", "agent"], help=ROLE_HELP)
     ms.add_argument("--label", action="append", metavar="KEY=VALUE",

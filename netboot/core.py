@@ -529,7 +529,13 @@ class Core:
         for i, nic in enumerate(macs):
             identity.enrolled_mac(nic, "mac" if i == 0 and mac_text is not None else "macs")
         machine = replace(codec.machine_from_dict(fields), macs=tuple(macs))
-        if machine.hostname:
+        if machine.hostname == "":
+            # No host name (OpenAPI's pattern refuses it), and not stored as one: a machine
+            # named "" held that name against a second "" and shared frames with nameless
+            # ones (Content._framed).
+            raise ValidationError("hostname", "'' is not a hostname: send null, or leave "
+                                              "it out, for none")
+        if machine.hostname is not None:
             machine = replace(machine, hostname=check_hostname(machine.hostname))
         # UUIDs in canonical form, as firmware's are before they are matched (bulk import does
         # the same); garbage, or a placeholder thousands of boards share, is a 400 naming the

@@ -341,6 +341,27 @@ async def test_patch_machine_errors(env: Env) -> None:
     assert (r.json()["state"], r.json()["role"]) == ("enrolled", "server")
 
 
+async def test_an_empty_hostname_is_a_400_naming_it_not_a_stored_name(env: Env) -> None:
+    """A hostname "" is no host name (OpenAPI's pattern refuses it): a create or PATCH
+    giving it is a 400 naming ``hostname`` and saying how to have none, as an invalid name
+    is. It was stored as it was: a machine named "", whose name a second "" was then refused
+    for (a 409 'hostname '' is used by ...'), and whose install script and configs a frame
+    made for a machine without a name could be filled in for."""
+    await env.seed()
+    for body in ({"mac": MAC, "hostname": ""}, {"mac": MAC, "hostname": "", "cluster": "edge"}):
+        refused = error(await call(env, "POST", "/api/v1/machines", json_body=body), 400,
+                        "hostname")
+        assert "null" in refused["error"], refused
+    await machine(env, hostname="n-1")
+    path = f"/api/v1/machines/{MAC}"
+    refused = error(await call(env, "PATCH", path, json_body={"hostname": ""}), 400,
+                    "hostname")
+    assert "null" in refused["error"], refused
+    assert (await env.get(path))["hostname"] == "n-1"
+    r = await call(env, "PATCH", path, json_body={"hostname": None})  # how to have none
+    assert r.status == 200 and r.json()["hostname"] is None, r.text
+
+
 async def test_bad_mac_in_path_is_400(env: Env) -> None:
     for method, suffix in (("GET", ""), ("DELETE", ""), ("GET", "/events"), ("GET", "/explain"),
                            ("POST", "/approve"), ("POST", "/reinstall"), ("POST", "/events")):

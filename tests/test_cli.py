@@ -366,6 +366,23 @@ def test_machines_set_adds_to_the_labels_and_nics_as_stored_when_it_writes(
     assert shown["macs"] == ["52:54:00:aa:00:21", "52:54:00:aa:00:22", "52:54:00:aa:00:23"]
 
 
+def test_machines_set_hostname_empty_unsets_it_and_add_refuses_it(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``machines set --hostname ''`` unsets the hostname, as '' unsets --cluster: it was
+    stored as a name "" (the API took it). ``machines add --hostname ''`` is refused naming
+    the field, as the API's create is."""
+    assert run(capsys, "machines", "add", "52:54:00:aa:00:31", "--hostname", "n-31",
+               "--config", cfg)[0] == 0
+    rc, out, err = run(capsys, "machines", "set", "52:54:00:aa:00:31", "--hostname", "",
+                       "--config", cfg)
+    assert (rc, out, err) == (0, "52:54:00:aa:00:31: hostname -\n", "")
+    rc, out, _ = run(capsys, "machines", "show", "52:54:00:aa:00:31", "--json", "--config", cfg)
+    assert json.loads(out)["hostname"] is None
+    rc, _, err = run(capsys, "machines", "add", "52:54:00:aa:00:32", "--hostname", "",
+                     "--config", cfg)
+    assert rc == 2 and err.startswith("netboot: hostname: "), err
+
+
 def test_machines_set_moves_a_machine_and_changes_only_what_is_given(
         cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
     # `machines add` of an enrolled MAC is a 409 and there was no other command: moving a
