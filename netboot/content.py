@@ -654,7 +654,9 @@ class Content:
         key = (template, source, id(profile), plan.action, plan.reason, plan.retry_seconds,
                self._base_url(),
                default_console(machine.arch, machine.firmware) if want.console else None,
-               not hostname, not token)
+               # A hostname's True, or None or "" apart: Jinja prints None as "None" (a
+               # stored "" is a restored backup's or hand SQL's, not the API's).
+               bool(hostname) or hostname, not token)
         frame = frames.get(key)
         plain = not ((hostname and hostname.strip(_FRAME_PLAIN)) or token.strip(_FRAME_PLAIN))
         mac = plan.mac
@@ -1049,7 +1051,7 @@ class Content:
                None if k3s is None else (k3s.role, k3s.server_url, k3s.cluster_init,
                                          k3s.token, tuple(k3s.labels.items()), k3s.taints,
                                          k3s.tls_san),
-               not hostname, not token, not node)
+               bool(hostname) or hostname, not token, not node)  # as _framed's
         frame = frames.get(key)
         plain = not ((hostname and hostname.strip(_FRAME_PLAIN)) or token.strip(_FRAME_PLAIN)
                      or node.strip(_FRAME_PLAIN))

@@ -574,6 +574,28 @@ async def test_first_install_scripts_of_one_shape_are_its_frame_filled_in_as_ren
     assert len(rendered) == 12  # each change rendered its new shape once
 
 
+async def test_an_install_script_of_a_stored_empty_hostname_is_not_none_s_frame(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """A hostname "" (never the API's, but a restored backup's or hand SQL's: the codec
+    reads it as it is) prints otherwise than None (Jinja prints None as "None"): a script
+    framed from one is not the other's, each the text the whole context renders."""
+    env, own, shipped = await own_template(make_env, tmp_path, "ipxe/install.ipxe")
+    own.write_text(shipped + "# host {{ machine.hostname }}\n")
+    await env.seed()
+    macs = [f"52:54:00:00:09:{i:02x}" for i in range(1, 4)]
+    store = env.service.store
+    for i, mac in enumerate(macs):  # the second stored with "" (one machine may: the
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)  # store's hostnames
+        machine = await store.machine_by("mac", mac)  # are unique), the others with None
+        assert machine is not None
+        await store.update_machine(dataclasses.replace(
+            machine, hostname="" if i == 1 else None))
+    for i, mac in enumerate(macs):
+        text, whole = await _first_install(env, mac)
+        assert text == whole, mac
+        assert text.endswith("# host \n" if i == 1 else "# host None\n"), mac
+
+
 async def test_an_install_script_that_reads_a_machines_value_otherwise_is_rendered_each_time(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """Where the template does more with a per-machine value than print it (a test of the

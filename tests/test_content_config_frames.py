@@ -315,3 +315,23 @@ async def test_a_shape_whose_marked_render_fails_is_not_tried_again(
         text, whole = await _first_config(env, mac)
         assert text == whole and text.endswith(f"# {mac[-2:]}\n"), mac
     assert _frames(env) == (1, 0)  # tried once (its marked render failed), never used
+
+
+async def test_a_stored_empty_hostname_and_none_do_not_share_a_frame(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """A hostname "" (never the API's, but a restored backup's or hand SQL's: the codec
+    reads it as it is) prints otherwise than None (Jinja prints None as "None"): a config
+    framed from one is not the other's, each the text the whole context renders."""
+    env, own, shipped = await own_template(make_env, tmp_path, K3OS)
+    own.write_text(shipped + "# host {{ machine.hostname }}\n")
+    await env.seed()
+    macs = [(f"52:54:00:00:11:{i:02x}", None) for i in range(1, 4)]
+    await _enrol(env, macs)
+    store = env.service.store
+    machine = await store.machine_by("mac", macs[0][0])  # the first stored with "" (one
+    assert machine is not None  # machine may: the store's hostnames are unique)
+    await store.update_machine(dataclasses.replace(machine, hostname=""))
+    for i, (mac, _) in enumerate(macs):
+        text, whole = await _first_config(env, mac)
+        assert text == whole, mac
+        assert text.endswith("# host None\n" if i else "# host \n"), mac
