@@ -639,9 +639,9 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             done = int(width * n / max(total, 1))
             print(f"\r[{'#' * done}{'.' * (width - done)}] {n}/{total}", end="", file=sys.stderr)
 
-    # The server's wiring (Core puts the inventory's own lock in the enroller's fixed_lock):
-    # a bare Enroller checked and wrote its rows' fixed_ipv4 under this process's lock
-    # alone, and a server's PATCH of the address meanwhile stored it twice (s41-review).
+    # The server's wiring, its settings (hostname template, report rates): an enroller's
+    # fixed_lock is the inventory's too (FixedLock), so a server's PATCH of an address
+    # cannot store it beside this import's (s41-review).
     enroller = _core(store, cfg).enroller
     try:
         report = await enroller.import_rows(rows, dry_run=args.dry_run, progress=progress)

@@ -13,7 +13,6 @@ NotFound (404), Conflict (409) naming what is in the way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -455,33 +454,6 @@ def _arch(text: str | None) -> Arch | None:
                               f"{', '.join(a.value for a in Arch)}") from None
 
 
-class _BothHeld:
-    """This server's lock, then the inventory's (PostgresStore.fixed_addresses_held, an
-    advisory lock; SqliteStore's, an flock beside the file): the API's and CLI's fixed_ipv4
-    check and write as one across the servers of one PostgreSQL or processes on one file."""
-
-    def __init__(self, here: asyncio.Lock,
-                 across: Callable[[], contextlib.AbstractAsyncContextManager[None]]) -> None:
-        self._here, self._across = here, across
-        self._held: list[contextlib.AbstractAsyncContextManager[None]] = []
-
-    async def __aenter__(self) -> None:
-        await self._here.acquire()  # one holder here at a time: _held has one entry
-        try:
-            held = self._across()
-            await held.__aenter__()
-        except BaseException:
-            self._here.release()
-            raise
-        self._held.append(held)
-
-    async def __aexit__(self, *exc: Any) -> None:
-        try:
-            await self._held.pop().__aexit__(*exc)
-        finally:
-            self._here.release()
-
-
 class Core:
     def __init__(self, store: Store, enroller: Enroller, boot: BootService, content: Content,
                  *, clock: Callable[[], float] = time.time,
@@ -497,11 +469,6 @@ class Core:
         # Tokens, scopes and the audit log: one set of rules for the API, CLI and dashboard.
         self.access = Access(store, clock=clock, commit=enroller.recorder.commit,
                              audit_keep=audit_keep)
-        across = getattr(store, "fixed_addresses_held", None)
-        # Once an enroller: a second Core on it (a test's) wrapped the wrapper, and each
-        # write setting a fixed_ipv4 failed (it has no acquire).
-        if across is not None and not isinstance(enroller.fixed_lock, _BothHeld):
-            enroller.fixed_lock = _BothHeld(enroller.fixed_lock, across)
 
     # -- machines -----------------------------------------------------------------------
     async def machine(self, ref: str) -> Machine:

@@ -58,6 +58,7 @@ from netboot.identity import Identity
 from netboot.inventory import codec
 from netboot.inventory.base import (
     Batch,
+    FixedLock,
     GroupCounts,
     GroupsKept,
     MachineFilter,
@@ -1033,9 +1034,9 @@ class Enroller:
         self.server_addresses: Callable[[], Collection[str]] = tuple
         # Held by a write that sets a fixed_ipv4 (Core.create_machine, update_machine, an
         # import) from its check that no other machine has it to its commit: two API calls
-        # at once cannot both pass the check (s40-net). This server's lock; the wiring
-        # (Core) puts one that is the database's too in its place where the store has one.
-        self.fixed_lock: Any = asyncio.Lock()
+        # at once cannot both pass the check (s40-net), nor two processes or servers on one
+        # inventory (FixedLock: this process's lock, then the store's own).
+        self.fixed_lock: Any = FixedLock(store)
 
     async def event(self, machine_id: str, kind: str, message: str = "",
                     data: Mapping[str, Any] | None = None) -> None:

@@ -2233,3 +2233,31 @@ async def test_a_template_name_another_writer_takes_meanwhile_is_chosen_again_by
         assert "import the file again" in str(refused.value)
         assert (refused.value.field, refused.value.holder) == ("hostname", theirs.id)
         assert [m.id for m in await one.list_machines()] == [theirs.id]
+
+
+async def test_a_bare_enrollers_fixed_address_import_takes_the_inventorys_lock(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An Enroller's fixed_lock is the inventory's too (SqliteStore.fixed_addresses_held)
+    from its making, not once a Core is made on it (Core.__init__ swapped it in): a bare
+    Enroller's import of fixed addresses (a tool's, a test's) checked and wrote under this
+    process's lock alone while another process held the file's. Held past its bound, the
+    import says so and writes nothing."""
+    import fcntl
+    import os
+
+    from netboot.errors import StoreError
+    from netboot.inventory import sqlite as sqlite_store
+
+    store = SqliteStore(tmp_path / "db.sqlite")
+    await store.open()
+    monkeypatch.setattr(sqlite_store, "FIXED_LOCK_WAIT", 0.2)
+    fd = os.open(f"{store.path}-fixed.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another process's check and write under way
+        with pytest.raises(StoreError, match="fixed address lock"):
+            await Enroller(store).import_rows(iter_import(
+                "mac,fixed_ipv4\n02:00:00:00:00:41,192.0.2.41\n", "csv"))
+        assert await store.list_machines() == []
+    finally:
+        os.close(fd)
+        await store.close()

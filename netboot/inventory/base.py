@@ -11,6 +11,8 @@ fails; a store failure is never reported as "not found".
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -538,3 +540,38 @@ class Store(ChangeFeed, StateCounts, Protocol):
 
     async def prune_audit(self, keep: int) -> int:
         """Drop all but the newest ``keep`` entries; returns how many were dropped."""
+
+
+class FixedLock:
+    """Held by a write that sets a fixed_ipv4 (Enroller.fixed_lock) from its check that no
+    other machine has it to its commit: this process's lock, then the inventory's where its
+    store has one (PostgresStore.fixed_addresses_held, an advisory lock; SqliteStore's, an
+    flock beside the file), so that the API's, CLI's and an import's check and write are one
+    across the servers of one PostgreSQL or the processes on one file. Made with the
+    enroller from its store, not swapped in by the wiring: a bare Enroller (a tool's import)
+    held this process's lock alone."""
+
+    def __init__(self, store: object) -> None:
+        self._here = asyncio.Lock()
+        self._across: Callable[[], contextlib.AbstractAsyncContextManager[None]] | None = (
+            getattr(store, "fixed_addresses_held", None))
+        self._held: list[contextlib.AbstractAsyncContextManager[None]] = []
+
+    async def __aenter__(self) -> None:
+        await self._here.acquire()  # one holder here at a time: _held has one entry
+        if self._across is None:  # a store of this process alone (MemoryStore)
+            return
+        try:
+            held = self._across()
+            await held.__aenter__()
+        except BaseException:
+            self._here.release()
+            raise
+        self._held.append(held)
+
+    async def __aexit__(self, *exc: Any) -> None:
+        try:
+            if self._held:
+                await self._held.pop().__aexit__(*exc)
+        finally:
+            self._here.release()
