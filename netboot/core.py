@@ -35,6 +35,7 @@ from netboot.errors import (
     DECIDE_ATTEMPTS,
     Conflict,
     NotFound,
+    OutcomeUnknown,
     PreconditionFailed,
     StateChanged,
     StoreError,
@@ -225,6 +226,9 @@ def _require_item_version(kind: str, item: Any, versions: Collection[str] | None
 
 _T = TypeVar("_T")
 _log = logging.getLogger(__name__)
+# A node's newest events read back after a commit whose answer was lost (Core._not_stored):
+# the lost one is among them unless this many were written to the node since.
+_READ_BACK = 100
 
 
 async def _again_on_change(step: Callable[[], Awaitable[_T]]) -> _T:
@@ -824,16 +828,44 @@ class Core:
         refuses them now (a full disk, a lock past its wait) leaves them queued, written
         with the recorder's next group commit once it takes writes, and the change answered
         as made. Its error answered ("nothing was changed; try again") for a change that was
-        saved, and the retry, no change any more, told no node what broke its k3s."""
+        saved, and the retry, no change any more, told no node what broke its k3s.
+
+        A commit whose answer was lost (OutcomeUnknown: perhaps stored) is read back first,
+        and only the events not stored are queued: all queued again, a stored commit told
+        each node twice. Unread, they are not written again (the recorder's rule for a group
+        whose outcome is unknown: at most once)."""
         recorder = self.enroller.recorder
         try:
             await recorder.commit(Batch(events=tuple(events)))
+            return
         except StoreError as exc:
+            lost = exc
+        if isinstance(lost, OutcomeUnknown):
+            try:
+                events = await self._not_stored(events)
+            except StoreError as exc:
+                _log.error("cluster %s: its change is saved; its %d nodes' events of it may "
+                           "or may not be stored (%s) and are not written again: unread "
+                           "(%s)", name, len(events), lost, exc)
+                return
+        if events:
             _log.warning("cluster %s: its change is saved; its %d nodes' events of it are "
                          "queued until the inventory takes writes again: %s", name,
-                         len(events), exc)
-            for event in events:
-                recorder.record(event)
+                         len(events), lost)
+        for event in events:
+            recorder.record(event)
+
+    async def _not_stored(self, events: list[Event]) -> list[Event]:
+        """Those of ``events`` their machine's newest stored events do not hold (by time,
+        kind and message, as the store gives them back). A read a node, on a path a lost
+        commit alone takes."""
+        missing = []
+        for event in events:
+            newest = await self.store.list_events(event.machine, limit=_READ_BACK)
+            if not any((e.time, e.kind, e.message) == (event.time, event.kind, event.message)
+                       for e in newest):
+                missing.append(event)
+        return missing
 
     async def _cluster_name_free(self, name: str) -> None:
         """A cluster named as another but for case is a 409: both are one DNS name,

@@ -863,6 +863,42 @@ async def test_a_forced_change_saved_is_answered_as_saved_when_its_events_fail_t
     assert len(told) == 1, told
 
 
+@pytest.mark.parametrize("stored", [True, False])
+async def test_a_forced_changes_events_whose_outcome_is_unknown_are_written_once(
+        env: Env, monkeypatch: pytest.MonkeyPatch, stored: bool) -> None:
+    """A forced change saved, then its nodes' events' commit lost its answer (OutcomeUnknown:
+    the database failed over as it committed): they are read back, and only those not
+    stored are queued again. They were all queued again, so a commit that had been stored
+    told each node's history of the change twice (or, not stored, they must still be told
+    once)."""
+    from netboot.errors import OutcomeUnknown
+
+    await managed(env)
+    token, _ = await k3os_config(env, S0)
+    await registered(env, S0, token, "192.0.2.21")
+    store = env.service.store
+    apply = store.apply_batch
+    lost = [0]
+
+    async def failover(batch: Batch) -> None:
+        if any(e.kind == "agent token changed" for e in batch.events) and not lost[0]:
+            lost[0] += 1
+            if stored:
+                await apply(batch)
+            raise OutcomeUnknown("the connection failed while the commit was under way")
+        await apply(batch)
+
+    monkeypatch.setattr(store, "apply_batch", failover)
+    new = {"name": "edge", "server_url": "managed", "agent_token": "n3w-agent-secret-4f9a2c"}
+    r = await call(env, "PUT", "/api/v1/clusters/edge?force=true", json_body=new)
+    assert lost[0] == 1
+    assert r.status == 200, r.text
+    await env.service.boot.drain()  # the queued events' group commit
+    told = [e["message"] for e in await env.get(f"/api/v1/machines/{S0}/events")
+            if e["kind"] == "agent token changed"]
+    assert len(told) == 1, told
+
+
 async def test_a_running_short_token_cluster_is_given_its_first_servers_secure_token(
         env: Env) -> None:
     """README's way out for a short-token cluster whose nodes run: the secure token its
