@@ -629,7 +629,7 @@ class Core:
         address"); one machine's NICs share its one fixed_ipv4 (s39-review2). A read
         before the write (a scan of the stored documents, on an edit of the field only):
         made under ``enroller.fixed_lock`` with the write, which holds the inventory's lock
-        too (_BothHeld): two calls at once, from any processes on one inventory, cannot both
+        too (FixedLock): two calls at once, from any processes on one inventory, cannot both
         pass (benchmarks/README.md ### s40-net, ### s40-cas)."""
         if fixed is None:
             return

@@ -2208,7 +2208,7 @@ class Enroller:
                 raise _chosen_taken(refused, chosen, rows) from None
             return replace(report, applied=True)
         # Written under the lock every write of a fixed_ipv4 holds from its check to its
-        # commit (Core._fixed_ipv4_free; across servers and processes, _BothHeld). The store
+        # commit (Core._fixed_ipv4_free; across servers and processes, FixedLock). The store
         # refuses an address another machine holds (its unique index, which lets a batch
         # swap addresses): one given to another machine since this import read the
         # inventory is a 409 naming its line and holder, never two machines with one

@@ -666,7 +666,7 @@ class PostgresStore:
     @contextlib.asynccontextmanager
     async def fixed_addresses_held(self) -> AsyncIterator[None]:
         """Held by one caller of every server on this database at a time: an API write that
-        sets a fixed_ipv4 (core._BothHeld), from its check that no other machine has it
+        sets a fixed_ipv4 (base.FixedLock), from its check that no other machine has it
         to its commit, which runs on another connection (the lock is this session's, not a
         transaction's: pg_advisory_lock). A connection given back holding it (its unlock
         failed) is let go by asyncpg's reset (pg_advisory_unlock_all)."""
