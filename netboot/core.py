@@ -545,7 +545,9 @@ class Core:
             name = cluster if e.field == "cluster" else profile
             raise Conflict(f"{e.field} {name!r} was deleted by another writer (another server "
                            "or a CLI on this inventory) since this write checked it; create it "
-                           "again or name another", field=e.field, holder=name or "") from None
+                           "again or name another", field=e.field) from None  # no holder:
+            # a Conflict's holder is a machine's id (errors.Conflict, OpenAPI's Error): the
+            # name is the message's, as base.in_use's and the compare-and-set refusals' are.
 
     async def update_machine(self, ref: str,
                              changes: Mapping[str, Any] | Callable[[Machine], Mapping[str, Any]],
