@@ -959,10 +959,13 @@ class Content:
     def k3os_config(self, plan: BootPlan) -> str:
         _need_profile(plan)
         try:
-            return self._config("cloud-config/k3os.yaml", plan)
+            text = self._config("cloud-config/k3os.yaml", plan)
         except RenderError as exc:
             self._told(plan, "config", exc)
             raise
+        if self._enroller is not None and self._enroller.render_failing:
+            self._rendered(plan, _RENDERED["config"][1])  # told fixed, as a script's is
+        return text
 
     def nocloud(self, plan: BootPlan, name: str) -> str:
         if name not in ("meta-data", "user-data", "vendor-data"):
@@ -970,10 +973,13 @@ class Content:
         _need_profile(plan)
         header = "#cloud-config" if name != "meta-data" else ""
         try:
-            return self._config(f"cloud-config/cloud-init/{name}", plan, header=header)
+            text = self._config(f"cloud-config/cloud-init/{name}", plan, header=header)
         except RenderError as exc:
             self._told(plan, "nocloud", exc, name)
             raise
+        if self._enroller is not None and self._enroller.render_failing:
+            self._rendered(plan, _RENDERED["nocloud"][1].format(file=name))  # as a script's
+        return text
 
     def _config(self, name: str, plan: BootPlan, *, header: str = "") -> str:
         """Config template ``name`` rendered for ``plan`` and checked (YAML).

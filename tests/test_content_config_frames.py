@@ -335,3 +335,39 @@ async def test_a_stored_empty_hostname_and_none_do_not_share_a_frame(
         text, whole = await _first_config(env, mac)
         assert text == whole, mac
         assert text.endswith("# host None\n" if i else "# host \n"), mac
+
+
+@pytest.mark.parametrize("name", [K3OS, "cloud-config/cloud-init/user-data"])
+async def test_a_config_that_rendered_after_its_failure_is_told_fixed(
+        make_env: EnvFactory, tmp_path: Path, name: str) -> None:
+    """A k3OS config or cloud-init file that failed to render (its ``render failed`` event),
+    then, its template fixed, rendered: a ``rendered`` event says so, as an iPXE script's,
+    a grub.cfg's and a cmdline.txt's do. The config paths told none: the machine's newest
+    event stayed the failure (the list's last event, the dashboard's) while its installer
+    had its config, and the boot path kept giving way to it."""
+    env, own, shipped = await own_template(make_env, tmp_path, name)
+    own.write_text(shipped + "# {{ no_such_name }}\n")
+    await env.seed()
+    mac = "52:54:00:00:12:01"
+    await _enrol(env, [(mac, "h-1")])
+    content, recorder = env.service.content, env.service.enroller.recorder
+    plan = await _plan(env, mac)
+
+    def config() -> str:
+        return (content.k3os_config(plan) if name == K3OS
+                else content.nocloud(plan, name.rsplit("/", 1)[1]))
+
+    async def kinds() -> list[str]:
+        await recorder.flush()
+        return [str(e["kind"]) for e in await env.get(f"/api/v1/machines/{mac}/events")]
+
+    with pytest.raises(RenderError, match="no_such_name"):
+        config()
+    assert (await kinds())[-1] == "render failed"
+    own.write_text(shipped)
+    os.utime(own, (1, 1))  # another mtime, whatever the clock's resolution
+    assert config() == _whole(content, name, plan)
+    told = await kinds()
+    assert told[-1] == "rendered" and told.count("rendered") == 1, told
+    config()  # told once, not at every config
+    assert (await kinds()).count("rendered") == 1
