@@ -226,6 +226,9 @@ def _require_item_version(kind: str, item: Any, versions: Collection[str] | None
 
 _T = TypeVar("_T")
 _log = logging.getLogger(__name__)
+# Machines read a page at a time where every one of a kind is looked at (a group delete's
+# installs under way).
+_PAGE = 1000
 # A node's newest events read back after a commit whose answer was lost (Core._not_stored):
 # the lost one is among them unless this many were written to the node since.
 _READ_BACK = 100
@@ -1208,13 +1211,20 @@ class Core:
         groups = await self.store.list_groups()
         using: list[str] = []
         for state in (MachineState.BOOTING, MachineState.INSTALLING):
-            for machine in await self.store.list_machines(MachineFilter(state=state,
-                                                                        limit=10_000)):
-                if machine.profile is not None:
-                    continue
-                chosen = grouping.select(groups, grouping.machine_labels(machine))
-                if chosen is not None and chosen.name == group.name:
-                    using.append(f"machine {machine.ref}")
+            # Every one, a page at a time: the first 10,000 alone hid a storm's others.
+            offset = 0
+            while True:
+                page = await self.store.list_machines(MachineFilter(
+                    state=state, limit=_PAGE, offset=offset))
+                for machine in page:
+                    if machine.profile is not None:
+                        continue
+                    chosen = grouping.select(groups, grouping.machine_labels(machine))
+                    if chosen is not None and chosen.name == group.name:
+                        using.append(f"machine {machine.ref}")
+                if len(page) < _PAGE:
+                    break
+                offset += _PAGE
         return using[:most] + ([f"{len(using) - most} more machines"]
                                if len(using) > most else [])
 

@@ -1321,3 +1321,33 @@ async def test_an_import_holds_the_fixed_address_lock_only_to_check_and_commit(
         for store in (a, b):
             assert {m.id: m.fixed_ipv4 for m in await store.list_machines()} == {
                 "m-0": None, "m-1": "192.0.2.90"}
+
+
+async def test_a_group_giving_an_install_past_the_first_ten_thousand_is_not_deleted() -> None:
+    """The group delete's look for installs under way that it gives their profile
+    (Core._installing_with) read the first 10,000 booting machines alone: a storm with
+    more of them under way (a 100,000-machine fleet's) hid those past it, and the group
+    was deleted under their installs. Every one is read, a page at a time."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.base import Batch
+    from netboot.inventory.memory import MemoryStore
+    from netboot.model import Group, Profile
+
+    store = MemoryStore()
+    await store.open()
+    await store.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+    for rack in ("a", "b"):
+        await store.put_group(Group(name=f"rack-{rack}", selector={"rack": (rack,)},
+                                    profile="p"), create=True)
+    others = [Machine(macs=(MacAddress.parse(f"52:54:00:00:{n >> 8:02x}:{n & 255:02x}"),),
+                      labels={"rack": "b"}, state=MachineState.BOOTING) for n in range(10_000)]
+    last = Machine(macs=(MacAddress.parse("52:54:00:ff:ff:ff"),), labels={"rack": "a"},
+                   state=MachineState.BOOTING)  # after the others in the listing's order
+    await store.apply_batch(Batch(create=(*others, last)))
+    core = Core(store, Enroller(store), None, None)  # type: ignore[arg-type]
+    with pytest.raises(Conflict, match="52:54:00:ff:ff:ff"):
+        await core.delete("groups", "rack-a")
+    assert await store.get_group("rack-a") is not None
+    await store.close()
