@@ -830,7 +830,8 @@ async def test_a_forced_token_change_is_told_to_its_nodes_once_and_only_when_it_
     assert len(await told(S0)) == 1 and await told(AGENT) == []  # AGENT has no config
 
 
-@pytest.mark.parametrize("how", ["refused", "lost, stored", "lost, not stored"])
+@pytest.mark.parametrize("how", ["refused", "lost, stored", "lost, not stored",
+                                 "lost, stored, unread"])
 async def test_a_forced_change_saved_is_answered_as_saved_when_its_events_fail_to_write(
         env: Env, monkeypatch: pytest.MonkeyPatch, how: str) -> None:
     """A forced agent token change committed, then its nodes' events refused by the store
@@ -840,7 +841,9 @@ async def test_a_forced_change_saved_is_answered_as_saved_when_its_events_fail_t
     read it as not made and retried, and no node's history said what broke its k3s.
     Their commit's answer lost (OutcomeUnknown: the database failed over as it committed,
     stored or not), they are read back and only those not stored queued: all were queued
-    again, and a stored commit told each node's history of the change twice (s43-review)."""
+    again, and a stored commit told each node's history of the change twice (s43-review).
+    Not read back either (the read fails too), they are not written again: at most once,
+    the recorder's rule for a write whose outcome is unknown."""
     from netboot.errors import OutcomeUnknown
 
     await managed(env)
@@ -855,12 +858,23 @@ async def test_a_forced_change_saved_is_answered_as_saved_when_its_events_fail_t
             refused[0] += 1
             if how == "refused":
                 raise StoreError("database or disk is full")
-            if how == "lost, stored":
+            if how.startswith("lost, stored"):
                 await apply(batch)
             raise OutcomeUnknown("the connection failed while the commit was under way")
         await apply(batch)
 
     monkeypatch.setattr(store, "apply_batch", full)
+    if how.endswith("unread"):
+        events = store.list_events
+        unread = [0]
+
+        async def down(machine_id: str, **kw: Any) -> Any:
+            if refused[0] and not unread[0]:  # the read back, once
+                unread[0] += 1
+                raise StoreError("the inventory is unreachable")
+            return await events(machine_id, **kw)
+
+        monkeypatch.setattr(store, "list_events", down)
     new = {"name": "edge", "server_url": "managed", "agent_token": "n3w-agent-secret-4f9a2c"}
     r = await call(env, "PUT", "/api/v1/clusters/edge?force=true", json_body=new)
     assert refused[0] == 1
