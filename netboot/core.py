@@ -614,6 +614,8 @@ class Core:
                                              "change its NICs")
             changes = {k: v for k, v in changes.items() if k != "mac"}
         merged = {k: v for k, v in codec.machine_to_dict(old).items() if k in MACHINE_INPUT}
+        if merged.get("hostname") == "":
+            merged["hostname"] = None  # stored before "" was a 400: none, not a bar to edits
         merged.update(changes)
         parsed = await self._parse_machine(merged)
         identity.require(parsed)

@@ -360,6 +360,14 @@ async def test_an_empty_hostname_is_a_400_naming_it_not_a_stored_name(env: Env) 
     assert (await env.get(path))["hostname"] == "n-1"
     r = await call(env, "PATCH", path, json_body={"hostname": None})  # how to have none
     assert r.status == 200 and r.json()["hostname"] is None, r.text
+    # One stored before (by this API, hand SQL, an older backup) is no bar to an edit of
+    # another field: it goes, as none.
+    store = env.service.store
+    stored = await store.machine_by("mac", MAC)
+    assert stored is not None
+    await store.update_machine(replace(stored, hostname=""))
+    r = await call(env, "PATCH", path, json_body={"role": "server"})
+    assert r.status == 200 and (r.json()["role"], r.json()["hostname"]) == ("server", None), r.text
 
 
 async def test_bad_mac_in_path_is_400(env: Env) -> None:
