@@ -1359,6 +1359,9 @@ class Service:
             return ", ".join(f"{reached_url(url, a, stand_in)}/{path}"
                              for a in reached) or f"{url}/{path}"
 
+        # A loopback address advertised on purpose: DHCP and TFTP serve this host only.
+        local = " on lo only (a loopback address advertised)" \
+            if this_host_only(cfg, self.advertise) else ""
         lines = [
             f"netboot serving on {', '.join(reached) or self.advertise}"
             + (" (no address advertised: each device gets the one it reaches)"
@@ -1367,8 +1370,8 @@ class Service:
             (f"  HTTPS  {each(https)}  (API and configs; CA SHA-256 "
              f"{self.tls.ca_fingerprint or 'not given'}, printed by: netboot ca export)"
              if self.tls else "  HTTPS  off"),
-            f"  TFTP   udp/{cfg.tftp.port}" if cfg.tftp.enabled else "  TFTP   off",
-            (f"  DHCP   {cfg.dhcp.mode} on udp/{cfg.dhcp.port} + udp/{cfg.dhcp.pxe_port}"
+            f"  TFTP   udp/{cfg.tftp.port}{local}" if cfg.tftp.enabled else "  TFTP   off",
+            (f"  DHCP   {cfg.dhcp.mode} on udp/{cfg.dhcp.port} + udp/{cfg.dhcp.pxe_port}{local}"
              if cfg.dhcp.mode != "off" else "  DHCP   off"),
             f"  DNS    udp+tcp/{cfg.dns.port} zone {cfg.dns.zone}" if cfg.dns.enabled
             else "  DNS    off",

@@ -62,3 +62,7 @@ def test_a_loopback_advertised_server_answers_no_dhcp_or_tftp_on_the_lan(
     assert "tftp listening on 127.0.0.1:69" in served, served
     assert "proxy mode listening on 0.0.0.0:67 (lo), advertising 127.0.0.1" in served, served
     assert "(va)" not in served, served
+    # The start-up summary says so.
+    assert "  TFTP   udp/69 on lo only (a loopback address advertised)\n" in served, served
+    assert "  DHCP   proxy on udp/67 + udp/4011 on lo only (a loopback address advertised)\n" \
+        in served, served
