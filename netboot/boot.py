@@ -1339,6 +1339,10 @@ class BootService:
                       if profile is None else gone)
             if record:
                 await self._event(machine, "hold", reason, request, once=True)
+                # What the firmware told, as a discovered machine's record keeps it: an
+                # operator choosing its profile saw no arch, firmware, serial or UUID of an
+                # enrolled one held (s43-attack). Nothing on later retries.
+                machine = await self._learn(machine, request, self._clock(), _taken(res))
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None)
