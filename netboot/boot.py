@@ -1339,6 +1339,10 @@ class BootService:
                       if profile is None else gone)
             if record:
                 await self._event(machine, "hold", reason, request, once=True)
+                # What the firmware told, as a discovered machine's record keeps it: an
+                # operator choosing its profile saw no arch, firmware, serial or UUID of an
+                # enrolled one held (s43-attack). Nothing on later retries.
+                machine = await self._learn(machine, request, self._clock(), _taken(res))
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None)
@@ -1370,9 +1374,11 @@ class BootService:
             reason = await self._waiting_reason(cluster)
             if record:
                 # What the firmware told (its arch) is kept, so that `explain` answers for
-                # the machine as it boots; learn() changes nothing on later retries.
+                # the machine as it boots; learn() changes nothing on later retries. Not
+                # an identifier another machine holds (_taken): the store refused it, and
+                # the retry was a 409 naming that machine's id and MAC (s43-attack).
                 await self._event(machine, "hold", reason, request, once=True)
-                machine = await self._learn(machine, request, self._clock())
+                machine = await self._learn(machine, request, self._clock(), _taken(res))
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None, cluster=cluster)

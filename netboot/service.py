@@ -571,6 +571,8 @@ def dhcp_listeners(config: Config,
     route's interface; without one, nowhere), so a PXE device on a second NIC's network
     (or on the only one of a host without a default route) never got its offer. dnsmasq
     sends a reply out of the interface its request came in on (IP_PKTINFO)."""
+    if this_host_only(config, advertise):
+        return ["lo"], advertise, False
     if config.server.interfaces:
         # Several named and no address given: each answers with its own (dnsmasq's
         # next-server and option 54 default to the receiving interface's address), not
@@ -630,6 +632,18 @@ def url_stand_in(config: Config, advertise: str) -> str:
             and not config.http.public_url and not config.https.public_url):
         return advertise
     return ""
+
+
+def this_host_only(config: Config, advertise: str) -> bool:
+    """Whether a loopback address was advertised on purpose (``--advertise 127.0.0.1``, no
+    interface named): a trial on this host. DHCP then listens on ``lo`` and TFTP on that
+    address only. Before, both listened on every interface: proxyDHCP answered PXE clients
+    of the LAN with a boot server of 127.0.0.1 (themselves; beside the LAN's own PXE
+    server, a boot taken from it), and TFTP served the LAN. dnsmasq's
+    ``dhcp-range=127.0.0.1,proxy`` answers on no interface but the one holding that
+    network."""
+    return (not config.server.interfaces and bool(config.server.advertise)
+            and _loopback(advertise))
 
 
 def by_reach(config: Config, advertise: str) -> bool:
@@ -889,7 +903,9 @@ class Service:
         if cfg.tftp.enabled:
             from netboot.servers.tftp import TftpServer
 
-            tftp = TftpServer(self.content, host="0.0.0.0", port=cfg.tftp.port,
+            tftp = TftpServer(self.content, port=cfg.tftp.port,
+                              host=self.advertise if this_host_only(cfg, self.advertise)
+                              else "0.0.0.0",
                               max_transfers=cfg.tftp.max_transfers,
                               max_per_client=cfg.tftp.max_per_client, mtu=cfg.tftp.mtu,
                               ack_spin=cfg.tftp.ack_spin_us / 1e6,
@@ -1343,6 +1359,9 @@ class Service:
             return ", ".join(f"{reached_url(url, a, stand_in)}/{path}"
                              for a in reached) or f"{url}/{path}"
 
+        # A loopback address advertised on purpose: DHCP and TFTP serve this host only.
+        local = " on lo only (a loopback address advertised)" \
+            if this_host_only(cfg, self.advertise) else ""
         lines = [
             f"netboot serving on {', '.join(reached) or self.advertise}"
             + (" (no address advertised: each device gets the one it reaches)"
@@ -1351,8 +1370,8 @@ class Service:
             (f"  HTTPS  {each(https)}  (API and configs; CA SHA-256 "
              f"{self.tls.ca_fingerprint or 'not given'}, printed by: netboot ca export)"
              if self.tls else "  HTTPS  off"),
-            f"  TFTP   udp/{cfg.tftp.port}" if cfg.tftp.enabled else "  TFTP   off",
-            (f"  DHCP   {cfg.dhcp.mode} on udp/{cfg.dhcp.port} + udp/{cfg.dhcp.pxe_port}"
+            f"  TFTP   udp/{cfg.tftp.port}{local}" if cfg.tftp.enabled else "  TFTP   off",
+            (f"  DHCP   {cfg.dhcp.mode} on udp/{cfg.dhcp.port} + udp/{cfg.dhcp.pxe_port}{local}"
              if cfg.dhcp.mode != "off" else "  DHCP   off"),
             f"  DNS    udp+tcp/{cfg.dns.port} zone {cfg.dns.zone}" if cfg.dns.enabled
             else "  DNS    off",

@@ -139,6 +139,52 @@ async def test_ipxe_garbage_uuid_and_odd_facts_still_boot(env: Env) -> None:
     assert machine["uuid"] is None
 
 
+async def test_a_held_agents_ipxe_with_a_uuid_another_machine_holds_is_held_not_a_409(
+        env: Env) -> None:
+    """An agent held until its cluster's first server registers learns what its request
+    told (its arch, for explain) but not an identifier another machine holds: it learnt
+    the UUID whoever held it, the store refused the write, and the /ipxe was a 409 naming
+    that machine's id and MAC, to any host on the VLAN that sent the held machine's MAC
+    with a UUID seen in a DHCP broadcast (s42-attack), and to a board whose SMBIOS UUID
+    another's duplicates: its retry loop failed instead of being held (s43-attack)."""
+    await env.seed(server_url="managed")
+    other = "52:54:00:12:34:99"
+    uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"
+    await env.post("/api/v1/machines", {"mac": other, "uuid": uuid, "profile": "k3os"},
+                   status=201)
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    held = (await env.get(f"/api/v1/machines/{other}"))["id"]
+    for _ in range(2):
+        script = await boot(env, MAC, uuid=uuid, serial="SN-43")
+        assert "first server" in script, script
+        assert other not in script and held not in script, script
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert machine["uuid"] is None and machine["arch"] == "x86_64"
+    assert machine["serial"] == "SN-43"  # nobody's: learnt
+
+
+async def test_a_machine_held_without_a_profile_keeps_what_its_firmware_told(
+        env: Env) -> None:
+    """An enrolled machine that no profile is chosen for is held; its /ipxe told its arch,
+    platform, serial and UUID, which a discovered machine's record keeps, and the enrolled
+    one's kept none of them: an operator choosing its profile saw nothing of what it is
+    (s43-attack). An identifier another machine holds is not learnt (its holder named to
+    no one)."""
+    other = "52:54:00:12:34:99"
+    uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c4"
+    await env.post("/api/v1/machines", {"mac": other, "asset": "A-7"}, status=201)
+    await env.post("/api/v1/machines", {"mac": MAC}, status=201)
+    for _ in range(2):
+        script = await boot(env, MAC, arch="arm64", uuid=uuid, serial="SN-43",
+                            platform="efi", asset="A-7", product="EdgeBox")
+        assert "no profile" in script and other not in script, script
+    machine = await env.get(f"/api/v1/machines/{MAC}")
+    assert (machine["uuid"], machine["serial"], machine["asset"], machine["arch"],
+            machine["firmware"]) == (uuid, "SN-43", None, "arm64", "ipxe"), machine
+    assert machine["facts"]["product"] == "EdgeBox", machine
+    assert machine["state"] == "enrolled"
+
+
 async def test_ipxe_firmware_strings_keep_their_plus(env: Env) -> None:
     """Byte for byte what iPXE sends for QEMU q35's SMBIOS product with ${product:uristring}:
     space is %20 and '+' is left alone, so '+' is a plus, not a form-encoded space."""
