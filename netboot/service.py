@@ -1545,6 +1545,9 @@ async def build(config: Config, *, app: bool = True) -> Service:
         grouping.check_groups(config.discovery.rules)
         check_hostname_templates(config)
         await check_default_profile(config, store)
+        if gone := await store.forget_stale_settings():
+            log.info("dropped %d settings no one reads: the refused claims of deleted "
+                     "machines, an older netboot's markers", gone)
         await warn_of_missing_rule_refs(config, store)
         await warn_of_unservable_profiles(store)
         await warn_of_shared_fixed_addresses(store)
