@@ -790,8 +790,13 @@ async def _audit(args: argparse.Namespace, store: Store, cfg: Config) -> int:
 
 async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     from netboot.enroll import fleet_status
+    from netboot.standing import from_store
 
     status = await fleet_status(store)
+    # What stands that the operator must fix, read from the inventory as GET /status's
+    # "warnings" (a server's start logged them only: s42-ops).
+    standing = await from_store(store, time.time())
+    status["warnings"] = [n.as_dict() for n in standing]
     if args.json:
         _print_json(status)
         return 0
@@ -804,6 +809,8 @@ async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         print("\nfailed (see 'netboot machines show MAC|ID'):")
         print(_table([(f["mac"] or f["id"], f["hostname"], f["cluster"])
                       for f in status["failed"]], ["machine", "hostname", "cluster"]))
+    for notice in standing:
+        print(f"\nwarning ({notice.kind}): {notice.text}")
     return 0
 
 

@@ -130,10 +130,13 @@ async def test_a_servers_writes_add_its_new_tries_once_and_a_deleted_machines_ro
     a, b = (KeptClaims(RefusedClaims(), store, clock=lambda: now[0], every=5.0)
             for _ in range(2))
     claim = "c" * 64
-    for server in (a, b, a, b, a):
+    for tries, (server, other) in enumerate(((a, b), (b, a), (a, b), (b, a), (a, b)), 1):
         server.refused(machine, "192.0.2.7", claim, now[0])
-        await asyncio.sleep(0)  # a first refusal is written at once
-        now[0] += 10.0  # the device's next try, 10 s later
+        await asyncio.sleep(0)
+        # A try 10 s after the last (the device's retries) is written at once, not
+        # WRITE_EVERY later: the other server lists it already.
+        assert [h.tries for h in await other.held(machine)] == [tries]
+        now[0] += 10.0
     await a.close()
     await b.close()
     assert [h.tries for h in await a.held(machine)] == [5]
