@@ -360,7 +360,8 @@ SCHEMAS: dict[str, Any] = {
                        "type": "object", "required": ["kind", "message", "refs"],
                        "properties": {
                            "kind": {"enum": ["clusters-alike", "clock-behind",
-                                             "older-registrations"]},
+                                             "older-registrations", "rule-refs",
+                                             "profile-files", "shared-fixed-ipv4"]},
                            "message": {"type": "string"},
                            "refs": {"type": "array", "items": {"type": "string"}}}}}}},
 }

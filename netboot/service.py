@@ -67,7 +67,14 @@ from netboot.servers.http import (
 )
 from netboot.servers.sockets import bind_error
 from netboot.shipped import shipped_root, templates_dir
-from netboot.standing import Standing, clock_behind, clusters_alike, newest, older_notice
+from netboot.standing import (
+    Notice,
+    Standing,
+    clock_behind,
+    clusters_alike,
+    newest,
+    older_notice,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -412,17 +419,20 @@ async def check_default_profile(config: Config, store: Store) -> None:
                               "works while the server is stopped) or remove the key")
 
 
-async def warn_of_missing_rule_refs(config: Config, store: Store) -> None:
+async def warn_of_missing_rule_refs(config: Config, store: Store,
+                                    standing: Standing | None = None) -> None:
     """An auto rule's cluster or profile that does not exist: each device it matched was
     held, its console telling `netboot machines approve MAC --cluster nope`, which is
     refused, and nothing said at start (s37-user). Told, file and line, not refused: it may
     be created once the server runs (through the API: a container's operator has no CLI
-    while it is stopped), and removing one a rule names is refused (Core.delete)."""
+    while it is stopped), and removing one a rule names is refused (Core.delete). Kept in
+    ``standing`` (each new one logged; a fresh one: all of them), as the other checks of
+    this kind (netboot.standing)."""
     from netboot.config import located
 
-    if config.discovery.policy != "auto":
-        return  # the rules enroll nothing
-    for i, rule in enumerate(config.discovery.rules):
+    notices: list[Notice] = []
+    for i, rule in enumerate(config.discovery.rules if config.discovery.policy == "auto"
+                             else ()):  # other policies: the rules enroll nothing
         for kind, ref in (("cluster", rule.cluster), ("profile", rule.profile)):
             found = (await store.get_cluster(ref) if kind == "cluster"
                      else await store.get_profile(ref)) if ref is not None else True
@@ -432,44 +442,43 @@ async def warn_of_missing_rule_refs(config: Config, store: Store) -> None:
                     f"{kind} {ref!r} does not exist: until it does, the devices this rule "
                     "matches are held", key=f"discovery.rules[{i}].{kind}",
                     fix=f"create it: netboot {kind}s add {ref} {add}, or correct the rule"))
-                log.warning("%s", told)
+                notices.append(Notice("rule-refs", str(told), (str(ref),)))
+    (standing or Standing()).set("rule-refs", notices)
 
 
-async def warn_of_unservable_profiles(store: Store) -> None:
+async def warn_of_unservable_profiles(store: Store, standing: Standing | None = None) -> None:
     """A profile stored before its files were checked at write time (session 35) may name
     one as netboot no longer takes it (core.profile_file_errors): a PUT of it unchanged is
     refused, and a '..' or a URL netboot does not hand on fails its boots too (a leading '/'
     is still read from the assets' root). Said at start, each file with its fix."""
     from netboot.core import profile_file_errors
 
-    for profile in await store.list_profiles():
-        for _, error in profile_file_errors(profile):
-            log.warning("profile %s: %s: %s; stored by an older netboot, it is kept, but "
-                        "a write of it is refused until it is corrected (netboot profiles "
-                        "show %s; PUT /api/v1/profiles/%s)", profile.name, error.field,
-                        error.message, profile.name, profile.name)
+    (standing or Standing()).set("profile-files", [Notice("profile-files", (
+        f"profile {profile.name}: {error.field}: {error.message}; stored by an older "
+        "netboot, it is kept, but a write of it is refused until it is corrected (netboot "
+        f"profiles show {profile.name}; PUT /api/v1/profiles/{profile.name})"), (profile.name,))
+        for profile in await store.list_profiles()
+        for _, error in profile_file_errors(profile)])
 
 
-async def warn_of_shared_fixed_addresses(store: Store) -> None:
+async def warn_of_shared_fixed_addresses(store: Store, standing: Standing | None = None
+                                         ) -> None:
     """Machines that share a ``fixed_ipv4``, stored before the API refused it (s40-net):
     said at start, each address with its machines and the fix, and served as before (DHCP
     gives it to the first that asks, the others a pool address: LeasePool.fixed_refused).
     One scan of the documents that have one (json_extract in SQLite, in C)."""
     holders: dict[str, list[str]] = {}
     total = await store.count_machines(MachineFilter(with_fixed_ipv4=True))
-    if not total:
-        return
-    for machine in await store.list_machines(MachineFilter(with_fixed_ipv4=True,
-                                                           limit=total + 100)):
+    for machine in await store.list_machines(MachineFilter(
+            with_fixed_ipv4=True, limit=total + 100)) if total else ():
         if machine.fixed_ipv4 is not None:
             holders.setdefault(machine.fixed_ipv4, []).append(machine.ref)
-    for address, refs in sorted(holders.items()):
-        if len(refs) > 1:
-            log.warning("machines %s share the fixed_ipv4 %s (stored by an older netboot): "
-                        "authoritative DHCP gives it to the first that asks and the others "
-                        "a pool address; give each its own (netboot machines set REF "
-                        "--fixed-ipv4 ..., PATCH /api/v1/machines/REF)",
-                        ", ".join(refs), address)
+    (standing or Standing()).set("shared-fixed-ipv4", [Notice("shared-fixed-ipv4", (
+        f"machines {', '.join(refs)} share the fixed_ipv4 {address} (stored by an older "
+        "netboot): authoritative DHCP gives it to the first that asks and the others a pool "
+        "address; give each its own (netboot machines set REF --fixed-ipv4 ..., PATCH "
+        "/api/v1/machines/REF)"), tuple(refs))
+        for address, refs in sorted(holders.items()) if len(refs) > 1])
 
 
 def advertised_address(config: Config, *, by_reach_told: bool = False) -> str:
@@ -1089,17 +1098,23 @@ class Service:
                                   told=False)
 
     async def look_again_at_what_stands(self) -> None:
-        """Every OLDER_LOOK_SECONDS: the clusters named alike (one renamed or removed since
-        is no longer shown; one another server's older self wrote is), and the clock that
-        was behind at start (set since: no longer shown)."""
+        """Every OLDER_LOOK_SECONDS: the clusters named alike and the rules' references (one
+        fixed since is no longer shown; one another server's older self wrote is), and,
+        while they stand, the clock that was behind at start, the profiles' files and the
+        shared fixed addresses (none can be written now: the API and the store refuse them)."""
         now = time.monotonic()
         if now < self._standing_next:
             return
         self._standing_next = now + OLDER_LOOK_SECONDS
+        standing, store = self.standing, self.store
         if self._newest is not None and clock_behind(self._newest, time.time()) is None:
-            self.standing.set("clock-behind", ())
-        self.standing.set("clusters-alike", clusters_alike(
-            c.name for c in await self.store.list_clusters()))
+            standing.set("clock-behind", ())
+        standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+        await warn_of_missing_rule_refs(self.config, store, standing)
+        if standing.holds("profile-files"):
+            await warn_of_unservable_profiles(store, standing)
+        if standing.holds("shared-fixed-ipv4"):
+            await warn_of_shared_fixed_addresses(store, standing)
 
     async def watch_once(self) -> None:
         """Sync the boot path's view (noticing an outage of the inventory and its end),
@@ -1505,10 +1520,12 @@ async def build(config: Config, *, app: bool = True) -> Service:
         if gone := await store.forget_stale_settings():
             log.info("dropped %d settings no one reads: the refused claims of deleted "
                      "machines, an older netboot's markers", gone)
-        await warn_of_missing_rule_refs(config, store)
-        await warn_of_unservable_profiles(store)
-        await warn_of_shared_fixed_addresses(store)
-        standing = Standing()  # start-up's checks here, the view's once it is loaded
+        # Start-up's checks of what an older netboot stored, here (the clock's and the older
+        # registrations' once the view is loaded): logged, and kept for GET /status.
+        standing = Standing()
+        await warn_of_missing_rule_refs(config, store, standing)
+        await warn_of_unservable_profiles(store, standing)
+        await warn_of_shared_fixed_addresses(store, standing)
         standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}

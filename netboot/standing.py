@@ -11,7 +11,13 @@ the dashboard's banner) and the CLI (:func:`from_store`) show. Kinds:
 
 - ``clusters-alike``: clusters named alike but for case (stored before the 409, s41-attack);
 - ``clock-behind``: the clock behind the inventory's newest change (s41-attack);
-- ``older-registrations``: machines an older register command registered (s40-ops, s42-ops).
+- ``older-registrations``: machines an older register command registered (s40-ops, s42-ops);
+- ``rule-refs``: an auto discovery rule's cluster or profile that does not exist (s37-user);
+- ``profile-files``: a profile's file as netboot no longer takes it (session 35);
+- ``shared-fixed-ipv4``: machines sharing a fixed address (stored before s40-net).
+
+The last three are decided where they read the store (service.warn_of_missing_rule_refs,
+warn_of_unservable_profiles, warn_of_shared_fixed_addresses), into the same Standing.
 """
 
 from __future__ import annotations
@@ -112,10 +118,11 @@ class Standing:
     each new one logged once as a warning. ``version`` moves whenever what
     :meth:`as_list` gives changes (the event stream sends it again then)."""
 
-    __slots__ = ("_by_kind", "version")
+    __slots__ = ("_by_kind", "_told", "version")
 
-    def __init__(self) -> None:
+    def __init__(self, *, told: bool = True) -> None:
         self._by_kind: dict[str, tuple[Notice, ...]] = {}
+        self._told = told  # false: none logged (the CLI prints them)
         self.version = 0
 
     def set(self, kind: str, notices: Iterable[Notice | None], *, told: bool = True) -> None:
@@ -125,7 +132,7 @@ class Standing:
         before = self._by_kind.get(kind, ())
         if now == before:
             return
-        if told:
+        if told and self._told:
             for notice in now:
                 if notice not in before:
                     log.warning("%s", notice.text)
@@ -135,18 +142,23 @@ class Standing:
             self._by_kind.pop(kind, None)
         self.version += 1
 
+    def holds(self, kind: str) -> bool:
+        """Whether any notice of ``kind`` stands."""
+        return kind in self._by_kind
+
     def as_list(self) -> list[dict[str, Any]]:
         """Every notice that stands, by kind (GET /status's ``warnings``)."""
         return [n.as_dict() for kind in sorted(self._by_kind) for n in self._by_kind[kind]]
 
 
-async def from_store(store: Store, now: float) -> list[Notice]:
-    """What stands, read from the store (``netboot status`` on the database, no server
-    asked): the registered machines read once, the clusters, the newest change."""
+async def from_store(store: Store, now: float, standing: Standing) -> None:
+    """What a server decides from its loaded view, read from the store into ``standing``
+    (``netboot status`` on the database, no server asked): the registered machines read
+    once, the clusters, the newest change."""
     registered = await store.count_machines(MachineFilter(state=MachineState.REGISTERED))
     older = older_registrations(await store.list_machines(MachineFilter(
         state=MachineState.REGISTERED, limit=registered + 100))) if registered else []
     last = await store.list_machines(MachineFilter(sort="updated", descending=True, limit=1))
-    return [n for n in (*clusters_alike(c.name for c in await store.list_clusters()),
-                        clock_behind(newest(last), now), older_notice(older))
-            if n is not None]
+    standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+    standing.set("clock-behind", [clock_behind(newest(last), now)])
+    standing.set("older-registrations", [older_notice(older)])

@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import secrets
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 from netboot.claims import PLACES
 from netboot.enroll import CONTEST_BURST
 from tests.conftest import install_token
-from tests.multiserver.conftest import ROOT, Pair, Server
+from tests.multiserver.conftest import Pair, Server, netboot_cli
 from tests.multiserver.test_pair import MAC, seed
 from tests.test_api import _register_from
 
@@ -45,15 +43,7 @@ async def listed_until(pair: Pair, server: Server, claim: str) -> list[dict[str,
 async def cli(server: Server, *args: str) -> tuple[int, str, str]:
     """``netboot machines claim MAC ARGS`` as its own process, with ``server``'s config and
     no token nor --server: on the database, as every other command."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netboot", "machines", "claim", MAC, *args,
-        "--config", str(server.config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("NETBOOT_")},
-             "PYTHONPATH": str(ROOT)})
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await netboot_cli(server.config, "machines", "claim", MAC, *args)
 
 
 async def test_a_claim_refused_by_a_is_listed_and_given_by_b_and_outlives_a_restart(

@@ -6,29 +6,19 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
-import sys
 from pathlib import Path
 
 from netboot.config import load
 from netboot.model import MachineState
 from netboot.service import open_inventory
-from tests.multiserver.conftest import Inventory, server_config
+from tests.multiserver.conftest import Inventory, netboot_cli, server_config
 
 MAC = "52:54:00:42:00:01"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 async def netboot_status(config: Path, *args: str) -> tuple[int, str, str]:
     """``netboot status`` as its own process with ``config`` (the server's inventory)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netboot", "status", "--config", str(config), *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("NETBOOT_")},
-             "PYTHONPATH": str(ROOT)})
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await netboot_cli(config, "status", *args)
 
 
 async def test_a_running_server_warns_of_a_machine_an_older_server_registers(
