@@ -62,6 +62,7 @@ from netboot.model import AuditEntry, Event, Machine, MachineState
 from netboot.servers.aio import MAX_BODY_KEY, MAX_EVENT_KEY, OUTCOME_UNKNOWN, serve_plain
 from netboot.servers.fasthttp import Reply
 from netboot.servers.http import bearer_token, local_address
+from netboot.standing import Standing
 from netboot.web.auth import request_token
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -264,13 +265,21 @@ def _health_frame(health: Mapping[str, str | None]) -> bytes:
     return f"event: inventory\ndata: {json.dumps(health)}\n\n".encode()
 
 
+def _warnings_frame(standing: Standing) -> bytes:
+    """The SSE message of what stands (``event: warnings``, as GET /status's ``warnings``)."""
+    return f"event: warnings\ndata: {json.dumps(standing.as_list())}\n\n".encode()
+
+
 class Api:
     """The HTTP face of :class:`netboot.core.Core`: parses requests, answers JSON."""
 
     def __init__(self, core: Core, *, clock: Callable[[], float],
                  events: EventBus | None = None,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None,
+                 standing: Standing | None = None) -> None:
         self._core = core
+        # What stands that the operator must fix (netboot.standing): the server's own.
+        self._standing = standing or Standing()
         self._store = core.store
         self._enroll = core.enroller
         self._access = core.access
@@ -546,7 +555,13 @@ class Api:
         # The browser reconnects by itself after a drop (EventSource, 3 s by default). The
         # health in the first message, with the retry (a reader that reads one message to
         # see the stream open reads them both), then the comment that says it is open.
-        await resp.write(b"retry: 3000\n" + _health_frame(told) + b": connected\n\n")
+        # What stands, as it opens (when anything does) and whenever it changes: the
+        # dashboard's warnings.
+        standing = self._standing
+        warned = standing.version
+        await resp.write(b"retry: 3000\n" + _health_frame(told)
+                         + (_warnings_frame(standing) if standing.as_list() else b"")
+                         + b": connected\n\n")
         wrote = loop.time()
         while True:
             idle = False
@@ -572,6 +587,10 @@ class Api:
             if now != told:
                 told = now
                 await resp.write(_health_frame(now))
+                wrote = loop.time()
+            if standing.version != warned:
+                warned = standing.version
+                await resp.write(_warnings_frame(standing))
                 wrote = loop.time()
             if item is None:
                 if loop.time() - wrote >= SSE_KEEPALIVE_SECONDS:
@@ -924,6 +943,9 @@ class Api:
         # What /healthz tells anyone only as a state, with the store's own words (while
         # its reads answer: a token is checked by one; the log has them always).
         status["inventory"] = self._core.boot.health.as_dict()
+        # Start-up's warnings that still stand, and the older registrations seen live: the
+        # log said them only (s42-ops).
+        status["warnings"] = self._standing.as_list()
         return web.json_response(status)
 
     async def cluster_nodes(self, request: web.Request) -> web.Response:

@@ -77,7 +77,8 @@ def registration_of(machine: Machine) -> tuple[float, str | None]:
 class Held:
     """The latest claim refused from ``peer``: sent ``tries`` times in a row, from
     ``first`` to ``last`` (the clock's seconds), against registration ``against``
-    (:func:`registration_of`)."""
+    (:func:`registration_of`); ``written`` of those tries are in the inventory's setting
+    (:class:`KeptClaims`)."""
 
     peer: str
     claim: str
@@ -85,6 +86,7 @@ class Held:
     first: float
     last: float
     against: tuple[float, str | None]
+    written: int = 0
 
 
 class RefusedClaims:
@@ -158,19 +160,23 @@ class RefusedClaims:
 Against = tuple[float, str | None]
 
 
-def merged(*sources: Iterable[Held], places: int = PLACES) -> list[Held]:
-    """The claims of ``sources`` (several servers' kept claims, all refused against one
-    registration) by address: an address's latest claim (its tries the most any source
-    counted: each server counts those it refused, a device's retries reach one server or
-    another), then bounded to ``places`` as :meth:`RefusedClaims.refused` bounds them (the
-    one-offs dropped first, oldest first). Sources are not changed."""
-    by_peer: dict[str, Held] = {}
-    for h in (h for source in sources for h in source):
+def merged(stored: Iterable[Held], mine: Iterable[Held], places: int = PLACES) -> list[Held]:
+    """The claims ``stored`` (a machine's setting: every server's written so far, all refused
+    against one registration) with this server's ``mine`` added, by address: an address's
+    latest claim; where both hold one claim, its tries those stored plus this server's not
+    yet written (``tries - written``: each server adds what it counted since its last
+    write, so that two servers' counts of one device's retries are their sum, where the
+    most either counted was shown: s43-ops); then bounded to ``places`` as
+    :meth:`RefusedClaims.refused` bounds them (the one-offs dropped first, oldest first).
+    Neither is changed."""
+    by_peer = {h.peer: replace(h, written=0) for h in stored}
+    for h in mine:
         old = by_peer.get(h.peer)
         if old is None or (old.claim != h.claim and h.last > old.last):
-            by_peer[h.peer] = replace(h)
+            # Not stored (or another claim stored before this one): all this server counted.
+            by_peer[h.peer] = replace(h, written=0)
         elif old.claim == h.claim:
-            by_peer[h.peer] = replace(old, tries=max(old.tries, h.tries),
+            by_peer[h.peer] = replace(old, tries=old.tries + h.tries - h.written,
                                       first=min(old.first, h.first),
                                       last=max(old.last, h.last))
     kept = sorted(by_peer.values(), key=lambda h: h.last)
@@ -210,6 +216,8 @@ class SettingsStore(Protocol):
 
     async def claim_setting(self, key: str, value: str, *, replace: str | None = None
                             ) -> str: ...
+
+    async def delete_setting(self, key: str) -> None: ...
 
 
 class KeptClaims:
@@ -284,10 +292,17 @@ class KeptClaims:
             mine = self.memory.held(machine)
             if not mine:
                 return
+            adding = [(h, h.tries - h.written) for h in mine]
             against = registration_of(machine)
             text = await store.get_setting(key)
             value = encoded(against, merged(decoded(text, against), mine))
             if value == text or await store.claim_setting(key, value, replace=text) == value:
+                for h, tries in adding:  # in the store now: the next write adds the rest
+                    h.written += tries
+                if await store.get_machine(machine_id) is None:
+                    # Deleted between the read above and this write, whose row its delete
+                    # (in its transaction) could not remove: removed here, as it would be.
+                    await store.delete_setting(key)
                 return
 
     async def close(self) -> None:

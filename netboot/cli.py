@@ -790,8 +790,22 @@ async def _audit(args: argparse.Namespace, store: Store, cfg: Config) -> int:
 
 async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     from netboot.enroll import fleet_status
+    from netboot.service import (
+        warn_of_missing_rule_refs,
+        warn_of_shared_fixed_addresses,
+        warn_of_unservable_profiles,
+    )
+    from netboot.standing import Standing, from_store
 
     status = await fleet_status(store)
+    # What stands that the operator must fix, read from the inventory (and this config's
+    # rules) as GET /status's "warnings": a server's start logged them only (s42-ops).
+    standing = Standing(told=False)
+    await warn_of_missing_rule_refs(cfg, store, standing)
+    await warn_of_unservable_profiles(store, standing)
+    await warn_of_shared_fixed_addresses(store, standing)
+    await from_store(store, time.time(), standing)
+    status["warnings"] = standing.as_list()
     if args.json:
         _print_json(status)
         return 0
@@ -804,6 +818,8 @@ async def _status(args: argparse.Namespace, store: Store, cfg: Config) -> int:
         print("\nfailed (see 'netboot machines show MAC|ID'):")
         print(_table([(f["mac"] or f["id"], f["hostname"], f["cluster"])
                       for f in status["failed"]], ["machine", "hostname", "cluster"]))
+    for notice in status["warnings"]:
+        print(f"\nwarning ({notice['kind']}): {notice['message']}")
     return 0
 
 

@@ -431,13 +431,15 @@ class OlderRegistrations:
     the next start named: s41-ops, s42-ops). Looked for again only when the number of
     registered machines moved, at most every ``every`` seconds."""
 
-    __slots__ = ("_every", "_next", "_registered", "_told")
+    __slots__ = ("_every", "_next", "_registered", "_told", "current")
 
     def __init__(self, every: float = OLDER_LOOK_SECONDS) -> None:
         self._every = every
         self._next = -math.inf
         self._registered: int | None = None
         self._told: set[str] = set()
+        # Every one found at the last look, named before or not (what /status shows).
+        self.current: list[Machine] = []
 
     def due(self, registered: int, now: float) -> bool:
         """Whether to look (:meth:`new`) with ``registered`` machines registered at ``now``."""
@@ -447,7 +449,7 @@ class OlderRegistrations:
         """The machines of ``machines`` an older register command registered, not named
         before (one reinstalled and registered so again is named again)."""
         self._registered, self._next = registered, now + self._every
-        older = older_registrations(machines)
+        older = self.current = older_registrations(machines)
         told = self._told
         self._told = {m.id for m in older}
         return [m for m in older if m.id not in told]

@@ -352,7 +352,18 @@ SCHEMAS: dict[str, Any] = {
                    "inventory": {"type": "object", "required": ["state", "detail"],
                                  "properties": {
                                      "state": {"enum": ["ok", "degraded", "unknown"]},
-                                     "detail": {"type": ["string", "null"]}}}}},
+                                     "detail": {"type": ["string", "null"]}}},
+                   # What stands that the operator must fix, each with the fix in its
+                   # message (netboot.standing): the server's start-up checks, and the
+                   # older registrations it sees while it runs.
+                   "warnings": {"type": "array", "items": {
+                       "type": "object", "required": ["kind", "message", "refs"],
+                       "properties": {
+                           "kind": {"enum": ["clusters-alike", "clock-behind",
+                                             "older-registrations", "rule-refs",
+                                             "profile-files", "shared-fixed-ipv4"]},
+                           "message": {"type": "string"},
+                           "refs": {"type": "array", "items": {"type": "string"}}}}}}},
 }
 
 

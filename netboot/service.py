@@ -19,7 +19,7 @@ import ssl
 import stat
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +30,7 @@ from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.cacerts import deferred_system_cas
 from netboot.config import Config, inventory_dsn, located
 from netboot.content import PER_MACHINE, STABLE, Content, Trust
-from netboot.core import Core, OlderRegistrations
+from netboot.core import OLDER_LOOK_SECONDS, Core, OlderRegistrations
 from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
 from netboot.errors import ConfigError, StoreError
@@ -67,6 +67,14 @@ from netboot.servers.http import (
 )
 from netboot.servers.sockets import bind_error
 from netboot.shipped import shipped_root, templates_dir
+from netboot.standing import (
+    Notice,
+    Standing,
+    clock_behind,
+    clusters_alike,
+    newest,
+    older_notice,
+)
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -411,17 +419,20 @@ async def check_default_profile(config: Config, store: Store) -> None:
                               "works while the server is stopped) or remove the key")
 
 
-async def warn_of_missing_rule_refs(config: Config, store: Store) -> None:
+async def warn_of_missing_rule_refs(config: Config, store: Store,
+                                    standing: Standing | None = None) -> None:
     """An auto rule's cluster or profile that does not exist: each device it matched was
     held, its console telling `netboot machines approve MAC --cluster nope`, which is
     refused, and nothing said at start (s37-user). Told, file and line, not refused: it may
     be created once the server runs (through the API: a container's operator has no CLI
-    while it is stopped), and removing one a rule names is refused (Core.delete)."""
+    while it is stopped), and removing one a rule names is refused (Core.delete). Kept in
+    ``standing`` (each new one logged; a fresh one: all of them), as the other checks of
+    this kind (netboot.standing)."""
     from netboot.config import located
 
-    if config.discovery.policy != "auto":
-        return  # the rules enroll nothing
-    for i, rule in enumerate(config.discovery.rules):
+    notices: list[Notice] = []
+    for i, rule in enumerate(config.discovery.rules if config.discovery.policy == "auto"
+                             else ()):  # other policies: the rules enroll nothing
         for kind, ref in (("cluster", rule.cluster), ("profile", rule.profile)):
             found = (await store.get_cluster(ref) if kind == "cluster"
                      else await store.get_profile(ref)) if ref is not None else True
@@ -431,65 +442,43 @@ async def warn_of_missing_rule_refs(config: Config, store: Store) -> None:
                     f"{kind} {ref!r} does not exist: until it does, the devices this rule "
                     "matches are held", key=f"discovery.rules[{i}].{kind}",
                     fix=f"create it: netboot {kind}s add {ref} {add}, or correct the rule"))
-                log.warning("%s", told)
+                notices.append(Notice("rule-refs", str(told), (str(ref),)))
+    (standing or Standing()).set("rule-refs", notices)
 
 
-async def warn_of_unservable_profiles(store: Store) -> None:
+async def warn_of_unservable_profiles(store: Store, standing: Standing | None = None) -> None:
     """A profile stored before its files were checked at write time (session 35) may name
     one as netboot no longer takes it (core.profile_file_errors): a PUT of it unchanged is
     refused, and a '..' or a URL netboot does not hand on fails its boots too (a leading '/'
     is still read from the assets' root). Said at start, each file with its fix."""
     from netboot.core import profile_file_errors
 
-    for profile in await store.list_profiles():
-        for _, error in profile_file_errors(profile):
-            log.warning("profile %s: %s: %s; stored by an older netboot, it is kept, but "
-                        "a write of it is refused until it is corrected (netboot profiles "
-                        "show %s; PUT /api/v1/profiles/%s)", profile.name, error.field,
-                        error.message, profile.name, profile.name)
+    (standing or Standing()).set("profile-files", [Notice("profile-files", (
+        f"profile {profile.name}: {error.field}: {error.message}; stored by an older "
+        "netboot, it is kept, but a write of it is refused until it is corrected (netboot "
+        f"profiles show {profile.name}; PUT /api/v1/profiles/{profile.name})"), (profile.name,))
+        for profile in await store.list_profiles()
+        for _, error in profile_file_errors(profile)])
 
 
-async def warn_of_shared_fixed_addresses(store: Store) -> None:
+async def warn_of_shared_fixed_addresses(store: Store, standing: Standing | None = None
+                                         ) -> None:
     """Machines that share a ``fixed_ipv4``, stored before the API refused it (s40-net):
     said at start, each address with its machines and the fix, and served as before (DHCP
     gives it to the first that asks, the others a pool address: LeasePool.fixed_refused).
     One scan of the documents that have one (json_extract in SQLite, in C)."""
     holders: dict[str, list[str]] = {}
     total = await store.count_machines(MachineFilter(with_fixed_ipv4=True))
-    if not total:
-        return
-    for machine in await store.list_machines(MachineFilter(with_fixed_ipv4=True,
-                                                           limit=total + 100)):
+    for machine in await store.list_machines(MachineFilter(
+            with_fixed_ipv4=True, limit=total + 100)) if total else ():
         if machine.fixed_ipv4 is not None:
             holders.setdefault(machine.fixed_ipv4, []).append(machine.ref)
-    for address, refs in sorted(holders.items()):
-        if len(refs) > 1:
-            log.warning("machines %s share the fixed_ipv4 %s (stored by an older netboot): "
-                        "authoritative DHCP gives it to the first that asks and the others "
-                        "a pool address; give each its own (netboot machines set REF "
-                        "--fixed-ipv4 ..., PATCH /api/v1/machines/REF)",
-                        ", ".join(refs), address)
-
-
-async def warn_of_clusters_named_but_for_case(store: Store) -> None:
-    """Clusters whose names differ only by case, stored before a second such one was a 409
-    (s41-attack): one DNS name, ``<cluster>.<zone>``, which answers the servers of all of
-    them while the nodes of each are sent there (a node joins, or is refused by, another's
-    server). Kept as they are (removing one is the operator's call, and its machines'),
-    said at every start with the fix, as shared fixed addresses are."""
-    named: dict[str, list[str]] = {}
-    for cluster in await store.list_clusters():
-        named.setdefault(cluster.name.lower(), []).append(cluster.name)
-    for lower, names in sorted(named.items()):
-        if len(names) > 1:
-            log.warning("clusters %s are named alike but for case (stored by an older "
-                        "netboot): they are one DNS name, %s.<zone>, which answers the "
-                        "servers of each, and the nodes of each are sent there, where they "
-                        "may join another's server or be refused by it. Keep one: give the "
-                        "others' machines and groups a cluster of another name (netboot "
-                        "clusters add NAME; netboot machines set REF --cluster NAME), then "
-                        "remove them (netboot clusters rm NAME)",
-                        ", ".join(sorted(names)), lower)
+    (standing or Standing()).set("shared-fixed-ipv4", [Notice("shared-fixed-ipv4", (
+        f"machines {', '.join(refs)} share the fixed_ipv4 {address} (stored by an older "
+        "netboot): authoritative DHCP gives it to the first that asks and the others a pool "
+        "address; give each its own (netboot machines set REF --fixed-ipv4 ..., PATCH "
+        "/api/v1/machines/REF)"), tuple(refs))
+        for address, refs in sorted(holders.items()) if len(refs) > 1])
 
 
 def advertised_address(config: Config, *, by_reach_told: bool = False) -> str:
@@ -798,6 +787,11 @@ class Service:
     _zone_serial: int = 0
     # The machines an older register command registered, named at the start and live.
     _older: OlderRegistrations = field(default_factory=OlderRegistrations)
+    # What stands that the operator must fix (netboot.standing): start-up's checks, kept
+    # and looked at again while this server runs, for GET /status and the dashboard.
+    standing: Standing = field(default_factory=Standing)
+    _newest: Machine | None = None  # the inventory's newest change at start (clock-behind)
+    _standing_next: float = 0.0  # when to look again (time.monotonic)
 
     @property
     def base_url(self) -> str:
@@ -985,7 +979,8 @@ class Service:
                 return
             log.info("inventory view loaded in %.1f s", time.monotonic() - started)
             await self.look_for_older_registrations(start=True)
-            warn_of_a_clock_behind(self.boot.held_machines() or [], time.time())
+            self._newest = newest(self.boot.held_machines() or ())
+            self.standing.set("clock-behind", [clock_behind(self._newest, time.time())])
             if self.view_loaded is not None:
                 self.view_loaded()
 
@@ -1112,8 +1107,30 @@ class Service:
         if start or older.due(registered, now):
             held = self.boot.held_machines()
             if held is not None:
-                warn_of_older_registrations(older.new(held, registered, now),
-                                            live=not start)
+                told = older_notice(older.new(held, registered, now), live=not start)
+                if told is not None:  # those not named before
+                    log.warning("%s", told.text)
+                self.standing.set("older-registrations", [older_notice(older.current)],
+                                  told=False)
+
+    async def look_again_at_what_stands(self) -> None:
+        """Every OLDER_LOOK_SECONDS: the clusters named alike and the rules' references (one
+        fixed since is no longer shown; one another server's older self wrote is), and,
+        while they stand, the clock that was behind at start, the profiles' files and the
+        shared fixed addresses (none can be written now: the API and the store refuse them)."""
+        now = time.monotonic()
+        if now < self._standing_next:
+            return
+        self._standing_next = now + OLDER_LOOK_SECONDS
+        standing, store = self.standing, self.store
+        if self._newest is not None and clock_behind(self._newest, time.time()) is None:
+            standing.set("clock-behind", ())
+        standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+        await warn_of_missing_rule_refs(self.config, store, standing)
+        if standing.holds("profile-files"):
+            await warn_of_unservable_profiles(store, standing)
+        if standing.holds("shared-fixed-ipv4"):
+            await warn_of_shared_fixed_addresses(store, standing)
 
     async def watch_once(self) -> None:
         """Sync the boot path's view (noticing an outage of the inventory and its end),
@@ -1124,6 +1141,7 @@ class Service:
         try:
             await self.boot.resync()
             await self.look_for_older_registrations()
+            await self.look_again_at_what_stands()
             stuck = stuck_writes(self.store)
             health.doubt(cannot_tell(self.store))
             if stuck is not None:  # reads answer, writes would each fail after a wait
@@ -1500,52 +1518,6 @@ def check_hostname_templates(config: Config) -> None:
                                   "{cluster}, {role} or {product}") from exc
 
 
-def warn_of_older_registrations(machines: Iterable[Machine], *, live: bool = False) -> None:
-    """After an upgrade: the machines an older register command registered, and the fix.
-    Told at every start, once the view is loaded (from memory: no read of the store), so
-    that the last server of a rolling upgrade names those its older self registered; and
-    ``live``, as another server still on an older version registers them (s42-ops)."""
-    from netboot.core import older_registrations
-
-    older = older_registrations(machines)
-    if older:
-        log.warning("%d registered machines were registered by an older netboot's register "
-                    "command%s (%s): they keep its weaker rules (a repeat registration from "
-                    "their address is answered without proof; those registered before "
-                    "session 37 report no new address at later boots) until reinstalled: "
-                    "netboot machines reinstall REF for each, when it may reinstall",
-                    len(older), " just now (a server of this inventory still runs an older "
-                    "version: upgrade it)" if live else "",
-                    ", ".join(m.hostname or m.ref for m in older[:5])
-                    + (", ..." if len(older) > 5 else ""))
-
-
-# How far behind the inventory's newest change the clock may start before it is told
-# (warn_of_a_clock_behind): two servers' clocks apart by NTP's usual error are not.
-CLOCK_BEHIND_TOLD = 300.0
-
-
-def warn_of_a_clock_behind(machines: Iterable[Machine], now: float) -> None:
-    """A clock behind the newest change of the inventory (a board without a real-time clock,
-    started before NTP set it): install tokens issued now expire when the clock is stepped
-    forward, before their installs end, and events written now are stamped in the past
-    (inventory.events_keep_days drops them early). Nothing said it (s41-attack); told at
-    start, once the view is loaded (from memory: no read of the store), with the fix."""
-    newest = max(machines, key=lambda m: m.updated, default=None)
-    if newest is None or newest.updated - now <= CLOCK_BEHIND_TOLD:
-        return
-    log.warning("the clock (%s) is %.0f s behind the inventory's newest change (%s, machine "
-                "%s): started before the time was set (no real-time clock, NTP not synced "
-                "yet)? Install tokens issued now expire once the clock is set forward, "
-                "before their installs end, and events written now are stamped in the past. "
-                "Start netboot once the time is synced (systemd: After=time-sync.target "
-                "with systemd-time-wait-sync enabled)",
-                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(now)),
-                newest.updated - now,
-                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(newest.updated)),
-                newest.ref)
-
-
 async def build(config: Config, *, app: bool = True) -> Service:
     """The service, its listeners not yet bound. ``app=False`` leaves aiohttp's application
     (and aiohttp's import) to :meth:`Service.start`, after the listeners answer: what
@@ -1564,10 +1536,16 @@ async def build(config: Config, *, app: bool = True) -> Service:
         grouping.check_groups(config.discovery.rules)
         check_hostname_templates(config)
         await check_default_profile(config, store)
-        await warn_of_missing_rule_refs(config, store)
-        await warn_of_unservable_profiles(store)
-        await warn_of_shared_fixed_addresses(store)
-        await warn_of_clusters_named_but_for_case(store)
+        if gone := await store.forget_stale_settings():
+            log.info("dropped %d settings no one reads: the refused claims of deleted "
+                     "machines, an older netboot's markers", gone)
+        # Start-up's checks of what an older netboot stored, here (the clock's and the older
+        # registrations' once the view is loaded): logged, and kept for GET /status.
+        standing = Standing()
+        await warn_of_missing_rule_refs(config, store, standing)
+        await warn_of_unservable_profiles(store, standing)
+        await warn_of_shared_fixed_addresses(store, standing)
+        standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).
@@ -1599,7 +1577,8 @@ async def build(config: Config, *, app: bool = True) -> Service:
         metrics.read_clock_skew(lambda: skew.seconds)
 
         def make_app() -> web.Application:
-            return web_app(config, core, events, metrics, devices, front, ids, plain, http_log)
+            return web_app(config, core, events, metrics, devices, front, ids, plain, http_log,
+                           standing)
 
         service = Service(config, store, core.enroller, core.boot, core.content,
                           make_app() if app else None, advertise,
@@ -1607,7 +1586,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
                           tls_source=lambda addresses: prepare_tls(config, advertise,
                                                                    sealer, addresses),
                           metrics=metrics, events=events, front=front, app_factory=make_app,
-                          clock_skew=skew)
+                          clock_skew=skew, standing=standing)
         core.enroller.server_addresses = service.server_addresses
     except BaseException:
         await store.close()
@@ -1638,7 +1617,7 @@ def _import_aiohttp_side() -> None:
 
 def web_app(config: Config, core: Core, events: EventBus, metrics: Metrics,
             devices: DeviceRoutes, front: FrontDoor, ids: RequestIds, plain: PlainHttp,
-            http_log: logging.Logger) -> web.Application:
+            http_log: logging.Logger, standing: Standing | None = None) -> web.Application:
     """aiohttp's application: the device routes (those the front door leaves), the API and
     the dashboard, under netboot's middlewares; the front door answers the installer's POSTs
     with the API's handlers from then on (until then they wait for aiohttp)."""
@@ -1674,7 +1653,7 @@ def web_app(config: Config, core: Core, events: EventBus, metrics: Metrics,
     app[OBSERVER_KEY] = metrics
     app[PLAIN_HTTP_KEY] = plain
     serve_devices(app, devices)
-    api = Api(core, clock=time.time, events=events)
+    api = Api(core, clock=time.time, events=events, standing=standing)
     api.add_to(app)
     front.take_reports(api, max_body=config.http.max_body_bytes,
                        max_event=config.http.max_event_bytes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Any
 
@@ -77,31 +78,88 @@ def test_claims_refused_against_an_earlier_registration_are_history() -> None:
 
 
 def test_a_machines_setting_merges_servers_and_stays_bounded() -> None:
-    """KeptClaims' setting (s42-ops): two servers' claims of one address merge to the most
-    tries any counted, the latest claim of an address wins, the merge is bounded as a
-    server's memory is (one-offs first), and a row refused against another registration,
-    or not one at all, or longer than PLACES, reads as nothing more than PLACES."""
+    """KeptClaims' setting (s42-ops): a server's claims of an address stored already add
+    only the tries it counted since its last write (``written`` of them are stored: two
+    servers' counts of one device's retries are their sum, not the most either counted:
+    s43-ops), the latest claim of an address wins, the merge is bounded as a server's
+    memory is (one-offs first), and a row refused against another registration, or not one
+    at all, or longer than PLACES, reads as nothing more than PLACES."""
     from netboot.claims import PLACES, Held, decoded, encoded, merged, registration_of
 
     against = registration_of(M)
-    a = [Held("192.0.2.7", "c" * 64, 3, 1.0, 30.0, against)]
-    b = [Held("192.0.2.7", "c" * 64, 2, 0.5, 40.0, against),
+    stored = [Held("192.0.2.7", "c" * 64, 3, 1.0, 30.0, against)]  # A's 3 tries, written
+    b = [Held("192.0.2.7", "c" * 64, 2, 0.5, 40.0, against),  # B's 2, none written
          Held("192.0.2.8", "d" * 64, 1, 5.0, 5.0, against)]
-    both = merged(a, b)
-    assert [(h.peer, h.tries, h.first, h.last) for h in both] == [
-        ("192.0.2.8", 1, 5.0, 5.0), ("192.0.2.7", 3, 0.5, 40.0)]
-    assert a[0].tries == 3 and b[0].first == 0.5  # the sources are not changed
+    both = merged(stored, b)
+    assert [(h.peer, h.tries, h.first, h.last, h.written) for h in both] == [
+        ("192.0.2.8", 1, 5.0, 5.0, 0), ("192.0.2.7", 5, 0.5, 40.0, 0)]
+    assert stored[0].tries == 3 and b[0].first == 0.5  # the sources are not changed
+    # B wrote its 2, then counted a third: only that one is added again.
+    again = merged(both, [replace(b[0], tries=3, written=2, last=50.0)])
+    assert [h.tries for h in again if h.peer == "192.0.2.7"] == [6]
     newer = merged(both, [Held("192.0.2.7", "e" * 64, 1, 50.0, 50.0, against)])
-    assert [h.claim for h in newer if h.peer == "192.0.2.7"] == ["e" * 64]
+    assert [(h.claim, h.tries) for h in newer if h.peer == "192.0.2.7"] == [("e" * 64, 1)]
+    older = merged(both, [Held("192.0.2.7", "f" * 64, 4, 2.0, 2.0, against)])
+    assert [h.claim for h in older if h.peer == "192.0.2.7"] == ["c" * 64]
     flood = [Held(f"198.51.100.{i}", f"{i:064x}", 1, i, i, against) for i in range(100)]
-    kept = merged(a, flood)
-    assert len(kept) == PLACES and a[0].claim in [h.claim for h in kept]
+    kept = merged(stored, flood)
+    assert len(kept) == PLACES and stored[0].claim in [h.claim for h in kept]
     text = encoded(against, kept)
     assert decoded(text, against) == kept
     assert decoded(text, registration_of(registered("m", since=2.0))) == []
     assert decoded("{not json", against) == [] and decoded(None, against) == []
     assert decoded('{"against": [1, 2], "held": 7}', against) == []
     assert len(decoded(encoded(against, flood), against)) == PLACES
+
+
+async def test_a_servers_writes_add_its_new_tries_once_and_a_deleted_machines_row_goes(
+        ) -> None:
+    """Two KeptClaims on one store (two servers): the device's tries through each add up in
+    the setting, each write adding only those not written before, and every server lists
+    the sum (the most either counted was shown: s43-ops). A machine deleted while a server
+    writes its claims (after its read of the machine, before its write) leaves no row: the
+    writer removes what the delete's transaction could not see."""
+    from netboot.claims import SETTING, KeptClaims
+    from netboot.inventory.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.open()
+    machine = registered("m-1")
+    await store.create_machine(machine)
+    now = [100.0]
+    a, b = (KeptClaims(RefusedClaims(), store, clock=lambda: now[0], every=5.0)
+            for _ in range(2))
+    claim = "c" * 64
+    for tries, (server, other) in enumerate(((a, b), (b, a), (a, b), (b, a), (a, b)), 1):
+        server.refused(machine, "192.0.2.7", claim, now[0])
+        await asyncio.sleep(0)
+        # A try 10 s after the last (the device's retries) is written at once, not
+        # WRITE_EVERY later: the other server lists it already.
+        assert [h.tries for h in await other.held(machine)] == [tries]
+        now[0] += 10.0
+    await a.close()
+    await b.close()
+    assert [h.tries for h in await a.held(machine)] == [5]
+    assert [h.tries for h in await b.held(machine)] == [5]
+    assert [h.tries for h in await KeptClaims(RefusedClaims(), store).held(machine)] == [5]
+
+    class Deleting(MemoryStore):
+        """The machine deleted by another server just before the claims' write lands."""
+
+        async def claim_setting(self, key: str, value: str, *, replace: str | None = None
+                                ) -> str:
+            if await self.get_machine("m-2") is not None:
+                await self.delete_machine("m-2")
+            return await super().claim_setting(key, value, replace=replace)
+
+    racing = Deleting()
+    await racing.open()
+    doomed = registered("m-2")
+    await racing.create_machine(doomed)
+    writer = KeptClaims(RefusedClaims(), racing, clock=lambda: now[0])
+    writer.refused(doomed, "192.0.2.7", claim, now[0])
+    await writer.close()
+    assert await racing.get_setting(SETTING + "m-2") is None
 
 
 async def test_a_machines_kept_claims_written_are_no_change_a_view_holds(tmp_path: Any) -> None:

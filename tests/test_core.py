@@ -792,55 +792,6 @@ async def test_a_cluster_named_as_another_but_for_case_is_refused() -> None:
     await core.put("clusters", {"name": "edge", **external, "description": "x"}, create=False)
 
 
-async def test_clusters_named_alike_but_for_case_already_stored_are_told_at_start(
-        caplog: pytest.LogCaptureFixture) -> None:
-    """Clusters differing only by case stored before the 409 above (s41-attack's leftover)
-    were kept with nothing said, their nodes still sent to one DNS name answering the servers
-    of both: start-up names them and the fix; a store without such names says nothing."""
-    from netboot.inventory.memory import MemoryStore
-    from netboot.model import Cluster
-    from netboot.service import warn_of_clusters_named_but_for_case
-
-    store = MemoryStore()
-    await store.open()
-    for name in ("edge", "edge2", "core"):
-        await store.put_cluster(Cluster(name=name), create=True)
-    caplog.clear()
-    await warn_of_clusters_named_but_for_case(store)
-    assert not caplog.records
-    for name in ("Edge", "EDGE2"):  # written as an older netboot took them
-        await store.put_cluster(Cluster(name=name), create=True)
-    caplog.clear()
-    await warn_of_clusters_named_but_for_case(store)
-    told = [r.getMessage() for r in caplog.records]
-    assert len(told) == 2, told
-    assert told[0].startswith("clusters Edge, edge are named alike but for case")
-    assert "edge.<zone>" in told[0] and "netboot clusters rm NAME" in told[0]
-    assert told[1].startswith("clusters EDGE2, edge2 ")
-
-
-def test_a_clock_behind_the_inventorys_newest_change_is_told_at_start(
-        caplog: pytest.LogCaptureFixture) -> None:
-    """A server started before its clock was set (a board without a real-time clock, NTP not
-    synced) issued install tokens that expired once the clock stepped forward and stamped
-    events in the past, with nothing said (s41-attack's leftover): start-up tells it when
-    the clock is behind the newest change it loaded; a clock in step says nothing."""
-    from netboot.service import CLOCK_BEHIND_TOLD, warn_of_a_clock_behind
-
-    now = 1_800_000_000.0
-    machines = [Machine(macs=(MacAddress.parse(f"52:54:00:00:43:0{i}"),), updated=now - i)
-                for i in range(3)]
-    caplog.clear()
-    warn_of_a_clock_behind(machines, now)
-    warn_of_a_clock_behind(machines, now + 3600)  # a server stopped an hour: nothing
-    warn_of_a_clock_behind([], now)
-    assert not caplog.records
-    warn_of_a_clock_behind(machines, now - CLOCK_BEHIND_TOLD - 86400)
-    told = [r.getMessage() for r in caplog.records]
-    assert len(told) == 1 and "behind the inventory's newest change" in told[0], told
-    assert "52:54:00:00:43:00" in told[0] and "time-sync.target" in told[0], told
-
-
 async def test_an_id_names_its_machine_whatever_another_hostname_spells() -> None:
     """A hostname spelled as another machine's id (``m-`` and 12 hex digits: a valid
     hostname, which an enroll token may give) made that id a 409 on every {ref} route and

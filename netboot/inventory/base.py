@@ -39,6 +39,13 @@ SORT_KEYS = ("mac", "hostname", "state", "cluster", "updated", "created", "state
 # view neither holds them nor takes their writes (a flood's, every few seconds) for a
 # change of what its decisions read (s42-ops).
 REFUSED_CLAIMS = "refused-claims/"
+# Where those keys end, for a range scan of them by the primary key (SQLite's LIKE folds
+# case and does not use the index): '/' + 1.
+REFUSED_CLAIMS_END = "refused-claims0"
+# Settings an earlier netboot wrote that none reads now, dropped at a server's start
+# (Store.forget_stale_settings): the marker that once stopped the older-registrations look
+# for good (s40-ops; unread since s41-ops).
+STALE_SETTINGS = ("older_registrations_none",)
 # A sort key that is no column: its SQL (SQLite's, PostgreSQL's), the time a machine came
 # into its state (Machine.in_state_since: ``state_since``, else ``created``).
 SINCE_SQLITE = "COALESCE(json_extract(m.data, '$.state_since'), m.created)"
@@ -510,6 +517,16 @@ class Store(ChangeFeed, StateCounts, Protocol):
         """Set ``key`` to ``value`` only if it is unset, or (``replace``) holds exactly that
         value: one atomic step. Returns what the key holds afterwards, so the caller learns
         whether it won (``value``) or who did. Two servers claiming at once: one wins."""
+
+    async def delete_setting(self, key: str) -> None:
+        """No error if absent. A machine's refused claims (:data:`REFUSED_CLAIMS` + its id)
+        go with it in :meth:`delete_machine`'s transaction, not by this."""
+
+    async def forget_stale_settings(self) -> int:
+        """Drop the settings no one reads any more, in one transaction: the refused claims
+        of machines that are gone (written by a server as another deleted the machine, or
+        left by a netboot before s43-ops, whose deletes kept them) and
+        :data:`STALE_SETTINGS`. How many went. A server's start-up pass."""
 
     # API tokens (only their sha256) and the audit log ----------------------------------
     async def create_token(self, token: ApiToken) -> None:

@@ -22,6 +22,8 @@ from netboot.errors import Conflict, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    REFUSED_CLAIMS,
+    STALE_SETTINGS,
     Batch,
     Changes,
     EventListener,
@@ -185,6 +187,7 @@ class MemoryStore:
         self._events.pop(machine_id, None)
         for mac in machine.macs:
             self._drop_lease(str(mac))
+        self._settings.pop(REFUSED_CLAIMS + machine_id, None)  # as SQL's, in its commit
 
     @staticmethod
     def _release(machines: dict[str, Machine], keys: dict[tuple[str, str], str],
@@ -446,6 +449,20 @@ class MemoryStore:
             await self.put_setting(key, value)
             return value
         return current
+
+    async def delete_setting(self, key: str) -> None:
+        self._changed()
+        self._check_open()
+        self._settings.pop(key, None)
+
+    async def forget_stale_settings(self) -> int:
+        self._changed()
+        self._check_open()
+        stale = [k for k in self._settings if k in STALE_SETTINGS or (
+            k.startswith(REFUSED_CLAIMS) and k[len(REFUSED_CLAIMS):] not in self._machines)]
+        for key in stale:
+            del self._settings[key]
+        return len(stale)
 
     # change feed ---------------------------------------------------------------------
     @property

@@ -83,7 +83,10 @@ from netboot.errors import (
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    REFUSED_CLAIMS,
+    REFUSED_CLAIMS_END,
     SINCE_POSTGRES,
+    STALE_SETTINGS,
     Batch,
     Changes,
     EventListener,
@@ -1874,6 +1877,9 @@ class PostgresStore:
             await conn.execute("DELETE FROM events WHERE machine = $1", machine_id)
             await conn.execute("DELETE FROM leases WHERE mac = ANY($1::text[])",
                                [r[0] for r in macs])
+            # Its refused claims (claims.KeptClaims), read by no one once it is gone.
+            await conn.execute("DELETE FROM settings WHERE key = $1",
+                               REFUSED_CLAIMS + machine_id)
 
     async def apply_batch(self, batch: Batch) -> None:
         """One transaction: merges, creates, updates, events in order."""
@@ -2308,6 +2314,21 @@ class PostgresStore:
             await conn.execute(
                 "INSERT INTO settings (key, value) VALUES ($1, $2)"
                 " ON CONFLICT (key) DO UPDATE SET value = excluded.value", key, value)
+
+    async def delete_setting(self, key: str) -> None:
+        async with self._write() as conn:
+            await conn.execute("DELETE FROM settings WHERE key = $1", key)
+
+    async def forget_stale_settings(self) -> int:
+        async with self._write() as conn:
+            # A range of the primary key (COLLATE "C"): the rows of machines ever contested.
+            gone = await conn.fetchval(
+                "WITH gone AS (DELETE FROM settings WHERE (key >= $1 AND key < $2"
+                " AND NOT EXISTS (SELECT 1 FROM machines m WHERE m.id = substr(settings.key, $3)))"
+                " OR key = ANY($4::text[]) RETURNING 1) SELECT count(*) FROM gone",
+                REFUSED_CLAIMS, REFUSED_CLAIMS_END, len(REFUSED_CLAIMS) + 1,
+                list(STALE_SETTINGS))
+            return int(gone)
 
     # API tokens and the audit log ------------------------------------------------------
     async def create_token(self, token: ApiToken) -> None:

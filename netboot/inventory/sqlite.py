@@ -68,7 +68,10 @@ from netboot.errors import (
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    REFUSED_CLAIMS,
+    REFUSED_CLAIMS_END,
     SINCE_SQLITE,
+    STALE_SETTINGS,
     Batch,
     Changes,
     EventListener,
@@ -1399,6 +1402,12 @@ class SqliteStore:
             raise ValidationError("value", "a setting is a string")
         await self._run(_put_setting, key, value)
 
+    async def delete_setting(self, key: str) -> None:
+        await self._run(_delete_setting, key)
+
+    async def forget_stale_settings(self) -> int:
+        return await self._run(_forget_stale_settings)
+
     # API tokens and the audit log ------------------------------------------------------
     async def create_token(self, token: ApiToken) -> None:
         await self._run(_create_token, codec.token_from_dict(codec.token_to_dict(token)))
@@ -1860,6 +1869,8 @@ def _delete_machine(conn: sqlite3.Connection, machine_id: str,
             raise NotFound(f"machine {machine_id} not found")
         conn.execute("DELETE FROM events WHERE machine = ?", (machine_id,))
         conn.executemany("DELETE FROM leases WHERE mac = ?", ((m,) for m in macs))
+        # Its refused claims (claims.KeptClaims), read by no one once it is gone.
+        conn.execute("DELETE FROM settings WHERE key = ?", (REFUSED_CLAIMS + machine_id,))
 
 
 def _apply_batch(
@@ -2632,6 +2643,22 @@ def _put_setting(conn: sqlite3.Connection, key: str, value: str) -> None:
         " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (key, value),
     )
+
+
+def _delete_setting(conn: sqlite3.Connection, key: str) -> None:
+    with _immediate(conn):
+        conn.execute("DELETE FROM settings WHERE key = ?", (key,))
+
+
+def _forget_stale_settings(conn: sqlite3.Connection) -> int:
+    with _immediate(conn):
+        # A range of the primary key: the rows of machines ever contested, not the table.
+        gone = conn.execute(
+            "DELETE FROM settings WHERE key >= ? AND key < ? AND NOT EXISTS"
+            " (SELECT 1 FROM machines m WHERE m.id = substr(settings.key, ?))",
+            (REFUSED_CLAIMS, REFUSED_CLAIMS_END, len(REFUSED_CLAIMS) + 1)).rowcount
+        return int(gone + conn.executemany("DELETE FROM settings WHERE key = ?",
+                                           ((k,) for k in STALE_SETTINGS)).rowcount)
 
 
 

@@ -1004,6 +1004,38 @@ async def test_settings(store: Store) -> None:
     await store.put_setting("other", "")
     assert await store.get_setting("admin_token") == "h2"
     assert await store.get_setting("other") == ""
+    await store.delete_setting("admin_token")
+    await store.delete_setting("never-set")  # no error
+    assert await store.get_setting("admin_token") is None
+    assert await store.get_setting("other") == ""
+
+
+async def test_a_machines_refused_claims_go_with_it_and_stale_settings_at_a_start(
+        store: Store) -> None:
+    """A deleted machine's refused claims (REFUSED_CLAIMS + its id, claims.KeptClaims)
+    stayed, read by no one: the store had no setting delete (s42-ops). Now its delete
+    removes them in its transaction; forget_stale_settings (a server's start) drops those
+    of machines already gone and the marker an earlier netboot wrote, and keeps a live
+    machine's and every other setting."""
+    from netboot.inventory.base import REFUSED_CLAIMS
+
+    gone, kept = Machine(macs=(MacAddress.parse(MAC1),)), Machine(macs=(MacAddress.parse(MAC2),))
+    await store.apply_batch(Batch(create=(gone, kept)))
+    for m in (gone, kept):
+        await store.put_setting(REFUSED_CLAIMS + m.id, "{}")
+    await store.put_setting(REFUSED_CLAIMS + "m-deleted-before", "{}")
+    await store.put_setting("older_registrations_none", "1")
+    await store.put_setting("refused-claimsx", "not a machine's")
+    await store.put_setting("cluster-init/c", gone.id)
+    await store.delete_machine(gone.id)
+    assert await store.get_setting(REFUSED_CLAIMS + gone.id) is None
+    assert await store.get_setting(REFUSED_CLAIMS + kept.id) == "{}"
+    assert await store.forget_stale_settings() == 2
+    assert await store.get_setting(REFUSED_CLAIMS + "m-deleted-before") is None
+    assert await store.get_setting("older_registrations_none") is None
+    for key in (REFUSED_CLAIMS + kept.id, "refused-claimsx", "cluster-init/c"):
+        assert await store.get_setting(key) is not None
+    assert await store.forget_stale_settings() == 0
 
 
 # --- lifecycle -------------------------------------------------------------------------------

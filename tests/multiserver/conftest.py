@@ -165,6 +165,19 @@ class Pair:
         return f"--- {self.a.name}\n{self.a.log()}\n--- {self.b.name}\n{self.b.log()}"
 
 
+async def netboot_cli(config: Path, *args: str) -> tuple[int, str, str]:
+    """``netboot ARGS --config CONFIG`` as its own process, no token nor --server: on the
+    database the config names. Its exit code, stdout and stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "netboot", *args, "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("NETBOOT_")},
+             "PYTHONPATH": str(ROOT)})
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 def server_config(tmp: Path, name: str, inventory: Inventory, extra: str = "") -> Server:
     where = tmp / name
     config = write_config(where, f"inventory:\n{inventory.lines}{extra}",

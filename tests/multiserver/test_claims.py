@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import secrets
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,7 +15,7 @@ from typing import Any
 from netboot.claims import PLACES
 from netboot.enroll import CONTEST_BURST
 from tests.conftest import install_token
-from tests.multiserver.conftest import ROOT, Pair, Server
+from tests.multiserver.conftest import Pair, Server, netboot_cli
 from tests.multiserver.test_pair import MAC, seed
 from tests.test_api import _register_from
 
@@ -45,15 +43,7 @@ async def listed_until(pair: Pair, server: Server, claim: str) -> list[dict[str,
 async def cli(server: Server, *args: str) -> tuple[int, str, str]:
     """``netboot machines claim MAC ARGS`` as its own process, with ``server``'s config and
     no token nor --server: on the database, as every other command."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netboot", "machines", "claim", MAC, *args,
-        "--config", str(server.config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
-        env={**{k: v for k, v in os.environ.items() if not k.startswith("NETBOOT_")},
-             "PYTHONPATH": str(ROOT)})
-    out, err = await asyncio.wait_for(proc.communicate(), 120)
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return await netboot_cli(server.config, "machines", "claim", MAC, *args)
 
 
 async def test_a_claim_refused_by_a_is_listed_and_given_by_b_and_outlives_a_restart(
@@ -140,3 +130,71 @@ async def test_the_cli_names_the_database_not_a_server_that_is_not_there(
     rc, out, err = await cli(pair.b, claim)
     assert rc == 0 and "is given to the install" in out, (rc, out, err)
     assert await register_from(pair.a, "127.0.0.7", {**body, "install_secret": device}) == 200
+
+
+async def tries_until(pair: Pair, server: Server, claim: str, tries: int) -> list[dict[str, Any]]:
+    """``server``'s GET .../claims once ``claim`` is listed with ``tries`` (polled, bounded at
+    30 s: each server writes its counts within claims.WRITE_EVERY)."""
+    listed: list[dict[str, Any]] = []
+    for _ in range(60):
+        listed = await pair.call(server, "GET", f"/api/v1/machines/{MAC}/claims", status=200)
+        if [k["tries"] for k in listed if k["claim"] == claim] == [tries]:
+            return listed
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{server.name} never listed {claim} tried {tries}: {listed}")
+
+
+async def test_a_devices_tries_through_both_servers_add_up_and_go_with_its_machine(
+        pair: Pair) -> None:
+    """The device's register command retries its one secret; its tries reach one server or
+    the other. Each server counted its own and the setting kept the most either counted:
+    four tries, two through each, were listed as 2 (s42-ops' note). Now both servers and the
+    CLI on the database list 4. Deleting the machine removes its refused-claims row (it
+    stayed, read by no one: the store had no setting delete), and a server's start drops
+    the rows of machines already gone and the older_registrations_none marker an earlier
+    netboot wrote, a live machine's row kept."""
+    from netboot.claims import SETTING
+    from netboot.config import load
+    from netboot.service import open_inventory
+
+    await seed(pair, pair.a)
+    made = await pair.call(pair.a, "POST", "/api/v1/machines", body={"mac": MAC}, status=201)
+    token = install_token(await pair.boot(pair.a, MAC))
+    body = {"mac": MAC, "token": token, "addresses": ["198.51.100.6"],
+            "keeps": "machine_token"}
+    assert await register_from(pair.a, "127.0.0.66", {**body, "install_secret": "h"}) == 200
+    device = "device-" + secrets.token_hex(8)
+    claim = hashlib.sha256(device.encode()).hexdigest()
+    for server in (pair.a, pair.b, pair.a, pair.b):
+        assert await register_from(server, "127.0.0.7",
+                                   {**body, "install_secret": device}) == 409
+    for server in (pair.a, pair.b):
+        await tries_until(pair, server, claim, 4)
+    rc, out, err = await cli(pair.b, "--json")
+    assert rc == 0, err
+    assert [k["tries"] for k in json.loads(out) if k["claim"] == claim] == [4], out
+
+    store, _ = await open_inventory(load(pair.a.config, env={}))
+    try:
+        assert await store.get_setting(SETTING + made["id"]) is not None
+        await pair.call(pair.b, "DELETE", f"/api/v1/machines/{MAC}", status=204)
+        assert await store.get_setting(SETTING + made["id"]) is None
+        # Rows a netboot before this one left: a deleted machine's, the old marker; and a
+        # live machine's, kept.
+        other = await pair.call(pair.a, "POST", "/api/v1/machines",
+                                body={"mac": "52:54:00:42:00:09"}, status=201)
+        await store.put_setting(SETTING + "m-gone", '{"against": [1, null], "held": []}')
+        await store.put_setting(SETTING + other["id"], '{"against": [1, null], "held": []}')
+        await store.put_setting("older_registrations_none", "1")
+    finally:
+        await store.close()
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, pair.a.stop)
+    await loop.run_in_executor(None, pair.a.start)
+    store, _ = await open_inventory(load(pair.a.config, env={}))
+    try:
+        assert await store.get_setting(SETTING + "m-gone") is None
+        assert await store.get_setting("older_registrations_none") is None
+        assert await store.get_setting(SETTING + other["id"]) is not None
+    finally:
+        await store.close()

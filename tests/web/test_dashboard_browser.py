@@ -588,3 +588,46 @@ async def test_a_machine_stuck_on_a_template_error_says_so_in_the_list_and_its_t
     await env.service.enroller.recorder.flush()
     await expect(page.locator("li", has_text="rendered again")).to_contain_text(
         "its iPXE script rendered again")
+
+
+async def test_an_older_registration_is_a_warning_on_every_page_until_it_is_reinstalled(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """A machine an older register command registered (a rolling upgrade: another server,
+    still older, registered it while this one runs) was named in the server's log only
+    (s42-ops). Now the page open on another view shows it live, by the event stream, with
+    the fix; a page loaded afresh shows it (GET /status); reinstalled, it goes."""
+    from netboot.model import MachineState
+
+    env = await make_env()
+    await env.seed()
+    mac = "52:54:00:aa:00:51"
+    page = await logged_in(browser, env, shots)
+    banner = page.locator("#warnings")
+    await expect(banner).to_be_hidden()
+    await page.goto(url(env, "/#/profiles"))  # a page that asks nothing of the status itself
+    await expect(page.locator("#live")).to_have_text("live")
+    await env.service.boot.load_view()  # the service's start does (the test's env does not)
+    made = await env.post("/api/v1/machines", {"mac": mac, "hostname": "older-1"}, status=201)
+    store = env.service.store
+    machine = await store.get_machine(made["id"])
+    assert machine is not None  # registered as an older server's register command does
+    await store.update_machine(replace(machine, state=MachineState.REGISTERED,
+                                       ipv4="192.0.2.61", secret_hash=None))
+    await env.service.watch_once()  # the watcher's round (the test's env runs none)
+    await expect(banner).to_contain_text("older-1", timeout=25_000)
+    await expect(banner).to_contain_text("netboot machines reinstall REF")
+    await shots(page, "older-registration-live")
+    await page.reload()
+    await expect(page.locator("#live")).to_have_text("live")
+    await expect(banner).to_contain_text("1 registered machines were registered by an older")
+    await page.goto(url(env, "/#/"))
+    await expect(banner).to_contain_text("older-1")
+    await shots(page, "older-registration-machines-page")
+    await env.post(f"/api/v1/machines/{mac}/reinstall", {}, status=200)
+    for _ in range(60):  # bounded at 30 s: a look every OLDER_LOOK_SECONDS at most
+        await env.service.watch_once()
+        if not env.service.standing.as_list():
+            break
+        await asyncio.sleep(0.5)
+    await expect(banner).to_be_hidden(timeout=25_000)
+    await shots(page, "older-registration-reinstalled")

@@ -114,6 +114,17 @@ function inventoryHealth(inventory) {
   el.textContent = bad ? `Inventory ${inventory.state}: ${inventory.detail || ""}` : "";
 }
 
+function standingWarnings(warnings) {
+  // What stands that the operator must fix (GET /status's "warnings"; the event stream's
+  // "warnings" as it changes): machines an older register command registered, clusters
+  // named alike but for case, a clock behind the inventory. Only the log said them.
+  const el = document.getElementById("warnings");
+  const list = warnings || [];
+  el.hidden = !list.length;
+  el.replaceChildren(...list.map((w) => h("div", {class: "warning", dataset: {kind: w.kind}},
+    w.message)));
+}
+
 function failed(err) {
   notice(err instanceof ApiError && err.body && err.body.field
     ? `${err.body.field}: ${err.message}` : err.message, "error");
@@ -174,6 +185,7 @@ function connect() {
     if (view && view.onEvent) view.onEvent(ev);
   });
   source.addEventListener("inventory", (msg) => inventoryHealth(JSON.parse(msg.data)));
+  source.addEventListener("warnings", (msg) => standingWarnings(JSON.parse(msg.data)));
   source.addEventListener("missed", () => {
     if (view && view.onMissed) view.onMissed();
   });
@@ -238,6 +250,7 @@ function machinesView(root) {
   async function loadCounts() {
     const {data} = await api("GET", "/status");
     inventoryHealth(data.inventory);
+    standingWarnings(data.warnings);
     counts.replaceChildren(
       h("button", {class: `count${query.state === "" ? " active" : ""}`,
         onclick: () => { query.state = ""; stateSel.value = ""; query.offset = 0; load(); }},

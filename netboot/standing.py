@@ -1,0 +1,164 @@
+"""What stands against this inventory that its operator must fix, each with the fix (s43-ops).
+
+Start-up's checks of what an older netboot stored, or of the clock, were log lines only, said
+from three places (service.build, Service._load_view, the live look for older
+registrations): an operator who reads ``/status``, the dashboard or ``netboot status``
+rather than the log was never told, and a fixed one could not be seen to be gone. Here each
+is a :class:`Notice` decided from what it reads (pure: no I/O); :class:`Standing` holds
+those that stand now (the server's, by kind: each check replaces its own), logs each new one
+once, and is what ``GET /status`` (``warnings``), the event stream (``event: warnings``,
+the dashboard's banner) and the CLI (:func:`from_store`) show. Kinds:
+
+- ``clusters-alike``: clusters named alike but for case (stored before the 409, s41-attack);
+- ``clock-behind``: the clock behind the inventory's newest change (s41-attack);
+- ``older-registrations``: machines an older register command registered (s40-ops, s42-ops);
+- ``rule-refs``: an auto discovery rule's cluster or profile that does not exist (s37-user);
+- ``profile-files``: a profile's file as netboot no longer takes it (session 35);
+- ``shared-fixed-ipv4``: machines sharing a fixed address (stored before s40-net).
+
+The last three are decided where they read the store (service.warn_of_missing_rule_refs,
+warn_of_unservable_profiles, warn_of_shared_fixed_addresses), into the same Standing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from netboot.core import older_registrations
+from netboot.inventory.base import MachineFilter, Store
+from netboot.model import Machine, MachineState
+
+log = logging.getLogger("netboot.service")
+
+# How far behind the inventory's newest change the clock may be before it is told
+# (clock_behind): two servers' clocks apart by NTP's usual error are not.
+CLOCK_BEHIND_TOLD = 300.0
+# Machines named in a notice (all are counted).
+NAMED = 5
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """One thing that stands: its ``kind``, what it is and the fix (``text``, as logged),
+    and the names of what it is about (``refs``: machines, clusters)."""
+
+    kind: str
+    text: str
+    refs: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "message": self.text, "refs": list(self.refs)}
+
+
+def older_notice(older: Sequence[Machine], *, live: bool = False) -> Notice | None:
+    """The machines of ``older`` (core.older_registrations), and the fix. ``live``: named
+    as another server still on an older version registers them (a rolling upgrade)."""
+    if not older:
+        return None
+    names = [m.hostname or m.ref for m in older]
+    return Notice("older-registrations", (
+        f"{len(older)} registered machines were registered by an older netboot's register "
+        "command" + (" just now (a server of this inventory still runs an older version: "
+                     "upgrade it)" if live else "")
+        + f" ({', '.join(names[:NAMED])}{', ...' if len(older) > NAMED else ''}): they keep "
+        "its weaker rules (a repeat registration from their address is answered without "
+        "proof; those registered before session 37 report no new address at later boots) "
+        "until reinstalled: netboot machines reinstall REF for each, when it may reinstall"),
+        tuple(names))
+
+
+def clusters_alike(names: Iterable[str]) -> list[Notice]:
+    """Clusters whose names differ only by case, stored before a second such one was a 409
+    (s41-attack): one DNS name, ``<cluster>.<zone>``, which answers the servers of all of
+    them while the nodes of each are sent there (a node joins, or is refused by, another's
+    server). Kept as they are (removing one is the operator's call, and its machines')."""
+    named: dict[str, list[str]] = {}
+    for name in names:
+        named.setdefault(name.lower(), []).append(name)
+    return [Notice("clusters-alike", (
+        f"clusters {', '.join(sorted(alike))} are named alike but for case (stored by an "
+        f"older netboot): they are one DNS name, {lower}.<zone>, which answers the servers "
+        "of each, and the nodes of each are sent there, where they may join another's "
+        "server or be refused by it. Keep one: give the others' machines and groups a "
+        "cluster of another name (netboot clusters add NAME; netboot machines set REF "
+        "--cluster NAME), then remove them (netboot clusters rm NAME)"), tuple(sorted(alike)))
+        for lower, alike in sorted(named.items()) if len(alike) > 1]
+
+
+def newest(machines: Iterable[Machine]) -> Machine | None:
+    """The machine changed last (its ``updated``)."""
+    return max(machines, key=lambda m: m.updated, default=None)
+
+
+def clock_behind(newest: Machine | None, now: float) -> Notice | None:
+    """A clock behind the newest change of the inventory (a board without a real-time clock,
+    started before NTP set it): install tokens issued now expire when the clock is stepped
+    forward, before their installs end, and events written now are stamped in the past
+    (inventory.events_keep_days drops them early). None once the clock is within
+    :data:`CLOCK_BEHIND_TOLD` of it (set since: the notice is gone)."""
+    if newest is None or newest.updated - now <= CLOCK_BEHIND_TOLD:
+        return None
+    return Notice("clock-behind", (
+        f"the clock ({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(now))}) is "
+        f"{newest.updated - now:.0f} s behind the inventory's newest change "
+        f"({time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(newest.updated))}, machine "
+        f"{newest.ref}): started before the time was set (no real-time clock, NTP not synced "
+        "yet)? Install tokens issued now expire once the clock is set forward, before their "
+        "installs end, and events written now are stamped in the past. Start netboot once "
+        "the time is synced (systemd: After=time-sync.target with systemd-time-wait-sync "
+        "enabled)"), (newest.ref,))
+
+
+class Standing:
+    """The notices that stand for this server, by kind (each check replaces its kind's),
+    each new one logged once as a warning. ``version`` moves whenever what
+    :meth:`as_list` gives changes (the event stream sends it again then)."""
+
+    __slots__ = ("_by_kind", "_told", "version")
+
+    def __init__(self, *, told: bool = True) -> None:
+        self._by_kind: dict[str, tuple[Notice, ...]] = {}
+        self._told = told  # false: none logged (the CLI prints them)
+        self.version = 0
+
+    def set(self, kind: str, notices: Iterable[Notice | None], *, told: bool = True) -> None:
+        """Those of ``kind`` that stand now; the new ones logged (``told`` false: kept
+        quiet, said otherwise)."""
+        now = tuple(n for n in notices if n is not None)
+        before = self._by_kind.get(kind, ())
+        if now == before:
+            return
+        if told and self._told:
+            for notice in now:
+                if notice not in before:
+                    log.warning("%s", notice.text)
+        if now:
+            self._by_kind[kind] = now
+        else:
+            self._by_kind.pop(kind, None)
+        self.version += 1
+
+    def holds(self, kind: str) -> bool:
+        """Whether any notice of ``kind`` stands."""
+        return kind in self._by_kind
+
+    def as_list(self) -> list[dict[str, Any]]:
+        """Every notice that stands, by kind (GET /status's ``warnings``)."""
+        return [n.as_dict() for kind in sorted(self._by_kind) for n in self._by_kind[kind]]
+
+
+async def from_store(store: Store, now: float, standing: Standing) -> None:
+    """What a server decides from its loaded view, read from the store into ``standing``
+    (``netboot status`` on the database, no server asked): the registered machines read
+    once, the clusters, the newest change."""
+    registered = await store.count_machines(MachineFilter(state=MachineState.REGISTERED))
+    older = older_registrations(await store.list_machines(MachineFilter(
+        state=MachineState.REGISTERED, limit=registered + 100))) if registered else []
+    last = await store.list_machines(MachineFilter(sort="updated", descending=True, limit=1))
+    standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+    standing.set("clock-behind", [clock_behind(newest(last), now)])
+    standing.set("older-registrations", [older_notice(older)])

@@ -1,0 +1,105 @@
+"""netboot.standing: what stands that the operator must fix, said once and shown (s43-ops)."""
+
+from __future__ import annotations
+
+import pytest
+
+from netboot.model import Cluster, MacAddress, Machine, MachineState
+from netboot.standing import (
+    CLOCK_BEHIND_TOLD,
+    Standing,
+    clock_behind,
+    clusters_alike,
+    from_store,
+    newest,
+    older_notice,
+)
+
+
+async def test_clusters_named_alike_but_for_case_already_stored_are_told_at_start(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Clusters differing only by case stored before the 409 (s41-attack's leftover) were
+    kept with nothing said, their nodes still sent to one DNS name answering the servers of
+    both: start-up names them and the fix (once: a look again at the same says nothing more;
+    gone once fixed); a store without such names says nothing."""
+    standing = Standing()
+    caplog.clear()
+    standing.set("clusters-alike", clusters_alike(["edge", "edge2", "core"]))
+    assert not caplog.records and standing.as_list() == [] and standing.version == 0
+    alike = ["edge", "edge2", "core", "Edge", "EDGE2"]  # written as an older netboot took them
+    standing.set("clusters-alike", clusters_alike(alike))
+    standing.set("clusters-alike", clusters_alike(reversed(alike)))  # the same: not again
+    told = [r.getMessage() for r in caplog.records]
+    assert len(told) == 2, told
+    assert told[0].startswith("clusters Edge, edge are named alike but for case")
+    assert "edge.<zone>" in told[0] and "netboot clusters rm NAME" in told[0]
+    assert told[1].startswith("clusters EDGE2, edge2 ")
+    shown = standing.as_list()
+    assert [(w["kind"], w["refs"], w["message"]) for w in shown] == [
+        ("clusters-alike", ["Edge", "edge"], told[0]), ("clusters-alike", ["EDGE2", "edge2"],
+                                                       told[1])]
+    version = standing.version
+    standing.set("clusters-alike", clusters_alike(["edge", "edge2", "core"]))  # fixed
+    assert standing.as_list() == [] and standing.version > version
+
+
+def test_a_clock_behind_the_inventorys_newest_change_is_told_at_start(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A server started before its clock was set (a board without a real-time clock, NTP not
+    synced) issued install tokens that expired once the clock stepped forward and stamped
+    events in the past, with nothing said (s41-attack's leftover): start-up tells it when
+    the clock is behind the newest change it loaded; a clock in step says nothing."""
+    now = 1_800_000_000.0
+    machines = [Machine(macs=(MacAddress.parse(f"52:54:00:00:43:0{i}"),), updated=now - i)
+                for i in range(3)]
+    last = newest(machines)
+    assert last is machines[0] and newest([]) is None
+    assert clock_behind(last, now) is None
+    assert clock_behind(last, now + 3600) is None  # a server stopped an hour: nothing
+    assert clock_behind(None, now) is None
+    told = clock_behind(last, now - CLOCK_BEHIND_TOLD - 86400)
+    assert told is not None and told.kind == "clock-behind"
+    assert "behind the inventory's newest change" in told.text
+    assert "52:54:00:00:43:00" in told.text and "time-sync.target" in told.text
+    standing = Standing()
+    caplog.clear()
+    standing.set("clock-behind", [told])
+    assert [r.getMessage() for r in caplog.records] == [told.text]
+    standing.set("clock-behind", [clock_behind(last, now)])  # set since: gone
+    assert standing.as_list() == []
+
+
+def test_older_registrations_are_named_with_the_fix_five_at_most() -> None:
+    """The machines an older register command registered: counted, five named, the fix; live
+    ones say a server still runs an older version."""
+    older = [Machine(hostname=f"older-{i}", state=MachineState.REGISTERED) for i in range(7)]
+    assert older_notice([]) is None
+    notice = older_notice(older)
+    assert notice is not None and notice.refs == tuple(f"older-{i}" for i in range(7))
+    assert notice.text.startswith("7 registered machines were registered by an older")
+    assert "older-4, ..." in notice.text and "older-5" not in notice.text
+    assert "netboot machines reinstall REF" in notice.text and "just now" not in notice.text
+    live = older_notice(older[:1], live=True)
+    assert live is not None and "just now" in live.text and "older-0)" in live.text
+
+
+async def test_the_cli_reads_what_stands_from_the_inventory() -> None:
+    """``netboot status`` has no server to ask: the same notices from the store."""
+    from netboot.inventory.memory import MemoryStore
+
+    store = MemoryStore()
+    await store.open()
+    standing = Standing(told=False)
+    await from_store(store, 1_800_000_000.0, standing)
+    assert standing.as_list() == []
+    for name in ("edge", "Edge"):
+        await store.put_cluster(Cluster(name=name), create=True)
+    await store.create_machine(Machine(hostname="older-1", state=MachineState.REGISTERED,
+                                       macs=(MacAddress.parse("52:54:00:00:43:09"),),
+                                       updated=1_800_000_000.0))
+    await store.create_machine(Machine(hostname="new-1", state=MachineState.REGISTERED,
+                                       secret_hash="00" * 32, updated=1_700_000_000.0))
+    await from_store(store, 1_700_000_000.0, standing)
+    assert [(n["kind"], n["refs"]) for n in standing.as_list()] == [
+        ("clock-behind", ["52:54:00:00:43:09"]), ("clusters-alike", ["Edge", "edge"]),
+        ("older-registrations", ["older-1"])]
