@@ -683,6 +683,81 @@ async def test_other_machines_added_leave_a_cached_answer(env: Env) -> None:
     assert env.server.answered_again == before + 1
 
 
+async def stale(env: Env) -> None:
+    """A commit through this process's store that names none of MAC's identifiers (what a
+    group commit of other machines' records is): the view is not fresh until it syncs, and
+    the next decision syncs first, in a task (BootService._first_stage_started)."""
+    await env.store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:0a:07"),)))
+    assert not env.boot._view.fresh(boot.DHCP_VIEW_AGE)
+
+
+async def test_a_repeat_decided_after_the_views_sync_keeps_its_answer(env: Env) -> None:
+    """Every commit of this process (each group commit of a storm's records) leaves the view
+    not fresh until a sync: the DISCOVERs that met it were decided in a task after the sync
+    and answered, but their answers were not kept, and each NIC's next repeat was decided in
+    full again (s42-dhcp). Now the answer is kept, with the guard taken at the decision:
+    the next repeat is answered from the cache, and writes nothing."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    await cached(env)
+    await env.settle()
+    await stale(env)
+    offers = env.server.summary.counts["proxy OFFER"]
+    before = env.server.answered_again
+    offer = await env.offer(300)  # decided in a task, after the sync
+    assert offer is not None and offer.file_name == "snponly.efi" and offer.xid == 300
+    assert env.server.answered_again == before
+    again = await env.offer(301)
+    assert again is not None and again.file_name == "snponly.efi" and again.xid == 301
+    assert env.server.answered_again == before + 1
+    assert env.server.summary.counts["proxy OFFER"] == offers + 2
+    await env.settle()
+    machine = await env.store.machine_by("mac", str(MAC))
+    assert machine is not None
+    assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
+
+
+async def test_a_change_between_a_waited_decision_and_its_answer_ends_the_kept_answer(
+        env: Env) -> None:
+    """The guard of an answer decided after a sync is the one taken when it was decided, not
+    when the DHCP server's coroutine resumes: a change that lands in between (the machine's
+    chain changed through the store, and the view synced) is offered at the next DISCOVER,
+    never vouched for by a guard that read the view after it."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    await cached(env)
+    await env.settle()
+    await stale(env)
+    decisions: list[Any] = []
+    decide = env.server._first_stage
+
+    def spy(request: Any) -> Any:
+        decisions.append(decide(request))
+        return decisions[-1]
+
+    env.server._first_stage = spy
+    pending = env.server._handler(_Listener(None, SERVER_IP, False))(
+        discover(MAC, 300), ("0.0.0.0", 68))
+    assert not isinstance(pending, list)
+    task = decisions[0]
+    assert isinstance(task, asyncio.Task)
+    for _ in range(100):  # bounded: the decision's task, up to its end, not the answer
+        if task.done():
+            break
+        await asyncio.sleep(0)
+    assert task.done() and task.result() is not None
+    env.server._first_stage = decide
+    stored = await env.store.machine_by("mac", str(MAC))
+    assert stored is not None
+    await env.store.update_machine(replace(stored, loader=LoaderChain.SHIM_GRUB))
+    await env.boot.resync()  # the view holds the change, and is fresh again
+    assert env.boot._view.fresh(boot.DHCP_VIEW_AGE)
+    replies = await pending  # decided before the change: the old chain, sent as decided
+    assert dhcp.parse(replies[0][0]).file_name == "snponly.efi"
+    offer = await env.offer(301)
+    assert offer is not None and offer.file_name == "shimx64.efi"
+
+
 async def test_a_discover_waiting_behind_a_timed_out_decisions_store_read_is_answered(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Over sockets, the order of events that left ~1 % of a storm's devices unanswered
