@@ -248,6 +248,7 @@ class _DhcpRepeat:
     rules: int  # InventoryView.rules
     settings: BootSettings
     assets: tuple[tuple[str, bool], ...]  # BootService._assets_read: what the loader found
+    args: tuple[LoaderChain | None, str]  # the decision's chain (BootService.loader's)
     # The view's held_changes when ``found`` was last seen to hold: while it has not moved,
     # every held() answers as then (InventoryView.held_changes), so a repeat while the view
     # is unchanged skips the look-ups: ~4,400 of a repeat's ~36,600 instructions
@@ -268,7 +269,9 @@ class _DhcpRepeat:
             held = view.held
             for kind, key, machine in self.found:
                 if held(kind, key) is not machine:
-                    return False
+                    if not self._decided_alike():
+                        return False
+                    break
             self.held_at = view.held_changes
         request = self.request
         recording = service._recording
@@ -287,6 +290,42 @@ class _DhcpRepeat:
                 return False
             self.told_at = service._recorder.told
         return self._files_as_read()
+
+    def _decided_alike(self) -> bool:
+        """An identifier's holder replaced: whether the decision, taken again from the view
+        now, finds the same machine (by this NIC, nothing to absorb, no other machine named),
+        in the same state, with the same chain; then the guard goes on from it (what it
+        found, the machine, and _tells_more asked again: what the decision's record asks).
+        The view replaces a machine's object at each change of its value, and each group
+        commit's learnt facts are one (boot.learn): every NIC's first repeat after its
+        record was written was decided in full again (~215,000 instructions, once a NIC of
+        the +enrolled mix; benchmarks/README.md, s43-dhcp). The chain is worked out again (a
+        group's selector may read a label or a learnt fact); the settings, the rules and
+        the files are the guard's other checks."""
+        old = self.res.machine
+        if old is None:
+            return False  # an unknown device now held: decided in full
+        service, seen, request = self.service, self.seen, self.request
+        view = service._view
+        res = identity.held_lookup(view, seen.identity, seen.keys)
+        if res is None:
+            return False
+        new = res.machine
+        if new is None or new.id != old.id or new.state != old.state or res.absorb \
+                or res.disagree or request.mac not in new.macs:
+            return False
+        if request.firmware in _UEFI_FIRMWARES \
+                and service._held_chain(new, request) != self.args:
+            return False
+        held = view.held
+        found: list[tuple[str, bytes | str, Machine | None]] = []
+        for kind, key, _ in self.found:
+            holder = held(kind, key)
+            if isinstance(holder, Unseen):
+                return False
+            found.append((kind, key, holder))
+        self.found, self.res, self.told_at = tuple(found), res, -1
+        return True
 
     def _files_as_read(self) -> bool:
         """Each loader file the decision looked for still there or still missing."""
@@ -675,7 +714,7 @@ class BootService:
                 # was (the view may have moved in between).
                 seen.decided = _Decided(request, res, args, stage, True,
                                         None if awaited else
-                                        self._guard(seen, request, res, args[0]))
+                                        self._guard(seen, request, res, args))
         return stage
 
     def repeat_guard(self, request: BootRequest,
@@ -696,12 +735,12 @@ class BootService:
             return None
         if decided.later:
             return decided.guard
-        return self._guard(seen, request, decided.res, decided.args[0])
+        return self._guard(seen, request, decided.res, decided.args)
 
     def _guard(self, seen: _Seen, request: BootRequest, res: Resolution,
-               chain: LoaderChain | None) -> _DhcpRepeat | None:
-        """:meth:`repeat_guard`'s check of the decision ``res`` (with ``chain``) of
-        ``request``, from the view, the settings and the files as they are now."""
+               args: tuple[LoaderChain | None, str]) -> _DhcpRepeat | None:
+        """:meth:`repeat_guard`'s check of the decision ``res`` (with the chain ``args``)
+        of ``request``, from the view, the settings and the files as they are now."""
         if not self.health.up or (request.mac in self._recording and not seen.recorded):
             return None
         view = self._view
@@ -716,7 +755,7 @@ class BootService:
                                     or request.mac not in machine.macs):
             return None  # such requests are recorded (_tells_news): never repeats
         return _DhcpRepeat(self, seen, request, res, tuple(found), view.rules,
-                           self.settings, self._assets_read(request, chain),
+                           self.settings, self._assets_read(request, args[0]), args,
                            view.held_changes)
 
     def _seen_dhcp(self, request: BootRequest) -> _Seen:

@@ -473,6 +473,66 @@ async def test_repeats_while_the_first_sightings_record_is_under_way_are_answere
     assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
 
 
+async def test_a_repeat_after_its_learnt_facts_were_written_is_answered_from_the_cache(
+        env: Env) -> None:
+    """The group commit that writes a first sighting's learnt facts (its UUID) gives the
+    view a new object of the machine: every NIC's first repeat after it was decided in full
+    again (s42-dhcp), though the same machine, state and chain answer it alike. Now the
+    guard takes the decision again from the view (look-up, chain) and goes on: the repeat
+    is answered from the cache, and records nothing."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    async with env.boot._lock(MAC):  # the record waits while the answer is cached
+        first = await env.offer(1)
+        assert first is not None and first.file_name == "snponly.efi"
+        await asyncio.sleep(0)
+        assert MAC in env.boot._recording
+        for xid in (2, 3):  # the first repeat decided and kept, the second from the cache
+            assert await env.offer(xid) is not None
+        before = env.server.answered_again
+        assert await env.offer(4) is not None
+        assert env.server.answered_again == before + 1
+        held = env.boot._view.held("mac", MAC.raw)
+    await env.settle()  # the record, then the group commit of the UUID learnt, adopted
+    await env.boot.resync()  # fresh: what is left to judge is the machine's new object
+    adopted = env.boot._view.held("mac", MAC.raw)
+    assert isinstance(adopted, Machine) and adopted is not held
+    assert adopted.uuid == "04030201-0605-0807-090a-525400000a01"
+    before = env.server.answered_again
+    offer = await env.offer(5)
+    assert offer is not None and offer.file_name == "snponly.efi" and offer.xid == 5
+    assert env.server.answered_again == before + 1
+    await env.settle()
+    assert [e.kind for e in await env.store.list_events(adopted.id)] == ["dhcp"]
+    # A change of what the decision reads still ends it (the chain, set on the machine).
+    stored = await env.store.machine_by("mac", str(MAC))
+    assert stored is not None
+    await env.store.update_machine(replace(stored, loader=LoaderChain.SHIM_GRUB))
+    offer = await env.offer(6)
+    assert offer is not None and offer.file_name == "shimx64.efi"
+
+
+async def test_a_machine_moved_into_another_groups_selector_ends_its_cached_answer(
+        env: Env) -> None:
+    """The guard's decision taken again when the machine's object is replaced works the
+    chain out again: a label changed through the store (the group rules themselves
+    unchanged) that moves the machine into a group with another chain is offered at the
+    next DISCOVER, never the answer kept for the same machine in the same state."""
+    await env.store.put_group(Group(name="r2", selector={"rack": ("r2",)},
+                                    loader=LoaderChain.SHIM_GRUB), create=True)
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED,
+                                           labels={"rack": "r1"}))
+    await env.boot.load_view()
+    await cached(env)
+    await env.settle()
+    stored = await env.store.machine_by("mac", str(MAC))
+    assert stored is not None
+    await env.store.update_machine(replace(stored, labels={"rack": "r2"}))
+    await env.boot.resync()
+    offer = await env.offer(300)
+    assert offer is not None and offer.file_name == "shimx64.efi"
+
+
 async def test_a_repeat_while_its_learnt_facts_are_being_written_is_answered_from_the_cache(
         env: Env) -> None:
     """The group commit takes the facts a first sighting learnt off the queue and writes
