@@ -533,6 +533,29 @@ async def test_a_machine_moved_into_another_groups_selector_ends_its_cached_answ
     assert offer is not None and offer.file_name == "shimx64.efi"
 
 
+async def test_another_servers_label_change_into_another_group_ends_the_cached_answer(
+        env: Env) -> None:
+    """The same move made by another process (another server, the CLI) on the same
+    database: the view syncs it in the background (within DHCP_VIEW_AGE), the machine's
+    object is replaced, and the guard's decision taken again offers the new chain."""
+    await env.store.put_group(Group(name="r2", selector={"rack": ("r2",)},
+                                    loader=LoaderChain.SHIM_GRUB), create=True)
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED,
+                                           labels={"rack": "r1"}))
+    await env.boot.load_view()
+    await cached(env)
+    await env.settle()
+    other = SqliteStore(env.path)
+    await other.open()
+    try:
+        stored = await other.machine_by("mac", str(MAC))
+        assert stored is not None
+        await other.update_machine(replace(stored, labels={"rack": "r2"}))
+    finally:
+        await other.close()
+    assert (await offered_until(env, "shimx64.efi"))[-1] == "shimx64.efi"
+
+
 async def test_a_repeat_while_its_learnt_facts_are_being_written_is_answered_from_the_cache(
         env: Env) -> None:
     """The group commit takes the facts a first sighting learnt off the queue and writes
