@@ -213,6 +213,15 @@ class _Decided:
     res: Resolution
     args: tuple[LoaderChain | None, str]  # BootService.loader's, after the request
     stage: FirstStage | None
+    # Decided in a task after a sync (the view was not fresh: a commit of this process
+    # since the last sync, such as a group commit of records), or after another wait: the
+    # DHCP server asks for the repeat guard only once its own coroutine resumes, a turn of
+    # the loop or more later, when a sync, an adoption, a file or the settings may have
+    # moved, and a guard taken then would vouch for an answer decided before. So it is
+    # taken at the decision, from what the decision read (None: no such check), and
+    # handed out as it is (repeat_guard).
+    later: bool = False
+    guard: _DhcpRepeat | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -239,6 +248,7 @@ class _DhcpRepeat:
     rules: int  # InventoryView.rules
     settings: BootSettings
     assets: tuple[tuple[str, bool], ...]  # BootService._assets_read: what the loader found
+    args: tuple[LoaderChain | None, str]  # the decision's chain (BootService.loader's)
     # The view's held_changes when ``found`` was last seen to hold: while it has not moved,
     # every held() answers as then (InventoryView.held_changes), so a repeat while the view
     # is unchanged skips the look-ups: ~4,400 of a repeat's ~36,600 instructions
@@ -259,7 +269,9 @@ class _DhcpRepeat:
             held = view.held
             for kind, key, machine in self.found:
                 if held(kind, key) is not machine:
-                    return False
+                    if not self._decided_alike():
+                        return False
+                    break
             self.held_at = view.held_changes
         request = self.request
         recording = service._recording
@@ -278,6 +290,42 @@ class _DhcpRepeat:
                 return False
             self.told_at = service._recorder.told
         return self._files_as_read()
+
+    def _decided_alike(self) -> bool:
+        """An identifier's holder replaced: whether the decision, taken again from the view
+        now, finds the same machine (by this NIC, nothing to absorb, no other machine named),
+        in the same state, with the same chain; then the guard goes on from it (what it
+        found, the machine, and _tells_more asked again: what the decision's record asks).
+        The view replaces a machine's object at each change of its value, and each group
+        commit's learnt facts are one (boot.learn): every NIC's first repeat after its
+        record was written was decided in full again (~215,000 instructions, once a NIC of
+        the +enrolled mix; benchmarks/README.md, s43-dhcp). The chain is worked out again (a
+        group's selector may read a label or a learnt fact); the settings, the rules and
+        the files are the guard's other checks."""
+        old = self.res.machine
+        if old is None:
+            return False  # an unknown device now held: decided in full
+        service, seen, request = self.service, self.seen, self.request
+        view = service._view
+        res = identity.held_lookup(view, seen.identity, seen.keys)
+        if res is None:
+            return False
+        new = res.machine
+        if new is None or new.id != old.id or new.state != old.state or res.absorb \
+                or res.disagree or request.mac not in new.macs:
+            return False
+        if request.firmware in _UEFI_FIRMWARES \
+                and service._held_chain(new, request) != self.args:
+            return False
+        held = view.held
+        found: list[tuple[str, bytes | str, Machine | None]] = []
+        for kind, key, _ in self.found:
+            holder = held(kind, key)
+            if isinstance(holder, Unseen):
+                return False
+            found.append((kind, key, holder))
+        self.found, self.res, self.told_at = tuple(found), res, -1
+        return True
 
     def _files_as_read(self) -> bool:
         """Each loader file the decision looked for still there or still missing."""
@@ -608,6 +656,7 @@ class BootService:
     async def _first_stage(self, request: BootRequest, *, fresh: bool) -> FirstStage | None:
         """``fresh``: the view is known current; else it is synced here when the inventory
         answers."""
+        later = not fresh  # in a task (_first_stage_started): the guard taken at the end
         fresh = fresh or (self.health.up and await self._fresh())
         seen = self._seen_dhcp(request)
         seen.decided = None
@@ -616,8 +665,9 @@ class BootService:
         view = self._view
         res = identity.held_lookup(view, seen.identity, seen.keys)
         looked = view.held_changes  # -1: not answered from memory
+        awaited = False  # a wait after the sync: the view may have moved while deciding
         if res is None:
-            res, looked = await self._resolve(request, seen), -1
+            res, looked, awaited = await self._resolve(request, seen), -1, True
         machine = res.machine
         # Whether a record of this request was under way before this decision (a repeat).
         repeat = seen.recorded and request.mac in self._recording
@@ -640,7 +690,9 @@ class BootService:
                 # Taken with the counter read before: a change while deciding makes it stale.
                 # Without a coroutine where the view holds the settings (loaded: always).
                 chain = self._held_chain(machine, request)
-                seen.chain = await self._chain(machine, request) if chain is None else chain
+                if chain is None:
+                    chain, awaited = await self._chain(machine, request), True
+                seen.chain = chain
                 seen.machine, seen.rules, seen.settings = machine, rules, self.settings
             args = seen.chain
         stage = self.loader(request, *args)
@@ -653,22 +705,43 @@ class BootService:
             # for the first time were each decided in full until the record was written
             # (~215,000 instructions each; benchmarks/README.md, s42-dhcp).
             seen.decided = _Decided(request, res, args, stage)
+            if later or awaited:
+                # Its DHCP server asks for the guard a turn of the loop or more from now.
+                # A stale view's DISCOVERs (each after a group commit, until the sync) were
+                # answered but none kept: each NIC's next repeat was decided in full again.
+                # Taken now, where nothing was awaited since the sync (what the guard reads
+                # is what the decision read); none where the store's or the chain's read
+                # was (the view may have moved in between).
+                seen.decided = _Decided(request, res, args, stage, True,
+                                        None if awaited else
+                                        self._guard(seen, request, res, args))
         return stage
 
     def repeat_guard(self, request: BootRequest,
                      stage: FirstStage) -> Callable[[], bool] | None:
         """For the DHCP server's answer cache (netboot.servers.dhcp), asked right after
         :meth:`first_stage` answered ``request`` with ``stage`` at once (a future already
-        done: decided from memory, nothing awaited in between): a check that stays True
-        while a request equal to this one would be answered ``stage`` again, from memory,
-        writing nothing. None when no such check can be made: the decision started a
-        record (the repeat after it is decided in full), the view could not tell without
-        the store, the inventory is away, or ``ignore`` let an unknown NIC boot."""
+        done: decided from memory, nothing awaited in between), or once its awaited
+        decision is done (then the check taken when it decided: _Decided.later): a check
+        that stays True while a request equal to this one would be answered ``stage``
+        again, from memory, writing nothing. None when no such check can be made: the
+        decision started a record (the repeat after it is decided in full), the view could
+        not tell without the store, the inventory is away, or ``ignore`` let an unknown NIC
+        boot."""
         seen = self._seen.get(request.mac)
         decided = None if seen is None else seen.decided
         if seen is None or decided is None or decided.request is not request \
-                or decided.stage is not stage or not self.health.up \
-                or (request.mac in self._recording and not seen.recorded):
+                or decided.stage is not stage:
+            return None
+        if decided.later:
+            return decided.guard
+        return self._guard(seen, request, decided.res, decided.args)
+
+    def _guard(self, seen: _Seen, request: BootRequest, res: Resolution,
+               args: tuple[LoaderChain | None, str]) -> _DhcpRepeat | None:
+        """:meth:`repeat_guard`'s check of the decision ``res`` (with the chain ``args``)
+        of ``request``, from the view, the settings and the files as they are now."""
+        if not self.health.up or (request.mac in self._recording and not seen.recorded):
             return None
         view = self._view
         found: list[tuple[str, bytes | str, Machine | None]] = []
@@ -677,13 +750,12 @@ class BootService:
             if isinstance(held, Unseen):
                 return None
             found.append((kind, key, held))
-        res = decided.res
         machine = res.machine
         if machine is not None and (res.absorb or res.disagree
                                     or request.mac not in machine.macs):
             return None  # such requests are recorded (_tells_news): never repeats
         return _DhcpRepeat(self, seen, request, res, tuple(found), view.rules,
-                           self.settings, self._assets_read(request, decided.args[0]),
+                           self.settings, self._assets_read(request, args[0]), args,
                            view.held_changes)
 
     def _seen_dhcp(self, request: BootRequest) -> _Seen:

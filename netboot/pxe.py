@@ -52,9 +52,11 @@ class BootDecider(Protocol):  # implemented by netboot/boot.py
     ) -> FirstStage | Awaitable[FirstStage | None] | None: ...
 
     # Optional (the DHCP server looks for it): ``repeat_guard(request, stage)``, asked right
-    # after ``first_stage(request)`` answered ``stage`` at once, returns a check that stays
-    # True while a request equal to this one would get the same answer and record nothing
-    # (or None): the server then answers repeats of the same bytes with the reply it sent.
+    # after ``first_stage(request)`` answered ``stage`` (at once, or once its awaitable is
+    # done: then a check taken when it decided, never one of the state after), returns a
+    # check that stays True while a request equal to this one would get the same answer
+    # and record nothing (or None): the server then answers repeats of the same bytes with
+    # the reply it sent.
     # netboot.boot.BootService.repeat_guard says what it checks. Also optional:
     # ``first_stage_now(request)``, asked instead of ``first_stage`` when the decider has it
     # (BootService's: its ``first_stage`` always answers a future, for other callers). And

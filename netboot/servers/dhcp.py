@@ -870,14 +870,17 @@ class DhcpServer:
         if decision is None or isinstance(decision, FirstStage):
             return self._proxy_answer(decision, packet, client, peer, server_ip, pxe_port,
                                       keep)
-        return self._proxy_later(decision, packet, client, peer, server_ip, pxe_port)
+        return self._proxy_later(decision, packet, client, peer, server_ip, pxe_port, keep)
 
     async def _proxy_later(
         self, decision: Awaitable[FirstStage | None], packet: dhcp.Inbound, client: Client,
         peer: Address, server_ip: str, pxe_port: bool,
+        keep: tuple[_Answers, _AnswerKey] | None = None,
     ) -> list[Reply]:
         stage = await self._settle(decision, client, packet.xid)
-        return self._proxy_answer(stage, packet, client, peer, server_ip, pxe_port)
+        # Kept too: the decider's guard for a decision that waited (a sync first) is the one
+        # taken when it decided, not now (boot._Decided.later).
+        return self._proxy_answer(stage, packet, client, peer, server_ip, pxe_port, keep)
 
     def _proxy_answer(
         self, stage: FirstStage | None, packet: dhcp.Inbound, client: Client, peer: Address,

@@ -473,6 +473,89 @@ async def test_repeats_while_the_first_sightings_record_is_under_way_are_answere
     assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
 
 
+async def test_a_repeat_after_its_learnt_facts_were_written_is_answered_from_the_cache(
+        env: Env) -> None:
+    """The group commit that writes a first sighting's learnt facts (its UUID) gives the
+    view a new object of the machine: every NIC's first repeat after it was decided in full
+    again (s42-dhcp), though the same machine, state and chain answer it alike. Now the
+    guard takes the decision again from the view (look-up, chain) and goes on: the repeat
+    is answered from the cache, and records nothing."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    async with env.boot._lock(MAC):  # the record waits while the answer is cached
+        first = await env.offer(1)
+        assert first is not None and first.file_name == "snponly.efi"
+        await asyncio.sleep(0)
+        assert MAC in env.boot._recording
+        for xid in (2, 3):  # the first repeat decided and kept, the second from the cache
+            assert await env.offer(xid) is not None
+        before = env.server.answered_again
+        assert await env.offer(4) is not None
+        assert env.server.answered_again == before + 1
+        held = env.boot._view.held("mac", MAC.raw)
+    await env.settle()  # the record, then the group commit of the UUID learnt, adopted
+    await env.boot.resync()  # fresh: what is left to judge is the machine's new object
+    adopted = env.boot._view.held("mac", MAC.raw)
+    assert isinstance(adopted, Machine) and adopted is not held
+    assert adopted.uuid == "04030201-0605-0807-090a-525400000a01"
+    before = env.server.answered_again
+    offer = await env.offer(5)
+    assert offer is not None and offer.file_name == "snponly.efi" and offer.xid == 5
+    assert env.server.answered_again == before + 1
+    await env.settle()
+    assert [e.kind for e in await env.store.list_events(adopted.id)] == ["dhcp"]
+    # A change of what the decision reads still ends it (the chain, set on the machine).
+    stored = await env.store.machine_by("mac", str(MAC))
+    assert stored is not None
+    await env.store.update_machine(replace(stored, loader=LoaderChain.SHIM_GRUB))
+    offer = await env.offer(6)
+    assert offer is not None and offer.file_name == "shimx64.efi"
+
+
+async def test_a_machine_moved_into_another_groups_selector_ends_its_cached_answer(
+        env: Env) -> None:
+    """The guard's decision taken again when the machine's object is replaced works the
+    chain out again: a label changed through the store (the group rules themselves
+    unchanged) that moves the machine into a group with another chain is offered at the
+    next DISCOVER, never the answer kept for the same machine in the same state."""
+    await env.store.put_group(Group(name="r2", selector={"rack": ("r2",)},
+                                    loader=LoaderChain.SHIM_GRUB), create=True)
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED,
+                                           labels={"rack": "r1"}))
+    await env.boot.load_view()
+    await cached(env)
+    await env.settle()
+    stored = await env.store.machine_by("mac", str(MAC))
+    assert stored is not None
+    await env.store.update_machine(replace(stored, labels={"rack": "r2"}))
+    await env.boot.resync()
+    offer = await env.offer(300)
+    assert offer is not None and offer.file_name == "shimx64.efi"
+
+
+async def test_another_servers_label_change_into_another_group_ends_the_cached_answer(
+        env: Env) -> None:
+    """The same move made by another process (another server, the CLI) on the same
+    database: the view syncs it in the background (within DHCP_VIEW_AGE), the machine's
+    object is replaced, and the guard's decision taken again offers the new chain."""
+    await env.store.put_group(Group(name="r2", selector={"rack": ("r2",)},
+                                    loader=LoaderChain.SHIM_GRUB), create=True)
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED,
+                                           labels={"rack": "r1"}))
+    await env.boot.load_view()
+    await cached(env)
+    await env.settle()
+    other = SqliteStore(env.path)
+    await other.open()
+    try:
+        stored = await other.machine_by("mac", str(MAC))
+        assert stored is not None
+        await other.update_machine(replace(stored, labels={"rack": "r2"}))
+    finally:
+        await other.close()
+    assert (await offered_until(env, "shimx64.efi"))[-1] == "shimx64.efi"
+
+
 async def test_a_repeat_while_its_learnt_facts_are_being_written_is_answered_from_the_cache(
         env: Env) -> None:
     """The group commit takes the facts a first sighting learnt off the queue and writes
@@ -681,6 +764,81 @@ async def test_other_machines_added_leave_a_cached_answer(env: Env) -> None:
     offer = await env.offer(201)
     assert offer is not None and offer.file_name == "snponly.efi"
     assert env.server.answered_again == before + 1
+
+
+async def stale(env: Env) -> None:
+    """A commit through this process's store that names none of MAC's identifiers (what a
+    group commit of other machines' records is): the view is not fresh until it syncs, and
+    the next decision syncs first, in a task (BootService._first_stage_started)."""
+    await env.store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:00:0a:07"),)))
+    assert not env.boot._view.fresh(boot.DHCP_VIEW_AGE)
+
+
+async def test_a_repeat_decided_after_the_views_sync_keeps_its_answer(env: Env) -> None:
+    """Every commit of this process (each group commit of a storm's records) leaves the view
+    not fresh until a sync: the DISCOVERs that met it were decided in a task after the sync
+    and answered, but their answers were not kept, and each NIC's next repeat was decided in
+    full again (s42-dhcp). Now the answer is kept, with the guard taken at the decision:
+    the next repeat is answered from the cache, and writes nothing."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    await cached(env)
+    await env.settle()
+    await stale(env)
+    offers = env.server.summary.counts["proxy OFFER"]
+    before = env.server.answered_again
+    offer = await env.offer(300)  # decided in a task, after the sync
+    assert offer is not None and offer.file_name == "snponly.efi" and offer.xid == 300
+    assert env.server.answered_again == before
+    again = await env.offer(301)
+    assert again is not None and again.file_name == "snponly.efi" and again.xid == 301
+    assert env.server.answered_again == before + 1
+    assert env.server.summary.counts["proxy OFFER"] == offers + 2
+    await env.settle()
+    machine = await env.store.machine_by("mac", str(MAC))
+    assert machine is not None
+    assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
+
+
+async def test_a_change_between_a_waited_decision_and_its_answer_ends_the_kept_answer(
+        env: Env) -> None:
+    """The guard of an answer decided after a sync is the one taken when it was decided, not
+    when the DHCP server's coroutine resumes: a change that lands in between (the machine's
+    chain changed through the store, and the view synced) is offered at the next DISCOVER,
+    never vouched for by a guard that read the view after it."""
+    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED))
+    await env.boot.load_view()
+    await cached(env)
+    await env.settle()
+    await stale(env)
+    decisions: list[Any] = []
+    decide = env.server._first_stage
+
+    def spy(request: Any) -> Any:
+        decisions.append(decide(request))
+        return decisions[-1]
+
+    env.server._first_stage = spy
+    pending = env.server._handler(_Listener(None, SERVER_IP, False))(
+        discover(MAC, 300), ("0.0.0.0", 68))
+    assert not isinstance(pending, list)
+    task = decisions[0]
+    assert isinstance(task, asyncio.Task)
+    for _ in range(100):  # bounded: the decision's task, up to its end, not the answer
+        if task.done():
+            break
+        await asyncio.sleep(0)
+    assert task.done() and task.result() is not None
+    env.server._first_stage = decide
+    stored = await env.store.machine_by("mac", str(MAC))
+    assert stored is not None
+    await env.store.update_machine(replace(stored, loader=LoaderChain.SHIM_GRUB))
+    await env.boot.resync()  # the view holds the change, and is fresh again
+    assert env.boot._view.fresh(boot.DHCP_VIEW_AGE)
+    replies = await pending  # decided before the change: the old chain, sent as decided
+    assert dhcp.parse(replies[0][0]).file_name == "snponly.efi"
+    offer = await env.offer(301)
+    assert offer is not None and offer.file_name == "shimx64.efi"
 
 
 async def test_a_discover_waiting_behind_a_timed_out_decisions_store_read_is_answered(
