@@ -64,6 +64,7 @@ from netboot.inventory.base import (
     Store,
     batch_of,
     by_state,
+    fold_hostname,
 )
 from netboot.inventory.codec import NewMachines
 from netboot.logs import log_line
@@ -2033,8 +2034,10 @@ class Enroller:
         # machine's own), not as text: a re-import's 200,000 identifiers are the
         # inventory's, and a row's copies are dropped once it is done (~40 MiB of its peak).
         claimed = _claims_of(existing.values())
-        by_host = {m.hostname: m.id for m in existing.values() if m.hostname}
-        seen_host: dict[str, int] = {}  # hostname -> line
+        # Folded as the store's unique index folds them (RFC 4343): an inventory's
+        # "Edge-SN2" (an older netboot's, a hand edit's) holds "edge-sn2" too.
+        by_host = {fold_hostname(m.hostname): m.id for m in existing.values() if m.hostname}
+        seen_host: dict[str, int] = {}  # folded hostname -> line
         # One fixed_ipv4 per machine, as Core._fixed_ipv4_free: the inventory's holders,
         # and the line that gave one (a machine's NICs share it: one row, one machine).
         by_fixed = {m.fixed_ipv4: m.id for m in existing.values() if m.fixed_ipv4}
@@ -2085,8 +2088,8 @@ class Enroller:
             if target is not None and hostname == target.hostname:
                 hostname = target.hostname  # the stored string, not the row's copy, is kept
             if hostname and (clash := _taken(
-                    "hostname", hostname, repr(hostname), "is used by", line, seen_host,
-                    by_host, ident, absorb, existing, create_only)) is not None:
+                    "hostname", fold_hostname(hostname), repr(hostname), "is used by", line,
+                    seen_host, by_host, ident, absorb, existing, create_only)) is not None:
                 errors.append(clash)
                 continue
             # Against the file's other rows here; against the inventory's holders once
@@ -2162,7 +2165,7 @@ class Enroller:
         named = [*((ident, create.hostname(i)) for i, ident in enumerate(create.ids())),
                  *((m.id, m.hostname) for m in update)] if by_host else []
         for ident, hostname in named:
-            owner = by_host.get(hostname or "")
+            owner = by_host.get(fold_hostname(hostname or ""))
             if owner and owner != ident and owner not in renamed:
                 line = line_of[ident]
                 if not any(e.line == line for e in errors):

@@ -43,6 +43,16 @@ SINCE_SQLITE = "COALESCE(json_extract(m.data, '$.state_since'), m.created)"
 SINCE_POSTGRES = "COALESCE(((m.data::jsonb) ->> 'state_since')::float8, m.created)"
 
 
+# Hostnames are unique under ASCII case folding (RFC 4343), as SQLite's lower() and
+# PostgreSQL's translate() index them: a writer comparing names before the store does
+# (MemoryStore, an import's names against the inventory's) folds the same way.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_hostname(hostname: str) -> str:
+    return hostname.translate(_ASCII_LOWER)
+
+
 def check_unchanged(kind: str, name: str, stored: Any, read: Any) -> None:
     """The compare-and-set of ``put_cluster``/``put_profile``/``put_group(expect=read)``:
     the item as stored now (opened) is the one its writer read (``kind``: cluster, profile,
