@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -562,13 +563,8 @@ class Core:
         before (validate_refs) and deleted by another writer since (another server or a CLI
         on this inventory, whose delete found no machine naming it yet) is a 409 naming it,
         not a machine left naming one that is gone (held at its next boot)."""
-        try:
-            await self.enroller.validate_refs(cluster, profile)
-        except ValidationError as e:
-            name = cluster if e.field == "cluster" else profile
-            raise Conflict(f"{e.field} {name!r} was deleted by another writer (another server "
-                           "or a CLI on this inventory) since this write checked it; create it "
-                           "again or name another", field=e.field, holder=name or "") from None
+        await self.enroller.refs_still({cluster: 0} if cluster else {},
+                                       {profile: 0} if profile else {})
 
     async def update_machine(self, ref: str,
                              changes: Mapping[str, Any] | Callable[[Machine], Mapping[str, Any]],
@@ -796,6 +792,8 @@ class Core:
             if errors:
                 raise errors[0][1]
         put = getattr(self.store, f"put_{single}")
+        if single == "group" and (item.cluster is not None or item.profile is not None):
+            put = functools.partial(self._put_group_naming, put)
         if create:
             await put(item, create=True)
             return item
@@ -813,6 +811,17 @@ class Core:
             await put(item, expect=stored)
             return item
         return await _again_on_change(step)
+
+    async def _put_group_naming(self, put: Callable[..., Awaitable[None]], group: Group,
+                                **kw: Any) -> None:
+        """A group naming a cluster or profile written (``put``) with them checked again
+        under the lock Core.delete's delete of one holds (_refs_still): checked before
+        (_check_group) and deleted by another writer since, finding no group naming it
+        yet, the group was written naming one that is gone, and every machine it selects
+        then enrolled into it or booted with it was held."""
+        async with self.enroller.fixed_lock:
+            await self._refs_still(group.cluster, group.profile)
+            await put(group, **kw)
 
     async def _put_cluster(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
                            force: bool, versions: Collection[str] | None = None,
