@@ -1068,6 +1068,52 @@ async def test_a_machine_written_after_its_cluster_or_profile_was_deleted_is_ref
             assert [getattr(m, single) for m in await store.list_machines()] in ([], [None])
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_profiles_users_are_read_by_its_index_not_every_machine(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Core._users listed a profile's users by paging through every machine of the
+    inventory (all 100,000 documents decoded for a refused ``profiles rm``), since machines
+    were not indexed by profile; S42 gave them the indexed ``profile`` column. Now it asks
+    the store for the machines naming it (MachineFilter.profile): a few named, the rest
+    counted, and the store reads only them (SQLite's plan: the index, no scan)."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.base import Batch, MachineFilter
+    from netboot.model import Profile
+
+    async with contextlib.AsyncExitStack() as stack:
+        (store,) = await pg.stores_on_one_inventory(kind, tmp_path, request, stack, count=1)
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+
+        def nic(i: int) -> tuple[MacAddress, ...]:
+            return (MacAddress((0x0200_0043_0000 + i).to_bytes(6, "big")),)
+        await store.apply_batch(Batch(create=[
+            Machine(macs=nic(i), profile="p" if i % 150 == 0 else None)
+            for i in range(1050)]))
+        core = Core(store, Enroller(store), _settings_only(), None)  # type: ignore[arg-type]
+        listed, real = [0], store.list_machines
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            found = await real(*args, **kw)
+            listed[0] += len(found)
+            return found
+
+        store.list_machines = counted  # type: ignore[method-assign]
+        with pytest.raises(Conflict) as refused:
+            await core.delete("profiles", "p")
+        assert str(refused.value).count("machine 02:00:00:43:") == 5, refused.value
+        assert "2 more machines" in str(refused.value)
+        assert listed[0] == 5
+        if kind == "sqlite":
+            from netboot.inventory.sqlite import _where
+
+            where, params = _where(MachineFilter(profile="p"))
+            plan = await store._run(lambda conn: [row[3] for row in conn.execute(
+                f"EXPLAIN QUERY PLAN SELECT data FROM machines m{where}", params)])
+            assert plan and not any(step.startswith("SCAN") for step in plan), plan
+
+
 async def _deleted_by_another_process(store: Any, tmp_path: Path, what: str,
                                       name: str) -> None:
     """``netboot {what} rm NAME`` run as its own process on ``store``'s inventory (its

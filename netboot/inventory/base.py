@@ -92,6 +92,9 @@ class MachineFilter:
     state: MachineState | None = None
     cluster: str | None = None
     labels: tuple[tuple[str, str], ...] = ()  # all must match
+    # The machines naming this profile: by the indexed ``profile`` column of the SQL stores
+    # (a profile's users, Core._users), not a scan of every document.
+    profile: str | None = None
     uuid: str | None = None  # exact, canonical lowercase form
     serials: tuple[str, ...] = ()  # any of these exact serials
     has_mac: bool | None = None  # True: at least one NIC known; False: none yet

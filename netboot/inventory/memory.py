@@ -111,6 +111,8 @@ class MemoryStore:
                 continue
             if flt.cluster is not None and machine.cluster != flt.cluster:
                 continue
+            if flt.profile is not None and machine.profile != flt.profile:
+                continue
             if any(machine.labels.get(k) != v for k, v in flt.labels):
                 continue
             if flt.uuid is not None and machine.uuid != flt.uuid:

@@ -2664,6 +2664,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append(f"m.state = {arg(flt.state.value)}")
     if flt.cluster is not None:
         clauses.append(f"m.cluster = {arg(flt.cluster)}")
+    if flt.profile is not None:
+        clauses.append(f"m.profile = {arg(flt.profile)}")  # machines_profile (migration 5)
     if flt.uuid is not None:
         clauses.append(f"((m.data::jsonb) ->> 'uuid') = {arg(flt.uuid)}")
     if flt.serials:

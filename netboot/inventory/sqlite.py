@@ -1751,6 +1751,9 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
     if flt.cluster is not None:
         clauses.append("m.cluster = ?")
         params.append(flt.cluster)
+    if flt.profile is not None:
+        clauses.append("m.profile = ?")  # machines_profile (migration 8)
+        params.append(flt.profile)
     if flt.uuid is not None:
         clauses.append("json_extract(m.data, '$.uuid') = ?")
         params.append(flt.uuid)
