@@ -13,6 +13,8 @@ NotFound (404), Conflict (409) naming what is in the way.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -544,15 +546,8 @@ class Core:
         before (validate_refs) and deleted by another writer since (another server or a CLI
         on this inventory, whose delete found no machine naming it yet) is a 409 naming it,
         not a machine left naming one that is gone (held at its next boot)."""
-        try:
-            await self.enroller.validate_refs(cluster, profile)
-        except ValidationError as e:
-            name = cluster if e.field == "cluster" else profile
-            raise Conflict(f"{e.field} {name!r} was deleted by another writer (another server "
-                           "or a CLI on this inventory) since this write checked it; create it "
-                           "again or name another", field=e.field) from None  # no holder:
-            # a Conflict's holder is a machine's id (errors.Conflict, OpenAPI's Error): the
-            # name is the message's, as base.in_use's and the compare-and-set refusals' are.
+        await self.enroller.refs_still({cluster: 0} if cluster else {},
+                                       {profile: 0} if profile else {})
 
     async def update_machine(self, ref: str,
                              changes: Mapping[str, Any] | Callable[[Machine], Mapping[str, Any]],
@@ -782,6 +777,8 @@ class Core:
             if errors:
                 raise errors[0][1]
         put = getattr(self.store, f"put_{single}")
+        if single == "group" and (item.cluster is not None or item.profile is not None):
+            put = functools.partial(self._put_group_naming, put)
         if create:
             await put(item, create=True)
             return item
@@ -799,6 +796,17 @@ class Core:
             await put(item, expect=stored)
             return item
         return await _again_on_change(step)
+
+    async def _put_group_naming(self, put: Callable[..., Awaitable[None]], group: Group,
+                                **kw: Any) -> None:
+        """A group naming a cluster or profile written (``put``) with them checked again
+        under the lock Core.delete's delete of one holds (_refs_still): checked before
+        (_check_group) and deleted by another writer since, finding no group naming it
+        yet, the group was written naming one that is gone, and every machine it selects
+        then enrolled into it or booted with it was held."""
+        async with self.enroller.fixed_lock:
+            await self._refs_still(group.cluster, group.profile)
+            await put(group, **kw)
 
     async def _put_cluster(self, cluster: Cluster, data: Mapping[str, Any], *, create: bool,
                            force: bool, versions: Collection[str] | None = None,
@@ -1245,22 +1253,13 @@ class Core:
             # warns of it: service.warn_of_missing_rule_refs), as a group naming one would.
             users += [f"the configuration (discovery.rules[{i}].{ref})"
                       for i, rule in enumerate(settings.rules) if getattr(rule, ref) == name]
-        if ref == "cluster":
-            flt = MachineFilter(cluster=name, limit=most)
-            machines = await self.store.list_machines(flt)
-            total = await self.store.count_machines(flt)
-        else:
-            # Machines are not indexed by profile: page through them all (proving that none
-            # uses it takes the whole scan anyway), naming a few.
-            machines, total, offset = [], 0, 0
-            while True:
-                page = await self.store.list_machines(MachineFilter(limit=1000, offset=offset))
-                using = [m for m in page if m.profile == name]
-                machines += using[:most - len(machines)]
-                total += len(using)
-                if len(page) < 1000:
-                    break
-                offset += 1000
+        # By the indexed column (a profile's since S42's migration: every machine was
+        # read here, 100,000 documents decoded for a profile's delete), a few named and the
+        # rest counted.
+        flt = (MachineFilter(cluster=name, limit=most) if ref == "cluster"
+               else MachineFilter(profile=name, limit=most))
+        machines = await self.store.list_machines(flt)
+        total = await self.store.count_machines(flt)
         users += [f"machine {m.ref}" for m in machines]
         if total > len(machines):
             users.append(f"{total - len(machines)} more machines")

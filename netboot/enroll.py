@@ -65,6 +65,7 @@ from netboot.inventory.base import (
     Store,
     batch_of,
     by_state,
+    fold_hostname,
 )
 from netboot.inventory.codec import NewMachines
 from netboot.logs import log_line
@@ -1204,6 +1205,27 @@ class Enroller:
         if profile and await self._store.get_profile(profile) is None:
             raise ValidationError("profile", f"unknown profile {profile!r}")
 
+    async def refs_still(self, clusters: Mapping[str, int], profiles: Mapping[str, int],
+                         ) -> None:
+        """The clusters and profiles a write names (name -> the import line naming it
+        first, 0 for a single write), checked again under ``fixed_lock``, which the write
+        holds to its commit and Core.delete holds for its delete of one: one checked before
+        (validate_refs, an import's read) and deleted by another writer since (another
+        server or a CLI on this inventory, whose delete found nothing naming it yet) is a
+        409 naming it, not a machine or group left naming one that is gone (a machine held
+        at its next boot)."""
+        for kind, names, get in (("cluster", clusters, self._store.get_cluster),
+                                 ("profile", profiles, self._store.get_profile)):
+            for name, line in names.items():
+                if await get(name) is None:
+                    where, since = ((f"line {line}: ", "this import read the inventory")
+                                    if line else ("", "this write checked it"))
+                    raise Conflict(f"{where}{kind} {name!r} was deleted by another writer "
+                                   f"(another server or a CLI on this inventory) since {since}; "
+                                   "create it again or name another", field=kind)
+                    # No holder: a Conflict's holder is a machine's id (errors.Conflict,
+                    # OpenAPI's Error); the gone name is the message's (s43-review).
+
     async def auto_enroll(self, machine: Machine, group: Group) -> Machine:
         hostname = machine.hostname or await self.unique_hostname(
             group.hostname_template or self.hostname_template, machine,
@@ -2034,8 +2056,10 @@ class Enroller:
         # machine's own), not as text: a re-import's 200,000 identifiers are the
         # inventory's, and a row's copies are dropped once it is done (~40 MiB of its peak).
         claimed = _claims_of(existing.values())
-        by_host = {m.hostname: m.id for m in existing.values() if m.hostname}
-        seen_host: dict[str, int] = {}  # hostname -> line
+        # Folded as the store's unique index folds them (RFC 4343): an inventory's
+        # "Edge-SN2" (an older netboot's, a hand edit's) holds "edge-sn2" too.
+        by_host = {fold_hostname(m.hostname): m.id for m in existing.values() if m.hostname}
+        seen_host: dict[str, int] = {}  # folded hostname -> line
         # One fixed_ipv4 per machine, as Core._fixed_ipv4_free: the inventory's holders,
         # and the line that gave one (a machine's NICs share it: one row, one machine).
         by_fixed = {m.fixed_ipv4: m.id for m in existing.values() if m.fixed_ipv4}
@@ -2048,6 +2072,10 @@ class Enroller:
         # The new machines, kept as their rows' checked values until the store writes them.
         create = NewMachines(lifecycle.first_state(lifecycle.Trigger.ENROLL), now)
         unnamed: list[int] = []  # where in create: rows without a hostname
+        # The clusters and profiles the rows name (-> the first line naming each), checked
+        # again at the commit, under the lock a delete of one holds (refs_still).
+        named_clusters: dict[str, int] = {}
+        named_profiles: dict[str, int] = {}
         # How many rows there are, if the rows can tell (a list; iter_import's estimate).
         ids = _new_ids(operator.length_hint(rows, 0))
         for n, (line, row) in enumerate(rows):
@@ -2086,8 +2114,8 @@ class Enroller:
             if target is not None and hostname == target.hostname:
                 hostname = target.hostname  # the stored string, not the row's copy, is kept
             if hostname and (clash := _taken(
-                    "hostname", hostname, repr(hostname), "is used by", line, seen_host,
-                    by_host, ident, absorb, existing, create_only)) is not None:
+                    "hostname", fold_hostname(hostname), repr(hostname), "is used by", line,
+                    seen_host, by_host, ident, absorb, existing, create_only)) is not None:
                 errors.append(clash)
                 continue
             # Against the file's other rows here; against the inventory's holders once
@@ -2098,16 +2126,20 @@ class Enroller:
                     existing, create_only)) is not None:
                 errors.append(clash)
                 continue
+            if target is not None and not absorb and _changes_nothing(target, values):
+                # The usual row of a re-import: nothing to build, copy or compare.
+                unchanged.append(target)
+                continue
+            if values[5] is not None and values[5] not in named_clusters:
+                named_clusters[values[5]] = line
+            if values[7] is not None and values[7] not in named_profiles:
+                named_profiles[values[7]] = line
             if target is None and not absorb:
                 # The usual row: a new machine, never built as a Machine here (its checked
                 # values go to the store as they are).
                 if hostname is None:
                     unnamed.append(len(create))
                 create.add(ident, *values)
-                continue
-            if target is not None and not absorb and _changes_nothing(target, values):
-                # The usual row of a re-import: nothing to build, copy or compare.
-                unchanged.append(target)
                 continue
             machine = _row_machine(ident, values, now)
             if target is None:
@@ -2163,7 +2195,7 @@ class Enroller:
         named = [*((ident, create.hostname(i)) for i, ident in enumerate(create.ids())),
                  *((m.id, m.hostname) for m in update)] if by_host else []
         for ident, hostname in named:
-            owner = by_host.get(hostname or "")
+            owner = by_host.get(fold_hostname(hostname or ""))
             if owner and owner != ident and owner not in renamed:
                 line = line_of[ident]
                 if not any(e.line == line for e in errors):
@@ -2201,7 +2233,7 @@ class Enroller:
         batch = Batch(merge=merge, create=create, update=update, events=events,
                       expect={m.id: m.state for m in read},
                       versions={m.id: m.updated for m in read})
-        if given is None or not given.given:
+        if (given is None or not given.given) and not named_clusters and not named_profiles:
             try:
                 await self.recorder.commit(batch)
             except Conflict as refused:
@@ -2217,7 +2249,12 @@ class Enroller:
         # giving 1,000 new ones (s41-integrity).
         # (The holders read after the handler: mypyc's compiled coroutines must not await
         # inside one, tests/test_compiled.py.)
+        # The clusters and profiles the rows name, under the same lock (Core.delete's
+        # delete of one holds it): one deleted by another writer since the import read it,
+        # finding no machine naming it yet, is a 409 naming the line, nothing written;
+        # before, the import's machines were written naming one that was gone.
         async with self.fixed_lock:
+            await self.refs_still(named_clusters, named_profiles)
             held: Conflict | None = None
             try:
                 await self.recorder.commit(batch)
@@ -2225,7 +2262,7 @@ class Enroller:
                 if exc.field != "fixed_ipv4":
                     raise _chosen_taken(exc, chosen, rows) from None
                 held = exc
-            if held is not None:
+            if held is not None and given is not None:
                 clashes = given.clashes(await self._fixed_holders(), create_only)
                 if not clashes:
                     raise held

@@ -2891,6 +2891,47 @@ async def one_fixed_address_each(env: Env) -> None:
     assert held == [("192.0.2.50", "52:54:00:40:00:01"), ("192.0.2.51", "52:54:00:40:00:03")]
 
 
+async def test_an_imports_names_meet_the_inventorys_hostnames_in_any_case(
+        make_env: EnvFactory) -> None:
+    """Hostnames are one name in any case (RFC 4343; the store's unique index folds them,
+    and a single enrollment's template asks the store by its case-folded look-up). An
+    import compared its names with the inventory's case-sensitively: an inventory's
+    ``Edge-SN2`` (written by an older netboot or by hand: the API stores names in lower
+    case) made the template choose ``edge-sn2`` for an unnamed row, which the store refused
+    at every one of import_rows' attempts (a 409 for a file that asked for no name), and a
+    row naming ``edge-sn2`` for another machine was the store's 409 for the whole file, not
+    the row's error. Now the template takes the next free name and the row is its line's
+    error naming the holder, as for a name spelt alike (dnsmasq's dhcp-host names compare
+    without case too)."""
+    await names_in_any_case(make_env, "")
+
+
+async def test_an_imports_names_meet_the_inventorys_hostnames_in_any_case_postgresql(
+        make_env: EnvFactory, pg_dsn: str) -> None:
+    await names_in_any_case(
+        make_env, f'inventory:\n  backend: postgresql\n  dsn: "{pg_dsn}"\n')
+
+
+async def names_in_any_case(make_env: EnvFactory, extra: str) -> None:
+    env = await make_env(extra + 'enroll:\n  hostname_template: "edge-{serial}"\n')
+    # As an older netboot stored it: the name as typed.
+    await env.service.store.create_machine(Machine(
+        macs=(MacAddress.parse("52:54:00:43:00:99"),), id="m-older", hostname="Edge-SN2"))
+    reply = await call(env, "POST", "/api/v1/machines:import?format=csv",
+                       data="mac,hostname\n52:54:00:43:00:01,EDGE-sn2\n",
+                       headers={"Content-Type": "text/csv"})
+    assert reply.status == 400, reply.text
+    assert [(e["line"], e["field"]) for e in reply.json()["errors"]] == [(2, "hostname")]
+    assert "'edge-sn2' is used by 52:54:00:43:00:99" in reply.json()["errors"][0]["message"]
+    reply = await call(env, "POST", "/api/v1/machines:import?format=csv",
+                       data="mac,serial\n52:54:00:43:00:02,SN2\n52:54:00:43:00:03,SN3\n",
+                       headers={"Content-Type": "text/csv"})
+    assert reply.status == 201, reply.text
+    named = {m.ref: m.hostname for m in await env.service.store.list_machines()}
+    assert named == {"52:54:00:43:00:99": "Edge-SN2", "52:54:00:43:00:02": "edge-sn2-2",
+                     "52:54:00:43:00:03": "edge-sn3"}
+
+
 async def test_two_machines_given_one_fixed_address_at_once_one_is_refused(
         env: Env) -> None:
     """Two API calls at once, each giving a machine 192.0.2.70: both read that no machine

@@ -1021,6 +1021,125 @@ async def test_a_machine_written_after_its_cluster_or_profile_was_deleted_is_ref
             assert [getattr(m, single) for m in await store.list_machines()] in ([], [None])
 
 
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+async def test_a_profiles_users_are_read_by_its_index_not_every_machine(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """Core._users listed a profile's users by paging through every machine of the
+    inventory (all 100,000 documents decoded for a refused ``profiles rm``), since machines
+    were not indexed by profile; S42 gave them the indexed ``profile`` column. Now it asks
+    the store for the machines naming it (MachineFilter.profile): a few named, the rest
+    counted, and the store reads only them (SQLite's plan: the index, no scan)."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.base import Batch, MachineFilter
+    from netboot.model import Profile
+
+    async with contextlib.AsyncExitStack() as stack:
+        (store,) = await pg.stores_on_one_inventory(kind, tmp_path, request, stack, count=1)
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+
+        def nic(i: int) -> tuple[MacAddress, ...]:
+            return (MacAddress((0x0200_0043_0000 + i).to_bytes(6, "big")),)
+        await store.apply_batch(Batch(create=[
+            Machine(macs=nic(i), profile="p" if i % 150 == 0 else None)
+            for i in range(1050)]))
+        core = Core(store, Enroller(store), _settings_only(), None)  # type: ignore[arg-type]
+        listed, real = [0], store.list_machines
+
+        async def counted(*args: Any, **kw: Any) -> Any:
+            found = await real(*args, **kw)
+            listed[0] += len(found)
+            return found
+
+        store.list_machines = counted  # type: ignore[method-assign]
+        with pytest.raises(Conflict) as refused:
+            await core.delete("profiles", "p")
+        assert str(refused.value).count("machine 02:00:00:43:") == 5, refused.value
+        assert "2 more machines" in str(refused.value)
+        assert listed[0] == 5
+        if kind == "sqlite":
+            from netboot.inventory.sqlite import _where
+
+            where, params = _where(MachineFilter(profile="p"))
+            plan = await store._run(lambda conn: [row[3] for row in conn.execute(
+                f"EXPLAIN QUERY PLAN SELECT data FROM machines m{where}", params)])
+            assert plan and not any(step.startswith("SCAN") for step in plan), plan
+
+
+async def _deleted_by_another_process(store: Any, tmp_path: Path, what: str,
+                                      name: str) -> None:
+    """``netboot {what} rm NAME`` run as its own process on ``store``'s inventory (its
+    SQLite file, its PostgreSQL schema): a CLI beside the server, with the CLI's own locks
+    (the file's flock, the database's advisory lock); it must say the item was removed."""
+    import os
+    import sys
+
+    if hasattr(store, "path"):
+        inventory = f'inventory:\n  path: "{store.path}"\n'
+    else:
+        inventory = f'inventory:\n  backend: postgresql\n  dsn: "{store._dsn}"\n'
+    cfg = write_config(tmp_path / "cli", inventory)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "netboot", what, "rm", name, "--config", str(cfg),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, (out, err)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("what", ["profiles", "clusters"])
+@pytest.mark.parametrize("write", ["import", "group"])
+async def test_an_import_or_group_naming_one_deleted_by_another_process_is_refused(
+        kind: str, what: str, write: str, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """What s42-integrity left of the delete-against-a-writer race: an import (its rows'
+    clusters and profiles read once, at its start) and a group's write (checked by
+    _check_group) did not take the lock the delete holds, so a CLI's ``netboot clusters rm
+    c`` in another process between that check and the commit, finding nothing naming it
+    yet, deleted it, and the import's machines (or the group, and every machine it then
+    enrolled) were written naming one that was gone: held at their next boot. Now both
+    check the names again under the lock, held to their commit: a 409 naming the
+    cluster or profile (an import's, its line), nothing written. Two real writers: this
+    server's store, and a ``netboot`` process on its SQLite file or PostgreSQL schema."""
+    from netboot.errors import Conflict
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, _b, core_a, _core_b = await _two_cores_with_p_and_c(kind, tmp_path, request, stack)
+        single = what[:-1]
+        name = "p" if single == "profile" else "c"
+        # The other process deletes it right after this server read it: the import's read
+        # of the inventory's names, the group's check.
+        read = getattr(a, f"list_{what}" if write == "import" else f"get_{single}")
+        deleted: list[bool] = []
+
+        async def checked_then_deleted(*args: Any) -> Any:
+            found = await read(*args)
+            if not deleted and (write == "import" or args == (name,)):
+                deleted.append(True)
+                await _deleted_by_another_process(a, tmp_path, what, name)
+            return found
+
+        setattr(a, read.__name__, checked_then_deleted)
+        with pytest.raises(Conflict) as refused:
+            if write == "import":
+                await core_a.enroller.import_rows(
+                    [(2, {"mac": "52:54:00:43:00:01"}), (3, {"mac": MAC, single: name})])
+            else:
+                await core_a.put("groups", {"name": "g", "selector": {"arch": ["arm64"]},
+                                            single: name}, create=True)
+        assert deleted
+        # The name in the message; no holder (a Conflict's holder is a machine's id).
+        assert (refused.value.field, refused.value.holder) == (single, None)
+        assert "was deleted by another writer" in str(refused.value)
+        if write == "import":
+            assert str(refused.value).startswith(f"line 3: {single} {name!r}")
+        setattr(a, read.__name__, read)
+        assert await getattr(a, f"get_{single}")(name) is None
+        assert await a.list_machines() == [] and await a.list_groups() == []
+
+
 async def _nothing(*args: Any) -> None:
     return None
 

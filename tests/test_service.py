@@ -1853,6 +1853,76 @@ async def test_machines_sharing_a_fixed_address_are_told_at_start(
     assert told == [told[0]] and told[0].startswith(
         "machines 52:54:00:40:00:11, 52:54:00:40:00:12 share the fixed_ipv4 192.0.2.50 "), told
     assert "netboot machines set REF --fixed-ipv4" in told[0]
+async def test_a_machines_columns_hand_sql_left_behind_its_document_are_mended_at_start(
+        make_env: EnvFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """The fixed_ipv4 and profile columns beside a machine's document (S42: the unique
+    index of addresses, the index a profile's delete finds its users by) are set by
+    netboot's writers; SQL that changed a document alone left them saying what it said
+    before: the old address held against every other machine, the new one refused to
+    nobody, and a profile's delete blind to the machine now naming it (deleted, the
+    machine held at its next boot). Each start now sets them from the documents and names
+    the machines."""
+    await stray_columns_mended(make_env, "", caplog)
+
+
+async def test_a_machines_columns_hand_sql_left_behind_its_document_are_mended_at_start_postgresql(
+        make_env: EnvFactory, pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    await stray_columns_mended(
+        make_env, f'inventory:\n  backend: postgresql\n  dsn: "{pg_dsn}"\n', caplog, pg_dsn)
+
+
+async def stray_columns_mended(make_env: EnvFactory, extra: str,
+                               caplog: pytest.LogCaptureFixture, dsn: str = "") -> None:
+    import asyncpg
+
+    env = await make_env(extra)
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:43:00:01", "fixed_ipv4": "192.0.2.60"},
+                   status=201)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:43:00:02"}, status=201)
+    store = env.service.store
+    a, b = await store.list_machines()
+    # A tool's SQL: the documents alone.
+    if dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("UPDATE machines SET data = jsonb_set(data::jsonb, '{fixed_ipv4}',"
+                               " '\"192.0.2.61\"')::text WHERE id = $1", a.id)
+            await conn.execute("UPDATE machines SET data = jsonb_set(data::jsonb, '{profile}',"
+                               " '\"k3os\"')::text WHERE id = $1", b.id)
+        finally:
+            await conn.close()
+    else:
+        with contextlib.closing(sqlite3.connect(store.path)) as hand, hand:
+            hand.execute("UPDATE machines SET data = json_set(data, '$.fixed_ipv4',"
+                         " '192.0.2.61') WHERE id = ?", (a.id,))
+            hand.execute("UPDATE machines SET data = json_set(data, '$.profile', 'k3os')"
+                         " WHERE id = ?", (b.id,))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="netboot.service"):
+        again = await build(env.service.config)
+    try:
+        told = [r.getMessage() for r in caplog.records if "columns beside" in r.getMessage()]
+        assert [t.split(": its")[0] for t in told] == ["machine 52:54:00:43:00:01",
+                                                       "machine 52:54:00:43:00:02"], told
+        assert told[0].endswith("fixed_ipv4 192.0.2.60 -> 192.0.2.61. Change machines "
+                                "through netboot (netboot machines set, PATCH "
+                                "/api/v1/machines/REF), or set those columns with the "
+                                "document"), told
+        assert "set from the document: profile none -> k3os." in told[1], told
+        mended = again.store
+        with pytest.raises(Conflict, match="is used by machine 52:54:00:43:00:02"):
+            await mended.delete_profile("k3os", unused=True)
+        with pytest.raises(Conflict, match=re.escape("fixed_ipv4 192.0.2.61 is the fixed")):
+            await mended.create_machine(Machine(macs=(MacAddress.parse("52:54:00:43:00:03"),),
+                                                fixed_ipv4="192.0.2.61"))
+        await mended.create_machine(Machine(macs=(MacAddress.parse("52:54:00:43:00:04"),),
+                                            fixed_ipv4="192.0.2.60"))
+        assert await mended.mend_stray_columns() == []  # type: ignore[attr-defined]
+    finally:
+        await again.store.close()
+
+
 async def test_an_upgrade_names_the_machines_an_older_register_command_registered(
         tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -52,6 +52,60 @@ SINCE_SQLITE = "COALESCE(json_extract(m.data, '$.state_since'), m.created)"
 SINCE_POSTGRES = "COALESCE(((m.data::jsonb) ->> 'state_since')::float8, m.created)"
 
 
+# Hostnames are unique under ASCII case folding (RFC 4343), as SQLite's lower() and
+# PostgreSQL's translate() index them: a writer comparing names before the store does
+# (MemoryStore, an import's names against the inventory's) folds the same way.
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_hostname(hostname: str) -> str:
+    # The name itself when it has no capital (as netboot stores them): translate() makes a
+    # new string each call, 100,000 of them (~6 MiB) for an import's map of the inventory.
+    return hostname if hostname.islower() else hostname.translate(_ASCII_LOWER)
+
+
+# A machine whose columns differ from its document, as mend_stray reads it: its id, its
+# ref, its fixed_ipv4 column and its document's, its profile column and its document's.
+StrayRow = tuple[str, str, str | None, str | None, str | None, str | None]
+
+
+def mend_stray(rows: Sequence[StrayRow], holders: Mapping[str, str],
+               ) -> tuple[list[str], list[tuple[str, str]], list[tuple[str | None, str]],
+                          list[tuple[str, str]]]:
+    """How a store sets the ``fixed_ipv4`` and ``profile`` columns beside machines'
+    documents from the documents, in one write transaction (start-up's
+    service.mend_stray_columns): ``rows`` are the machines whose columns differ (StrayRow),
+    oldest first; ``holders`` the machine id holding each of their documents' addresses in
+    its column now. Every differing address is let go first (two machines' swapped by
+    hand), then each taken back where no other machine's column holds it, the oldest
+    first; one another holds stays NULL, its document keeping it (an older inventory's
+    shared address, S42's migration: start-up names those). Gives the ids to let go,
+    (address, id) and (profile, id) to set, and each machine changed (its ref, how)."""
+    let_go = [row[0] for row in rows if row[2] is not None and row[2] != row[3]]
+    freed = set(let_go)
+    held = {address for address, ident in holders.items() if ident not in freed}
+    fixed: list[tuple[str, str]] = []
+    profiles: list[tuple[str | None, str]] = []
+    told: list[tuple[str, str]] = []
+    for ident, ref, column, document, profile_column, profile in rows:
+        said = []
+        if profile_column != profile:
+            profiles.append((profile, ident))
+            said.append(f"profile {profile_column or 'none'} -> {profile or 'none'}")
+        now = column if column == document else None
+        if now is None and document is not None and document not in held:
+            fixed.append((document, ident))
+            held.add(document)
+            now = document
+        if now != column:
+            said.append(f"fixed_ipv4 {column or 'none'} -> {now or 'none'}" + (
+                "" if now == document else
+                f" (its document's {document} is another machine's)"))
+        if said:
+            told.append((ref, ", ".join(said)))
+    return let_go, fixed, profiles, told
+
+
 def check_unchanged(kind: str, name: str, stored: Any, read: Any) -> None:
     """The compare-and-set of ``put_cluster``/``put_profile``/``put_group(expect=read)``:
     the item as stored now (opened) is the one its writer read (``kind``: cluster, profile,
@@ -91,6 +145,9 @@ class MachineFilter:
     state: MachineState | None = None
     cluster: str | None = None
     labels: tuple[tuple[str, str], ...] = ()  # all must match
+    # The machines naming this profile: by the indexed ``profile`` column of the SQL stores
+    # (a profile's users, Core._users), not a scan of every document.
+    profile: str | None = None
     uuid: str | None = None  # exact, canonical lowercase form
     serials: tuple[str, ...] = ()  # any of these exact serials
     has_mac: bool | None = None  # True: at least one NIC known; False: none yet

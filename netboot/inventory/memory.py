@@ -30,6 +30,7 @@ from netboot.inventory.base import (
     MachineFilter,
     check_unchanged,
     fixed_taken,
+    fold_hostname,
     in_use,
 )
 from netboot.inventory.signal import Signal, wait_until
@@ -48,14 +49,6 @@ from netboot.model import (
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
-
-# SQLite's lower() folds ASCII only; folding the same way keeps both stores' uniqueness equal.
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def fold_hostname(hostname: str) -> str:
-    return hostname.translate(_ASCII_LOWER)
-
 
 class MemoryStore:
     """:class:`~netboot.inventory.base.Store` in dicts. ``open``/``close`` only flip a flag."""
@@ -119,6 +112,8 @@ class MemoryStore:
             if flt.state is not None and machine.state != flt.state:
                 continue
             if flt.cluster is not None and machine.cluster != flt.cluster:
+                continue
+            if flt.profile is not None and machine.profile != flt.profile:
                 continue
             if any(machine.labels.get(k) != v for k, v in flt.labels):
                 continue

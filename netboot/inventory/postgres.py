@@ -95,6 +95,7 @@ from netboot.inventory.base import (
     check_unchanged,
     fixed_taken,
     in_use,
+    mend_stray,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.dsn import PeerSettings
@@ -260,6 +261,14 @@ DECODE_CHUNK = 500
 # Hostnames are unique under ASCII case folding (RFC 4343; IDNs arrive as punycode), which is
 # what SQLite's lower() does; PostgreSQL's lower() would fold by the database's locale.
 _UPPER, _LOWER = "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz"
+
+
+# The machines whose fixed_ipv4 or profile column is not their document's (base.StrayRow).
+_STRAY_ROWS = ("SELECT id, coalesce(mac, id), fixed_ipv4, (data::jsonb) ->> 'fixed_ipv4',"
+               " profile, (data::jsonb) ->> 'profile' FROM machines"
+               " WHERE profile IS DISTINCT FROM (data::jsonb) ->> 'profile'"
+               " OR fixed_ipv4 IS DISTINCT FROM (data::jsonb) ->> 'fixed_ipv4'"
+               " ORDER BY created, id")
 
 
 def _fold(sql: str) -> str:
@@ -665,6 +674,29 @@ class PostgresStore:
         notification cannot be lost unnoticed: while the LISTEN connection is down, readers
         still sync on their own schedule (InventoryView.fresh's ``max_age``)."""
         return self._commits
+
+    async def mend_stray_columns(self) -> list[tuple[str, str]]:
+        """base.mend_stray, as SqliteStore.mend_stray_columns: one scan of every document,
+        in the writers' lock's transaction, for start-up."""
+        # Looked for in a read first: no write (nor the writers' lock) at every start.
+        async with self._conn() as conn:
+            if not await conn.fetch(_STRAY_ROWS):
+                return []
+        async with self._write() as conn:
+            rows = [tuple(row) for row in await conn.fetch(_STRAY_ROWS)]
+            if not rows:
+                return []
+            holders = {address: ident for address, ident in await conn.fetch(
+                "SELECT fixed_ipv4, id FROM machines WHERE fixed_ipv4 = ANY($1::text[])",
+                [row[3] for row in rows if row[3] is not None])}
+            let_go, fixed, profiles, told = mend_stray(rows, holders)
+            for sql, args in (("UPDATE machines SET fixed_ipv4 = NULL WHERE id = $1",
+                               [(ident,) for ident in let_go]),
+                              ("UPDATE machines SET fixed_ipv4 = $1 WHERE id = $2", fixed),
+                              ("UPDATE machines SET profile = $1 WHERE id = $2", profiles)):
+                if args:
+                    await conn.executemany(sql, args)
+        return told
 
     @contextlib.asynccontextmanager
     async def fixed_addresses_held(self) -> AsyncIterator[None]:
@@ -2685,6 +2717,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append(f"m.state = {arg(flt.state.value)}")
     if flt.cluster is not None:
         clauses.append(f"m.cluster = {arg(flt.cluster)}")
+    if flt.profile is not None:
+        clauses.append(f"m.profile = {arg(flt.profile)}")  # machines_profile (migration 5)
     if flt.uuid is not None:
         clauses.append(f"((m.data::jsonb) ->> 'uuid') = {arg(flt.uuid)}")
     if flt.serials:

@@ -77,9 +77,11 @@ from netboot.inventory.base import (
     EventListener,
     MachineFilter,
     Sealer,
+    StrayRow,
     check_unchanged,
     fixed_taken,
     in_use,
+    mend_stray,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.sealed import Sealed, join_token_context
@@ -609,6 +611,15 @@ class SqliteStore:
         returns, on the event loop's thread, so a reader that sees the count unchanged
         since its last sync knows this process wrote nothing since."""
         return self._commits
+
+    async def mend_stray_columns(self) -> list[tuple[str, str]]:
+        """base.mend_stray: each machine's ``fixed_ipv4`` and ``profile`` columns set from
+        its document where SQL changed one without the other; one scan of every document
+        (json_extract, in C), for start-up (service.mend_stray_columns)."""
+        # Looked for in a read first: no write transaction at every start for none.
+        if not await self._read(_stray_rows):
+            return []
+        return await self._run(_mend_stray_columns)
 
     @contextlib.asynccontextmanager
     async def fixed_addresses_held(self) -> AsyncIterator[None]:
@@ -1760,6 +1771,9 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
     if flt.cluster is not None:
         clauses.append("m.cluster = ?")
         params.append(flt.cluster)
+    if flt.profile is not None:
+        clauses.append("m.profile = ?")  # machines_profile (migration 8)
+        params.append(flt.profile)
     if flt.uuid is not None:
         clauses.append("json_extract(m.data, '$.uuid') = ?")
         params.append(flt.uuid)
@@ -1835,6 +1849,32 @@ def _machines_after(conn: sqlite3.Connection, after: str, limit: int,
     rows = conn.execute("SELECT data FROM machines WHERE id > ? ORDER BY id LIMIT ?",
                         (after, limit)).fetchall()
     return [_machine(r[0], maps) for r in rows]
+
+
+def _stray_rows(conn: sqlite3.Connection) -> list[StrayRow]:
+    return conn.execute(
+        "SELECT id, coalesce(mac, id), fixed_ipv4, json_extract(data, '$.fixed_ipv4'),"
+        " profile, json_extract(data, '$.profile') FROM machines"
+        " WHERE profile IS NOT json_extract(data, '$.profile')"
+        " OR fixed_ipv4 IS NOT json_extract(data, '$.fixed_ipv4')"
+        " ORDER BY created, id").fetchall()
+
+
+def _mend_stray_columns(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+    with _immediate(conn):
+        rows = _stray_rows(conn)
+        if not rows:
+            return []
+        holders = dict(conn.execute(
+            "SELECT fixed_ipv4, id FROM machines WHERE fixed_ipv4 IN"
+            " (SELECT value FROM json_each(?))",
+            (json.dumps([row[3] for row in rows if row[3] is not None]),)).fetchall())
+        let_go, fixed, profiles, told = mend_stray(rows, holders)
+        conn.executemany("UPDATE machines SET fixed_ipv4 = NULL WHERE id = ?",
+                         [(ident,) for ident in let_go])
+        conn.executemany("UPDATE machines SET fixed_ipv4 = ? WHERE id = ?", fixed)
+        conn.executemany("UPDATE machines SET profile = ? WHERE id = ?", profiles)
+        return told
 
 
 def _count_machines(conn: sqlite3.Connection, flt: MachineFilter) -> int:

@@ -1827,6 +1827,25 @@ async def check_a_shared_fixed_address_migrated(store: Store, a: Machine, b: Mac
     assert err.value.holder == a.id
 
 
+async def test_machines_are_listed_and_counted_by_the_profile_they_name(
+        store: Store) -> None:
+    """MachineFilter.profile: the machines naming a profile (Core._users' list of a
+    profile's users, by the SQL stores' indexed column), in every store alike, with the
+    other filters, paged."""
+    await store.create_machine(machine(MAC1, profile="p"))
+    await store.create_machine(machine(MAC2, profile="q", cluster="c"))
+    await store.create_machine(machine(MAC3, profile="p", cluster="c"))
+    await store.create_machine(machine(mac(4)))
+    by_profile = MachineFilter(profile="p")
+    assert [m.ref for m in await store.list_machines(by_profile)] == [MAC1, MAC3]
+    assert await store.count_machines(by_profile) == 2
+    assert [m.ref for m in await store.list_machines(
+        replace(by_profile, cluster="c"))] == [MAC3]
+    assert [m.ref for m in await store.list_machines(replace(by_profile, limit=1,
+                                                             offset=1))] == [MAC3]
+    assert await store.count_machines(MachineFilter(profile="none")) == 0
+
+
 async def test_a_profile_named_by_every_write_path_keeps_its_delete_refused(
         store: Store) -> None:
     """A profile's delete finds the machines naming it by an indexed column the writers set

@@ -2400,3 +2400,43 @@ async def test_a_profile_delete_finds_its_users_by_an_index_in_its_write_transac
         assert all(p and not any(step.startswith("SCAN") for step in p) for p in plans), plans
     finally:
         await store.close()
+
+
+async def test_addresses_swapped_and_shared_by_hand_sql_are_mended_as_the_index_allows(
+        tmp_path: Path) -> None:
+    """mend_stray_columns (start-up's, service.mend_stray_columns) on what hand SQL may
+    leave: two machines' addresses swapped in their documents alone (each column holding
+    the other's address: both let go first, then each takes its own), a third's document
+    given an address a fourth's column holds (its column let go, left NULL, said so), and
+    an older inventory's shared address (NULL beside a document whose address another
+    holds: kept, not told, at every start)."""
+    store = SqliteStore(tmp_path / "inv.db")
+    await store.open()
+    try:
+        made = [Machine(macs=(MacAddress.parse(f"52:54:00:43:01:0{i}"),), created=float(i),
+                        fixed_ipv4=f"192.0.2.{i}") for i in range(1, 5)]
+        await store.apply_batch(Batch(create=made))
+        one, two, three, _ = (m.id for m in made)
+        with contextlib.closing(sqlite3.connect(store.path)) as hand, hand:
+            for ident, address in ((one, "192.0.2.2"), (two, "192.0.2.1"),
+                                   (three, "192.0.2.4")):
+                hand.execute("UPDATE machines SET data = json_set(data, '$.fixed_ipv4', ?)"
+                             " WHERE id = ?", (address, ident))
+        assert await store.mend_stray_columns() == [
+            ("52:54:00:43:01:01", "fixed_ipv4 192.0.2.1 -> 192.0.2.2"),
+            ("52:54:00:43:01:02", "fixed_ipv4 192.0.2.2 -> 192.0.2.1"),
+            ("52:54:00:43:01:03", "fixed_ipv4 192.0.2.3 -> none (its document's 192.0.2.4 "
+                                  "is another machine's)")]
+        assert await store.mend_stray_columns() == []  # the shared one is kept, untold
+        columns = await store._run(lambda conn: dict(conn.execute(
+            "SELECT coalesce(mac, id), fixed_ipv4 FROM machines").fetchall()))
+        assert columns == {"52:54:00:43:01:01": "192.0.2.2", "52:54:00:43:01:02": "192.0.2.1",
+                           "52:54:00:43:01:03": None, "52:54:00:43:01:04": "192.0.2.4"}
+        # 192.0.2.3, let go, is anyone's again; 192.0.2.2 is refused to another machine.
+        await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:43:01:09"),),
+                                           fixed_ipv4="192.0.2.3"))
+        with pytest.raises(Conflict, match=r"fixed_ipv4 192\.0\.2\.2 is the fixed address"):
+            await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:43:01:0a"),),
+                                               fixed_ipv4="192.0.2.2"))
+    finally:
+        await store.close()
