@@ -13,7 +13,6 @@ NotFound (404), Conflict (409) naming what is in the way.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import json
