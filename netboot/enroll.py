@@ -1354,7 +1354,7 @@ class Enroller:
         # The state alone: lifecycle.moved, advance without **changes (s39-http1st).
         updated = lifecycle.moved(machine, _FETCHED, self._clock())
         # By position, as model.event_of makes it (no class call: s38-install).
-        event = event_of(machine.id, self._clock(), "config", f"{what} fetched", {})
+        event = event_of(machine.id, self._clock(), "config", f"{what} fetched", {}, "{}")
         if updated is machine:
             # Fetched again (an installer retrying): no state moves, and the event tells the
             # device nothing: queued with the next group commit of boot notes.

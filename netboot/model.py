@@ -200,6 +200,14 @@ class Event:
 
     ``machine`` is the machine's id (:attr:`Machine.id`), not a MAC: a machine has several NICs
     or none known yet, and its history follows it whichever NIC it booted from.
+
+    ``data_text``: ``data`` as the JSON text a store writes (codec.stored_event's), made by
+    the maker that made ``data`` and gives it away unchanged (BootService._new_event), so
+    that no store encodes it again: a first ``/ipxe`` install's event of five pairs was
+    ~17,000 instructions of the event loop in codec.stored_event (benchmarks/README.md
+    s42-install, s43-install). None (as a rule): the store encodes ``data``. Not compared
+    nor shown: the same event either way. An event made from another with other data
+    (``dataclasses.replace``) must not keep it.
     """
 
     machine: str
@@ -207,6 +215,7 @@ class Event:
     kind: str
     message: str = ""
     data: Mapping[str, Any] = field(default_factory=dict)
+    data_text: str | None = field(default=None, compare=False, repr=False)
 
 
 def equal(a: object, b: object) -> bool:
@@ -588,8 +597,9 @@ def by_position(cls: type[_F]) -> Callable[..., _F]:
 
 
 slot_init(Event)
-# By position: machine, time, kind, message, data.
-event_of: Callable[[str, float, str, str, Mapping[str, Any]], Event] = by_position(Event)
+# By position: machine, time, kind, message, data, data_text.
+event_of: Callable[[str, float, str, str, Mapping[str, Any], str | None], Event] = (
+    by_position(Event))
 
 
 _machine_of_values: Callable[[Sequence[Any]], Machine] = Machine._of_values  # type: ignore[attr-defined]

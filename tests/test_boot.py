@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -13,11 +14,12 @@ from typing import Any
 import pytest
 
 from netboot import boot as boot_module
-from netboot import enroll
+from netboot import enroll, identity
 from netboot.boot import BootService, BootSettings, loader_aliases
 from netboot.enroll import Enroller
 from netboot.errors import Conflict
 from netboot.files import FileTree
+from netboot.inventory import codec
 from netboot.inventory.base import Batch
 from netboot.inventory.memory import MemoryStore
 from netboot.inventory.sqlite import SqliteStore
@@ -188,6 +190,70 @@ async def test_a_first_installs_event_says_what_the_request_told(
     assert event.data == {"via": "ipxe", "firmware": "ipxe", "arch": "x86_64",
                           "mac": "52:54:00:00:00:11", "peer": "192.0.2.7"}
     assert type(event.data["mac"]) is str and event.time == clock.now
+
+
+@pytest.mark.parametrize("request_", [
+    BootRequest(mac=MAC, firmware=Firmware.IPXE, arch=Arch.X86_64, via="ipxe",
+                remote_addr="192.0.2.7"),
+    BootRequest(mac=MAC, firmware=Firmware.UEFI_HTTP, arch=Arch.ARM64, via="http"),
+    BootRequest(mac=MacAddress(identity.NO_NIC_BYTES), firmware=Firmware.UNKNOWN,
+                arch=Arch.UNKNOWN, via='a"b\\\u2028\U0001f600', remote_addr="fe80::1%eth0"),
+    BootRequest(mac=MacAddress(identity.NO_NIC_BYTES), firmware=Firmware.BIOS, arch=Arch.X86,
+                via="tftp", remote_addr="192.0.2.8"),
+])
+def test_a_boot_events_data_text_is_what_the_store_would_write_of_its_data(
+        setup: tuple[BootService, MemoryStore, Clock], request_: BootRequest) -> None:
+    """The boot path's events carry their data's JSON text, made with the data
+    (Event.data_text), which the stores write instead of encoding it again: it is what
+    codec writes of that data, in its order, whichever pairs the request gives."""
+    boot, _, _ = setup
+    machine = Machine(macs=(MAC,))
+    event = boot._new_event(machine, "install-plan", "m", request_)
+    assert event.data_text == codec.dumps(dict(event.data))
+    assert json.loads(event.data_text) == event.data
+    assert list(json.loads(event.data_text)) == list(event.data)
+    plain = Event(event.machine, event.time, event.kind, event.message, dict(event.data))
+    assert codec.stored_event(event, False) == codec.stored_event(plain, False)
+    assert boot._new_event(machine, "seen", "m").data_text == "{}"
+
+
+async def test_a_first_installs_event_is_stored_in_sqlite_as_its_data(tmp_path: Path) -> None:
+    """A first install on a real SQLite file: its event's data column is the JSON of the
+    request's pairs (written from the text made with the event), read back as that data,
+    the same after the store is opened again."""
+    (tmp_path / "ipxe.efi").write_bytes(b"x")
+    path = tmp_path / "inv.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        clock = Clock()
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="ignore"),
+                           Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+        await store.put_profile(Profile(name="p", kernel="vmlinuz", initrds=("initrd",)))
+        await store.put_cluster(Cluster(name="edge", server_url="https://192.0.2.50:6443",
+                                        token="secret"))
+        await store.create_machine(Machine(macs=(MAC,), hostname="edge-1", profile="p",
+                                           cluster="edge"))
+        plan = await boot.plan(BootRequest(mac=MAC, firmware=Firmware.IPXE, arch=Arch.X86_64,
+                                           via='ip"xe', remote_addr="192.0.2.7"))
+        assert plan.action == BootAction.INSTALL
+        await boot.drain()
+    finally:
+        await store.close()
+    data = {"via": 'ip"xe', "firmware": "ipxe", "arch": "x86_64", "mac": "52:54:00:00:00:11",
+            "peer": "192.0.2.7"}
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        (text,) = conn.execute("SELECT data FROM events WHERE kind = 'install-plan'").fetchone()
+    assert json.loads(text) == data and text == json.dumps(data, separators=(",", ":"))
+    again = SqliteStore(path)
+    await again.open()
+    try:
+        machine = await again.machine_by("mac", str(MAC))
+        assert machine is not None
+        (event,) = [e for e in await again.list_events(machine.id) if e.kind == "install-plan"]
+        assert event.data == data
+    finally:
+        await again.close()
 
 
 @pytest.mark.parametrize(("own", "group_profile", "said"), [

@@ -403,7 +403,8 @@ def test_a_value_made_by_position_is_the_class_calls_value() -> None:
     join = K3sJoin(Role.SERVER, "https://s:6443", False, "t", {"l": "v"}, ("a=b:NoSchedule",),
                    "node-1", ("s.example",))
     cases: list[tuple[type, object, tuple[object, ...]]] = [
-        (Event, event_of, ("m-1", 1.5, "install-plan", "install profile p", {"via": "http"})),
+        (Event, event_of, ("m-1", 1.5, "install-plan", "install profile p", {"via": "http"},
+                           '{"via":"http"}')),
         (K3sJoin, join_of, (Role.SERVER, "https://s:6443", False, "t", {"l": "v"},
                             ("a=b:NoSchedule",), "node-1", ("s.example",))),
         (BootPlan, plan_of, (BootAction.INSTALL, mac, "why", 0, machine, "g", None, None, join,

@@ -1919,9 +1919,12 @@ class PostgresStore:
                 or batch.versions or batch.audit):
             return
         audit = [codec.audit_from_dict(codec.audit_to_dict(e)) for e in batch.audit]
-        events = [codec.event_from_dict(codec.event_to_dict(e)) for e in batch.events]
-        event_rows = [(v.machine, v.time, v.kind, v.message, codec.dumps(dict(v.data), "data"))
-                      for v in events]
+        # Each event as read back, with its data's text (codec.stored_event: the round trip
+        # of event_from_dict, or the text its maker gave, Event.data_text), copied: the
+        # listener keeps them.
+        stored = [codec.stored_event(e) for e in batch.events]
+        events = [v for v, _ in stored]
+        event_rows = [(v.machine, v.time, v.kind, v.message, text) for v, text in stored]
         sealed = [self._sealed.seal_machine(m) for m in (*batch.create, *batch.update)]
         creates = [_Row(m) for m in sealed[:len(batch.create)]]
         updates = [_Row(m) for m in sealed[len(batch.create):]]

@@ -838,6 +838,23 @@ def test_a_stored_event_with_the_boot_paths_keys_writes_what_dumps_does(
         assert json.loads(text) == data and list(json.loads(text)) == list(data)
 
 
+def test_a_stored_event_with_its_data_text_writes_that_text() -> None:
+    # Its maker made the text with the data (Event.data_text, the boot path's events): the
+    # store writes it as given; a copy holds a copy of the data and the same text. The
+    # event's fields are still checked.
+    data = {"via": "http", "mac": "02:00:00:00:00:01"}
+    text = codec.dumps(data)
+    event = Event("m-1", 1.5, "install-plan", "m", data, text)
+    assert codec.stored_event(event, False) == (event, text)
+    assert codec.stored_event(event, False)[0] is event
+    copied, said = codec.stored_event(event)
+    assert said is text and copied == event and copied.data_text is text
+    assert copied is not event and copied.data is not data
+    with pytest.raises(ValidationError) as got:
+        codec.stored_event(Event(" ", 1.5, "install-plan", "m", data, text))
+    assert got.value.field == "machine"
+
+
 def test_the_quoted_keys_are_jsons_own_quoting() -> None:
     assert {key: json.dumps(key) + ":" for key in codec._QUOTED_KEYS} == codec._QUOTED_KEYS
 

@@ -880,6 +880,20 @@ async def test_event_round_trip(store: Store) -> None:
     assert await store.list_events(mid(MAC1)) == [event]
 
 
+async def test_an_event_with_its_data_text_reads_back_as_its_data(store: Store) -> None:
+    # The boot path's events carry their data's JSON text (Event.data_text), which a store
+    # writes as given: read back, the event is its data's, in every store, in one batch
+    # with another event of the machine, and the same after the store's own copy.
+    data = {"via": 'ip"xe', "firmware": "ipxe", "arch": "x86_64",
+            "mac": "52:54:00:00:00:11", "peer": "192.0.2.7"}
+    first = Event(mid(MAC1), 1_700_000_000.5, "install-plan", "m", data, codec.dumps(data))
+    second = Event(mid(MAC1), 1_700_000_001.5, "config", "c", {}, "{}")
+    await store.apply_batch(Batch(events=(first, second)))
+    assert await store.list_events(mid(MAC1)) == [first, second]
+    (newest,) = (await store.newest_events([mid(MAC1)])).values()
+    assert newest == second
+
+
 async def test_event_for_unknown_machine_is_kept(store: Store) -> None:
     await store.add_event(Event(machine=mid(MAC1), time=1.0, kind="discover"))
     events = await store.list_events(mid(MAC1))
