@@ -53,6 +53,13 @@ _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
 # a token's (base64url), a hostname's as a rule. Printed as they are by tojson, in no
 # whitespace split of the command line, and none of them a '#'.
 _FRAME_PLAIN = string.ascii_letters + string.digits + "-_.:"
+# A k3s server URL's in a config's frame (Content._config_framed): a plain value's and an
+# URL's ``/`` and an IPv6 host's brackets, none of them YAML's in a double-quoted scalar, a
+# comment or a block scalar (render.fills_in_place), nor escaped by tojson.
+_FRAME_URL = _FRAME_PLAIN + "/[]"
+# The join's values a config's frame puts in where the template only prints them (or tests
+# their truth: Renderer.config_join_printing): the cluster's, so one frame serves many.
+_JOIN_MARKED = frozenset({"k3s.token", "k3s.server_url"})
 # The context names whose values differ from one machine to the next (Content.context), and
 # the keys of ``k3s`` that do (its node name, in its k3s arguments too; the rest is its
 # cluster's, group's and role's): an iPXE script, command line or config that only prints
@@ -213,11 +220,11 @@ class Content:
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
         # Texts an install script's or a config's frame is rendered with in place of the
         # MAC, the MAC with hyphens, the token, the hostname and (a config's) the k3s node
-        # name (_framed, _config_framed), found where they are printed: of letters and
-        # digits (the same through tojson), and no template's own.
+        # name, join token and server URL (_framed, _config_framed), found where they are
+        # printed: of letters and digits (the same through tojson), and no template's own.
         marks = secrets.token_hex(8)
-        self._marks = tuple(f"nb{marks}{kind}" for kind in "mhtnk")
-        self._marked_at = re.compile(f"(nb{marks}[mhtnk])")
+        self._marks = tuple(f"nb{marks}{kind}" for kind in "mhtnkju")
+        self._marked_at = re.compile(f"(nb{marks}[mhtnkju])")
         # (NIC, template name) -> (template, what else it was made of, text): see _config
         self._configs: OrderedDict[tuple[MacAddress, str], tuple[object, tuple[object, ...],
                                                                  str]] = OrderedDict()
@@ -1007,21 +1014,27 @@ class Content:
                        read: tuple[Any, frozenset[str] | None]) -> str:
         """Config template ``name`` (``read``: its template and names, Renderer.reads) of
         ``plan``: the frame of its shape with the machine's MAC, token, hostname and k3s
-        node name put in, where it has one (:class:`_Frame`), else rendered and checked
-        (:meth:`_config_rendered`, the shape's frame made). A storm's first configs share a
-        few shapes: one per template, header, base URL, profile, cluster, plan dict, CA,
-        console, the join but its node name (role, server URL, token, labels, taints, TLS
-        names), and whether the machine has a hostname, the plan a token and the join a node
-        name. The context, the split's fill and its YAML check were ~a quarter of a first
-        config's loop bytecodes (s42-config); the frame is a copy, a slice assignment and a
-        join.
+        node name, and its cluster's join token and server URL, put in, where it has one
+        (:class:`_Frame`), else rendered and checked (:meth:`_config_rendered`, the shape's
+        frame made). A storm's first configs share a few shapes: one per template, header,
+        base URL, profile, plan dict, CA, console, the join but its node name, token and
+        server URL (role, cluster-init, labels, taints; a server's TLS names), and whether
+        the machine has a hostname, the plan a token and the join a node name, a token and
+        a server URL; the cluster itself only where the template reads its dict or the node
+        is a server (its k3s CA and agent token): a fleet's agents of hundreds of clusters
+        share a frame (s43-config). Where the template reads the join token or server URL
+        otherwise than printing them (Renderer.config_join_printing), they are in the key
+        by value: a frame per cluster. The context, the split's fill and its YAML check
+        were ~a quarter of a first config's loop bytecodes (s42-config); the frame is a
+        copy, a slice assignment and a join.
 
         The text is the one the render gives, as for an install script's (:meth:`_framed`):
         a frame is made only where the template has its split form (Renderer
         .config_only_printing: its per-machine values only printed), reads no name but
         _CONFIG_FRAMED_NAMES (of the machine only its hostname), every value put in is of
         letters, digits and ``-_.:`` (the same text through tojson and the register
-        command's quoting), and every place of one is inside a double-quoted scalar, on a
+        command's quoting; a server URL ``/[]`` too: it is in no register command), and
+        every place of one is inside a double-quoted scalar, on a
         comment's line or on a block scalar's line (render.fills_in_place: the YAML says
         the same with any such value, so the render's check passes too). It is made from a
         render with marks in their place and kept only if, filled with the request's own
@@ -1038,24 +1051,45 @@ class Content:
             return self._config_rendered(name, plan, header, read)
         token = plan.token or ""
         hostname = machine.hostname
-        node = k3s.node_name if k3s is not None else ""
         trust = self._trust() if want.trust else None
+        # The join's values by value (its labels and taints are its group's too), but its
+        # token and server URL where the template only prints them (or tests their truth:
+        # Renderer.config_join_printing): those are put in as the node name is, so that
+        # one frame serves a shape's nodes in every cluster (a fleet's hundreds), its key
+        # holding whether each is true. The cluster object keys the frame only where more
+        # of it is read: its dict, or a server's k3s CA and agent token.
+        node = join_token = server_url = ""
+        owner = cluster if want.cluster else None
+        join: tuple[object, ...] | None = None
+        if k3s is not None:
+            node = k3s.node_name
+            # A server's TLS names (its k3s arguments: an agent's print none, and a managed
+            # cluster's are its own) and cluster (its CA) are its frame's.
+            tls: tuple[str, ...] | None = None
+            if k3s.role == "server":  # Role.SERVER's value, as Content.context reads it
+                owner, tls = cluster, k3s.tls_san
+            if self._render.config_join_printing(template, name, _JOIN_MARKED):
+                join_token, server_url = k3s.token, k3s.server_url or ""
+                join = (k3s.role, k3s.server_url if not server_url else True,
+                        k3s.cluster_init, not join_token, tuple(k3s.labels.items()),
+                        k3s.taints, tls)
+            else:
+                join = (k3s.role, k3s.server_url, k3s.cluster_init, k3s.token,
+                        tuple(k3s.labels.items()), k3s.taints, tls, None)
         # Profile and cluster by their ids: the frame holds them, so that no other takes
-        # those ids meanwhile; the join's values by value (its labels and taints are its
-        # group's too, its server URL the cluster's servers' as the view has them).
-        key = (template, header, id(profile), id(cluster), plan.action, plan.reason,
+        # those ids meanwhile.
+        key = (template, header, id(profile), id(owner), plan.action, plan.reason,
                plan.retry_seconds, self._base_url(),
                default_console(machine.arch, machine.firmware) if want.console else None,
-               None if k3s is None else (k3s.role, k3s.server_url, k3s.cluster_init,
-                                         k3s.token, tuple(k3s.labels.items()), k3s.taints,
-                                         k3s.tls_san),
-               not hostname, not token, not node)
+               join, not hostname, not token, not node)
         frame = frames.get(key)
         plain = not ((hostname and hostname.strip(_FRAME_PLAIN)) or token.strip(_FRAME_PLAIN)
-                     or node.strip(_FRAME_PLAIN))
+                     or node.strip(_FRAME_PLAIN) or join_token.strip(_FRAME_PLAIN)
+                     or server_url.strip(_FRAME_URL))
         mac = plan.mac
-        values = (mac.hex(":"), mac.hex("-"), token, hostname or "", node)
-        if frame is not None and plain and frame.fits(profile, trust, cluster):
+        values = (mac.hex(":"), mac.hex("-"), token, hostname or "", node, join_token,
+                  server_url)
+        if frame is not None and plain and frame.fits(profile, trust, owner):
             want.framed += 1
             text = frame.text(values)
             if k3s is not None and k3s.role == "server" and name in _CA_WRITERS:
@@ -1068,8 +1102,10 @@ class Content:
             want.made < _FEW or want.framed >= 8 * want.made)
         if tried:
             marks = self._marks
-            marked_plan = plan if not node or k3s is None else replace(
-                plan, k3s=replace(k3s, node_name=marks[4]))
+            marked_plan = plan if k3s is None else replace(plan, k3s=replace(
+                k3s, node_name=marks[4] if node else node,
+                token=marks[5] if join_token else k3s.token,
+                server_url=marks[6] if server_url else k3s.server_url))
             with contextlib.suppress(RenderError):  # the render below says why
                 marked = self._render.yaml_config(name, lambda names: self.context(
                     marked_plan, names=names, token=marks[2] if token else None,
@@ -1080,7 +1116,7 @@ class Content:
             # Counted, and kept (None) where the marked render failed and this one did not:
             # such a shape is not tried again at every request.
             want.made += 1
-            made = (self._config_frame_of(marked, header, profile, trust, cluster)
+            made = (self._config_frame_of(marked, header, profile, trust, owner)
                     if marked is not None and self._render.config_only_printing(template)
                     else None)
             if len(frames) >= _FEW:

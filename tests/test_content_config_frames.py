@@ -315,3 +315,148 @@ async def test_a_shape_whose_marked_render_fails_is_not_tried_again(
         text, whole = await _first_config(env, mac)
         assert text == whole and text.endswith(f"# {mac[-2:]}\n"), mac
     assert _frames(env) == (1, 0)  # tried once (its marked render failed), never used
+
+
+NAMES = [K3OS, *(f"cloud-config/cloud-init/{n}" for n in ("user-data", "meta-data",
+                                                          "vendor-data"))]
+
+
+async def _clusters(env: Env, count: int, *, token: str = "tok-c{i}-secret",
+                    server_url: str = "https://192.0.2.{i}:6443") -> list[str]:
+    """``count`` clusters with their own server URL and join token, no labels: the MACs of
+    a machine of each (hostname ``h-i``), enrolled with profile k3os (an agent)."""
+    await env.seed()
+    macs = []
+    for i in range(count):
+        await env.post("/api/v1/clusters", {
+            "name": f"c{i}", "server_url": server_url.format(i=70 + i),
+            "token": token.format(i=i)}, status=201)
+        mac = f"52:54:00:00:11:{i:02x}"
+        await _enrol(env, [(mac, f"h-{i}")], profile="k3os", cluster=f"c{i}")
+        macs.append(mac)
+    return macs
+
+
+async def test_agents_of_many_clusters_share_a_frame_each_with_its_own_token_and_server(
+        env: Env) -> None:
+    """The agents of clusters alike but for their server URL and join token (a fleet's
+    hundreds of clusters) share one frame per shape: each config is the text the whole
+    context renders, with its own cluster's token and server URL, never another's; every
+    shipped config template, each asked for once."""
+    macs = await _clusters(env, 5)
+    for name in NAMES:
+        for i, mac in enumerate(macs):
+            text, whole = await _first_config(env, mac, name)
+            assert text == whole, (mac, name)
+            if name in (K3OS, "cloud-config/cloud-init/user-data"):
+                assert f'"tok-c{i}-secret"' in text and f'"https://192.0.2.{70 + i}:6443"' \
+                    in text, (mac, name)
+                assert not any(f"tok-c{j}-" in text for j in range(5) if j != i), (mac, name)
+    # One frame a template, the rest filled in: k3OS and user-data, 4 filled in each (one
+    # frame per cluster before; meta-data reads instance_serial: rendered; vendor-data's
+    # are counted with the install scripts', _frames).
+    assert _frames(env) == (2, 8)
+
+
+async def test_a_rotated_join_token_or_moved_server_is_in_the_next_config_of_its_frame(
+        env: Env) -> None:
+    """A cluster's join token rotated, or its server URL moved: the next config of its
+    agents, filled in from the frame the clusters share, carries the new values, never the
+    old (the frame holds neither)."""
+    macs = await _clusters(env, 3)
+    for mac in macs[:2]:
+        text, whole = await _first_config(env, mac)
+        assert text == whole
+    r = await call(env, "PUT", "/api/v1/clusters/c2",
+                   json_body={"server_url": "https://192.0.2.90:6443", "token": "rotated-2"})
+    assert r.status == 200, r.text
+    await _enrol(env, [("52:54:00:00:11:20", "h-20")], profile="k3os", cluster="c2")
+    for mac in (macs[2], "52:54:00:00:11:20"):
+        text, whole = await _first_config(env, mac)
+        assert text == whole and '"rotated-2"' in text and "tok-c2" not in text, mac
+        assert '"https://192.0.2.90:6443"' in text and "192.0.2.72" not in text, mac
+    assert _frames(env) == (1, 3)  # the same frame, filled in with the new values
+
+
+async def test_join_values_a_frame_cannot_take_as_they_are_are_rendered(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """A join token tojson escapes (a quote, '<', a space, a '#') is rendered, as the whole
+    context gives it; an IPv6 server URL (its brackets and slashes are no YAML's there, nor
+    tojson's) is filled in."""
+    env, _, _ = await own_template(make_env, tmp_path, K3OS)
+    macs = await _clusters(env, 3, token='odd"<to ken#{i}')
+    for mac in macs:
+        text, whole = await _first_config(env, mac)
+        assert text == whole and "to ken#" in text, mac
+    assert _frames(env) == (0, 0)  # not even tried: no frame's letters
+    r = await call(env, "PUT", "/api/v1/clusters/c1", json_body={
+        "server_url": "https://[2001:db8::5]:6443", "token": "plain-1"})
+    assert r.status == 200, r.text
+    r = await call(env, "PUT", "/api/v1/clusters/c2", json_body={
+        "server_url": "https://[2001:db8::6]:6443", "token": "plain-2"})
+    assert r.status == 200, r.text
+    for mac in macs[1:]:
+        text, whole = await _first_config(env, mac)
+        assert text == whole and "2001:db8::" in text, mac
+    assert _frames(env) == (1, 1)
+
+
+@pytest.mark.parametrize("line", [
+    '{% if k3s.token.startswith("tok-c1") %}# one\n{% endif %}',
+    '{% if k3s.server_url == "https://192.0.2.71:6443" %}# one\n{% endif %}',
+    '# {{ k3s.token[4:6] }}{% if "c1" in k3s.server_url ~ k3s.token %} one{% endif %}\n',
+])
+async def test_a_config_reading_the_join_otherwise_than_printing_it_is_framed_per_cluster(
+        make_env: EnvFactory, tmp_path: Path, line: str) -> None:
+    """A template that reads the join's token or server URL otherwise than printing them
+    (or testing their truth) has no frame shared by clusters: each cluster's configs are its
+    own frame's (as before), each the text the whole context renders."""
+    env, own, shipped = await own_template(make_env, tmp_path, K3OS)
+    own.write_text(shipped + line)
+    macs = await _clusters(env, 3)
+    for i, mac in enumerate(macs):
+        text, whole = await _first_config(env, mac)
+        assert text == whole and text.endswith(" one\n") == (i == 1), mac
+    assert _frames(env)[0] == 3  # one per cluster
+
+
+@pytest.mark.parametrize(("line", "ends"), [
+    ("", (61, 61)), ("", (61, 62)), ("# cluster {{ cluster.name }}\n", (61, 61))])
+async def test_servers_and_a_config_printing_the_cluster_are_framed_per_cluster(
+        make_env: EnvFactory, tmp_path: Path, line: str, ends: tuple[int, int]) -> None:
+    """What a config holds of its cluster beyond the join's token and server URL keeps its
+    frames per cluster: a server's k3s CA and agent token (two managed clusters alike but
+    for their CAs and tokens: one endpoint, the same labels), and a template printing the
+    cluster's name: each config the text the whole context renders, with its own
+    cluster's CA and name. Their agents share a frame though their TLS names (a server's
+    k3s arguments alone) differ (two endpoints)."""
+    env, own, shipped = await own_template(make_env, tmp_path, K3OS)
+    own.write_text(shipped + line)
+    await env.seed(role="server", server_url="managed")
+    await env.post("/api/v1/clusters", {"name": "m2", "server_url": "managed",
+                                        "labels": {"site": "lab"}}, status=201)  # as edge
+    for name, at in zip(("edge", "m2"), ends, strict=True):  # they join without a wait
+        r = await call(env, "PUT", f"/api/v1/clusters/{name}",
+                       json_body={"endpoint": f"https://192.0.2.{at}:6443"})
+        assert r.status == 200, r.text
+    servers = [(f"52:54:00:00:12:{i:02x}", f"s-{i}") for i in range(1, 7)]
+    await _enrol(env, servers[:3], cluster="edge", role="server", profile="k3os")
+    await _enrol(env, servers[3:], cluster="m2", role="server", profile="k3os")
+    agents = [(f"52:54:00:00:12:{i:02x}", f"a-{i}") for i in range(7, 11)]
+    await _enrol(env, agents[:2], cluster="edge", role="agent", profile="k3os")
+    await _enrol(env, agents[2:], cluster="m2", role="agent", profile="k3os")
+    cas = set()
+    content = env.service.content
+    for mac, _ in servers + agents:
+        plan = await _plan(env, mac)
+        assert plan.cluster is not None and plan.k3s is not None
+        text, whole = content.k3os_config(plan), _whole(content, K3OS, plan)
+        assert text == whole, mac
+        if line:
+            assert text.endswith(f"# cluster {plan.cluster.name}\n"), mac
+        if plan.k3s.role == "server":
+            assert plan.cluster.ca_cert.split("\n")[1] in text, mac
+            cas.add(plan.cluster.ca_cert)
+    # Per cluster: its init server's, its other servers' and (printing the cluster) its
+    # agents' frames; the agents of both share one where the cluster is not printed.
+    assert len(cas) == 2 and _frames(env) == ((5, 5) if not line else (6, 4))
