@@ -220,11 +220,12 @@ class Content:
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
         # Texts an install script's or a config's frame is rendered with in place of the
         # MAC, the MAC with hyphens, the token, the hostname and (a config's) the k3s node
-        # name, join token and server URL (_framed, _config_framed), found where they are
-        # printed: of letters and digits (the same through tojson), and no template's own.
+        # name, join token, server URL and instance serial (_framed, _config_framed), found
+        # where they are printed: of letters and digits (the same through tojson), and no
+        # template's own.
         marks = secrets.token_hex(8)
-        self._marks = tuple(f"nb{marks}{kind}" for kind in "mhtnkju")
-        self._marked_at = re.compile(f"(nb{marks}[mhtnkju])")
+        self._marks = tuple(f"nb{marks}{kind}" for kind in "mhtnkjus")
+        self._marked_at = re.compile(f"(nb{marks}[mhtnkjus])")
         # (NIC, template name) -> (template, what else it was made of, text): see _config
         self._configs: OrderedDict[tuple[MacAddress, str], tuple[object, tuple[object, ...],
                                                                  str]] = OrderedDict()
@@ -339,14 +340,16 @@ class Content:
     # -- context ----------------------------------------------------------------------
     def context(self, plan: BootPlan, *, token: str | None = None, cmdline: bool = True,
                 names: frozenset[str] | None = None,
-                stand_in: tuple[str, str, str | None] | None = None) -> dict[str, Any]:
+                stand_in: tuple[str, str, str | None] | None = None,
+                serial: str | None = None) -> dict[str, Any]:
         """What templates are rendered with. ``cmdline=False``: without the kernel command
         line (for a template that does not read it: rendering it was half of this).
         ``names``: the names the template reads (Renderer.ipxe_with, yaml_config), where
         known: the values no such name reads (and no command line it reads) are not made;
         an install script reads neither the join nor the register command. ``stand_in``:
         texts given in place of the MAC's two forms and of the machine's hostname, for a
-        template reading no other machine key (an install script's frame, _make_frame)."""
+        template reading no other machine key (an install script's frame, _make_frame);
+        ``serial``: of its instance serial (a config's frame, _config_framed)."""
         urls = self.urls
         mac = plan.mac
         token = token if token is not None else (plan.token or "")
@@ -377,7 +380,8 @@ class Content:
             ctx["config_url"] = f"{urls.base}/config/{hexhyp}" + (f"?token={token}" if token
                                                                  else "")
         if want.instance_serial:
-            ctx["instance_serial"] = int(machine.updated) if machine else 0
+            ctx["instance_serial"] = (serial if serial is not None
+                                      else int(machine.updated) if machine else 0)
         if want.machine:
             ctx["machine"] = ({"hostname": stand_in[2]} if stand_in is not None
                               else _machine_dict(machine, want.machine_keys) if machine
@@ -1076,19 +1080,21 @@ class Content:
             else:
                 join = (k3s.role, k3s.server_url, k3s.cluster_init, k3s.token,
                         tuple(k3s.labels.items()), k3s.taints, tls, None)
+        # cloud-init's meta-data: its instance serial (digits) put in; whether it is 0 keyed.
+        number = int(machine.updated) if want.instance_serial else 0
         # Profile and cluster by their ids: the frame holds them, so that no other takes
         # those ids meanwhile.
         key = (template, header, id(profile), id(owner), plan.action, plan.reason,
                plan.retry_seconds, self._base_url(),
                default_console(machine.arch, machine.firmware) if want.console else None,
-               join, not hostname, not token, not node)
+               join, not hostname, not token, not node, not number)
         frame = frames.get(key)
         plain = not ((hostname and hostname.strip(_FRAME_PLAIN)) or token.strip(_FRAME_PLAIN)
                      or node.strip(_FRAME_PLAIN) or join_token.strip(_FRAME_PLAIN)
                      or server_url.strip(_FRAME_URL))
         mac = plan.mac
         values = (mac.hex(":"), mac.hex("-"), token, hostname or "", node, join_token,
-                  server_url)
+                  server_url, str(number) if number else "")
         if frame is not None and plain and frame.fits(profile, trust, owner):
             want.framed += 1
             text = frame.text(values)
@@ -1109,7 +1115,8 @@ class Content:
             with contextlib.suppress(RenderError):  # the render below says why
                 marked = self._render.yaml_config(name, lambda names: self.context(
                     marked_plan, names=names, token=marks[2] if token else None,
-                    stand_in=(marks[0], marks[1], marks[3] if hostname else hostname)),
+                    stand_in=(marks[0], marks[1], marks[3] if hostname else hostname),
+                    serial=marks[7] if number else None),
                     header=header, read=read)
         text = self._config_rendered(name, plan, header, read)
         if tried:
@@ -1299,10 +1306,11 @@ _FRAMED_NAMES = frozenset({"base_url", "profile", "plan", *_TRUST_NAMES, *_PROFI
 
 # The names a config with frames may read (_Wanted.config_frames): an install script's but
 # the command line (a config that reads it is not kept either: its files), and the join, the
-# register command, the cluster's dict (a frame is its cluster's) and the URLs made of the
-# MAC and the token (the per-machine values a frame has a place for).
+# register command, the cluster's dict (a frame reading it is its cluster's), the URLs made
+# of the MAC and the token and meta-data's instance serial (the per-machine values a frame
+# has a place for).
 _CONFIG_FRAMED_NAMES = _FRAMED_NAMES.difference({"cmdline"}).union(
-    {"k3s", "register_command", "cluster", "nocloud_url", "events_url"})
+    {"k3s", "register_command", "cluster", "nocloud_url", "events_url", "instance_serial"})
 
 
 class _Frame:
@@ -1319,8 +1327,9 @@ class _Frame:
         self.trust = trust
         self.cluster: Cluster | None = None  # a config's (Content._config_frame_of)
         self.slots = slots  # the fixed texts, with a place between each two
-        # The values (MAC, MAC with hyphens, token, hostname, a config's node name) in the
-        # places' order: one C call (itemgetter of one index gives the value, not a tuple).
+        # The values (MAC, MAC with hyphens, token, hostname; a config's node name, join
+        # token, server URL and instance serial) in the places' order: one C call
+        # (itemgetter of one index gives the value, not a tuple).
         self.pick: Callable[[tuple[str, ...]], Any] = (
             itemgetter(*which) if len(which) > 1 else _one(which[0]) if which else _none)
 

@@ -352,10 +352,10 @@ async def test_agents_of_many_clusters_share_a_frame_each_with_its_own_token_and
                 assert f'"tok-c{i}-secret"' in text and f'"https://192.0.2.{70 + i}:6443"' \
                     in text, (mac, name)
                 assert not any(f"tok-c{j}-" in text for j in range(5) if j != i), (mac, name)
-    # One frame a template, the rest filled in: k3OS and user-data, 4 filled in each (one
-    # frame per cluster before; meta-data reads instance_serial: rendered; vendor-data's
-    # are counted with the install scripts', _frames).
-    assert _frames(env) == (2, 8)
+    # One frame a template, the rest filled in: k3OS, user-data and meta-data, 4 filled in
+    # each (the first two: one frame per cluster before; vendor-data's are counted with the
+    # install scripts', _frames).
+    assert _frames(env) == (3, 12)
 
 
 async def test_a_rotated_join_token_or_moved_server_is_in_the_next_config_of_its_frame(
@@ -460,3 +460,51 @@ async def test_servers_and_a_config_printing_the_cluster_are_framed_per_cluster(
     # Per cluster: its init server's, its other servers' and (printing the cluster) its
     # agents' frames; the agents of both share one where the cluster is not printed.
     assert len(cas) == 2 and _frames(env) == ((5, 5) if not line else (6, 4))
+
+
+async def test_meta_data_is_framed_with_each_machines_instance_serial(env: Env) -> None:
+    """cloud-init's meta-data (its instance id is made of the machine's instance serial, its
+    last change) is its frame with each machine's serial put in, the text the whole
+    context renders; a serial of 0 (never changed) is its own shape."""
+    await env.seed()
+    macs = [(f"52:54:00:00:13:{i:02x}", None if i == 3 else f"m-{i}") for i in range(1, 6)]
+    await _enrol(env, macs)
+    content = env.service.content
+    serials = set()
+    for i, (mac, _) in enumerate(macs):
+        plan = await _plan(env, mac)
+        assert plan.machine is not None  # its last change: one a machine, as a fleet's
+        plan = dataclasses.replace(plan, machine=dataclasses.replace(
+            plan.machine, updated=1_700_000_000.5 + 7 * i))
+        serials.add(int(plan.machine.updated))
+        text = content.nocloud(plan, "meta-data")
+        assert text == _whole(content, "cloud-config/cloud-init/meta-data", plan), mac
+        assert f'-{int(plan.machine.updated)}"' in text, mac
+    assert len(serials) == len(macs)
+    # Two shapes (a hostname or not): made once each, the other three filled in.
+    assert _frames(env) == (2, 3)
+    plan = dataclasses.replace(plan, machine=dataclasses.replace(plan.machine, updated=0.5))
+    text = content.nocloud(plan, "meta-data")
+    assert text == _whole(content, "cloud-config/cloud-init/meta-data", plan)
+    assert '-0"' in text and _frames(env) == (3, 3)
+
+
+async def test_a_meta_data_printing_its_serial_as_a_number_is_rendered(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """An operator's meta-data printing the instance serial through tojson alone (a JSON
+    number, where a frame's mark would be a string) has no frame: its marked render is
+    refused by the check against the request's own, tried once, and each is rendered."""
+    name = "cloud-config/cloud-init/meta-data"
+    env, own, shipped = await own_template(make_env, tmp_path, name)
+    own.write_text(shipped + "serial: {{ instance_serial | tojson }}\n")
+    await env.seed()
+    macs = [(f"52:54:00:00:14:{i:02x}", f"m-{i}") for i in range(1, 4)]
+    await _enrol(env, macs)
+    content = env.service.content
+    for mac, _ in macs:
+        plan = await _plan(env, mac)
+        assert plan.machine is not None
+        text = content.nocloud(plan, "meta-data")
+        assert text == _whole(content, name, plan), mac
+        assert text.endswith(f"serial: {int(plan.machine.updated)}\n"), mac
+    assert _frames(env) == (1, 0)
