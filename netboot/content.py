@@ -57,6 +57,8 @@ _FRAME_PLAIN = string.ascii_letters + string.digits + "-_.:"
 # URL's ``/`` and an IPv6 host's brackets, none of them YAML's in a double-quoted scalar, a
 # comment or a block scalar (render.fills_in_place), nor escaped by tojson.
 _FRAME_URL = _FRAME_PLAIN + "/[]"
+_FRAME_PLAIN_AT = re.compile(f"[{re.escape(_FRAME_PLAIN)}]*").fullmatch
+_FRAME_URL_AT = re.compile(f"[{re.escape(_FRAME_URL)}]*").fullmatch
 # The join's values a config's frame puts in where the template only prints them (or tests
 # their truth: Renderer.config_join_printing): the cluster's, so one frame serves many.
 _JOIN_MARKED = frozenset({"k3s.token", "k3s.server_url"})
@@ -239,6 +241,9 @@ class Content:
         self._urls: Urls | None = None  # see urls
         # (A template's names, its command line's text) -> what its context is given (_wanted)
         self._wants: dict[tuple[frozenset[str] | None, str | None], _Wanted] = {}
+        # A config template's (its marking form's id) -> (it, what it is given, whether it
+        # only prints the join's token and server URL): _config_framed's two look-ups in one.
+        self._config_wants: dict[int, tuple[object, _Wanted, bool]] = {}
         # Local address -> this content as the clients that reached it there get it (at).
         self._views: dict[str, Content] = {}
         self._by_address: tuple[str, bool] = ("", False)  # base URL -> at() may differ
@@ -257,6 +262,7 @@ class Content:
             self._cluster_dicts = caches_of._cluster_dicts
             self._plan_dicts = caches_of._plan_dicts
             self._wants = caches_of._wants
+            self._config_wants = caches_of._config_wants
 
     def by_address(self) -> bool:
         """Whether what is served differs by the address a client reached (:meth:`at`): the
@@ -442,6 +448,7 @@ class Content:
             want = _Wanted(every)
             if len(self._wants) >= _FEW:
                 self._wants.clear()  # bounded: old templates' and command lines' go
+                self._config_wants.clear()  # (theirs: the _Wanted counted is the one kept)
             self._wants[key] = want
         return want
 
@@ -1046,10 +1053,16 @@ class Content:
         template, names = read
         profile, machine, k3s, cluster = plan.profile, plan.machine, plan.k3s, plan.cluster
         want: _Wanted | None = None
+        joins = False  # whether the template only prints the join's token and server URL
         if (names is not None and template is not None and profile is not None
                 and machine is not None and plan.command is None
                 and type(plan.reason) is str and type(plan.retry_seconds) is int):
-            want = self._wanted(names, None)
+            wanted = self._config_wants.get(id(template))
+            if wanted is None or wanted[0] is not template:
+                wanted = (template, self._wanted(names, None),
+                          self._render.config_join_printing(template, name, _JOIN_MARKED))
+                _keep_few(self._config_wants, id(template), wanted)
+            want, joins = wanted[1], wanted[2]
         frames = want.config_frames if want is not None else None
         if frames is None or want is None or profile is None or machine is None:
             return self._config_rendered(name, plan, header, read)
@@ -1072,7 +1085,7 @@ class Content:
             tls: tuple[str, ...] | None = None
             if k3s.role == "server":  # Role.SERVER's value, as Content.context reads it
                 owner, tls = cluster, k3s.tls_san
-            if self._render.config_join_printing(template, name, _JOIN_MARKED):
+            if joins:
                 join_token, server_url = k3s.token, k3s.server_url or ""
                 join = (k3s.role, k3s.server_url if not server_url else True,
                         k3s.cluster_init, not join_token, tuple(k3s.labels.items()),
@@ -1089,9 +1102,9 @@ class Content:
                default_console(machine.arch, machine.firmware) if want.console else None,
                join, not hostname, not token, not node, not number)
         frame = frames.get(key)
-        plain = not ((hostname and hostname.strip(_FRAME_PLAIN)) or token.strip(_FRAME_PLAIN)
-                     or node.strip(_FRAME_PLAIN) or join_token.strip(_FRAME_PLAIN)
-                     or server_url.strip(_FRAME_URL))
+        # One look at the values but the URL (of more letters), not four.
+        plain = _FRAME_PLAIN_AT(f"{hostname or ''}{token}{node}{join_token}") is not None and (
+            not server_url or _FRAME_URL_AT(server_url) is not None)
         mac = plan.mac
         values = (mac.hex(":"), mac.hex("-"), token, hostname or "", node, join_token,
                   server_url, str(number) if number else "")
