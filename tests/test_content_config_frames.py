@@ -75,6 +75,18 @@ async def _enrol(env: Env, macs: Sequence[tuple[str, str | None]], **body: objec
             await store.update_machine(dataclasses.replace(machine, hostname=None))
 
 
+async def _operators(make_env: EnvFactory, tmp_path: Path, added: str, octet: int,
+                     name: str = K3OS, prefix: str = "h") -> tuple[Env, list[tuple[str, str]]]:
+    """A server whose template ``name`` is the shipped one with ``added``, seeded, and three
+    machines enrolled (MACs 52:54:00:00:``octet``:01-03, hostnames ``prefix``-1-3)."""
+    env, own, shipped = await own_template(make_env, tmp_path, name)
+    own.write_text(shipped + added)
+    await env.seed()
+    macs = [(f"52:54:00:00:{octet:02x}:{i:02x}", f"{prefix}-{i}") for i in range(1, 4)]
+    await _enrol(env, macs)
+    return env, macs
+
+
 async def test_first_configs_of_one_shape_are_its_frame_filled_in_as_rendered(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """The first config of a shape is rendered (twice: its frame's marked render and its
@@ -259,11 +271,8 @@ async def test_a_config_reading_a_name_frames_do_not_know_is_rendered_each_time(
     machine's own added by a wrapped context) keeps its template without frames: a frame
     would hold the value of the machine it was made for, which the check against that
     machine's own render cannot see."""
-    env, own, shipped = await own_template(make_env, tmp_path, K3OS)
-    own.write_text(shipped + "# {{ site_name }} {{ machine.serial }}\n")
-    await env.seed()
-    macs = [(f"52:54:00:00:0e:{i:02x}", f"h-{i}") for i in range(1, 4)]
-    await _enrol(env, macs)
+    env, macs = await _operators(make_env, tmp_path,
+                                 "# {{ site_name }} {{ machine.serial }}\n", 0x0E)
     store = env.service.store
     for i, (mac, _) in enumerate(macs):
         machine = await store.machine_by("mac", mac)
@@ -495,11 +504,8 @@ async def test_a_meta_data_printing_its_serial_as_a_number_is_rendered(
     number, where a frame's mark would be a string) has no frame: its marked render is
     refused by the check against the request's own, tried once, and each is rendered."""
     name = "cloud-config/cloud-init/meta-data"
-    env, own, shipped = await own_template(make_env, tmp_path, name)
-    own.write_text(shipped + "serial: {{ instance_serial | tojson }}\n")
-    await env.seed()
-    macs = [(f"52:54:00:00:14:{i:02x}", f"m-{i}") for i in range(1, 4)]
-    await _enrol(env, macs)
+    env, macs = await _operators(make_env, tmp_path, "serial: {{ instance_serial | tojson }}\n",
+                                 0x14, name, "m")
     content = env.service.content
     for mac, _ in macs:
         plan = await _plan(env, mac)
