@@ -228,6 +228,12 @@ class Content:
         marks = secrets.token_hex(8)
         self._marks = tuple(f"nb{marks}{kind}" for kind in "mhtnkjus")
         self._marked_at = re.compile(f"(nb{marks}[mhtnkjus])")
+        # Marks that differ from those at every letter, a config's frame rendered with too
+        # (_config_framed): a template printing a letter of a value (``hostname[0]``, which
+        # the split's proof lets through as a constant subscript) gives the same letter of
+        # every mark, which a value of that letter matched in the frame's check.
+        other = "zy" + marks.translate(str.maketrans("0123456789abcdef", "ghijklmnopqrstuv"))
+        self._other_marks = tuple(f"{other}{kind}" for kind in "MHTNKJUS")
         # (NIC, template name) -> (template, what else it was made of, text): see _config
         self._configs: OrderedDict[tuple[MacAddress, str], tuple[object, tuple[object, ...],
                                                                  str]] = OrderedDict()
@@ -1120,17 +1126,17 @@ class Content:
         tried = plain and (frame is not None or key not in frames) and (
             want.made < _FEW or want.framed >= 8 * want.made)
         if tried:
-            marks = self._marks
-            marked_plan = plan if k3s is None else replace(plan, k3s=replace(
-                k3s, node_name=marks[4] if node else node,
-                token=marks[5] if join_token else k3s.token,
-                server_url=marks[6] if server_url else k3s.server_url))
-            with contextlib.suppress(RenderError):  # the render below says why
-                marked = self._render.yaml_config(name, lambda names: self.context(
-                    marked_plan, names=names, token=marks[2] if token else None,
-                    stand_in=(marks[0], marks[1], marks[3] if hostname else hostname),
-                    serial=marks[7] if number else None),
-                    header=header, read=read)
+            # Which values have a place (the others, false, are themselves).
+            put = (True, True, bool(token), bool(hostname), bool(node), bool(join_token),
+                   bool(server_url), bool(number))
+            texts = []
+            for marks in (self._marks, self._other_marks):
+                with contextlib.suppress(RenderError):  # the render below says why
+                    texts.append(self._marked_config(name, plan, header, read, marks, put))
+            # The same text with either marks: each value printed whole, no letter of it.
+            if len(texts) == 2 and _swapped(texts[1], self._other_marks,
+                                            self._marks) == texts[0]:
+                marked = texts[0]
         text = self._config_rendered(name, plan, header, read)
         if tried:
             # Counted, and kept (None) where the marked render failed and this one did not:
@@ -1144,6 +1150,21 @@ class Content:
             # None: this shape is rendered (not tried again).
             frames[key] = made if made is not None and made.text(values) == text else None
         return text
+
+    def _marked_config(self, name: str, plan: BootPlan, header: str,
+                       read: tuple[Any, frozenset[str] | None], marks: tuple[str, ...],
+                       put: tuple[bool, ...]) -> str:
+        """Config ``name`` of ``plan`` rendered with ``marks`` in the places of the values
+        ``put`` says have one (_config_framed's order; the MAC's two forms always)."""
+        k3s, hostname = plan.k3s, plan.machine.hostname if plan.machine else None
+        marked_plan = plan if k3s is None else replace(plan, k3s=replace(
+            k3s, node_name=marks[4] if put[4] else k3s.node_name,
+            token=marks[5] if put[5] else k3s.token,
+            server_url=marks[6] if put[6] else k3s.server_url))
+        return self._render.yaml_config(name, lambda names: self.context(
+            marked_plan, names=names, token=marks[2] if put[2] else None,
+            stand_in=(marks[0], marks[1], marks[3] if put[3] else hostname),
+            serial=marks[7] if put[7] else None), header=header, read=read)
 
     def _config_frame_of(self, marked: str, header: str, profile: Profile,
                          trust: Trust | None, cluster: Cluster | None) -> _Frame | None:
@@ -1355,6 +1376,13 @@ class _Frame:
         pieces = self.slots.copy()
         pieces[1::2] = self.pick(values)
         return "".join(pieces)
+
+
+def _swapped(text: str, marks: tuple[str, ...], others: tuple[str, ...]) -> str:
+    """``text`` with each of ``marks`` replaced by the same place's of ``others``."""
+    for mark, other in zip(marks, others, strict=True):
+        text = text.replace(mark, other)
+    return text
 
 
 def _one(index: int) -> Callable[[tuple[str, ...]], tuple[str]]:

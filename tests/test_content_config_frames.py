@@ -514,3 +514,31 @@ async def test_a_meta_data_printing_its_serial_as_a_number_is_rendered(
         assert text == _whole(content, name, plan), mac
         assert text.endswith(f"serial: {int(plan.machine.updated)}\n"), mac
     assert _frames(env) == (1, 0)
+
+
+@pytest.mark.parametrize(("line", "first"), [
+    ("# {{ machine.hostname[0] }}\n", "n-1"),
+    ("# {{ machine.hostname[-1] }}\n", "n-1n"),
+    ("# {{ k3s.token[0] }}\n", "n-1"),
+])
+async def test_a_config_printing_a_letter_of_a_value_is_rendered(
+        make_env: EnvFactory, tmp_path: Path, line: str, first: str) -> None:
+    """A template printing one letter of a value (a constant subscript, which the split's
+    proof lets through) has no frame, even where the first machine's letter is the marks'
+    own (every mark starts with 'n', a hostname mark ends with it): each config the text the
+    whole context renders, never the first machine's letter for the next."""
+    env, macs = await _operators(make_env, tmp_path, line, 0x15)
+    store = env.service.store
+    machine = await store.machine_by("mac", macs[0][0])
+    assert machine is not None
+    await store.update_machine(dataclasses.replace(machine, hostname=first))
+    content = env.service.content
+    for i, (mac, _) in enumerate(macs):
+        plan = await _plan(env, mac)
+        assert plan.k3s is not None
+        if "token" in line:  # the cluster's join token, as its plan carries it
+            plan = dataclasses.replace(plan, k3s=dataclasses.replace(
+                plan.k3s, token=f"{'n' if i == 0 else 'k'}-token-{i}"))
+        text = content.k3os_config(plan)
+        assert text == _whole(content, K3OS, plan), mac
+    assert _frames(env)[1] == 0  # never filled in
