@@ -54,7 +54,7 @@ import tempfile
 from pathlib import Path
 
 from http_paths import MINT, TOKEN_TAIL
-from storm import PER_CLUSTER, REPO, Workload
+from storm import REPO, Workload
 
 CONCURRENCY = 50
 
@@ -251,6 +251,10 @@ def main() -> None:
                              "(implies --managed): each of the first N machines asked once "
                              "(unmeasured: its install starts), then a random one of them "
                              "per request, whose answer is decided from the view (no commit)")
+    parser.add_argument("--clusters", type=int, default=0, metavar="N",
+                        help="the fleet in N clusters (default: one per 12,500 machines, "
+                             "8 of 100,000): --config --clusters 200, a fleet of hundreds of "
+                             "clusters' first configs (s43-config)")
     parser.add_argument("--keep", type=Path, metavar="DIR",
                         help="with --instructions: callgrind's files copied into "
                              "DIR/<child>-<round>/ (callgrind_annotate: where they go)")
@@ -264,7 +268,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="netboot-ipxe-inproc-") as tmp_text:
         tmp = Path(tmp_text)
         work = Workload(tmp, args.enrolled, args.enrolled, 1 << 20, 1 << 20,
-                        managed=args.managed)
+                        managed=args.managed, clusters=args.clusters)
         work.build()
         # Seeded by the other checkout (the older schema, as a rule): a tree opens, and
         # migrates, a file its baseline wrote; the baseline refuses a newer schema.
@@ -274,7 +278,7 @@ def main() -> None:
         seed = work.root / "netboot-seed"
         # Without a registered server a managed cluster's agents are held (nothing written):
         # its first machine is made one, as http_paths.py's seed does (MINT, no tokens).
-        first = max(1, args.enrolled // PER_CLUSTER) if args.managed else 0
+        first = work.cluster_count if args.managed else 0
         if first:
             subprocess.run([args.python, "-c", MINT, str(seed), TOKEN_TAIL, str(first),
                             "1" if args.config else "0"],

@@ -442,6 +442,13 @@ class Workload:
     # (--sync-inventory: durable_copy), as an inventory in use for a while is; by default
     # it is left in the page cache, written back during the storm.
     sync_copy: bool = False
+    # How many clusters the fleet is in (0: one per PER_CLUSTER machines, the issue's 8);
+    # ipxe_inproc.py --clusters: a fleet of hundreds.
+    clusters: int = 0
+
+    @property
+    def cluster_count(self) -> int:
+        return self.clusters or max(1, self.enrolled // PER_CLUSTER)
 
     @property
     def assets(self) -> Path:
@@ -472,7 +479,7 @@ class Workload:
         whose server runs); returns the import's seconds."""
         data = self.root / "netboot-seed"
         data.mkdir()
-        clusters = max(1, self.enrolled // PER_CLUSTER)
+        clusters = self.cluster_count
         env = {**os.environ, "PYTHONPATH": str(repo or self.tree)}
 
         def cli(*args: str) -> None:

@@ -53,6 +53,15 @@ _HEX_IP = re.compile(r"^[0-9A-F]{1,8}$")
 # a token's (base64url), a hostname's as a rule. Printed as they are by tojson, in no
 # whitespace split of the command line, and none of them a '#'.
 _FRAME_PLAIN = string.ascii_letters + string.digits + "-_.:"
+# A k3s server URL's in a config's frame (Content._config_framed): a plain value's and an
+# URL's ``/`` and an IPv6 host's brackets, none of them YAML's in a double-quoted scalar, a
+# comment or a block scalar (render.fills_in_place), nor escaped by tojson.
+_FRAME_URL = _FRAME_PLAIN + "/[]"
+_FRAME_PLAIN_AT = re.compile(f"[{re.escape(_FRAME_PLAIN)}]*").fullmatch
+_FRAME_URL_AT = re.compile(f"[{re.escape(_FRAME_URL)}]*").fullmatch
+# The join's values a config's frame puts in where the template only prints them (or tests
+# their truth: Renderer.config_join_printing): the cluster's, so one frame serves many.
+_JOIN_MARKED = frozenset({"k3s.token", "k3s.server_url"})
 # The context names whose values differ from one machine to the next (Content.context), and
 # the keys of ``k3s`` that do (its node name, in its k3s arguments too; the rest is its
 # cluster's, group's and role's): an iPXE script, command line or config that only prints
@@ -213,11 +222,18 @@ class Content:
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
         # Texts an install script's or a config's frame is rendered with in place of the
         # MAC, the MAC with hyphens, the token, the hostname and (a config's) the k3s node
-        # name (_framed, _config_framed), found where they are printed: of letters and
-        # digits (the same through tojson), and no template's own.
+        # name, join token, server URL and instance serial (_framed, _config_framed), found
+        # where they are printed: of letters and digits (the same through tojson), and no
+        # template's own.
         marks = secrets.token_hex(8)
-        self._marks = tuple(f"nb{marks}{kind}" for kind in "mhtnk")
-        self._marked_at = re.compile(f"(nb{marks}[mhtnk])")
+        self._marks = tuple(f"nb{marks}{kind}" for kind in "mhtnkjus")
+        self._marked_at = re.compile(f"(nb{marks}[mhtnkjus])")
+        # Marks that differ from those at every letter, a config's frame rendered with too
+        # (_config_framed): a template printing a letter of a value (``hostname[0]``, which
+        # the split's proof lets through as a constant subscript) gives the same letter of
+        # every mark, which a value of that letter matched in the frame's check.
+        other = "zy" + marks.translate(str.maketrans("0123456789abcdef", "ghijklmnopqrstuv"))
+        self._other_marks = tuple(f"{other}{kind}" for kind in "MHTNKJUS")
         # (NIC, template name) -> (template, what else it was made of, text): see _config
         self._configs: OrderedDict[tuple[MacAddress, str], tuple[object, tuple[object, ...],
                                                                  str]] = OrderedDict()
@@ -231,6 +247,9 @@ class Content:
         self._urls: Urls | None = None  # see urls
         # (A template's names, its command line's text) -> what its context is given (_wanted)
         self._wants: dict[tuple[frozenset[str] | None, str | None], _Wanted] = {}
+        # A config template's (its marking form's id) -> (it, what it is given, whether it
+        # only prints the join's token and server URL): _config_framed's two look-ups in one.
+        self._config_wants: dict[int, tuple[object, _Wanted, bool]] = {}
         # Local address -> this content as the clients that reached it there get it (at).
         self._views: dict[str, Content] = {}
         self._by_address: tuple[str, bool] = ("", False)  # base URL -> at() may differ
@@ -249,6 +268,7 @@ class Content:
             self._cluster_dicts = caches_of._cluster_dicts
             self._plan_dicts = caches_of._plan_dicts
             self._wants = caches_of._wants
+            self._config_wants = caches_of._config_wants
 
     def by_address(self) -> bool:
         """Whether what is served differs by the address a client reached (:meth:`at`): the
@@ -332,14 +352,16 @@ class Content:
     # -- context ----------------------------------------------------------------------
     def context(self, plan: BootPlan, *, token: str | None = None, cmdline: bool = True,
                 names: frozenset[str] | None = None,
-                stand_in: tuple[str, str, str | None] | None = None) -> dict[str, Any]:
+                stand_in: tuple[str, str, str | None] | None = None,
+                serial: str | None = None) -> dict[str, Any]:
         """What templates are rendered with. ``cmdline=False``: without the kernel command
         line (for a template that does not read it: rendering it was half of this).
         ``names``: the names the template reads (Renderer.ipxe_with, yaml_config), where
         known: the values no such name reads (and no command line it reads) are not made;
         an install script reads neither the join nor the register command. ``stand_in``:
         texts given in place of the MAC's two forms and of the machine's hostname, for a
-        template reading no other machine key (an install script's frame, _make_frame)."""
+        template reading no other machine key (an install script's frame, _make_frame);
+        ``serial``: of its instance serial (a config's frame, _config_framed)."""
         urls = self.urls
         mac = plan.mac
         token = token if token is not None else (plan.token or "")
@@ -370,7 +392,8 @@ class Content:
             ctx["config_url"] = f"{urls.base}/config/{hexhyp}" + (f"?token={token}" if token
                                                                  else "")
         if want.instance_serial:
-            ctx["instance_serial"] = int(machine.updated) if machine else 0
+            ctx["instance_serial"] = (serial if serial is not None
+                                      else int(machine.updated) if machine else 0)
         if want.machine:
             ctx["machine"] = ({"hostname": stand_in[2]} if stand_in is not None
                               else _machine_dict(machine, want.machine_keys) if machine
@@ -431,6 +454,7 @@ class Content:
             want = _Wanted(every)
             if len(self._wants) >= _FEW:
                 self._wants.clear()  # bounded: old templates' and command lines' go
+                self._config_wants.clear()  # (theirs: the _Wanted counted is the one kept)
             self._wants[key] = want
         return want
 
@@ -1015,21 +1039,27 @@ class Content:
                        read: tuple[Any, frozenset[str] | None]) -> str:
         """Config template ``name`` (``read``: its template and names, Renderer.reads) of
         ``plan``: the frame of its shape with the machine's MAC, token, hostname and k3s
-        node name put in, where it has one (:class:`_Frame`), else rendered and checked
-        (:meth:`_config_rendered`, the shape's frame made). A storm's first configs share a
-        few shapes: one per template, header, base URL, profile, cluster, plan dict, CA,
-        console, the join but its node name (role, server URL, token, labels, taints, TLS
-        names), and whether the machine has a hostname, the plan a token and the join a node
-        name. The context, the split's fill and its YAML check were ~a quarter of a first
-        config's loop bytecodes (s42-config); the frame is a copy, a slice assignment and a
-        join.
+        node name, and its cluster's join token and server URL, put in, where it has one
+        (:class:`_Frame`), else rendered and checked (:meth:`_config_rendered`, the shape's
+        frame made). A storm's first configs share a few shapes: one per template, header,
+        base URL, profile, plan dict, CA, console, the join but its node name, token and
+        server URL (role, cluster-init, labels, taints; a server's TLS names), and whether
+        the machine has a hostname, the plan a token and the join a node name, a token and
+        a server URL; the cluster itself only where the template reads its dict or the node
+        is a server (its k3s CA and agent token): a fleet's agents of hundreds of clusters
+        share a frame (s43-config). Where the template reads the join token or server URL
+        otherwise than printing them (Renderer.config_join_printing), they are in the key
+        by value: a frame per cluster. The context, the split's fill and its YAML check
+        were ~a quarter of a first config's loop bytecodes (s42-config); the frame is a
+        copy, a slice assignment and a join.
 
         The text is the one the render gives, as for an install script's (:meth:`_framed`):
         a frame is made only where the template has its split form (Renderer
         .config_only_printing: its per-machine values only printed), reads no name but
         _CONFIG_FRAMED_NAMES (of the machine only its hostname), every value put in is of
         letters, digits and ``-_.:`` (the same text through tojson and the register
-        command's quoting), and every place of one is inside a double-quoted scalar, on a
+        command's quoting; a server URL ``/[]`` too: it is in no register command), and
+        every place of one is inside a double-quoted scalar, on a
         comment's line or on a block scalar's line (render.fills_in_place: the YAML says
         the same with any such value, so the render's check passes too). It is made from a
         render with marks in their place and kept only if, filled with the request's own
@@ -1037,33 +1067,63 @@ class Content:
         template, names = read
         profile, machine, k3s, cluster = plan.profile, plan.machine, plan.k3s, plan.cluster
         want: _Wanted | None = None
+        joins = False  # whether the template only prints the join's token and server URL
         if (names is not None and template is not None and profile is not None
                 and machine is not None and plan.command is None
                 and type(plan.reason) is str and type(plan.retry_seconds) is int):
-            want = self._wanted(names, None)
+            wanted = self._config_wants.get(id(template))
+            if wanted is None or wanted[0] is not template:
+                wanted = (template, self._wanted(names, None),
+                          self._render.config_join_printing(template, name, _JOIN_MARKED))
+                _keep_few(self._config_wants, id(template), wanted)
+            want, joins = wanted[1], wanted[2]
         frames = want.config_frames if want is not None else None
         if frames is None or want is None or profile is None or machine is None:
             return self._config_rendered(name, plan, header, read)
         token = plan.token or ""
         hostname = machine.hostname
-        node = k3s.node_name if k3s is not None else ""
         trust = self._trust() if want.trust else None
+        # The join's values by value (its labels and taints are its group's too), but its
+        # token and server URL where the template only prints them (or tests their truth:
+        # Renderer.config_join_printing): those are put in as the node name is, so that
+        # one frame serves a shape's nodes in every cluster (a fleet's hundreds), its key
+        # holding whether each is true. The cluster object keys the frame only where more
+        # of it is read: its dict, or a server's k3s CA and agent token.
+        node = join_token = server_url = ""
+        owner = cluster if want.cluster else None
+        join: tuple[object, ...] | None = None
+        if k3s is not None:
+            node = k3s.node_name
+            # A server's TLS names (its k3s arguments: an agent's print none, and a managed
+            # cluster's are its own) and cluster (its CA) are its frame's.
+            tls: tuple[str, ...] | None = None
+            if k3s.role == "server":  # Role.SERVER's value, as Content.context reads it
+                owner, tls = cluster, k3s.tls_san
+            if joins:
+                join_token, server_url = k3s.token, k3s.server_url or ""
+                join = (k3s.role, k3s.server_url if not server_url else True,
+                        k3s.cluster_init, not join_token, tuple(k3s.labels.items()),
+                        k3s.taints, tls)
+            else:
+                join = (k3s.role, k3s.server_url, k3s.cluster_init, k3s.token,
+                        tuple(k3s.labels.items()), k3s.taints, tls, None)
+        # cloud-init's meta-data: its instance serial (digits) put in; whether it is 0 keyed.
+        number = int(machine.updated) if want.instance_serial else 0
         # Profile and cluster by their ids: the frame holds them, so that no other takes
-        # those ids meanwhile; the join's values by value (its labels and taints are its
-        # group's too, its server URL the cluster's servers' as the view has them).
-        key = (template, header, id(profile), id(cluster), plan.action, plan.reason,
+        # those ids meanwhile.
+        key = (template, header, id(profile), id(owner), plan.action, plan.reason,
                plan.retry_seconds, self._base_url(),
                default_console(machine.arch, machine.firmware) if want.console else None,
-               None if k3s is None else (k3s.role, k3s.server_url, k3s.cluster_init,
-                                         k3s.token, tuple(k3s.labels.items()), k3s.taints,
-                                         k3s.tls_san),
-               bool(hostname) or hostname, not token, not node)  # as _framed's
+               join, bool(hostname) or hostname, not token, not node,
+               not number)  # a hostname None and "" apart, as _framed's
         frame = frames.get(key)
-        plain = not ((hostname and hostname.strip(_FRAME_PLAIN)) or token.strip(_FRAME_PLAIN)
-                     or node.strip(_FRAME_PLAIN))
+        # One look at the values but the URL (of more letters), not four.
+        plain = _FRAME_PLAIN_AT(f"{hostname or ''}{token}{node}{join_token}") is not None and (
+            not server_url or _FRAME_URL_AT(server_url) is not None)
         mac = plan.mac
-        values = (mac.hex(":"), mac.hex("-"), token, hostname or "", node)
-        if frame is not None and plain and frame.fits(profile, trust, cluster):
+        values = (mac.hex(":"), mac.hex("-"), token, hostname or "", node, join_token,
+                  server_url, str(number) if number else "")
+        if frame is not None and plain and frame.fits(profile, trust, owner):
             want.framed += 1
             text = frame.text(values)
             if k3s is not None and k3s.role == "server" and name in _CA_WRITERS:
@@ -1075,20 +1135,23 @@ class Content:
         tried = plain and (frame is not None or key not in frames) and (
             want.made < _FEW or want.framed >= 8 * want.made)
         if tried:
-            marks = self._marks
-            marked_plan = plan if not node or k3s is None else replace(
-                plan, k3s=replace(k3s, node_name=marks[4]))
-            with contextlib.suppress(RenderError):  # the render below says why
-                marked = self._render.yaml_config(name, lambda names: self.context(
-                    marked_plan, names=names, token=marks[2] if token else None,
-                    stand_in=(marks[0], marks[1], marks[3] if hostname else hostname)),
-                    header=header, read=read)
+            # Which values have a place (the others, false, are themselves).
+            put = (True, True, bool(token), bool(hostname), bool(node), bool(join_token),
+                   bool(server_url), bool(number))
+            texts = []
+            for marks in (self._marks, self._other_marks):
+                with contextlib.suppress(RenderError):  # the render below says why
+                    texts.append(self._marked_config(name, plan, header, read, marks, put))
+            # The same text with either marks: each value printed whole, no letter of it.
+            if len(texts) == 2 and _swapped(texts[1], self._other_marks,
+                                            self._marks) == texts[0]:
+                marked = texts[0]
         text = self._config_rendered(name, plan, header, read)
         if tried:
             # Counted, and kept (None) where the marked render failed and this one did not:
             # such a shape is not tried again at every request.
             want.made += 1
-            made = (self._config_frame_of(marked, header, profile, trust, cluster)
+            made = (self._config_frame_of(marked, header, profile, trust, owner)
                     if marked is not None and self._render.config_only_printing(template)
                     else None)
             if len(frames) >= _FEW:
@@ -1096,6 +1159,21 @@ class Content:
             # None: this shape is rendered (not tried again).
             frames[key] = made if made is not None and made.text(values) == text else None
         return text
+
+    def _marked_config(self, name: str, plan: BootPlan, header: str,
+                       read: tuple[Any, frozenset[str] | None], marks: tuple[str, ...],
+                       put: tuple[bool, ...]) -> str:
+        """Config ``name`` of ``plan`` rendered with ``marks`` in the places of the values
+        ``put`` says have one (_config_framed's order; the MAC's two forms always)."""
+        k3s, hostname = plan.k3s, plan.machine.hostname if plan.machine else None
+        marked_plan = plan if k3s is None else replace(plan, k3s=replace(
+            k3s, node_name=marks[4] if put[4] else k3s.node_name,
+            token=marks[5] if put[5] else k3s.token,
+            server_url=marks[6] if put[6] else k3s.server_url))
+        return self._render.yaml_config(name, lambda names: self.context(
+            marked_plan, names=names, token=marks[2] if put[2] else None,
+            stand_in=(marks[0], marks[1], marks[3] if put[3] else hostname),
+            serial=marks[7] if put[7] else None), header=header, read=read)
 
     def _config_frame_of(self, marked: str, header: str, profile: Profile,
                          trust: Trust | None, cluster: Cluster | None) -> _Frame | None:
@@ -1271,10 +1349,11 @@ _FRAMED_NAMES = frozenset({"base_url", "profile", "plan", *_TRUST_NAMES, *_PROFI
 
 # The names a config with frames may read (_Wanted.config_frames): an install script's but
 # the command line (a config that reads it is not kept either: its files), and the join, the
-# register command, the cluster's dict (a frame is its cluster's) and the URLs made of the
-# MAC and the token (the per-machine values a frame has a place for).
+# register command, the cluster's dict (a frame reading it is its cluster's), the URLs made
+# of the MAC and the token and meta-data's instance serial (the per-machine values a frame
+# has a place for).
 _CONFIG_FRAMED_NAMES = _FRAMED_NAMES.difference({"cmdline"}).union(
-    {"k3s", "register_command", "cluster", "nocloud_url", "events_url"})
+    {"k3s", "register_command", "cluster", "nocloud_url", "events_url", "instance_serial"})
 
 
 class _Frame:
@@ -1291,8 +1370,9 @@ class _Frame:
         self.trust = trust
         self.cluster: Cluster | None = None  # a config's (Content._config_frame_of)
         self.slots = slots  # the fixed texts, with a place between each two
-        # The values (MAC, MAC with hyphens, token, hostname, a config's node name) in the
-        # places' order: one C call (itemgetter of one index gives the value, not a tuple).
+        # The values (MAC, MAC with hyphens, token, hostname; a config's node name, join
+        # token, server URL and instance serial) in the places' order: one C call
+        # (itemgetter of one index gives the value, not a tuple).
         self.pick: Callable[[tuple[str, ...]], Any] = (
             itemgetter(*which) if len(which) > 1 else _one(which[0]) if which else _none)
 
@@ -1305,6 +1385,13 @@ class _Frame:
         pieces = self.slots.copy()
         pieces[1::2] = self.pick(values)
         return "".join(pieces)
+
+
+def _swapped(text: str, marks: tuple[str, ...], others: tuple[str, ...]) -> str:
+    """``text`` with each of ``marks`` replaced by the same place's of ``others``."""
+    for mark, other in zip(marks, others, strict=True):
+        text = text.replace(mark, other)
+    return text
 
 
 def _one(index: int) -> Callable[[tuple[str, ...]], tuple[str]]:

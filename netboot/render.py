@@ -124,6 +124,9 @@ class Renderer:
         # Split forms (render with ``volatile``): by template object (one per file version,
         # kept with it so that its id is not reused) or by source string.
         self._splits: OrderedDict[object, tuple[object, _Split | None]] = OrderedDict()
+        # Whether a config template's join values are only printed (config_join_printing):
+        # by template object, kept with it.
+        self._join_proofs: OrderedDict[int, tuple[object, bool]] = OrderedDict()
         self._marking: ImmutableSandboxedEnvironment | None = None
         self._names: dict[str, tuple[object, frozenset[str] | None]] = {}  # reads
         self._string_names: OrderedDict[str, frozenset[str] | None] = OrderedDict()
@@ -431,6 +434,38 @@ class Renderer:
         (Content._config_framed)."""
         kept = self._splits.get(id(template))
         return kept is not None and kept[0] is template and kept[1] is not None
+
+    def config_join_printing(self, template: object, name: str,
+                             join: frozenset[str]) -> bool:
+        """Whether config template ``template`` (its marking form, as :meth:`reads` gave it,
+        of file ``name``) only prints the ``join`` values (``k3s.token``, ``k3s.server_url``)
+        as it prints its ``volatile`` ones (whole, through ``or``, ``and``, ``~`` or
+        ``tojson``), but for tests of their truth by ``{% if %}`` (``not`` too): the proof
+        of :class:`_Split` with them volatile and those tests taken out (Content's config
+        frames share one frame across clusters, its key holding whether each is true).
+        Found once per template object; False where the file has changed since."""
+        kept = self._join_proofs.get(id(template))
+        if kept is not None and kept[0] is template:
+            return kept[1]
+        env = self._env
+        loader = env.loader
+        assert loader is not None  # set in _env
+        try:
+            source, filename, _ = loader.get_source(env, name)
+        except Exception:  # the render says why
+            return False
+        if not template.is_up_to_date:  # type: ignore[attr-defined]
+            return False  # not the text read now: asked again with the new object
+        try:
+            proven = _split(env, source, name, filename, self.volatile | join, self.stable,
+                            config=True, tojson=self._tojson, texts=self._tojson_texts,
+                            truthy=join) is not None
+        except Exception:  # a tree the split cannot compile: not proven
+            proven = False
+        if len(self._join_proofs) >= _MAX_SPLITS:
+            self._join_proofs.popitem(last=False)  # the oldest
+        self._join_proofs[id(template)] = (template, proven)
+        return proven
 
     def string_reads(self, source: str) -> frozenset[str] | None:
         """The context names template text ``source`` (a command line) reads; None where that
@@ -1636,15 +1671,26 @@ def _is_tojson(node: nodes.Node) -> bool:
 def _split(env: ImmutableSandboxedEnvironment, source: str, name: str | None,
            filename: str | None, volatile: frozenset[str],
            stable: frozenset[str] = frozenset(), *, config: bool = False,
-           tojson: object = None, texts: dict[str, str] | None = None) -> _Split | None:
+           tojson: object = None, texts: dict[str, str] | None = None,
+           truthy: frozenset[str] = frozenset()) -> _Split | None:
     """The split form of ``source`` (see :class:`_Split`), or None where it cannot be.
     ``config``: a YAML config's (its skeletons get their checks, :func:`_yaml_checks`);
-    ``tojson``: the renderer's own filter (_checker's proof holds for its texts)."""
+    ``tojson``: the renderer's own filter (_checker's proof holds for its texts).
+    ``truthy``: ``name.key`` values whose tests of truth alone (an ``{% if %}``'s or
+    ``{% elif %}``'s whole test, or ``not`` of it) are taken out first: a proof only
+    (Renderer.config_join_printing), its form is not to render with."""
     from jinja2 import meta, nodes
 
     if env.finalize is not None or env.autoescape is not False:
         return None  # outputs would not be str() of their values
     tree = env.parse(source, name, filename)
+    if truthy:
+        for test in tree.find_all(nodes.If):
+            inner = test.test.node if isinstance(test.test, nodes.Not) else test.test
+            if (isinstance(inner, nodes.Getattr | nodes.Getitem)
+                    and isinstance(inner.node, nodes.Name) and inner.node.ctx == "load"
+                    and f"{inner.node.name}.{_dict_key(inner)}" in truthy):
+                test.test = nodes.Const(True, lineno=test.lineno)
     if any(type(n).__name__ in _OPAQUE for n in tree.find_all(nodes.Node)):
         return None
     whole = frozenset(v for v in volatile if "." not in v)

@@ -75,6 +75,18 @@ async def _enrol(env: Env, macs: Sequence[tuple[str, str | None]], **body: objec
             await store.update_machine(dataclasses.replace(machine, hostname=None))
 
 
+async def _operators(make_env: EnvFactory, tmp_path: Path, added: str, octet: int,
+                     name: str = K3OS, prefix: str = "h") -> tuple[Env, list[tuple[str, str]]]:
+    """A server whose template ``name`` is the shipped one with ``added``, seeded, and three
+    machines enrolled (MACs 52:54:00:00:``octet``:01-03, hostnames ``prefix``-1-3)."""
+    env, own, shipped = await own_template(make_env, tmp_path, name)
+    own.write_text(shipped + added)
+    await env.seed()
+    macs = [(f"52:54:00:00:{octet:02x}:{i:02x}", f"{prefix}-{i}") for i in range(1, 4)]
+    await _enrol(env, macs)
+    return env, macs
+
+
 async def test_first_configs_of_one_shape_are_its_frame_filled_in_as_rendered(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """The first config of a shape is rendered (twice: its frame's marked render and its
@@ -259,11 +271,8 @@ async def test_a_config_reading_a_name_frames_do_not_know_is_rendered_each_time(
     machine's own added by a wrapped context) keeps its template without frames: a frame
     would hold the value of the machine it was made for, which the check against that
     machine's own render cannot see."""
-    env, own, shipped = await own_template(make_env, tmp_path, K3OS)
-    own.write_text(shipped + "# {{ site_name }} {{ machine.serial }}\n")
-    await env.seed()
-    macs = [(f"52:54:00:00:0e:{i:02x}", f"h-{i}") for i in range(1, 4)]
-    await _enrol(env, macs)
+    env, macs = await _operators(make_env, tmp_path,
+                                 "# {{ site_name }} {{ machine.serial }}\n", 0x0E)
     store = env.service.store
     for i, (mac, _) in enumerate(macs):
         machine = await store.machine_by("mac", mac)
@@ -371,3 +380,219 @@ async def test_a_config_that_rendered_after_its_failure_is_told_fixed(
     assert told[-1] == "rendered" and told.count("rendered") == 1, told
     config()  # told once, not at every config
     assert (await kinds()).count("rendered") == 1
+NAMES = [K3OS, *(f"cloud-config/cloud-init/{n}" for n in ("user-data", "meta-data",
+                                                          "vendor-data"))]
+
+
+async def _clusters(env: Env, count: int, *, token: str = "tok-c{i}-secret",
+                    server_url: str = "https://192.0.2.{i}:6443") -> list[str]:
+    """``count`` clusters with their own server URL and join token, no labels: the MACs of
+    a machine of each (hostname ``h-i``), enrolled with profile k3os (an agent)."""
+    await env.seed()
+    macs = []
+    for i in range(count):
+        await env.post("/api/v1/clusters", {
+            "name": f"c{i}", "server_url": server_url.format(i=70 + i),
+            "token": token.format(i=i)}, status=201)
+        mac = f"52:54:00:00:11:{i:02x}"
+        await _enrol(env, [(mac, f"h-{i}")], profile="k3os", cluster=f"c{i}")
+        macs.append(mac)
+    return macs
+
+
+async def test_agents_of_many_clusters_share_a_frame_each_with_its_own_token_and_server(
+        env: Env) -> None:
+    """The agents of clusters alike but for their server URL and join token (a fleet's
+    hundreds of clusters) share one frame per shape: each config is the text the whole
+    context renders, with its own cluster's token and server URL, never another's; every
+    shipped config template, each asked for once."""
+    macs = await _clusters(env, 5)
+    for name in NAMES:
+        for i, mac in enumerate(macs):
+            text, whole = await _first_config(env, mac, name)
+            assert text == whole, (mac, name)
+            if name in (K3OS, "cloud-config/cloud-init/user-data"):
+                assert f'"tok-c{i}-secret"' in text and f'"https://192.0.2.{70 + i}:6443"' \
+                    in text, (mac, name)
+                assert not any(f"tok-c{j}-" in text for j in range(5) if j != i), (mac, name)
+    # One frame a template, the rest filled in: k3OS, user-data and meta-data, 4 filled in
+    # each (the first two: one frame per cluster before; vendor-data's are counted with the
+    # install scripts', _frames).
+    assert _frames(env) == (3, 12)
+
+
+async def test_a_rotated_join_token_or_moved_server_is_in_the_next_config_of_its_frame(
+        env: Env) -> None:
+    """A cluster's join token rotated, or its server URL moved: the next config of its
+    agents, filled in from the frame the clusters share, carries the new values, never the
+    old (the frame holds neither)."""
+    macs = await _clusters(env, 3)
+    for mac in macs[:2]:
+        text, whole = await _first_config(env, mac)
+        assert text == whole
+    r = await call(env, "PUT", "/api/v1/clusters/c2",
+                   json_body={"server_url": "https://192.0.2.90:6443", "token": "rotated-2"})
+    assert r.status == 200, r.text
+    await _enrol(env, [("52:54:00:00:11:20", "h-20")], profile="k3os", cluster="c2")
+    for mac in (macs[2], "52:54:00:00:11:20"):
+        text, whole = await _first_config(env, mac)
+        assert text == whole and '"rotated-2"' in text and "tok-c2" not in text, mac
+        assert '"https://192.0.2.90:6443"' in text and "192.0.2.72" not in text, mac
+    assert _frames(env) == (1, 3)  # the same frame, filled in with the new values
+
+
+async def test_join_values_a_frame_cannot_take_as_they_are_are_rendered(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """A join token tojson escapes (a quote, '<', a space, a '#') is rendered, as the whole
+    context gives it; an IPv6 server URL (its brackets and slashes are no YAML's there, nor
+    tojson's) is filled in."""
+    env, _, _ = await own_template(make_env, tmp_path, K3OS)
+    macs = await _clusters(env, 3, token='odd"<to ken#{i}')
+    for mac in macs:
+        text, whole = await _first_config(env, mac)
+        assert text == whole and "to ken#" in text, mac
+    assert _frames(env) == (0, 0)  # not even tried: no frame's letters
+    r = await call(env, "PUT", "/api/v1/clusters/c1", json_body={
+        "server_url": "https://[2001:db8::5]:6443", "token": "plain-1"})
+    assert r.status == 200, r.text
+    r = await call(env, "PUT", "/api/v1/clusters/c2", json_body={
+        "server_url": "https://[2001:db8::6]:6443", "token": "plain-2"})
+    assert r.status == 200, r.text
+    for mac in macs[1:]:
+        text, whole = await _first_config(env, mac)
+        assert text == whole and "2001:db8::" in text, mac
+    assert _frames(env) == (1, 1)
+
+
+@pytest.mark.parametrize("line", [
+    '{% if k3s.token.startswith("tok-c1") %}# one\n{% endif %}',
+    '{% if k3s.server_url == "https://192.0.2.71:6443" %}# one\n{% endif %}',
+    '# {{ k3s.token[4:6] }}{% if "c1" in k3s.server_url ~ k3s.token %} one{% endif %}\n',
+])
+async def test_a_config_reading_the_join_otherwise_than_printing_it_is_framed_per_cluster(
+        make_env: EnvFactory, tmp_path: Path, line: str) -> None:
+    """A template that reads the join's token or server URL otherwise than printing them
+    (or testing their truth) has no frame shared by clusters: each cluster's configs are its
+    own frame's (as before), each the text the whole context renders."""
+    env, own, shipped = await own_template(make_env, tmp_path, K3OS)
+    own.write_text(shipped + line)
+    macs = await _clusters(env, 3)
+    for i, mac in enumerate(macs):
+        text, whole = await _first_config(env, mac)
+        assert text == whole and text.endswith(" one\n") == (i == 1), mac
+    assert _frames(env)[0] == 3  # one per cluster
+
+
+@pytest.mark.parametrize(("line", "ends"), [
+    ("", (61, 61)), ("", (61, 62)), ("# cluster {{ cluster.name }}\n", (61, 61))])
+async def test_servers_and_a_config_printing_the_cluster_are_framed_per_cluster(
+        make_env: EnvFactory, tmp_path: Path, line: str, ends: tuple[int, int]) -> None:
+    """What a config holds of its cluster beyond the join's token and server URL keeps its
+    frames per cluster: a server's k3s CA and agent token (two managed clusters alike but
+    for their CAs and tokens: one endpoint, the same labels), and a template printing the
+    cluster's name: each config the text the whole context renders, with its own
+    cluster's CA and name. Their agents share a frame though their TLS names (a server's
+    k3s arguments alone) differ (two endpoints)."""
+    env, own, shipped = await own_template(make_env, tmp_path, K3OS)
+    own.write_text(shipped + line)
+    await env.seed(role="server", server_url="managed")
+    await env.post("/api/v1/clusters", {"name": "m2", "server_url": "managed",
+                                        "labels": {"site": "lab"}}, status=201)  # as edge
+    for name, at in zip(("edge", "m2"), ends, strict=True):  # they join without a wait
+        r = await call(env, "PUT", f"/api/v1/clusters/{name}",
+                       json_body={"endpoint": f"https://192.0.2.{at}:6443"})
+        assert r.status == 200, r.text
+    servers = [(f"52:54:00:00:12:{i:02x}", f"s-{i}") for i in range(1, 7)]
+    await _enrol(env, servers[:3], cluster="edge", role="server", profile="k3os")
+    await _enrol(env, servers[3:], cluster="m2", role="server", profile="k3os")
+    agents = [(f"52:54:00:00:12:{i:02x}", f"a-{i}") for i in range(7, 11)]
+    await _enrol(env, agents[:2], cluster="edge", role="agent", profile="k3os")
+    await _enrol(env, agents[2:], cluster="m2", role="agent", profile="k3os")
+    cas = set()
+    content = env.service.content
+    for mac, _ in servers + agents:
+        plan = await _plan(env, mac)
+        assert plan.cluster is not None and plan.k3s is not None
+        text, whole = content.k3os_config(plan), _whole(content, K3OS, plan)
+        assert text == whole, mac
+        if line:
+            assert text.endswith(f"# cluster {plan.cluster.name}\n"), mac
+        if plan.k3s.role == "server":
+            assert plan.cluster.ca_cert.split("\n")[1] in text, mac
+            cas.add(plan.cluster.ca_cert)
+    # Per cluster: its init server's, its other servers' and (printing the cluster) its
+    # agents' frames; the agents of both share one where the cluster is not printed.
+    assert len(cas) == 2 and _frames(env) == ((5, 5) if not line else (6, 4))
+
+
+async def test_meta_data_is_framed_with_each_machines_instance_serial(env: Env) -> None:
+    """cloud-init's meta-data (its instance id is made of the machine's instance serial, its
+    last change) is its frame with each machine's serial put in, the text the whole
+    context renders; a serial of 0 (never changed) is its own shape."""
+    await env.seed()
+    macs = [(f"52:54:00:00:13:{i:02x}", None if i == 3 else f"m-{i}") for i in range(1, 6)]
+    await _enrol(env, macs)
+    content = env.service.content
+    serials = set()
+    for i, (mac, _) in enumerate(macs):
+        plan = await _plan(env, mac)
+        assert plan.machine is not None  # its last change: one a machine, as a fleet's
+        plan = dataclasses.replace(plan, machine=dataclasses.replace(
+            plan.machine, updated=1_700_000_000.5 + 7 * i))
+        serials.add(int(plan.machine.updated))
+        text = content.nocloud(plan, "meta-data")
+        assert text == _whole(content, "cloud-config/cloud-init/meta-data", plan), mac
+        assert f'-{int(plan.machine.updated)}"' in text, mac
+    assert len(serials) == len(macs)
+    # Two shapes (a hostname or not): made once each, the other three filled in.
+    assert _frames(env) == (2, 3)
+    plan = dataclasses.replace(plan, machine=dataclasses.replace(plan.machine, updated=0.5))
+    text = content.nocloud(plan, "meta-data")
+    assert text == _whole(content, "cloud-config/cloud-init/meta-data", plan)
+    assert '-0"' in text and _frames(env) == (3, 3)
+
+
+async def test_a_meta_data_printing_its_serial_as_a_number_is_rendered(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """An operator's meta-data printing the instance serial through tojson alone (a JSON
+    number, where a frame's mark would be a string) has no frame: its marked render is
+    refused by the check against the request's own, tried once, and each is rendered."""
+    name = "cloud-config/cloud-init/meta-data"
+    env, macs = await _operators(make_env, tmp_path, "serial: {{ instance_serial | tojson }}\n",
+                                 0x14, name, "m")
+    content = env.service.content
+    for mac, _ in macs:
+        plan = await _plan(env, mac)
+        assert plan.machine is not None
+        text = content.nocloud(plan, "meta-data")
+        assert text == _whole(content, name, plan), mac
+        assert text.endswith(f"serial: {int(plan.machine.updated)}\n"), mac
+    assert _frames(env) == (1, 0)
+
+
+@pytest.mark.parametrize(("line", "first"), [
+    ("# {{ machine.hostname[0] }}\n", "n-1"),
+    ("# {{ machine.hostname[-1] }}\n", "n-1n"),
+    ("# {{ k3s.token[0] }}\n", "n-1"),
+])
+async def test_a_config_printing_a_letter_of_a_value_is_rendered(
+        make_env: EnvFactory, tmp_path: Path, line: str, first: str) -> None:
+    """A template printing one letter of a value (a constant subscript, which the split's
+    proof lets through) has no frame, even where the first machine's letter is the marks'
+    own (every mark starts with 'n', a hostname mark ends with it): each config the text the
+    whole context renders, never the first machine's letter for the next."""
+    env, macs = await _operators(make_env, tmp_path, line, 0x15)
+    store = env.service.store
+    machine = await store.machine_by("mac", macs[0][0])
+    assert machine is not None
+    await store.update_machine(dataclasses.replace(machine, hostname=first))
+    content = env.service.content
+    for i, (mac, _) in enumerate(macs):
+        plan = await _plan(env, mac)
+        assert plan.k3s is not None
+        if "token" in line:  # the cluster's join token, as its plan carries it
+            plan = dataclasses.replace(plan, k3s=dataclasses.replace(
+                plan.k3s, token=f"{'n' if i == 0 else 'k'}-token-{i}"))
+        text = content.k3os_config(plan)
+        assert text == _whole(content, K3OS, plan), mac
+    assert _frames(env)[1] == 0  # never filled in

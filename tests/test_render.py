@@ -2085,8 +2085,11 @@ def test_a_split_config_is_jinjas_text_for_hostile_values() -> None:
     kept = [s for _, s in c._render._splits.values() if s is not None]
     assert set(names) <= {s.template.name for s in kept}  # each split, its skeletons a few
     # (twice as many where it prints the register command: one with its plain values in
-    # places of its own, one with another's text whole; _Filler.output)
-    assert all(len(s.skeletons) <= 3 * len(joins) * (2 if s.spliced else 1) for s in kept), [
+    # places of its own, one with another's text whole; _Filler.output), and a config
+    # frame's two marked renders' (their join token and server URL marks, two sets:
+    # Content._config_framed) beside each join's
+    assert all(len(s.skeletons) <= (3 + 2) * len(joins) * (2 if s.spliced else 1)
+               for s in kept), [
         len(s.skeletons) for s in kept]
 
 

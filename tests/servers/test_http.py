@@ -1391,8 +1391,9 @@ async def test_a_config_fetched_again_is_kept_until_anything_it_is_made_of_chang
     content._render.yaml_config = counting  # type: ignore[method-assign]
 
     def frames() -> int:
-        """Configs filled into a frame less frames made (each a render more, rendered)."""
-        return sum(want.framed - want.made for want in content._wants.values()
+        """Configs filled into a frame less frames made (each two renders more, rendered:
+        its marked renders, with two sets of marks)."""
+        return sum(want.framed - 2 * want.made for want in content._wants.values()
                    if want.config_frames is not None and want.frames is None)
 
     before = frames()
