@@ -691,23 +691,40 @@ class Content:
         marked = None
         # None yet, or made of others (another CA); not where frames are made more than used
         # (more shapes in turn than are kept: each frame made is a render more).
-        if plain and (frame is not None or key not in frames) and (
-                want.made < _FEW or want.framed >= 8 * want.made):
-            marks = self._marks
-            with contextlib.suppress(RenderError):  # the render below says why
-                marked = render.ipxe_with(name, lambda names: self.context(
-                    plan, names=names, token=marks[2] if token else None,
-                    stand_in=(marks[0], marks[1], marks[3] if hostname else hostname)))
+        tried = plain and (frame is not None or key not in frames) and (
+            want.made < _FEW or want.framed >= 8 * want.made)
+        if tried:
+            # Rendered with two sets of marks that differ at every letter, as a config's
+            # frame is (_config_framed): a template printing one letter of a value
+            # (``hostname[0]``, a constant subscript the split's proof lets through) gives
+            # the same letter of every mark, which the first machine's value of that letter
+            # matched in the check below, and the next machine got that letter.
+            texts = []
+            for marks in (self._marks, self._other_marks):
+                with contextlib.suppress(RenderError):  # the render below says why
+                    texts.append(self._marked_script(name, plan, marks, bool(token),
+                                                     hostname))
+            if len(texts) == 2 and _swapped(texts[1], self._other_marks,
+                                            self._marks) == texts[0]:
+                marked = texts[0]
         text = render.ipxe_with(name, lambda names: self.context(plan, names=names))
-        if marked is not None:
+        if tried:
             want.made += 1
             made = (self._frame_of(marked, profile, trust)
-                    if render.only_printing(name, source) else None)
+                    if marked is not None and render.only_printing(name, source) else None)
             if len(frames) >= _FEW:
                 frames.clear()  # bounded: old templates', profiles' and reasons' go
             # None: this shape is rendered (not tried again).
             frames[key] = made if made is not None and made.text(values) == text else None
         return text
+
+    def _marked_script(self, name: str, plan: BootPlan, marks: tuple[str, ...], token: bool,
+                       hostname: str | None) -> str:
+        """Install script ``name`` of ``plan`` rendered with ``marks`` in the places of its
+        values (the MAC's two forms always, the token and hostname where true: _framed)."""
+        return self._render.ipxe_with(name, lambda names: self.context(
+            plan, names=names, token=marks[2] if token else None,
+            stand_in=(marks[0], marks[1], marks[3] if hostname else hostname)))
 
     def _frame_of(self, marked: str, profile: Profile, trust: Trust | None) -> _Frame:
         """The frame of an install script rendered with :attr:`_marks` for its values."""

@@ -554,12 +554,13 @@ async def test_first_install_scripts_of_one_shape_are_its_frame_filled_in_as_ren
         assert text == whole, mac
         assert f"installing {hostname or mac} " in text
         tokens.add(install_token(text))
-        # The first of each shape (hostname, none; another console) rendered: twice, its
-        # frame's marked render and its own; the second of each filled in.
-        assert len(rendered) == (i // 2 + 1) * 2, (mac, rendered)
+        # The first of each shape (hostname, none; another console) rendered: three times,
+        # its frame's two marked renders (two sets of marks: a letter of a value printed
+        # is not a frame's) and its own; the second of each filled in.
+        assert len(rendered) == (i // 2 + 1) * 3, (mac, rendered)
     assert len(tokens) == 6
     text, whole = await _first_install(env, machines[6][0])  # a known shape: filled in
-    assert text == whole and len(rendered) == 6
+    assert text == whole and len(rendered) == 9
     own.write_text(shipped + "# edited by the operator\n")
     os.utime(own, (1, 1))  # another mtime, whatever the clock's resolution
     text, whole = await _first_install(env, machines[7][0])
@@ -571,7 +572,7 @@ async def test_first_install_scripts_of_one_shape_are_its_frame_filled_in_as_ren
     env.service.base_url = "http://192.0.2.98:8080"
     text, whole = await _first_install(env, machines[9][0])
     assert text == whole and "http://192.0.2.98:8080/assets/vmlinuz-2" in text
-    assert len(rendered) == 12  # each change rendered its new shape once
+    assert len(rendered) == 18  # each change rendered its new shape once (and twice marked)
 
 
 async def test_an_install_script_of_a_stored_empty_hostname_is_not_none_s_frame(
@@ -596,6 +597,26 @@ async def test_an_install_script_of_a_stored_empty_hostname_is_not_none_s_frame(
         assert text.endswith("# host \n" if i == 1 else "# host None\n"), mac
 
 
+@pytest.mark.parametrize("line", ["# {{ machine.hostname[0] }}\n",
+                                  "# {{ machine.hostname[0] ~ mac[0] }}\n"])
+async def test_an_install_script_printing_a_letter_of_a_value_is_never_anothers_frame(
+        make_env: EnvFactory, tmp_path: Path, line: str) -> None:
+    """A template printing one letter of a value (a constant subscript, which the split's
+    proof lets through): every mark starts with 'n', so where the first machine's hostname
+    began with 'n' too the frame's check held and the next machines got its 'n' (s43-config
+    found it in config frames). Each script is the text the whole context renders."""
+    env, own, shipped = await own_template(make_env, tmp_path, "ipxe/install.ipxe")
+    own.write_text(shipped + line)
+    await env.seed()
+    macs = [f"52:54:00:00:0a:{i:02x}" for i in range(1, 5)]
+    for i, mac in enumerate(macs):
+        await env.post("/api/v1/machines", {"mac": mac, "hostname": "n-1" if i == 0
+                                            else f"k-{i}"}, status=201)
+    for mac in macs:
+        text, whole = await _first_install(env, mac)
+        assert text == whole, mac
+
+
 async def test_an_install_script_that_reads_a_machines_value_otherwise_is_rendered_each_time(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """Where the template does more with a per-machine value than print it (a test of the
@@ -611,8 +632,9 @@ async def test_an_install_script_that_reads_a_machines_value_otherwise_is_render
     for mac in macs:
         text, whole = await _first_install(env, mac)
         assert text == whole and text.endswith("# one\n") == mac.endswith("1"), mac
-    # Each rendered; the first twice (its frame tried: its marked render, then refused).
-    assert rendered == ["ipxe/install.ipxe"] * (len(macs) + 1)
+    # Each rendered; the first three times (its frame tried: its two marked renders, then
+    # refused).
+    assert rendered == ["ipxe/install.ipxe"] * (len(macs) + 2)
 
 
 async def test_an_install_script_reading_a_name_frames_do_not_know_is_rendered_each_time(
@@ -662,7 +684,7 @@ async def test_a_token_that_prints_otherwise_than_itself_is_rendered_not_filled_
         assert text == whole, mac
         texts.append(text)
     assert texts[2].endswith('# "quoted\\"\\u003c2"\n') and "nb.t=spaced 3 " in texts[3]
-    assert len(rendered) == 2 + 1 + 1  # the shape's, then each of the two tokens'
+    assert len(rendered) == 3 + 1 + 1  # the shape's (two marked), then each of the two tokens'
 
 
 async def test_an_operators_install_script_gets_every_name_it_reads(
