@@ -1101,12 +1101,18 @@ class BootService:
                             and recorder.repeats(machine.id, kept.kind, kept.message, machine)
                             and (kept.expires is None or self._clock() <= kept.expires)):
                         return kept.plan
-                    activity, shared = recorder.activity, view.shared
+                    activity, events = recorder.activity, recorder.queued_events
+                    shared = view.shared
                     plan = await self._plan(request, record=True, res=res, seen=seen)
+                    # Kept where the decision wrote nothing but events: its own note, which
+                    # _keep_repeat and each repeat check is the machine's newest (repeats).
+                    # An install's first ask again, whose "asked again" note was the only
+                    # write, was decided in full once more at its next ask (~1,000 loop
+                    # bytecodes each) before it was kept (s43-again).
                     if (machine is not None and plan.machine is machine
                             and view.loaded and not res.absorb and not res.disagree
-                            and activity == recorder.activity and shared == view.shared
-                            and machine.state != _DISCOVERED):
+                            and recorder.activity - activity == recorder.queued_events - events
+                            and shared == view.shared and machine.state != _DISCOVERED):
                         self._keep_repeat(request, machine, shared, plan)
                     return plan
                 except StateChanged:
