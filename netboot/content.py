@@ -216,9 +216,9 @@ class Content:
         self._log = logger or logging.getLogger(__name__)
         self._scripts: OrderedDict[MacAddress, tuple[object, str]] = OrderedDict()  # render_ipxe
         # NIC -> (the kept decision of its install under way, what else its script was made
-        # of, its text): see _install_script.
-        self._installs: OrderedDict[MacAddress, tuple[BootPlan, tuple[object, ...], str]] = (
-            OrderedDict())
+        # of, its text, the renderer's generation it was checked at): see _install_script.
+        self._installs: OrderedDict[MacAddress, tuple[BootPlan, tuple[object, ...], str,
+                                                      int]] = OrderedDict()
         self._bootstrap: tuple[object, str] | None = None  # see bootstrap_ipxe
         # Texts an install script's or a config's frame is rendered with in place of the
         # MAC, the MAC with hyphens, the token, the hostname and (a config's) the k3s node
@@ -626,15 +626,33 @@ class Content:
         read nothing but their context: not where either takes in another template. A first
         install's plan is never a kept one: it keeps nothing and looks at nothing more
         (looking cost ~4 % of a first install's loop instructions). Its render was ~a fifth
-        of the loop's work per install asked again (session 25)."""
-        made_of = self._install_made_of(name, plan) if self._boot.repeated(plan) else None
-        if made_of is None:
+        of the loop's work per install asked again (session 25).
+
+        The template and command line are looked at again only when the renderer's
+        generation moved since the text was kept (a file may have changed: Renderer
+        .generation, the pin's one look per answer): while it has not, they are the ones the
+        text was made of, and the base URL and CA alone are compared (what they were made of
+        was ~200 of a kept ask's ~1,500 loop bytecodes, s43-again). The text, where it is not
+        kept yet, is the plan's frame filled in where its shape has one (_framed: the text a
+        render gives), not a render of its own: the first ask again made that shape's frame.
+        """
+        if not self._boot.repeated(plan):
             return self._framed(name, plan)
         kept = self._installs.get(plan.mac)
+        generation = self._render.generation()  # the pin's (render_ipxe): no look of its own
+        if kept is not None and kept[0] is plan and kept[3] == generation:
+            was = kept[1]
+            trust = self._trust()
+            if was[0] == self._base_url() and (was[1] is trust or was[1] == trust):
+                return kept[2]
+        made_of = self._install_made_of(name, plan)
+        if made_of is None:
+            return self._framed(name, plan)
         if kept is not None and kept[0] is plan and kept[1] == made_of:
-            return kept[2]
-        text = self._render.ipxe_with(name, lambda names: self.context(plan, names=names))
-        _keep(self._installs, plan.mac, (plan, made_of, text), INSTALLS_KEPT)
+            text = kept[2]
+        else:
+            text = self._framed(name, plan)
+        _keep(self._installs, plan.mac, (plan, made_of, text, generation), INSTALLS_KEPT)
         return text
 
     def _framed(self, name: str, plan: BootPlan) -> str:

@@ -139,6 +139,10 @@ class Recorder:
         # Bumped by everything that may write (record, note, learned, commit): a caller that
         # finds it unchanged across a decision knows the decision wrote nothing.
         self.activity = 0
+        # Bumped with ``activity`` by each event queued (record, note): a caller that finds
+        # both moved alike across a decision knows it queued events and wrote nothing else
+        # (boot's kept repeats: an install's first ask again, whose own note is all it wrote).
+        self.queued_events = 0
         # Bumped by every change to what last() or learning() answers (the newest sayings
         # remembered, the facts queued): a caller that saw one answer, and finds it
         # unchanged, knows they answer as then (boot._DhcpRepeat, per repeated DISCOVER).
@@ -155,6 +159,7 @@ class Recorder:
         """:meth:`record`, ``event`` remembered with ``version`` (:meth:`note`'s: once, not
         for None and then again for it)."""
         self.activity += 1
+        self.queued_events += 1
         self._queue.append(event)
         self._newest[event.machine] = event
         if len(self._queue) > self._max_queued:

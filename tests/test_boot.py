@@ -1198,6 +1198,54 @@ async def test_an_install_asked_again_is_kept_until_its_token_expires(tmp_path: 
         await store.close()
 
 
+async def test_an_installs_first_ask_again_is_kept_from_its_own_note_on(
+        tmp_path: Path) -> None:
+    """An install under way asked again writes nothing but its "asked again" note: that
+    decision is the one kept for the NIC, so the next ask is answered from it (the same plan
+    object), its note still queued or written; it was decided in full once more before
+    (s43-again). A decision that wrote more than events (a held agent's facts, learnt) is
+    not kept."""
+    from netboot.inventory.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+        await store.put_cluster(Cluster(name="edge", server_url="https://192.0.2.50:6443",
+                                        token="t"))
+        m = await enrolled(store, role=Role.AGENT)  # type: ignore[arg-type]
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                           Enroller(store), new_token=lambda: "tok")
+        await boot.load_view()
+        ask = BootRequest(mac=MAC, firmware=Firmware.IPXE, arch=Arch.X86_64, via="http",
+                          remote_addr="192.0.2.7")
+        first = await boot.plan(ask)  # the install begins: its token committed
+        assert first.action == BootAction.INSTALL and first.token == "tok"
+        again = await boot.plan(ask)  # its note queued: all it wrote
+        assert again is not first and again.token == "tok"
+        assert boot._recorder.pending(m.id) is not None
+        assert await boot.plan(ask) is again  # the note still queued
+        await boot.drain()
+        assert await boot.plan(ask) is again  # and written
+        kinds = [e.kind for e in await store.list_events(m.id)]
+        assert kinds.count("install-plan") == 2  # the install's and its "asked again"
+
+        # A held agent's first ask learns its facts (queued to be written): not kept.
+        await store.put_cluster(Cluster(name="held", server_url="managed", token="t"))
+        other = MacAddress.parse("52:54:00:aa:00:02")
+        await store.create_machine(Machine(macs=(other,), hostname="a2", cluster="held",
+                                           profile="p", role=Role.AGENT))
+        await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:aa:00:03"),),
+                                           hostname="s2", cluster="held", profile="p",
+                                           role=Role.SERVER))
+        held = replace(ask, mac=other, remote_addr="192.0.2.8")
+        hold = await boot.plan(held)
+        assert hold.action == BootAction.HOLD
+        assert await boot.plan(held) is not hold
+    finally:
+        await store.close()
+
+
 async def test_a_machines_lock_orders_its_holders_and_is_forgotten_when_free() -> None:
     # BootService._lock: holders of one key one at a time, in order; other keys meanwhile;
     # a waiter cancelled leaves it as it was; nothing kept once no one holds or waits.

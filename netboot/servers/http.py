@@ -1416,10 +1416,15 @@ class FrontDoor:
             return error_reply(exc, self.log, "POST", target, remote)
 
         # Its context made for it, as start() makes a decision's (log_context's fields set
-        # in a copy, not entered and left around the task's making).
+        # in a copy, not entered and left around the task's making), with when it arrived:
+        # the reports and registrations read in one loop iteration share one probe of the
+        # change feed, as the GETs do (netboot.arrival). Each probed anew, a SQLite call on
+        # the loop per POST, ~3 % of the loop in a storm's tail (benchmarks/README.md,
+        # s42-tail; s43-again).
         context = contextvars.copy_context()
         context.run(set_log_context, {"request_id": rid, "path": target} if remote is None
                     else {"request_id": rid, "peer": remote, "path": target})
+        context.run(set_arrival, started)
         decided: asyncio.Future[Reply | FileBody | None] = asyncio.Task(
             reports.front_post(label, ref, head.bearer or None, head.body, remote, translate),
             loop=loop or asyncio.get_running_loop(), context=context,

@@ -800,6 +800,75 @@ async def test_a_change_committed_elsewhere_before_a_request_is_seen_by_it(
         finally:
             await other.close()
 
+async def test_a_cli_change_in_another_process_just_before_a_request_is_seen_by_it(
+        tmp_path: Path) -> None:
+    """The CLI, in a process of its own, removes a machine right after a request made the
+    change feed's probe (a kept repeat: nothing read but that probe): the machine's next
+    request and its installer's next report, each sent after the CLI returned, see it
+    (netboot.arrival: a probe answers only requests that arrived before it; s43-again)."""
+    from tests.inventory.test_view import cli
+
+    async with serving(tmp_path) as service:
+        token = await installing(service, HEXHYP)
+        bearer = b"Authorization: Bearer %s\r\n" % token.encode()
+        events = f"/api/v1/machines/{HEXHYP}/events"
+        target = f"/ipxe?mac={HEXHYP}&arch=x86_64"
+        reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+        try:
+            for _ in range(3):  # the decision kept and repeated
+                writer.write(get(target))
+                first = await read_response(reader)
+            assert install_token(first.body.decode()) == token
+            (told,) = await exchange(service.http_port,
+                                     post(events, b'{"kind": "progress"}', bearer))
+            assert told.status == 201, told
+            # A probe just before the change (a repeat and a report on other connections),
+            # then the CLI's change, then the request and the report.
+            await exchange(service.http_port, get(target))
+            await exchange(service.http_port, post(events, b'{"kind": "progress"}', bearer))
+            cli(service.config.data_dir, "machines", "rm", HEXHYP)
+            writer.write(get(target))
+            after = await read_response(reader)
+            assert after.status == 200 and token.encode() not in after.body, after
+            (refused,) = await exchange(service.http_port,
+                                        post(events, b'{"kind": "progress"}', bearer))
+            assert refused.status in (401, 404), refused
+        finally:
+            writer.close()
+
+
+async def test_an_installers_post_says_when_it_arrived() -> None:
+    """The front door's POSTs (reports, registrations) carry when they arrived, as its GETs
+    do (netboot.arrival): the reads of one loop iteration's POSTs share one probe of the
+    change feed, where each probed anew (a SQLite call on the loop per POST: ~3 % of the
+    loop in a storm's tail, s42-tail)."""
+    from netboot.arrival import arrival
+    from netboot.servers.fasthttp import RequestHead
+    from netboot.servers.http import FrontDoor, Reply, parse_post
+
+    seen: list[float | None] = []
+
+    class Reports:
+        async def front_post(self, route: str, ref: str | None, bearer: str | None,
+                             body: bytes, remote: str | None,
+                             translate: Callable[[Exception], Reply]) -> Reply | None:
+            seen.append(arrival())
+            return Reply(201, b"{}", "application/json", ())
+
+    door = FrontDoor(cast(Any, None), log=logging.getLogger("test"), observer=None,
+                     ids=lambda: "id")
+    door.take_reports(cast(Any, Reports()), max_body=1 << 20, max_event=1 << 16)
+    head = parse_post(post(f"/api/v1/machines/{HEXHYP}/events", b'{"kind": "x"}'), 1 << 16)
+    assert isinstance(head, RequestHead), head
+    before = time.monotonic()
+    started = door.start_post(head, "127.0.0.1")
+    assert started is not None
+    finish, decided = started
+    answer = finish(await decided)
+    assert answer is not None and answer.status == 201
+    assert seen and seen[0] is not None and before <= seen[0] <= time.monotonic()
+
+
 # --- the installer's POSTs ------------------------------------------------------------------
 
 
