@@ -2253,24 +2253,47 @@ class Enroller:
         # delete of one holds it): one deleted by another writer since the import read it,
         # finding no machine naming it yet, is a 409 naming the line, nothing written;
         # before, the import's machines were written naming one that was gone.
-        async with self.fixed_lock:
-            await self.refs_still(named_clusters, named_profiles)
-            held: Conflict | None = None
-            try:
-                await self.recorder.commit(batch)
-            except Conflict as exc:
-                if exc.field != "fixed_ipv4":
-                    raise _chosen_taken(exc, chosen, rows) from None
-                held = exc
-            if held is not None and given is not None:
-                clashes = given.clashes(await self._fixed_holders(), create_only)
-                if not clashes:
-                    raise held
-                raise Conflict(f"line {clashes[0].line}: fixed_ipv4 {clashes[0].message}, "
-                               "given it by another writer since this import read the "
-                               "inventory; import the file again", field="fixed_ipv4",
-                               holder=held.holder)
+        # Held and released by hand, the release after the handler: an exception leaving an
+        # ``async with`` of a compiled coroutine is awaited through the lock's __aexit__
+        # while it is handled (a PostgreSQL advisory lock's release suspends), which in
+        # mypyc's build left it broken and crashed the process (s43: an import refused on
+        # its version, made again, on PostgreSQL; tests/test_compiled.py's run of
+        # test_enroll).
+        lock = self.fixed_lock
+        await lock.__aenter__()
+        raised: BaseException | None = None
+        try:
+            await self._import_held(batch, given, chosen, rows, create_only,
+                                    named_clusters, named_profiles)
+        except BaseException as exc:  # raised again once the lock is released
+            raised = exc
+        await lock.__aexit__(None, None, None)
+        if raised is not None:
+            raise raised
         return replace(report, applied=True)
+
+    async def _import_held(self, batch: Batch, given: _FixedGiven | None,
+                           chosen: Mapping[str, int], rows: Iterable[Any],
+                           create_only: bool, named_clusters: Mapping[str, int],
+                           named_profiles: Mapping[str, int]) -> None:
+        """An import's commit under ``fixed_lock`` (its caller holds it): the names checked
+        again, the batch written, an address taken meanwhile named by its line."""
+        await self.refs_still(named_clusters, named_profiles)
+        held: Conflict | None = None
+        try:
+            await self.recorder.commit(batch)
+        except Conflict as exc:
+            if exc.field != "fixed_ipv4":
+                raise _chosen_taken(exc, chosen, rows) from None
+            held = exc
+        if held is not None and given is not None:
+            clashes = given.clashes(await self._fixed_holders(), create_only)
+            if not clashes:
+                raise held
+            raise Conflict(f"line {clashes[0].line}: fixed_ipv4 {clashes[0].message}, "
+                           "given it by another writer since this import read the "
+                           "inventory; import the file again", field="fixed_ipv4",
+                           holder=held.holder)
 
     async def _fixed_holders(self) -> dict[str, tuple[str, str]]:
         """Each fixed_ipv4 of the inventory now: its machine's id and ref (one scan)."""
