@@ -621,10 +621,15 @@ async def test_a_repeat_while_another_request_of_the_nic_is_recorded_is_decided_
         assert await env.offer(2) is not None
         assert env.server.answered_again == before
         assert len(env.boot._recording[MAC]) == 2
+    assert await _kinds_settled(env) == ["dhcp"]
+
+
+async def _kinds_settled(env: Env) -> list[str]:
+    """The kinds of MAC's machine's events once every queued write has landed."""
     await env.settle()
     machine = await env.store.machine_by("mac", str(MAC))
     assert machine is not None
-    assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
+    return [e.kind for e in await env.store.list_events(machine.id)]
 
 
 async def test_a_newer_event_of_the_machine_gets_its_dhcp_step_noted_again(
@@ -794,10 +799,7 @@ async def test_a_repeat_decided_after_the_views_sync_keeps_its_answer(env: Env) 
     assert again is not None and again.file_name == "snponly.efi" and again.xid == 301
     assert env.server.answered_again == before + 1
     assert env.server.summary.counts["proxy OFFER"] == offers + 2
-    await env.settle()
-    machine = await env.store.machine_by("mac", str(MAC))
-    assert machine is not None
-    assert [e.kind for e in await env.store.list_events(machine.id)] == ["dhcp"]
+    assert await _kinds_settled(env) == ["dhcp"]
 
 
 async def test_a_change_between_a_waited_decision_and_its_answer_ends_the_kept_answer(
