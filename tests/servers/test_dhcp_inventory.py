@@ -512,12 +512,9 @@ async def test_a_repeat_after_its_learnt_facts_were_written_is_answered_from_the
     assert offer is not None and offer.file_name == "shimx64.efi"
 
 
-async def test_a_machine_moved_into_another_groups_selector_ends_its_cached_answer(
-        env: Env) -> None:
-    """The guard's decision taken again when the machine's object is replaced works the
-    chain out again: a label changed through the store (the group rules themselves
-    unchanged) that moves the machine into a group with another chain is offered at the
-    next DISCOVER, never the answer kept for the same machine in the same state."""
+async def _cached_in_rack_r1_beside_group_r2(env: Env) -> None:
+    """A group ``r2`` (rack r2: another chain) and MAC's installed machine in rack r1, its
+    answer cached and its writes landed."""
     await env.store.put_group(Group(name="r2", selector={"rack": ("r2",)},
                                     loader=LoaderChain.SHIM_GRUB), create=True)
     await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED,
@@ -525,6 +522,15 @@ async def test_a_machine_moved_into_another_groups_selector_ends_its_cached_answ
     await env.boot.load_view()
     await cached(env)
     await env.settle()
+
+
+async def test_a_machine_moved_into_another_groups_selector_ends_its_cached_answer(
+        env: Env) -> None:
+    """The guard's decision taken again when the machine's object is replaced works the
+    chain out again: a label changed through the store (the group rules themselves
+    unchanged) that moves the machine into a group with another chain is offered at the
+    next DISCOVER, never the answer kept for the same machine in the same state."""
+    await _cached_in_rack_r1_beside_group_r2(env)
     stored = await env.store.machine_by("mac", str(MAC))
     assert stored is not None
     await env.store.update_machine(replace(stored, labels={"rack": "r2"}))
@@ -538,13 +544,7 @@ async def test_another_servers_label_change_into_another_group_ends_the_cached_a
     """The same move made by another process (another server, the CLI) on the same
     database: the view syncs it in the background (within DHCP_VIEW_AGE), the machine's
     object is replaced, and the guard's decision taken again offers the new chain."""
-    await env.store.put_group(Group(name="r2", selector={"rack": ("r2",)},
-                                    loader=LoaderChain.SHIM_GRUB), create=True)
-    await env.store.create_machine(Machine(macs=(MAC,), state=MachineState.INSTALLED,
-                                           labels={"rack": "r1"}))
-    await env.boot.load_view()
-    await cached(env)
-    await env.settle()
+    await _cached_in_rack_r1_beside_group_r2(env)
     other = SqliteStore(env.path)
     await other.open()
     try:
