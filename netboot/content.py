@@ -717,14 +717,8 @@ class Content:
             # (``hostname[0]``, a constant subscript the split's proof lets through) gives
             # the same letter of every mark, which the first machine's value of that letter
             # matched in the check below, and the next machine got that letter.
-            texts = []
-            for marks in (self._marks, self._other_marks):
-                with contextlib.suppress(RenderError):  # the render below says why
-                    texts.append(self._marked_script(name, plan, marks, bool(token),
-                                                     hostname))
-            if len(texts) == 2 and _swapped(texts[1], self._other_marks,
-                                            self._marks) == texts[0]:
-                marked = texts[0]
+            marked = self._marked_alike(lambda marks: self._marked_script(
+                name, plan, marks, bool(token), hostname))
         text = render.ipxe_with(name, lambda names: self.context(plan, names=names))
         if tried:
             want.made += 1
@@ -735,6 +729,19 @@ class Content:
             # None: this shape is rendered (not tried again).
             frames[key] = made if made is not None and made.text(values) == text else None
         return text
+
+    def _marked_alike(self, render: Callable[[tuple[str, ...]], str]) -> str | None:
+        """``render``'s text with :attr:`_marks`, where its text with :attr:`_other_marks`
+        (which differ at every letter) is the same text but for the marks: each value
+        printed whole, no letter of it (a frame's proof); None where they differ or either
+        render failed (the request's own render says why)."""
+        texts = []
+        for marks in (self._marks, self._other_marks):
+            with contextlib.suppress(RenderError):
+                texts.append(render(marks))
+        if len(texts) == 2 and _swapped(texts[1], self._other_marks, self._marks) == texts[0]:
+            return texts[0]
+        return None
 
     def _marked_script(self, name: str, plan: BootPlan, marks: tuple[str, ...], token: bool,
                        hostname: str | None) -> str:
@@ -1173,14 +1180,8 @@ class Content:
             # Which values have a place (the others, false, are themselves).
             put = (True, True, bool(token), bool(hostname), bool(node), bool(join_token),
                    bool(server_url), bool(number))
-            texts = []
-            for marks in (self._marks, self._other_marks):
-                with contextlib.suppress(RenderError):  # the render below says why
-                    texts.append(self._marked_config(name, plan, header, read, marks, put))
-            # The same text with either marks: each value printed whole, no letter of it.
-            if len(texts) == 2 and _swapped(texts[1], self._other_marks,
-                                            self._marks) == texts[0]:
-                marked = texts[0]
+            marked = self._marked_alike(lambda marks: self._marked_config(
+                name, plan, header, read, marks, put))
         text = self._config_rendered(name, plan, header, read)
         if tried:
             # Counted, and kept (None) where the marked render failed and this one did not:
