@@ -43,6 +43,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from netboot.errors import OutcomeUnknown
 from netboot.inventory.base import REFUSED_CLAIMS
 from netboot.model import Machine, MachineState
 
@@ -292,11 +293,15 @@ class KeptClaims:
             mine = self.memory.held(machine)
             if not mine:
                 return
-            adding = [(h, h.tries - h.written) for h in mine]
             against = registration_of(machine)
             text = await store.get_setting(key)
+            # The tries this write adds, taken with the value that holds them (no await
+            # between): a refusal counted while the read was under way (Held.tries moves in
+            # place) was written but not counted as written, and the next write added it
+            # again (s44-review).
+            adding = [(h, h.tries - h.written) for h in mine]
             value = encoded(against, merged(decoded(text, against), mine))
-            if value == text or await store.claim_setting(key, value, replace=text) == value:
+            if value == text or await self._claimed(key, value, text):
                 for h, tries in adding:  # in the store now: the next write adds the rest
                     h.written += tries
                 if await store.get_machine(machine_id) is None:
@@ -304,6 +309,24 @@ class KeptClaims:
                     # (in its transaction) could not remove: removed here, as it would be.
                     await store.delete_setting(key)
                 return
+
+    async def _claimed(self, key: str, value: str, text: str | None) -> bool:
+        """Whether the compare-and-set of ``value`` over ``text`` took. A commit whose answer
+        was lost (OutcomeUnknown: a PostgreSQL connection cut in its COMMIT) is read back:
+        the setting holding ``value`` is this write stored (no other server's merge gives
+        this server's own tries and times), one still holding ``text`` is none (merged and
+        written again). Counted unwritten, a stored one was added again by the next write,
+        the device's tries told too high (s43-ops' leftover). Another value since cannot
+        tell (a merge over this write or over ``text``): the error stands, as before."""
+        try:
+            return await self._store.claim_setting(key, value, replace=text) == value
+        except OutcomeUnknown:
+            now = await self._store.get_setting(key)
+            if now == value:
+                return True
+            if now == text:
+                return False
+            raise
 
     async def close(self) -> None:
         """Write every machine's waiting claims now (a stop keeps what it kept)."""

@@ -186,3 +186,85 @@ async def test_a_machines_kept_claims_written_are_no_change_a_view_holds(tmp_pat
         assert view.shared > shared and view.rules > rules
     finally:
         await store.close()
+
+
+async def test_a_refusal_counted_while_a_write_reads_the_setting_is_written_once() -> None:
+    """A refusal counted while a server's write of the machine's claims reads the setting
+    (Held.tries moves in place) goes into the value written: it was not counted as written
+    then, and the next write added it again (two tries listed as three)."""
+    from netboot.claims import SETTING, KeptClaims, decoded, registration_of
+    from netboot.inventory.memory import MemoryStore
+
+    machine = registered("m-1")
+    claim = "c" * 64
+    kept: list[KeptClaims] = []
+
+    class Racing(MemoryStore):
+        """The device's next try is refused while the first write reads the setting."""
+
+        raced = False
+
+        async def get_setting(self, key: str) -> str | None:
+            text = await super().get_setting(key)
+            if not self.raced:
+                self.raced = True
+                kept[0].refused(machine, "192.0.2.7", claim, 110.0)
+            return text
+
+    store = Racing()
+    await store.open()
+    await store.create_machine(machine)
+    kept.append(KeptClaims(RefusedClaims(), store, clock=lambda: 100.0))
+    kept[0].refused(machine, "192.0.2.7", claim, 100.0)
+    await asyncio.sleep(0)
+    await kept[0].close()
+    stored = decoded(await store.get_setting(SETTING + "m-1"), registration_of(machine))
+    assert [h.tries for h in stored] == [2]
+    assert [h.tries for h in await kept[0].held(machine)] == [2]
+
+
+async def test_a_claims_write_whose_commit_lost_its_answer_is_read_back_not_added_again(
+        ) -> None:
+    """A compare-and-set whose commit answer was lost (OutcomeUnknown: PostgreSQL's
+    connection cut in its COMMIT) is read back: stored, its tries count as written, and the
+    next write adds only the new one (its tries were added twice: 1 + 1 listed as 3,
+    s43-ops' leftover); not stored, it is merged and written again at once."""
+    from netboot.claims import SETTING, KeptClaims, decoded, registration_of
+    from netboot.errors import OutcomeUnknown
+    from netboot.inventory.memory import MemoryStore
+
+    class Cut(MemoryStore):
+        """The next claim_setting commits (``stored``) or not, and its answer is lost."""
+
+        cut: bool | None = None
+
+        async def claim_setting(self, key: str, value: str, *, replace: str | None = None
+                                ) -> str:
+            cut, self.cut = self.cut, None
+            if cut is False:
+                raise OutcomeUnknown("connection lost during COMMIT (not stored)")
+            taken = await super().claim_setting(key, value, replace=replace)
+            if cut:
+                raise OutcomeUnknown("connection lost during COMMIT (stored)")
+            return taken
+
+    machine = registered("m-1")
+    claim = "c" * 64
+    for stored_then in (True, False):
+        store = Cut()
+        await store.open()
+        await store.create_machine(machine)
+        kept = KeptClaims(RefusedClaims(), store, clock=lambda: 100.0)
+        store.cut = stored_then
+        kept.refused(machine, "192.0.2.7", claim, 100.0)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert store.cut is None  # the cut write was made
+        against = registration_of(machine)
+        assert [h.tries for h in decoded(await store.get_setting(SETTING + "m-1"),
+                                         against)] == [1]
+        kept.refused(machine, "192.0.2.7", claim, 110.0)
+        await kept.close()
+        assert [h.tries for h in decoded(await store.get_setting(SETTING + "m-1"),
+                                         against)] == [2]
