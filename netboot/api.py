@@ -555,12 +555,13 @@ class Api:
         # The browser reconnects by itself after a drop (EventSource, 3 s by default). The
         # health in the first message, with the retry (a reader that reads one message to
         # see the stream open reads them both), then the comment that says it is open.
-        # What stands, as it opens (when anything does) and whenever it changes: the
-        # dashboard's warnings.
+        # What stands, as it opens and whenever it changes: the dashboard's warnings. Sent
+        # as it opens when none stands too, as the health is: a tab reconnecting (a server
+        # restarted with them fixed, another server behind the same name) kept the banner
+        # its last stream had shown, for good (s44-review).
         standing = self._standing
         warned = standing.version
-        await resp.write(b"retry: 3000\n" + _health_frame(told)
-                         + (_warnings_frame(standing) if standing.as_list() else b"")
+        await resp.write(b"retry: 3000\n" + _health_frame(told) + _warnings_frame(standing)
                          + b": connected\n\n")
         wrote = loop.time()
         while True:

@@ -2343,6 +2343,9 @@ async def _open_stream(env: Env) -> Any:
     resp = await env.client.get("/api/v1/events/stream", headers=env.auth)
     assert resp.status == 200
     assert (await resp.content.readuntil(b"\n\n")).startswith(b"retry: 3000")
+    # Then what stands (sent as it opens, an empty list too), and the comment saying so.
+    assert (await resp.content.readuntil(b"\n\n")).startswith(b"event: warnings\n")
+    assert await resp.content.readuntil(b"\n\n") == b": connected\n\n"
     return resp
 
 
@@ -2361,6 +2364,8 @@ async def test_the_event_stream_tells_the_inventorys_health_as_it_opens_and_chan
             frame = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
             if b"\nevent: inventory\n" in b"\n" + frame:
                 return dict(json.loads(frame.split(b"data: ", 1)[1]))
+            if frame == b"event: warnings\ndata: []\n\n":
+                continue  # as it opens: nothing stands
             assert frame.startswith(b":"), frame  # nothing else is sent meanwhile
 
     stream = await env.client.get("/api/v1/events/stream", headers=env.auth)
@@ -3044,3 +3049,36 @@ async def test_a_machine_is_named_by_its_hostname_in_every_ref_route(env: Env) -
     (removed,) = [e for e in entries
                   if e["action"].startswith("DELETE") and e["outcome"] == "204"]
     assert removed["target"] == d["id"], removed
+
+
+async def test_the_event_stream_tells_what_stands_as_it_opens_even_when_nothing_does(
+        env: Env) -> None:
+    """The stream's ``event: warnings`` was sent as it opened only when a warning stood: a
+    tab whose stream had shown one and reconnected (its server restarted with it fixed,
+    another server behind the same name) was told nothing and kept the banner for good.
+    Now it is sent as the stream opens whatever stands, an empty list too (as the
+    inventory's health is), and agrees with GET /status. Real HTTP."""
+    from netboot.standing import Notice
+
+    async def opening(resp: Any) -> list[Any]:
+        frame = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+        assert frame.startswith(b"retry: 3000"), frame
+        frame = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+        assert frame.startswith(b"event: warnings\n"), frame
+        return list(json.loads(frame.split(b"data: ", 1)[1]))
+
+    standing = env.service.standing
+    standing.set("clusters-alike", [Notice("clusters-alike", "clusters edge, Edge ...",
+                                           ("Edge", "edge"))])
+    stream = await env.client.get("/api/v1/events/stream", headers=env.auth)
+    try:
+        said = await opening(stream)
+        assert [w["kind"] for w in said] == ["clusters-alike"]
+    finally:
+        stream.close()
+    standing.set("clusters-alike", ())  # fixed while the tab was away
+    again = await env.client.get("/api/v1/events/stream", headers=env.auth)
+    try:
+        assert await opening(again) == [] == (await env.get("/api/v1/status"))["warnings"]
+    finally:
+        again.close()

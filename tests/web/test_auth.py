@@ -173,14 +173,14 @@ async def test_event_stream_needs_a_token_and_carries_events(env: Env) -> None:
         assert (await resp.content.readuntil(b"\n\n")).startswith(b"retry: 3000")
         await env.post("/api/v1/machines", {"mac": MAC, "hostname": "sse-1"}, status=201)
         # The stream's other messages (its ": connected" comment, the inventory's health
-        # that s41-ops sends as it opens) come first; the machine's event follows.
+        # that s41-ops sends as it opens, what stands) come first; the machine's event follows.
         fields: dict[str, str] = {}
         while fields.get("event") != "machine":
             block = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
             lines = [line for line in block.decode().strip().split("\n")
                      if not line.startswith(":")]
             fields = dict(line.split(": ", 1) for line in lines)
-            assert fields.get("event") in (None, "inventory", "machine"), block
+            assert fields.get("event") in (None, "inventory", "warnings", "machine"), block
         assert int(fields["id"]) >= 1
         event = json.loads(fields["data"])
         assert event["kind"] == "enrolled" and event["machine"].startswith("m-")
