@@ -90,6 +90,8 @@ class ClockSkew:
         self.threshold = threshold
         self.seconds: float | None = None  # the database's clock minus this host's, last seen
         self.warned = False
+        # The warning said while they stay out of step (GET /status's warnings show it).
+        self.said: str | None = None
 
     def observe(self, database: float, local: float, round_trip: float = 0.0
                 ) -> tuple[str, str] | None:
@@ -103,13 +105,15 @@ class ClockSkew:
         if off and not self.warned:
             self.warned = True
             ahead = "ahead of" if skew > 0 else "behind"
-            return ("warning", f"the inventory database's clock ({_utc(database)}) is "
-                    f"{abs(skew):.1f} s {ahead} this host's ({_utc(local)}): install "
-                    "tokens, install_timeout and unchanged_for are counted by the clock of "
-                    "the server that wrote each time, so servers sharing this inventory "
-                    "should keep their clocks in step (NTP) with each other and with it")
+            self.said = (f"the inventory database's clock ({_utc(database)}) is "
+                         f"{abs(skew):.1f} s {ahead} this host's ({_utc(local)}): install "
+                         "tokens, install_timeout and unchanged_for are counted by the clock "
+                         "of the server that wrote each time, so servers sharing this "
+                         "inventory should keep their clocks in step (NTP) with each other "
+                         "and with it")
+            return ("warning", self.said)
         if not off and self.warned and abs(skew) <= self.threshold / 2:
-            self.warned = False
+            self.warned, self.said = False, None
             return ("info", f"the inventory database's clock ({_utc(database)}) and this "
                     f"host's ({_utc(local)}) are in step again ({skew:+.3f} s)")
         return None

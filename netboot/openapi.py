@@ -359,7 +359,7 @@ SCHEMAS: dict[str, Any] = {
                    "warnings": {"type": "array", "items": {
                        "type": "object", "required": ["kind", "message", "refs"],
                        "properties": {
-                           "kind": {"enum": ["clusters-alike", "clock-behind",
+                           "kind": {"enum": ["clusters-alike", "clock-behind", "clock-skew",
                                              "older-registrations", "rule-refs",
                                              "profile-files", "shared-fixed-ipv4"]},
                            "message": {"type": "string"},

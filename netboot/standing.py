@@ -11,6 +11,8 @@ the dashboard's banner) and the CLI (:func:`from_store`) show. Kinds:
 
 - ``clusters-alike``: clusters named alike but for case (stored before the 409, s41-attack);
 - ``clock-behind``: the clock behind the inventory's newest change (s41-attack);
+- ``clock-skew``: this host's clock out of step with the PostgreSQL inventory's
+  (health.ClockSkew's warning, every 5 minutes: Service.check_clock);
 - ``older-registrations``: machines an older register command registered (s40-ops, s42-ops);
 - ``rule-refs``: an auto discovery rule's cluster or profile that does not exist (s37-user);
 - ``profile-files``: a profile's file as netboot no longer takes it (session 35);
