@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from netboot.core import older_registrations
@@ -155,11 +155,16 @@ class Standing:
 
 async def from_store(store: Store, now: float, standing: Standing) -> None:
     """What a server decides from its loaded view, read from the store into ``standing``
-    (``netboot status`` on the database, no server asked): the registered machines read
-    once, the clusters, the newest change."""
-    registered = await store.count_machines(MachineFilter(state=MachineState.REGISTERED))
-    older = older_registrations(await store.list_machines(MachineFilter(
-        state=MachineState.REGISTERED, limit=registered + 100))) if registered else []
+    (``netboot status`` on the database, no server asked): the registered machines holding
+    no install secret, the clusters, the newest change."""
+    # Those holding no install secret alone, found by the store (every registered machine
+    # read and decoded was ~2.6 s of CPU at 100,000: s43-ops' leftover), the rule still
+    # core's; the oldest first (by the MAC, SQLite looked each registered row up from the
+    # state's index: 0.6 s more).
+    flt = MachineFilter(state=MachineState.REGISTERED, without_secret=True, sort="created")
+    found = await store.count_machines(flt)
+    older = older_registrations(await store.list_machines(replace(
+        flt, limit=found + 100))) if found else []
     last = await store.list_machines(MachineFilter(sort="updated", descending=True, limit=1))
     standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
     standing.set("clock-behind", [clock_behind(newest(last), now)])

@@ -155,6 +155,10 @@ class MachineFilter:
     # API's check that no two share one, start-up's report of those that do. A scan.
     fixed_ipv4: str | None = None
     with_fixed_ipv4: bool = False
+    # The machines holding no install secret (``secret_hash``): with the registered state,
+    # those an older register command registered (core.older_registrations), which
+    # ``netboot status`` names. A scan of the documents, not a decode of each (s44-review).
+    without_secret: bool = False
     # Case-insensitive substring of the hostname, id, or any MAC, UUID, serial or asset tag
     # (the dashboard's search box).
     text: str | None = None

@@ -125,6 +125,8 @@ class MemoryStore:
                 continue
             if flt.with_fixed_ipv4 and machine.fixed_ipv4 is None:
                 continue
+            if flt.without_secret and machine.secret_hash is not None:
+                continue
             if flt.has_mac is not None and bool(machine.macs) != flt.has_mac:
                 continue
             if flt.updated_before is not None and not machine.updated < flt.updated_before:

@@ -2730,6 +2730,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append(f"((m.data::jsonb) ->> 'fixed_ipv4') = {arg(flt.fixed_ipv4)}")
     if flt.with_fixed_ipv4:
         clauses.append("((m.data::jsonb) ->> 'fixed_ipv4') IS NOT NULL")
+    if flt.without_secret:
+        clauses.append("((m.data::jsonb) ->> 'secret_hash') IS NULL")
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
     if flt.updated_before is not None:

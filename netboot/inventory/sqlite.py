@@ -1785,6 +1785,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         params.append(flt.fixed_ipv4)
     if flt.with_fixed_ipv4:
         clauses.append("json_extract(m.data, '$.fixed_ipv4') IS NOT NULL")
+    if flt.without_secret:
+        clauses.append("json_extract(m.data, '$.secret_hash') IS NULL")
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
     if flt.updated_before is not None:
