@@ -1177,7 +1177,6 @@ class Service:
         try:
             await self.boot.resync()
             await self.look_for_older_registrations()
-            await self.look_again_at_what_stands()
             stuck = stuck_writes(self.store)
             health.doubt(cannot_tell(self.store))
             if stuck is not None:  # reads answer, writes would each fail after a wait
@@ -1209,6 +1208,15 @@ class Service:
         if health.restored():
             log.warning("inventory reachable again: the view is synced, writes are accepted "
                         "(%d boot events still queued)", recorder.queued)
+        try:
+            # After the sync, the queued writes and the relay, and apart from them: a read of
+            # what stands that fails (a statement timeout of the shared addresses' scan) is
+            # no outage of the inventory. Inside, it marked the inventory down (writes
+            # refused, /healthz degraded) and skipped the relay and the queued writes.
+            await self.look_again_at_what_stands()
+        except StoreError as exc:
+            log.warning("looking again at what stands (GET /status's warnings) failed: %s; "
+                        "looked at again in %.0f s", exc, OLDER_LOOK_SECONDS)
 
     async def _start_dns(self) -> None:
         from netboot.names import ZoneHolder

@@ -2068,3 +2068,34 @@ def test_an_interface_whose_address_the_pools_network_holds_is_not_told_off_it(
         assert pool.links((a.name, a.address) for a in addresses) == {"va"}
         told = [str(w) for w in interfaces_off_pool(cfg, addresses)]
         assert len(told) == 1 and "interface vb " in told[0], (netmask, told)
+
+
+async def test_a_failed_look_at_what_stands_is_no_outage_of_the_inventory(
+        make_env: EnvFactory, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The running server's look again at start-up's warnings (the clusters, the rules'
+    references, the shared addresses' scan) ran inside the watcher's sync: one of its reads
+    failing (a statement timeout of a scan, while the sync's reads answered) marked the
+    inventory down (writes refused, /healthz degraded) and skipped the queued writes and
+    the relay. Now it is logged, the inventory stays up, and it is looked at again."""
+    from netboot.errors import StoreError
+
+    env = await make_env()
+    service = env.service
+    store = service.store
+    listed = store.list_clusters
+
+    async def timed_out() -> Any:
+        raise StoreError("canceling statement due to statement timeout")
+
+    monkeypatch.setattr(store, "list_clusters", timed_out)
+    with caplog.at_level(logging.WARNING, logger="netboot.service"):
+        await service.watch_once()
+    assert service.boot.health.up, service.boot.health.reason
+    assert any("looking again at what stands" in r.getMessage()
+               and "statement timeout" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(store, "list_clusters", listed)
+    assert (await env.get("/api/v1/status"))["inventory"] == {"state": "ok", "detail": None}
+    service._standing_next = 0.0  # OLDER_LOOK_SECONDS later
+    await service.watch_once()
+    assert service.boot.health.up
