@@ -155,6 +155,10 @@ class MachineFilter:
     # API's check that no two share one, start-up's report of those that do. A scan.
     fixed_ipv4: str | None = None
     with_fixed_ipv4: bool = False
+    # The machines whose fixed_ipv4 another machine's document holds too (stored before
+    # s40-net refused it): start-up's and ``netboot status``'s report, one scan in the
+    # store's SQL, not a decode of every machine given one (~3.9 s of CPU at 100,000).
+    shared_fixed_ipv4: bool = False
     # The machines holding no install secret (``secret_hash``): with the registered state,
     # those an older register command registered (core.older_registrations), which
     # ``netboot status`` names. A scan of the documents, not a decode of each (s44-review).

@@ -108,6 +108,10 @@ class MemoryStore:
 
     def _matching(self, flt: MachineFilter) -> list[Machine]:
         out = []
+        shared: set[str | None] = set()
+        if flt.shared_fixed_ipv4:
+            given = collections.Counter(m.fixed_ipv4 for m in self._machines.values())
+            shared = {a for a, n in given.items() if n > 1 and a is not None}
         for machine in self._machines.values():
             if flt.state is not None and machine.state != flt.state:
                 continue
@@ -126,6 +130,8 @@ class MemoryStore:
             if flt.with_fixed_ipv4 and machine.fixed_ipv4 is None:
                 continue
             if flt.without_secret and machine.secret_hash is not None:
+                continue
+            if flt.shared_fixed_ipv4 and machine.fixed_ipv4 not in shared:
                 continue
             if flt.has_mac is not None and bool(machine.macs) != flt.has_mac:
                 continue

@@ -2732,6 +2732,9 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append("((m.data::jsonb) ->> 'fixed_ipv4') IS NOT NULL")
     if flt.without_secret:
         clauses.append("((m.data::jsonb) ->> 'secret_hash') IS NULL")
+    if flt.shared_fixed_ipv4:
+        clauses.append("((m.data::jsonb) ->> 'fixed_ipv4') IN (SELECT (data::jsonb) ->>"
+                       " 'fixed_ipv4' FROM machines GROUP BY 1 HAVING count(*) > 1)")
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
     if flt.updated_before is not None:

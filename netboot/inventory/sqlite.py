@@ -1787,6 +1787,9 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append("json_extract(m.data, '$.fixed_ipv4') IS NOT NULL")
     if flt.without_secret:
         clauses.append("json_extract(m.data, '$.secret_hash') IS NULL")
+    if flt.shared_fixed_ipv4:
+        clauses.append("json_extract(m.data, '$.fixed_ipv4') IN (SELECT json_extract(data,"
+                       " '$.fixed_ipv4') FROM machines GROUP BY 1 HAVING count(*) > 1)")
     if flt.has_mac is not None:
         clauses.append("m.mac IS NOT NULL" if flt.has_mac else "m.mac IS NULL")
     if flt.updated_before is not None:
