@@ -363,7 +363,13 @@ SCHEMAS: dict[str, Any] = {
                                              "older-registrations", "rule-refs",
                                              "profile-files", "shared-fixed-ipv4"]},
                            "message": {"type": "string"},
-                           "refs": {"type": "array", "items": {"type": "string"}}}}}}},
+                           # The older registrations' first 100 (the message counts
+                           # all; netboot status --json lists all).
+                           "refs": {"type": "array", "items": {"type": "string"},
+                                    "description": "what it is about (machines, clusters); "
+                                    "an older-registrations notice lists 100 at most, its "
+                                    "message counts them all and netboot status --json "
+                                    "lists every one"}}}}}},
 }
 
 

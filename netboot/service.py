@@ -68,6 +68,7 @@ from netboot.servers.http import (
 from netboot.servers.sockets import bind_error
 from netboot.shipped import shipped_root, templates_dir
 from netboot.standing import (
+    SERVED_REFS,
     Notice,
     Standing,
     clock_behind,
@@ -1143,7 +1144,8 @@ class Service:
                 told = older_notice(older.new(held, registered, now), live=not start)
                 if told is not None:  # those not named before
                     log.warning("%s", told.text)
-                self.standing.set("older-registrations", [older_notice(older.current)],
+                self.standing.set("older-registrations",
+                                  [older_notice(older.current, refs=SERVED_REFS)],
                                   told=False)
 
     async def look_again_at_what_stands(self) -> None:

@@ -41,6 +41,12 @@ log = logging.getLogger("netboot.service")
 CLOCK_BEHIND_TOLD = 300.0
 # Machines named in a notice (all are counted).
 NAMED = 5
+# Machines a server's notice lists in its refs (GET /status, the event stream): after an
+# upgrade from a fleet registered before session 39, every one is an older registration,
+# and 100,000 names were ~1.4 MB and ~14 ms of the event loop at each /status (the machines
+# page asks it at each burst of events) and each stream's opening. ``netboot status``
+# (on the database, no loop to share) lists them all.
+SERVED_REFS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +62,11 @@ class Notice:
         return {"kind": self.kind, "message": self.text, "refs": list(self.refs)}
 
 
-def older_notice(older: Sequence[Machine], *, live: bool = False) -> Notice | None:
+def older_notice(older: Sequence[Machine], *, live: bool = False,
+                 refs: int | None = None) -> Notice | None:
     """The machines of ``older`` (core.older_registrations), and the fix. ``live``: named
-    as another server still on an older version registers them (a rolling upgrade)."""
+    as another server still on an older version registers them (a rolling upgrade).
+    ``refs``: how many at most its refs list (None: all)."""
     if not older:
         return None
     names = [m.hostname or m.ref for m in older]
@@ -69,8 +77,10 @@ def older_notice(older: Sequence[Machine], *, live: bool = False) -> Notice | No
         + f" ({', '.join(names[:NAMED])}{', ...' if len(older) > NAMED else ''}): they keep "
         "its weaker rules (a repeat registration from their address is answered without "
         "proof; those registered before session 37 report no new address at later boots) "
-        "until reinstalled: netboot machines reinstall REF for each, when it may reinstall"),
-        tuple(names))
+        "until reinstalled: netboot machines reinstall REF for each, when it may reinstall"
+        + (f"; {refs} of them listed here, netboot status --json lists all"
+           if refs is not None and len(names) > refs else "")),
+        tuple(names[:refs]))
 
 
 def clusters_alike(names: Iterable[str]) -> list[Notice]:

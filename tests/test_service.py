@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import logging
 import os
 import re
@@ -37,7 +38,15 @@ from netboot.service import (
     release_when_quiet,
 )
 from tests import pg
-from tests.conftest import Env, EnvFactory, call, child_json, inotify_instances, write_config
+from tests.conftest import (
+    Env,
+    EnvFactory,
+    call,
+    child_json,
+    inotify_instances,
+    this_checkout,
+    write_config,
+)
 
 
 @pytest.mark.parametrize(("line", "seconds", "single_port"), [
@@ -2099,3 +2108,42 @@ async def test_a_failed_look_at_what_stands_is_no_outage_of_the_inventory(
     service._standing_next = 0.0  # OLDER_LOOK_SECONDS later
     await service.watch_once()
     assert service.boot.health.up
+
+
+async def test_a_fleet_of_older_registrations_is_counted_in_status_and_listed_by_the_cli(
+        tmp_path: Path) -> None:
+    """After an upgrade from a fleet registered before session 39, every machine is an older
+    registration: GET /status's notice listed each in its refs (100,000 names: ~1.4 MB and
+    ~14 ms of the event loop at each /status, which the machines page asks at each burst
+    of events, and at each stream's opening). The server's lists SERVED_REFS and counts
+    them all, saying where the rest are; ``netboot status --json`` lists every one."""
+    from netboot.inventory.base import Batch
+    from netboot.model import MachineState
+    from netboot.service import open_inventory
+    from netboot.standing import SERVED_REFS
+
+    cfg = load(write_config(tmp_path), env={})
+    store, _ = await open_inventory(cfg)
+    fleet = SERVED_REFS + 50
+    try:
+        await store.apply_batch(Batch(create=[Machine(
+            macs=(MacAddress((0x0200_0044_0000 + i).to_bytes(6, "big")),),
+            hostname=f"older-{i}", state=MachineState.REGISTERED) for i in range(fleet)]))
+    finally:
+        await store.close()
+    service = await build(cfg)
+    try:
+        await service._load_view()  # what serve runs once it answers
+        (notice,) = service.standing.as_list()
+        assert len(notice["refs"]) == SERVED_REFS, len(notice["refs"])
+        assert notice["message"].startswith(f"{fleet} registered machines were registered")
+        assert notice["message"].endswith(
+            f"; {SERVED_REFS} of them listed here, netboot status --json lists all")
+    finally:
+        await service.close()
+    # The CLI as its own process, on the database.
+    out = subprocess.run([sys.executable, "-m", "netboot", "status", "--json", "--config",
+                          str(tmp_path / "netboot.yaml")], check=True, capture_output=True,
+                         env=this_checkout(), text=True, timeout=300).stdout
+    (listed,) = [w for w in json.loads(out)["warnings"] if w["kind"] == "older-registrations"]
+    assert sorted(listed["refs"]) == sorted(f"older-{i}" for i in range(fleet))
