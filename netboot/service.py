@@ -72,6 +72,7 @@ from netboot.standing import (
     Standing,
     clock_behind,
     clusters_alike,
+    every_interface,
     newest,
     older_notice,
 )
@@ -959,6 +960,10 @@ class Service:
             await dhcp.start()
             for warning in interfaces_off_pool(cfg, (await self._watcher()).addresses()):
                 log.warning("%s", warning)
+            if interfaces is None:  # every interface: said where there are several
+                self.standing.set("every-interface", [every_interface(
+                    [(a.name, a.address) for a in (await self._watcher()).addresses()
+                     if not _loopback(a.address)], cfg.dhcp.mode, cfg.http.listen)])
             self.metrics.read_dhcp_outcomes(dhcp.summary.totals)
             self.servers.append(dhcp)
         if cfg.dns.enabled:

@@ -14,7 +14,9 @@ the dashboard's banner) and the CLI (:func:`from_store`) show. Kinds:
 - ``older-registrations``: machines an older register command registered (s40-ops, s42-ops);
 - ``rule-refs``: an auto discovery rule's cluster or profile that does not exist (s37-user);
 - ``profile-files``: a profile's file as netboot no longer takes it (session 35);
-- ``shared-fixed-ipv4``: machines sharing a fixed address (stored before s40-net).
+- ``shared-fixed-ipv4``: machines sharing a fixed address (stored before s40-net);
+- ``every-interface``: DHCP answering on every interface of a multi-homed host, none named
+  (s44-attack).
 
 The last three are decided where they read the store (service.warn_of_missing_rule_refs,
 warn_of_unservable_profiles, warn_of_shared_fixed_addresses), into the same Standing.
@@ -111,6 +113,32 @@ def clock_behind(newest: Machine | None, now: float) -> Notice | None:
         "installs end, and events written now are stamped in the past. Start netboot once "
         "the time is synced (systemd: After=time-sync.target with systemd-time-wait-sync "
         "enabled)"), (newest.ref,))
+
+
+def every_interface(interfaces: Sequence[tuple[str, str]], mode: str,
+                    http_listen: str) -> Notice | None:
+    """DHCP (``mode``) answering on each of ``interfaces`` (name, address: the host's
+    non-loopback IPv4 ones, where ``server.interfaces`` names none), when there are two or
+    more: a multi-homed host's other networks (a management LAN, a lab, the uplink) get
+    proxy offers naming this server beside their own PXE server, or, authoritative, leases
+    from its pool. dnsmasq answers a proxy range only on the interface holding its network,
+    matchbox's HTTP listens on 127.0.0.1 unless ``-address`` says otherwise; pixiecore and
+    smee answer everywhere, as netboot does where one interface is named by nobody. Said,
+    with the fix, where the user did not choose it (s44-attack)."""
+    names: dict[str, str] = {}
+    for name, address in interfaces:
+        names.setdefault(name, address)
+    if mode == "off" or len(names) < 2:
+        return None
+    first = next(iter(names))
+    return Notice("every-interface", (
+        f"DHCP ({mode}) answers on every interface with an IPv4 address, no interface "
+        f"named: {', '.join(f'{n} ({a})' for n, a in names.items())}, and on each that "
+        f"comes up later; HTTP listens on {http_listen} (http.listen). Name the "
+        f"provisioning interface to answer there only (netboot serve --interface {first}, "
+        f"or server.interfaces: [{first}] in the config file), and set http.listen to its "
+        "address to keep the API off the others (dnsmasq answers a proxy range only on the "
+        "interface holding its network)"), tuple(names))
 
 
 class Standing:

@@ -10,6 +10,7 @@ from netboot.standing import (
     Standing,
     clock_behind,
     clusters_alike,
+    every_interface,
     from_store,
     newest,
     older_notice,
@@ -103,3 +104,19 @@ async def test_the_cli_reads_what_stands_from_the_inventory() -> None:
     assert [(n["kind"], n["refs"]) for n in standing.as_list()] == [
         ("clock-behind", ["52:54:00:00:43:09"]), ("clusters-alike", ["Edge", "edge"]),
         ("older-registrations", ["older-1"])]
+
+
+def test_dhcp_on_every_interface_of_a_multi_homed_host_is_told_with_the_fix() -> None:
+    """No interface named: DHCP answers on each interface with an IPv4 address. Where there
+    are two or more, the notice names each (its first address) and the fix, --interface and
+    http.listen (s44-attack); one interface, or DHCP off, is nothing to tell."""
+    told = every_interface([("eth0", "10.0.0.5"), ("eth1", "192.0.2.10"),
+                            ("eth1", "192.0.2.11")], "proxy", "0.0.0.0")
+    assert told is not None and told.kind == "every-interface"
+    assert told.refs == ("eth0", "eth1")
+    assert "eth0 (10.0.0.5), eth1 (192.0.2.10)," in told.text, told.text
+    assert "--interface eth0" in told.text and "http.listen" in told.text, told.text
+    assert every_interface([("eth0", "10.0.0.5"), ("eth0", "10.0.0.6")], "proxy",
+                           "0.0.0.0") is None
+    assert every_interface([("eth0", "10.0.0.5"), ("eth1", "192.0.2.10")], "off",
+                           "0.0.0.0") is None
