@@ -2028,8 +2028,11 @@ def _known(source: str) -> str:
     return f"(_t if not isinstance(_t := {source}, U) else unsure())"
 
 
-# Where a YAML problem's text starts quoting the document ('…', "…"; %r of a name).
+# Where a YAML problem's text starts quoting the document ('…', "…"; %r of a name), and
+# the quotes of PyYAML's own words that it keeps ("could not find expected ':'", "expected
+# ',' or '}'", "but found '<scalar>'": an indicator, a token's kind).
 _PROBLEM_QUOTE = re.compile("['\"]")
+_OWN_QUOTE = re.compile(r"'(?:[:,\-\[\]{}?]|<[a-z ]+>)'")
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -2045,11 +2048,17 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
         return type(exc).__name__
     said = []
     for quoting, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
-        what = _PROBLEM_QUOTE.split(quoting, 1)[0].rstrip(" :;,") if quoting else quoting
+        what = _unquoted(quoting) if quoting else quoting
         if what or mark is not None:
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             said.append(f"{what or 'here'}{at}")
     return "; ".join(said) or type(exc).__name__
+
+
+def _unquoted(problem: str) -> str:
+    """``problem`` up to its first quote that is not one of PyYAML's own words."""
+    cut = _PROBLEM_QUOTE.search(_OWN_QUOTE.sub(lambda m: "_" * len(m.group()), problem))
+    return problem if cut is None else problem[:cut.start()].rstrip(" :;,")
 
 
 def _failed_at(exc: Exception, name: str | None) -> str:
