@@ -2540,3 +2540,19 @@ def test_invalid_yaml_output_names_no_value_its_problem_quotes(
     said = str(refused.value)
     assert "Hunter2" not in said and "neverShown" not in said, said
     assert "line 2" in said or "PyYAML cannot read (" in said, said
+
+
+def test_invalid_yaml_output_keeps_pyyamls_own_quoted_words(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a YAML problem quotes of its own (the indicator it expected) is kept; only the
+    document's text is cut (s44-attack)."""
+    import yaml
+
+    from netboot import render as render_module
+
+    monkeypatch.setattr(render_module, "_LOADER", yaml.SafeLoader)
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "k.yaml").write_text("a: 1\nb\nc: {d: 1\n")
+    with pytest.raises(RenderError, match="invalid YAML") as refused:
+        Renderer([tmp_path]).yaml_document("cloud-config/k.yaml", {})
+    assert "could not find expected ':' at line 3" in str(refused.value), str(refused.value)
