@@ -70,6 +70,7 @@ from netboot.shipped import shipped_root, templates_dir
 from netboot.standing import (
     Notice,
     Standing,
+    claimable_groups,
     clock_behind,
     clusters_alike,
     every_interface,
@@ -1144,7 +1145,8 @@ class Service:
                                   told=False)
 
     async def look_again_at_what_stands(self) -> None:
-        """Every OLDER_LOOK_SECONDS: the clusters named alike and the rules' references (one
+        """Every OLDER_LOOK_SECONDS: the clusters named alike, the groups giving clusters on
+        claimable strings and the rules' references (one
         fixed since is no longer shown; one another server's older self wrote is), and,
         while they stand, the clock that was behind at start, the profiles' files and the
         shared fixed addresses (none can be written now: the API and the store refuse them)."""
@@ -1156,6 +1158,7 @@ class Service:
         if self._newest is not None and clock_behind(self._newest, time.time()) is None:
             standing.set("clock-behind", ())
         standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+        standing.set("claimable-groups", [claimable_groups(await store.list_groups())])
         await warn_of_missing_rule_refs(self.config, store, standing)
         if standing.holds("profile-files"):
             await warn_of_unservable_profiles(store, standing)
@@ -1577,6 +1580,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         await mend_stray_columns(store)
         await warn_of_shared_fixed_addresses(store, standing)
         standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+        standing.set("claimable-groups", [claimable_groups(await store.list_groups())])
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).

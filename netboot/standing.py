@@ -16,7 +16,9 @@ the dashboard's banner) and the CLI (:func:`from_store`) show. Kinds:
 - ``profile-files``: a profile's file as netboot no longer takes it (session 35);
 - ``shared-fixed-ipv4``: machines sharing a fixed address (stored before s40-net);
 - ``every-interface``: DHCP answering on every interface of a multi-homed host, none named
-  (s44-attack).
+  (s44-attack);
+- ``claimable-groups``: groups that give different clusters to machines on strings any
+  host can send (s44-attack).
 
 The last three are decided where they read the store (service.warn_of_missing_rule_refs,
 warn_of_unservable_profiles, warn_of_shared_fixed_addresses), into the same Standing.
@@ -32,7 +34,7 @@ from typing import Any
 
 from netboot.core import older_registrations
 from netboot.inventory.base import MachineFilter, Store
-from netboot.model import Machine, MachineState
+from netboot.model import Group, Machine, MachineState
 
 log = logging.getLogger("netboot.service")
 
@@ -115,6 +117,37 @@ def clock_behind(newest: Machine | None, now: float) -> Notice | None:
         "enabled)"), (newest.ref,))
 
 
+# What a boot request tells of itself (BootRequest.labels) and the facts learnt from what
+# one told (the DHCP hostname, iPXE's platform, a relay's giaddr): the selector keys a host
+# that sends a machine's MAC chooses the values of (groups.machine_labels puts them over
+# the machine's labels; its own UUID, serial, asset tag and hostname only where it has one).
+CLAIMABLE = frozenset({"arch", "firmware", "manufacturer", "product", "uuid", "serial",
+                       "asset", "hostname", "dhcp_hostname", "platform", "relay"})
+
+
+def claimable_groups(groups: Iterable[Group]) -> Notice | None:
+    """Groups giving two or more clusters that select on claimable strings alone: a host
+    that knows the MAC of an enrolled machine naming no cluster sends the strings of the
+    group whose cluster it wants and is given that cluster's join token in its config
+    (s43-attack, seen on the wire; matchbox's selectors on query arguments alike). A
+    selector with a key the operator sets (a label, the MAC) is chosen by no request; a
+    machine naming its own cluster takes no group's."""
+    chosen = [g for g in groups if g.cluster and g.selector
+              and all(k in CLAIMABLE for k in g.selector)]
+    if len({g.cluster for g in chosen}) < 2:
+        return None
+    named = ", ".join(f"{g.name} ({', '.join(sorted(g.selector))} -> {g.cluster})"
+                      for g in chosen)
+    return Notice("claimable-groups", (
+        f"groups {named} give different clusters on strings a boot request tells, which "
+        "any host on the provisioning network can send: one that knows the MAC of an "
+        "enrolled machine naming no cluster picks the group, and is given that cluster's "
+        "join token. Name each machine's cluster (netboot machines set REF --cluster NAME), "
+        "or add a key the operator sets to those selectors (a label: --selector "
+        "rack=r1 with netboot machines set REF --label rack=r1; or mac)"),
+        tuple(g.name for g in chosen))
+
+
 def every_interface(interfaces: Sequence[tuple[str, str]], mode: str,
                     http_listen: str) -> Notice | None:
     """DHCP (``mode``) answering on each of ``interfaces`` (name, address: the host's
@@ -188,5 +221,6 @@ async def from_store(store: Store, now: float, standing: Standing) -> None:
         state=MachineState.REGISTERED, limit=registered + 100))) if registered else []
     last = await store.list_machines(MachineFilter(sort="updated", descending=True, limit=1))
     standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+    standing.set("claimable-groups", [claimable_groups(await store.list_groups())])
     standing.set("clock-behind", [clock_behind(newest(last), now)])
     standing.set("older-registrations", [older_notice(older)])

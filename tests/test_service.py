@@ -1853,6 +1853,40 @@ async def test_machines_sharing_a_fixed_address_are_told_at_start(
     assert told == [told[0]] and told[0].startswith(
         "machines 52:54:00:40:00:11, 52:54:00:40:00:12 share the fixed_ipv4 192.0.2.50 "), told
     assert "netboot machines set REF --fixed-ipv4" in told[0]
+async def test_groups_giving_clusters_on_claimable_strings_are_told_until_fixed(
+        make_env: EnvFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Groups that give two clusters on strings a boot request tells (s43-attack: a VLAN
+    host holding an enrolled machine's MAC sent product=ProdBox and had ca's join token):
+    start-up names them and the fix, GET /status shows it, and a selector given a label
+    key takes it away at the running server's next look (s44-attack)."""
+    env = await make_env()
+    await env.seed()  # group all-x86: arch=x86_64 -> cluster edge
+    await env.post("/api/v1/clusters", {"name": "lab", "server_url": "https://192.0.2.51:6443",
+                                        "token": "lab-secret-token-123"}, status=201)
+    await env.post("/api/v1/groups", {"name": "labbox", "selector": {
+        "arch": ["x86_64"], "product": ["LabBox"]}, "profile": "k3os", "cluster": "lab"},
+        status=201)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="netboot.service"):
+        again = await build(env.service.config)
+    try:
+        shown = again.standing.as_list()
+        assert [(w["kind"], w["refs"]) for w in shown] == [
+            ("claimable-groups", ["all-x86", "labbox"])], shown
+        r = await call(env, "PUT", "/api/v1/groups/labbox", json_body={
+            "selector": {"product": ["LabBox"], "rack": ["r2"]}, "profile": "k3os",
+            "cluster": "lab"})
+        assert r.status == 200, r.text
+        await again.look_again_at_what_stands()
+        assert again.standing.as_list() == []
+    finally:
+        await again.store.close()
+    told = [r.getMessage() for r in caplog.records if "give different clusters" in
+            r.getMessage()]
+    assert len(told) == 1 and told[0].startswith(
+        "groups all-x86 (arch -> edge), labbox (arch, product -> lab) give "), told
+
+
 async def test_a_machines_columns_hand_sql_left_behind_its_document_are_mended_at_start(
         make_env: EnvFactory, caplog: pytest.LogCaptureFixture) -> None:
     """The fixed_ipv4 and profile columns beside a machine's document (S42: the unique

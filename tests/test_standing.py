@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from netboot.model import Cluster, MacAddress, Machine, MachineState
+from netboot.model import Cluster, Group, MacAddress, Machine, MachineState
 from netboot.standing import (
     CLOCK_BEHIND_TOLD,
     Standing,
+    claimable_groups,
     clock_behind,
     clusters_alike,
     every_interface,
@@ -120,3 +121,24 @@ def test_dhcp_on_every_interface_of_a_multi_homed_host_is_told_with_the_fix() ->
                            "0.0.0.0") is None
     assert every_interface([("eth0", "10.0.0.5"), ("eth1", "192.0.2.10")], "off",
                            "0.0.0.0") is None
+
+
+def test_groups_giving_clusters_on_claimable_strings_alone_are_told() -> None:
+    """Two groups selecting on firmware strings a request tells (product, arch...) and
+    giving different clusters: a host that knows an enrolled machine's MAC picks the one
+    whose join token it wants (s43-attack, on the wire). Told, naming them and the fix;
+    not where a selector has a key the operator sets (a label, the MAC), nor where one
+    cluster is given, nor by groups that give none (s44-attack)."""
+    prod = Group("gprod", {"product": ("ProdBox",)}, profile="p", cluster="ca")
+    lab = Group("glab", {"product": ("LabBox",), "arch": ("x86_64",)}, cluster="cb")
+    told = claimable_groups([prod, lab])
+    assert told is not None and told.kind == "claimable-groups"
+    assert told.refs == ("gprod", "glab")
+    assert "gprod (product -> ca), glab (arch, product -> cb)" in told.text, told.text
+    assert "--cluster NAME" in told.text and "--selector rack=r1" in told.text, told.text
+    racked = Group("glab", {"product": ("LabBox",), "rack": ("r2",)}, cluster="cb")
+    assert claimable_groups([prod, racked]) is None
+    assert claimable_groups([prod, Group("gm", {"mac": ("52:54:00:*",)}, cluster="cb")]) \
+        is None
+    assert claimable_groups([prod, Group("g2", {"arch": ("arm64",)}, cluster="ca")]) is None
+    assert claimable_groups([prod, Group("g3", {"arch": ("arm64",)}, profile="p")]) is None
