@@ -361,7 +361,8 @@ SCHEMAS: dict[str, Any] = {
                        "properties": {
                            "kind": {"enum": ["clusters-alike", "clock-behind",
                                              "older-registrations", "rule-refs",
-                                             "profile-files", "shared-fixed-ipv4"]},
+                                             "profile-files", "shared-fixed-ipv4",
+                                             "every-interface", "claimable-groups"]},
                            "message": {"type": "string"},
                            "refs": {"type": "array", "items": {"type": "string"}}}}}}},
 }

@@ -142,3 +142,36 @@ def test_groups_giving_clusters_on_claimable_strings_alone_are_told() -> None:
         is None
     assert claimable_groups([prod, Group("g2", {"arch": ("arm64",)}, cluster="ca")]) is None
     assert claimable_groups([prod, Group("g3", {"arch": ("arm64",)}, profile="p")]) is None
+
+
+def test_every_notice_kind_is_one_the_documents_status_names() -> None:
+    """GET /status's ``warnings`` kinds are an enum in the OpenAPI document: a kind made here
+    but missing there is a response a client validating against the document refuses (the
+    two of s44-attack were)."""
+    import re
+    from pathlib import Path
+
+    from netboot import service, standing
+    from netboot.openapi import document
+
+    made: set[str] = set()
+    for module in (standing, service):
+        text = Path(str(module.__file__)).with_suffix(".py").read_text()
+        made |= set(re.findall(r'(?:Notice|\.set)\(\s*"([a-z0-9-]+)"', text))
+    enums: list[list[str]] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            warnings = node.get("warnings")
+            if isinstance(warnings, dict) and "items" in warnings:
+                enums.append(warnings["items"]["properties"]["kind"]["enum"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(document())
+    assert enums and "claimable-groups" in made and "every-interface" in made, (enums, made)
+    for enum in enums:
+        assert made <= set(enum), made - set(enum)
