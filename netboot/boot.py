@@ -1796,8 +1796,12 @@ class BootService:
         first = await self._view.get_machine(init_id) if init_id else None
         if first is None or _left(first, cluster.name):
             return reason
-        return (f"{reason}; it is {first.ref}, chosen to initialise it: if it never registers "
-                f"(a dead disk), remove it (netboot machines rm {first.ref}) and the next "
+        # Named by its id (and hostname), not its MAC: this text is every held node's iPXE
+        # script, which any host sending a held node's MAC is given, and the first server's
+        # MAC is what its own install (its cluster's k3s CA key) answers (s44-attack).
+        named = f"{first.hostname} ({first.id})" if first.hostname else first.id
+        return (f"{reason}; it is {named}, chosen to initialise it: if it never registers "
+                f"(a dead disk), remove it (netboot machines rm {first.id}) and the next "
                 "server to boot initialises the cluster")
 
     async def explain(self, ref: str, *, arch: Arch | None = None) -> dict[str, Any]:

@@ -361,7 +361,8 @@ SCHEMAS: dict[str, Any] = {
                        "properties": {
                            "kind": {"enum": ["clusters-alike", "clock-behind", "clock-skew",
                                              "older-registrations", "rule-refs",
-                                             "profile-files", "shared-fixed-ipv4"]},
+                                             "profile-files", "shared-fixed-ipv4",
+                                             "every-interface", "claimable-groups"]},
                            "message": {"type": "string"},
                            # The older registrations' first 100 (the message counts
                            # all; netboot status --json lists all).

@@ -581,6 +581,16 @@ class Renderer:
         except yaml.YAMLError as exc:
             raise caused(RenderError(f"template {name!r} rendered invalid YAML: "
                                      f"{_yaml_problem(exc)}"), exc) from exc
+        except Exception as exc:
+            # A tagged scalar PyYAML's constructor cannot read (!!float, !!int, !!bool,
+            # !!timestamp of a printed value), a lone surrogate libyaml cannot encode: Python's
+            # own error, not a YAMLError, whose text is the value ('could not convert string
+            # to float: …'), and which left the render uncaught: named by its kind alone
+            # (s44-attack).
+            raise caused(RenderError(
+                f"template {name!r} rendered invalid YAML: a value PyYAML cannot read "
+                f"({type(exc).__name__}: a tag such as !!float on a text that is none, or a "
+                f"character YAML cannot hold)"), exc) from exc
         if marked is not None:
             self._shapes.learn(marked)
         return text
@@ -2018,20 +2028,37 @@ def _known(source: str) -> str:
     return f"(_t if not isinstance(_t := {source}, U) else unsure())"
 
 
+# Where a YAML problem's text starts quoting the document ('…', "…"; %r of a name), and
+# the quotes of PyYAML's own words that it keeps ("could not find expected ':'", "expected
+# ',' or '}'", "but found '<scalar>'": an indicator, a token's kind).
+_PROBLEM_QUOTE = re.compile("['\"]")
+_OWN_QUOTE = re.compile(r"'(?:[:,\-\[\]{}?]|<[a-z ]+>)'")
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What a rendered config's YAML error says, by line and column, without the text of
     its line: PyYAML's pure-Python parser (where it is built without libyaml) prints the line
     it failed at, of the rendered config, which holds the machine's install token and its
     cluster's join token, and the error is a ``render failed`` event that a read token and
-    the event stream are shown (libyaml's marks carry no text)."""
+    the event stream are shown (libyaml's marks carry no text). Nor what a problem quotes of
+    the document (a tag's, an alias's, an anchor's name: "could not determine a constructor
+    for the tag '!Hunter2'", a password printed without tojson): cut at its first quote, the
+    line and column say where (s44-attack)."""
     if not isinstance(exc, yaml.MarkedYAMLError):
         return type(exc).__name__
     said = []
-    for what, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+    for quoting, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+        what = _unquoted(quoting) if quoting else quoting
         if what or mark is not None:
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
             said.append(f"{what or 'here'}{at}")
     return "; ".join(said) or type(exc).__name__
+
+
+def _unquoted(problem: str) -> str:
+    """``problem`` up to its first quote that is not one of PyYAML's own words."""
+    cut = _PROBLEM_QUOTE.search(_OWN_QUOTE.sub(lambda m: "_" * len(m.group()), problem))
+    return problem if cut is None else problem[:cut.start()].rstrip(" :;,")
 
 
 def _failed_at(exc: Exception, name: str | None) -> str:

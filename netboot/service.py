@@ -71,8 +71,10 @@ from netboot.standing import (
     SERVED_REFS,
     Notice,
     Standing,
+    claimable_groups,
     clock_behind,
     clusters_alike,
+    every_interface,
     newest,
     older_notice,
 )
@@ -962,6 +964,10 @@ class Service:
             await dhcp.start()
             for warning in interfaces_off_pool(cfg, (await self._watcher()).addresses()):
                 log.warning("%s", warning)
+            if interfaces is None:  # every interface: said where there are several
+                self.standing.set("every-interface", [every_interface(
+                    [(a.name, a.address) for a in (await self._watcher()).addresses()
+                     if not _loopback(a.address)], cfg.dhcp.mode, cfg.http.listen)])
             self.metrics.read_dhcp_outcomes(dhcp.summary.totals)
             self.servers.append(dhcp)
         if cfg.dns.enabled:
@@ -1149,11 +1155,11 @@ class Service:
                                   told=False)
 
     async def look_again_at_what_stands(self) -> None:
-        """Every OLDER_LOOK_SECONDS: the clusters named alike, the rules' references (one
-        fixed since is no longer shown; one another server's older self wrote is) and the
-        clock against the inventory's newest change at start, and, while they stand, the
-        profiles' files and the shared fixed addresses (none can be written now: the API
-        and the store refuse them)."""
+        """Every OLDER_LOOK_SECONDS: the clusters named alike, the groups giving clusters on
+        claimable strings, the rules' references (one fixed since is no longer shown; one
+        another server's older self wrote is) and the clock against the inventory's newest
+        change at start, and, while they stand, the profiles' files and the shared fixed
+        addresses (none can be written now: the API and the store refuse them)."""
         now = time.monotonic()
         if now < self._standing_next:
             return
@@ -1166,6 +1172,7 @@ class Service:
         if behind is None or not standing.holds("clock-behind"):
             standing.set("clock-behind", [behind])
         standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+        standing.set("claimable-groups", [claimable_groups(await store.list_groups())])
         await warn_of_missing_rule_refs(self.config, store, standing)
         if standing.holds("profile-files"):
             await warn_of_unservable_profiles(store, standing)
@@ -1595,6 +1602,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         await mend_stray_columns(store)
         await warn_of_shared_fixed_addresses(store, standing)
         standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+        standing.set("claimable-groups", [claimable_groups(await store.list_groups())])
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).

@@ -16,7 +16,11 @@ the dashboard's banner) and the CLI (:func:`from_store`) show. Kinds:
 - ``older-registrations``: machines an older register command registered (s40-ops, s42-ops);
 - ``rule-refs``: an auto discovery rule's cluster or profile that does not exist (s37-user);
 - ``profile-files``: a profile's file as netboot no longer takes it (session 35);
-- ``shared-fixed-ipv4``: machines sharing a fixed address (stored before s40-net).
+- ``shared-fixed-ipv4``: machines sharing a fixed address (stored before s40-net);
+- ``every-interface``: DHCP answering on every interface of a multi-homed host, none named
+  (s44-attack);
+- ``claimable-groups``: groups that give different clusters to machines on strings any
+  host can send (s44-attack).
 
 The last three are decided where they read the store (service.warn_of_missing_rule_refs,
 warn_of_unservable_profiles, warn_of_shared_fixed_addresses), into the same Standing.
@@ -32,7 +36,7 @@ from typing import Any
 
 from netboot.core import older_registrations
 from netboot.inventory.base import MachineFilter, Store
-from netboot.model import Machine, MachineState
+from netboot.model import Group, Machine, MachineState
 
 log = logging.getLogger("netboot.service")
 
@@ -125,6 +129,63 @@ def clock_behind(newest: Machine | None, now: float) -> Notice | None:
         "enabled)"), (newest.ref,))
 
 
+# What a boot request tells of itself (BootRequest.labels) and the facts learnt from what
+# one told (the DHCP hostname, iPXE's platform, a relay's giaddr): the selector keys a host
+# that sends a machine's MAC chooses the values of (groups.machine_labels puts them over
+# the machine's labels; its own UUID, serial, asset tag and hostname only where it has one).
+CLAIMABLE = frozenset({"arch", "firmware", "manufacturer", "product", "uuid", "serial",
+                       "asset", "hostname", "dhcp_hostname", "platform", "relay"})
+
+
+def claimable_groups(groups: Iterable[Group]) -> Notice | None:
+    """Groups giving two or more clusters that select on claimable strings alone: a host
+    that knows the MAC of an enrolled machine naming no cluster sends the strings of the
+    group whose cluster it wants and is given that cluster's join token in its config
+    (s43-attack, seen on the wire; matchbox's selectors on query arguments alike). A
+    selector with a key the operator sets (a label, the MAC) is chosen by no request; a
+    machine naming its own cluster takes no group's."""
+    chosen = [g for g in groups if g.cluster and g.selector
+              and all(k in CLAIMABLE for k in g.selector)]
+    if len({g.cluster for g in chosen}) < 2:
+        return None
+    named = ", ".join(f"{g.name} ({', '.join(sorted(g.selector))} -> {g.cluster})"
+                      for g in chosen)
+    return Notice("claimable-groups", (
+        f"groups {named} give different clusters on strings a boot request tells, which "
+        "any host on the provisioning network can send: one that knows the MAC of an "
+        "enrolled machine naming no cluster picks the group, and is given that cluster's "
+        "join token. Name each machine's cluster (netboot machines set REF --cluster NAME), "
+        "or add a key the operator sets to those selectors (a label: --selector "
+        "rack=r1 with netboot machines set REF --label rack=r1; or mac)"),
+        tuple(g.name for g in chosen))
+
+
+def every_interface(interfaces: Sequence[tuple[str, str]], mode: str,
+                    http_listen: str) -> Notice | None:
+    """DHCP (``mode``) answering on each of ``interfaces`` (name, address: the host's
+    non-loopback IPv4 ones, where ``server.interfaces`` names none), when there are two or
+    more: a multi-homed host's other networks (a management LAN, a lab, the uplink) get
+    proxy offers naming this server beside their own PXE server, or, authoritative, leases
+    from its pool. dnsmasq answers a proxy range only on the interface holding its network,
+    matchbox's HTTP listens on 127.0.0.1 unless ``-address`` says otherwise; pixiecore and
+    smee answer everywhere, as netboot does where one interface is named by nobody. Said,
+    with the fix, where the user did not choose it (s44-attack)."""
+    names: dict[str, str] = {}
+    for name, address in interfaces:
+        names.setdefault(name, address)
+    if mode == "off" or len(names) < 2:
+        return None
+    first = next(iter(names))
+    return Notice("every-interface", (
+        f"DHCP ({mode}) answers on every interface with an IPv4 address, no interface "
+        f"named: {', '.join(f'{n} ({a})' for n, a in names.items())}, and on each that "
+        f"comes up later; HTTP listens on {http_listen} (http.listen). Name the "
+        f"provisioning interface to answer there only (netboot serve --interface {first}, "
+        f"or server.interfaces: [{first}] in the config file), and set http.listen to its "
+        "address to keep the API off the others (dnsmasq answers a proxy range only on the "
+        "interface holding its network)"), tuple(names))
+
+
 class Standing:
     """The notices that stand for this server, by kind (each check replaces its kind's),
     each new one logged once as a warning. ``version`` moves whenever what
@@ -177,5 +238,6 @@ async def from_store(store: Store, now: float, standing: Standing) -> None:
         flt, limit=found + 100))) if found else []
     last = await store.list_machines(MachineFilter(sort="updated", descending=True, limit=1))
     standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+    standing.set("claimable-groups", [claimable_groups(await store.list_groups())])
     standing.set("clock-behind", [clock_behind(newest(last), now)])
     standing.set("older-registrations", [older_notice(older)])

@@ -110,13 +110,16 @@ async def test_a_first_server_that_never_registers_is_named_and_removing_it_free
     await report(env, S0, token, "failed")  # its disk died
     held = await boot(env, S1)
     assert "kernel " not in held
-    # The held servers say who they wait for and how to stop waiting.
-    assert f"it is {S0}, chosen to initialise it" in held, held
-    assert f"netboot machines rm {S0}" in held
+    # The held servers say who they wait for and how to stop waiting: by its id, never its
+    # MAC, which any host sending a held node's MAC would be told, and which its own
+    # install answers (s44-attack).
+    s0 = (await env.get(f"/api/v1/machines/{S0}"))["id"]
+    assert f"it is s0 ({s0}), chosen to initialise it" in held, held
+    assert f"netboot machines rm {s0}" in held and S0 not in held, held
     explained = await env.get(f"/api/v1/machines/{S1}/explain?arch=x86_64")
-    assert explained["decision"] == "hold" and f"it is {S0}, chosen" in explained["reason"]
+    assert explained["decision"] == "hold" and f"it is s0 ({s0}), chosen" in explained["reason"]
     hold = [e for e in await env.get(f"/api/v1/machines/{S1}/events") if e["kind"] == "hold"]
-    assert len(hold) == 1 and f"netboot machines rm {S0}" in hold[0]["message"], hold
+    assert len(hold) == 1 and f"netboot machines rm {s0}" in hold[0]["message"], hold
     r = await call(env, "DELETE", f"/api/v1/machines/{S0}")
     assert r.status == 204
     token1, config1 = await install(env, S1)

@@ -732,11 +732,13 @@ def test_override_is_checked_beside_shipped(tmp_path: Path) -> None:
 
 
 def _old_yaml_check(r: Renderer, name: str, ctx: dict[str, object]) -> str | None:
-    """What yaml_document answered before shapes: the text if it parses, None if not."""
+    """What yaml_document answered before shapes: the text if it parses, None if not (any
+    error of the parse: a tagged value's ValueError, a surrogate's UnicodeEncodeError are
+    RenderErrors since s44-attack, as a YAMLError is)."""
     text = r.render(name, ctx)
     try:
         yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError:
+    except Exception:
         return None
     return text
 
@@ -2032,16 +2034,15 @@ def _plain_jinja() -> jinja2.Environment:
 
 def _plain_config(name: str, ctx: dict[str, object]) -> object:
     """Jinja's own text of config template ``name`` (its plain sandbox, Jinja's tojson, the
-    register command a plain str) where it parses as the renderer parses; else None, or the
-    type of what the parse raised beside (a lone surrogate: _outcome's)."""
+    register command a plain str) where it parses as the renderer parses; else None (any
+    error of the parse, a lone surrogate's UnicodeEncodeError too: a RenderError since
+    s44-attack)."""
     ctx = {**ctx, "register_command": str(ctx["register_command"])}
     text = _plain_jinja().get_template(name).render(ctx)
     try:
         yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
-    except yaml.YAMLError:
+    except Exception:
         return None
-    except Exception as exc:
-        return type(exc)
     return text
 
 
@@ -2502,3 +2503,56 @@ def test_a_plain_python_error_in_a_template_is_a_render_error_naming_its_line(
     with pytest.raises(RenderError, match=rf"^profile p's cmdline, line 2: {kind}: "):
         r.render_string(f"quiet\n{source}", ctx, what="profile p's cmdline",
                         volatile=volatile)
+
+
+@pytest.mark.parametrize("loader", ["SafeLoader", "CSafeLoader"])
+@pytest.mark.parametrize("shape", [
+    "pw: {{ secret }}\n",                     # a tag: "!..." (constructor: no such tag)
+    "pw: *{{ secret }}\n",                    # an alias (pure Python's composer names it)
+    "a: &{{ secret }} 1\nb: &{{ secret }} 2\n",  # an anchor twice
+    "pw: !!float {{ secret }}\n",             # a tagged value's own error: a ValueError
+    "pw: !!bool {{ secret }}\n",              # ... a KeyError
+    "pw: !!int {{ secret }}\n",
+    "pw: !!timestamp 2020-01-01 {{ secret }}\n",
+])
+def test_invalid_yaml_output_names_no_value_its_problem_quotes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loader: str, shape: str) -> None:
+    """A config whose printed value (a password beginning with '!' or '*', printed without
+    tojson) makes its YAML invalid is a RenderError that names neither the value nor a
+    part of it: PyYAML's problems quote the document's tag, alias and anchor names (could
+    not determine a constructor for the tag '!Hunter2…'), and a tagged scalar's own
+    ValueError/KeyError ('could not convert string to float: …') was not a YAMLError at all
+    and left the render uncaught. The message is a ``render failed`` event that a read token
+    and the event stream are shown (s44-attack)."""
+    import yaml
+
+    from netboot import render as render_module
+
+    if not hasattr(yaml, loader):
+        pytest.skip(f"PyYAML built without {loader}")
+    monkeypatch.setattr(render_module, "_LOADER", getattr(yaml, loader))
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "k.yaml").write_text("a0: 1\n" + shape)
+    r = Renderer([tmp_path])
+    secret = "!Hunter2neverShown" if shape.startswith("pw: {{") else "Hunter2neverShown"
+    with pytest.raises(RenderError, match="invalid YAML") as refused:
+        r.yaml_document("cloud-config/k.yaml", {"secret": secret})
+    said = str(refused.value)
+    assert "Hunter2" not in said and "neverShown" not in said, said
+    assert "line 2" in said or "PyYAML cannot read (" in said, said
+
+
+def test_invalid_yaml_output_keeps_pyyamls_own_quoted_words(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a YAML problem quotes of its own (the indicator it expected) is kept; only the
+    document's text is cut (s44-attack)."""
+    import yaml
+
+    from netboot import render as render_module
+
+    monkeypatch.setattr(render_module, "_LOADER", yaml.SafeLoader)
+    (tmp_path / "cloud-config").mkdir()
+    (tmp_path / "cloud-config" / "k.yaml").write_text("a: 1\nb\nc: {d: 1\n")
+    with pytest.raises(RenderError, match="invalid YAML") as refused:
+        Renderer([tmp_path]).yaml_document("cloud-config/k.yaml", {})
+    assert "could not find expected ':' at line 3" in str(refused.value), str(refused.value)

@@ -15,7 +15,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from netboot.service import (
     LOAD_SWITCH_INTERVAL,
     FrozenHeap,
     QuietAfterBusy,
+    Service,
     brisk_switching,
     build,
     no_full_collections,
@@ -1885,24 +1886,62 @@ async def test_machines_sharing_a_fixed_address_are_told_at_start(
         conn.execute("UPDATE machines SET data = json_set(data, '$.fixed_ipv4', '192.0.2.50')"
                      " WHERE id = ?", (second.id,))
     conn.close()
+    logged = await _told_until_fixed(
+        env, caplog, ("shared-fixed-ipv4", ["52:54:00:40:00:11", "52:54:00:40:00:12"]),
+        lambda again: again.store.update_machine(replace(second, fixed_ipv4="192.0.2.59")))
+    told = [m for m in logged if "share the fixed_ipv4" in m]
+    assert told == [told[0]] and told[0].startswith(
+        "machines 52:54:00:40:00:11, 52:54:00:40:00:12 share the fixed_ipv4 192.0.2.50 "), told
+    assert "netboot machines set REF --fixed-ipv4" in told[0]
+
+
+async def _told_until_fixed(env: Env, caplog: pytest.LogCaptureFixture,
+                            shown: tuple[str, list[str]],
+                            fix: Callable[[Service], Awaitable[object]]) -> list[str]:
+    """A server built again on ``env``'s inventory shows ``shown`` (kind, refs) alone beyond
+    the log while it stands (GET /status's warnings: s43-ops), and nothing once ``fix``
+    is done, at the running server's next look; the messages logged meanwhile."""
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="netboot.service"):
         again = await build(env.service.config)
     try:
-        # Shown beyond the log while it stands (GET /status's warnings: s43-ops), and gone
-        # once fixed, at the running server's next look.
-        shown = again.standing.as_list()
-        assert [(w["kind"], w["refs"]) for w in shown] == [
-            ("shared-fixed-ipv4", ["52:54:00:40:00:11", "52:54:00:40:00:12"])], shown
-        await again.store.update_machine(replace(second, fixed_ipv4="192.0.2.59"))
+        now = again.standing.as_list()
+        assert [(w["kind"], w["refs"]) for w in now] == [shown], now
+        await fix(again)
         await again.look_again_at_what_stands()
         assert again.standing.as_list() == []
     finally:
         await again.store.close()
-    told = [r.getMessage() for r in caplog.records if "share the fixed_ipv4" in r.getMessage()]
-    assert told == [told[0]] and told[0].startswith(
-        "machines 52:54:00:40:00:11, 52:54:00:40:00:12 share the fixed_ipv4 192.0.2.50 "), told
-    assert "netboot machines set REF --fixed-ipv4" in told[0]
+    return [r.getMessage() for r in caplog.records]
+
+
+async def _put_group(env: Env, name: str, group: dict[str, object]) -> None:
+    r = await call(env, "PUT", f"/api/v1/groups/{name}", json_body=group)
+    assert r.status == 200, r.text
+
+
+async def test_groups_giving_clusters_on_claimable_strings_are_told_until_fixed(
+        make_env: EnvFactory, caplog: pytest.LogCaptureFixture) -> None:
+    """Groups that give two clusters on strings a boot request tells (s43-attack: a VLAN
+    host holding an enrolled machine's MAC sent product=ProdBox and had ca's join token):
+    start-up names them and the fix, GET /status shows it, and a selector given a label
+    key takes it away at the running server's next look (s44-attack)."""
+    env = await make_env()
+    await env.seed()  # group all-x86: arch=x86_64 -> cluster edge
+    await env.post("/api/v1/clusters", {"name": "lab", "server_url": "https://192.0.2.51:6443",
+                                        "token": "lab-secret-token-123"}, status=201)
+    await env.post("/api/v1/groups", {"name": "labbox", "selector": {
+        "arch": ["x86_64"], "product": ["LabBox"]}, "profile": "k3os", "cluster": "lab"},
+        status=201)
+    logged = await _told_until_fixed(
+        env, caplog, ("claimable-groups", ["all-x86", "labbox"]),
+        lambda _: _put_group(env, "labbox", {"selector": {"product": ["LabBox"], "rack": ["r2"]},
+                                             "profile": "k3os", "cluster": "lab"}))
+    told = [m for m in logged if "give different clusters" in m]
+    assert len(told) == 1 and told[0].startswith(
+        "groups all-x86 (arch -> edge), labbox (arch, product -> lab) give "), told
+
+
 async def test_a_machines_columns_hand_sql_left_behind_its_document_are_mended_at_start(
         make_env: EnvFactory, caplog: pytest.LogCaptureFixture) -> None:
     """The fixed_ipv4 and profile columns beside a machine's document (S42: the unique

@@ -210,6 +210,13 @@ def test_with_an_address_advertised_a_dhcp_answer_leaves_the_interface_asked_on(
     assert "dhcp: proxy mode listening on 0.0.0.0:67 (vb), advertising 192.0.2.10" in log, log
     # Loopback still heard, as the 0.0.0.0 socket heard it (a relay on this host).
     assert "dhcp: proxy mode listening on 0.0.0.0:67 (lo), advertising 192.0.2.10" in log, log
+    # The user did not choose every network: told at start, naming each and the fix
+    # (s44-attack; dnsmasq answers a proxy range only on the interface holding it).
+    told = [line for line in log.splitlines() if "answers on every interface" in line]
+    assert len(told) == 1, log
+    assert "DHCP (proxy)" in told[0] and "va (192.0.2.10)" in told[0], told
+    assert "vb (198.51.100.10)" in told[0] and "netboot serve --interface " in told[0], told
+    assert "HTTP listens on 0.0.0.0 (http.listen)" in told[0], told
     assert "Traceback" not in log, log
 
 
@@ -352,6 +359,7 @@ def test_a_loopback_advertised_server_answers_no_dhcp_or_tftp_on_the_lan(
     assert "tftp listening on 127.0.0.1:69" in served, served
     assert "proxy mode listening on 0.0.0.0:67 (lo), advertising 127.0.0.1" in served, served
     assert "(va)" not in served, served
+    assert "answers on every interface" not in served, served
     # The start-up summary says so.
     assert "  TFTP   udp/69 on lo only (a loopback address advertised)\n" in served, served
     assert "  DHCP   proxy on udp/67 + udp/4011 on lo only (a loopback address advertised)\n" \

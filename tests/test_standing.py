@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from netboot.model import Cluster, MacAddress, Machine, MachineState
+from netboot.model import Cluster, Group, MacAddress, Machine, MachineState
 from netboot.standing import (
     CLOCK_BEHIND_TOLD,
     Standing,
+    claimable_groups,
     clock_behind,
     clusters_alike,
+    every_interface,
     from_store,
     newest,
     older_notice,
@@ -103,3 +105,73 @@ async def test_the_cli_reads_what_stands_from_the_inventory() -> None:
     assert [(n["kind"], n["refs"]) for n in standing.as_list()] == [
         ("clock-behind", ["52:54:00:00:43:09"]), ("clusters-alike", ["Edge", "edge"]),
         ("older-registrations", ["older-1"])]
+
+
+def test_dhcp_on_every_interface_of_a_multi_homed_host_is_told_with_the_fix() -> None:
+    """No interface named: DHCP answers on each interface with an IPv4 address. Where there
+    are two or more, the notice names each (its first address) and the fix, --interface and
+    http.listen (s44-attack); one interface, or DHCP off, is nothing to tell."""
+    told = every_interface([("eth0", "10.0.0.5"), ("eth1", "192.0.2.10"),
+                            ("eth1", "192.0.2.11")], "proxy", "0.0.0.0")
+    assert told is not None and told.kind == "every-interface"
+    assert told.refs == ("eth0", "eth1")
+    assert "eth0 (10.0.0.5), eth1 (192.0.2.10)," in told.text, told.text
+    assert "--interface eth0" in told.text and "http.listen" in told.text, told.text
+    assert every_interface([("eth0", "10.0.0.5"), ("eth0", "10.0.0.6")], "proxy",
+                           "0.0.0.0") is None
+    assert every_interface([("eth0", "10.0.0.5"), ("eth1", "192.0.2.10")], "off",
+                           "0.0.0.0") is None
+
+
+def test_groups_giving_clusters_on_claimable_strings_alone_are_told() -> None:
+    """Two groups selecting on firmware strings a request tells (product, arch...) and
+    giving different clusters: a host that knows an enrolled machine's MAC picks the one
+    whose join token it wants (s43-attack, on the wire). Told, naming them and the fix;
+    not where a selector has a key the operator sets (a label, the MAC), nor where one
+    cluster is given, nor by groups that give none (s44-attack)."""
+    prod = Group("gprod", {"product": ("ProdBox",)}, profile="p", cluster="ca")
+    lab = Group("glab", {"product": ("LabBox",), "arch": ("x86_64",)}, cluster="cb")
+    told = claimable_groups([prod, lab])
+    assert told is not None and told.kind == "claimable-groups"
+    assert told.refs == ("gprod", "glab")
+    assert "gprod (product -> ca), glab (arch, product -> cb)" in told.text, told.text
+    assert "--cluster NAME" in told.text and "--selector rack=r1" in told.text, told.text
+    racked = Group("glab", {"product": ("LabBox",), "rack": ("r2",)}, cluster="cb")
+    assert claimable_groups([prod, racked]) is None
+    assert claimable_groups([prod, Group("gm", {"mac": ("52:54:00:*",)}, cluster="cb")]) \
+        is None
+    assert claimable_groups([prod, Group("g2", {"arch": ("arm64",)}, cluster="ca")]) is None
+    assert claimable_groups([prod, Group("g3", {"arch": ("arm64",)}, profile="p")]) is None
+
+
+def test_every_notice_kind_is_one_the_documents_status_names() -> None:
+    """GET /status's ``warnings`` kinds are an enum in the OpenAPI document: a kind made here
+    but missing there is a response a client validating against the document refuses (the
+    two of s44-attack were)."""
+    import re
+    from pathlib import Path
+
+    from netboot import service, standing
+    from netboot.openapi import document
+
+    made: set[str] = set()
+    for module in (standing, service):
+        text = Path(str(module.__file__)).with_suffix(".py").read_text()
+        made |= set(re.findall(r'(?:Notice|\.set)\(\s*"([a-z0-9-]+)"', text))
+    enums: list[list[str]] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            warnings = node.get("warnings")
+            if isinstance(warnings, dict) and "items" in warnings:
+                enums.append(warnings["items"]["properties"]["kind"]["enum"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(document())
+    assert enums and "claimable-groups" in made and "every-interface" in made, (enums, made)
+    for enum in enums:
+        assert made <= set(enum), made - set(enum)

@@ -487,6 +487,11 @@ def _json(body: Mapping[str, str | None], status: int,
                  tuple((headers or {}).items()))
 
 
+# The routes firmware and installers ask without a credential of theirs (an install token
+# opens a config, not an account): a Conflict there is answered without its holder.
+_FIRMWARE_ROUTES = ("/ipxe", "/boot.ipxe", "/config/", "/nocloud/", "/grub/", "/assets/")
+
+
 def error_reply(exc: Exception, log: logging.Logger, method: str, target: str,
                 remote: str | None) -> Reply:
     """The one place HTTP errors are translated (DESIGN.md §4.5), for both doors."""
@@ -519,6 +524,14 @@ def error_reply(exc: Exception, log: logging.Logger, method: str, target: str,
         # The current state, machine-readable: a client can tell "already installed" from
         # "failed, reinstall first" without parsing the message.
         return _json({"error": str(exc), "state": exc.state, "event": exc.event}, 409)
+    if isinstance(exc, Conflict) and target.startswith(_FIRMWARE_ROUTES):
+        # Asked by no credential (PXE proves nothing): another machine's id and MAC, the
+        # holder of the UUID or serial the request claimed (a learn the store refused on a
+        # stale view), are the operator's to read, in the log, not any VLAN host's (iPXE
+        # shows no body) (s43-attack's leftover, s44-attack).
+        log.warning("conflict answering %s %s from %s: %s", method, target, remote, exc)
+        return _json({"error": "this request's identifiers conflict with another machine's: "
+                               "the server's log says which"}, 409)
     if isinstance(exc, Conflict):
         conflict: dict[str, Any] = {"error": str(exc)}
         if exc.field is not None:
