@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from netboot.errors import Conflict, NotFound, StateChanged
+from netboot.errors import Conflict, NotFound, StateChanged, UnreadableRow
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -104,6 +104,29 @@ def mend_stray(rows: Sequence[StrayRow], holders: Mapping[str, str],
         if said:
             told.append((ref, ", ".join(said)))
     return let_go, fixed, profiles, told
+
+
+# The tables whose rows hold a JSON document netboot parses (its ``data`` column), each
+# with the column naming a row: what a store searches for a document that is not JSON when
+# a migration or start-up's scan of the documents failed (not_json).
+DOCUMENT_TABLES = (("machines", "id"), ("profiles", "name"), ("clusters", "name"),
+                   ("groups", "name"))
+
+
+def not_json(inventory: str, doing: str, table: str, keys: Sequence[str],
+             fix_sql: str) -> UnreadableRow:
+    """The error that stops a start whose migration or scan of the documents met a row
+    whose ``data`` is not JSON (hand SQL, a damaged copy): where, which rows (``keys``:
+    the first few found, by key) and the fix, as a bad config file is told (file, line,
+    fix). Nothing was changed: the migration's transaction rolled back whole."""
+    more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+    rows = ", ".join(repr(k) for k in keys[:3])
+    return UnreadableRow(
+        f"cannot {doing} inventory {inventory}: the {table} row{'s' if len(keys) > 1 else ''}"
+        f" {rows}{more} hold{'' if len(keys) > 1 else 's'} a data document that is not "
+        f"JSON (written by hand SQL or a damaged copy, not by netboot); nothing was changed. "
+        f"Put each such row's data right (the JSON netboot wrote, e.g. from a backup), or "
+        f"remove the row ({fix_sql}), then start netboot again")
 
 
 def check_unchanged(kind: str, name: str, stored: Any, read: Any) -> None:

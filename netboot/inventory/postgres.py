@@ -83,6 +83,7 @@ from netboot.errors import (
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    DOCUMENT_TABLES,
     REFUSED_CLAIMS,
     REFUSED_CLAIMS_END,
     SINCE_POSTGRES,
@@ -96,6 +97,7 @@ from netboot.inventory.base import (
     fixed_taken,
     in_use,
     mend_stray,
+    not_json,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.dsn import PeerSettings
@@ -424,6 +426,14 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+# Whether a document is not JSON as ``data::jsonb`` reads it (PostgresStore._not_json_error):
+# the cast's error caught (a subtransaction a row: for a start that already failed only).
+_NOT_JSONB = (
+    "CREATE OR REPLACE FUNCTION pg_temp.netboot_not_jsonb(t text) RETURNS boolean"
+    " LANGUAGE plpgsql AS $$ BEGIN PERFORM t::jsonb; RETURN false;"
+    " EXCEPTION WHEN others THEN RETURN true; END $$"
+)
+
 _MACHINE_COLUMNS = ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated",
                     "fixed_ipv4", "profile")
 _INSERT_MACHINE = (
@@ -679,9 +689,16 @@ class PostgresStore:
         """base.mend_stray, as SqliteStore.mend_stray_columns: one scan of every document,
         in the writers' lock's transaction, for start-up."""
         # Looked for in a read first: no write (nor the writers' lock) at every start.
-        async with self._conn() as conn:
-            if not await conn.fetch(_STRAY_ROWS):
-                return []
+        try:
+            async with self._conn() as conn:
+                if not await conn.fetch(_STRAY_ROWS):
+                    return []
+        except StoreError as exc:
+            # A document that is not JSON (the cast's error, naming no row): named.
+            bad = await self._not_json_error("read")
+            if bad is not None:
+                raise bad from exc
+            raise
         async with self._write() as conn:
             rows = [tuple(row) for row in await conn.fetch(_STRAY_ROWS)]
             if not rows:
@@ -1724,6 +1741,45 @@ class PostgresStore:
 
     async def migrate(self) -> list[int]:
         """Apply the steps this database lacks; the versions applied (none: up to date)."""
+        try:
+            return await self._migrate_all()
+        except StoreError as exc:
+            # A step that reads documents (migration 5's data::jsonb) fails on one that is
+            # not JSON ("invalid input syntax for type json", no row): searched for, named.
+            bad = await self._not_json_error("migrate")
+            if bad is not None:
+                raise bad from exc
+            raise
+
+    async def _not_json_error(self, doing: str) -> StoreError | None:
+        """base.not_json for this database, if a document in it is not JSON: each row's
+        data cast as the failed statement cast it, in a function of this session's own
+        schema (pg_temp, dropped with the transaction's end; no pg_input_is_valid before
+        PostgreSQL 16), which catches the cast's error row by row."""
+        found: tuple[str, str, list[str]] | None = None
+        try:
+            async with self._conn() as conn, conn.transaction():
+                await conn.execute(_NOT_JSONB)
+                for table, key in DOCUMENT_TABLES:
+                    if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+                        continue  # a table an older schema lacks
+                    keys = [row[0] for row in await conn.fetch(
+                        f"SELECT {key} FROM {table} WHERE pg_temp.netboot_not_jsonb(data)"  # noqa: S608
+                        f" ORDER BY {key} LIMIT 4")]
+                    if keys:
+                        found = table, key, keys
+                        break
+                await conn.execute("DROP FUNCTION pg_temp.netboot_not_jsonb(text)")
+        except StoreError:
+            return None
+        if found is None:
+            return None
+        table, key, keys = found
+        quoted = keys[0].replace("'", "''")
+        return not_json(self.name, doing, table, keys,
+                        f"DELETE FROM {table} WHERE {key} = '{quoted}'")  # noqa: S608 - told, not run
+
+    async def _migrate_all(self) -> list[int]:
         applied: list[int] = []
         async with self._conn() as conn, conn.transaction():
             # Not bounded by statement_timeout: a step may rewrite a large table, and a

@@ -68,6 +68,7 @@ from netboot.errors import (
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    DOCUMENT_TABLES,
     REFUSED_CLAIMS,
     REFUSED_CLAIMS_END,
     SINCE_SQLITE,
@@ -82,6 +83,7 @@ from netboot.inventory.base import (
     fixed_taken,
     in_use,
     mend_stray,
+    not_json,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.sealed import Sealed, join_token_context
@@ -617,9 +619,16 @@ class SqliteStore:
         its document where SQL changed one without the other; one scan of every document
         (json_extract, in C), for start-up (service.mend_stray_columns)."""
         # Looked for in a read first: no write transaction at every start for none.
-        if not await self._read(_stray_rows):
-            return []
-        return await self._run(_mend_stray_columns)
+        try:
+            if not await self._read(_stray_rows):
+                return []
+            return await self._run(_mend_stray_columns)
+        except StoreError as exc:
+            # A document that is not JSON ("malformed JSON", naming no row): named.
+            bad = await self._read(_not_json_error, self.path, "read")
+            if bad is not None:
+                raise bad from exc
+            raise
 
     @contextlib.asynccontextmanager
     async def fixed_addresses_held(self) -> AsyncIterator[None]:
@@ -1653,7 +1662,44 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             if not version:
                 log.info("inventory %s: created (schema version %d)", path, SCHEMA_VERSION)
     except sqlite3.Error as exc:
+        # A step that reads documents (migration 8's json_extract) fails on one that is not
+        # JSON with "malformed JSON" and no row: the file, rolled back, is searched for it.
+        bad = _not_json_error(conn, path, "migrate")
+        if bad is not None:
+            raise bad from exc
         raise StoreError(f"cannot migrate inventory {path}: {exc}") from exc
+
+
+def _not_json_rows(conn: sqlite3.Connection) -> tuple[str, str, list[str]] | None:
+    """The first table of base.DOCUMENT_TABLES with rows whose data is not JSON (as
+    json_extract reads it: json_valid), its key column and the first few rows' keys."""
+    for table, key in DOCUMENT_TABLES:
+        try:
+            keys = [row[0] for row in conn.execute(
+                f"SELECT {key} FROM {table} WHERE NOT json_valid(data)"  # noqa: S608
+                f" ORDER BY {key} LIMIT 4")]
+        except sqlite3.Error:
+            continue  # a table (or key column) an older schema lacks
+        if keys:
+            return table, key, keys
+    return None
+
+
+def _not_json_error(conn: sqlite3.Connection, path: Path, doing: str) -> StoreError | None:
+    """base.not_json for this file, if a document in it is not JSON."""
+    try:
+        found = _not_json_rows(conn)
+    except sqlite3.Error:
+        return None
+    if found is None:
+        return None
+    table, key, keys = found
+    # The shell's foreign keys are off unless asked: a machine's identifiers and labels
+    # go with it only with them on (ON DELETE CASCADE).
+    quoted = keys[0].replace("'", "''")
+    fix = (f"sqlite3 {path} \"PRAGMA foreign_keys = ON; DELETE FROM {table}"  # noqa: S608 - told, not run
+           f" WHERE {key} = '{quoted}'\"")
+    return not_json(str(path), doing, table, keys, fix)
 
 
 @contextlib.contextmanager
