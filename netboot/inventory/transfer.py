@@ -34,8 +34,13 @@ from netboot.inventory import dsn as pg_dsn
 from netboot.inventory.base import Store
 
 # In insertion order (machines before the rows that reference them). The same columns in both.
+# A machine's fixed_ipv4 and profile columns (SQLite migration 8, PostgreSQL 5) are the
+# database's rules (one address a machine; a profile's users found by index): a copy
+# without them let the target give an address twice and delete a profile in use until a
+# server's start set them again from the documents (service.mend_stray_columns).
 TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("machines", ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated")),
+    ("machines", ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated",
+                  "fixed_ipv4", "profile")),
     ("machine_keys", ("kind", "value", "machine")),
     ("machine_labels", ("machine", "key", "value")),
     ("profiles", ("name", "data")),
