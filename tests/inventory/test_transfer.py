@@ -538,3 +538,40 @@ def test_a_copy_keeps_the_columns_the_inventorys_rules_are_kept_by(
         rc, _, err = run(capsys, "db", "copy", "--from", dsn, "--to", str(back))
         assert rc == 0, err
     asyncio.run(opened(SqliteStore(back), rules_held))
+
+
+def test_a_hostname_the_api_refuses_is_copied_as_none_and_said(
+        tmp_path: Path, postgres: pg.Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    """A machine stored with the hostname "" (an API before S43 stored it; the API now
+    refuses it: null is none) went across as it was, so a restore or a move to PostgreSQL
+    carried a name the API refuses. Now the copy makes it none, in its column and document,
+    the checksums proving the target holds what was written, and says which machines."""
+    source, back = tmp_path / "source.db", tmp_path / "back.db"
+
+    async def fill_names(store: Store) -> None:
+        done = MachineState.INSTALLED  # no "installs at the next boot" warning beside
+        await store.apply_batch(Batch(create=[
+            Machine(macs=(MacAddress.parse("52:54:00:44:0d:01"),), hostname="",
+                    labels={"hostname": ""}, state=done),
+            Machine(macs=(MacAddress.parse("52:54:00:44:0d:02"),), hostname="n2",
+                    labels={"hostname": ""}, state=done),
+            Machine(serial="SN-NAMELESS", state=done)]))
+
+    async def names(store: Store) -> dict[str, str | None]:
+        return {m.ref: m.hostname for m in await store.list_machines()}
+
+    asyncio.run(opened(SqliteStore(source), fill_names))
+    assert asyncio.run(opened(SqliteStore(source), names))["52:54:00:44:0d:01"] == ""
+    with pg.schema_sync(postgres) as dsn:
+        rc, out, err = run(capsys, "db", "copy", "--from", str(source), "--to", dsn)
+        assert rc == 0 and "counts and checksums equal" in out, err
+        assert err == ("netboot: note: 1 machine stored with the hostname '' (which the API "
+                       "refuses: null is none) copied with none: 52:54:00:44:0d:01\n"), err
+        copied = asyncio.run(opened(PostgresStore(dsn), names))
+        rc, out, err = run(capsys, "db", "copy", "--from", dsn, "--to", str(back), "--json")
+        assert rc == 0 and json.loads(out)["hostnames_unset"] == [], err
+    assert copied["52:54:00:44:0d:01"] is None and copied["52:54:00:44:0d:02"] == "n2"
+    assert asyncio.run(opened(SqliteStore(back), names)) == copied
+    rc, out, err = run(capsys, "db", "copy", "--from", str(source), "--to", str(back),
+                       "--force", "--json")
+    assert rc == 0 and json.loads(out)["hostnames_unset"] == ["52:54:00:44:0d:01"], err
