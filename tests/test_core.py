@@ -1393,6 +1393,69 @@ async def test_an_import_holds_the_fixed_address_lock_only_to_check_and_commit(
                 "m-0": None, "m-1": "192.0.2.90"}
 
 
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
+async def test_an_install_planned_by_another_server_during_a_groups_delete_keeps_the_group(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A group's delete looked for the installs under way it gives their profile
+    (Core._installing_with) before the delete's transaction: another server's boot path
+    (which takes no lock) planning a machine's install in between was not seen, and the
+    group was deleted under it (its installer's config then a 409 naming no profile, the
+    install broken midway). The delete's transaction now looks again at the machines
+    written since the look began (the change feed): a 409 naming the machine, the group
+    kept. Two real writers: this server's store and another's on one SQLite file or
+    PostgreSQL schema; the other's install plan lands right after this server's look."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.base import MachineFilter
+    from netboot.inventory.memory import MemoryStore
+    from netboot.model import Group, Profile
+
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "memory":
+            a = b = MemoryStore()
+            await a.open()
+            stack.push_async_callback(a.close)
+        else:
+            a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+        await a.put_group(Group(name="rack-a", selector={"rack": ("a",)}, profile="p"),
+                          create=True)
+        await a.put_group(Group(name="rack-b", selector={"rack": ("b",)}, profile="p"),
+                          create=True)
+        planned = Machine(macs=(MacAddress.parse("52:54:00:44:0e:01"),), labels={"rack": "a"},
+                          state=MachineState.ENROLLED)
+        elsewhere = Machine(macs=(MacAddress.parse("52:54:00:44:0e:02"),),
+                            labels={"rack": "b"}, state=MachineState.ENROLLED)
+        await a.create_machine(planned)
+        await a.create_machine(elsewhere)
+        core = Core(a, Enroller(a), _settings_only(), None)  # type: ignore[arg-type]
+        read, looked = a.list_machines, []
+
+        async def looked_then_planned(flt: MachineFilter | None = None) -> list[Machine]:
+            found = await read(flt)
+            if flt is not None and flt.state == MachineState.INSTALLING and not looked:
+                looked.append(flt)  # the look's last page: the other server plans now
+                stored = await b.get_machine(planned.id)
+                await b.update_machine(replace(stored, state=MachineState.BOOTING),
+                                       expect_state=MachineState.ENROLLED)
+            return found
+
+        a.list_machines = looked_then_planned  # type: ignore[method-assign]
+        with pytest.raises(Conflict, match="52:54:00:44:0e:01, whose install is under way"):
+            await core.delete("groups", "rack-a")
+        assert looked
+        assert await a.get_group("rack-a") is not None
+        # An install another group gives is no reason: rack-b's machine booting, rack-a
+        # with none of its own under way is deleted.
+        stored = await b.get_machine(elsewhere.id)
+        await b.update_machine(replace(stored, state=MachineState.BOOTING))
+        stored = await b.get_machine(planned.id)
+        await b.update_machine(replace(stored, state=MachineState.INSTALLED))
+        await core.delete("groups", "rack-a")
+        assert await a.get_group("rack-a") is None
+
+
 async def test_a_group_giving_an_install_past_the_first_ten_thousand_is_not_deleted() -> None:
     """The group delete's look for installs under way that it gives their profile
     (Core._installing_with) read the first 10,000 booting machines alone: a storm with

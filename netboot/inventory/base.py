@@ -252,6 +252,25 @@ batch_of: Callable[[Sequence[tuple[str, str]], Sequence[Machine], Sequence[Machi
                    Batch] = by_position(Batch)
 
 
+# The states of an install under way whose config is still to be fetched or fetched
+# again: a group giving such a machine its profile is not deleted (Core.delete).
+INSTALLS_UNDER_WAY = (MachineState.BOOTING, MachineState.INSTALLING)
+
+
+@dataclass(frozen=True, slots=True)
+class InstallsSince:
+    """A group's delete checked again in its own transaction (Core.delete): ``check``
+    raises (a Conflict naming them) if a group still gives any of the machines handed to it
+    the profile its install under way reads. Handed, by the store, every machine with no
+    profile of its own in INSTALLS_UNDER_WAY that was written after change feed position
+    ``seq`` (the caller's look at every such machine began there), or every such machine
+    where the feed no longer reaches back to ``seq``. The boot path takes no lock: an
+    install planned between the look and the delete was not seen, and the group deleted
+    under it (its installer's config a 409, the install broken midway)."""
+    seq: int
+    check: Callable[[Sequence[Machine]], None]
+
+
 @dataclass(frozen=True, slots=True)
 class Changes:
     """What was committed to the inventory since a position of its change feed.
@@ -281,6 +300,10 @@ class ChangeFeed(Protocol):
 
     async def forget_changes(self, before: int) -> None:
         """History before ``before`` is no longer needed by this reader (it may be pruned)."""
+
+    async def feed_position(self) -> int:
+        """The feed's newest position now, read alone: nothing of a reader's (the view's
+        place, this store's own noted commits) moves, as changes_since(-1) would."""
 
     async def wait_for_changes(self, seq: int, timeout: float) -> bool:
         """True as soon as something was committed after ``seq`` (at once if it already was),
@@ -544,8 +567,11 @@ class Store(ChangeFeed, StateCounts, Protocol):
                         expect: Group | None = None) -> None:
         """As put_profile (field ``group``)."""
 
-    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
-        """As delete_profile (no user: a machine is selected by a group, never names one)."""
+    async def delete_group(self, name: str, *, expect: Group | None = None,
+                           installs: InstallsSince | None = None) -> None:
+        """As delete_profile (no user: a machine is selected by a group, never names one).
+        ``installs``: the installs begun since the caller's look, checked in the delete's
+        own transaction (InstallsSince)."""
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None: ...

@@ -22,11 +22,13 @@ from netboot.errors import Conflict, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    INSTALLS_UNDER_WAY,
     REFUSED_CLAIMS,
     STALE_SETTINGS,
     Batch,
     Changes,
     EventListener,
+    InstallsSince,
     MachineFilter,
     check_unchanged,
     fixed_taken,
@@ -335,11 +337,15 @@ class MemoryStore:
             check_unchanged("group", group.name, self._groups.get(group.name), expect)
         _put(self._groups, "group", value.name, value, create)
 
-    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
+    async def delete_group(self, name: str, *, expect: Group | None = None,
+                           installs: InstallsSince | None = None) -> None:
         self._changed()
         self._check_open()
         if expect is not None:
             check_unchanged("group", name, self._groups.get(name), expect)
+        if installs is not None:  # no feed of machines: every one under way (no await)
+            installs.check([m for m in self._machines.values()
+                            if m.state in INSTALLS_UNDER_WAY and m.profile is None])
         _delete(self._groups, "group", name)
 
     def _unused(self, kind: str, name: str) -> None:
@@ -470,6 +476,9 @@ class MemoryStore:
 
     async def forget_changes(self, before: int) -> None:
         return None
+
+    async def feed_position(self) -> int:
+        return self._generation
 
     def _changed(self) -> None:
         self._generation += 1

@@ -84,6 +84,7 @@ from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
     DOCUMENT_TABLES,
+    INSTALLS_UNDER_WAY,
     REFUSED_CLAIMS,
     REFUSED_CLAIMS_END,
     SINCE_POSTGRES,
@@ -91,6 +92,7 @@ from netboot.inventory.base import (
     Batch,
     Changes,
     EventListener,
+    InstallsSince,
     MachineFilter,
     Sealer,
     check_unchanged,
@@ -2070,12 +2072,17 @@ class PostgresStore:
                     " ON CONFLICT (name) DO UPDATE SET data = excluded.data", name, data)
 
     async def _delete_named(self, kind: str, name: str, open_item: Callable[[Any], Any],
-                            read: Any, unused: bool) -> None:
+                            read: Any, unused: bool,
+                            installs: InstallsSince | None = None) -> None:
         """Delete the ``kind`` named ``name``; if it is still ``read`` (check_unchanged)
-        and, ``unused``, no machine or group names it (base.in_use): checked under the
-        writers' lock, which every machine and group write takes, so none comes between."""
+        and, ``unused``, no machine or group names it (base.in_use), and a group's
+        ``installs`` check passes: checked under the writers' lock, which every machine and
+        group write takes, so none comes between."""
         table = _TABLES[kind]
         async with self._write() as conn:
+            if installs is not None:
+                installs.check([m for m in map(self._machine, await self._installs_since(
+                    conn, installs.seq)) if m is not None])
             if read is not None:
                 stored = await conn.fetchval(
                     f"SELECT data FROM {table} WHERE name = $1 FOR UPDATE", name)  # noqa: S608
@@ -2165,8 +2172,10 @@ class PostgresStore:
         await self._put_item("group", group.name, codec.group_json(group), create,
                              codec.group_from_dict, expect)
 
-    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
-        await self._delete_named("group", name, codec.group_from_dict, expect, False)
+    async def delete_group(self, name: str, *, expect: Group | None = None,
+                           installs: InstallsSince | None = None) -> None:
+        await self._delete_named("group", name, codec.group_from_dict, expect, False,
+                                 installs)
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None:
@@ -2375,6 +2384,27 @@ class PostgresStore:
 
         return await wait_until(news, self._signal, timeout,
                                 poll=lambda: None if self._listening() else POLL_SECONDS)
+
+    async def feed_position(self) -> int:
+        async with self._conn() as conn:
+            return int(await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes"))
+
+    async def _installs_since(self, conn: asyncpg.Connection, seq: int) -> list[str]:
+        """SqliteStore's _installs_since, under the writers' lock: the documents of the
+        machines with no profile of their own, under way, written after ``seq`` (every
+        such one where the feed was pruned past it). Seqs follow commit order: each is
+        taken under the writers' lock."""
+        states = [state.value for state in INSTALLS_UNDER_WAY]
+        first, last = await conn.fetchrow("SELECT min(seq), max(seq) FROM changes")
+        if first is not None and first > seq + 1 and seq < last:
+            rows = await conn.fetch("SELECT data FROM machines WHERE state = ANY($1::text[])"
+                                    " AND profile IS NULL", states)
+        else:
+            rows = await conn.fetch(
+                "SELECT data FROM machines WHERE state = ANY($1::text[]) AND profile IS NULL"
+                " AND id IN (SELECT key FROM changes WHERE seq > $2 AND tbl = 'machines')",
+                states, seq)
+        return [row[0] for row in rows]
 
     async def forget_changes(self, before: int) -> None:
         async with self._write(feed=False) as conn:

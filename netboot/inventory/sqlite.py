@@ -69,6 +69,7 @@ from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
     DOCUMENT_TABLES,
+    INSTALLS_UNDER_WAY,
     REFUSED_CLAIMS,
     REFUSED_CLAIMS_END,
     SINCE_SQLITE,
@@ -76,6 +77,7 @@ from netboot.inventory.base import (
     Batch,
     Changes,
     EventListener,
+    InstallsSince,
     MachineFilter,
     Sealer,
     StrayRow,
@@ -1238,8 +1240,10 @@ class SqliteStore:
         await self._put_item("group", group.name, codec.group_json(group), create,
                              codec.group_from_dict, expect)
 
-    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
-        await self._run(_delete_named, "group", name, codec.group_from_dict, expect, False)
+    async def delete_group(self, name: str, *, expect: Group | None = None,
+                           installs: InstallsSince | None = None) -> None:
+        await self._run(_delete_named, "group", name, codec.group_from_dict, expect, False,
+                        installs)
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None:
@@ -1402,6 +1406,9 @@ class SqliteStore:
 
     async def forget_changes(self, before: int) -> None:
         await self._run(_forget_changes, before)
+
+    async def feed_position(self) -> int:
+        return await self._read(_last_change)
 
     async def wait_for_changes(self, seq: int, timeout: float) -> bool:
         """Polls: another process's commit reaches no one here until asked."""
@@ -2593,12 +2600,16 @@ def _put_named_if(conn: sqlite3.Connection, kind: str, name: str, data: str,
 
 
 def _delete_named(conn: sqlite3.Connection, kind: str, name: str,
-                  open_item: Callable[[Any], Any], read: Any, unused: bool) -> None:
+                  open_item: Callable[[Any], Any], read: Any, unused: bool,
+                  installs: InstallsSince | None = None) -> None:
     """Delete the ``kind`` named ``name``; if it is still ``read`` (base.check_unchanged)
-    and, ``unused``, no machine or group names it (base.in_use): checked in the delete's
-    own write transaction, so no other writer comes between the check and the delete."""
+    and, ``unused``, no machine or group names it (base.in_use), and a group's
+    ``installs`` check passes: checked in the delete's own write transaction, so no other
+    writer comes between the check and the delete."""
     table = _TABLES[kind]
     with _immediate(conn):
+        if installs is not None:
+            installs.check(_installs_since(conn, installs.seq))
         if read is not None:
             row = conn.execute(f"SELECT data FROM {table} WHERE name = ?",  # noqa: S608
                                (name,)).fetchone()
@@ -2703,6 +2714,20 @@ def _forget_changes(conn: sqlite3.Connection, before: int) -> None:
         # Never the newest row: it is what tells a reader that nothing before it is missing.
         conn.execute("DELETE FROM changes WHERE seq < ? AND seq < (SELECT max(seq) FROM changes)",
                      (before,))
+
+
+def _installs_since(conn: sqlite3.Connection, seq: int) -> list[Machine]:
+    """base.InstallsSince's machines: those with no profile of their own, under way, that
+    the change feed says were written after ``seq`` (by the primary key's range: a
+    storm's few thousand, not every machine), or every such one if it was pruned past."""
+    states = ", ".join(f"'{state.value}'" for state in INSTALLS_UNDER_WAY)
+    first, last = conn.execute("SELECT min(seq), max(seq) FROM changes").fetchone()
+    pruned = first is not None and first > seq + 1 and seq < last
+    rows = conn.execute(
+        f"SELECT data FROM machines WHERE state IN ({states}) AND profile IS NULL"  # noqa: S608
+        + ("" if pruned else " AND id IN (SELECT key FROM changes WHERE seq > ?"
+           " AND tbl = 'machines')"), () if pruned else (seq,))
+    return [_machine(row[0]) for row in rows]
 
 
 def _last_change(conn: sqlite3.Connection) -> int:
