@@ -1394,8 +1394,9 @@ async def test_an_import_holds_the_fixed_address_lock_only_to_check_and_commit(
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
+@pytest.mark.parametrize("after", ["look", "catch-up"])
 async def test_an_install_planned_by_another_server_during_a_groups_delete_keeps_the_group(
-        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+        after: str, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """A group's delete looked for the installs under way it gives their profile
     (Core._installing_with) before the delete's transaction: another server's boot path
     (which takes no lock) planning a machine's install in between was not seen, and the
@@ -1403,7 +1404,9 @@ async def test_an_install_planned_by_another_server_during_a_groups_delete_keeps
     install broken midway). The delete's transaction now looks again at the machines
     written since the look began (the change feed): a 409 naming the machine, the group
     kept. Two real writers: this server's store and another's on one SQLite file or
-    PostgreSQL schema; the other's install plan lands right after this server's look."""
+    PostgreSQL schema; the other's install plan lands right after this server's look at
+    every machine under way, or after its catch-up on those written during that look (the
+    last read before the delete's transaction, which alone sees it then)."""
     from netboot.core import Core
     from netboot.enroll import Enroller
     from netboot.errors import Conflict
@@ -1430,18 +1433,31 @@ async def test_an_install_planned_by_another_server_during_a_groups_delete_keeps
         await a.create_machine(planned)
         await a.create_machine(elsewhere)
         core = Core(a, Enroller(a), _settings_only(), None)  # type: ignore[arg-type]
-        read, looked = a.list_machines, []
+        looked: list[bool] = []
+
+        async def plan_elsewhere() -> None:
+            looked.append(True)
+            stored = await b.get_machine(planned.id)
+            await b.update_machine(replace(stored, state=MachineState.BOOTING),
+                                   expect_state=MachineState.ENROLLED)
+
+        read, caught_up = a.list_machines, a.under_way_since
 
         async def looked_then_planned(flt: MachineFilter | None = None) -> list[Machine]:
             found = await read(flt)
-            if flt is not None and flt.state == MachineState.INSTALLING and not looked:
-                looked.append(flt)  # the look's last page: the other server plans now
-                stored = await b.get_machine(planned.id)
-                await b.update_machine(replace(stored, state=MachineState.BOOTING),
-                                       expect_state=MachineState.ENROLLED)
+            if (after == "look" and flt is not None and flt.state == MachineState.INSTALLING
+                    and not looked):
+                await plan_elsewhere()  # the look's last page read
+            return found
+
+        async def caught_up_then_planned(seq: int) -> tuple[int, list[Machine]]:
+            found = await caught_up(seq)
+            if after == "catch-up" and not looked:
+                await plan_elsewhere()  # the catch-up read: next, the delete's transaction
             return found
 
         a.list_machines = looked_then_planned  # type: ignore[method-assign]
+        a.under_way_since = caught_up_then_planned  # type: ignore[method-assign]
         with pytest.raises(Conflict, match="52:54:00:44:0e:01, whose install is under way"):
             await core.delete("groups", "rack-a")
         assert looked

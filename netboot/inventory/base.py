@@ -305,6 +305,10 @@ class ChangeFeed(Protocol):
         """The feed's newest position now, read alone: nothing of a reader's (the view's
         place, this store's own noted commits) moves, as changes_since(-1) would."""
 
+    async def under_way_since(self, seq: int) -> tuple[int, list[Machine]]:
+        """InstallsSince's machines written after ``seq`` (with no profile of their own,
+        under way), read outside a delete, and the position they were read at."""
+
     async def wait_for_changes(self, seq: int, timeout: float) -> bool:
         """True as soon as something was committed after ``seq`` (at once if it already was),
         False after ``timeout`` seconds without. PostgreSQL is woken by NOTIFY, the memory

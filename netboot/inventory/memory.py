@@ -344,8 +344,7 @@ class MemoryStore:
         if expect is not None:
             check_unchanged("group", name, self._groups.get(name), expect)
         if installs is not None:  # no feed of machines: every one under way (no await)
-            installs.check([m for m in self._machines.values()
-                            if m.state in INSTALLS_UNDER_WAY and m.profile is None])
+            installs.check(self._under_way())
         _delete(self._groups, "group", name)
 
     def _unused(self, kind: str, name: str) -> None:
@@ -479,6 +478,14 @@ class MemoryStore:
 
     async def feed_position(self) -> int:
         return self._generation
+
+    async def under_way_since(self, seq: int) -> tuple[int, list[Machine]]:
+        self._check_open()
+        return self._generation, self._under_way()
+
+    def _under_way(self) -> list[Machine]:
+        return [m for m in self._machines.values()
+                if m.state in INSTALLS_UNDER_WAY and m.profile is None]
 
     def _changed(self) -> None:
         self._generation += 1

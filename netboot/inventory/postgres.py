@@ -2081,8 +2081,7 @@ class PostgresStore:
         table = _TABLES[kind]
         async with self._write() as conn:
             if installs is not None:
-                installs.check([m for m in map(self._machine, await self._installs_since(
-                    conn, installs.seq)) if m is not None])
+                installs.check(await self._installs_since(conn, installs.seq))
             if read is not None:
                 stored = await conn.fetchval(
                     f"SELECT data FROM {table} WHERE name = $1 FOR UPDATE", name)  # noqa: S608
@@ -2389,11 +2388,16 @@ class PostgresStore:
         async with self._conn() as conn:
             return int(await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes"))
 
-    async def _installs_since(self, conn: asyncpg.Connection, seq: int) -> list[str]:
-        """SqliteStore's _installs_since, under the writers' lock: the documents of the
-        machines with no profile of their own, under way, written after ``seq`` (every
-        such one where the feed was pruned past it). Seqs follow commit order: each is
-        taken under the writers' lock."""
+    async def under_way_since(self, seq: int) -> tuple[int, list[Machine]]:
+        async with self._conn() as conn, conn.transaction(isolation="repeatable_read",
+                                                          readonly=True):
+            last = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
+            return int(last), await self._installs_since(conn, seq)
+
+    async def _installs_since(self, conn: asyncpg.Connection, seq: int) -> list[Machine]:
+        """SqliteStore's _installs_since: the machines with no profile of their own, under
+        way, written after ``seq`` (every such one where the feed was pruned past it).
+        Seqs follow commit order: each is taken under the writers' lock."""
         states = [state.value for state in INSTALLS_UNDER_WAY]
         first, last = await conn.fetchrow("SELECT min(seq), max(seq) FROM changes")
         if first is not None and first > seq + 1 and seq < last:
@@ -2404,7 +2408,7 @@ class PostgresStore:
                 "SELECT data FROM machines WHERE state = ANY($1::text[]) AND profile IS NULL"
                 " AND id IN (SELECT key FROM changes WHERE seq > $2 AND tbl = 'machines')",
                 states, seq)
-        return [row[0] for row in rows]
+        return [m for m in (self._machine(row[0]) for row in rows) if m is not None]
 
     async def forget_changes(self, before: int) -> None:
         async with self._write(feed=False) as conn:
