@@ -1263,14 +1263,18 @@ class Core:
         (the first 10,000 alone hid a storm's others)."""
         using: list[str] = []
         for state in INSTALLS_UNDER_WAY:
-            offset = 0
+            # By id after the last one read, not an offset: a machine leaving the state
+            # between two pages (a storm's booting ones, installing) moved the others one
+            # place back, and the one then first of the next page was skipped, unchanged and
+            # so not among those the catch-up reads.
+            after = ""
             while True:
                 page = await self.store.list_machines(MachineFilter(
-                    state=state, limit=_PAGE, offset=offset))
+                    state=state, limit=_PAGE, after_id=after))
                 using += _installs_given(group, groups, page)
                 if len(page) < _PAGE:
                     break
-                offset += _PAGE
+                after = page[-1].id
         return using
 
     async def _users(self, ref: str, name: str, most: int = 5) -> tuple[list[str], str | None]:

@@ -1472,6 +1472,62 @@ async def test_an_install_planned_by_another_server_during_a_groups_delete_keeps
         assert await a.get_group("rack-a") is None
 
 
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
+async def test_an_install_the_group_delete_pages_past_as_another_leaves_booting_is_seen(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group delete's look at the installs under way read them by offset, a page at a
+    time: a machine leaving booting between two pages (a storm's machines move on to
+    installing) moved every later one a place back, and the one then first of the next
+    page was skipped. Unchanged, it is not among the machines written since the look (the
+    transaction's own look): the group was deleted under its install. Pages now start
+    after the last id read. Two writers on one inventory; pages of 2."""
+    from netboot import core as core_module
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.base import MachineFilter
+    from netboot.inventory.memory import MemoryStore
+    from netboot.model import Group, Profile
+
+    monkeypatch.setattr(core_module, "_PAGE", 2)
+    async with contextlib.AsyncExitStack() as stack:
+        if kind == "memory":
+            a = b = MemoryStore()
+            await a.open()
+            stack.push_async_callback(a.close)
+        else:
+            a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+        await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+        for rack in ("a", "b"):
+            await a.put_group(Group(name=f"rack-{rack}", selector={"rack": (rack,)},
+                                    profile="p"), create=True)
+        # By id: two of rack b booting, then rack a's (its install under way), then one more.
+        booting = [Machine(id=f"m-00000000000{n}",
+                           macs=(MacAddress.parse(f"52:54:00:44:0f:0{n}"),),
+                           labels={"rack": "a" if n == 3 else "b"},
+                           state=MachineState.BOOTING) for n in (1, 2, 3, 4)]
+        for machine in booting:
+            await a.create_machine(machine)
+        core = Core(a, Enroller(a), _settings_only(), None)  # type: ignore[arg-type]
+        read, pages = a.list_machines, []
+
+        async def paged_as_one_leaves(flt: MachineFilter | None = None) -> list[Machine]:
+            found = await read(flt)
+            if flt is not None and flt.state == MachineState.BOOTING:
+                pages.append([m.id for m in found])
+                if len(pages) == 1:  # the first page read: another server moves one on
+                    first = await b.get_machine(booting[0].id)
+                    await b.update_machine(replace(first, state=MachineState.INSTALLING))
+            return found
+
+        a.list_machines = paged_as_one_leaves  # type: ignore[method-assign]
+        with pytest.raises(Conflict, match="52:54:00:44:0f:03, whose install is under way"):
+            await core.delete("groups", "rack-a")
+        assert booting[2].id in {i for page in pages for i in page}, pages
+        assert await a.get_group("rack-a") is not None
+
+
 async def test_a_group_giving_an_install_past_the_first_ten_thousand_is_not_deleted() -> None:
     """The group delete's look for installs under way that it gives their profile
     (Core._installing_with) read the first 10,000 booting machines alone: a storm with

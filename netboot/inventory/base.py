@@ -196,6 +196,10 @@ class MachineFilter:
     descending: bool = False
     limit: int = 100
     offset: int = 0
+    # Machines whose id sorts after this one, listed by id (sort and offset unread): a
+    # keyset page, where a machine leaving the filter between two pages moves no other
+    # past the next page's start, as an offset's (a group delete's look, Core).
+    after_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -136,6 +136,8 @@ class MemoryStore:
                 continue
             if flt.ids is not None and machine.id not in flt.ids:
                 continue
+            if flt.after_id is not None and machine.id <= flt.after_id:
+                continue
             if flt.text and not codec.matches_text(machine, flt.text):
                 continue
             out.append(machine)
@@ -145,6 +147,8 @@ class MemoryStore:
         self._check_open()
         flt = flt or MachineFilter()
         codec.check_filter(flt)
+        if flt.after_id is not None:  # a keyset page, by id
+            return sorted(self._matching(flt), key=lambda m: m.id)[:flt.limit]
         found = codec.sort_machines(self._matching(flt), flt.sort, flt.descending)
         return found[flt.offset : flt.offset + flt.limit]
 

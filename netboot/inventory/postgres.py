@@ -1895,11 +1895,14 @@ class PostgresStore:
             # The column name comes from SORT_KEYS (checked by codec.check_filter).
             column = SINCE_POSTGRES if flt.sort == "state_since" else f"m.{flt.sort}"
             order = f"{column} IS NULL, {column}{' DESC' if flt.descending else ''}, {order}"
+        if flt.after_id is not None:
+            order = "m.id"
         n = len(params)
         async with self._conn() as conn:
             rows = await conn.fetch(
                 f"SELECT m.data FROM machines m{where} ORDER BY {order}"  # noqa: S608
-                f" LIMIT ${n + 1} OFFSET ${n + 2}", *params, flt.limit, flt.offset)
+                f" LIMIT ${n + 1} OFFSET ${n + 2}", *params, flt.limit,
+                0 if flt.after_id is not None else flt.offset)
         return await self._decoded(rows)
 
     async def machines_after(self, after: str, limit: int) -> list[Machine]:
@@ -2826,6 +2829,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append(f"m.updated < {arg(float(flt.updated_before))}")
     if flt.in_state_before is not None:
         clauses.append(f"{SINCE_POSTGRES} < {arg(float(flt.in_state_before))}")
+    if flt.after_id is not None:
+        clauses.append(f"m.id > {arg(flt.after_id)}")
     if flt.ids is not None:
         clauses.append(f"m.id = ANY({arg(sorted(flt.ids))}::text[])")
     if flt.text:
