@@ -1393,6 +1393,27 @@ async def test_an_import_holds_the_fixed_address_lock_only_to_check_and_commit(
                 "m-0": None, "m-1": "192.0.2.90"}
 
 
+async def _two_writers_with_racks(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                  stack: contextlib.AsyncExitStack) -> tuple[Any, Any]:
+    """Two servers' stores on one inventory (the memory store: one object twice) holding
+    profile ``p`` and groups ``rack-a`` and ``rack-b`` giving it (by label ``rack``): the
+    group delete's races' set-up."""
+    from netboot.inventory.memory import MemoryStore
+    from netboot.model import Group, Profile
+
+    if kind == "memory":
+        a = b = MemoryStore()
+        await a.open()
+        stack.push_async_callback(a.close)
+    else:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+    await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+    for rack in ("a", "b"):
+        await a.put_group(Group(name=f"rack-{rack}", selector={"rack": (rack,)}, profile="p"),
+                          create=True)
+    return a, b
+
+
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
 @pytest.mark.parametrize("after", ["look", "catch-up"])
 async def test_an_install_planned_by_another_server_during_a_groups_delete_keeps_the_group(
@@ -1411,21 +1432,9 @@ async def test_an_install_planned_by_another_server_during_a_groups_delete_keeps
     from netboot.enroll import Enroller
     from netboot.errors import Conflict
     from netboot.inventory.base import MachineFilter
-    from netboot.inventory.memory import MemoryStore
-    from netboot.model import Group, Profile
 
     async with contextlib.AsyncExitStack() as stack:
-        if kind == "memory":
-            a = b = MemoryStore()
-            await a.open()
-            stack.push_async_callback(a.close)
-        else:
-            a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
-        await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
-        await a.put_group(Group(name="rack-a", selector={"rack": ("a",)}, profile="p"),
-                          create=True)
-        await a.put_group(Group(name="rack-b", selector={"rack": ("b",)}, profile="p"),
-                          create=True)
+        a, b = await _two_writers_with_racks(kind, tmp_path, request, stack)
         planned = Machine(macs=(MacAddress.parse("52:54:00:44:0e:01"),), labels={"rack": "a"},
                           state=MachineState.ENROLLED)
         elsewhere = Machine(macs=(MacAddress.parse("52:54:00:44:0e:02"),),
@@ -1487,21 +1496,10 @@ async def test_an_install_the_group_delete_pages_past_as_another_leaves_booting_
     from netboot.enroll import Enroller
     from netboot.errors import Conflict
     from netboot.inventory.base import MachineFilter
-    from netboot.inventory.memory import MemoryStore
-    from netboot.model import Group, Profile
 
     monkeypatch.setattr(core_module, "_PAGE", 2)
     async with contextlib.AsyncExitStack() as stack:
-        if kind == "memory":
-            a = b = MemoryStore()
-            await a.open()
-            stack.push_async_callback(a.close)
-        else:
-            a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
-        await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
-        for rack in ("a", "b"):
-            await a.put_group(Group(name=f"rack-{rack}", selector={"rack": (rack,)},
-                                    profile="p"), create=True)
+        a, b = await _two_writers_with_racks(kind, tmp_path, request, stack)
         # By id: two of rack b booting, then rack a's (its install under way), then one more.
         booting = [Machine(id=f"m-00000000000{n}",
                            macs=(MacAddress.parse(f"52:54:00:44:0f:0{n}"),),
