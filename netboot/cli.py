@@ -1193,12 +1193,18 @@ async def _db(args: argparse.Namespace) -> int:
         _print_json({"from": transfer.describe(source), "to": transfer.describe(target),
                      "tables": [{"table": c.table, "rows": c.rows, "sha256": c.sha256}
                                 for c in copied.checks],
-                     "installs_on_boot": copied.installs_on_boot})
+                     "installs_on_boot": copied.installs_on_boot,
+                     "hostnames_unset": copied.hostnames_unset})
     else:
         for c in copied.checks:
             print(f"{c.table:15} {c.rows:8} rows  sha256 {c.sha256}")
         print(f"copied {transfer.describe(source)} to {transfer.describe(target)}: "
               "counts and checksums equal")
+    if copied.hostnames_unset:
+        count = len(copied.hostnames_unset)
+        print(f"netboot: note: {count} machine{'s' if count > 1 else ''} stored with the "
+              f"hostname '' (which the API refuses: null is none) copied with none: "
+              f"{', '.join(copied.hostnames_unset)}", file=sys.stderr)
     if copied.installs_on_boot and not _is_own_inventory(cfg, source):
         # A restored backup brings machines back as they were then: one that installed
         # since would install again, its disk wiped (s38-user). Said before the servers

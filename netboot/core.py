@@ -21,7 +21,7 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -43,7 +43,7 @@ from netboot.errors import (
     ValidationError,
 )
 from netboot.inventory import codec
-from netboot.inventory.base import Batch, MachineFilter, Store
+from netboot.inventory.base import INSTALLS_UNDER_WAY, Batch, InstallsSince, MachineFilter, Store
 from netboot.model import (
     ID_PREFIX,
     Arch,
@@ -233,6 +233,48 @@ _PAGE = 1000
 # A node's newest events read back after a commit whose answer was lost (Core._not_stored):
 # the lost one is among them unless this many were written to the node since.
 _READ_BACK = 100
+
+
+# A group delete's catch-up on the installs begun during its look (Core.delete): at most
+# _CATCH_UP reads outside the delete's transaction, until one finds _FEW_UNDER_WAY or fewer.
+_CATCH_UP = 4
+_FEW_UNDER_WAY = 100
+
+
+def _installs_given(group: Group, groups: Sequence[Group], machines: Iterable[Machine],
+                    ) -> list[str]:
+    """Those of ``machines`` whose install is under way (booting, installing) with
+    ``group``'s profile: their own names none and the group selects them (of ``groups``)
+    as their stored labels and facts read. The install plan binds a machine's cluster and
+    role (lifecycle.JOINED), not its profile, which its config reads again
+    (BootService.config_plan): a delete in between broke the install (its config a 409
+    naming no profile, or the default profile's). Looked at before the delete
+    (Core._installing_with), then in the delete's transaction at the machines written
+    since (InstallsSince): an install planned between the two is seen."""
+    using: list[str] = []
+    for machine in machines:
+        if machine.profile is not None or machine.state not in INSTALLS_UNDER_WAY:
+            continue
+        chosen = grouping.select(groups, grouping.machine_labels(machine))
+        if chosen is not None and chosen.name == group.name:
+            using.append(f"machine {machine.ref}")
+    return using
+
+
+def _refuse_installs(group: Group, using: list[str], most: int = 5) -> None:
+    """The 409 of a group's delete while it gives ``using`` (``most`` named, then how many
+    more) their install's profile."""
+    if using:
+        installing = using[:most] + ([f"{len(using) - most} more machines"]
+                                     if len(using) > most else [])
+        raise Conflict(
+            f"group {group.name!r} gives its profile {group.profile!r} to "
+            f"{', '.join(installing)}, whose install is under way: its "
+            "installer fetches its config from it, which without the group is a "
+            "409 (or another profile's) and the install breaks midway. Wait for "
+            "those installs to finish, or give each machine the profile itself "
+            f"(netboot machines set REF --profile {group.profile}), then delete it",
+            field="name")
 
 
 async def _again_on_change(step: Callable[[], Awaitable[_T]]) -> _T:
@@ -1180,18 +1222,25 @@ class Core:
         async def step() -> None:  # changed since read: If-Match and the users again
             item = await self.get(kind, name)
             _require_item_version(kind, item, versions)
-            unused = {}
+            unused: dict[str, Any] = {}
             if single == "group":
-                installing = await self._installing_with(item)
-                if installing:
-                    raise Conflict(
-                        f"group {name!r} gives its profile {item.profile!r} to "
-                        f"{', '.join(installing)}, whose install is under way: its "
-                        "installer fetches its config from it, which without the group is a "
-                        "409 (or another profile's) and the install breaks midway. Wait for "
-                        "those installs to finish, or give each machine the profile itself "
-                        f"(netboot machines set REF --profile {item.profile}), then delete it",
-                        field="name")
+                # The feed's position before the look: the delete's transaction looks again
+                # at the machines written since (an install planned meanwhile: the boot
+                # path takes no lock), so no install under way loses its group unseen.
+                if item.profile is not None:
+                    since = await self.store.feed_position()
+                    groups = await self.store.list_groups()
+                    _refuse_installs(item, await self._installing_with(item, groups))
+                    # Caught up outside the transaction on what was written during the look
+                    # (a storm's thousands: 10,000 decoded were ~0.8 s of CPU, every boot's
+                    # write waiting), so that the transaction's own look is at a few.
+                    for _ in range(_CATCH_UP):
+                        since, machines = await self.store.under_way_since(since)
+                        _refuse_installs(item, _installs_given(item, groups, machines))
+                        if len(machines) <= _FEW_UNDER_WAY:
+                            break
+                    unused = {"installs": InstallsSince(since, lambda machines: _refuse_installs(
+                        item, _installs_given(item, groups, machines)))}
             else:  # a group is no machine's: none names one
                 users, holder = await self._users(single, name)
                 if users:
@@ -1209,35 +1258,24 @@ class Core:
             await delete(name, expect=item, **unused)
         await _again_on_change(step)
 
-    async def _installing_with(self, group: Group, most: int = 5) -> list[str]:
-        """The machines (``most`` named, then how many more) whose install is under way
-        (booting, installing) with ``group``'s profile: their own names none and the group
-        selects them as their stored labels and facts read. The install plan binds a
-        machine's cluster and role (lifecycle.JOINED), not its profile, which its config
-        reads again (BootService.config_plan): a delete in between broke the install (its
-        config a 409 naming no profile, or the default profile's). Checked before the
-        delete's transaction, a plan made meanwhile is not seen (as a group's edit is not)."""
-        if group.profile is None:
-            return []
-        groups = await self.store.list_groups()
+    async def _installing_with(self, group: Group, groups: Sequence[Group]) -> list[str]:
+        """_installs_given of every machine whose install is under way, a page at a time
+        (the first 10,000 alone hid a storm's others)."""
         using: list[str] = []
-        for state in (MachineState.BOOTING, MachineState.INSTALLING):
-            # Every one, a page at a time: the first 10,000 alone hid a storm's others.
-            offset = 0
+        for state in INSTALLS_UNDER_WAY:
+            # By id after the last one read, not an offset: a machine leaving the state
+            # between two pages (a storm's booting ones, installing) moved the others one
+            # place back, and the one then first of the next page was skipped, unchanged and
+            # so not among those the catch-up reads.
+            after = ""
             while True:
                 page = await self.store.list_machines(MachineFilter(
-                    state=state, limit=_PAGE, offset=offset))
-                for machine in page:
-                    if machine.profile is not None:
-                        continue
-                    chosen = grouping.select(groups, grouping.machine_labels(machine))
-                    if chosen is not None and chosen.name == group.name:
-                        using.append(f"machine {machine.ref}")
+                    state=state, limit=_PAGE, after_id=after))
+                using += _installs_given(group, groups, page)
                 if len(page) < _PAGE:
                     break
-                offset += _PAGE
-        return using[:most] + ([f"{len(using) - most} more machines"]
-                               if len(using) > most else [])
+                after = page[-1].id
+        return using
 
     async def _users(self, ref: str, name: str, most: int = 5) -> tuple[list[str], str | None]:
         """What names profile or cluster ``name`` (``ref``), told as the 409 tells them, and

@@ -166,6 +166,12 @@ class StoreError(NetbootError):
     """The inventory failed (I/O, corruption, lock timeout). Never reported as "not found"."""
 
 
+class UnreadableRow(StoreError):
+    """A stored row netboot cannot read (a document that is not JSON: hand SQL, a damaged
+    copy), found at start-up: the message names the table, the row and the fix. The data's
+    to put right, not a setting (never a ConfigError naming the inventory's path)."""
+
+
 class WritesRefused(StoreError):
     """The inventory answers reads but refuses writes (its disk is full, its writes are stuck
     behind a lock holder): nothing was written. Not "unreachable": the network is not it."""

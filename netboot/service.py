@@ -33,7 +33,7 @@ from netboot.content import PER_MACHINE, STABLE, Content, Trust
 from netboot.core import OLDER_LOOK_SECONDS, Core, OlderRegistrations
 from netboot.discovery import DiscoveryLimits
 from netboot.enroll import Enroller
-from netboot.errors import ConfigError, StoreError
+from netboot.errors import ConfigError, StoreError, UnreadableRow
 from netboot.events import EventBus
 from netboot.files import FileTree
 from netboot.health import ClockSkew
@@ -190,8 +190,8 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
     try:
         await store.open()
     except StoreError as exc:
-        if config.inventory.backend != "sqlite":
-            raise
+        if config.inventory.backend != "sqlite" or isinstance(exc, UnreadableRow):
+            raise  # UnreadableRow: the data's to put right, named with its fix, not a setting
         # The file cannot be opened (its directory unwritable or read-only, not a database):
         # a setting to fix, named with the file and line it was set on (config.located);
         # the reason says how (inventory.sqlite._unopenable).

@@ -1393,6 +1393,139 @@ async def test_an_import_holds_the_fixed_address_lock_only_to_check_and_commit(
                 "m-0": None, "m-1": "192.0.2.90"}
 
 
+async def _two_writers_with_racks(kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+                                  stack: contextlib.AsyncExitStack) -> tuple[Any, Any]:
+    """Two servers' stores on one inventory (the memory store: one object twice) holding
+    profile ``p`` and groups ``rack-a`` and ``rack-b`` giving it (by label ``rack``): the
+    group delete's races' set-up."""
+    from netboot.inventory.memory import MemoryStore
+    from netboot.model import Group, Profile
+
+    if kind == "memory":
+        a = b = MemoryStore()
+        await a.open()
+        stack.push_async_callback(a.close)
+    else:
+        a, b = await pg.stores_on_one_inventory(kind, tmp_path, request, stack)
+    await a.put_profile(Profile(name="p", kernel="vmlinuz"), create=True)
+    for rack in ("a", "b"):
+        await a.put_group(Group(name=f"rack-{rack}", selector={"rack": (rack,)}, profile="p"),
+                          create=True)
+    return a, b
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
+@pytest.mark.parametrize("after", ["look", "catch-up"])
+async def test_an_install_planned_by_another_server_during_a_groups_delete_keeps_the_group(
+        after: str, kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A group's delete looked for the installs under way it gives their profile
+    (Core._installing_with) before the delete's transaction: another server's boot path
+    (which takes no lock) planning a machine's install in between was not seen, and the
+    group was deleted under it (its installer's config then a 409 naming no profile, the
+    install broken midway). The delete's transaction now looks again at the machines
+    written since the look began (the change feed): a 409 naming the machine, the group
+    kept. Two real writers: this server's store and another's on one SQLite file or
+    PostgreSQL schema; the other's install plan lands right after this server's look at
+    every machine under way, or after its catch-up on those written during that look (the
+    last read before the delete's transaction, which alone sees it then)."""
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.base import MachineFilter
+
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await _two_writers_with_racks(kind, tmp_path, request, stack)
+        planned = Machine(macs=(MacAddress.parse("52:54:00:44:0e:01"),), labels={"rack": "a"},
+                          state=MachineState.ENROLLED)
+        elsewhere = Machine(macs=(MacAddress.parse("52:54:00:44:0e:02"),),
+                            labels={"rack": "b"}, state=MachineState.ENROLLED)
+        await a.create_machine(planned)
+        await a.create_machine(elsewhere)
+        core = Core(a, Enroller(a), _settings_only(), None)  # type: ignore[arg-type]
+        looked: list[bool] = []
+
+        async def plan_elsewhere() -> None:
+            looked.append(True)
+            stored = await b.get_machine(planned.id)
+            await b.update_machine(replace(stored, state=MachineState.BOOTING),
+                                   expect_state=MachineState.ENROLLED)
+
+        read, caught_up = a.list_machines, a.under_way_since
+
+        async def looked_then_planned(flt: MachineFilter | None = None) -> list[Machine]:
+            found = await read(flt)
+            if (after == "look" and flt is not None and flt.state == MachineState.INSTALLING
+                    and not looked):
+                await plan_elsewhere()  # the look's last page read
+            return found
+
+        async def caught_up_then_planned(seq: int) -> tuple[int, list[Machine]]:
+            found = await caught_up(seq)
+            if after == "catch-up" and not looked:
+                await plan_elsewhere()  # the catch-up read: next, the delete's transaction
+            return found
+
+        a.list_machines = looked_then_planned  # type: ignore[method-assign]
+        a.under_way_since = caught_up_then_planned  # type: ignore[method-assign]
+        with pytest.raises(Conflict, match="52:54:00:44:0e:01, whose install is under way"):
+            await core.delete("groups", "rack-a")
+        assert looked
+        assert await a.get_group("rack-a") is not None
+        # An install another group gives is no reason: rack-b's machine booting, rack-a
+        # with none of its own under way is deleted.
+        stored = await b.get_machine(elsewhere.id)
+        await b.update_machine(replace(stored, state=MachineState.BOOTING))
+        stored = await b.get_machine(planned.id)
+        await b.update_machine(replace(stored, state=MachineState.INSTALLED))
+        await core.delete("groups", "rack-a")
+        assert await a.get_group("rack-a") is None
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql"])
+async def test_an_install_the_group_delete_pages_past_as_another_leaves_booting_is_seen(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The group delete's look at the installs under way read them by offset, a page at a
+    time: a machine leaving booting between two pages (a storm's machines move on to
+    installing) moved every later one a place back, and the one then first of the next
+    page was skipped. Unchanged, it is not among the machines written since the look (the
+    transaction's own look): the group was deleted under its install. Pages now start
+    after the last id read. Two writers on one inventory; pages of 2."""
+    from netboot import core as core_module
+    from netboot.core import Core
+    from netboot.enroll import Enroller
+    from netboot.errors import Conflict
+    from netboot.inventory.base import MachineFilter
+
+    monkeypatch.setattr(core_module, "_PAGE", 2)
+    async with contextlib.AsyncExitStack() as stack:
+        a, b = await _two_writers_with_racks(kind, tmp_path, request, stack)
+        # By id: two of rack b booting, then rack a's (its install under way), then one more.
+        booting = [Machine(id=f"m-00000000000{n}",
+                           macs=(MacAddress.parse(f"52:54:00:44:0f:0{n}"),),
+                           labels={"rack": "a" if n == 3 else "b"},
+                           state=MachineState.BOOTING) for n in (1, 2, 3, 4)]
+        for machine in booting:
+            await a.create_machine(machine)
+        core = Core(a, Enroller(a), _settings_only(), None)  # type: ignore[arg-type]
+        read, pages = a.list_machines, []
+
+        async def paged_as_one_leaves(flt: MachineFilter | None = None) -> list[Machine]:
+            found = await read(flt)
+            if flt is not None and flt.state == MachineState.BOOTING:
+                pages.append([m.id for m in found])
+                if len(pages) == 1:  # the first page read: another server moves one on
+                    first = await b.get_machine(booting[0].id)
+                    await b.update_machine(replace(first, state=MachineState.INSTALLING))
+            return found
+
+        a.list_machines = paged_as_one_leaves  # type: ignore[method-assign]
+        with pytest.raises(Conflict, match="52:54:00:44:0f:03, whose install is under way"):
+            await core.delete("groups", "rack-a")
+        assert booting[2].id in {i for page in pages for i in page}, pages
+        assert await a.get_group("rack-a") is not None
+
+
 async def test_a_group_giving_an_install_past_the_first_ten_thousand_is_not_deleted() -> None:
     """The group delete's look for installs under way that it gives their profile
     (Core._installing_with) read the first 10,000 booting machines alone: a storm with

@@ -2012,6 +2012,49 @@ async def stray_columns_mended(make_env: EnvFactory, extra: str,
         await again.store.close()
 
 
+async def test_a_machines_document_that_is_not_json_stops_start_up_naming_its_row(
+        make_env: EnvFactory) -> None:
+    """An inventory made by this netboot where hand SQL left a machine's document that is
+    not JSON: start-up's look at the columns beside the documents (mend_stray_columns:
+    json_extract) stopped it with "malformed JSON", no row named (and, past it, the view's
+    load with a JSONDecodeError). Now the table, the row and the fix."""
+    await not_json_named(make_env, "")
+
+
+async def test_a_machines_document_that_is_not_json_stops_start_up_naming_its_row_postgresql(
+        make_env: EnvFactory, pg_dsn: str) -> None:
+    await not_json_named(make_env, f'inventory:\n  backend: postgresql\n  dsn: "{pg_dsn}"\n',
+                         pg_dsn)
+
+
+async def not_json_named(make_env: EnvFactory, extra: str, dsn: str = "") -> None:
+    import asyncpg
+
+    from netboot.errors import UnreadableRow
+
+    env = await make_env(extra)
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:44:00:01"}, status=201)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:44:00:02"}, status=201)
+    store = env.service.store
+    b = next(m for m in await store.list_machines() if str(m.mac) == "52:54:00:44:00:02")
+    if dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute("UPDATE machines SET data = left(data, 30) WHERE id = $1", b.id)
+        finally:
+            await conn.close()
+    else:
+        with contextlib.closing(sqlite3.connect(store.path)) as hand, hand:
+            hand.execute("UPDATE machines SET data = substr(data, 1, 30) WHERE id = ?", (b.id,))
+    with pytest.raises(UnreadableRow) as failed:
+        await build(env.service.config)
+    told = str(failed.value)
+    assert told.startswith("cannot read inventory "), told
+    assert f": the machines row '{b.id}' holds a data document that is not JSON" in told, told
+    assert f"DELETE FROM machines WHERE id = '{b.id}'" in told, told
+
+
 async def test_an_upgrade_names_the_machines_an_older_register_command_registered(
         tmp_path: Path, caplog: pytest.LogCaptureFixture,
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from netboot.errors import Conflict, NotFound, StateChanged
+from netboot.errors import Conflict, NotFound, StateChanged, UnreadableRow
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -106,6 +106,29 @@ def mend_stray(rows: Sequence[StrayRow], holders: Mapping[str, str],
     return let_go, fixed, profiles, told
 
 
+# The tables whose rows hold a JSON document netboot parses (its ``data`` column), each
+# with the column naming a row: what a store searches for a document that is not JSON when
+# a migration or start-up's scan of the documents failed (not_json).
+DOCUMENT_TABLES = (("machines", "id"), ("profiles", "name"), ("clusters", "name"),
+                   ("groups", "name"))
+
+
+def not_json(inventory: str, doing: str, table: str, keys: Sequence[str],
+             fix_sql: str) -> UnreadableRow:
+    """The error that stops a start whose migration or scan of the documents met a row
+    whose ``data`` is not JSON (hand SQL, a damaged copy): where, which rows (``keys``:
+    the first few found, by key) and the fix, as a bad config file is told (file, line,
+    fix). Nothing was changed: the migration's transaction rolled back whole."""
+    more = f" (and {len(keys) - 3} more)" if len(keys) > 3 else ""
+    rows = ", ".join(repr(k) for k in keys[:3])
+    return UnreadableRow(
+        f"cannot {doing} inventory {inventory}: the {table} row{'s' if len(keys) > 1 else ''}"
+        f" {rows}{more} hold{'' if len(keys) > 1 else 's'} a data document that is not "
+        f"JSON (written by hand SQL or a damaged copy, not by netboot); nothing was changed. "
+        f"Put each such row's data right (the JSON netboot wrote, e.g. from a backup), or "
+        f"remove the row ({fix_sql}), then start netboot again")
+
+
 def check_unchanged(kind: str, name: str, stored: Any, read: Any) -> None:
     """The compare-and-set of ``put_cluster``/``put_profile``/``put_group(expect=read)``:
     the item as stored now (opened) is the one its writer read (``kind``: cluster, profile,
@@ -181,6 +204,10 @@ class MachineFilter:
     descending: bool = False
     limit: int = 100
     offset: int = 0
+    # Machines whose id sorts after this one, listed by id (sort and offset unread): a
+    # keyset page, where a machine leaving the filter between two pages moves no other
+    # past the next page's start, as an offset's (a group delete's look, Core).
+    after_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +264,25 @@ batch_of: Callable[[Sequence[tuple[str, str]], Sequence[Machine], Sequence[Machi
                    Batch] = by_position(Batch)
 
 
+# The states of an install under way whose config is still to be fetched or fetched
+# again: a group giving such a machine its profile is not deleted (Core.delete).
+INSTALLS_UNDER_WAY = (MachineState.BOOTING, MachineState.INSTALLING)
+
+
+@dataclass(frozen=True, slots=True)
+class InstallsSince:
+    """A group's delete checked again in its own transaction (Core.delete): ``check``
+    raises (a Conflict naming them) if a group still gives any of the machines handed to it
+    the profile its install under way reads. Handed, by the store, every machine with no
+    profile of its own in INSTALLS_UNDER_WAY that was written after change feed position
+    ``seq`` (the caller's look at every such machine began there), or every such machine
+    where the feed no longer reaches back to ``seq``. The boot path takes no lock: an
+    install planned between the look and the delete was not seen, and the group deleted
+    under it (its installer's config a 409, the install broken midway)."""
+    seq: int
+    check: Callable[[Sequence[Machine]], None]
+
+
 @dataclass(frozen=True, slots=True)
 class Changes:
     """What was committed to the inventory since a position of its change feed.
@@ -266,6 +312,14 @@ class ChangeFeed(Protocol):
 
     async def forget_changes(self, before: int) -> None:
         """History before ``before`` is no longer needed by this reader (it may be pruned)."""
+
+    async def feed_position(self) -> int:
+        """The feed's newest position now, read alone: nothing of a reader's (the view's
+        place, this store's own noted commits) moves, as changes_since(-1) would."""
+
+    async def under_way_since(self, seq: int) -> tuple[int, list[Machine]]:
+        """InstallsSince's machines written after ``seq`` (with no profile of their own,
+        under way), read outside a delete, and the position they were read at."""
 
     async def wait_for_changes(self, seq: int, timeout: float) -> bool:
         """True as soon as something was committed after ``seq`` (at once if it already was),
@@ -529,8 +583,11 @@ class Store(ChangeFeed, StateCounts, Protocol):
                         expect: Group | None = None) -> None:
         """As put_profile (field ``group``)."""
 
-    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
-        """As delete_profile (no user: a machine is selected by a group, never names one)."""
+    async def delete_group(self, name: str, *, expect: Group | None = None,
+                           installs: InstallsSince | None = None) -> None:
+        """As delete_profile (no user: a machine is selected by a group, never names one).
+        ``installs``: the installs begun since the caller's look, checked in the delete's
+        own transaction (InstallsSince)."""
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None: ...

@@ -22,11 +22,13 @@ from netboot.errors import Conflict, NotFound, StoreError, ValidationError
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    INSTALLS_UNDER_WAY,
     REFUSED_CLAIMS,
     STALE_SETTINGS,
     Batch,
     Changes,
     EventListener,
+    InstallsSince,
     MachineFilter,
     check_unchanged,
     fixed_taken,
@@ -142,6 +144,8 @@ class MemoryStore:
                 continue
             if flt.ids is not None and machine.id not in flt.ids:
                 continue
+            if flt.after_id is not None and machine.id <= flt.after_id:
+                continue
             if flt.text and not codec.matches_text(machine, flt.text):
                 continue
             out.append(machine)
@@ -151,6 +155,8 @@ class MemoryStore:
         self._check_open()
         flt = flt or MachineFilter()
         codec.check_filter(flt)
+        if flt.after_id is not None:  # a keyset page, by id
+            return sorted(self._matching(flt), key=lambda m: m.id)[:flt.limit]
         found = codec.sort_machines(self._matching(flt), flt.sort, flt.descending)
         return found[flt.offset : flt.offset + flt.limit]
 
@@ -343,11 +349,14 @@ class MemoryStore:
             check_unchanged("group", group.name, self._groups.get(group.name), expect)
         _put(self._groups, "group", value.name, value, create)
 
-    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
+    async def delete_group(self, name: str, *, expect: Group | None = None,
+                           installs: InstallsSince | None = None) -> None:
         self._changed()
         self._check_open()
         if expect is not None:
             check_unchanged("group", name, self._groups.get(name), expect)
+        if installs is not None:  # no feed of machines: every one under way (no await)
+            installs.check(self._under_way())
         _delete(self._groups, "group", name)
 
     def _unused(self, kind: str, name: str) -> None:
@@ -478,6 +487,17 @@ class MemoryStore:
 
     async def forget_changes(self, before: int) -> None:
         return None
+
+    async def feed_position(self) -> int:
+        return self._generation
+
+    async def under_way_since(self, seq: int) -> tuple[int, list[Machine]]:
+        self._check_open()
+        return self._generation, self._under_way()
+
+    def _under_way(self) -> list[Machine]:
+        return [m for m in self._machines.values()
+                if m.state in INSTALLS_UNDER_WAY and m.profile is None]
 
     def _changed(self) -> None:
         self._generation += 1

@@ -83,6 +83,8 @@ from netboot.errors import (
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    DOCUMENT_TABLES,
+    INSTALLS_UNDER_WAY,
     REFUSED_CLAIMS,
     REFUSED_CLAIMS_END,
     SINCE_POSTGRES,
@@ -90,12 +92,14 @@ from netboot.inventory.base import (
     Batch,
     Changes,
     EventListener,
+    InstallsSince,
     MachineFilter,
     Sealer,
     check_unchanged,
     fixed_taken,
     in_use,
     mend_stray,
+    not_json,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.dsn import PeerSettings
@@ -424,6 +428,14 @@ MIGRATIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+# Whether a document is not JSON as ``data::jsonb`` reads it (PostgresStore._not_json_error):
+# the cast's error caught (a subtransaction a row: for a start that already failed only).
+_NOT_JSONB = (
+    "CREATE OR REPLACE FUNCTION pg_temp.netboot_not_jsonb(t text) RETURNS boolean"
+    " LANGUAGE plpgsql AS $$ BEGIN PERFORM t::jsonb; RETURN false;"
+    " EXCEPTION WHEN others THEN RETURN true; END $$"
+)
+
 _MACHINE_COLUMNS = ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated",
                     "fixed_ipv4", "profile")
 _INSERT_MACHINE = (
@@ -679,9 +691,16 @@ class PostgresStore:
         """base.mend_stray, as SqliteStore.mend_stray_columns: one scan of every document,
         in the writers' lock's transaction, for start-up."""
         # Looked for in a read first: no write (nor the writers' lock) at every start.
-        async with self._conn() as conn:
-            if not await conn.fetch(_STRAY_ROWS):
-                return []
+        try:
+            async with self._conn() as conn:
+                if not await conn.fetch(_STRAY_ROWS):
+                    return []
+        except StoreError as exc:
+            # A document that is not JSON (the cast's error, naming no row): named.
+            bad = await self._not_json_error("read")
+            if bad is not None:
+                raise bad from exc
+            raise
         async with self._write() as conn:
             rows = [tuple(row) for row in await conn.fetch(_STRAY_ROWS)]
             if not rows:
@@ -1724,6 +1743,45 @@ class PostgresStore:
 
     async def migrate(self) -> list[int]:
         """Apply the steps this database lacks; the versions applied (none: up to date)."""
+        try:
+            return await self._migrate_all()
+        except StoreError as exc:
+            # A step that reads documents (migration 5's data::jsonb) fails on one that is
+            # not JSON ("invalid input syntax for type json", no row): searched for, named.
+            bad = await self._not_json_error("migrate")
+            if bad is not None:
+                raise bad from exc
+            raise
+
+    async def _not_json_error(self, doing: str) -> StoreError | None:
+        """base.not_json for this database, if a document in it is not JSON: each row's
+        data cast as the failed statement cast it, in a function of this session's own
+        schema (pg_temp, dropped with the transaction's end; no pg_input_is_valid before
+        PostgreSQL 16), which catches the cast's error row by row."""
+        found: tuple[str, str, list[str]] | None = None
+        try:
+            async with self._conn() as conn, conn.transaction():
+                await conn.execute(_NOT_JSONB)
+                for table, key in DOCUMENT_TABLES:
+                    if await conn.fetchval("SELECT to_regclass($1)", table) is None:
+                        continue  # a table an older schema lacks
+                    keys = [row[0] for row in await conn.fetch(
+                        f"SELECT {key} FROM {table} WHERE pg_temp.netboot_not_jsonb(data)"  # noqa: S608
+                        f" ORDER BY {key} LIMIT 4")]
+                    if keys:
+                        found = table, key, keys
+                        break
+                await conn.execute("DROP FUNCTION pg_temp.netboot_not_jsonb(text)")
+        except StoreError:
+            return None
+        if found is None:
+            return None
+        table, key, keys = found
+        quoted = keys[0].replace("'", "''")
+        return not_json(self.name, doing, table, keys,
+                        f"DELETE FROM {table} WHERE {key} = '{quoted}'")  # noqa: S608 - told, not run
+
+    async def _migrate_all(self) -> list[int]:
         applied: list[int] = []
         async with self._conn() as conn, conn.transaction():
             # Not bounded by statement_timeout: a step may rewrite a large table, and a
@@ -1837,11 +1895,14 @@ class PostgresStore:
             # The column name comes from SORT_KEYS (checked by codec.check_filter).
             column = SINCE_POSTGRES if flt.sort == "state_since" else f"m.{flt.sort}"
             order = f"{column} IS NULL, {column}{' DESC' if flt.descending else ''}, {order}"
+        if flt.after_id is not None:
+            order = "m.id"
         n = len(params)
         async with self._conn() as conn:
             rows = await conn.fetch(
                 f"SELECT m.data FROM machines m{where} ORDER BY {order}"  # noqa: S608
-                f" LIMIT ${n + 1} OFFSET ${n + 2}", *params, flt.limit, flt.offset)
+                f" LIMIT ${n + 1} OFFSET ${n + 2}", *params, flt.limit,
+                0 if flt.after_id is not None else flt.offset)
         return await self._decoded(rows)
 
     async def machines_after(self, after: str, limit: int) -> list[Machine]:
@@ -2014,12 +2075,16 @@ class PostgresStore:
                     " ON CONFLICT (name) DO UPDATE SET data = excluded.data", name, data)
 
     async def _delete_named(self, kind: str, name: str, open_item: Callable[[Any], Any],
-                            read: Any, unused: bool) -> None:
+                            read: Any, unused: bool,
+                            installs: InstallsSince | None = None) -> None:
         """Delete the ``kind`` named ``name``; if it is still ``read`` (check_unchanged)
-        and, ``unused``, no machine or group names it (base.in_use): checked under the
-        writers' lock, which every machine and group write takes, so none comes between."""
+        and, ``unused``, no machine or group names it (base.in_use), and a group's
+        ``installs`` check passes: checked under the writers' lock, which every machine and
+        group write takes, so none comes between."""
         table = _TABLES[kind]
         async with self._write() as conn:
+            if installs is not None:
+                installs.check(await self._installs_since(conn, installs.seq))
             if read is not None:
                 stored = await conn.fetchval(
                     f"SELECT data FROM {table} WHERE name = $1 FOR UPDATE", name)  # noqa: S608
@@ -2109,8 +2174,10 @@ class PostgresStore:
         await self._put_item("group", group.name, codec.group_json(group), create,
                              codec.group_from_dict, expect)
 
-    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
-        await self._delete_named("group", name, codec.group_from_dict, expect, False)
+    async def delete_group(self, name: str, *, expect: Group | None = None,
+                           installs: InstallsSince | None = None) -> None:
+        await self._delete_named("group", name, codec.group_from_dict, expect, False,
+                                 installs)
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None:
@@ -2319,6 +2386,32 @@ class PostgresStore:
 
         return await wait_until(news, self._signal, timeout,
                                 poll=lambda: None if self._listening() else POLL_SECONDS)
+
+    async def feed_position(self) -> int:
+        async with self._conn() as conn:
+            return int(await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes"))
+
+    async def under_way_since(self, seq: int) -> tuple[int, list[Machine]]:
+        async with self._conn() as conn, conn.transaction(isolation="repeatable_read",
+                                                          readonly=True):
+            last = await conn.fetchval("SELECT coalesce(max(seq), 0) FROM changes")
+            return int(last), await self._installs_since(conn, seq)
+
+    async def _installs_since(self, conn: asyncpg.Connection, seq: int) -> list[Machine]:
+        """SqliteStore's _installs_since: the machines with no profile of their own, under
+        way, written after ``seq`` (every such one where the feed was pruned past it).
+        Seqs follow commit order: each is taken under the writers' lock."""
+        states = [state.value for state in INSTALLS_UNDER_WAY]
+        first, last = await conn.fetchrow("SELECT min(seq), max(seq) FROM changes")
+        if first is not None and first > seq + 1 and seq < last:
+            rows = await conn.fetch("SELECT data FROM machines WHERE state = ANY($1::text[])"
+                                    " AND profile IS NULL", states)
+        else:
+            rows = await conn.fetch(
+                "SELECT data FROM machines WHERE state = ANY($1::text[]) AND profile IS NULL"
+                " AND id IN (SELECT key FROM changes WHERE seq > $2 AND tbl = 'machines')",
+                states, seq)
+        return [m for m in (self._machine(row[0]) for row in rows) if m is not None]
 
     async def forget_changes(self, before: int) -> None:
         async with self._write(feed=False) as conn:
@@ -2741,6 +2834,8 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
         clauses.append(f"m.updated < {arg(float(flt.updated_before))}")
     if flt.in_state_before is not None:
         clauses.append(f"{SINCE_POSTGRES} < {arg(float(flt.in_state_before))}")
+    if flt.after_id is not None:
+        clauses.append(f"m.id > {arg(flt.after_id)}")
     if flt.ids is not None:
         clauses.append(f"m.id = ANY({arg(sorted(flt.ids))}::text[])")
     if flt.text:

@@ -68,6 +68,8 @@ from netboot.errors import (
 from netboot.identity import claims
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    DOCUMENT_TABLES,
+    INSTALLS_UNDER_WAY,
     REFUSED_CLAIMS,
     REFUSED_CLAIMS_END,
     SINCE_SQLITE,
@@ -75,6 +77,7 @@ from netboot.inventory.base import (
     Batch,
     Changes,
     EventListener,
+    InstallsSince,
     MachineFilter,
     Sealer,
     StrayRow,
@@ -82,6 +85,7 @@ from netboot.inventory.base import (
     fixed_taken,
     in_use,
     mend_stray,
+    not_json,
 )
 from netboot.inventory.committed import CommittedHere
 from netboot.inventory.sealed import Sealed, join_token_context
@@ -617,9 +621,16 @@ class SqliteStore:
         its document where SQL changed one without the other; one scan of every document
         (json_extract, in C), for start-up (service.mend_stray_columns)."""
         # Looked for in a read first: no write transaction at every start for none.
-        if not await self._read(_stray_rows):
-            return []
-        return await self._run(_mend_stray_columns)
+        try:
+            if not await self._read(_stray_rows):
+                return []
+            return await self._run(_mend_stray_columns)
+        except StoreError as exc:
+            # A document that is not JSON ("malformed JSON", naming no row): named.
+            bad = await self._read(_not_json_error, self.path, "read")
+            if bad is not None:
+                raise bad from exc
+            raise
 
     @contextlib.asynccontextmanager
     async def fixed_addresses_held(self) -> AsyncIterator[None]:
@@ -1229,8 +1240,10 @@ class SqliteStore:
         await self._put_item("group", group.name, codec.group_json(group), create,
                              codec.group_from_dict, expect)
 
-    async def delete_group(self, name: str, *, expect: Group | None = None) -> None:
-        await self._run(_delete_named, "group", name, codec.group_from_dict, expect, False)
+    async def delete_group(self, name: str, *, expect: Group | None = None,
+                           installs: InstallsSince | None = None) -> None:
+        await self._run(_delete_named, "group", name, codec.group_from_dict, expect, False,
+                        installs)
 
     # events --------------------------------------------------------------------------
     async def add_event(self, event: Event) -> None:
@@ -1393,6 +1406,12 @@ class SqliteStore:
 
     async def forget_changes(self, before: int) -> None:
         await self._run(_forget_changes, before)
+
+    async def feed_position(self) -> int:
+        return await self._read(_last_change)
+
+    async def under_way_since(self, seq: int) -> tuple[int, list[Machine]]:
+        return await self._read(_installs_since, seq)
 
     async def wait_for_changes(self, seq: int, timeout: float) -> bool:
         """Polls: another process's commit reaches no one here until asked."""
@@ -1653,7 +1672,44 @@ def _migrate(conn: sqlite3.Connection, path: Path) -> None:
             if not version:
                 log.info("inventory %s: created (schema version %d)", path, SCHEMA_VERSION)
     except sqlite3.Error as exc:
+        # A step that reads documents (migration 8's json_extract) fails on one that is not
+        # JSON with "malformed JSON" and no row: the file, rolled back, is searched for it.
+        bad = _not_json_error(conn, path, "migrate")
+        if bad is not None:
+            raise bad from exc
         raise StoreError(f"cannot migrate inventory {path}: {exc}") from exc
+
+
+def _not_json_rows(conn: sqlite3.Connection) -> tuple[str, str, list[str]] | None:
+    """The first table of base.DOCUMENT_TABLES with rows whose data is not JSON (as
+    json_extract reads it: json_valid), its key column and the first few rows' keys."""
+    for table, key in DOCUMENT_TABLES:
+        try:
+            keys = [row[0] for row in conn.execute(
+                f"SELECT {key} FROM {table} WHERE NOT json_valid(data)"  # noqa: S608
+                f" ORDER BY {key} LIMIT 4")]
+        except sqlite3.Error:
+            continue  # a table (or key column) an older schema lacks
+        if keys:
+            return table, key, keys
+    return None
+
+
+def _not_json_error(conn: sqlite3.Connection, path: Path, doing: str) -> StoreError | None:
+    """base.not_json for this file, if a document in it is not JSON."""
+    try:
+        found = _not_json_rows(conn)
+    except sqlite3.Error:
+        return None
+    if found is None:
+        return None
+    table, key, keys = found
+    # The shell's foreign keys are off unless asked: a machine's identifiers and labels
+    # go with it only with them on (ON DELETE CASCADE).
+    quoted = keys[0].replace("'", "''")
+    fix = (f"sqlite3 {path} \"PRAGMA foreign_keys = ON; DELETE FROM {table}"  # noqa: S608 - told, not run
+           f" WHERE {key} = '{quoted}'\"")
+    return not_json(str(path), doing, table, keys, fix)
 
 
 @contextlib.contextmanager
@@ -1798,6 +1854,9 @@ def _where(flt: MachineFilter) -> tuple[str, list[Any]]:
     if flt.in_state_before is not None:
         clauses.append(f"{SINCE_SQLITE} < ?")
         params.append(flt.in_state_before)
+    if flt.after_id is not None:
+        clauses.append("m.id > ?")
+        params.append(flt.after_id)
     if flt.ids is not None:
         # One parameter however many (a JSON array), not one each: SQLite's limit is 32,766.
         clauses.append("m.id IN (SELECT value FROM json_each(?))")
@@ -1826,13 +1885,15 @@ def _list_machines(conn: sqlite3.Connection, flt: MachineFilter) -> list[Machine
         # The column name comes from SORT_KEYS (checked by codec.check_filter), never a value.
         column = SINCE_SQLITE if flt.sort == "state_since" else f"m.{flt.sort}"
         order = (f"{column} IS NULL, {column}{' DESC' if flt.descending else ''}, {order}")
+    if flt.after_id is not None:
+        order = "m.id"
     # Decoded a thousand rows at a time, not after fetchall(): all 100,000 documents (35 MB
     # of text) are never held beside the machines made of them (a re-import reads every
     # machine). Not row by row either: iterating the cursor measured a fifth slower.
     cur = conn.execute(
         f"SELECT m.data FROM machines m{where} ORDER BY {order}"  # noqa: S608
         " LIMIT ? OFFSET ?",
-        (*params, flt.limit, flt.offset),
+        (*params, flt.limit, 0 if flt.after_id is not None else flt.offset),
     )
     # A page at a time, not fetchall(): each stored document is decoded and dropped soon
     # after it is read, so the machines kept are not interleaved with 100,000 dead texts
@@ -2552,12 +2613,16 @@ def _put_named_if(conn: sqlite3.Connection, kind: str, name: str, data: str,
 
 
 def _delete_named(conn: sqlite3.Connection, kind: str, name: str,
-                  open_item: Callable[[Any], Any], read: Any, unused: bool) -> None:
+                  open_item: Callable[[Any], Any], read: Any, unused: bool,
+                  installs: InstallsSince | None = None) -> None:
     """Delete the ``kind`` named ``name``; if it is still ``read`` (base.check_unchanged)
-    and, ``unused``, no machine or group names it (base.in_use): checked in the delete's
-    own write transaction, so no other writer comes between the check and the delete."""
+    and, ``unused``, no machine or group names it (base.in_use), and a group's
+    ``installs`` check passes: checked in the delete's own write transaction, so no other
+    writer comes between the check and the delete."""
     table = _TABLES[kind]
     with _immediate(conn):
+        if installs is not None:
+            installs.check(_installs_since(conn, installs.seq)[1])
         if read is not None:
             row = conn.execute(f"SELECT data FROM {table} WHERE name = ?",  # noqa: S608
                                (name,)).fetchone()
@@ -2662,6 +2727,28 @@ def _forget_changes(conn: sqlite3.Connection, before: int) -> None:
         # Never the newest row: it is what tells a reader that nothing before it is missing.
         conn.execute("DELETE FROM changes WHERE seq < ? AND seq < (SELECT max(seq) FROM changes)",
                      (before,))
+
+
+def _installs_since(conn: sqlite3.Connection, seq: int) -> tuple[int, list[Machine]]:
+    """base.InstallsSince's machines: those with no profile of their own, under way, that
+    the change feed says were written after ``seq`` (from the feed's primary key range,
+    each looked up by id: not a scan of every machine), or every such one if it was
+    pruned past; and the feed's position they were read at."""
+    states = ", ".join(f"'{state.value}'" for state in INSTALLS_UNDER_WAY)
+    # Apart: SQLite answers a lone min() or max() from the key's ends, both together by
+    # a scan of the feed (~9 ms at 100,000 rows).
+    first = conn.execute("SELECT min(seq) FROM changes").fetchone()[0]
+    last = conn.execute("SELECT max(seq) FROM changes").fetchone()[0]
+    if first is not None and first > seq + 1 and seq < last:
+        rows = conn.execute(f"SELECT data FROM machines WHERE state IN ({states})"  # noqa: S608
+                            " AND profile IS NULL")
+    else:
+        # CROSS JOIN: SQLite keeps this order (the feed's range first).
+        rows = conn.execute(
+            "SELECT m.data FROM (SELECT DISTINCT key FROM changes WHERE seq > ?"  # noqa: S608
+            " AND tbl = 'machines') AS c CROSS JOIN machines AS m ON m.id = c.key"
+            f" WHERE m.state IN ({states}) AND m.profile IS NULL", (seq,))
+    return (last or 0), [_machine(row[0]) for row in rows]
 
 
 def _last_change(conn: sqlite3.Connection) -> int:

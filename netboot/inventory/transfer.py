@@ -25,7 +25,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,8 +34,13 @@ from netboot.inventory import dsn as pg_dsn
 from netboot.inventory.base import Store
 
 # In insertion order (machines before the rows that reference them). The same columns in both.
+# A machine's fixed_ipv4 and profile columns (SQLite migration 8, PostgreSQL 5) are the
+# database's rules (one address a machine; a profile's users found by index): a copy
+# without them let the target give an address twice and delete a profile in use until a
+# server's start set them again from the documents (service.mend_stray_columns).
 TABLES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("machines", ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated")),
+    ("machines", ("id", "mac", "hostname", "state", "cluster", "data", "created", "updated",
+                  "fixed_ipv4", "profile")),
     ("machine_keys", ("kind", "value", "machine")),
     ("machine_labels", ("machine", "key", "value")),
     ("profiles", ("name", "data")),
@@ -137,10 +142,40 @@ class TableCheck:
 
 @dataclass(frozen=True)
 class Copied:
-    """What :func:`copy` proved (each table's count and checksum) and, by state, the copied
-    machines whose next network boot installs (:func:`installs_on_boot`)."""
+    """What :func:`copy` proved (each table's count and checksum), by state, the copied
+    machines whose next network boot installs (:func:`installs_on_boot`), and the machines
+    whose hostname ``""`` was copied as none (:func:`empty_hostnames_unset`)."""
     checks: list[TableCheck]
     installs_on_boot: dict[str, int]
+    hostnames_unset: list[str] = field(default_factory=list)
+
+
+def empty_hostnames_unset(rows: Rows) -> list[str]:
+    """The machines of ``rows`` stored with the hostname ``""`` (an API before S43 stored
+    it; hand SQL) made nameless in ``rows``, column and document: the refs (first MAC, else
+    id) of those changed. The API refuses ``""`` ("send null for none") and the servers
+    keep it apart from none (frames, the hostname index holds one ``""``): a copy, a
+    restore's or a move's, is where it goes the API's way, said by the copy. The checksums
+    prove the target holds ``rows`` as made here."""
+    columns = TABLES[0][1]
+    ident, mac, hostname, data = (columns.index(c) for c in ("id", "mac", "hostname", "data"))
+    machines = rows["machines"]
+    unset: list[str] = []
+    for i, row in enumerate(machines):
+        text = row[data]
+        if row[hostname] != "" and '"hostname":""' not in text and '"hostname": ""' not in text:
+            continue  # the usual row: no parse of its document
+        document = json.loads(text)
+        if document.get("hostname") == "":
+            del document["hostname"]
+            text = json.dumps(document, ensure_ascii=False, separators=(",", ":"))
+        elif row[hostname] != "":
+            continue  # "" elsewhere in the document (a label's value, a product string)
+        changed = list(row)
+        changed[hostname], changed[data] = None, text
+        machines[i] = tuple(changed)
+        unset.append(row[mac] or row[ident])
+    return unset
 
 
 def installs_on_boot(rows: Rows) -> dict[str, int]:
@@ -189,6 +224,7 @@ async def copy(source: str, target: str, *, force: bool = False,
     for spec in (source, target):
         await migrate(spec, peer)
     rows = await _read(source, peer)
+    unset = empty_hostnames_unset(rows)
     await _write(target, rows, force=force, peer=peer)
     expected = checksums(rows)
     found = checksums(await _read(target, peer))
@@ -197,7 +233,7 @@ async def copy(source: str, target: str, *, force: bool = False,
             raise StoreError(f"copy to {describe(target)} differs in table {want.table}: "
                              f"{got.rows} rows (sha256 {got.sha256[:16]}) where the source "
                              f"has {want.rows} (sha256 {want.sha256[:16]})")
-    return Copied(expected, installs_on_boot(rows))
+    return Copied(expected, installs_on_boot(rows), unset)
 
 
 def _private_file(path: Path) -> None:

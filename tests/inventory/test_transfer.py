@@ -502,3 +502,76 @@ def test_a_backup_of_the_served_inventory_warns_of_nothing_and_its_restore_does(
     rc, _, err = run(capsys, "db", "copy", "--from", str(backup), "--to",
                      str(data / "netboot.db"), "--force", "--data-dir", str(data))
     assert rc == 0 and err.startswith("netboot: warning: 2 machines in the copy install"), err
+
+
+def test_a_copy_keeps_the_columns_the_inventorys_rules_are_kept_by(
+        tmp_path: Path, postgres: pg.Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    """The fixed_ipv4 and profile columns beside each machine's document (S42: the unique
+    index of addresses, the index a profile's delete finds its users by) were not among the
+    columns a copy moves: a restored inventory held every machine's address and profile in
+    its document alone, so the database let a second machine have an address and a CLI's
+    `profiles rm` delete a profile its machines name (held at their next boot), until a
+    server's start mended the columns, telling each machine as one hand SQL had changed.
+    Each way, SQLite to PostgreSQL and back."""
+    from netboot.errors import Conflict
+
+    source, back = tmp_path / "source.db", tmp_path / "back.db"
+
+    async def fill_rules(store: Store) -> None:
+        await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+        await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:44:0c:01"),),
+                                           fixed_ipv4="192.0.2.44", profile="p"))
+
+    async def rules_held(store: Store) -> None:
+        assert await store.mend_stray_columns() == []  # type: ignore[attr-defined]
+        with pytest.raises(Conflict, match="is used by machine 52:54:00:44:0c:01"):
+            await store.delete_profile("p", unused=True)
+        with pytest.raises(Conflict, match=r"fixed_ipv4 192\.0\.2\.44 is the fixed address"):
+            await store.create_machine(Machine(macs=(MacAddress.parse("52:54:00:44:0c:02"),),
+                                               fixed_ipv4="192.0.2.44"))
+
+    asyncio.run(opened(SqliteStore(source), fill_rules))
+    with pg.schema_sync(postgres) as dsn:
+        rc, _, err = run(capsys, "db", "copy", "--from", str(source), "--to", dsn)
+        assert rc == 0, err
+        asyncio.run(opened(PostgresStore(dsn), rules_held))
+        rc, _, err = run(capsys, "db", "copy", "--from", dsn, "--to", str(back))
+        assert rc == 0, err
+    asyncio.run(opened(SqliteStore(back), rules_held))
+
+
+def test_a_hostname_the_api_refuses_is_copied_as_none_and_said(
+        tmp_path: Path, postgres: pg.Cluster, capsys: pytest.CaptureFixture[str]) -> None:
+    """A machine stored with the hostname "" (an API before S43 stored it; the API now
+    refuses it: null is none) went across as it was, so a restore or a move to PostgreSQL
+    carried a name the API refuses. Now the copy makes it none, in its column and document,
+    the checksums proving the target holds what was written, and says which machines."""
+    source, back = tmp_path / "source.db", tmp_path / "back.db"
+
+    async def fill_names(store: Store) -> None:
+        done = MachineState.INSTALLED  # no "installs at the next boot" warning beside
+        await store.apply_batch(Batch(create=[
+            Machine(macs=(MacAddress.parse("52:54:00:44:0d:01"),), hostname="",
+                    labels={"hostname": ""}, state=done),
+            Machine(macs=(MacAddress.parse("52:54:00:44:0d:02"),), hostname="n2",
+                    labels={"hostname": ""}, state=done),
+            Machine(serial="SN-NAMELESS", state=done)]))
+
+    async def names(store: Store) -> dict[str, str | None]:
+        return {m.ref: m.hostname for m in await store.list_machines()}
+
+    asyncio.run(opened(SqliteStore(source), fill_names))
+    assert asyncio.run(opened(SqliteStore(source), names))["52:54:00:44:0d:01"] == ""
+    with pg.schema_sync(postgres) as dsn:
+        rc, out, err = run(capsys, "db", "copy", "--from", str(source), "--to", dsn)
+        assert rc == 0 and "counts and checksums equal" in out, err
+        assert err == ("netboot: note: 1 machine stored with the hostname '' (which the API "
+                       "refuses: null is none) copied with none: 52:54:00:44:0d:01\n"), err
+        copied = asyncio.run(opened(PostgresStore(dsn), names))
+        rc, out, err = run(capsys, "db", "copy", "--from", dsn, "--to", str(back), "--json")
+        assert rc == 0 and json.loads(out)["hostnames_unset"] == [], err
+    assert copied["52:54:00:44:0d:01"] is None and copied["52:54:00:44:0d:02"] == "n2"
+    assert asyncio.run(opened(SqliteStore(back), names)) == copied
+    rc, out, err = run(capsys, "db", "copy", "--from", str(source), "--to", str(back),
+                       "--force", "--json")
+    assert rc == 0 and json.loads(out)["hostnames_unset"] == ["52:54:00:44:0d:01"], err

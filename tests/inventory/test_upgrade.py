@@ -14,6 +14,7 @@ it (``inventory.sql``), restored into a fresh database of the session's cluster.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import sqlite3
@@ -179,3 +180,73 @@ async def test_an_older_netboots_inventory_is_all_there_and_works(
     assert "kernel" in out["never boots"] and "?token=" in out["never boots"]
     assert out["https"] == 200 and out["ca kept"]
     assert out["discovered"] == [made["unknown"]]
+
+
+@pytest.mark.parametrize("fixture", ["inventory-s30", "inventory-s30-pg"])
+async def test_a_document_that_is_not_json_stops_the_migration_naming_its_row(
+        tmp_path: Path, fixture: str, request: pytest.FixtureRequest) -> None:
+    """An older netboot's inventory (SQLite schema 7, PostgreSQL 4) where hand SQL left a
+    machine's document that is not JSON: the migration (SQLite 8's json_extract,
+    PostgreSQL 5's data::jsonb) stopped start-up with "cannot migrate inventory: malformed
+    JSON" (SQLite) or "invalid input syntax for type json" (PostgreSQL), naming no row of
+    100,000. Now it names the table, the row and the fix, nothing migrated; put right, the
+    next start migrates."""
+    from netboot.errors import StoreError
+
+    made = json.loads((DATA / fixture / "made.json").read_text())
+    dump = DATA / fixture / "inventory.sql"
+    extra, dsn = "", ""
+    if dump.is_file():
+        dsn = await restored(request.getfixturevalue("postgres"), dump)
+        extra = f"inventory:\n  backend: postgresql\n  dsn: \"{dsn}\"\n"
+    cfg = load(write_config(tmp_path, extra), env={})
+    shutil.copytree(DATA / fixture, cfg.data_dir,
+                    ignore=shutil.ignore_patterns("made.json", "inventory.sql"))
+    for path in cfg.data_dir.rglob("*"):
+        path.chmod(0o700 if path.is_dir() else 0o600)
+    cfg = replace(cfg, https=replace(cfg.https, port=0))
+    db = cfg.data_dir / "netboot.db"
+    find = "SELECT machine FROM {}machine_keys WHERE kind = 'mac' AND value = {}"
+    if dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            ident = await conn.fetchval(find.format(f"{SCHEMA}.", "$1"), made["asked"])
+            data = await conn.fetchval(f"SELECT data FROM {SCHEMA}.machines WHERE id = $1",
+                                       ident)
+            await conn.execute(f"UPDATE {SCHEMA}.machines SET data = $2 WHERE id = $1", ident,
+                               data[:40])
+        finally:
+            await conn.close()
+    else:
+        with contextlib.closing(sqlite3.connect(db)) as hand, hand:
+            ident = hand.execute(find.format("", "?"), (made["asked"],)).fetchone()[0]
+            data = hand.execute("SELECT data FROM machines WHERE id = ?", (ident,)).fetchone()[0]
+            hand.execute("UPDATE machines SET data = ? WHERE id = ?", (data[:40], ident))
+    with pytest.raises(StoreError) as failed:
+        await build(cfg)
+    told = str(failed.value)
+    assert told.startswith("cannot migrate inventory "), told
+    assert (f"the machines row '{ident}' holds a data document that is not JSON (written by "
+            "hand SQL or a damaged copy, not by netboot); nothing was changed. Put each such "
+            "row's data right (the JSON netboot wrote, e.g. from a backup), or remove the row"
+            ) in told, told
+    assert f"DELETE FROM machines WHERE id = '{ident}'" in told, told
+    assert told.endswith("then start netboot again"), told
+    # Nothing migrated (one transaction), and once the row is put right the start migrates.
+    if dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval(f"SELECT max(version) FROM {SCHEMA}.schema_migrations") == 4
+            await conn.execute(f"UPDATE {SCHEMA}.machines SET data = $2 WHERE id = $1", ident,
+                               data)
+        finally:
+            await conn.close()
+    else:
+        with contextlib.closing(sqlite3.connect(db)) as hand, hand:
+            assert hand.execute("PRAGMA user_version").fetchone()[0] == 7
+            hand.execute("UPDATE machines SET data = ? WHERE id = ?", (data, ident))
+    service = await build(cfg)
+    try:
+        assert str((await service.store.get_machine(ident)).mac) == made["asked"]  # type: ignore[union-attr]
+    finally:
+        await service.store.close()
