@@ -1980,3 +1980,96 @@ async def test_a_fixed_address_is_answered_from_the_view_when_its_sync_fails(
         await boot.drain()
     finally:
         await store.close()
+
+
+_FIRST_INSTALLS: list[tuple[str, dict[str, Any], dict[str, Any], bool]] = [
+    # (what, the machine's fields, the request's, decided without _plan)
+    ("its own profile and cluster", {}, {"remote_addr": "192.0.2.7"}, True),
+    ("its group's profile, cluster, role and labels",
+     {"profile": None, "cluster": None}, {"remote_addr": "192.0.2.7"}, True),
+    ("enroll.default_profile, no cluster", {"profile": None, "cluster": None},
+     {"arch": Arch.ARM64, "remote_addr": "192.0.2.7"}, True),
+    ("facts and identifiers told", {"facts": {"install_peer": "192.0.2.99", "rack": "r1"}},
+     {"manufacturer": "QEMU", "product": "Standard PC", "uuid":
+      "8a1e7d6c-0000-4000-8000-000000000001", "serial": "S-1", "remote_addr": "192.0.2.7"},
+     True),
+    ("no peer", {}, {}, True),
+    ("its fixed address", {"fixed_ipv4": "192.0.2.7"}, {"remote_addr": "192.0.2.7"}, True),
+    ("another address than its fixed one", {"fixed_ipv4": "192.0.2.8"},
+     {"remote_addr": "192.0.2.7"}, False),
+    ("a cluster that is gone", {"cluster": "gone"}, {"remote_addr": "192.0.2.7"}, False),
+    ("a managed cluster's first node", {"cluster": "managed", "role": Role.SERVER},
+     {"remote_addr": "192.0.2.7"}, False),
+    ("a managed cluster with no server yet", {"cluster": "managed"},
+     {"remote_addr": "192.0.2.7"}, False),
+    ("a profile that is gone", {"profile": "gone"}, {"remote_addr": "192.0.2.7"}, False),
+    ("enroll.default_profile for another arch", {"profile": None, "cluster": None},
+     {"arch": Arch.X86, "remote_addr": "192.0.2.7"}, True),
+    ("an install under way", {"state": MachineState.BOOTING, "install_token": "old",
+                              "facts": {"install_peer": "192.0.2.7"}},
+     {"remote_addr": "192.0.2.7"}, False),
+]
+
+
+@pytest.mark.parametrize(("what", "fields", "told", "direct"), _FIRST_INSTALLS,
+                         ids=[c[0] for c in _FIRST_INSTALLS])
+async def test_a_first_install_decided_in_plans_frame_is_the_one_plan_decides(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, what: str, fields: dict[str, Any],
+        told: dict[str, Any], direct: bool) -> None:
+    """A first install is decided and committed in plan()'s own frame
+    (BootService._first_install: no _plan and _install_plan coroutines around its one wait),
+    where _plan would decide it so; everything else goes to _plan. Side by side with the
+    same request decided through _plan (_first_install made to decline), on two stores
+    given the same settings, machine and clock: the same plan (action, reason, group,
+    profile, cluster, join, token), the same machine stored, the same events."""
+    for name in ("undionly.kpxe", "snponly.efi", "ipxe.efi"):
+        (tmp_path / name).write_bytes(b"x")
+    outcomes = []
+    for declined in (False, True):
+        store = MemoryStore()
+        await store.open()
+        clock = Clock()
+        boot = BootService(store, FileTree([tmp_path]),
+                           BootSettings(policy="ignore", default_profile="arm"),
+                           Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+        await store.put_profile(Profile(name="p", kernel="vmlinuz", initrds=("initrd",)))
+        await store.put_profile(Profile(name="arm", kernel="Image", install_timeout=600))
+        await store.put_profile(Profile(name="g", kernel="vmlinuz-g"))
+        await store.put_cluster(Cluster(name="edge", server_url="https://192.0.2.50:6443",
+                                        token="secret", labels={"site": "a"}))
+        await store.put_cluster(Cluster(name="managed", server_url="managed", token="m"))
+        await store.put_group(Group(name="x86", selector={"arch": ("x86_64",)}, profile="g",
+                                    cluster="edge", role=Role.SERVER, labels={"tier": "1"},
+                                    taints=("t=1:NoSchedule",)))
+        await store.create_machine(replace(Machine(macs=(MAC,), id="m-first", hostname="edge-1",
+                                                   profile="p", cluster="edge"), **fields))
+        await boot.load_view()
+        entered: list[str] = []
+        plan_ = boot._plan
+
+        async def counted(*args: Any, entered: list[str] = entered,
+                          plan_: Any = plan_, **kw: Any) -> BootPlan:
+            entered.append("_plan")
+            return await plan_(*args, **kw)  # type: ignore[no-any-return]
+
+        monkeypatch.setattr(boot, "_plan", counted)
+        if declined:
+            monkeypatch.setattr(boot, "_first_install", lambda *args: None)
+        clock.now += 5
+        plan = await boot.plan(BootRequest(**{"mac": MAC, "firmware": Firmware.IPXE,
+                                              "arch": Arch.X86_64, "via": "ipxe", **told}))
+        await boot.drain()
+        stored = await store.machine_by("mac", str(MAC))
+        assert stored is not None
+        events = [(e.kind, e.message, dict(e.data), e.time)
+                  for e in await store.list_events(stored.id)]
+        outcomes.append(((plan.action, plan.reason, plan.group, plan.profile, plan.cluster,
+                          plan.k3s, plan.token, plan.retry_seconds, plan.machine), stored,
+                         events, entered))
+    (fast, stored, events, entered), (slow, stored_slow, events_slow, entered_slow) = outcomes
+    assert (fast, stored, events) == (slow, stored_slow, events_slow)
+    assert entered_slow == ["_plan"]
+    assert entered == ([] if direct else ["_plan"])
+    if direct:
+        assert fast[0] == BootAction.INSTALL and fast[6] == "tok"
+        assert stored.state == MachineState.BOOTING and stored.install_token == "tok"
