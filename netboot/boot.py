@@ -170,8 +170,11 @@ class _Joining:
     san: tuple[str, ...]
 
 
-# Clusters whose join is kept (_Joining): a site has a few.
-_FEW_CLUSTERS = 64
+# Clusters whose join is kept (_Joining): a site has a few, a fleet of edge sites hundreds
+# (one cluster a site). Past the bound, a storm's nodes of clusters drawn at random mostly
+# missed it (64 of 200: ~2/3 of first configs read the init node and servers again,
+# ~45,000 loop instructions more a first config, s44-config); an entry is a few ids.
+_FEW_CLUSTERS = 1024
 
 
 @dataclass(eq=False, slots=True)
