@@ -168,10 +168,17 @@ class _Joining:
     ids: frozenset[str]  # the init node, the registered servers, the node it was read for
     endpoint: str | None
     san: tuple[str, ...]
+    # The cluster's own labels and taints, as a node of no group joins with them: one dict
+    # shared by those nodes' joins (_node_join made one a config, ~30 bytecodes).
+    labels: Mapping[str, str]
+    taints: tuple[str, ...]
 
 
-# Clusters whose join is kept (_Joining): a site has a few.
-_FEW_CLUSTERS = 64
+# Clusters whose join is kept (_Joining): a site has a few, a fleet of edge sites hundreds
+# (one cluster a site). Past the bound, a storm's nodes of clusters drawn at random mostly
+# missed it (64 of 200: ~2/3 of first configs read the init node and servers again,
+# ~45,000 loop instructions more a first config, s44-config); an entry is a few ids.
+_FEW_CLUSTERS = 1024
 
 
 @dataclass(eq=False, slots=True)
@@ -1724,6 +1731,10 @@ class BootService:
             # A storm's nodes of one cluster: its init node, servers, endpoint and TLS names
             # are the same for every one but those nodes themselves (not served from here),
             # until a setting, a cluster or a server changes (``shared`` moves).
+            if group is None:
+                return join_of(role, kept.endpoint, False, _join_token(cluster, role),
+                               kept.labels, kept.taints,
+                               machine.hostname or _nameless_node(machine), kept.san)
             labels, taints, node_name = _node_join(machine, cluster, group)
             return join_of(role, kept.endpoint, False, _join_token(cluster, role), labels,
                            taints, node_name, kept.san)
@@ -1777,8 +1788,10 @@ class BootService:
                 ids.add(machine.id)
                 if init_id is not None:
                     ids.add(init_id)
+                own = _node_join(machine, cluster, None)
                 _keep(self._joining, cluster.name, _Joining(shared, cluster, self.settings,
-                                                            frozenset(ids), endpoint, san),
+                                                            frozenset(ids), endpoint, san,
+                                                            own[0], own[1]),
                       _FEW_CLUSTERS)
         return K3sJoin(role, endpoint, False, _join_token(cluster, role), labels, taints,
                        node_name, san)
@@ -2383,9 +2396,12 @@ def _node_join(machine: Machine, cluster: Cluster, group: Group | None,
     if group is not None:
         labels.update(group.labels)
         taints += [t for t in group.taints if t not in taints]
-    node_name = machine.hostname or (f"node-{machine.mac.hexhyp}" if machine.mac
-                                     else f"node-{machine.id}")
-    return labels, tuple(taints), node_name
+    return labels, tuple(taints), machine.hostname or _nameless_node(machine)
+
+
+def _nameless_node(machine: Machine) -> str:
+    """The k3s node name of a machine without a hostname: its primary MAC's, else its id."""
+    return f"node-{machine.mac.hexhyp}" if machine.mac else f"node-{machine.id}"
 
 
 def _new_nic(request: BootRequest, machine: Machine, absorb: tuple[Machine, ...]) -> bool:

@@ -250,6 +250,9 @@ class Content:
         # A config template's (its marking form's id) -> (it, what it is given, whether it
         # only prints the join's token and server URL): _config_framed's two look-ups in one.
         self._config_wants: dict[int, tuple[object, _Wanted, bool]] = {}
+        # A cluster's join token and server URL -> whether a config's frame may take them
+        # (_config_framed): a fleet's clusters, not a request's.
+        self._joins_plain: dict[tuple[str, str], bool] = {}
         # Local address -> this content as the clients that reached it there get it (at).
         self._views: dict[str, Content] = {}
         self._by_address: tuple[str, bool] = ("", False)  # base URL -> at() may differ
@@ -269,6 +272,7 @@ class Content:
             self._plan_dicts = caches_of._plan_dicts
             self._wants = caches_of._wants
             self._config_wants = caches_of._config_wants
+            self._joins_plain = caches_of._joins_plain
 
     def by_address(self) -> bool:
         """Whether what is served differs by the address a client reached (:meth:`at`): the
@@ -1159,9 +1163,20 @@ class Content:
                join, bool(hostname) or hostname, not token, not node,
                not number)  # a hostname None and "" apart, as _framed's
         frame = frames.get(key)
-        # One look at the values but the URL (of more letters), not four.
-        plain = _FRAME_PLAIN_AT(f"{hostname or ''}{token}{node}{join_token}") is not None and (
-            not server_url or _FRAME_URL_AT(server_url) is not None)
+        # One look at the machine's values, not three. The join token and server URL are
+        # the cluster's (the same for every node of it): looked at once a pair, not at every
+        # config (their two regex walks were ~3,500 loop instructions a first config).
+        plain = _FRAME_PLAIN_AT(f"{hostname or ''}{token}{node}") is not None
+        if plain and (join_token or server_url):
+            pair = (join_token, server_url)
+            known = self._joins_plain.get(pair)
+            if known is None:
+                known = _FRAME_PLAIN_AT(join_token) is not None and (
+                    not server_url or _FRAME_URL_AT(server_url) is not None)
+                if len(self._joins_plain) >= _CLUSTERS_LOOKED_AT:
+                    self._joins_plain.clear()  # bounded: old tokens and URLs go
+                self._joins_plain[pair] = known
+            plain = known
         mac = plan.mac
         values = (mac.hex(":"), mac.hex("-"), token, hostname or "", node, join_token,
                   server_url, str(number) if number else "")
@@ -1300,6 +1315,9 @@ def _gives(secret: str, text: str) -> bool:
 # Profiles' and clusters' context values kept (Content._of_profile, _of_cluster): a site has
 # a few of each; the objects are the view's, new ones after every change.
 _FEW = 64
+# Join tokens and server URLs looked at (Content._joins_plain): a fleet's clusters, as
+# boot._FEW_CLUSTERS keeps their joins.
+_CLUSTERS_LOOKED_AT = 1024
 
 
 def _keep_few(kept: dict[int, Any], key: int, value: Any) -> None:

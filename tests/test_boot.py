@@ -1829,27 +1829,38 @@ async def test_a_first_install_lets_its_nics_dhcp_memo_go(tmp_path: Path) -> Non
         await w.recorder.flush()
 
 
-async def test_kept_joins_are_bounded_and_the_oldest_is_made_again(tmp_path: Path) -> None:
+async def _clusters_each_with_a_server(store: SqliteStore, count: int,
+                                      ) -> tuple[list[str], dict[str, Machine]]:
+    """``count`` managed clusters ``c0``…, each with one registered server (192.0.2.x, by
+    its index) and one agent not installed yet: the names, and each cluster's agent."""
+    names = [f"c{i}" for i in range(count)]
+    agents = {}
+    for i, name in enumerate(names):
+        await store.put_cluster(Cluster(name=name, server_url="managed", token="t"))
+        await store.create_machine(Machine(
+            macs=(MacAddress.parse(f"52:54:00:01:{i // 256:02x}:{i % 256:02x}"),),
+            cluster=name, role=Role.SERVER, state=MachineState.REGISTERED,
+            ipv4=f"192.0.2.{i % 250 + 1}"))
+        agents[name] = Machine(
+            macs=(MacAddress.parse(f"52:54:00:02:{i // 256:02x}:{i % 256:02x}"),),
+            cluster=name, role=Role.AGENT)
+        await store.create_machine(agents[name])
+    return names, agents
+
+
+async def test_kept_joins_are_bounded_and_the_oldest_is_made_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The joins kept per managed cluster stay at most ``_FEW_CLUSTERS`` (a site with more
     clusters churns them, never grows them), the newest kept; a cluster whose join was
-    dropped is answered as before, by reading it again."""
+    dropped is answered as before, by reading it again. (The bound made small here: the
+    real one is a fleet's hundreds, below.)"""
+    monkeypatch.setattr(boot_module, "_FEW_CLUSTERS", 16)
     store = SqliteStore(tmp_path / "n.db")
     await store.open()
     try:
         clock = Clock()
         bound = boot_module._FEW_CLUSTERS
-        names = [f"c{i}" for i in range(bound + 6)]
-        agents = {}
-        for i, name in enumerate(names):
-            await store.put_cluster(Cluster(name=name, server_url="managed", token="t"))
-            await store.create_machine(Machine(
-                macs=(MacAddress.parse(f"52:54:00:01:{i // 256:02x}:{i % 256:02x}"),),
-                cluster=name, role=Role.SERVER, state=MachineState.REGISTERED,
-                ipv4=f"192.0.2.{i + 1}"))
-            agents[name] = Machine(
-                macs=(MacAddress.parse(f"52:54:00:02:{i // 256:02x}:{i % 256:02x}"),),
-                cluster=name, role=Role.AGENT)
-            await store.create_machine(agents[name])
+        names, agents = await _clusters_each_with_a_server(store, bound + 6)
         other = Machine(macs=(MacAddress.parse("52:54:00:03:00:01"),), cluster=names[-1],
                         role=Role.AGENT)  # asked last, of a kept cluster
         await store.create_machine(other)
@@ -1874,6 +1885,43 @@ async def test_kept_joins_are_bounded_and_the_oldest_is_made_again(tmp_path: Pat
         join = await boot.k3s_join(other, cluster, Role.AGENT, None)
         assert join.server_url == f"https://192.0.2.{len(names)}:6443"
         assert boot._joining[last] is kept
+    finally:
+        await store.close()
+
+
+async def test_a_fleet_of_hundreds_of_clusters_keeps_every_clusters_join(
+        tmp_path: Path) -> None:
+    """A fleet of edge sites, a cluster each (200 here), its storm's nodes drawn at random:
+    once a node of each cluster is decided, every other node of any of them is told its
+    join from the kept one, without reading the init node and servers again
+    (BootService._known_join answers it). With 64 kept (s43's bound) ~2/3 of a 200-cluster
+    storm's first configs read them again (s44-config)."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        clock = Clock()
+        names, agents = await _clusters_each_with_a_server(store, 200)
+        others = {}
+        for i, name in enumerate(names):
+            others[name] = Machine(
+                macs=(MacAddress.parse(f"52:54:00:03:{i // 256:02x}:{i % 256:02x}"),),
+                cluster=name, role=Role.AGENT)
+            await store.create_machine(others[name])
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                           Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+        await boot.load_view()
+        clusters = {name: await store.get_cluster(name) for name in names}
+        for name in names:
+            cluster = clusters[name]
+            assert cluster is not None
+            await boot.k3s_join(agents[name], cluster, Role.AGENT, None)
+        for i, name in enumerate(names):
+            cluster = clusters[name]
+            assert cluster is not None
+            known = boot._known_join(others[name], cluster, Role.AGENT, None)
+            assert known is not None, name  # decided from what was kept
+            assert known.server_url == f"https://192.0.2.{i % 250 + 1}:6443"
+            assert known == await boot.k3s_join(others[name], cluster, Role.AGENT, None)
     finally:
         await store.close()
 

@@ -464,6 +464,27 @@ async def test_join_values_a_frame_cannot_take_as_they_are_are_rendered(
     assert _frames(env) == (1, 1)
 
 
+async def test_a_join_token_rotated_to_one_a_frame_cannot_take_is_rendered(
+        env: Env) -> None:
+    """Whether a cluster's join token and server URL may be put in a frame is looked at
+    once a pair (Content._joins_plain), not at every config: a token rotated from a plain
+    one to one tojson escapes is looked at anew (its agents' configs rendered, the odd
+    token whole), and rotated back to the first, filled in from the frame again."""
+    macs = await _clusters(env, 2)
+    for mac in macs[::-1]:  # c1's makes the frame, c0's is filled in
+        text, whole = await _first_config(env, mac)
+        assert text == whole
+    await _enrol(env, [(f"52:54:00:00:12:{i:02x}", f"r-{i}") for i in range(2)],
+                 profile="k3os", cluster="c1")
+    for i, token in enumerate(('odd"<tok en#1', "tok-c1-secret")):
+        r = await call(env, "PUT", "/api/v1/clusters/c1", json_body={
+            "server_url": "https://192.0.2.71:6443", "token": token})
+        assert r.status == 200, r.text
+        text, whole = await _first_config(env, f"52:54:00:00:12:{i:02x}")
+        assert text == whole and (token if i else "tok en#1") in text, token
+    assert _frames(env) == (1, 2)  # the odd token's config rendered, not filled in
+
+
 @pytest.mark.parametrize("line", [
     '{% if k3s.token.startswith("tok-c1") %}# one\n{% endif %}',
     '{% if k3s.server_url == "https://192.0.2.71:6443" %}# one\n{% endif %}',
