@@ -79,8 +79,6 @@ from netboot.standing import (
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from netboot.servers.accept import AcceptingServer
-
 log = logging.getLogger(__name__)
 
 
@@ -789,7 +787,7 @@ class Service:
     runner: web.AppRunner | None = None
     # The listeners' protocol factory: the front door until aiohttp is ready (Doorway).
     doorway: Doorway | None = None
-    listeners: list[AcceptingServer] = field(default_factory=list)
+    listeners: list[asyncio.Server] = field(default_factory=list)
     http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
