@@ -129,7 +129,12 @@ def sample_ss(ns: str, client_ns: str, out: Path, stop: threading.Event) -> None
             text = subprocess.run(["ip", "netns", "exec", ns, "ss", "-tinmH",
                                    f"sport = :{storm.HTTP_PORT}"], capture_output=True,
                                   text=True, timeout=10, check=False).stdout
-            fh.write(f"=== {time.time():.3f}\n{text}")
+            # the listening socket's Recv-Q: connections the kernel completed that the
+            # server has not accepted yet
+            listen = subprocess.run(["ip", "netns", "exec", ns, "ss", "-ltnH",
+                                     f"sport = :{storm.HTTP_PORT}"], capture_output=True,
+                                    text=True, timeout=10, check=False).stdout
+            fh.write(f"=== {time.time():.3f}\n{text}{listen}")
             # the devices' side: what their receive queues hold unread
             text = subprocess.run(["ip", "netns", "exec", client_ns, "ss", "-tnH",
                                    f"dport = :{storm.HTTP_PORT}"], capture_output=True,
@@ -151,10 +156,17 @@ def ss_summary(path: Path) -> list[str]:
         head, _, body = row.partition("\n")
         t = float(head)
         t0 = t if t0 is None else t0
-        conns = re.split(r"\n(?=ESTAB|FIN|CLOSE|LAST|SYN)", body.strip())
+        conns = re.split(r"\n(?=ESTAB|FIN|CLOSE|LAST|SYN|LISTEN)", body.strip())
         sendq, notsent, tb, prog, now, pacing = [], [], [], [], {}, []
+        backlog = unread = 0
         for c in conns:
             f = c.split()
+            if len(f) >= 2 and f[0] == "LISTEN":
+                backlog += int(f[1])
+                continue
+            if len(f) >= 5 and f[0] == "ESTAB" and int(f[1]) and not re.search(
+                    r"bytes_acked:", c):
+                unread += 1  # its request in the socket, nothing sent yet
             if len(f) < 5 or f[0] != "ESTAB":
                 continue
             sendq.append(int(f[2]))
@@ -182,7 +194,8 @@ def ss_summary(path: Path) -> list[str]:
                      f"sndbuf p50 {q(tb, .5) >> 10:5d}K progress p10/p50/p90 "
                      f"{q(prog, .1) >> 10}/{q(prog, .5) >> 10}/{q(prog, .9) >> 10}K "
                      f"none {sum(1 for x in prog if x == 0)} pacing p50 "
-                     f"{q(pacing, .5) / 1e6:.0f} Mbit/s")
+                     f"{q(pacing, .5) / 1e6:.0f} Mbit/s not accepted {backlog} "
+                     f"request unread {unread}")
     return lines
 
 

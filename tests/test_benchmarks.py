@@ -183,6 +183,9 @@ bytes_acked:1000000 notsent:786432 pacing_rate 52000000bps
 ESTAB 0      0      192.0.2.1:8080  192.0.2.11:40001
 \t skmem:(r0,rb131072,t0,tb65536,f0,w0,o0,bl0,d0) bbr bytes_acked:2000000 \
 pacing_rate 40000000bps
+ESTAB 104    0      192.0.2.1:8080  192.0.2.12:40002
+\t skmem:(r936,rb131072,t0,tb65536,f0,w0,o0,bl0,d0) bbr pacing_rate 40000000bps
+LISTEN 5      4096   192.0.2.1:8080  0.0.0.0:*
 === 100.500
 ESTAB 0      524288 192.0.2.1:8080  192.0.2.10:40000
 \t skmem:(r0,rb131072,t0,tb2097152,f0,w530000,o0,bl0,d0) bbr bytes_acked:3097152 \
@@ -196,18 +199,22 @@ pacing_rate 40000000bps
 def test_bigfiles_storm_reads_the_servers_send_queues(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # `ss -tinmH` of the server's side twice: one connection moved 2 MiB, one none (a
-    # device the server starves shows so: nothing queued, no progress).
+    # device the server starves shows so: nothing queued, no progress); in the first, a
+    # connection whose request the server has not read yet and five it has not accepted
+    # (the listener's Recv-Q: uvloop's listener took one a turn of a busy loop, s44-storm).
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     bigfiles = importlib.import_module("bigfiles_storm")
     samples = tmp_path / "ss.txt"
     samples.write_text(SS_SAMPLES)
     first, second = bigfiles.ss_summary(samples)
     assert " ".join(first.split()) == (
-        "0.0s conns 2 sending 1 sendq p50 0K notsent p50 0K max 768K sndbuf p50 64K "
-        "progress p10/p50/p90 0/0/0K none 0 pacing p50 40 Mbit/s")
+        "0.0s conns 3 sending 1 sendq p50 0K notsent p50 0K max 768K sndbuf p50 64K "
+        "progress p10/p50/p90 0/0/0K none 0 pacing p50 40 Mbit/s not accepted 5 "
+        "request unread 1")
     assert " ".join(second.split()) == (
         "0.5s conns 2 sending 1 sendq p50 0K notsent p50 0K max 256K sndbuf p50 64K "
-        "progress p10/p50/p90 0/0/0K none 1 pacing p50 40 Mbit/s")
+        "progress p10/p50/p90 0/0/0K none 1 pacing p50 40 Mbit/s not accepted 0 "
+        "request unread 0")
 
 
 def test_wire_counts_windows_of_a_first_request_row_never_ask_a_machine_twice(
