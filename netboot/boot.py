@@ -1085,7 +1085,8 @@ class BootService:
         for the firmwares whose first stage is no loader file)."""
         fw, arch = request.firmware, request.arch
         # Made once per firmware, arch, chain and place (_READS), not per guard: the tuple
-        # of a generator was ~12,900 instructions of each DHCP answer kept (s44-sighting).
+        # of a generator was ~10,400 instructions of each DHCP answer kept, this ~5,700
+        # (callgrind, benchmarks/README.md s44-sighting).
         return _READS[fw, arch, chain][self._loader_file(fw, arch, chain)[1]]
 
     async def matching_text(self, text: str, most: int | None = None

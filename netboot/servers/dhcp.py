@@ -104,7 +104,8 @@ class _Answer(NamedTuple):
 
     A named tuple, not a frozen dataclass: that one's ``__init__`` stores each of its nine
     fields through ``object.__setattr__``, and making one was ~18,600 instructions of each
-    decision whose answer is kept (callgrind, benchmarks/README.md s44-sighting)."""
+    decision whose answer is kept, this ~7,900 (callgrind, benchmarks/README.md
+    s44-sighting)."""
 
     # The reply as first sent, but for its xid (4-8) and flags (10-12), which each repeat
     # puts in: joined from its pieces, one copy, not a bytearray's copy, two slice writes
