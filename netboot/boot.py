@@ -64,6 +64,7 @@ from netboot.model import (
     join_of,
     machine_changer,
     plan_of,
+    slot_init,
     url_host,
 )
 from netboot.names import serves_cluster, valid_label
@@ -226,6 +227,12 @@ class _Decided:
     # handed out as it is (repeat_guard).
     later: bool = False
     guard: _DhcpRepeat | None = None
+
+
+# Made for each DHCP decision whose answer may be kept (every repeat decided in full): the
+# frozen __init__'s setattr per field was ~9,900 instructions a _Decided, this ~3,900
+# (callgrind, benchmarks/README.md s44-sighting).
+slot_init(_Decided)
 
 
 @dataclass(eq=False, slots=True)
