@@ -64,7 +64,7 @@ from netboot.model import (
     join_of,
     machine_changer,
     plan_of,
-    replace_machine,
+    slot_init,
     url_host,
 )
 from netboot.names import serves_cluster, valid_label
@@ -234,6 +234,12 @@ class _Decided:
     # handed out as it is (repeat_guard).
     later: bool = False
     guard: _DhcpRepeat | None = None
+
+
+# Made for each DHCP decision whose answer may be kept (every repeat decided in full): the
+# frozen __init__'s setattr per field was ~9,900 instructions a _Decided, this ~3,900
+# (callgrind, benchmarks/README.md s44-sighting).
+slot_init(_Decided)
 
 
 @dataclass(eq=False, slots=True)
@@ -414,7 +420,7 @@ def learn(machine: Machine, request: BootRequest, now: float,
     """
     news = _news(machine, request, taken, seen)
     # One copy, stamped: anything in ``news`` differs from what the machine holds.
-    return machine if news is None else replace_machine(machine, **news, updated=now)
+    return machine if news is None else _learnt_copy(machine, news, now)
 
 
 def teaches(machine: Machine, request: BootRequest, taken: frozenset[str] = frozenset(),
@@ -485,6 +491,22 @@ def _news(machine: Machine, request: BootRequest, taken: frozenset[str],
             return None
     return {"facts": {**facts, **told}, "uuid": uuid, "serial": serial, "asset": asset,
             "arch": arch, "firmware": firmware}
+
+
+# learn()'s copy of its machine, the fields _news sets and the stamp, by position
+# (model.machine_changer): its dict spread by ** into replace_machine's parameters cost each
+# first DHCP sighting's record ~5,600 loop instructions more, a tenth of it (callgrind,
+# benchmarks/README.md s44-sighting).
+_learnt_fields: Callable[
+    [Machine, Mapping[str, str], str | None, str | None, str | None, Arch | None,
+     Firmware | None, float], Machine] = machine_changer(
+    "facts", "uuid", "serial", "asset", "arch", "firmware", "updated")
+
+
+def _learnt_copy(machine: Machine, news: dict[str, Any], now: float) -> Machine:
+    """``replace_machine(machine, **news, updated=now)`` for _news' answer ``news``."""
+    return _learnt_fields(machine, news["facts"], news["uuid"], news["serial"], news["asset"],
+                          news["arch"], news["firmware"], now)
 
 
 def _learnt_again(machine: Machine, learnt: Machine, request: BootRequest, now: float,
@@ -1075,8 +1097,11 @@ class BootService:
         """What :meth:`loader` reads of the asset tree for this request and chain, and what
         it finds now: each file name it tries, in order, up to the first that exists (none
         for the firmwares whose first stage is no loader file)."""
-        tried, at = self._loader_file(request.firmware, request.arch, chain)
-        return tuple((name, i == at) for i, (_, name) in enumerate(tried[:at + 1]))
+        fw, arch = request.firmware, request.arch
+        # Made once per firmware, arch, chain and place (_READS), not per guard: the tuple
+        # of a generator was ~10,400 instructions of each DHCP answer kept, this ~5,700
+        # (callgrind, benchmarks/README.md s44-sighting).
+        return _READS[fw, arch, chain][self._loader_file(fw, arch, chain)[1]]
 
     async def matching_text(self, text: str, most: int | None = None
                             ) -> frozenset[str] | None:
@@ -2050,7 +2075,7 @@ class BootService:
             if news is not None and news[0] is machine and news[1] == taken:
                 # learn() of the very machine object the decision found news for
                 # (_tells_more): the same fields, set without working them out again.
-                updated = replace_machine(machine, **news[2], updated=now)
+                updated = _learnt_copy(machine, news[2], now)
         self._learn_later(machine, request, now, taken, updated,
                           seen=None if seen is None else seen.identity)
 
@@ -2314,6 +2339,13 @@ _TRIED: dict[tuple[Firmware, Arch, LoaderChain | None], tuple[tuple[LoaderChain,
     (fw, arch, chain): tuple((which, name) for which in _chains(fw, arch, chain)
                              for name in _LOADERS.get((which, fw, arch), ()))
     for fw in Firmware for arch in Arch for chain in (None, *LoaderChain)}
+# BootService._assets_read's answers by _TRIED's key and the place of the first file found
+# (len(tried): none): each file tried up to it, and whether it was there.
+_READS: dict[tuple[Firmware, Arch, LoaderChain | None],
+             tuple[tuple[tuple[str, bool], ...], ...]] = {
+    key: tuple(tuple((name, i == at) for i, (_, name) in enumerate(tried[:at + 1]))
+               for at in range(len(tried) + 1))
+    for key, tried in _TRIED.items()}
 
 
 def _dhcp_note(request: BootRequest) -> str:
