@@ -1254,6 +1254,25 @@ async def test_a_first_install_changes_the_stored_document_in_place(tmp_path: Pa
         await store.close()
 
 
+def test_an_in_place_updates_parameters_are_numbered_as_its_values_are_given() -> None:
+    """The UPDATE of a first install binds the state once, for its column and the document
+    (``?1``), a FACTS_NEW key one value a name, and the update time's parameter named again
+    for ``state_since`` by its number (codec.SINCE_UPDATED) counted past both."""
+    facts = codec.FACTS_NEW + "remote_addr,install_peer"
+    keys = ("state", "token_hash", facts, "token_expires", "updated", codec.SINCE_UPDATED)
+    assert sqlite_store._update_in_place(("state",), keys, (), True) == (
+        "UPDATE machines SET state = ?, data = json_set(data, '$.state', ?1, '$.token_hash', ?,"
+        " '$.facts', json_object('remote_addr', ?, 'install_peer', ?), '$.token_expires',"
+        " json(?), '$.updated', json(?), '$.state_since', json(?6)), updated = ? WHERE id = ?"
+        " AND updated = ? AND state = ?")
+    # Another indexed column set too: the state bound twice, as the columns' come first.
+    assert sqlite_store._update_in_place(("state", "cluster"), keys, ("role",), False) == (
+        "UPDATE machines SET state = ?, cluster = ?, data = json_remove(json_set(data,"
+        " '$.state', ?, '$.token_hash', ?, '$.facts', json_object('remote_addr', ?,"
+        " 'install_peer', ?), '$.token_expires', json(?), '$.updated', json(?),"
+        " '$.state_since', json(?8)), '$.role'), updated = ? WHERE id = ?")
+
+
 @pytest.mark.parametrize("stored", ["no facts", "facts", "long form"])
 async def test_a_first_installs_facts_are_bound_and_leave_the_document_byte_for_byte(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored: str) -> None:
