@@ -2258,8 +2258,13 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
         data = (r.data, r.created) if (delta := r.delta) is None else delta[2]
         if (old[1] == r.mac and old[2] == m.hostname and old[4] == m.cluster
                 and old[7] == m.fixed_ipv4 and old[8] == m.profile):  # as a rule
-            shape, params = (((), (*data, r.updated, r.id)) if old[3] == state
-                             else (_STATE_ONLY, (state, *data, r.updated, r.id)))
+            if old[3] == state:
+                shape, params = (), (*data, r.updated, r.id)
+            elif delta is not None and delta[0] and delta[0][0] == "state":
+                # The delta's first value is the state's: bound once (_shares_state).
+                shape, params = _STATE_ONLY, (*data, r.updated, r.id)
+            else:
+                shape, params = _STATE_ONLY, (state, *data, r.updated, r.id)
         else:
             if old[7] != m.fixed_ipv4:
                 moved.append(r.id)
@@ -2269,6 +2274,8 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
                 if was != now]
             shape = tuple([c for c, _ in changed])
             params = (*[now for _, now in changed], *data, r.updated, r.id)
+            if delta is not None and _shares_state(shape, delta[0]):
+                params = params[1:]
         if delta is None:
             shapes.setdefault(shape, []).append(params)
         else:
@@ -2351,9 +2358,16 @@ def _update_bases(conn: sqlite3.Connection, updates: list[_Row],
         params: tuple[Any, ...]
         if (hostname == base.hostname and cluster == base.cluster
                 and m.fixed_ipv4 == base.fixed_ipv4 and m.profile == base.profile):  # as a rule
-            shape = () if state == was else _STATE_ONLY
-            params = ((*delta[2], r.updated, r.id, versions.pop(r.id), was) if state == was
-                      else (state, *delta[2], r.updated, r.id, versions.pop(r.id), was))
+            # (A state change's first delta value is the state, as a rule: bound once for
+            # the column and the document, _shares_state.)
+            if state == was:
+                shape, params = (), (*delta[2], r.updated, r.id, versions.pop(r.id), was)
+            elif delta[0] and delta[0][0] == "state":
+                shape, params = _STATE_ONLY, (*delta[2], r.updated, r.id, versions.pop(r.id),
+                                              was)
+            else:
+                shape = _STATE_ONLY
+                params = (state, *delta[2], r.updated, r.id, versions.pop(r.id), was)
         else:
             if m.fixed_ipv4 != base.fixed_ipv4:
                 moved.append(r.id)
@@ -2365,6 +2379,8 @@ def _update_bases(conn: sqlite3.Connection, updates: list[_Row],
             shape = tuple([c for c, _ in changed])
             params = (*[now for _, now in changed], *delta[2], r.updated, r.id,
                       versions.pop(r.id), was)
+            if _shares_state(shape, delta[0]):
+                params = params[1:]
         shapes.setdefault((shape, delta[0], delta[1]), []).append(params)
     _let_go_fixed(conn, moved)
     written = 0
@@ -2377,6 +2393,13 @@ def _update_bases(conn: sqlite3.Connection, updates: list[_Row],
         conn.executemany(_INSERT_KEY, added)
 
 
+def _shares_state(changed: tuple[str, ...], keys: tuple[str, ...]) -> bool:
+    """Whether :func:`_update_in_place` binds the state once for its column and the
+    document's first key (``changed`` the state alone, ``keys`` first the state): the
+    caller's parameters are then the delta's values, the first of them the column's."""
+    return changed == _STATE_ONLY and bool(keys) and keys[0] == "state"
+
+
 def _update_in_place(changed: tuple[str, ...], keys: tuple[str, ...],
                      gone: tuple[str, ...], checked: bool) -> str:
     """The UPDATE of a machine whose document changes in place (codec.machine_delta): the
@@ -2387,13 +2410,35 @@ def _update_in_place(changed: tuple[str, ...], keys: tuple[str, ...],
     it prepared). The keys are codec's own names, never a caller's."""
     data = "data"
     if keys:
+        # The state column's parameter named again for the document's state, when it is
+        # the only indexed column set and the first key (_shares_state: an install, a
+        # config fetch): one value bound, not the same text twice (SQLite copies each
+        # bound text, holding the interpreter lock). Then the first key's value is not
+        # among the statement's parameters: the caller binds it once, as the column's.
+        shared = _shares_state(changed, keys)
         # codec.SINCE_UPDATED, after "updated": its parameter (numbered as SQLite numbers
         # them, the indexed columns' first) bound once, named again; the plain ``?`` after
-        # it go on from the highest number given.
-        data = "json_set(data, " + ", ".join(
-            f"'$.state_since', json(?{len(changed) + keys.index('updated') + 1})"
-            if k == codec.SINCE_UPDATED else
-            f"'$.{k}', json(?)" if k in codec.DELTA_JSON else f"'$.{k}', ?" for k in keys) + ")"
+        # it go on from the highest number given. Counted key by key: codec.FACTS_NEW's
+        # key binds one value a name.
+        parts = []
+        bound = len(changed)  # the parameters numbered so far
+        updated = 0  # the number of "updated"'s
+        for i, k in enumerate(keys):
+            if shared and i == 0:
+                parts.append("'$.state', ?1")
+            elif k == codec.SINCE_UPDATED:
+                parts.append(f"'$.state_since', json(?{updated})")
+            elif k.startswith(codec.FACTS_NEW):
+                names = k[len(codec.FACTS_NEW):].split(",")
+                parts.append("'$.facts', json_object("
+                             + ", ".join(f"'{name}', ?" for name in names) + ")")
+                bound += len(names)
+            else:
+                parts.append(f"'$.{k}', json(?)" if k in codec.DELTA_JSON else f"'$.{k}', ?")
+                bound += 1
+                if k == "updated":
+                    updated = bound
+        data = "json_set(data, " + ", ".join(parts) + ")"
     if gone:
         data = "json_remove(" + data + "".join(f", '$.{k}'" for k in gone) + ")"
     return ("UPDATE machines SET " + "".join(f"{c} = ?, " for c in changed)  # noqa: S608

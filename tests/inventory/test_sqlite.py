@@ -1254,6 +1254,87 @@ async def test_a_first_install_changes_the_stored_document_in_place(tmp_path: Pa
         await store.close()
 
 
+def test_an_in_place_updates_parameters_are_numbered_as_its_values_are_given() -> None:
+    """The UPDATE of a first install binds the state once, for its column and the document
+    (``?1``), a FACTS_NEW key one value a name, and the update time's parameter named again
+    for ``state_since`` by its number (codec.SINCE_UPDATED) counted past both."""
+    facts = codec.FACTS_NEW + "remote_addr,install_peer"
+    keys = ("state", "token_hash", facts, "token_expires", "updated", codec.SINCE_UPDATED)
+    assert sqlite_store._update_in_place(("state",), keys, (), True) == (
+        "UPDATE machines SET state = ?, data = json_set(data, '$.state', ?1, '$.token_hash', ?,"
+        " '$.facts', json_object('remote_addr', ?, 'install_peer', ?), '$.token_expires',"
+        " json(?), '$.updated', json(?), '$.state_since', json(?6)), updated = ? WHERE id = ?"
+        " AND updated = ? AND state = ?")
+    # Another indexed column set too: the state bound twice, as the columns' come first.
+    assert sqlite_store._update_in_place(("state", "cluster"), keys, ("role",), False) == (
+        "UPDATE machines SET state = ?, cluster = ?, data = json_remove(json_set(data,"
+        " '$.state', ?, '$.token_hash', ?, '$.facts', json_object('remote_addr', ?,"
+        " 'install_peer', ?), '$.token_expires', json(?), '$.updated', json(?),"
+        " '$.state_since', json(?8)), '$.role'), updated = ? WHERE id = ?")
+
+
+@pytest.mark.parametrize("stored", ["no facts", "facts", "long form"])
+async def test_a_first_installs_facts_are_bound_and_leave_the_document_byte_for_byte(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stored: str) -> None:
+    """A first install's facts (all new, or new ones after the stored ones) are set by
+    SQLite's JSON functions from their bound strings (codec.FACTS_NEW, FACTS_ADDED; its
+    state bound once for the column and the document), not quoted and joined on the
+    writer: and the document left is the same text, byte for byte, as the whole facts' JSON
+    written in place leaves (what an S43 netboot writes, forced here by knowing no fact
+    name), from a document of this netboot's or of an older one's long form (its facts
+    {}), with values that JSON escapes (a quote, a backslash, control characters,
+    U+2028, an emoji)."""
+    odd = 'q"\\\n\x01\x7f\u2028\U0001f600'
+    old_facts = {} if stored != "facts" else {"manufacturer": "QEMU", "product": odd}
+    new_facts = {**old_facts, "remote_addr": "192.0.2.7", "install_peer": odd}
+
+    async def installed(path: Path, bound: bool) -> tuple[str, list[str]]:
+        with monkeypatch.context() as patch:
+            if not bound:
+                patch.setattr(codec, "_FACT_KEYS", frozenset())
+            store = SqliteStore(path)
+            await store.open()
+            statements: list[str] = []
+            try:
+                m = Machine(macs=(MacAddress.parse(MAC1),), id="m-0123456789ab", hostname="n1",
+                            facts=old_facts,
+                            profile="k3os", created=1764900000.5, updated=1764900000.5)
+                await store.apply_batch(Batch(create=(m,)))
+                if stored.startswith("long form"):  # an older netboot's document
+                    doc = codec.machine_to_dict(m)
+                    assert doc["facts"] == {}
+                    with raw(path) as conn:
+                        conn.execute("UPDATE machines SET data = ?", (json.dumps(doc),))
+                read = await store.get_machine(m.id)
+                assert read is not None
+                await store._run(lambda conn: conn.set_trace_callback(statements.append))
+                now = 1764960000.0137
+                new = replace(read, state=MachineState.BOOTING, token_hash="cd" * 32,
+                              install_token="tok", token_expires=now + 3600, facts=new_facts,
+                              updated=now, state_since=now)
+                await store.apply_batch(Batch(update=(new,), expect={m.id: read.state},
+                                              versions={m.id: read.updated},
+                                              bases={m.id: read}))
+                await store._run(lambda conn: conn.set_trace_callback(None))
+                assert await store.get_machine(m.id) == new
+            finally:
+                await store.close()
+            with raw(path) as conn:
+                text = conn.execute("SELECT data FROM machines").fetchone()[0]
+            return text, [s for s in statements if s.startswith("UPDATE machines")]
+
+    text, updates = await installed(tmp_path / "bound.db", True)
+    whole, whole_updates = await installed(tmp_path / "whole.db", False)
+    assert text == whole
+    assert "'$.facts', json('" in whole_updates[0]
+    assert "'$.facts', json(" not in updates[0]
+    assert ("'$.facts', json_object('remote_addr', '192.0.2.7', 'install_peer', "
+            if stored != "facts" else
+            "'$.facts.remote_addr', '192.0.2.7', '$.facts.install_peer', ") in updates[0]
+    assert updates[0].startswith("UPDATE machines SET state = 'booting', data = json_set("
+                                 "data, '$.state', 'booting', ")
+
+
 @pytest.mark.parametrize("case", ["older base", "twice", "with a create"])
 async def test_an_update_whose_base_cannot_be_changed_in_place_is_written_whole(
         tmp_path: Path, case: str) -> None:
