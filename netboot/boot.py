@@ -1223,17 +1223,7 @@ class BootService:
                         return kept.plan
                     activity, events = recorder.activity, recorder.queued_events
                     shared = view.shared
-                    # A first install decided here and its commit awaited here: one level
-                    # of coroutines between the task and its wait, not three (_first_install).
-                    first = self._first_install(request, res, seen)
-                    if first is None:
-                        plan = await self._plan(request, record=True, res=res, seen=seen)
-                    else:
-                        plan, batch, versions = first
-                        installed = plan.machine
-                        assert installed is not None  # _first_install's: the step's machine
-                        await recorder.commit(batch, version=installed)
-                        self._installed(request, installed, versions)
+                    plan = await self._plan(request, record=True, res=res, seen=seen)
                     # Kept where the decision wrote nothing but events: its own note, which
                     # _keep_repeat and each repeat check is the machine's newest (repeats).
                     # An install's first ask again, whose "asked again" note was the only
@@ -1519,7 +1509,15 @@ class BootService:
             return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                             retry_seconds=self.settings.hold_retry_seconds,
                             group=group.name if group else None, cluster=cluster)
-        reason = _install_reason(machine, profile, group)
+        # !s: a StrEnum's text as str() makes it (an f-string formats an enum through its
+        # __format__: ~0.2 µs more, for each decision and its event; session 24).
+        # Where the profile came from, as _chosen picked it (explain's profile_source): a
+        # group's or enroll.default_profile is named; the machine's own is not, so that the
+        # usual plan's text (and its log line, its script) is no longer than before: the
+        # group was named even when the profile was the machine's own (s38-user).
+        reason = (f"{machine.state!s}: install profile {profile.name}"
+                  + ("" if machine.profile else f" (group {group.name})"
+                     if group is not None and group.profile else " (enroll.default_profile)"))
         token: str | None = None
         if record and lifecycle.allows(machine.state, _INSTALL_AGAIN):
             # An install under way: the same token, never a new one (an unauthenticated
@@ -1570,10 +1568,69 @@ class BootService:
                 await self._event(machine, "install-plan", _asked_again(profile.name),
                                   request, once=True)
         elif record:
-            token, machine, batch, versions = self._first_step(request, machine, res, seen,
-                                                               profile, cluster, role)
-            await self._recorder.commit(batch, version=machine)
-            self._installed(request, machine, versions)
+            token = self._new_token()
+            now = self._clock()
+            # What learn() would add, set in the step's copy: one copy of the machine. Each
+            # field by name (none told: the machine's own, as a copy keeps it): a dict of
+            # them spread by ** into replace_machine's 22 parameters was ~8,500 loop
+            # instructions more a first install (callgrind; benchmarks/README.md s39-http1st).
+            news = _news(machine, request, _taken(res), seen)
+            if news is None:
+                told, uuid, serial, asset, arch, firmware = (
+                    machine.facts, machine.uuid, machine.serial, machine.asset, machine.arch,
+                    machine.firmware)
+            else:
+                told, uuid, serial, asset, arch, firmware = (
+                    news["facts"], news["uuid"], news["serial"], news["asset"], news["arch"],
+                    news["firmware"])
+            # A copy without the old install peer, in the order the facts were in (a copy
+            # and a pop, C calls: the comprehension was ~3,500 more loop instructions).
+            facts = dict(told)
+            facts.pop(INSTALL_PEER, None)
+            if request.remote_addr:
+                facts[INSTALL_PEER] = request.remote_addr
+            was = machine
+            read, version = was.state, was.updated
+            # lifecycle.advance's step written out: its "nothing changed" answer never
+            # applies (a new token is never the machine's), and its **changes handed on
+            # to replace_machine again was ~8,000 loop instructions more (callgrind).
+            state = lifecycle.apply(was.state, _INSTALL_PLAN, subject=was)
+            stamp: Any = now  # one float for updated and state_since (lifecycle.advance's)
+            # By position, in _INSTALL_COPY's order (its keywords matched to replace_machine's
+            # 24 parameters were ~3,400 loop instructions more: s40-http1st).
+            machine = _install_copy(
+                machine, state, stamp, lifecycle.since(was, state, stamp), facts,
+                uuid, serial, asset, arch, firmware, hash_token(token), token,
+                now + (profile.install_timeout or self.settings.token_ttl_seconds),
+                # Bind the machine to the cluster and role it installs into, so that the
+                # cluster lists it and a later group edit does not move an installed node.
+                machine.cluster or (cluster.name if cluster else None),
+                machine.role or (role if cluster else None),
+            )
+            # The token is what the device is told: committed, with its event, before the
+            # answer leaves; compare-and-set, so that of two servers planning this machine
+            # at once only one issues a token (the other decides again: install-again), and
+            # on the version read, so that a change committed since the read (an operator's
+            # new cluster or profile, another NIC attached) is not undone by this whole
+            # machine written from it: the plan is decided again from that change (plan()).
+            event = self._new_event(
+                machine, "install-plan", f"install profile {profile.name}"
+                + (f" into cluster {cluster.name} as {role!s}" if cluster else ""), request)
+            # By position (merge, create, update, events, expect, versions, audit, bases):
+            # keywords cost a class call a dict, ~1,500 loop instructions (callgrind;
+            # s33-loop). The machine read as its base: only what changed is written
+            # (Batch.bases).
+            versions = {machine.id: version}
+            await self._recorder.commit(batch_of((), (), (machine,), (event,),
+                                                 {machine.id: read}, versions, (),
+                                                 {machine.id: was}, ()), version=machine)
+            self._view.adopt((machine,), versions)
+            # Its NIC's DHCP memo (_Seen) let go: its firmware's DHCP is over for this boot,
+            # and the decision it holds names the machine as it was before this step (a
+            # copy the view no longer holds). Kept, a storm's ~1,000 memos held ~1.5 KB each
+            # to its last moment (benchmarks/README.md, s40-mem); a NIC asking again is
+            # decided as one not seen yet, as after forget_memos.
+            self._seen.pop(request.mac, None)
         else:
             # A dry run renders for the machine as this request describes it (its arch picks
             # the kernel console), exactly as the recorded plan would, without storing it.
@@ -1584,121 +1641,6 @@ class BootService:
         # at all, ~1,400 more than plan_of (s38-install).
         return plan_of(_INSTALL, request.mac, reason, 0, machine,
                        group.name if group else None, profile, cluster, k3s, token, None)
-
-    def _first_install(self, request: BootRequest, res: Resolution, seen: Identity,
-                       ) -> tuple[BootPlan, Batch, dict[str, float]] | None:
-        """A first install of ``res.machine`` decided without a wait, where :meth:`_plan`
-        would decide it so (an enrolled machine whose groups, profile, cluster and join the
-        view holds; no NIC to attach, no record to absorb, no fixed address refused, no
-        join waiting): its plan and the batch that :meth:`plan` commits (the new machine,
-        its event) with the versions it was read at. None for everything else, which
-        :meth:`_plan` decides as before.
-
-        Why: decided in plan()'s own frame, a first install's one wait (its group commit)
-        resumes through plan() alone, not through the _plan and _install_plan coroutines
-        made for it as well (each a coroutine made, and a level that every resumption
-        passes through: benchmarks/README.md, s44-loop)."""
-        machine = res.machine
-        if (machine is None or res.absorb or res.disagree
-                or _new_nic(request, machine, res.absorb)):
-            return None  # _plan's _adopt
-        state = machine.state
-        if (state == _DISCOVERED or state in LOCAL_STATES
-                or not lifecycle.allows(state, _INSTALL_PLAN)
-                or lifecycle.allows(state, _INSTALL_AGAIN)):
-            return None  # discovered, booting its disk, held, or an install under way
-        effective = self._held_effective(machine, request)
-        if effective is None:
-            return None
-        group, profile, cluster, role = effective
-        if profile is None or (cluster is None and _gone_cluster(machine, group)):
-            return None  # held: _install_plan says why
-        pinned = machine.fixed_ipv4
-        if pinned and request.remote_addr != pinned:
-            return None  # withheld: _install_plan says why
-        k3s = None
-        if cluster is not None:
-            k3s = self._known_join(machine, cluster, role, group)
-            if k3s is None or k3s.waiting:
-                return None  # its servers to be looked at, or none to join yet
-        token, new, batch, versions = self._first_step(request, machine, res, seen, profile,
-                                                       cluster, role)
-        return (plan_of(_INSTALL, request.mac, _install_reason(machine, profile, group), 0,
-                        new, group.name if group else None, profile, cluster, k3s, token,
-                        None), batch, versions)
-
-    def _first_step(self, request: BootRequest, machine: Machine, res: Resolution,
-                    seen: Identity | None, profile: Profile, cluster: Cluster | None,
-                    role: Role) -> tuple[str, Machine, Batch, dict[str, float]]:
-        """A first install's step of ``machine``: its new token, the machine as the step
-        leaves it, and the batch to commit (the machine and its event) with the versions it
-        was read at; nothing written yet."""
-        token = self._new_token()
-        now = self._clock()
-        # What learn() would add, set in the step's copy: one copy of the machine. Each
-        # field by name (none told: the machine's own, as a copy keeps it): a dict of
-        # them spread by ** into replace_machine's 22 parameters was ~8,500 loop
-        # instructions more a first install (callgrind; benchmarks/README.md s39-http1st).
-        news = _news(machine, request, _taken(res), seen)
-        if news is None:
-            told, uuid, serial, asset, arch, firmware = (
-                machine.facts, machine.uuid, machine.serial, machine.asset, machine.arch,
-                machine.firmware)
-        else:
-            told, uuid, serial, asset, arch, firmware = (
-                news["facts"], news["uuid"], news["serial"], news["asset"], news["arch"],
-                news["firmware"])
-        # A copy without the old install peer, in the order the facts were in (a copy
-        # and a pop, C calls: the comprehension was ~3,500 more loop instructions).
-        facts = dict(told)
-        facts.pop(INSTALL_PEER, None)
-        if request.remote_addr:
-            facts[INSTALL_PEER] = request.remote_addr
-        was = machine
-        read, version = was.state, was.updated
-        # lifecycle.advance's step written out: its "nothing changed" answer never
-        # applies (a new token is never the machine's), and its **changes handed on
-        # to replace_machine again was ~8,000 loop instructions more (callgrind).
-        state = lifecycle.apply(was.state, _INSTALL_PLAN, subject=was)
-        stamp: Any = now  # one float for updated and state_since (lifecycle.advance's)
-        # By position, in _INSTALL_COPY's order (its keywords matched to replace_machine's
-        # 24 parameters were ~3,400 loop instructions more: s40-http1st).
-        machine = _install_copy(
-            machine, state, stamp, lifecycle.since(was, state, stamp), facts,
-            uuid, serial, asset, arch, firmware, hash_token(token), token,
-            now + (profile.install_timeout or self.settings.token_ttl_seconds),
-            # Bind the machine to the cluster and role it installs into, so that the
-            # cluster lists it and a later group edit does not move an installed node.
-            machine.cluster or (cluster.name if cluster else None),
-            machine.role or (role if cluster else None),
-        )
-        # The token is what the device is told: committed, with its event, before the
-        # answer leaves; compare-and-set, so that of two servers planning this machine
-        # at once only one issues a token (the other decides again: install-again), and
-        # on the version read, so that a change committed since the read (an operator's
-        # new cluster or profile, another NIC attached) is not undone by this whole
-        # machine written from it: the plan is decided again from that change (plan()).
-        event = self._new_event(
-            machine, "install-plan", f"install profile {profile.name}"
-            + (f" into cluster {cluster.name} as {role!s}" if cluster else ""), request)
-        # By position (merge, create, update, events, expect, versions, audit, bases):
-        # keywords cost a class call a dict, ~1,500 loop instructions (callgrind;
-        # s33-loop). The machine read as its base: only what changed is written
-        # (Batch.bases).
-        versions = {machine.id: version}
-        return token, machine, batch_of((), (), (machine,), (event,), {machine.id: read},
-                                        versions, (), {machine.id: was}, ()), versions
-
-    def _installed(self, request: BootRequest, machine: Machine,
-                   versions: Mapping[str, float]) -> None:
-        """A first install's step committed (:meth:`_first_step`): answered from the view."""
-        self._view.adopt((machine,), versions)
-        # Its NIC's DHCP memo (_Seen) let go: its firmware's DHCP is over for this boot,
-        # and the decision it holds names the machine as it was before this step (a
-        # copy the view no longer holds). Kept, a storm's ~1,000 memos held ~1.5 KB each
-        # to its last moment (benchmarks/README.md, s40-mem); a NIC asking again is
-        # decided as one not seen yet, as after forget_memos.
-        self._seen.pop(request.mac, None)
 
     async def config_plan(self, machine: Machine, *, token: str | None, reason: str,
                           request: BootRequest | None = None, claim: bool = True,
@@ -2398,18 +2340,6 @@ def _chain_of(group: Group | None, profile: Profile | None) -> tuple[LoaderChain
     if profile is not None and profile.loader is not None:
         return profile.loader, f"set on profile {profile.name}"
     return None, "default for the architecture"
-
-
-def _install_reason(machine: Machine, profile: Profile, group: Group | None) -> str:
-    """An install plan's reason. !s: a StrEnum's text as str() makes it (an f-string formats
-    an enum through its __format__: ~0.2 µs more, for each decision and its event; session
-    24). Where the profile came from, as _chosen picked it (explain's profile_source): a
-    group's or enroll.default_profile is named; the machine's own is not, so that the usual
-    plan's text (and its log line, its script) is no longer than before: the group was named
-    even when the profile was the machine's own (s38-user)."""
-    return (f"{machine.state!s}: install profile {profile.name}"
-            + ("" if machine.profile else f" (group {group.name})"
-               if group is not None and group.profile else " (enroll.default_profile)"))
 
 
 def _join_token(cluster: Cluster, role: Role) -> str:

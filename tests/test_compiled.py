@@ -95,9 +95,6 @@ NOT_COMPILED = (
     "tests/test_recorder.py::test_a_committed_event_is_remembered_once_with_its_commits_version",
     "tests/test_content.py::test_an_install_script_is_made_of_the_names_its_template_reads",
     "tests/test_content.py::test_an_install_script_is_given_the_machine_keys_it_reads",
-    # Replaces BootService._plan and _first_install, a compiled boot.py's native methods, to
-    # count entries and decline (s44-loop).
-    "tests/test_boot.py::test_a_first_install_decided_in_plans_frame_is_the_one_plan_decides",
     # Replace Renderer.ipxe_with to count an install script's renders (its frame's, s41-ipxe).
     "tests/test_content.py::"
     "test_first_install_scripts_of_one_shape_are_its_frame_filled_in_as_rendered",
