@@ -71,10 +71,9 @@ from netboot.standing import (
     SERVED_REFS,
     Notice,
     Standing,
-    claimable_groups,
     clock_behind,
-    clusters_alike,
     every_interface,
+    look_at_names,
     newest,
     older_notice,
 )
@@ -1171,8 +1170,7 @@ class Service:
         behind = clock_behind(self._newest, time.time())
         if behind is None or not standing.holds("clock-behind"):
             standing.set("clock-behind", [behind])
-        standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
-        standing.set("claimable-groups", [claimable_groups(await store.list_groups())])
+        await look_at_names(store, standing)
         await warn_of_missing_rule_refs(self.config, store, standing)
         if standing.holds("profile-files"):
             await warn_of_unservable_profiles(store, standing)
@@ -1601,8 +1599,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
         await warn_of_unservable_profiles(store, standing)
         await mend_stray_columns(store)
         await warn_of_shared_fixed_addresses(store, standing)
-        standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
-        standing.set("claimable-groups", [claimable_groups(await store.list_groups())])
+        await look_at_names(store, standing)
         holder: dict[str, str] = {"base": public_base_url(config, advertise),
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).

@@ -224,6 +224,14 @@ class Standing:
         return [n.as_dict() for kind in sorted(self._by_kind) for n in self._by_kind[kind]]
 
 
+async def look_at_names(store: Store, standing: Standing) -> None:
+    """The notices read from the clusters' and groups' names: clusters named alike and
+    groups giving clusters on claimable strings (at start, at each look again, and
+    ``netboot status``'s)."""
+    standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
+    standing.set("claimable-groups", [claimable_groups(await store.list_groups())])
+
+
 async def from_store(store: Store, now: float, standing: Standing) -> None:
     """What a server decides from its loaded view, read from the store into ``standing``
     (``netboot status`` on the database, no server asked): the registered machines holding
@@ -237,7 +245,6 @@ async def from_store(store: Store, now: float, standing: Standing) -> None:
     older = older_registrations(await store.list_machines(replace(
         flt, limit=found + 100))) if found else []
     last = await store.list_machines(MachineFilter(sort="updated", descending=True, limit=1))
-    standing.set("clusters-alike", clusters_alike(c.name for c in await store.list_clusters()))
-    standing.set("claimable-groups", [claimable_groups(await store.list_groups())])
+    await look_at_names(store, standing)
     standing.set("clock-behind", [clock_behind(newest(last), now)])
     standing.set("older-registrations", [older_notice(older)])

@@ -2271,8 +2271,8 @@ def _update_group(conn: sqlite3.Connection, updates: list[_Row],
                 and old[7] == m.fixed_ipv4 and old[8] == m.profile):  # as a rule
             if old[3] == state:
                 shape, params = (), (*data, r.updated, r.id)
-            elif delta is not None and delta[0] and delta[0][0] == "state":
-                # The delta's first value is the state's: bound once (_shares_state).
+            elif delta is not None and _shares_state(_STATE_ONLY, delta[0]):
+                # The delta's first value is the state's: bound once.
                 shape, params = _STATE_ONLY, (*data, r.updated, r.id)
             else:
                 shape, params = _STATE_ONLY, (state, *data, r.updated, r.id)
@@ -2373,7 +2373,7 @@ def _update_bases(conn: sqlite3.Connection, updates: list[_Row],
             # the column and the document, _shares_state.)
             if state == was:
                 shape, params = (), (*delta[2], r.updated, r.id, versions.pop(r.id), was)
-            elif delta[0] and delta[0][0] == "state":
+            elif _shares_state(_STATE_ONLY, delta[0]):
                 shape, params = _STATE_ONLY, (*delta[2], r.updated, r.id, versions.pop(r.id),
                                               was)
             else:
