@@ -23,7 +23,7 @@ from typing import Any
 from urllib.parse import quote
 
 from netboot import identity, lifecycle
-from netboot.boot import BootService, _keep
+from netboot.boot import _FEW_CLUSTERS, BootService, _keep
 from netboot.enroll import Enroller, token_matches
 from netboot.errors import Conflict, NotFound, RenderError, StateChanged
 from netboot.files import FileTree, clean_relative
@@ -1173,7 +1173,7 @@ class Content:
             if known is None:
                 known = _FRAME_PLAIN_AT(join_token) is not None and (
                     not server_url or _FRAME_URL_AT(server_url) is not None)
-                if len(self._joins_plain) >= _CLUSTERS_LOOKED_AT:
+                if len(self._joins_plain) >= _FEW_CLUSTERS:  # as many as boot keeps joins of
                     self._joins_plain.clear()  # bounded: old tokens and URLs go
                 self._joins_plain[pair] = known
             plain = known
@@ -1315,9 +1315,6 @@ def _gives(secret: str, text: str) -> bool:
 # Profiles' and clusters' context values kept (Content._of_profile, _of_cluster): a site has
 # a few of each; the objects are the view's, new ones after every change.
 _FEW = 64
-# Join tokens and server URLs looked at (Content._joins_plain): a fleet's clusters, as
-# boot._FEW_CLUSTERS keeps their joins.
-_CLUSTERS_LOOKED_AT = 1024
 
 
 def _keep_few(kept: dict[int, Any], key: int, value: Any) -> None:
