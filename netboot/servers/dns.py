@@ -35,6 +35,7 @@ from netboot.names import (
     answer,
     answer_plain,
     error_reply,
+    fit_udp,
     formerr_for,
     parse_query,
 )
@@ -471,7 +472,7 @@ class DnsServer:
                               qname, peer[0], peer[1])
             return [(error_reply(request, SERVFAIL, recursion=True), peer)]
         _log.debug("dns: %s:%d %r forwarded", peer[0], peer[1], qname)
-        return [(reply, peer)]
+        return [(reply if tcp else fit_udp(request, reply, max_udp=self._max_udp), peer)]
 
     # -- TCP (RFC 7766) ----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import dns.asyncquery
+import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
@@ -424,6 +425,88 @@ async def test_in_flight_bound_answers_servfail_at_once() -> None:
             assert len(up.seen) <= 2
         finally:
             transport.close()
+
+
+def _free_port() -> int:
+    """A port free for both UDP and TCP on loopback, for a program that needs a number."""
+    for _ in range(20):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind((LOOPBACK, 0))
+            port = int(u.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no port free for both UDP and TCP")
+
+
+@contextlib.asynccontextmanager
+async def dnsmasq_upstream(*args: str) -> AsyncIterator[int]:
+    """A real dnsmasq on loopback answering its own records (``--txt-record``), no upstream
+    of its own; its port once it answers."""
+    binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+        "--pid-file=", f"--port={port}", f"--listen-address={LOOPBACK}", "--bind-interfaces",
+        *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        probe = dns.message.make_query("ready.invalid", "A")
+        for _ in range(100):  # bounded: 100 x 0.1 s
+            with contextlib.suppress(TimeoutError, OSError, dns.exception.DNSException):
+                await dns.asyncquery.udp(probe, LOOPBACK, port=port, timeout=0.1)
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("dnsmasq did not answer")
+        yield port
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+@pytest.mark.requires("dnsmasq", "dnsmasq-base")
+async def test_a_forwarded_answer_larger_than_the_client_takes_is_truncated_over_udp() -> None:
+    """s45-attack: a client's query went upstream with its EDNS payload, and the upstream's
+    answer came back to it as is, whatever its size: an upstream that answers up to the
+    payload asked (dnsmasq ``--edns-packet-max=4096`` here; Windows DNS Server's default
+    is 4,000) made a forged 40-byte query a ~100x reflection. Now a forwarded UDP answer is
+    at most what the zone's own answers are (512 without EDNS, the client's payload up to
+    1,232 with), else TC, and the client gets the whole answer over TCP."""
+    text = "x" * 250
+    records = [f"--txt-record=big.example.org,{i:02d}{text}" for i in range(14)]
+    async with dnsmasq_upstream("--edns-packet-max=4096", *records) as up_port, running(
+        upstreams=[(LOOPBACK, up_port)]
+    ) as server:
+        # The upstream itself answers a 4,096-byte payload with all 14 records, ~3.7 KB.
+        big = dns.message.make_query("big.example.org", "TXT", use_edns=0, payload=4096)
+        direct = await dns.asyncquery.udp(big, LOOPBACK, port=up_port, timeout=5)
+        assert len(direct.answer[0]) == 14 and len(direct.to_wire()) > 3600
+        for query, limit in ((big, 1232),
+                             (dns.message.make_query("big.example.org", "TXT", use_edns=0,
+                                                     payload=65000), 1232),
+                             (dns.message.make_query("big.example.org", "TXT", use_edns=0,
+                                                     payload=700), 700),
+                             (dns.message.make_query("big.example.org", "TXT",
+                                                     use_edns=False), 512)):
+            raw = await udp_exchange(server.port, query.to_wire())
+            assert raw is not None and len(raw) <= limit, (len(raw or b""), limit)
+            reply = dns.message.from_wire(raw)
+            assert reply.id == query.id and reply.flags & dns.flags.TC
+            assert reply.rcode() == dns.rcode.NOERROR
+            if query.payload > limit:  # ours: header and question (below it, dnsmasq's own)
+                assert not reply.answer
+            assert [str(q.name) for q in reply.question] == ["big.example.org."]
+            assert (reply.edns >= 0) == (query.edns >= 0)
+        # What fits is passed on as the upstream sent it; TCP gets everything.
+        small = dns.message.make_query("small.example.org", "TXT", use_edns=0, payload=4096)
+        reply = await dns.asyncquery.udp(small, LOOPBACK, port=server.port, timeout=5)
+        assert not reply.flags & dns.flags.TC
+        whole = await dns.asyncquery.tcp(big, LOOPBACK, port=server.port, timeout=5)
+        assert len(whole.answer[0]) == 14 and not whole.flags & dns.flags.TC
 
 
 class _QueueClient(asyncio.DatagramProtocol):
