@@ -71,6 +71,7 @@ class Upstream(asyncio.DatagramProtocol):
     def __init__(self, behaviour: str = "answer") -> None:
         self.behaviour = behaviour
         self.seen: list[bytes] = []
+        self.sources: list[tuple[str, int]] = []  # where each query came from
         self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
@@ -78,6 +79,7 @@ class Upstream(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.seen.append(data)
+        self.sources.append((addr[0], addr[1]))
         if self.behaviour == "silent":
             return
         request = DNSRecord.parse(data)
@@ -363,6 +365,26 @@ async def test_forwarding_with_dig_over_udp_and_tcp() -> None:
         tcp = await dig(server.port, "www.example.org", "A", "+short", "+tcp")
     assert udp.split() == ["192.0.2.7"]
     assert tcp.split() == ["192.0.2.7"]
+
+
+async def test_each_forwarded_query_leaves_from_a_port_of_its_own() -> None:
+    """s45-attack: every forwarded query left from one socket, connected at start, so from one
+    source port for the process's life: a host that can forge the upstream's address had the
+    16-bit ID alone to guess (each forged reply matched a query in flight with odds of
+    in-flight/65,536; dnsmasq draws a random port per query unless ``--query-port`` is set,
+    "less secure against DNS spoofing attacks", RFC 5452 §9.2). Seen from the upstream's
+    side: 12 queries, 12 source ports (the kernel's random pick, ~28,000 of them), each
+    answered."""
+    async with upstream() as (up, up_port), running(upstreams=[(LOOPBACK, up_port)]) as server:
+        for i in range(12):
+            q = dns.message.make_query(f"www{i}.example.com", "A")
+            r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=5)
+            assert [str(x) for x in r.answer[0]] == ["192.0.2.7"]
+        ports = [port for _, port in up.sources]
+        assert len(ports) == 12
+        # Distinct but for a rare repeat of the kernel's draw (never 3 in 12 by chance).
+        assert len(set(ports)) >= 10, ports
+        assert server.forwarder.in_flight == 0
 
 
 async def test_upstream_timeout_gives_servfail() -> None:
