@@ -151,7 +151,10 @@ class _Upstream:
 
     def __init__(self, addr: Address) -> None:
         self.addr = addr
+        # What each query's socket connects to, resolved once by check() (a name given as
+        # an upstream would otherwise be looked up, blocking, at every query).
         self._family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        self._target: Any = addr
         self._open: dict[int, asyncio.Future[bytes]] = {}  # fd -> its query's answer
         self.rejected = 0
         # A spoofing attempt is a flood of wrong replies: one line per window, not per packet.
@@ -163,8 +166,11 @@ class _Upstream:
 
     async def check(self) -> None:
         """An upstream a socket cannot be connected to is a config error, said at start."""
-        with socket.socket(self._family, socket.SOCK_DGRAM) as sock:
-            sock.connect(self.addr)
+        found = await asyncio.get_running_loop().getaddrinfo(*self.addr, type=socket.SOCK_DGRAM)
+        family, _, _, _, target = found[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(target)
+        self._family, self._target = family, target
 
     def close(self) -> None:
         for answered in list(self._open.values()):  # the server stopping: each query fails
@@ -210,7 +216,7 @@ class _Upstream:
         fd = sock.fileno()
         try:
             sock.setblocking(False)
-            sock.connect(self.addr)
+            sock.connect(self._target)
             loop.add_reader(fd, self._readable, sock, qid, question, answered)
             self._open[fd] = answered
             sock.send(qid.to_bytes(2, "big") + raw[2:])
