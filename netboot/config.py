@@ -156,6 +156,10 @@ class DnsConfig:
     zone: str = "netboot.lan"
     upstreams: tuple[str, ...] = ()
     forward: bool = True
+    # Whose queries for names outside the zone are forwarded, besides clients on this host's
+    # own networks, dhcp.relay_networks and the authoritative pool's (BIND's allow-recursion
+    # default is "localnets; localhost"): anyone else gets REFUSED (names in the zone answer).
+    forward_networks: tuple[str, ...] = ()
     ttl: int = 60
 
 
@@ -765,6 +769,12 @@ def _check(cfg: Config, src: _Source) -> None:
         except ValueError:
             raise src.error("dhcp.relay_networks", f"{text!r} is not an IPv4 network",
                             "write e.g. 198.51.100.0/24") from None
+    for text in cfg.dns.forward_networks:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise src.error("dns.forward_networks", f"{text!r} is not an IP network",
+                            "write e.g. 198.51.100.0/24 or 2001:db8::/64") from None
     auth = cfg.dhcp.authoritative
     if cfg.dhcp.mode == "authoritative":
         if not auth.pool_start or not auth.pool_end:

@@ -477,6 +477,16 @@ def test_relay_networks_are_ipv4_networks(tmp_path: Path) -> None:
     assert err.value.key == "dhcp.relay_networks" and err.value.line == 2
 
 
+def test_dns_forward_networks_are_ip_networks(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, "dns:\n  forward_networks: [198.51.100.0/24, 2001:db8::/64]\n"),
+               env={})
+    assert cfg.dns.forward_networks == ("198.51.100.0/24", "2001:db8::/64")
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, "dns:\n  forward_networks: [198.51.100.0/33]\n"), env={})
+    assert err.value.key == "dns.forward_networks" and err.value.line == 2
+    assert "198.51.100.0/24" in (err.value.fix or "")
+
+
 def test_a_file_not_in_utf8_names_its_line_and_the_fix(tmp_path: Path) -> None:
     # A Latin-1 comment (an editor's default) on line 3, and a file saved as UTF-16: each a
     # configuration error naming the file, the line and how to fix it, as a YAML error is,

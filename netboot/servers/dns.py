@@ -21,7 +21,7 @@ import errno
 import logging
 import secrets
 import socket
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
 from netboot.errors import ConfigError, DecodeError
@@ -340,8 +340,13 @@ class DnsServer:
         max_connections: int = 64,
         tcp_idle_timeout: float = 10.0,
         max_queries_per_connection: int = 1000,
+        forwards_for: Callable[[str], bool] | None = None,
     ) -> None:
         self._source = zone_source
+        # Whose names outside the zone are forwarded (a client address -> yes/no); None:
+        # everyone's. The others get REFUSED, as BIND answers a client allow-recursion
+        # leaves out; names in the zone are answered to anyone.
+        self._forwards_for = forwards_for
         self._host = host
         self._port = port
         self._recursion = forward and bool(upstreams)
@@ -470,6 +475,12 @@ class DnsServer:
     def _forward(
         self, data: bytes, request: Any, decision: Forward, peer: Address, *, tcp: bool
     ) -> list[Reply] | Coroutine[Any, Any, list[Reply]]:
+        if self._forwards_for is not None and not self._forwards_for(peer[0]):
+            self._limited.log(logging.INFO, peer[0], "dns: %s is on none of the networks "
+                              "whose names outside the zone are forwarded (this host's, "
+                              "dhcp.relay_networks, dns.forward_networks): REFUSED for %r",
+                              peer[0], decision.qname)
+            return [(error_reply(request, REFUSED, recursion=True), peer)]
         if not self._forwarder.reserve():
             self._limited.log(logging.WARNING, "busy",
                               "dns: %d forwarded queries in flight; SERVFAIL to %s:%d for %r",

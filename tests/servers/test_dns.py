@@ -387,6 +387,25 @@ async def test_each_forwarded_query_leaves_from_a_port_of_its_own() -> None:
         assert server.forwarder.in_flight == 0
 
 
+async def test_a_client_the_server_does_not_forward_for_is_refused_names_outside_the_zone(
+) -> None:
+    """s45-attack: ``forwards_for`` (service.py gives this host's networks, the relays',
+    the pool's and dns.forward_networks) says whose names outside the zone go upstream;
+    another client gets REFUSED for those, over UDP and TCP, and its zone names still."""
+    async with upstream() as (up, up_port), running(
+        upstreams=[(LOOPBACK, up_port)], forwards_for=lambda address: address != LOOPBACK
+    ) as server:
+        for tcp in (False, True):
+            q = dns.message.make_query("www.example.com", "A")
+            ask = dns.asyncquery.tcp if tcp else dns.asyncquery.udp
+            r = await ask(q, LOOPBACK, port=server.port, timeout=5)
+            assert r.rcode() == dns.rcode.REFUSED and not r.answer
+            r = await ask(dns.message.make_query("node1.netboot.lan", "A"), LOOPBACK,
+                          port=server.port, timeout=5)
+            assert [str(x) for x in r.answer[0]] == ["10.0.1.1"]
+        assert up.seen == []
+
+
 async def test_upstream_timeout_gives_servfail() -> None:
     async with upstream("silent") as (up, up_port), running(
         upstreams=[(LOOPBACK, up_port)], timeout=0.2
