@@ -338,6 +338,7 @@ class DnsServer:
         max_in_flight: int = 256,
         max_udp: int = DEFAULT_MAX_UDP,
         max_connections: int = 64,
+        max_connections_per_source: int = 16,
         tcp_idle_timeout: float = 10.0,
         max_queries_per_connection: int = 1000,
         forwards_for: Callable[[str], bool] | None = None,
@@ -354,6 +355,11 @@ class DnsServer:
         self._max_udp = max_udp
         self._cache = _AnswerCache()
         self._max_connections = max_connections
+        # One client address holding every connection (64 idle ones, each closed after
+        # tcp_idle_timeout and opened again) left no TCP for anyone else, where a truncated
+        # answer must be asked again (s45-attack); HTTP bounds each source likewise.
+        self._per_source_limit = max_connections_per_source
+        self._per_source: dict[str, int] = {}
         self._idle = tcp_idle_timeout
         self._max_queries = max_queries_per_connection
         self._limited = RateLimitedLog(_log)
@@ -510,15 +516,17 @@ class DnsServer:
     ) -> None:
         name = writer.get_extra_info("peername") or ("?", 0)
         peer: Address = (str(name[0]), int(name[1]))
-        if len(self._writers) >= self._max_connections:
+        mine = self._per_source.get(peer[0], 0)
+        if len(self._writers) >= self._max_connections or mine >= self._per_source_limit:
             # RFC 7766 §6.2.2 lets a server close connections to protect its resources.
             self.connections_refused += 1
             self._limited.log(logging.WARNING, "tcp-busy",
-                              "dns: %d TCP connections open; closing one from %s:%d",
-                              len(self._writers), peer[0], peer[1])
+                              "dns: %d TCP connections open, %d of them from %s; closing one "
+                              "from %s:%d", len(self._writers), mine, peer[0], peer[0], peer[1])
             writer.close()
             return
         self._writers.add(writer)
+        self._per_source[peer[0]] = mine + 1
         try:
             await self._serve_connection(reader, writer, peer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
@@ -527,6 +535,9 @@ class DnsServer:
             _log.exception("dns: bug while serving TCP client %s:%d", peer[0], peer[1])
         finally:
             self._writers.discard(writer)
+            left = self._per_source.pop(peer[0]) - 1
+            if left:
+                self._per_source[peer[0]] = left
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

@@ -288,6 +288,46 @@ async def test_tcp_connection_bound() -> None:
                 await w.wait_closed()
 
 
+async def test_one_source_cannot_hold_every_tcp_connection() -> None:
+    """s45-attack: one client address could open every TCP connection (64) and keep them,
+    each idle until the timeout, then again: nobody else could ask over TCP, where a
+    truncated answer (a forwarded one past 1,232 bytes since this pass) must be asked
+    again. Now 16 a source (max_connections_per_source); another address is served."""
+    async with running(max_connections=64, max_connections_per_source=3) as server:
+        wire = DNSRecord.question("node1.netboot.lan").pack()
+        held = [await asyncio.open_connection(LOOPBACK, server.port) for _ in range(3)]
+        for reader, writer in held:  # each served: counted as open
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            await writer.drain()
+            await asyncio.wait_for(reader.readexactly(2), 10)
+        reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # the 4th from 127.0.0.1
+        assert server.connections_refused == 1
+        other = await asyncio.open_connection(LOOPBACK, server.port, local_addr=("127.0.0.2", 0))
+        other[1].write(len(wire).to_bytes(2, "big") + wire)
+        await other[1].drain()
+        size = int.from_bytes(await asyncio.wait_for(other[0].readexactly(2), 10), "big")
+        assert DNSRecord.parse(await other[0].readexactly(size)).rr  # answered
+        held[0][1].close()  # one of the first three goes: 127.0.0.1 may open one again
+        await held[0][1].wait_closed()
+        again = None
+        for _ in range(100):  # bounded: the server sees the close within a loop turn or two
+            again = await asyncio.open_connection(LOOPBACK, server.port)
+            again[1].write(len(wire).to_bytes(2, "big") + wire)
+            await again[1].drain()
+            head = await asyncio.wait_for(again[0].read(2), 10)
+            if head:
+                break
+            again[1].close()
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("127.0.0.1 was never served again")
+        for _, w in (*held[1:], (reader, writer), other, again):
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+
+
 # -- robustness ----------------------------------------------------------------------------
 
 
