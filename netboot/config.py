@@ -156,6 +156,10 @@ class DnsConfig:
     zone: str = "netboot.lan"
     upstreams: tuple[str, ...] = ()
     forward: bool = True
+    # Whose queries for names outside the zone are forwarded, besides clients on this host's
+    # own networks, dhcp.relay_networks and the authoritative pool's (BIND's allow-recursion
+    # default is "localnets; localhost"): anyone else gets REFUSED (names in the zone answer).
+    forward_networks: tuple[str, ...] = ()
     ttl: int = 60
 
 
@@ -759,12 +763,17 @@ def _check(cfg: Config, src: _Source) -> None:
                 raise src.error(
                     key, f"{addr!r} is not an IPv4 address", "write e.g. 192.0.2.10"
                 ) from None
-    for text in cfg.dhcp.relay_networks:
-        try:
-            ipaddress.IPv4Network(text, strict=False)
-        except ValueError:
-            raise src.error("dhcp.relay_networks", f"{text!r} is not an IPv4 network",
-                            "write e.g. 198.51.100.0/24") from None
+    networks: tuple[tuple[str, tuple[str, ...], Any, str, str], ...] = (
+        ("dhcp.relay_networks", cfg.dhcp.relay_networks, ipaddress.IPv4Network,
+         "an IPv4 network", "198.51.100.0/24"),
+        ("dns.forward_networks", cfg.dns.forward_networks, ipaddress.ip_network,
+         "an IP network", "198.51.100.0/24 or 2001:db8::/64"))
+    for key, texts, parse, what, example in networks:
+        for text in texts:
+            try:
+                parse(text, strict=False)
+            except ValueError:
+                raise src.error(key, f"{text!r} is not {what}", f"write e.g. {example}") from None
     auth = cfg.dhcp.authoritative
     if cfg.dhcp.mode == "authoritative":
         if not auth.pool_start or not auth.pool_end:

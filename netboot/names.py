@@ -567,6 +567,25 @@ def error_reply(request: Any, rcode: int, *, recursion: bool = False,
     return bytes(_with_opt(reply, edns, max_udp, rcode).pack())
 
 
+def fit_udp(request: Any, reply: bytes, *, max_udp: int) -> bytes:
+    """A forwarded ``reply`` as a UDP client of ours may get it: as the upstream sent it when
+    it fits the size the client can take (512 without EDNS, its payload up to ``max_udp``
+    with: :func:`_limit`, as for the zone's own answers), else header and question with TC
+    set (RFC 1035 §4.2.1, RFC 7766 §5), so the client asks again over TCP.
+
+    The client's query goes upstream as it came (its EDNS payload included), and an upstream
+    may answer up to that payload (Windows DNS Server's default is 4,000 bytes): passed on
+    as is, a forged 40-byte query for a large record was a 100x reflection toward its forged
+    source, where dnsmasq answers at most the client's size (``--edns-packet-max``).
+    """
+    _, edns = _edns(request)
+    if len(reply) <= _limit(edns, max_udp):
+        return reply
+    truncated = _skeleton(request, aa=False, ra=True, rcode=reply[3] & 0x0F)
+    truncated.header.tc = 1
+    return bytes(_with_opt(truncated, edns, max_udp).pack())
+
+
 def answer(zone: Zone, request: Any, *, max_udp: int | None, recursion: bool = False) -> Decision:
     """The DNS decision for one parsed query.
 

@@ -1325,12 +1325,47 @@ class Service:
         cfg = self.config
         source = self._zone_holder if fixed else ServedAt(self._zone_holder, address)
         dns = DnsServer(source, host=address, port=self.dns_port, upstreams=upstreams,
-                        forward=cfg.dns.forward)
+                        forward=cfg.dns.forward, forwards_for=self._dns_forwards_for())
         await dns.start()
         self.servers.append(dns)
         self.dns_port = dns.port  # port 0: the first's, for every address
         if not fixed:
             self._dns_by_address[address] = dns
+
+    def _dns_forwards_for(self) -> Callable[[str], bool]:
+        """Whose queries for names outside the zone are forwarded: this host's (loopback) and
+        those of clients on a network of one of its interfaces, of dhcp.relay_networks (the
+        devices behind relays), of the authoritative pool and of dns.forward_networks. BIND's
+        allow-recursion default is "localnets; localhost", unbound's localhost alone; netboot
+        forwarded for whoever reached the address it listens on, so a host routed to it from
+        another network had an open resolver (s45-attack)."""
+        import ipaddress
+
+        from netboot.servers.interfaces import network
+
+        cfg = self.config
+        given: list[Any] = [ipaddress.ip_network(text, strict=False)
+                            for text in (*cfg.dhcp.relay_networks, *cfg.dns.forward_networks)]
+        auth = cfg.dhcp.authoritative
+        if cfg.dhcp.mode == "authoritative" and auth.pool_start:
+            given.append(ipaddress.ip_network(f"{auth.pool_start}/{auth.netmask}",
+                                              strict=False))
+        watcher = self.watcher
+
+        def forwards_for(address: str) -> bool:
+            try:
+                ip = ipaddress.ip_address(address.partition("%")[0])
+            except ValueError:
+                return False
+            if ip.version == 6 and ip.ipv4_mapped is not None:
+                ip = ip.ipv4_mapped
+            if ip.is_loopback or any(ip in net for net in given):
+                return True
+            # The interfaces' networks as they are now (an address added later counts).
+            return ip.version == 4 and watcher is not None and any(
+                ip in network(entry) for entry in watcher.addresses())
+
+        return forwards_for
 
     async def _follow_dns(self, upstreams: list[tuple[str, int]]) -> None:
         """DNS on each address of the interfaces served as addresses come and go (by_reach,

@@ -468,13 +468,19 @@ def test_bad_dsn_in_env_or_file_names_its_source(tmp_path: Path) -> None:
     assert err.value.key == "inventory.dsn_file" and err.value.line == 3
 
 
-def test_relay_networks_are_ipv4_networks(tmp_path: Path) -> None:
-    cfg = load(write(tmp_path, "dhcp:\n  relay_networks: [198.51.100.0/24, 192.0.2.7]\n"),
-               env={})
-    assert cfg.dhcp.relay_networks == ("198.51.100.0/24", "192.0.2.7")
+@pytest.mark.parametrize(("section", "key", "good", "bad"), [
+    ("dhcp", "relay_networks", ("198.51.100.0/24", "192.0.2.7"), "2001:db8::/64"),
+    ("dns", "forward_networks", ("198.51.100.0/24", "2001:db8::/64"), "198.51.100.0/33"),
+])
+def test_relay_and_dns_forward_networks_are_networks(
+        tmp_path: Path, section: str, key: str, good: tuple[str, ...], bad: str) -> None:
+    """dhcp.relay_networks IPv4 (giaddr is one), dns.forward_networks either family."""
+    cfg = load(write(tmp_path, f"{section}:\n  {key}: [{', '.join(good)}]\n"), env={})
+    assert getattr(getattr(cfg, section), key) == good
     with pytest.raises(ConfigError) as err:
-        load(write(tmp_path, "dhcp:\n  relay_networks: [198.51.100.0/33]\n"), env={})
-    assert err.value.key == "dhcp.relay_networks" and err.value.line == 2
+        load(write(tmp_path, f"{section}:\n  {key}: [{bad}]\n"), env={})
+    assert err.value.key == f"{section}.{key}" and err.value.line == 2
+    assert "198.51.100.0/24" in (err.value.fix or "")
 
 
 def test_a_file_not_in_utf8_names_its_line_and_the_fix(tmp_path: Path) -> None:

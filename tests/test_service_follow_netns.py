@@ -287,3 +287,69 @@ def test_the_https_certificate_names_an_interface_that_comes_up_after_start(
     assert "https: the certificate now names 192.0.2.10, 198.51.100.10; new connections " \
         "get it" in log, log
     assert "Traceback" not in log, log
+
+
+FORWARDED = ("import sys, dns.message, dns.query, dns.rcode\n"
+             "q = dns.message.make_query(sys.argv[3], 'A')\n"
+             "try:\n"
+             "    r = dns.query.udp(q, sys.argv[1], source=sys.argv[2], timeout=2)\n"
+             "    found = sorted(i.to_text() for s in r.answer for i in s)\n"
+             "    print(' '.join(found) or dns.rcode.to_text(r.rcode()))\n"
+             "except Exception as exc:\n"
+             "    print(type(exc).__name__)\n")
+
+
+def ask_from(ns: str, source: str, name: str) -> str:
+    """The A records of ``name`` asked of 192.0.2.10:53 from ``source`` in ``ns``."""
+    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", FORWARDED,
+                           "192.0.2.10", source, name], capture_output=True, timeout=30,
+                          text=True, env=env())
+    return done.stdout.strip() or done.stderr.strip()
+
+
+@pytest.mark.requires("dnsmasq", "dnsmasq-base")
+def test_names_outside_the_zone_are_forwarded_for_this_hosts_networks_only(
+        one_subnet: dict[str, str], tmp_path: Path) -> None:
+    """s45-attack: with ``dns.upstreams``, netboot forwarded every name outside its zone for
+    whoever reached the address it listens on: a host routed to it from another network
+    had an open resolver (BIND's allow-recursion default is "localnets; localhost",
+    unbound's localhost). Now forwarded for clients on a network of the server's
+    interfaces (192.0.2.0/24 here), loopback, dhcp.relay_networks, the authoritative pool
+    and ``dns.forward_networks``; another source (198.51.100.60, routed through the client
+    on va) gets REFUSED for those, the zone's names still. The upstream is a real dnsmasq
+    in the server's namespace."""
+    subnets = one_subnet
+    ip("-n", subnets["a"], "addr", "add", "198.51.100.60/32", "dev", "eth0")
+    ip("-n", subnets["srv"], "route", "add", "198.51.100.0/24", "via", "192.0.2.60")
+    upstream = subprocess.Popen(
+        ["ip", "netns", "exec", subnets["srv"], "dnsmasq", "--keep-in-foreground",
+         "--conf-file=/dev/null", "--no-resolv", "--no-hosts", "--pid-file=", "--port=5353",
+         "--listen-address=127.0.0.1", "--bind-interfaces",
+         "--address=/example.org/192.0.2.77"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cfg = config(tmp_path, dhcp=False)
+    path = Path(cfg[1])
+    text = path.read_text().replace("dns:\n  enabled: true\n",
+                                    'dns:\n  enabled: true\n  upstreams: ["127.0.0.1#5353"]\n')
+    got: dict[str, dict[str, str]] = {}
+    try:
+        for case, extra in (("default", ""),
+                            ("listed", "  forward_networks: [198.51.100.0/24]\n")):
+            path.write_text(text.replace("  upstreams:", extra + "  upstreams:"))
+            with serving(cfg, subnets, tmp_path):
+                got[case] = {f"{source} {name}": ask_from(subnets["a"], source, name)
+                             for source in ("192.0.2.60", "198.51.100.60")
+                             for name in ("www.example.org", "netboot.netboot.lan")}
+            log = (tmp_path / "serve.log").read_text()
+            assert "Traceback" not in log, log
+            if case == "default":
+                assert got[case] == {"192.0.2.60 www.example.org": "192.0.2.77",
+                                     "192.0.2.60 netboot.netboot.lan": "192.0.2.10",
+                                     "198.51.100.60 www.example.org": "REFUSED",
+                                     "198.51.100.60 netboot.netboot.lan": "192.0.2.10"}, got
+                assert "dns: 198.51.100.60 is on none of the networks whose names outside " \
+                    "the zone are forwarded" in log, log
+    finally:
+        upstream.terminate()  # this test's own dnsmasq, by its handle
+        upstream.wait(10)
+    assert got["listed"]["198.51.100.60 www.example.org"] == "192.0.2.77", got

@@ -6,10 +6,11 @@ bytes out. dnslib is only the codec: its own server is threaded and its resolver
 (protocols.md §7.1), so nothing of it that does I/O is used here.
 
 Names outside the zone go to the configured upstream resolvers: the client's raw query is sent
-with only the ID rewritten to a fresh random one (so EDNS and DNSSEC bits survive), over one
-connected UDP socket per upstream; a reply counts only if it comes from that upstream, carries
-the ID we chose and echoes the question byte for byte. Each upstream gets ``timeout`` seconds,
-then the next one is tried, then the client gets SERVFAIL.
+with only the ID rewritten to a fresh random one (so EDNS and DNSSEC bits survive), from a
+connected UDP socket of its own (a random source port each, RFC 5452 §9.2); a reply counts
+only if it comes from that upstream, carries the ID we chose and echoes the question byte for
+byte. Each upstream gets ``timeout`` seconds, then the next one is tried, then the client gets
+SERVFAIL.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import contextlib
 import errno
 import logging
 import secrets
-from collections.abc import Coroutine, Iterable, Sequence
-from typing import Any, Protocol, cast
+import socket
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import Any, Protocol
 
 from netboot.errors import ConfigError, DecodeError
 from netboot.logs import RateLimitedLog
@@ -35,6 +37,7 @@ from netboot.names import (
     answer,
     answer_plain,
     error_reply,
+    fit_udp,
     formerr_for,
     parse_query,
 )
@@ -46,7 +49,6 @@ _log = logging.getLogger(__name__)
 
 _HEADER = 12  # RFC 1035 §4.1.1: fixed header size; nothing shorter is a DNS message
 _PORT_ATTEMPTS = 10  # port 0: tries to find a number free for both UDP and TCP
-_ID_ATTEMPTS = 32  # random IDs tried before giving up on a free one (the table is bounded)
 
 
 class ZoneSource(Protocol):
@@ -134,77 +136,97 @@ class _AnswerCache:
         self._answers[key] = reply
 
 
-class _Upstream(asyncio.DatagramProtocol):
-    """One upstream resolver: a connected UDP socket and a table of queries in flight."""
+class _Upstream:
+    """One upstream resolver. Each query goes from a socket of its own, connected to it: the
+    kernel picks a random source port for each (RFC 5452 §9.2; dnsmasq's default, where
+    ``--query-port`` "makes dnsmasq less secure against DNS spoofing attacks"). With one
+    socket for all, the port was fixed for the process's life, and a host that can forge the
+    upstream's address had a random 16-bit ID alone to guess: every forged reply it sprayed
+    at that port matched a query in flight with odds of (queries in flight)/65,536.
+
+    A plain non-blocking socket and the loop's reader callback, not an asyncio transport:
+    one query's socket lives for one round trip, and a transport's set-up costs more than
+    the exchange (s45-attack measured both).
+    """
 
     def __init__(self, addr: Address) -> None:
         self.addr = addr
-        self.transport: asyncio.DatagramTransport | None = None
-        self._pending: dict[int, tuple[asyncio.Future[bytes], tuple[Any, ...]]] = {}
+        # What each query's socket connects to, resolved once by check() (a name given as
+        # an upstream would otherwise be looked up, blocking, at every query).
+        self._family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        self._target: Any = addr
+        self._open: dict[int, asyncio.Future[bytes]] = {}  # fd -> its query's answer
         self.rejected = 0
         # A spoofing attempt is a flood of wrong replies: one line per window, not per packet.
         self._limited = RateLimitedLog(_log)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Python 3.11's selector transport does not subclass DatagramTransport: cast, no assert.
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def _reject(self, key: str, message: str, *args: Any) -> None:
+        self.rejected += 1
+        self._limited.log(logging.INFO, key, message, *args)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-        for fut, _ in self._pending.values():
-            if not fut.done():
-                fut.cancel()
+    async def check(self) -> None:
+        """An upstream a socket cannot be connected to is a config error, said at start."""
+        found = await asyncio.get_running_loop().getaddrinfo(*self.addr, type=socket.SOCK_DGRAM)
+        family, _, _, _, target = found[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.connect(target)
+        self._family, self._target = family, target
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP unreachable on the connected socket: the query times out and the next
-        # upstream is tried; which query it belonged to is unknowable.
-        _log.debug("dns upstream %s:%d: socket error %s", self.addr[0], self.addr[1], exc)
+    def close(self) -> None:
+        for answered in list(self._open.values()):  # the server stopping: each query fails
+            if not answered.done():
+                answered.set_exception(ConnectionError("the forwarder was closed"))
 
-    def datagram_received(self, data: bytes, addr: Any) -> None:
-        # The socket is connected, so the kernel already drops other sources; checked again
-        # because a reply we accept is handed to a client as is.
-        if (addr[0], addr[1]) != self.addr:
-            self.rejected += 1
-            self._limited.log(logging.INFO, addr[0],
-                              "dns upstream: reply from unexpected %s:%d dropped", *addr[:2])
-            return
-        parsed = _question_of(data)
-        if parsed is None:
-            self.rejected += 1
-            self._limited.log(logging.INFO, "malformed",
-                              "dns upstream %s:%d: malformed reply dropped", *self.addr)
-            return
-        qid, _tc, _rcode, *question = parsed
-        entry = self._pending.get(qid)
-        if entry is None or tuple(question) != entry[1]:
-            # Late (after a timeout), or a spoofing attempt: either way not an answer.
-            self.rejected += 1
-            self._limited.log(logging.INFO, "mismatch",
-                              "dns upstream %s:%d: reply id %d does not match a query in flight",
-                              self.addr[0], self.addr[1], qid)
-            return
-        if not entry[0].done():
-            entry[0].set_result(data)
+    def _readable(self, sock: socket.socket, qid: int, question: tuple[Any, ...],
+                  answered: asyncio.Future[bytes]) -> None:
+        while not answered.done():
+            try:
+                # Connected: the kernel delivers the upstream's datagrams only (RFC 5452 §9.3
+                # checks the source too), so what is checked here is the ID and question.
+                data = sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # ICMP unreachable: the next upstream is tried
+                _log.debug("dns upstream %s:%d: socket error %s", *self.addr, exc)
+                answered.set_exception(exc)
+                return
+            parsed = _question_of(data)
+            if parsed is None:
+                self._reject("malformed", "dns upstream %s:%d: malformed reply dropped",
+                             *self.addr)
+                continue
+            rid, _tc, _rcode, *asked = parsed
+            if rid != qid or tuple(asked) != question:
+                # A spoofing attempt (or a reply the upstream sent twice): not an answer.
+                self._reject("mismatch", "dns upstream %s:%d: reply id %d does not match "
+                             "the query in flight", *self.addr, rid)
+                continue
+            answered.set_result(data)
 
     async def query(self, raw: bytes, question: tuple[Any, ...], timeout: float) -> bytes | None:
-        if self.transport is None:
-            return None
+        loop = asyncio.get_running_loop()
         qid = secrets.randbelow(65536)
-        for _ in range(_ID_ATTEMPTS):
-            if qid not in self._pending:
-                break
-            qid = secrets.randbelow(65536)
-        else:
-            return None
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[qid] = (fut, question)
+        answered: asyncio.Future[bytes] = loop.create_future()
         try:
-            self.transport.sendto(qid.to_bytes(2, "big") + raw[2:])
-            return await asyncio.wait_for(fut, timeout)
+            sock = socket.socket(self._family, socket.SOCK_DGRAM)
+        except OSError as exc:  # out of descriptors: this query fails, not the server
+            self._limited.log(logging.WARNING, "socket", "dns upstream %s:%d: no socket for "
+                              "a query: %s", *self.addr, exc)
+            return None
+        fd = sock.fileno()
+        try:
+            sock.setblocking(False)
+            sock.connect(self._target)
+            loop.add_reader(fd, self._readable, sock, qid, question, answered)
+            self._open[fd] = answered
+            sock.send(qid.to_bytes(2, "big") + raw[2:])
+            return await asyncio.wait_for(answered, timeout)
         except (TimeoutError, OSError):
             return None
         finally:
-            self._pending.pop(qid, None)
+            if self._open.pop(fd, None) is not None:
+                loop.remove_reader(fd)
+            sock.close()
 
     async def query_tcp(
         self, raw: bytes, question: tuple[Any, ...], timeout: float
@@ -248,11 +270,9 @@ class Forwarder:
         self.failures = 0
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         for upstream in self._upstreams:
             try:
-                await loop.create_datagram_endpoint(lambda u=upstream: u,  # type: ignore[misc]
-                                                    remote_addr=upstream.addr)
+                await upstream.check()
             except OSError as exc:
                 raise ConfigError(
                     f"upstream {upstream.addr[0]}:{upstream.addr[1]} unusable: {exc}",
@@ -261,8 +281,7 @@ class Forwarder:
 
     def close(self) -> None:
         for upstream in self._upstreams:
-            if upstream.transport is not None:
-                upstream.transport.close()
+            upstream.close()
 
     def reserve(self) -> bool:
         """Take a slot synchronously (before a task exists), so a burst cannot overshoot."""
@@ -319,10 +338,16 @@ class DnsServer:
         max_in_flight: int = 256,
         max_udp: int = DEFAULT_MAX_UDP,
         max_connections: int = 64,
+        max_connections_per_source: int = 16,
         tcp_idle_timeout: float = 10.0,
         max_queries_per_connection: int = 1000,
+        forwards_for: Callable[[str], bool] | None = None,
     ) -> None:
         self._source = zone_source
+        # Whose names outside the zone are forwarded (a client address -> yes/no); None:
+        # everyone's. The others get REFUSED, as BIND answers a client allow-recursion
+        # leaves out; names in the zone are answered to anyone.
+        self._forwards_for = forwards_for
         self._host = host
         self._port = port
         self._recursion = forward and bool(upstreams)
@@ -330,6 +355,11 @@ class DnsServer:
         self._max_udp = max_udp
         self._cache = _AnswerCache()
         self._max_connections = max_connections
+        # One client address holding every connection (64 idle ones, each closed after
+        # tcp_idle_timeout and opened again) left no TCP for anyone else, where a truncated
+        # answer must be asked again (s45-attack); HTTP bounds each source likewise.
+        self._per_source_limit = max_connections_per_source
+        self._per_source: dict[str, int] = {}
         self._idle = tcp_idle_timeout
         self._max_queries = max_queries_per_connection
         self._limited = RateLimitedLog(_log)
@@ -451,6 +481,12 @@ class DnsServer:
     def _forward(
         self, data: bytes, request: Any, decision: Forward, peer: Address, *, tcp: bool
     ) -> list[Reply] | Coroutine[Any, Any, list[Reply]]:
+        if self._forwards_for is not None and not self._forwards_for(peer[0]):
+            self._limited.log(logging.INFO, peer[0], "dns: %s is on none of the networks "
+                              "whose names outside the zone are forwarded (this host's, "
+                              "dhcp.relay_networks, dns.forward_networks): REFUSED for %r",
+                              peer[0], decision.qname)
+            return [(error_reply(request, REFUSED, recursion=True), peer)]
         if not self._forwarder.reserve():
             self._limited.log(logging.WARNING, "busy",
                               "dns: %d forwarded queries in flight; SERVFAIL to %s:%d for %r",
@@ -471,7 +507,7 @@ class DnsServer:
                               qname, peer[0], peer[1])
             return [(error_reply(request, SERVFAIL, recursion=True), peer)]
         _log.debug("dns: %s:%d %r forwarded", peer[0], peer[1], qname)
-        return [(reply, peer)]
+        return [(reply if tcp else fit_udp(request, reply, max_udp=self._max_udp), peer)]
 
     # -- TCP (RFC 7766) ----------------------------------------------------------------
 
@@ -480,15 +516,17 @@ class DnsServer:
     ) -> None:
         name = writer.get_extra_info("peername") or ("?", 0)
         peer: Address = (str(name[0]), int(name[1]))
-        if len(self._writers) >= self._max_connections:
+        mine = self._per_source.get(peer[0], 0)
+        if len(self._writers) >= self._max_connections or mine >= self._per_source_limit:
             # RFC 7766 §6.2.2 lets a server close connections to protect its resources.
             self.connections_refused += 1
             self._limited.log(logging.WARNING, "tcp-busy",
-                              "dns: %d TCP connections open; closing one from %s:%d",
-                              len(self._writers), peer[0], peer[1])
+                              "dns: %d TCP connections open, %d of them from %s; closing one "
+                              "from %s:%d", len(self._writers), mine, peer[0], peer[0], peer[1])
             writer.close()
             return
         self._writers.add(writer)
+        self._per_source[peer[0]] = mine + 1
         try:
             await self._serve_connection(reader, writer, peer)
         except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
@@ -497,6 +535,9 @@ class DnsServer:
             _log.exception("dns: bug while serving TCP client %s:%d", peer[0], peer[1])
         finally:
             self._writers.discard(writer)
+            left = self._per_source.pop(peer[0]) - 1
+            if left:
+                self._per_source[peer[0]] = left
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

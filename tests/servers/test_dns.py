@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import dns.asyncquery
+import dns.exception
 import dns.flags
 import dns.message
 import dns.rcode
@@ -70,6 +71,7 @@ class Upstream(asyncio.DatagramProtocol):
     def __init__(self, behaviour: str = "answer") -> None:
         self.behaviour = behaviour
         self.seen: list[bytes] = []
+        self.sources: list[tuple[str, int]] = []  # where each query came from
         self.transport: Any = None
 
     def connection_made(self, transport: Any) -> None:
@@ -77,6 +79,7 @@ class Upstream(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         self.seen.append(data)
+        self.sources.append((addr[0], addr[1]))
         if self.behaviour == "silent":
             return
         request = DNSRecord.parse(data)
@@ -285,6 +288,46 @@ async def test_tcp_connection_bound() -> None:
                 await w.wait_closed()
 
 
+async def test_one_source_cannot_hold_every_tcp_connection() -> None:
+    """s45-attack: one client address could open every TCP connection (64) and keep them,
+    each idle until the timeout, then again: nobody else could ask over TCP, where a
+    truncated answer (a forwarded one past 1,232 bytes since this pass) must be asked
+    again. Now 16 a source (max_connections_per_source); another address is served."""
+    async with running(max_connections=64, max_connections_per_source=3) as server:
+        wire = DNSRecord.question("node1.netboot.lan").pack()
+        held = [await asyncio.open_connection(LOOPBACK, server.port) for _ in range(3)]
+        for reader, writer in held:  # each served: counted as open
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            await writer.drain()
+            await asyncio.wait_for(reader.readexactly(2), 10)
+        reader, writer = await asyncio.open_connection(LOOPBACK, server.port)
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # the 4th from 127.0.0.1
+        assert server.connections_refused == 1
+        other = await asyncio.open_connection(LOOPBACK, server.port, local_addr=("127.0.0.2", 0))
+        other[1].write(len(wire).to_bytes(2, "big") + wire)
+        await other[1].drain()
+        size = int.from_bytes(await asyncio.wait_for(other[0].readexactly(2), 10), "big")
+        assert DNSRecord.parse(await other[0].readexactly(size)).rr  # answered
+        held[0][1].close()  # one of the first three goes: 127.0.0.1 may open one again
+        await held[0][1].wait_closed()
+        again = None
+        for _ in range(100):  # bounded: the server sees the close within a loop turn or two
+            again = await asyncio.open_connection(LOOPBACK, server.port)
+            again[1].write(len(wire).to_bytes(2, "big") + wire)
+            await again[1].drain()
+            head = await asyncio.wait_for(again[0].read(2), 10)
+            if head:
+                break
+            again[1].close()
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("127.0.0.1 was never served again")
+        for _, w in (*held[1:], (reader, writer), other, again):
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+
+
 # -- robustness ----------------------------------------------------------------------------
 
 
@@ -364,6 +407,45 @@ async def test_forwarding_with_dig_over_udp_and_tcp() -> None:
     assert tcp.split() == ["192.0.2.7"]
 
 
+async def test_each_forwarded_query_leaves_from_a_port_of_its_own() -> None:
+    """s45-attack: every forwarded query left from one socket, connected at start, so from one
+    source port for the process's life: a host that can forge the upstream's address had the
+    16-bit ID alone to guess (each forged reply matched a query in flight with odds of
+    in-flight/65,536; dnsmasq draws a random port per query unless ``--query-port`` is set,
+    "less secure against DNS spoofing attacks", RFC 5452 §9.2). Seen from the upstream's
+    side: 12 queries, 12 source ports (the kernel's random pick, ~28,000 of them), each
+    answered."""
+    async with upstream() as (up, up_port), running(upstreams=[(LOOPBACK, up_port)]) as server:
+        for i in range(12):
+            q = dns.message.make_query(f"www{i}.example.com", "A")
+            r = await dns.asyncquery.udp(q, LOOPBACK, port=server.port, timeout=5)
+            assert [str(x) for x in r.answer[0]] == ["192.0.2.7"]
+        ports = [port for _, port in up.sources]
+        assert len(ports) == 12
+        # Distinct but for a rare repeat of the kernel's draw (never 3 in 12 by chance).
+        assert len(set(ports)) >= 10, ports
+        assert server.forwarder.in_flight == 0
+
+
+async def test_a_client_the_server_does_not_forward_for_is_refused_names_outside_the_zone(
+) -> None:
+    """s45-attack: ``forwards_for`` (service.py gives this host's networks, the relays',
+    the pool's and dns.forward_networks) says whose names outside the zone go upstream;
+    another client gets REFUSED for those, over UDP and TCP, and its zone names still."""
+    async with upstream() as (up, up_port), running(
+        upstreams=[(LOOPBACK, up_port)], forwards_for=lambda address: address != LOOPBACK
+    ) as server:
+        for tcp in (False, True):
+            q = dns.message.make_query("www.example.com", "A")
+            ask = dns.asyncquery.tcp if tcp else dns.asyncquery.udp
+            r = await ask(q, LOOPBACK, port=server.port, timeout=5)
+            assert r.rcode() == dns.rcode.REFUSED and not r.answer
+            r = await ask(dns.message.make_query("node1.netboot.lan", "A"), LOOPBACK,
+                          port=server.port, timeout=5)
+            assert [str(x) for x in r.answer[0]] == ["10.0.1.1"]
+        assert up.seen == []
+
+
 async def test_upstream_timeout_gives_servfail() -> None:
     async with upstream("silent") as (up, up_port), running(
         upstreams=[(LOOPBACK, up_port)], timeout=0.2
@@ -424,6 +506,88 @@ async def test_in_flight_bound_answers_servfail_at_once() -> None:
             assert len(up.seen) <= 2
         finally:
             transport.close()
+
+
+def _free_port() -> int:
+    """A port free for both UDP and TCP on loopback, for a program that needs a number."""
+    for _ in range(20):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.bind((LOOPBACK, 0))
+            port = int(u.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as t:
+                try:
+                    t.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no port free for both UDP and TCP")
+
+
+@contextlib.asynccontextmanager
+async def dnsmasq_upstream(*args: str) -> AsyncIterator[int]:
+    """A real dnsmasq on loopback answering its own records (``--txt-record``), no upstream
+    of its own; its port once it answers."""
+    binary = shutil.which("dnsmasq") or "/usr/sbin/dnsmasq"
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        binary, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+        "--pid-file=", f"--port={port}", f"--listen-address={LOOPBACK}", "--bind-interfaces",
+        *args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        probe = dns.message.make_query("ready.invalid", "A")
+        for _ in range(100):  # bounded: 100 x 0.1 s
+            with contextlib.suppress(TimeoutError, OSError, dns.exception.DNSException):
+                await dns.asyncquery.udp(probe, LOOPBACK, port=port, timeout=0.1)
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("dnsmasq did not answer")
+        yield port
+    finally:
+        proc.terminate()
+        await proc.wait()
+
+
+@pytest.mark.requires("dnsmasq", "dnsmasq-base")
+async def test_a_forwarded_answer_larger_than_the_client_takes_is_truncated_over_udp() -> None:
+    """s45-attack: a client's query went upstream with its EDNS payload, and the upstream's
+    answer came back to it as is, whatever its size: an upstream that answers up to the
+    payload asked (dnsmasq ``--edns-packet-max=4096`` here; Windows DNS Server's default
+    is 4,000) made a forged 40-byte query a ~100x reflection. Now a forwarded UDP answer is
+    at most what the zone's own answers are (512 without EDNS, the client's payload up to
+    1,232 with), else TC, and the client gets the whole answer over TCP."""
+    text = "x" * 250
+    records = [f"--txt-record=big.example.org,{i:02d}{text}" for i in range(14)]
+    async with dnsmasq_upstream("--edns-packet-max=4096", *records) as up_port, running(
+        upstreams=[(LOOPBACK, up_port)]
+    ) as server:
+        # The upstream itself answers a 4,096-byte payload with all 14 records, ~3.7 KB.
+        big = dns.message.make_query("big.example.org", "TXT", use_edns=0, payload=4096)
+        direct = await dns.asyncquery.udp(big, LOOPBACK, port=up_port, timeout=5)
+        assert len(direct.answer[0]) == 14 and len(direct.to_wire()) > 3600
+        for query, limit in ((big, 1232),
+                             (dns.message.make_query("big.example.org", "TXT", use_edns=0,
+                                                     payload=65000), 1232),
+                             (dns.message.make_query("big.example.org", "TXT", use_edns=0,
+                                                     payload=700), 700),
+                             (dns.message.make_query("big.example.org", "TXT",
+                                                     use_edns=False), 512)):
+            raw = await udp_exchange(server.port, query.to_wire())
+            assert raw is not None and len(raw) <= limit, (len(raw or b""), limit)
+            reply = dns.message.from_wire(raw)
+            assert reply.id == query.id and reply.flags & dns.flags.TC
+            assert reply.rcode() == dns.rcode.NOERROR
+            if query.payload > limit:  # ours: header and question (below it, dnsmasq's own)
+                assert not reply.answer
+            assert [str(q.name) for q in reply.question] == ["big.example.org."]
+            assert (reply.edns >= 0) == (query.edns >= 0)
+        # What fits is passed on as the upstream sent it; TCP gets everything.
+        small = dns.message.make_query("small.example.org", "TXT", use_edns=0, payload=4096)
+        reply = await dns.asyncquery.udp(small, LOOPBACK, port=server.port, timeout=5)
+        assert not reply.flags & dns.flags.TC
+        whole = await dns.asyncquery.tcp(big, LOOPBACK, port=server.port, timeout=5)
+        assert len(whole.answer[0]) == 14 and not whole.flags & dns.flags.TC
 
 
 class _QueueClient(asyncio.DatagramProtocol):
