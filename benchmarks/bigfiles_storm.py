@@ -265,6 +265,8 @@ def run_one(name: str, tree: Path | None, work: storm.Workload, args: argparse.N
                 sampler.join()
             cpu = storm.cpu_seconds(pid) - cpu0
             packets = [b - a for a, b in zip(packets0, veth_packets(server_ns), strict=True)]
+            kernel = {"server": namespace_counts(server_ns, SERVER_COUNTERS),
+                      "devices": namespace_counts(client_ns, DEVICE_COUNTERS)}
         finally:
             for proc in reversed(procs):
                 proc.stop()
@@ -273,6 +275,7 @@ def run_one(name: str, tree: Path | None, work: storm.Workload, args: argparse.N
     got = json.loads(out.stdout.strip().splitlines()[-1])
     got["server_cpu"] = cpu
     got["packets"] = packets
+    got["kernel"] = kernel
     got["name"] = name
     if args.ss:
         got["ss"] = ss_summary(run / "ss.txt")
@@ -289,6 +292,33 @@ def veth_packets(ns: str) -> list[int]:
                           f"/sys/class/net/{storm.SERVER_IF}/statistics/rx_packets"],
                          capture_output=True, text=True, timeout=10, check=True).stdout.split()
     return [int(x) for x in out]
+
+
+# What each side's kernel did besides the files' segments (its namespace's counters, fresh in
+# each round): the server's retransmissions (tail loss probes, answered by the devices'
+# DSACKs), zero-window probes and connections it dropped on TCP_USER_TIMEOUT
+# (HttpLimits.send_timeout) mid-transfer; the devices' zero windows, and the windows they
+# could not shrink to zero (their receive memory full: WantZeroWindowAdv).
+SERVER_COUNTERS = ("RetransSegs", "TCPLossProbes", "TCPWinProbe", "TCPAbortOnTimeout")
+DEVICE_COUNTERS = ("TCPToZeroWindowAdv", "TCPWantZeroWindowAdv", "DelayedACKs")
+
+
+def kernel_counts(snmp: str, netstat: str, names: tuple[str, ...]) -> dict[str, int]:
+    """``names`` from a namespace's /proc/net/snmp (Tcp) and /proc/net/netstat (TcpExt)
+    texts; 0 for one its kernel does not count."""
+    found: dict[str, int] = {}
+    for text, table in ((snmp, "Tcp:"), (netstat, "TcpExt:")):
+        rows = [line.split()[1:] for line in text.splitlines() if line.startswith(table)]
+        if len(rows) >= 2:
+            found.update(zip(rows[0], map(int, rows[1]), strict=False))
+    return {name: found.get(name, 0) for name in names}
+
+
+def namespace_counts(ns: str, names: tuple[str, ...]) -> dict[str, int]:
+    texts = [subprocess.run(["ip", "netns", "exec", ns, "cat", path], check=True,
+                            capture_output=True, text=True, timeout=30).stdout
+             for path in ("/proc/net/snmp", "/proc/net/netstat")]
+    return kernel_counts(*texts, names)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -345,18 +375,26 @@ def main() -> None:
                       f"{got['cpu']:5.2f} s (user {got['user']:.2f})  recv {got['recvs']} epoll "
                       f"{got['selects']}  packets out/in {got['packets'][0]}/{got['packets'][1]}  "
                       f"failed {got['failed']}", flush=True)
+                print("    kernel: " + "; ".join(
+                    f"{side} " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                    for side, counts in got["kernel"].items()))
                 for line in got.get("ss", []):
                     print(line)
                 if "perf" in got:
                     print(got["perf"])
-        print("\nmedians of the rounds")
+        print("\nmedians of the rounds (per GiB: of the devices' bytes received)")
         for name, runs in results.items():
             med = statistics.median
+            gib = [max(1, len(g["times"])) * args.size / (1 << 30) for g in runs]
             print(f"{name:24s} wall {med([g['wall'] for g in runs]):6.2f} s (runs "
                   + ", ".join(f"{g['wall']:.2f}" for g in runs) + ")  p99 "
                   f"{med([pct(g['times'], .99) for g in runs]):5.2f} s  server CPU "
                   f"{med([g['server_cpu'] for g in runs]):5.2f} s  client CPU "
-                  f"{med([g['cpu'] for g in runs]):5.2f} s")
+                  f"{med([g['cpu'] for g in runs]):5.2f} s  per GiB: packets out/in "
+                  f"{med([g['packets'][0] / b for g, b in zip(runs, gib, strict=True)]):.0f}/"
+                  f"{med([g['packets'][1] / b for g, b in zip(runs, gib, strict=True)]):.0f}, "
+                  f"client CPU {med([g['cpu'] / b for g, b in zip(runs, gib, strict=True)]):.3f}"
+                  " s; failed " + ", ".join(str(g["failed"]) for g in runs))
 
 
 if __name__ == "__main__":

@@ -217,6 +217,25 @@ def test_bigfiles_storm_reads_the_servers_send_queues(
         "request unread 0")
 
 
+def test_bigfiles_storm_reads_the_kernels_counters(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A namespace's /proc/net/snmp and /proc/net/netstat (abridged, the kernel's layout: a
+    # row of names, a row of values): the server dropped 3 connections on TCP_USER_TIMEOUT
+    # mid-transfer (s45-bulk: 89 in one round of 1,000 devices); a name this kernel does
+    # not count reads 0.
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    bigfiles = importlib.import_module("bigfiles_storm")
+    snmp = ("Ip: Forwarding DefaultTTL\nIp: 1 64\n"
+            "Tcp: RtoAlgorithm ActiveOpens InSegs OutSegs RetransSegs\n"
+            "Tcp: 1 0 907593 23366337 29127\n")
+    netstat = ("TcpExt: SyncookiesSent TCPLossProbes TCPAbortOnTimeout TCPWinProbe\n"
+               "TcpExt: 0 28160 3 67676\n"
+               "IpExt: InNoRoutes OutOctets\nIpExt: 0 123\n")
+    assert bigfiles.kernel_counts(snmp, netstat, bigfiles.SERVER_COUNTERS) == {
+        "RetransSegs": 29127, "TCPLossProbes": 28160, "TCPWinProbe": 67676,
+        "TCPAbortOnTimeout": 3}
+    assert bigfiles.kernel_counts(snmp, netstat, ("TCPWantZeroWindowAdv",)) == {
+        "TCPWantZeroWindowAdv": 0}
+
 def test_wire_counts_windows_of_a_first_request_row_never_ask_a_machine_twice(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Session 34: wire_counts.py kept its servers through the rounds and each window drew

@@ -1238,3 +1238,36 @@ async def test_a_clients_request_id_is_taken_when_sane_by_both_doors(
             for answer in (fast, slow):
                 rid = answer.header("X-Request-Id") or ""
                 assert (rid == given.decode()) if sane else re.fullmatch(r"[0-9a-f]{16}", rid)
+
+
+async def test_a_client_that_stops_reading_a_large_file_is_let_go_after_send_timeout(
+        tmp_path: Path) -> None:
+    """A device that stops reading mid-file with its connection open (a hung firmware): the
+    file's send waits on its zero window, and once nothing is acknowledged for
+    http.send_timeout the kernel drops the connection (TCP_USER_TIMEOUT, nginx's
+    send_timeout): its slot is given back and the next client gets the file whole."""
+    size = 8 << 20
+    content = b"c" * (size - 4) + b"tail"
+    async with serving(tmp_path, "  send_timeout: 2\n", seeded=False) as service:
+        (tmp_path / "assets" / "big.bin").write_bytes(content)
+        guard = service.http_guard
+        assert guard is not None
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, ("127.0.0.1", service.http_port))
+            await loop.sock_sendall(sock, get("/assets/big.bin"))
+            first = await asyncio.wait_for(loop.sock_recv(sock, 1024), 30)
+            assert first.startswith(b"HTTP/1.1 200 OK\r\n")
+            assert guard.open == 1  # and it reads no more
+            for _ in range(300):
+                if not guard.open:
+                    break
+                await asyncio.sleep(0.1)
+            assert guard.open == 0, "the stalled client was not let go"
+        finally:
+            sock.close()
+        (reply,) = await exchange(service.http_port, get("/assets/big.bin"))
+        assert reply.status == 200 and reply.body == content
