@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from netboot.durable import link_new
 from netboot.errors import ConfigError, StoreError
 
 PREFIX = "nbs1:"
@@ -129,9 +132,22 @@ def read_key(path: Path) -> Sealer | None:
 
 
 def write_key(path: Path, sealer: Sealer) -> None:
-    """Write the key file, 0600, refusing to replace one (a lost key cannot be re-made)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(sealer.key_text() + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
+    """Write the key file, 0600, refusing to replace one (a lost key cannot be re-made):
+    FileExistsError if there is one.
+
+    Whole or not at all: written and synced under a name of its own, then linked to
+    ``path`` (link(2) refuses an existing name, as O_EXCL did) and the directory synced.
+    Created at ``path`` and then written, a kill between the two (a first start stopped
+    by systemd's timeout) left an empty key file, which every later start refused as "not
+    a netboot secrets key ... restore the file from a backup": there was none to restore
+    (s45-integrity). A kill before the link leaves only the unused ``.secret.key.*``."""
+    fd, spare = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:  # mkstemp's mode: 0600
+            fh.write(sealer.key_text() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        link_new(Path(spare), path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):  # renamed where there are no links
+            os.unlink(spare)

@@ -172,18 +172,32 @@ def private_database(path: Path) -> None:
 
 
 async def open_inventory(config: Config, listener: EventListener | None = None,
-                         ) -> tuple[Store, Sealer]:
+                         *, another_made_it: bool = False) -> tuple[Store, Sealer]:
     """The inventory, open, with its secrets key (made on first start) checked against it.
 
     The key must be the one that sealed the inventory's join tokens: a missing or different
     key file is a start-up error that names the file and the fix, never garbage tokens. The
-    store seals the tokens of an inventory written before sealing existed as it opens.
+    tokens of an inventory written before sealing existed are sealed once the key is in its
+    file and claimed as the inventory's, never before: sealed as the store opened, a kill
+    between that commit and the key's write (or a write that failed) left them sealed with a
+    key no file held, and the next start made another; of two servers starting with new
+    keys, the one that lost the claim had sealed them with its own (s45-integrity).
+    ``another_made_it``: the call again after another process made the key file between
+    this one's read and write (it is read now, once).
     """
     secure_data_dir(config.data_dir)
     key_path = config.data_dir / SECRET_KEY_FILE
     sealer = read_key(key_path)
     new_key = sealer is None
     if sealer is None:
+        if another_made_it:
+            # Said to exist at the write, and not there at the read: a symbolic link to a
+            # file that is not there (a secrets mount not yet mounted). Called again, this
+            # went round without end (RecursionError), the store opened at each turn.
+            raise ConfigError(f"the secrets key {key_path} exists but cannot be read (a "
+                              "symbolic link to a missing file?)", key="server.data_dir",
+                              fix=f"make {key_path} the key file itself, or mount what its "
+                                  "link names before netboot starts")
         sealer = Sealer.generate()
     store = open_store(config, sealer, listener)
     try:
@@ -214,17 +228,20 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
             except FileExistsError:
                 # Another netboot process (a CLI command) made it a moment ago: use that one.
                 await store.close()
-                return await open_inventory(config, listener)
+                return await open_inventory(config, listener, another_made_it=True)
             log.warning("created the secrets key %s: back it up, apart from the inventory; "
                         "without it the join tokens in the inventory cannot be read", key_path)
         # Claimed, not just read and written: of two servers starting together on a new
-        # shared database, one key wins, and the other is told to copy it. The store sealed
-        # any clear join tokens as it opened; from now on this key is the inventory's.
+        # shared database, one key wins, and the other is told to copy it.
         recorded = await store.claim_setting(SEAL_KEY_SETTING, sealer.key_id)
         if recorded != sealer.key_id:
             raise ConfigError(f"{key_path} is key {sealer.key_id}, but the inventory "
                               f"{config.inventory_name} was sealed with key {recorded}",
                               key="server.data_dir", fix=fix)
+        # From now on this key is the inventory's, in its file: clear tokens sealed with it.
+        seal = getattr(store, "seal_clear_tokens", None)
+        if seal is not None:  # the memory store seals nothing
+            await seal()
     except BaseException:
         await store.close()
         raise

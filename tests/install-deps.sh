@@ -42,6 +42,8 @@ fi
 # curl, openssl, util-linux (unshare): tools tests run (their requires marks), named here
 # rather than left to other packages' dependencies.
 # wrk: the HTTP load generator of benchmarks/http_paths.py, whose Lua script a test runs.
+# strace: its fault injection kills a real netboot process at one system call (a kill -9
+# at a chosen moment: tests/test_sealing.py, tests/inventory/test_transfer.py).
 # postgresql: its initdb/postgres binaries; the tests make a throwaway cluster of their own
 # (netboot/lab/pgcluster.py, through tests/pg.py) and never use the one the package may start.
 # pgbouncer: the PostgreSQL store through it (tests/pg.py's bouncing, which runs its own on a
@@ -52,7 +54,7 @@ PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-too
 shim-signed grub-efi-amd64-signed qemu-efi-aarch64 \
 dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \
 isc-dhcp-client udhcpc python3 python3-pip python3-venv python3-dev gcc ca-certificates \
-podman runc mmdebstrap chromium postgresql pgbouncer wrk curl openssl util-linux \
+podman runc mmdebstrap chromium postgresql pgbouncer wrk strace curl openssl util-linux \
 make pkg-config dpkg-dev libevent-dev libc-ares-dev libssl-dev"
 
 # One dpkg-query for all (one a package took ~2.5 s of processes under load).

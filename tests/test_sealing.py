@@ -7,22 +7,29 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import asyncpg
 import pytest
 import yaml
 
-from netboot.config import load
+from netboot.config import Config, load
 from netboot.errors import ConfigError, StoreError
+from netboot.inventory.postgres import PostgresStore
+from netboot.inventory.sealed import join_token_context
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import Cluster, MacAddress, Machine, MachineState
 from netboot.sealing import Sealer, read_key, write_key
-from netboot.service import SEAL_KEY_SETTING, Service, build
+from netboot.service import SEAL_KEY_SETTING, Service, build, open_inventory
+from tests import pg
 from tests.conftest import write_config
 
 # Shaped like a k3s server token, and long enough that a chance match is impossible.
@@ -175,6 +182,105 @@ async def test_clear_tokens_of_an_older_inventory_are_sealed_on_first_start(
         assert got is not None and got.token == JOIN_TOKEN
     finally:
         await again.close()
+
+
+async def an_older_inventory(tmp_path: Path, dsn: str | None) -> tuple[Path, Config]:
+    """A config file and its config whose inventory (a new SQLite file, or the PostgreSQL
+    schema ``dsn``) holds a cluster's join token in clear, as an older netboot (no sealing)
+    or a tool wrote it, and no secrets key yet."""
+    extra = f'inventory:\n  backend: postgresql\n  dsn: "{dsn}"\n' if dsn else ""
+    path = write_config(tmp_path, extra)
+    cfg = load(path, env={})
+    cfg.data_dir.mkdir(parents=True)
+    old: SqliteStore | PostgresStore = PostgresStore(dsn) if dsn else SqliteStore(cfg.db_path)
+    await old.open()
+    try:
+        await old.put_cluster(Cluster(name="edge", server_url="managed", token=JOIN_TOKEN))
+    finally:
+        await old.close()
+    return path, cfg
+
+
+async def stored_token(cfg: Config) -> str | None:
+    """The cluster's join token as the inventory holds it (its text, sealed or not)."""
+    if cfg.inventory.backend == "postgresql":
+        conn = await asyncpg.connect(cfg.inventory.dsn or "")
+        try:
+            text = await conn.fetchval("SELECT data FROM clusters WHERE name = 'edge'")
+        finally:
+            await conn.close()
+    else:
+        with contextlib.closing(sqlite3.connect(cfg.db_path)) as conn:
+            text = conn.execute("SELECT data FROM clusters WHERE name = 'edge'").fetchone()[0]
+    return json.loads(text).get("token")
+
+
+# Where strace kills the ``netboot`` process making its new key file (``-P`` the key's
+# path: the calls naming it, or a descriptor of it): "made", as the name comes to be (its
+# create, the open after the read that found none; or the link of a key written whole
+# under another name); "written", as its bytes are written into it (or, written whole
+# elsewhere, its link: no write names it).
+KILLED_AT = {
+    "made": ["-e", "inject=openat:signal=KILL:when=2", "-e", "inject=link,linkat:signal=KILL"],
+    "written": ["-e", "inject=write:signal=KILL", "-e", "inject=link,linkat:signal=KILL"],
+}
+
+
+@pytest.mark.parametrize("at", list(KILLED_AT))
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_first_start_killed_as_it_writes_its_new_key_loses_no_join_token(
+        tmp_path: Path, backend: str, at: str, request: pytest.FixtureRequest) -> None:
+    """The first start of netboot on an inventory whose join tokens are in clear, killed
+    (kill -9; systemd's stop timeout) as it makes the secrets key: the next start makes
+    one and reads every token. Before s45-integrity: killed as it was "made", the store
+    had sealed the tokens as it opened, with the key not yet in its file: sealed with a
+    key nobody held, the next start made another and every read of the cluster failed
+    ("sealed with key X, but the key file is Y: restore the secret.key that belongs to
+    this inventory", a key never written); killed as it was "written", an empty key file
+    that every start refused ("not a netboot secrets key ... restore the file from a
+    backup"). The kill is strace's, in a real ``netboot`` process (KILLED_AT)."""
+    async with contextlib.AsyncExitStack() as stack:
+        dsn = None
+        if backend == "postgresql":  # a fresh schema of the session's cluster (tests/pg.py)
+            dsn = await stack.enter_async_context(
+                pg.fresh_schema(request.getfixturevalue("postgres")))
+        await killed_as_it_writes_its_key(*await an_older_inventory(tmp_path, dsn),
+                                          KILLED_AT[at])
+
+
+async def killed_as_it_writes_its_key(path: Path, cfg: Config, inject: list[str]) -> None:
+    key = cfg.data_dir / "secret.key"
+    netboot = [sys.executable, "-m", "netboot", "clusters", "ls", "--config", str(path)]
+    killed = subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(key),
+         "-e", "trace=openat,write,link,linkat", *inject, *netboot],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # strace dies as netboot did
+    again = subprocess.run(netboot, capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0, again.stderr
+    assert "edge" in again.stdout
+    sealer = read_key(key)
+    assert sealer is not None
+    text = await stored_token(cfg)
+    assert text is not None and sealer.is_sealed(text)  # sealed now, with the key on disk
+    assert sealer.unseal(text, context=join_token_context("edge")) == JOIN_TOKEN
+
+
+async def test_a_key_file_that_is_a_link_to_nothing_stops_start_up_naming_it(
+        tmp_path: Path) -> None:
+    """secret.key a symbolic link to a file that is not there (a secrets volume not yet
+    mounted): the read finds none, the write finds one. A ConfigError naming the file, and
+    the inventory's clear tokens left as they were. Before: open_inventory called itself
+    again without end (a RecursionError after opening the store each time), and the
+    first turn sealed the tokens with a key it never wrote."""
+    _, cfg = await an_older_inventory(tmp_path, None)
+    key = cfg.data_dir / "secret.key"
+    key.symlink_to(tmp_path / "not-mounted" / "secret.key")
+    with pytest.raises(ConfigError) as err:
+        await open_inventory(cfg)
+    assert str(key) in str(err.value) and "cannot be read" in str(err.value)
+    assert err.value.fix and "mount" in err.value.fix
+    assert await stored_token(cfg) == JOIN_TOKEN  # not sealed with a key nobody holds
 
 
 async def test_a_lost_or_wrong_key_file_stops_start_up_naming_it(tmp_path: Path) -> None:

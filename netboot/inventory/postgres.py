@@ -1112,8 +1112,6 @@ class PostgresStore:
             await self._listen()
             await self._delivered()
             applied = self.migrated = await self.migrate()
-            if self._sealed.sealer is not None:
-                await self._seal_clear_tokens(self._sealed.sealer)
         except BaseException:
             await self.close()
             raise
@@ -1829,8 +1827,16 @@ class PostgresStore:
             return int(await conn.fetchval(
                 "SELECT coalesce(max(version), 0) FROM schema_migrations"))
 
-    async def _seal_clear_tokens(self, sealer: Sealer) -> None:
-        """Join tokens written in clear (by a tool, or copied from an older SQLite file)."""
+    async def seal_clear_tokens(self) -> int:
+        """Seal the join tokens written in clear (by a tool, or copied from an older SQLite
+        file) with this store's sealer; how many. For start-up once the sealer's key is in
+        its file and claimed as the inventory's (service.open_inventory), not at open: two
+        servers starting with new keys on a database holding clear tokens sealed them with
+        the key of the one that then lost the claim, and a kill before the key's file was
+        written lost the key they were sealed with (SqliteStore.seal_clear_tokens)."""
+        sealer = self._sealed.sealer
+        if sealer is None:
+            return 0
         sealed = 0
         async with self._write() as conn:
             for name, text in await conn.fetch("SELECT name, data FROM clusters FOR UPDATE"):
@@ -1843,6 +1849,7 @@ class PostgresStore:
                     sealed += 1
         if sealed:
             log.info("inventory %s: sealed the join tokens of %d clusters", self.name, sealed)
+        return sealed
 
     # machines -------------------------------------------------------------------------
     async def get_machine(self, machine_id: str) -> Machine | None:

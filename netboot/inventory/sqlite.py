@@ -20,9 +20,11 @@ Why it looks like this:
   sealed (``Sealer``, injected) in the stored JSON and opened on read, each bound to its
   cluster or machine: the file, its WAL and its backups never hold them in clear. Callers
   see plain values.
-  Tokens an older netboot stored in clear are sealed at open, with ``secure_delete`` on (it
-  zeroes the space a rewritten row leaves behind) and the WAL checkpointed into the file and
-  truncated, so no clear copy survives in either.
+  Tokens an older netboot stored in clear are sealed by :meth:`SqliteStore.seal_clear_tokens`
+  (start-up calls it once the key is in its file and is the inventory's, not at open: a
+  token sealed with a key not yet written was lost with it by a crash before the write),
+  with ``secure_delete`` on (it zeroes the space a rewritten row leaves behind) and the WAL
+  checkpointed into the file and truncated, so no clear copy survives in either.
 """
 
 from __future__ import annotations
@@ -627,6 +629,16 @@ class SqliteStore:
         since its last sync knows this process wrote nothing since."""
         return self._commits
 
+    async def seal_clear_tokens(self) -> int:
+        """Seal the join tokens stored in clear (an older netboot's, a tool's), with this
+        store's sealer; how many. For start-up once the sealer's key is in its file and
+        claimed as the inventory's (service.open_inventory): sealed at open, before the
+        key was written, a kill (or a failed write of the key) between the two left tokens
+        sealed with a key no file held, and the next start made another."""
+        if self._sealer is None:
+            return 0
+        return await self._run(_seal_clear_tokens, self.path, self._sealer)
+
     async def mend_stray_columns(self) -> list[tuple[str, str]]:
         """base.mend_stray: each machine's ``fixed_ipv4`` and ``profile`` columns set from
         its document where SQL changed one without the other; one scan of every document
@@ -849,8 +861,6 @@ class SqliteStore:
         try:
             _configure(conn, self.path)
             _migrate(conn, self.path)
-            if self._sealer is not None:
-                _seal_clear_tokens(conn, self.path, self._sealer)
         except StoreError as exc:
             conn.close()
             if not any(w in str(exc) for w in ("unable to open", "readonly", "disk I/O")):
@@ -1487,9 +1497,9 @@ class SqliteStore:
         return await self._run(_prune_events, before, limit)
 
 
-def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> None:
+def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> int:
     """Seal the join tokens an older netboot stored in clear (one transaction), then move the
-    rewritten pages into the file and empty the WAL."""
+    rewritten pages into the file and empty the WAL; how many."""
     try:
         with _immediate(conn):
             rows = conn.execute("SELECT name, data FROM clusters").fetchall()
@@ -1505,6 +1515,7 @@ def _seal_clear_tokens(conn: sqlite3.Connection, path: Path, sealer: Sealer) -> 
         if sealed:
             conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             log.info("inventory %s: sealed the join tokens of %d clusters", path, sealed)
+        return sealed
     except sqlite3.Error as exc:
         raise StoreError(f"cannot seal the join tokens in {path}: {exc}") from exc
 

@@ -24,11 +24,13 @@ import hashlib
 import json
 import os
 import sqlite3
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from netboot.durable import link_new
 from netboot.errors import ConfigError, Conflict, StoreError
 from netboot.inventory import dsn as pg_dsn
 from netboot.inventory.base import Store
@@ -211,7 +213,12 @@ async def copy(source: str, target: str, *, force: bool = False,
     _needs_driver(source, target)
     if not is_dsn(source) and not Path(source).is_file():
         raise StoreError(f"{source}: no such inventory file")
+    if not is_dsn(source) and Path(source).stat().st_size == 0:
+        # Migrated, it would be an empty inventory, copied as one over a restore's target.
+        raise StoreError(f"{source}: an empty file, not an inventory (a copy killed as it "
+                         "gave the file its name, on a file system without hard links?)")
     peer = peer or pg_dsn.PeerSettings()
+    into = target
     if not is_dsn(target):
         folder = Path(target).parent
         if not folder.is_dir():
@@ -220,30 +227,77 @@ async def copy(source: str, target: str, *, force: bool = False,
             raise ConfigError(f"the directory {folder} does not exist", source="--to",
                               fix=f"create it (install -d -m 0700 {folder}), or name a file "
                                   "in another directory")
-        _private_file(Path(target))
-    for spec in (source, target):
-        await migrate(spec, peer)
-    rows = await _read(source, peer)
-    unset = empty_hostnames_unset(rows)
-    await _write(target, rows, force=force, peer=peer)
-    expected = checksums(rows)
-    found = checksums(await _read(target, peer))
-    for want, got in zip(expected, found, strict=True):
-        if want != got:
-            raise StoreError(f"copy to {describe(target)} differs in table {want.table}: "
-                             f"{got.rows} rows (sha256 {got.sha256[:16]}) where the source "
-                             f"has {want.rows} (sha256 {want.sha256[:16]})")
+        if not Path(target).exists():
+            into = str(_spare_file(Path(target)))
+    try:
+        for spec in (source, into):
+            await migrate(spec, peer)
+        rows = await _read(source, peer)
+        unset = empty_hostnames_unset(rows)
+        await _write(into, rows, force=force, peer=peer)
+        expected = checksums(rows)
+        found = checksums(await _read(into, peer))
+        for want, got in zip(expected, found, strict=True):
+            if want != got:
+                raise StoreError(f"copy to {describe(target)} differs in table {want.table}: "
+                                 f"{got.rows} rows (sha256 {got.sha256[:16]}) where the "
+                                 f"source has {want.rows} (sha256 {want.sha256[:16]})")
+        if into != target:
+            await asyncio.to_thread(_put_in_place, Path(into), Path(target))
+    finally:
+        if into != target:
+            _remove_spare(Path(into))
     return Copied(expected, installs_on_boot(rows), unset)
 
 
-def _private_file(path: Path) -> None:
-    """Make a new SQLite target 0600 before SQLite does (its -wal and -shm take the file's
-    mode), as the server makes its netboot.db: a copy (a backup) holds what the inventory
-    does, the audit log, serials and sealed secrets, and the umask's 0644 let every user of
-    the host read it. An existing file is the operator's (a restore with --force) and kept
-    as it is; one that cannot be made is left to the store, which names the cause."""
-    with contextlib.suppress(OSError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+def _spare_file(target: Path) -> Path:
+    """A new file beside ``target`` (``.NAME.copy-*``, 0600) that a copy into a new SQLite
+    file is made in, whole, before it takes ``target``'s name (:func:`_put_in_place`).
+    Made at ``target``, a copy killed (kill -9, a reboot, the OOM killer) after its
+    migration and before its one transaction committed left a valid, empty inventory under
+    the backup's name, which a restore then copied without a word ("counts and checksums
+    equal", 0 machines) over the inventory it was to bring back (s45-integrity). 0600 as
+    the server's netboot.db: a copy holds the audit log, serials and sealed secrets (its
+    -wal and -shm take the file's mode)."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.copy-", dir=target.parent)
+    except OSError as exc:
+        raise StoreError(f"cannot write {target}: {exc.strerror}") from exc
+    os.close(fd)
+    return Path(name)
+
+
+def _put_in_place(spare: Path, target: Path) -> None:
+    """The finished copy ``spare`` given ``target``'s name, which must still be free: its
+    WAL moved into the file first (the -wal and -shm files go by the name), then a link
+    (refusing a name that exists, where a rename would replace it) and the directory
+    synced (durable.link_new), so that the name is there after a power loss too."""
+    try:
+        conn = sqlite3.connect(spare, isolation_level=None)
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()  # the last connection: its -wal and -shm removed
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot write {target}: {exc}") from exc
+    for side in ("-wal", "-shm"):
+        if spare.with_name(spare.name + side).exists():
+            raise StoreError(f"cannot write {target}: {spare}{side} was left by SQLite; "
+                             "nothing was written to the target")
+    try:
+        link_new(spare, target)
+    except FileExistsError:
+        raise Conflict(f"{target} was made by another program during the copy; nothing was "
+                       "written to it: copy again to another name") from None
+    except OSError as exc:
+        raise StoreError(f"cannot write {target}: {exc.strerror}") from exc
+
+
+def _remove_spare(spare: Path) -> None:
+    for path in (spare, spare.with_name(spare.name + "-wal"),
+                 spare.with_name(spare.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
 
 
 def checksums(rows: Rows) -> list[TableCheck]:

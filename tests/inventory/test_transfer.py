@@ -249,6 +249,70 @@ def test_a_backup_copy_is_readable_by_its_owner_only(
     assert asyncio.run(opened(SqliteStore(restored, sealer=SEALER), snapshot)) == before
 
 
+# Where strace kills ``netboot db copy`` making a backup into a new file (``-P`` the
+# backup's path and its -wal's: the calls naming them, or a descriptor of them; a signal
+# injected at a call's entry, so the call is not made): "made", once the file is there
+# (SQLite's open of the file the copy created; or the link of a copy made whole under
+# another name); "written", as its first bytes are written (or that link, when nothing is
+# written under its name).
+COPY_KILLED_AT = {"made": "inject=openat:signal=KILL:when=2",
+                  "written": "inject=pwrite64:signal=KILL"}
+
+
+@pytest.mark.parametrize("at", list(COPY_KILLED_AT))
+def test_a_backup_copy_killed_midway_leaves_nothing_a_restore_would_take(
+        tmp_path: Path, at: str) -> None:
+    """A nightly ``db copy`` killed midway (kill -9, the OOM killer, a reboot): no file is
+    left under the backup's name, so a restore from it is refused ("no such inventory
+    file") and the next copy to that name makes a whole backup. Before s45-integrity the
+    copy made and migrated the file first and filled it in one transaction: killed
+    between the two, it left a valid, empty inventory, which a restore copied without a
+    word ("counts and checksums equal", 0 machines) over the inventory it was to bring
+    back. The kill is strace's, in a real ``netboot`` process (COPY_KILLED_AT)."""
+    import signal
+    import subprocess
+    import sys
+
+    source = tmp_path / "netboot.db"
+    asyncio.run(opened(SqliteStore(source, sealer=SEALER), fill))
+    backup = tmp_path / "backup.db"
+    netboot = [sys.executable, "-m", "netboot", "db", "copy"]
+    killed = subprocess.run(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(backup), "-P", f"{backup}-wal",
+         "-e", "trace=openat,pwrite64,link,linkat", "-e", COPY_KILLED_AT[at],
+         "-e", "inject=link,linkat:signal=KILL", *netboot,
+         "--from", str(source), "--to", str(backup)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # strace dies as netboot did
+    restored = tmp_path / "restored.db"
+    restore = subprocess.run([*netboot, "--from", str(backup), "--to", str(restored)],
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert restore.returncode != 0, restore.stdout  # not an empty inventory, copied
+    assert "no such inventory file" in restore.stderr, restore.stderr
+    again = subprocess.run([*netboot, "--from", str(source), "--to", str(backup)],
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert again.returncode == 0 and "counts and checksums equal" in again.stdout, again.stderr
+    before = asyncio.run(opened(SqliteStore(source, sealer=SEALER), snapshot))
+    assert asyncio.run(opened(SqliteStore(backup, sealer=SEALER), snapshot)) == before
+
+
+def test_an_empty_file_is_no_inventory_to_copy_from(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file of 0 bytes as ``--from`` (what a copy killed as it gave its file the name
+    leaves where the file system has no hard links, durable.link_new; a ``touch``): refused,
+    the target untouched. Before, it was migrated into an empty inventory and copied as one
+    ("counts and checksums equal"), over a restore's target with --force."""
+    target = tmp_path / "netboot.db"
+    asyncio.run(opened(SqliteStore(target, sealer=SEALER), fill))
+    empty = tmp_path / "backup.db"
+    empty.touch()
+    rc, out, err = run(capsys, "db", "copy", "--from", str(empty), "--to", str(target),
+                       "--force")
+    assert rc != 0 and "an empty file, not an inventory" in err, (out, err)
+    assert empty.stat().st_size == 0
+    assert len(asyncio.run(opened(SqliteStore(target, sealer=SEALER), snapshot))["machines"]) == 41
+
+
 def test_a_postgresql_copy_without_the_driver_says_how_to_install_it(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:
