@@ -87,6 +87,9 @@ _TIME_FIELDS = frozenset({"created", "updated", "state_since", "token_expires", 
 
 def _print_fields(fields: Mapping[str, Any], width: int, now: float, *,
                   skip_empty: bool = True) -> None:
+    # The values in one column: explain's first_stage_reason (18) ran into its value past
+    # the 16 it was given.
+    width = max([width, *map(len, fields)])
     for key, value in fields.items():
         if value in (None, {}, [], ""):
             if not skip_empty:
@@ -416,6 +419,17 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
     return 0
 
 
+def _named_by(machine: Machine) -> str:
+    """What a new machine was enrolled by: its MAC, else the identifier given (a machine
+    enrolled by serial alone was "enrolled m-3f2a... as node-3f2a... (id m-3f2a...)")."""
+    if machine.macs:
+        return machine.ref
+    for key in ("serial", "uuid", "asset"):
+        if getattr(machine, key):
+            return f"{key} {printable(str(getattr(machine, key)))}"
+    return machine.id
+
+
 async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     core = _core(store, cfg)
     if args.action == "add":
@@ -423,8 +437,8 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                 **_given(args, "mac", "hostname", "cluster", "role", "profile", "serial",
                          "uuid", "asset", "fixed_ipv4", "loader")}
         machine = await core.create_machine(data, note="added with the CLI")
-        _report(args, f"enrolled {machine.ref} as {machine.hostname} (id {machine.id})",
-                machine_dict(machine))
+        _report(args, f"enrolled {_named_by(machine)} as {machine.hostname} "
+                      f"(id {machine.id})", machine_dict(machine))
         return 0
     if args.action == "set":
         return await _set_machine(args, core)

@@ -580,6 +580,39 @@ def test_machines_add_by_several_macs_or_serial_and_refs(
     assert len(json.loads(out)) == 1
 
 
+def test_a_machine_enrolled_without_a_mac_is_named_by_what_it_was_enrolled_by(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's `netboot machines add --serial CZ2048XYZ --cluster edge` said "enrolled
+    m-e7a7adfa1a28 as node-fa1a28 (id m-e7a7adfa1a28)": the id twice, not the serial the
+    operator typed (s45-review)."""
+    rc, out, _ = run(capsys, "machines", "add", "--serial", "CZ2048XYZ", "--config", cfg)
+    made = json.loads(run(capsys, "machines", "ls", "--json", "--config", cfg)[1])[0]
+    assert rc == 0 and out == f"enrolled serial CZ2048XYZ as {made['hostname']} (id {made['id']})\n"
+    rc, out, _ = run(capsys, "machines", "add", "--uuid", "4c4c4544-0042-3510-8052-b4c04f4d4d31",
+                     "--config", cfg)
+    assert rc == 0 and out.startswith("enrolled uuid 4c4c4544-0042-3510-8052-b4c04f4d4d31 as ")
+    rc, out, _ = run(capsys, "machines", "add", "52-54-00-12-34-56", "--serial", "CZ1",
+                     "--config", cfg)
+    assert rc == 0 and out.startswith("enrolled 52:54:00:12:34:56 as ")
+
+
+def test_explain_keeps_its_values_in_one_column(cfg: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """README's quickstart `netboot explain 52:54:00:12:34:56 --arch x86_64` printed
+    `first_stage_reason uefi/x86_64 ...` one column right of every other value: its key is
+    longer than the 16 columns the keys were given (s45-review)."""
+    assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--config", cfg)[0] == 0
+    assert run(capsys, "groups", "add", "x86", "--selector", "arch=x86_64", "--profile", "p",
+               "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "52:54:00:12:34:56", "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "explain", "52:54:00:12:34:56", "--arch", "x86_64",
+                     "--config", cfg)
+    lines = out.splitlines()
+    assert rc == 0 and any(line.startswith("first_stage_reason ") for line in lines), out
+    columns = {len(line) - len(line.split(maxsplit=1)[1]) for line in lines}
+    assert columns == {len("first_stage_reason ")}, out
+
+
 def test_status_counts_a_machine_in_the_cluster_its_group_gives_it(
         cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("edge", "lab"):
