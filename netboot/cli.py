@@ -1561,6 +1561,36 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A pipe's output is block-buffered: an answer smaller than the buffer was written only
+    # by Python at exit, after _main's handler, which said "Exception ignored in:
+    # <_io.TextIOWrapper name='<stdout>'> BrokenPipeError" and exited 120 (`netboot explain
+    # MAC | head -3`, `netboot --help | head` on Debian 12's python3; PYTHONUNBUFFERED, set
+    # where the tests ran, hid it). Flushed here, where a reader gone is told.
+    try:
+        code = _main(argv)
+    except SystemExit:  # argparse's --help and usage errors print, then exit
+        if not _flushed():
+            return _reader_gone()
+        raise
+    return code if _flushed() else _reader_gone()
+
+
+def _flushed() -> bool:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return False
+    return True
+
+
+def _reader_gone() -> int:
+    # `netboot explain … | head`: the reader left; as any Unix tool, no traceback (and none
+    # at exit either, when Python flushes stdout again: it goes to /dev/null).
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     # The command is the first word that is not an option (the top level has only -h and
     # --version, which take no value). lab, help and a misspelt command get the whole parser.
@@ -1647,10 +1677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # `netboot explain … | head`: the reader left; as any Unix tool, no traceback (and
-        # none at exit either, when Python flushes stdout again: it goes to /dev/null).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+        return _reader_gone()
     parser.error(f"unknown command {args.cmd!r}")
 
 
