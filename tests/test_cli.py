@@ -115,11 +115,27 @@ def test_serve_names_the_file_and_line_of_a_setting_start_up_refuses(
     assert rc == 2 and told in err, err
 
 
+def a_default_route_on_lo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's default route, as these tests need one: the address found is loopback's.
+    They read the machine's own route table, and failed where it has no default route (a
+    container with no network, `unshare -n`: s45-review); the case without one is
+    test_render_without_a_default_route_says_only_the_address_it_names."""
+    import netboot.servers.sockets
+    import netboot.service
+
+    real = netboot.servers.sockets.interface_ipv4
+    monkeypatch.setattr(netboot.service, "default_route_interface", lambda *a: "lo")
+    # lo has no address in a namespace where it is down.
+    monkeypatch.setattr(netboot.servers.sockets, "interface_ipv4",
+                        lambda name: "127.0.0.1" if name == "lo" else real(name))
+
+
 def test_render_warns_once_about_the_advertised_address(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --advertise, the address found is warned about once per command, not once
     per URL base (s35-user)."""
+    a_default_route_on_lo(monkeypatch)
     text = write_config(tmp_path).read_text().replace("  advertise: 192.0.2.10\n", "")
     path = tmp_path / "noadvertise.yaml"
     path.write_text(text)
@@ -686,9 +702,10 @@ def test_every_command_that_reports_a_result_speaks_json(
 
 def test_address_warning_only_where_an_address_is_used(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Inventory commands serve nothing and say nothing about addresses; render prints URLs,
     so it warns when it has to guess, and takes the same --advertise as serve."""
+    a_default_route_on_lo(monkeypatch)
     data = str(tmp_path / "data")
     assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--data-dir", data)[0] == 0
     assert run(capsys, "machines", "add", "02:00:00:00:00:01", "--profile", "p",
