@@ -87,6 +87,9 @@ _TIME_FIELDS = frozenset({"created", "updated", "state_since", "token_expires", 
 
 def _print_fields(fields: Mapping[str, Any], width: int, now: float, *,
                   skip_empty: bool = True) -> None:
+    # The values in one column: explain's first_stage_reason (18) ran into its value past
+    # the 16 it was given.
+    width = max([width, *map(len, fields)])
     for key, value in fields.items():
         if value in (None, {}, [], ""):
             if not skip_empty:
@@ -416,6 +419,17 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
     return 0
 
 
+def _named_by(machine: Machine) -> str:
+    """What a new machine was enrolled by: its MAC, else the identifier given (a machine
+    enrolled by serial alone was "enrolled m-3f2a... as node-3f2a... (id m-3f2a...)")."""
+    if machine.macs:
+        return machine.ref
+    for key in ("serial", "uuid", "asset"):
+        if getattr(machine, key):
+            return f"{key} {printable(str(getattr(machine, key)))}"
+    return machine.id
+
+
 async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
     core = _core(store, cfg)
     if args.action == "add":
@@ -423,8 +437,8 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
                 **_given(args, "mac", "hostname", "cluster", "role", "profile", "serial",
                          "uuid", "asset", "fixed_ipv4", "loader")}
         machine = await core.create_machine(data, note="added with the CLI")
-        _report(args, f"enrolled {machine.ref} as {machine.hostname} (id {machine.id})",
-                machine_dict(machine))
+        _report(args, f"enrolled {_named_by(machine)} as {machine.hostname} "
+                      f"(id {machine.id})", machine_dict(machine))
         return 0
     if args.action == "set":
         return await _set_machine(args, core)
@@ -1547,6 +1561,36 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # A pipe's output is block-buffered: an answer smaller than the buffer was written only
+    # by Python at exit, after _main's handler, which said "Exception ignored in:
+    # <_io.TextIOWrapper name='<stdout>'> BrokenPipeError" and exited 120 (`netboot explain
+    # MAC | head -3`, `netboot --help | head` on Debian 12's python3; PYTHONUNBUFFERED, set
+    # where the tests ran, hid it). Flushed here, where a reader gone is told.
+    try:
+        code = _main(argv)
+    except SystemExit:  # argparse's --help and usage errors print, then exit
+        if not _flushed():
+            return _reader_gone()
+        raise
+    return code if _flushed() else _reader_gone()
+
+
+def _flushed() -> bool:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        return False
+    return True
+
+
+def _reader_gone() -> int:
+    # `netboot explain … | head`: the reader left; as any Unix tool, no traceback (and none
+    # at exit either, when Python flushes stdout again: it goes to /dev/null).
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+
+
+def _main(argv: Sequence[str] | None) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     # The command is the first word that is not an option (the top level has only -h and
     # --version, which take no value). lab, help and a misspelt command get the whole parser.
@@ -1633,10 +1677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # `netboot explain … | head`: the reader left; as any Unix tool, no traceback (and
-        # none at exit either, when Python flushes stdout again: it goes to /dev/null).
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by it
+        return _reader_gone()
     parser.error(f"unknown command {args.cmd!r}")
 
 

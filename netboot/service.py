@@ -1499,13 +1499,24 @@ class Service:
             f"  DNS    udp+tcp/{cfg.dns.port} zone {cfg.dns.zone}" if cfg.dns.enabled
             else "  DNS    off",
             f"  inventory {cfg.inventory_name}",
-            f"  assets {', '.join(str(r) for r in self.content.assets.roots if r.is_dir())}",
+            f"  assets {assets_line(self.content.assets.roots)}",
             f"  discovery policy: {cfg.discovery.policy}",
         ]
         if self.new_admin_token_file:
             lines.append(f"  admin token created in {self.new_admin_token_file} (mode 0600; "
                          "send it as 'Authorization: Bearer <token>')")
         return "\n".join(lines)
+
+
+def assets_line(roots: Sequence[Path]) -> str:
+    """The directories files are served from, for the start-up summary. The first is the
+    site's own (asset_roots: the data directory's assets/), where README says to put a
+    profile's kernel, initrd and ISO: named even before it is made, which a fresh install's
+    summary left out, naming only the shipped loaders' directories."""
+    shown = [str(r) for r in roots if r.is_dir()]
+    if roots and not roots[0].is_dir():
+        shown.insert(0, f"{roots[0]} (not made yet: put a profile's files here)")
+    return ", ".join(shown)
 
 
 # Descriptors an HTTP connection holds: its socket (a file it sends is one of AssetFiles' kept

@@ -115,11 +115,27 @@ def test_serve_names_the_file_and_line_of_a_setting_start_up_refuses(
     assert rc == 2 and told in err, err
 
 
+def a_default_route_on_lo(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host's default route, as these tests need one: the address found is loopback's.
+    They read the machine's own route table, and failed where it has no default route (a
+    container with no network, `unshare -n`: s45-review); the case without one is
+    test_render_without_a_default_route_says_only_the_address_it_names."""
+    import netboot.servers.sockets
+    import netboot.service
+
+    real = netboot.servers.sockets.interface_ipv4
+    monkeypatch.setattr(netboot.service, "default_route_interface", lambda *a: "lo")
+    # lo has no address in a namespace where it is down.
+    monkeypatch.setattr(netboot.servers.sockets, "interface_ipv4",
+                        lambda name: "127.0.0.1" if name == "lo" else real(name))
+
+
 def test_render_warns_once_about_the_advertised_address(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without --advertise, the address found is warned about once per command, not once
     per URL base (s35-user)."""
+    a_default_route_on_lo(monkeypatch)
     text = write_config(tmp_path).read_text().replace("  advertise: 192.0.2.10\n", "")
     path = tmp_path / "noadvertise.yaml"
     path.write_text(text)
@@ -580,6 +596,39 @@ def test_machines_add_by_several_macs_or_serial_and_refs(
     assert len(json.loads(out)) == 1
 
 
+def test_a_machine_enrolled_without_a_mac_is_named_by_what_it_was_enrolled_by(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's `netboot machines add --serial CZ2048XYZ --cluster edge` said "enrolled
+    m-e7a7adfa1a28 as node-fa1a28 (id m-e7a7adfa1a28)": the id twice, not the serial the
+    operator typed (s45-review)."""
+    rc, out, _ = run(capsys, "machines", "add", "--serial", "CZ2048XYZ", "--config", cfg)
+    made = json.loads(run(capsys, "machines", "ls", "--json", "--config", cfg)[1])[0]
+    assert rc == 0 and out == f"enrolled serial CZ2048XYZ as {made['hostname']} (id {made['id']})\n"
+    rc, out, _ = run(capsys, "machines", "add", "--uuid", "4c4c4544-0042-3510-8052-b4c04f4d4d31",
+                     "--config", cfg)
+    assert rc == 0 and out.startswith("enrolled uuid 4c4c4544-0042-3510-8052-b4c04f4d4d31 as ")
+    rc, out, _ = run(capsys, "machines", "add", "52-54-00-12-34-56", "--serial", "CZ1",
+                     "--config", cfg)
+    assert rc == 0 and out.startswith("enrolled 52:54:00:12:34:56 as ")
+
+
+def test_explain_keeps_its_values_in_one_column(cfg: str,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """README's quickstart `netboot explain 52:54:00:12:34:56 --arch x86_64` printed
+    `first_stage_reason uefi/x86_64 ...` one column right of every other value: its key is
+    longer than the 16 columns the keys were given (s45-review)."""
+    assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--config", cfg)[0] == 0
+    assert run(capsys, "groups", "add", "x86", "--selector", "arch=x86_64", "--profile", "p",
+               "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "52:54:00:12:34:56", "--config", cfg)[0] == 0
+    rc, out, _ = run(capsys, "explain", "52:54:00:12:34:56", "--arch", "x86_64",
+                     "--config", cfg)
+    lines = out.splitlines()
+    assert rc == 0 and any(line.startswith("first_stage_reason ") for line in lines), out
+    columns = {len(line) - len(line.split(maxsplit=1)[1]) for line in lines}
+    assert columns == {len("first_stage_reason ")}, out
+
+
 def test_status_counts_a_machine_in_the_cluster_its_group_gives_it(
         cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
     for name in ("edge", "lab"):
@@ -653,9 +702,10 @@ def test_every_command_that_reports_a_result_speaks_json(
 
 def test_address_warning_only_where_an_address_is_used(
         tmp_path: Path, capsys: pytest.CaptureFixture[str],
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """Inventory commands serve nothing and say nothing about addresses; render prints URLs,
     so it warns when it has to guess, and takes the same --advertise as serve."""
+    a_default_route_on_lo(monkeypatch)
     data = str(tmp_path / "data")
     assert run(capsys, "profiles", "add", "p", "--kernel", "vmlinuz", "--data-dir", data)[0] == 0
     assert run(capsys, "machines", "add", "02:00:00:00:00:01", "--profile", "p",
@@ -998,8 +1048,12 @@ def test_help_and_lab_still_get_the_lab(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_a_reader_that_leaves_early_gets_no_traceback(cfg: str, tmp_path: Path) -> None:
     # `netboot explain MAC | head -3` printed a BrokenPipeError traceback (s36-user): the
-    # reader is gone before the first line is written here.
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    # reader is gone before the first line is written here. Buffered, as a user's shell
+    # runs it: with PYTHONUNBUFFERED (set where these tests ran) the answer was written
+    # inside main() and caught there; buffered, Python wrote it at exit, "Exception ignored
+    # ... BrokenPipeError", exit 120 (a fresh Debian 12, s45-review).
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"},
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     proc = subprocess.Popen([sys.executable, "-m", "netboot", "explain", "52:54:00:12:34:56",
                              "--config", cfg], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env)
@@ -1007,6 +1061,13 @@ def test_a_reader_that_leaves_early_gets_no_traceback(cfg: str, tmp_path: Path) 
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(60) == 141 and "Traceback" not in err and "Broken pipe" not in err, err
+    # --help's text, printed by argparse before its exit, alike.
+    proc = subprocess.Popen([sys.executable, "-m", "netboot", "--help"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141 and "Broken pipe" not in err, err
 
 
 def test_no_readme_block_enrolls_one_identifier_twice() -> None:

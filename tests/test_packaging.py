@@ -141,8 +141,9 @@ def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
 
 
 @pytest.fixture
-def served(installed: Installed) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def served(installed: Installed) -> Iterator[tuple[subprocess.Popen[str], int, int]]:
     port = free_port()
+    https_port = free_port()
     env = {**clean_env(), "NETBOOT_HTTP_LISTEN": "127.0.0.1"}
     proc = subprocess.Popen([str(installed.bin / "netboot"), "serve",
                              "--data-dir", str(installed.home / "serve-data"),
@@ -150,36 +151,39 @@ def served(installed: Installed) -> Iterator[tuple[subprocess.Popen[str], int]]:
                              # only: DHCP and TFTP bind to the lo device, HTTP and HTTPS to
                              # 127.0.0.1, all on free ports.
                              "--interface", "lo", "--http-port", str(port),
-                             "--https-port", str(free_port()),
+                             "--https-port", str(https_port),
                              "--dhcp-port", str(free_port(socket.SOCK_DGRAM)),
                              "--pxe-port", str(free_port(socket.SOCK_DGRAM)),
                              "--tftp-port", str(free_port(socket.SOCK_DGRAM))],
                             cwd=installed.home, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        yield proc, port
+        yield proc, port, https_port
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
 
 
-def test_serve_answers_boot_ipxe_and_stops_cleanly(
-        served: tuple[subprocess.Popen[str], int]) -> None:
-    proc, port = served
-    url = f"http://127.0.0.1:{port}/boot.ipxe"
-    body = None
+def answered(proc: subprocess.Popen[str], url: str) -> str:
+    """The body ``url`` answers once the served netboot is up."""
     for _ in range(300):  # bounded: at most ~60 s for a cold start on a loaded machine
         if proc.poll() is not None:
             break
         try:
             with urllib.request.urlopen(url, timeout=5) as resp:
-                body = resp.read().decode()
-            break
+                return str(resp.read().decode())
         except OSError:
             time.sleep(0.2)
-    assert body is not None, f"no answer from {url}; netboot said:\n" + (
-        proc.stdout.read() if proc.poll() is not None and proc.stdout else "(still running)")
+    raise AssertionError(f"no answer from {url}; netboot said:\n" + (
+        proc.stdout.read() if proc.poll() is not None and proc.stdout else "(still running)"))
+
+
+def test_serve_answers_boot_ipxe_and_stops_cleanly(
+        installed: Installed, served: tuple[subprocess.Popen[str], int, int]) -> None:
+    proc, port, _ = served
+    url = f"http://127.0.0.1:{port}/boot.ipxe"
+    body = answered(proc, url)
     assert body.startswith("#!ipxe") and f"http://127.0.0.1:{port}/ipxe?" in body
     # The readiness check a load balancer or the operator asks first (README, "Access").
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
@@ -198,6 +202,79 @@ def test_serve_answers_boot_ipxe_and_stops_cleanly(
     assert proc.returncode == 0, output
     assert "Traceback" not in output, output
     assert "DHCP   proxy on udp/" in output, output  # what the embedded defaults serve
+    # Where README says to put a profile's files, named before it is made: a fresh install's
+    # summary named only the shipped loaders' directories (s45-review).
+    site = installed.home / "serve-data" / "assets"
+    assert f"  assets {site} (not made yet: put a profile's files here), " in output, output
+
+
+def readme_block(first_line: str) -> str:
+    """The README's one ```sh block whose first line starts with ``first_line``."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    found = [b for b in re.findall(r"^```sh\n(.*?)^```$", readme, re.S | re.M)
+             if b.startswith(first_line)]
+    assert len(found) == 1, (first_line, len(found))
+    return str(found[0])
+
+
+def test_the_readmes_quickstart_and_import_blocks_run_as_written(
+        installed: Installed, served: tuple[subprocess.Popen[str], int, int]) -> None:
+    """README's quickstart (its API form with the tokens block after it, its CLI form), the
+    CSV import of "Enrollment at scale" and the line that puts `netboot` on the PATH, run by
+    a shell as they stand, against the wheel's netboot: only `sudo ` dropped (root here, as
+    README says), the server's address and the data directory moved to this test's, and
+    `.venv` the wheel's venv. The import's printed lines are the ones README shows. The
+    import block and the PATH line were not in README (s45-review: a new user had only the
+    column list, and every later `netboot ...` was "command not found")."""
+    import re
+    import shutil
+
+    proc, port, https_port = served
+    answered(proc, f"http://127.0.0.1:{port}/healthz")
+    (installed.home / ".venv").unlink(missing_ok=True)
+    (installed.home / ".venv").symlink_to(installed.bin.parent)
+    served_data = installed.home / "serve-data"
+
+    def sh(block: str, data: Path, extra: str = "") -> str:
+        text = (block.replace("sudo ", "").replace("/var/lib/netboot", str(data))
+                .replace("192.0.2.10:8443", f"127.0.0.1:{https_port}")
+                .replace("192.0.2.10:8080", f"127.0.0.1:{port}"))
+        env = {**clean_env(), "NETBOOT_SERVER_DATA_DIR": str(data)}
+        result = subprocess.run(["bash", "-e", "-c", extra + text], cwd=installed.home, env=env,
+                                capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, f"{text}\n{result.stdout}{result.stderr}"
+        return result.stdout + result.stderr
+
+    api_form = readme_block("sudo .venv/bin/netboot ca export > netboot-ca.pem")
+    tokens = readme_block("SCANNER=$(sudo .venv/bin/netboot tokens create")
+    out = sh(api_form + tokens, served_data)
+    assert '"hostname": "edge-1"' in out and "POST /api/v1/machines" in out, out
+    assert re.search(r"scanner-1 +POST /api/v1/machines +m-", out), out
+
+    # The CLI form, on an inventory of its own (it makes the same cluster and machine).
+    cli_data = installed.home / "cli-data"
+    out = sh(readme_block("sudo .venv/bin/netboot clusters add edge"), cli_data)
+    assert "#!ipxe" in out and 'hostname: "edge-1"' in out, out
+    assert re.search(r"^group +x86$", out, re.M) and "events:" in out, out
+    import_block = readme_block("cat > fleet.csv <<'EOF'")
+    out = sh(import_block, cli_data)
+    shown = re.findall(r"# (\d+ w.*)$", import_block, re.M)
+    assert [line for line in out.splitlines() if line in shown] == shown, out
+    listed = json.loads(installed.run("machines", "ls", "--json", "--cluster", "edge",
+                                      "--data-dir", str(cli_data)).stdout)
+    assert {m["serial"] for m in listed} >= {"CZ2048A01", "CZ2048A02", "CZ2048A03"}, listed
+
+    # The PATH line, into a directory of this test's in place of /usr/local/bin.
+    bindir = installed.home / "usr-local-bin"
+    bindir.mkdir(exist_ok=True)
+    line = readme_block('sudo ln -s "$PWD/.venv/bin/netboot" /usr/local/bin/netboot')
+    sh(line.replace("/usr/local/bin", str(bindir)), cli_data)
+    found = shutil.which("netboot", path=str(bindir))
+    assert found is not None
+    assert subprocess.run([found, "--version"], capture_output=True, text=True,
+                          check=True).stdout.startswith("netboot 0.1.0 (build ")
 
 
 def test_no_instruction_installs_netboot_by_its_name_from_an_index() -> None:

@@ -508,6 +508,36 @@ async def test_an_operator_marks_a_machine_installed_from_its_page_after_confirm
     assert why["state"] == "installed" and "local" in why["decision"], why
 
 
+async def test_a_machine_not_booted_yet_shows_what_it_boots_as_each_architecture(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """README's quickstart enrolls edge-1 by MAC beside a group selecting arch=x86_64; its
+    page said only "hold — no profile: set one on the machine, a group that selects it or
+    enroll.default_profile", where the box installs as soon as it boots as an x86_64 (the
+    arch is not known before its firmware asks). The page now says what it boots as each
+    architecture, as `netboot explain REF --arch A` does; once it has booted, only its own
+    (s45-review)."""
+    env = await make_env()
+    await env.seed()
+    made = await env.post("/api/v1/machines", {"mac": "52:54:00:12:34:56",
+                                               "hostname": "edge-1"}, status=201)
+    page = await logged_in(browser, env, shots)
+    await page.goto(url(env, f"/#/machine/{made['id']}"))
+    plan = page.locator("p.decision")
+    await expect(plan).to_contain_text("hold")
+    x86 = plan.locator("li[data-arch=x86_64]")
+    await expect(x86).to_contain_text("as an x86_64 box: install")
+    await expect(x86).to_contain_text("install profile k3os (group all-x86)")
+    await expect(plan.locator("li[data-arch=arm64]")).to_contain_text("as an arm64 box: hold")
+    await shots(page, "not-booted-yet")
+
+    # It boots as an x86_64: its own plan, nothing by architecture.
+    await boot(env, "52-54-00-12-34-56")
+    await page.reload()
+    await expect(plan).to_contain_text("(group all-x86")
+    await expect(plan.locator("ul.by-arch")).to_have_count(0)
+    await shots(page, "booted")
+
+
 async def test_the_inventorys_refused_writes_are_a_banner_on_every_page_until_they_clear(
         make_env: EnvFactory, browser: Browser, shots: Any,
         monkeypatch: pytest.MonkeyPatch) -> None:

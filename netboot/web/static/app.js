@@ -413,7 +413,7 @@ function machineView(root, id) {
       "(see Profiles):");
     decision.replaceChildren(h("strong", {}, why.decision || "—"), " — ", why.reason || "",
       why.group ? ` (group ${why.group}, profile from ${why.profile_source})` : "",
-      ...(problems ? [problems] : []));
+      ...(problems ? [problems] : []), ...await unseenArchitectures(m, ref));
     explain.textContent = JSON.stringify(why, null, 2);
     for (const [kind, el] of [["ipxe", ipxe], ["config", config]]) {
       const r = await api("GET", `/machines/${ref}/render/${kind}`, undefined, {allowError: true});
@@ -427,6 +427,27 @@ function machineView(root, id) {
     onEvent(ev) { if (ev.machine === id) reload(); },
     onMissed: reload,
   };
+}
+
+// A machine enrolled and not booted yet: its architecture is not known, so a group that
+// selects by arch (README's quickstart: x86 selects arch=x86_64) matches nothing yet, and the
+// page said only "hold — no profile" of a machine that installs once it boots. What it boots
+// as each architecture a fleet's boxes have (netboot explain REF --arch A).
+const BOOT_ARCHES = ["x86_64", "arm64"];
+
+async function unseenArchitectures(m, ref) {
+  if (m.arch) return [];
+  const answers = await Promise.all(BOOT_ARCHES.map((arch) =>
+    api("GET", `/machines/${ref}/explain?arch=${arch}`)));
+  return [h("ul", {class: "by-arch"},
+    h("li", {}, "Not booted yet: its architecture is not known until its firmware asks. " +
+      "Once it boots:"),
+    BOOT_ARCHES.map((arch, i) => {
+      const why = answers[i].data;
+      // Its reason names the group that gives it the profile ("... (group x86)").
+      return h("li", {dataset: {arch}}, `as an ${arch} box: `, h("strong", {}, why.decision),
+        " — ", why.reason || "");
+    }))];
 }
 
 function approveForm(m, clusters, profiles, done) {
