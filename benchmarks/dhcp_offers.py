@@ -441,10 +441,15 @@ def inproc(count: int, kind: str, enroll: list[bytes], batch: int = 64) -> None:
                                    root, enroll=enroll)
         # A tree before s31-dhcp has no collections between answers.
         between = getattr(server, "collections", None)
-        protocol = BoundaryProtocol("bench", server._handler(_Listener(None, SERVER_IP, False)),
-                                    logger=logging.getLogger("bench"),
-                                    max_in_flight=1 << 30,
-                                    **({"answered": between.answered} if between else {}))
+        listener = _Listener(None, SERVER_IP, False)
+        protocol: Any
+        if hasattr(server, "_protocol"):  # the listener's own protocol (since s45-dhcp)
+            protocol = server._protocol(listener, "bench", max_in_flight=1 << 30)
+        else:
+            protocol = BoundaryProtocol("bench", server._handler(listener),
+                                        logger=logging.getLogger("bench"),
+                                        max_in_flight=1 << 30,
+                                        **({"answered": between.answered} if between else {}))
         transport = Counting()
         protocol.connection_made(transport)  # type: ignore[arg-type]
         # "first": each DISCOVER from a machine of its own, seen for the first time (what a
