@@ -767,7 +767,8 @@ class DhcpServer:
         if packet.message_type is None:
             _log.debug("dhcp: xid %#010x from %s: plain BOOTP, ignored", packet.xid, peer[0])
             return []
-        if packet.option(_VENDOR_CLASS) == PROBE_VENDOR_CLASS:
+        # The values' own get, not Request.option's Python call (parse_request's Request).
+        if packet.values.get(_VENDOR_CLASS) == PROBE_VENDOR_CLASS:
             return []
         if (packet.giaddr != ZERO_IP and not pxe_port
                 and not relay_allowed(packet.giaddr, self._networks)):
