@@ -149,14 +149,20 @@ class _Repeats(BoundaryProtocol):
         # the AF_INET sockets DHCP listens on). Equal to a kept request's bytes but for
         # xid, secs and flags, the datagram is as long as one the size check let through.
         key = (addr, data[:4] + data[12:])
-        answer = self._kept.get(key)
-        if answer is not None:
-            if answer.holds() and self.transport is not None:
-                self.received += 1
-                self._send((self._again(answer, data, addr),))
-                return
-            del self._kept[key]
+        try:
+            answer = self._kept.get(key)
+            if answer is not None:
+                if answer.holds():
+                    self.received += 1
+                    self._send((self._again(answer, data, addr),))
+                    return
+                del self._kept[key]
+        except Exception as exc:  # inside the boundary, as the handler's own look-up was
+            self.received += 1
+            self._failed(exc, (addr[0], addr[1]))
+            return
         super().datagram_received(data, addr)
+
 
 class DhcpObserver(Protocol):
     """Told of every reply sent (metrics): ``kind`` is OFFER, ACK, NAK."""

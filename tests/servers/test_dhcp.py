@@ -235,6 +235,45 @@ async def test_a_repeat_is_answered_from_its_kept_answer_while_decisions_wait(
         await s.close()
 
 
+async def test_a_kept_answers_check_that_fails_is_a_logged_bug_and_the_listener_serves_on(
+        client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    """The repeat's look-up runs in the listener protocol's own call (_Repeats), still
+    inside the error boundary: a guard that raises is logged with its traceback, that
+    datagram dropped, and the next request answered."""
+    decider = GatedDecider(set())
+    broken = [False]
+
+    def guard(request: BootRequest, stage: FirstStage) -> object:
+        def holds() -> bool:
+            if broken[0]:
+                raise RuntimeError("guard broke")
+            return True
+        return holds
+
+    decider.repeat_guard = guard  # type: ignore[method-assign]
+    s = DhcpServer(
+        DhcpSettings(), decider, MemoryLeaseStore(), interfaces=None, advertise=LOOPBACK,
+        host=LOOPBACK, port=0, pxe_port=0, broadcast_address=LOOPBACK,
+        client_port=client.port,
+    )
+    await s.start()
+    try:
+        dhcp_port, _ = s.ports
+        discover = payload("uefi-edk2pxe", 8)
+        a, b = bytes.fromhex("52540000000a"), bytes.fromhex("52540000000b")
+        await client.send(_from(discover, a, 1), dhcp_port)
+        assert (await client.receive())[0].xid == 1
+        broken[0] = True
+        await client.send(_from(discover, a, 2), dhcp_port)  # its check raises: dropped
+        await client.send(_from(discover, b, 3), dhcp_port)
+        answer, _ = await client.receive()
+        assert answer.xid == 3 and answer.chaddr[:6] == b
+        assert any("bug while handling a datagram" in r.getMessage() and r.exc_info
+                   for r in caplog.records)
+    finally:
+        await s.close()
+
+
 async def test_port_in_use_is_a_config_error() -> None:
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     holder.bind((LOOPBACK, 0))
