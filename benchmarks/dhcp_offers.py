@@ -4,6 +4,8 @@
                                           [--storm 1000] [--within 1] [--repeat 3]
                                           [--uvloop] [--baseline OTHER_CHECKOUT]
     python benchmarks/dhcp_offers.py --inproc [--count 20000] [--decider first]  # no root
+    python benchmarks/dhcp_offers.py --inproc --instructions [--decider memory-full]
+                                     [--count 3000] [--baseline TREE] [--repeat 3]  # no root
     python benchmarks/dhcp_offers.py --startup [--machines 100000] [--storm 1000]  # no root
 
 Two measurements per target, each a UEFI x86-64 PXE DISCOVER (60 PXEClient, 93 arch 7,
@@ -17,8 +19,13 @@ Two measurements per target, each a UEFI x86-64 PXE DISCOVER (60 PXEClient, 93 a
               (iPXE's proxy window, protocols.md §1.6), and the server's CPU µs per
               device (its answer and its record: what decides the p99 on a busy machine).
 
-Targets: ``netboot`` answers from memory (a decider that returns the loader at once: what the
-codec, the classification, the reply and the asyncio adapter cost); ``netboot+store`` is the
+Targets: ``netboot`` answers from memory (a decider that returns the loader at once and, as
+``netboot serve``'s does, lets a repeat of a request be answered from the server's kept
+answer: the first DISCOVER of each MAC decided in full, its repeats by the answer cache and
+the asyncio adapter); ``netboot+full`` is the same decider without the guard, every DISCOVER
+parsed, classified, decided and encoded (what the codec, the classification, the reply and
+the adapter cost: a first DISCOVER's datagram without the inventory; the ``netboot`` row up
+to session 44); ``netboot+store`` is the
 real ``BootService`` over SQLite with discovery policy ``hold`` and its view loaded (as
 ``netboot serve`` loads it), every MAC unknown: each DISCOVER is decided from the view and
 a sighting is recorded in the background within the discovery budget; ``netboot+enrolled``
@@ -106,9 +113,18 @@ STORM_MAC0 = 100_000  # the storm's devices: MACs none of the closed loop's
 # --- the servers ------------------------------------------------------------------------------
 
 
+def _holds() -> bool:
+    return True
+
+
 class _Memory:
     """Answers from memory, at once (no awaitable): the per-packet cost of everything but
-    the inventory, as a decider with an in-memory view of it would answer."""
+    the inventory, as a decider with an in-memory view of it would answer. Its answer
+    never changes, so a repeat of a request answered before is answered from the DHCP
+    server's kept answer, as ``netboot serve``'s decider (BootService.repeat_guard) lets
+    it: without the guard this target parsed, classified, decided and encoded every
+    repeat of the closed loop's 1,000 MACs, work the product does not do (the ``netboot``
+    row read below ``+store`` up to session 44: benchmarks/README.md, s45-dhcp)."""
 
     def __init__(self) -> None:
         from netboot.model import FirstStage
@@ -118,8 +134,19 @@ class _Memory:
     def first_stage(self, request: Any) -> Any:
         return self.stage
 
+    def repeat_guard(self, request: Any, stage: Any) -> Any:
+        return _holds
 
-class _MemoryAsync(_Memory):
+
+class _MemoryFull(_Memory):
+    """The same decider without a guard: every DISCOVER parsed, classified, decided and
+    its reply encoded (what a first DISCOVER's codec and adapter cost; the ``netboot``
+    target before session 45)."""
+
+    repeat_guard = None  # type: ignore[assignment]  # the server looks it up by getattr
+
+
+class _MemoryAsync(_MemoryFull):
     """The same answer from a coroutine: what the asyncio task per decision costs."""
 
     async def first_stage(self, request: Any) -> Any:
@@ -173,7 +200,9 @@ async def make_server(kind: str, interface: str, root: Path, *,
         else:
             service.freeze_heap()
     else:
-        store, decider = MemoryStore(), _MemoryAsync() if kind == "memory-async" else _Memory()
+        store = MemoryStore()
+        decider = {"memory-async": _MemoryAsync, "memory-full": _MemoryFull}.get(
+            kind, _Memory)()
     return DhcpServer(DhcpSettings(), decider, store,
                       interfaces=[interface] if interface else None, advertise=SERVER_IP,
                       host="0.0.0.0", port=67, pxe_port=4011)
@@ -232,7 +261,8 @@ def target(name: str, ns: str, run: Path, baseline: Path | None = None,
         env: dict[str, str] = {}
     else:
         enrolled = "+enrolled" in name or "+repeats" in name
-        kind = "store" if "+store" in name or enrolled else "memory"
+        kind = ("store" if "+store" in name or enrolled
+                else "memory-full" if "+full" in name else "memory")
         tree = baseline if name.startswith("baseline") and baseline else REPO
         argv = [sys.executable, str(Path(__file__).resolve()), "--serve", kind,
                 "--interface", SERVER_IF]
@@ -411,10 +441,15 @@ def inproc(count: int, kind: str, enroll: list[bytes], batch: int = 64) -> None:
                                    root, enroll=enroll)
         # A tree before s31-dhcp has no collections between answers.
         between = getattr(server, "collections", None)
-        protocol = BoundaryProtocol("bench", server._handler(_Listener(None, SERVER_IP, False)),
-                                    logger=logging.getLogger("bench"),
-                                    max_in_flight=1 << 30,
-                                    **({"answered": between.answered} if between else {}))
+        listener = _Listener(None, SERVER_IP, False)
+        protocol: Any
+        if hasattr(server, "_protocol"):  # the listener's own protocol (since s45-dhcp)
+            protocol = server._protocol(listener, "bench", max_in_flight=1 << 30)
+        else:
+            protocol = BoundaryProtocol("bench", server._handler(listener),
+                                        logger=logging.getLogger("bench"),
+                                        max_in_flight=1 << 30,
+                                        **({"answered": between.answered} if between else {}))
         transport = Counting()
         protocol.connection_made(transport)  # type: ignore[arg-type]
         # "first": each DISCOVER from a machine of its own, seen for the first time (what a
@@ -423,6 +458,10 @@ def inproc(count: int, kind: str, enroll: list[bytes], batch: int = 64) -> None:
         answers: list[float] = []
         clock = time.perf_counter
         gc.callbacks.append(probe)
+        counting = os.environ.get("NB_CALLGRIND") == "1"
+        if counting:  # under callgrind (--instructions): the measured datagrams alone
+            subprocess.run(["callgrind_control", "-i", "on", str(os.getpid())], check=True,
+                           capture_output=True)
         t0 = time.process_time()
         m0 = time.thread_time()
         for i in range(count):
@@ -441,6 +480,9 @@ def inproc(count: int, kind: str, enroll: list[bytes], batch: int = 64) -> None:
         if drain is not None:  # the store decider's background records, written
             await drain()
         seconds = time.process_time() - t0
+        if counting:
+            subprocess.run(["callgrind_control", "-i", "off", str(os.getpid())], check=True,
+                           capture_output=True)
         gc.callbacks.remove(probe)
         print(f"main thread {(time.thread_time() - m0) / count * 1e6:.1f} µs per DISCOVER")
         await server.close()
@@ -460,6 +502,40 @@ def inproc(count: int, kind: str, enroll: list[bytes], batch: int = 64) -> None:
           f"p99 {pct(answers, 0.99) * 1e6:.0f} µs, p99.9 {pct(answers, 0.999) * 1e6:.0f} µs, "
           f"max {max(answers) * 1e6:.0f} µs ({batch} a loop iteration; load "
           f"{os.getloadavg()[0]:.1f})")
+
+
+def instructions(count: int, kind: str, batch: int, trees: list[Path], rounds: int) -> None:
+    """``--inproc`` of each tree under valgrind's callgrind, counting only the measured
+    datagrams (the child's ``callgrind_control -i on`` / ``off``): the loop thread's
+    instructions per DISCOVER and the other threads' (the store's writer), rounds in
+    alternating order. The load does not move these counts."""
+    per: dict[Path, list[tuple[float, float]]] = {tree: [] for tree in trees}
+    for r in range(rounds):
+        for tree in trees if r % 2 == 0 else trees[::-1]:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "cg.out"
+                subprocess.run(
+                    ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                     "--separate-threads=yes", f"--callgrind-out-file={out}",
+                     "--log-file=/dev/null", sys.executable, __file__, "--inproc",
+                     "--decider", kind, "--count", str(count), "--batch", str(batch)],
+                    check=True, capture_output=True, timeout=1800,
+                    env={**os.environ, "NETBOOT_TREE": str(tree), "NB_CALLGRIND": "1"})
+                threads = []
+                for path in sorted(Path(tmp).glob("cg.out-*")):
+                    totals = [line for line in path.read_text().splitlines()
+                              if line.startswith("totals:")]
+                    threads.append(int(totals[0].split()[1]) if totals else 0)
+            per[tree].append((threads[0] / count, sum(threads[1:]) / count))
+            print(f"round {r + 1} {tree}: loop {per[tree][-1][0]:,.0f}, other threads "
+                  f"{per[tree][-1][1]:,.0f} instructions a DISCOVER", flush=True)
+    first = sum(x for x, _ in per[trees[0]]) / rounds
+    for tree in trees:
+        loop = sum(x for x, _ in per[tree]) / rounds
+        other = sum(y for _, y in per[tree]) / rounds
+        print(f"{kind} decider, {count} DISCOVERs ({batch} a loop turn), {tree}: loop "
+              f"{loop:,.0f} instructions a DISCOVER ({loop / first:.3f}x the first tree's), "
+              f"other threads {other:,.0f} (means of {rounds})")
 
 
 # --- in-process: a storm while the view loads ------------------------------------------------
@@ -565,13 +641,17 @@ def main() -> None:
                         help="also the netboot of another checkout (e.g. before a change), as "
                              "targets baseline, baseline+store (and -uvloop with --uvloop)")
     parser.add_argument("--inproc", action="store_true")
+    parser.add_argument("--instructions", action="store_true",
+                        help="with --inproc: instructions per DISCOVER under callgrind, this "
+                             "tree and --baseline's, --repeat rounds in alternating order")
     parser.add_argument("--startup", action="store_true",
                         help="in process: --storm DISCOVERs while the view of --machines loads")
     parser.add_argument("--machines", type=int, default=100_000)
     parser.add_argument("--plain-switching", action="store_true",
                         help="with --startup: the view loads with Python's switch interval")
     parser.add_argument("--decider", default="memory",
-                        choices=("memory", "memory-async", "store", "enrolled", "first"),
+                        choices=("memory", "memory-full", "memory-async", "store", "enrolled",
+                                 "first"),
                         help="with --inproc (enrolled: the store's, with every MAC of the load "
                              "enrolled; first: --count enrolled machines, one DISCOVER each)")
     parser.add_argument("--batch", type=int, default=64,
@@ -596,6 +676,10 @@ def main() -> None:
     if args.startup:
         startup(args.machines, args.storm, args.within, args.plain_switching)
         return
+    if args.inproc and args.instructions:
+        instructions(args.count, args.decider, args.batch,
+                     [REPO, *([args.baseline.resolve()] if args.baseline else [])], args.repeat)
+        return
     if args.inproc:
         inproc(args.count, args.decider,
                enrolled_macs(1000, 0) if args.decider == "enrolled"
@@ -604,12 +688,14 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         sys.exit("needs root for the network namespaces (or use --inproc)")
-    names = ["netboot", "netboot+store", "netboot+enrolled", "netboot+repeats", "dnsmasq"]
+    names = ["netboot", "netboot+full", "netboot+store", "netboot+enrolled", "netboot+repeats",
+             "dnsmasq"]
     if args.uvloop:
         names.insert(1, "netboot-uvloop")
-        names.insert(3, "netboot+store-uvloop")  # what `netboot serve` runs with uvloop
-        names.insert(5, "netboot+enrolled-uvloop")
-        names.insert(7, "netboot+repeats-uvloop")
+        names.insert(3, "netboot+full-uvloop")
+        names.insert(5, "netboot+store-uvloop")  # what `netboot serve` runs with uvloop
+        names.insert(7, "netboot+enrolled-uvloop")
+        names.insert(9, "netboot+repeats-uvloop")
     if args.baseline:
         names += [n.replace("netboot", "baseline") for n in names if n.startswith("netboot")]
     if args.only:

@@ -163,6 +163,117 @@ async def test_a_decision_ended_cancelled_is_logged_and_the_listener_keeps_servi
         await s.close()
 
 
+class GatedDecider:
+    """Answers at once, but for the MACs in ``gated``, whose decisions wait for ``gate``
+    (a store read under way); its answers hold until ``holding`` is cleared (a decider's
+    repeat_guard, pxe.BootDecider)."""
+
+    def __init__(self, gated: set[str]) -> None:
+        self.gated = gated
+        self.gate = asyncio.Event()
+        self.holding = True
+        self.decided: list[str] = []
+
+    async def _waited(self) -> FirstStage:
+        await self.gate.wait()
+        return FirstStage("snponly.efi", reason="waited")
+
+    def first_stage(self, request: BootRequest) -> object:
+        self.decided.append(str(request.mac))
+        if str(request.mac) in self.gated:
+            return self._waited()
+        return FirstStage("snponly.efi", reason="at once")
+
+    def repeat_guard(self, request: BootRequest, stage: FirstStage) -> object:
+        return lambda: self.holding
+
+
+def _from(data: bytes, mac: bytes, xid: int) -> bytes:
+    """``data`` as another device would send it: its chaddr and xid."""
+    return data[:4] + xid.to_bytes(4, "big") + data[8:28] + mac + data[34:]
+
+
+async def test_a_repeat_is_answered_from_its_kept_answer_while_decisions_wait(
+        client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device asking again is answered at once from the answer it was given, even while
+    the listener's decisions in flight wait for the inventory and new requests wait their
+    turn (servers/udp.py's waiting room): its answer needs no decision. It waited behind
+    them, up to decide_timeout, before s45-dhcp. An answer that no longer holds is decided
+    again, in its turn."""
+    from netboot.servers import dhcp as dhcp_server
+
+    monkeypatch.setattr(dhcp_server, "DECISIONS_IN_FLIGHT", 1)
+    decider = GatedDecider({"52:54:00:00:00:0b", "52:54:00:00:00:0c"})
+    s = DhcpServer(
+        DhcpSettings(), decider, MemoryLeaseStore(), interfaces=None, advertise=LOOPBACK,
+        host=LOOPBACK, port=0, pxe_port=0, broadcast_address=LOOPBACK,
+        client_port=client.port, decide_timeout=30,
+    )
+    await s.start()
+    try:
+        dhcp_port, _ = s.ports
+        discover = payload("uefi-edk2pxe", 8)
+        a, b, c = (bytes.fromhex(f"5254000000{n}") for n in ("0a", "0b", "0c"))
+        await client.send(_from(discover, a, 1), dhcp_port)
+        first, _ = await client.receive()
+        assert first.xid == 1 and first.file_name == "snponly.efi"
+        await client.send(_from(discover, b, 2), dhcp_port)  # in flight, waiting
+        await client.send(_from(discover, c, 3), dhcp_port)  # waiting for its turn
+        await client.send(_from(discover, a, 4), dhcp_port)  # a's repeat
+        again, _ = await client.receive()
+        assert again.xid == 4 and again.file_name == "snponly.efi"
+        assert again.chaddr[:6] == a and s.answered_again == 1
+        assert decider.decided == ["52:54:00:00:00:0a", "52:54:00:00:00:0b"]
+        decider.gate.set()
+        assert sorted([(await client.receive())[0].xid for _ in range(2)]) == [2, 3]
+        decider.holding = False  # a's answer no longer holds: decided again
+        await client.send(_from(discover, a, 5), dhcp_port)
+        fresh, _ = await client.receive()
+        assert fresh.xid == 5 and s.answered_again == 1
+        assert decider.decided[-1] == "52:54:00:00:00:0a" and len(decider.decided) == 4
+    finally:
+        await s.close()
+
+
+async def test_a_kept_answers_check_that_fails_is_a_logged_bug_and_the_listener_serves_on(
+        client: Client, caplog: pytest.LogCaptureFixture) -> None:
+    """The repeat's look-up runs in the listener protocol's own call (_Repeats), still
+    inside the error boundary: a guard that raises is logged with its traceback, that
+    datagram dropped, and the next request answered."""
+    decider = GatedDecider(set())
+    broken = [False]
+
+    def guard(request: BootRequest, stage: FirstStage) -> object:
+        def holds() -> bool:
+            if broken[0]:
+                raise RuntimeError("guard broke")
+            return True
+        return holds
+
+    decider.repeat_guard = guard  # type: ignore[method-assign]
+    s = DhcpServer(
+        DhcpSettings(), decider, MemoryLeaseStore(), interfaces=None, advertise=LOOPBACK,
+        host=LOOPBACK, port=0, pxe_port=0, broadcast_address=LOOPBACK,
+        client_port=client.port,
+    )
+    await s.start()
+    try:
+        dhcp_port, _ = s.ports
+        discover = payload("uefi-edk2pxe", 8)
+        a, b = bytes.fromhex("52540000000a"), bytes.fromhex("52540000000b")
+        await client.send(_from(discover, a, 1), dhcp_port)
+        assert (await client.receive())[0].xid == 1
+        broken[0] = True
+        await client.send(_from(discover, a, 2), dhcp_port)  # its check raises: dropped
+        await client.send(_from(discover, b, 3), dhcp_port)
+        answer, _ = await client.receive()
+        assert answer.xid == 3 and answer.chaddr[:6] == b
+        assert any("bug while handling a datagram" in r.getMessage() and r.exc_info
+                   for r in caplog.records)
+    finally:
+        await s.close()
+
+
 async def test_port_in_use_is_a_config_error() -> None:
     holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     holder.bind((LOOPBACK, 0))
