@@ -81,6 +81,8 @@ from netboot.standing import (
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from netboot.servers.accept import Listener
+
 log = logging.getLogger(__name__)
 
 
@@ -791,7 +793,8 @@ class Service:
     runner: web.AppRunner | None = None
     # The listeners' protocol factory: the front door until aiohttp is ready (Doorway).
     doorway: Doorway | None = None
-    listeners: list[asyncio.Server] = field(default_factory=list)
+    # HTTP's and HTTPS' (servers.accept: every waiting connection taken at each readiness).
+    listeners: list[Listener] = field(default_factory=list)
     http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
