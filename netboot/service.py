@@ -1477,9 +1477,10 @@ PER_TRANSFER = 2
 # templates, the HTTP side's kept asset descriptors (AssetFiles.max_open, 64), and those open
 # for a moment: an asset read for the cache, a TFTP file while its packets are built. 27 at
 # idle with a listener each (tftp_slots.py); the rest is for the moments. Not counted: a
-# flood of connections past http.max_connections, each accepted (asyncio takes up to the
-# listen backlog per wake-up) before its 503 closes it; if that runs the process out, asyncio
-# pauses accepting for a second and a TFTP request is dropped for its retry (TftpServer).
+# flood of connections past http.max_connections, each accepted (servers.accept takes up to
+# 1,024 a wake-up, on either loop) before its 503 closes it; if that runs the process out, the
+# listener pauses accepting for a second and a TFTP request is dropped for its retry
+# (TftpServer).
 OTHER_DESCRIPTORS = 256
 # Transfers kept when the limit lowers the defaults: tftp.max_per_client's default, below
 # which one relay's devices would be the whole server's.
