@@ -81,8 +81,6 @@ from netboot.standing import (
 if TYPE_CHECKING:
     from aiohttp import web
 
-    from netboot.servers.accept import Listener
-
 log = logging.getLogger(__name__)
 
 
@@ -793,8 +791,7 @@ class Service:
     runner: web.AppRunner | None = None
     # The listeners' protocol factory: the front door until aiohttp is ready (Doorway).
     doorway: Doorway | None = None
-    # HTTP's and HTTPS' (servers.accept: every waiting connection taken at each readiness).
-    listeners: list[Listener] = field(default_factory=list)
+    listeners: list[asyncio.Server] = field(default_factory=list)
     http_guard: ConnectionGuard | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -1477,10 +1474,9 @@ PER_TRANSFER = 2
 # templates, the HTTP side's kept asset descriptors (AssetFiles.max_open, 64), and those open
 # for a moment: an asset read for the cache, a TFTP file while its packets are built. 27 at
 # idle with a listener each (tftp_slots.py); the rest is for the moments. Not counted: a
-# flood of connections past http.max_connections, each accepted (servers.accept takes up to
-# 1,024 a wake-up, on either loop) before its 503 closes it; if that runs the process out, the
-# listener pauses accepting for a second and a TFTP request is dropped for its retry
-# (TftpServer).
+# flood of connections past http.max_connections, each accepted (asyncio takes up to the
+# listen backlog per wake-up) before its 503 closes it; if that runs the process out, asyncio
+# pauses accepting for a second and a TFTP request is dropped for its retry (TftpServer).
 OTHER_DESCRIPTORS = 256
 # Transfers kept when the limit lowers the defaults: tftp.max_per_client's default, below
 # which one relay's devices would be the whole server's.

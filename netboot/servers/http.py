@@ -76,7 +76,6 @@ from netboot.model import (
     parse_ip,
     reached_url,
 )
-from netboot.servers.accept import Listener, bind
 from netboot.servers.fasthttp import (
     MAX_HEAD,
     Fields,
@@ -2405,38 +2404,29 @@ class EarlyConnection(asyncio.Protocol):
 
 async def listen(doorway: Doorway, host: str, port: int, *,
                  ssl_context: ssl.SSLContext | None = None,
-                 start_serving: bool = True) -> Listener:
+                 start_serving: bool = True) -> asyncio.Server:
     """A listener whose connections :class:`Doorway` makes (OSError as create_server);
-    bound but not accepting until ``start_serving()`` when ``start_serving`` is False. Each
-    readiness accepts every connection waiting, not one a turn of the loop as uvloop's own
-    listeners do (:mod:`netboot.servers.accept`)."""
+    bound but not accepting until ``start_serving()`` when ``start_serving`` is False."""
     # backlog 4096 (the kernel caps it at net.core.somaxconn): a pallet of devices that finish
     # their TFTP download together opens ~1,000 connections within milliseconds; at nginx's
     # default of 511 a third were dropped and retried a second later (the 1,000-device storm
     # counted 331 listen drops; its nginx stand-in listens with 4096).
     loop = asyncio.get_running_loop()
     if not _every_address(host):
-        socks = bind([host], port, backlog=4096)
-    else:
-        socks = _bind_every_address(port)
-    listener = Listener(loop, doorway, socks, ssl_context=ssl_context)
-    if start_serving:
-        await listener.start_serving()
-    return listener
-
-
-def _bind_every_address(port: int) -> list[socket.socket]:
-    """"::" as every address, IPv4's too, as whoever writes it means (nginx's "listen
-    [::]:80 ipv6only=off", Go's net.Listen("tcp", ":80"))."""
-    # asyncio and uvloop set IPV6_V6ONLY on an IPv6 listener whatever net.ipv6.bindv6only
-    # says, and so does bind(), so IPv4 devices were refused. Two sockets on one port,
-    # 0.0.0.0 and IPv6-only "::", not one dual-stack socket: an IPv4 peer stays 192.0.2.60,
-    # never ::ffff:192.0.2.60, for what compares it as text (the connection guard's sources,
-    # a fixed_ipv4's check, the plain API's loopback test).
+        return await loop.create_server(doorway, host, port, reuse_address=True, backlog=4096,
+                                        ssl=ssl_context, start_serving=start_serving)
+    # "::" is every address, IPv4's too, as whoever writes it means (nginx's "listen [::]:80
+    # ipv6only=off", Go's net.Listen("tcp", ":80")): asyncio and uvloop set IPV6_V6ONLY on an
+    # IPv6 listener whatever net.ipv6.bindv6only says, so IPv4 devices were refused. Two
+    # sockets on one port, 0.0.0.0 and IPv6-only "::", not one dual-stack socket: an IPv4
+    # peer stays 192.0.2.60, never ::ffff:192.0.2.60, for what compares it as text (the
+    # connection guard's sources, a fixed_ipv4's check, the plain API's loopback test).
     for attempt in range(3):
         chosen = port or _free_port()  # port 0: one kernel pick for both families
         try:
-            return bind(["0.0.0.0", "::"], chosen, backlog=4096)
+            return await loop.create_server(doorway, ["0.0.0.0", "::"], chosen,
+                                            reuse_address=True, backlog=4096,
+                                            ssl=ssl_context, start_serving=start_serving)
         except OSError:
             if port or attempt == 2:
                 raise
