@@ -713,6 +713,11 @@ class Device:
     def hexhyp(self) -> str:
         return self.mac.replace(":", "-")
 
+    @property
+    def secret(self) -> str:
+        """The install's secret its register command sends (a random UUID on a device)."""
+        return f"{self.index:08x}-5345-4352-8554-{self.index:012x}"
+
 
 @dataclass
 class Spec:
@@ -1349,9 +1354,13 @@ class Generator:
                                                         "message": "storm"}, tok))
                 await timed("installed", post(events, {"kind": "installed",
                                                        "message": "storm"}, tok))
+                # As the config's register command sends it (content.register_command): the
+                # install's secret (a UUID kept in /var/lib/netboot) and the machine token
+                # kept; without them every storm stood as "older registrations" (s45-review).
                 await timed("register", post(f"{self.base}/api/v1/register", {
                     "mac": dev.mac, "token": tok, "hostname": f"edge-{dev.index:06d}",
                     "addresses": [dev.ip], "machine_id": f"{dev.index:032x}",
+                    "keeps": "machine_token", "install_secret": dev.secret,
                     "node_name": f"edge-{dev.index:06d}"}, tok))
         except _Done:
             pass
