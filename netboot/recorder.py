@@ -641,7 +641,11 @@ class Recorder:
                 updated = redo(updated)
                 if alone and getattr(redo, "func", None) is not teaches:
                     alone = False
-            if updated != current:
+            # Another stamp is another value (the dataclass's == builds and compares two
+            # tuples of 24 fields, ~3,800 of the event loop's instructions a first DHCP
+            # sighting: benchmarks/README.md, s45-sighting); the same object is no change.
+            if updated is not current and (updated.updated != current.updated
+                                           or updated != current):
                 updates.append((current, updated))
                 if alone:
                     taught.add(machine_id)

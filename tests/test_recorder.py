@@ -309,6 +309,48 @@ async def test_only_machines_learnt_by_the_teaching_redos_alone_are_written_as_l
     await store.close()
 
 
+async def test_a_learnt_copy_is_written_only_when_it_differs_whatever_its_stamp(
+        tmp_path: Path) -> None:
+    """A redo's machine is written when it differs from the stored one: another stamp, or
+    the same stamp (a test clock) with a fact changed; not an equal copy of the same stamp,
+    nor the stored object itself (Recorder._relearn tells the stamps apart before it
+    compares every field)."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    await store.create_machine(Machine(macs=(MAC,), hostname="h", updated=5.0))
+    machine_id = (await store.list_machines())[0].id
+    recorder = Recorder(store, delay=3600)
+
+    async def newest(ids: Collection[str]) -> dict[str, Machine | None]:
+        return {i: await store.get_machine(i) for i in ids}
+
+    recorder.newest = newest
+    updates: list[Machine] = []
+    apply = store.apply_batch
+
+    async def seen(batch: Batch) -> None:
+        updates.extend(batch.update)
+        await apply(batch)
+
+    store.apply_batch = seen  # type: ignore[method-assign]
+    for redo in (lambda m: m, lambda m: replace(m)):  # the same object; an equal copy
+        recorder.learned(machine_id, redo)
+        await recorder.flush()
+        assert updates == []
+    stamp = (await store.get_machine(machine_id)).updated  # type: ignore[union-attr]
+    recorder.learned(machine_id, lambda m: replace(m, facts={"a": "1"}))  # the same stamp
+    await recorder.flush()
+    stored = await store.get_machine(machine_id)
+    assert [m.facts for m in updates] == [{"a": "1"}]
+    assert stored is not None and stored.facts == {"a": "1"} and stored.updated == stamp
+    recorder.learned(machine_id, lambda m: replace(m, updated=stamp + 1))  # another stamp
+    await recorder.flush()
+    assert len(updates) == 2
+    assert (await store.get_machine(machine_id)).updated == stamp + 1  # type: ignore[union-attr]
+    await recorder.close()
+    await store.close()
+
+
 async def test_learnt_facts_never_undo_an_edit_made_after_their_machine_was_read(
         stores: tuple[SqliteStore, SqliteStore]) -> None:
     """The machine read for learnt facts, then an operator's edit by another process that

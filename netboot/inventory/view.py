@@ -451,12 +451,26 @@ class InventoryView:
                         and (serial is None or machine.serial == serial) \
                         and (asset is None or machine.asset == asset):
                     # Identifiers only added (a first DHCP sighting's UUID from option 97):
-                    # every entry of the old one is the new one's too, so indexing the new
-                    # one leaves what removing the old one first would, without that walk
-                    # (benchmarks/README.md, s36-dhcp1st).
+                    # every entry of the old one is the new one's too, so only the added
+                    # ones are indexed: the same MACs, fixed address, servers and no-MAC
+                    # set as the old one's (the tests above), whose entries stay. Not
+                    # _index of the whole machine (its MACs keyed again, each identifier
+                    # cleaned again): ~4,000 of the event loop's instructions a first
+                    # DHCP sighting adopted after its group commit (benchmarks/README.md,
+                    # s45-sighting; s36-dhcp1st for the walk of removing the old first).
                     self._machines[machine_id] = machine
-                    _index(self._keys, self._servers, self._no_mac, machine,
-                           all_clusters=self.loaded)
+                    keys = self._keys
+                    if uuid is None and (text := machine.uuid) is not None \
+                            and (value := clean_uuid(text)):
+                        keys["uuid"][text if value == text else value] = machine_id
+                    if serial is None and (text := machine.serial) is not None \
+                            and (value := clean_text(text)):
+                        keys["serial"][text if value == text else value] = machine_id
+                    if asset is None and (text := machine.asset) is not None \
+                            and (value := clean_text(text)):
+                        keys["asset"][text if value == text else value] = machine_id
+                    if fixed is None and machine.fixed_ipv4 is not None:
+                        keys[_FIXED][machine.fixed_ipv4] = machine_id
                     return
             _unindex(self._keys, self._servers, self._no_mac, machine_id, old)
         if old is None or machine is None or _running_server(old) or _running_server(machine):

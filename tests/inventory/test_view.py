@@ -947,7 +947,18 @@ async def test_identifiers_only_added_are_indexed_without_taking_the_old_entries
              (replace(second, uuid=uuid_of(2), serial="SN2", fixed_ipv4="198.51.100.5",
                       updated=2.0), False),  # a fixed address added
              (replace(second, uuid=uuid_of(2), serial="SN2", fixed_ipv4="198.51.100.6",
-                      updated=3.0), True)]  # changed
+                      updated=3.0), True),  # changed
+             # Added as firmware tells them: a placeholder serial and asset tag (stored,
+             # never keyed), an asset tag with spaces (keyed stripped), a UUID in
+             # capitals (keyed in its canonical form), after the UUID was removed.
+             (replace(first, uuid=uuid_of(4), serial="To be filled by O.E.M.", asset="0000",
+                      updated=4.0), False),
+             (replace(third, uuid=uuid_of(3), serial=None, asset=" A-3 ", updated=3.0),
+              False),
+             (replace(first, serial="To be filled by O.E.M.", asset="0000", updated=5.0),
+              True),
+             (replace(first, uuid=uuid_of(6).upper(), serial="To be filled by O.E.M.",
+                      asset="0000", updated=6.0), False)]
     for machine, out in steps:
         taken_out.clear()
         view.adopt((machine,), {})
