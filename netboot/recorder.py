@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from netboot.errors import NetbootError, OutcomeUnknown, StoreError
 from netboot.inventory import codec
 from netboot.inventory.base import Batch, Store, batch_of
-from netboot.model import AuditEntry, Event, Machine, MachineState
+from netboot.model import AuditEntry, Event, Machine, MachineState, equal
 from netboot.unstoppable import told
 
 # Long enough to gather a storm's events into one commit, short enough that `netboot
@@ -644,8 +644,10 @@ class Recorder:
             # Another stamp is another value (the dataclass's == builds and compares two
             # tuples of 24 fields, ~3,800 of the event loop's instructions a first DHCP
             # sighting: benchmarks/README.md, s45-sighting); the same object is no change.
+            # model.equal, not `!=`: compiled, `!=` of two Machines is `is` (model.equal says
+            # why): an equal copy of the same stamp was written again in the mypyc build.
             if updated is not current and (updated.updated != current.updated
-                                           or updated != current):
+                                           or not equal(updated, current)):
                 updates.append((current, updated))
                 if alone:
                     taught.add(machine_id)

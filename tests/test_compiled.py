@@ -93,11 +93,6 @@ NOT_COMPILED = (
     "test_a_load_gives_back_what_the_stores_caches_and_the_heap_hold_after_it",
     "tests/test_content.py::test_ipxe_script_is_kept_only_while_what_it_is_made_of_is_unchanged",
     "tests/test_recorder.py::test_a_committed_event_is_remembered_once_with_its_commits_version",
-    # A compiled recorder's `updated != current` of two equal Machines that are not one
-    # object answers True (mypyc's native != of a dataclass; Python's answers False): an
-    # equal copy of the same stamp is written again. Not the boot path's redos (they give
-    # back the stored object itself); left to fix (benchmarks/README.md, s45-sighting).
-    "tests/test_recorder.py::test_a_learnt_copy_is_written_only_when_it_differs_whatever_its_stamp",
     "tests/test_content.py::test_an_install_script_is_made_of_the_names_its_template_reads",
     "tests/test_content.py::test_an_install_script_is_given_the_machine_keys_it_reads",
     # Replace Renderer.ipxe_with to count an install script's renders (its frame's, s41-ipxe).
