@@ -460,15 +460,15 @@ class InventoryView:
                     # s45-sighting; s36-dhcp1st for the walk of removing the old first).
                     self._machines[machine_id] = machine
                     keys = self._keys
-                    if uuid is None and (text := machine.uuid) is not None \
-                            and (value := clean_uuid(text)):
-                        keys["uuid"][text if value == text else value] = machine_id
-                    if serial is None and (text := machine.serial) is not None \
-                            and (value := clean_text(text)):
-                        keys["serial"][text if value == text else value] = machine_id
-                    if asset is None and (text := machine.asset) is not None \
-                            and (value := clean_text(text)):
-                        keys["asset"][text if value == text else value] = machine_id
+                    if uuid is None and (key := _identifier_key(machine.uuid,
+                                                                clean_uuid)) is not None:
+                        keys["uuid"][key] = machine_id
+                    if serial is None and (key := _identifier_key(machine.serial,
+                                                                  clean_text)) is not None:
+                        keys["serial"][key] = machine_id
+                    if asset is None and (key := _identifier_key(machine.asset,
+                                                                 clean_text)) is not None:
+                        keys["asset"][key] = machine_id
                     if fixed is None and machine.fixed_ipv4 is not None:
                         keys[_FIXED][machine.fixed_ipv4] = machine_id
                     return
@@ -914,22 +914,24 @@ def _keys_of(machine: Machine) -> list[tuple[str, _Key]]:
     macs = machine.macs
     out: list[tuple[str, _Key]] = [("mac", macs[0].raw)] if len(macs) == 1 else [
         ("mac", mac.raw) for mac in macs]
-    text = machine.uuid
-    if text is not None:
-        value = clean_uuid(text)
-        if value:
-            out.append(("uuid", text if value == text else value))
-    text = machine.serial
-    if text is not None:
-        value = clean_text(text)
-        if value:
-            out.append(("serial", text if value == text else value))
-    text = machine.asset
-    if text is not None:
-        value = clean_text(text)
-        if value:
-            out.append(("asset", text if value == text else value))
+    if (key := _identifier_key(machine.uuid, clean_uuid)) is not None:
+        out.append(("uuid", key))
+    if (key := _identifier_key(machine.serial, clean_text)) is not None:
+        out.append(("serial", key))
+    if (key := _identifier_key(machine.asset, clean_text)) is not None:
+        out.append(("asset", key))
     return out
+
+
+def _identifier_key(text: str | None, clean: Callable[[str], str | None]) -> str | None:
+    """How the view keys a UUID, serial or asset tag (None: not one): its cleaned form, the
+    machine's own string where that is already it (one copy in memory)."""
+    if text is None:
+        return None
+    value = clean(text)
+    if not value:
+        return None
+    return text if value == text else value
 
 
 def _joined(values: list[str]) -> str:
