@@ -239,9 +239,7 @@ async def open_inventory(config: Config, listener: EventListener | None = None,
                               f"{config.inventory_name} was sealed with key {recorded}",
                               key="server.data_dir", fix=fix)
         # From now on this key is the inventory's, in its file: clear tokens sealed with it.
-        seal = getattr(store, "seal_clear_tokens", None)
-        if seal is not None:  # the memory store seals nothing
-            await seal()
+        await store.seal_clear_tokens()
     except BaseException:
         await store.close()
         raise

@@ -644,6 +644,13 @@ class Store(ChangeFeed, StateCounts, Protocol):
         """No error if absent. A machine's refused claims (:data:`REFUSED_CLAIMS` + its id)
         go with it in :meth:`delete_machine`'s transaction, not by this."""
 
+    async def seal_clear_tokens(self) -> int:
+        """Seal the join tokens stored in clear (an older netboot's, a tool's) with this
+        store's sealer; how many (0 for a store that keeps none in clear). Called at start-up
+        once the sealer's key is in its file and claimed (service.open_inventory), not at
+        open: sealed before, a kill between the two lost the key they were sealed with."""
+        ...
+
     async def forget_stale_settings(self) -> int:
         """Drop the settings no one reads any more, in one transaction: the refused claims
         of machines that are gone (written by a server as another deleted the machine, or

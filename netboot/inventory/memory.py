@@ -467,6 +467,11 @@ class MemoryStore:
         self._check_open()
         self._settings.pop(key, None)
 
+    async def seal_clear_tokens(self) -> int:
+        # Nothing is sealed in memory: the tokens never leave the process.
+        self._check_open()
+        return 0
+
     async def forget_stale_settings(self) -> int:
         self._changed()
         self._check_open()
