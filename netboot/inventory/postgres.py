@@ -106,6 +106,7 @@ from netboot.inventory.dsn import PeerSettings
 from netboot.inventory.dsn import redact as dsn_redact
 from netboot.inventory.sealed import Sealed, join_token_context
 from netboot.inventory.signal import Signal, wait_until
+from netboot.logs import escape
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -170,6 +171,17 @@ _FULL_PROBE = ("INSERT INTO commit_marks (id) SELECT gen_random_uuid()"
 _REFUSED = "writes refused "
 # A notification's payload is at most 8,000 bytes: the why is cut well within.
 _REFUSED_WHY = 2_000
+# Such a notification is believed only from a session whose role may write the inventory
+# (another netboot server's, which could fill or refuse its writes anyway): NOTIFY needs no
+# privilege, and every role may connect to a database by default (PUBLIC's CONNECT), so any
+# role of the PostgreSQL server, one with no grant at all, had every netboot server of the
+# inventory say its writes were refused (/healthz 503 "degraded": a readiness probe takes
+# them all out of service) for as long as it sent one every few seconds, and put its text
+# in their logs raw, a forged line with it (s46-attack). pg_stat_activity shows every
+# session's PID and role to every role; the table name is resolved in the LISTEN
+# connection's search_path, the inventory's.
+_TELLER_MAY_WRITE = ("SELECT has_table_privilege(usesysid, 'machines', 'INSERT')"
+                     " FROM pg_stat_activity WHERE pid = $1")
 
 
 # pg_advisory_xact_lock key of the inventory's writers: "netboot" in ASCII.
@@ -651,6 +663,10 @@ class PostgresStore:
         self._full: str | None = None
         self._full_probe: asyncio.Future[None] | None = None
         self._telling: asyncio.Future[None] | None = None  # the last _tell_refused
+        # The last look at who told of refused writes (_heed_refused), and the last PID not
+        # believed (said once, not at each of a flood's notifications).
+        self._heeding: asyncio.Future[None] | None = None
+        self._unheeded: int | None = None
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
         self._commits = 0
@@ -1128,10 +1144,10 @@ class PostgresStore:
         beat, self._beat = self._beat, None
         if beat is not None:
             beat.cancel()  # its session is closed with the pool's, below
-        for task in (self._full_probe, self._telling):
+        for task in (self._full_probe, self._telling, self._heeding):
             if task is not None:
                 task.cancel()
-        self._full_probe = self._telling = None
+        self._full_probe = self._telling = self._heeding = None
         for conn in (self._notify, self._feed):
             if conn is not None:
                 with contextlib.suppress(asyncpg.InterfaceError, OSError,
@@ -1723,9 +1739,12 @@ class PostgresStore:
         if payload.startswith(_REFUSED):
             # Another server's writes were refused (this one's own: its pool's PIDs): said by
             # this one's health too, until its own probe is taken (the check's, _probe_full).
-            if pid not in self._own and self._full is None:
-                self._full = f"{payload[len(_REFUSED):]} (told by another netboot server)"
-                log.warning("inventory %s: writes refused: %s", self.name, self._full)
+            # Believed once the teller is known to be a writer of the inventory
+            # (_TELLER_MAY_WRITE): one look at a time, a flood's others dropped meanwhile.
+            if pid not in self._own and self._full is None and (
+                    self._heeding is None or self._heeding.done()):
+                self._heeding = asyncio.ensure_future(
+                    self._heed_refused(pid, payload[len(_REFUSED):]))
             return
         if payload:  # not a commit's (its trigger's is empty): open()'s probe (_delivered)
             probe = self._probe
@@ -1735,6 +1754,28 @@ class PostgresStore:
         if pid not in self._own:
             self._commits += 1  # another session's commit: readers sync before answering
         self._signal.fire()
+
+    async def _heed_refused(self, pid: int, why: str) -> None:
+        """Another session told of refused writes (_notified): said by this server's health
+        too if that session's role may write the inventory (_TELLER_MAY_WRITE). Not asked
+        (this server's own pool away): the teller tells again at its next refused write or
+        probe, and this server finds out at its own write, as before the notification."""
+        try:
+            async with self._conn() as conn:
+                may_write = await conn.fetchval(_TELLER_MAY_WRITE, pid)
+        except StoreError:
+            return
+        if not may_write:
+            if self._unheeded != pid:
+                self._unheeded = pid
+                log.warning("inventory %s: a notification that writes are refused came from "
+                            "backend %d, whose role may not write the inventory (not a netboot "
+                            "server's): ignored (which role: pg_stat_activity)", self.name, pid)
+            return
+        if self._full is None:
+            # Escaped: a device's words reach no log line raw, nor another server's.
+            self._full = f"{escape(why, _REFUSED_WHY)} (told by another netboot server)"
+            log.warning("inventory %s: writes refused: %s", self.name, self._full)
 
     def _listening(self) -> bool:
         return self._notify is not None and not self._notify.is_closed()

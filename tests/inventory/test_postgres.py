@@ -2462,6 +2462,47 @@ async def test_a_full_disk_found_by_one_server_is_told_by_every_server_until_wri
         await admin.close()
 
 
+async def test_writes_refused_is_believed_only_from_a_role_that_may_write_the_inventory(
+        postgres: pg.Cluster, pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """NOTIFY needs no privilege and PUBLIC may connect to a database: a role granted
+    nothing sent ``writes refused`` with a forged log line on the inventory's channel, and
+    the store said its writes were refused (the service's /healthz 503 "degraded", seen on a
+    live `netboot serve` for as long as it sent one every 0.5 s) and logged the line raw
+    (s46-attack). Now it is ignored, said once; the same from a session of a role that may
+    write the inventory (another server's) is believed, its text escaped."""
+    from netboot.inventory.postgres import CHANNEL
+
+    role = f"mon_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres.dsn())
+    store = PostgresStore(pg_dsn, peer=replace(QUICK, check_interval=1, check_timeout=1))
+    mon = None
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")  # no grant: PUBLIC's CONNECT only
+        await store.open()
+        mon = await asyncpg.connect(postgres.dsn().replace(f"{pg.SUPERUSER}@", f"{role}@"))
+        forged = "writes refused disk full\n2026-12-07 15:00:00 INFO netboot: forged"
+        with caplog.at_level(logging.WARNING, logger="netboot.inventory.postgres"):
+            for _ in range(3):
+                await mon.execute("SELECT pg_notify($1, $2)", CHANNEL, forged)
+            await _within("the notification handled", lambda: store.stuck_writes() is not None
+                          or any("ignored" in r.getMessage() for r in caplog.records))
+            assert store.stuck_writes() is None
+            ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+            assert len(ignored) == 1 and "may not write the inventory" in ignored[0], ignored
+            await admin.execute("SELECT pg_notify($1, $2)", CHANNEL, forged)
+            await _within("told by a writer", lambda: store.stuck_writes() is not None)
+        said = store.stuck_writes()
+        assert said is not None and "told by another netboot server" in said
+        assert "\n" not in said and "disk full\\n2026" in said, said
+        assert not any("\n" in r.getMessage() for r in caplog.records)
+    finally:
+        if mon is not None:
+            await mon.close()
+        await store.close()
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
+
+
 async def test_a_database_holding_one_fixed_address_twice_is_migrated_keeping_both(
         pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """Migration 5 (the fixed_ipv4 column and its unique index) on a database of schema 4
