@@ -141,6 +141,14 @@ _FAILED = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClient
 _DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded")
 
 
+def _remember(sessions: dict[int, float], pid: int, now: float) -> None:
+    """``pid`` found at ``now`` (monotonic), the oldest forgotten past _KNOWN_SESSIONS."""
+    sessions.pop(pid, None)
+    sessions[pid] = now
+    if len(sessions) > _KNOWN_SESSIONS:
+        del sessions[next(iter(sessions))]
+
+
 def _disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` is the PostgreSQL server's full disk (see _DISK_FULL_WORDS)."""
     return isinstance(exc, asyncpg.DiskFullError) or (
@@ -182,6 +190,17 @@ _REFUSED_WHY = 2_000
 # connection's search_path, the inventory's.
 _TELLER_MAY_WRITE = ("SELECT has_table_privilege(usesysid, 'machines', 'INSERT')"
                      " FROM pg_stat_activity WHERE pid = $1")
+# The same for a commit's notification (an empty payload): each one of another session made
+# every reader sync before answering (InventoryView.fresh), so such a role sending them in a
+# loop (~2,100 a second from one session) had every DHCP answer of every server wait for a
+# feed read (4.1x the feed's reads over 300 DISCOVERs, s46-attack). A session not known yet
+# counts as before, and is looked at (those notifying meanwhile, in one query); one found
+# not to write is a stranger, whose notifications count for nothing for STRANGER_SECONDS
+# (a PID is not reused that soon: /proc/sys/kernel/pid_max, 4,194,304 on 64-bit Linux).
+_WRITERS_AMONG = ("SELECT pid, has_table_privilege(usesysid, 'machines', 'INSERT')"
+                  " FROM pg_stat_activity WHERE pid = ANY($1::int[])")
+STRANGER_SECONDS = 300.0
+_KNOWN_SESSIONS = 1024  # sessions found writing or not, remembered (the oldest forgotten)
 
 
 # pg_advisory_xact_lock key of the inventory's writers: "netboot" in ASCII.
@@ -667,6 +686,13 @@ class PostgresStore:
         # believed (said once, not at each of a flood's notifications).
         self._heeding: asyncio.Future[None] | None = None
         self._unheeded: int | None = None
+        # Other sessions whose commits' notifications were heard: found writing the
+        # inventory or not (strangers), PID -> when (monotonic); those to look at next, and
+        # the look under way (_look_at_notifiers).
+        self._writers: dict[int, float] = {}
+        self._strangers: dict[int, float] = {}
+        self._unlooked: set[int] = set()
+        self._looking: asyncio.Future[None] | None = None
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
         self._commits = 0
@@ -1144,10 +1170,10 @@ class PostgresStore:
         beat, self._beat = self._beat, None
         if beat is not None:
             beat.cancel()  # its session is closed with the pool's, below
-        for task in (self._full_probe, self._telling, self._heeding):
+        for task in (self._full_probe, self._telling, self._heeding, self._looking):
             if task is not None:
                 task.cancel()
-        self._full_probe = self._telling = self._heeding = None
+        self._full_probe = self._telling = self._heeding = self._looking = None
         for conn in (self._notify, self._feed):
             if conn is not None:
                 with contextlib.suppress(asyncpg.InterfaceError, OSError,
@@ -1741,7 +1767,7 @@ class PostgresStore:
             # this one's health too, until its own probe is taken (the check's, _probe_full).
             # Believed once the teller is known to be a writer of the inventory
             # (_TELLER_MAY_WRITE): one look at a time, a flood's others dropped meanwhile.
-            if pid not in self._own and self._full is None and (
+            if pid not in self._own and self._full is None and not self._stranger(pid) and (
                     self._heeding is None or self._heeding.done()):
                 self._heeding = asyncio.ensure_future(
                     self._heed_refused(pid, payload[len(_REFUSED):]))
@@ -1752,8 +1778,33 @@ class PostgresStore:
                 probe[1].set_result(None)
             return
         if pid not in self._own:
+            if self._stranger(pid):
+                return  # not a writer of the inventory: no commit (_WRITERS_AMONG)
             self._commits += 1  # another session's commit: readers sync before answering
+            if pid not in self._writers:
+                self._unlooked.add(pid)
+                if self._looking is None or self._looking.done():
+                    self._looking = asyncio.ensure_future(self._look_at_notifiers())
         self._signal.fire()
+
+    def _stranger(self, pid: int) -> bool:
+        found = self._strangers.get(pid)
+        return found is not None and time.monotonic() - found < STRANGER_SECONDS
+
+    async def _look_at_notifiers(self) -> None:
+        """Whether the sessions whose commits' notifications were heard may write the
+        inventory (_WRITERS_AMONG), until none is left to look at. Not asked (this
+        server's pool away): they count as commits, as before, and are looked at again."""
+        while self._unlooked:
+            pids, self._unlooked = self._unlooked, set()
+            try:
+                async with self._conn() as conn:
+                    rows = await conn.fetch(_WRITERS_AMONG, list(pids))
+            except StoreError:
+                return
+            now = time.monotonic()
+            for row in rows:
+                _remember(self._writers if row[1] else self._strangers, int(row[0]), now)
 
     async def _heed_refused(self, pid: int, why: str) -> None:
         """Another session told of refused writes (_notified): said by this server's health
@@ -1766,6 +1817,7 @@ class PostgresStore:
         except StoreError:
             return
         if not may_write:
+            _remember(self._strangers, pid, time.monotonic())
             if self._unheeded != pid:
                 self._unheeded = pid
                 log.warning("inventory %s: a notification that writes are refused came from "
