@@ -328,16 +328,17 @@ def test_a_decline_from_a_client_not_given_that_address_is_dropped(link: Link) -
 
 @pytest.mark.requires("busybox", "busybox-static")
 def test_discovers_from_made_up_macs_leave_busybox_an_address(link: Link) -> None:
-    """A host on the link sends one DISCOVER from each of ten made-up MACs (it reads no
-    reply): each offer held one of the pool's ten addresses for a minute, and busybox's
-    udhcpc then got no offer at all, "pool exhausted" (s46-attack). Now udhcpc is offered
-    the oldest offer's address and leases it, as from dnsmasq, which holds nothing for an
-    offer."""
+    """A host on the link sends one DISCOVER from each of ten made-up MACs (an attacker
+    need read no reply; here each OFFER is waited for, so that all ten are held before
+    udhcpc asks): each offer held one of the pool's ten addresses for a minute, and
+    busybox's udhcpc then got no offer at all, "pool exhausted" (s46-attack). Now udhcpc is
+    offered the oldest offer's address and leases it, as from dnsmasq, which holds nothing
+    for an offer."""
     server = Server(link, "authoritative")
     try:
         offered = _conversation(link, [
-            (False, _client(MessageType.DISCOVER, bytes.fromhex(f"0200000046{i:02x}"),
-                            0x5EED4600 + i)) for i in range(10)])
+            (True, _client(MessageType.DISCOVER, bytes.fromhex(f"0200000046{i:02x}"),
+                           0x5EED4600 + i)) for i in range(10)])
         assert sum(reply is not None for reply in offered) == 10
         result, out = _udhcpc(link, tries=3)
     finally:
