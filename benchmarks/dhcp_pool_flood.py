@@ -52,7 +52,7 @@ def discover(i: int) -> bytes:
         options=(dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType.DISCOVER,))),)))
 
 
-async def run(size: int, extra: int) -> tuple[float, float]:
+async def run(size: int, extra: int) -> tuple[float, float, int]:
     start = ipaddress.IPv4Address("10.1.0.1")
     settings = DhcpSettings(
         mode="authoritative", pool_start=str(start), pool_end=str(start + size - 1),
@@ -67,9 +67,12 @@ async def run(size: int, extra: int) -> tuple[float, float]:
         assert await server.handle(discover(i), peer, server_ip=SERVER, pxe_port=False)
     fill = (time.process_time() - began) / size
     began = time.process_time()
+    answered = 0
     for i in range(size, size + extra):
-        assert not await server.handle(discover(i), peer, server_ip=SERVER, pxe_port=False)
-    return fill, (time.process_time() - began) / extra
+        # Silence before s46-attack; since, the oldest offer's address, shared.
+        answered += bool(await server.handle(discover(i), peer, server_ip=SERVER,
+                                             pxe_port=False))
+    return fill, (time.process_time() - began) / extra, answered
 
 
 def main() -> None:
@@ -77,9 +80,9 @@ def main() -> None:
     ap.add_argument("--pool", type=int, default=1022, help="addresses in the pool")
     ap.add_argument("--extra", type=int, default=200, help="DISCOVERs on the full pool")
     args = ap.parse_args()
-    fill, full = asyncio.run(run(args.pool, args.extra))
+    fill, full, answered = asyncio.run(run(args.pool, args.extra))
     print(f"pool {args.pool}: {fill * 1e6:.0f} us CPU a DISCOVER while filling, "
-          f"{full * 1e6:.0f} us on the full pool")
+          f"{full * 1e6:.0f} us on the full pool ({answered} of {args.extra} answered)")
 
 
 if __name__ == "__main__":

@@ -223,9 +223,10 @@ class LeasePool:
         until = self._declined.get(ip)
         return until is not None and until > now
 
-    def _free_for(self, ip: str, mac: str, now: float) -> bool:
+    def _free_for(self, ip: str, mac: str, now: float, *, over: str | None = None) -> bool:
         """``ip`` may be given to ``mac`` as a dynamic address: not leased or offered to
-        another live client, not recently declined, not some machine's fixed address."""
+        another live client (``over``: but this one's offer, which the caller takes), not
+        recently declined, not some machine's fixed address."""
         if self.declined(ip, now) or self._elsewhere.get(ip, 0.0) > now:
             return False
         if self._reserved_fixed is not None and self._reserved_fixed(ip) is not None:
@@ -236,11 +237,20 @@ class LeasePool:
             if lease.expires > now:
                 return False
         offered = self._offered_ip.get(ip)
-        if offered is not None and offered != mac:
+        if offered is not None and offered not in (mac, over):
             offer = self._offers[offered]
             if offer.expires > now:
                 return False
         return True
+
+    def offered_elsewhere(self, ip: str, mac: str, now: float) -> Offer | None:
+        """The live offer of ``ip`` to another client, if ``ip`` is only offered (not leased):
+        the one a REQUEST of ``mac`` selecting ``ip`` takes (:meth:`request`)."""
+        offered = self._offered_ip.get(ip)
+        if offered is None or offered == mac or ip in self._by_ip:
+            return None
+        offer = self._offers[offered]
+        return offer if offer.expires > now else None
 
     # -- state changes -----------------------------------------------------------------------
 
@@ -407,6 +417,26 @@ class LeasePool:
             if self._free_for(ip, mac, now):
                 return ip
 
+    def shared_offer(self, mac: str, now: float) -> str | None:
+        """For a DISCOVER that :meth:`offer` found no free address for: the address of the
+        oldest live offer to another client, offered to ``mac`` too and held for neither
+        (nothing is kept of it), or None when nothing is only offered. The first of them to
+        REQUEST it gets it (:meth:`request`), the other a NAK, and it discovers again.
+
+        Offers held addresses for ``offer_seconds`` whoever asked: DISCOVERs with made-up
+        MACs (chaddr is a field: no reply need be read, the source may be forged), one per
+        address a minute (4 a second for a /24), left every real client unanswered, "pool
+        exhausted" (s46-attack). dnsmasq keeps no state for an offer (rfc2131.c allocates a
+        lease at DHCPREQUEST only), so DISCOVERs alone take nothing from it; RFC 2131 §4.3.1
+        lets a server not reserve what it offers. The oldest offer is the one most likely
+        unanswered; nothing is written, so a flood of them costs no memory and no write."""
+        self._run_out(now)
+        for offer in self._offers.values():  # in the order they were made: oldest first
+            if offer.mac != mac and offer.expires > now \
+                    and self._offered_ip.get(offer.ipv4) == offer.mac:
+                return offer.ipv4
+        return None
+
     def _unreserved_given_back(self) -> bool:
         """The addresses passed over as fixed that are no longer any machine's, made
         candidates again; whether there were any."""
@@ -436,6 +466,7 @@ class LeasePool:
         """
         if fixed is not None and ip != fixed:
             return None  # the machine must move to its fixed address: NAK, it rediscovers
+        taken: Offer | None = None
         if selecting:
             offer = self._offers.get(mac)
             current = self._leases.get(mac)
@@ -444,11 +475,18 @@ class LeasePool:
                 or (current is not None and current.ipv4 == ip)
                 or ip == fixed
             ):
-                return None
-        if ip != fixed and not (self.in_pool(ip) and self._free_for(ip, mac, now)):
+                # An address only offered to another client (shared_offer's) is the first
+                # requester's, as with dnsmasq, which keeps no offers.
+                taken = self.offered_elsewhere(ip, mac, now)
+                if taken is None:
+                    return None
+        over = None if taken is None else taken.mac
+        if ip != fixed and not (self.in_pool(ip) and self._free_for(ip, mac, now, over=over)):
             return None
         if self.declined(ip, now):
             return None
+        if over is not None:
+            self._drop_offer(over)
         lease = Lease(mac=mac, ipv4=ip, expires=now + self.lease_seconds, hostname=hostname)
         self._set_lease(lease)
         return lease

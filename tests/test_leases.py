@@ -411,11 +411,15 @@ async def test_a_fixed_address_leased_to_another_nic_of_the_same_machine_is_give
 
 
 async def test_pool_exhaustion_means_no_offer() -> None:
+    # Exhausted by leases (by offers alone, a DISCOVER is offered one of theirs since
+    # s46-attack: test_a_client_is_given_an_address_after_discovers_alone_took_every_one).
     server = await make_server(MemoryLeaseStore(), Clock())
     for i in range(10):
         mac = bytes.fromhex("5254000001") + bytes((i,))
         [(offer, _)] = await ask(server, message(MessageType.DISCOVER, mac))
         assert offer.yiaddr == f"192.0.2.{100 + i}"
+        [(ack, _)] = await ask(server, select(mac, offer.yiaddr))
+        assert ack.message_type == MessageType.ACK
     assert await ask(server, message(MessageType.DISCOVER, bytes.fromhex("5254000002ff"))) == []
 
 
@@ -459,9 +463,9 @@ def _counting(p: LeasePool) -> list[int]:
     looked = [0]
     free_for = p._free_for
 
-    def counted(ip: str, mac: str, now: float) -> bool:
+    def counted(ip: str, mac: str, now: float, **kw: str | None) -> bool:
         looked[0] += 1
-        return free_for(ip, mac, now)
+        return free_for(ip, mac, now, **kw)
 
     p._free_for = counted  # type: ignore[method-assign]
     return looked
@@ -575,6 +579,34 @@ def test_an_address_held_elsewhere_is_not_offered_until_then() -> None:
     assert p.offer(B, T0 + 61) == "192.0.2.100"  # asked again after that
 
 
+def test_discovers_alone_leave_a_full_pools_offered_addresses_to_the_first_request() -> None:
+    # Offers held every address for offer_seconds whoever asked: DISCOVERs with made-up
+    # MACs left C no offer for a minute (s46-attack). The oldest offer's address is offered
+    # to C too, and whichever REQUESTs it first gets it.
+    p = pool()
+    assert [p.offer(m, T0 + i) for i, m in enumerate((A, B, "02:00:00:00:00:01"))] == [
+        "192.0.2.100", "192.0.2.101", "192.0.2.102"]
+    assert p.offer(C, T0 + 5) is None  # no free address
+    assert p.shared_offer(C, T0 + 5) == "192.0.2.100"  # A's, the oldest
+    assert p.shared_offer(C, T0 + 5) == "192.0.2.100"  # nothing kept of it
+    lease = p.request(C, "192.0.2.100", T0 + 6, selecting=True)
+    assert lease is not None and lease.ipv4 == "192.0.2.100"
+    assert p.request(A, "192.0.2.100", T0 + 7, selecting=True) is None  # C's now: NAK
+    assert p.shared_offer(A, T0 + 8) == "192.0.2.101"  # B's is the oldest offer left
+    # A lease is never taken this way, nor an address declined since.
+    assert p.request(B, "192.0.2.100", T0 + 9, selecting=True) is None
+    assert p.offered_elsewhere("192.0.2.100", B, T0 + 9) is None
+    # Offers that ran out are no one's: free again, offered as before.
+    assert p.shared_offer(B, T0 + 100) is None
+    assert p.offer(B, T0 + 100) == "192.0.2.101"
+    # A pool held by leases alone has nothing to share.
+    full = pool()
+    for m in (A, B, "02:00:00:00:00:01"):
+        ip = full.offer(m, T0)
+        assert ip is not None and full.request(m, ip, T0, selecting=True) is not None
+    assert full.offer(C, T0) is None and full.shared_offer(C, T0) is None
+
+
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
 async def shared(request: pytest.FixtureRequest,
                  tmp_path: Path) -> AsyncIterator[tuple[Store, DhcpServer, DhcpServer]]:
@@ -632,3 +664,27 @@ async def test_concurrent_discovers_through_two_servers_get_distinct_offers(
     assert all(ack.message_type == MessageType.ACK for [(ack, _)] in acks)
     addresses = [lease.ipv4 for lease in await store.list_leases()]
     assert len(addresses) == len(set(addresses)) == 8
+
+
+async def test_a_client_is_given_an_address_after_discovers_alone_took_every_one(
+        shared: tuple[Store, DhcpServer, DhcpServer]) -> None:
+    """DISCOVERs from ten made-up MACs (never a REQUEST) held the ten addresses of the pool
+    for a minute, each claimed in the inventory: the next real client got no offer (s46-
+    attack). Now it is offered the oldest offer's address and its REQUEST takes it over,
+    the sprayed MAC's claim of it gone from the inventory; the sprayed MAC's own REQUEST of
+    it is NAKed, and the other nine claims stay (a lease of another server is never taken)."""
+    store, a, _b = shared
+    for i in range(10):
+        [(offer, _)] = await ask(a, discover(bytes.fromhex(f"0200000046{i:02x}")))
+        assert offer.yiaddr == f"192.0.2.{100 + i}"
+    real = bytes.fromhex("525400004601")
+    [(offer, _)] = await ask(a, discover(real))
+    assert (offer.message_type, offer.yiaddr) == (MessageType.OFFER, "192.0.2.100")
+    [(ack, _)] = await ask(a, select(real, offer.yiaddr))
+    assert (ack.message_type, ack.yiaddr) == (MessageType.ACK, "192.0.2.100")
+    [(nak, _)] = await ask(a, select(bytes.fromhex("020000004600"), "192.0.2.100"))
+    assert nak.message_type == MessageType.NAK
+    await a.flush_leases()
+    held = {lease.ipv4: lease.mac for lease in await store.list_leases()}
+    assert held["192.0.2.100"] == "52:54:00:00:46:01"
+    assert len(held) == 10 and "02:00:00:00:46:00" not in held.values()

@@ -106,6 +106,7 @@ from netboot.inventory.dsn import PeerSettings
 from netboot.inventory.dsn import redact as dsn_redact
 from netboot.inventory.sealed import Sealed, join_token_context
 from netboot.inventory.signal import Signal, wait_until
+from netboot.logs import escape
 from netboot.model import (
     ApiToken,
     AuditEntry,
@@ -140,6 +141,14 @@ _FAILED = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClient
 _DISK_FULL_WORDS = ("No space left on device", "Disk quota exceeded")
 
 
+def _remember(sessions: dict[int, float], pid: int, now: float) -> None:
+    """``pid`` found at ``now`` (monotonic), the oldest forgotten past _KNOWN_SESSIONS."""
+    sessions.pop(pid, None)
+    sessions[pid] = now
+    if len(sessions) > _KNOWN_SESSIONS:
+        del sessions[next(iter(sessions))]
+
+
 def _disk_full(exc: BaseException) -> bool:
     """Whether ``exc`` is the PostgreSQL server's full disk (see _DISK_FULL_WORDS)."""
     return isinstance(exc, asyncpg.DiskFullError) or (
@@ -170,6 +179,28 @@ _FULL_PROBE = ("INSERT INTO commit_marks (id) SELECT gen_random_uuid()"
 _REFUSED = "writes refused "
 # A notification's payload is at most 8,000 bytes: the why is cut well within.
 _REFUSED_WHY = 2_000
+# Such a notification is believed only from a session whose role may write the inventory
+# (another netboot server's, which could fill or refuse its writes anyway): NOTIFY needs no
+# privilege, and every role may connect to a database by default (PUBLIC's CONNECT), so any
+# role of the PostgreSQL server, one with no grant at all, had every netboot server of the
+# inventory say its writes were refused (/healthz 503 "degraded": a readiness probe takes
+# them all out of service) for as long as it sent one every few seconds, and put its text
+# in their logs raw, a forged line with it (s46-attack). pg_stat_activity shows every
+# session's PID and role to every role; the table name is resolved in the LISTEN
+# connection's search_path, the inventory's.
+_TELLER_MAY_WRITE = ("SELECT has_table_privilege(usesysid, 'machines', 'INSERT')"
+                     " FROM pg_stat_activity WHERE pid = $1")
+# The same for a commit's notification (an empty payload): each one of another session made
+# every reader sync before answering (InventoryView.fresh), so such a role sending them in a
+# loop (~2,100 a second from one session) had every DHCP answer of every server wait for a
+# feed read (4.1x the feed's reads over 300 DISCOVERs, s46-attack). A session not known yet
+# counts as before, and is looked at (those notifying meanwhile, in one query); one found
+# not to write is a stranger, whose notifications count for nothing for STRANGER_SECONDS
+# (a PID is not reused that soon: /proc/sys/kernel/pid_max, 4,194,304 on 64-bit Linux).
+_WRITERS_AMONG = ("SELECT pid, has_table_privilege(usesysid, 'machines', 'INSERT')"
+                  " FROM pg_stat_activity WHERE pid = ANY($1::int[])")
+STRANGER_SECONDS = 300.0
+_KNOWN_SESSIONS = 1024  # sessions found writing or not, remembered (the oldest forgotten)
 
 
 # pg_advisory_xact_lock key of the inventory's writers: "netboot" in ASCII.
@@ -651,6 +682,17 @@ class PostgresStore:
         self._full: str | None = None
         self._full_probe: asyncio.Future[None] | None = None
         self._telling: asyncio.Future[None] | None = None  # the last _tell_refused
+        # The last look at who told of refused writes (_heed_refused), and the last PID not
+        # believed (said once, not at each of a flood's notifications).
+        self._heeding: asyncio.Future[None] | None = None
+        self._unheeded: int | None = None
+        # Other sessions whose commits' notifications were heard: found writing the
+        # inventory or not (strangers), PID -> when (monotonic); those to look at next, and
+        # the look under way (_look_at_notifiers).
+        self._writers: dict[int, float] = {}
+        self._strangers: dict[int, float] = {}
+        self._unlooked: set[int] = set()
+        self._looking: asyncio.Future[None] | None = None
         # Feed writes made through this object plus notifications of others' (see commits);
         # the backend PIDs of this pool's sessions tell the two kinds of notification apart.
         self._commits = 0
@@ -1128,10 +1170,10 @@ class PostgresStore:
         beat, self._beat = self._beat, None
         if beat is not None:
             beat.cancel()  # its session is closed with the pool's, below
-        for task in (self._full_probe, self._telling):
+        for task in (self._full_probe, self._telling, self._heeding, self._looking):
             if task is not None:
                 task.cancel()
-        self._full_probe = self._telling = None
+        self._full_probe = self._telling = self._heeding = self._looking = None
         for conn in (self._notify, self._feed):
             if conn is not None:
                 with contextlib.suppress(asyncpg.InterfaceError, OSError,
@@ -1723,9 +1765,12 @@ class PostgresStore:
         if payload.startswith(_REFUSED):
             # Another server's writes were refused (this one's own: its pool's PIDs): said by
             # this one's health too, until its own probe is taken (the check's, _probe_full).
-            if pid not in self._own and self._full is None:
-                self._full = f"{payload[len(_REFUSED):]} (told by another netboot server)"
-                log.warning("inventory %s: writes refused: %s", self.name, self._full)
+            # Believed once the teller is known to be a writer of the inventory
+            # (_TELLER_MAY_WRITE): one look at a time, a flood's others dropped meanwhile.
+            if pid not in self._own and self._full is None and not self._stranger(pid) and (
+                    self._heeding is None or self._heeding.done()):
+                self._heeding = asyncio.ensure_future(
+                    self._heed_refused(pid, payload[len(_REFUSED):]))
             return
         if payload:  # not a commit's (its trigger's is empty): open()'s probe (_delivered)
             probe = self._probe
@@ -1733,8 +1778,56 @@ class PostgresStore:
                 probe[1].set_result(None)
             return
         if pid not in self._own:
+            if self._stranger(pid):
+                return  # not a writer of the inventory: no commit (_WRITERS_AMONG)
             self._commits += 1  # another session's commit: readers sync before answering
+            if pid not in self._writers:
+                self._unlooked.add(pid)
+                if self._looking is None or self._looking.done():
+                    self._looking = asyncio.ensure_future(self._look_at_notifiers())
         self._signal.fire()
+
+    def _stranger(self, pid: int) -> bool:
+        found = self._strangers.get(pid)
+        return found is not None and time.monotonic() - found < STRANGER_SECONDS
+
+    async def _look_at_notifiers(self) -> None:
+        """Whether the sessions whose commits' notifications were heard may write the
+        inventory (_WRITERS_AMONG), until none is left to look at. Not asked (this
+        server's pool away): they count as commits, as before, and are looked at again."""
+        while self._unlooked:
+            pids, self._unlooked = self._unlooked, set()
+            try:
+                async with self._conn() as conn:
+                    rows = await conn.fetch(_WRITERS_AMONG, list(pids))
+            except StoreError:
+                return
+            now = time.monotonic()
+            for row in rows:
+                _remember(self._writers if row[1] else self._strangers, int(row[0]), now)
+
+    async def _heed_refused(self, pid: int, why: str) -> None:
+        """Another session told of refused writes (_notified): said by this server's health
+        too if that session's role may write the inventory (_TELLER_MAY_WRITE). Not asked
+        (this server's own pool away): the teller tells again at its next refused write or
+        probe, and this server finds out at its own write, as before the notification."""
+        try:
+            async with self._conn() as conn:
+                may_write = await conn.fetchval(_TELLER_MAY_WRITE, pid)
+        except StoreError:
+            return
+        if not may_write:
+            _remember(self._strangers, pid, time.monotonic())
+            if self._unheeded != pid:
+                self._unheeded = pid
+                log.warning("inventory %s: a notification that writes are refused came from "
+                            "backend %d, whose role may not write the inventory (not a netboot "
+                            "server's): ignored (which role: pg_stat_activity)", self.name, pid)
+            return
+        if self._full is None:
+            # Escaped: a device's words reach no log line raw, nor another server's.
+            self._full = f"{escape(why, _REFUSED_WHY)} (told by another netboot server)"
+            log.warning("inventory %s: writes refused: %s", self.name, self._full)
 
     def _listening(self) -> bool:
         return self._notify is not None and not self._notify.is_closed()

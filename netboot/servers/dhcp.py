@@ -1058,6 +1058,12 @@ class DhcpServer:
         hostname = client.request.hostname
         if mt == MessageType.DISCOVER:
             ip = await self._offer(pool, mac, now, requested, fixed, hostname)
+            if ip is None and fixed is None:
+                # No free address: one only offered to another client, held for neither
+                # (LeasePool.shared_offer): DISCOVERs alone no longer exhaust the pool.
+                ip = pool.shared_offer(mac, now)
+                if ip is not None:
+                    self.summary.note("shared offer")
             if ip is None:
                 self.summary.note("pool exhausted")
                 self._limited.log(logging.WARNING, "pool",
@@ -1073,11 +1079,15 @@ class DhcpServer:
             if ip is None:
                 return []
             holder = pool.holder(ip)
+            # An offer of it to another client that this REQUEST takes (a shared offer's
+            # address): its claim in the inventory is this server's, taken over below.
+            taken = pool.offered_elsewhere(ip, mac, now) if server_id is not None else None
             lease = pool.request(mac, ip, now, fixed=fixed, hostname=hostname,
                                  selecting=server_id is not None)
             if lease is None:
                 grant = AddressGrant(MessageType.NAK, message=f"{ip} is not available")
-            elif fixed is None and not await self._claim(pool, lease, now):
+            elif fixed is None and not await self._claim(
+                    pool, lease, now, over=None if taken is None else taken.expires):
                 # Another server sharing the inventory bound it first: the client starts
                 # over (RFC 2131 §4.3.2) and is offered a free address.
                 grant = AddressGrant(MessageType.NAK, message=f"{ip} is not available")
@@ -1127,11 +1137,14 @@ class DhcpServer:
                 return ip
         return None
 
-    async def _claim(self, pool: LeasePool, lease: Lease, now: float) -> bool:
+    async def _claim(self, pool: LeasePool, lease: Lease, now: float, *,
+                     over: float | None = None) -> bool:
         """Write ``lease`` to the inventory before answering; False if the inventory says
-        another MAC holds the address (another server's client)."""
+        another MAC holds the address (another server's client). ``over``: the end of this
+        server's claim of the address for the offer to another client that the lease takes
+        (LeasePool.offered_elsewhere), which may go then; a lease ending later may not."""
         try:
-            await self._store.put_lease(lease, now=now)
+            await self._store.put_lease(lease, now=now if over is None else max(now, over))
         except Conflict:
             pool.held_elsewhere(lease.ipv4, now + pool.offer_seconds)
             _log.info("dhcp: %s: %s is held through another server; trying another",

@@ -2462,6 +2462,82 @@ async def test_a_full_disk_found_by_one_server_is_told_by_every_server_until_wri
         await admin.close()
 
 
+@contextlib.asynccontextmanager
+async def _a_stranger(postgres: pg.Cluster, dsn: str) -> AsyncIterator[
+        tuple[PostgresStore, asyncpg.Connection, asyncpg.Connection]]:
+    """A store open on ``dsn``, a superuser's connection (a writer of the inventory) and one
+    of a role granted nothing (PUBLIC's CONNECT only: any role of the server may notify)."""
+    role = f"mon_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(postgres.dsn())
+    store = PostgresStore(dsn, peer=replace(QUICK, check_interval=1, check_timeout=1))
+    mon = None
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await store.open()
+        mon = await asyncpg.connect(postgres.dsn().replace(f"{pg.SUPERUSER}@", f"{role}@"))
+        yield store, admin, mon
+    finally:
+        if mon is not None:
+            await mon.close()
+        await store.close()
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
+
+
+async def test_writes_refused_is_believed_only_from_a_role_that_may_write_the_inventory(
+        postgres: pg.Cluster, pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
+    """NOTIFY needs no privilege and PUBLIC may connect to a database: a role granted
+    nothing sent ``writes refused`` with a forged log line on the inventory's channel, and
+    the store said its writes were refused (the service's /healthz 503 "degraded", seen on a
+    live `netboot serve` for as long as it sent one every 0.5 s) and logged the line raw
+    (s46-attack). Now it is ignored, said once; the same from a session of a role that may
+    write the inventory (another server's) is believed, its text escaped."""
+    from netboot.inventory.postgres import CHANNEL
+
+    async with _a_stranger(postgres, pg_dsn) as (store, admin, mon):
+        forged = "writes refused disk full\n2026-12-07 15:00:00 INFO netboot: forged"
+        with caplog.at_level(logging.WARNING, logger="netboot.inventory.postgres"):
+            for _ in range(3):
+                await mon.execute("SELECT pg_notify($1, $2)", CHANNEL, forged)
+            await _within("the notification handled", lambda: store.stuck_writes() is not None
+                          or any("ignored" in r.getMessage() for r in caplog.records))
+            assert store.stuck_writes() is None
+            ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+            assert len(ignored) == 1 and "may not write the inventory" in ignored[0], ignored
+            await admin.execute("SELECT pg_notify($1, $2)", CHANNEL, forged)
+            await _within("told by a writer", lambda: store.stuck_writes() is not None)
+        said = store.stuck_writes()
+        assert said is not None and "told by another netboot server" in said
+        assert "\n" not in said and "disk full\\n2026" in said, said
+        assert not any("\n" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_role_that_may_not_write_the_inventory_makes_no_reader_sync(
+        postgres: pg.Cluster, pg_dsn: str) -> None:
+    """A commit's notification (an empty payload on the channel) from another session made
+    every reader sync before answering (InventoryView.fresh): a role granted nothing sending
+    them in a loop (~2,100 a second) had a live server read the feed 240 times over 300
+    DISCOVERs, 58 without (s46-attack). Now its session is looked at once: its first one
+    counts, as from any session not known yet, the 50 after it do not; a writer's still do."""
+    from netboot.inventory.postgres import CHANNEL
+
+    async with _a_stranger(postgres, pg_dsn) as (store, admin, mon):
+        mon_pid = await mon.fetchval("SELECT pg_backend_pid()")
+        admin_pid = await admin.fetchval("SELECT pg_backend_pid()")
+        before = store.commits
+        await mon.execute(f"NOTIFY {CHANNEL}")
+        await _within("the first counted", lambda: store.commits == before + 1)
+        # Looked at (on the base there is no look: the 50 are sent at once).
+        await _within("the stranger looked at",
+                      lambda: mon_pid in getattr(store, "_strangers", {mon_pid: 0.0}))
+        for _ in range(50):
+            await mon.execute(f"NOTIFY {CHANNEL}")
+        await admin.execute(f"NOTIFY {CHANNEL}")  # delivered after the 50 (commit order)
+        await _within("the writer's counted", lambda: store.commits >= before + 52
+                      or admin_pid in getattr(store, "_writers", {}))
+        assert store.commits == before + 2
+
+
 async def test_a_database_holding_one_fixed_address_twice_is_migrated_keeping_both(
         pg_dsn: str, caplog: pytest.LogCaptureFixture) -> None:
     """Migration 5 (the fixed_ipv4 column and its unique index) on a database of schema 4
