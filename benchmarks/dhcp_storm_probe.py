@@ -53,7 +53,8 @@ def serve(out: str, nice: int | None) -> None:
     import dhcp_offers as bench  # its NETBOOT_TREE: this run's tree
 
     pc, tt = time.perf_counter, time.thread_time
-    rec: dict[str, list[Any]] = {"in": [], "out": [], "callbacks": [], "gc": [], "writes": []}
+    rec: dict[str, list[Any]] = {"in": [], "out": [], "callbacks": [], "gc": [], "writes": [],
+                                 "threads": []}
     gc.callbacks.append(lambda phase, info: rec["gc"].append(
         (phase, pc(), info.get("generation"))))
     stat = os.open(f"/proc/self/task/{threading.get_native_id()}/schedstat", os.O_RDONLY)
@@ -120,6 +121,9 @@ def serve(out: str, nice: int | None) -> None:
             stop = asyncio.Event()
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
             await stop.wait()
+            # Each thread's id as the kernel names it (perf sched, /proc): which of them
+            # took the loop's CPU.
+            rec["threads"] = [(t.name, t.native_id) for t in threading.enumerate()]
             Path(out).write_text(json.dumps(rec))
             await server.close()
 
@@ -134,6 +138,7 @@ def storm_client(devices: int, within: float, out: str) -> None:
 
     sock = bench.client_socket()
     sock.setblocking(False)
+    Path(out + ".pid").write_text(str(os.getpid()))
     xid0 = int.from_bytes(os.urandom(2), "big") << 16
     sent: dict[int, float] = {}
     got: dict[int, float] = {}
