@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.async_api import Browser, Page, async_playwright, expect
+from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
 import netboot
 from netboot.model import Event
@@ -63,8 +63,11 @@ def url(env: Env, path: str = "/") -> str:
     return f"http://{env.client.host}:{env.client.port}{path}"
 
 
-async def logged_in(browser: Browser, env: Env, shot: Any) -> Page:
-    page = await browser.new_page(viewport={"width": 1360, "height": 900})
+async def logged_in(browser: Browser | BrowserContext, env: Env, shot: Any) -> Page:
+    # A context's pages share its cookies (the tabs of one browser); a browser's new_page
+    # is a context of its own.
+    page = await (browser.new_page(viewport={"width": 1360, "height": 900})
+                  if isinstance(browser, Browser) else browser.new_page())
     page.set_default_timeout(TIMEOUT_MS)
     await page.goto(url(env))
     # Not logged in: the dashboard sends the browser to the login page.
@@ -661,3 +664,73 @@ async def test_an_older_registration_is_a_warning_on_every_page_until_it_is_rein
         await asyncio.sleep(0.5)
     await expect(banner).to_be_hidden(timeout=25_000)
     await shots(page, "older-registration-reinstalled")
+
+
+async def test_an_operator_with_many_tabs_open_gets_every_one_live(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """An operator opens the list and then each suspect machine in a tab of its own (a
+    middle click on each row's hostname), in one browser. Chromium opens at most 6 HTTP/1.1
+    connections to one server (netboot's HTTPS is aiohttp's HTTP/1.1), and every tab held
+    one for its event stream: from the sixth tab on, each request of every tab waited for a
+    connection that never came free, and the tabs showed nothing, or stopped following.
+    One stream for all the tabs of a browser: every tab loads and follows a device live."""
+    env = await make_env()
+    await env.seed()
+    rows = [{"mac": f"52:54:00:dd:00:{i:02x}", "hostname": f"t{i:02d}", "cluster": "edge"}
+            for i in range(8)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    context = await browser.new_context(viewport={"width": 1360, "height": 900})
+    try:
+        tabs = [await logged_in(context, env, shots)]
+        for i in range(8):
+            tab = await context.new_page()
+            tab.set_default_timeout(TIMEOUT_MS)
+            await tab.goto(url(env, f"/#/machine/52:54:00:dd:00:{i:02x}"))
+            tabs.append(tab)
+        for i, tab in enumerate(tabs[1:]):
+            await expect(tab.locator("h1")).to_contain_text(f"t{i:02d}")
+        await shots(tabs[-1], "ninth-tab")
+        # A device boots: the list and that machine's own tab follow it, and so do the rest.
+        await boot(env, "52-54-00-dd-00-07")
+        row = tabs[0].locator("table.machines tbody tr", has_text="t07")
+        await expect(row).to_contain_text("booting")
+        await expect(tabs[8].locator("h1")).to_contain_text("booting")
+        await expect(tabs[8].locator("ol.timeline")).to_contain_text("install-plan")
+        for tab in tabs:
+            await expect(tab.locator("#live")).to_have_text("live")
+        await shots(tabs[8], "followed-live")
+        # The tab that held the stream is closed: another takes it over, and follows.
+        await tabs[0].close()
+        await boot(env, "52-54-00-dd-00-06")
+        await expect(tabs[7].locator("h1")).to_contain_text("booting")
+    finally:
+        await context.close()
+
+
+async def test_a_machine_page_opened_by_its_mac_or_hostname_follows_it_live(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """A machine's page is opened by a link (``#/machine/52:54:00:…``, or its hostname, as
+    the API's {ref} takes them), not by a row's click (its id). Events name the machine by
+    its id: the page matched them against the MAC it was opened by, and never moved."""
+    env = await make_env()
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:dd:01:01", "hostname": "by-mac",
+                                        "cluster": "edge"}, status=201)
+    await env.post("/api/v1/machines", {"mac": "52:54:00:dd:01:02", "hostname": "by-name",
+                                        "cluster": "edge"}, status=201)
+    context = await browser.new_context(viewport={"width": 1360, "height": 900})
+    page = await logged_in(context, env, shots)
+    other = await context.new_page()
+    other.set_default_timeout(TIMEOUT_MS)
+    await page.goto(url(env, "/#/machine/52:54:00:dd:01:01"))
+    await other.goto(url(env, "/#/machine/by-name"))
+    for tab, name in ((page, "by-mac"), (other, "by-name")):
+        await expect(tab.locator("h1")).to_contain_text(f"{name} enrolled")
+        await expect(tab.locator("#live")).to_have_text("live")
+    await boot(env, "52-54-00-dd-01-01")
+    await boot(env, "52-54-00-dd-01-02")
+    for tab, name in ((page, "by-mac"), (other, "by-name")):
+        await expect(tab.locator("h1")).to_contain_text(f"{name} booting")
+        await expect(tab.locator("ol.timeline")).to_contain_text("install-plan")
+    await shots(page, "followed")
+    await context.close()

@@ -171,23 +171,66 @@ function select(name, values, {empty = "—", value = ""} = {}) {
 
 let view = null; // the current view: {onEvent(ev), onMissed(), close()}
 
+// One event stream for all the tabs of a browser. Chromium opens at most 6 HTTP/1.1
+// connections to one server (netboot's HTTPS is HTTP/1.1) and each tab's EventSource held one
+// for good: an operator with a tab per suspect machine had, from the sixth, every request of
+// every tab waiting for a connection that never came free. The tab holding the Web Lock
+// below opens the stream and passes each message to the others (BroadcastChannel); when it
+// closes, the lock goes to another, which opens the stream and tells every tab to reload
+// (events of the gap were not seen). Where the lock is not offered (plain HTTP to another
+// host is not a secure context), each tab has its own stream, as before.
+const STREAM_LOCK = "netboot-event-stream";
+const KINDS = ["machine", "inventory", "warnings", "missed"];
+
 function connect() {
   const live = document.getElementById("live");
-  const source = new EventSource(API + "/events/stream");
-  source.addEventListener("open", () => { live.textContent = "live"; live.className = "live on"; });
-  source.addEventListener("error", () => {
-    live.textContent = "reconnecting…";
-    live.className = "live off";
-  });
-  source.addEventListener("machine", (msg) => {
-    const ev = JSON.parse(msg.data);
-    refreshDiscovered();
-    if (view && view.onEvent) view.onEvent(ev);
-  });
-  source.addEventListener("inventory", (msg) => inventoryHealth(JSON.parse(msg.data)));
-  source.addEventListener("warnings", (msg) => standingWarnings(JSON.parse(msg.data)));
-  source.addEventListener("missed", () => {
-    if (view && view.onMissed) view.onMissed();
+  const channel = window.BroadcastChannel && navigator.locks
+    ? new BroadcastChannel(STREAM_LOCK) : null;
+  const kept = {}; // the holder's last "live", "inventory" and "warnings", for a new tab
+
+  function deliver(kind, data) {
+    if (kind === "live") {
+      live.textContent = data ? "live" : "reconnecting…";
+      live.className = data ? "live on" : "live off";
+    } else if (kind === "machine") {
+      refreshDiscovered();
+      if (view && view.onEvent) view.onEvent(JSON.parse(data));
+    } else if (kind === "inventory") inventoryHealth(JSON.parse(data));
+    else if (kind === "warnings") standingWarnings(JSON.parse(data));
+    else if (kind === "missed" && view && view.onMissed) view.onMissed();
+  }
+  function told(kind, data) { // by this tab's own stream: here, and to every other tab
+    if (kind !== "machine" && kind !== "missed") kept[kind] = data;
+    deliver(kind, data);
+    if (channel) channel.postMessage({kind, data});
+  }
+  function stream(takeover) {
+    const source = new EventSource(API + "/events/stream");
+    source.addEventListener("open", () => {
+      told("live", true);
+      // Taken over from a tab that closed: what came meanwhile was seen by nobody.
+      if (takeover) { takeover = false; told("missed", null); }
+    });
+    source.addEventListener("error", () => told("live", false));
+    for (const kind of KINDS) source.addEventListener(kind, (msg) => told(kind, msg.data));
+  }
+  if (!channel) { stream(false); return; }
+  let holder = false;
+  channel.onmessage = ({data: msg}) => {
+    if (msg.kind === "hello") {
+      if (holder) for (const [kind, data] of Object.entries(kept)) channel.postMessage({kind, data});
+    } else deliver(msg.kind, msg.data);
+  };
+  function hold(takeover) {
+    holder = true;
+    stream(takeover);
+    return new Promise(() => {}); // held while this tab is open
+  }
+  navigator.locks.request(STREAM_LOCK, {ifAvailable: true}, (lock) => {
+    if (lock) return hold(false);
+    channel.postMessage({kind: "hello"}); // another tab holds it: it tells what it knows
+    navigator.locks.request(STREAM_LOCK, () => hold(true)); // once that tab is gone
+    return null;
   });
 }
 
@@ -353,6 +396,9 @@ function machineView(root, id) {
     } catch (err) { failed(err); }
   }
 
+  // Events name a machine by its id; the page may be opened by a MAC or a hostname (a link
+  // pasted from a ticket, `#/machine/52:54:00:…`), which no event matched: it never followed.
+  let known = id;
   async function load() {
     let m;
     try {
@@ -361,6 +407,7 @@ function machineView(root, id) {
       if (err.status === 404) { title.textContent = `${id}: not found (removed?)`; return; }
       throw err;
     }
+    known = m.id;
     title.replaceChildren(m.hostname || m.id, " ", stateBadge(m.state));
     const fields = [["id", m.id], ["MACs", m.macs.join(", ") || "—"], ["hostname", m.hostname],
       ["serial", m.serial], ["UUID", m.uuid], ["asset", m.asset], ["cluster", m.cluster],
@@ -424,7 +471,7 @@ function machineView(root, id) {
   const reload = throttled(() => load().catch(failed));
   reload();
   return {
-    onEvent(ev) { if (ev.machine === id) reload(); },
+    onEvent(ev) { if (ev.machine === known) reload(); },
     onMissed: reload,
   };
 }
