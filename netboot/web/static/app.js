@@ -193,7 +193,8 @@ function connect() {
       live.textContent = data ? "live" : "reconnecting…";
       live.className = data ? "live on" : "live off";
     } else if (kind === "machine") {
-      refreshDiscovered();
+      // The machines view's counts (GET /status) carry the discovered badge's number.
+      if (!(view && view.countsDiscovered)) refreshDiscovered();
       if (view && view.onEvent) view.onEvent(JSON.parse(data));
     } else if (kind === "inventory") inventoryHealth(JSON.parse(data));
     else if (kind === "warnings") standingWarnings(JSON.parse(data));
@@ -234,10 +235,13 @@ function connect() {
   });
 }
 
+function discoveredBadge(total) {
+  document.getElementById("discovered-count").textContent = total ? String(total) : "";
+}
+
 const refreshDiscovered = throttled(async () => {
   const {data} = await api("GET", "/machines?state=discovered&limit=1");
-  const badge = document.getElementById("discovered-count");
-  badge.textContent = data.total ? String(data.total) : "";
+  discoveredBadge(data.total);
 });
 
 // ---- views -------------------------------------------------------------------------------
@@ -294,6 +298,7 @@ function machinesView(root) {
     const {data} = await api("GET", "/status");
     inventoryHealth(data.inventory);
     standingWarnings(data.warnings);
+    discoveredBadge(data.by_state.discovered || 0);
     counts.replaceChildren(
       h("button", {class: `count${query.state === "" ? " active" : ""}`,
         onclick: () => { query.state = ""; stateSel.value = ""; query.offset = 0; load(); }},
@@ -366,6 +371,7 @@ function machinesView(root) {
   return {
     onEvent(ev) { changed.add(ev.machine); reload(); },
     onMissed: reload,
+    countsDiscovered: true,
   };
 }
 
