@@ -734,3 +734,35 @@ async def test_a_machine_page_opened_by_its_mac_or_hostname_follows_it_live(
         await expect(tab.locator("ol.timeline")).to_contain_text("install-plan")
     await shots(page, "followed")
     await context.close()
+
+
+async def test_the_ages_on_the_page_keep_counting_when_no_event_comes(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """After a storm, nothing arrives: the page was drawn once, and its "Unchanged for" said
+    "2 s" of a machine stuck booting for twenty minutes (the filter for the stuck found it,
+    the column said otherwise), its timeline "2 s ago". The page's clock is moved on by
+    twenty minutes (Playwright's clock: the browser's timers and Date, not the server's)."""
+    env = await make_env()
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:dd:02:01", "hostname": "quiet",
+                                        "cluster": "edge"}, status=201)
+    await boot(env, "52-54-00-dd-02-01")  # booting from now on, and nothing after
+    context = await browser.new_context(viewport={"width": 1360, "height": 900})
+    try:
+        await context.clock.install()
+        page = await logged_in(context, env, shots)
+        row = page.locator("table.machines tbody tr", has_text="quiet")
+        unchanged = row.locator("td").last  # "Unchanged for"
+        await expect(row).to_contain_text("booting")
+        await expect(unchanged).to_have_text(re.compile(r"^\d+ s$"))
+        await page.clock.fast_forward("20:00")
+        await expect(unchanged).to_have_text("20 min")
+        await shots(page, "list-twenty-minutes-on")
+        await row.locator("a").click()
+        await expect(page.locator("ol.timeline")).to_contain_text("install-plan")
+        await page.clock.fast_forward("40:00")
+        await expect(page.locator("ol.timeline li").last).to_contain_text("1 h 0 min ago")
+        await expect(page.locator("dl.fields")).to_contain_text("1 h 0 min (since")
+        await shots(page, "machine-an-hour-on")
+    finally:
+        await context.close()

@@ -86,6 +86,23 @@ function ago(t) {
   return `${Math.floor(s / 86400)} d`;
 }
 
+// An age on the page ("4 min", "2 h 5 min ago") is counted again every AGE_MS, not only
+// when an event reloads the view: after a storm, with nothing arriving, the list's
+// "Unchanged for" said "12 s" of a machine stuck for an hour, and a timeline's newest
+// step "3 s ago" all afternoon.
+const AGE_MS = 10_000;
+
+function age(t, after = "") {
+  if (!t) return "—";
+  return h("span", {class: "age", dataset: {at: t, after}}, ago(t) + after);
+}
+
+setInterval(() => {
+  for (const el of document.querySelectorAll("span.age")) {
+    el.textContent = ago(Number(el.dataset.at)) + el.dataset.after;
+  }
+}, AGE_MS);
+
 function iso(t) {
   return t ? new Date(t * 1000).toISOString().replace(".000Z", "Z") : "—";
 }
@@ -345,7 +362,7 @@ function machinesView(root) {
       h("td", {}, stateBadge(m.state)),
       h("td", {class: "event", title: last ? `${iso(last.time)} ${last.message}` : ""},
         last ? `${last.kind}: ${last.message}` : ""),
-      h("td", {title: iso(m.state_since)}, ago(m.state_since)));
+      h("td", {title: iso(m.state_since)}, age(m.state_since)));
     }));
     if (!data.items.length) {
       tbody.append(h("tr", {}, h("td", {colspan: columns.length, class: "muted"},
@@ -419,8 +436,8 @@ function machineView(root, id) {
       ["serial", m.serial], ["UUID", m.uuid], ["asset", m.asset], ["cluster", m.cluster],
       ["role", m.role], ["profile", m.profile], ["arch", m.arch], ["firmware", m.firmware],
       ["address", m.ipv4], ["labels", Object.entries(m.labels).map(([k, v]) => `${k}=${v}`).join(", ")],
-      ["created", iso(m.created)], ["last changed", `${ago(m.updated)} ago (${iso(m.updated)})`],
-      ["in its state", `${ago(m.state_since)} (since ${iso(m.state_since)})`]];
+      ["created", iso(m.created)], ["last changed", [age(m.updated, " ago"), ` (${iso(m.updated)})`]],
+      ["in its state", [age(m.state_since), ` (since ${iso(m.state_since)})`]]];
     info.replaceChildren(...fields.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v || "—")]));
     const {clusters, profiles} = await choices();
     const buttons = [];
@@ -455,7 +472,7 @@ function machineView(root, id) {
     actions.replaceChildren(...buttons);
     const events = (await api("GET", `/machines/${ref}/events?limit=200`)).data;
     timeline.replaceChildren(...events.slice().reverse().map((e) => h("li", {},
-      h("time", {title: iso(e.time)}, `${ago(e.time)} ago`), " ",
+      h("time", {title: iso(e.time)}, age(e.time, " ago")), " ",
       h("strong", {}, e.kind), " ", e.message)));
     const why = (await api("GET", `/machines/${ref}/explain`)).data;
     // The profile its plan uses, for its problems (a file netboot refuses to serve).
@@ -542,7 +559,7 @@ function discoveredView(root) {
       h("td", {class: "mono"}, h("a", {href: `#/machine/${encodeURIComponent(m.id)}`},
         m.macs.join(" ") || m.id)),
       h("td", {}, m.arch || ""), h("td", {}, m.firmware || ""), h("td", {}, m.serial || ""),
-      h("td", {title: iso(m.created)}, `${ago(m.created)} ago`),
+      h("td", {title: iso(m.created)}, age(m.created, " ago")),
       h("td", {}, approveForm(m, clusters, profiles, reload)))));
     if (!data.items.length) {
       tbody.append(h("tr", {}, h("td", {colspan: 6, class: "muted"},
