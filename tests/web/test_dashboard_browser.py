@@ -766,3 +766,39 @@ async def test_the_ages_on_the_page_keep_counting_when_no_event_comes(
         await shots(page, "machine-an-hour-on")
     finally:
         await context.close()
+
+
+async def test_a_storm_elsewhere_in_the_fleet_reloads_the_counts_not_the_page(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """The whole fleet sorted by MAC, its first page of 50 shown: a machine past the page
+    boots. The counts follow it; the page, which shows none of it, is not asked again (each
+    event asked it, ~5 ms of server CPU a time at 100,000 machines, ~1.4 a second per open
+    tab in a storm). A machine on the page that boots is shown booting, as before; with a
+    filter by state, a machine past the page that boots is brought in."""
+    env = await make_env()
+    await env.seed()
+    rows = [{"mac": f"52:54:00:dd:03:{i:02x}", "hostname": f"s{i:02d}", "cluster": "edge"}
+            for i in range(60)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    page = await logged_in(browser, env, shots)
+    lists: list[str] = []
+    page.on("request", lambda r: lists.append(r.url) if "/api/v1/machines?" in r.url else None)
+    body = page.locator("table.machines tbody tr")
+    await expect(body).to_have_count(50)
+    booting = page.locator(".counts button[data-state=booting] .n")
+    await expect(booting).to_have_text("0")
+    lists.clear()
+
+    await boot(env, "52-54-00-dd-03-37")  # s55: past the first page
+    await expect(booting).to_have_text("1")
+    await boot(env, "52-54-00-dd-03-02")  # s02: on it
+    await expect(body.filter(has_text="s02")).to_contain_text("booting")
+    await shots(page, "one-on-the-page-booting")
+    # One page asked: the one that shows s02 booting (the first event reloaded the counts).
+    assert len(lists) == 1, lists
+
+    await page.locator("select[name=state]").select_option("booting")
+    await expect(body).to_have_count(2)
+    await boot(env, "52-54-00-dd-03-38")  # s56 boots: now it is one the filter shows
+    await expect(body.filter(has_text="s56")).to_contain_text("booting")
+    await expect(page.locator(".pager")).to_contain_text("1\u20133 of 3")
