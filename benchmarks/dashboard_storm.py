@@ -9,15 +9,16 @@ with 0, 1 and 5 dashboards open (real chromium tabs, each its own operator's ses
 as benchmarks/storm.py seeds it). Then, for each tree and each number of tabs (the trees
 alternating, the order reversed each run): ``netboot serve`` on loopback HTTP on a copy of
 the seed (sse_fanout.start), that many chromium pages (Playwright, Debian's chromium, one
-browser context each: five operators, not five tabs of one browser) logged in on the machines
-view, and ``--devices`` machines of the fleet installed over the HTTP boot path as a device
-does it (GET /ipxe, the config, the installer's two reports, the registration; no kernel or
-initrd bytes, which no dashboard sees), 100 at a time. Reported: the events the storm wrote,
-the server's CPU (utime + stime from /proc) from the storm's start until it is idle again
-(its CPU under 5 % of a core for 1 s, at most 60 s), that per event, the API requests the
-tabs made meanwhile (``--streams N``: N raw readers of the event stream too, their
-messages and reads), each tab's main-thread busy time (CDP's TaskDuration) and JavaScript heap
-after a GC.
+browser each: five operators, not five tabs of one browser; ``--same-browser``: tabs of one
+browser, sharing its session and, on this branch, its event stream) logged in on the
+machines view, and ``--devices`` machines of the fleet installed over the HTTP boot path as
+a device does it (GET /ipxe, the config, the installer's two reports, the registration; no
+kernel or initrd bytes, which no dashboard sees), 100 at a time. Reported: the events the
+storm wrote, the server's CPU (utime + stime from /proc) from the storm's start until it is
+idle again (its CPU under 5 % of a core for 1 s, at most 60 s), that per event, the API
+requests the tabs made meanwhile by kind (``--streams N``: N raw readers of the event
+stream too, their messages and reads), each tab's main-thread busy time (CDP's
+TaskDuration) and JavaScript heap after a GC.
 
 Loopback only; every process started here is ended by its own PID.
 """
@@ -168,15 +169,24 @@ async def one(tree: Path, tabs: int, args: argparse.Namespace) -> dict[str, Any]
                     kind = ("discovered count" if "state=discovered&limit=1" in path
                             else path.split("?")[0])
                     kinds[kind] = kinds.get(kind, 0) + 1
-                for _ in range(tabs):
-                    browser = await pw.chromium.launch(executable_path=CHROMIUM,
-                                                       args=CHROMIUM_ARGS)
-                    browsers.append(browser)
-                    page = await browser.new_page(viewport={"width": 1360, "height": 900})
+                shared = None  # --same-browser: the tabs of one browser, one session
+                for n in range(tabs):
+                    if shared is None:
+                        browser = await pw.chromium.launch(executable_path=CHROMIUM,
+                                                           args=CHROMIUM_ARGS)
+                        browsers.append(browser)
+                        context = await browser.new_context(
+                            viewport={"width": 1360, "height": 900})
+                        if args.same_browser:
+                            shared = context
+                    page = await (shared or context).new_page()
                     page.set_default_timeout(120_000)
-                    await page.goto(f"{base}/login")
-                    await page.fill("#token", token)
-                    await page.click("button[type=submit]")
+                    if n == 0 or not args.same_browser:
+                        await page.goto(f"{base}/login")
+                        await page.fill("#token", token)
+                        await page.click("button[type=submit]")
+                    else:
+                        await page.goto(f"{base}/")
                     await page.locator("table.machines tbody tr").nth(49).wait_for()
                     await page.locator("#live.on").wait_for()
                     page.on("request", lambda r: count(r.url))
@@ -222,7 +232,7 @@ async def one(tree: Path, tabs: int, args: argparse.Namespace) -> dict[str, Any]
                     "server CPU s": round(cpu, 2), "wall s": round(wall, 1),
                     "us CPU an event": round(cpu / max(written, 1) * 1e6),
                     "API requests by the tabs": asked[0], "by kind": dict(kinds),
-                    "streams": args.streams,
+                    "same browser": args.same_browser, "streams": args.streams,
                     "stream messages": sum(r.messages for r in readers),
                     "stream reads": sum(r.reads for r in readers),
                     "tab busy s": [round(b, 2) for b in busy],
@@ -238,6 +248,8 @@ async def main() -> None:
     parser.add_argument("--machines", type=int, default=100_000)
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--tabs", default="0,1,5")
+    parser.add_argument("--same-browser", action="store_true",
+                        help="the tabs in one browser (one session), not one browser each")
     parser.add_argument("--streams", type=int, default=0,
                         help="raw readers of the event stream besides the tabs (sse_fanout's)")
     parser.add_argument("--tree", type=Path, action="append")
