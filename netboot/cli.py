@@ -789,15 +789,62 @@ def _since(text: str | None, now: float) -> float | None:
                               "or Unix seconds") from None
 
 
+MACHINE_ACTOR = "machine:"  # a device's own report or registration (api.Api.front_post)
+
+
+async def _audit_machines(store: Store, entries: Sequence[Any]) -> dict[str, Machine]:
+    """The machines the entries name, by the text each names them by. An entry keeps what
+    the request named: an installer's report ``02-00-00-00-00-00`` (the MAC as its URL had
+    it), its registration the id, a CLI change the MAC as typed; the machine's own actor
+    ``machine:m-…``. Read as written, one machine was two names a few rows apart
+    (s45-review). A text that names no machine now (removed, or a stranger's) is kept."""
+    from netboot import identity
+
+    texts = {e.target for e in entries if "machines" in e.action or "register" in e.action}
+    texts |= {e.actor[len(MACHINE_ACTOR):] for e in entries
+              if e.actor.startswith(MACHINE_ACTOR)}
+    found: dict[str, Machine] = {}
+    for text in texts:
+        try:
+            machine = await identity.by_ref(store, text) if text else None
+        except ValidationError:  # a file, a hostname that was refused, a stranger's text
+            continue
+        if machine is not None:
+            found[text] = machine
+    return found
+
+
 async def _audit(args: argparse.Namespace, store: Store, cfg: Config) -> int:
+    from netboot.follow import machine_name
+
     now = time.time()
     entries = await _core(store, cfg).access.audit_log(since=_since(args.since, now),
                                                        limit=args.limit)
+    machines = await _audit_machines(store, entries)
     if args.json:
-        _print_json([codec.audit_to_dict(e) for e in entries])
+        # As recorded, and the id of the machine it names (one key to join rows on).
+        rows = []
+        for e in entries:
+            named = machines.get(e.target) or (machines.get(e.actor[len(MACHINE_ACTOR):])
+                                               if e.actor.startswith(MACHINE_ACTOR) else None)
+            rows.append({**codec.audit_to_dict(e), "machine": named.id if named else None})
+        _print_json(rows)
         return 0
+
+    def name(text: str) -> str:
+        # One name a machine, as `netboot events` and the dashboard show it.
+        m = machines.get(text)
+        return text if m is None else machine_name(
+            {"hostname": m.hostname, "macs": [str(x) for x in m.macs], "id": m.id})
+
+    def actor(text: str) -> str:
+        if text.startswith(MACHINE_ACTOR):
+            return MACHINE_ACTOR + name(text[len(MACHINE_ACTOR):])
+        return text
+
     print(_table([(datetime.fromtimestamp(e.time).astimezone().isoformat(timespec="seconds"),
-                   e.actor, e.action, e.target, e.peer, e.outcome) for e in entries],
+                   actor(e.actor), e.action, name(e.target), e.peer, e.outcome)
+                  for e in entries],
                  ["time", "who", "what", "target", "from", "outcome"]))
     return 0
 

@@ -295,7 +295,9 @@ class Authority:
         reason = self._why_reissue(cert_path, private_file, ca_cert, names)
         if reason is not None:
             self._issue(cert_path, private_file, ca_cert, ca_key, names)
-            log.info("issued the HTTPS certificate for %s (%s)", ", ".join(names), reason)
+            # The reason before the names: after them, "…, 192.0.2.10 (none yet)" read as
+            # something about the last address (s45-review).
+            log.info("issued an HTTPS certificate (%s) for %s", reason, ", ".join(names))
         ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM).decode()
         tls = Tls(cert_path, private_file, ca_pem, fingerprint(ca_cert))
         # The files just checked (or issued): the next start decides from the record.
@@ -364,7 +366,7 @@ class Authority:
         from cryptography.hazmat.primitives import serialization
 
         if not cert_path.exists() or not private_file.exists():
-            return "none yet"
+            return "there was none"
         try:
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
             key = serialization.load_pem_private_key(private_file.read_bytes(), password=None,

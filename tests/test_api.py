@@ -792,6 +792,39 @@ async def test_machines_unchanged_for_a_while_are_the_stuck_ones(env: Env) -> No
     error(await call(env, "GET", "/api/v1/machines?unchanged_for=-1"), 400)
 
 
+async def test_a_rows_state_and_its_last_event_are_read_as_of_one_moment(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dashboard's list (GET /machines?last_event=1) while a device registers: the
+    registration is committed (a real POST /api/v1/register on its own connection) just after
+    the page of machines is read and before its events are. The row said **installed** beside
+    "registered: registered at ..." (s45-review saw **booting** beside **registered**
+    mid-storm); now both are the registration's."""
+    await env.seed()
+    await machine(env, hostname="edge-1")
+    token = install_token(await boot(env, MAC))
+    for kind in ("installing", "installed"):
+        await env.post(f"/api/v1/machines/{MAC}/events", {"kind": kind}, status=201,
+                       headers={"Authorization": f"Bearer {token}"})
+    store = env.service.store
+    page_read = store.list_machines
+    raced: list[bytes] = []
+
+    async def a_registration_right_after(flt: MachineFilter | None = None) -> list[Machine]:
+        page = await page_read(flt)
+        if not raced:
+            raced.append(await _register_from(env, "127.0.0.1", {"mac": MAC, "token": token}))
+        return page
+
+    monkeypatch.setattr(store, "list_machines", a_registration_right_after)
+    row = (await env.get("/api/v1/machines?last_event=1"))["items"][0]
+    assert raced[0].startswith(b"HTTP/1.1 200"), raced
+    assert (row["state"], row["last_event"]["kind"]) == ("registered", "registered"), row
+    # and with no registration between: as before
+    monkeypatch.setattr(store, "list_machines", page_read)
+    row = (await env.get("/api/v1/machines?last_event=1"))["items"][0]
+    assert (row["state"], row["last_event"]["kind"]) == ("registered", "registered"), row
+
+
 async def test_cluster_nodes_are_paged_when_asked(env: Env) -> None:
     """The dashboard asks for a page of a cluster's nodes (s36-ops); all by default."""
     await env.seed()

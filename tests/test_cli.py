@@ -23,7 +23,7 @@ from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import MacAddress, Scope
 from tests import pg
-from tests.conftest import write_config
+from tests.conftest import Env, boot, install_token, this_checkout, write_config
 
 
 @pytest.fixture
@@ -886,6 +886,54 @@ def test_tokens_create_list_revoke_and_the_audit_log(
     assert json.loads(out) == []
     rc, _, err = run(capsys, "audit", "--since", "yesterday", "--config", cfg)
     assert rc == 2 and "--since" in err
+
+
+async def test_audit_names_each_machine_one_way_whatever_the_request_named_it_by(
+        env: Env, tmp_path: Path) -> None:
+    """An install as a device makes it: enrolled over the API (the entry's target its id),
+    the installer's reports through the front door by its MAC as iPXE's ${mac:hexhyp} spells
+    it, its registration (target its id), an operator's reinstall by its hostname, and a
+    stranger's report about a MAC nobody has. The table named the one machine
+    ``52-54-00-12-34-56`` in one row and ``m-…`` in the next (s45-review)."""
+    mac, dashed = "52:54:00:12:34:56", "52-54-00-12-34-56"
+    await env.seed()
+    made = await env.post("/api/v1/machines", {"macs": [mac], "hostname": "edge-7"},
+                          status=201)
+    token = install_token(await boot(env, mac))
+    device = {"Authorization": f"Bearer {token}"}
+    for kind in ("installing", "installed"):
+        await env.post(f"/api/v1/machines/{dashed}/events", {"kind": kind}, status=201,
+                       headers=device)
+    await env.post("/api/v1/register", {"mac": mac, "token": token}, status=200, headers={})
+    await env.post("/api/v1/machines/edge-7/reinstall", {}, status=200)
+    await env.post("/api/v1/machines/02-00-00-00-00-99/events", {"kind": "installed"},
+                   headers={"Authorization": "Bearer nbt_forged"})
+    await env.service.boot.drain()
+
+    def audit(*more: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "netboot", "audit", "--config",
+             str(tmp_path / "a" / "netboot.yaml"), *more], capture_output=True, text=True,
+            check=True, env=this_checkout(), timeout=120).stdout
+
+    rows = [line.split() for line in audit().splitlines()[1:]]
+    mine = [r for r in rows if "edge-7" in r or any(m in " ".join(r) for m in (
+        made["id"], dashed, mac))]
+    # who, what, target: one name for the machine in every row, as `netboot events` has it
+    assert [(r[1], r[3], r[4]) for r in mine] == [
+        ("admin", "/api/v1/machines", "edge-7"),
+        ("machine:edge-7", "/api/v1/machines/{ref}/events", "edge-7"),
+        ("machine:edge-7", "/api/v1/machines/{ref}/events", "edge-7"),
+        ("machine:edge-7", "/api/v1/register", "edge-7"),
+        ("admin", "/api/v1/machines/{ref}/reinstall", "edge-7")], rows
+    # a MAC nobody has is shown as the request named it
+    assert ["/api/v1/machines/{ref}/events", "02-00-00-00-00-99"] in [r[3:5] for r in rows]
+    # --json keeps what was recorded, and says which machine each row is about
+    log = json.loads(audit("--json"))
+    assert [(e["target"], e["machine"]) for e in log if e["machine"]] == [
+        (made["id"], made["id"]), (dashed, made["id"]), (dashed, made["id"]),
+        (made["id"], made["id"]), (made["id"], made["id"])], log
+    assert [e["machine"] for e in log if e["target"] == "02-00-00-00-00-99"] == [None]
 
 
 async def _strangers_text(cfg: str) -> None:

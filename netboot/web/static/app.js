@@ -86,6 +86,23 @@ function ago(t) {
   return `${Math.floor(s / 86400)} d`;
 }
 
+// An age on the page ("4 min", "2 h 5 min ago") is counted again every AGE_MS, not only
+// when an event reloads the view: after a storm, with nothing arriving, the list's
+// "Unchanged for" said "12 s" of a machine stuck for an hour, and a timeline's newest
+// step "3 s ago" all afternoon.
+const AGE_MS = 10_000;
+
+function age(t, after = "") {
+  if (!t) return "—";
+  return h("span", {class: "age", dataset: {at: t, after}}, ago(t) + after);
+}
+
+setInterval(() => {
+  for (const el of document.querySelectorAll("span.age")) {
+    el.textContent = ago(Number(el.dataset.at)) + el.dataset.after;
+  }
+}, AGE_MS);
+
 function iso(t) {
   return t ? new Date(t * 1000).toISOString().replace(".000Z", "Z") : "—";
 }
@@ -171,35 +188,88 @@ function select(name, values, {empty = "—", value = ""} = {}) {
 
 let view = null; // the current view: {onEvent(ev), onMissed(), close()}
 
+// One event stream for all the tabs of a browser. Chromium opens at most 6 HTTP/1.1
+// connections to one server (netboot's HTTPS is HTTP/1.1) and each tab's EventSource held one
+// for good: an operator with a tab per suspect machine had, from the sixth, every request of
+// every tab waiting for a connection that never came free. The tab holding the Web Lock
+// below opens the stream and passes each message to the others (BroadcastChannel); when it
+// closes, the lock goes to another, which opens the stream and tells every tab to reload
+// (events of the gap were not seen). Where the lock is not offered (plain HTTP to another
+// host is not a secure context), each tab has its own stream, as before.
+const STREAM_LOCK = "netboot-event-stream";
+const KINDS = ["machine", "inventory", "warnings", "missed"];
+
 function connect() {
   const live = document.getElementById("live");
-  const source = new EventSource(API + "/events/stream");
-  source.addEventListener("open", () => { live.textContent = "live"; live.className = "live on"; });
-  source.addEventListener("error", () => {
-    live.textContent = "reconnecting…";
-    live.className = "live off";
+  const channel = window.BroadcastChannel && navigator.locks
+    ? new BroadcastChannel(STREAM_LOCK) : null;
+  const kept = {}; // the holder's last "live", "inventory" and "warnings", for a new tab
+
+  function deliver(kind, data) {
+    if (kind === "live") {
+      live.textContent = data ? "live" : "reconnecting…";
+      live.className = data ? "live on" : "live off";
+    } else if (kind === "machine") {
+      // The machines view's counts (GET /status) carry the discovered badge's number.
+      if (!(view && view.countsDiscovered)) refreshDiscovered();
+      if (view && view.onEvent) view.onEvent(JSON.parse(data));
+    } else if (kind === "inventory") inventoryHealth(JSON.parse(data));
+    else if (kind === "warnings") standingWarnings(JSON.parse(data));
+    else if (kind === "missed" && view && view.onMissed) view.onMissed();
+  }
+  function told(kind, data) { // by this tab's own stream: here, and to every other tab
+    if (kind !== "machine" && kind !== "missed") kept[kind] = data;
+    deliver(kind, data);
+    if (channel) channel.postMessage({kind, data});
+  }
+  function stream(takeover) {
+    const source = new EventSource(API + "/events/stream");
+    source.addEventListener("open", () => {
+      told("live", true);
+      // Taken over from a tab that closed: what came meanwhile was seen by nobody.
+      if (takeover) { takeover = false; told("missed", null); }
+    });
+    source.addEventListener("error", () => told("live", false));
+    for (const kind of KINDS) source.addEventListener(kind, (msg) => told(kind, msg.data));
+  }
+  if (!channel) { stream(false); return; }
+  let holder = false;
+  channel.onmessage = ({data: msg}) => {
+    if (msg.kind === "hello") {
+      if (holder) for (const [kind, data] of Object.entries(kept)) channel.postMessage({kind, data});
+    } else deliver(msg.kind, msg.data);
+  };
+  function hold(takeover) {
+    holder = true;
+    stream(takeover);
+    return new Promise(() => {}); // held while this tab is open
+  }
+  navigator.locks.request(STREAM_LOCK, {ifAvailable: true}, (lock) => {
+    if (lock) return hold(false);
+    channel.postMessage({kind: "hello"}); // another tab holds it: it tells what it knows
+    navigator.locks.request(STREAM_LOCK, () => hold(true)); // once that tab is gone
+    return null;
   });
-  source.addEventListener("machine", (msg) => {
-    const ev = JSON.parse(msg.data);
-    refreshDiscovered();
-    if (view && view.onEvent) view.onEvent(ev);
-  });
-  source.addEventListener("inventory", (msg) => inventoryHealth(JSON.parse(msg.data)));
-  source.addEventListener("warnings", (msg) => standingWarnings(JSON.parse(msg.data)));
-  source.addEventListener("missed", () => {
-    if (view && view.onMissed) view.onMissed();
-  });
+}
+
+function discoveredBadge(total) {
+  document.getElementById("discovered-count").textContent = total ? String(total) : "";
 }
 
 const refreshDiscovered = throttled(async () => {
   const {data} = await api("GET", "/machines?state=discovered&limit=1");
-  const badge = document.getElementById("discovered-count");
-  badge.textContent = data.total ? String(data.total) : "";
+  discoveredBadge(data.total);
 });
 
 // ---- views -------------------------------------------------------------------------------
 
 const query = {q: "", state: "", cluster: "", still: "", sort: "mac", order: "asc", offset: 0};
+// Event kinds that move a machine along its install and change nothing of it but its state,
+// time in state and events: no machine made, merged, renamed, moved to another cluster or
+// given another NIC (enrolled, discovered, merged, updated, nic-attached, a report's own
+// word: each of those reloads the page).
+const PROGRESS = new Set(["dhcp", "install-plan", "config", "installing", "installed",
+  "registered", "failed", "reinstall", "local-boot", "hold", "rendered"]);
 // "Unchanged for" (GET /machines?unchanged_for=): with a state, the machines stuck in it
 // during a storm (booting: script fetched, no config; installing; installed: not registered).
 const STILL = [["", "changed any time"], ["300", "unchanged 5 min+"],
@@ -245,12 +315,15 @@ function machinesView(root) {
   clusterSel.addEventListener("change", () => { query.cluster = clusterSel.value; query.offset = 0; load(); });
   stillSel.addEventListener("change", () => { query.still = stillSel.value; query.offset = 0; load(); });
 
-  const changed = new Set(); // machines named by events since the last load
+  const changed = new Set(); // machines on the page named by events since the last load
+  let shown = new Set(); // the ids of the page's rows
+  let pageStale = false; // an event since the last load may have changed the page
 
   async function loadCounts() {
     const {data} = await api("GET", "/status");
     inventoryHealth(data.inventory);
     standingWarnings(data.warnings);
+    discoveredBadge(data.by_state.discovered || 0);
     counts.replaceChildren(
       h("button", {class: `count${query.state === "" ? " active" : ""}`,
         onclick: () => { query.state = ""; stateSel.value = ""; query.offset = 0; load(); }},
@@ -285,6 +358,7 @@ function machinesView(root) {
     // Two filters changed in a row ask two pages at once; the first (a bigger page, one
     // event read per row) can answer last and showed the filter no longer asked for.
     if (mine !== asked) return;
+    shown = new Set(data.items.map((m) => m.id));
     tbody.replaceChildren(...data.items.map((m) => {
       const last = m.last_event;
       return h("tr", {dataset: {id: m.id},
@@ -297,7 +371,7 @@ function machinesView(root) {
       h("td", {}, stateBadge(m.state)),
       h("td", {class: "event", title: last ? `${iso(last.time)} ${last.message}` : ""},
         last ? `${last.kind}: ${last.message}` : ""),
-      h("td", {title: iso(m.state_since)}, ago(m.state_since)));
+      h("td", {title: iso(m.state_since)}, age(m.state_since)));
     }));
     if (!data.items.length) {
       tbody.append(h("tr", {}, h("td", {colspan: columns.length, class: "muted"},
@@ -318,11 +392,33 @@ function machinesView(root) {
   function load() {
     return Promise.all([loadCounts().catch(failed), loadPage().catch(failed)]);
   }
-  const reload = throttled(load);
+  // During a storm every event reloaded the page of 50 rows with their events (~5 ms of the
+  // server's CPU each, ~1.4 a second per open tab) though it showed none of the machines
+  // moving. An event moving a machine along its install (PROGRESS) neither brings a machine
+  // onto the page nor takes one off, nor changes the total, while the page is sorted by MAC
+  // or cluster and filtered by neither state, time in state nor text: then only an event
+  // about a row shown reloads it. The counts above reload at every event.
+  function pageMoves(ev) {
+    if (query.state || query.still || query.q || !["mac", "cluster"].includes(query.sort)) {
+      return true;
+    }
+    return !PROGRESS.has(ev.kind) || shown.has(ev.machine);
+  }
+  const reload = throttled(() => {
+    const page = pageStale;
+    pageStale = false;
+    return Promise.all([loadCounts().catch(failed), page ? loadPage().catch(failed) : null]);
+  });
   load();
   return {
-    onEvent(ev) { changed.add(ev.machine); reload(); },
-    onMissed: reload,
+    onEvent(ev) {
+      if (!pageMoves(ev)) { reload(); return; }
+      changed.add(ev.machine);
+      pageStale = true;
+      reload();
+    },
+    onMissed() { pageStale = true; reload(); },
+    countsDiscovered: true,
   };
 }
 
@@ -353,6 +449,9 @@ function machineView(root, id) {
     } catch (err) { failed(err); }
   }
 
+  // Events name a machine by its id; the page may be opened by a MAC or a hostname (a link
+  // pasted from a ticket, `#/machine/52:54:00:…`), which no event matched: it never followed.
+  let known = id;
   async function load() {
     let m;
     try {
@@ -361,13 +460,14 @@ function machineView(root, id) {
       if (err.status === 404) { title.textContent = `${id}: not found (removed?)`; return; }
       throw err;
     }
+    known = m.id;
     title.replaceChildren(m.hostname || m.id, " ", stateBadge(m.state));
     const fields = [["id", m.id], ["MACs", m.macs.join(", ") || "—"], ["hostname", m.hostname],
       ["serial", m.serial], ["UUID", m.uuid], ["asset", m.asset], ["cluster", m.cluster],
       ["role", m.role], ["profile", m.profile], ["arch", m.arch], ["firmware", m.firmware],
       ["address", m.ipv4], ["labels", Object.entries(m.labels).map(([k, v]) => `${k}=${v}`).join(", ")],
-      ["created", iso(m.created)], ["last changed", `${ago(m.updated)} ago (${iso(m.updated)})`],
-      ["in its state", `${ago(m.state_since)} (since ${iso(m.state_since)})`]];
+      ["created", iso(m.created)], ["last changed", [age(m.updated, " ago"), ` (${iso(m.updated)})`]],
+      ["in its state", [age(m.state_since), ` (since ${iso(m.state_since)})`]]];
     info.replaceChildren(...fields.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v || "—")]));
     const {clusters, profiles} = await choices();
     const buttons = [];
@@ -402,7 +502,7 @@ function machineView(root, id) {
     actions.replaceChildren(...buttons);
     const events = (await api("GET", `/machines/${ref}/events?limit=200`)).data;
     timeline.replaceChildren(...events.slice().reverse().map((e) => h("li", {},
-      h("time", {title: iso(e.time)}, `${ago(e.time)} ago`), " ",
+      h("time", {title: iso(e.time)}, age(e.time, " ago")), " ",
       h("strong", {}, e.kind), " ", e.message)));
     const why = (await api("GET", `/machines/${ref}/explain`)).data;
     // The profile its plan uses, for its problems (a file netboot refuses to serve).
@@ -424,7 +524,7 @@ function machineView(root, id) {
   const reload = throttled(() => load().catch(failed));
   reload();
   return {
-    onEvent(ev) { if (ev.machine === id) reload(); },
+    onEvent(ev) { if (ev.machine === known) reload(); },
     onMissed: reload,
   };
 }
@@ -489,7 +589,7 @@ function discoveredView(root) {
       h("td", {class: "mono"}, h("a", {href: `#/machine/${encodeURIComponent(m.id)}`},
         m.macs.join(" ") || m.id)),
       h("td", {}, m.arch || ""), h("td", {}, m.firmware || ""), h("td", {}, m.serial || ""),
-      h("td", {title: iso(m.created)}, `${ago(m.created)} ago`),
+      h("td", {title: iso(m.created)}, age(m.created, " ago")),
       h("td", {}, approveForm(m, clusters, profiles, reload)))));
     if (!data.items.length) {
       tbody.append(h("tr", {}, h("td", {colspan: 6, class: "muted"},
