@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+from collections.abc import AsyncIterator
 from email.utils import formatdate
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def byteranges(data: bytes, spans: list[tuple[int, int]], boundary: str,
 
 
 @pytest.fixture
-async def server(tmp_path: Path):  # type: ignore[no-untyped-def]
+async def server(tmp_path: Path) -> AsyncIterator[Service]:
     async with serving(tmp_path) as service:
         for name, data in FILES.items():
             (tmp_path / "assets" / name).write_bytes(data)
