@@ -28,6 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import ipxe_inproc  # this directory's (a script's sys.path[0])
+
 KINDS = {
     "boot.ipxe": ("/boot.ipxe", ""),
     "kernel": ("/assets/vmlinuz", ""),
@@ -111,11 +113,8 @@ with asyncio.Runner(loop_factory=loop_factory("uvloop")) as runner:
     runner.run(serve())
 '''
 
-CONFIG = """{{"server": {{"advertise": "127.0.0.1", "data_dir": "{data}", "log_level": "warning"}},
- "http": {{"listen": "127.0.0.1", "port": 0, "access_log": false}}, "https": {{"port": 0}},
- "dhcp": {{"mode": "off"}}, "tftp": {{"enabled": false}}, "dns": {{"enabled": false}},
- "assets": {{"dirs": ["{assets}"]}}}}
-"""
+# ipxe_inproc.py's server (loopback, access log off), quieter: no line a request.
+CONFIG = ipxe_inproc.CONFIG.replace('"log_level": "info"', '"log_level": "warning"')
 
 
 def start(python: str, tree: Path, run: Path, assets: Path, requests: int

@@ -12,8 +12,10 @@ server ignore an invalid Range (netboot ignores it: 200, the whole file).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import os
 import re
+import ssl
 from collections.abc import AsyncIterator
 from email.utils import formatdate
 from pathlib import Path
@@ -300,3 +302,30 @@ async def test_ranges_of_a_file_of_several_gib(server: Service, tmp_path: Path) 
         fh.seek(-200, os.SEEK_END)
         assert b"mark@%011d" % (4 << 30) in fh.read()
     assert peak - rss < 16 << 10, f"peak memory {peak - rss} KiB over now for a 64 MiB part"
+
+
+async def test_several_ranges_over_tls_and_of_a_compressed_sibling(server: Service,
+                                                                   tmp_path: Path) -> None:
+    """Where sendfile cannot go: over HTTPS (the parts pass the encryption) and from a
+    ``.gz`` sibling chosen by Accept-Encoding, whose bytes the ranges then count (as
+    aiohttp's FileResponse and nginx's gzip_static answer a single range)."""
+    data = FILES["large.bin"]
+    context = ssl.create_default_context(cafile=str(server.config.data_dir / "tls" / "ca.pem"))
+    context.check_hostname = False
+    spans = [(0, 99), (300_000, 300_099)]
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"https://127.0.0.1:{server.https_port}/assets/large.bin",
+                               headers={"Range": "bytes=0-99,300000-300099"},
+                               ssl=context) as r:
+            assert r.status == 206
+            boundary = r.headers["Content-Type"].split("boundary=", 1)[1]
+            assert await r.read() == byteranges(data, spans, boundary)
+        packed = gzip.compress(data)
+        (tmp_path / "assets" / "large.bin.gz").write_bytes(packed)
+        async with session.get(url(server, "/assets/large.bin"), auto_decompress=False,
+                               headers={"Range": "bytes=0-9,-10",
+                                        "Accept-Encoding": "gzip"}) as r:
+            assert (r.status, r.headers["Content-Encoding"]) == (206, "gzip")
+            boundary = r.headers["Content-Type"].split("boundary=", 1)[1]
+            assert await r.read() == byteranges(
+                packed, [(0, 9), (len(packed) - 10, len(packed) - 1)], boundary)
