@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import secrets
 import sys
@@ -25,7 +26,7 @@ from aiohttp.abc import AbstractAccessLogger, AbstractStreamWriter
 from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpRequestParser
 from aiohttp.tcp_helpers import tcp_keepalive
-from aiohttp.web_fileresponse import NOSENDFILE
+from aiohttp.web_fileresponse import CONTENT_TYPES, FALLBACK_CONTENT_TYPE, NOSENDFILE
 from aiohttp.web_protocol import RequestPayloadError
 
 from netboot.errors import OutcomeUnknown
@@ -47,6 +48,14 @@ from netboot.servers.http import (
     redacted_target,
     sendfile,
     web_response,
+)
+from netboot.wire.ranges import (
+    Multipart,
+    Spans,
+    Unsatisfiable,
+    byte_ranges,
+    if_range_holds,
+    multipart,
 )
 
 # Typed keys for what the wiring puts on the application (aiohttp's AppKey).
@@ -81,7 +90,9 @@ def loggable_target(request: web.BaseRequest) -> str:
 
 
 class CountingFileResponse(web.FileResponse):
-    """FileResponse that remembers how many bytes sendfile() moved.
+    """FileResponse that remembers how many bytes sendfile() moved, and answers Range as
+    nginx does (netboot.wire.ranges: several ranges as multipart/byteranges, If-Range with
+    an entity-tag, an invalid Range ignored).
 
     aiohttp counts only what passes through its writer, so with sendfile the access log said
     258 bytes for an 8 MB kernel. ``loop.sendfile`` returns the count; the fallback path
@@ -93,16 +104,70 @@ class CountingFileResponse(web.FileResponse):
     async def _prepare_open_file(self, request: web.BaseRequest, fobj: Any,
                                  st: os.stat_result, file_encoding: str | None,
                                  ) -> AbstractStreamWriter | None:
-        # aiohttp answers ``bytes=-0`` 206 with the whole file (slice(-0) is slice(0));
-        # RFC 9110 §14.1.1: a suffix range is satisfiable only with a nonzero length: 416,
-        # as nginx answers. After If-Range, as aiohttp checks it (no Range: no 416).
-        if_range = request.if_range
-        if _zero_suffix(request) and (if_range is None
-                                      or st.st_mtime <= if_range.timestamp()):
-            self.headers[hdrs.CONTENT_RANGE] = f"bytes */{st.st_size}"
+        field = request.headers.get(hdrs.RANGE)
+        if field is None:  # the whole file, as aiohttp answers it
+            return await super()._prepare_open_file(request, fobj, st, file_encoding)
+        # aiohttp's own reading answered 416 to several ranges and to a field it could not
+        # parse (another unit too), 206 with the whole file to bytes=-0, and took no
+        # entity-tag in If-Range (a part of a replaced file) and any date after the change
+        # (s46-range): netboot.wire.ranges decides instead.
+        size = st.st_size
+        self.etag = f"{st.st_mtime_ns:x}-{size:x}"
+        self.last_modified = st.st_mtime
+        wanted = requested(request, field, size, self.headers[hdrs.ETAG], st.st_mtime)
+        if isinstance(wanted, Unsatisfiable):
+            self.headers[hdrs.CONTENT_RANGE] = f"bytes */{size}"
             self.set_status(416)
+            self.content_length = 0
             return await web.StreamResponse.prepare(self, request)
-        return await super()._prepare_open_file(request, fobj, st, file_encoding)
+        if hdrs.CONTENT_TYPE not in self.headers:
+            self.content_type = CONTENT_TYPES.guess_type(str(self._path))[0] \
+                or FALLBACK_CONTENT_TYPE
+        if file_encoding:  # as FileResponse: the ranges are the encoded file's
+            self.headers[hdrs.CONTENT_ENCODING] = file_encoding
+            self.headers[hdrs.VARY] = hdrs.ACCEPT_ENCODING
+            self._compression = False
+        self.headers[hdrs.ACCEPT_RANGES] = "bytes"
+        if wanted is None:
+            offset, count = 0, size
+        elif len(wanted) == 1:
+            self.set_status(206)
+            offset, stop = wanted[0]
+            count = stop - offset
+            self.headers[hdrs.CONTENT_RANGE] = f"bytes {offset}-{stop - 1}/{size}"
+        else:
+            return await self._send_parts(request, fobj, multipart(
+                wanted, size, self.headers[hdrs.CONTENT_TYPE], secrets.token_hex(10)))
+        self.content_length = count
+        if count == 0 or request.method == hdrs.METH_HEAD:
+            return await web.StreamResponse.prepare(self, request)
+        return await self._sendfile(request, fobj, offset, count)
+
+    async def _send_parts(self, request: web.BaseRequest, fobj: Any, parts: Multipart
+                          ) -> AbstractStreamWriter | None:
+        """A 206 ``multipart/byteranges`` of ``parts``, each read in chunks of
+        ``chunk_size`` as aiohttp's fallback reads a file (never the file whole: the parts add
+        up to no more than the file, netboot.wire.ranges.byte_ranges)."""
+        self.set_status(206)
+        self.headers[hdrs.CONTENT_TYPE] = parts.content_type
+        self.content_length = parts.length
+        writer = await web.StreamResponse.prepare(self, request)
+        if writer is None or request.method == hdrs.METH_HEAD:
+            return writer
+        loop = asyncio.get_running_loop()
+        for head, start, stop in parts.parts:
+            await writer.write(head)
+            at = start
+            while at < stop:
+                chunk = await loop.run_in_executor(None, self._seek_and_read, fobj, at,
+                                                   min(self._chunk_size, stop - at))
+                if not chunk:  # the file shrank since its stat: the length cannot be kept
+                    raise ConnectionResetError(f"{self._path} shrank while sent")
+                await writer.write(chunk)
+                at += len(chunk)
+        await writer.write(parts.tail)
+        await web.StreamResponse.write_eof(self)
+        return writer
 
     async def _sendfile(
         self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
@@ -169,45 +234,40 @@ async def asset_response(files: AssetFiles, request: web.BaseRequest, name: str
 
 
 def held_response(request: web.BaseRequest, held: _Held) -> web.Response:
-    """A small asset from memory, with Range as aiohttp's FileResponse answers it."""
+    """A small asset from memory, with Range as CountingFileResponse answers it."""
+    field = request.headers.get(hdrs.RANGE)
+    if field is None:
+        return web.Response(body=held.body, headers=held.headers)
     size = len(held.body)
-    resp = web.Response(body=held.body, headers=held.headers)
-    if hdrs.RANGE not in request.headers:
-        return resp
-    if_range = request.if_range
-    if if_range is not None and held.mtime > if_range.timestamp():
-        return resp  # changed since the client's copy: the whole file (RFC 9110 §13.1.5)
-    if _zero_suffix(request):
-        return _unsatisfiable(held, size)  # as CountingFileResponse answers it
-    try:
-        rng = request.http_range
-    except ValueError:
-        return _unsatisfiable(held, size)
-    start, end = rng.start, rng.stop
-    if start is None:
-        return resp
-    if start < 0 and end is None:  # the last -start bytes
-        start = max(0, size + start)
-        end = size
-    else:
-        end = min(end if end is not None else size, size)
-    if start >= size:
-        return _unsatisfiable(held, size)
-    part = web.Response(body=held.body[start:end], headers=held.headers, status=206)
-    part.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{end - 1}/{size}"
-    return part
+    wanted = requested(request, field, size, held.headers["ETag"], held.mtime)
+    if wanted is None:
+        return web.Response(body=held.body, headers=held.headers)
+    if isinstance(wanted, Unsatisfiable):
+        return web.Response(status=416, headers={**held.headers,
+                                                 hdrs.CONTENT_RANGE: f"bytes */{size}"})
+    if len(wanted) == 1:
+        start, stop = wanted[0]
+        part = web.Response(body=held.body[start:stop], headers=held.headers, status=206)
+        part.headers[hdrs.CONTENT_RANGE] = f"bytes {start}-{stop - 1}/{size}"
+        return part
+    parts = multipart(wanted, size, held.headers["Content-Type"], secrets.token_hex(10))
+    body = b"".join([b for head, start, stop in parts.parts for b in
+                     (head, held.body[start:stop])] + [parts.tail])
+    return web.Response(body=body, status=206, headers={
+        **held.headers, hdrs.CONTENT_TYPE: parts.content_type})
 
 
-def _zero_suffix(request: web.BaseRequest) -> bool:
-    """Whether the request's Range is a suffix of length 0 (``bytes=-0``), which aiohttp's
-    ``http_range`` reads as the whole file (its pattern: ``bytes=(\\d*)-(\\d*)``)."""
-    rng = request.headers.get(hdrs.RANGE, "")
-    return rng.startswith("bytes=-") and rng[7:].isdigit() and not int(rng[7:])
+def requested(request: web.BaseRequest, field: str, size: int, etag: str, mtime: float
+              ) -> Spans | Unsatisfiable | None:
+    """What a request's ``Range`` field (``field``) asks of a file of ``size`` bytes with
+    this ETag and mtime: its spans, unsatisfiable, or None for the whole file (an If-Range
+    that does not hold, a field ignored: netboot.wire.ranges)."""
+    if_range = request.headers.get(hdrs.IF_RANGE)
+    # Last-Modified is sent rounded up to the second (aiohttp's, AssetFiles' headers).
+    if if_range is not None and not if_range_holds(if_range, etag, math.ceil(mtime)):
+        return None
+    return byte_ranges(field, size)
 
-
-def _unsatisfiable(held: _Held, size: int) -> web.Response:
-    return web.Response(status=416, headers={**held.headers,
-                                             hdrs.CONTENT_RANGE: f"bytes */{size}"})
 
 # Set on a request that came over plain HTTP from a peer that must use HTTPS: nothing may
 # read or check a credential it carries (netboot.web.auth.request_token refuses it).

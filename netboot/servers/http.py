@@ -2,8 +2,9 @@
 
 A thin aiohttp adapter over the ``DeviceContent`` protocol: it parses requests, maps errors to
 status codes and streams files; what a machine gets is decided elsewhere. Assets are served with
-aiohttp's FileResponse, which gives Content-Length, HEAD, single Range requests (UEFI HTTP boot
-resumes with Range, protocols.md §4), ETag/Last-Modified and sendfile.
+Content-Length, HEAD, ETag/Last-Modified and sendfile, and Range as nginx answers it (UEFI HTTP
+boot resumes with Range, protocols.md §4): one range or several (multipart/byteranges), with
+If-Range (netboot.wire.ranges decides; netboot.servers.aio sends).
 
 This module imports no aiohttp (netboot.servers.aio holds what needs it at import): ``netboot
 serve`` binds its listeners with :class:`Doorway` and answers the front door's requests while
@@ -599,9 +600,10 @@ class AssetFiles:
     once), and each request stats the file it resolved to: a file up to ``max_file`` bytes
     is answered from memory while its inode, size, mtime and ctime are unchanged (a
     replaced, rewritten or chmod-ed file is read again, never served stale), with its
-    headers made once. Range requests are answered from memory like FileResponse answers
-    them (206 with Content-Range, 416 when unsatisfiable, If-Range); other conditional
-    requests and larger files go to FileResponse, with sendfile on every event loop.
+    headers made once. Range requests are answered from memory as the file path answers
+    them (netboot.servers.aio.held_response: one range or several, 416 when none is
+    satisfiable, If-Range); other conditional requests and larger files go to
+    FileResponse, with sendfile on every event loop.
     """
 
     def __init__(self, resolve: Callable[[str], Blob], *, max_file: int = 256 * 1024,
