@@ -606,9 +606,12 @@ PLAIN_SWITCHING = ("import contextlib, runpy, sys; import netboot.service as s; 
 
 
 def start_netboot(ns: str, run: Path, work: Workload, python: str, log_level: str,
-                  dsn: str | None = None, plain_switching: bool = False) -> list[Proc]:
+                  dsn: str | None = None, plain_switching: bool = False,
+                  loop_probe: bool = False) -> list[Proc]:
     conf = work.netboot_config(run, log_level, dsn)
-    command = ["-c", PLAIN_SWITCHING] if plain_switching else ["-m", "netboot"]
+    command = (["-c", PLAIN_SWITCHING] if plain_switching
+               else [str(Path(__file__).with_name("storm_loop_probe.py"))] if loop_probe
+               else ["-m", "netboot"])
     return [start("netboot", ns, [python, *command, "serve", "--config", str(conf)],
                   run / "netboot.log",
                   {"PYTHONPATH": str(work.tree), "PYTHONUNBUFFERED": "1"})]
@@ -1634,7 +1637,8 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
     spec = Spec(**{**spec.__dict__, "started": time.monotonic()})
     on_pg = database if target == PG_TARGET else None
     procs = (start_netboot(server_ns, run, work, args.python, args.log_level,
-                           on_pg.dsn() if on_pg else None, args.plain_switching)
+                           on_pg.dsn() if on_pg else None, args.plain_switching,
+                           args.loop_probe)
              if target in NETBOOT_TARGETS
              else start_standins(server_ns, run, work, args.quiet_standins))
     db_pid = on_pg.process.pid if on_pg else None
@@ -1822,6 +1826,10 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
               f"{leftovers(server_ns, client_ns)}")
     if target in NETBOOT_TARGETS:
         print(f"{target}: {server_said(run / 'netboot.log')}")
+        if args.loop_probe and (run / "probe.json").exists():
+            from storm_loop_probe import summary
+
+            print(f"{target}: {summary(run / 'probe.json')}")
     return result
 
 
@@ -2148,6 +2156,10 @@ def main() -> None:
     parser.add_argument("--plain-switching", action="store_true",
                         help="netboot loads its inventory view at Python's switch interval, "
                              "not service.brisk_switching's (a start-up storm's A/B)")
+    parser.add_argument("--loop-probe", action="store_true",
+                        help="netboot runs under benchmarks/storm_loop_probe.py: its loop's "
+                             "turns, TFTP wake-ups and sendfile steps per half second into "
+                             "the run dir's probe.json (with --keep), a line of them printed")
     parser.add_argument("--capture", action="store_true",
                         help="tcpdump the DHCP traffic on the server's veth into the run "
                              "dir (with --keep)")
