@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -1469,6 +1470,73 @@ def test_the_access_line_escapes_what_a_client_chose_and_nothing_else(
         '192.0.2.7 GE\\nT /ipxe 200 12 0.002 "iPXE\\r\\n1.21"',
         '192.0.2.7 M-SEARCH /ipxe 200 12 0.002 "' + "a" * 256 + '..."',
     ]
+
+
+def test_the_access_line_written_without_a_record_is_the_records_line() -> None:
+    """AccessLogger.line writes its line to serve's one text handler itself (no LogRecord,
+    no extras): the same text as logging's formatter gives the record, in the order logged;
+    with another handler on the way (an operator's, pytest's caplog), a filter or the JSON
+    format, each gets a real record with its extras (request id, peer, path); a status that
+    is not a number is reported as logging reports it, and no line forged of it."""
+    import io
+
+    from netboot.logs import TEXT_FORMAT, BatchedStreamHandler, JsonFormatter, TextFormatter
+
+    stream = io.StringIO()
+    handler = BatchedStreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    parent = logging.Logger("netboot", logging.INFO)
+    parent.addHandler(handler)
+    logger = logging.Logger("netboot.access")
+    logger.parent = parent
+    access = AccessLogger(logger)
+    seen: list[logging.LogRecord] = []
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record)
+
+    cases = [("192.0.2.7", "GET", "/ipxe?mac=02-00-00-00-00-01", 200, 512, 0.0123, None),
+             (None, "GE\nT", "/config/x?token=<redacted>", 403, 0, 1.5, "iPXE/1.21\x1b")]
+    for args in cases:
+        access.line(*args, "r1")
+    other = Seen()
+    logger.addHandler(other)
+    for args in cases:
+        access.line(*args, "r2")
+    logger.removeHandler(other)
+    handler.flush()
+    theirs = logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    records = [logging.LogRecord("netboot.access", logging.INFO, "", 0, r.msg, r.args, None)
+               for r in seen]
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ")
+    lines = stream.getvalue().splitlines()
+    assert all(stamp.match(line) for line in lines) and len(lines) == 4, lines
+    assert [stamp.sub("", line) for line in lines] == [theirs.format(r) for r in records] * 2
+    assert [r.getMessage() for r in seen] == [
+        '192.0.2.7 GET /ipxe?mac=02-00-00-00-00-01 200 512 0.012 "-"',
+        'None GE\\nT /config/x?token=<redacted> 403 0 1.500 "iPXE/1.21\\x1b"']
+    assert [(r.request_id, r.peer, r.path) for r in seen] == [  # type: ignore[attr-defined]
+        ("r2", "192.0.2.7", "/ipxe?mac=02-00-00-00-00-01"),
+        ("r2", None, "/config/x?token=<redacted>")]
+    # The JSON format: a record's way, its extras in the line.
+    handler.setFormatter(JsonFormatter())
+    access.line("192.0.2.8", "GET", "/boot.ipxe", 200, 9, 0.001, None, "r3")
+    handler.flush()
+    line = json.loads(stream.getvalue().splitlines()[-1])
+    assert (line["request_id"], line["peer"], line["path"]) == ("r3", "192.0.2.8", "/boot.ipxe")
+    assert line["message"] == '192.0.2.8 GET /boot.ipxe 200 9 0.001 "-"'
+    # Not a number where %d wants one: logging's own report (Handler.handleError), no line.
+    handler.setFormatter(TextFormatter())
+    before = stream.getvalue()
+    raise_exceptions, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        access.line("192.0.2.9", "GET", "/ipxe", "200\nforged", 9, 0.001, None, "r4")
+    finally:
+        logging.raiseExceptions = raise_exceptions
+    handler.flush()
+    assert stream.getvalue() == before
+    assert TEXT_FORMAT.endswith("%(levelname)s %(name)s: %(message)s")
 
 
 def test_request_ids_are_the_prefix_and_the_count_in_eight_hex_digits() -> None:
