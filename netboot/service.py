@@ -1358,7 +1358,7 @@ class Service:
         another network had an open resolver (s45-attack)."""
         import ipaddress
 
-        from netboot.servers.interfaces import network
+        from netboot.servers.interfaces import Ipv6Networks, network
 
         cfg = self.config
         given: list[Any] = [ipaddress.ip_network(text, strict=False)
@@ -1368,6 +1368,7 @@ class Service:
             given.append(ipaddress.ip_network(f"{auth.pool_start}/{auth.netmask}",
                                               strict=False))
         watcher = self.watcher
+        ipv6 = Ipv6Networks()
 
         def forwards_for(address: str) -> bool:
             try:
@@ -1378,8 +1379,14 @@ class Service:
                 ip = ip.ipv4_mapped
             if ip.is_loopback or any(ip in net for net in given):
                 return True
+            if ip.version == 6:
+                # As IPv4's on-link clients (s46-dns; before, an IPv6 client needed
+                # dns.forward_networks): a link-local source is a neighbour on the link the
+                # query came in on (no router forwards one, RFC 4291 §2.5.6), and the
+                # interfaces' IPv6 prefixes are read as they are now.
+                return ip.is_link_local or ipv6.holds(ip)
             # The interfaces' networks as they are now (an address added later counts).
-            return ip.version == 4 and watcher is not None and any(
+            return watcher is not None and any(
                 ip in network(entry) for entry in watcher.addresses())
 
         return forwards_for
