@@ -825,6 +825,7 @@ class Service:
     watcher: Any = None
     _dns_by_address: dict[str, Any] = field(default_factory=dict)
     _dns_changed: asyncio.Event | None = None
+    _dns_rrl: Any = None  # dns.rate_limit's one limiter for every DNS listener (None: off)
     _tls_changed: asyncio.Event | None = None  # set: the certificate follows the addresses
     _tls_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _event_cursor: int = -1
@@ -1246,6 +1247,7 @@ class Service:
 
     async def _start_dns(self) -> None:
         from netboot.names import ZoneHolder
+        from netboot.servers.dns import rate_limiter
 
         cfg = self.config
         # Each served interface's address points back at the server's name (PTR), followed:
@@ -1253,6 +1255,10 @@ class Service:
         # reach each; followed only with DHCP on, which watches them, before s39-net).
         await self._watcher()
         self._zone_holder = ZoneHolder(await self._build_zone())
+        self._dns_rrl = rrl = rate_limiter(cfg.dns.rate_limit)
+        if rrl is not None:
+            self.metrics.read_dns_limited(lambda: {"dropped": rrl.dropped,
+                                                   "truncated": rrl.slipped})
         upstreams = []
         for item in cfg.dns.upstreams:
             host, _, port = item.partition("#")
@@ -1342,7 +1348,8 @@ class Service:
         cfg = self.config
         source = self._zone_holder if fixed else ServedAt(self._zone_holder, address)
         dns = DnsServer(source, host=address, port=self.dns_port, upstreams=upstreams,
-                        forward=cfg.dns.forward, forwards_for=self._dns_forwards_for())
+                        forward=cfg.dns.forward, forwards_for=self._dns_forwards_for(),
+                        rate_limiter=self._dns_rrl)
         await dns.start()
         self.servers.append(dns)
         self.dns_port = dns.port  # port 0: the first's, for every address
