@@ -49,23 +49,26 @@ class Limits:
     slip: int = 1
     ipv4_prefix_length: int = 24
     ipv6_prefix_length: int = 56
-    max_accounts: int = 100_000  # BIND's max-table-size is 20,000 by default
+    # Client addresses and networks remembered (BIND's max-table-size default); past it they
+    # are forgotten and found again. The accounts themselves are one second's answers and
+    # the debts: forgetting one can only let an answer out sooner, never starve a client.
+    max_accounts: int = 20_000
 
 
-class _Account:
-    __slots__ = ("balance", "limited", "seen")
-
-    def __init__(self, balance: float, seen: float) -> None:
-        self.balance = balance
-        self.seen = seen
-        self.limited = 0  # responses limited since the account last had credit
+Key = tuple[str, bytes]  # (client prefix, answer): one account
 
 
 class ResponseRateLimiter:
     """Decides SEND, DROP or SLIP for each UDP response; counts what it limited.
 
-    ``check`` is on the path of every UDP answer: one dictionary lookup for the prefix (the
-    client's address is turned into its network once), one for the account, arithmetic.
+    ``check`` is on the path of every UDP answer, so an account is a count of this second's
+    responses, the debt carried from the seconds before included, in a table of the client's
+    network that its address finds (one lookup), then one get and one set of the count.
+    Once a second (:meth:`_roll`) the accounts past their rate carry what they owe, at most
+    ``window`` seconds' worth, less a second's rate for each second gone; the others start
+    at 0 (a second's credit, never more: BIND's). Per-second counts, as NSD keeps them: a
+    token bucket per account (float credit, an object, a (network, answer) key built per
+    answer) cost ~1.8x these counts per check in process (s46-dns).
     """
 
     def __init__(self, limits: Limits) -> None:
@@ -74,7 +77,13 @@ class ResponseRateLimiter:
         self._responses = limits.responses_per_second
         self._nxdomains = limits.nxdomains_per_second
         self._errors = limits.errors_per_second
-        self._accounts: dict[tuple[str, bytes], _Account] = {}
+        # This second's responses (and debt) of each answer, a table a client network;
+        # each address's table found by the address itself (no key to build an answer).
+        self._tables: dict[str, dict[bytes, int]] = {}
+        self._by_address: dict[str, dict[bytes, int]] = {}
+        self._over: set[Key] = set()  # accounts past their rate this second, or in debt
+        self._second: int | None = None
+        self._next = float("-inf")  # when the next second begins
         self._prefixes: dict[str, str] = {}
         self._logged: dict[str, float] = {}  # prefix -> when its limiting was last told
         self.dropped = 0
@@ -101,6 +110,10 @@ class ResponseRateLimiter:
             self.limits.ipv6_prefix_length
         return str(ipaddress.ip_network(f"{ip}/{length}", strict=False))
 
+    def _rate(self, token: bytes) -> int:
+        return self._nxdomains if token is _NXDOMAIN else self._errors if token is _ERROR \
+            else self._responses
+
     def check(self, address: str, answer: bytes, rcode: int, now: float) -> int:
         """SEND, DROP or SLIP for a response with ``rcode`` to ``address``.
 
@@ -108,42 +121,65 @@ class ResponseRateLimiter:
         for NOERROR only: an NXDOMAIN or an error is counted by the client's prefix alone.
         """
         if rcode == 0:
-            rate, token = self._responses, answer
+            rate = self._responses
+            token = answer
         elif rcode == 3:
-            rate, token = self._nxdomains, _NXDOMAIN
+            rate = self._nxdomains
+            token = _NXDOMAIN
         else:
-            rate, token = self._errors, _ERROR
+            rate = self._errors
+            token = _ERROR
         if not rate:
             return SEND
-        prefix = self._prefixes.get(address)
-        key = (self.prefix(address) if prefix is None else prefix, token)
-        account = self._accounts.get(key)
-        if account is None:
-            if len(self._accounts) >= self.limits.max_accounts:
-                self._sweep(now)
-            self._accounts[key] = _Account(rate - 1, now)
+        if now >= self._next:  # a float compare an answer; int() is a call
+            self._roll(int(now))
+        counts = self._by_address.get(address)
+        if counts is None:
+            counts = self._table(address)
+        n = counts.get(token, 0) + 1
+        counts[token] = n
+        if n <= rate:
             return SEND
-        elapsed = now - account.seen
-        balance = account.balance
-        if elapsed > 0:
-            account.seen = now
-            # Earned at the rate, at most one second's worth held (BIND's credit).
-            balance = min(rate, balance + elapsed * rate)
-        balance -= 1
-        if balance >= 0:
-            account.balance = balance
-            account.limited = 0
-            return SEND
-        # In debt: at most window seconds' worth, so a flood that stops is answered again
-        # within the window.
-        limits = self.limits
-        account.balance = max(balance, -limits.window * rate)
-        account.limited += 1
-        if limits.slip and account.limited % limits.slip == 0:
+        self._over.add((self.prefix(address), token))
+        slip = self.limits.slip
+        if slip and (n - rate) % slip == 0:
             self.slipped += 1
             return SLIP
         self.dropped += 1
         return DROP
+
+    def _table(self, address: str) -> dict[bytes, int]:
+        prefix = self.prefix(address)
+        table = self._tables.get(prefix)
+        if table is None:
+            table = self._tables[prefix] = {}
+        if len(self._by_address) >= self.limits.max_accounts:
+            self._by_address.clear()  # forged sources: forget, never grow
+        self._by_address[address] = table
+        return table
+
+    def _roll(self, second: int) -> None:
+        """A new second: each account past its rate owes what it took beyond it (at most
+        ``window`` seconds' worth), less a second's rate for each second gone since."""
+        gone = 1 if self._second is None else max(1, second - self._second)
+        self._second = second
+        self._next = second + 1.0
+        window = self.limits.window
+        carried: dict[Key, int] = {}
+        tables = self._tables
+        for key in self._over:
+            rate = self._rate(key[1])
+            owed = min(tables[key[0]].get(key[1], 0), (window + 1) * rate) - rate * gone
+            if owed > 0:
+                carried[key] = owed
+        if len(tables) > self.limits.max_accounts:  # many networks: start again, bounded
+            tables.clear()
+            self._by_address.clear()
+        for table in tables.values():  # one second's answers at most, each second
+            table.clear()
+        for (prefix, token), owed in carried.items():
+            tables.setdefault(prefix, {})[token] = owed
+        self._over = set(carried)
 
     def first_in_window(self, address: str, now: float) -> bool:
         """Whether a limited response to ``address``'s prefix is the first one told in this
@@ -157,20 +193,8 @@ class ResponseRateLimiter:
         self._logged[prefix] = now
         return True
 
-    def _sweep(self, now: float) -> None:
-        """The table is full: an account idle for ``window`` seconds has paid any debt and
-        holds full credit, the same as none; if that frees too little (a flood from many
-        forged prefixes), the oldest half goes. Halving keeps a full table's cost per
-        response constant."""
-        window = self.limits.window
-        self._accounts = {k: a for k, a in self._accounts.items() if now - a.seen < window}
-        excess = len(self._accounts) - self.limits.max_accounts // 2
-        if excess > 0:
-            for key in list(self._accounts)[:excess]:
-                del self._accounts[key]
-
     def __len__(self) -> int:
-        return len(self._accounts)
+        return sum(len(table) for table in self._tables.values())
 
 
 def question_end(reply: bytes) -> int:

@@ -17,14 +17,15 @@ def verdicts(rrl: ResponseRateLimiter, n: int, now: float, *, address: str = "19
     return [rrl.check(address, token, rcode, now) for _ in range(n)]
 
 
-def test_an_account_earns_its_rate_holds_one_second_and_slips_every_nth() -> None:
+def test_an_account_has_its_rate_a_second_carries_its_debt_and_slips_every_nth() -> None:
     rrl = ResponseRateLimiter(Limits(responses_per_second=4, slip=2, window=5))
     assert verdicts(rrl, 6, 100.0) == [SEND] * 4 + [DROP, SLIP]
-    # Half a second earns 2; the debt of 2 is paid first: nothing to send yet.
-    assert verdicts(rrl, 1, 100.5) == [DROP]
-    # Idle for longer than the window: full credit (one second's worth), never more.
+    assert verdicts(rrl, 1, 100.9) == [DROP]  # the same second
+    # The next second: the 3 taken beyond the rate are owed first.
+    assert verdicts(rrl, 2, 101.0) == [SEND, DROP]
+    # Idle for longer than the window: a second's rate, never more.
     assert verdicts(rrl, 5, 200.0) == [SEND] * 4 + [DROP]
-    assert (rrl.dropped, rrl.slipped) == (3, 1)
+    assert (rrl.dropped, rrl.slipped) == (4, 1)
 
 
 def test_a_flood_runs_into_debt_of_at_most_the_window() -> None:
@@ -64,16 +65,21 @@ def test_prefixes_of_each_family() -> None:
         "192.0.2.77/32"
 
 
-def test_the_table_is_bounded_by_forgetting_idle_then_oldest_accounts() -> None:
-    rrl = ResponseRateLimiter(Limits(responses_per_second=1, max_accounts=100, window=2))
-    for i in range(100):
-        rrl.check(f"10.{i}.0.1", NAME, 0, 0.0)
-    assert len(rrl) == 100
-    rrl.check("10.200.0.1", NAME, 0, 1.0)  # full: none idle for the window: oldest half out
-    assert len(rrl) == 51
-    for i in range(1000):
-        rrl.check(f"11.{i % 256}.{i // 256}.1", NAME, 0, 10.0 + i)
-    assert len(rrl) <= 100
+def test_the_accounts_are_one_seconds_and_the_debts() -> None:
+    """Bounded: each second starts with the accounts in debt only (the others hold the
+    same as none); the addresses and networks known are bounded by max_accounts."""
+    rrl = ResponseRateLimiter(Limits(responses_per_second=1, max_accounts=100, slip=0))
+    assert verdicts(rrl, 3, 0.0, address="10.200.0.1") == [SEND, DROP, DROP]
+    for i in range(500):
+        rrl.check(f"10.{i % 256}.{i // 256}.1", NAME, 0, 0.0)
+    assert len(rrl) == 500  # this second: one account a network
+    assert verdicts(rrl, 1, 1.0, address="10.200.0.7") == [DROP]  # 1 owed: the same /24
+    assert len(rrl) == 1
+    assert len(rrl._by_address) <= 100 and len(rrl._prefixes) <= 100
+    for i in range(500):  # a second of answers to 500 networks: 500 tables, then
+        rrl.check(f"11.{i % 256}.{i // 256}.1", NAME, 0, 2.0)
+    rrl.check("12.0.0.1", NAME, 0, 3.0)  # the next second starts again from none
+    assert len(rrl._tables) <= 100
 
 
 def test_the_slip_is_the_question_with_tc_and_our_edns() -> None:

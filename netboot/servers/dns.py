@@ -462,14 +462,24 @@ class DnsServer:
     def _on_datagram(
         self, data: bytes, peer: Address
     ) -> Iterable[Reply] | Coroutine[Any, Any, list[Reply]] | None:
+        zone = self._source.zone()
         shape = cache_key(data)
-        replies = self._udp_replies(data, peer, shape)
         rrl = self.rrl
+        if shape is not None:
+            hit = self._cache.get(zone, shape[0], data, shape[1])
+            if hit is not None:  # a storm's answer: the cache's, limited in line (no call)
+                # The answer's account: the question's lowercased name and type, a slice of
+                # the cache key.
+                if rrl is None:
+                    return [(hit, peer)]
+                verdict = rrl.check(peer[0], shape[0][10:shape[1] - 4], hit[3] & 0x0F,
+                                    self._clock())
+                return [(hit, peer)] if verdict == SEND else self._rate_limited(hit, verdict,
+                                                                                peer)
+        replies = self._udp_replies(data, peer, zone, shape)
         if rrl is None or type(replies) is not list or not replies:
             return replies  # a forwarded answer (a coroutine) is the upstream's, not limited
         reply = replies[0][0]
-        # The answer's account: the question's lowercased name and type, taken from the
-        # cache key where the query was plain (one slice), else from our reply.
         token = shape[0][10:shape[1] - 4] if shape is not None else answer_token(reply)
         verdict = rrl.check(peer[0], token, reply[3] & 0x0F, self._clock())
         return replies if verdict == SEND else self._rate_limited(reply, verdict, peer)
@@ -495,13 +505,10 @@ class DnsServer:
         return None
 
     def _udp_replies(
-        self, data: bytes, peer: Address, shape: tuple[bytes, int] | None
+        self, data: bytes, peer: Address, zone: Zone, shape: tuple[bytes, int] | None
     ) -> list[Reply] | Coroutine[Any, Any, list[Reply]] | None:
-        zone = self._source.zone()
+        """The reply to a query the answer cache did not hold."""
         if shape is not None:
-            hit = self._cache.get(zone, shape[0], data, shape[1])
-            if hit is not None:
-                return [(hit, peer)]
             # A name asked for the first time: the wire codec answers what is ours without
             # building dnslib objects; everything else goes the full way below.
             plain = parse_plain_query(data)
