@@ -83,7 +83,6 @@ class ResponseRateLimiter:
         self._by_address: dict[str, dict[bytes, int]] = {}
         self._over: set[Key] = set()  # accounts past their rate this second, or in debt
         self._second: int | None = None
-        self._next = float("-inf")  # when the next second begins
         self._prefixes: dict[str, str] = {}
         self._logged: dict[str, float] = {}  # prefix -> when its limiting was last told
         self.dropped = 0
@@ -114,8 +113,16 @@ class ResponseRateLimiter:
         return self._nxdomains if token is _NXDOMAIN else self._errors if token is _ERROR \
             else self._responses
 
-    def check(self, address: str, answer: bytes, rcode: int, now: float) -> int:
-        """SEND, DROP or SLIP for a response with ``rcode`` to ``address``.
+    def tick(self, now: float) -> None:
+        """The clock, told (the server's timer, a few times a second): a new second rolls
+        the accounts over. An answer reads no clock: a call less on every answer."""
+        second = int(now)
+        if second != self._second:
+            self._roll(second)
+
+    def check(self, address: str, answer: bytes, rcode: int) -> int:
+        """SEND, DROP or SLIP for a response with ``rcode`` to ``address``, in the second
+        the last :meth:`tick` told.
 
         ``answer`` names the answer (the question's lowercased wire name and type), used
         for NOERROR only: an NXDOMAIN or an error is counted by the client's prefix alone.
@@ -131,8 +138,6 @@ class ResponseRateLimiter:
             token = _ERROR
         if not rate:
             return SEND
-        if now >= self._next:  # a float compare an answer; int() is a call
-            self._roll(int(now))
         counts = self._by_address.get(address)
         if counts is None:
             counts = self._table(address)
@@ -163,7 +168,6 @@ class ResponseRateLimiter:
         ``window`` seconds' worth), less a second's rate for each second gone since."""
         gone = 1 if self._second is None else max(1, second - self._second)
         self._second = second
-        self._next = second + 1.0
         window = self.limits.window
         carried: dict[Key, int] = {}
         tables = self._tables

@@ -14,7 +14,8 @@ NAME = b"\x05node1\x07netboot\x03lan\x00\x00\x01"
 
 def verdicts(rrl: ResponseRateLimiter, n: int, now: float, *, address: str = "192.0.2.7",
              token: bytes = NAME, rcode: int = 0) -> list[int]:
-    return [rrl.check(address, token, rcode, now) for _ in range(n)]
+    rrl.tick(now)
+    return [rrl.check(address, token, rcode) for _ in range(n)]
 
 
 def test_an_account_has_its_rate_a_second_carries_its_debt_and_slips_every_nth() -> None:
@@ -71,14 +72,15 @@ def test_the_accounts_are_one_seconds_and_the_debts() -> None:
     rrl = ResponseRateLimiter(Limits(responses_per_second=1, max_accounts=100, slip=0))
     assert verdicts(rrl, 3, 0.0, address="10.200.0.1") == [SEND, DROP, DROP]
     for i in range(500):
-        rrl.check(f"10.{i % 256}.{i // 256}.1", NAME, 0, 0.0)
+        rrl.check(f"10.{i % 256}.{i // 256}.1", NAME, 0)
     assert len(rrl) == 500  # this second: one account a network
     assert verdicts(rrl, 1, 1.0, address="10.200.0.7") == [DROP]  # 1 owed: the same /24
     assert len(rrl) == 1
     assert len(rrl._by_address) <= 100 and len(rrl._prefixes) <= 100
+    rrl.tick(2.0)
     for i in range(500):  # a second of answers to 500 networks: 500 tables, then
-        rrl.check(f"11.{i % 256}.{i // 256}.1", NAME, 0, 2.0)
-    rrl.check("12.0.0.1", NAME, 0, 3.0)  # the next second starts again from none
+        rrl.check(f"11.{i % 256}.{i // 256}.1", NAME, 0)
+    rrl.tick(3.0)  # the next second starts again from none
     assert len(rrl._tables) <= 100
 
 

@@ -386,6 +386,7 @@ class DnsServer:
         # than the queries, and a forged source on the VLAN could aim them at a victim.
         self.rrl = rate_limiter
         self._clock = clock  # seconds, for the rate limiter (tests hold it still)
+        self._ticking: asyncio.TimerHandle | None = None
         # The forwarder's reservation is the real bound; the boundary's is a backstop above
         # it so it never drops a coroutine that already holds a slot.
         self._protocol = BoundaryProtocol(
@@ -431,6 +432,7 @@ class DnsServer:
                 raise self._bind_error(exc, "TCP", port) from exc
             self._udp = transport
             self._port = port
+            self._tick()
             _log.info("dns: listening on %s:%d (udp+tcp), forwarding %s",
                       self._host, port, "on" if self._recursion else "off")
             return
@@ -444,7 +446,18 @@ class DnsServer:
             flag="--dns-port", address_key="dns.listen", others="dnsmasq or systemd-resolved",
         )
 
+    def _tick(self) -> None:
+        """The rate limiter's clock: told 4 times a second (a second's accounts roll over
+        within a quarter of a second of its end), so that no answer reads the clock."""
+        if self.rrl is None:
+            return
+        self.rrl.tick(self._clock())
+        self._ticking = asyncio.get_running_loop().call_later(0.25, self._tick)
+
     async def close(self) -> None:
+        if self._ticking is not None:
+            self._ticking.cancel()
+            self._ticking = None
         if self._udp is not None:
             self._udp.close()
             self._udp = None
@@ -472,8 +485,7 @@ class DnsServer:
                 # the cache key.
                 if rrl is None:
                     return [(hit, peer)]
-                verdict = rrl.check(peer[0], shape[0][10:shape[1] - 4], hit[3] & 0x0F,
-                                    self._clock())
+                verdict = rrl.check(peer[0], shape[0][10:shape[1] - 4], hit[3] & 0x0F)
                 return [(hit, peer)] if verdict == SEND else self._rate_limited(hit, verdict,
                                                                                 peer)
         replies = self._udp_replies(data, peer, zone, shape)
@@ -481,7 +493,7 @@ class DnsServer:
             return replies  # a forwarded answer (a coroutine) is the upstream's, not limited
         reply = replies[0][0]
         token = shape[0][10:shape[1] - 4] if shape is not None else answer_token(reply)
-        verdict = rrl.check(peer[0], token, reply[3] & 0x0F, self._clock())
+        verdict = rrl.check(peer[0], token, reply[3] & 0x0F)
         return replies if verdict == SEND else self._rate_limited(reply, verdict, peer)
 
     def _rate_limited(self, reply: bytes, verdict: int, peer: Address) -> list[Reply] | None:
