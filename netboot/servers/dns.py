@@ -329,11 +329,12 @@ def rate_limiter(config: DnsRateLimitConfig) -> ResponseRateLimiter | None:
     process: a client that reaches two of its addresses has one account."""
     if not config.enabled:
         return None
-    return ResponseRateLimiter(Limits(responses_per_second=config.responses_per_second,
-                  nxdomains_per_second=config.nxdomains_per_second,
-                  errors_per_second=config.errors_per_second, window=config.window,
-                  slip=config.slip, ipv4_prefix_length=config.ipv4_prefix_length,
-                  ipv6_prefix_length=config.ipv6_prefix_length))
+    return ResponseRateLimiter(Limits(
+        responses_per_second=config.responses_per_second,
+        nxdomains_per_second=config.nxdomains_per_second,
+        errors_per_second=config.errors_per_second, window=config.window, slip=config.slip,
+        ipv4_prefix_length=config.ipv4_prefix_length,
+        ipv6_prefix_length=config.ipv6_prefix_length))
 
 
 class DnsServer:
