@@ -138,15 +138,25 @@ def fire(port: int, payloads: list[bytes], *, window: int, max_seconds: float,
 
 
 def serve_netboot(machines: int) -> None:
-    """Child process: netboot's DNS server on loopback until SIGTERM; prints its port."""
+    """Child process: netboot's DNS server on loopback until SIGTERM; prints its port. With
+    dns.rate_limit's defaults, as ``netboot serve`` runs it (since session 46): what it
+    limited is said on stderr at the end (nothing, at this mix and rate)."""
+    from netboot.config import DnsRateLimitConfig
+    from netboot.servers.dns import rate_limiter
+
     async def main() -> None:
-        server = DnsServer(ZoneHolder(inventory(machines)), host=LOOPBACK, port=0, forward=False)
+        limiter = rate_limiter(DnsRateLimitConfig())
+        server = DnsServer(ZoneHolder(inventory(machines)), host=LOOPBACK, port=0, forward=False,
+                           rate_limiter=limiter)
         await server.start()
         print(server.port, flush=True)
         done = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, done.set)
         await done.wait()
         await server.close()
+        if limiter is not None and (limiter.dropped or limiter.slipped):
+            print(f"dns_qps: the rate limiter dropped {limiter.dropped} and truncated "
+                  f"{limiter.slipped} answers", file=sys.stderr)
 
     if os.environ.get("NETBOOT_LOOP") == "uvloop":
         import uvloop

@@ -149,6 +149,26 @@ class TftpConfig:
 
 
 @dataclass(frozen=True)
+class DnsRateLimitConfig:
+    """Response-rate limiting of the DNS server's UDP answers (netboot.rrl; BIND 9's
+    ``rate-limit``). Each rate is per client network (/24, /56) and, for answers, per
+    identical answer (name and type): a device asking its own name shares nothing with its
+    neighbours behind the same NAT or relay. The default is above what any boot storm asks
+    of one answer: issue 10's whole storm boots 100,000 machines in ~20 s (5,000 a second);
+    were all of them behind one address, each asking the cluster's name once as it boots,
+    that answer would be asked 5,000 times a second, half the default."""
+
+    enabled: bool = True
+    responses_per_second: int = 10_000  # per (client network, name and type)
+    nxdomains_per_second: int = 10_000  # per client network
+    errors_per_second: int = 10_000  # REFUSED, FORMERR, SERVFAIL, NOTIMP, per client network
+    window: int = 15  # seconds of debt a flood runs up: quiet that long, it is answered again
+    slip: int = 1  # every Nth limited answer is sent empty with TC (0: all dropped)
+    ipv4_prefix_length: int = 24
+    ipv6_prefix_length: int = 56
+
+
+@dataclass(frozen=True)
 class DnsConfig:
     enabled: bool = False
     port: int = 53
@@ -161,6 +181,7 @@ class DnsConfig:
     # default is "localnets; localhost"): anyone else gets REFUSED (names in the zone answer).
     forward_networks: tuple[str, ...] = ()
     ttl: int = 60
+    rate_limit: DnsRateLimitConfig = field(default_factory=DnsRateLimitConfig)
 
 
 @dataclass(frozen=True)
@@ -789,6 +810,7 @@ def _check(cfg: Config, src: _Source) -> None:
                         "add rules: - {selector: {product: X}, cluster: line-3, role: agent}",
                         at="discovery.policy")
     _check_limits(cfg, src)
+    _check_dns_rate_limit(cfg.dns.rate_limit, src)
     if cfg.http.public_url and not cfg.http.public_url.startswith(("http://", "https://")):
         raise src.error("http.public_url", "must start with http:// or https://",
                         "write e.g. http://boot.example:8080, or leave it unset")
@@ -812,6 +834,26 @@ def _check(cfg: Config, src: _Source) -> None:
             and (cfg.https.listen or cfg.http.listen) == cfg.http.listen):
         raise src.error("https.port", f"port {cfg.https.port} is also http.port",
                         "use another port for HTTPS (default 8443)")
+
+
+def _check_dns_rate_limit(rrl: DnsRateLimitConfig, src: _Source) -> None:
+    """dns.rate_limit's bounds: BIND's (window 1-3600, slip 0-10), rates a whole number."""
+    for name, value, low, high, fix in (
+        ("responses_per_second", rrl.responses_per_second, 0, 10**9,
+         "answers a second per client network and answer, e.g. 10000 (0: not limited)"),
+        ("nxdomains_per_second", rrl.nxdomains_per_second, 0, 10**9,
+         "NXDOMAIN answers a second per client network, e.g. 10000 (0: not limited)"),
+        ("errors_per_second", rrl.errors_per_second, 0, 10**9,
+         "error answers a second per client network, e.g. 10000 (0: not limited)"),
+        ("window", rrl.window, 1, 3600, "seconds, e.g. 15 (BIND's default)"),
+        ("slip", rrl.slip, 0, 10, "e.g. 1 (each limited answer sent empty with TC), "
+         "2 (every second one), 0 (all dropped)"),
+        ("ipv4_prefix_length", rrl.ipv4_prefix_length, 0, 32, "e.g. 24"),
+        ("ipv6_prefix_length", rrl.ipv6_prefix_length, 0, 128, "e.g. 56"),
+    ):
+        if not low <= value <= high:
+            raise src.error(f"dns.rate_limit.{name}", f"{value} is outside {low}-{high}",
+                            f"write {fix}")
 
 
 def _check_limits(cfg: Config, src: _Source) -> None:

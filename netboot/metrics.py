@@ -200,6 +200,7 @@ class Metrics:
         self._backlog_now: Callable[[], int] | None = None
         self._dhcp_outcomes: Callable[[], Mapping[str, int]] | None = None
         self._clock_skew: Callable[[], float | None] | None = None
+        self._dns_limited: Callable[[], Mapping[str, int]] | None = None
         self._tftp = _TftpCollector()
         self._http_counts = _HttpCollector()
         now = time.time()
@@ -242,6 +243,11 @@ class Metrics:
         """Where the shared database's clock minus this host's is read at scrape (None:
         not measured, as with SQLite: health.ClockSkew)."""
         self._clock_skew = skew
+
+    def read_dns_limited(self, limited: Callable[[], Mapping[str, int]]) -> None:
+        """Where the DNS rate limiter's counts (answers dropped, sent truncated) are read at
+        scrape."""
+        self._dns_limited = limited
 
     def read_tftp_stats(self, stats: Callable[[], Any | None]) -> None:
         """Where the TFTP server's counters are read from at scrape (None: TFTP is off)."""
@@ -426,6 +432,15 @@ class _Collector(_CollectorBase):
             for outcome, n in sorted(m._dhcp_outcomes().items()):
                 outcomes.add_metric([outcome], n)
             yield outcomes
+        if m._dns_limited is not None:
+            # RRL (dns.rate_limit): UDP answers not sent as they were, by action: dropped,
+            # or sent empty with TC so that a real client asks again over TCP.
+            limited = CounterMetricFamily("netboot_dns_rate_limited", "DNS answers over UDP "
+                                          "held back by dns.rate_limit, by action (dropped, "
+                                          "truncated)", labels=["action"])
+            for action, n in sorted(m._dns_limited().items()):
+                limited.add_metric([action], n)
+            yield limited
         yield from m._tftp.collect()
 
 

@@ -823,6 +823,7 @@ class Service:
     watcher: Any = None
     _dns_by_address: dict[str, Any] = field(default_factory=dict)
     _dns_changed: asyncio.Event | None = None
+    _dns_rrl: Any = None  # dns.rate_limit's one limiter for every DNS listener (None: off)
     _tls_changed: asyncio.Event | None = None  # set: the certificate follows the addresses
     _tls_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _event_cursor: int = -1
@@ -1244,6 +1245,7 @@ class Service:
 
     async def _start_dns(self) -> None:
         from netboot.names import ZoneHolder
+        from netboot.servers.dns import rate_limiter
 
         cfg = self.config
         # Each served interface's address points back at the server's name (PTR), followed:
@@ -1251,6 +1253,10 @@ class Service:
         # reach each; followed only with DHCP on, which watches them, before s39-net).
         await self._watcher()
         self._zone_holder = ZoneHolder(await self._build_zone())
+        self._dns_rrl = rrl = rate_limiter(cfg.dns.rate_limit)
+        if rrl is not None:
+            self.metrics.read_dns_limited(lambda: {"dropped": rrl.dropped,
+                                                   "truncated": rrl.slipped})
         upstreams = []
         for item in cfg.dns.upstreams:
             host, _, port = item.partition("#")
@@ -1340,7 +1346,8 @@ class Service:
         cfg = self.config
         source = self._zone_holder if fixed else ServedAt(self._zone_holder, address)
         dns = DnsServer(source, host=address, port=self.dns_port, upstreams=upstreams,
-                        forward=cfg.dns.forward, forwards_for=self._dns_forwards_for())
+                        forward=cfg.dns.forward, forwards_for=self._dns_forwards_for(),
+                        rate_limiter=self._dns_rrl)
         await dns.start()
         self.servers.append(dns)
         self.dns_port = dns.port  # port 0: the first's, for every address
@@ -1356,7 +1363,7 @@ class Service:
         another network had an open resolver (s45-attack)."""
         import ipaddress
 
-        from netboot.servers.interfaces import network
+        from netboot.servers.interfaces import Ipv6Networks, network
 
         cfg = self.config
         given: list[Any] = [ipaddress.ip_network(text, strict=False)
@@ -1366,6 +1373,7 @@ class Service:
             given.append(ipaddress.ip_network(f"{auth.pool_start}/{auth.netmask}",
                                               strict=False))
         watcher = self.watcher
+        ipv6 = Ipv6Networks()
 
         def forwards_for(address: str) -> bool:
             try:
@@ -1376,8 +1384,14 @@ class Service:
                 ip = ip.ipv4_mapped
             if ip.is_loopback or any(ip in net for net in given):
                 return True
+            if ip.version == 6:
+                # As IPv4's on-link clients (s46-dns; before, an IPv6 client needed
+                # dns.forward_networks): a link-local source is a neighbour on the link the
+                # query came in on (no router forwards one, RFC 4291 §2.5.6), and the
+                # interfaces' IPv6 prefixes are read as they are now.
+                return ip.is_link_local or ipv6.holds(ip)
             # The interfaces' networks as they are now (an address added later counts).
-            return ip.version == 4 and watcher is not None and any(
+            return watcher is not None and any(
                 ip in network(entry) for entry in watcher.addresses())
 
         return forwards_for

@@ -524,3 +524,26 @@ def test_every_broken_setting_stops_start_up_with_its_line_and_a_fix(
     assert err.value.fix, str(err.value)
     if key.startswith("discovery"):
         assert "trust_firmware_strings" in err.value.fix
+
+
+def test_dns_rate_limit_is_on_by_default_and_its_bounds_name_the_line(tmp_path: Path) -> None:
+    """dns.rate_limit: on, 10,000 identical answers a second per client network (above what
+    a storm asks: README), slip 1, BIND's window and prefixes; a value out of its bounds
+    stops start-up at its line with the fix."""
+    rrl = load(write(tmp_path, "dns:\n  enabled: true\n"), env={}).dns.rate_limit
+    assert (rrl.enabled, rrl.responses_per_second, rrl.nxdomains_per_second,
+            rrl.errors_per_second, rrl.window, rrl.slip, rrl.ipv4_prefix_length,
+            rrl.ipv6_prefix_length) == (True, 10_000, 10_000, 10_000, 15, 1, 24, 56)
+    cfg = load(write(tmp_path, "dns:\n  rate_limit:\n    enabled: false\n    slip: 2\n"),
+               env={})
+    assert not cfg.dns.rate_limit.enabled and cfg.dns.rate_limit.slip == 2
+    for key, value, line in (("slip", 11, 4), ("window", 0, 4), ("ipv6_prefix_length", 129, 4),
+                             ("responses_per_second", -1, 4)):
+        with pytest.raises(ConfigError) as err:
+            load(write(tmp_path, f"dns:\n  enabled: true\n  rate_limit:\n    {key}: {value}\n"),
+                 env={})
+        assert err.value.key == f"dns.rate_limit.{key}" and err.value.line == line
+        assert err.value.fix
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, "dns:\n  rate_limit:\n    per_second: 5\n"), env={})
+    assert err.value.key == "dns.rate_limit.per_second" and "did you mean" in (err.value.fix or "")

@@ -21,8 +21,9 @@ import errno
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from netboot.errors import ConfigError, DecodeError
 from netboot.logs import RateLimitedLog
@@ -41,9 +42,13 @@ from netboot.names import (
     formerr_for,
     parse_query,
 )
+from netboot.rrl import SEND, SLIP, Limits, ResponseRateLimiter, answer_token, slip_reply
 from netboot.servers import sockets
 from netboot.servers.udp import Address, BoundaryProtocol, Reply
 from netboot.wire.dns import parse_plain_query
+
+if TYPE_CHECKING:
+    from netboot.config import DnsRateLimitConfig
 
 _log = logging.getLogger(__name__)
 
@@ -319,6 +324,19 @@ class Forwarder:
             self.in_flight -= 1
 
 
+def rate_limiter(config: DnsRateLimitConfig) -> ResponseRateLimiter | None:
+    """The rate limiter of ``dns.rate_limit`` (None: off), one for every listener of the
+    process: a client that reaches two of its addresses has one account."""
+    if not config.enabled:
+        return None
+    return ResponseRateLimiter(Limits(
+        responses_per_second=config.responses_per_second,
+        nxdomains_per_second=config.nxdomains_per_second,
+        errors_per_second=config.errors_per_second, window=config.window, slip=config.slip,
+        ipv4_prefix_length=config.ipv4_prefix_length,
+        ipv6_prefix_length=config.ipv6_prefix_length))
+
+
 class DnsServer:
     """Authoritative for the zone of ``zone_source``, forwarding the rest (when enabled).
 
@@ -342,6 +360,8 @@ class DnsServer:
         tcp_idle_timeout: float = 10.0,
         max_queries_per_connection: int = 1000,
         forwards_for: Callable[[str], bool] | None = None,
+        rate_limiter: ResponseRateLimiter | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._source = zone_source
         # Whose names outside the zone are forwarded (a client address -> yes/no); None:
@@ -363,6 +383,11 @@ class DnsServer:
         self._idle = tcp_idle_timeout
         self._max_queries = max_queries_per_connection
         self._limited = RateLimitedLog(_log)
+        # Response-rate limiting of UDP answers (None: off): the zone's answers are bigger
+        # than the queries, and a forged source on the VLAN could aim them at a victim.
+        self.rrl = rate_limiter
+        self._clock = clock  # seconds, for the rate limiter (tests hold it still)
+        self._ticking: asyncio.TimerHandle | None = None
         # The forwarder's reservation is the real bound; the boundary's is a backstop above
         # it so it never drops a coroutine that already holds a slot.
         self._protocol = BoundaryProtocol(
@@ -408,6 +433,7 @@ class DnsServer:
                 raise self._bind_error(exc, "TCP", port) from exc
             self._udp = transport
             self._port = port
+            self._tick()
             _log.info("dns: listening on %s:%d (udp+tcp), forwarding %s",
                       self._host, port, "on" if self._recursion else "off")
             return
@@ -421,7 +447,18 @@ class DnsServer:
             flag="--dns-port", address_key="dns.listen", others="dnsmasq or systemd-resolved",
         )
 
+    def _tick(self) -> None:
+        """The rate limiter's clock: told 4 times a second (a second's accounts roll over
+        within a quarter of a second of its end), so that no answer reads the clock."""
+        if self.rrl is None:
+            return
+        self.rrl.tick(self._clock())
+        self._ticking = asyncio.get_running_loop().call_later(0.25, self._tick)
+
     async def close(self) -> None:
+        if self._ticking is not None:
+            self._ticking.cancel()
+            self._ticking = None
         if self._udp is not None:
             self._udp.close()
             self._udp = None
@@ -441,10 +478,50 @@ class DnsServer:
     ) -> Iterable[Reply] | Coroutine[Any, Any, list[Reply]] | None:
         zone = self._source.zone()
         shape = cache_key(data)
+        rrl = self.rrl
         if shape is not None:
             hit = self._cache.get(zone, shape[0], data, shape[1])
-            if hit is not None:
-                return [(hit, peer)]
+            if hit is not None:  # a storm's answer: the cache's, limited in line (no call)
+                # The answer's account: the question's lowercased name and type, a slice of
+                # the cache key.
+                if rrl is None:
+                    return [(hit, peer)]
+                verdict = rrl.check(peer[0], shape[0][10:shape[1] - 4], hit[3] & 0x0F)
+                return [(hit, peer)] if verdict == SEND else self._rate_limited(hit, verdict,
+                                                                                peer)
+        replies = self._udp_replies(data, peer, zone, shape)
+        if rrl is None or type(replies) is not list or not replies:
+            return replies  # a forwarded answer (a coroutine) is the upstream's, not limited
+        reply = replies[0][0]
+        token = shape[0][10:shape[1] - 4] if shape is not None else answer_token(reply)
+        verdict = rrl.check(peer[0], token, reply[3] & 0x0F)
+        return replies if verdict == SEND else self._rate_limited(reply, verdict, peer)
+
+    def _rate_limited(self, reply: bytes, verdict: int, peer: Address) -> list[Reply] | None:
+        """A limited answer dropped, or slipped as an empty TC answer (:mod:`netboot.rrl`);
+        the first of its network in a window told."""
+        assert self.rrl is not None
+        if self.rrl.first_in_window(peer[0], self._clock()):
+            limits = self.rrl.limits
+            slip = ("each sent empty with TC set" if limits.slip == 1 else "all dropped"
+                    if not limits.slip else f"every {limits.slip}th sent empty with TC set, "
+                    "the others dropped")
+            _log.warning("dns: rate limit: more answers to %s than dns.rate_limit allows (%d "
+                         "a second of each answer, %d NXDOMAIN, %d errors): the rest are %s "
+                         "(a real client asks again over TCP); told once per %d s a network; "
+                         "%d dropped and %d truncated so far", self.rrl.prefix(peer[0]),
+                         limits.responses_per_second, limits.nxdomains_per_second,
+                         limits.errors_per_second, slip, limits.window, self.rrl.dropped,
+                         self.rrl.slipped)
+        if verdict == SLIP:
+            return [(slip_reply(reply), peer)]
+        return None
+
+    def _udp_replies(
+        self, data: bytes, peer: Address, zone: Zone, shape: tuple[bytes, int] | None
+    ) -> list[Reply] | Coroutine[Any, Any, list[Reply]] | None:
+        """The reply to a query the answer cache did not hold."""
+        if shape is not None:
             # A name asked for the first time: the wire codec answers what is ours without
             # building dnslib objects; everything else goes the full way below.
             plain = parse_plain_query(data)

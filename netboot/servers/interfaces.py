@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
 from collections.abc import Callable, Iterable
 
 from netboot.errors import DecodeError
@@ -46,6 +47,59 @@ def first_address(addresses: Iterable[AddressMessage], name: str) -> str | None:
     mine = [a for a in addresses if a.name == name]
     return next((a.address for a in mine if not a.secondary),
                 mine[0].address if mine else None)
+
+
+IF_INET6 = "/proc/net/if_inet6"  # Linux: every IPv6 address of this namespace, one a line
+
+
+def ipv6_networks(text: str) -> tuple[ipaddress.IPv6Network, ...]:
+    """The on-link networks of ``/proc/net/if_inet6`` lines (``<32 hex digits> <ifindex>
+    <prefix length> <scope> <flags> <name>``, all hex), loopback and link-local left out:
+    a link-local source is on a link of this host by definition (RFC 4291 §2.5.6: no router
+    forwards it), which the caller knows without a table."""
+    found: list[ipaddress.IPv6Network] = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or len(fields[0]) != 32:
+            continue
+        try:
+            address = ipaddress.IPv6Address(bytes.fromhex(fields[0]))
+            net = ipaddress.IPv6Network(f"{address}/{int(fields[2], 16)}", strict=False)
+        except ValueError:
+            continue
+        if not (address.is_loopback or address.is_link_local) and net not in found:
+            found.append(net)
+    return tuple(found)
+
+
+class Ipv6Networks:
+    """This host's IPv6 on-link networks, for "is this client on one of my networks"
+    (the watcher follows IPv4 only: its listeners, DHCP's and DNS's, are IPv4). Read from
+    ``/proc/net/if_inet6`` (of the namespace: a few microseconds, no I/O that blocks) at the
+    first question, and again when asked about an address none holds, at most once a
+    second: an address added later counts within a second, and a flood of strangers' queries
+    costs one read a second."""
+
+    def __init__(self, path: str = IF_INET6, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._path = path
+        self._clock = clock
+        self._nets: tuple[ipaddress.IPv6Network, ...] = ()
+        self._read_at: float | None = None
+
+    def holds(self, ip: ipaddress.IPv6Address) -> bool:
+        if any(ip in net for net in self._nets):
+            return True
+        now = self._clock()
+        if self._read_at is not None and now - self._read_at < 1.0:
+            return False
+        self._read_at = now
+        try:
+            with open(self._path, encoding="ascii") as file:
+                self._nets = ipv6_networks(file.read())
+        except OSError:  # no IPv6 in this kernel or namespace: no IPv6 network is ours
+            self._nets = ()
+        return any(ip in net for net in self._nets)
 
 
 class _Table:

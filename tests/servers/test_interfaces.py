@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
-from netboot.servers.interfaces import Addresses, InterfaceWatcher, first_address
+from netboot.servers.interfaces import (
+    Addresses,
+    InterfaceWatcher,
+    Ipv6Networks,
+    first_address,
+    ipv6_networks,
+)
 from netboot.wire import rtnetlink
 from tests.netns import in_namespace
 
@@ -83,3 +91,33 @@ def test_an_address_added_and_removed_is_told_at_once(namespace: str) -> None:
     # The second address on a network is a secondary: the first stays the primary.
     assert first_address(both[0], "nbw0") == "198.51.100.1"
     assert not any(e.name == "nbw0" for e in seen[-1])
+
+
+IF_INET6_TEXT = """\
+00000000000000000000000000000001 01 80 10 80       lo
+20010db8000a00000000000000000010 05 40 00 80       va
+20010db8000a00000000000000000011 05 40 00 80       va
+fe800000000000000000000000000010 05 40 20 80       va
+fd000000000000000000000000000002 04 30 00 82     eth0
+not a line
+"""
+
+
+def test_ipv6_networks_of_proc_net_if_inet6() -> None:
+    """s46-dns: the host's IPv6 on-link networks, loopback and link-local left out (a
+    link-local source is on-link by definition), each network once."""
+    assert [str(n) for n in ipv6_networks(IF_INET6_TEXT)] == ["2001:db8:a::/64", "fd00::/48"]
+
+
+def test_ipv6_networks_are_read_again_for_an_address_none_holds_at_most_once_a_second(
+        tmp_path: Path) -> None:
+    path = tmp_path / "if_inet6"
+    path.write_text(IF_INET6_TEXT)
+    now = [100.0]
+    nets = Ipv6Networks(str(path), clock=lambda: now[0])
+    assert nets.holds(ipaddress.IPv6Address("2001:db8:a::60"))
+    path.write_text(IF_INET6_TEXT + "20010db8000b00000000000000000010 06 40 00 80 vb\n")
+    assert not nets.holds(ipaddress.IPv6Address("2001:db8:b::60"))  # read at 100.0
+    now[0] = 101.5
+    assert nets.holds(ipaddress.IPv6Address("2001:db8:b::60"))  # a second later: read again
+    assert not Ipv6Networks(str(tmp_path / "absent")).holds(ipaddress.IPv6Address("fd00::1"))

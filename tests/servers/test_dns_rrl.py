@@ -1,0 +1,207 @@
+"""Response-rate limiting (dns.rate_limit) on the wire: the DNS server on loopback, real UDP
+and TCP sockets, clients bound to addresses of two /24s of 127/8 (127.0.0.1 and 127.0.1.1:
+two client networks on one host). The limiter's clock is held still, so each account earns
+nothing while a test runs: what is answered is decided by counts, never by timing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import dns.asyncquery
+import dns.flags
+import dns.message
+import dns.rcode
+import pytest
+
+from netboot.config import load
+from netboot.names import ZoneHolder
+from netboot.rrl import Limits, ResponseRateLimiter
+from netboot.servers.dns import DnsServer
+from netboot.service import build
+from tests.conftest import write_config
+from tests.servers.test_dns import LOOPBACK, make_zone
+
+OTHER = "127.0.1.1"  # another /24: another client network
+
+
+@contextlib.asynccontextmanager
+async def limited(**limits: Any) -> AsyncIterator[DnsServer]:
+    server = DnsServer(ZoneHolder(make_zone()), host=LOOPBACK, port=0, forward=False,
+                       rate_limiter=ResponseRateLimiter(Limits(**limits)),
+                       clock=lambda: 1000.0)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def exchange_many(port: int, queries: list[bytes], *, source: str = LOOPBACK,
+                        quiet: float = 0.5) -> dict[int, bytes]:
+    """Send each query (distinct IDs) from one socket bound to ``source``; the replies by ID,
+    gathered until none came for ``quiet`` seconds (a dropped answer never comes), bounded."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setblocking(False)
+    sock.bind((source, 0))
+    sock.connect((LOOPBACK, port))
+    replies: dict[int, bytes] = {}
+    try:
+        for query in queries:
+            sock.send(query)
+            await asyncio.sleep(0)  # let the server read: no datagram lost to a full buffer
+        deadline = loop.time() + 20
+        while loop.time() < deadline and len(replies) < len(queries):
+            try:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 4096), quiet)
+            except TimeoutError:
+                break
+            replies[int.from_bytes(data[:2], "big")] = data
+    finally:
+        sock.close()
+    return replies
+
+
+def query(name: str, qtype: str = "A", qid: int = 1, *, edns: bool = False) -> bytes:
+    q = dns.message.make_query(name, qtype, use_edns=0 if edns else None)
+    q.id = qid
+    return q.to_wire()
+
+
+async def test_a_flood_from_one_network_is_limited_with_slips_and_another_is_served(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Past 5 identical answers (the clock held: no credit earned), every second one of the
+    rest is sent empty with TC set (slip 2) and the others dropped; the TC answer names the
+    question, keeps EDNS, and the client's retry over TCP gets the whole answer. Another
+    /24 asking the same name is answered in full. One log line for the network, not 15."""
+    caplog.set_level(logging.INFO, logger="netboot.servers.dns")
+    async with limited(responses_per_second=5, slip=2) as server:
+        flood = [query("node1.netboot.lan", qid=i, edns=True) for i in range(1, 21)]
+        replies = await exchange_many(server.port, flood)
+        full = [r for r in replies.values() if not r[2] & 0x02]
+        slipped = [dns.message.from_wire(r) for r in replies.values() if r[2] & 0x02]
+        assert len(full) == 5, sorted(replies)
+        assert len(slipped) == 7  # limited 2nd, 4th, ... 14th of 15
+        for tc in slipped:
+            assert tc.flags & dns.flags.TC and not tc.answer and tc.rcode() == dns.rcode.NOERROR
+            assert str(tc.question[0].name) == "node1.netboot.lan."
+            assert tc.edns == 0  # EDNS answered with EDNS
+        assert server.rrl is not None
+        assert (server.rrl.dropped, server.rrl.slipped) == (8, 7)
+        # The retry over TCP of a slipped answer: the answer (TCP is never limited).
+        q = dns.message.make_query("node1.netboot.lan", "A")
+        r = await dns.asyncquery.tcp(q, LOOPBACK, port=server.port, timeout=5)
+        assert [str(x) for x in r.answer[0]] == ["10.0.1.1"]
+        # Another network, the same name: answered in full, each time.
+        other = await exchange_many(server.port, [query("node1.netboot.lan", qid=i)
+                                                  for i in range(1, 4)], source=OTHER)
+        assert len(other) == 3 and all(not r[2] & 0x02 for r in other.values())
+    told = [r for r in caplog.records if "rate limit" in r.getMessage()]
+    assert len(told) == 1 and "127.0.0.0/24" in told[0].getMessage()
+
+
+async def test_devices_behind_one_address_each_asking_its_own_name_are_all_answered() -> None:
+    """The storm behind one NAT or relay address: 80 devices each ask their own name (and
+    the server's) while the cluster's name is asked past its limit. The account is per
+    answer, so every device's own name is answered in full; the cluster's name goes on being
+    answered with TC (slip 1, the default), which the devices follow over TCP."""
+    async with limited(responses_per_second=5) as server:
+        names = [f"node{i}.netboot.lan" for i in range(1, 81)]
+        queries = [query(n, qid=i) for i, n in enumerate(names, 1)]
+        queries += [query("tiny.netboot.lan", qid=1000 + i) for i in range(30)]
+        replies = await exchange_many(server.port, queries)
+        assert len(replies) == len(queries)  # slip 1: nobody is left without an answer
+        own = [dns.message.from_wire(replies[i]) for i in range(1, 81)]
+        assert all(not m.flags & dns.flags.TC and m.answer for m in own)
+        assert [str(m.answer[0][0]) for m in own] == [f"10.0.1.{i}" for i in range(1, 81)]
+        cluster = [replies[1000 + i] for i in range(30)]
+        assert sum(1 for r in cluster if r[2] & 0x02) == 25  # 5 in full, 25 truncated
+        assert all(dns.message.from_wire(r).answer for r in cluster if not r[2] & 0x02)
+        r = await dns.asyncquery.tcp(dns.message.make_query("tiny.netboot.lan", "A"),
+                                     LOOPBACK, port=server.port, timeout=5)
+        assert [str(x) for x in r.answer[0]] == ["10.0.2.1"]
+
+
+async def test_nxdomain_and_errors_count_per_network_whatever_the_name() -> None:
+    """A flood of random names (NXDOMAIN) or of names the server refuses is one account per
+    network, as BIND counts them: varying the name buys the flooder nothing."""
+    async with limited(nxdomains_per_second=3, errors_per_second=2, slip=0) as server:
+        nx = await exchange_many(server.port, [query(f"nope{i}.netboot.lan", qid=i)
+                                               for i in range(1, 11)])
+        assert len(nx) == 3 and all(r[3] & 0x0F == dns.rcode.NXDOMAIN for r in nx.values())
+        refused = await exchange_many(server.port, [query(f"host{i}.example.com", qid=i)
+                                                    for i in range(1, 11)])
+        assert len(refused) == 2
+        assert all(r[3] & 0x0F == dns.rcode.REFUSED for r in refused.values())
+        # Positive answers have accounts of their own: still answered.
+        ok = await exchange_many(server.port, [query("node2.netboot.lan")])
+        assert ok[1][3] & 0x0F == dns.rcode.NOERROR and not ok[1][2] & 0x02
+
+
+async def test_a_malformed_query_is_dropped_and_logged_and_the_server_serves_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With the limiter on: a datagram that is no query gets nothing, one with a query
+    header and a broken question FORMERR (an error: counted per network), each logged; then
+    the server answers a good query."""
+    caplog.set_level(logging.INFO, logger="netboot.servers.dns")
+    async with limited(errors_per_second=2, slip=0) as server:
+        garbage = [b"\xff" * 11, b"\xab\xcd\x80" + bytes(20), b"\x12\x34\x81\x80" + bytes(8)]
+        assert await exchange_many(server.port, garbage) == {}
+        broken = [i.to_bytes(2, "big") + b"\x01\x00\x00\x01" + b"\xff" * 40 for i in (1, 2, 3)]
+        formerr = await exchange_many(server.port, broken)
+        assert sorted(formerr) == [1, 2]  # the third FORMERR past errors_per_second
+        assert all(r[2:4] == b"\x81\x01" for r in formerr.values())
+        assert any("malformed query" in r.getMessage() for r in caplog.records)
+        good = await exchange_many(server.port, [query("node3.netboot.lan", qid=9)])
+        assert dns.message.from_wire(good[9]).answer
+
+
+async def test_rate_limiting_off_sends_every_answer() -> None:
+    """dns.rate_limit.enabled false (no limiter): the same flood is answered in full."""
+    server = DnsServer(ZoneHolder(make_zone()), host=LOOPBACK, port=0, forward=False)
+    await server.start()
+    try:
+        replies = await exchange_many(server.port, [query("node1.netboot.lan", qid=i)
+                                                    for i in range(1, 21)])
+    finally:
+        await server.close()
+    assert len(replies) == 20 and all(not r[2] & 0x02 for r in replies.values())
+
+
+async def test_netboot_serve_limits_with_dns_rate_limit_and_counts_it(tmp_path: Path) -> None:
+    """The wiring: ``dns.rate_limit`` in the config file reaches the listener, and what it
+    held back is netboot_dns_rate_limited_total{action} at /metrics. The service's clock is
+    the real one: the answers sent in full are bounded by the credit earned meanwhile."""
+    from prometheus_client.exposition import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    path = write_config(tmp_path, "dns:\n  enabled: true\n  listen: 127.0.0.1\n  port: 0\n"
+                        "  forward: false\n  rate_limit:\n    responses_per_second: 3\n"
+                        "    slip: 2\n")
+    service = await build(load(path, env={}))
+    await service.start()
+    try:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        replies = await exchange_many(service.dns_port, [query("netboot.netboot.lan", qid=i)
+                                                         for i in range(1, 41)])
+        elapsed = loop.time() - start
+        full = sum(1 for r in replies.values() if not r[2] & 0x02)
+        truncated = len(replies) - full
+        assert 3 <= full <= 3 + int(3 * elapsed) + 1, (full, elapsed)
+        text = generate_latest(service.metrics.registry).decode()
+    finally:
+        await service.close()
+    samples = {s.labels["action"]: s.value for f in text_string_to_metric_families(text)
+               if f.name == "netboot_dns_rate_limited" for s in f.samples
+               if s.name.endswith("_total")}
+    assert samples == {"dropped": 40 - len(replies), "truncated": truncated}, text
+    assert truncated >= 15
