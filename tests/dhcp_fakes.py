@@ -34,12 +34,16 @@ class TableDecider:
         self.fixed = dict(fixed or {})  # MAC -> its machine's fixed_ipv4
         self.machines = machines  # the MACs of one machine each (others: one MAC each)
         self.requests: list[BootRequest] = []
+        self.moves: list[tuple[str, str, str]] = []  # fixed_moved's (old, new, ipv4)
 
     async def fixed_address(self, mac: str) -> str | None:
         return self.fixed.get(mac)
 
     async def same_machine(self, mac: str, other: str) -> bool:
         return any(mac in macs and other in macs for macs in self.machines)
+
+    async def fixed_moved(self, old: str, new: str, ipv4: str) -> None:
+        self.moves.append((old, new, ipv4))
 
     async def first_stage(self, request: BootRequest) -> FirstStage | None:
         self.requests.append(request)

@@ -261,6 +261,10 @@ class DhcpServer:
             getattr(decider, "fixed_address", None))
         self._same_machine: Callable[[str, str], Awaitable[bool]] | None = (
             getattr(decider, "same_machine", None))
+        # And ``fixed_moved(old, new, ipv4)``: the machine's event that its fixed address
+        # moved from one NIC to another (_moved).
+        self._fixed_moved: Callable[[str, str, str], Awaitable[None]] | None = (
+            getattr(decider, "fixed_moved", None))
         self._answers: dict[_Listener, _Answers] = {}
         self.answered_again = 0  # repeats answered from a kept answer (tests, metrics)
         self._store = leases
@@ -891,6 +895,26 @@ class DhcpServer:
             return None
         return other if sibling else None
 
+    async def _moved(self, old: str | None, new: str, xid: int, ip: str) -> None:
+        """``new``'s ACK of its machine's fixed address ``ip`` ended ``old``'s lease of it
+        (one holder at a time: LeasePool.moved_from), whose renewal is NAKed from now on.
+        Said once per move, in the log and as the machine's event: a NIC replaced or the
+        machine booted from its other port, or a host that sent the machine's UUID."""
+        assert old is not None
+        self.summary.note("fixed address moved")
+        # Limited per address: a host moving it back and forth is not a line a packet.
+        self._limited.log(logging.WARNING, f"moved {ip}",
+                          "dhcp: %s xid %#010x: fixed address %s moved from NIC %s to NIC %s (same "
+                          "machine); %s's lease of it ended, its renewal is NAKed. Not a NIC of "
+                          "this machine? A host sent its UUID", new, xid, ip, old, new, old)
+        moved = self._fixed_moved
+        if moved is None:
+            return
+        try:
+            await asyncio.wait_for(moved(old, new, ip), self._decide_timeout)
+        except Exception as exc:  # the ACK stands; the log line above said it
+            _log.debug("dhcp: %s: the move's event not recorded: %r", new, exc)
+
     def _reply(
         self, packet: dhcp.Inbound, reply: dhcp.Packet, peer: Address, pxe_port: bool
     ) -> Reply:
@@ -1100,6 +1124,8 @@ class DhcpServer:
                     else (holder,)
                 self._persist(Changes(put=(lease,), delete=ended))
                 grant = AddressGrant(MessageType.ACK, ip, pool.lease_seconds)
+                if ended and fixed is not None:
+                    await self._moved(holder, mac, xid, ip)
         boot = stage if grant.message_type != MessageType.NAK else None
         try:
             reply = pxe.authoritative_reply(
