@@ -80,8 +80,12 @@ class MemoryLeaseStore:
     async def list_leases(self) -> list[Lease]:
         return list(self.leases.values())
 
-    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None,
+                        ending: str | None = None) -> None:
         self.writes += 1
+        if ending is not None and (old := self.leases.get(ending)) is not None \
+                and old.ipv4 == lease.ipv4:
+            del self.leases[ending]
         self.leases[lease.mac] = lease
 
     async def delete_lease(self, mac: str) -> None:

@@ -722,6 +722,34 @@ async def inventory(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIter
         yield store
 
 
+class Snapshots:
+    """A LeaseStore over ``store`` that reads the address's holders after every write: what
+    a reader of the inventory (another server, the dashboard) can see between two writes."""
+
+    def __init__(self, store: Store, address: str) -> None:
+        self.store, self.address = store, address
+        self.seen: list[list[str]] = []
+
+    async def list_leases(self) -> list[Lease]:
+        return await self.store.list_leases()
+
+    async def _look(self) -> None:
+        self.seen.append([lease.mac for lease in await self.store.list_leases()
+                          if lease.ipv4 == self.address])
+
+    async def put_lease(self, lease: Lease, *, now: float | None = None,
+                        ending: str | None = None) -> None:
+        if ending is None:  # as a server that never ends another's lease in its write calls it
+            await self.store.put_lease(lease, now=now)
+        else:
+            await self.store.put_lease(lease, now=now, ending=ending)
+        await self._look()
+
+    async def delete_lease(self, mac: str) -> None:
+        await self.store.delete_lease(mac)
+        await self._look()
+
+
 async def test_a_fixed_address_moved_to_another_nic_leaves_one_holder(
         inventory: Store) -> None:
     """A two-NIC machine (A, B) with one fixed_ipv4, or a host that sent its UUID and was
@@ -733,7 +761,8 @@ async def test_a_fixed_address_moved_to_another_nic_leaves_one_holder(
     MACs. Each move is told to the decider (the machine's event) naming both NICs."""
     fixed = "192.0.2.20"
     decider = TableDecider(fixed={A: fixed, B: fixed}, machines=((A, B),))
-    server = await make_server(inventory, Clock(), decider)
+    snapshots = Snapshots(inventory, fixed)
+    server = await make_server(snapshots, Clock(), decider)
     a, b = bytes.fromhex(A.replace(":", "")), bytes.fromhex(B.replace(":", ""))
     for raw in (a, b):
         [(offer, _)] = await ask(server, discover(raw))
@@ -763,3 +792,7 @@ async def test_a_fixed_address_moved_to_another_nic_leaves_one_holder(
     assert decider.moves == [(A, B, fixed), (B, A, fixed)]
     await server.flush_leases()
     assert [(lease.mac, lease.ipv4) for lease in await inventory.list_leases()] == [(A, fixed)]
+    # Each move was one write (put_lease's ``ending``): after every write the inventory
+    # held the address for exactly one NIC, never for none in between (delete, then put).
+    assert snapshots.seen and all(len(holders) == 1 for holders in snapshots.seen), \
+        snapshots.seen
