@@ -43,10 +43,11 @@ class Env:
     clock: Clock
 
     async def ask(self, mtype: MessageType, requested: str | None = None,
-                  mac: MacAddress = DEVICE) -> dhcp.Packet:
+                  mac: MacAddress = DEVICE, extra: tuple[dhcp.Option, ...] = ()
+                  ) -> dhcp.Packet:
         """One datagram to the server's port, its one answer (broadcast, to loopback: the
         broadcast flag is set, never a unicast to the address offered)."""
-        options = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((mtype,)))]
+        options = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((mtype,))), *extra]
         if requested is not None:
             options.append(dhcp.Option(Opt.REQUESTED_IP, bytes(
                 int(x) for x in requested.split("."))))
@@ -186,20 +187,13 @@ async def test_a_host_sending_a_machines_uuid_never_holds_its_fixed_address_besi
         assert (await env.ask(MessageType.REQUEST, "192.0.2.100", mac=real)).message_type \
             == MessageType.ACK
 
+        # A PXE ROM's (EFI x86-64) options, with the machine's UUID (option 97).
+        as_pxe = (dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00007:UNDI:003016"),
+                  dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x07"),
+                  dhcp.Option(97, b"\x00" + machine_uuid.bytes_le))
+
         async def pxe(mtype: MessageType, requested: str | None = None) -> dhcp.Packet:
-            options = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((mtype,))),
-                       dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00007:UNDI:003016"),
-                       dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x07"),
-                       dhcp.Option(97, b"\x00" + machine_uuid.bytes_le)]
-            if requested is not None:
-                options.append(dhcp.Option(Opt.REQUESTED_IP, bytes(
-                    int(x) for x in requested.split("."))))
-            raw = dhcp.encode(dhcp.Packet(op=Op.REQUEST, xid=0x5e1f, chaddr=spoof.raw,
-                                          flags=dhcp.BROADCAST_FLAG, options=tuple(options)),
-                              pad_to=dhcp.MIN_PACKET_SIZE)
-            await env.client.send(raw, env.server.ports[0])
-            packet, _ = await env.client.receive()
-            return packet
+            return await env.ask(mtype, requested, mac=spoof, extra=as_pxe)
 
         offered = set()
         for _ in range(3):  # attached by its UUID after the first, then offered .100
