@@ -34,7 +34,8 @@ class Leases:
     async def list_leases(self) -> list[Lease]:
         return list(self.leases.values())
 
-    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None,
+                        ending: str | None = None) -> None:
         self.leases[lease.mac] = lease
 
     async def delete_lease(self, mac: str) -> None:

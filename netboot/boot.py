@@ -629,6 +629,18 @@ class BootService:
         machine = await self._view.machine_by("mac", mac)
         return machine is not None and any(str(nic) == other for nic in machine.macs)
 
+    async def fixed_moved(self, old: str, new: str, ipv4: str) -> None:
+        """Record that the DHCP server gave ``new`` its machine's fixed_ipv4 ``ipv4`` and
+        ended ``old``'s lease of it (LeasePool.moved_from): an event of the machine naming
+        both NICs, so that a MAC attached by a spoofed UUID taking it is seen in its
+        history, not only in the log."""
+        machine = await self._view.machine_by("mac", new)
+        if machine is not None:
+            self._recorder.record(Event(
+                machine.id, self._clock(), "fixed address moved",
+                f"fixed address {ipv4} moved from NIC {old} to NIC {new}",
+                {"from": old, "to": new, "ipv4": ipv4}))
+
     async def load_view(self) -> None:
         """Read the whole inventory into memory (``netboot serve``, in the background once it
         answers): from then on a decision reads nothing from the store but its change feed."""

@@ -33,7 +33,8 @@ from netboot.model import Lease
 
 class LeaseStore(Protocol):  # implemented by the inventory
     async def list_leases(self) -> list[Lease]: ...
-    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None: ...
+    async def put_lease(self, lease: Lease, *, now: float | None = None,
+                        ending: str | None = None) -> None: ...
     async def delete_lease(self, mac: str) -> None: ...
 
 
@@ -218,6 +219,24 @@ class LeasePool:
         if self.declined(fixed, now):
             return "it was declined (in use on the network?)"
         return None
+
+    def moved_from(self, mac: str, fixed: str, now: float) -> bool:
+        """Whether a REQUEST of ``mac`` for its machine's ``fixed`` address must be NAKed
+        because another NIC (a sibling: fixed_refused let it through) holds a live lease of
+        it and ``mac`` was not offered it: a renewal, rebinding or INIT-REBOOT of a NIC whose
+        lease the sibling's ACK ended. One holder at a time, as dnsmasq's ``dhcp-host`` with
+        several MACs ("permission to abandon a DHCP lease to one of the hardware addresses
+        when another one asks for a lease"): the newest asker's. Both kept, two hosts
+        answered ARP for one address; anyone on the VLAN with the machine's SMBIOS UUID
+        (option 97, broadcast) was attached to it and held its address beside the real NIC
+        (s46-attack #4). NAKed, the NIC discovers again (RFC 2131 §4.3.2) and is offered the
+        address (the ACK decides): a spoof is then seen moving it back and forth
+        (DhcpServer's warning and the machine's event), never holding it with another."""
+        holder = self._by_ip.get(fixed)
+        if holder is None or holder == mac or self._leases[holder].expires <= now:
+            return False
+        offer = self._offers.get(mac)
+        return offer is None or offer.ipv4 != fixed or offer.expires <= now
 
     def declined(self, ip: str, now: float) -> bool:
         until = self._declined.get(ip)
@@ -466,6 +485,8 @@ class LeasePool:
         """
         if fixed is not None and ip != fixed:
             return None  # the machine must move to its fixed address: NAK, it rediscovers
+        if fixed is not None and self.moved_from(mac, fixed, now):
+            return None
         taken: Offer | None = None
         if selecting:
             offer = self._offers.get(mac)

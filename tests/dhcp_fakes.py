@@ -34,12 +34,16 @@ class TableDecider:
         self.fixed = dict(fixed or {})  # MAC -> its machine's fixed_ipv4
         self.machines = machines  # the MACs of one machine each (others: one MAC each)
         self.requests: list[BootRequest] = []
+        self.moves: list[tuple[str, str, str]] = []  # fixed_moved's (old, new, ipv4)
 
     async def fixed_address(self, mac: str) -> str | None:
         return self.fixed.get(mac)
 
     async def same_machine(self, mac: str, other: str) -> bool:
         return any(mac in macs and other in macs for macs in self.machines)
+
+    async def fixed_moved(self, old: str, new: str, ipv4: str) -> None:
+        self.moves.append((old, new, ipv4))
 
     async def first_stage(self, request: BootRequest) -> FirstStage | None:
         self.requests.append(request)
@@ -76,8 +80,12 @@ class MemoryLeaseStore:
     async def list_leases(self) -> list[Lease]:
         return list(self.leases.values())
 
-    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None,
+                        ending: str | None = None) -> None:
         self.writes += 1
+        if ending is not None and (old := self.leases.get(ending)) is not None \
+                and old.ipv4 == lease.ipv4:
+            del self.leases[ending]
         self.leases[lease.mac] = lease
 
     async def delete_lease(self, mac: str) -> None:

@@ -410,6 +410,29 @@ async def test_a_fixed_address_leased_to_another_nic_of_the_same_machine_is_give
     assert store.leases[B].ipv4 == fixed and A not in store.leases  # B's ended A's
 
 
+def test_a_fixed_address_has_one_holder_the_newest_nic_offered_it() -> None:
+    """The pool's rule (LeasePool.moved_from): a sibling NIC offered the machine's fixed
+    address takes it, the other NIC's lease ending in the same step; that NIC's REQUEST
+    for it (renewing, rebinding, INIT-REBOOT: no offer) is NAKed, and once offered it
+    again (a DISCOVER), it takes it back. Never both leased."""
+    fixed = "192.0.2.20"
+    p = pool()
+    assert p.offer(A, T0, fixed=fixed) == fixed
+    assert p.request(A, fixed, T0, fixed=fixed, selecting=True) is not None
+    assert p.offer(B, T0 + 1, fixed=fixed) == fixed  # offered while A's lease is live
+    assert p.request(B, fixed, T0 + 2, fixed=fixed) is not None  # no server id: offered
+    assert p.lease(A) is None and p.holder(fixed) == B
+    assert p.request(A, fixed, T0 + 3, fixed=fixed) is None  # A renewing: NAK
+    assert p.request(A, fixed, T0 + 4, fixed=fixed, selecting=True) is None  # not offered
+    assert p.request(B, fixed, T0 + 5, fixed=fixed) is not None  # the holder renews
+    assert p.offer(A, T0 + 6, fixed=fixed) == fixed
+    assert p.request(A, fixed, T0 + 7, fixed=fixed, selecting=True) is not None
+    assert p.lease(B) is None and [lease.mac for lease in p.leases()] == [A]
+    assert p.request(B, fixed, T0 + 8, fixed=fixed) is None
+    # Once the holder's lease has run out, any NIC of the machine may ask for it again.
+    assert p.request(B, fixed, T0 + 7 + 3600, fixed=fixed) is not None
+
+
 async def test_pool_exhaustion_means_no_offer() -> None:
     # Exhausted by leases (by offers alone, a DISCOVER is offered one of theirs since
     # s46-attack: test_a_client_is_given_an_address_after_discovers_alone_took_every_one).
@@ -688,3 +711,88 @@ async def test_a_client_is_given_an_address_after_discovers_alone_took_every_one
     held = {lease.ipv4: lease.mac for lease in await store.list_leases()}
     assert held["192.0.2.100"] == "52:54:00:00:46:01"
     assert len(held) == 10 and "02:00:00:00:46:00" not in held.values()
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+async def inventory(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """One inventory of each kind (an authoritative server's leases)."""
+    async with contextlib.AsyncExitStack() as stack:
+        [store] = await pg.stores_on_one_inventory(request.param, tmp_path, request, stack,
+                                                   count=1)
+        yield store
+
+
+class Snapshots:
+    """A LeaseStore over ``store`` that reads the address's holders after every write: what
+    a reader of the inventory (another server, the dashboard) can see between two writes."""
+
+    def __init__(self, store: Store, address: str) -> None:
+        self.store, self.address = store, address
+        self.seen: list[list[str]] = []
+
+    async def list_leases(self) -> list[Lease]:
+        return await self.store.list_leases()
+
+    async def _look(self) -> None:
+        self.seen.append([lease.mac for lease in await self.store.list_leases()
+                          if lease.ipv4 == self.address])
+
+    async def put_lease(self, lease: Lease, *, now: float | None = None,
+                        ending: str | None = None) -> None:
+        if ending is None:  # as a server that never ends another's lease in its write calls it
+            await self.store.put_lease(lease, now=now)
+        else:
+            await self.store.put_lease(lease, now=now, ending=ending)
+        await self._look()
+
+    async def delete_lease(self, mac: str) -> None:
+        await self.store.delete_lease(mac)
+        await self._look()
+
+
+async def test_a_fixed_address_moved_to_another_nic_leaves_one_holder(
+        inventory: Store) -> None:
+    """A two-NIC machine (A, B) with one fixed_ipv4, or a host that sent its UUID and was
+    attached to it as B (s46-attack #4): B offered the address and ACKed while A's lease of
+    it is live. A's lease ends in that write; A's renewal (RENEWING, then REBINDING and
+    INIT-REBOOT: no server id, ciaddr or option 50) is NAKed, not ACKed beside B's (two
+    hosts answering ARP for one address); A then discovers, is offered it and takes it back,
+    ending B's: one holder at a time, the newest asker, as dnsmasq's dhcp-host with several
+    MACs. Each move is told to the decider (the machine's event) naming both NICs."""
+    fixed = "192.0.2.20"
+    decider = TableDecider(fixed={A: fixed, B: fixed}, machines=((A, B),))
+    snapshots = Snapshots(inventory, fixed)
+    server = await make_server(snapshots, Clock(), decider)
+    a, b = bytes.fromhex(A.replace(":", "")), bytes.fromhex(B.replace(":", ""))
+    for raw in (a, b):
+        [(offer, _)] = await ask(server, discover(raw))
+        assert offer.yiaddr == fixed
+        [(ack, _)] = await ask(server, select(raw, fixed))
+        assert (ack.message_type, ack.yiaddr) == (MessageType.ACK, fixed)
+    await server.flush_leases()
+    assert [(lease.mac, lease.ipv4) for lease in await inventory.list_leases()] == [(B, fixed)]
+    renewing = message(MessageType.REQUEST, a, ciaddr=fixed)
+    rebooting = message(MessageType.REQUEST, a, opts={Opt.REQUESTED_IP: ip(fixed)})
+    for raw in (renewing, rebooting):
+        [(nak, _)] = await ask(server, raw, peer=(fixed, 68))
+        assert nak.message_type == MessageType.NAK
+    await server.flush_leases()
+    assert [(lease.mac, lease.ipv4) for lease in await inventory.list_leases()] == [(B, fixed)]
+    # B renews: still its own. A discovers again and takes it back: B's renewal is NAKed.
+    [(ack, _)] = await ask(server, message(MessageType.REQUEST, b, ciaddr=fixed),
+                           peer=(fixed, 68))
+    assert ack.message_type == MessageType.ACK
+    [(offer, _)] = await ask(server, discover(a))
+    assert offer.yiaddr == fixed  # offered while B's lease is live: the ACK decides
+    [(ack, _)] = await ask(server, select(a, fixed))
+    assert ack.message_type == MessageType.ACK
+    [(nak, _)] = await ask(server, message(MessageType.REQUEST, b, ciaddr=fixed),
+                           peer=(fixed, 68))
+    assert nak.message_type == MessageType.NAK
+    assert decider.moves == [(A, B, fixed), (B, A, fixed)]
+    await server.flush_leases()
+    assert [(lease.mac, lease.ipv4) for lease in await inventory.list_leases()] == [(A, fixed)]
+    # Each move was one write (put_lease's ``ending``): after every write the inventory
+    # held the address for exactly one NIC, never for none in between (delete, then put).
+    assert snapshots.seen and all(len(holders) == 1 for holders in snapshots.seen), \
+        snapshots.seen

@@ -622,10 +622,14 @@ class Store(ChangeFeed, StateCounts, Protocol):
         source too); read through :meth:`list_leases` each was a read of every lease (7 ms of
         CPU at 4,094 leases, 132 ms at 65,534: s37-attack)."""
 
-    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None,
+                        ending: str | None = None) -> None:
         """Insert or replace by MAC; Conflict if another MAC holds the address. With ``now``,
         a lease of another MAC that expired by then is replaced instead: one atomic claim
-        (two servers claiming one address: one wins, the other gets Conflict)."""
+        (two servers claiming one address: one wins, the other gets Conflict). With
+        ``ending``, that MAC's lease of this address ends in the same write: a machine's
+        fixed address moved from one NIC to another (LeasePool.moved_from), held by one of
+        them at every instant, never by neither."""
 
     async def delete_lease(self, mac: str) -> None:
         """No error if absent (a RELEASE for an unknown lease is harmless)."""

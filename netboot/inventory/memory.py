@@ -421,10 +421,15 @@ class MemoryStore:
         holder = self._lease_addrs.get(ipv4)
         return None if holder is None else self._leases[holder]
 
-    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None,
+                        ending: str | None = None) -> None:
         self._check_open()
         value = codec.lease_from_dict(codec.lease_to_dict(lease))
         holder = self._lease_addrs.get(value.ipv4)
+        if holder is not None and ending is not None and holder != value.mac \
+                and holder == codec.normalise_mac(ending):
+            self._drop_lease(holder)
+            holder = None
         if holder is not None and holder != value.mac:
             if now is None or self._leases[holder].expires > now:
                 raise Conflict(f"address {value.ipv4} is leased to {holder}")

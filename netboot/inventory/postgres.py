@@ -2344,9 +2344,13 @@ class PostgresStore:
         return None if row is None else Lease(mac=row[0], ipv4=row[1], expires=row[2],
                                               hostname=row[3])
 
-    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
+    async def put_lease(self, lease: Lease, *, now: float | None = None,
+                        ending: str | None = None) -> None:
         value = codec.lease_from_dict(codec.lease_to_dict(lease))
         async with self._write(feed=False, lock=False) as conn:
+            if ending is not None:
+                await conn.execute("DELETE FROM leases WHERE ipv4 = $1 AND mac = $2",
+                                   value.ipv4, codec.normalise_mac(ending))
             if now is not None:
                 # A concurrent claim of the same expired row waits for this one's commit,
                 # then finds it gone and fails on the unique address below.

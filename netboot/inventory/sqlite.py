@@ -1296,8 +1296,10 @@ class SqliteStore:
     async def lease_by_ip(self, ipv4: str) -> Lease | None:
         return await self._read(_lease_by_ip, ipv4)
 
-    async def put_lease(self, lease: Lease, *, now: float | None = None) -> None:
-        await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)), now)
+    async def put_lease(self, lease: Lease, *, now: float | None = None,
+                        ending: str | None = None) -> None:
+        await self._run(_put_lease, codec.lease_from_dict(codec.lease_to_dict(lease)), now,
+                        None if ending is None else codec.normalise_mac(ending))
 
     async def delete_lease(self, mac: str) -> None:
         await self._run(_delete_lease, codec.normalise_mac(mac))
@@ -2767,8 +2769,11 @@ def _lease_by_ip(conn: sqlite3.Connection, ipv4: str) -> Lease | None:
                                           hostname=row[3])
 
 
-def _put_lease(conn: sqlite3.Connection, lease: Lease, now: float | None) -> None:
+def _put_lease(conn: sqlite3.Connection, lease: Lease, now: float | None,
+               ending: str | None = None) -> None:
     with _immediate(conn):
+        if ending is not None:
+            conn.execute("DELETE FROM leases WHERE ipv4 = ? AND mac = ?", (lease.ipv4, ending))
         if now is not None:
             conn.execute("DELETE FROM leases WHERE ipv4 = ? AND mac <> ? AND expires <= ?",
                          (lease.ipv4, lease.mac, now))

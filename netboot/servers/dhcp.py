@@ -261,6 +261,10 @@ class DhcpServer:
             getattr(decider, "fixed_address", None))
         self._same_machine: Callable[[str, str], Awaitable[bool]] | None = (
             getattr(decider, "same_machine", None))
+        # And ``fixed_moved(old, new, ipv4)``: the machine's event that its fixed address
+        # moved from one NIC to another (_moved).
+        self._fixed_moved: Callable[[str, str, str], Awaitable[None]] | None = (
+            getattr(decider, "fixed_moved", None))
         self._answers: dict[_Listener, _Answers] = {}
         self.answered_again = 0  # repeats answered from a kept answer (tests, metrics)
         self._store = leases
@@ -301,6 +305,9 @@ class DhcpServer:
         self._pool_links: frozenset[str] = frozenset()
         self._told_no_pool: set[str] = set()
         self._pending: dict[str, Lease | None] = {}  # mac -> lease to put, None = delete
+        # mac -> the MAC whose lease of the same address its pending put ends (a fixed
+        # address moved between NICs: put_lease's ``ending``). Bounded as _pending is.
+        self._ending: dict[str, str] = {}
         # Held while a flush writes: a flush asked (close, a test) while the background
         # writer has taken a lease out of _pending and is still writing it waits for that
         # write too; it returned at once and the lease was not yet in the store (CI, once).
@@ -667,11 +674,16 @@ class DhcpServer:
             while self._pending:
                 mac, lease = next(iter(self._pending.items()))
                 del self._pending[mac]
+                ending = self._ending.pop(mac, None)
                 try:
                     if lease is None:
                         await self._store.delete_lease(mac)
+                        if ending is not None and ending not in self._pending and (
+                                self.pool is None or self.pool.lease(ending) is None):
+                            # The put that was to end it never written (mac let go first).
+                            await self._store.delete_lease(ending)
                     else:
-                        await self._store.put_lease(lease)
+                        await self._store.put_lease(lease, ending=ending)
                 except Exception:
                     # The in-memory pool stays right; the store catches up with the next
                     # change.
@@ -891,6 +903,25 @@ class DhcpServer:
             return None
         return other if sibling else None
 
+    async def _moved(self, old: str, new: str, xid: int, ip: str) -> None:
+        """``new``'s ACK of its machine's fixed address ``ip`` ended ``old``'s lease of it
+        (one holder at a time: LeasePool.moved_from), whose renewal is NAKed from now on.
+        Said once per move, in the log and as the machine's event: a NIC replaced or the
+        machine booted from its other port, or a host that sent the machine's UUID."""
+        self.summary.note("fixed address moved")
+        # Limited per address: a host moving it back and forth is not a line a packet.
+        self._limited.log(logging.WARNING, f"moved {ip}",
+                          "dhcp: %s xid %#010x: fixed address %s moved from NIC %s to NIC %s (same "
+                          "machine); %s's lease of it ended, its renewal is NAKed. Not a NIC of "
+                          "this machine? A host sent its UUID", new, xid, ip, old, new, old)
+        moved = self._fixed_moved
+        if moved is None:
+            return
+        try:
+            await asyncio.wait_for(moved(old, new, ip), self._decide_timeout)
+        except Exception as exc:  # the ACK stands; the log line above said it
+            _log.debug("dhcp: %s: the move's event not recorded: %r", new, exc)
+
     def _reply(
         self, packet: dhcp.Inbound, reply: dhcp.Packet, peer: Address, pxe_port: bool
     ) -> Reply:
@@ -1079,6 +1110,7 @@ class DhcpServer:
             if ip is None:
                 return []
             holder = pool.holder(ip)
+            held = holder is not None and holder != mac and pool.taker(ip, mac, now) == holder
             # An offer of it to another client that this REQUEST takes (a shared offer's
             # address): its claim in the inventory is this server's, taken over below.
             taken = pool.offered_elsewhere(ip, mac, now) if server_id is not None else None
@@ -1095,10 +1127,14 @@ class DhcpServer:
                 # Claimed already, unless fixed or the inventory was away; written again in
                 # the background all the same, after any change still queued for this MAC.
                 # The lease this one ended (a fixed address another NIC of the machine held,
-                # _sibling) deleted first: the inventory holds one lease an address.
-                ended = () if holder is None or holder == mac or pool.lease(holder) is not None \
-                    else (holder,)
-                self._persist(Changes(put=(lease,), delete=ended))
+                # _sibling) ends in the same write (put_lease's ``ending``): the inventory
+                # holds one lease an address, at every instant.
+                if holder is not None and holder != mac and pool.lease(holder) is None:
+                    self._ending[mac] = holder
+                    self._pending.pop(holder, None)
+                    if held and fixed is not None:  # a live lease of it: said
+                        await self._moved(holder, mac, xid, ip)
+                self._persist(Changes(put=(lease,)))
                 grant = AddressGrant(MessageType.ACK, ip, pool.lease_seconds)
         boot = stage if grant.message_type != MessageType.NAK else None
         try:

@@ -1753,6 +1753,25 @@ async def test_a_claim_takes_over_only_an_expired_lease(store: Store) -> None:
     assert await store.list_leases() == [Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0)]
 
 
+async def test_a_lease_ending_anothers_of_its_address_is_one_write(store: Store) -> None:
+    """put_lease's ``ending``: a machine's fixed address moved from NIC MAC1 to MAC2 (the
+    DHCP server's LeasePool.moved_from) ends MAC1's lease of it in the same write; a lease
+    of MAC1 on another address, or of a third MAC, is not ended (Conflict, as before)."""
+    await store.put_lease(Lease(mac=MAC1, ipv4="192.0.2.9", expires=100.0))
+    with pytest.raises(Conflict, match=MAC1):
+        await store.put_lease(Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0))
+    await store.put_lease(Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0),
+                          ending=MAC1.upper())
+    assert await store.list_leases() == [Lease(mac=MAC2, ipv4="192.0.2.9", expires=500.0)]
+    await store.put_lease(Lease(mac=MAC1, ipv4="192.0.2.10", expires=100.0))
+    with pytest.raises(Conflict, match=MAC2):  # MAC1 is not the holder of .9
+        await store.put_lease(Lease(mac=MAC3, ipv4="192.0.2.9", expires=500.0), ending=MAC1)
+    await store.put_lease(Lease(mac=MAC2, ipv4="192.0.2.9", expires=600.0), ending=MAC1)
+    assert sorted(await store.list_leases(), key=lambda lease: lease.mac) == [
+        Lease(mac=MAC1, ipv4="192.0.2.10", expires=100.0),
+        Lease(mac=MAC2, ipv4="192.0.2.9", expires=600.0)]
+
+
 # --- one fixed_ipv4 per address, owned by the store (s42-integrity) ----------------------
 
 

@@ -6,7 +6,8 @@ Usage: ``ip netns exec NS python -m tests.servers.dhcp_netns_runner MODE INTERFA
 ``dhcp.relay_networks``. Prints ``READY <advertised ip>`` on stdout once listening (``-`` when
 the interface has no address yet), serves until stdin closes (the test closes it, or dies),
 then shuts down cleanly. Logs go to stderr. ``DHCP_RUNNER_FIXED``, ``mac=ip`` comma-separated,
-gives machines a ``fixed_ipv4``; ``DHCP_RUNNER_ADVERTISE`` is ``server.advertise`` (with
+gives machines a ``fixed_ipv4``; ``DHCP_RUNNER_MACHINES``, ``mac+mac`` comma-separated, makes
+NICs one machine's; ``DHCP_RUNNER_ADVERTISE`` is ``server.advertise`` (with
 ``each``: serve's listeners where an address is advertised and no interface named).
 """
 
@@ -34,7 +35,10 @@ async def main(mode: str, interface: str, relay_networks: tuple[str, ...] = ()) 
     each = interface == "each"
     fixed = dict(pair.split("=") for pair in os.environ.get("DHCP_RUNNER_FIXED", "").split(",")
                  if pair)
-    server = DhcpServer(settings, TableDecider(fixed=fixed), MemoryLeaseStore(),
+    machines = tuple(tuple(group.split("+")) for group in
+                     os.environ.get("DHCP_RUNNER_MACHINES", "").split(",") if group)
+    server = DhcpServer(settings, TableDecider(fixed=fixed, machines=machines),
+                        MemoryLeaseStore(),
                         interfaces=None if each else [interface],
                         advertise=os.environ.get("DHCP_RUNNER_ADVERTISE") or None,
                         each_interface=each, relay_networks=relay_networks)

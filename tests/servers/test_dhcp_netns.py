@@ -11,10 +11,11 @@ import os
 import secrets
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -78,14 +79,14 @@ def link(bare_link: Link) -> Iterator[Link]:
 class Server:
     def __init__(self, link: Link, mode: str, interface: str | None = None,
                  relay_networks: str | None = None, fixed: str = "",
-                 advertise: str = "") -> None:
+                 advertise: str = "", machines: str = "") -> None:
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", link.server_ns, sys.executable, "-m",
              "tests.servers.dhcp_netns_runner", mode, interface or link.server_if,
              *([relay_networks] if relay_networks else [])],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT), "DHCP_RUNNER_FIXED": fixed,
-                 "DHCP_RUNNER_ADVERTISE": advertise},
+                 "DHCP_RUNNER_ADVERTISE": advertise, "DHCP_RUNNER_MACHINES": machines},
         )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)
@@ -393,6 +394,74 @@ def test_an_address_the_server_takes_later_inside_the_pool_is_not_leased(link: L
     assert offered(freed, 0) == "192.0.2.101", log
     assert ("dhcp: 192.0.2.100 is now an address of this host, and leased to "
             "52:54:00:00:00:a3") in log, log
+    assert "Traceback" not in log, log
+
+
+def _lines_of(path: Path, want: Callable[[list[str]], bool], seconds: float) -> list[str]:
+    """``path``'s lines once ``want`` holds of them, or as they are after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        if want(lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.1)
+
+
+@pytest.mark.requires("busybox", "busybox-static")
+def test_busybox_whose_fixed_address_its_other_nic_took_is_naked_and_takes_it_back(
+        link: Link, tmp_path: Path) -> None:
+    """busybox udhcpc, the machine's NIC E1, leases its machine's fixed_ipv4; the
+    machine's other NIC E2 (or a host attached to the machine by its UUID: s46-attack #4)
+    is offered it and ACKed. udhcpc's renewal (SIGUSR1: RENEWING, RFC 2131 §4.4.5) was
+    ACKed beside E2's: two hosts held one address. Now it is NAKed ("nak" to udhcpc's
+    script), udhcpc discovers again and is bound to the address once more, E2's lease
+    ended: one holder at a time, each move in the log naming both NICs."""
+    real, other = "52:54:00:00:00:e1", "52:54:00:00:00:e2"
+    ip("-n", link.client_ns, "link", "set", link.client_if, "address", real)
+    events, script = tmp_path / "events", tmp_path / "script"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'echo "$1 $ip" >> {events}\n'
+        'case "$1" in\n'
+        '  bound|renew) ip addr flush dev "$interface"; ip addr add "$ip/24" dev "$interface";;\n'
+        '  deconfig|nak) ip addr flush dev "$interface";;\n'
+        "esac\n")
+    script.chmod(0o755)
+    server = Server(link, "authoritative", fixed=f"{real}=192.0.2.50,{other}=192.0.2.50",
+                    machines=f"{real}+{other}")
+    assert UDHCPC is not None
+    cmd = [UDHCPC] if UDHCPC.endswith("udhcpc") else [UDHCPC, "udhcpc"]
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", link.client_ns, *cmd, "-i", link.client_if, "-f", "-t", "5",
+         "-T", "2", "-s", str(script)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    sid, fixed = bytes((192, 0, 2, 1)), bytes((192, 0, 2, 50))
+    mac = bytes.fromhex(other.replace(":", ""))
+    try:
+        first = _lines_of(events, lambda lines: "bound 192.0.2.50" in lines, 30)
+        assert "bound 192.0.2.50" in first, first
+        replies = _conversation(link, [
+            (True, _client(MessageType.DISCOVER, mac, 0x5EEDE201)),
+            (True, _client(MessageType.REQUEST, mac, 0x5EEDE202, SERVER_ID=sid,
+                           REQUESTED_IP=fixed))])
+        client.send_signal(signal.SIGUSR1)  # udhcpc renews now (its own process)
+        after = _lines_of(events, lambda lines: lines.count("bound 192.0.2.50") >= 2, 30)
+    finally:
+        client.terminate()  # this process only, by its own handle
+        try:
+            out = client.communicate(timeout=10)[0].decode(errors="replace")
+        except subprocess.TimeoutExpired:
+            client.kill()
+            out = client.communicate(timeout=10)[0].decode(errors="replace")
+        log = server.stop()
+    got = [dhcp.parse(r) if r else None for r in replies]
+    assert got[0] is not None and got[0].yiaddr == "192.0.2.50", log
+    assert got[1] is not None and got[1].message_type == MessageType.ACK, log
+    later = after[len(first):]
+    assert "renew 192.0.2.50" not in later, (after, out, log)  # before: ACKed beside E2
+    assert later[0].startswith("nak") and later[-1] == "bound 192.0.2.50", (after, out, log)
+    assert f"fixed address 192.0.2.50 moved from NIC {real} to NIC {other}" in log, log
+    assert f"fixed address 192.0.2.50 moved from NIC {other} to NIC {real}" in log, log
     assert "Traceback" not in log, log
 
 

@@ -5,6 +5,7 @@ dynamic address a dhcp-host reserves), as machines are created, edited and delet
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,10 +43,11 @@ class Env:
     clock: Clock
 
     async def ask(self, mtype: MessageType, requested: str | None = None,
-                  mac: MacAddress = DEVICE) -> dhcp.Packet:
+                  mac: MacAddress = DEVICE, extra: tuple[dhcp.Option, ...] = ()
+                  ) -> dhcp.Packet:
         """One datagram to the server's port, its one answer (broadcast, to loopback: the
         broadcast flag is set, never a unicast to the address offered)."""
-        options = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((mtype,)))]
+        options = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((mtype,))), *extra]
         if requested is not None:
             options.append(dhcp.Option(Opt.REQUESTED_IP, bytes(
                 int(x) for x in requested.split("."))))
@@ -155,9 +157,62 @@ async def test_a_fixed_address_held_by_the_machines_other_nic_is_given_from_the_
         await env.server.flush_leases()
         leases = {lease.mac: lease.ipv4 for lease in await env.store.list_leases()}
         assert leases[str(second)] == "192.0.2.100" and str(first) not in leases
+        # The first NIC renewing it (INIT-REBOOT): NAKed, one holder (LeasePool.moved_from).
+        assert (await env.ask(MessageType.REQUEST, "192.0.2.100", mac=first)).message_type \
+            == MessageType.NAK
 
         # Given another address (in this process, no resync asked): the next packet's
         # answer is from the view synced for it, as a decision's is.
         [machine] = await env.store.list_machines()
         await env.store.update_machine(replace(machine, fixed_ipv4="192.0.2.50"))
         assert (await env.ask(MessageType.DISCOVER, mac=first)).yiaddr == "192.0.2.50"
+
+
+async def test_a_host_sending_a_machines_uuid_never_holds_its_fixed_address_beside_it(
+        tmp_path: Path) -> None:
+    """s46-attack #4, over real UDP with the real boot path and SQLite: a PXE DISCOVER from a
+    made-up MAC with a registered machine's SMBIOS UUID (option 97: broadcast in every PXE
+    DISCOVER of that machine) is attached to the machine and then given its fixed_ipv4, and
+    the real NIC's renewal was ACKed too: two hosts held one address. Now the real NIC's
+    renewal is NAKed (it discovers again, RFC 2131 §4.3.2), the inventory holds one lease of
+    the address, and the machine's history says the address moved, naming both MACs."""
+    machine_uuid = uuid.UUID("11111111-2222-3333-4444-555555555501")
+    real, spoof = MacAddress.parse("52:54:00:00:0d:01"), MacAddress.parse("02:46:00:00:0d:99")
+    async with started(tmp_path) as env:
+        await env.store.create_machine(Machine(
+            macs=(real,), uuid=str(machine_uuid), fixed_ipv4="192.0.2.100",
+            state=MachineState.REGISTERED))
+        await env.boot.load_view()
+        assert (await env.ask(MessageType.DISCOVER, mac=real)).yiaddr == "192.0.2.100"
+        assert (await env.ask(MessageType.REQUEST, "192.0.2.100", mac=real)).message_type \
+            == MessageType.ACK
+
+        # A PXE ROM's (EFI x86-64) options, with the machine's UUID (option 97).
+        as_pxe = (dhcp.Option(Opt.VENDOR_CLASS, b"PXEClient:Arch:00007:UNDI:003016"),
+                  dhcp.Option(Opt.CLIENT_ARCH, b"\x00\x07"),
+                  dhcp.Option(97, b"\x00" + machine_uuid.bytes_le))
+
+        async def pxe(mtype: MessageType, requested: str | None = None) -> dhcp.Packet:
+            return await env.ask(mtype, requested, mac=spoof, extra=as_pxe)
+
+        offered = set()
+        for _ in range(3):  # attached by its UUID after the first, then offered .100
+            offered.add((await pxe(MessageType.DISCOVER)).yiaddr)
+            await env.boot.drain()
+        assert "192.0.2.100" in offered
+        took = await pxe(MessageType.REQUEST, "192.0.2.100")
+        assert (took.message_type, took.yiaddr) == (MessageType.ACK, "192.0.2.100")
+        renewal = await env.ask(MessageType.REQUEST, "192.0.2.100", mac=real)
+        assert renewal.message_type == MessageType.NAK  # before: ACK, two holders
+        await env.server.flush_leases()
+        holders = [lease.mac for lease in await env.store.list_leases()
+                   if lease.ipv4 == "192.0.2.100"]
+        assert holders == [str(spoof)]
+        await env.boot.drain()
+        [machine] = await env.store.list_machines()
+        _, events = await env.store.events_since(0)
+        moved = [e for e in events if e.machine == machine.id
+                 and e.kind == "fixed address moved"]
+        assert [e.message for e in moved] == [
+            f"fixed address 192.0.2.100 moved from NIC {real} to NIC {spoof}"]
+        assert moved[0].data == {"from": str(real), "to": str(spoof), "ipv4": "192.0.2.100"}
