@@ -1751,7 +1751,16 @@ class PostgresStore:
             log.warning("inventory %s: %s: ended", self.name, why)
             raise StoreError(f"inventory {self.name}: {why}") from None
         self._own.add(pid)
-        conn.add_termination_listener(lambda _: self._own.discard(pid))
+        conn.add_termination_listener(lambda _: self._ended_own(pid))
+
+    def _ended_own(self, pid: int) -> None:
+        """A session of this pool ended. A commit it sent may still be made once its backend
+        runs again (a lost COMMIT, _settle): that notification comes from a PID no longer
+        this pool's, counted as another's commit (readers sync), and known as a writer of
+        the inventory, not looked at (_look_at_notifiers): the look took a pool session at
+        that moment for a question whose answer is known."""
+        self._own.discard(pid)
+        _remember(self._writers, pid, time.monotonic())
 
     async def _set_up(self, conn: asyncpg.Connection, peer: PeerSettings) -> int:
         """The server's side of ``peer`` on ``conn`` (:func:`server_keepalives`), within

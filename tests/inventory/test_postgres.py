@@ -2568,3 +2568,29 @@ async def test_a_database_holding_one_fixed_address_twice_is_migrated_keeping_bo
             store, a, replace(b, fixed_ipv4=a.fixed_ipv4), caplog)
     finally:
         await store.close()
+
+
+async def test_a_late_commit_of_a_session_this_pool_ended_is_a_commit_and_needs_no_look(
+        pg_dsn: str) -> None:
+    """A session of the pool ended while its COMMIT was on its way (a lost commit, settled
+    "unknown") may still commit once its backend runs again: its notification then comes from
+    a PID no longer the pool's. It is a commit (readers sync), and a writer's: s46-attack's
+    look at unknown notifiers took a pool session for it, and in
+    test_writes_sent_to_a_backend_hung_alone_are_settled (under load) that look held the very
+    session the test stopped next, so the next write went to a new session and succeeded."""
+    from netboot.inventory.postgres import CHANNEL
+
+    store = PostgresStore(pg_dsn)
+    await store.open()
+    try:
+        await store.get_setting("k")
+        conn = next(iter(store._sessions))
+        pid = conn.get_server_pid()
+        conn.terminate()
+        await _within("the pool's session ended", lambda: pid not in store._own)
+        before = store.commits
+        store._notified(None, pid, CHANNEL, "")
+        assert store.commits == before + 1
+        assert store._looking is None or store._looking.done()
+    finally:
+        await store.close()
