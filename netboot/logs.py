@@ -393,18 +393,27 @@ def log_line(logger: logging.Logger, level: int, msg: str, *args: object,
     log, a decision): the record, its extras, the handler chain and the formatter cost
     ~15 µs a line, as much as answering a small file. ``extra`` only reaches the JSON
     format, which takes the ordinary way."""
-    direct = text_handler(logger, level)
     if len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
-        direct = None  # LogRecord formats with the mapping itself: its way
-    if direct is not None:
-        try:
-            message = msg % args if args else msg
-        except Exception:  # logging's own way reports it (Handler.handleError)
-            direct = None
-        else:
-            direct.text_line(level, logger.name, message)
-            return
+        pass  # LogRecord formats with the mapping itself: its way
+    elif wrote_text(logger, level, msg, args):
+        return
     logger.log(level, msg, *args, extra=extra)
+
+
+def wrote_text(logger: logging.Logger, level: int, msg: str, args: tuple[object, ...]) -> bool:
+    """``msg % args`` handed to the line's one text handler (:func:`text_handler`) without a
+    LogRecord; False where there is none, or the text does not format (then the caller logs
+    it the ordinary way, and logging reports it: Handler.handleError). log_line's way, and
+    the access log's, whose extras are made only when this says False (s46-install)."""
+    direct = text_handler(logger, level)
+    if direct is None:
+        return False
+    try:
+        message = msg % args if args else msg
+    except Exception:
+        return False
+    direct.text_line(level, logger.name, message)
+    return True
 
 
 def text_handler(logger: logging.Logger, level: int) -> BatchedStreamHandler | None:

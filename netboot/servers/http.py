@@ -64,7 +64,7 @@ from netboot.errors import (
     WritesRefused,
 )
 from netboot.files import clean_relative
-from netboot.logs import RateLimitedLog, escape, log_line, printable, set_log_context, text_handler
+from netboot.logs import RateLimitedLog, escape, log_line, printable, set_log_context, wrote_text
 from netboot.model import (
     Arch,
     Blob,
@@ -346,20 +346,12 @@ class AccessLogger:
         args = (remote, method if method in _PLAIN_METHODS else escape(method), target, status,
                 sent, seconds, "-" if user_agent is None else escape(user_agent, limit=256))
         logger = self.logger
-        # log_line's way without its call: its arguments packed and unpacked, and the
+        # log_line's way (wrote_text) without log_line: its arguments packed and unpacked, and the
         # extras made for each line but read only by the JSON format, were ~3,000 of the
         # line's ~22,000 loop instructions (callgrind, benchmarks/README.md s46-install).
-        direct = text_handler(logger, logging.INFO)
-        if direct is not None:
-            try:
-                message = _ACCESS_LINE % args
-            except Exception:  # logging's own way reports it (Handler.handleError)
-                direct = None
-            else:
-                direct.text_line(logging.INFO, logger.name, message)
-                return
-        logger.log(logging.INFO, _ACCESS_LINE, *args,
-                   extra={"request_id": request_id, "peer": remote, "path": target})
+        if not wrote_text(logger, logging.INFO, _ACCESS_LINE, args):
+            logger.log(logging.INFO, _ACCESS_LINE, *args,
+                       extra={"request_id": request_id, "peer": remote, "path": target})
 
 
 class FileSender:
