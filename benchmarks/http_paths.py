@@ -2,6 +2,7 @@
 
     python benchmarks/http_paths.py [--enrolled 100000] [--duration 10] [--rounds 3]
                                     [--only ipxe,asset300,config] [--processes 2] [--no-nginx]
+                                    [--nginx-workers auto]
 
 Rows (issue 10's table), each at 50 connections unless said. Two kinds, told apart by
 ``Row.first``:
@@ -101,9 +102,10 @@ REUSE_PORT = """
 import asyncio, runpy, sys
 import netboot.service
 
-async def listen(doorway, host, port, *, ssl_context=None):
+async def listen(doorway, host, port, *, ssl_context=None, start_serving=True):
     return await asyncio.get_running_loop().create_server(
         doorway, host, port, reuse_address=True, backlog=4096, ssl=ssl_context,
+        start_serving=start_serving,  # (netboot.servers.http.listen's since session 46)
         reuse_port=ssl_context is None)  # not HTTPS: its port 0 with SO_REUSEPORT may be
                                          # one another process of this user holds
 
@@ -409,9 +411,12 @@ def netboot(work: Workload, run: Path, python: str, access_log: bool, seed: Path
 
 
 @contextlib.contextmanager
-def nginx(work: Workload, run: Path, configs: dict[str, str]) -> Iterator[tuple[int, int]]:
+def nginx(work: Workload, run: Path, configs: dict[str, str], workers: str = "auto"
+          ) -> Iterator[tuple[int, int]]:
     """``configs``: the text of one per-machine config per route (config, user-data), served
-    for every machine like the iPXE script."""
+    for every machine like the iPXE script. ``workers``: nginx's worker_processes (``auto``,
+    Debian's default: one a CPU; netboot serves from one event loop, benchmarks/README.md
+    s47-bigfile)."""
     port = free_port()
     # One static script answers every MAC: with 100,000 machines, writing a file per MAC
     # takes longer than the measurement, and for nginx a lookup among them costs the same.
@@ -432,7 +437,7 @@ def nginx(work: Workload, run: Path, configs: dict[str, str]) -> Iterator[tuple[
     conf.write_text(f"""
 daemon off;
 user root root;
-worker_processes auto;
+worker_processes {workers};
 pid {tmp}/nginx.pid;
 error_log {tmp}/error.log warn;
 events {{ worker_connections 4096; }}
@@ -773,7 +778,8 @@ def measure(args: argparse.Namespace, servers: list[str], work: Workload, tmp: P
                 run = tmp / "nginx"
                 run.mkdir(parents=True)
                 kept["nginx"] = stack.enter_context(
-                    nginx(work, run, sample_configs(netboot_port, rows, first)))
+                    nginx(work, run, sample_configs(netboot_port, rows, first),
+                          args.nginx_workers))
 
         if any(not row.first for row in rows):
             for server in netboots:
@@ -884,6 +890,9 @@ def main() -> None:
                              "port (SO_REUSEPORT set by this benchmark's wrapper: netboot has "
                              "no such setting), as 'processes', in the same turns")
     parser.add_argument("--no-nginx", action="store_true", help="leave nginx out")
+    parser.add_argument("--nginx-workers", default="auto", metavar="N",
+                        help="nginx's worker_processes (default auto: one a CPU, as Debian's "
+                             "nginx.conf; netboot serves from one event loop)")
     args = parser.parse_args()
     # A SIGTERM (e.g. from `timeout`) unwinds: servers stopped, the temp dir removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -72,6 +72,24 @@ def test_http_paths_tells_a_clock_step_from_the_servers_errors(
     assert stopped.detail.startswith("this 10 s wrk run took 31.1 s")
 
 
+
+def test_http_paths_several_processes_listen_as_the_service_asks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--processes N`` runs ``netboot serve`` with its listen() swapped for one that sets
+    SO_REUSEPORT; since session 46 the service passes ``start_serving``, which the wrapper did
+    not take: every ``--processes`` run failed to start ("did not answer within 120 s";
+    found by s47-bigfile). The wrapper takes every parameter netboot's own listen() has."""
+    import inspect
+
+    from netboot.servers.http import listen
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    http_paths = importlib.import_module("http_paths")
+    wrapper: dict[str, object] = {}
+    exec(http_paths.REUSE_PORT.split("netboot.service.listen = listen")[0], wrapper)
+    ours = inspect.signature(wrapper["listen"]).parameters  # type: ignore[arg-type]
+    assert set(inspect.signature(listen).parameters) <= set(ours)
+
 def test_http_paths_first_request_slices_never_ask_a_machine_twice(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Session 32 (s32-ceiling): each round drew machines at random with repeats on servers
