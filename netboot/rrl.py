@@ -46,6 +46,7 @@ SLIP = 2  # send an empty TC=1 answer instead: a real client asks again over TCP
 # An account's kind is its first byte: a question's name starts with a label's length
 # (0-63), so these markers can be no name's. A positive answer's token is its name and type.
 _NODATA = 0xFF  # + the name: NODATA
+_NODATA_MARK = bytes((_NODATA,))
 _NXDOMAIN = b"\xfe"  # + the zone's name: NXDOMAIN (alone: a zone not found in the reply)
 _ERROR = b"\xfd"  # errors, per prefix
 _ALL = b"\xfc"  # all-per-second, per prefix
@@ -265,18 +266,31 @@ def question_end(reply: bytes) -> int:
     return min(i + 5, len(reply))
 
 
-def answer_token(reply: bytes) -> bytes:
+def answer_token(reply: bytes, asked: bytes | None = None) -> bytes:
     """The account, within a client's prefix, of one of our replies (module docstring): a
     positive answer's question name and type, NODATA's name, NXDOMAIN's zone, lowercased.
-    Errors are counted by the prefix alone (:meth:`ResponseRateLimiter.check`)."""
-    qend = question_end(reply)
+    Errors are counted by the prefix alone (:meth:`ResponseRateLimiter.check`). ``asked``
+    is the question's lowercased name and type where the caller has it (the answer cache's
+    key holds it): not read from the reply again."""
     rcode = reply[3] & 0x0F
-    if rcode == 0 and qend > 12:
-        if reply[6:8] != b"\x00\x00":
-            return reply[12:qend - 2].lower()
-        return bytes((_NODATA,)) + reply[12:qend - 4].lower()
+    if rcode == 0:
+        if asked is None:
+            qend = question_end(reply)
+            if qend <= 12:
+                return b"\x00"
+            asked = reply[12:qend - 2].lower()
+        return asked if reply[6:8] != b"\x00\x00" else _NODATA_MARK + asked[:-2]
     if rcode == 3 and reply[8:10] != b"\x00\x00":
-        zone = _name_at(reply, qend)  # the SOA's owner (RFC 2308 §3): the zone
+        qend = question_end(reply) if asked is None else 14 + len(asked)
+        # The SOA's owner (RFC 2308 §3): the zone. Ours is a pointer into the question's
+        # name (the zone is its suffix): that suffix, lowercased, without reading labels.
+        at = qend
+        if len(reply) > at + 1 and reply[at] >= 0xC0:
+            to = (reply[at] & 0x3F) << 8 | reply[at + 1]
+            if 12 <= to < qend - 4:
+                return _NXDOMAIN + (reply[to:qend - 4].lower() if asked is None
+                                    else asked[to - 12:-2])
+        zone = _name_at(reply, at)
         if zone is not None:
             return _NXDOMAIN + zone.lower()
     return _NXDOMAIN if rcode == 3 else _ERROR

@@ -121,15 +121,28 @@ def test_nxdomain_is_accounted_by_its_zone_and_nodata_by_its_name_as_bind_keys_t
     name without the type. Random names in one zone are one account (another zone's
     NXDOMAIN another), and one name asked with every type, NODATA each, one account: keyed
     by the type as on main, a flood of one name's 65,536 types went unlimited."""
-    nx = replies_of([("x7f3a.netboot.lan", "A"), ("Q1.NODE1.netboot.lan", "AAAA"),
-                     ("99.1.0.10.in-addr.arpa", "PTR"), ("node1.netboot.lan", "TXT"),
-                     ("NODE1.netboot.lan", "SRV"), ("node1.netboot.lan", "A")])
+    asked = [("x7f3a.netboot.lan", "A"), ("Q1.NODE1.netboot.lan", "AAAA"),
+             ("99.1.0.10.in-addr.arpa", "PTR"), ("node1.netboot.lan", "TXT"),
+             ("NODE1.netboot.lan", "SRV"), ("node1.netboot.lan", "A")]
+    nx = replies_of(asked)
     tokens = [answer_token(r) for r in nx]
+    # The answer cache's key holds the lowercased question: the same account from it.
+    from netboot.servers.dns import cache_key
+
+    for reply, (name, qtype) in zip(nx, asked, strict=True):
+        shape = cache_key(question(name, qtype).pack())
+        assert shape is not None
+        assert answer_token(reply, shape[0][10:shape[1] - 4]) == answer_token(reply)
     assert [r[3] & 0x0F for r in nx] == [3, 3, 3, 0, 0, 0]
     assert tokens[0] == tokens[1] == b"\xfe\x07netboot\x03lan\x00"  # the zone, lowercased
     assert tokens[2] != tokens[0] and tokens[2].startswith(b"\xfe")  # the reverse zone
     assert tokens[3] == tokens[4] == b"\xff\x05node1\x07netboot\x03lan\x00"  # no type
     assert tokens[5] == NAME  # a positive answer: its name and type
+    # An SOA owner written out (not a pointer into the question, as ours are): read.
+    written = (b"\x00\x07\x81\x83\x00\x01\x00\x00\x00\x01\x00\x00\x01a\x01B\x00\x00\x01\x00\x01"
+               b"\x01B\x00\x00\x06\x00\x01" + bytes(6))
+    assert answer_token(written) == b"\xfe\x01b\x00"
+    assert answer_token(written[:-12] + b"\xc0\xff") == b"\xfe"  # unreadable: the kind
     rrl = ResponseRateLimiter(Limits(nxdomains_per_second=2, nodata_per_second=3, slip=0))
     rrl.tick(0.0)
     random_names = [rrl.check("192.0.2.7", tokens[i % 2], 3) for i in range(5)]

@@ -493,11 +493,16 @@ class DnsServer:
                 verdict = rrl.check(peer[0], token, reply[3] & 0x0F)
                 return [(reply, peer)] if verdict == SEND else self._rate_limited(
                     reply, verdict, peer)
-        replies = self._udp_replies(data, peer, zone, shape)
-        if rrl is None or type(replies) is not list or not replies:
-            return replies  # a forwarded answer (a coroutine) is the upstream's, not limited
-        reply = replies[0][0]
-        verdict = rrl.check(peer[0], answer_token(reply), reply[3] & 0x0F)
+        return self._udp_replies(data, peer, zone, shape)
+
+    def _limit(self, replies: list[Reply], token: bytes) -> list[Reply] | None:
+        """``replies`` (one answer) as the rate limiter has it: sent, dropped or slipped.
+        ``token`` is its account (:func:`netboot.rrl.answer_token`; unread for an error)."""
+        rrl = self.rrl
+        if rrl is None:
+            return replies
+        reply, peer = replies[0]
+        verdict = rrl.check(peer[0], token, reply[3] & 0x0F)
         return replies if verdict == SEND else self._rate_limited(reply, verdict, peer)
 
     def _rate_limited(self, reply: bytes, verdict: int, peer: Address) -> list[Reply] | None:
@@ -534,28 +539,36 @@ class DnsServer:
                 fast = answer_plain(zone, data, plain, max_udp=self._max_udp,
                                     recursion=self._recursion)
                 if fast is not None:
-                    self._cache.put(zone, shape[0], fast.data, self._token(fast.data))
-                    return self._answered(fast, peer)
+                    token = self._token(fast.data, shape)
+                    self._cache.put(zone, shape[0], fast.data, token)
+                    return self._limit(self._answered(fast, peer), token)
         try:
             request = parse_query(data)
         except DecodeError as exc:
             self._limited.log(logging.INFO, peer[0], "dns: malformed query from %s:%d: %s",
                               peer[0], peer[1], exc)
             formerr = formerr_for(data)
-            return [(formerr, peer)] if formerr is not None else None
+            return self._limit([(formerr, peer)], b"") if formerr is not None else None
         decision = answer(zone, request, max_udp=self._max_udp, recursion=self._recursion)
         if isinstance(decision, Answer):
+            token = self._token(decision.data, shape)
             if shape is not None:
-                self._cache.put(zone, shape[0], decision.data, self._token(decision.data))
-            return self._answered(decision, peer)
+                self._cache.put(zone, shape[0], decision.data, token)
+            return self._limit(self._answered(decision, peer), token)
         if isinstance(decision, Ignore):
             _log.debug("dns: %s:%d ignored: %s", peer[0], peer[1], decision.reason)
             return None
-        return self._forward(data, request, decision, peer, tcp=False)
+        result = self._forward(data, request, decision, peer, tcp=False)
+        # REFUSED or SERVFAIL (an error: limited); a forwarded answer (a coroutine) is the
+        # upstream's, not limited: it goes to this host's networks only.
+        return self._limit(result, b"") if type(result) is list else result
 
-    def _token(self, reply: bytes) -> bytes:
-        """A cached answer's account (read when limiting is on)."""
-        return b"" if self.rrl is None else answer_token(reply)
+    def _token(self, reply: bytes, shape: tuple[bytes, int] | None) -> bytes:
+        """An answer's account (read when limiting is on): the question's lowercased name
+        and type are the cache key's where the query had one."""
+        if self.rrl is None:
+            return b""
+        return answer_token(reply, None if shape is None else shape[0][10:shape[1] - 4])
 
     @staticmethod
     def _answered(decision: Answer, peer: Address) -> list[Reply]:

@@ -257,6 +257,23 @@ async def test_one_name_asked_with_every_type_is_one_nodata_account() -> None:
         assert dns.message.from_wire(ok[9]).answer  # the name's A: its own account
 
 
+
+async def test_cached_nodata_and_nxdomain_keep_their_accounts() -> None:
+    """The answer cache's hits (each question asked twice) are counted as the first
+    answers: NODATA by the name whatever the type, NXDOMAIN by the zone whatever the name."""
+    async with limited(nodata_per_second=3, nxdomains_per_second=3, slip=0) as server:
+        nodata = await exchange_many(server.port, [
+            query("node1.netboot.lan", qtype, qid=i)
+            for i, qtype in enumerate(("TXT", "TXT", "MX", "MX"), 1)])
+        assert sorted(nodata) == [1, 2, 3]
+        nx = await exchange_many(server.port, [
+            query(name, qid=i) for i, name in enumerate(
+                ("gone1.netboot.lan", "gone1.netboot.lan", "GONE2.netboot.lan",
+                 "gone2.netboot.lan"), 1)])
+        assert sorted(nx) == [1, 2, 3]
+        assert server.rrl is not None and server.rrl.dropped == 2
+
+
 async def test_all_per_second_and_exempt_clients_from_the_config_file(tmp_path: Path) -> None:
     """dns.rate_limit.all_per_second and exempt_clients, from the config file through
     netboot.service.build: 200 distinct answers (each its own account, none past its rate)
