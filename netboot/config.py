@@ -160,8 +160,15 @@ class DnsRateLimitConfig:
 
     enabled: bool = True
     responses_per_second: int = 10_000  # per (client network, name and type)
-    nxdomains_per_second: int = 10_000  # per client network
+    nodata_per_second: int = 10_000  # NODATA (the name, no such type), per (network, name)
+    nxdomains_per_second: int = 10_000  # per (client network, zone): never per name
     errors_per_second: int = 10_000  # REFUSED, FORMERR, SERVFAIL, NOTIMP, per client network
+    # Every answer to one client network, whatever its kind; past it, dropped (not slipped).
+    # 0, BIND's default: a cap above a storm's worst (~5 names a device, 5,000 devices a
+    # second behind one address) is above what one netboot answers at all (README).
+    all_per_second: int = 0
+    # Networks never limited (BIND's exempt-clients): the site's resolvers, monitoring.
+    exempt_clients: tuple[str, ...] = ()
     window: int = 15  # seconds of debt a flood runs up: quiet that long, it is answered again
     slip: int = 1  # every Nth limited answer is sent empty with TC (0: all dropped)
     ipv4_prefix_length: int = 24
@@ -845,6 +852,10 @@ def _check_dns_rate_limit(rrl: DnsRateLimitConfig, src: _Source) -> None:
          "NXDOMAIN answers a second per client network, e.g. 10000 (0: not limited)"),
         ("errors_per_second", rrl.errors_per_second, 0, 10**9,
          "error answers a second per client network, e.g. 10000 (0: not limited)"),
+        ("nodata_per_second", rrl.nodata_per_second, 0, 10**9,
+         "NODATA answers a second per client network and name, e.g. 10000 (0: not limited)"),
+        ("all_per_second", rrl.all_per_second, 0, 10**9,
+         "answers of every kind a second per client network, e.g. 50000 (0: not limited)"),
         ("window", rrl.window, 1, 3600, "seconds, e.g. 15 (BIND's default)"),
         ("slip", rrl.slip, 0, 10, "e.g. 1 (each limited answer sent empty with TC), "
          "2 (every second one), 0 (all dropped)"),
@@ -854,6 +865,12 @@ def _check_dns_rate_limit(rrl: DnsRateLimitConfig, src: _Source) -> None:
         if not low <= value <= high:
             raise src.error(f"dns.rate_limit.{name}", f"{value} is outside {low}-{high}",
                             f"write {fix}")
+    for text in rrl.exempt_clients:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise src.error("dns.rate_limit.exempt_clients", f"{text!r} is not an IP network",
+                            "write e.g. 192.0.2.53, 198.51.100.0/24 or 2001:db8::/56") from None
 
 
 def _check_limits(cfg: Config, src: _Source) -> None:

@@ -8,14 +8,23 @@ is dropped, or every ``slip``-th one answered with an empty TC=1 reply (RFC 1035
 which a real client follows with the same question over TCP (which a forged source cannot
 open, and which is never limited).
 
-The accounts, as BIND's: one per (client prefix, answer), the prefix a /24 for IPv4 and a
-/56 for IPv6 (one site's allocation, RFC 6177), the answer the question's name and type for
-a positive or NODATA answer, the prefix alone for NXDOMAIN (a flood of random names is one
-account, where BIND keys it by the zone: netboot's zones are one server's) and for errors
-(REFUSED, FORMERR, SERVFAIL, NOTIMP: BIND's ``errors-per-second``). Each account earns
-``rate`` responses a second, holds at most one second's worth, and falls at most ``window``
-seconds' worth into debt: a flood must be quiet for up to ``window`` seconds before its
-answers come back.
+The accounts, as BIND's (lib/dns/rrl.c ``make_key``): one per (client prefix, answer), the
+prefix a /24 for IPv4 and a /56 for IPv6 (one site's allocation, RFC 6177), the answer
+- for a positive answer, the question's name and type;
+- for NODATA (NOERROR, no answer records), the name alone: its empty answer names no type,
+  and a flood of one name with every qtype would otherwise be 65,536 accounts;
+- for NXDOMAIN, the zone (the SOA's owner in the authority section), never the name: a
+  flood of random names (``<random>.netboot.lan``) is one account, as in BIND, which keys
+  NXDOMAIN by the zone's origin;
+- for an error (REFUSED, FORMERR, SERVFAIL, NOTIMP: BIND's ``errors-per-second``), the
+  prefix alone.
+Each account earns its rate a second, holds at most one second's worth, and falls at most
+``window`` seconds' worth into debt: a flood must be quiet for up to ``window`` seconds
+before its answers come back. ``all_per_second`` (0: off, BIND's default) is one more
+account per prefix, debited by every answer whatever its kind; past it an answer is
+dropped, never slipped (BIND's ``debit_rrl_entry``: an all-per-second flood is not told to
+retry). ``exempt_clients`` are networks never limited (BIND's ``exempt-clients``: the
+site's resolvers, monitoring).
 
 Why devices behind one address are not starved: the account is per answer, so a thousand
 devices behind one NAT or relay asking each its own name, or the cluster's name A and AAAA,
@@ -34,8 +43,13 @@ SEND = 0
 DROP = 1
 SLIP = 2  # send an empty TC=1 answer instead: a real client asks again over TCP
 
-_NXDOMAIN = b"\x00nxdomain"  # the account of NXDOMAIN answers (no name is one)
-_ERROR = b"\x00error"  # the account of errors
+# An account's kind is its first byte: a question's name starts with a label's length
+# (0-63), so these markers can be no name's. A positive answer's token is its name and type.
+_NODATA = 0xFF  # + the name: NODATA
+_NODATA_MARK = bytes((_NODATA,))
+_NXDOMAIN = b"\xfe"  # + the zone's name: NXDOMAIN (alone: a zone not found in the reply)
+_ERROR = b"\xfd"  # errors, per prefix
+_ALL = b"\xfc"  # all-per-second, per prefix
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,10 +59,13 @@ class Limits:
     responses_per_second: int = 10_000
     nxdomains_per_second: int = 10_000
     errors_per_second: int = 10_000
+    nodata_per_second: int = 10_000
+    all_per_second: int = 0
     window: int = 15
     slip: int = 1
     ipv4_prefix_length: int = 24
     ipv6_prefix_length: int = 56
+    exempt_clients: tuple[str, ...] = ()  # networks never limited, e.g. "192.0.2.53/32"
     # Client addresses and networks remembered (BIND's max-table-size default); past it they
     # are forgotten and found again. The accounts themselves are one second's answers and
     # the debts: forgetting one can only let an answer out sooner, never starve a client.
@@ -75,8 +92,16 @@ class ResponseRateLimiter:
         self.limits = limits
         # Read on every answer: plain attributes, not the frozen settings' (one lookup less).
         self._responses = limits.responses_per_second
+        self._nodata = limits.nodata_per_second
         self._nxdomains = limits.nxdomains_per_second
         self._errors = limits.errors_per_second
+        self._all = limits.all_per_second
+        self._kinds = {_NODATA: self._nodata, _NXDOMAIN[0]: self._nxdomains,
+                       _ERROR[0]: self._errors, _ALL[0]: self._all}
+        self._exempt = tuple(ipaddress.ip_network(n, strict=False)
+                             for n in limits.exempt_clients)
+        # An exempt client's table, found by its address as any other's: never counted.
+        self._exempt_table: dict[bytes, int] = {}
         # This second's responses (and debt) of each answer, a table a client network;
         # each address's table found by the address itself (no key to build an answer).
         self._tables: dict[str, dict[bytes, int]] = {}
@@ -98,20 +123,31 @@ class ResponseRateLimiter:
             self._prefixes[address] = found
         return found
 
-    def _network(self, address: str) -> str:
+    @staticmethod
+    def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         try:
             ip = ipaddress.ip_address(address.partition("%")[0])
         except ValueError:
-            return address
+            return None
         if ip.version == 6 and ip.ipv4_mapped is not None:  # a dual-stack socket's IPv4 peer
-            ip = ip.ipv4_mapped
+            return ip.ipv4_mapped
+        return ip
+
+    def _network(self, address: str) -> str:
+        ip = self._ip(address)
+        if ip is None:
+            return address
         length = self.limits.ipv4_prefix_length if ip.version == 4 else \
             self.limits.ipv6_prefix_length
         return str(ipaddress.ip_network(f"{ip}/{length}", strict=False))
 
+    def exempt(self, address: str) -> bool:
+        """Whether ``address`` is in ``exempt_clients`` (BIND's ``exempt-clients``)."""
+        ip = self._ip(address)
+        return ip is not None and any(ip in net for net in self._exempt)
+
     def _rate(self, token: bytes) -> int:
-        return self._nxdomains if token is _NXDOMAIN else self._errors if token is _ERROR \
-            else self._responses
+        return self._kinds.get(token[0], self._responses) if token else self._responses
 
     def tick(self, now: float) -> None:
         """The clock, told (the server's timer, a few times a second): a new second rolls
@@ -124,28 +160,43 @@ class ResponseRateLimiter:
         """SEND, DROP or SLIP for a response with ``rcode`` to ``address``, in the second
         the last :meth:`tick` told.
 
-        ``answer`` names the answer (the question's lowercased wire name and type), used
-        for NOERROR only: an NXDOMAIN or an error is counted by the client's prefix alone.
+        ``answer`` is the reply's :func:`answer_token` (the account within the client's
+        prefix); for an error it is not read: errors are counted by the prefix alone.
         """
         if rcode == 0:
-            rate = self._responses
+            rate = self._nodata if answer[0] == _NODATA else self._responses
             token = answer
         elif rcode == 3:
             rate = self._nxdomains
-            token = _NXDOMAIN
+            token = answer if answer[:1] == _NXDOMAIN else _NXDOMAIN
         else:
             rate = self._errors
             token = _ERROR
-        if not rate:
+        everything = self._all
+        if not rate and not everything:
             return SEND
         counts = self._by_address.get(address)
         if counts is None:
             counts = self._table(address)
-        n = counts.get(token, 0) + 1
-        counts[token] = n
+        if counts is self._exempt_table:
+            return SEND
+        n = 0
+        if rate:
+            n = counts.get(token, 0) + 1
+            counts[token] = n
+            if n > rate:
+                self._over.add((self.prefix(address), token))
+        if everything:
+            # BIND debits all-per-second's account with every answer; past it, the answer
+            # is dropped, never slipped, whatever its own account says.
+            m = counts.get(_ALL, 0) + 1
+            counts[_ALL] = m
+            if m > everything:
+                self._over.add((self.prefix(address), _ALL))
+                self.dropped += 1
+                return DROP
         if n <= rate:
             return SEND
-        self._over.add((self.prefix(address), token))
         slip = self.limits.slip
         if slip and (n - rate) % slip == 0:
             self.slipped += 1
@@ -154,12 +205,15 @@ class ResponseRateLimiter:
         return DROP
 
     def _table(self, address: str) -> dict[bytes, int]:
+        if len(self._by_address) >= self.limits.max_accounts:
+            self._by_address.clear()  # forged sources: forget, never grow
+        if self._exempt and self.exempt(address):
+            self._by_address[address] = self._exempt_table
+            return self._exempt_table
         prefix = self.prefix(address)
         table = self._tables.get(prefix)
         if table is None:
             table = self._tables[prefix] = {}
-        if len(self._by_address) >= self.limits.max_accounts:
-            self._by_address.clear()  # forged sources: forget, never grow
         self._by_address[address] = table
         return table
 
@@ -212,9 +266,54 @@ def question_end(reply: bytes) -> int:
     return min(i + 5, len(reply))
 
 
-def answer_token(reply: bytes) -> bytes:
-    """The answer's account name from one of our replies: its question's name and type."""
-    return reply[12:question_end(reply) - 2].lower()
+def answer_token(reply: bytes, asked: bytes | None = None) -> bytes:
+    """The account, within a client's prefix, of one of our replies (module docstring): a
+    positive answer's question name and type, NODATA's name, NXDOMAIN's zone, lowercased.
+    Errors are counted by the prefix alone (:meth:`ResponseRateLimiter.check`). ``asked``
+    is the question's lowercased name and type where the caller has it (the answer cache's
+    key holds it): not read from the reply again."""
+    rcode = reply[3] & 0x0F
+    if rcode == 0:
+        if asked is None:
+            qend = question_end(reply)
+            if qend <= 12:
+                return b"\x00"
+            asked = reply[12:qend - 2].lower()
+        return asked if reply[6:8] != b"\x00\x00" else _NODATA_MARK + asked[:-2]
+    if rcode == 3 and reply[8:10] != b"\x00\x00":
+        qend = question_end(reply) if asked is None else 14 + len(asked)
+        # The SOA's owner (RFC 2308 §3): the zone. Ours is a pointer into the question's
+        # name (the zone is its suffix): that suffix, lowercased, without reading labels.
+        at = qend
+        if len(reply) > at + 1 and reply[at] >= 0xC0:
+            to = (reply[at] & 0x3F) << 8 | reply[at + 1]
+            if 12 <= to < qend - 4:
+                return _NXDOMAIN + (reply[to:qend - 4].lower() if asked is None
+                                    else asked[to - 12:-2])
+        zone = _name_at(reply, at)
+        if zone is not None:
+            return _NXDOMAIN + zone.lower()
+    return _NXDOMAIN if rcode == 3 else _ERROR
+
+
+def _name_at(message: bytes, at: int) -> bytes | None:
+    """The uncompressed wire name at ``at`` (RFC 1035 §4.1.4 pointers followed, at most a
+    few: our replies point into the question), or None when it does not read."""
+    name = b""
+    for _ in range(256):  # 127 labels at most, and a pointer loop ends
+        if at >= len(message):
+            return None
+        n = message[at]
+        if n >= 0xC0:
+            if at + 1 >= len(message):
+                return None
+            at = (n & 0x3F) << 8 | message[at + 1]
+            continue
+        if n == 0:
+            return name + b"\x00"
+        name += message[at:at + 1 + n]
+        at += 1 + n
+    return None
 
 
 def slip_reply(reply: bytes) -> bytes:

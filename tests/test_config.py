@@ -547,3 +547,25 @@ def test_dns_rate_limit_is_on_by_default_and_its_bounds_name_the_line(tmp_path: 
     with pytest.raises(ConfigError) as err:
         load(write(tmp_path, "dns:\n  rate_limit:\n    per_second: 5\n"), env={})
     assert err.value.key == "dns.rate_limit.per_second" and "did you mean" in (err.value.fix or "")
+
+
+def test_dns_rate_limit_all_per_second_nodata_and_exempt_clients(tmp_path: Path) -> None:
+    """BIND's all-per-second (0: off, its default), nodata-per-second and exempt-clients; a
+    bad exempt network stops start-up at its line, with the fix."""
+    rrl = load(write(tmp_path, "dns:\n  enabled: true\n"), env={}).dns.rate_limit
+    assert (rrl.all_per_second, rrl.nodata_per_second, rrl.exempt_clients) == (0, 10_000, ())
+    rrl = load(write(tmp_path, "dns:\n  rate_limit:\n    all_per_second: 50000\n"
+                     "    exempt_clients: [192.0.2.53, 198.51.100.0/24, '2001:db8::/56']\n"),
+               env={}).dns.rate_limit
+    assert rrl.all_per_second == 50_000
+    assert rrl.exempt_clients == ("192.0.2.53", "198.51.100.0/24", "2001:db8::/56")
+    for text, line in (("[192.0.2.0/33]", 4), ("[resolver.lan]", 4)):
+        with pytest.raises(ConfigError) as err:
+            load(write(tmp_path, f"dns:\n  enabled: true\n  rate_limit:\n"
+                       f"    exempt_clients: {text}\n"), env={})
+        assert err.value.key == "dns.rate_limit.exempt_clients" and err.value.line == line
+        assert "is not an IP network" in str(err.value) and "198.51.100.0/24" in (err.value.fix
+                                                                                  or "")
+    with pytest.raises(ConfigError) as err:
+        load(write(tmp_path, "dns:\n  rate_limit:\n    all_per_second: -1\n"), env={})
+    assert err.value.key == "dns.rate_limit.all_per_second" and err.value.line == 3

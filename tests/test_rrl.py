@@ -102,3 +102,89 @@ def test_the_slip_is_the_question_with_tc_and_our_edns() -> None:
         assert answer_token(reply) == b"\x07netboot\x07netboot\x03lan\x00\x00\x01"
     formerr = b"\x12\x34\x81\x01" + bytes(8)
     assert slip_reply(formerr) == b"\x12\x34\x83\x01" + bytes(8)
+
+
+def replies_of(names: list[tuple[str, str]]) -> list[bytes]:
+    """The server's own replies (a zone of two names and its reverse zone), packed."""
+    from tests.servers.test_dns import make_zone
+
+    zone = make_zone(servers=2)
+    found = []
+    for name, qtype in names:
+        decision = answer(zone, parse_query(question(name, qtype).pack()), max_udp=1232)
+        found.append(decision.data)  # type: ignore[union-attr]
+    return found
+
+
+def test_nxdomain_is_accounted_by_its_zone_and_nodata_by_its_name_as_bind_keys_them() -> None:
+    """BIND (lib/dns/rrl.c make_key, query.c): NXDOMAIN by the zone's origin, NODATA by the
+    name without the type. Random names in one zone are one account (another zone's
+    NXDOMAIN another), and one name asked with every type, NODATA each, one account: keyed
+    by the type as on main, a flood of one name's 65,536 types went unlimited."""
+    asked = [("x7f3a.netboot.lan", "A"), ("Q1.NODE1.netboot.lan", "AAAA"),
+             ("99.1.0.10.in-addr.arpa", "PTR"), ("node1.netboot.lan", "TXT"),
+             ("NODE1.netboot.lan", "SRV"), ("node1.netboot.lan", "A")]
+    nx = replies_of(asked)
+    tokens = [answer_token(r) for r in nx]
+    # The answer cache's key holds the lowercased question: the same account from it.
+    from netboot.servers.dns import cache_key
+
+    for reply, (name, qtype) in zip(nx, asked, strict=True):
+        shape = cache_key(question(name, qtype).pack())
+        assert shape is not None
+        assert answer_token(reply, shape[0][10:shape[1] - 4]) == answer_token(reply)
+    assert [r[3] & 0x0F for r in nx] == [3, 3, 3, 0, 0, 0]
+    assert tokens[0] == tokens[1] == b"\xfe\x07netboot\x03lan\x00"  # the zone, lowercased
+    assert tokens[2] != tokens[0] and tokens[2].startswith(b"\xfe")  # the reverse zone
+    assert tokens[3] == tokens[4] == b"\xff\x05node1\x07netboot\x03lan\x00"  # no type
+    assert tokens[5] == NAME  # a positive answer: its name and type
+    # An SOA owner written out (not a pointer into the question, as ours are): read.
+    written = (b"\x00\x07\x81\x83\x00\x01\x00\x00\x00\x01\x00\x00\x01a\x01B\x00\x00\x01\x00\x01"
+               b"\x01B\x00\x00\x06\x00\x01" + bytes(6))
+    assert answer_token(written) == b"\xfe\x01b\x00"
+    assert answer_token(written[:-12] + b"\xc0\xff") == b"\xfe"  # unreadable: the kind
+    rrl = ResponseRateLimiter(Limits(nxdomains_per_second=2, nodata_per_second=3, slip=0))
+    rrl.tick(0.0)
+    random_names = [rrl.check("192.0.2.7", tokens[i % 2], 3) for i in range(5)]
+    assert random_names == [SEND, SEND, DROP, DROP, DROP]
+    assert rrl.check("192.0.2.7", tokens[2], 3) == SEND  # the reverse zone: its own
+    assert [rrl.check("192.0.2.7", tokens[3 + i % 2], 0) for i in range(4)] == \
+        [SEND, SEND, SEND, DROP]
+    assert rrl.check("192.0.2.7", tokens[5], 0) == SEND  # the name's A: its own account
+    rrl.tick(1.0)  # the debt of each, carried at its own rate: 3 over 2, 1 over 3
+    assert rrl.check("192.0.2.7", tokens[0], 3) == DROP
+    assert [rrl.check("192.0.2.7", tokens[3], 0) for _ in range(3)] == [SEND, SEND, DROP]
+
+
+def test_all_per_second_caps_every_answer_to_a_network_and_drops_never_slips() -> None:
+    """BIND's all-per-second: one more account per network, debited by every answer
+    whatever its name or kind; past it the answer is dropped even with slip 1 (BIND's
+    debit_rrl_entry never slips the all account). 0, the default, is no limit."""
+    rrl = ResponseRateLimiter(Limits(all_per_second=5, slip=1, window=2))
+    rrl.tick(0.0)
+    names = [b"\x04node" + bytes([48 + i]) + b"\x00\x00\x01" for i in range(8)]
+    assert [rrl.check("192.0.2.7", n, 0) for n in names] == [SEND] * 5 + [DROP] * 3
+    assert rrl.check("192.0.2.9", NAME, 3) == DROP  # the same /24, any kind
+    assert rrl.check("198.51.100.7", NAME, 0) == SEND  # another network
+    assert (rrl.dropped, rrl.slipped) == (4, 0)
+    rrl.tick(1.0)  # 4 over the rate owed, less a second's 5: answered again
+    assert rrl.check("192.0.2.7", names[0], 0) == SEND
+    unlimited = ResponseRateLimiter(Limits())
+    unlimited.tick(0.0)
+    assert {unlimited.check("192.0.2.7", bytes([4]) + i.to_bytes(4, "big") + b"\x00\x00\x01", 0)
+            for i in range(20_000)} == {SEND}
+
+
+def test_exempt_clients_are_never_limited_and_their_neighbours_are() -> None:
+    """BIND's exempt-clients: a network (or one address) never limited, IPv4 seen through a
+    dual-stack socket too; its /24 neighbours keep their accounts."""
+    rrl = ResponseRateLimiter(Limits(responses_per_second=1, all_per_second=1, slip=0,
+                                     exempt_clients=("192.0.2.53/32", "2001:db8:5::/48")))
+    rrl.tick(0.0)
+    assert {rrl.check("192.0.2.53", NAME, 0) for _ in range(100)} == {SEND}
+    assert {rrl.check("::ffff:192.0.2.53", NAME, 3) for _ in range(100)} == {SEND}
+    assert {rrl.check("2001:db8:5:1::9%eth0", NAME, 5) for _ in range(100)} == {SEND}
+    assert [rrl.check("192.0.2.54", NAME, 0) for _ in range(2)] == [SEND, DROP]
+    assert [rrl.check("2001:db8:6::9", NAME, 0) for _ in range(2)] == [SEND, DROP]
+    assert rrl.exempt("192.0.2.53") and not rrl.exempt("192.0.2.54")
+    assert not rrl.exempt("not an address")

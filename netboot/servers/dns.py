@@ -113,15 +113,17 @@ def cache_key(data: bytes) -> tuple[bytes, int] | None:
 
 class _AnswerCache:
     """Packed answers by query shape, valid for one zone snapshot (DNS boot storms ask the
-    same few names, a cluster endpoint above all). Bounded; emptied when the zone changes."""
+    same few names, a cluster endpoint above all). Bounded; emptied when the zone changes.
+    Each answer is kept with its rate limiter's account (:func:`netboot.rrl.answer_token`),
+    read once when it is made: a cached answer is limited without reading the reply."""
 
     def __init__(self, limit: int = 50_000) -> None:
         self._limit = limit
         self._zone: object | None = None
-        self._answers: dict[bytes, bytes] = {}
+        self._answers: dict[bytes, tuple[bytes, bytes]] = {}
         self.hits = 0
 
-    def get(self, zone: object, key: bytes, data: bytes, qend: int) -> bytes | None:
+    def get(self, zone: object, key: bytes, data: bytes, qend: int) -> tuple[bytes, bytes] | None:
         if zone is not self._zone:
             self._zone = zone
             self._answers.clear()
@@ -130,15 +132,16 @@ class _AnswerCache:
         if cached is None:
             return None
         self.hits += 1
+        reply, token = cached
         # The query's own ID and question bytes (same length: same name but for case).
-        return data[:2] + cached[2:12] + data[12:qend] + cached[qend:]
+        return data[:2] + reply[2:12] + data[12:qend] + reply[qend:], token
 
-    def put(self, zone: object, key: bytes, reply: bytes) -> None:
+    def put(self, zone: object, key: bytes, reply: bytes, token: bytes) -> None:
         if zone is not self._zone:
             return
         if len(self._answers) >= self._limit:
             self._answers.clear()
-        self._answers[key] = reply
+        self._answers[key] = (reply, token)
 
 
 class _Upstream:
@@ -331,10 +334,12 @@ def rate_limiter(config: DnsRateLimitConfig) -> ResponseRateLimiter | None:
         return None
     return ResponseRateLimiter(Limits(
         responses_per_second=config.responses_per_second,
+        nodata_per_second=config.nodata_per_second,
         nxdomains_per_second=config.nxdomains_per_second,
-        errors_per_second=config.errors_per_second, window=config.window, slip=config.slip,
+        errors_per_second=config.errors_per_second, all_per_second=config.all_per_second,
+        window=config.window, slip=config.slip,
         ipv4_prefix_length=config.ipv4_prefix_length,
-        ipv6_prefix_length=config.ipv6_prefix_length))
+        ipv6_prefix_length=config.ipv6_prefix_length, exempt_clients=config.exempt_clients))
 
 
 class DnsServer:
@@ -482,18 +487,21 @@ class DnsServer:
         if shape is not None:
             hit = self._cache.get(zone, shape[0], data, shape[1])
             if hit is not None:  # a storm's answer: the cache's, limited in line (no call)
-                # The answer's account: the question's lowercased name and type, a slice of
-                # the cache key.
+                reply, token = hit
                 if rrl is None:
-                    return [(hit, peer)]
-                verdict = rrl.check(peer[0], shape[0][10:shape[1] - 4], hit[3] & 0x0F)
-                return [(hit, peer)] if verdict == SEND else self._rate_limited(hit, verdict,
-                                                                                peer)
-        replies = self._udp_replies(data, peer, zone, shape)
-        if rrl is None or type(replies) is not list or not replies:
-            return replies  # a forwarded answer (a coroutine) is the upstream's, not limited
-        reply = replies[0][0]
-        token = shape[0][10:shape[1] - 4] if shape is not None else answer_token(reply)
+                    return [(reply, peer)]
+                verdict = rrl.check(peer[0], token, reply[3] & 0x0F)
+                return [(reply, peer)] if verdict == SEND else self._rate_limited(
+                    reply, verdict, peer)
+        return self._udp_replies(data, peer, zone, shape)
+
+    def _limit(self, replies: list[Reply], token: bytes) -> list[Reply] | None:
+        """``replies`` (one answer) as the rate limiter has it: sent, dropped or slipped.
+        ``token`` is its account (:func:`netboot.rrl.answer_token`; unread for an error)."""
+        rrl = self.rrl
+        if rrl is None:
+            return replies
+        reply, peer = replies[0]
         verdict = rrl.check(peer[0], token, reply[3] & 0x0F)
         return replies if verdict == SEND else self._rate_limited(reply, verdict, peer)
 
@@ -507,12 +515,14 @@ class DnsServer:
                     if not limits.slip else f"every {limits.slip}th sent empty with TC set, "
                     "the others dropped")
             _log.warning("dns: rate limit: more answers to %s than dns.rate_limit allows (%d "
-                         "a second of each answer, %d NXDOMAIN, %d errors): the rest are %s "
-                         "(a real client asks again over TCP); told once per %d s a network; "
+                         "a second of each answer, %d NODATA a name, %d NXDOMAIN a zone, %d "
+                         "errors, %s in all): the rest are %s (a real client asks again over "
+                         "TCP; past all_per_second, dropped); told once per %d s a network; "
                          "%d dropped and %d truncated so far", self.rrl.prefix(peer[0]),
-                         limits.responses_per_second, limits.nxdomains_per_second,
-                         limits.errors_per_second, slip, limits.window, self.rrl.dropped,
-                         self.rrl.slipped)
+                         limits.responses_per_second, limits.nodata_per_second,
+                         limits.nxdomains_per_second, limits.errors_per_second,
+                         limits.all_per_second or "no limit", slip, limits.window,
+                         self.rrl.dropped, self.rrl.slipped)
         if verdict == SLIP:
             return [(slip_reply(reply), peer)]
         return None
@@ -529,24 +539,36 @@ class DnsServer:
                 fast = answer_plain(zone, data, plain, max_udp=self._max_udp,
                                     recursion=self._recursion)
                 if fast is not None:
-                    self._cache.put(zone, shape[0], fast.data)
-                    return self._answered(fast, peer)
+                    token = self._token(fast.data, shape)
+                    self._cache.put(zone, shape[0], fast.data, token)
+                    return self._limit(self._answered(fast, peer), token)
         try:
             request = parse_query(data)
         except DecodeError as exc:
             self._limited.log(logging.INFO, peer[0], "dns: malformed query from %s:%d: %s",
                               peer[0], peer[1], exc)
             formerr = formerr_for(data)
-            return [(formerr, peer)] if formerr is not None else None
+            return self._limit([(formerr, peer)], b"") if formerr is not None else None
         decision = answer(zone, request, max_udp=self._max_udp, recursion=self._recursion)
         if isinstance(decision, Answer):
+            token = self._token(decision.data, shape)
             if shape is not None:
-                self._cache.put(zone, shape[0], decision.data)
-            return self._answered(decision, peer)
+                self._cache.put(zone, shape[0], decision.data, token)
+            return self._limit(self._answered(decision, peer), token)
         if isinstance(decision, Ignore):
             _log.debug("dns: %s:%d ignored: %s", peer[0], peer[1], decision.reason)
             return None
-        return self._forward(data, request, decision, peer, tcp=False)
+        result = self._forward(data, request, decision, peer, tcp=False)
+        # REFUSED or SERVFAIL (an error: limited); a forwarded answer (a coroutine) is the
+        # upstream's, not limited: it goes to this host's networks only.
+        return self._limit(result, b"") if type(result) is list else result
+
+    def _token(self, reply: bytes, shape: tuple[bytes, int] | None) -> bytes:
+        """An answer's account (read when limiting is on): the question's lowercased name
+        and type are the cache key's where the query had one."""
+        if self.rrl is None:
+            return b""
+        return answer_token(reply, None if shape is None else shape[0][10:shape[1] - 4])
 
     @staticmethod
     def _answered(decision: Answer, peer: Address) -> list[Reply]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from netboot.rrl import Limits, ResponseRateLimiter
 from netboot.servers.dns import DnsServer
 from netboot.service import build
 from tests.conftest import write_config
-from tests.servers.test_dns import LOOPBACK, make_zone
+from tests.servers.test_dns import DIG, LOOPBACK, dig, make_zone, needs_dig
 
 OTHER = "127.0.1.1"  # another /24: another client network
 
@@ -66,6 +67,20 @@ async def exchange_many(port: int, queries: list[bytes], *, source: str = LOOPBA
     finally:
         sock.close()
     return replies
+
+
+@contextlib.asynccontextmanager
+async def served(tmp_path: Path, rate_limit: str) -> AsyncIterator[Any]:
+    """``netboot.service.build`` of a config file with DNS on loopback and ``rate_limit``
+    (YAML lines under dns.rate_limit), started; closed after."""
+    path = write_config(tmp_path, "dns:\n  enabled: true\n  listen: 127.0.0.1\n  port: 0\n"
+                        "  forward: false\n  rate_limit:\n" + rate_limit)
+    service = await build(load(path, env={}))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.close()
 
 
 def query(name: str, qtype: str = "A", qid: int = 1, *, edns: bool = False) -> bytes:
@@ -183,12 +198,7 @@ async def test_netboot_serve_limits_with_dns_rate_limit_and_counts_it(tmp_path: 
     from prometheus_client.exposition import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
-    path = write_config(tmp_path, "dns:\n  enabled: true\n  listen: 127.0.0.1\n  port: 0\n"
-                        "  forward: false\n  rate_limit:\n    responses_per_second: 3\n"
-                        "    slip: 2\n")
-    service = await build(load(path, env={}))
-    await service.start()
-    try:
+    async with served(tmp_path, "    responses_per_second: 3\n    slip: 2\n") as service:
         loop = asyncio.get_running_loop()
         start = loop.time()
         replies = await exchange_many(service.dns_port, [query("netboot.netboot.lan", qid=i)
@@ -198,10 +208,107 @@ async def test_netboot_serve_limits_with_dns_rate_limit_and_counts_it(tmp_path: 
         truncated = len(replies) - full
         assert 3 <= full <= 3 + int(3 * elapsed) + 1, (full, elapsed)
         text = generate_latest(service.metrics.registry).decode()
-    finally:
-        await service.close()
     samples = {s.labels["action"]: s.value for f in text_string_to_metric_families(text)
                if f.name == "netboot_dns_rate_limited" for s in f.samples
                if s.name.endswith("_total")}
     assert samples == {"dropped": 40 - len(replies), "truncated": truncated}, text
     assert truncated >= 15
+
+
+async def test_a_flood_of_random_names_is_one_account_per_zone_and_another_zone_answers(
+) -> None:
+    """A reflection with random names in the zone (NXDOMAIN each), 2,000 of them from one
+    /24 (a bounded loop on loopback): answered up to the NXDOMAIN rate, the rest dropped.
+    The account is the zone's, as BIND keys it (its origin), so the same network's
+    NXDOMAIN in the reverse zone is still answered; on main (NXDOMAIN per network alone,
+    whatever the zone) it was dropped too."""
+    rng = random.Random(47)
+    async with limited(nxdomains_per_second=20, slip=0) as server:
+        flood = [query(f"{rng.getrandbits(64):016x}.netboot.lan", qid=i)
+                 for i in range(1, 2001)]
+        replies = await exchange_many(server.port, flood)
+        assert len(replies) == 20
+        assert all(r[3] & 0x0F == dns.rcode.NXDOMAIN for r in replies.values())
+        assert server.rrl is not None and server.rrl.dropped == 1980
+        reverse = await exchange_many(server.port, [query("99.1.0.10.in-addr.arpa", "PTR",
+                                                          qid=7)])
+        assert reverse[7][3] & 0x0F == dns.rcode.NXDOMAIN and not reverse[7][2] & 0x02
+        # A name that is (the cache's answer, limited in line): its own account.
+        ok = await exchange_many(server.port, [query("node4.netboot.lan", qid=8)] * 2)
+        assert dns.message.from_wire(ok[8]).answer
+
+
+async def test_one_name_asked_with_every_type_is_one_nodata_account() -> None:
+    """NODATA is accounted by the name, without the type (BIND: its empty answer names
+    none): one name asked with 500 types, NODATA each, is limited at the NODATA rate.
+    On main each (name, type) had its own account: all 500 answered."""
+    async with limited(nodata_per_second=10, slip=0) as server:
+        types = [t for t in range(1, 700) if t not in (1, 28, 5, 6, 2, 41, 251, 252, 255)]
+        flood = [(i, t) for i, t in enumerate(types[:500], 1)]
+        queries = []
+        for qid, qtype in flood:
+            q = dns.message.make_query("node1.netboot.lan", qtype)
+            q.id = qid
+            queries.append(q.to_wire())
+        replies = await exchange_many(server.port, queries)
+        assert len(replies) == 10, len(replies)
+        assert all(r[3] & 0x0F == 0 and r[6:8] == b"\x00\x00" for r in replies.values())
+        ok = await exchange_many(server.port, [query("node1.netboot.lan", "A", qid=9)])
+        assert dns.message.from_wire(ok[9]).answer  # the name's A: its own account
+
+
+
+async def test_cached_nodata_and_nxdomain_keep_their_accounts() -> None:
+    """The answer cache's hits (each question asked twice) are counted as the first
+    answers: NODATA by the name whatever the type, NXDOMAIN by the zone whatever the name."""
+    async with limited(nodata_per_second=3, nxdomains_per_second=3, slip=0) as server:
+        nodata = await exchange_many(server.port, [
+            query("node1.netboot.lan", qtype, qid=i)
+            for i, qtype in enumerate(("TXT", "TXT", "MX", "MX"), 1)])
+        assert sorted(nodata) == [1, 2, 3]
+        nx = await exchange_many(server.port, [
+            query(name, qid=i) for i, name in enumerate(
+                ("gone1.netboot.lan", "gone1.netboot.lan", "GONE2.netboot.lan",
+                 "gone2.netboot.lan"), 1)])
+        assert sorted(nx) == [1, 2, 3]
+        assert server.rrl is not None and server.rrl.dropped == 2
+
+
+async def test_all_per_second_and_exempt_clients_from_the_config_file(tmp_path: Path) -> None:
+    """dns.rate_limit.all_per_second and exempt_clients, from the config file through
+    netboot.service.build: 200 distinct answers (each its own account, none past its rate)
+    from 127.0.0.2 are cut at all_per_second and dropped, none slipped (BIND: all-per-second
+    never slips); 127.0.0.1, in the same /24 but exempt, gets all 200 (fewer than a socket's
+    receive buffer holds). The service's clock is the real one: what is answered is bounded
+    by the credit earned meanwhile."""
+    settings = "    all_per_second: 20\n    exempt_clients: [127.0.0.1/32, '2001:db8::/56']\n"
+    async with served(tmp_path, settings) as service:
+        loop = asyncio.get_running_loop()
+        names = [query(f"node{1 + i % 80}.netboot.lan", ("A", "AAAA", "MX")[i // 80], qid=i)
+                 for i in range(200)]
+        start = loop.time()
+        limited_replies = await exchange_many(service.dns_port, names, source="127.0.0.2")
+        elapsed = loop.time() - start
+        exempt = await exchange_many(service.dns_port, names)
+    assert 20 <= len(limited_replies) <= 20 + int(20 * elapsed) + 1, (len(limited_replies),
+                                                                      elapsed)
+    assert all(not r[2] & 0x02 for r in limited_replies.values())  # dropped, never TC
+    assert len(exempt) == 200 and all(not r[2] & 0x02 for r in exempt.values())
+
+
+@needs_dig
+async def test_dig_told_tc_by_the_limit_gets_its_answer_over_tcp() -> None:
+    """The real stub: with slip 1 a limited client gets an empty TC answer; dig (BIND's)
+    retries over TCP (";; Truncated, retrying in TCP mode.") and gets the answer there,
+    never limited (BIND does not limit TCP). The account is spent by two queries first,
+    the clock held: the limit is reached by counts."""
+    assert DIG is not None
+    async with limited(responses_per_second=1, slip=1) as server:
+        spent = await exchange_many(server.port, [query("node5.netboot.lan", qid=i)
+                                                  for i in (1, 2)])
+        assert [r[2] & 0x02 for r in (spent[1], spent[2])] == [0, 2]
+        out = await dig(server.port, "node5.netboot.lan", "A", "+tries=1")
+        assert server.rrl is not None and server.rrl.slipped == 2
+        assert "Truncated, retrying in TCP mode" in out, out
+        assert "status: NOERROR" in out and "10.0.1.5" in out, out
+        assert "(TCP)" in out, out  # ";; SERVER: 127.0.0.1#port(127.0.0.1) (TCP)"
