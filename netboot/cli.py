@@ -144,10 +144,20 @@ def local_user() -> str:
 
 
 def _target(args: argparse.Namespace) -> str:
+    """What the audit entry names, as typed. ``machines add`` enrolls by its positional MAC or
+    by ``--mac``, ``--serial``, ``--asset``, ``--uuid`` alone (README's ``--mac A --mac B``
+    and ``--serial CZ2048XYZ``): those were entered with an empty target, so the log said a
+    machine was added and not which (s47-review)."""
     for key in ("name", "mac", "file"):
         if getattr(args, key, None):
             return str(getattr(args, key))
-    return " ".join(getattr(args, "macs", None) or ())
+    if getattr(args, "macs", None):  # several machines (rm, reinstall, mark-installed)
+        return " ".join(args.macs)
+    # One machine by its first NIC (looked up as its hostname by `netboot audit`), else as
+    # the other identifier typed.
+    typed = (*(getattr(args, "more_macs", None) or ())[:1],
+             *(getattr(args, key, None) for key in ("serial", "asset", "uuid")))
+    return next((str(value) for value in typed if value), "")
 
 
 def _user_name(uid: int) -> str:

@@ -888,6 +888,28 @@ def test_tokens_create_list_revoke_and_the_audit_log(
     assert rc == 2 and "--since" in err
 
 
+def test_a_machine_added_by_its_flags_is_named_in_the_audit_log(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's "Machines and their identity" enrolls by ``--mac A --mac B`` and by
+    ``--serial`` alone: each was audited with an empty target, so `netboot audit` said that
+    root added a machine and not which (s47-review)."""
+    rc, out, err = run(capsys, "machines", "add", "--mac", "52:54:00:00:01:01", "--mac",
+                       "52:54:00:00:01:02", "--hostname", "edge-2", "--json", "--config", cfg)
+    assert rc == 0, err
+    made = json.loads(out)["id"]
+    assert run(capsys, "machines", "add", "--serial", "CZ2048XYZ", "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "--serial", "CZ2048XYZ", "--config", cfg)[0] == 1
+
+    rc, out, _ = run(capsys, "audit", "--json", "--config", cfg)
+    assert [(e["action"], e["target"], e["outcome"].split(":")[0]) for e in json.loads(out)] \
+        == [("machines add", "52:54:00:00:01:01", "ok"), ("machines add", "CZ2048XYZ", "ok"),
+            ("machines add", "CZ2048XYZ", "error")]
+    assert json.loads(out)[0]["machine"] == made
+    rc, out, _ = run(capsys, "audit", "--config", cfg)
+    assert [line.split()[4] for line in out.splitlines()[1:]] == [
+        "edge-2", "CZ2048XYZ", "CZ2048XYZ"], out
+
+
 async def test_audit_names_each_machine_one_way_whatever_the_request_named_it_by(
         env: Env, tmp_path: Path) -> None:
     """An install as a device makes it: enrolled over the API (the entry's target its id),
