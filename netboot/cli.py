@@ -429,6 +429,18 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
     return 0
 
 
+def _plan_line(plan: dict[str, Any]) -> str:
+    """What an approved machine boots next, as ``netboot explain`` has it. The line said
+    ``(no cluster)`` of a machine that its group gives a cluster, role and profile, whose next
+    boot installs it into that cluster (s47-review); and nothing of one held after all
+    (no profile, or its cluster's first server not registered yet)."""
+    joins = (f"cluster {plan['cluster']} as {plan.get('role') or 'agent'}"
+             if plan.get("cluster") else "no cluster")
+    if plan.get("group"):
+        joins += f", group {plan['group']}"
+    return f"{joins}; its next network boot: {plan['decision']} ({plan['reason']})"
+
+
 def _named_by(machine: Machine) -> str:
     """What a new machine was enrolled by: its MAC, else the identifier given (a machine
     enrolled by serial alone was "enrolled m-3f2a... as node-3f2a... (id m-3f2a...)")."""
@@ -499,7 +511,8 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             if args.action == "approve":
                 m = await core.approve(text, _given(args, "cluster", "role", "profile",
                                                     "hostname"))
-                line = f"approved {m.ref} as {m.hostname} ({m.cluster or 'no cluster'})"
+                line = f"approved {m.ref} as {m.hostname}: " + _plan_line(
+                    await core.explain(m.id))
             else:
                 m = await core.reinstall(text)
                 line = f"{m.ref} will install again on its next network boot"

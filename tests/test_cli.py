@@ -910,6 +910,39 @@ def test_a_machine_added_by_its_flags_is_named_in_the_audit_log(
         "edge-2", "CZ2048XYZ", "CZ2048XYZ"], out
 
 
+async def _discovered(cfg: str, mac: str) -> None:
+    """An unknown x86_64 box as the servers record it under discovery policy hold."""
+    from netboot.model import Arch, Machine, MachineState
+
+    store = SqliteStore(load(cfg, env={}).db_path)
+    await store.open()
+    try:
+        await store.create_machine(Machine(macs=(MacAddress.parse(mac),), arch=Arch.X86_64,
+                                           state=MachineState.DISCOVERED))
+    finally:
+        await store.close()
+
+
+def test_approve_says_the_cluster_and_next_boot_a_group_gives(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's quickstart group x86 gives every x86_64 box cluster edge: an approved
+    discovered box was told "approved ... (no cluster)", and installs into edge on its next
+    boot (s47-review)."""
+    for line in (("clusters", "add", "edge", "--server-url", "managed"),
+                 ("profiles", "add", "k3os", "--kernel", "k3os/vmlinuz"),
+                 ("groups", "add", "x86", "--selector", "arch=x86_64", "--profile", "k3os",
+                  "--cluster", "edge", "--role", "server")):
+        assert run(capsys, *line, "--config", cfg)[0] == 0
+    asyncio.run(_discovered(cfg, "52:54:00:00:06:01"))
+    rc, out, err = run(capsys, "machines", "approve", "52:54:00:00:06:01", "--config", cfg)
+    assert rc == 0, err
+    assert out.strip() == ("approved 52:54:00:00:06:01 as node-000601: cluster edge as server, "
+                           "group x86; its next network boot: install (enrolled: install "
+                           "profile k3os (group x86))"), out
+    rc, out, _ = run(capsys, "explain", "52:54:00:00:06:01", "--config", cfg)
+    assert "cluster            edge" in out and "decision           install" in out
+
+
 async def test_audit_names_each_machine_one_way_whatever_the_request_named_it_by(
         env: Env, tmp_path: Path) -> None:
     """An install as a device makes it: enrolled over the API (the entry's target its id),
