@@ -394,11 +394,13 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
         if value is not None:
             changes[key] = (value or None) if key in _CLEARABLE else value
     added = _labels(args.label) if args.label else {}
+    read: list[Machine] = []
 
     def made(machine: Machine) -> dict[str, Any]:
         # From the machine as update_machine reads it, at each of its reads: made from a
         # read of our own before, the labels and NICs another writer added meanwhile (an
         # operator's label through the API, a NIC attached) were written away (s40-attack).
+        read[:] = [machine]
         out = dict(changes)
         if args.label or args.remove_label:
             labels = dict(machine.labels)
@@ -426,7 +428,30 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
         shown.append("labels " + (",".join(f"{printable(k)}={printable(v)}"
                                            for k, v in m.labels.items()) or "-"))
     _report(args, f"{m.ref}: {', '.join(shown)}", machine_dict(m))
+    if "hostname" in changes and read:
+        _renamed_installed(read[0], m)
     return 0
+
+
+_RUNS_ITS_NAME = frozenset({MachineState.INSTALLING, MachineState.INSTALLED,
+                            MachineState.REGISTERED})
+
+
+def _renamed_installed(before: Machine, after: Machine) -> None:
+    """A machine renamed once its installer fetched its config: the hostname and k3s
+    ``--node-name`` were written into its installed OS then, and its register command sends
+    that node name at every boot (its ``node_name`` fact). The inventory, the dashboard and
+    netboot's DNS take the new name at once; the node keeps the old one until it installs
+    again. The CLI said only ``hostname rack2-a``, and `kubectl get node rack2-a` found
+    nothing (s47-review)."""
+    runs = after.facts.get("node_name")  # none from an older netboot's register command
+    if after.state not in _RUNS_ITS_NAME or after.hostname in (before.hostname, runs):
+        return
+    named = f"as {printable(runs)}" if runs else "under the name it installed with"
+    print(f"netboot: {after.hostname or after.ref} still runs {named}: its installed OS "
+          f"keeps that hostname and k3s node name until it installs again (netboot machines "
+          f"reinstall {after.ref}); netboot's DNS name and views follow the new one now",
+          file=sys.stderr)
 
 
 def _plan_line(plan: dict[str, Any]) -> str:

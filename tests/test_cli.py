@@ -991,6 +991,38 @@ async def test_audit_names_each_machine_one_way_whatever_the_request_named_it_by
     assert [e["machine"] for e in log if e["target"] == "02-00-00-00-00-99"] == [None]
 
 
+async def test_renaming_an_installed_machine_says_its_node_keeps_the_old_name(
+        env: Env, tmp_path: Path) -> None:
+    """A machine registers as its config made it (hostname and k3s --node-name edge-7, sent
+    back as its node_name); renamed afterwards, the inventory and netboot's DNS follow at once
+    and the node does not: the CLI said only "hostname rack1-a" (s47-review). A machine not
+    installed yet installs under the new name: nothing to say."""
+    mac = "52:54:00:12:34:56"
+    await env.seed()
+    await env.post("/api/v1/machines", {"macs": [mac], "hostname": "edge-7"}, status=201)
+    await env.post("/api/v1/machines", {"macs": ["52:54:00:12:34:57"], "hostname": "edge-8"},
+                   status=201)
+    token = install_token(await boot(env, mac))
+    await env.post("/api/v1/register", {"mac": mac, "token": token, "hostname": "edge-7",
+                                        "node_name": "edge-7"}, status=200, headers={})
+    await env.service.boot.drain()
+
+    def rename(ref: str, name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "netboot", "machines", "set", ref, "--hostname", name,
+             "--config", str(tmp_path / "a" / "netboot.yaml")], capture_output=True,
+            text=True, check=True, env=this_checkout(), timeout=120)
+
+    done = rename("edge-7", "rack1-a")
+    assert done.stdout == f"{mac}: hostname rack1-a\n"
+    assert done.stderr == (
+        "netboot: rack1-a still runs as edge-7: its installed OS keeps that hostname and k3s "
+        f"node name until it installs again (netboot machines reinstall {mac}); netboot's DNS "
+        "name and views follow the new one now\n"), done.stderr
+    assert rename("rack1-a", "edge-7").stderr == ""  # its own name again
+    assert rename("edge-8", "rack1-b").stderr == ""  # enrolled: installs as rack1-b
+
+
 async def _strangers_text(cfg: str) -> None:
     """What a stranger on the provisioning network can put in the inventory, written as the
     servers write it: a discovered machine's serial and DHCP hostname (a boot request's
