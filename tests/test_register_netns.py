@@ -122,10 +122,7 @@ def test_a_device_that_reported_its_new_lease_is_not_told_another_host_took_its_
             return {"scripts": scripts, "ipv4": stored.ipv4,
                     "events": [(e.kind, e.message) for e in events]}
         finally:
-            await runner.cleanup()
-            await service.boot.drain()
-            service.content.close()
-            await service.store.close()
+            await _closed(service, runner, [])
 
     out = in_namespace(namespace, scenario)
     assert out["ipv4"] == "192.0.2.10"
