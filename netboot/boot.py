@@ -1342,11 +1342,14 @@ class BootService:
             asker = request.remote_addr  # None for DHCP: only HTTP and TFTP say
             if asker is not None:
                 issued_to = machine.facts.get(INSTALL_PEER)
-                if issued_to is not None and issued_to != asker:
+                if issued_to is not None and asker not in (issued_to, machine.ipv4):
                     # The one trace of an install a stranger took (it asked first with this
                     # MAC: s36-claim): the device, booting after, is sent to an empty disk.
                     # Said in its script and its event; a device whose address merely
-                    # changed reads it once.
+                    # changed reads it once. Not from the address the machine registered
+                    # or reported since with its machine token (ipv4: no DHCP lease sets
+                    # it): a device on a new site DHCP lease was told at every boot that
+                    # another host took its install, and to reinstall (s47-review).
                     reason += (f" (its install was served to {issued_to}, this request came "
                                f"from {asker}: if this device never installed, another host "
                                f"took its install; 'netboot machines reinstall {machine.ref}')")

@@ -144,10 +144,20 @@ def local_user() -> str:
 
 
 def _target(args: argparse.Namespace) -> str:
+    """What the audit entry names, as typed. ``machines add`` enrolls by its positional MAC or
+    by ``--mac``, ``--serial``, ``--asset``, ``--uuid`` alone (README's ``--mac A --mac B``
+    and ``--serial CZ2048XYZ``): those were entered with an empty target, so the log said a
+    machine was added and not which (s47-review)."""
     for key in ("name", "mac", "file"):
         if getattr(args, key, None):
             return str(getattr(args, key))
-    return " ".join(getattr(args, "macs", None) or ())
+    if getattr(args, "macs", None):  # several machines (rm, reinstall, mark-installed)
+        return " ".join(args.macs)
+    # One machine by its first NIC (looked up as its hostname by `netboot audit`), else as
+    # the other identifier typed.
+    typed = (*(getattr(args, "more_macs", None) or ())[:1],
+             *(getattr(args, key, None) for key in ("serial", "asset", "uuid")))
+    return next((str(value) for value in typed if value), "")
 
 
 def _user_name(uid: int) -> str:
@@ -384,11 +394,13 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
         if value is not None:
             changes[key] = (value or None) if key in _CLEARABLE else value
     added = _labels(args.label) if args.label else {}
+    read: list[Machine] = []
 
     def made(machine: Machine) -> dict[str, Any]:
         # From the machine as update_machine reads it, at each of its reads: made from a
         # read of our own before, the labels and NICs another writer added meanwhile (an
         # operator's label through the API, a NIC attached) were written away (s40-attack).
+        read[:] = [machine]
         out = dict(changes)
         if args.label or args.remove_label:
             labels = dict(machine.labels)
@@ -416,7 +428,42 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
         shown.append("labels " + (",".join(f"{printable(k)}={printable(v)}"
                                            for k, v in m.labels.items()) or "-"))
     _report(args, f"{m.ref}: {', '.join(shown)}", machine_dict(m))
+    if "hostname" in changes and read:
+        _renamed_installed(read[0], m)
     return 0
+
+
+_RUNS_ITS_NAME = frozenset({MachineState.INSTALLING, MachineState.INSTALLED,
+                            MachineState.REGISTERED})
+
+
+def _renamed_installed(before: Machine, after: Machine) -> None:
+    """A machine renamed once its installer fetched its config: the hostname and k3s
+    ``--node-name`` were written into its installed OS then, and its register command sends
+    that node name at every boot (its ``node_name`` fact). The inventory, the dashboard and
+    netboot's DNS take the new name at once; the node keeps the old one until it installs
+    again. The CLI said only ``hostname rack2-a``, and `kubectl get node rack2-a` found
+    nothing (s47-review)."""
+    runs = after.facts.get("node_name")  # none from an older netboot's register command
+    if after.state not in _RUNS_ITS_NAME or after.hostname in (before.hostname, runs):
+        return
+    named = f"as {printable(runs)}" if runs else "under the name it installed with"
+    print(f"netboot: {after.hostname or after.ref} still runs {named}: its installed OS "
+          f"keeps that hostname and k3s node name until it installs again (netboot machines "
+          f"reinstall {after.ref}); netboot's DNS name and views follow the new one now",
+          file=sys.stderr)
+
+
+def _plan_line(plan: dict[str, Any]) -> str:
+    """What an approved machine boots next, as ``netboot explain`` has it. The line said
+    ``(no cluster)`` of a machine that its group gives a cluster, role and profile, whose next
+    boot installs it into that cluster (s47-review); and nothing of one held after all
+    (no profile, or its cluster's first server not registered yet)."""
+    joins = (f"cluster {plan['cluster']} as {plan.get('role') or 'agent'}"
+             if plan.get("cluster") else "no cluster")
+    if plan.get("group"):
+        joins += f", group {plan['group']}"
+    return f"{joins}; its next network boot: {plan['decision']} ({plan['reason']})"
 
 
 def _named_by(machine: Machine) -> str:
@@ -489,7 +536,8 @@ async def _machines(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             if args.action == "approve":
                 m = await core.approve(text, _given(args, "cluster", "role", "profile",
                                                     "hostname"))
-                line = f"approved {m.ref} as {m.hostname} ({m.cluster or 'no cluster'})"
+                line = f"approved {m.ref} as {m.hostname}: " + _plan_line(
+                    await core.explain(m.id))
             else:
                 m = await core.reinstall(text)
                 line = f"{m.ref} will install again on its next network boot"

@@ -888,6 +888,61 @@ def test_tokens_create_list_revoke_and_the_audit_log(
     assert rc == 2 and "--since" in err
 
 
+def test_a_machine_added_by_its_flags_is_named_in_the_audit_log(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's "Machines and their identity" enrolls by ``--mac A --mac B`` and by
+    ``--serial`` alone: each was audited with an empty target, so `netboot audit` said that
+    root added a machine and not which (s47-review)."""
+    rc, out, err = run(capsys, "machines", "add", "--mac", "52:54:00:00:01:01", "--mac",
+                       "52:54:00:00:01:02", "--hostname", "edge-2", "--json", "--config", cfg)
+    assert rc == 0, err
+    made = json.loads(out)["id"]
+    assert run(capsys, "machines", "add", "--serial", "CZ2048XYZ", "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "--serial", "CZ2048XYZ", "--config", cfg)[0] == 1
+
+    rc, out, _ = run(capsys, "audit", "--json", "--config", cfg)
+    assert [(e["action"], e["target"], e["outcome"].split(":")[0]) for e in json.loads(out)] \
+        == [("machines add", "52:54:00:00:01:01", "ok"), ("machines add", "CZ2048XYZ", "ok"),
+            ("machines add", "CZ2048XYZ", "error")]
+    assert json.loads(out)[0]["machine"] == made
+    rc, out, _ = run(capsys, "audit", "--config", cfg)
+    assert [line.split()[4] for line in out.splitlines()[1:]] == [
+        "edge-2", "CZ2048XYZ", "CZ2048XYZ"], out
+
+
+async def _discovered(cfg: str, mac: str) -> None:
+    """An unknown x86_64 box as the servers record it under discovery policy hold."""
+    from netboot.model import Arch, Machine, MachineState
+
+    store = SqliteStore(load(cfg, env={}).db_path)
+    await store.open()
+    try:
+        await store.create_machine(Machine(macs=(MacAddress.parse(mac),), arch=Arch.X86_64,
+                                           state=MachineState.DISCOVERED))
+    finally:
+        await store.close()
+
+
+def test_approve_says_the_cluster_and_next_boot_a_group_gives(
+        cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """README's quickstart group x86 gives every x86_64 box cluster edge: an approved
+    discovered box was told "approved ... (no cluster)", and installs into edge on its next
+    boot (s47-review)."""
+    for line in (("clusters", "add", "edge", "--server-url", "managed"),
+                 ("profiles", "add", "k3os", "--kernel", "k3os/vmlinuz"),
+                 ("groups", "add", "x86", "--selector", "arch=x86_64", "--profile", "k3os",
+                  "--cluster", "edge", "--role", "server")):
+        assert run(capsys, *line, "--config", cfg)[0] == 0
+    asyncio.run(_discovered(cfg, "52:54:00:00:06:01"))
+    rc, out, err = run(capsys, "machines", "approve", "52:54:00:00:06:01", "--config", cfg)
+    assert rc == 0, err
+    assert out.strip() == ("approved 52:54:00:00:06:01 as node-000601: cluster edge as server, "
+                           "group x86; its next network boot: install (enrolled: install "
+                           "profile k3os (group x86))"), out
+    rc, out, _ = run(capsys, "explain", "52:54:00:00:06:01", "--config", cfg)
+    assert "cluster            edge" in out and "decision           install" in out
+
+
 async def test_audit_names_each_machine_one_way_whatever_the_request_named_it_by(
         env: Env, tmp_path: Path) -> None:
     """An install as a device makes it: enrolled over the API (the entry's target its id),
@@ -934,6 +989,38 @@ async def test_audit_names_each_machine_one_way_whatever_the_request_named_it_by
         (made["id"], made["id"]), (dashed, made["id"]), (dashed, made["id"]),
         (made["id"], made["id"]), (made["id"], made["id"])], log
     assert [e["machine"] for e in log if e["target"] == "02-00-00-00-00-99"] == [None]
+
+
+async def test_renaming_an_installed_machine_says_its_node_keeps_the_old_name(
+        env: Env, tmp_path: Path) -> None:
+    """A machine registers as its config made it (hostname and k3s --node-name edge-7, sent
+    back as its node_name); renamed afterwards, the inventory and netboot's DNS follow at once
+    and the node does not: the CLI said only "hostname rack1-a" (s47-review). A machine not
+    installed yet installs under the new name: nothing to say."""
+    mac = "52:54:00:12:34:56"
+    await env.seed()
+    await env.post("/api/v1/machines", {"macs": [mac], "hostname": "edge-7"}, status=201)
+    await env.post("/api/v1/machines", {"macs": ["52:54:00:12:34:57"], "hostname": "edge-8"},
+                   status=201)
+    token = install_token(await boot(env, mac))
+    await env.post("/api/v1/register", {"mac": mac, "token": token, "hostname": "edge-7",
+                                        "node_name": "edge-7"}, status=200, headers={})
+    await env.service.boot.drain()
+
+    def rename(ref: str, name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "netboot", "machines", "set", ref, "--hostname", name,
+             "--config", str(tmp_path / "a" / "netboot.yaml")], capture_output=True,
+            text=True, check=True, env=this_checkout(), timeout=120)
+
+    done = rename("edge-7", "rack1-a")
+    assert done.stdout == f"{mac}: hostname rack1-a\n"
+    assert done.stderr == (
+        "netboot: rack1-a still runs as edge-7: its installed OS keeps that hostname and k3s "
+        f"node name until it installs again (netboot machines reinstall {mac}); netboot's DNS "
+        "name and views follow the new one now\n"), done.stderr
+    assert rename("rack1-a", "edge-7").stderr == ""  # its own name again
+    assert rename("edge-8", "rack1-b").stderr == ""  # enrolled: installs as rack1-b
 
 
 async def _strangers_text(cfg: str) -> None:

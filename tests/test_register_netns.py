@@ -9,6 +9,7 @@ interface), entered by one thread. Nothing touches the host's interfaces.
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
@@ -79,6 +80,61 @@ def test_register_from_192_0_2_60_claiming_loopback_records_192_0_2_60(
     assert event.kind == "registered" and event.data["peer"] == "192.0.2.60"
     assert event.data["refused"] == [{"address": "127.0.0.1", "reason": "loopback",
                                       "source": "reported"}]
+
+
+def test_a_device_that_reported_its_new_lease_is_not_told_another_host_took_its_install(
+        namespace: str, tmp_path: Path) -> None:
+    """A device installs and registers at 192.0.2.60; its site DHCP lease gone, its installed
+    OS reports 192.0.2.10 with its machine token ("address changed"). Each later network
+    boot from there was told, in its script and a local-boot event, "its install was served
+    to 192.0.2.60 ...: if this device never installed, another host took its install;
+    'netboot machines reinstall ...'", an alarm whose advice installs a healthy node over
+    (s47-review). The trace is for a boot from an address the machine never proved: from
+    192.0.2.1 it is still said."""
+    async def scenario() -> dict[str, Any]:
+        service = await build(load(write_config(tmp_path), env={}))
+        runner = web.AppRunner(service.app)
+        try:
+            await service.store.put_cluster(Cluster(name="edge", token="t"))
+            await _served(service, runner)
+            base = service.base_url
+
+            async def at(source: str, path: str, body: Any = None) -> str:
+                connector = aiohttp.TCPConnector(local_addr=(source, 0))
+                async with aiohttp.ClientSession(connector=connector) as http, \
+                        http.request("POST" if body else "GET", base + path,
+                                     json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+                    return await resp.text()
+
+            boot = f"/ipxe?mac={MAC}&arch=x86_64"
+            token = (await at("192.0.2.60", boot)).split("?token=", 1)[1].split()[0]
+            await at("192.0.2.60", f"/config/{MAC.replace(':', '-')}?token={token}")
+            answer = json.loads(await at("192.0.2.60", "/api/v1/register", {
+                "mac": MAC, "token": token, "keeps": "machine_token"}))
+            await at("192.0.2.10", "/api/v1/register",
+                     {"mac": MAC, "machine_token": answer["machine_token"]})
+            scripts = [await at(source, boot) for source in ("192.0.2.10", "192.0.2.1")]
+            await service.boot.drain()
+            stored = await service.store.machine_by("mac", MAC)
+            assert stored is not None
+            events = await service.store.list_events(stored.id)
+            return {"scripts": scripts, "ipv4": stored.ipv4,
+                    "events": [(e.kind, e.message) for e in events]}
+        finally:
+            await _closed(service, runner, [])
+
+    out = in_namespace(namespace, scenario)
+    assert out["ipv4"] == "192.0.2.10"
+    moved, stranger = out["scripts"]
+    assert "served to" not in moved and moved.rstrip().endswith("exit"), moved
+    said = ("its install was served to 192.0.2.60, this request came from 192.0.2.1: if this "
+            "device never installed, another host took its install")
+    assert said in stranger and stranger.rstrip().endswith("exit"), stranger
+    kinds = [kind for kind, _ in out["events"]]
+    assert kinds[-4:] == ["registered", "address changed", "local-boot", "local-boot"], kinds
+    assert out["events"][-2] == ("local-boot", "registered: boot the local disk")
+    assert said in out["events"][-1][1]
 
 
 class _Proxy:
