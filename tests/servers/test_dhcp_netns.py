@@ -349,6 +349,34 @@ def test_discovers_from_made_up_macs_leave_busybox_an_address(link: Link) -> Non
     assert "Traceback" not in log, log
 
 
+def test_a_host_that_read_a_clients_offer_cannot_take_its_address(link: Link) -> None:
+    """A host on the link reads client A's OFFER (broadcast: A sets the flag, as iPXE does)
+    and sends a selecting REQUEST for its address from a made-up MAC, naming the server:
+    since s46's shared offers it was ACKed while the pool had free addresses, and A's own
+    REQUEST was NAKed; repeated at each of A's OFFERs, A never bound (s47-attack). Now an
+    address only offered to another is taken only when none is free: the host is NAKed, A
+    is ACKed."""
+    server = Server(link, "authoritative")
+    a, thief = bytes.fromhex("5254000047a1"), bytes.fromhex("0200000047ff")
+    sid = bytes((192, 0, 2, 1))
+    try:
+        replies = _conversation(link, [
+            (True, _client(MessageType.DISCOVER, a, 0x5EED4701)),
+            (True, _client(MessageType.REQUEST, thief, 0x5EED4702, SERVER_ID=sid,
+                           REQUESTED_IP=bytes((192, 0, 2, 100)))),
+            (True, _client(MessageType.REQUEST, a, 0x5EED4703, SERVER_ID=sid,
+                           REQUESTED_IP=bytes((192, 0, 2, 100)))),
+        ])
+    finally:
+        log = server.stop()
+    offer, stolen, mine = (dhcp.parse(r) if r else None for r in replies)
+    assert offer is not None and offer.yiaddr == "192.0.2.100", log
+    assert stolen is not None and stolen.message_type == MessageType.NAK, log
+    assert mine is not None and (mine.message_type, mine.yiaddr) == (
+        MessageType.ACK, "192.0.2.100"), log
+    assert "Traceback" not in log, log
+
+
 def test_an_address_the_server_takes_later_inside_the_pool_is_not_leased(link: Link) -> None:
     """Authoritative mode reserved the server's addresses found at start: one an interface
     got later inside the pool (``ip addr add``) was offered to the next client, netboot
