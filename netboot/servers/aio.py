@@ -191,6 +191,11 @@ class CountingFileResponse(web.FileResponse):
             if transport is None or transport.get_extra_info("sslcontext") is not None:
                 return await self._sendfile_fallback(writer, fobj, offset, count)
             self.sendfile_bytes = await sendfile(transport, fobj, offset, count)
+        if self.sendfile_bytes < count:
+            # The file shrank since its stat (a copy over it truncates it in place): the
+            # connection cannot carry another answer, and the client must see it end, not
+            # wait for the rest (the front door's _file_sent; nginx: "file was truncated").
+            raise ConnectionResetError(f"{self._path} shrank while sent")
         await web.StreamResponse.write_eof(self)
         return writer
 
