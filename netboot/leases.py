@@ -263,13 +263,28 @@ class LeasePool:
         return True
 
     def offered_elsewhere(self, ip: str, mac: str, now: float) -> Offer | None:
-        """The live offer of ``ip`` to another client, if ``ip`` is only offered (not leased):
-        the one a REQUEST of ``mac`` selecting ``ip`` takes (:meth:`request`)."""
+        """The live offer of ``ip`` to another client, if ``ip`` is only offered (not leased)
+        and no address is free for ``mac``: the one a REQUEST of ``mac`` selecting ``ip``
+        takes (:meth:`request`), a full pool's, which :meth:`shared_offer` offered to both.
+
+        With a free address left, another's offer is never taken: a host that read a
+        client's OFFER (broadcast: iPXE sets the flag) and REQUESTed its address from a
+        made-up MAC took it and had the client NAKed, then the next one, every round, while
+        the pool had room (s47-attack)."""
         offered = self._offered_ip.get(ip)
         if offered is None or offered == mac or ip in self._by_ip:
             return None
         offer = self._offers[offered]
-        return offer if offer.expires > now else None
+        return offer if offer.expires > now and not self._any_free(mac, now) else None
+
+    def _any_free(self, mac: str, now: float) -> bool:
+        """Whether :meth:`offer` would find ``mac`` an address now; the candidate it looked
+        at is put back (found, it is no one's: only an offer holds it)."""
+        ip = self._choose(mac, now, requested=None, fixed=None)
+        if ip is None:
+            return False
+        self._given_back(ip)
+        return True
 
     # -- state changes -----------------------------------------------------------------------
 

@@ -630,6 +630,27 @@ def test_discovers_alone_leave_a_full_pools_offered_addresses_to_the_first_reque
     assert full.offer(C, T0) is None and full.shared_offer(C, T0) is None
 
 
+def test_a_request_takes_another_clients_offer_only_when_no_address_is_free() -> None:
+    # s46's shared offers let a selecting REQUEST take an address offered to another client
+    # whatever the pool held: a host that read A's broadcast OFFER (iPXE sets the broadcast
+    # flag) and REQUESTed its address from a made-up MAC was ACKed, A NAKed; each address
+    # A was offered next went the same way, while free addresses remained (s47-attack).
+    p = pool()
+    assert p.offer(A, T0) == "192.0.2.100"
+    assert p.offered_elsewhere("192.0.2.100", B, T0 + 1) is None
+    assert p.request(B, "192.0.2.100", T0 + 1, selecting=True) is None  # NAK
+    lease = p.request(A, "192.0.2.100", T0 + 2, selecting=True)
+    assert lease is not None and lease.ipv4 == "192.0.2.100"
+    # Nothing was taken from the free addresses by the look: they are offered in order.
+    assert p.offer(B, T0 + 3) == "192.0.2.101"
+    assert p.offer(C, T0 + 3) == "192.0.2.102"
+    # A full pool's offers are still the first requester's (shared_offer's addresses).
+    assert p.offer("02:00:00:00:00:01", T0 + 4) is None
+    assert p.shared_offer("02:00:00:00:00:01", T0 + 4) == "192.0.2.101"
+    taken = p.request("02:00:00:00:00:01", "192.0.2.101", T0 + 5, selecting=True)
+    assert taken is not None and taken.ipv4 == "192.0.2.101"
+
+
 @pytest.fixture(params=["memory", "sqlite", "postgresql"])
 async def shared(request: pytest.FixtureRequest,
                  tmp_path: Path) -> AsyncIterator[tuple[Store, DhcpServer, DhcpServer]]:

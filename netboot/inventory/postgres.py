@@ -1787,13 +1787,17 @@ class PostgresStore:
                 probe[1].set_result(None)
             return
         if pid not in self._own:
-            if self._stranger(pid):
-                return  # not a writer of the inventory: no commit (_WRITERS_AMONG)
-            self._commits += 1  # another session's commit: readers sync before answering
             if pid not in self._writers:
-                self._unlooked.add(pid)
-                if self._looking is None or self._looking.done():
-                    self._looking = asyncio.ensure_future(self._look_at_notifiers())
+                # Counted once its session is found writing (_look_at_notifiers): counted at
+                # once, a session not known yet made every reader sync, and a role granted
+                # nothing that opened a session for each NOTIFY and closed it was never
+                # known, so never a stranger (s47-attack).
+                if not self._stranger(pid):
+                    self._unlooked.add(pid)
+                    if self._looking is None or self._looking.done():
+                        self._looking = asyncio.ensure_future(self._look_at_notifiers())
+                return
+            self._commits += 1  # another session's commit: readers sync before answering
         self._signal.fire()
 
     def _stranger(self, pid: int) -> bool:
@@ -1802,18 +1806,28 @@ class PostgresStore:
 
     async def _look_at_notifiers(self) -> None:
         """Whether the sessions whose commits' notifications were heard may write the
-        inventory (_WRITERS_AMONG), until none is left to look at. Not asked (this
-        server's pool away): they count as commits, as before, and are looked at again."""
+        inventory (_WRITERS_AMONG), until none is left to look at: a writer's is a commit,
+        counted now. Not asked (this server's pool away): they count as commits, as before.
+        A session gone before it is looked at counts for nothing: readers sync on their
+        own schedule all the same (InventoryView.fresh's ``max_age``), and a netboot
+        server's sessions are its pool's, long-lived."""
         while self._unlooked:
             pids, self._unlooked = self._unlooked, set()
             try:
                 async with self._conn() as conn:
                     rows = await conn.fetch(_WRITERS_AMONG, list(pids))
             except StoreError:
+                self._commits += 1
+                self._signal.fire()
                 return
             now = time.monotonic()
+            wrote = False
             for row in rows:
                 _remember(self._writers if row[1] else self._strangers, int(row[0]), now)
+                wrote = wrote or bool(row[1])
+            if wrote:
+                self._commits += 1
+                self._signal.fire()
 
     async def _heed_refused(self, pid: int, why: str) -> None:
         """Another session told of refused writes (_notified): said by this server's health

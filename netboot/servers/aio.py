@@ -145,9 +145,10 @@ class CountingFileResponse(web.FileResponse):
 
     async def _send_parts(self, request: web.BaseRequest, fobj: Any, parts: Multipart
                           ) -> AbstractStreamWriter | None:
-        """A 206 ``multipart/byteranges`` of ``parts``, each read in chunks of
-        ``chunk_size`` as aiohttp's fallback reads a file (never the file whole: the parts add
-        up to no more than the file, netboot.wire.ranges.byte_ranges)."""
+        """A 206 ``multipart/byteranges`` of ``parts``, read at most ``chunk_size`` bytes of
+        the file a job, as aiohttp's fallback reads a file (never the file whole: the parts
+        add up to no more than the file, netboot.wire.ranges.byte_ranges), small parts
+        together (Multipart.batches)."""
         self.set_status(206)
         self.headers[hdrs.CONTENT_TYPE] = parts.content_type
         self.content_length = parts.length
@@ -155,19 +156,23 @@ class CountingFileResponse(web.FileResponse):
         if writer is None or request.method == hdrs.METH_HEAD:
             return writer
         loop = asyncio.get_running_loop()
-        for head, start, stop in parts.parts:
-            await writer.write(head)
-            at = start
-            while at < stop:
-                chunk = await loop.run_in_executor(None, self._seek_and_read, fobj, at,
-                                                   min(self._chunk_size, stop - at))
-                if not chunk:  # the file shrank since its stat: the length cannot be kept
-                    raise ConnectionResetError(f"{self._path} shrank while sent")
-                await writer.write(chunk)
-                at += len(chunk)
+        for batch in parts.batches(self._chunk_size):
+            await writer.write(await loop.run_in_executor(None, self._read_batch, fobj,
+                                                          batch))
         await writer.write(parts.tail)
         await web.StreamResponse.write_eof(self)
         return writer
+
+    def _read_batch(self, fobj: IO[bytes], batch: list[tuple[bytes, int, int]]) -> bytes:
+        """One batch of parts, each head followed by its bytes of the file (in a thread)."""
+        out: list[bytes] = []
+        for head, start, stop in batch:
+            fobj.seek(start)
+            data = fobj.read(stop - start)
+            if len(data) < stop - start:  # shrank since its stat: the length cannot be kept
+                raise ConnectionResetError(f"{self._path} shrank while sent")
+            out += (head, data)
+        return b"".join(out)
 
     async def _sendfile(
         self, request: web.BaseRequest, fobj: IO[Any], offset: int, count: int
@@ -186,6 +191,11 @@ class CountingFileResponse(web.FileResponse):
             if transport is None or transport.get_extra_info("sslcontext") is not None:
                 return await self._sendfile_fallback(writer, fobj, offset, count)
             self.sendfile_bytes = await sendfile(transport, fobj, offset, count)
+        if self.sendfile_bytes < count:
+            # The file shrank since its stat (a copy over it truncates it in place): the
+            # connection cannot carry another answer, and the client must see it end, not
+            # wait for the rest (the front door's _file_sent; nginx: "file was truncated").
+            raise ConnectionResetError(f"{self._path} shrank while sent")
         await web.StreamResponse.write_eof(self)
         return writer
 

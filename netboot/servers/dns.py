@@ -402,6 +402,8 @@ class DnsServer:
         self._udp: asyncio.DatagramTransport | None = None
         self._tcp: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        # The open connections waiting for a query (none in hand), longest waiting first.
+        self._waiting: dict[asyncio.StreamWriter, None] = {}
         self.connections_refused = 0
 
     @property
@@ -616,6 +618,13 @@ class DnsServer:
         name = writer.get_extra_info("peername") or ("?", 0)
         peer: Address = (str(name[0]), int(name[1]))
         mine = self._per_source.get(peer[0], 0)
+        if len(self._writers) >= self._max_connections and mine < self._per_source_limit \
+                and self._waiting:
+            # Full: the connection waiting longest for a query goes, as nginx reuses its idle
+            # keep-alive connections when it runs out (ngx_drain_connections). A host with
+            # four addresses held all 64 (16 each), one query a connection every few seconds,
+            # and every truncated answer's TCP retry was refused (s47-attack).
+            self._close_longest_waiting(peer)
         if len(self._writers) >= self._max_connections or mine >= self._per_source_limit:
             # RFC 7766 §6.2.2 lets a server close connections to protect its resources.
             self.connections_refused += 1
@@ -634,6 +643,7 @@ class DnsServer:
             _log.exception("dns: bug while serving TCP client %s:%d", peer[0], peer[1])
         finally:
             self._writers.discard(writer)
+            self._waiting.pop(writer, None)
             left = self._per_source.pop(peer[0]) - 1
             if left:
                 self._per_source[peer[0]] = left
@@ -641,12 +651,25 @@ class DnsServer:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
+    def _close_longest_waiting(self, newcomer: Address) -> None:
+        """Close the open connection waiting longest for a query, for ``newcomer``."""
+        oldest = next(iter(self._waiting))
+        del self._waiting[oldest]
+        self._writers.discard(oldest)  # its source's count goes when its task ends
+        name = oldest.get_extra_info("peername") or ("?", 0)
+        self._limited.log(logging.INFO, "tcp-full",
+                          "dns: %d TCP connections open; closing the one waiting longest for "
+                          "a query (%s:%d) for %s:%d", self._max_connections, name[0],
+                          name[1], newcomer[0], newcomer[1])
+        oldest.transport.abort()
+
     async def _serve_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Address
     ) -> None:
         # RFC 7766 §6.2.1: several queries per connection, each with a 2-byte length prefix;
         # answered in order. §6.2.3: idle connections are closed after a timeout.
         for _ in range(self._max_queries):
+            self._waiting[writer] = None  # the newest waiting
             head = await asyncio.wait_for(reader.readexactly(2), self._idle)
             size = int.from_bytes(head, "big")
             if size < _HEADER:
@@ -654,6 +677,7 @@ class DnsServer:
                                   size, peer[0], peer[1])
                 return
             data = await asyncio.wait_for(reader.readexactly(size), self._idle)
+            self._waiting.pop(writer, None)  # a query in hand: answered before it may go
             reply = await self._tcp_reply(data, peer)
             if reply is None:
                 continue

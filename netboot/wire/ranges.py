@@ -135,6 +135,28 @@ class Multipart:
     tail: bytes
     length: int  # the Content-Length of the whole body
 
+    def batches(self, chunk: int) -> list[list[tuple[bytes, int, int]]]:
+        """The parts as reads of at most ``chunk`` bytes of the file, each with the head to
+        send before it (b"" within a part), gathered into batches of at most ``chunk`` bytes
+        of the file: one read job and one write a batch, however many parts. A job and two
+        writes a part made MAX_RANGES one-byte parts cost ~10x the CPU of the whole file
+        (s47-attack)."""
+        batches: list[list[tuple[bytes, int, int]]] = [[]]
+        room = chunk
+        for first, start, stop in self.parts:
+            head, at = first, start
+            while True:
+                if room == 0:
+                    batches.append([])
+                    room = chunk
+                end = min(stop, at + room)
+                batches[-1].append((head, at, end))
+                room -= end - at
+                head, at = b"", end
+                if at >= stop:
+                    break
+        return batches
+
 
 def multipart(spans: Sequence[tuple[int, int]], size: int, content_type: str,
               boundary: str) -> Multipart:

@@ -113,14 +113,15 @@ class Server:
         return self._stderr
 
 
-def _udhcpc(link: Link, tries: int) -> tuple[subprocess.CompletedProcess[bytes], str]:
+def _udhcpc(link: Link, tries: int, *extra: str) -> tuple[subprocess.CompletedProcess[bytes],
+                                                          str]:
     """busybox's udhcpc on the client's side of ``link``, and what it printed."""
     assert UDHCPC is not None
     cmd = [UDHCPC] if UDHCPC.endswith("udhcpc") else [UDHCPC, "udhcpc"]
     # -n: exit if no lease, -q: quit after obtaining one, -f: foreground; bounded tries.
     result = subprocess.run(
         ["ip", "netns", "exec", link.client_ns, *cmd, "-i", link.client_if, "-n", "-q",
-         "-f", "-t", str(tries), "-T", "2", "-s", "/bin/true"],
+         "-f", "-t", str(tries), "-T", "2", "-s", "/bin/true", *extra],
         capture_output=True, timeout=60,
     )
     return result, (result.stdout + result.stderr).decode(errors="replace")
@@ -347,6 +348,85 @@ def test_discovers_from_made_up_macs_leave_busybox_an_address(link: Link) -> Non
     assert result.returncode == 0, out + log
     assert "lease of 192.0.2.100 obtained" in out, out + log
     assert "Traceback" not in log, log
+
+
+def test_a_host_that_read_a_clients_offer_cannot_take_its_address(link: Link) -> None:
+    """A host on the link reads client A's OFFER (broadcast: A sets the flag, as iPXE does)
+    and sends a selecting REQUEST for its address from a made-up MAC, naming the server:
+    since s46's shared offers it was ACKed while the pool had free addresses, and A's own
+    REQUEST was NAKed; repeated at each of A's OFFERs, A never bound (s47-attack). Now an
+    address only offered to another is taken only when none is free: the host is NAKed, A
+    is ACKed."""
+    server = Server(link, "authoritative")
+    a, thief = bytes.fromhex("5254000047a1"), bytes.fromhex("0200000047ff")
+    sid = bytes((192, 0, 2, 1))
+    try:
+        replies = _conversation(link, [
+            (True, _client(MessageType.DISCOVER, a, 0x5EED4701)),
+            (True, _client(MessageType.REQUEST, thief, 0x5EED4702, SERVER_ID=sid,
+                           REQUESTED_IP=bytes((192, 0, 2, 100)))),
+            (True, _client(MessageType.REQUEST, a, 0x5EED4703, SERVER_ID=sid,
+                           REQUESTED_IP=bytes((192, 0, 2, 100)))),
+        ])
+    finally:
+        log = server.stop()
+    offer, stolen, mine = (dhcp.parse(r) if r else None for r in replies)
+    assert offer is not None and offer.yiaddr == "192.0.2.100", log
+    assert stolen is not None and stolen.message_type == MessageType.NAK, log
+    assert mine is not None and (mine.message_type, mine.yiaddr) == (
+        MessageType.ACK, "192.0.2.100"), log
+    assert "Traceback" not in log, log
+
+
+# Reads every OFFER on the link (argv[1]) for argv[2] seconds and REQUESTs its address from
+# a made-up MAC, naming the server; prints what it got (bounded: 30 OFFERs).
+THIEF_SCRIPT = _CLIENT_SOCKET + r"""import time
+from netboot.wire import dhcp
+from netboot.wire.dhcp import MessageType, Op, Opt
+end, stolen = time.monotonic() + float(sys.argv[2]), 0
+while time.monotonic() < end and stolen < 30:
+    if not select.select([sock], [], [], 0.2)[0]:
+        continue
+    p = dhcp.parse(sock.recvfrom(4096)[0])
+    if p.op != 2:
+        continue
+    if p.chaddr[:5] == bytes.fromhex("0200004700"):
+        print(p.message_type.name, p.yiaddr, flush=True)
+    elif p.message_type == MessageType.OFFER:
+        stolen += 1
+        sock.sendto(dhcp.encode(dhcp.Packet(
+            op=Op.REQUEST, xid=0x7E470000 + stolen, chaddr=bytes.fromhex("0200004700")
+            + bytes([stolen]), flags=dhcp.BROADCAST_FLAG, options=(
+                dhcp.Option(Opt.MESSAGE_TYPE, bytes((MessageType.REQUEST,))),
+                dhcp.Option(Opt.SERVER_ID, p.option(Opt.SERVER_ID)),
+                dhcp.Option(Opt.REQUESTED_IP, bytes(map(int, p.yiaddr.split(".")))))),
+            pad_to=300), ("255.255.255.255", 67))
+"""
+
+
+@pytest.mark.requires("busybox", "busybox-static")
+def test_busybox_binds_while_a_host_requests_the_address_of_each_offer_it_sees(
+        link: Link) -> None:
+    """busybox udhcpc with the broadcast flag (-B, as iPXE sets it) beside a host that reads
+    each OFFER and REQUESTs its address first from a made-up MAC: on 317fd9b udhcpc was
+    NAKed ten times, "no lease, failing" after 37 s, the host ACKed nine addresses (s47-
+    attack, the race won each time). Now the host is NAKed (an address is free for it) and
+    udhcpc leases the address it was offered."""
+    server = Server(link, "authoritative")
+    thief = subprocess.Popen(
+        ["ip", "netns", "exec", link.client_ns, sys.executable, "-c", THIEF_SCRIPT,
+         link.client_if, "30"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        time.sleep(1)  # its socket bound
+        result, out = _udhcpc(link, 3, "-B")
+    finally:
+        thief.terminate()  # the process this test started, by its own handle
+        got, err = thief.communicate(timeout=10)
+        log = server.stop()
+    assert result.returncode == 0, out + log
+    assert "lease of 192.0.2.100 obtained" in out, out + log
+    assert b"ACK" not in got, got + err
 
 
 def test_an_address_the_server_takes_later_inside_the_pool_is_not_leased(link: Link) -> None:

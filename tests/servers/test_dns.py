@@ -272,17 +272,55 @@ async def test_tcp_several_queries_per_connection() -> None:
             await writer.wait_closed()
 
 
+async def _asked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+    """Whether one query over this connection is answered (False: the server closed it)."""
+    wire = DNSRecord.question("node1.netboot.lan").pack()
+    writer.write(len(wire).to_bytes(2, "big") + wire)
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+    head = await asyncio.wait_for(reader.read(2), 10)
+    if len(head) < 2:
+        return False
+    size = int.from_bytes(head, "big")
+    return bool(DNSRecord.parse(await asyncio.wait_for(reader.readexactly(size), 10)).rr)
+
+
 async def test_tcp_connection_bound() -> None:
+    """At most ``max_connections`` open: a newcomer takes the place of the connection that
+    has waited longest for a query (nginx's reuse of idle keep-alive connections)."""
     async with running(max_connections=1) as server:
-        first_r, first_w = await asyncio.open_connection(LOOPBACK, server.port)
-        wire = DNSRecord.question("node1.netboot.lan").pack()
-        first_w.write(len(wire).to_bytes(2, "big") + wire)
-        await first_w.drain()
-        await asyncio.wait_for(first_r.readexactly(2), 10)  # the first one is being served
-        second_r, second_w = await asyncio.open_connection(LOOPBACK, server.port)
-        assert await asyncio.wait_for(second_r.read(), 10) == b""  # closed by the server
-        assert server.connections_refused == 1
-        for w in (first_w, second_w):
+        first = await asyncio.open_connection(LOOPBACK, server.port)
+        assert await _asked(*first)  # answered: now waiting for its next query
+        second = await asyncio.open_connection(LOOPBACK, server.port)
+        assert await _asked(*second)
+        assert await asyncio.wait_for(first[0].read(), 10) == b""  # closed by the server
+        assert len(server._writers) == 1 and server.connections_refused == 0
+        for _, w in (first, second):
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+
+
+async def test_hosts_holding_every_tcp_connection_do_not_keep_a_client_out() -> None:
+    """s47-attack: a host with four addresses opened 16 connections from each (the most one
+    address may, s45-attack), 64 in all, and kept them with a query every few seconds:
+    every other client's TCP connection was closed at once, a truncated answer's retry
+    too (live: 'dig +tcp' got 'end of file'). Now the one waiting longest for a query is
+    closed for the newcomer, who is answered; the holder must ask without pause on every
+    connection to keep them all."""
+    async with running(max_connections=8, max_connections_per_source=2) as server:
+        held = []
+        for i in range(8):
+            conn = await asyncio.open_connection(
+                LOOPBACK, server.port, local_addr=(f"127.0.0.{2 + i // 2}", 0))
+            assert await _asked(*conn)
+            held.append(conn)
+        client = await asyncio.open_connection(LOOPBACK, server.port,
+                                               local_addr=("127.0.0.9", 0))
+        assert await _asked(*client)  # main: closed unanswered
+        assert await asyncio.wait_for(held[0][0].read(), 10) == b""  # the longest waiting
+        assert all([await _asked(*conn) for conn in held[1:]])  # the others still served
+        for _, w in (*held, client):
             w.close()
             with contextlib.suppress(ConnectionError):
                 await w.wait_closed()
