@@ -2382,6 +2382,46 @@ async def _open_stream(env: Env) -> Any:
     return resp
 
 
+async def test_a_stream_resumed_by_its_last_event_id_is_given_its_gap_or_told_missed(
+        env: Env) -> None:
+    """EventSource reconnects with the last id it read (``Last-Event-ID``, HTML's server-sent
+    events): the stream resumes there, with what was published in the gap (nobody was
+    subscribed then); a takeover's ``?last_event_id=`` likewise. A place of another process
+    (a restart) or not an id of ours is told ``missed`` (the dashboard reloads what it
+    shows). Before, every stream started at the present: the gap's events were lost."""
+    async def frames_until(resp: Any, kind: bytes) -> dict[str, str]:
+        while True:
+            frame = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+            fields = dict(line.split(": ", 1) for line in frame.decode().strip().split("\n")
+                          if not line.startswith(":") and ": " in line)
+            if fields.get("event") == kind.decode():
+                return fields
+
+    resp = await env.client.get("/api/v1/events/stream", headers=env.auth)
+    first = await resp.content.readuntil(b"\n\n")
+    place = re.search(rb"\nid: (\S+)\n", first)
+    assert place is not None, first  # a new stream's place, before any event
+    resp.close()
+    await env.post("/api/v1/machines", {"mac": MAC, "hostname": "gap-1"}, status=201)
+    for how in ({"headers": {**env.auth, "Last-Event-ID": place.group(1).decode()}},
+                {"headers": env.auth, "params": {"last_event_id": place.group(1).decode()}}):
+        resp = await env.client.get("/api/v1/events/stream", **how)
+        try:
+            given = await frames_until(resp, b"machine")
+            assert json.loads(given["data"])["kind"] == "enrolled"
+            assert given["id"].split(".")[0] == place.group(1).decode().split(".")[0]
+        finally:
+            resp.close()
+    for foreign in ("0badf00d.1", "not-an-id", "x." + "9" * 30):
+        resp = await env.client.get("/api/v1/events/stream",
+                                    headers={**env.auth, "Last-Event-ID": foreign})
+        try:
+            assert resp.status == 200
+            assert (await frames_until(resp, b"missed"))["data"] == "0"
+        finally:
+            resp.close()
+
+
 async def test_the_event_stream_tells_the_inventorys_health_as_it_opens_and_changes(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """The dashboard's banner asked GET /api/v1/status (the fleet's counts too) every 15 s
