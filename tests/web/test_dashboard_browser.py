@@ -850,3 +850,40 @@ async def test_events_made_while_the_stream_is_cut_appear_when_it_reconnects(
     assert await page.evaluate("window.notReloaded") is True
     await shots(page, "the-gap-given")
 
+
+async def test_a_page_is_reached_by_its_number_or_as_the_first_or_the_last(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """Previous and next only: the end of 100,000 machines was 2,000 clicks away. The first,
+    the last, and any page by its number (past the last: the last)."""
+    env = await make_env()
+    rows = [{"mac": f"52:54:00:cc:{i // 256:02x}:{i % 256:02x}", "hostname": f"n{i:04d}"}
+            for i in range(260)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    page = await logged_in(browser, env, shots)
+    body = page.locator("table.machines tbody tr")
+    pager = page.locator(".pager")
+    await expect(pager).to_contain_text("1\u201350 of 260")
+    await expect(pager).to_contain_text("of 6")
+    await page.click("text=last »")
+    await expect(pager).to_contain_text("251\u2013260 of 260")
+    await expect(body).to_have_count(10)
+    await expect(body.first).to_contain_text("n0250")
+    await shots(page, "last-page")
+    number = page.locator(".pager input.page-number")
+    await expect(number).to_have_value("6")
+    await number.fill("3")
+    await number.press("Enter")
+    await expect(pager).to_contain_text("101\u2013150 of 260")
+    await expect(body.first).to_contain_text("n0100")
+    await number.fill("999")
+    await number.press("Enter")
+    await expect(pager).to_contain_text("251\u2013260 of 260")
+    await page.click("text=« first")
+    await expect(pager).to_contain_text("1\u201350 of 260")
+    await expect(body.first).to_contain_text("n0000")
+    # Sorted the other way, the last page holds the first MACs.
+    await page.click("th button:text('Hostname')")
+    await page.click("th button:text('Hostname')")  # descending
+    await page.click("text=last »")
+    await expect(body.last).to_contain_text("n0000")
+    await shots(page, "last-page-descending")

@@ -417,15 +417,37 @@ function machinesView(root) {
         "No machines match.")));
     }
     changed.clear();
-    const last = Math.min(query.offset + PAGE, data.total);
-    pager.replaceChildren(
-      h("button", {disabled: query.offset === 0, onclick: () => {
-        query.offset = Math.max(0, query.offset - PAGE); loadPage();
-      }}, "← previous"),
-      h("span", {}, data.total ? `${query.offset + 1}–${last} of ${data.total}` : "0 machines"),
-      h("button", {disabled: last >= data.total, onclick: () => {
-        query.offset += PAGE; loadPage();
-      }}, "next →"));
+    pager.replaceChildren(...pages(data.total));
+  }
+
+  // Previous and next only were 2,000 clicks to the end of 100,000 machines: the first and
+  // the last page, and any page by its number (the server pages by offset: a page's first
+  // row is (n - 1) × 50 of the order asked, however far; a search or a filter finds one
+  // machine). Past the end (machines removed meanwhile), the last page that has rows.
+  function pages(total) {
+    const count = Math.max(1, Math.ceil(total / PAGE));
+    const at = Math.floor(query.offset / PAGE) + 1;
+    const go = (n) => {
+      query.offset = (Math.min(Math.max(1, n), count) - 1) * PAGE;
+      loadPage();
+    };
+    const last = Math.min(query.offset + PAGE, total);
+    const number = h("input", {type: "number", min: 1, max: count, value: at,
+      class: "page-number", "aria-label": "page", title: `page 1 to ${count}`});
+    number.addEventListener("change", () => {
+      const n = Number.parseInt(number.value, 10);
+      if (Number.isFinite(n)) go(n); else number.value = at;
+    });
+    if (query.offset && query.offset >= total) go(count); // the page asked is gone
+    return [
+      h("button", {disabled: at <= 1, onclick: () => go(1)}, "« first"),
+      h("button", {disabled: at <= 1, onclick: () => go(at - 1)}, "← previous"),
+      h("label", {class: "page"}, "page ", number, ` of ${count}`),
+      h("button", {disabled: at >= count, onclick: () => go(at + 1)}, "next →"),
+      h("button", {disabled: at >= count, onclick: () => go(count)}, "last »"),
+      h("span", {class: "range"},
+        total ? `${query.offset + 1}–${last} of ${total}` : "0 machines"),
+    ];
   }
 
   function load() {
