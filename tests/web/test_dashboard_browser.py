@@ -851,6 +851,30 @@ async def test_events_made_while_the_stream_is_cut_appear_when_it_reconnects(
     await shots(page, "the-gap-given")
 
 
+async def test_a_stream_resumed_from_a_place_the_server_does_not_hold_reloads_the_view(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """The stream drops and the server that answers the reconnect is another process (a
+    restart: the id's instance is not its own, as here): what came in the gap cannot be
+    given, so it says "missed" and the view reloads, rather than showing the row as it was.
+    Before, the reconnected stream said nothing and the row stayed enrolled."""
+    env = await make_env()
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:dd:05:01", "hostname": "restarted",
+                                        "cluster": "edge"}, status=201)
+    page = await logged_in(browser, env, shots)
+    row = page.locator("table.machines tbody tr", has_text="restarted")
+    await expect(row).to_contain_text("enrolled")
+    await page.evaluate("window.notReloaded = true")
+    env.service.events.instance = "0fe1e2e3"  # the ids the page holds are another process's
+    cut_streams(env)
+    await expect(page.locator("#live")).to_have_text("reconnecting…")
+    await boot(env, "52-54-00-dd-05-01")
+    assert env.service.events.subscribers == 0
+    await expect(page.locator("#live")).to_have_text("live")
+    await expect(row).to_contain_text("booting")
+    assert await page.evaluate("window.notReloaded") is True
+
+
 async def test_a_page_is_reached_by_its_number_or_as_the_first_or_the_last(
         make_env: EnvFactory, browser: Browser, shots: Any) -> None:
     """Previous and next only: the end of 100,000 machines was 2,000 clicks away. The first,
