@@ -199,12 +199,17 @@ async def test_bulk_upload_reports_the_bad_row_and_imports_a_clean_file(
     await shots(page, "search")
 
 
+async def numbered(env: Env, count: int) -> None:
+    """``count`` machines n0000, n0001, ..., their MACs in the same order."""
+    rows = [{"mac": f"52:54:00:cc:{i // 256:02x}:{i % 256:02x}", "hostname": f"n{i:04d}"}
+            for i in range(count)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+
+
 async def test_many_machines_are_paged_and_sorted_by_the_server(
         make_env: EnvFactory, browser: Browser, shots: Any) -> None:
     env = await make_env()
-    rows = [{"mac": f"52:54:00:cc:{i // 256:02x}:{i % 256:02x}", "hostname": f"n{i:04d}"}
-            for i in range(120)]
-    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    await numbered(env, 120)
     page = await logged_in(browser, env, shots)
     body = page.locator("table.machines tbody tr")
     await expect(body).to_have_count(50)
@@ -880,9 +885,7 @@ async def test_a_page_is_reached_by_its_number_or_as_the_first_or_the_last(
     """Previous and next only: the end of 100,000 machines was 2,000 clicks away. The first,
     the last, and any page by its number (past the last: the last)."""
     env = await make_env()
-    rows = [{"mac": f"52:54:00:cc:{i // 256:02x}:{i % 256:02x}", "hostname": f"n{i:04d}"}
-            for i in range(260)]
-    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    await numbered(env, 260)
     page = await logged_in(browser, env, shots)
     body = page.locator("table.machines tbody tr")
     pager = page.locator(".pager")
