@@ -256,7 +256,10 @@ function elected(deliver) {
   let holder = false;
   channel.onmessage = ({data: msg}) => {
     if (msg.kind === "hello") {
-      if (holder) for (const [kind, data] of Object.entries(kept)) channel.postMessage({kind, data});
+      // What the holder knows, and where its stream is (a takeover by that tab resumes there).
+      if (holder) {
+        for (const [kind, data] of Object.entries(kept)) channel.postMessage({kind, data, id: lastId});
+      }
     } else {
       if (msg.id) lastId = msg.id;
       deliver(msg.kind, msg.data);
