@@ -172,7 +172,14 @@ class EventBus:
         return self._watched()
 
     def _watched(self) -> bool:
-        return bool(self._subscribers) or self._clock() < self._kept_until
+        if self._subscribers:
+            return True
+        if self._kept_until == -math.inf:  # no stream closed lately: no clock read
+            return False
+        if self._clock() < self._kept_until:
+            return True
+        self._kept_until = -math.inf
+        return False
 
     def published(self, events: Sequence[Event]) -> None:
         """Called by a store once ``events`` are committed, on the event loop's thread."""
