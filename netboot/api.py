@@ -285,6 +285,7 @@ class Api:
         self._access = core.access
         self._clock = clock
         self._events = events
+        self._events_instance = events.instance if events is not None else ""
         self._log = logger or logging.getLogger(__name__)
         self._refusals = RefusalBudget()
         self._limited = RateLimitedLog(self._log, burst=1)
@@ -528,7 +529,8 @@ class Api:
         scope)."""
         assert self._events is not None
         token = request_token(request)  # what opened it (guarded: valid then)
-        with self._events.subscribe(request.get(ACTOR_KEY)) as sub:
+        after = self._resumed_after(request)
+        with self._events.subscribe(request.get(ACTOR_KEY), after=after) as sub:
             resp = web.StreamResponse(headers={
                 "Content-Type": "text/event-stream", "Cache-Control": "no-store",
                 # nginx would buffer the stream otherwise.
@@ -538,11 +540,27 @@ class Api:
             # (aiohttp's ClientConnectionResetError). Not a bug: it was logged as one, with
             # a traceback and a 500 in the access log, per closed tab (s37-attack).
             with contextlib.suppress(ConnectionResetError):
-                await self._stream(resp, sub, token)
+                await self._stream(resp, sub, token, resumed=after is not None)
             return resp
 
+    def _resumed_after(self, request: web.Request) -> int | None:
+        """Where a dropped stream resumes: the seq of ``Last-Event-ID`` (EventSource sends
+        the last ``id:`` it read when it reconnects, HTML's server-sent events §9.2.4), or of
+        ``?last_event_id=`` (a dashboard tab that takes over the stream of a tab that
+        closed: a new EventSource cannot send the header). An id of another process (a
+        restart, another server behind the name) or not one of ours: -1, told ``missed``."""
+        assert self._events is not None
+        text = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+        if not text:
+            return None
+        instance, _, seq = text.partition(".")
+        if (instance != self._events.instance or not (seq.isascii() and seq.isdigit())
+                or len(seq) > 18):
+            return -1
+        return int(seq)
+
     async def _stream(self, resp: web.StreamResponse, sub: Subscription,
-                      token: str | None) -> None:
+                      token: str | None, *, resumed: bool = False) -> None:
         """:meth:`event_stream`'s messages until the server stops, the token ends or the
         reader leaves (ConnectionResetError)."""
         loop = asyncio.get_running_loop()
@@ -561,8 +579,12 @@ class Api:
         # its last stream had shown, for good (s44-review).
         standing = self._standing
         warned = standing.version
-        await resp.write(b"retry: 3000\n" + _health_frame(told) + _warnings_frame(standing)
-                         + b": connected\n\n")
+        # A new stream's first message carries its place (the last event's id before it
+        # opened) as its id: one that drops before any event resumes from there. A resumed
+        # one keeps the place its reader sent.
+        place = b"" if resumed else f"id: {self._events_instance}.{sub.place}\n".encode()
+        await resp.write(b"retry: 3000\n" + place + _health_frame(told)
+                         + _warnings_frame(standing) + b": connected\n\n")
         wrote = loop.time()
         while True:
             idle = False
@@ -617,8 +639,11 @@ class Api:
         frame = frames.get(item.seq)
         if frame is None:
             data = json.dumps(codec.event_to_dict(item.event), ensure_ascii=False)
+            # The id names this process too: a resume from another's (a restart) is told
+            # "missed" (Api._resumed_after).
             frame = frames[item.seq] = (
-                f"id: {item.seq}\nevent: machine\ndata: {data}\n\n".encode())
+                f"id: {self._events_instance}.{item.seq}\nevent: machine\n"
+                f"data: {data}\n\n").encode()
             if len(frames) > FRAMES_KEPT:
                 del frames[next(iter(frames))]  # the oldest (dicts keep insertion order)
         return frame
@@ -693,8 +718,7 @@ class Api:
             ids = await self._core.boot.matching_text(flt.text, TEXT_IDS_MAX)
             if ids is not None:
                 flt = replace(flt, ids=ids)
-        items = await self._store.list_machines(flt)
-        total = await self._store.count_machines(flt)
+        items, total = await self._page(flt)
         if request.query.get("last_event") not in ("1", "true"):
             return web.json_response({"items": [self._machine_out(m) for m in items],
                                       "total": total, "limit": flt.limit, "offset": flt.offset})
@@ -708,6 +732,24 @@ class Api:
             out.append(row)
         return web.json_response({"items": out, "total": total, "limit": flt.limit,
                                   "offset": flt.offset})
+
+    async def _page(self, flt: MachineFilter) -> tuple[list[Machine], int]:
+        """A page of the list and how many machines the filter names. A page in the far half
+        of the default order (by MAC) is read from the other end: the same rows, reversed,
+        without stepping over the offset's rows (the dashboard's "last" of 100,000 machines:
+        400,163 SQLite steps, 76 ms, against 363, 0.4 ms). Only by MAC: its two directions
+        are each other's mirror in every store (NULLs and ties too); another key's are not
+        (machines without it last either way)."""
+        if flt.sort != "mac" or not flt.offset:
+            items = await self._store.list_machines(flt)
+            return items, await self._store.count_machines(flt)
+        total = await self._store.count_machines(flt)
+        left = total - flt.offset  # rows from the page's first to the end
+        if left <= 0 or left - flt.limit >= flt.offset:
+            return await self._store.list_machines(flt), total
+        mirror = replace(flt, descending=not flt.descending, limit=min(flt.limit, left),
+                         offset=max(0, left - flt.limit))
+        return (await self._store.list_machines(mirror))[::-1], total
 
     async def _with_newest_events(self, items: list[Machine]
                                   ) -> tuple[list[Machine], dict[str, Event]]:

@@ -13,14 +13,23 @@ their identity and not published twice.
 A subscriber is a bounded queue: a browser tab that stops reading must not grow the server's
 memory, so when its queue is full the oldest entries are dropped and the subscriber is told
 how many it missed (the dashboard then reloads its page of machines instead of patching it).
+
+A stream that drops (a proxy's idle timeout, a laptop's sleep, a server's stream closed)
+resumes where it was: the browser's EventSource reconnects with ``Last-Event-ID``, the id of
+the last event it read, and :meth:`EventBus.subscribe` (``after``) gives the new subscriber
+what was published since, from the last ``keep`` events, which the bus keeps for
+``keep_seconds`` after its last subscriber left (the gap had nobody subscribed to see it). A
+place it no longer holds (too far back, or another process's: a restart) is a ``Missed``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
-from collections import OrderedDict
+import math
+import secrets
+import time
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +47,8 @@ class Published:
 
 @dataclass(frozen=True, slots=True)
 class Missed:
-    """``count`` events were dropped because this subscriber read too slowly."""
+    """``count`` events were dropped because this subscriber read too slowly, or were
+    published where a resumed stream cannot be given them (0: how many is not known)."""
 
     count: int
 
@@ -49,6 +59,10 @@ class Subscription:
         # None: the bus closed (the server stops), the stream ends.
         self._queue: asyncio.Queue[Published | None] = asyncio.Queue(maxsize=size)
         self.missed = 0
+        self._unknown = False  # resumed from a place the bus does not hold: Missed(0)
+        # The seq of the last event published before it: where a stream that drops before
+        # its first event resumes (the stream's first message carries it as its id).
+        self.place = bus._last
 
     def _offer(self, item: Published) -> None:
         if self._queue.full():
@@ -59,18 +73,21 @@ class Subscription:
     async def next(self) -> Published | Missed | None:
         """The next event, or a :class:`Missed` first when events were dropped; None once
         the bus is closed (:meth:`EventBus.close`)."""
-        if self.missed:
-            missed, self.missed = Missed(self.missed), 0
-            return missed
+        if self.missed or self._unknown:
+            return self._missed()
         return await self._queue.get()
+
+    def _missed(self) -> Missed:
+        missed = Missed(self.missed)
+        self.missed, self._unknown = 0, False
+        return missed
 
     def ready(self) -> list[Published | Missed]:
         """What :meth:`next` would return now without waiting, all of it (at most the
         queue's size, and a :class:`Missed` first): a stream writes a burst as one chunk."""
         out: list[Published | Missed] = []
-        if self.missed:
-            out.append(Missed(self.missed))
-            self.missed = 0
+        if self.missed or self._unknown:
+            out.append(self._missed())
         queue = self._queue
         while not queue.empty():
             item = queue.get_nowait()
@@ -80,8 +97,15 @@ class Subscription:
             out.append(item)
         return out
 
+    def _resume(self, items: Sequence[Published] | Missed) -> None:
+        if isinstance(items, Missed):
+            self.missed, self._unknown = items.count, not items.count
+            return
+        for item in items:
+            self._offer(item)
+
     def close(self) -> None:
-        self._bus._subscribers.discard(self)
+        self._bus._left(self)
 
     def _end(self) -> None:
         if self._queue.full():
@@ -93,7 +117,9 @@ class EventBus:
     """Fan-out of committed events to subscribers and synchronous listeners (metrics)."""
 
     def __init__(self, *, queue_size: int = 1000, max_subscribers: int = 256,
-                 max_per_holder: int = 32, max_own: int = 50_000) -> None:
+                 max_per_holder: int = 32, max_own: int = 50_000, keep: int = 1000,
+                 keep_seconds: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._subscribers: set[Subscription] = set()
         # Streams open per holder (a token's name): one read token held every one of
         # max_subscribers, and every other dashboard was refused (benchmarks/README.md,
@@ -106,7 +132,19 @@ class EventBus:
         self._max_own = max_own
         self._held: list[Event] = []  # from the feed, published at the next relay()
         self._listeners: list[Callable[[Event], None]] = []
-        self._seq = itertools.count(1)
+        # The newest seq given. Events published while nobody watches are counted too (not
+        # kept): a stream resuming from before them is told it missed them.
+        self._last = 0
+        # What a stream that dropped is given when it resumes (subscribe's ``after``): the
+        # newest ``keep`` events, kept while a stream is open and ``keep_seconds`` after the
+        # last closed (EventSource retries after 3 s; a proxy's or a sleep's gap is longer).
+        self._recent: deque[Published] = deque(maxlen=keep)
+        self._keep_seconds = keep_seconds
+        self._kept_until = -math.inf
+        self._clock = clock
+        # Names this process's places: a place another process gave (a restart, another
+        # server behind the same name) is not one of this bus's.
+        self.instance = secrets.token_hex(4)
         self.queue_size = queue_size
         self.max_subscribers = max_subscribers
         self._closed = False
@@ -120,25 +158,41 @@ class EventBus:
         """Whether anyone watches the streams, so that other servers' events are worth
         reading from the feed (:meth:`relay`). Nobody watching, the feed is not read: the
         watcher only keeps its place at the newest event (a storm's ~4,000 events a second
-        were each read back, decoded and told from this process's own, ~5 % of the GIL)."""
-        return bool(self._subscribers)
+        were each read back, decoded and told from this process's own, ~5 % of the GIL).
+        For ``keep_seconds`` after the last stream closed the feed is still read: a stream
+        that resumes is given what others committed in its gap too."""
+        return self._watched()
 
     @property
     def holding(self) -> bool:
         """Whether events published now are kept past the call (``EventListener``): only a
-        subscriber's queue keeps them; the synchronous listeners (metrics) read an event's
+        subscriber's queue and the events kept for a resume (``keep_seconds`` after the
+        last stream closed) keep them; the synchronous listeners (metrics) read an event's
         machine, time and kind as they are told of it."""
-        return bool(self._subscribers)
+        return self._watched()
+
+    def _watched(self) -> bool:
+        if self._subscribers:
+            return True
+        if self._kept_until == -math.inf:  # no stream closed lately: no clock read
+            return False
+        if self._clock() < self._kept_until:
+            return True
+        self._kept_until = -math.inf
+        return False
 
     def published(self, events: Sequence[Event]) -> None:
         """Called by a store once ``events`` are committed, on the event loop's thread."""
         for event in events:
             for listen in self._listeners:
                 listen(event)
-        if not self._subscribers:
+        if not self._watched():
             # Nobody to tell, and nothing to tell apart from the feed, which is not read
-            # meanwhile (relaying): the identities of earlier ones are dropped too.
+            # meanwhile (relaying): the identities of earlier ones are dropped too, and the
+            # events kept for a resume (a stream resuming now is told it missed some).
             self._own.clear()
+            self._recent.clear()
+            self._last += len(events)
             return
         for event in events:
             self._own[_identity(event)] = None
@@ -154,7 +208,8 @@ class EventBus:
         # Held for one call: an event this process committed may be read back by the feed
         # a moment before the store publishes it here (both wait on the same commit).
         held, self._held = self._held, list(events)
-        if not self._subscribers:
+        if not self._watched():
+            self._last += len(held)  # at most: some may be this process's, counted already
             return
         self._offer([e for e in held if not self._seen(e)])
 
@@ -167,9 +222,26 @@ class EventBus:
 
     def _offer(self, events: Sequence[Event]) -> None:
         for event in events:
-            item = Published(next(self._seq), event)
+            self._last += 1
+            item = Published(self._last, event)
+            self._recent.append(item)
             for sub in self._subscribers:
                 sub._offer(item)
+
+    def _since(self, after: int) -> list[Published] | Missed:
+        """What was published after ``after`` (a seq this bus gave), or a Missed when the
+        kept events no longer reach back to it (or it is no seq of this bus: -1)."""
+        last, recent = self._last, self._recent
+        if after == last:
+            return []
+        if recent and recent[0].seq - 1 <= after < last:
+            return [item for item in recent if item.seq > after]
+        return Missed(last - after if 0 <= after < last else 0)
+
+    def _left(self, sub: Subscription) -> None:
+        self._subscribers.discard(sub)
+        if not self._subscribers:
+            self._kept_until = self._clock() + self._keep_seconds
 
     def listen(self, callback: Callable[[Event], None]) -> None:
         """``callback(event)`` for every event, synchronously (must be cheap, must not raise)."""
@@ -186,9 +258,12 @@ class EventBus:
         self._subscribers.clear()
 
     @contextlib.contextmanager
-    def subscribe(self, holder: str | None = None) -> Iterator[Subscription]:
+    def subscribe(self, holder: str | None = None, *,
+                  after: int | None = None) -> Iterator[Subscription]:
         """A stream's subscription; ``holder`` (a token's name) may hold ``max_per_holder``
-        at once (429, RateLimited), all of them ``max_subscribers`` (503, Busy)."""
+        at once (429, RateLimited), all of them ``max_subscribers`` (503, Busy). ``after``:
+        the seq of the last event a dropped stream read (its ``Last-Event-ID``; -1 for a
+        place of another process): what was published since comes first, or a Missed."""
         if self._closed:
             raise Busy("the server is shutting down")
         held = self._held_by.get(holder, 0) if holder is not None else 0
@@ -200,6 +275,8 @@ class EventBus:
             raise Busy(f"{len(self._subscribers)} event streams are open already, the most "
                        "the server holds")
         sub = Subscription(self, self.queue_size)
+        if after is not None:
+            sub._resume(self._since(after))
         self._subscribers.add(sub)
         if holder is not None:
             self._held_by[holder] = held + 1

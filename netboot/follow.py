@@ -79,15 +79,20 @@ async def _refusal(url: str, resp: aiohttp.ClientResponse) -> NetbootError:
     return NetbootError(f"{url}: HTTP {resp.status}" + (f": {reason}" if reason else ""))
 
 
-async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[str, str]]:
-    """(event type, data) of each message of an SSE stream (WHATWG HTML §9.2.6)."""
-    kind, data = "message", list[str]()
+async def sse_events(response: aiohttp.ClientResponse, place: list[str] | None = None
+                     ) -> AsyncIterator[tuple[str, str]]:
+    """(event type, data) of each message of an SSE stream (WHATWG HTML §9.2.6). ``place``,
+    when given, holds the last event ID as EventSource keeps it (``id:``, set as a message
+    is dispatched, kept until another), for the ``Last-Event-ID`` of a reconnect."""
+    kind, data, seen = "message", list[str](), None
     async for raw in response.content:
         line = raw.decode("utf-8", "replace").rstrip("\r\n")
         if not line:
+            if seen is not None and place is not None:
+                place[:] = [seen]
             if data:
                 yield kind, "\n".join(data)
-            kind, data = "message", list[str]()
+            kind, data, seen = "message", list[str](), None
         elif line.startswith(":"):
             continue  # a comment: the server's keep-alive
         else:
@@ -97,6 +102,8 @@ async def sse_events(response: aiohttp.ClientResponse) -> AsyncIterator[tuple[st
                 kind = value
             elif field == "data":
                 data.append(value)
+            elif field == "id" and "\0" not in value:
+                seen = value
 
 
 async def follow(base_url: str, token: str, *, machine: str | None = None,
@@ -150,19 +157,28 @@ async def _read(http: aiohttp.ClientSession, base_url: str, headers: dict[str, s
     ends the follow (a refused token, a server never reached) is put there too."""
     url = f"{base_url.rstrip('/')}/api/v1/events/stream"
     connected = False
+    # The last event's id: a reconnect sends it (Last-Event-ID), as a browser's EventSource
+    # does, and the server gives the events of the gap, or says "missed".
+    place: list[str] = []
     try:
         while True:
             try:
-                async with http.get(url, headers=headers) as resp:
+                resume = {"Last-Event-ID": place[0]} if place else {}
+                async with http.get(url, headers={**headers, **resume}) as resp:
                     connected = True
                     if resp.status == 401:
                         raise AuthError("the server refused the token (--token-file)")
                     if resp.status != 200:
                         raise await _refusal(url, resp)
-                    async for kind, data in sse_events(resp):
+                    async for kind, data in sse_events(resp, place):
                         if kind == "missed":
                             print(f"netboot: {data} events were dropped (this terminal read "
-                                  "too slowly)", file=err)
+                                  "too slowly, or the stream was away longer than the "
+                                  "server keeps them)" if data != "0" else
+                                  "netboot: events made while the stream was away are not "
+                                  "shown: the server no longer has them (it restarted, or "
+                                  "another server answers); `netboot events MACHINE` lists "
+                                  "a machine's history", file=err)
                             continue
                         if kind != "machine":
                             continue

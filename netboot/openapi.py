@@ -531,7 +531,10 @@ def document() -> dict[str, Any]:
                           "(event: machine, data: an Event; event: missed when this reader "
                           "fell behind; event: inventory, data: the inventory's health as "
                           "GET /status's inventory, as the stream opens and when it "
-                          "changes)", need=READ, errors=()),
+                          "changes). Each message has an id: a reconnect with "
+                          "Last-Event-ID (or ?last_event_id=) is given what was published "
+                          "since, or event: missed when that is no longer held",
+                          need=READ, errors=()),
                     "responses": {"200": {"description": "text/event-stream"},
                                   "401": {"description": _ERRORS[401]},
                                   "403": {"description": _ERRORS[403]},

@@ -42,8 +42,9 @@ def namespace() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
-def in_namespace(ns: str, scenario: Any) -> Any:
-    """Run ``asyncio.run(scenario())`` on a thread that entered ``ns``; its result or error."""
+def in_namespace(ns: str, scenario: Any, *, seconds: float = 60) -> Any:
+    """Run ``asyncio.run(scenario())`` on a thread that entered ``ns``; its result or error
+    (``seconds`` at most: a browser's scenario takes longer than a socket's)."""
     out: dict[str, Any] = {}
 
     def target() -> None:
@@ -55,13 +56,13 @@ def in_namespace(ns: str, scenario: Any) -> Any:
                     raise OSError(ctypes.get_errno(), "setns failed")
             finally:
                 os.close(fd)
-            out["result"] = asyncio.run(asyncio.wait_for(scenario(), 60))
+            out["result"] = asyncio.run(asyncio.wait_for(scenario(), seconds))
         except BaseException as exc:  # reported on the test's thread
             out["error"] = exc
 
     thread = threading.Thread(target=target, name=f"netns-{ns}")
     thread.start()
-    thread.join(90)
+    thread.join(seconds + 30)
     assert not thread.is_alive(), "the scenario in the namespace did not finish"
     if "error" in out:
         raise out["error"]

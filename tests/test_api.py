@@ -2382,6 +2382,74 @@ async def _open_stream(env: Env) -> Any:
     return resp
 
 
+async def test_a_page_far_down_the_list_by_mac_is_the_same_read_from_the_other_end(
+        env: Env) -> None:
+    """A page in the far half of the list by MAC is read from the list's other end and
+    reversed (the dashboard's "last" of 100,000 machines stepped over 99,950 rows): every
+    page, both directions, a filter too, is the slice of the whole list it was (machines
+    without a MAC included), and a page past the end is empty."""
+    rows = [{"mac": f"52:54:00:ee:00:{i:02x}", "hostname": f"p{i:02d}",
+             "labels": {"rack": "a" if i % 3 else "b"}} for i in range(23)]
+    rows += [{"uuid": f"4c4c4544-0000-1000-8000-0000000000{i:02d}", "hostname": f"u{i}",
+              "labels": {"rack": "a"}} for i in range(4)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    for query in ("", "&label=rack=a"):
+        for order in ("asc", "desc"):
+            whole = await env.get(f"/api/v1/machines?limit=1000&order={order}{query}")
+            names = [m["hostname"] for m in whole["items"]]
+            assert len(names) == whole["total"] == (27 if not query else 19)
+            # No MAC: last, and first the other way (the order's mirror).
+            assert (names[-4:] if order == "asc" else names[:4][::-1]) == [
+                "u0", "u1", "u2", "u3"]
+            for limit in (1, 5, 10):
+                for offset in range(0, len(names) + 2):
+                    page = await env.get(f"/api/v1/machines?limit={limit}&offset={offset}"
+                                         f"&order={order}{query}")
+                    assert [m["hostname"] for m in page["items"]] == \
+                        names[offset:offset + limit], (order, query, limit, offset)
+                    assert page["total"] == len(names) and page["offset"] == offset
+
+
+async def test_a_stream_resumed_by_its_last_event_id_is_given_its_gap_or_told_missed(
+        env: Env) -> None:
+    """EventSource reconnects with the last id it read (``Last-Event-ID``, HTML's server-sent
+    events): the stream resumes there, with what was published in the gap (nobody was
+    subscribed then); a takeover's ``?last_event_id=`` likewise. A place of another process
+    (a restart) or not an id of ours is told ``missed`` (the dashboard reloads what it
+    shows). Before, every stream started at the present: the gap's events were lost."""
+    async def frames_until(resp: Any, kind: bytes) -> dict[str, str]:
+        while True:
+            frame = await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+            fields = dict(line.split(": ", 1) for line in frame.decode().strip().split("\n")
+                          if not line.startswith(":") and ": " in line)
+            if fields.get("event") == kind.decode():
+                return fields
+
+    resp = await env.client.get("/api/v1/events/stream", headers=env.auth)
+    first = await resp.content.readuntil(b"\n\n")
+    place = re.search(rb"\nid: (\S+)\n", first)
+    assert place is not None, first  # a new stream's place, before any event
+    resp.close()
+    await env.post("/api/v1/machines", {"mac": MAC, "hostname": "gap-1"}, status=201)
+    for how in ({"headers": {**env.auth, "Last-Event-ID": place.group(1).decode()}},
+                {"headers": env.auth, "params": {"last_event_id": place.group(1).decode()}}):
+        resp = await env.client.get("/api/v1/events/stream", **how)
+        try:
+            given = await frames_until(resp, b"machine")
+            assert json.loads(given["data"])["kind"] == "enrolled"
+            assert given["id"].split(".")[0] == place.group(1).decode().split(".")[0]
+        finally:
+            resp.close()
+    for foreign in ("0badf00d.1", "not-an-id", "x." + "9" * 30):
+        resp = await env.client.get("/api/v1/events/stream",
+                                    headers={**env.auth, "Last-Event-ID": foreign})
+        try:
+            assert resp.status == 200
+            assert (await frames_until(resp, b"missed"))["data"] == "0"
+        finally:
+            resp.close()
+
+
 async def test_the_event_stream_tells_the_inventorys_health_as_it_opens_and_changes(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """The dashboard's banner asked GET /api/v1/status (the fleet's counts too) every 15 s

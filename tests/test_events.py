@@ -131,3 +131,44 @@ async def test_ready_takes_everything_queued_without_waiting_missed_first() -> N
         assert got[0] == Missed(2)
         assert [r.event.message for r in got[1:] if isinstance(r, Published)] == ["2", "3", "4"]
         assert sub.ready() == [] and sub.missed == 0
+
+
+async def test_a_dropped_stream_resumes_with_what_was_published_in_its_gap() -> None:
+    """A browser's EventSource reconnects with the last id it read (Last-Event-ID): it is
+    given what came since, though nobody was subscribed meanwhile (its one stream had
+    dropped), for keep_seconds after the last stream closed and from the newest keep
+    events; further back, after that, or from another process's place: Missed."""
+    now = [100.0]
+    bus = EventBus(keep=5, keep_seconds=60.0, clock=lambda: now[0])
+    assert not bus.holding
+    with bus.subscribe() as sub:
+        assert sub.place == 0
+        bus.published([ev(1), ev(2)])
+        read = [await sub.next(), await sub.next()]
+    last = read[-1]
+    assert isinstance(last, Published) and last.event == ev(2)
+    # The stream dropped: the events of the gap are kept (and the feed still relayed).
+    now[0] += 30
+    assert bus.holding and bus.relaying
+    bus.published([ev(3), ev(4)])
+    with bus.subscribe(after=last.seq) as sub:
+        got = sub.ready()
+        assert [p.event for p in got if isinstance(p, Published)] == [ev(3), ev(4)]
+        assert not any(isinstance(p, Missed) for p in got)
+        assert sub.place == last.seq + 2
+    with bus.subscribe(after=last.seq + 2) as sub:  # nothing missed: nothing given
+        assert sub.ready() == []
+    # Further back than the newest five: how many were missed, not which.
+    bus.published([ev(i) for i in range(5, 12)])
+    with bus.subscribe(after=last.seq) as sub:
+        assert sub.ready() == [Missed(9)]
+    # Another process's place (a restart): missed, how many not known.
+    with bus.subscribe(after=-1) as sub:
+        got = sub.ready()
+        assert got == [Missed(0)]
+    # A minute after the last stream closed, nothing is kept any more.
+    now[0] += 61
+    assert not bus.holding and not bus.relaying
+    bus.published([ev(12)])
+    with bus.subscribe(after=last.seq + 9) as sub:
+        assert sub.ready() == [Missed(1)]

@@ -261,3 +261,40 @@ async def test_follow_takes_a_machine_by_its_hostname_as_the_other_commands_do(
     assert await follow.machine_id(base, env.admin, MAC) == created["id"]
     with pytest.raises(NetbootError, match="HTTP 40"):
         await follow.machine_id(base, env.admin, "edge-2")
+
+
+async def test_follow_resumes_after_its_stream_drops_with_the_events_of_the_gap(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stream drops (the server ends it, as a proxy's idle timeout would) and a machine
+    is made before the follower reconnects: it sends the last event's id (Last-Event-ID),
+    as a browser's EventSource does, and prints the gap's event. Before, it reconnected at
+    the present and the event was never printed."""
+    monkeypatch.setattr(follow, "RECONNECT_SECONDS", 0.5)
+    base = f"http://{env.client.host}:{env.client.port}"
+    seen: list[dict[str, Any]] = []
+    task = asyncio.ensure_future(follow.follow(base, env.admin, emit=seen.append,
+                                               stop=lambda: len(seen) >= 2))
+    try:
+        await subscribed(env)
+        await env.post("/api/v1/machines", {"mac": MAC, "hostname": "before"}, status=201)
+        for _ in range(200):  # bounded: 10 s
+            if seen:
+                break
+            await asyncio.sleep(0.05)
+        assert [e["kind"] for e in seen] == ["enrolled"]
+        for sub in list(env.service.events._subscribers):
+            sub._end()  # the server ends the stream
+        for _ in range(200):
+            if not env.service.events.subscribers:
+                break
+            await asyncio.sleep(0.01)
+        await env.post("/api/v1/machines", {"mac": "52:54:00:ee:00:02", "hostname": "gap"},
+                       status=201)
+        assert env.service.events.subscribers == 0  # made while nobody followed
+        await asyncio.wait_for(task, 20)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert [e["message"] for e in seen] == ["created through the API"] * 2
+    assert seen[1]["machine"] != seen[0]["machine"]

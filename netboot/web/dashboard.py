@@ -3,8 +3,9 @@
 The dashboard is static HTML, CSS and JavaScript shipped inside the package
 (``netboot/web/static``): no CDN, no build step. Its script calls the REST API with the session
 cookie (:mod:`netboot.web.auth`) and follows ``/api/v1/events/stream`` (Server-Sent Events: one
-stream per browser tab, no polling). Every page but the login needs a valid session; the
-assets themselves hold no data and are served to anyone, so the login page can be styled.
+stream per browser, held by a SharedWorker, ``static/stream.js``; no polling). Every page but
+the login needs a valid session; the assets themselves hold no data and are served to
+anyone, so the login page can be styled.
 
 ``/metrics`` follows the Prometheus convention of an unauthenticated scrape on the
 provisioning network (``metrics.public``, the default); with ``metrics.public: false`` it

@@ -1984,3 +1984,22 @@ async def test_a_new_machine_given_the_address_an_update_moves_another_off_is_wr
     await store.apply_batch(Batch(create=many, update=[replace(moved, fixed_ipv4=None)]))
     assert [m.id for m in await store.list_machines(MachineFilter(fixed_ipv4="192.0.2.2"))
             ] == [mid(mac(99))]
+
+
+async def test_the_mac_orders_two_directions_are_each_others_mirror(store: Store) -> None:
+    """Api._page reads a page of the far half of the list by MAC from the other end and
+    reverses it (the dashboard's "last" of 100,000 machines stepped over 99,950 rows): right
+    only while descending by MAC is ascending reversed, machines without a MAC (ordered by
+    id) and all, in every store."""
+    for i in range(9):
+        await store.create_machine(machine(mac(i * 7 % 9), hostname=f"h{i}"))
+    for i in range(3):
+        await store.create_machine(Machine(uuid=sighting_uuid(i), hostname=f"u{i}"))
+    up = await store.list_machines(MachineFilter(limit=100))
+    down = await store.list_machines(MachineFilter(limit=100, descending=True))
+    assert len(up) == 12 and [m.id for m in down] == [m.id for m in reversed(up)]
+    assert [m.macs for m in up[-3:]] == [(), (), ()]  # no MAC: last, ascending
+    for offset in range(12):
+        page = await store.list_machines(MachineFilter(limit=4, offset=offset,
+                                                       descending=True))
+        assert [m.id for m in page] == [m.id for m in reversed(up)][offset:offset + 4]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import pytest
 from aiohttp import web
@@ -181,7 +182,8 @@ async def test_event_stream_needs_a_token_and_carries_events(env: Env) -> None:
                      if not line.startswith(":")]
             fields = dict(line.split(": ", 1) for line in lines)
             assert fields.get("event") in (None, "inventory", "warnings", "machine"), block
-        assert int(fields["id"]) >= 1
+        # This process's name and the event's place (a resume names them: Last-Event-ID).
+        assert re.fullmatch(r"[0-9a-f]{8}\.[1-9][0-9]*", fields["id"]), fields
         event = json.loads(fields["data"])
         assert event["kind"] == "enrolled" and event["machine"].startswith("m-")
     finally:

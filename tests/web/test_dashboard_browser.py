@@ -199,12 +199,17 @@ async def test_bulk_upload_reports_the_bad_row_and_imports_a_clean_file(
     await shots(page, "search")
 
 
+async def numbered(env: Env, count: int) -> None:
+    """``count`` machines n0000, n0001, ..., their MACs in the same order."""
+    rows = [{"mac": f"52:54:00:cc:{i // 256:02x}:{i % 256:02x}", "hostname": f"n{i:04d}"}
+            for i in range(count)]
+    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+
+
 async def test_many_machines_are_paged_and_sorted_by_the_server(
         make_env: EnvFactory, browser: Browser, shots: Any) -> None:
     env = await make_env()
-    rows = [{"mac": f"52:54:00:cc:{i // 256:02x}:{i % 256:02x}", "hostname": f"n{i:04d}"}
-            for i in range(120)]
-    await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
+    await numbered(env, 120)
     page = await logged_in(browser, env, shots)
     body = page.locator("table.machines tbody tr")
     await expect(body).to_have_count(50)
@@ -667,20 +672,25 @@ async def test_an_older_registration_is_a_warning_on_every_page_until_it_is_rein
     await shots(page, "older-registration-reinstalled")
 
 
+@pytest.mark.parametrize("way", ["shared-worker", "web-locks"])
 async def test_an_operator_with_many_tabs_open_gets_every_one_live(
-        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+        make_env: EnvFactory, browser: Browser, shots: Any, way: str) -> None:
     """An operator opens the list and then each suspect machine in a tab of its own (a
     middle click on each row's hostname), in one browser. Chromium opens at most 6 HTTP/1.1
     connections to one server (netboot's HTTPS is aiohttp's HTTP/1.1), and every tab held
     one for its event stream: from the sixth tab on, each request of every tab waited for a
     connection that never came free, and the tabs showed nothing, or stopped following.
-    One stream for all the tabs of a browser: every tab loads and follows a device live."""
+    One stream for all the tabs of a browser: every tab loads and follows a device live.
+    The stream is held by a SharedWorker; a browser without one (Chrome on Android) elects a
+    tab by a Web Lock, whose successor resumes the stream where its predecessor's stopped."""
     env = await make_env()
     await env.seed()
     rows = [{"mac": f"52:54:00:dd:00:{i:02x}", "hostname": f"t{i:02d}", "cluster": "edge"}
             for i in range(8)]
     await env.post("/api/v1/machines:bulk", {"machines": rows}, status=201)
     context = await browser.new_context(viewport={"width": 1360, "height": 900})
+    if way == "web-locks":
+        await context.add_init_script("delete window.SharedWorker;")
     try:
         tabs = [await logged_in(context, env, shots)]
         for i in range(8):
@@ -699,11 +709,13 @@ async def test_an_operator_with_many_tabs_open_gets_every_one_live(
         await expect(tabs[8].locator("ol.timeline")).to_contain_text("install-plan")
         for tab in tabs:
             await expect(tab.locator("#live")).to_have_text("live")
+        assert env.service.events.subscribers == 1  # one stream for the nine tabs
         await shots(tabs[8], "followed-live")
         # The tab that held the stream is closed: another takes it over, and follows.
         await tabs[0].close()
         await boot(env, "52-54-00-dd-00-06")
         await expect(tabs[7].locator("h1")).to_contain_text("booting")
+        assert env.service.events.subscribers == 1
     finally:
         await context.close()
 
@@ -803,3 +815,102 @@ async def test_a_storm_elsewhere_in_the_fleet_reloads_the_counts_not_the_page(
     await boot(env, "52-54-00-dd-03-38")  # s56 boots: now it is one the filter shows
     await expect(body.filter(has_text="s56")).to_contain_text("booting")
     await expect(page.locator(".pager")).to_contain_text("1\u20133 of 3")
+
+
+def cut_streams(env: Env) -> None:
+    """The server ends every open event stream (as a proxy's idle timeout, a laptop's sleep
+    or a server's stream that failed would): each browser's EventSource reconnects 3 s later
+    (the stream's ``retry:``)."""
+    for sub in list(env.service.events._subscribers):
+        sub._end()
+
+
+async def test_events_made_while_the_stream_is_cut_appear_when_it_reconnects(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """The stream drops; a device boots before the browser reconnects (nobody subscribed
+    then). The reconnecting EventSource sends the last event's id (Last-Event-ID) and is
+    given the gap's events: the row says booting, with no reload of the page. Before, the
+    reconnected stream started at the present, and the row said enrolled until the next
+    event about it, or a reload."""
+    env = await make_env()
+    await env.seed()
+    for i in (1, 2):
+        await env.post("/api/v1/machines", {"mac": f"52:54:00:dd:04:0{i}",
+                                            "hostname": f"gap{i}", "cluster": "edge"},
+                       status=201)
+    page = await logged_in(browser, env, shots)
+    rows = page.locator("table.machines tbody tr")
+    await expect(rows.filter(has_text="gap1")).to_contain_text("enrolled")
+    await page.evaluate("window.notReloaded = true")
+    # One event read before the cut (its id is where the stream resumes), and then a gap.
+    await boot(env, "52-54-00-dd-04-01")
+    await expect(rows.filter(has_text="gap1")).to_contain_text("booting")
+    cut_streams(env)
+    await expect(page.locator("#live")).to_have_text("reconnecting…")
+    await boot(env, "52-54-00-dd-04-02")
+    assert env.service.events.subscribers == 0  # the event came while no stream was open
+    await expect(page.locator("#live")).to_have_text("live")
+    await expect(rows.filter(has_text="gap2")).to_contain_text("booting")
+    await expect(page.locator(".counts button[data-state=booting] .n")).to_have_text("2")
+    assert await page.evaluate("window.notReloaded") is True
+    await shots(page, "the-gap-given")
+
+
+async def test_a_stream_resumed_from_a_place_the_server_does_not_hold_reloads_the_view(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """The stream drops and the server that answers the reconnect is another process (a
+    restart: the id's instance is not its own, as here): what came in the gap cannot be
+    given, so it says "missed" and the view reloads, rather than showing the row as it was.
+    Before, the reconnected stream said nothing and the row stayed enrolled."""
+    env = await make_env()
+    await env.seed()
+    await env.post("/api/v1/machines", {"mac": "52:54:00:dd:05:01", "hostname": "restarted",
+                                        "cluster": "edge"}, status=201)
+    page = await logged_in(browser, env, shots)
+    row = page.locator("table.machines tbody tr", has_text="restarted")
+    await expect(row).to_contain_text("enrolled")
+    await page.evaluate("window.notReloaded = true")
+    env.service.events.instance = "0fe1e2e3"  # the ids the page holds are another process's
+    cut_streams(env)
+    await expect(page.locator("#live")).to_have_text("reconnecting…")
+    await boot(env, "52-54-00-dd-05-01")
+    assert env.service.events.subscribers == 0
+    await expect(page.locator("#live")).to_have_text("live")
+    await expect(row).to_contain_text("booting")
+    assert await page.evaluate("window.notReloaded") is True
+
+
+async def test_a_page_is_reached_by_its_number_or_as_the_first_or_the_last(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """Previous and next only: the end of 100,000 machines was 2,000 clicks away. The first,
+    the last, and any page by its number (past the last: the last)."""
+    env = await make_env()
+    await numbered(env, 260)
+    page = await logged_in(browser, env, shots)
+    body = page.locator("table.machines tbody tr")
+    pager = page.locator(".pager")
+    await expect(pager).to_contain_text("1\u201350 of 260")
+    await expect(pager).to_contain_text("of 6")
+    await page.click("text=last »")
+    await expect(pager).to_contain_text("251\u2013260 of 260")
+    await expect(body).to_have_count(10)
+    await expect(body.first).to_contain_text("n0250")
+    await shots(page, "last-page")
+    number = page.locator(".pager input.page-number")
+    await expect(number).to_have_value("6")
+    await number.fill("3")
+    await number.press("Enter")
+    await expect(pager).to_contain_text("101\u2013150 of 260")
+    await expect(body.first).to_contain_text("n0100")
+    await number.fill("999")
+    await number.press("Enter")
+    await expect(pager).to_contain_text("251\u2013260 of 260")
+    await page.click("text=« first")
+    await expect(pager).to_contain_text("1\u201350 of 260")
+    await expect(body.first).to_contain_text("n0000")
+    # Sorted the other way, the last page holds the first MACs.
+    await page.click("th button:text('Hostname')")
+    await page.click("th button:text('Hostname')")  # descending
+    await page.click("text=last »")
+    await expect(body.last).to_contain_text("n0000")
+    await shots(page, "last-page-descending")

@@ -5,8 +5,9 @@
 //   netboot_csrf cookie's value in X-CSRF-Token (double submit, netboot/web/auth.py).
 // * Filtering, sorting and paging happen on the server (GET /machines?q=&state=&sort=&offset=),
 //   so a page of 50 rows costs the same with 10 machines or 10,000.
-// * One EventSource per tab (/api/v1/events/stream) tells the page what changed; a view
-//   reloads what it shows at most once per RELOAD_MS however many events arrive.
+// * One EventSource per browser (/api/v1/events/stream, held by a SharedWorker: connect)
+//   tells the page what changed; a view reloads what it shows at most once per RELOAD_MS
+//   however many events arrive.
 // * Text from the inventory is only ever set as textContent, never parsed as HTML.
 
 const API = "/api/v1";
@@ -191,20 +192,23 @@ let view = null; // the current view: {onEvent(ev), onMissed(), close()}
 // One event stream for all the tabs of a browser. Chromium opens at most 6 HTTP/1.1
 // connections to one server (netboot's HTTPS is HTTP/1.1) and each tab's EventSource held one
 // for good: an operator with a tab per suspect machine had, from the sixth, every request of
-// every tab waiting for a connection that never came free. The tab holding the Web Lock
-// below opens the stream and passes each message to the others (BroadcastChannel); when it
-// closes, the lock goes to another, which opens the stream and tells every tab to reload
-// (events of the gap were not seen). Where the lock is not offered (plain HTTP to another
-// host is not a secure context), each tab has its own stream, as before.
+// every tab waiting for a connection that never came free.
+// * A SharedWorker (/ui/stream.js) holds the one stream and passes each message to every tab.
+//   It needs no secure context, so the dashboard over plain HTTP from another host
+//   (http.plain_api: allow) shares one stream too: Web Locks, the way before, exist only
+//   over HTTPS or on localhost, and there each tab had its own stream, the seventh stalled.
+// * Without SharedWorker (Chrome on Android, Safari before 16) but with Web Locks: the tab
+//   holding the lock below opens the stream and passes each message to the others
+//   (BroadcastChannel); when it closes, another takes the lock and opens the stream from the
+//   last event any tab saw (?last_event_id=), so the gap is given, not lost.
+// * With neither, each tab has its own stream, as before.
+// Every stream resumes after a drop: EventSource sends the last event's id (Last-Event-ID)
+// and the server gives what came meanwhile, or "missed" (the view reloads what it shows).
 const STREAM_LOCK = "netboot-event-stream";
 const KINDS = ["machine", "inventory", "warnings", "missed"];
 
 function connect() {
   const live = document.getElementById("live");
-  const channel = window.BroadcastChannel && navigator.locks
-    ? new BroadcastChannel(STREAM_LOCK) : null;
-  const kept = {}; // the holder's last "live", "inventory" and "warnings", for a new tab
-
   function deliver(kind, data) {
     if (kind === "live") {
       live.textContent = data ? "live" : "reconnecting…";
@@ -217,27 +221,49 @@ function connect() {
     else if (kind === "warnings") standingWarnings(JSON.parse(data));
     else if (kind === "missed" && view && view.onMissed) view.onMissed();
   }
-  function told(kind, data) { // by this tab's own stream: here, and to every other tab
+  if (!(window.SharedWorker && shared(deliver))) elected(deliver);
+}
+
+function elected(deliver) {
+  // Without a SharedWorker: one tab's stream for all (Web Locks), else a stream per tab.
+  const channel = window.BroadcastChannel && navigator.locks
+    ? new BroadcastChannel(STREAM_LOCK) : null;
+  const kept = {}; // the holder's last "live", "inventory" and "warnings", for a new tab
+  let lastId = ""; // the last event's id this tab saw: where a takeover resumes
+
+  function told(kind, data, id) { // by this tab's own stream: here, and to every other tab
     if (kind !== "machine" && kind !== "missed") kept[kind] = data;
+    if (id) lastId = id;
     deliver(kind, data);
-    if (channel) channel.postMessage({kind, data});
+    if (channel) channel.postMessage({kind, data, id});
   }
   function stream(takeover) {
-    const source = new EventSource(API + "/events/stream");
+    const resume = takeover && lastId ? `?last_event_id=${encodeURIComponent(lastId)}` : "";
+    const source = new EventSource(`${API}/events/stream${resume}`);
     source.addEventListener("open", () => {
       told("live", true);
-      // Taken over from a tab that closed: what came meanwhile was seen by nobody.
-      if (takeover) { takeover = false; told("missed", null); }
+      // Taken over from a tab that closed before any event came: where to resume from is
+      // not known, what came meanwhile was seen by nobody.
+      if (takeover && !resume) told("missed", null);
+      takeover = false;
     });
     source.addEventListener("error", () => told("live", false));
-    for (const kind of KINDS) source.addEventListener(kind, (msg) => told(kind, msg.data));
+    for (const kind of KINDS) {
+      source.addEventListener(kind, (msg) => told(kind, msg.data, msg.lastEventId));
+    }
   }
   if (!channel) { stream(false); return; }
   let holder = false;
   channel.onmessage = ({data: msg}) => {
     if (msg.kind === "hello") {
-      if (holder) for (const [kind, data] of Object.entries(kept)) channel.postMessage({kind, data});
-    } else deliver(msg.kind, msg.data);
+      // What the holder knows, and where its stream is (a takeover by that tab resumes there).
+      if (holder) {
+        for (const [kind, data] of Object.entries(kept)) channel.postMessage({kind, data, id: lastId});
+      }
+    } else {
+      if (msg.id) lastId = msg.id;
+      deliver(msg.kind, msg.data);
+    }
   };
   function hold(takeover) {
     holder = true;
@@ -250,6 +276,22 @@ function connect() {
     navigator.locks.request(STREAM_LOCK, () => hold(true)); // once that tab is gone
     return null;
   });
+}
+
+function shared(deliver) {
+  // The stream of every tab in a SharedWorker (/ui/stream.js); false where the browser
+  // refuses to start one, and the other ways if it fails to load.
+  let worker;
+  try {
+    worker = new SharedWorker("/ui/stream.js", {name: STREAM_LOCK});
+  } catch (err) {
+    return false;
+  }
+  worker.addEventListener("error", () => elected(deliver));
+  worker.port.onmessage = ({data: msg}) => deliver(msg.kind, msg.data);
+  addEventListener("pagehide", () => worker.port.postMessage("bye"));
+  addEventListener("pageshow", (e) => { if (e.persisted) worker.port.postMessage("hello"); });
+  return true;
 }
 
 function discoveredBadge(total) {
@@ -378,15 +420,37 @@ function machinesView(root) {
         "No machines match.")));
     }
     changed.clear();
-    const last = Math.min(query.offset + PAGE, data.total);
-    pager.replaceChildren(
-      h("button", {disabled: query.offset === 0, onclick: () => {
-        query.offset = Math.max(0, query.offset - PAGE); loadPage();
-      }}, "← previous"),
-      h("span", {}, data.total ? `${query.offset + 1}–${last} of ${data.total}` : "0 machines"),
-      h("button", {disabled: last >= data.total, onclick: () => {
-        query.offset += PAGE; loadPage();
-      }}, "next →"));
+    pager.replaceChildren(...pages(data.total));
+  }
+
+  // Previous and next only were 2,000 clicks to the end of 100,000 machines: the first and
+  // the last page, and any page by its number (the server pages by offset: a page's first
+  // row is (n - 1) × 50 of the order asked, however far; a search or a filter finds one
+  // machine). Past the end (machines removed meanwhile), the last page that has rows.
+  function pages(total) {
+    const count = Math.max(1, Math.ceil(total / PAGE));
+    const at = Math.floor(query.offset / PAGE) + 1;
+    const go = (n) => {
+      query.offset = (Math.min(Math.max(1, n), count) - 1) * PAGE;
+      loadPage();
+    };
+    const last = Math.min(query.offset + PAGE, total);
+    const number = h("input", {type: "number", min: 1, max: count, value: at,
+      class: "page-number", "aria-label": "page", title: `page 1 to ${count}`});
+    number.addEventListener("change", () => {
+      const n = Number.parseInt(number.value, 10);
+      if (Number.isFinite(n)) go(n); else number.value = at;
+    });
+    if (query.offset && query.offset >= total) go(count); // the page asked is gone
+    return [
+      h("button", {disabled: at <= 1, onclick: () => go(1)}, "« first"),
+      h("button", {disabled: at <= 1, onclick: () => go(at - 1)}, "← previous"),
+      h("label", {class: "page"}, "page ", number, ` of ${count}`),
+      h("button", {disabled: at >= count, onclick: () => go(at + 1)}, "next →"),
+      h("button", {disabled: at >= count, onclick: () => go(count)}, "last »"),
+      h("span", {class: "range"},
+        total ? `${query.offset + 1}–${last} of ${total}` : "0 machines"),
+    ];
   }
 
   function load() {
