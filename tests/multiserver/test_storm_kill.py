@@ -115,6 +115,7 @@ class Device:
     home: str  # "a" or "b": whose DHCP answer it takes while both answer
     gate: str | None = None  # "tftp", "ipxe", "config": held there until A is killed
     after: int | None = None  # powered on once this device has its install script
+    held_at: str | None = None  # its gate, kept
     via_vip: bool = False  # its register reaches B once A is dead (the address moved)
     boots: int = 0
     config: dict[str, Any] | None = None  # the k3OS config it installed with
@@ -133,6 +134,8 @@ class Storm:
     admin: str
     killed: asyncio.Event = field(default_factory=asyncio.Event)
     restarted: asyncio.Event = field(default_factory=asyncio.Event)
+    release: asyncio.Event = field(default_factory=asyncio.Event)  # the "acked" devices go
+    a_pid: int = 0
     at_gate: dict[int, asyncio.Event] = field(default_factory=dict)
     scripted: dict[int, asyncio.Event] = field(default_factory=dict)
 
@@ -147,6 +150,14 @@ class Storm:
 
     def server_at(self, url: str) -> Host:
         return self.a if f"//{self.a.host}:" in url else self.b
+
+    def kill_a(self) -> None:
+        proc, self.a.proc = self.a.proc, None
+        assert proc is not None
+        self.a_pid = proc.pid
+        proc.kill()  # SIGKILL, to this process by its own handle
+        proc.wait(timeout=30)
+        self.killed.set()
 
     async def gate(self, dev: Device, stage: str) -> None:
         if dev.gate == stage and not self.killed.is_set():
@@ -275,6 +286,10 @@ class Storm:
                 # peer here is loopback, not an address a node could be joined at.
                 "addresses": [f"192.0.2.{100 + dev.index}"]}
         await self.gate(dev, "config")
+        if dev.gate == "acked":
+            dev.gate = None
+            self.at_gate[dev.index].set()
+            await self.release.wait()
         for _ in range(360):
             target = self.server_at(url.group(1))
             if target is self.a and dev.via_vip and self.killed.is_set():
@@ -292,6 +307,11 @@ class Storm:
                             dev.register_answers[-1] = f"{target.name} 200 lost"
                             await self.gate(dev, "answer")
                             continue
+                        if dev.held_at == "acked" and target is self.a \
+                                and not self.killed.is_set():
+                            # The first answer A gives these devices is its last: killed
+                            # at once, what it told them done must be.
+                            self.kill_a()
                         dev.registered_via = target.name
                         return
                     dev.log.append(f"register via {target.name}: {resp.status} {text[:200]}")
@@ -332,12 +352,13 @@ def devices(clusters: int = 4, agents: int = AGENTS) -> list[Device]:
     gates = {"tftp": [2, per + 4, 2 * per + 6, 3 * per + 8],
              "ipxe": [per, 2 * per + 2, 2 * per + 4],
              "config": [0, 2 * per + 8, 2 * per + 10],
-             "answer": [3 * per + 2, 3 * per + 4]}
+             "answer": [3 * per + 2, 3 * per + 4],
+             "acked": [3 * per + 6, 3 * per + 10, 3 * per + 12]}
     for stage, indices in gates.items():
         for k, i in enumerate(indices):
             assert out[i].home == "a"
-            out[i].gate = stage
-            out[i].via_vip = k % 2 == 0 or stage == "answer"
+            out[i].gate = out[i].held_at = stage
+            out[i].via_vip = k % 2 == 0 or stage in ("answer", "acked")
     return out
 
 
@@ -428,12 +449,10 @@ async def kill_mid_way(storm: Storm, devs: list[Device], *, registered_first: in
             if sum(r.done() for r in runs) >= registered_first:
                 break
             await asyncio.sleep(0.1)
-        assert a.proc is not None
-        a_pid = a.proc.pid
-        a.proc.kill()  # SIGKILL, to this process by its own handle
-        a.proc.wait(timeout=30)
-        a.proc = None
-        storm.killed.set()
+        # The "acked" devices register with A; its first answer to one of them is its
+        # last (Storm.kill_a): the others' requests are in flight.
+        storm.release.set()
+        await asyncio.wait_for(storm.killed.wait(), 60)
         mark(f"A killed: {sum(r.done() for r in runs)} devices registered")
 
         async def watch_b() -> None:
@@ -473,7 +492,7 @@ async def kill_mid_way(storm: Storm, devs: list[Device], *, registered_first: in
     finally:
         for r in runs:
             r.cancel()
-    assert a_pid
+    assert storm.a_pid
     return b_health
 
 
@@ -547,6 +566,11 @@ async def outcomes(storm: Storm, devs: list[Device], b_health: list[tuple[int, s
         assert len([m for m in plans if m.startswith("install profile ")]) == 1, (d.mac, story)
         if d.index == per:
             assert any(m.startswith("install script again") for m in plans), story
+    # What A told done just before it died is done: the device's machine token from A is
+    # taken by B (below), the machine registered (above).
+    acked = [d for d in devs if d.held_at == "acked" and d.registered_via == "a"
+             and len(d.machine_tokens) == 1]
+    assert acked, [(d.mac, d.register_answers) for d in devs if d.held_at == "acked"]
     # A device whose answer from A was lost is registered once through B with the same
     # machine token; every device's machine token (what its next boots register with) is
     # taken by both servers.
