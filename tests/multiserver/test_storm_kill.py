@@ -125,6 +125,14 @@ class Device:
     machine_tokens: list[str] = field(default_factory=list)  # each 200's, lost or kept
     log: list[str] = field(default_factory=list)
 
+    @property
+    def address(self) -> str:
+        """What it reports as its address: documentation networks (RFC 5737, RFC 3849)."""
+        nets = ("192.0.2.", "198.51.100.", "203.0.113.")
+        if self.index < 250 * len(nets):
+            return f"{nets[self.index // 250]}{self.index % 250 + 1}"
+        return f"2001:db8::{self.index:x}"
+
 
 @dataclass
 class Storm:
@@ -288,7 +296,7 @@ class Storm:
                 "install_secret": f"secret-{dev.index}", "node_name": dev.hostname,
                 # What the device says its address is (`netboot register` reports it): the
                 # peer here is loopback, not an address a node could be joined at.
-                "addresses": [f"192.0.2.{100 + dev.index}"]}
+                "addresses": [dev.address]}
         await self.gate(dev, "config")
         if dev.gate == "acked":
             dev.gate = None
@@ -437,6 +445,7 @@ async def kill_mid_way(storm: Storm, devs: list[Device], *, registered_first: in
         print(f"{time.monotonic() - t0:7.2f} s  {what}", flush=True)
 
     runs = [asyncio.ensure_future(storm.run(d)) for d in devs]
+    watcher: asyncio.Future[None] | None = None
     b_health: list[tuple[int, str]] = []
     try:
         def failed() -> None:  # a device that gave up ends the storm at once
@@ -501,8 +510,9 @@ async def kill_mid_way(storm: Storm, devs: list[Device], *, registered_first: in
         mark("A started again")
         await asyncio.wait_for(asyncio.gather(*runs), 4 * bound)
         mark("all registered")
-        watcher.cancel()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         for r in runs:
             r.cancel()
     assert storm.a_pid
@@ -535,7 +545,8 @@ async def outcomes(storm: Storm, devs: list[Device], b_health: list[tuple[int, s
         # The others join the first server at the address it registered with, with the
         # cluster's secrets: one server token, one agent token, one CA hash in both.
         joined = {k3os[d.index].get("server_url") for d in nodes if d not in inits}
-        assert joined == {f"https://192.0.2.{100 + inits[0].index}:6443"}, (cluster, joined)
+        at = inits[0].address
+        assert joined == {f"https://{f'[{at}]' if ':' in at else at}:6443"}, (cluster, joined)
         servers = {k3os[d.index]["token"] for d in nodes if d.role == "server"}
         agents = {k3os[d.index]["token"] for d in nodes if d.role == "agent"}
         assert len(servers) == 1 and len(agents) == 1, (cluster, servers, agents)
@@ -593,7 +604,7 @@ async def outcomes(storm: Storm, devs: list[Device], b_health: list[tuple[int, s
             assert len(set(d.machine_tokens)) == 1, (d.mac, d.machine_tokens)
         for server in (a, b):
             body = {"mac": d.mac, "machine_token": d.machine_tokens[-1],
-                    "keeps": "machine_token", "addresses": [f"192.0.2.{100 + d.index}"]}
+                    "keeps": "machine_token", "addresses": [d.address]}
             async with storm.http.post(f"{server.base}/api/v1/register", json=body) as resp:
                 assert resp.status == 200, (server.name, d.mac, await resp.text())
     # The audit log has each registration that was answered, the lost answers' too.
