@@ -116,6 +116,7 @@ class Device:
     gate: str | None = None  # "tftp", "ipxe", "config": held there until A is killed
     after: int | None = None  # powered on once this device has its install script
     held_at: str | None = None  # its gate, kept
+    late: bool = False  # powered on once every gate is reached (benchmarks/pair_kill.py)
     via_vip: bool = False  # its register reaches B once A is dead (the address moved)
     boots: int = 0
     config: dict[str, Any] | None = None  # the k3OS config it installed with
@@ -143,6 +144,7 @@ class Storm:
     killed: asyncio.Event = field(default_factory=asyncio.Event)
     restarted: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)  # the "acked" devices go
+    gated: asyncio.Event = field(default_factory=asyncio.Event)  # every gate reached
     a_pid: int = 0
     scale: float = SCALE
     marks: list[tuple[float, str]] = field(default_factory=list)  # the storm's phases
@@ -334,16 +336,19 @@ class Storm:
         raise AssertionError(f"{dev.mac} never registered: {dev.log}")
 
     async def run(self, dev: Device) -> None:
+        if dev.late:
+            await self.gated.wait()
         if dev.after is not None:
             await self.scripted[dev.after].wait()
         await self.install(dev)
         await self.register(dev)
 
 
-def devices(clusters: int = 4, agents: int = AGENTS) -> list[Device]:
+def devices(clusters: int = 4, agents: int = AGENTS, *, late: bool = False) -> list[Device]:
     """Per cluster: its first server (on A), its second one powered on once the first has
     its install script (so that which one initialises is known: the race of two first
-    servers is test_pair's), agents (held until the first server registers)."""
+    servers is test_pair's), agents (held until the first server registers). ``late``: the
+    clusters past the fourth (the gates') are powered on once every gate is reached."""
     assert clusters >= 4 and agents >= 10 and agents % 2 == 0
     out: list[Device] = []
     for c in range(clusters):
@@ -352,7 +357,7 @@ def devices(clusters: int = 4, agents: int = AGENTS) -> list[Device]:
             i = len(out)
             out.append(Device(i, f"52:54:00:47:{c:02x}:{j:02x}", f"{cluster}-n{j}", cluster,
                               "server" if j < 2 else "agent", "a" if i % 2 == 0 else "b",
-                              after=i - 1 if j == 1 else None))
+                              after=i - 1 if j == 1 else None, late=late and c >= 4))
     # Held at their stage until A is killed, all on A: mid-TFTP (agents); holding A's
     # install script but not its config (c1's first server: its cluster-init planned by A;
     # agents of c2); installed from A but not registered (c0's first server: every other
@@ -463,6 +468,7 @@ async def kill_mid_way(storm: Storm, devs: list[Device], *, registered_first: in
                 f"{d.mac} gate={d.gate} boots={d.boots} {d.log[-3:]}" for d in devs
                 if d.index in storm.at_gate and not storm.at_gate[d.index].is_set()))
         mark("every gate reached")
+        storm.gated.set()
         # And the free devices mid-flow: some registered, others on their way.
         for _ in range(int(20 * bound)):  # bounded: 2 x bound
             failed()
