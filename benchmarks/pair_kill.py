@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clusters", type=int, default=20, help="at least 4")
     parser.add_argument("--agents", type=int, default=48, help="per cluster; even, >= 10")
-    parser.add_argument("--registered-first", type=int, default=400,
+    parser.add_argument("--registered-first", type=int, default=250,
                         help="devices registered before A is killed")
     parser.add_argument("--at-once", action="store_true",
                         help="every device powered on at the start (default: the clusters "

@@ -478,6 +478,7 @@ async def kill_mid_way(storm: Storm, devs: list[Device], *, registered_first: in
         # The "acked" devices register with A; its first answer to one of them is its
         # last (Storm.kill_a): the others' requests are in flight.
         storm.release.set()
+        mark(f"the acked devices register: {sum(r.done() for r in runs)} registered")
         await asyncio.wait_for(storm.killed.wait(), 60)
         mark(f"A killed: {sum(r.done() for r in runs)} devices registered")
 
