@@ -45,6 +45,7 @@ async def run(args: argparse.Namespace) -> int:
         async with pg.fresh_schema(cluster) as dsn, \
                 storm_test.running_storm(Path(tmp), dsn) as storm:
             storm.scale = args.scale
+            storm.freeze = args.freeze
             await storm_test.seed(storm, devs)
             health = await storm_test.kill_mid_way(
                 storm, devs, registered_first=args.registered_first, bound=args.bound)
@@ -83,6 +84,9 @@ def main() -> None:
                         help="every device powered on at the start (default: the clusters "
                         "past the gated four once their gates are reached, so that A dies "
                         "in the middle of their storm)")
+    parser.add_argument("--freeze", action="store_true",
+                        help="SIGSTOP A instead (a host that hangs: its PostgreSQL sessions "
+                        "stay open), SIGKILL before it is started again")
     parser.add_argument("--scale", type=float, default=0.1,
                         help="the devices' real sleeps (iPXE 5 s, hold 15 s, register 10 s) "
                         "times this")

@@ -35,8 +35,10 @@ import asyncio
 import contextlib
 import json
 import re
+import signal
 import socket
 import struct
+import subprocess
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -147,6 +149,8 @@ class Storm:
     gated: asyncio.Event = field(default_factory=asyncio.Event)  # every gate reached
     a_pid: int = 0
     scale: float = SCALE
+    freeze: bool = False
+    frozen: subprocess.Popen[bytes] | None = None
     marks: list[tuple[float, str]] = field(default_factory=list)  # the storm's phases
     at_gate: dict[int, asyncio.Event] = field(default_factory=dict)
     scripted: dict[int, asyncio.Event] = field(default_factory=dict)
@@ -167,9 +171,19 @@ class Storm:
         proc, self.a.proc = self.a.proc, None
         assert proc is not None
         self.a_pid = proc.pid
-        proc.kill()  # SIGKILL, to this process by its own handle
-        proc.wait(timeout=30)
+        if self.freeze:  # a host that hangs: its sessions stay open, its locks held
+            proc.send_signal(signal.SIGSTOP)
+            self.frozen = proc
+        else:
+            proc.kill()  # SIGKILL, to this process by its own handle
+            proc.wait(timeout=30)
         self.killed.set()
+
+    def end_frozen(self) -> None:
+        proc, self.frozen = self.frozen, None
+        if proc is not None:
+            proc.kill()
+            proc.wait(timeout=30)
 
     async def gate(self, dev: Device, stage: str) -> None:
         if dev.gate == stage and not self.killed.is_set():
@@ -512,6 +526,7 @@ async def kill_mid_way(storm: Storm, devs: list[Device], *, registered_first: in
         assert settled() and waited, waited
         # A started again: the devices retrying its URL register there.
         loop = asyncio.get_running_loop()
+        storm.end_frozen()
         await loop.run_in_executor(None, a.start)
         storm.restarted.set()
         mark("A started again")
