@@ -15,18 +15,24 @@ HTTP on its own address, as two hosts would be) share one inventory on Debian's 
   ``/ipxe`` up to 10 times, then reboots (netboot's own bootstrap, content.py). The install
   script's ``kernel``/``initrd`` from the URL it names; one failing fails the script, which
   was ``chain --replace``d over the bootstrap: iPXE exits to the firmware, which boots again.
-  A hold ("waiting for cluster") is slept on and chained again, as its script does.
+  A hold ("waiting for cluster") is slept on and ``/boot.ipxe`` chained again from the
+  server that held it, as its script does (that failing fails the boot the same way).
 - k3OS's installer fetches ``k3os.install.config_url`` (curl: a failure is a failed install;
   the machine boots again), the installed system's ``run_cmd`` registers at the URL its config
   names, every 10 s up to 360 times (netboot's config; k3OS runs ``run_cmd`` at every boot).
-  Sleeps are scaled down 100x; counts are real.
+  Sleeps are scaled (``SCALE``, x0.02); counts are real. Each device TFTPs from a loopback
+  address of its own and reports a documentation address in its registration (the peer,
+  loopback, is not one a node could be joined at).
 
 Where the config's URL names A and A is dead: half of those devices' register reaches B (the
 site's virtual address moved to B, as keepalived moves it), the other half keep retrying A's
 URL until A is started again. The kill happens when chosen devices of A are each at their
 stage (gates, not timings): some in the middle of TFTP, some holding an install script from A
-but not its config, some installed from A but not registered; the other devices run free
-throughout. Cost: ~30-40 s on a loaded 2-core machine (two servers started three times).
+but not its config, some installed from A but not registered, some registered by A whose
+answer was lost; then three register with A together and A is killed the moment it answers
+the first (what it told that device done must be). The other devices run free throughout.
+Cost: 6-55 s by the machine's load (two servers, A started again). benchmarks/pair_kill.py
+runs the same storm at 1,000 devices.
 """
 
 from __future__ import annotations
