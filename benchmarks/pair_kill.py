@@ -6,7 +6,8 @@ PXE/TFTP, iPXE, k3OS's installer and its register loop against two real ``netboo
 processes (A on 127.0.0.1, B on 127.0.0.2) sharing a fresh schema of Debian's PostgreSQL
 (tests/pg.py). A is killed by its own PID once the test's gated devices hold at their stages
 and ``--registered-first`` devices are registered (the clusters past the gated four powered on
-once the gates are reached, unless ``--at-once``), and started again once every device but
+once the gates are reached, unless ``--power-on at-once``; ``--fault freeze`` stops A with
+SIGSTOP instead), and started again once every device but
 those retrying A's own URL is registered. Printed: the phases' times, how many devices booted
 again and through which server they registered, and the test's outcome checks (every device
 registered once in its cluster, one cluster-init each, one plan per machine, A's tokens taken
@@ -40,12 +41,12 @@ async def run(args: argparse.Namespace) -> int:
     main = asyncio.current_task()
     assert main is not None
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main.cancel)
-    devs = storm_test.devices(args.clusters, args.agents, late=not args.at_once)
+    devs = storm_test.devices(args.clusters, args.agents, late=args.power_on == "late")
     with pg.running() as cluster, tempfile.TemporaryDirectory(prefix="pair-kill-") as tmp:
         async with pg.fresh_schema(cluster) as dsn, \
                 storm_test.running_storm(Path(tmp), dsn) as storm:
             storm.scale = args.scale
-            storm.freeze = args.freeze
+            storm.freeze = args.fault == "freeze"
             await storm_test.seed(storm, devs)
             health = await storm_test.kill_mid_way(
                 storm, devs, registered_first=args.registered_first, bound=args.bound)
@@ -77,16 +78,16 @@ async def run(args: argparse.Namespace) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clusters", type=int, default=20, help="at least 4")
-    parser.add_argument("--agents", type=int, default=48, help="per cluster; even, >= 10")
+    parser.add_argument("--agents", type=int, default=48, help="per cluster; even, >= 12")
     parser.add_argument("--registered-first", type=int, default=250,
                         help="devices registered before A is killed")
-    parser.add_argument("--at-once", action="store_true",
-                        help="every device powered on at the start (default: the clusters "
-                        "past the gated four once their gates are reached, so that A dies "
-                        "in the middle of their storm)")
-    parser.add_argument("--freeze", action="store_true",
-                        help="SIGSTOP A instead (a host that hangs: its PostgreSQL sessions "
-                        "stay open), SIGKILL before it is started again")
+    parser.add_argument("--power-on", choices=("late", "at-once"), default="late",
+                        help="late: the clusters past the gated four once their gates are "
+                        "reached, so that A dies in the middle of their storm; at-once: "
+                        "every device at the start")
+    parser.add_argument("--fault", choices=("kill", "freeze"), default="kill",
+                        help="kill: SIGKILL A; freeze: SIGSTOP it (a host that hangs: its "
+                        "PostgreSQL sessions stay open), SIGKILL before it is started again")
     parser.add_argument("--scale", type=float, default=0.1,
                         help="the devices' real sleeps (iPXE 5 s, hold 15 s, register 10 s) "
                         "times this")

@@ -369,7 +369,7 @@ def devices(clusters: int = 4, agents: int = AGENTS, *, late: bool = False) -> l
     its install script (so that which one initialises is known: the race of two first
     servers is test_pair's), agents (held until the first server registers). ``late``: the
     clusters past the fourth (the gates') are powered on once every gate is reached."""
-    assert clusters >= 4 and agents >= 10 and agents % 2 == 0
+    assert clusters >= 4 and agents >= 12 and agents % 2 == 0  # the gates below fit
     out: list[Device] = []
     for c in range(clusters):
         cluster = f"c{c}"
