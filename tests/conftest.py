@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -158,6 +159,18 @@ def child_json(script: str, *, timeout: float = 300) -> Any:
     out = subprocess.run([sys.executable, "-c", script], check=True, capture_output=True,
                          env=this_checkout(), text=True, timeout=timeout).stdout
     return json.loads(out.splitlines()[-1])
+
+
+@contextlib.asynccontextmanager
+async def serving(path: Path) -> AsyncIterator[Service]:
+    """The service of the config file at ``path``, built and started as ``netboot serve``
+    does; closed after."""
+    service = await build(load(path, env={}))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.close()
 
 
 def write_config(tmp: Path, extra: str = "", *, http: str = "", https: str = "") -> Path:

@@ -20,12 +20,10 @@ import dns.message
 import dns.rcode
 import pytest
 
-from netboot.config import load
 from netboot.names import ZoneHolder
 from netboot.rrl import Limits, ResponseRateLimiter
 from netboot.servers.dns import DnsServer
-from netboot.service import build
-from tests.conftest import write_config
+from tests.conftest import serving, write_config
 from tests.servers.test_dns import DIG, LOOPBACK, dig, make_zone, needs_dig
 
 OTHER = "127.0.1.1"  # another /24: another client network
@@ -75,12 +73,8 @@ async def served(tmp_path: Path, rate_limit: str) -> AsyncIterator[Any]:
     (YAML lines under dns.rate_limit), started; closed after."""
     path = write_config(tmp_path, "dns:\n  enabled: true\n  listen: 127.0.0.1\n  port: 0\n"
                         "  forward: false\n  rate_limit:\n" + rate_limit)
-    service = await build(load(path, env={}))
-    await service.start()
-    try:
+    async with serving(path) as service:
         yield service
-    finally:
-        await service.close()
 
 
 def query(name: str, qtype: str = "A", qid: int = 1, *, edns: bool = False) -> bytes:

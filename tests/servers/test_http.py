@@ -22,7 +22,6 @@ import aiohttp
 import pytest
 import yaml
 
-from netboot.config import load
 from netboot.errors import ValidationError
 from netboot.model import Arch, BootRequest, Firmware, MacAddress, Machine, MachineState
 from netboot.servers.http import (
@@ -32,7 +31,7 @@ from netboot.servers.http import (
     ipxe_request,
     uri_query,
 )
-from netboot.service import Service, build
+from netboot.service import Service
 from tests.conftest import (
     BASE,
     INITRD,
@@ -43,6 +42,7 @@ from tests.conftest import (
     call,
     install_token,
     raw_get,
+    serving,
     write_config,
 )
 
@@ -767,15 +767,8 @@ async def test_head_does_not_run_endpoints_with_effects(env: Env) -> None:
 @contextlib.asynccontextmanager
 async def wired(tmp_path: Path, http_extra: str = "") -> AsyncIterator[Service]:
     """The service as ``netboot serve`` runs it, with extra ``http:`` settings."""
-    path = write_config(tmp_path)
-    path.write_text(path.read_text().replace("http:\n  port: 0\n",
-                                             "http:\n  port: 0\n" + http_extra))
-    service = await build(load(path, env={}))
-    await service.start()
-    try:
+    async with serving(write_config(tmp_path, http=http_extra)) as service:
         yield service
-    finally:
-        await service.close()
 
 
 async def raw_exchange(port: int, data: bytes, *, source: str = "127.0.0.1") -> bytes:
