@@ -60,6 +60,16 @@ def writes_waiting(store: SqliteStore) -> int:
     return executor._work_queue.qsize()
 
 
+async def waiting(store: SqliteStore, writes: int) -> None:
+    """Wait until ``writes`` writes wait behind the held writer (:func:`writes_waiting`),
+    bounded by 60 s (a hang), not for a guessed time."""
+    deadline = time.monotonic() + 60
+    while writes_waiting(store) != writes:
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{writes_waiting(store)} writes wait, not {writes}")
+        await asyncio.sleep(0.005)
+
+
 def _running(store: SqliteStore) -> bool:
     """Whether the store's writer thread is running a work item it took: its future is
     marked running, so a cancel of the asyncio side can no longer take it back (a
@@ -79,17 +89,18 @@ def _running(store: SqliteStore) -> bool:
     return False
 
 
-async def begun(store: SqliteStore) -> None:
-    """Wait until the store's writer thread has taken every write queued for it
-    (:func:`writes_waiting`) and runs it. It waited a fixed 0.05 s after the take: on a
-    loaded machine the thread could still be between its take and its start, and the test's
-    cancel then skipped the write (its caller never "written")."""
+async def begun(store: SqliteStore, *, left: int = 0) -> None:
+    """Wait until the store's writer thread has taken every write queued for it but
+    ``left`` (:func:`writes_waiting`) and runs the one it took. It waited a fixed 0.05 s
+    after the take: on a loaded machine the thread could still be between its take and its
+    start, and the test's cancel then skipped the write (its caller never "written")."""
     deadline = time.monotonic() + 60  # bounds a hang only
     while time.monotonic() < deadline:
-        if not writes_waiting(store) and _running(store):
+        if writes_waiting(store) == left and _running(store):
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("the writer did not take and run its queued write within 60 s")
+    raise AssertionError("the writer did not take and run its queued write within 60 s "
+                         f"({writes_waiting(store)} waiting, {left} wanted)")
 
 
 @contextlib.contextmanager
