@@ -1925,7 +1925,10 @@ async def test_a_server_stopped_mid_transaction_is_ended_and_other_servers_write
     as long as the stopped server.)"""
     stalled = PostgresStore(pg_dsn, peer=replace(QUICK, idle_in_transaction_session_timeout=1),
                             pool_size=1)
-    other = PostgresStore(pg_dsn, peer=replace(CHECKED, check_timeout=5))
+    # Its check gives a write up (a StoreError naming the holder) after 15 s: the other
+    # server's write must go through before, at the idle bound (1 s). It was 5 s, and the
+    # write's time was asserted under 5 s, which a loaded machine could take.
+    other = PostgresStore(pg_dsn, peer=replace(CHECKED, check_timeout=15))
     await stalled.open()
     await other.open()
     (session,) = list(stalled._sessions)
@@ -1942,9 +1945,7 @@ async def test_a_server_stopped_mid_transaction_is_ended_and_other_servers_write
     try:
         writing = asyncio.ensure_future(stopped_mid_write())
         await asyncio.wait_for(inside.wait(), HANG)
-        began = time.monotonic()
-        await _ended(other.put_setting("k", "other"))
-        assert time.monotonic() - began < 5  # within the idle bound, not the check's give-up
+        await _ended(other.put_setting("k", "other"))  # no StoreError: not given up
         if closed:  # its end read before it runs again (else asyncpg says it otherwise)
             await _within("the stalled session's end read", session.is_closed)
         resume.set()
