@@ -1156,6 +1156,7 @@ async def test_a_lost_listen_connection_is_noticed_and_listened_again_without_mi
             await _within("told the LISTEN connection was lost",
                           lambda: not view.fresh(3600.0))
             cutter.thaw()
+            await _answers_again(b)
             await asyncio.wait_for(view.sync(), HANG)
             assert await view.machine_by("mac", "02:00:00:00:07:01") == during
             await _a_commit_wakes_the_view(a, view, "02:00:00:00:07:02")
