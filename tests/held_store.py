@@ -7,9 +7,12 @@ the file's write lock held, so that a write the writer has begun waits inside SQ
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import sqlite3
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -57,15 +60,47 @@ def writes_waiting(store: SqliteStore) -> int:
     return executor._work_queue.qsize()
 
 
-async def begun(store: SqliteStore) -> None:
-    """Wait until the store's writer thread has taken every write queued for it
-    (:func:`writes_waiting`)."""
-    for _ in range(500):
-        if not writes_waiting(store):
-            await asyncio.sleep(0.05)  # taken from its queue: now running on the thread
+async def waiting(store: SqliteStore, writes: int) -> None:
+    """Wait until ``writes`` writes wait behind the held writer (:func:`writes_waiting`),
+    bounded by 60 s (a hang), not for a guessed time."""
+    deadline = time.monotonic() + 60
+    while writes_waiting(store) != writes:
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{writes_waiting(store)} writes wait, not {writes}")
+        await asyncio.sleep(0.005)
+
+
+def _running(store: SqliteStore) -> bool:
+    """Whether the store's writer thread is running a work item it took: its future is
+    marked running, so a cancel of the asyncio side can no longer take it back (a
+    ThreadPoolExecutor's item cancelled between its take from the queue and
+    ``set_running_or_notify_cancel`` is skipped, never run)."""
+    executor = store._executor
+    assert executor is not None, "the store is not open"
+    frames = sys._current_frames()
+    for thread in executor._threads:
+        frame = frames.get(thread.ident or 0)
+        while frame is not None:
+            item = frame.f_locals.get("self") if frame.f_code.co_name == "run" else None
+            future = getattr(item, "future", None)
+            if isinstance(future, concurrent.futures.Future) and future.running():
+                return True
+            frame = frame.f_back
+    return False
+
+
+async def begun(store: SqliteStore, *, left: int = 0) -> None:
+    """Wait until the store's writer thread has taken every write queued for it but
+    ``left`` (:func:`writes_waiting`) and runs the one it took. It waited a fixed 0.05 s
+    after the take: on a loaded machine the thread could still be between its take and its
+    start, and the test's cancel then skipped the write (its caller never "written")."""
+    deadline = time.monotonic() + 60  # bounds a hang only
+    while time.monotonic() < deadline:
+        if writes_waiting(store) == left and _running(store):
             return
         await asyncio.sleep(0.01)
-    raise AssertionError("the writer did not take its queued write within 5 s")
+    raise AssertionError("the writer did not take and run its queued write within 60 s "
+                         f"({writes_waiting(store)} waiting, {left} wanted)")
 
 
 @contextlib.contextmanager

@@ -1040,6 +1040,23 @@ async def _through_tcp(pg_dsn: str, **kw: Any) -> AsyncIterator[tuple[PostgresSt
             await store.close()
 
 
+async def _answers_again(store: PostgresStore) -> None:
+    """Once the path is back (``cutter.thaw()``), until a read is answered. Its new
+    connection is bounded by QUICK's connect_timeout (1 s), which a loaded machine's new
+    session (a backend forked, authenticated) can pass: a StoreError saying it timed out,
+    as the store should say it, is asked again; any other error fails at once; HANG
+    seconds at most."""
+    deadline = time.monotonic() + HANG
+    while True:
+        try:
+            await store.get_setting("answers-again")
+            return
+        except StoreError as exc:
+            if "timed out" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(0.05)
+
+
 async def _within(what: str, check: Callable[[], Awaitable[bool] | bool]) -> None:
     """Until ``check()`` holds, HANG seconds at most."""
     async def poll() -> None:
@@ -1096,6 +1113,7 @@ async def test_a_write_whose_peer_vanishes_during_its_commit_is_settled_within_t
             with pytest.raises(OutcomeUnknown, match="outcome is unknown"):
                 await _ended(writing)
         cutter.thaw()
+        await _answers_again(store)  # (its new connection took over 1 s on a loaded machine)
         assert [e.kind for e in await store.list_events("m1")] == ["quick"]
         await _next_write_is_sound(store)
 
@@ -1112,6 +1130,7 @@ async def test_an_idle_connection_whose_peer_vanished_fails_its_next_use_within_
         with pytest.raises(StoreError, match="the server stopped answering"):
             await _ended(store.get_setting("k"))
         cutter.thaw()
+        await _answers_again(store)
         await _next_write_is_sound(store)
 
 
@@ -1137,6 +1156,7 @@ async def test_a_lost_listen_connection_is_noticed_and_listened_again_without_mi
             await _within("told the LISTEN connection was lost",
                           lambda: not view.fresh(3600.0))
             cutter.thaw()
+            await _answers_again(b)
             await asyncio.wait_for(view.sync(), HANG)
             assert await view.machine_by("mac", "02:00:00:00:07:01") == during
             await _a_commit_wakes_the_view(a, view, "02:00:00:00:07:02")
@@ -1925,7 +1945,10 @@ async def test_a_server_stopped_mid_transaction_is_ended_and_other_servers_write
     as long as the stopped server.)"""
     stalled = PostgresStore(pg_dsn, peer=replace(QUICK, idle_in_transaction_session_timeout=1),
                             pool_size=1)
-    other = PostgresStore(pg_dsn, peer=replace(CHECKED, check_timeout=5))
+    # Its check gives a write up (a StoreError naming the holder) after 15 s: the other
+    # server's write must go through before, at the idle bound (1 s). It was 5 s, and the
+    # write's time was asserted under 5 s, which a loaded machine could take.
+    other = PostgresStore(pg_dsn, peer=replace(CHECKED, check_timeout=15))
     await stalled.open()
     await other.open()
     (session,) = list(stalled._sessions)
@@ -1942,9 +1965,7 @@ async def test_a_server_stopped_mid_transaction_is_ended_and_other_servers_write
     try:
         writing = asyncio.ensure_future(stopped_mid_write())
         await asyncio.wait_for(inside.wait(), HANG)
-        began = time.monotonic()
-        await _ended(other.put_setting("k", "other"))
-        assert time.monotonic() - began < 5  # within the idle bound, not the check's give-up
+        await _ended(other.put_setting("k", "other"))  # no StoreError: not given up
         if closed:  # its end read before it runs again (else asyncpg says it otherwise)
             await _within("the stalled session's end read", session.is_closed)
         resume.set()

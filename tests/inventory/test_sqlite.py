@@ -43,7 +43,7 @@ from netboot.model import (
     Role,
     Scope,
 )
-from tests.held_store import held_writer, write_lock, writes_waiting
+from tests.held_store import begun, held_writer, waiting, write_lock
 from tests.inventory import test_contract as contract
 from tests.killed import killed_after
 
@@ -1799,14 +1799,15 @@ async def test_a_write_cancelled_once_its_thread_began_it_returns_as_committed(
         with write_lock(store) as release:
             try:
                 begun_one = asyncio.ensure_future(writer("begun"))
-                await asyncio.sleep(0.05)  # submitted: the first in the thread's queue
+                await waiting(store, 1)  # submitted: the first in the thread's queue
                 queued = asyncio.ensure_future(writer("queued"))
-                await asyncio.sleep(0.05)
-                assert writes_waiting(store) == 2
+                await waiting(store, 2)
             finally:
                 gate.set()
-            await asyncio.sleep(0.1)  # the thread took the first: it waits for the lock
-            assert writes_waiting(store) == 1
+            # The thread took the first and runs it (it waits for the lock): a fixed 0.1 s
+            # was too short for a loaded machine's thread, whose first was then cancelled
+            # before it ran.
+            await begun(store, left=1)
             begun_one.cancel()
             queued.cancel()
             await asyncio.sleep(0.05)
@@ -1982,7 +1983,7 @@ async def test_the_bus_keeps_stored_copies_and_its_listeners_read_the_events_giv
         gate = held_writer(store)
         try:
             writing = asyncio.ensure_future(store.apply_batch(Batch(events=(late,))))
-            await asyncio.sleep(0.05)  # checked, submitted: waits behind the held writer
+            await waiting(store, 1)  # checked, submitted: waits behind the held writer
             with bus.subscribe() as sub:
                 gate.set()
                 await asyncio.wait_for(writing, 30)

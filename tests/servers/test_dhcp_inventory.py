@@ -867,15 +867,16 @@ async def test_a_discover_waiting_behind_a_timed_out_decisions_store_read_is_ans
     client = Client()
     server = DhcpServer(DhcpSettings(), boot, store, interfaces=None, advertise=LOOPBACK,
                         host=LOOPBACK, port=0, pxe_port=0, broadcast_address=LOOPBACK,
-                        client_port=client.port, decide_timeout=1.0)
+                        client_port=client.port, decide_timeout=4.0)
     await server.start()
     try:
         port, _ = server.ports
         store.armed = True  # the next feed read (A's sync) waits until A gives up
         await client.send(discover(first, 1), port)
         await store.entered.wait()
-        # Well before A's deadline: B's own one second ends well after A's.
-        await asyncio.sleep(0.4)
+        # Well before A's deadline: B's own four seconds end two after A's, B's time to be
+        # decided once A gave up (it was 1 s and 0.4 s after it: short for a loaded machine).
+        await asyncio.sleep(2.0)
         await client.send(discover(second, 2), port)
         offer, _ = await client.receive()
         assert offer.xid == 2 and offer.message_type == MessageType.OFFER

@@ -6,6 +6,7 @@ import asyncio
 import ipaddress
 import socket
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -43,14 +44,26 @@ def test_the_kernels_dump_parses_to_the_addresses_ip_shows(namespace: str) -> No
 
 
 def test_an_address_added_and_removed_is_told_at_once(namespace: str) -> None:
-    """Subscribers hear of an address within milliseconds of `ip addr add` (no rescan
-    period), and of its removal; the primary address is what SIOCGIFADDR would read."""
+    """Subscribers hear of an address at once after `ip addr add` (no rescan period), and
+    of its removal; the primary address is what SIOCGIFADDR would read. "At once" is
+    counted in turns of the event loop, not seconds: the kernel queues its notification
+    before `ip` returns, so the watcher has it within a turn or two. (It was "within 0.5 s",
+    a time a loaded CI machine can take between two turns.)"""
 
     def ip(*args: str) -> None:
         subprocess.run(["ip", "-n", namespace, *args], check=True, capture_output=True,
                        timeout=20)
 
-    async def scenario() -> tuple[Addresses, list[Addresses], float, float]:
+    async def turns_until(told: Callable[[], bool]) -> int:
+        """The event loop's turns until ``told()``: bounded in turns (a rescan period would
+        take its own time, ever more turns), and in time (60 s, in_namespace's), a hang."""
+        turns = 0
+        while not told() and turns < 1000:
+            await asyncio.sleep(0)
+            turns += 1
+        return turns
+
+    async def scenario() -> tuple[Addresses, list[Addresses], int, int]:
         watcher = InterfaceWatcher()
         await watcher.start()
         seen: list[Addresses] = []
@@ -61,31 +74,24 @@ def test_an_address_added_and_removed_is_told_at_once(namespace: str) -> None:
             changed.set()
 
         watcher.subscribe(told)
-        loop = asyncio.get_running_loop()
         try:
             at_start = watcher.addresses()
             # Named (ip -n), never this thread's namespace by inheritance: only the test's.
             ip("link", "add", "nbw0", "type", "veth", "peer", "name", "nbw1")
             ip("addr", "add", "198.51.100.1/24", "dev", "nbw0")
             ip("addr", "add", "198.51.100.2/24", "dev", "nbw0")
-            started = loop.time()
-            while first_address(watcher.addresses(), "nbw0") is None:
-                changed.clear()
-                await asyncio.wait_for(changed.wait(), 2)
-            added = loop.time() - started
+            added = await turns_until(
+                lambda: first_address(watcher.addresses(), "nbw0") is not None)
             ip("link", "del", "nbw0")
-            started = loop.time()
-            while any(a.name == "nbw0" for a in watcher.addresses()):
-                changed.clear()
-                await asyncio.wait_for(changed.wait(), 2)
-            removed = loop.time() - started
+            removed = await turns_until(
+                lambda: not any(a.name == "nbw0" for a in watcher.addresses()))
         finally:
             watcher.close()
         return at_start, seen, added, removed
 
     at_start, seen, added, removed = in_namespace(namespace, scenario)
     assert first_address(at_start, "lo") == "127.0.0.1"
-    assert added < 0.5 and removed < 0.5, (added, removed)
+    assert added <= 5 and removed <= 5, (added, removed)  # turns of the loop
     both = [a for a in seen if sum(e.name == "nbw0" for e in a) == 2]
     assert both, seen
     # The second address on a network is a secondary: the first stays the primary.

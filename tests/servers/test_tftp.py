@@ -1042,9 +1042,9 @@ async def test_requests_asking_a_long_timeout_and_never_answering_give_their_slo
         await until(lambda: server.transfers == 64, timeout=10)
         pkt, _ = await holders[0].recv()
         assert isinstance(pkt, OptionAck) and pkt.options == (("timeout", "255"),)
-        started_at = time.monotonic()
-        await until(lambda: server.transfers == 0, timeout=20)
-        assert time.monotonic() - started_at < 10
+        # Back within 60 s, not the 255 asked (bounded by the wait, not by a timed assert:
+        # ~1 s here, more on a loaded machine).
+        await until(lambda: server.transfers == 0, timeout=60)
     finally:
         for holder in holders:
             holder.close()
@@ -1633,7 +1633,7 @@ async def test_a_batchs_refused_send_leaves_its_other_blocks_going_out(
             refusing.left = 1
         for c, tid in zip(clients, tids, strict=True):  # three ACKs waiting before a poll
             c.send(Ack(2), tid)
-        await until(lambda: link.full == 3, timeout=2.0)
+        await until(lambda: link.full == 3, timeout=30.0)  # a hang's bound
         assert [refusing.left for refusing in opened] == [0, 0, 0]
     finally:
         for c in clients:
@@ -2246,7 +2246,7 @@ async def test_a_kept_sockets_pending_icmp_error_does_not_fail_the_next_transfer
         a.close()
         b.rrq(addr(server), "small.bin")  # read once the test awaits, before the error
         kept.send(b"\x00\x05\x00\x00late\x00")  # to the closed port: ECONNREFUSED queued
-        first, _ = await b.recv(timeout=2.0)
+        first, _ = await b.recv(timeout=30.0)  # a hang's bound
         assert first == Data(1, SMALL[:512])
         assert server._transfers[b.address].sock is kept
 
@@ -2383,34 +2383,76 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+class HeldSweeps:
+    """A link's event loop with its timers held: ``call_later`` records the callback, and
+    :meth:`tick` runs what is due, as one ``spare_idle`` passing would, whenever the test
+    says; the rest (its readers) is the real loop's."""
+
+    class Timer:
+        def __init__(self, delay: float, callback: Callable[[], None]) -> None:
+            self.delay, self.callback, self.cancelled = delay, callback, False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.armed: list[HeldSweeps.Timer] = []
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> HeldSweeps.Timer:
+        timer = HeldSweeps.Timer(delay, callback)
+        self.armed.append(timer)
+        return timer
+
+    def tick(self) -> None:
+        due, self.armed = [t for t in self.armed if not t.cancelled], []
+        for timer in due:
+            timer.callback()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
 async def test_kept_sockets_left_unused_for_spare_idle_are_closed(files: DirFiles) -> None:
     """After a storm the link keeps its transfers' sockets for the next ones; those no
     transfer takes within ``spare_idle`` are closed (between one and two ``spare_idle``
     after their end), not held until shutdown: the process's open descriptors are back
-    where they were before the storm, and no timer is left armed with nothing kept."""
+    where they were before the storm, and no timer is left armed with nothing kept.
+
+    The sweep's timer is held (HeldSweeps) and ticked by the test: with the real one
+    (0.5 s), a loaded machine that took over a second between the first transfer's end and
+    the count found sockets closed already, and failed."""
     server = await started(files, retransmit=5.0, min_rto=None, spare_idle=0.5,
                            single_port=True)
     link = server._links[None]
+    sweeps = HeldSweeps(link._loop)
+    link._loop = sweeps  # type: ignore[assignment]
     clients = [RawClient(f"127.0.0.{n}") for n in range(1, 21)]
     try:
         before = open_fds()
         got = await asyncio.gather(*(fetch(c, addr(server), "small.bin") for c in clients))
         assert all(g.data == SMALL for g in got)
         await until(lambda: server.stats.completed == 20)
-        # At least one spare_idle after the first was kept before any is closed (two ticks).
+        assert [t.delay for t in sweeps.armed] == [0.5]  # one sweep, spare_idle away
         assert server.spares == len(link._spare) == 20
         kept = list(link._spare.values())
         assert open_fds() == before + 20
-        await until(lambda: server.spares == 0, timeout=5.0)
+        # At least one spare_idle after the first was kept before any is closed (two ticks).
+        sweeps.tick()
+        assert server.spares == 20 and len(sweeps.armed) == 1
+        sweeps.tick()
+        assert server.spares == 0
         assert not link._spare and not link._spare_peers
         assert all(sock.fileno() == -1 for sock in kept)
         assert open_fds() == before
-        assert link._spare_sweep is None
+        assert link._spare_sweep is None and sweeps.armed == []
         # And kept again after, the sweep armed again for them.
         assert (await fetch(clients[0], addr(server), "small.bin")).data == SMALL
         await until(lambda: server.stats.completed == 21)
         assert server.spares == 1 and link._spare_sweep is not None
-        await until(lambda: server.spares == 0, timeout=5.0)
+        sweeps.tick()
+        sweeps.tick()
+        assert server.spares == 0
         assert open_fds() == before
     finally:
         for c in clients:
