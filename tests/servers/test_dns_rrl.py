@@ -206,7 +206,11 @@ async def test_netboot_serve_limits_with_dns_rate_limit_and_counts_it(tmp_path: 
                if f.name == "netboot_dns_rate_limited" for s in f.samples
                if s.name.endswith("_total")}
     assert samples == {"dropped": 40 - len(replies), "truncated": truncated}, text
-    assert truncated >= 15
+    # slip 2: in each second's account every second limited answer is TC, the others
+    # dropped; the burst spans at most int(elapsed) + 2 seconds of the real clock (a loaded
+    # machine stretches it: a fixed "15" failed there, the credit refilled meanwhile).
+    seconds = int(elapsed) + 2
+    assert truncated >= (40 - full - seconds) // 2, (truncated, full, elapsed)
 
 
 async def test_a_flood_of_random_names_is_one_account_per_zone_and_another_zone_answers(
