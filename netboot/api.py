@@ -285,7 +285,6 @@ class Api:
         self._access = core.access
         self._clock = clock
         self._events = events
-        self._events_instance = events.instance if events is not None else ""
         self._log = logger or logging.getLogger(__name__)
         self._refusals = RefusalBudget()
         self._limited = RateLimitedLog(self._log, burst=1)
@@ -553,11 +552,7 @@ class Api:
         text = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
         if not text:
             return None
-        instance, _, seq = text.partition(".")
-        if (instance != self._events.instance or not (seq.isascii() and seq.isdigit())
-                or len(seq) > 18):
-            return -1
-        return int(seq)
+        return self._events.seq_of(text)
 
     async def _stream(self, resp: web.StreamResponse, sub: Subscription,
                       token: str | None, *, resumed: bool = False) -> None:
@@ -582,7 +577,8 @@ class Api:
         # A new stream's first message carries its place (the last event's id before it
         # opened) as its id: one that drops before any event resumes from there. A resumed
         # one keeps the place its reader sent.
-        place = b"" if resumed else f"id: {self._events_instance}.{sub.place}\n".encode()
+        assert self._events is not None
+        place = b"" if resumed else f"id: {self._events.event_id(sub.place)}\n".encode()
         await resp.write(b"retry: 3000\n" + place + _health_frame(told)
                          + _warnings_frame(standing) + b": connected\n\n")
         wrote = loop.time()
@@ -640,9 +636,10 @@ class Api:
         if frame is None:
             data = json.dumps(codec.event_to_dict(item.event), ensure_ascii=False)
             # The id names this process too: a resume from another's (a restart) is told
-            # "missed" (Api._resumed_after).
+            # "missed" (Api._resumed_after, EventBus.seq_of).
+            assert self._events is not None
             frame = frames[item.seq] = (
-                f"id: {self._events_instance}.{item.seq}\nevent: machine\n"
+                f"id: {self._events.event_id(item.seq)}\nevent: machine\n"
                 f"data: {data}\n\n").encode()
             if len(frames) > FRAMES_KEPT:
                 del frames[next(iter(frames))]  # the oldest (dicts keep insertion order)

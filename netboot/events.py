@@ -257,6 +257,19 @@ class EventBus:
             sub._end()
         self._subscribers.clear()
 
+    def event_id(self, seq: int) -> str:
+        """The SSE ``id:`` of the event (or the place) ``seq``: this process's instance and
+        the seq, so that a resume from another process's id is told apart (:meth:`seq_of`)."""
+        return f"{self.instance}.{seq}"
+
+    def seq_of(self, event_id: str) -> int:
+        """The seq of an ``id:`` this bus gave (:meth:`event_id`); -1 for one of another
+        process (a restart, another server behind the name) or none of ours."""
+        instance, _, seq = event_id.partition(".")
+        if instance != self.instance or not (seq.isascii() and seq.isdigit()) or len(seq) > 18:
+            return -1
+        return int(seq)
+
     @contextlib.contextmanager
     def subscribe(self, holder: str | None = None, *,
                   after: int | None = None) -> Iterator[Subscription]:
