@@ -135,6 +135,9 @@ class EventBus:
         # The newest seq given. Events published while nobody watches are counted too (not
         # kept): a stream resuming from before them is told it missed them.
         self._last = 0
+        # A stream resuming from a place before this seq is told Missed(0): the feed was not
+        # read after it (nobody watched, :meth:`unread`), so what others committed is unknown.
+        self._unread_before = 0
         # What a stream that dropped is given when it resumes (subscribe's ``after``): the
         # newest ``keep`` events, kept while a stream is open and ``keep_seconds`` after the
         # last closed (EventSource retries after 3 s; a proxy's or a sleep's gap is longer).
@@ -213,6 +216,17 @@ class EventBus:
             return
         self._offer([e for e in held if not self._seen(e)])
 
+    def unread(self) -> None:
+        """The feed was not read while nobody watched (relaying false): the watcher moved its
+        place past whatever other servers committed meanwhile. A stream resuming from a place
+        before now is told it missed events, how many not known; it was given none and told
+        nothing, its dashboard showing those servers' machines as they were (s48-attack).
+        The newest seq moves by one, a place no event has: a stream opened from now on is
+        given it, and misses nothing."""
+        self._recent.clear()
+        self._last += 1
+        self._unread_before = self._last
+
     def _seen(self, event: Event) -> bool:
         key = _identity(event)
         if key in self._own:
@@ -234,6 +248,8 @@ class EventBus:
         last, recent = self._last, self._recent
         if after == last:
             return []
+        if after < self._unread_before:
+            return Missed(0)
         if recent and recent[0].seq - 1 <= after < last:
             return [item for item in recent if item.seq > after]
         return Missed(last - after if 0 <= after < last else 0)

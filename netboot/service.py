@@ -1212,7 +1212,12 @@ class Service:
                 # Nobody watches: no event to read back, only the place of the newest (one
                 # look at the events' primary key), so that a stream opened next sees what
                 # others commit from about then on, as it would have.
-                self._event_cursor, _ = await self.store.events_since(-1)
+                cursor, _ = await self.store.events_since(-1)
+                if cursor != self._event_cursor:
+                    # Committed meanwhile, by this server or others, and not read: a stream
+                    # resuming from before now is told "missed" (EventBus.unread).
+                    self.events.unread()
+                self._event_cursor = cursor
                 self.events.relay(())
             else:
                 for _ in range(100):  # bounded: 100k events per round at most

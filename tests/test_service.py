@@ -1150,6 +1150,52 @@ async def test_the_watcher_reads_no_events_back_while_no_stream_is_open(
     assert any(e.message == "from the other server" for e in read)
 
 
+async def test_a_stream_resumed_after_the_feed_went_unread_is_told_it_missed_events(
+        make_env: EnvFactory) -> None:
+    """A dashboard's stream drops for longer than the bus keeps its events (a laptop's
+    sleep): nobody watches, so the watcher reads no events back and only moves its place to
+    the newest, past what another server of the inventory committed meanwhile. Resumed from
+    its last id, the stream must be told it missed them (the dashboard reloads): it was given
+    nothing and told nothing, and showed the other server's machines as they were
+    (s48-attack)."""
+    from netboot.events import Missed, Published
+    from netboot.inventory.sqlite import SqliteStore
+    from netboot.model import Event
+
+    env = await make_env()
+    service, store = env.service, env.service.store
+    assert isinstance(store, SqliteStore)
+    bus = service.events
+    bus._keep_seconds = 0.0  # the gap outlasts what the bus keeps (60 s by default)
+    await service.watch_once()
+    with bus.subscribe() as sub:
+        await env.post("/api/v1/machines", {"mac": "52:54:00:13:21:01"}, status=201)
+        await service.boot.drain()
+        await service.watch_once()
+        place = sub.place
+        for item in sub.ready():
+            if isinstance(item, Published):
+                place = item.seq
+    assert not bus.relaying
+    other = SqliteStore(store.path)  # another server on the same inventory
+    await other.open()
+    try:
+        mine = (await store.list_machines())[0]
+        await other.add_event(Event(mine.id, 1.0, "note", "from the other server"))
+    finally:
+        await other.close()
+    for _ in range(2):
+        await service.watch_once()
+    with bus.subscribe(after=place) as sub:
+        got = sub.ready()
+    assert got and isinstance(got[0], Missed), got
+    # A stream opened after the gap is given its own place, from which nothing is missed.
+    with bus.subscribe() as sub:
+        fresh = sub.place
+    with bus.subscribe(after=fresh) as sub:
+        assert sub.ready() == []
+
+
 def test_the_trust_is_made_again_when_the_certificate_or_the_https_url_changes(
         tmp_path: Path) -> None:
     """TrustOf keeps the Trust it made while the Tls object (replaced by reload_tls) and the
