@@ -326,6 +326,39 @@ async def test_hosts_holding_every_tcp_connection_do_not_keep_a_client_out() -> 
                 await w.wait_closed()
 
 
+async def test_a_client_slow_to_ask_is_not_closed_for_another_hosts_newcomers() -> None:
+    """s48-attack: with every connection open, each newcomer closed the one waiting longest
+    for a query, whoever held it. A host opening connections as fast as they are accepted
+    (live: ~16,700 a second from four addresses) so closed any client whose query had not
+    arrived within ~64 accepts of its connection: 'dig' after 50 ms, 11 of 20 answered.
+    Now the connection closed is one of the source holding the most (the longest waiting
+    of those): a host's own newcomers close its own connections, not a lone client's."""
+    async with running(max_connections=8, max_connections_per_source=4) as server:
+        held = []
+        for i in range(7):  # 127.0.0.2 holds four, 127.0.0.3 three: all waiting
+            conn = await asyncio.open_connection(
+                LOOPBACK, server.port, local_addr=(f"127.0.0.{2 + i // 4}", 0))
+            assert await _asked(*conn)
+            held.append(conn)
+        slow = await asyncio.open_connection(LOOPBACK, server.port,
+                                             local_addr=("127.0.0.9", 0))
+        for _ in range(1000):  # bounded: accepted within a few turns of the loop
+            if len(server._writers) == 8:
+                break
+            await asyncio.sleep(0.01)
+        assert len(server._writers) == 8
+        for i in range(8):  # the host's newcomers, from two more addresses: four each
+            conn = await asyncio.open_connection(
+                LOOPBACK, server.port, local_addr=(f"127.0.0.{4 + i // 4}", 0))
+            assert await _asked(*conn)
+            held.append(conn)
+        assert await _asked(*slow)  # main: closed unanswered (the longest waiting by then)
+        for _, w in (*held, slow):
+            w.close()
+            with contextlib.suppress(ConnectionError):
+                await w.wait_closed()
+
+
 async def test_one_source_cannot_hold_every_tcp_connection() -> None:
     """s45-attack: one client address could open every TCP connection (64) and keep them,
     each idle until the timeout, then again: nobody else could ask over TCP, where a
