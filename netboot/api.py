@@ -95,6 +95,9 @@ SSE_RECHECK_SECONDS = 15.0
 # at most EventBus.queue_size (1,000) events, so a stream that is behind by more has been
 # told "missed" for the rest.
 FRAMES_KEPT = 2048
+# The most bytes of event messages one write of a stream carries (Api._stream): a burst
+# goes out a part at a time, each once the socket took the last.
+STREAM_PART = 64 * 1024
 MASKED = "********"
 IMPORT_FORMATS = ("csv", "yaml", "json")
 # Bad rows an import's answer lists (the first, by line; errors_total counts them all): one
@@ -620,9 +623,20 @@ class Api:
                 continue
             # What else is queued goes in the same write: a storm's group commit
             # publishes hundreds of events at once, which were a write (a send, a TCP
-            # segment) each, per open dashboard (benchmarks/README.md, s36-ops).
-            await resp.write(b"".join([self._frame(item),
-                                       *map(self._frame, sub.ready())]))
+            # segment) each, per open dashboard (benchmarks/README.md, s36-ops). In parts
+            # of at most STREAM_PART bytes, each once the last has left (aiohttp's write
+            # waits for the socket past 64 KiB): a stream resumed from 1,000 events back
+            # was one write of all of them, held for a reader that does not read (~11 MB
+            # of 16 KB reports, a stream; s48-attack).
+            part = [self._frame(item)]
+            size = len(part[0])
+            for more in map(self._frame, sub.ready()):
+                if size + len(more) > STREAM_PART:
+                    await resp.write(b"".join(part))
+                    part, size = [], 0
+                part.append(more)
+                size += len(more)
+            await resp.write(b"".join(part))
             wrote = loop.time()
 
     def _frame(self, item: Published | Missed) -> bytes:

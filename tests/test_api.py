@@ -2450,6 +2450,64 @@ async def test_a_stream_resumed_by_its_last_event_id_is_given_its_gap_or_told_mi
             resp.close()
 
 
+async def test_a_resumed_stream_its_reader_does_not_read_holds_a_bounded_part_of_its_gap(
+        env: Env) -> None:
+    """960 events of ~16 KB are kept (16 machines' burst of 60 reports each, a log in each
+    one's data, each under http.max_event_bytes: their install tokens' or an operator's);
+    a read credential opens a stream resuming from before them (Last-Event-ID) and does
+    not read. The gap was written as one chunk, every event of it joined: ~15 MB, of which
+    the kernel's socket buffer takes at most 4 MB (tcp_wmem) and the rest, ~11 MB, was held
+    in the server's memory for that reader, per stream (32 a token, 256 in all). Now it is
+    written a part at a time, each once the last has left; a reader that reads gets all
+    of it, in order (s48-attack). Real sockets, the real report route."""
+    macs = [f"52:54:00:48:00:{i:02x}" for i in range(16)]
+    for mac in macs:
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    resp = await env.client.get("/api/v1/events/stream", headers=env.auth)
+    first = await resp.content.readuntil(b"\n\n")
+    place = re.search(rb"\nid: (\S+)\n", first)
+    assert place is not None, first
+    resp.close()
+    for i in range(960):  # in order: the reader is to be given them in this order
+        await env.post(f"/api/v1/machines/{macs[i // 60]}/events",
+                       {"kind": "progress", "message": f"{i:03d}",
+                        "data": {"log": "x" * 15_900}}, status=201)
+    server = env.client.server.runner.server  # type: ignore[union-attr]
+    assert server is not None
+
+    def buffered() -> int:
+        return sum(h.transport.get_write_buffer_size() for h in server.connections
+                   if h.transport is not None)
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", env.client.port))
+        await loop.sock_sendall(sock, (
+            f"GET /api/v1/events/stream HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {env.admin}\r\n"
+            f"Last-Event-ID: {place.group(1).decode()}\r\n\r\n").encode())
+        most = 0
+        for _ in range(100):  # the stream's first writes, the reader reading nothing
+            await asyncio.sleep(0.01)
+            most = max(most, buffered())
+        got = bytearray()
+        mark, frames = b"event: machine\n", 0
+        while frames < 960 or not got.endswith(b"\n\n\r\n"):  # a chunk's end
+            most = max(most, buffered())
+            chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), 10)
+            assert chunk, bytes(got[-200:])
+            got += chunk
+            frames += got.count(mark, max(0, len(got) - len(chunk) - len(mark) + 1))
+    finally:
+        sock.close()
+    told = re.findall(rb'"message": ?"(\d{3})", ?"data": ?{"log": ?"x{15900}"}', got)
+    assert told == [f"{i:03d}".encode() for i in range(960)]
+    assert most <= 1 << 20, most  # main: ~11 MB
+
+
 async def test_the_event_stream_tells_the_inventorys_health_as_it_opens_and_changes(
         env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     """The dashboard's banner asked GET /api/v1/status (the fleet's counts too) every 15 s
