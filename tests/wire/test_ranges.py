@@ -139,11 +139,11 @@ def test_parts_are_read_in_batches_of_at_most_a_chunk() -> None:
     # Many small parts, one read; a part larger than a chunk, several; the heads once each,
     # in order, and the bytes of every part, nothing more (s47-attack).
     framed = multipart([(0, 1), (10, 12), (20, 45), (50, 51)], 100, "text/plain", "b")
-    batches = framed.batches(10)
+    batches = list(framed.batches(10))
     assert [sum(stop - start for _, start, stop in b) for b in batches] == [10, 10, 9]
     pieces = [piece for batch in batches for piece in batch]
     assert [head for head, _, _ in pieces if head] == [head for head, _, _ in framed.parts]
     assert [(start, stop) for _, start, stop in pieces] == [
         (0, 1), (10, 12), (20, 27), (27, 37), (37, 45), (50, 51)]
-    assert multipart([(0, 1)] * 3, 100, "text/plain", "b").batches(1 << 18) == [
+    assert list(multipart([(0, 1)] * 3, 100, "text/plain", "b").batches(1 << 18)) == [
         [(head, 0, 1) for head, _, _ in multipart([(0, 1)] * 3, 100, "text/plain", "b").parts]]
