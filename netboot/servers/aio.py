@@ -157,11 +157,22 @@ class CountingFileResponse(web.FileResponse):
             return writer
         loop = asyncio.get_running_loop()
         for batch in parts.batches(self._chunk_size):
-            await writer.write(await loop.run_in_executor(None, self._read_batch, fobj,
-                                                          batch))
+            try:
+                data = await loop.run_in_executor(None, self._read_batch, fobj, batch)
+            except ConnectionResetError:
+                self._shrank(request, batch[0][1], parts.parts[-1][2])
+                raise
+            await writer.write(data)
         await writer.write(parts.tail)
         await web.StreamResponse.write_eof(self)
         return writer
+
+    @staticmethod
+    def _shrank(request: web.BaseRequest, there: int, needed: int) -> None:
+        """Told as the front door tells it (GuardedHandler.file_shrank), where one serves."""
+        told = getattr(request.protocol, "file_shrank", None)
+        if told is not None:
+            told(request.path, there, needed)
 
     def _read_batch(self, fobj: IO[bytes], batch: list[tuple[bytes, int, int]]) -> bytes:
         """One batch of parts, each head followed by its bytes of the file (in a thread)."""
@@ -195,6 +206,7 @@ class CountingFileResponse(web.FileResponse):
             # The file shrank since its stat (a copy over it truncates it in place): the
             # connection cannot carry another answer, and the client must see it end, not
             # wait for the rest (the front door's _file_sent; nginx: "file was truncated").
+            self._shrank(request, offset + self.sendfile_bytes, offset + count)
             raise ConnectionResetError(f"{self._path} shrank while sent")
         await web.StreamResponse.write_eof(self)
         return writer

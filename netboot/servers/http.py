@@ -2085,11 +2085,13 @@ class GuardedHandler(_HandlerBase):
 
     def _file_sent(self, head: RequestHead, answer: Answer, body: FileBody, sent: int,
                    seconds: float) -> None:
-        body.close()
         if sent < body.size and self.transport is not None:
             # Fewer bytes than Content-Length said (the file shrank, the client left): the
             # connection cannot carry another response.
             self.force_close()
+            if os.fstat(body.fd).st_size < body.size:  # shrank, not the client gone
+                self.file_shrank(head.path, sent, body.size)
+        body.close()
         self._front_sent(head, answer, len(answer.data) + sent, answer.seconds + seconds)
 
     def _own_socket(self) -> socket.socket | None:
@@ -2173,6 +2175,18 @@ class GuardedHandler(_HandlerBase):
         super().resume_writing()
         if not self._front_off and self._unread:
             self._serve_front()
+
+    def file_shrank(self, path: str, there: int, needed: int) -> None:
+        """Tell that the file at ``path`` was cut short while sent (its connection is closed:
+        the answer cannot be as long as it said), as nginx's "file was truncated" alert;
+        once a minute a path (every reader of a kernel copied over is cut at once).
+        ``there``: the bytes of the file found; ``needed``: what the answer needed."""
+        self._guard.limited.log(
+            logging.WARNING, f"shrank {path}",
+            "http: %s shrank while it was sent to %s: %d bytes of the %d its answer needed "
+            "were there, the connection closed. A file copied over in place (cp) is cut "
+            "short for whoever reads it: copy to a new name in the same directory and rename "
+            "it over the old (mv)", path, self._remote() or "-", there, needed)
 
     def _remote(self) -> str | None:
         if self._peer is False:  # asked once a connection, not once a request
