@@ -441,6 +441,41 @@ async def test_another_sites_form_cannot_end_the_session_and_the_own_button_does
     await expect(page).to_have_url(url(env, "/login"))
 
 
+@pytest.mark.parametrize("way", ["shared-worker", "web-locks"])
+async def test_logging_out_in_one_tab_ends_the_others_and_their_stream(
+        make_env: EnvFactory, browser: Browser, shots: Any, way: str) -> None:
+    """An operator with two tabs of the dashboard logs out in one. The session is the API
+    token it was opened with (logout deletes the cookie; the token stays valid), and the
+    stream the tabs share was opened with it: the other tab stayed on the dashboard,
+    following every machine's events live, for as long as it stayed open (main: still at
+    /, "live", the stream open). Now every tab goes to the login page and the stream
+    ends (s48-attack)."""
+    env = await make_env()
+    context = await browser.new_context(viewport={"width": 1360, "height": 900})
+    if way == "web-locks":
+        await context.add_init_script("delete window.SharedWorker;")
+    try:
+        first = await logged_in(context, env, shots)
+        other = await context.new_page()
+        other.set_default_timeout(TIMEOUT_MS)
+        await other.goto(url(env))
+        await expect(other.locator("#live")).to_have_text("live")
+        assert env.service.events.subscribers == 1
+        await first.click("form.logout button[type=submit]")
+        await expect(first).to_have_url(url(env, "/login"))
+        await expect(other).to_have_url(url(env, "/login"))
+        await shots(other, "other-tab-logged-out")
+        await other.goto(url(env))
+        await expect(other).to_have_url(url(env, "/login"))  # the cookie is gone
+        for _ in range(600):  # bounded: the server sees the stream's end by its next write
+            if env.service.events.subscribers == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert env.service.events.subscribers == 0
+    finally:
+        await context.close()
+
+
 async def test_a_cluster_with_the_short_k3s_token_says_so_on_the_clusters_page(
         make_env: EnvFactory, browser: Browser, shots: Any) -> None:
     """A cluster made before netboot made k3s CAs keeps the short join token until its

@@ -850,4 +850,28 @@ function route() {
 window.addEventListener("hashchange", route);
 route();
 connect(); // its "inventory" event shows the banner (no GET /status a tab every 15 s)
+loggedOutTogether();
+
+// Logged out in one tab, every tab of the browser goes to the login page. The session is an
+// API token (logout deletes the cookie, it revokes nothing), and the stream the tabs share
+// (the SharedWorker's, or the elected tab's) was opened with it: the other tabs kept the
+// fleet's events coming, live, for as long as one of them stayed open (s48-attack). Its
+// form is sent by fetch, so that the cookie is gone before the others leave.
+function loggedOutTogether() {
+  const form = document.querySelector("form.logout");
+  if (!form || !window.BroadcastChannel) return;
+  const channel = new BroadcastChannel("netboot-session");
+  channel.onmessage = ({data}) => { if (data === "logout") location.href = "/login"; };
+  form.addEventListener("submit", async (e) => {
+    e.preventDefault();
+    try {
+      await fetch("/logout", {method: "POST", redirect: "manual"});
+    } catch (err) {
+      form.submit(); // not sent: as a plain form, which goes to the login page itself
+      return;
+    }
+    channel.postMessage("logout");
+    location.href = "/login";
+  });
+}
 refreshDiscovered();
