@@ -107,13 +107,15 @@ class _SendThread:
 
     def post(self, transfer: Transfer) -> None:
         self._inbox.append(transfer)
-        os.eventfd_write(self._wake, 1)
+        if self.alive:  # (its eventfd stays open until close(): never another's descriptor)
+            os.eventfd_write(self._wake, 1)
 
     def close(self, timeout: float) -> None:
         self._closing = True
-        with contextlib.suppress(OSError):
-            os.eventfd_write(self._wake, 1)
+        os.eventfd_write(self._wake, 1)
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            os.close(self._wake)
 
     def _run(self) -> None:
         epoll, wake, sending, inbox = self._epoll, self._wake, self._sending, self._inbox
@@ -140,7 +142,6 @@ class _SendThread:
             for transfer in list(sending.values()) + list(inbox):
                 self._end(transfer, True)
             epoll.close()
-            os.close(wake)
 
     def _begin(self, transfer: Transfer) -> None:
         if self._step(transfer):
