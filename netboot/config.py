@@ -65,6 +65,10 @@ class HttpConfig:
     body_timeout: int = 60
     keepalive_timeout: int = 75
     send_timeout: int = 60
+    # Threads that send large files' bodies (512 KiB and more) with sendfile(2) off the event
+    # loop's thread, so the kernel's copy runs on another CPU (benchmarks/README.md,
+    # s48-sendfile); 0 sends every body on the loop's thread.
+    send_threads: int = 2
     # One line per request on the netboot.access logger (nginx's access_log); false leaves
     # the requests to the metrics, for a fleet whose storms would write millions of lines.
     access_log: bool = True
@@ -898,6 +902,9 @@ def _check_limits(cfg: Config, src: _Source) -> None:
     ):
         if value < 1:
             raise src.error(key, f"{value} is below 1", f"write a whole number >= 1 ({fix})")
+    if not 0 <= http.send_threads <= 64:
+        raise src.error("http.send_threads", f"{http.send_threads} is not 0-64",
+                        "write e.g. 2 (one a CPU), or 0 to send on the event loop's thread")
     if cfg.inventory.events_keep_days < 0:
         raise src.error("inventory.events_keep_days", f"{cfg.inventory.events_keep_days} is "
                         "below 0", "write days, e.g. 365 (0 keeps events forever)")

@@ -65,6 +65,7 @@ from netboot.servers.http import (
     RequestIds,
     listen,
 )
+from netboot.servers.sendthreads import SendThreads
 from netboot.servers.sockets import bind_error
 from netboot.shipped import shipped_root, templates_dir
 from netboot.standing import (
@@ -808,6 +809,9 @@ class Service:
     doorway: Doorway | None = None
     listeners: list[asyncio.Server] = field(default_factory=list)
     http_guard: ConnectionGuard | None = None
+    # The threads that send large files' bodies off the loop's thread (http.send_threads),
+    # made at start(), ended at close().
+    send_threads: SendThreads | None = None
     servers: list[Any] = field(default_factory=list)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # Called once the inventory view is loaded (``serve`` freezes the heap there).
@@ -873,7 +877,7 @@ class Service:
             max_connections_per_source=http.max_connections_per_source,
             header_timeout=http.header_timeout, body_timeout=http.body_timeout,
             keepalive_timeout=http.keepalive_timeout, send_timeout=http.send_timeout,
-        ), logging.getLogger("netboot.http"))
+        ), logging.getLogger("netboot.http"), senders=self.send_threads)
 
     async def start(self) -> None:
         """Bind every listener, then make aiohttp's application if build() left it to here
@@ -896,6 +900,9 @@ class Service:
         # The limits the open-files limit holds, from here on (lowered defaults: warned).
         cfg = self.config = raise_fd_limit(cfg)
         http = cfg.http
+        if http.send_threads and self.send_threads is None:
+            self.send_threads = SendThreads(http.send_threads)
+            self.send_threads.start()
         self.http_guard = self.connection_guard()
         try:
             # Bound, not yet served: /healthz answers "ok" only once every listener of
@@ -1481,6 +1488,9 @@ class Service:
             for conn in list(self.doorway.early):
                 if conn.transport is not None:
                     conn.transport.close()
+        if self.send_threads is not None:  # their connections are closed: none sends now
+            self.send_threads.close()
+            self.send_threads = None
         self.content.close()
         await self.store.close()
 

@@ -74,6 +74,8 @@ def test_unknown_key_names_file_line_and_suggests(tmp_path: Path) -> None:
         ("server: [1, 2]\n", "server", 1, "key: value"),
         ("http:\n  max_connections: 0\n", "http.max_connections", 2, "worker_connections"),
         ("http:\n  header_timeout: -5\n", "http.header_timeout", 2, ">= 1"),
+        ("http:\n  send_threads: -1\n", "http.send_threads", 2, "0 to send on"),
+        ("http:\n  send_threads: 65\n", "http.send_threads", 2, "0-64"),
         ("http:\n  max_connections: 100\n  max_connections_per_source: 200\n",
          "http.max_connections_per_source", 3, "raise http.max_connections"),
         ("tftp:\n  max_per_client: 0\n", "tftp.max_per_client", 2, ">= 1"),

@@ -194,8 +194,17 @@ class CountingFileResponse(web.FileResponse):
         assert writer is not None
         loop = asyncio.get_running_loop()
         transport = request.transport
+        # A large body on a send thread (netboot.servers.sendthreads: the kernel's copy on
+        # another CPU), once the head is out; the plain-TCP handler's threads only (None on
+        # TLS, where the bytes must pass through the encryption).
+        senders = getattr(request.protocol, "send_threads", None)
         try:
-            self.sendfile_bytes = await loop.sendfile(transport, fobj, offset, count)
+            if senders is not None and count >= senders.min_size \
+                    and not transport.get_write_buffer_size():
+                self.sendfile_bytes = await sendfile(transport, fobj, offset, count,
+                                                     senders=senders)
+            else:
+                self.sendfile_bytes = await loop.sendfile(transport, fobj, offset, count)
         except NotImplementedError:
             # uvloop has no loop.sendfile: aiohttp would read the file through a thread in
             # 256 KiB chunks and copy each through the transport (0.5x nginx on 32 MiB).

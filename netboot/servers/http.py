@@ -92,6 +92,7 @@ from netboot.servers.fasthttp import (
     reply_of,
     reply_parts,
 )
+from netboot.servers.sendthreads import SendThreads, Transfer
 
 # aiohttp is imported by netboot.servers.aio, once netboot serve's listeners answer (its
 # import is a third of the start-up): this module runs the front door without it, and
@@ -447,10 +448,13 @@ class FileSender:
             done(self.sent, failed)
 
 
-async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int) -> int:
+async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int, *,
+                   senders: SendThreads | None = None) -> int:
     """``count`` bytes of ``fobj`` from ``offset`` to a plain TCP transport's socket with
     sendfile(2) (:class:`FileSender`); the bytes sent. For loops whose ``loop.sendfile`` does
-    not (uvloop). Never on a TLS transport: the bytes would bypass the encryption.
+    not (uvloop), and on a send thread of ``senders`` (netboot.servers.sendthreads) on
+    either loop, then with the transport buffering nothing (the head is out: the body is
+    written past it). Never on a TLS transport: the bytes would bypass the encryption.
 
     What the transport still buffers (the response head) is sent first. The socket is
     watched through a duplicate descriptor: the loop refuses a writer on a descriptor its
@@ -468,14 +472,21 @@ async def sendfile(transport: Any, fobj: IO[Any], offset: int, count: int) -> in
         if not finished.done():
             finished.set_result((sent, failed))
 
-    with socket.socket(fileno=os.dup(sock.fileno())) as watched:
+    sender: FileSender | Transfer | None = None
+    if senders is not None:  # (None: no thread or descriptor to take it)
+        sender = senders.send(loop, sock.fileno(), fobj.fileno(), offset, count, done)
+    watched = None
+    if sender is None:
+        watched = socket.socket(fileno=os.dup(sock.fileno()))
         sender = FileSender(loop, watched, fobj.fileno(), offset, count, done,
                             pending=transport.get_write_buffer_size)
         sender.start()
-        try:
-            sent, failed = await finished
-        finally:
-            sender.stop()  # cancelled: the connection is lost
+    try:
+        sent, failed = await finished
+    finally:
+        sender.stop()  # cancelled: the connection is lost (once done: nothing)
+        if watched is not None:
+            watched.close()
     if failed:
         raise ConnectionResetError("connection lost")
     return sent
@@ -1578,9 +1589,13 @@ class ConnectionGuard:
     never once per connection.
     """
 
-    def __init__(self, limits: HttpLimits, logger: logging.Logger) -> None:
+    def __init__(self, limits: HttpLimits, logger: logging.Logger, *,
+                 senders: SendThreads | None = None) -> None:
         self.limits = limits
         self.log = logger
+        # The threads that send large files' bodies off the loop's thread (http.send_threads;
+        # None: every body is sent on the loop's thread).
+        self.senders = senders
         self.limited = RateLimitedLog(logger, burst=1)
         self.refused = 0
         self.evicted = 0
@@ -1754,7 +1769,8 @@ class GuardedHandler(_HandlerBase):
         self._sock: Any = None  # its socket object (asyncio's or uvloop's), when plain TCP
         self._own: socket.socket | None = None  # _own_socket(), when a file was sent
         self._own_fd = -1  # its descriptor
-        self._sending: FileSender | None = None  # the front's file being sent, if any
+        # The front's file being sent, if any: on the loop's thread, or a send thread's.
+        self._sending: FileSender | Transfer | None = None
         self._sending_since: float | None = None  # when it began to wait for the socket
         # Answers encoded and not written yet: the requests a client pipelined, read
         # together, leave together in one write (_front_flush).
@@ -2032,6 +2048,8 @@ class GuardedHandler(_HandlerBase):
             try:
                 n = own.send(data, socket.MSG_MORE)
                 data = data[n:]
+                if not data and self._hand_over(head, answer, body):
+                    return
                 if not data:
                     sent = os.sendfile(self._own_fd, body.fd, 0, body.size)
                     if sent == body.size or not sent:  # whole, or the file shrank to 0
@@ -2056,6 +2074,30 @@ class GuardedHandler(_HandlerBase):
             sender.wait()  # the socket is full
         if self._sending is sender:  # the rest when the socket takes it
             self._sending_since = self._loop.time()
+
+    def _hand_over(self, head: RequestHead, answer: Answer, body: FileBody) -> bool:
+        """A large body to a send thread (netboot.servers.sendthreads), its head written
+        already (with MSG_MORE: it leaves with the body's first bytes); False: the loop's
+        thread is to send it (no threads, a body below their minimum, no descriptor left).
+        The kernel's copy of a 1 MiB body is most of its cost (s47-bigfile): on a thread,
+        it runs on another CPU while the loop answers other requests."""
+        senders = self._guard.senders
+        if senders is None or body.size < senders.min_size:
+            return False
+        transfer = senders.send(self._loop, self._own_fd, body.fd, 0, body.size,
+                                functools.partial(self._file_done, head, answer, body, 0))
+        if transfer is None:
+            return False
+        # Nothing more is answered or handed on until the file is out (pipelining).
+        self._front_busy = True
+        self._sending = transfer
+        self._sending_since = self._loop.time()
+        return True
+
+    @property
+    def send_threads(self) -> SendThreads | None:
+        """The threads large bodies go to (CountingFileResponse's sendfile asks)."""
+        return self._guard.senders if self._plain_tcp else None
 
     def _file_done(self, head: RequestHead, answer: Answer, body: FileBody, before: int,
                    sent: int, failed: bool) -> None:
