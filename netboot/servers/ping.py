@@ -59,7 +59,7 @@ class _Socket:
     raw: bool
     identifier: int
     sequence: int = 0
-    # address -> the probe waiting for its reply
+    # address -> the probe waiting for its reply (or answered within the last wait: _done)
     waiting: dict[str, asyncio.Future[bool]] = field(default_factory=dict)
 
 
@@ -94,6 +94,7 @@ class Pinger:
         return None if entry is None else "raw" if entry.raw else "ping"
 
     def _in_flight(self) -> int:
+        """Probes kept: those waiting and those just answered (_done)."""
         return sum(len(s.waiting) for s in self._sockets.values())
 
     async def answers(self, ip: str, interface: str | None) -> bool | None:
@@ -125,7 +126,7 @@ class Pinger:
             probe = loop.create_future()
             entry.waiting[ip] = probe
             timer = loop.call_later(self.wait, _settle, probe, False)
-            probe.add_done_callback(functools.partial(_done, entry, ip, timer))
+            probe.add_done_callback(functools.partial(_done, entry, ip, timer, self.wait))
         # Shielded: a request's task cancelled (the server stopping) leaves the probe to the
         # others that wait on it.
         return await asyncio.shield(probe)
@@ -207,9 +208,16 @@ def _settle(probe: asyncio.Future[bool], answered: bool) -> None:
         probe.set_result(answered)
 
 
-def _done(entry: _Socket, ip: str, timer: asyncio.TimerHandle,
+def _done(entry: _Socket, ip: str, timer: asyncio.TimerHandle, wait: float,
           probe: asyncio.Future[bool]) -> None:
+    """The probe's answer is kept for another ``wait``: a DISCOVER sent again just as it
+    ended (its waiter not yet resumed to record it, pingcheck.PingChecks) is told at once,
+    not sent a second echo and kept waiting (10 of 240 in a storm, benchmarks/dhcp_ping.py)."""
     timer.cancel()
+    asyncio.get_running_loop().call_later(wait, _forget, entry, ip, probe)
+
+
+def _forget(entry: _Socket, ip: str, probe: asyncio.Future[bool]) -> None:
     if entry.waiting.get(ip) is probe:
         del entry.waiting[ip]
 
