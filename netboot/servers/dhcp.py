@@ -1137,6 +1137,7 @@ class DhcpServer:
             ip = await self._offer(pool, mac, now, requested, fixed, hostname,
                                    interface=interface, xid=xid)
             if ip == "":  # its pings all answered: silent, its next DISCOVER goes on
+                self.summary.note("offer deferred (pings answered)")
                 return []
             if ip is None and fixed is None:
                 # No free address: one only offered to another client, held for neither

@@ -155,6 +155,9 @@ async def test_a_discover_waits_for_at_most_three_pings() -> None:
     await env.start()
     assert await env.offered(_mac(1)) is None
     assert probe.asked == POOL[:PINGS_PER_DISCOVER]
+    outcomes = env.server.summary.totals()
+    assert outcomes["offer deferred (pings answered)"] == 1
+    assert outcomes["in use (answered a ping)"] == PINGS_PER_DISCOVER
     assert await env.offered(_mac(1)) == POOL[4]
     assert probe.asked == POOL[:5]
 
