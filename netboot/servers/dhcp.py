@@ -623,6 +623,8 @@ class DhcpServer:
         while True:
             await asyncio.sleep(self.summary.interval)
             self.summary.flush()
+            if self._in_use:  # a quiet VLAN's notices end too, not at the next DISCOVER
+                self._tell_in_use(self._clock())
 
     def _bind(self, port: int, interface: str | None, key: str, flag: str) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
