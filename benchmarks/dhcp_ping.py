@@ -3,6 +3,7 @@ latency with the check on and off, and against another tree (main) in the same r
 
     sudo python benchmarks/dhcp_ping.py [--devices 1,100,240] [--within 0.2] [--repeat 3]
                                         [--baseline /work/wt/s48-base]
+                                        [--slots 60 --pings 240]  # 1,000 devices, scaled
 
 Two namespaces joined by a veth pair (``nbp-<random>-s``: the server's end, 192.0.2.1/24;
 ``-c``: the devices'), created and deleted here; nothing touches the machine's interfaces.
@@ -41,15 +42,23 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, timeout=20)
 
 
-def serve(tree: str, ping: bool) -> None:
+def serve(tree: str, ping: bool, slots: int | None, pings: int | None) -> None:
     """The server in its namespace: READY on stdout, serve until stdin closes, then the
-    echo requests sent."""
+    echo requests sent. ``slots``, ``pings``: DECISIONS_IN_FLIGHT and PINGS_IN_FLIGHT made
+    these (a storm scaled down: 240 devices against 60 and 240 stand for 1,000 against the
+    256 and 1,024 a listener has)."""
     sys.path.insert(0, tree)
     import asyncio
     import inspect
 
+    import netboot.servers.dhcp
     from netboot.pxe import DhcpSettings
     from netboot.servers.dhcp import DhcpServer
+
+    if slots is not None:
+        netboot.servers.dhcp.DECISIONS_IN_FLIGHT = slots
+    if pings is not None:
+        netboot.servers.dhcp.PINGS_IN_FLIGHT = pings  # type: ignore[attr-defined]
 
     class Leases:
         def __init__(self) -> None:
@@ -138,10 +147,12 @@ def devices(count: int, within: float) -> None:
                       "p50": pct(0.5), "p95": pct(0.95), "max": got[-1] if got else None}))
 
 
-def run_case(ns: str, tree: str, ping: bool, count: int, within: float) -> dict[str, object]:
+def run_case(ns: str, tree: str, ping: bool, count: int, within: float,
+             slots: int | None = None, pings: int | None = None) -> dict[str, object]:
     server = subprocess.Popen(
         ["ip", "netns", "exec", f"{ns}-s", sys.executable, str(HERE), "--serve", tree,
-         "--ping", "on" if ping else "off"],
+         "--ping", "on" if ping else "off", *(["--slots", str(slots)] if slots else []),
+         *(["--pings", str(pings)] if pings else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert server.stdin is not None and server.stdout is not None
     try:
@@ -172,9 +183,11 @@ def main() -> None:
     ap.add_argument("--within", type=float, default=0.2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--baseline")
+    ap.add_argument("--slots", type=int, help="DECISIONS_IN_FLIGHT in the server")
+    ap.add_argument("--pings", type=int, help="PINGS_IN_FLIGHT in the server")
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.ping == "on")
+        serve(args.serve, args.ping == "on", args.slots, args.pings)
         return
     if args.devices_run is not None:
         devices(args.devices_run, args.within)
@@ -199,7 +212,8 @@ def main() -> None:
             for round_ in range(args.repeat):
                 order = cases if round_ % 2 == 0 else cases[::-1]  # both orders
                 for name, tree, ping in order:
-                    seen = run_case(ns, tree, ping, count, args.within)
+                    seen = run_case(ns, tree, ping, count, args.within, args.slots,
+                                    args.pings)
                     print(f"{count:5d} devices  {name:16s} offered {seen['offered']}/"
                           f"{count}  p50 {seen['p50']:.3f}s  p95 {seen['p95']:.3f}s  max "
                           f"{seen['max']:.3f}s  DISCOVERs {seen['sent']}  echoes "

@@ -173,6 +173,13 @@ class AddressProbe(Protocol):  # servers/ping.Pinger; tests give fakes
     def close(self) -> None: ...
 
 
+# Echoes waiting at once (servers/ping.Pinger's bound: past it an offer goes unchecked, as
+# dnsmasq stops pinging under load). A DISCOVER waiting for its echo holds one of its
+# listener's decisions in flight the whole wait (1 s), so an authoritative listener that
+# pings has this many more: with DECISIONS_IN_FLIGHT alone a storm of new devices got
+# offers at ~256 a second, the rest waiting their turn (240 devices against 60 slots, the
+# scale of 1,000 against 256: p50 3.0 s, max 4.1 s; benchmarks/README.md, s48-ping).
+PINGS_IN_FLIGHT = 1024
 # Pings one DISCOVER waits for at most (each up to the probe's wait) before it is left
 # unanswered: its client sends it again (RFC 2131 §4.1) and the check goes on from the
 # addresses found in use, which stay marked (LeasePool.in_use).
@@ -438,7 +445,7 @@ class DhcpServer:
                     and self._pinger is None):
                 from netboot.servers.ping import Pinger
 
-                self._pinger, self._own_pinger = Pinger(), True
+                self._pinger, self._own_pinger = Pinger(max_probes=PINGS_IN_FLIGHT), True
             if self._settings.mode == "authoritative":
                 # An interface's address is reserved while it is this host's (_reserve_host):
                 # for good, it stayed out of the pool after the interface let go of it. Only
@@ -489,7 +496,9 @@ class DhcpServer:
                 protocol = self._protocol(
                     listener,
                     f"dhcp{':' + interface if interface else ''}:{sock.getsockname()[1]}",
-                    max_in_flight=DECISIONS_IN_FLIGHT, max_waiting=REQUESTS_WAITING,
+                    max_in_flight=DECISIONS_IN_FLIGHT + (
+                        PINGS_IN_FLIGHT if self._pinging() else 0),
+                    max_waiting=REQUESTS_WAITING,
                     # Kept longer, its answer (up to decide_timeout more) could come
                     # after iPXE's ~2 s wait for a proxy offer (protocols.md §1.6).
                     max_wait=self._decide_timeout,
@@ -1247,6 +1256,10 @@ class DhcpServer:
             if await self._claim(pool, Lease(mac, ip, expires, hostname), now):
                 return ip
         return None
+
+    def _pinging(self) -> bool:
+        """Whether offers may wait for a ping (authoritative, dhcp.ping_check)."""
+        return self._checks is not None and self._settings.mode == "authoritative"
 
     async def _ping(self, ip: str, interface: str | None) -> bool | None:
         """Whether ``ip`` answers an echo on ``interface``; None when not checked. Only on a

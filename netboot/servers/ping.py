@@ -47,6 +47,7 @@ _log = logging.getLogger(__name__)
 PING_WAIT = 1.0
 # Probes waiting at once (each ~0.3 KB: a future, a timer, a dict entry); past it an offer
 # is not checked, as dnsmasq stops pinging under load (do_icmp_ping's "high-load mode").
+# The DHCP server gives its own (servers/dhcp.PINGS_IN_FLIGHT).
 PROBES_IN_FLIGHT = 1024
 # ICMP_FILTER (linux/icmp.h) on a raw socket: a bit set per ICMP type not to deliver.
 _SOL_RAW = 255
