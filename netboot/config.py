@@ -119,6 +119,9 @@ class DhcpConfig:
     # netboot reflect offers toward any address (dnsmasq answers a relay only on a network
     # it has a dhcp-range for). IPv4 networks, e.g. ["198.51.100.0/24"].
     relay_networks: tuple[str, ...] = ()
+    # Authoritative mode: ping an address before its first offer and offer another if a host
+    # answers (dnsmasq's default, --no-ping to turn off; ISC dhcpd's ping-check).
+    ping_check: bool = True
     authoritative: AuthoritativeConfig = field(default_factory=AuthoritativeConfig)
 
 

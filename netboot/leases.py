@@ -558,6 +558,17 @@ class LeasePool:
             return Changes(delete=(mac,))
         return Changes()
 
+    def in_use(self, ip: str, now: float) -> None:
+        """``ip`` answered a ping before its offer (pingcheck): a host the pool knows nothing
+        of has it. Kept from every client for ``decline_seconds``, as a declined address
+        (dnsmasq's DECLINE_BACKOFF, 10 minutes; ISC dhcpd abandons it), then checked again
+        when it comes up; the offer waiting on the ping is withdrawn."""
+        self._declined[ip] = now + self.decline_seconds
+        self._ends_at(now + self.decline_seconds, ip)
+        offered = self._offered_ip.get(ip)
+        if offered is not None:
+            self._drop_offer(offered)
+
     def release(self, mac: str, ip: str) -> Changes:
         """DHCPRELEASE (RFC 2131 §4.3.4): free the address if it is the client's."""
         lease = self._leases.get(mac)

@@ -362,7 +362,8 @@ SCHEMAS: dict[str, Any] = {
                            "kind": {"enum": ["clusters-alike", "clock-behind", "clock-skew",
                                              "older-registrations", "rule-refs",
                                              "profile-files", "shared-fixed-ipv4",
-                                             "every-interface", "claimable-groups"]},
+                                             "every-interface", "claimable-groups",
+                                             "address-in-use"]},
                            "message": {"type": "string"},
                            # The older registrations' first 100 (the message counts
                            # all; netboot status --json lists all).

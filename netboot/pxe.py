@@ -95,6 +95,10 @@ class DhcpSettings:
     lease_seconds: int = 3600
     decline_seconds: int = 600
     offer_seconds: int = 60  # how long an offered address is held for its client
+    # Ping an address before its first offer (dnsmasq's default, --no-ping; servers/ping.py).
+    # Off here, for the library and tests that build settings by hand; the configuration's
+    # dhcp.ping_check (config.DhcpConfig) is on by default and is what serve passes.
+    ping_check: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -976,13 +976,14 @@ class Service:
                 uefi_option43=cfg.dhcp.uefi_option43, ack_on_67=cfg.dhcp.ack_on_67,
                 pool_start=auth.pool_start, pool_end=auth.pool_end, netmask=auth.netmask,
                 router=auth.router, dns_servers=auth.dns, domain=auth.domain,
-                lease_seconds=auth.lease_seconds)
+                lease_seconds=auth.lease_seconds, ping_check=cfg.dhcp.ping_check)
             interfaces, advertise, each = dhcp_listeners(cfg, self.advertise)
             dhcp = DhcpServer(settings, self.boot, self.store, interfaces=interfaces,
                               advertise=advertise, port=cfg.dhcp.port,
                               pxe_port=cfg.dhcp.pxe_port, observer=self.metrics,
                               each_interface=each, relay_networks=cfg.dhcp.relay_networks,
-                              watcher=await self._watcher())
+                              watcher=await self._watcher(),
+                              in_use_told=self._in_use_told)
             await dhcp.start()
             for warning in interfaces_off_pool(cfg, (await self._watcher()).addresses()):
                 log.warning("%s", warning)
@@ -1135,6 +1136,13 @@ class Service:
             except Exception:
                 log.exception("comparing the inventory's clock with this host's failed")
             await asyncio.sleep(CLOCK_CHECK_SECONDS)
+
+    def _in_use_told(self, in_use: list[tuple[str, str]]) -> None:
+        """The pool's addresses that answered a ping and are kept from clients now
+        (DhcpServer, dhcp.ping_check): shown while they last (GET /status's warnings, the
+        dashboard's banner), not only logged (the DHCP server logged each already)."""
+        self.standing.set("address-in-use", [Notice("address-in-use", text, (ip,))
+                                             for ip, text in in_use], told=False)
 
     async def check_clock(self, store: ServerClock) -> None:
         """The database's clock against this host's (health.ClockSkew): logged past its

@@ -20,7 +20,9 @@ the dashboard's banner) and the CLI (:func:`from_store`) show. Kinds:
 - ``every-interface``: DHCP answering on every interface of a multi-homed host, none named
   (s44-attack);
 - ``claimable-groups``: groups that give different clusters to machines on strings any
-  host can send (s44-attack).
+  host can send (s44-attack);
+- ``address-in-use``: pool addresses that answered the DHCP server's ping, kept from
+  clients while they are (servers/dhcp.py, dhcp.ping_check; s48-ping).
 
 The last three are decided where they read the store (service.warn_of_missing_rule_refs,
 warn_of_unservable_profiles, warn_of_shared_fixed_addresses), into the same Standing.

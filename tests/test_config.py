@@ -571,3 +571,18 @@ def test_dns_rate_limit_all_per_second_nodata_and_exempt_clients(tmp_path: Path)
     with pytest.raises(ConfigError) as err:
         load(write(tmp_path, "dns:\n  rate_limit:\n    all_per_second: -1\n"), env={})
     assert err.value.key == "dns.rate_limit.all_per_second" and err.value.line == 3
+
+
+def test_dhcp_ping_check_is_on_unless_turned_off(tmp_path: Path) -> None:
+    """dhcp.ping_check (authoritative mode pings an address before its first offer) is on by
+    default, as dnsmasq's (--no-ping turns it off); a value that is not true or false stops
+    start-up naming the file, the line and the fix."""
+    assert load(None, env={}).dhcp.ping_check is True
+    assert load(write(tmp_path, "dhcp:\n  ping_check: false\n"), env={}).dhcp.ping_check \
+        is False
+    path = write(tmp_path, "dhcp:\n  mode: proxy\n  ping_check: sometimes\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert (err.value.key, err.value.line, err.value.fix) == (
+        "dhcp.ping_check", 3, "write true or false")
+    assert f"{path}:3: dhcp.ping_check: expected true or false" in str(err.value)

@@ -364,3 +364,28 @@ def test_a_loopback_advertised_server_answers_no_dhcp_or_tftp_on_the_lan(
     assert "  TFTP   udp/69 on lo only (a loopback address advertised)\n" in served, served
     assert "  DHCP   proxy on udp/67 + udp/4011 on lo only (a loopback address advertised)\n" \
         in served, served
+
+
+def test_a_pool_address_a_host_answers_for_is_skipped_and_stands_in_status(
+        subnets: dict[str, str], tmp_path: Path) -> None:
+    """``netboot serve``, authoritative, dhcp.ping_check left at its default (on): a host on
+    va's link holds 192.0.2.100, the pool's first address, by hand. A PXE ROM's DISCOVER is
+    offered 192.0.2.101 (192.0.2.100 answered the server's ping), and GET /status names the
+    address in use while it is kept from clients (kind address-in-use), with the log's line.
+    On main the DISCOVER was offered 192.0.2.100."""
+    cfg = config(tmp_path, dhcp="authoritative")
+    ca = str(tmp_path / "data" / "tls" / "ca.pem")
+    ip("-n", subnets["a"], "addr", "add", "192.0.2.100/24", "dev", "eth0")
+    with serving(cfg, subnets, tmp_path):
+        offer = pxe_offer(subnets["a"], MAC_A)
+        admin = (tmp_path / "data" / "admin.token").read_text().strip()
+        status, body = curl(subnets["a"], "https://192.0.2.10:8443/api/v1/status",
+                            "--cacert", ca, "-H", f"Authorization: Bearer {admin}")
+    log = (tmp_path / "serve.log").read_text()
+    assert offer is not None and offer.yiaddr == "192.0.2.101", log
+    assert status == 200, body
+    notices = [w for w in json.loads(body)["warnings"] if w["kind"] == "address-in-use"]
+    assert [n["refs"] for n in notices] == [["192.0.2.100"]], body
+    assert "192.0.2.100 answered a ping on va: in use by a host" in notices[0]["message"]
+    assert "ping check on va: raw ICMP socket" in log, log
+    assert "Traceback" not in log, log

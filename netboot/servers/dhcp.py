@@ -33,6 +33,7 @@ from netboot.errors import ConfigError, Conflict, DecodeError, NetbootError, Sto
 from netboot.leases import Changes, LeasePool, LeaseStore
 from netboot.logs import RateLimitedLog, Summary, log_fields
 from netboot.model import FirstStage, Lease
+from netboot.pingcheck import PingChecks
 from netboot.pxe import AddressGrant, BootDecider, Client, DhcpSettings, Unanswerable
 from netboot.servers import sockets
 from netboot.servers.interfaces import Addresses, InterfaceWatcher, first_address, network
@@ -164,6 +165,27 @@ class _Repeats(BoundaryProtocol):
         super().datagram_received(data, addr)
 
 
+class AddressProbe(Protocol):  # servers/ping.Pinger; tests give fakes
+    """Whether an address answers on an interface: True in use, False not within the
+    wait, None not checked."""
+
+    async def answers(self, ip: str, interface: str | None) -> bool | None: ...
+    def close(self) -> None: ...
+
+
+# Echoes waiting at once (servers/ping.Pinger's bound: past it an offer goes unchecked, as
+# dnsmasq stops pinging under load). A DISCOVER waiting for its echo holds one of its
+# listener's decisions in flight the whole wait (1 s), so an authoritative listener that
+# pings has this many more: with DECISIONS_IN_FLIGHT alone a storm of new devices got
+# offers at ~256 a second, the rest waiting their turn (240 devices against 60 slots, the
+# scale of 1,000 against 256: p50 3.0 s, max 4.1 s; benchmarks/README.md, s48-ping).
+PINGS_IN_FLIGHT = 1024
+# Pings one DISCOVER waits for at most (each up to the probe's wait) before it is left
+# unanswered: its client sends it again (RFC 2131 §4.1) and the check goes on from the
+# addresses found in use, which stay marked (LeasePool.in_use).
+PINGS_PER_DISCOVER = 3
+
+
 class DhcpObserver(Protocol):
     """Told of every reply sent (metrics): ``kind`` is OFFER, ACK, NAK."""
 
@@ -239,8 +261,21 @@ class DhcpServer:
         each_interface: bool = False,
         relay_networks: tuple[str, ...] = (),
         watcher: InterfaceWatcher | None = None,
+        pinger: AddressProbe | None = None,
+        in_use_told: Callable[[list[tuple[str, str]]], None] | None = None,
     ) -> None:
         self._settings = settings
+        # Authoritative, dhcp.ping_check: an address is pinged before its first offer
+        # (netboot.pingcheck decides which; the probe, servers/ping.Pinger, made at start()
+        # unless given). ``in_use_told``: each address that answered and is kept from
+        # clients now, with the line said of it (the operator's standing notices), whenever
+        # that changes.
+        self._checks = PingChecks() if settings.ping_check else None
+        self._pinger = pinger
+        self._own_pinger = False
+        self._in_use: dict[str, tuple[float, str]] = {}  # ip -> (until, what was said)
+        self._in_use_told = in_use_told
+        self._told_no_link = False
         self._replies = pxe.ProxyReplies(settings)
         self._classifier = pxe.Classifier(settings)
         self._decider = decider
@@ -406,6 +441,11 @@ class DhcpServer:
             if self._each and not targets:
                 _log.warning("dhcp: no interface with an IPv4 address yet: each one is "
                              "served once it has one")
+            if (self._settings.mode == "authoritative" and self._checks is not None
+                    and self._pinger is None):
+                from netboot.servers.ping import Pinger
+
+                self._pinger, self._own_pinger = Pinger(max_probes=PINGS_IN_FLIGHT), True
             if self._settings.mode == "authoritative":
                 # An interface's address is reserved while it is this host's (_reserve_host):
                 # for good, it stayed out of the pool after the interface let go of it. Only
@@ -419,6 +459,11 @@ class DhcpServer:
             self._summarise = asyncio.create_task(self._summaries(), name="dhcp-summary")
             for interface, server_ip in targets.items():
                 await self._listen(interface, server_ip)
+            prepare = getattr(self._pinger, "prepare", None)
+            if prepare is not None and self._settings.mode == "authoritative":
+                for interface in targets:
+                    if interface is not None:
+                        prepare(interface)  # said now whether the ping check is on, how
         except BaseException:
             await self.close()
             raise
@@ -451,7 +496,9 @@ class DhcpServer:
                 protocol = self._protocol(
                     listener,
                     f"dhcp{':' + interface if interface else ''}:{sock.getsockname()[1]}",
-                    max_in_flight=DECISIONS_IN_FLIGHT, max_waiting=REQUESTS_WAITING,
+                    max_in_flight=DECISIONS_IN_FLIGHT + (
+                        PINGS_IN_FLIGHT if self._pinging() else 0),
+                    max_waiting=REQUESTS_WAITING,
                     # Kept longer, its answer (up to decide_timeout more) could come
                     # after iPXE's ~2 s wait for a proxy offer (protocols.md §1.6).
                     max_wait=self._decide_timeout,
@@ -552,6 +599,11 @@ class DhcpServer:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._follower = self._probe_task = None
+        if self._pinger is not None and self._own_pinger:
+            # Probes still waiting end now (not in use): the offers they held are dropped
+            # with the listeners below, not waited for.
+            self._pinger.close()
+            self._pinger, self._own_pinger = None, False
         protocols = self._protocols
         for opened in self._open.values():
             for _, transport, _, _ in opened.endpoints:
@@ -580,6 +632,8 @@ class DhcpServer:
         while True:
             await asyncio.sleep(self.summary.interval)
             self.summary.flush()
+            if self._in_use:  # a quiet VLAN's notices end too, not at the next DISCOVER
+                self._tell_in_use(self._clock())
 
     def _bind(self, port: int, interface: str | None, key: str, flag: str) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -807,7 +861,7 @@ class DhcpServer:
                 and interface not in self._pool_links):
             self._no_pool_here(interface)
             return []
-        return self._authoritative(packet, client, peer, server_ip)
+        return self._authoritative(packet, client, peer, server_ip, interface)
 
     def _no_pool_here(self, interface: str) -> None:
         """A request that was not relayed, on an interface off the pool's network: dropped
@@ -1015,7 +1069,8 @@ class DhcpServer:
         return [out]
 
     async def _authoritative(
-        self, packet: dhcp.Inbound, client: Client, peer: Address, server_ip: str
+        self, packet: dhcp.Inbound, client: Client, peer: Address, server_ip: str,
+        interface: str | None = None,
     ) -> list[Reply]:
         # Always a coroutine: the fixed address may wait for the decider's view to sync.
         pool = self.pool
@@ -1024,6 +1079,8 @@ class DhcpServer:
         xid = packet.xid
         now = self._clock()
         self._persist(pool.expire(now))
+        if self._in_use and min(until for until, _ in self._in_use.values()) <= now:
+            self._tell_in_use(now)
         if packet.giaddr != ZERO_IP and not pool.on_network(packet.giaddr):
             # Allowed by dhcp.relay_networks, but the pool's addresses are of its own network
             # only: nothing to offer a client behind that relay.
@@ -1088,7 +1145,11 @@ class DhcpServer:
             fixed = None
         hostname = client.request.hostname
         if mt == MessageType.DISCOVER:
-            ip = await self._offer(pool, mac, now, requested, fixed, hostname)
+            ip = await self._offer(pool, mac, now, requested, fixed, hostname,
+                                   interface=interface, xid=xid)
+            if ip == "":  # its pings all answered: silent, its next DISCOVER goes on
+                self.summary.note("offer deferred (pings answered)")
+                return []
             if ip is None and fixed is None:
                 # No free address: one only offered to another client, held for neither
                 # (LeasePool.shared_offer): DISCOVERs alone no longer exhaust the pool.
@@ -1157,14 +1218,37 @@ class DhcpServer:
         return [out]
 
     async def _offer(self, pool: LeasePool, mac: str, now: float, requested: str | None,
-                     fixed: str | None, hostname: str | None) -> str | None:
+                     fixed: str | None, hostname: str | None, *,
+                     interface: str | None = None, xid: int = 0) -> str | None:
         """An address for a DISCOVER, claimed in the inventory for the offer's lifetime
         before it is offered: servers sharing the inventory never offer one address to two
-        clients. Refused (another server's), the next free address is tried."""
+        clients. Refused (another server's), the next free address is tried. With the ping
+        check, one not known free is pinged first (held as this client's offer meanwhile,
+        so that no other client is offered it); answered, the next is tried. "" when
+        PINGS_PER_DISCOVER answered: the DISCOVER is left unanswered."""
+        pings = 0
         for _ in range(CLAIM_ATTEMPTS):
             ip = pool.offer(mac, now, requested=requested, fixed=fixed)
             if ip is None or fixed is not None:
                 return ip
+            checks = self._checks
+            if checks is not None and checks.needed(ip, now, lease=pool.lease(mac),
+                                                    fixed=fixed):
+                if pings == PINGS_PER_DISCOVER:
+                    pool.not_selected(mac)  # the address is not held for an offer not made
+                    return ""
+                pings += 1
+                answered = await self._ping(ip, interface)
+                now = self._clock()
+                if answered:
+                    self._answered_ping(pool, mac, ip, now, xid, interface)
+                    continue
+                if answered is not None:
+                    checks.found_free(ip, now)
+                    _log.debug("dhcp: %s xid %#010x: %s did not answer a ping on %s: offered",
+                               mac, xid, ip, interface)
+                if pool.offer(mac, now, requested=ip) != ip:
+                    continue  # gone while it was pinged (the host's own address, a claim)
             current = pool.lease(mac)
             # Never shorten the client's own lease to the offer's lifetime.
             expires = max(now + pool.offer_seconds,
@@ -1172,6 +1256,55 @@ class DhcpServer:
             if await self._claim(pool, Lease(mac, ip, expires, hostname), now):
                 return ip
         return None
+
+    def _pinging(self) -> bool:
+        """Whether offers may wait for a ping (authoritative, dhcp.ping_check)."""
+        return self._checks is not None and self._settings.mode == "authoritative"
+
+    async def _ping(self, ip: str, interface: str | None) -> bool | None:
+        """Whether ``ip`` answers an echo on ``interface``; None when not checked. Only on a
+        known link: the one socket that serves every interface (none named) does not tell
+        which one a DISCOVER came in on, and an echo must not leave by another (said
+        once)."""
+        pinger = self._pinger
+        if pinger is None:
+            return None
+        if interface is None:
+            if not self._told_no_link:
+                self._told_no_link = True
+                _log.warning("dhcp: ping check off: DHCP listens on one socket for every "
+                             "interface, which does not tell the link a DISCOVER came in on. "
+                             "Name the provisioning interface (server.interfaces)")
+            return None
+        try:
+            return await pinger.answers(ip, interface)
+        except OSError as exc:
+            _log.debug("dhcp: ping of %s on %s failed: %s", ip, interface, exc)
+            return None
+
+    def _answered_ping(self, pool: LeasePool, mac: str, ip: str, now: float, xid: int,
+                       interface: str | None) -> None:
+        """``ip`` answered: kept from every client (LeasePool.in_use), said in the log,
+        the summary and the operator's standing notices; its offer to ``mac`` withdrawn."""
+        pool.in_use(ip, now)
+        assert self._checks is not None
+        self._checks.forget(ip)
+        self.summary.note("in use (answered a ping)")
+        text = (f"dhcp: {ip} answered a ping on {interface}: in use by a host that is not in "
+                f"the lease table; not offered for {pool.decline_seconds}s. Give that host "
+                "an address outside the pool (dhcp.authoritative.pool_start/pool_end), or "
+                "enroll it with its fixed_ipv4")
+        self._limited.log(logging.WARNING, f"in use {ip}", "%s (xid %#010x from %s)", text,
+                          xid, mac)
+        self._in_use[ip] = (now + pool.decline_seconds, text)
+        self._tell_in_use(now)
+
+    def _tell_in_use(self, now: float) -> None:
+        in_use = self._in_use
+        for ip in [ip for ip, (until, _) in in_use.items() if until <= now]:
+            del in_use[ip]
+        if self._in_use_told is not None:
+            self._in_use_told([(ip, text) for ip, (_, text) in in_use.items()])
 
     async def _claim(self, pool: LeasePool, lease: Lease, now: float, *,
                      over: float | None = None) -> bool:

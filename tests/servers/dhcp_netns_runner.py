@@ -8,7 +8,8 @@ the interface has no address yet), serves until stdin closes (the test closes it
 then shuts down cleanly. Logs go to stderr. ``DHCP_RUNNER_FIXED``, ``mac=ip`` comma-separated,
 gives machines a ``fixed_ipv4``; ``DHCP_RUNNER_MACHINES``, ``mac+mac`` comma-separated, makes
 NICs one machine's; ``DHCP_RUNNER_ADVERTISE`` is ``server.advertise`` (with
-``each``: serve's listeners where an address is advertised and no interface named).
+``each``: serve's listeners where an address is advertised and no interface named);
+``DHCP_RUNNER_PING=1`` turns ``dhcp.ping_check`` on (off otherwise, as DhcpSettings').
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ async def main(mode: str, interface: str, relay_networks: tuple[str, ...] = ()) 
         settings = DhcpSettings(
             mode="authoritative", pool_start="192.0.2.100", pool_end="192.0.2.109",
             netmask="255.255.255.0", router="192.0.2.1", dns_servers=("192.0.2.1",),
-            lease_seconds=600,
+            lease_seconds=600, ping_check=os.environ.get("DHCP_RUNNER_PING") == "1",
         )
     else:
         settings = DhcpSettings()

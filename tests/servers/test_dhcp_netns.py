@@ -79,14 +79,17 @@ def link(bare_link: Link) -> Iterator[Link]:
 class Server:
     def __init__(self, link: Link, mode: str, interface: str | None = None,
                  relay_networks: str | None = None, fixed: str = "",
-                 advertise: str = "", machines: str = "") -> None:
+                 advertise: str = "", machines: str = "", ping: bool = False,
+                 wrap: tuple[str, ...] = ()) -> None:
+        # ping: dhcp.ping_check on; wrap: a command the runner runs under (setpriv).
         self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", link.server_ns, sys.executable, "-m",
+            ["ip", "netns", "exec", link.server_ns, *wrap, sys.executable, "-m",
              "tests.servers.dhcp_netns_runner", mode, interface or link.server_if,
              *([relay_networks] if relay_networks else [])],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT), "DHCP_RUNNER_FIXED": fixed,
-                 "DHCP_RUNNER_ADVERTISE": advertise, "DHCP_RUNNER_MACHINES": machines},
+                 "DHCP_RUNNER_ADVERTISE": advertise, "DHCP_RUNNER_MACHINES": machines,
+                 "DHCP_RUNNER_PING": "1" if ping else ""},
         )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)
