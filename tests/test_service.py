@@ -619,7 +619,10 @@ async def test_an_open_event_stream_does_not_hold_the_shutdown(tmp_path: Path) -
     """A dashboard's tab (an open ``/api/v1/events/stream``) held ``close`` for aiohttp's
     two 60 s waits (127 s measured with ``netboot serve`` and SIGTERM), past systemd's
     90 s stop timeout: the streams now end first, the client sees its stream end
-    (s36-attack)."""
+    (s36-attack).
+
+    The close's bound (30 s) is a hang's: under aiohttp's first 60 s wait; a wall-time
+    "< 10 s" beside it could fail on a loaded machine with nothing held (s48-flake)."""
     cfg = load(write_config(tmp_path), env={})
     service = await build(cfg)
     await service.start()
@@ -631,12 +634,9 @@ async def test_an_open_event_stream_does_not_hold_the_shutdown(tmp_path: Path) -
                 headers={"Authorization": f"Bearer {token}"}) as resp:
             assert resp.status == 200
             assert await resp.content.readuntil(b": connected\n\n")
-            loop = asyncio.get_running_loop()
-            started = loop.time()
             await asyncio.wait_for(service.close(), 30)
             closed = True
-            assert loop.time() - started < 10
-            assert await asyncio.wait_for(resp.content.read(), 5) == b""  # ended
+            assert await asyncio.wait_for(resp.content.read(), 30) == b""  # ended
     finally:
         if not closed:
             await service.close()
