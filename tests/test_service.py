@@ -619,7 +619,10 @@ async def test_an_open_event_stream_does_not_hold_the_shutdown(tmp_path: Path) -
     """A dashboard's tab (an open ``/api/v1/events/stream``) held ``close`` for aiohttp's
     two 60 s waits (127 s measured with ``netboot serve`` and SIGTERM), past systemd's
     90 s stop timeout: the streams now end first, the client sees its stream end
-    (s36-attack)."""
+    (s36-attack).
+
+    The close's bound (30 s) is a hang's: under aiohttp's first 60 s wait; a wall-time
+    "< 10 s" beside it could fail on a loaded machine with nothing held (s48-flake)."""
     cfg = load(write_config(tmp_path), env={})
     service = await build(cfg)
     await service.start()
@@ -631,12 +634,9 @@ async def test_an_open_event_stream_does_not_hold_the_shutdown(tmp_path: Path) -
                 headers={"Authorization": f"Bearer {token}"}) as resp:
             assert resp.status == 200
             assert await resp.content.readuntil(b": connected\n\n")
-            loop = asyncio.get_running_loop()
-            started = loop.time()
             await asyncio.wait_for(service.close(), 30)
             closed = True
-            assert loop.time() - started < 10
-            assert await asyncio.wait_for(resp.content.read(), 5) == b""  # ended
+            assert await asyncio.wait_for(resp.content.read(), 30) == b""  # ended
     finally:
         if not closed:
             await service.close()
@@ -1249,7 +1249,9 @@ async def _health_says_down_within_the_bound(env: Any, words: str,
 
 async def _health_says_ok_again_within_the_bound(env: Any) -> None:
     """Once the server runs again, health is ok at a watch within 20 s (the watcher's own
-    WATCH_SECONDS apart), /healthz a 200.
+    WATCH_SECONDS apart), /healthz a 200. Also at the start, before a test stops the
+    server or cuts its path: the first watch's new connections (the feed's) have the same
+    1 s, which a loaded machine ran out once ("timed out": s48-flake).
 
     Not "at the very next watch": once it runs again, the server answers the store's new
     connections (the watch's own, the feed's and the pool's, and the LISTEN its
@@ -1295,8 +1297,7 @@ async def test_a_database_gone_without_a_word_is_told_by_health_within_the_bound
             "    connect_timeout: 1\n    keepalives_idle: 1\n    keepalives_interval: 1\n"
             "    keepalives_count: 2\n    tcp_user_timeout: 2\n")
         service = env.service
-        await service.watch_once()
-        assert service.boot.health.up
+        await _health_says_ok_again_within_the_bound(env)  # healthy before the cut
         cutter.freeze()
         await _health_says_down_within_the_bound(env, "the server stopped answering")
         cutter.thaw()
@@ -1306,12 +1307,11 @@ async def test_a_database_gone_without_a_word_is_told_by_health_within_the_bound
 
 async def _checked_env(make_env: EnvFactory, dsn: str) -> Env:
     """A service on the PostgreSQL inventory at ``dsn``, checked every second (each bound
-    1 s), whose first watch found it healthy."""
+    1 s), found healthy at a watch within 20 s."""
     env = await make_env(
         f'inventory:\n  backend: postgresql\n  dsn: "{dsn}"\n  postgresql:\n'
         "    connect_timeout: 1\n    check_interval: 1\n    check_timeout: 1\n")
-    await env.service.watch_once()
-    assert env.service.boot.health.up
+    await _health_says_ok_again_within_the_bound(env)
     return env
 
 
@@ -1381,8 +1381,7 @@ async def test_writes_held_up_by_a_holder_hidden_from_netboots_role_name_the_gra
         "    connect_timeout: 1\n    check_interval: 1\n    check_timeout: 1\n"
         "    statement_timeout: 3\n")
     service = env.service
-    await service.watch_once()
-    assert service.boot.health.up
+    await _health_says_ok_again_within_the_bound(env)
     holder = await asyncpg.connect(pg_dsn)
     try:
         await holder.execute("BEGIN")
@@ -1490,8 +1489,7 @@ async def test_a_database_that_stopped_answering_is_told_by_health_within_the_ch
             "    keepalives_count: 2\n    tcp_user_timeout: 2\n    check_interval: 1\n"
             "    check_timeout: 1\n")
         service = env.service
-        await service.watch_once()
-        assert service.boot.health.up
+        await _health_says_ok_again_within_the_bound(env)
         with pg.stopped(pg.server_pids(postgres.process.pid)):
             await _health_says_down_within_the_bound(env, "no answer to a check within 1 s")
         await _health_says_ok_again_within_the_bound(env)
