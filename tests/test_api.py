@@ -3183,3 +3183,39 @@ async def test_the_event_stream_tells_what_stands_as_it_opens_even_when_nothing_
         assert await opening(again) == [] == (await env.get("/api/v1/status"))["warnings"]
     finally:
         again.close()
+
+
+async def test_refusals_give_the_operator_the_way_out(env: Env) -> None:
+    """An unknown cluster, an approval refused by the machine's state and an identifier
+    another machine holds: each 4xx named the problem and not what to do ("unknown cluster
+    'other'", "'approve' is not allowed (allowed: install-plan, installed, reinstall)", "serial
+    SN-1 already belongs to machine m-… (52:54:…)", s47-review). The body keeps its error,
+    field and holder; its error says the command and the request that get past it."""
+    await env.seed()
+    body = error(await call(env, "POST", "/api/v1/machines", json_body={
+        "mac": MAC, "cluster": "other"}), 400, "cluster")
+    assert body["error"] == (
+        "unknown cluster 'other': add it first (netboot clusters add other --server-url "
+        "managed|https://SERVER:6443, POST /api/v1/clusters), or give one that exists "
+        "(netboot clusters ls)")
+    body = error(await call(env, "POST", "/api/v1/machines", json_body={
+        "mac": MAC, "profile": "k3s"}), 400, "profile")
+    assert body["error"].startswith("unknown profile 'k3s' (did you mean 'k3os'?): add it "
+                                    "first (netboot profiles add k3s --kernel PATH"), body
+    held = await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1",
+                                               "serial": "SN-1"}, status=201)
+    body = error(await call(env, "POST", "/api/v1/machines", json_body={
+        "mac": "52:54:00:00:00:99", "serial": "SN-1"}), 409, "serial")
+    assert body["holder"] == held["id"]
+    assert body["error"] == (
+        f"serial SN-1 already belongs to machine {held['id']} (edge-1, {MAC}): edit that one "
+        f"(netboot machines set {MAC}; PATCH /api/v1/machines/{held['id']}), remove it if its "
+        f"hardware is gone (netboot machines rm {MAC}), or give the right serial")
+    await env.post(f"/api/v1/machines/{MAC}/reinstall", None)
+    body = error(await call(env, "POST", f"/api/v1/machines/{MAC}/approve",
+                            json_body={"cluster": "edge"}), 409)
+    assert body["error"] == (
+        f"{MAC} is reinstall; 'approve' is not allowed: a reinstall is asked and its next "
+        f"network boot installs it; to change its cluster, role or profile first: netboot "
+        f"machines set {MAC} (PATCH /api/v1/machines/{MAC}) (steps allowed in reinstall: "
+        "install-plan, installed, reinstall)")
