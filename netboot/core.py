@@ -44,6 +44,7 @@ from netboot.errors import (
 )
 from netboot.inventory import codec
 from netboot.inventory.base import INSTALLS_UNDER_WAY, Batch, InstallsSince, MachineFilter, Store
+from netboot.logs import printable
 from netboot.model import (
     ID_PREFIX,
     Arch,
@@ -190,6 +191,27 @@ def machine_dict(machine: Machine) -> dict[str, Any]:
     out["mac_hexhyp"] = machine.mac.hexhyp if machine.mac else None
     out["state_since"] = machine.in_state_since  # None stored: in it since it was created
     return out
+
+
+_RUNS_ITS_NAME = frozenset({MachineState.INSTALLING, MachineState.INSTALLED,
+                            MachineState.REGISTERED})
+
+
+def renamed_installed(before: Machine, after: Machine) -> str | None:
+    """What to tell of a machine renamed once its installer fetched its config, else None:
+    the hostname and k3s ``--node-name`` were written into its installed OS then, and its
+    register command sends that node name at every boot (its ``node_name`` fact). The
+    inventory, the dashboard and netboot's DNS take the new name at once; the node keeps the
+    old one until it installs again. `kubectl get node rack2-a` found nothing after the CLI
+    said only ``hostname rack2-a`` (s47-review); the API's PATCH said nothing at all (its
+    answer's ``warnings`` now, s48-review)."""
+    runs = after.facts.get("node_name")  # none from an older netboot's register command
+    if after.state not in _RUNS_ITS_NAME or after.hostname in (before.hostname, runs):
+        return None
+    named = f"as {printable(runs)}" if runs else "under the name it installed with"
+    return (f"{after.hostname or after.ref} still runs {named}: its installed OS keeps that "
+            f"hostname and k3s node name until it installs again (netboot machines reinstall "
+            f"{after.ref}); netboot's DNS name and views follow the new one now")
 
 
 def public_dict(kind: str, item: Any) -> dict[str, Any]:

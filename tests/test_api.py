@@ -23,7 +23,15 @@ from netboot.inventory.sqlite import SqliteStore
 from netboot.lifecycle import Trigger, advance
 from netboot.model import Event, MacAddress, Machine, Scope
 from netboot.openapi import document
-from tests.conftest import Env, EnvFactory, Reply, boot, call, install_token
+from tests.conftest import (
+    Env,
+    EnvFactory,
+    Reply,
+    boot,
+    call,
+    install_token,
+    registered_beside_enrolled,
+)
 from tests.held_store import begun, held_writer, write_lock, writes_waiting
 
 MAC = "52:54:00:12:34:56"
@@ -3219,3 +3227,24 @@ async def test_refusals_give_the_operator_the_way_out(env: Env) -> None:
         f"network boot installs it; to change its cluster, role or profile first: netboot "
         f"machines set {MAC} (PATCH /api/v1/machines/{MAC}) (steps allowed in reinstall: "
         "install-plan, installed, reinstall)")
+
+
+async def test_renaming_an_installed_machine_answers_that_its_node_keeps_the_old_name(
+        env: Env) -> None:
+    """The CLI's `machines set --hostname` says that an installed machine's OS and k3s node
+    keep the name it installed with (s47-review); the API's PATCH, which scripts and other
+    tools use, answered the new name alone. Its answer has ``warnings`` now, with the field;
+    a machine not installed yet (it installs under the new name) has none."""
+    await registered_beside_enrolled(env, MAC, "edge-7", "52:54:00:12:34:57", "edge-8")
+    r = await call(env, "PATCH", "/api/v1/machines/edge-7", json_body={"hostname": "rack1-a"})
+    assert r.status == 200, r.text
+    assert r.json()["hostname"] == "rack1-a" and r.json()["warnings"] == [{
+        "field": "hostname", "error": (
+            f"rack1-a still runs as edge-7: its installed OS keeps that hostname and k3s node "
+            f"name until it installs again (netboot machines reinstall {MAC}); netboot's DNS "
+            "name and views follow the new one now")}]
+    for ref, name in (("rack1-a", "edge-7"), ("edge-8", "rack1-b")):  # its own; enrolled
+        r = await call(env, "PATCH", f"/api/v1/machines/{ref}", json_body={"hostname": name})
+        assert r.status == 200 and "warnings" not in r.json(), r.text
+    r = await call(env, "PATCH", f"/api/v1/machines/{MAC}", json_body={"labels": {"a": "b"}})
+    assert r.status == 200 and "warnings" not in r.json(), r.text

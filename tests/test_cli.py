@@ -23,7 +23,14 @@ from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import MacAddress, Scope
 from tests import pg
-from tests.conftest import Env, boot, install_token, this_checkout, write_config
+from tests.conftest import (
+    Env,
+    boot,
+    install_token,
+    registered_beside_enrolled,
+    this_checkout,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -998,14 +1005,7 @@ async def test_renaming_an_installed_machine_says_its_node_keeps_the_old_name(
     and the node does not: the CLI said only "hostname rack1-a" (s47-review). A machine not
     installed yet installs under the new name: nothing to say."""
     mac = "52:54:00:12:34:56"
-    await env.seed()
-    await env.post("/api/v1/machines", {"macs": [mac], "hostname": "edge-7"}, status=201)
-    await env.post("/api/v1/machines", {"macs": ["52:54:00:12:34:57"], "hostname": "edge-8"},
-                   status=201)
-    token = install_token(await boot(env, mac))
-    await env.post("/api/v1/register", {"mac": mac, "token": token, "hostname": "edge-7",
-                                        "node_name": "edge-7"}, status=200, headers={})
-    await env.service.boot.drain()
+    await registered_beside_enrolled(env, mac, "edge-7", "52:54:00:12:34:57", "edge-8")
 
     def rename(ref: str, name: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
