@@ -1307,13 +1307,17 @@ async def _db(args: argparse.Namespace) -> int:
         # start, with what avoids it (README's "Restoring a backup").
         count = sum(copied.installs_on_boot.values())
         states = ", ".join(f"{n} {state}" for state, n in copied.installs_on_boot.items())
+        # Each state's list: the hint named only the enrolled ones, and a machine whose
+        # install was under way at the backup (booting) is the likeliest to have installed
+        # since; the operator who listed the enrolled ones missed it (s48-review).
+        lists = ", ".join(f"`netboot machines ls --state {state}`"
+                          for state in copied.installs_on_boot)
         print(f"netboot: warning: {count} machine{'s' if count > 1 else ''} in the copy "
               f"install{'' if count > 1 else 's'} at the next network boot ({states}): if "
               "this restores a backup, one that installed after the backup was taken "
               "installs again. Before starting the servers, mark those installed (netboot "
-              "machines mark-installed REF ...; `netboot machines ls --state enrolled` lists "
-              "the enrolled ones) (README.md: \"Backup, restore and upgrades\")",
-              file=sys.stderr)
+              f"machines mark-installed REF ...; {lists} list{'s' if ',' not in lists else ''} "
+              "them) (README.md: \"Backup, restore and upgrades\")", file=sys.stderr)
     return 0
 
 
