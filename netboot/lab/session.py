@@ -372,20 +372,36 @@ def lab_token(run_dir: Path | None = None) -> str:
 
 def enroll(api: ApiClient, devices: Sequence[VmSpec], *, token: str | None = None) -> None:
     """The standard lab enrollment: cluster ``edge`` (its join token ``token``, else a new
-    one: :func:`lab_token`), a profile and group per arch, devices."""
-    api.expect(
-        "POST", "/api/v1/clusters",
-        {"name": "edge", "server_url": "https://192.0.2.50:6443",
-         "token": token or lab_token()},
-    )
+    one: :func:`lab_token`), a profile and group per arch, devices.
+
+    Again on an inventory that has them (``lab down`` keeps the run directory and netboot's
+    data in it; the next ``lab up --enroll`` failed on "cluster 'edge' already exists",
+    s48-review): the cluster, profiles and groups are put as made (the same token, kept in
+    the run dir), and a device enrolled under its name is left as it stands (registered,
+    say)."""
+    _made(api, "clusters", {"name": "edge", "server_url": "https://192.0.2.50:6443",
+                            "token": token or lab_token()})
     # A BIOS PXE client reports arch 0 ("x86"; QEMU's BIOS iPXE ROM is an i386 build) even
     # on a 64-bit CPU, so the amd64 group selects both x86 and x86_64 (selector values OR).
     for arch, sel in (("amd64", ["x86_64", "x86"]), ("arm64", ["arm64"])):
-        api.expect("POST", "/api/v1/profiles", profile_body(arch))
-        api.expect(
-            "POST", "/api/v1/groups",
-            {"name": "x86" if arch == "amd64" else "arm64", "selector": {"arch": sel},
-             "profile": f"test-{arch}", "cluster": "edge", "role": "agent"},
-        )
+        _made(api, "profiles", profile_body(arch))
+        _made(api, "groups",
+              {"name": "x86" if arch == "amd64" else "arm64", "selector": {"arch": sel},
+               "profile": f"test-{arch}", "cluster": "edge", "role": "agent"})
     for d in devices:
-        api.expect("POST", "/api/v1/machines", {"mac": d.mac, "hostname": d.name})
+        made = api.request("POST", "/api/v1/machines", {"mac": d.mac, "hostname": d.name})
+        if made.status == 409:
+            held = api.expect("GET", f"/api/v1/machines/{d.mac}")
+            if held.get("hostname") == d.name:
+                continue  # enrolled by the last up, as it stands now
+        if made.status not in (200, 201):
+            raise LabError(f"POST /api/v1/machines -> HTTP {made.status}: {made.body[:500]!r}")
+
+
+def _made(api: ApiClient, kind: str, body: Mapping[str, Any]) -> None:
+    """A profile, cluster or group created, or put as ``body`` where it exists already."""
+    made = api.request("POST", f"/api/v1/{kind}", body)
+    if made.status == 409:
+        api.expect("PUT", f"/api/v1/{kind}/{body['name']}", body)
+    elif made.status not in (200, 201):
+        raise LabError(f"POST /api/v1/{kind} -> HTTP {made.status}: {made.body[:500]!r}")
