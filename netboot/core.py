@@ -214,6 +214,21 @@ def renamed_installed(before: Machine, after: Machine) -> str | None:
             f"{after.ref}); netboot's DNS name and views follow the new one now")
 
 
+# The fields a machine's "updated" event says from what to what (one short value each);
+# the others (macs, labels, identifiers) are named only.
+_SHOWN_CHANGE = frozenset({"hostname", "cluster", "role", "profile", "loader", "fixed_ipv4"})
+
+
+def _change(field: str, before: Any, after: Any) -> str:
+    """One field of an edit as its event says it: a move read "changed cluster" between
+    the reinstall and the next install into the new cluster, with no word of which the
+    machine left (s48-review)."""
+    if field not in _SHOWN_CHANGE:
+        return field
+    return (f"{field} {printable(str(before)) if before else 'none'} to "
+            f"{printable(str(after)) if after else 'none'}")
+
+
 def public_dict(kind: str, item: Any) -> dict[str, Any]:
     """A profile, cluster or group as the API and ``--json`` show it (never a cluster token)."""
     if kind == "profiles":
@@ -652,7 +667,8 @@ class Core:
             # history skipped every edit (its hostname, cluster or fixed address moved with
             # no line between its events), and `events --follow` kept its old name
             # (s39-attack). The audit log says who; the event says what, where it is read.
-            changed = [f for f in _EDITABLE if getattr(old, f) != getattr(machine, f)]
+            changed = [_change(f, getattr(old, f), getattr(machine, f)) for f in _EDITABLE
+                       if getattr(old, f) != getattr(machine, f)]
             events = (Event(old.id, machine.updated, "updated",
                             f"changed {', '.join(changed)}"),) if changed else ()
             try:
