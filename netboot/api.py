@@ -33,7 +33,14 @@ from netboot.access import (
 )
 from netboot.addresses import parse_peer
 from netboot.claims import claims_out
-from netboot.core import Core, item_version, machine_dict, machine_ref, public_dict
+from netboot.core import (
+    Core,
+    item_version,
+    machine_dict,
+    machine_ref,
+    public_dict,
+    renamed_installed,
+)
 from netboot.enroll import (
     SERVER_NEEDS_OPERATOR,
     fleet_status,
@@ -822,8 +829,20 @@ class Api:
         ref = await self._ref(request)
         await self._core.machine(ref)  # 404 before 400: the path is checked first
         body = _object(await read_json(request))
-        machine = await self._core.update_machine(ref, body, versions=_if_match(request))
-        return web.json_response(self._machine_out(machine), headers=_etag(machine))
+        read: list[Machine] = []
+
+        def made(machine: Machine) -> Mapping[str, Any]:
+            read[:] = [machine]  # the machine as the change was made from (at each try)
+            return body
+
+        machine = await self._core.update_machine(ref, made if "hostname" in body else body,
+                                                  versions=_if_match(request))
+        out = self._machine_out(machine)
+        # A rename its installed OS does not follow, said as the CLI's `machines set` says it.
+        note = renamed_installed(read[0], machine) if read else None
+        if note:
+            out["warnings"] = [{"field": "hostname", "error": note}]
+        return web.json_response(out, headers=_etag(machine))
 
     async def delete_machine(self, request: web.Request) -> web.Response:
         await self._core.delete_machine(await self._ref(request), versions=_if_match(request))

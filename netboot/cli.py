@@ -28,7 +28,14 @@ from typing import Any, TextIO
 from netboot import __version__
 from netboot.claims import claims_out
 from netboot.config import Config, load, located
-from netboot.core import Core, cluster_problems, machine_dict, profile_file_errors, public_dict
+from netboot.core import (
+    Core,
+    cluster_problems,
+    machine_dict,
+    profile_file_errors,
+    public_dict,
+    renamed_installed,
+)
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
@@ -428,30 +435,10 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
         shown.append("labels " + (",".join(f"{printable(k)}={printable(v)}"
                                            for k, v in m.labels.items()) or "-"))
     _report(args, f"{m.ref}: {', '.join(shown)}", machine_dict(m))
-    if "hostname" in changes and read:
-        _renamed_installed(read[0], m)
+    note = renamed_installed(read[0], m) if "hostname" in changes and read else None
+    if note:
+        print(f"netboot: {note}", file=sys.stderr)
     return 0
-
-
-_RUNS_ITS_NAME = frozenset({MachineState.INSTALLING, MachineState.INSTALLED,
-                            MachineState.REGISTERED})
-
-
-def _renamed_installed(before: Machine, after: Machine) -> None:
-    """A machine renamed once its installer fetched its config: the hostname and k3s
-    ``--node-name`` were written into its installed OS then, and its register command sends
-    that node name at every boot (its ``node_name`` fact). The inventory, the dashboard and
-    netboot's DNS take the new name at once; the node keeps the old one until it installs
-    again. The CLI said only ``hostname rack2-a``, and `kubectl get node rack2-a` found
-    nothing (s47-review)."""
-    runs = after.facts.get("node_name")  # none from an older netboot's register command
-    if after.state not in _RUNS_ITS_NAME or after.hostname in (before.hostname, runs):
-        return
-    named = f"as {printable(runs)}" if runs else "under the name it installed with"
-    print(f"netboot: {after.hostname or after.ref} still runs {named}: its installed OS "
-          f"keeps that hostname and k3s node name until it installs again (netboot machines "
-          f"reinstall {after.ref}); netboot's DNS name and views follow the new one now",
-          file=sys.stderr)
 
 
 def _plan_line(plan: dict[str, Any]) -> str:
@@ -1320,13 +1307,17 @@ async def _db(args: argparse.Namespace) -> int:
         # start, with what avoids it (README's "Restoring a backup").
         count = sum(copied.installs_on_boot.values())
         states = ", ".join(f"{n} {state}" for state, n in copied.installs_on_boot.items())
+        # Each state's list: the hint named only the enrolled ones, and a machine whose
+        # install was under way at the backup (booting) is the likeliest to have installed
+        # since; the operator who listed the enrolled ones missed it (s48-review).
+        lists = ", ".join(f"`netboot machines ls --state {state}`"
+                          for state in copied.installs_on_boot)
         print(f"netboot: warning: {count} machine{'s' if count > 1 else ''} in the copy "
               f"install{'' if count > 1 else 's'} at the next network boot ({states}): if "
               "this restores a backup, one that installed after the backup was taken "
               "installs again. Before starting the servers, mark those installed (netboot "
-              "machines mark-installed REF ...; `netboot machines ls --state enrolled` lists "
-              "the enrolled ones) (README.md: \"Backup, restore and upgrades\")",
-              file=sys.stderr)
+              f"machines mark-installed REF ...; {lists} list{'s' if ',' not in lists else ''} "
+              "them) (README.md: \"Backup, restore and upgrades\")", file=sys.stderr)
     return 0
 
 

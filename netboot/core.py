@@ -44,6 +44,7 @@ from netboot.errors import (
 )
 from netboot.inventory import codec
 from netboot.inventory.base import INSTALLS_UNDER_WAY, Batch, InstallsSince, MachineFilter, Store
+from netboot.logs import printable
 from netboot.model import (
     ID_PREFIX,
     Arch,
@@ -190,6 +191,42 @@ def machine_dict(machine: Machine) -> dict[str, Any]:
     out["mac_hexhyp"] = machine.mac.hexhyp if machine.mac else None
     out["state_since"] = machine.in_state_since  # None stored: in it since it was created
     return out
+
+
+_RUNS_ITS_NAME = frozenset({MachineState.INSTALLING, MachineState.INSTALLED,
+                            MachineState.REGISTERED})
+
+
+def renamed_installed(before: Machine, after: Machine) -> str | None:
+    """What to tell of a machine renamed once its installer fetched its config, else None:
+    the hostname and k3s ``--node-name`` were written into its installed OS then, and its
+    register command sends that node name at every boot (its ``node_name`` fact). The
+    inventory, the dashboard and netboot's DNS take the new name at once; the node keeps the
+    old one until it installs again. `kubectl get node rack2-a` found nothing after the CLI
+    said only ``hostname rack2-a`` (s47-review); the API's PATCH said nothing at all (its
+    answer's ``warnings`` now, s48-review)."""
+    runs = after.facts.get("node_name")  # none from an older netboot's register command
+    if after.state not in _RUNS_ITS_NAME or after.hostname in (before.hostname, runs):
+        return None
+    named = f"as {printable(runs)}" if runs else "under the name it installed with"
+    return (f"{after.hostname or after.ref} still runs {named}: its installed OS keeps that "
+            f"hostname and k3s node name until it installs again (netboot machines reinstall "
+            f"{after.ref}); netboot's DNS name and views follow the new one now")
+
+
+# The fields a machine's "updated" event says from what to what (one short value each);
+# the others (macs, labels, identifiers) are named only.
+_SHOWN_CHANGE = frozenset({"hostname", "cluster", "role", "profile", "loader", "fixed_ipv4"})
+
+
+def _change(field: str, before: Any, after: Any) -> str:
+    """One field of an edit as its event says it: a move read "changed cluster" between
+    the reinstall and the next install into the new cluster, with no word of which the
+    machine left (s48-review)."""
+    if field not in _SHOWN_CHANGE:
+        return field
+    return (f"{field} {printable(str(before)) if before else 'none'} to "
+            f"{printable(str(after)) if after else 'none'}")
 
 
 def public_dict(kind: str, item: Any) -> dict[str, Any]:
@@ -630,7 +667,8 @@ class Core:
             # history skipped every edit (its hostname, cluster or fixed address moved with
             # no line between its events), and `events --follow` kept its old name
             # (s39-attack). The audit log says who; the event says what, where it is read.
-            changed = [f for f in _EDITABLE if getattr(old, f) != getattr(machine, f)]
+            changed = [_change(f, getattr(old, f), getattr(machine, f)) for f in _EDITABLE
+                       if getattr(old, f) != getattr(machine, f)]
             events = (Event(old.id, machine.updated, "updated",
                             f"changed {', '.join(changed)}"),) if changed else ()
             try:

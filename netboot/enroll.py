@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import gc
 import hashlib
 import hmac
@@ -68,7 +69,7 @@ from netboot.inventory.base import (
     fold_hostname,
 )
 from netboot.inventory.codec import NewMachines
-from netboot.logs import log_line
+from netboot.logs import log_line, printable
 from netboot.model import (
     ID_PREFIX,
     NO_ENTRIES,
@@ -203,6 +204,20 @@ SERVER_NEEDS_OPERATOR = ("a server node of a cluster needs scope operator (a sca
 # cluster, role, profile and hostname, which PATCH and an import refuse such a token.
 _APPROVED_ALREADY = ("is enrolled already: changing its cluster, role, profile or hostname "
                      "needs scope operator")
+
+
+def unknown_ref(kind: str, name: str, known: Iterable[str] = ()) -> str:
+    """A machine's (or an import row's) cluster or profile that the inventory has not: the
+    name of ``known`` it is likely a slip for, and the way out, as the house's other
+    refusals give theirs ("unknown cluster 'egde'" alone left an operator to find the
+    add command or the typo, s47-review, s48-review)."""
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
+    slip = f" (did you mean {close[0]!r}?)" if close else ""
+    add = ("--server-url managed|https://SERVER:6443" if kind == "cluster"
+           else "--kernel PATH --initrd PATH")
+    return (f"unknown {kind} {name!r}{slip}: add it first (netboot {kind}s add "
+            f"{printable(name)} {add}, POST /api/v1/{kind}s), or give one that exists "
+            f"(netboot {kind}s ls)")
 
 
 def enroll_only_refusal(machine: Machine, *, cluster: str | None, role: Role | None,
@@ -1201,9 +1216,11 @@ class Enroller:
     # -- transitions ------------------------------------------------------------------
     async def validate_refs(self, cluster: str | None, profile: str | None) -> None:
         if cluster and await self._store.get_cluster(cluster) is None:
-            raise ValidationError("cluster", f"unknown cluster {cluster!r}")
+            raise ValidationError("cluster", unknown_ref(
+                "cluster", cluster, [c.name for c in await self._store.list_clusters()]))
         if profile and await self._store.get_profile(profile) is None:
-            raise ValidationError("profile", f"unknown profile {profile!r}")
+            raise ValidationError("profile", unknown_ref(
+                "profile", profile, [p.name for p in await self._store.list_profiles()]))
 
     async def refs_still(self, clusters: Mapping[str, int], profiles: Mapping[str, int],
                          ) -> None:
@@ -2383,12 +2400,12 @@ class Enroller:
         cluster = row.get("cluster") or None
         if cluster is not None:
             if cluster not in clusters:
-                raise ValidationError("cluster", f"unknown cluster {cluster!r}")
+                raise ValidationError("cluster", unknown_ref("cluster", cluster, clusters))
             cluster = clusters[cluster]
         profile = row.get("profile") or None
         if profile is not None:
             if profile not in profiles:
-                raise ValidationError("profile", f"unknown profile {profile!r}")
+                raise ValidationError("profile", unknown_ref("profile", profile, profiles))
             profile = profiles[profile]
         role_text = row.get("role") or None
         role = None if role_text is None else _ROLES.get(role_text)

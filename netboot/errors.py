@@ -142,20 +142,25 @@ DECIDE_ATTEMPTS = 3
 class TransitionRefused(Conflict):
     """A machine's lifecycle does not allow this step in its current state (netboot.lifecycle).
 
-    ``state`` is the current state (None: not in the inventory), ``event`` what was refused and
-    ``allowed`` what the state accepts, so that the message tells the operator what to do.
+    ``state`` is the current state (None: not in the inventory), ``event`` what was refused,
+    ``allowed`` the steps the state accepts and ``fix`` what an operator does from it (the
+    lifecycle's :data:`~netboot.lifecycle.WAY_ON`): the list alone was read as states an
+    operator could ask for ("'approve' is not allowed (allowed: installed, register,
+    reinstall)", s47-review).
     """
 
     def __init__(self, subject: str, state: str | None, event: str,
-                 allowed: tuple[str, ...]) -> None:
+                 allowed: tuple[str, ...], fix: str = "") -> None:
         self.subject = subject
         self.state = state
         self.event = event
         self.allowed = allowed
         where = "is not in the inventory" if state is None else f"is {state}"
         choices = ", ".join(allowed) or "nothing"
-        super().__init__(f"{subject} {where}; {str(event)!r} is not allowed "
-                         f"(allowed: {choices})")
+        super().__init__(f"{subject} {where}; {str(event)!r} is not allowed"
+                         + (f": {fix}" if fix else "")
+                         + f" (steps allowed {'there' if state is None else 'in ' + state}: "
+                           f"{choices})")
 
 
 class RenderError(NetbootError):

@@ -434,7 +434,14 @@ def require_version(machine: Machine, versions: Collection[str] | None) -> None:
 
 
 def claimed(kind: str, value: str, holder: Machine) -> Conflict:
-    """The one wording both stores use when an identifier belongs to another machine."""
-    name = f"{holder.id} ({holder.mac})" if holder.mac else holder.id
-    return Conflict(f"{kind} {value} already belongs to machine {name}", field=kind,
+    """The one wording the stores and the enrollment use when an identifier belongs to
+    another machine: the holder by its hostname too (an id and a MAC alone sent the operator
+    to look it up), and the ways out (s47-review). The API tells a token that may not read
+    machines only that it is held (Api.allow)."""
+    known = ", ".join(x for x in (holder.hostname, str(holder.mac) if holder.mac else "") if x)
+    name = f"{holder.id} ({known})" if known else holder.id
+    return Conflict(f"{kind} {value} already belongs to machine {name}: edit that one "
+                    f"(netboot machines set {holder.ref}; PATCH /api/v1/machines/{holder.id}), "
+                    f"remove it if its hardware is gone (netboot machines rm {holder.ref}), "
+                    f"or give the right {kind}", field=kind,
                     holder=holder.id)

@@ -119,6 +119,31 @@ TRANSITIONS: Mapping[tuple[MachineState | None, Trigger], MachineState] = Mappin
 
 STATES: tuple[MachineState | None, ...] = (None, *MachineState)
 
+_REINSTALL = "netboot machines reinstall {ref}, POST /api/v1/machines/{ref}/reinstall"
+_UNDER_WAY = ("its install is under way: wait for it to register, or begin it again "
+              f"({_REINSTALL})")
+_INSTALLED = ("it is installed and boots its disk: to install it again, or to give it another "
+              f"cluster or role, ask for a reinstall first ({_REINSTALL})")
+
+# What an operator does from each state, said with a refusal (TransitionRefused's fix):
+# the steps a state allows are mostly a device's (install-plan, register), not an
+# operator's way on. ``{ref}``: the machine as the refusal names it.
+WAY_ON: Mapping[MachineState | None, str] = MappingProxyType({
+    None: "add it first (netboot machines add, POST /api/v1/machines)",
+    _S.DISCOVERED: ("approve it first (netboot machines approve {ref}, "
+                    "POST /api/v1/machines/{ref}/approve)"),
+    _S.ENROLLED: ("it is enrolled and installs at its next network boot (netboot explain "
+                  "{ref}); to change its cluster, role or profile: netboot machines set {ref}"),
+    _S.BOOTING: _UNDER_WAY,
+    _S.INSTALLING: _UNDER_WAY,
+    _S.INSTALLED: _INSTALLED,
+    _S.REGISTERED: _INSTALLED,
+    _S.FAILED: f"its install failed (netboot events {{ref}} says why): try again ({_REINSTALL})",
+    _S.REINSTALL: ("a reinstall is asked and its next network boot installs it; to change "
+                   "its cluster, role or profile first: netboot machines set {ref} "
+                   "(PATCH /api/v1/machines/{ref})"),
+})
+
 
 def allowed(state: MachineState | None) -> tuple[Trigger, ...]:
     """The triggers the table accepts in ``state``, in declaration order."""
@@ -139,8 +164,9 @@ def apply(state: MachineState | None, trigger: Trigger, *,
     if after is None:
         # A machine named only here: its ref (its MAC's text) made for every step was ~600
         # of a first install's loop instructions, for a message never made (session 26).
-        raise TransitionRefused(subject if isinstance(subject, str) else subject.ref, state,
-                                trigger, allowed(state))
+        ref = subject if isinstance(subject, str) else subject.ref
+        raise TransitionRefused(ref, state, trigger, allowed(state),
+                                WAY_ON[state].format(ref=ref))
     return after
 
 

@@ -161,7 +161,13 @@ SCHEMAS: dict[str, Any] = {
         "facts": _MAP, "token_expires": {"type": ["number", "null"]},
         "created": {"type": "number"}, "updated": {"type": "number"},
         "state_since": {"type": "number", "description": "when it came into its state "
-                        "(its creation, if never changed since): the dashboard's Unchanged for"}}},
+                        "(its creation, if never changed since): the dashboard's Unchanged for"},
+        "warnings": {"type": "array", "readOnly": True, "description": (
+            "in a PATCH's answer only: what the change does not do (a machine renamed after "
+            "its install keeps its old hostname and k3s node name until it installs "
+            "again)"), "items": {
+                "type": "object", "required": ["field", "error"],
+                "properties": {"field": _STR, "error": _STR}}}}},
     "Registered": {"allOf": [{"$ref": "#/components/schemas/Machine"}, {
         "type": "object", "properties": {"machine_token": {
             "type": "string", "description": "the machine's own token, answered only here "

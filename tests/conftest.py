@@ -418,6 +418,21 @@ def install_token(script: str) -> str:
     return found.group(1)
 
 
+async def registered_beside_enrolled(env: Env, mac: str, name: str, enrolled_mac: str,
+                                     enrolled_name: str) -> None:
+    """On ``env.seed()``'s inventory: ``mac`` installed and registered as ``name`` (its
+    hostname and k3s node name, reported back as its ``node_name``), and ``enrolled_mac``
+    enrolled as ``enrolled_name``, not booted yet (the renaming tests)."""
+    await env.seed()
+    await env.post("/api/v1/machines", {"macs": [mac], "hostname": name}, status=201)
+    await env.post("/api/v1/machines", {"macs": [enrolled_mac], "hostname": enrolled_name},
+                   status=201)
+    token = install_token(await boot(env, mac))
+    await env.post("/api/v1/register", {"mac": mac, "token": token, "hostname": name,
+                                        "node_name": name}, status=200, headers={})
+    await env.service.boot.drain()
+
+
 # --- PostgreSQL: one throwaway cluster per test session (tests/pg.py) ---------------------
 
 

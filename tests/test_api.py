@@ -23,7 +23,15 @@ from netboot.inventory.sqlite import SqliteStore
 from netboot.lifecycle import Trigger, advance
 from netboot.model import Event, MacAddress, Machine, Scope
 from netboot.openapi import document
-from tests.conftest import Env, EnvFactory, Reply, boot, call, install_token
+from tests.conftest import (
+    Env,
+    EnvFactory,
+    Reply,
+    boot,
+    call,
+    install_token,
+    registered_beside_enrolled,
+)
 from tests.held_store import begun, held_writer, write_lock, writes_waiting
 
 MAC = "52:54:00:12:34:56"
@@ -3241,3 +3249,60 @@ async def test_the_event_stream_tells_what_stands_as_it_opens_even_when_nothing_
         assert await opening(again) == [] == (await env.get("/api/v1/status"))["warnings"]
     finally:
         again.close()
+
+
+async def test_refusals_give_the_operator_the_way_out(env: Env) -> None:
+    """An unknown cluster, an approval refused by the machine's state and an identifier
+    another machine holds: each 4xx named the problem and not what to do ("unknown cluster
+    'other'", "'approve' is not allowed (allowed: install-plan, installed, reinstall)", "serial
+    SN-1 already belongs to machine m-… (52:54:…)", s47-review). The body keeps its error,
+    field and holder; its error says the command and the request that get past it."""
+    await env.seed()
+    body = error(await call(env, "POST", "/api/v1/machines", json_body={
+        "mac": MAC, "cluster": "other"}), 400, "cluster")
+    assert body["error"] == (
+        "unknown cluster 'other': add it first (netboot clusters add other --server-url "
+        "managed|https://SERVER:6443, POST /api/v1/clusters), or give one that exists "
+        "(netboot clusters ls)")
+    body = error(await call(env, "POST", "/api/v1/machines", json_body={
+        "mac": MAC, "profile": "k3s"}), 400, "profile")
+    assert body["error"].startswith("unknown profile 'k3s' (did you mean 'k3os'?): add it "
+                                    "first (netboot profiles add k3s --kernel PATH"), body
+    held = await env.post("/api/v1/machines", {"mac": MAC, "hostname": "edge-1",
+                                               "serial": "SN-1"}, status=201)
+    body = error(await call(env, "POST", "/api/v1/machines", json_body={
+        "mac": "52:54:00:00:00:99", "serial": "SN-1"}), 409, "serial")
+    assert body["holder"] == held["id"]
+    assert body["error"] == (
+        f"serial SN-1 already belongs to machine {held['id']} (edge-1, {MAC}): edit that one "
+        f"(netboot machines set {MAC}; PATCH /api/v1/machines/{held['id']}), remove it if its "
+        f"hardware is gone (netboot machines rm {MAC}), or give the right serial")
+    await env.post(f"/api/v1/machines/{MAC}/reinstall", None)
+    body = error(await call(env, "POST", f"/api/v1/machines/{MAC}/approve",
+                            json_body={"cluster": "edge"}), 409)
+    assert body["error"] == (
+        f"{MAC} is reinstall; 'approve' is not allowed: a reinstall is asked and its next "
+        f"network boot installs it; to change its cluster, role or profile first: netboot "
+        f"machines set {MAC} (PATCH /api/v1/machines/{MAC}) (steps allowed in reinstall: "
+        "install-plan, installed, reinstall)")
+
+
+async def test_renaming_an_installed_machine_answers_that_its_node_keeps_the_old_name(
+        env: Env) -> None:
+    """The CLI's `machines set --hostname` says that an installed machine's OS and k3s node
+    keep the name it installed with (s47-review); the API's PATCH, which scripts and other
+    tools use, answered the new name alone. Its answer has ``warnings`` now, with the field;
+    a machine not installed yet (it installs under the new name) has none."""
+    await registered_beside_enrolled(env, MAC, "edge-7", "52:54:00:12:34:57", "edge-8")
+    r = await call(env, "PATCH", "/api/v1/machines/edge-7", json_body={"hostname": "rack1-a"})
+    assert r.status == 200, r.text
+    assert r.json()["hostname"] == "rack1-a" and r.json()["warnings"] == [{
+        "field": "hostname", "error": (
+            f"rack1-a still runs as edge-7: its installed OS keeps that hostname and k3s node "
+            f"name until it installs again (netboot machines reinstall {MAC}); netboot's DNS "
+            "name and views follow the new one now")}]
+    for ref, name in (("rack1-a", "edge-7"), ("edge-8", "rack1-b")):  # its own; enrolled
+        r = await call(env, "PATCH", f"/api/v1/machines/{ref}", json_body={"hostname": name})
+        assert r.status == 200 and "warnings" not in r.json(), r.text
+    r = await call(env, "PATCH", f"/api/v1/machines/{MAC}", json_body={"labels": {"a": "b"}})
+    assert r.status == 200 and "warnings" not in r.json(), r.text

@@ -23,7 +23,14 @@ from netboot.inventory.postgres import PostgresStore
 from netboot.inventory.sqlite import SqliteStore
 from netboot.model import MacAddress, Scope
 from tests import pg
-from tests.conftest import Env, boot, install_token, this_checkout, write_config
+from tests.conftest import (
+    Env,
+    boot,
+    install_token,
+    registered_beside_enrolled,
+    this_checkout,
+    write_config,
+)
 
 
 @pytest.fixture
@@ -424,7 +431,7 @@ def test_machines_set_moves_a_machine_and_changes_only_what_is_given(
     # Checked as the API checks them; nothing given is said, not a silent success.
     rc, _, err = run(capsys, "machines", "set", "52:54:00:aa:00:11", "--cluster", "nope",
                      "--config", cfg)
-    assert (rc, err) == (2, "netboot: cluster: unknown cluster 'nope'\n")
+    assert rc == 2 and err.startswith("netboot: cluster: unknown cluster 'nope': add it first")
     rc, _, err = run(capsys, "machines", "set", "52:54:00:aa:00:11", "--config", cfg)
     assert rc == 2 and "nothing to change" in err
     # A NIC more: a machine enrolled by serial alone (a Raspberry Pi's TFTP carries none).
@@ -998,14 +1005,7 @@ async def test_renaming_an_installed_machine_says_its_node_keeps_the_old_name(
     and the node does not: the CLI said only "hostname rack1-a" (s47-review). A machine not
     installed yet installs under the new name: nothing to say."""
     mac = "52:54:00:12:34:56"
-    await env.seed()
-    await env.post("/api/v1/machines", {"macs": [mac], "hostname": "edge-7"}, status=201)
-    await env.post("/api/v1/machines", {"macs": ["52:54:00:12:34:57"], "hostname": "edge-8"},
-                   status=201)
-    token = install_token(await boot(env, mac))
-    await env.post("/api/v1/register", {"mac": mac, "token": token, "hostname": "edge-7",
-                                        "node_name": "edge-7"}, status=200, headers={})
-    await env.service.boot.drain()
+    await registered_beside_enrolled(env, mac, "edge-7", "52:54:00:12:34:57", "edge-8")
 
     def rename(ref: str, name: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -1528,3 +1528,33 @@ async def test_machines_claim_reaches_the_claims_the_running_server_keeps(
     rc, out, err = await cli(claim)
     assert rc == 0 and "is given to the install" in out, (rc, out, err)
     assert await register("127.0.0.7", device) == 200
+
+
+def test_refusals_print_the_way_out(cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the CLI prints where the API gives a 4xx: the problem and the command past it
+    (an unknown cluster, an approval its state refuses, a serial another machine holds;
+    each named the problem alone, s47-review)."""
+    assert run(capsys, "clusters", "add", "edge", "--server-url", "managed", "--config",
+               cfg)[0] == 0
+    rc, _, err = run(capsys, "machines", "add", "52:54:00:aa:00:21", "--cluster", "egde",
+                     "--config", cfg)
+    assert (rc, err) == (2, "netboot: cluster: unknown cluster 'egde' (did you mean 'edge'?): "
+                            "add it first (netboot "
+                            "clusters add egde --server-url managed|https://SERVER:6443, POST "
+                            "/api/v1/clusters), or give one that exists (netboot clusters "
+                            "ls)\n")
+    assert run(capsys, "machines", "add", "52:54:00:aa:00:21", "--hostname", "rack1-a",
+               "--serial", "CZ1", "--cluster", "edge", "--config", cfg)[0] == 0
+    rc, _, err = run(capsys, "machines", "add", "--serial", "CZ1", "--mac",
+                     "52:54:00:aa:00:22", "--config", cfg)
+    assert rc != 0 and "serial CZ1 already belongs to machine m-" in err, err
+    assert "(rack1-a, 52:54:00:aa:00:21): edit that one (netboot machines set " in err and (
+        "remove it if its hardware is gone (netboot machines rm 52:54:00:aa:00:21)" in err), err
+    assert run(capsys, "machines", "reinstall", "52:54:00:aa:00:21", "--config", cfg)[0] == 0
+    rc, _, err = run(capsys, "machines", "approve", "rack1-a", "--config", cfg)
+    assert rc != 0 and err == (
+        "netboot: 52:54:00:aa:00:21 is reinstall; 'approve' is not allowed: a reinstall is "
+        "asked and its next network boot installs it; to change its cluster, role or profile "
+        "first: netboot machines set 52:54:00:aa:00:21 (PATCH /api/v1/machines/"
+        "52:54:00:aa:00:21) (steps allowed in reinstall: install-plan, installed, "
+        "reinstall)\n"), err

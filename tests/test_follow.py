@@ -137,7 +137,7 @@ async def test_follow_names_a_machine_again_after_an_import_or_an_edit_renames_i
     assert [line.split("  ")[1:3] for line in lines] == [["c", "updated"]], lines
     edits = [e["message"] for e in await env.get(f"{path}/events") if e["kind"] == "updated"]
     assert edits == (["changed by an import"] if how == "import"
-                     else ["changed hostname, fixed_ipv4"]), edits
+                     else ["changed hostname b to c, fixed_ipv4 none to 192.0.2.31"]), edits
 
 
 async def test_follow_with_a_wrong_token_says_so(env: Env) -> None:

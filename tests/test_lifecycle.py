@@ -18,6 +18,7 @@ from netboot.lifecycle import (
     JOINED,
     STATES,
     TRANSITIONS,
+    WAY_ON,
     Trigger,
     advance,
     allowed,
@@ -81,7 +82,9 @@ def test_every_refused_step(state: MachineState | None, trigger: Trigger) -> Non
     assert text.startswith(MAC)
     assert (f"is {state};" if state is not None else "is not in the inventory;") in text
     assert f"'{trigger}' is not allowed" in text
-    assert f"(allowed: {', '.join(allowed(state)) or 'nothing'})" in text
+    where = "there" if state is None else f"in {state}"
+    assert text.endswith(f"(steps allowed {where}: {', '.join(allowed(state)) or 'nothing'})")
+    assert f": {WAY_ON[state].format(ref=MAC)} (" in text  # the operator's way on from it
     if state is not None:
         machine = Machine(macs=(MacAddress.parse(MAC),), state=state, updated=1.0)
         with pytest.raises(TransitionRefused) as refused:
@@ -98,8 +101,11 @@ def test_every_refused_step(state: MachineState | None, trigger: Trigger) -> Non
 def test_message_reads_as_an_answer() -> None:
     with pytest.raises(TransitionRefused) as info:
         apply(S.INSTALLED, Trigger.INSTALLING, subject=MAC)
-    assert str(info.value) == (f"{MAC} is installed; 'installing' is not allowed "
-                               "(allowed: installed, register, reinstall)")
+    assert str(info.value) == (
+        f"{MAC} is installed; 'installing' is not allowed: it is installed and boots its "
+        "disk: to install it again, or to give it another cluster or role, ask for a "
+        f"reinstall first (netboot machines reinstall {MAC}, POST /api/v1/machines/{MAC}/"
+        "reinstall) (steps allowed in installed: installed, register, reinstall)")
 
 
 def test_advance_does_not_take_a_state() -> None:
@@ -288,8 +294,11 @@ def test_cli_names_the_state_it_refuses(tmp_path: Path,
     rc = main(["machines", "approve", MAC, "--config", cfg])
     err = capsys.readouterr().err
     assert rc != 0
-    assert err.strip() == (f"netboot: {MAC} is reinstall; 'approve' is not allowed "
-                           "(allowed: install-plan, installed, reinstall)")
+    assert err.strip() == (
+        f"netboot: {MAC} is reinstall; 'approve' is not allowed: a reinstall is asked and its "
+        "next network boot installs it; to change its cluster, role or profile first: netboot "
+        f"machines set {MAC} (PATCH /api/v1/machines/{MAC}) (steps allowed in reinstall: "
+        "install-plan, installed, reinstall)")
 
 
 def test_a_refused_transition_does_not_chain_the_table_lookup_into_its_traceback() -> None:

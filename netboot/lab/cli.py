@@ -21,7 +21,7 @@ from typing import Any
 
 from netboot.lab.artifacts import ArtifactError, ensure_artifacts
 from netboot.lab.qemu import BootTimeout, VmExited
-from netboot.lab.session import DEVICES, NETBOOT, LabSession, NetbootConfig, enroll
+from netboot.lab.session import DEVICES, NETBOOT, LabSession, NetbootConfig, enroll, lab_token
 from netboot.lab.sitedhcp import SiteDhcpConfig
 from netboot.lab.topology import LabError
 
@@ -112,7 +112,8 @@ def _up(args: argparse.Namespace, run_dir: Path) -> int:
                               mode=args.mode, discovery_policy=args.policy)
             )
             if args.enroll:
-                enroll(session.api, [d for k, d in DEVICES.items() if k != "unknown"])
+                enroll(session.api, [d for k, d in DEVICES.items() if k != "unknown"],
+                       token=lab_token(run_dir))
     except Exception:
         session.down()
         raise

@@ -356,6 +356,9 @@ def test_a_copy_warns_of_the_machines_whose_next_boot_installs(
     assert err.startswith("netboot: warning: 3 machines in the copy install at the next "
                           "network boot (1 booting, 2 enrolled): if this restores a backup"), err
     assert "netboot machines mark-installed REF" in err
+    # Each state's list: the booting one (its install under way at the backup) was left out.
+    assert ("`netboot machines ls --state booting`, `netboot machines ls --state enrolled` "
+            "list them" in err), err
     assert '"Backup, restore and upgrades"' in err  # README.md's section, by its title
     rc, out, err = run(capsys, "db", "copy", "--from", str(source), "--to", str(target),
                        "--force", "--json")

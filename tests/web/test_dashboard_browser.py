@@ -954,3 +954,40 @@ async def test_a_page_is_reached_by_its_number_or_as_the_first_or_the_last(
     await page.click("text=last »")
     await expect(body.last).to_contain_text("n0000")
     await shots(page, "last-page-descending")
+
+
+async def test_an_approval_says_where_it_goes_and_a_renamed_node_shows_the_name_it_runs(
+        make_env: EnvFactory, browser: Browser, shots: Any) -> None:
+    """The dashboard's approval said "52:54:… approved" and nothing of the cluster, role and
+    next boot its group gives it, which `netboot machines approve` says (s47-review); a
+    machine renamed after its install showed the new name alone, while its OS and k3s node
+    keep the one it installed with (the CLI and the API's PATCH say so; s48-review)."""
+    env = await make_env(HOLD)
+    await env.seed()
+    mac = "52:54:00:aa:00:31"
+    await boot(env, mac.replace(":", "-"), serial="SN-31")
+    page = await logged_in(browser, env, shots)
+    await page.click("nav a[data-nav=discovered]")
+    form = page.locator("form.approve").first
+    await form.locator("input[name=hostname]").fill("rack3-a")
+    await form.locator("button[type=submit]").click()  # the group all-x86 gives the rest
+    await expect(page.locator("#notice")).to_contain_text(
+        f"{mac} approved as rack3-a: cluster edge as agent; its next network boot: install "
+        "(enrolled: install profile k3os (group all-x86))")
+    await shots(page, "approved")
+
+    token = install_token(await boot(env, mac.replace(":", "-"), serial="SN-31"))
+    await env.post("/api/v1/register", {"mac": mac, "token": token, "hostname": "rack3-a",
+                                        "node_name": "rack3-a"}, status=200, headers={})
+    await env.service.boot.drain()
+    made = await env.get(f"/api/v1/machines/{mac}")
+    await page.goto(url(env, f"/#/machine/{made['id']}"))
+    await expect(page.locator("h1")).to_contain_text("rack3-a")
+    await expect(page.locator(".runs-as")).to_have_count(0)  # runs as it is named
+    r = await call(env, "PATCH", f"/api/v1/machines/{mac}", json_body={"hostname": "rack3-b"})
+    assert r.status == 200 and r.json()["warnings"], r.text
+    await page.reload()
+    await expect(page.locator(".runs-as")).to_have_text(
+        "rack3-a: its installed OS and k3s node keep that name until it installs again "
+        "(Reinstall)")
+    await shots(page, "renamed-installed")

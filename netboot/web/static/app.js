@@ -18,6 +18,9 @@ const STATES = ["discovered", "enrolled", "booting", "installing", "installed", 
 // The states an operator's "installed" takes a machine out of (netboot.lifecycle: enrolled,
 // booting, installing or reinstall → installed).
 const MARKABLE = ["enrolled", "booting", "installing", "reinstall"];
+// The states of a machine whose installed OS took its hostname and k3s node name from its
+// config (core.renamed_installed).
+const RUNS_ITS_NAME = ["installing", "installed", "registered"];
 
 // ---- helpers ---------------------------------------------------------------------------
 
@@ -532,6 +535,14 @@ function machineView(root, id) {
       ["address", m.ipv4], ["labels", Object.entries(m.labels).map(([k, v]) => `${k}=${v}`).join(", ")],
       ["created", iso(m.created)], ["last changed", [age(m.updated, " ago"), ` (${iso(m.updated)})`]],
       ["in its state", [age(m.state_since), ` (since ${iso(m.state_since)})`]]];
+    // Renamed after its installer fetched its config: its OS and k3s node keep the name it
+    // installed with (its register command's node_name) until it installs again, as the
+    // CLI's `machines set` and the API's PATCH answer say (s47-review, s48-review).
+    const runs = m.facts && m.facts.node_name;
+    if (RUNS_ITS_NAME.includes(m.state) && runs && runs !== m.hostname) {
+      fields.splice(3, 0, ["runs as", h("span", {class: "runs-as"}, `${runs}: its installed ` +
+        "OS and k3s node keep that name until it installs again (Reinstall)")]);
+    }
     info.replaceChildren(...fields.flatMap(([k, v]) => [h("dt", {}, k), h("dd", {}, v || "—")]));
     const {clusters, profiles} = await choices();
     const buttons = [];
@@ -626,8 +637,18 @@ function approveForm(m, clusters, profiles, done) {
     const body = {};
     for (const [k, v] of new FormData(form).entries()) if (v) body[k] = v;
     try {
-      await api("POST", `/machines/${encodeURIComponent(m.id)}/approve`, body);
-      notice(`${m.macs[0] || m.id} approved`);
+      const ref = encodeURIComponent(m.id);
+      const approved = (await api("POST", `/machines/${ref}/approve`, body)).data;
+      // Where it goes and what its next boot does, as `netboot machines approve` says it
+      // (a group may give the cluster and role the form left empty, or hold it): "approved"
+      // alone said nothing of either (s48-review).
+      let next = "";
+      try {
+        const why = (await api("GET", `/machines/${ref}/explain`)).data;
+        next = `: ${why.cluster ? `cluster ${why.cluster} as ${why.role || "agent"}` :
+          "no cluster"}; its next network boot: ${why.decision} (${why.reason})`;
+      } catch (err) { /* a token that may enroll but not read: the approval alone */ }
+      notice(`${m.macs[0] || m.id} approved as ${approved.hostname || m.id}${next}`);
       done();
     } catch (err) { failed(err); }
   });
