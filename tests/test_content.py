@@ -1252,3 +1252,38 @@ async def test_a_script_that_fails_to_render_is_the_machines_event_bounded_with_
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert "render failed" in shown.stdout and "kernel_urll" in shown.stdout, shown.stdout
+
+
+async def test_the_servers_a_register_command_names_follow_the_peers_told(env: Env) -> None:
+    """Content.set_peers (netboot.inventory.peers: another server started, or one gone):
+    the next config carries the new list, the one an installer's retry is given from what
+    was kept (Content._config) and a machine's whose config is made from a frame another
+    machine's made (_config_framed) alike; with none, the single server's command, one URL
+    (s48-ha)."""
+    from tests.conftest import call, install_token
+
+    await env.seed()
+    macs = ("52:54:00:00:48:01", "52:54:00:00:48:02", "52:54:00:00:48:03")
+    paths = []
+    for mac in macs:
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)
+        token = install_token(await boot(env, mac))
+        paths.append(f"/config/{mac.replace(':', '-')}?token={token}")
+
+    async def fetch(path: str) -> str:
+        r = await call(env, "GET", path, admin=False)
+        assert r.status == 200, r.text
+        return r.body.decode()
+
+    base = env.service.base_url
+    other = "http://198.51.100.7:8080"
+    first = await fetch(paths[0])  # booting -> installing; a frame of its shape made
+    assert f"{base}/api/v1/register" in first and "for u in" not in first
+    kept = await fetch(paths[0])
+    assert await fetch(paths[0]) == kept  # kept
+    env.service.content.set_peers((other,))
+    for text in (await fetch(paths[0]), await fetch(paths[1])):
+        assert f"for u in {base}/api/v1/register {other}/api/v1/register; do" in text, text
+    env.service.content.set_peers(())
+    assert "for u in" not in await fetch(paths[2])
+    assert await fetch(paths[0]) == kept
