@@ -47,6 +47,8 @@ from netboot.inventory.base import (
     stuck_writes,
 )
 from netboot.inventory.dsn import INSTALL_ASYNCPG
+from netboot.inventory.peers import REFRESH_SECONDS as PEERS_REFRESH_SECONDS
+from netboot.inventory.peers import Peers
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
@@ -405,7 +407,7 @@ def boot_settings(config: Config) -> BootSettings:
 
 def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
                check_templates: bool = True, trust: Callable[[], Trust] = Trust,
-               stand_in: str = "") -> Core:
+               stand_in: str = "", peers: tuple[str, ...] = ()) -> Core:
     """The operations below the API and the CLI, built the same way for both, so that
     ``netboot render`` and ``explain`` answer with the server's settings (DNS zone, default
     profile, discovery policy, token lifetime)."""
@@ -422,7 +424,7 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
                            burst_all_sources=config.discovery.burst_all_sources))
     enroller.find_mac = boot.machine_by_mac  # registrations from the synced view
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
-                      base_url, enroller, trust=trust, stand_in=stand_in)
+                      base_url, enroller, trust=trust, stand_in=stand_in, peers=peers)
     return Core(store, enroller, boot, content, audit_keep=config.inventory.audit_keep,
                 secure_token=config.enroll.k3s_secure_token)
 
@@ -835,6 +837,9 @@ class Service:
     # What stands that the operator must fix (netboot.standing): start-up's checks, kept
     # and looked at again while this server runs, for GET /status and the dashboard.
     standing: Standing = field(default_factory=Standing)
+    # This server in the inventory's record of servers, and the others (recorded at start,
+    # once the HTTP port is bound, and every peers.REFRESH_SECONDS).
+    peers: Peers | None = None
     _newest: Machine | None = None  # the inventory's newest change at start (clock-behind)
     _standing_next: float = 0.0  # when to look again (time.monotonic)
 
@@ -987,6 +992,8 @@ class Service:
             self.servers.append(dhcp)
         if cfg.dns.enabled:
             await self._start_dns()
+        if self.peers is not None:
+            self.tasks.append(asyncio.ensure_future(self._record_peers(self.peers)))
         for listener in self.listeners:
             await listener.start_serving()
         # The whole inventory into the boot path's view, while serving (until it is in,
@@ -1120,6 +1127,18 @@ class Service:
             except Exception:
                 log.exception("watching the inventory failed; trying again")
 
+    @staticmethod
+    async def _record_peers(peers: Peers) -> None:
+        """At start and every REFRESH_SECONDS, this server in the inventory's record of
+        servers, and the others read (netboot.inventory.peers)."""
+        while True:
+            try:
+                await peers.refresh()
+            except Exception:
+                log.exception("recording this server among the inventory's servers failed; "
+                              "trying again")
+            await asyncio.sleep(PEERS_REFRESH_SECONDS)
+
     async def _watch_clock(self, store: ServerClock) -> None:
         """At start and every CLOCK_CHECK_SECONDS, one :meth:`check_clock`."""
         while True:
@@ -1201,6 +1220,8 @@ class Service:
         stuck: str | None = None
         try:
             await self.boot.resync()
+            if self.peers is not None:
+                self.peers.heard(self.boot.servers_record)
             await self.look_for_older_registrations()
             stuck = stuck_writes(self.store)
             health.doubt(cannot_tell(self.store))
@@ -1679,9 +1700,15 @@ async def build(config: Config, *, app: bool = True) -> Service:
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).
         stand_in = url_stand_in(config, advertise)
+        # The other servers a device's register command tries after this one (a pair's
+        # way out when the server that rendered a config is gone for good): the site's,
+        # else the inventory's record as it changes (Service._record_peers, watch_once).
+        named = tuple(url.rstrip("/") for url in config.server.peers)
         core = build_core(config, store, lambda: holder["base"],
                           trust=TrustOf(config, lambda: service.tls, lambda: holder["https"]),
-                          stand_in=stand_in)
+                          stand_in=stand_in, peers=named)
+        peers = Peers(store, lambda: holder["base"], named=named,
+                      told=core.content.set_peers)
         new_token = await ensure_admin_token(core.access, config.data_dir)
         # Before any config is served: a cluster made before agent tokens whose nodes have
         # none of their configs yet gets one now (its agents then never carry its token).
@@ -1715,7 +1742,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
                           tls_source=lambda addresses: prepare_tls(config, advertise,
                                                                    sealer, addresses),
                           metrics=metrics, events=events, front=front, app_factory=make_app,
-                          clock_skew=skew, standing=standing)
+                          clock_skew=skew, standing=standing, peers=peers)
         core.enroller.server_addresses = service.server_addresses
     except BaseException:
         await store.close()
