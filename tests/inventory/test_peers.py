@@ -28,12 +28,12 @@ class Clock:
 
 @pytest.fixture
 async def stores(tmp_path: Path) -> AsyncIterator[tuple[SqliteStore, SqliteStore]]:
-    a, b = SqliteStore(tmp_path / "netboot.db"), SqliteStore(tmp_path / "netboot.db")
-    await a.open()
-    await b.open()
-    yield a, b
-    await a.close()
-    await b.close()
+    pair = SqliteStore(tmp_path / "netboot.db"), SqliteStore(tmp_path / "netboot.db")
+    for store in pair:
+        await store.open()
+    yield pair
+    for store in pair:
+        await store.close()
 
 
 async def test_two_servers_find_each_other_and_one_unheard_of_is_dropped(

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from tests import pg
-from tests.conftest import write_config
+from tests.multiserver.conftest import Inventory, server_config
 from tests.multiserver.test_storm_kill import Host
 from tests.netns import in_namespace, ip
 
@@ -55,14 +55,14 @@ def link() -> Iterator[tuple[str, str]]:
         for ns in (servers, device):
             ip("netns", "add", ns)
             made.append(ns)
-            ip("-n", ns, "link", "set", "lo", "up")
         ip("-n", servers, "link", "add", "nbs0", "type", "veth", "peer", "name", "nbd0",
            "netns", device)
-        ip("-n", servers, "addr", "add", "192.0.2.1/24", "dev", "nbs0")
-        ip("-n", servers, "addr", "add", "192.0.2.2/24", "dev", "nbs0")
-        ip("-n", device, "addr", "add", f"{DEVICE}/24", "dev", "nbd0")
-        ip("-n", servers, "link", "set", "nbs0", "up")
-        ip("-n", device, "link", "set", "nbd0", "up")
+        for ns, dev, addresses in ((servers, "nbs0", ("192.0.2.1/24", "192.0.2.2/24")),
+                                   (device, "nbd0", (f"{DEVICE}/24",))):
+            for address in addresses:
+                ip("-n", ns, "addr", "add", address, "dev", dev)
+            for up in ("lo", dev):
+                ip("-n", ns, "link", "set", up, "up")
         yield servers, device
     finally:
         for ns in made:
@@ -70,14 +70,16 @@ def link() -> Iterator[tuple[str, str]]:
 
 
 def _server(tmp: Path, name: str, host: str, dsn: str, ns: str) -> Host:
-    # plain_api allow: the test's API calls come from the device's namespace, not loopback
-    # (the namespaces are the test's own; no other host can reach them).
-    where = tmp / name
-    config = write_config(where, f"inventory:\n  backend: postgresql\n  dsn: {dsn!r}\n",
-                          http=f"  listen: {host}\n  plain_api: allow\n")
-    config.write_text(config.read_text().replace("  advertise: 192.0.2.10\n",
-                                                 f"  advertise: {host}\n"))
-    return Host(name, config, where / "data", netns=ns, host=host)
+    """The pair's server ``name`` on ``host`` in the namespace ``ns``, advertising it. Its
+    API answers plain HTTP from any peer: the test's calls come from the device's namespace,
+    not loopback (the namespaces are the test's own; no other host can reach them)."""
+    made = server_config(tmp, name, Inventory("postgresql",
+                                              f"  backend: postgresql\n  dsn: {dsn!r}\n"))
+    made.config.write_text(made.config.read_text()
+                           .replace("  advertise: 192.0.2.10\n", f"  advertise: {host}\n")
+                           .replace("  listen: 127.0.0.1\nhttps:",
+                                    f"  listen: {host}\n  plain_api: allow\nhttps:"))
+    return Host(name, made.config, made.data_dir, netns=ns, host=host)
 
 
 def _busybox(tmp: Path) -> Path:
