@@ -1254,26 +1254,6 @@ async def test_a_script_that_fails_to_render_is_the_machines_event_bounded_with_
     assert "render failed" in shown.stdout and "kernel_urll" in shown.stdout, shown.stdout
 
 
-def _device_shell(tmp_path: Path, shell: str) -> tuple[list[str], dict[str, str]]:
-    """A device's shell and PATH: busybox ``sh`` with only the applets the register command
-    names (wget, no curl: a busybox-only image), or dash with the host's curl (k3OS ships
-    curl; its shell is busybox's, dash stands for a POSIX one that is not)."""
-    import shutil
-
-    bin_dir = tmp_path / f"bin-{shell}"
-    bin_dir.mkdir()
-    if shell == "busybox":
-        busybox = shutil.which("busybox")
-        assert busybox, "busybox not installed: run tests/install-deps.sh (busybox-static)"
-        for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget",
-                       "printf", "mv"):
-            (bin_dir / applet).symlink_to(busybox)
-        return [str(bin_dir / "sh"), "-c"], {"PATH": str(bin_dir)}
-    found = shutil.which("dash"), shutil.which("curl")
-    assert all(found), "dash and curl not installed: run tests/install-deps.sh"
-    return [str(found[0]), "-c"], {"PATH": f"{bin_dir}:/usr/bin:/bin"}
-
-
 @pytest.mark.parametrize("shell", ["busybox", "dash"])
 async def test_a_device_whose_server_is_gone_registers_through_the_next_one_its_config_names(
         tmp_path: Path, shell: str) -> None:
@@ -1295,8 +1275,9 @@ async def test_a_device_whose_server_is_gone_registers_through_the_next_one_its_
     from netboot.model import Cluster, MacAddress, Machine, Profile, Role
     from netboot.service import build
     from tests.conftest import write_config
+    from tests.device import device_shell
 
-    argv, env = _device_shell(tmp_path, shell)
+    argv, env = device_shell(tmp_path, shell)
     mac = "52:54:00:48:00:01"
     # A's port: bound and never listening, so every connection to it is refused (RST), and
     # no other process can take it while the test runs.

@@ -30,6 +30,7 @@ import pytest
 import yaml
 
 from tests import pg
+from tests.device import device_shell
 from tests.multiserver.conftest import Inventory, server_config
 from tests.multiserver.test_storm_kill import Host
 from tests.netns import in_namespace, ip
@@ -82,22 +83,10 @@ def _server(tmp: Path, name: str, host: str, dsn: str, ns: str) -> Host:
     return Host(name, made.config, made.data_dir, netns=ns, host=host)
 
 
-def _busybox(tmp: Path) -> Path:
-    """A busybox-only image's PATH: the applets the register command names, wget not curl."""
-    busybox = shutil.which("busybox")
-    assert busybox, "busybox not installed: run tests/install-deps.sh (busybox-static)"
-    bin_dir = tmp / "device-bin"
-    bin_dir.mkdir()
-    for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget", "printf",
-                   "mv"):
-        (bin_dir / applet).symlink_to(busybox)
-    return bin_dir
-
-
 def test_a_device_whose_server_died_after_its_config_registers_through_the_other(
         tmp_path: Path, postgres: pg.Cluster, link: tuple[str, str]) -> None:
     servers_ns, device_ns = link
-    bin_dir = _busybox(tmp_path)
+    shell, env = device_shell(tmp_path)
     root = tmp_path / "device-root"
 
     async def scenario() -> dict[str, Any]:
@@ -161,8 +150,8 @@ def test_a_device_whose_server_died_after_its_config_registers_through_the_other
                     command = (command.replace("/var/lib/netboot", str(root))
                                .replace("n=360", "n=5").replace("sleep 10", "sleep 1"))
                     proc = await asyncio.create_subprocess_exec(
-                        IP, "netns", "exec", device_ns, str(bin_dir / "sh"), "-c", command,
-                        env={"PATH": str(bin_dir)}, stdout=asyncio.subprocess.PIPE,
+                        IP, "netns", "exec", device_ns, *shell, command,
+                        env=env, stdout=asyncio.subprocess.PIPE,
                         stderr=asyncio.subprocess.STDOUT)
                     printed, _ = await asyncio.wait_for(proc.communicate(), 120)
                     out["run"] = (proc.returncode, printed.decode(errors="replace"))
