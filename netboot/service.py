@@ -47,7 +47,6 @@ from netboot.inventory.base import (
     stuck_writes,
 )
 from netboot.inventory.dsn import INSTALL_ASYNCPG
-from netboot.inventory.peers import REFRESH_SECONDS as PEERS_REFRESH_SECONDS
 from netboot.inventory.peers import Peers
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
@@ -837,8 +836,8 @@ class Service:
     # What stands that the operator must fix (netboot.standing): start-up's checks, kept
     # and looked at again while this server runs, for GET /status and the dashboard.
     standing: Standing = field(default_factory=Standing)
-    # This server in the inventory's record of servers, and the others (recorded at start,
-    # once the HTTP port is bound, and every peers.REFRESH_SECONDS).
+    # This server in the inventory's record of servers, and the others (recorded at the
+    # first watch, once the HTTP port is bound, and every peers.REFRESH_SECONDS).
     peers: Peers | None = None
     _newest: Machine | None = None  # the inventory's newest change at start (clock-behind)
     _standing_next: float = 0.0  # when to look again (time.monotonic)
@@ -992,8 +991,6 @@ class Service:
             self.servers.append(dhcp)
         if cfg.dns.enabled:
             await self._start_dns()
-        if self.peers is not None:
-            self.tasks.append(asyncio.ensure_future(self._record_peers(self.peers)))
         for listener in self.listeners:
             await listener.start_serving()
         # The whole inventory into the boot path's view, while serving (until it is in,
@@ -1127,18 +1124,6 @@ class Service:
             except Exception:
                 log.exception("watching the inventory failed; trying again")
 
-    @staticmethod
-    async def _record_peers(peers: Peers) -> None:
-        """At start and every REFRESH_SECONDS, this server in the inventory's record of
-        servers, and the others read (netboot.inventory.peers)."""
-        while True:
-            try:
-                await peers.refresh()
-            except Exception:
-                log.exception("recording this server among the inventory's servers failed; "
-                              "trying again")
-            await asyncio.sleep(PEERS_REFRESH_SECONDS)
-
     async def _watch_clock(self, store: ServerClock) -> None:
         """At start and every CLOCK_CHECK_SECONDS, one :meth:`check_clock`."""
         while True:
@@ -1221,7 +1206,10 @@ class Service:
         try:
             await self.boot.resync()
             if self.peers is not None:
+                # The others as the feed told them; this server's own entry written at the
+                # first watch and every REFRESH_SECONDS (in this loop: no timer of its own).
                 self.peers.heard(self.boot.servers_record)
+                await self.peers.refresh_if_due(time.monotonic())
             await self.look_for_older_registrations()
             stuck = stuck_writes(self.store)
             health.doubt(cannot_tell(self.store))

@@ -94,6 +94,13 @@ class Peers:
         self.others: tuple[str, ...] = named
         self._failing = False
         self._heard: str | None = None  # the record's text last read (heard)
+        self._due = -math.inf  # when (time.monotonic) to refresh next
+
+    async def refresh_if_due(self, now: float) -> None:
+        """:meth:`refresh` if REFRESH_SECONDS passed since the last (``now``: monotonic)."""
+        if now >= self._due:
+            self._due = now + REFRESH_SECONDS
+            await self.refresh()
 
     def heard(self, text: str | None) -> None:
         """The record as the inventory's change feed tells it (the service's watcher, every
