@@ -39,7 +39,7 @@ from netboot.enroll import Enroller, hostname_ok
 from netboot.errors import DECIDE_ATTEMPTS, Conflict, StateChanged, StoreError, WritesRefused
 from netboot.health import InventoryHealth
 from netboot.identity import Identity, Resolution, Unseen
-from netboot.inventory.base import Batch, GroupCounts, Store, batch_of
+from netboot.inventory.base import SERVERS, Batch, GroupCounts, Store, batch_of
 from netboot.inventory.view import InventoryView, SearchKept
 from netboot.model import (
     Arch,
@@ -1290,6 +1290,13 @@ class BootService:
                 self._log.error("inventory unreachable, answering boots from memory: %s", exc)
             return False
         return True
+
+    @property
+    def servers_record(self) -> str | None:
+        """The inventory's record of servers as the change feed last told it (None: not
+        since this server started): netboot.inventory.peers."""
+        held = self._view.held_setting(SERVERS)
+        return held if isinstance(held, str) else None
 
     async def resync(self) -> None:
         """Apply what the inventory's change feed says now; StoreError when it does not

@@ -262,7 +262,8 @@ def _report(args: argparse.Namespace, text: str, value: Any) -> None:
 
 
 def _core(store: Store, cfg: Config, *, check_templates: bool = False,
-          as_device: bool = False, device_at: str | None = None) -> Core:
+          as_device: bool = False, device_at: str | None = None,
+          peers: tuple[str, ...] = ()) -> Core:
     """The same core the server builds, with its settings; URLs as the server would give.
     ``as_device`` (``netboot render``): as a device gets them where nothing reachable is
     advertised (:func:`_device_address`), not the server's own 127.0.0.1; ``device_at``:
@@ -302,7 +303,8 @@ def _core(store: Store, cfg: Config, *, check_templates: bool = False,
         return Trust(reached_url(public_https_url(cfg, advertise()), local(),
                                  url_stand_in(cfg, advertise())), *found)
 
-    return build_core(cfg, store, base_url, check_templates=check_templates, trust=trust)
+    return build_core(cfg, store, base_url, check_templates=check_templates, trust=trust,
+                      peers=peers)
 
 
 def _device_address(cfg: Config, advertise: str, device_at: str | None = None) -> str | None:
@@ -753,8 +755,13 @@ async def _render_or_explain(args: argparse.Namespace, store: Store, cfg: Config
         machine = await by_ref(store, args.mac)
         if machine is not None:
             device_at = address_of(machine, fixed_first=cfg.dhcp.mode == "authoritative")
+    # The servers a config's register command names after this one, as a server names them
+    # (server.peers, else the inventory's record: netboot.inventory.peers), read, not written.
+    from netboot.inventory.peers import recorded_servers
+
     core = _core(store, cfg, check_templates=True, as_device=args.cmd == "render",
-                 device_at=device_at)
+                 device_at=device_at, peers=tuple(url.rstrip("/") for url in cfg.server.peers)
+                 or await recorded_servers(store))
     if args.cmd == "explain":
         result = await core.explain(args.mac, arch=args.arch)
         if args.json:

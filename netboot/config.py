@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -42,6 +43,10 @@ class ServerConfig:
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # auto: uvloop when it is installed (the "fast" extra), else asyncio's own loop.
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    # The other netboot servers' base URLs (http://192.0.2.11:8080) a device's register
+    # command tries when this one does not answer; empty: those the shared inventory
+    # records (each server records its own: netboot.inventory.peers).
+    peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -825,6 +830,7 @@ def _check(cfg: Config, src: _Source) -> None:
                         at="discovery.policy")
     _check_limits(cfg, src)
     _check_dns_rate_limit(cfg.dns.rate_limit, src)
+    _check_peers(cfg.server.peers, src)
     if cfg.http.public_url and not cfg.http.public_url.startswith(("http://", "https://")):
         raise src.error("http.public_url", "must start with http:// or https://",
                         "write e.g. http://boot.example:8080, or leave it unset")
@@ -848,6 +854,22 @@ def _check(cfg: Config, src: _Source) -> None:
             and (cfg.https.listen or cfg.http.listen) == cfg.http.listen):
         raise src.error("https.port", f"port {cfg.https.port} is also http.port",
                         "use another port for HTTPS (default 8443)")
+
+
+def _check_peers(peers: tuple[str, ...], src: _Source) -> None:
+    """server.peers: base URLs a device's shell puts in its register command's POSTs."""
+    for url in peers:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises on a port out of range or not a number)
+        except ValueError:
+            parts = None
+        if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname
+                or parts.path.strip("/") or parts.query or parts.fragment
+                or parts.username is not None or any(c in url for c in " '\"\\$`")):
+            raise src.error("server.peers", f"{url!r} is not a server's base URL",
+                            "write each as http://HOST:PORT (another netboot server's "
+                            "http.public_url, or http://its-advertised-address:8080)")
 
 
 def _check_dns_rate_limit(rrl: DnsRateLimitConfig, src: _Source) -> None:

@@ -121,7 +121,7 @@ _RPI_SERIAL = re.compile(r"^[0-9a-f]{8}$")
 @dataclass(frozen=True)
 class Urls:
     base: str  # http://192.0.2.10:8080
-    register: Splice  # register_texts of the base's register endpoint
+    register: Splice  # register_texts of the register endpoints (the base's, the others')
 
     def asset(self, path: str) -> str:
         if path.startswith(("http://", "https://")):
@@ -178,6 +178,22 @@ class _ReachedTrust:
         return kept[1]
 
 
+# The most other servers a register command names (the peers past it are left out): each
+# a device cannot reach costs it up to CONNECT_SECONDS a try once its own server is gone.
+MOST_PEERS = 8
+REGISTER = "/api/v1/register"
+
+
+def _urls_of(base: str, others: tuple[str, ...]) -> Urls:
+    """The Urls of ``base`` with the register command trying ``others`` after it (``base``
+    itself and repeats left out, at most MOST_PEERS of them)."""
+    tried = [base]
+    for other in others:
+        if other not in tried and len(tried) <= MOST_PEERS:
+            tried.append(other)
+    return Urls(base, register_texts(tuple(f"{u}{REGISTER}" for u in tried)))
+
+
 def _rendered_over_tftp(rel: str) -> bool:
     """Whether Content.tftp_open renders ``rel`` (with the base URL at hand), not an asset."""
     if rel == "boot.scr.uimg" or rel.startswith(("pxelinux.cfg/", "grub/")):
@@ -201,8 +217,14 @@ class Content:
         trust: Callable[[], Trust] = Trust,
         caches_of: Content | None = None,
         stand_in: str = "",
+        peers: tuple[str, ...] = (),
     ) -> None:
         self._trust = trust
+        # The other netboot servers' base URLs that a device may register through when this
+        # one is gone (netboot.inventory.peers: the inventory's record, or server.peers),
+        # told by set_peers when they change, which is rare (a server started or gone): no
+        # look at them per render, and the texts kept are dropped then, not keyed by them.
+        self._peers = peers
         # A host in the base URLs swapped for the address a client reached, as a loopback
         # one is (service.url_stand_in: the first of several named interfaces' address).
         self._stand_in = stand_in
@@ -303,7 +325,8 @@ class Content:
                              _Reached(self._base_url, local, stand_in), self._enroller,
                              clock=self._clock, logger=self._log,
                              trust=_ReachedTrust(self._trust, local, stand_in),
-                             caches_of=self)
+                             caches_of=self, peers=self._peers)
+            # (set_peers tells it too: it keeps its own Urls.)
         return view
 
     def dry(self) -> Content:
@@ -312,7 +335,8 @@ class Content:
         ``render failed`` event (no device asked)."""
         view = Content(self._store, self._boot, self._render, self.assets, self._base_url,
                        self._enroller, clock=self._clock, logger=self._log,
-                       trust=self._trust, caches_of=self, stand_in=self._stand_in)
+                       trust=self._trust, caches_of=self, stand_in=self._stand_in,
+                       peers=self._peers)
         view._tells = False
         return view
 
@@ -345,13 +369,31 @@ class Content:
 
     @property
     def urls(self) -> Urls:
-        """The URLs of the base URL as it is now (made again only when it changed: every
-        install script and config reads them)."""
+        """The URLs of the base URL as it is now, and the peers (made again only when the
+        base changed, or set_peers dropped them: every install script and config reads
+        them)."""
         base = self._base_url()
         urls = self._urls
         if urls is None or urls.base != base:
-            urls = self._urls = Urls(base, register_texts(f"{base}/api/v1/register"))
+            urls = self._urls = _urls_of(base, self._peers)
         return urls
+
+    def set_peers(self, peers: tuple[str, ...]) -> None:
+        """The other servers a register command names after this one are now ``peers``:
+        the URLs made again at the next render (this content's and its views'), and every
+        text kept that may print them dropped, as a template's change drops them (a
+        config's register command, a frame of one, an operator's script printing it)."""
+        if peers == self._peers:
+            return
+        for content in (self, *self._views.values()):
+            content._peers = peers
+            content._urls = None
+            content._bootstrap = None
+        self._scripts.clear()
+        self._installs.clear()
+        self._configs.clear()
+        self._wants.clear()
+        self._config_wants.clear()
 
     # -- context ----------------------------------------------------------------------
     def context(self, plan: BootPlan, *, token: str | None = None, cmdline: bool = True,
@@ -1502,7 +1544,7 @@ def _read(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def register_command(url: str, mac: str, token: str, node_name: str, *,
+def register_command(url: str | tuple[str, ...], mac: str, token: str, node_name: str, *,
                      texts: Splice | None = None) -> Spliced:
     """A POSIX shell one-liner the installed OS runs at each boot to register, then to say
     where it is.
@@ -1523,8 +1565,14 @@ def register_command(url: str, mac: str, token: str, node_name: str, *,
     registered without a machine token in the answer (the marker file alone) skips the call,
     as before: its spent install token would only be refused.
 
-    ``texts``: :func:`register_texts` of ``url`` (Content makes it once per base URL): the
-    command is its text with the machine's three values, which tojson escapes alone.
+    ``url``: the register endpoint, or several (the server that rendered the config first,
+    then the other servers sharing its inventory): each try POSTs to them in turn until one
+    answers 2xx (:func:`register_texts`), so a device whose server died for good after it
+    rendered the config registers through another.
+
+    ``texts``: :func:`register_texts` of ``url`` (Content makes it once per base URL and
+    peers): the command is its text with the machine's three values, which tojson escapes
+    alone.
     """
     # json.dumps of a str is this C function's text (ensure_ascii), without its Python
     # layers: three per config an installer fetches. Its quotes are register_texts'; each
@@ -1545,9 +1593,9 @@ def _sq(text: str) -> str:
     return text.replace("'", "'\\''")
 
 
-def register_texts(url: str) -> Splice:
+def register_texts(url: str | tuple[str, ...]) -> Splice:
     """The register command's text around its three values (MAC, token, node name), for
-    the register endpoint ``url`` (:func:`register_command`)."""
+    the register endpoint ``url``, or endpoints tried in turn (:func:`register_command`)."""
     # Single-quoted JSON with '"$(...)"' holes, so the shell fills in live facts; the
     # values netboot knows are JSON-encoded (register_command), never by the shell.
     # The answer's machine token is cut out of it with the shell's own patterns (no sed: a
@@ -1561,16 +1609,20 @@ def register_texts(url: str) -> Splice:
     # /etc/machine-id may be every clone's, or new each boot). Every try of every boot
     # sends the same one: a repeat whose answer was lost proves its install by it, and a
     # repeat without it is refused (netboot.enroll.secret_proves).
-    u = shlex.quote(url)
+    urls = (url,) if isinstance(url, str) else url
     d = "/var/lib/netboot"
     k = f"{d}/machine-token"
     s = f"{d}/install-secret"
-    post = (
-        "if command -v curl >/dev/null; "
-        f"then o=$(curl -fsS -m 30 -H 'Content-Type: application/json' -d \"$b\" {u}); "
-        f"else o=$(wget -q -O- --header 'Content-Type: application/json' --post-data \"$b\" "
-        f"{u}); fi"
-    )
+    if len(urls) == 1:  # one server: the command as before session 48, to the byte
+        post = _post(shlex.quote(urls[0]), "")
+    else:
+        # Each in turn, the same body (its install secret) to each, until one answers 2xx:
+        # a for loop's status is its last command's, break's 0 once one did (POSIX 2.9.4.2),
+        # else the last POST's failure. curl's connect bounded apart (a host gone from the
+        # link costs a try CONNECT_SECONDS, not its 30); busybox wget has no timeout option
+        # that every build takes (Debian's 1.35 segfaults on -T), so it keeps the kernel's.
+        post = (f"for u in {' '.join(shlex.quote(u) for u in urls)}; do "
+                + _post('"$u"', f"--connect-timeout {CONNECT_SECONDS} ") + " && break; done")
     return Splice((
         f"s={s}; [ -s $s ] || (umask 077; mkdir -p {d} && cat /proc/sys/kernel/random/uuid "
         ">$s.n && mv $s.n $s) 2>/dev/null; "
@@ -1589,6 +1641,19 @@ def register_texts(url: str) -> Splice:
         "return 0; }; i=$((i+1)); sleep 10; done; }; "
         f"if [ -s $k ]; then r & elif [ ! -f {d}/registered ]; then r; fi",
     ))
+
+
+# How long curl waits for a server's connection before the register command tries the next.
+CONNECT_SECONDS = 5
+
+
+def _post(u: str, bound: str) -> str:
+    """The shell that POSTs the body ``$b`` to ``u`` (a quoted word) into ``o``: curl where
+    there is one (k3OS ships it; ``bound``: more of its options), busybox wget otherwise."""
+    return ("if command -v curl >/dev/null; "
+            f"then o=$(curl -fsS {bound}-m 30 -H 'Content-Type: application/json' -d \"$b\" "
+            f"{u}); else o=$(wget -q -O- --header 'Content-Type: application/json' "
+            f"--post-data \"$b\" {u}); fi")
 
 
 def _need_profile(plan: BootPlan) -> None:

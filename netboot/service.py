@@ -47,6 +47,7 @@ from netboot.inventory.base import (
     stuck_writes,
 )
 from netboot.inventory.dsn import INSTALL_ASYNCPG
+from netboot.inventory.peers import Peers
 from netboot.inventory.view import return_freed_memory
 from netboot.logs import RateLimitedLog
 from netboot.metrics import Metrics
@@ -406,7 +407,7 @@ def boot_settings(config: Config) -> BootSettings:
 
 def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
                check_templates: bool = True, trust: Callable[[], Trust] = Trust,
-               stand_in: str = "") -> Core:
+               stand_in: str = "", peers: tuple[str, ...] = ()) -> Core:
     """The operations below the API and the CLI, built the same way for both, so that
     ``netboot render`` and ``explain`` answer with the server's settings (DNS zone, default
     profile, discovery policy, token lifetime)."""
@@ -423,7 +424,7 @@ def build_core(config: Config, store: Store, base_url: Callable[[], str], *,
                            burst_all_sources=config.discovery.burst_all_sources))
     enroller.find_mac = boot.machine_by_mac  # registrations from the synced view
     content = Content(store, boot, renderer_for(config, check=check_templates), assets,
-                      base_url, enroller, trust=trust, stand_in=stand_in)
+                      base_url, enroller, trust=trust, stand_in=stand_in, peers=peers)
     return Core(store, enroller, boot, content, audit_keep=config.inventory.audit_keep,
                 secure_token=config.enroll.k3s_secure_token)
 
@@ -839,6 +840,9 @@ class Service:
     # What stands that the operator must fix (netboot.standing): start-up's checks, kept
     # and looked at again while this server runs, for GET /status and the dashboard.
     standing: Standing = field(default_factory=Standing)
+    # This server in the inventory's record of servers, and the others (recorded at the
+    # first watch, once the HTTP port is bound, and every peers.REFRESH_SECONDS).
+    peers: Peers | None = None
     _newest: Machine | None = None  # the inventory's newest change at start (clock-behind)
     _standing_next: float = 0.0  # when to look again (time.monotonic)
 
@@ -1216,6 +1220,11 @@ class Service:
         stuck: str | None = None
         try:
             await self.boot.resync()
+            if self.peers is not None:
+                # The others as the feed told them; this server's own entry written at the
+                # first watch and every REFRESH_SECONDS (in this loop: no timer of its own).
+                self.peers.heard(self.boot.servers_record)
+                await self.peers.refresh_if_due(time.monotonic())
             await self.look_for_older_registrations()
             stuck = stuck_writes(self.store)
             health.doubt(cannot_tell(self.store))
@@ -1702,9 +1711,15 @@ async def build(config: Config, *, app: bool = True) -> Service:
                                   "https": public_https_url(config, advertise)}
         # Late-bound: renders read the service's current certificate (reload_tls replaces it).
         stand_in = url_stand_in(config, advertise)
+        # The other servers a device's register command tries after this one (a pair's
+        # way out when the server that rendered a config is gone for good): the site's,
+        # else the inventory's record as it changes (Service._record_peers, watch_once).
+        named = tuple(url.rstrip("/") for url in config.server.peers)
         core = build_core(config, store, lambda: holder["base"],
                           trust=TrustOf(config, lambda: service.tls, lambda: holder["https"]),
-                          stand_in=stand_in)
+                          stand_in=stand_in, peers=named)
+        peers = Peers(store, lambda: holder["base"], named=named,
+                      told=core.content.set_peers)
         new_token = await ensure_admin_token(core.access, config.data_dir)
         # Before any config is served: a cluster made before agent tokens whose nodes have
         # none of their configs yet gets one now (its agents then never carry its token).
@@ -1738,7 +1753,7 @@ async def build(config: Config, *, app: bool = True) -> Service:
                           tls_source=lambda addresses: prepare_tls(config, advertise,
                                                                    sealer, addresses),
                           metrics=metrics, events=events, front=front, app_factory=make_app,
-                          clock_skew=skew, standing=standing)
+                          clock_skew=skew, standing=standing, peers=peers)
         core.enroller.server_addresses = service.server_addresses
     except BaseException:
         await store.close()

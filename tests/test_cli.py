@@ -1558,3 +1558,45 @@ def test_refusals_print_the_way_out(cfg: str, capsys: pytest.CaptureFixture[str]
         "first: netboot machines set 52:54:00:aa:00:21 (PATCH /api/v1/machines/"
         "52:54:00:aa:00:21) (steps allowed in reinstall: install-plan, installed, "
         "reinstall)\n"), err
+
+
+def test_render_names_the_servers_the_inventory_records_as_a_server_does(
+        tmp_path: Path, cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """``netboot render``'s config names, after this server, the servers the inventory's
+    record holds (netboot.inventory.peers), as a served one does, and writes nothing: one
+    not heard of for 10 minutes is left out, and the record is as it was (s48-ha)."""
+    from netboot.inventory.base import SERVERS
+
+    assert run(capsys, "profiles", "add", "k3os", "--kernel", "vmlinuz", "--config", cfg)[0] == 0
+    assert run(capsys, "machines", "add", "aa:bb:cc:dd:ee:02", "--profile", "k3os",
+               "--config", cfg)[0] == 0
+    record = json.dumps({"http://192.0.2.11:8080": time.time(),
+                         "http://192.0.2.12:8080": time.time() - 3600})
+
+    async def put() -> None:
+        store = SqliteStore(tmp_path / "data" / "netboot.db")
+        await store.open()
+        try:
+            await store.put_setting(SERVERS, record)
+        finally:
+            await store.close()
+
+    asyncio.run(put())
+    rc, out, _ = run(capsys, "render", "aa:bb:cc:dd:ee:02", "config", "--arch", "x86_64",
+                     "--config", cfg)
+    assert rc == 0, out
+    import re
+
+    assert re.search(r"for u in http://192\.0\.2\.10:\d+/api/v1/register "
+                     r"http://192\.0\.2\.11:8080/api/v1/register; do", out), out
+    assert "192.0.2.12" not in out
+
+    async def get() -> str | None:
+        store = SqliteStore(tmp_path / "data" / "netboot.db")
+        await store.open()
+        try:
+            return await store.get_setting(SERVERS)
+        finally:
+            await store.close()
+
+    assert asyncio.run(get()) == record

@@ -586,3 +586,24 @@ def test_dhcp_ping_check_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert (err.value.key, err.value.line, err.value.fix) == (
         "dhcp.ping_check", 3, "write true or false")
     assert f"{path}:3: dhcp.ping_check: expected true or false" in str(err.value)
+
+
+def test_server_peers_are_base_urls_named_with_their_line(tmp_path: Path) -> None:
+    """server.peers: the other servers a device's register command tries (s48-ha). A value
+    that is no server's base URL (a path, no host, another scheme, a shell character) stops
+    the start with the file, the line and the fix; an empty list (the default) leaves them
+    to the inventory's record."""
+    path = write(tmp_path, "server:\n  peers:\n    - http://192.0.2.11:8080\n"
+                           "    - https://boot-b.example/\n")
+    assert load(path, env={}).server.peers == ("http://192.0.2.11:8080",
+                                               "https://boot-b.example/")
+    assert load(None, env={}).server.peers == ()
+    for bad in ("192.0.2.11:8080", "ftp://192.0.2.11", "http://192.0.2.11:8080/api",
+                "http://:8080", "http://192.0.2.11:99999", "http://a$(reboot):8080",
+                "http://u@192.0.2.11"):
+        path = write(tmp_path, f"server:\n  peers: [http://192.0.2.12, '{bad}']\n")
+        with pytest.raises(ConfigError) as err:
+            load(path, env={})
+        assert (err.value.source, err.value.line, err.value.key) == (
+            str(path), 2, "server.peers"), (bad, err.value)
+        assert bad in err.value.message and "http://HOST:PORT" in (err.value.fix or "")

@@ -1252,3 +1252,130 @@ async def test_a_script_that_fails_to_render_is_the_machines_event_bounded_with_
         capture_output=True, text=True, timeout=60,
         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert "render failed" in shown.stdout and "kernel_urll" in shown.stdout, shown.stdout
+
+
+@pytest.mark.parametrize("shell", ["busybox", "dash"])
+async def test_a_device_whose_server_is_gone_registers_through_the_next_one_its_config_names(
+        tmp_path: Path, shell: str) -> None:
+    """The register command a served k3OS config carries, run by a real shell against real
+    sockets: the URL of the server that rendered it (its base, here a port that refuses every
+    connection, as a server whose process is gone) first, then server.peers' (a live
+    netboot on the same inventory). The first refuses, the second takes the same body: the
+    machine is registered from the device's address, its machine token kept in the token
+    file. On main the config names the dead server
+    alone: the device retries it and never registers (s48-ha)."""
+    import asyncio
+    import socket
+
+    import aiohttp
+    import yaml
+    from aiohttp import web
+
+    from netboot.config import load
+    from netboot.model import Cluster, MacAddress, Machine, Profile, Role
+    from netboot.service import build
+    from tests.conftest import write_config
+    from tests.device import device_shell
+
+    argv, env = device_shell(tmp_path, shell)
+    mac = "52:54:00:48:00:01"
+    # A's port: bound and never listening, so every connection to it is refused (RST), and
+    # no other process can take it while the test runs.
+    dead = socket.socket()
+    live = socket.socket()
+    try:
+        dead.bind(("127.0.0.1", 0))
+        live.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+        live_url = f"http://127.0.0.1:{live.getsockname()[1]}"
+        path = write_config(tmp_path / "cfg", http=f"  public_url: {dead_url}\n")
+        path.write_text(path.read_text().replace(
+            "  advertise: 192.0.2.10\n",
+            f"  advertise: 192.0.2.10\n  peers: [{live_url}/]\n"))
+        service = await build(load(path, env={}))
+        runner = web.AppRunner(service.app)
+        try:
+            store = service.store
+            await store.put_profile(Profile(name="p", kernel="vmlinuz"))
+            await store.put_cluster(Cluster(name="edge", token="t", server_url="managed"))
+            await store.create_machine(Machine(macs=(MacAddress.parse(mac),), hostname="s1",
+                                               cluster="edge", role=Role.SERVER,
+                                               profile="p"))
+            await runner.setup()
+            live.listen(16)
+            await web.SockSite(runner, live).start()
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"{live_url}/ipxe?mac={mac}&arch=x86_64") as resp:
+                    script = await resp.text()
+                token = script.split("?token=", 1)[1].split()[0]
+                async with http.get(f"{live_url}/config/{mac.replace(':', '-')}"
+                                    f"?token={token}") as resp:
+                    assert resp.status == 200, await resp.text()
+                    config = yaml.safe_load(await resp.text())
+            command = config["run_cmd"][0]
+            assert command.index(dead_url) < command.index(live_url), command
+            root = tmp_path / "root"
+            # As served, with the device's root in the test's directory and its waits short:
+            # at most 3 tries 1 s apart, so that a device that never registers gives up.
+            command = (command.replace("/var/lib/netboot", str(root))
+                       .replace("n=360", "n=3")
+                       .replace("sleep 10", "sleep 1"))
+            proc = await asyncio.create_subprocess_exec(
+                *argv, command, env=env, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT)
+            # communicate: until the pipe closes (bounded: 3 tries of 2 URLs, 1 s apart).
+            out, _ = await asyncio.wait_for(proc.communicate(), 60)
+            machine = await store.machine_by("mac", mac)
+            assert machine is not None
+            events = await store.list_events(machine.id)
+        finally:
+            await runner.cleanup()
+            await service.boot.drain()
+            service.content.close()
+            await service.store.close()
+    finally:
+        dead.close()
+        live.close()
+    assert proc.returncode == 0, out
+    assert machine.state == MachineState.REGISTERED, (machine.state, out)
+    registered = [e for e in events if e.kind == "registered"]
+    assert len(registered) == 1 and registered[0].data["peer"] == "127.0.0.1", events
+    assert (root / "registered").exists()
+    kept = (root / "machine-token").read_text()
+    assert kept and kept != token
+    assert (root / "machine-token").stat().st_mode & 0o077 == 0
+
+
+async def test_the_servers_a_register_command_names_follow_the_peers_told(env: Env) -> None:
+    """Content.set_peers (netboot.inventory.peers: another server started, or one gone):
+    the next config carries the new list, the one an installer's retry is given from what
+    was kept (Content._config) and a machine's whose config is made from a frame another
+    machine's made (_config_framed) alike; with none, the single server's command, one URL
+    (s48-ha)."""
+    from tests.conftest import call, install_token
+
+    await env.seed()
+    macs = ("52:54:00:00:48:01", "52:54:00:00:48:02", "52:54:00:00:48:03")
+    paths = []
+    for mac in macs:
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)
+        token = install_token(await boot(env, mac))
+        paths.append(f"/config/{mac.replace(':', '-')}?token={token}")
+
+    async def fetch(path: str) -> str:
+        r = await call(env, "GET", path, admin=False)
+        assert r.status == 200, r.text
+        return r.body.decode()
+
+    base = env.service.base_url
+    other = "http://198.51.100.7:8080"
+    first = await fetch(paths[0])  # booting -> installing; a frame of its shape made
+    assert f"{base}/api/v1/register" in first and "for u in" not in first
+    kept = await fetch(paths[0])
+    assert await fetch(paths[0]) == kept  # kept
+    env.service.content.set_peers((other,))
+    for text in (await fetch(paths[0]), await fetch(paths[1])):
+        assert f"for u in {base}/api/v1/register {other}/api/v1/register; do" in text, text
+    env.service.content.set_peers(())
+    assert "for u in" not in await fetch(paths[2])
+    assert await fetch(paths[0]) == kept

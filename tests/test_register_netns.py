@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from netboot.content import register_command
 from netboot.model import Cluster, MacAddress, Machine, Profile, Role
 from netboot.service import Service, build
 from tests.conftest import write_config
+from tests.device import device_shell
 from tests.netns import in_namespace
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2")]
@@ -195,17 +195,11 @@ def _with_a_second_host(namespace: str,
 def _busybox_sh(tmp_path: Path) -> Callable[[str], Awaitable[tuple[int, bytes]]]:
     """A device's shell: busybox ``sh`` with only the applets the register command names
     (``wget``, no curl) on its PATH; what it prints and its status, bounded to 40 s."""
-    busybox = shutil.which("busybox")
-    assert busybox, "busybox not installed: run tests/install-deps.sh (busybox-static)"
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for applet in ("sh", "[", "hostname", "cat", "mkdir", "touch", "sleep", "wget", "printf",
-                   "mv"):
-        (bin_dir / applet).symlink_to(busybox)
+    shell, env = device_shell(tmp_path)
 
     async def run(command: str) -> tuple[int, bytes]:
         proc = await asyncio.create_subprocess_exec(
-            str(bin_dir / "sh"), "-c", command, env={"PATH": str(bin_dir)},
+            *shell, command, env=env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
         # communicate: until the pipe closes, so a later boot's background report is over too.
         out, _ = await asyncio.wait_for(proc.communicate(), 40)

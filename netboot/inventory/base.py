@@ -42,6 +42,11 @@ REFUSED_CLAIMS = "refused-claims/"
 # Where those keys end, for a range scan of them by the primary key (SQLite's LIKE folds
 # case and does not use the index): '/' + 1.
 REFUSED_CLAIMS_END = "refused-claims0"
+# The setting that holds the netboot servers sharing the inventory, each by its base URL and
+# when it last said it runs (netboot.inventory.peers): read by no decision either, and
+# written by each server every minute, which a view would take for a change of what its
+# decisions read (every kept answer and text made again).
+SERVERS = "servers"
 # Settings an earlier netboot wrote that none reads now, dropped at a server's start
 # (Store.forget_stale_settings): the marker that once stopped the older-registrations look
 # for good (s40-ops; unread since s41-ops).

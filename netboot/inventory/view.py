@@ -37,6 +37,7 @@ from netboot.identity import UNSEEN, Unseen, clean_text, clean_uuid
 from netboot.inventory import codec
 from netboot.inventory.base import (
     REFUSED_CLAIMS,
+    SERVERS,
     Changes,
     GroupsKept,
     LocalCommits,
@@ -380,9 +381,14 @@ class InventoryView:
                 for name, group in changes.groups.items():
                     _set(self._groups, name, group)
         settings = changes.settings
-        if settings and any(k.startswith(REFUSED_CLAIMS) for k in settings):
-            # Machines' refused claims: no decision reads them (base.REFUSED_CLAIMS).
-            settings = {k: v for k, v in settings.items() if not k.startswith(REFUSED_CLAIMS)}
+        if settings and any(k.startswith(REFUSED_CLAIMS) or k == SERVERS for k in settings):
+            # Machines' refused claims and the servers' record: no decision reads them
+            # (base.REFUSED_CLAIMS, base.SERVERS); the record is kept for the service's
+            # watcher to read (netboot.inventory.peers.Peers.heard), nothing remade.
+            if SERVERS in settings:
+                self._settings[SERVERS] = settings[SERVERS]
+            settings = {k: v for k, v in settings.items()
+                        if not k.startswith(REFUSED_CLAIMS) and k != SERVERS}
         self._settings.update(settings)
         if changes.profiles or changes.clusters or changes.groups or settings:
             self.shared += 1
