@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import difflib
 import gc
 import hashlib
 import hmac
@@ -211,6 +210,10 @@ def unknown_ref(kind: str, name: str, known: Iterable[str] = ()) -> str:
     name of ``known`` it is likely a slip for, and the way out, as the house's other
     refusals give theirs ("unknown cluster 'egde'" alone left an operator to find the
     add command or the typo, s47-review, s48-review)."""
+    # Imported on a refusal only, as config.py does for a misspelt key: serve starts
+    # without difflib (test_http_doorway's start-up imports).
+    import difflib
+
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
     slip = f" (did you mean {close[0]!r}?)" if close else ""
     add = ("--server-url managed|https://SERVER:6443" if kind == "cluster"

@@ -163,8 +163,12 @@ def test_every_notice_kind_is_one_the_documents_status_names() -> None:
     def walk(node: object) -> None:
         if isinstance(node, dict):
             warnings = node.get("warnings")
-            if isinstance(warnings, dict) and "items" in warnings:
-                enums.append(warnings["items"]["properties"]["kind"]["enum"])
+            # /status's notices (objects with a kind); a machine's ``warnings`` are plain
+            # sentences (s48-review's rename warning), not notices.
+            kinds = warnings.get("items", {}).get("properties", {}).get("kind") \
+                if isinstance(warnings, dict) else None
+            if kinds is not None:
+                enums.append(kinds["enum"])
             for value in node.values():
                 walk(value)
         elif isinstance(node, list):
