@@ -201,6 +201,7 @@ class Metrics:
         self._dhcp_outcomes: Callable[[], Mapping[str, int]] | None = None
         self._clock_skew: Callable[[], float | None] | None = None
         self._dns_limited: Callable[[], Mapping[str, int]] | None = None
+        self._send_threads: Callable[[], tuple[int, int, int]] | None = None
         self._tftp = _TftpCollector()
         self._http_counts = _HttpCollector()
         now = time.time()
@@ -248,6 +249,11 @@ class Metrics:
         """Where the DNS rate limiter's counts (answers dropped, sent truncated) are read at
         scrape."""
         self._dns_limited = limited
+
+    def read_send_threads(self, read: Callable[[], tuple[int, int, int]]) -> None:
+        """Where the send threads' counts (bodies given ever, bodies being sent, threads
+        running) are read at scrape (http.send_threads; servers/sendthreads.py)."""
+        self._send_threads = read
 
     def read_tftp_stats(self, stats: Callable[[], Any | None]) -> None:
         """Where the TFTP server's counters are read from at scrape (None: TFTP is off)."""
@@ -441,6 +447,20 @@ class _Collector(_CollectorBase):
             for action, n in sorted(m._dns_limited().items()):
                 limited.add_metric([action], n)
             yield limited
+        if m._send_threads is not None:
+            # A thread that ended on a bug is given nothing more (its bodies go out from the
+            # loop, slower): "running" below http.send_threads is the alert, as nginx's
+            # master restarting a worker is its log's.
+            given, sending, running = m._send_threads()
+            yield CounterMetricFamily("netboot_http_send_thread_bodies", "large file bodies "
+                                      "(768 KiB and more) handed to the send threads",
+                                      value=given)
+            yield GaugeMetricFamily("netboot_http_send_thread_bodies_sending", "bodies the "
+                                    "send threads are sending now (a slow client's waits "
+                                    "for its socket's room)", value=float(sending))
+            yield GaugeMetricFamily("netboot_http_send_threads_running", "send threads "
+                                    "running (http.send_threads while all is well)",
+                                    value=float(running))
         yield from m._tftp.collect()
 
 

@@ -905,8 +905,10 @@ class Service:
         cfg = self.config = raise_fd_limit(cfg)
         http = cfg.http
         if http.send_threads and self.send_threads is None:
-            self.send_threads = SendThreads(http.send_threads)
-            self.send_threads.start()
+            self.send_threads = threads = SendThreads(http.send_threads)
+            threads.start()
+            self.metrics.read_send_threads(
+                lambda: (threads.given, threads.in_flight, threads.alive))
         self.http_guard = self.connection_guard()
         try:
             # Bound, not yet served: /healthz answers "ok" only once every listener of

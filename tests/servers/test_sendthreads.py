@@ -14,6 +14,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from prometheus_client.exposition import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from netboot.config import load
 from netboot.service import Service, build
@@ -87,6 +89,12 @@ def test_a_large_file_whole_and_by_range_is_sent_by_a_send_thread(
             assert header(ranged_head, "Content-Range") == f"bytes {first}-{last}/{len(BIG)}"
             assert threads.given == 2  # both bodies, none on the loop's thread
             await settled(service)
+            # What an operator's scrape says of them (netboot.metrics).
+            metrics = {s.name: s.value for f in text_string_to_metric_families(
+                generate_latest(service.metrics.registry).decode()) for s in f.samples}
+            assert (metrics["netboot_http_send_thread_bodies_total"],
+                    metrics["netboot_http_send_thread_bodies_sending"],
+                    metrics["netboot_http_send_threads_running"]) == (2, 0, 2), metrics
             lines = access_lines(caplog, "/assets/big.bin")
             assert len(lines) == 2, lines
             for line, (h, b) in zip(lines, ((head, body), (ranged_head, part)), strict=True):
