@@ -1715,7 +1715,8 @@ async def build(config: Config, *, app: bool = True) -> Service:
         stand_in = url_stand_in(config, advertise)
         # The other servers a device's register command tries after this one (a pair's
         # way out when the server that rendered a config is gone for good): the site's,
-        # else the inventory's record as it changes (Service._record_peers, watch_once).
+        # else the inventory's record as it changes (Peers.heard and refresh_if_due,
+        # called from watch_once).
         named = tuple(url.rstrip("/") for url in config.server.peers)
         core = build_core(config, store, lambda: holder["base"],
                           trust=TrustOf(config, lambda: service.tls, lambda: holder["https"]),
