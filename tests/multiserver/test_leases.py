@@ -87,7 +87,7 @@ async def dhcp_pair(tmp_path: Path, link: Link, inventory: Inventory) -> AsyncIt
 # take the offer of its server, REQUEST it, and note the ACK; a NAK starts over (RFC 2131
 # §4.3.2), at most 4 rounds per MAC, every wait bounded.
 CLIENT = r"""
-import json, select, socket, sys
+import json, select, socket, sys, time
 from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Op, Opt
 
@@ -104,16 +104,22 @@ def send(xid, mac, kind, extra=()):
     sock.sendto(dhcp.encode(packet, pad_to=300), ("255.255.255.255", 67))
 
 def replies(xid, seconds):
+    # Until this client's server answers, or ``seconds``: the other server's reply may come
+    # first and its own later (an authoritative offer waits up to 1 s for its ping check,
+    # dhcp.ping_check), so the first reply does not end the wait.
+    end = time.monotonic() + seconds
     out = []
-    while True:
-        ready, _, _ = select.select([sock], [], [], seconds)
+    while (left := end - time.monotonic()) > 0:
+        ready, _, _ = select.select([sock], [], [], left)
         if not ready:
             return out
         data, _ = sock.recvfrom(4096)
         reply = dhcp.parse(data)
         if reply.xid == xid and reply.op == Op.REPLY:
             out.append(reply)
-        seconds = 0.3
+            if reply.option(Opt.SERVER_ID) == socket.inet_aton(servers[want]):
+                return out
+    return out
 
 acks = []
 want = sys.argv[2]
