@@ -207,6 +207,48 @@ def test_a_file_cut_short_while_a_thread_sends_it_ends_the_connection(
 
 
 @LOOPS
+def test_a_file_cut_beyond_what_was_sent_ends_the_connection_at_its_new_end(
+        tmp_path: Path, loop: str) -> None:
+    """The file cut short at a length beyond what the thread had sent (``cp`` of a smaller
+    kernel over a larger one while a device reads it): the thread's last ``sendfile`` moved
+    the bytes up to the new end, fewer than asked, into a socket with room left, and the
+    thread waited for the socket's next edge (it took a short write for a full socket). A
+    socket that was not full gives none (the kernel wakes writers only when a write found
+    it full): the client waited for bytes that never came, and the connection and the
+    thread's two descriptors were held until the client gave up (60 s here: the wait ran
+    out on main). Now the thread calls again until the kernel says the socket is full or
+    the file ended: the connection is closed at the file's new end."""
+    async def scenario() -> None:
+        async with serving(tmp_path, seeded=False) as service:
+            path = tmp_path / "assets" / "cut.bin"
+            with path.open("wb") as fh:
+                fh.truncate(256 << 20)  # sparse: far more than the socket buffers hold
+            reader, writer = await asyncio.open_connection("127.0.0.1", service.http_port)
+            try:
+                writer.write(get("/assets/cut.bin"))
+                head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                        ).decode("latin-1")
+                assert status(head) == 200, head
+                length = int(header(head, "Content-Length") or 0)
+                got = len(await asyncio.wait_for(reader.readexactly(1 << 20), 30))
+                os.truncate(path, 64 << 20)  # beyond what the socket buffers held
+                try:
+                    while chunk := await asyncio.wait_for(reader.read(1 << 20), 20):
+                        got += len(chunk)
+                except TimeoutError:
+                    raise AssertionError(f"the connection was left open after {got} bytes "
+                                         f"of {length}: no more came") from None
+            finally:
+                writer.close()
+            assert got == 64 << 20  # every byte up to the new end, then closed
+            threads = service.send_threads
+            assert threads is not None and threads.given == 1
+            await settled(service, path)
+
+    run_on(loop, scenario)
+
+
+@LOOPS
 def test_stopping_the_server_with_bodies_in_flight_ends_them_and_its_threads(
         tmp_path: Path, loop: str) -> None:
     """``netboot serve`` stopped (SIGTERM's path: Service.close) while three devices sit in
