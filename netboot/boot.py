@@ -594,6 +594,8 @@ class BootService:
         # Cluster name -> what every joining node of it is told alike (_Joining), while the
         # view's ``shared`` and the cluster and settings objects are the same (_k3s_join).
         self._joining: collections.OrderedDict[str, _Joining] = collections.OrderedDict()
+        # (machine id, NIC, fixed address) said not given for being unlisted (fixed_address).
+        self._unlisted_seen: set[tuple[str, str, str]] = set()
         # What unknown devices may write (records per source, in all); its counters are read
         # by metrics.
         self.discovery = DiscoveryGuard(store, discovery or DiscoveryLimits(), logger=self._log)
@@ -619,7 +621,31 @@ class BootService:
         if self.health.up and not view.fresh(DHCP_VIEW_AGE):
             await self._fresh()
         machine = await view.machine_by("mac", mac)
-        return None if machine is None else machine.fixed_ipv4
+        if machine is None:
+            return None
+        fixed = machine.fixed_ipv4
+        # A NIC a boot attached by the machine's UUID or serial and no operator listed gets
+        # a pool address: that UUID is any listener's (identity.UNLISTED).
+        if fixed is not None and machine.facts and identity.unlisted(machine, mac):
+            self._unlisted_told(machine, mac, fixed)
+            return None
+        return fixed
+
+    def _unlisted_told(self, machine: Machine, mac: str, fixed: str) -> None:
+        """Say, once a NIC and fixed address while this process runs (a DHCP client asks
+        every few seconds), why ``mac`` is not given its machine's fixed address."""
+        key = (machine.id, mac, fixed)
+        told = self._unlisted_seen
+        if key in told:
+            return
+        if len(told) >= REPEATS_KEPT:
+            told.clear()
+        told.add(key)
+        self._log.warning(
+            "dhcp: NIC %s of machine %s is not given its fixed address %s: a boot attached it "
+            "(by its UUID, serial or asset tag) and no operator listed it, so it gets a pool "
+            "address. Is it the machine's? netboot machines set %s --add-mac %s", mac,
+            machine.ref, fixed, machine.id, mac)
 
     async def same_machine(self, mac: str, other: str) -> bool:
         """Whether NIC ``other`` is another of ``mac``'s machine (the view's, as
@@ -1970,10 +1996,19 @@ class BootService:
                   for d in res.absorb]
         if new_nic:
             updated = replace(updated, macs=(*updated.macs, request.mac))
+        # NICs added to a machine that had one: not given its fixed address until an
+        # operator lists them (identity.UNLISTED).
+        added = [m for m in updated.macs if m not in machine.macs] if machine.macs else []
+        if added:
+            updated = replace(updated, facts=identity.with_unlisted(updated.facts, added))
+        if new_nic:
+            note = (f"; not given its fixed address {machine.fixed_ipv4} until an operator "
+                    f"lists it (netboot machines set {machine.id} --add-mac {request.mac})"
+                    if added and machine.fixed_ipv4 else "")
             events.append(Event(updated.id, now, "nic-attached",
                                 f"booted from NIC {request.mac}, recognised by its "
-                                f"{res.matched_by}", {"mac": str(request.mac),
-                                                      "matched_by": str(res.matched_by)}))
+                                f"{res.matched_by}{note}", {"mac": str(request.mac),
+                                                            "matched_by": str(res.matched_by)}))
         read = (machine, *res.absorb)
         await self._recorder.commit(Batch(merge=[(d.id, updated.id) for d in res.absorb],
                                           update=(updated,), events=events,

@@ -40,7 +40,7 @@ from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
 from netboot.logs import BatchedStreamHandler, TextFormatter, printable
-from netboot.model import Arch, LoaderChain, Machine, MachineState, Scope
+from netboot.model import Arch, LoaderChain, MacAddress, Machine, MachineState, Scope
 
 
 def _table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -393,6 +393,15 @@ _SETTABLE = ("hostname", "cluster", "role", "profile", "fixed_ipv4", "loader")
 _CLEARABLE = frozenset({"hostname", "cluster", "profile", "fixed_ipv4", "loader"})
 
 
+def _has_nic(machine: Machine, text: str) -> bool:
+    """Whether ``text`` spells one of ``machine``'s MACs (a bad one is not: the edit's check
+    names it)."""
+    try:
+        return MacAddress.parse(text) in machine.macs
+    except ValidationError:
+        return False
+
+
 async def _set_machine(args: argparse.Namespace, core: Core) -> int:
     """``netboot machines set REF --cluster ...``: the API's ``PATCH /machines/{ref}``, the
     fields given and no others (``machines add`` of an enrolled MAC is a 409: there was no
@@ -420,7 +429,10 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
         if args.add_mac:
             # A NIC more (one enrolled by serial alone, a Raspberry Pi's); the API's PATCH
             # takes the whole list.
-            out["macs"] = [*map(str, machine.macs), *args.add_mac]
+            # One it has already (attached at a boot by its UUID or serial) is listed: given
+            # the machine's fixed address from now on (identity.UNLISTED).
+            out["macs"] = [*map(str, machine.macs), *(
+                m for m in args.add_mac if not _has_nic(machine, m))]
         return out
 
     if not (changes or args.label or args.remove_label or args.add_mac):

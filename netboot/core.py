@@ -699,10 +699,14 @@ class Core:
         if parsed.fixed_ipv4 != old.fixed_ipv4:  # one stored before is the DHCP log's to say
             check_fixed_ipv4(parsed.fixed_ipv4, self.enroller.server_addresses())
             await self._fixed_ipv4_free(parsed.fixed_ipv4, old.id)
+        # A NIC list the operator writes lists each NIC it names: one a boot attached by the
+        # machine's UUID or serial may now be given its fixed address (identity.UNLISTED).
+        facts = identity.listed(old.facts, parsed.macs) if "macs" in changes else old.facts
         return replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
                        serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
                        cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,
-                       loader=parsed.loader, fixed_ipv4=parsed.fixed_ipv4, updated=self._clock())
+                       loader=parsed.loader, fixed_ipv4=parsed.fixed_ipv4, facts=facts,
+                       updated=self._clock())
 
     async def _fixed_ipv4_free(self, fixed: str | None, own: str | None) -> None:
         """A ``fixed_ipv4`` another machine has is a 409 naming it: two machines given one

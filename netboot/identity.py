@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 import uuid as uuidlib
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Protocol, cast
 
@@ -409,6 +409,49 @@ def merge(into: Machine, others: Iterable[Machine], now: float) -> Machine:
     labels.update(into.labels)
     return replace(into, macs=tuple(macs), facts=facts, labels=labels, uuid=uuid,
                    serial=serial, asset=asset, arch=arch, firmware=firmware, updated=now)
+
+
+# The fact naming the NICs a boot attached to a machine that had a NIC already (by its UUID,
+# serial or asset tag, or a discovered record of them merged: BootService._attach), comma-
+# separated, until an operator lists them (a NIC list written by PATCH /machines/{ref} or
+# `machines set --add-mac`: Core._patched). Such a NIC is not given the machine's fixed_ipv4
+# (BootService.fixed_address): a UUID is broadcast in option 97 of the machine's every PXE
+# DISCOVER, so any host on the VLAN could send it from a made-up MAC and, given the address,
+# hold it beside the machine and be served its install script (s46-attack #4). dnsmasq gives
+# a dhcp-host address only to the MACs the operator listed. The first NICs of a machine
+# enrolled without a MAC are the operator's identifier's (its serial or UUID) and are not so
+# named: nobody listed a MAC to protect.
+UNLISTED = "unlisted_nics"
+
+
+def unlisted(machine: Machine, mac: str) -> bool:
+    """Whether NIC ``mac`` (text, as ``str(MacAddress)``) is one a boot attached that no
+    operator has listed (:data:`UNLISTED`)."""
+    text = machine.facts.get(UNLISTED)
+    return text is not None and mac.lower() in text.split(",")
+
+
+def with_unlisted(facts: Mapping[str, str], macs: Iterable[MacAddress]) -> dict[str, str]:
+    """``facts`` with ``macs`` added to :data:`UNLISTED`."""
+    named = [m for m in facts.get(UNLISTED, "").split(",") if m]
+    named += [str(m) for m in macs if str(m) not in named]
+    return {**facts, UNLISTED: ",".join(named)}
+
+
+def listed(facts: Mapping[str, str], macs: Iterable[MacAddress]) -> Mapping[str, str]:
+    """``facts`` with ``macs`` (an operator's list) taken out of :data:`UNLISTED` (the fact
+    dropped when none is left); ``facts`` itself when it names none of them."""
+    text = facts.get(UNLISTED)
+    if text is None:
+        return facts
+    gone = {str(m) for m in macs}
+    left = [m for m in text.split(",") if m and m not in gone]
+    if len(left) == len(text.split(",")):
+        return facts
+    out = {k: v for k, v in facts.items() if k != UNLISTED}
+    if left:
+        out[UNLISTED] = ",".join(left)
+    return out
 
 
 def require(machine: Machine) -> None:

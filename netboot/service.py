@@ -1568,6 +1568,12 @@ def assets_line(roots: Sequence[Path]) -> str:
 # Descriptors an HTTP connection holds: its socket (a file it sends is one of AssetFiles' kept
 # descriptors, counted in OTHER_DESCRIPTORS).
 PER_CONNECTION = 1
+# And while a send thread sends its body (http.send_threads, a file of at least 768 KiB):
+# the duplicates of its socket and of its file that only the thread closes
+# (servers/sendthreads). Uncounted, 240 slow readers of a large file (a tenth of a
+# provisioning VLAN's devices, or one host) under the 256 connections a 512 limit was said
+# to hold ran the process out: every device's next asset was a 404 or a reset (s49-attack).
+PER_THREAD_BODY = 2
 # Descriptors a TFTP transfer holds: its socket, connected to the client on a port of its
 # own (the listener's shared data port with tftp.single_port; servers/tftp._Link), and,
 # while its file is streamed (above the packet cache's 16 MiB, or written in the last 2 s:
@@ -1592,10 +1598,16 @@ OTHER_DESCRIPTORS = 256
 FEWEST_TRANSFERS = 64
 
 
-def descriptors(connections: int, transfers: int) -> int:
+def descriptors(connections: int, transfers: int, *, send_threads: bool = False) -> int:
     """The open-files limit that ``connections`` HTTP connections and ``transfers`` TFTP
-    transfers need at once."""
-    return PER_CONNECTION * connections + PER_TRANSFER * transfers + OTHER_DESCRIPTORS
+    transfers need at once (``send_threads``: each connection's body may be a thread's)."""
+    return (per_connection(send_threads) * connections + PER_TRANSFER * transfers
+            + OTHER_DESCRIPTORS)
+
+
+def per_connection(send_threads: bool) -> int:
+    """Descriptors an HTTP connection may hold."""
+    return PER_CONNECTION + (PER_THREAD_BODY if send_threads else 0)
 
 
 def raise_fd_limit(config: Config) -> Config:
@@ -1617,7 +1629,9 @@ def raise_fd_limit(config: Config) -> Config:
     http, tftp = config.http, config.tftp
     # Transfers count when TFTP serves (what is set for it then is kept as it is).
     serving = tftp.max_transfers if tftp.enabled else 0
-    need = descriptors(http.max_connections, serving)
+    threads = http.send_threads > 0
+    per = per_connection(threads)
+    need = descriptors(http.max_connections, serving, send_threads=threads)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < need:
         target = need if hard == resource.RLIM_INFINITY else min(need, hard)
@@ -1631,17 +1645,17 @@ def raise_fd_limit(config: Config) -> Config:
     set_connections = "http.max_connections" in config.origins
     if tftp.enabled and "tftp.max_transfers" not in config.origins:
         floor = 1 if set_connections else FEWEST_TRANSFERS
-        transfers = min(transfers, max(floor, (room - PER_CONNECTION * connections)
+        transfers = min(transfers, max(floor, (room - per * connections)
                                        // PER_TRANSFER))
     if not set_connections:
-        connections = min(connections, (room - PER_TRANSFER * transfers) // PER_CONNECTION)
+        connections = min(connections, (room - PER_TRANSFER * transfers) // per)
     fix = (f"raise LimitNOFILE= (systemd) / ulimit -n to {need}, or lower "
            "http.max_connections / tftp.max_transfers")
     why = (f"the open-files limit is {soft} (hard {hard}), below the {need} descriptors that "
            f"http.max_connections ({http.max_connections}) and tftp.max_transfers "
            f"({serving}) need")
     if connections < 1 or (tftp.enabled and transfers < 1) or descriptors(
-            connections, transfers) > soft:
+            connections, transfers, send_threads=threads) > soft:
         # Nothing left to lower: what was set (or the limit itself) is the trouble.
         key = next((k for k in ("tftp.max_transfers", "http.max_connections")
                     if k in config.origins), "http.max_connections")

@@ -446,13 +446,19 @@ def test_machines_set_moves_a_machine_and_changes_only_what_is_given(
     rc, out, _ = run(capsys, "machines", "set", pi["id"], "--add-mac", "dc-a6-32-01-36-c3",
                      "--config", cfg)
     assert (rc, out) == (0, "dc:a6:32:01:36:c2: macs dc:a6:32:01:36:c2,dc:a6:32:01:36:c3\n")
+    # One it has already (a NIC a boot attached by the machine's UUID or serial, which is
+    # not given its fixed address until listed: identity.UNLISTED) is listed, not refused
+    # as named twice (a 2, "listed twice", before).
+    rc, out, err = run(capsys, "machines", "set", pi["id"], "--add-mac", "dc:a6:32:01:36:c3",
+                       "--config", cfg)
+    assert (rc, out) == (0, "dc:a6:32:01:36:c2: macs dc:a6:32:01:36:c2,dc:a6:32:01:36:c3\n"), err
     rc, _, err = run(capsys, "machines", "set", "52:54:00:aa:00:99", "--role", "server",
                      "--config", cfg)
     assert rc == 1 and "52:54:00:aa:00:99" in err
     rc, out, _ = run(capsys, "audit", "--json", "--config", cfg)
     sets = [(e["action"], e["target"], e["outcome"]) for e in json.loads(out)
             if e["action"] == "machines set"]
-    assert sets[0] == ("machines set", "5254.00aa.0011", "ok") and len(sets) == 7
+    assert sets[0] == ("machines set", "5254.00aa.0011", "ok") and len(sets) == 8
 
 
 def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -742,8 +742,9 @@ def test_a_missing_templates_dir_and_a_missing_interface_are_told_once(tmp_path:
 
 def test_the_open_files_limit_is_counted_and_fitted(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The descriptors counted (a connection one, a transfer two: its socket and a streamed
-    file's, benchmarks/tftp_slots.py; 256 besides); a soft limit raised to exactly that
+    """The descriptors counted (a connection one, three with send threads: the thread's
+    duplicates of its socket and file; a transfer two: its socket and a streamed file's,
+    benchmarks/tftp_slots.py; 256 besides); a soft limit raised to exactly that
     when the hard one allows; below it the defaults are lowered, TFTP's first; a value set
     in the file or the environment stops start-up naming where it was set."""
     import resource
@@ -752,6 +753,7 @@ def test_the_open_files_limit_is_counted_and_fitted(
     from netboot.config import HttpConfig, TftpConfig
 
     assert service.descriptors(1024, 4096) == 1024 + 2 * 4096 + 256
+    assert service.descriptors(1024, 4096, send_threads=True) == 3 * 1024 + 2 * 4096 + 256
     limits: list[tuple[int, int]] = []
 
     def setrlimit(which: int, value: tuple[int, int]) -> None:
@@ -766,20 +768,20 @@ def test_the_open_files_limit_is_counted_and_fitted(
     assert (defaults.http.max_connections, defaults.tftp.max_transfers) == (4096, 4096)
     limits[:] = [(1024, 1 << 20)]  # systemd's: soft 1024, hard 524288 or more
     assert service.raise_fd_limit(defaults) is defaults
-    assert limits[-1] == (12544, 1 << 20)
-    limits[:] = [(1024, 8192)]  # TFTP gives way first: (8192 - 256 - 4096) / 2
+    assert limits[-1] == (20736, 1 << 20)  # 3 x 4096 + 2 x 4096 + 256 (send threads on)
+    limits[:] = [(1024, 16640)]  # TFTP gives way first: (16640 - 256 - 3 x 4096) / 2
     fitted = service.raise_fd_limit(defaults)
-    assert limits[-1] == (8192, 8192)
-    assert fitted.tftp == TftpConfig(max_transfers=1920) and fitted.http == HttpConfig()
-    limits[:] = [(1024, 2048)]  # TFTP at its floor, HTTP the rest: 2048 - 256 - 2 x 64
-    fitted = service.raise_fd_limit(defaults)
-    assert fitted.tftp == TftpConfig(max_transfers=64)
-    assert fitted.http == HttpConfig(max_connections=1664)
-    limits[:] = [(512, 512)]  # TFTP at its floor, HTTP the rest: 512 - 256 - 2 x 64
+    assert limits[-1] == (16640, 16640)
+    assert fitted.tftp == TftpConfig(max_transfers=2048) and fitted.http == HttpConfig()
+    limits[:] = [(1024, 2048)]  # TFTP at its floor, HTTP the rest: (2048 - 256 - 2 x 64) / 3
     fitted = service.raise_fd_limit(defaults)
     assert fitted.tftp == TftpConfig(max_transfers=64)
-    assert fitted.http == HttpConfig(max_connections=128, max_connections_per_source=128)
-    assert service.descriptors(128, 64) == 512
+    assert fitted.http == HttpConfig(max_connections=554)
+    limits[:] = [(512, 512)]  # TFTP at its floor, HTTP the rest: (512 - 256 - 2 x 64) / 3
+    fitted = service.raise_fd_limit(defaults)
+    assert fitted.tftp == TftpConfig(max_transfers=64)
+    assert fitted.http == HttpConfig(max_connections=42, max_connections_per_source=42)
+    assert service.descriptors(42, 64, send_threads=True) == 510
     limits[:] = [(300, 300)]  # nothing serves in 44 descriptors
     with pytest.raises(ConfigError) as err:
         service.raise_fd_limit(defaults)
@@ -787,26 +789,27 @@ def test_the_open_files_limit_is_counted_and_fitted(
     # Set by the operator: not lowered. TFTP's set 2,048 leave HTTP what remains.
     set_tftp = tmp_path / "set.yaml"
     set_tftp.write_text("tftp:\n  max_transfers: 2048\n")
-    limits[:] = [(1024, 16384)]
+    limits[:] = [(1024, 16640)]
     fitted = service.raise_fd_limit(load(set_tftp, env={}))
     assert (fitted.tftp.max_transfers, fitted.http.max_connections) == (2048, 4096)
     limits[:] = [(1024, 5000)]
     fitted = service.raise_fd_limit(load(set_tftp, env={}))
-    assert (fitted.tftp.max_transfers, fitted.http.max_connections) == (2048, 5000 - 256 - 4096)
+    assert (fitted.tftp.max_transfers, fitted.http.max_connections) == (
+        2048, (5000 - 256 - 4096) // 3)
     limits[:] = [(1024, 2048)]
     with pytest.raises(ConfigError) as err:
         service.raise_fd_limit(load(set_tftp, env={}))
     assert (err.value.source, err.value.line, err.value.key) == (
         str(set_tftp), 2, "tftp.max_transfers")
-    assert "the open-files limit is 2048 (hard 2048), below the 8448 descriptors" in str(
+    assert "the open-files limit is 2048 (hard 2048), below the 16640 descriptors" in str(
         err.value)
-    assert "raise LimitNOFILE= (systemd) / ulimit -n to 8448" in (err.value.fix or "")
+    assert "raise LimitNOFILE= (systemd) / ulimit -n to 16640" in (err.value.fix or "")
     with pytest.raises(ConfigError) as err:
         service.raise_fd_limit(load(None, env={"NETBOOT_HTTP_MAX_CONNECTIONS": "1900"}))
     assert err.value.key == "http.max_connections"
     assert err.value.source == "environment variable NETBOOT_HTTP_MAX_CONNECTIONS"
     # TFTP off: its transfers need nothing.
-    limits[:] = [(4352, 4352)]
+    limits[:] = [(12544, 12544)]
     off = load(None, env={"NETBOOT_TFTP_ENABLED": "false"})
     assert service.raise_fd_limit(off) is off
 
@@ -904,9 +907,59 @@ def test_an_open_files_limit_below_the_defaults_lowers_them_and_serves(
     warnings = [line for line in text.splitlines() if "open-files limit" in line]
     assert len(warnings) == 1, text[-3000:]
     assert ("WARNING" in warnings[0] and "the open-files limit is 512 (hard 512), below the "
-            "12544 descriptors that http.max_connections and tftp.max_transfers need: lowered "
-            "tftp.max_transfers 4096 to 64, http.max_connections 4096 to 128; raise "
-            "LimitNOFILE= (systemd) or ulimit -n to 12544" in warnings[0]), warnings
+            "20736 descriptors that http.max_connections and tftp.max_transfers need: lowered "
+            "tftp.max_transfers 4096 to 64, http.max_connections 4096 to 42, "
+            "http.max_connections_per_source 128 to 42; raise "
+            "LimitNOFILE= (systemd) or ulimit -n to 20736" in warnings[0]), warnings
+
+
+def test_slow_readers_of_large_files_within_the_connections_a_limit_holds_leave_it_room(
+        tmp_path: Path) -> None:
+    """A hard open-files limit of 512, TFTP off: `netboot serve` lowers http.max_connections
+    to what the limit holds, and says how many. A host opening that many less ten, each
+    asking for an 8 MiB file and reading nothing (its body on a send thread, which holds a
+    duplicate of the socket and of the file), left the server no descriptor: with 246 such
+    connections under the 256 it announced, every other client's request of an asset was
+    a 404 (the file could not be opened) or a reset (s49-attack). The send threads'
+    descriptors are counted now (service.PER_THREAD_BODY): fewer connections are announced,
+    and as many slow readers leave the others served."""
+    import re
+
+    proc, out, _, http_port = _limited_serve(tmp_path, "  enabled: false\n", 512)
+    (tmp_path / "assets" / "big.bin").write_bytes(b"b" * (8 << 20))
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(120):  # until it answers, bounded
+            try:
+                _get(f"http://127.0.0.1:{http_port}/metrics")
+                break
+            except OSError:
+                time.sleep(0.5)
+        said = re.search(r"http.max_connections 4096 to (\d+)", out.read_text())
+        assert said is not None, out.read_text()[-3000:]
+        for i in range(int(said.group(1)) - 10):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.bind((f"127.0.0.{2 + i % 100}", 0))
+            sock.settimeout(30)
+            sock.connect(("127.0.0.1", http_port))
+            sock.sendall(b"GET /assets/big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert sock.recv(12) == b"HTTP/1.1 200", i
+        (tmp_path / "assets" / "other.bin").write_bytes(b"o" * 1000)
+        got = []
+        for _ in range(5):
+            try:
+                got.append(_get(f"http://127.0.0.1:{http_port}/assets/other.bin"))
+            except OSError as exc:  # HTTPError (a 404) and a reset alike
+                got.append(repr(exc))
+        assert got == ["o" * 1000] * 5, (said.group(0), got)
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert "Traceback" not in out.read_text()
 
 
 def _get(url: str) -> str:
@@ -924,9 +977,9 @@ def test_an_open_files_limit_below_a_value_set_in_the_file_stops_start_up(
     assert proc.wait(timeout=120) == 2, out.read_text()[-3000:]
     text = out.read_text()
     assert (f"{tmp_path}/netboot.yaml:8: tftp.max_transfers: the open-files limit is 512 "
-            "(hard 512), below the 12544 descriptors that http.max_connections (4096) and "
+            "(hard 512), below the 20736 descriptors that http.max_connections (4096) and "
             "tftp.max_transfers (4096) need (fix: raise LimitNOFILE= (systemd) / ulimit -n "
-            "to 12544" in text), text[-3000:]
+            "to 20736" in text), text[-3000:]
     assert "Traceback" not in text
 
 

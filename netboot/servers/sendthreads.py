@@ -158,15 +158,18 @@ class _SendThread:
             return True
         failed = False
         try:
-            n = os.sendfile(transfer.sock, transfer.file, transfer.offset + transfer.sent,
-                            transfer.count - transfer.sent)
-            transfer.sent += n
-            if n and transfer.sent < transfer.count:
-                # A short write: the socket is full (the kernel marked it so, and tells
-                # the epoll when it has room again), and a next call now would fail with
-                # EAGAIN: on at the next edge.
-                return False
-            # n == 0: the file is shorter than it was when its length was sent
+            while True:
+                n = os.sendfile(transfer.sock, transfer.file, transfer.offset + transfer.sent,
+                                transfer.count - transfer.sent)
+                transfer.sent += n
+                if not n or transfer.sent >= transfer.count:
+                    break  # n == 0: the file is shorter than when its length was sent
+                # A short write: the socket is full, or the file ended (cut short beyond
+                # what was sent). Called again: EAGAIN when full (the kernel then marks the
+                # socket so, and its epoll gets an edge when it has room), 0 at the file's
+                # end. Waiting for an edge after a short write at the end never ended: the
+                # kernel wakes a socket's writers only when a write found it full, so the
+                # connection was held until the client gave up (s49-attack).
         except BlockingIOError:
             return False
         except OSError:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from netboot.boot import BootService, BootSettings, loader_aliases
+from netboot.core import Core
 from netboot.enroll import Enroller
 from netboot.files import FileTree
 from netboot.inventory.sqlite import SqliteStore
@@ -168,14 +169,18 @@ async def test_a_fixed_address_held_by_the_machines_other_nic_is_given_from_the_
         assert (await env.ask(MessageType.DISCOVER, mac=first)).yiaddr == "192.0.2.50"
 
 
-async def test_a_host_sending_a_machines_uuid_never_holds_its_fixed_address_beside_it(
+async def test_a_host_sending_a_machines_uuid_is_not_given_its_fixed_address(
         tmp_path: Path) -> None:
     """s46-attack #4, over real UDP with the real boot path and SQLite: a PXE DISCOVER from a
     made-up MAC with a registered machine's SMBIOS UUID (option 97: broadcast in every PXE
-    DISCOVER of that machine) is attached to the machine and then given its fixed_ipv4, and
-    the real NIC's renewal was ACKed too: two hosts held one address. Now the real NIC's
-    renewal is NAKed (it discovers again, RFC 2131 §4.3.2), the inventory holds one lease of
-    the address, and the machine's history says the address moved, naming both MACs."""
+    DISCOVER of that machine) was attached to the machine and then offered and ACKed its
+    fixed_ipv4, the real NIC's lease ended (s47: one holder, the newest): the attacker held
+    the address, and with it the machine's install script (served only to that address).
+    dnsmasq gives a dhcp-host address only to the MACs the operator listed. Now the NIC a
+    boot attached is named in the machine's facts (``unlisted_nics``), its event says why,
+    it is offered and ACKed pool addresses only, and the real NIC keeps its address; once an
+    operator lists the NIC (``machines set --add-mac``: a NIC replaced, a second port), it
+    is given the address as any listed NIC is, and the move is in the machine's history."""
     machine_uuid = uuid.UUID("11111111-2222-3333-4444-555555555501")
     real, spoof = MacAddress.parse("52:54:00:00:0d:01"), MacAddress.parse("02:46:00:00:0d:99")
     async with started(tmp_path) as env:
@@ -196,23 +201,38 @@ async def test_a_host_sending_a_machines_uuid_never_holds_its_fixed_address_besi
             return await env.ask(mtype, requested, mac=spoof, extra=as_pxe)
 
         offered = set()
-        for _ in range(3):  # attached by its UUID after the first, then offered .100
+        for _ in range(3):  # attached by its UUID after the first (before: then offered .100)
             offered.add((await pxe(MessageType.DISCOVER)).yiaddr)
             await env.boot.drain()
-        assert "192.0.2.100" in offered
+        assert "192.0.2.100" not in offered and offered <= {"192.0.2.101", "192.0.2.102"}
         took = await pxe(MessageType.REQUEST, "192.0.2.100")
-        assert (took.message_type, took.yiaddr) == (MessageType.ACK, "192.0.2.100")
+        assert took.message_type == MessageType.NAK  # before: ACK
+        [machine] = await env.store.list_machines()
+        assert machine.macs == (real, spoof)  # attached all the same (a NIC replaced...)
+        assert machine.facts["unlisted_nics"] == str(spoof)
+        _, events = await env.store.events_since(0)
+        [attached] = [e for e in events if e.kind == "nic-attached"]
+        assert "not given its fixed address 192.0.2.100 until an operator lists it" in \
+            attached.message, attached.message
         renewal = await env.ask(MessageType.REQUEST, "192.0.2.100", mac=real)
-        assert renewal.message_type == MessageType.NAK  # before: ACK, two holders
+        assert (renewal.message_type, renewal.yiaddr) == (MessageType.ACK, "192.0.2.100")
         await env.server.flush_leases()
         holders = [lease.mac for lease in await env.store.list_leases()
                    if lease.ipv4 == "192.0.2.100"]
-        assert holders == [str(spoof)]
+        assert holders == [str(real)]
+
+        # The operator lists it (the CLI's machines set --add-mac, the API's PATCH macs):
+        # the machine's NIC again, given its fixed address (one holder: the newest).
+        core = Core(env.store, Enroller(env.store), None, None)  # type: ignore[arg-type]
+        listed = await core.update_machine(str(real), {"macs": [str(real), str(spoof)]})
+        assert "unlisted_nics" not in listed.facts
+        env.clock.now += 61  # the spoof's offers run out
+        offer = await pxe(MessageType.DISCOVER)
+        assert offer.yiaddr == "192.0.2.100"
+        took = await pxe(MessageType.REQUEST, "192.0.2.100")
+        assert (took.message_type, took.yiaddr) == (MessageType.ACK, "192.0.2.100")
         await env.boot.drain()
-        [machine] = await env.store.list_machines()
         _, events = await env.store.events_since(0)
-        moved = [e for e in events if e.machine == machine.id
-                 and e.kind == "fixed address moved"]
+        moved = [e for e in events if e.kind == "fixed address moved"]
         assert [e.message for e in moved] == [
             f"fixed address 192.0.2.100 moved from NIC {real} to NIC {spoof}"]
-        assert moved[0].data == {"from": str(real), "to": str(spoof), "ipv4": "192.0.2.100"}

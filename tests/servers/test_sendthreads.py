@@ -174,12 +174,22 @@ def test_a_client_leaving_mid_file_frees_the_thread_and_the_server_serves_on(
 
 
 @LOOPS
+@pytest.mark.parametrize("cut", [1000, 64 << 20], ids=["before-what-was-sent", "beyond"])
 def test_a_file_cut_short_while_a_thread_sends_it_ends_the_connection(
-        tmp_path: Path, loop: str) -> None:
+        tmp_path: Path, loop: str, cut: int) -> None:
     """An operator copies a new kernel over the old one (``cp`` truncates it in place) while
     a send thread sends it whole: the answer cannot be as long as its Content-Length said,
     so the connection is closed at the file's new end (s47-attack's rule, nginx's "file was
-    truncated"), not left open for bytes that never come."""
+    truncated"), not left open for bytes that never come.
+
+    ``beyond``: cut at a length beyond what the thread had sent (a smaller kernel over a
+    larger one), the thread's last ``sendfile`` moved the bytes up to the new end, fewer
+    than asked, into a socket with room left, and the thread waited for the socket's next
+    edge, taking the short write for a full socket. A socket that was not full gives none
+    (the kernel wakes writers only when a write found it full): the client got every byte to
+    the new end and waited, the connection and the thread's two descriptors held until it
+    gave up (the wait below ran out on f849e89, s49-attack). Now the thread calls again
+    until the kernel says the socket is full or the file ended."""
     async def scenario() -> None:
         async with serving(tmp_path, seeded=False) as service:
             path = tmp_path / "assets" / "cut.bin"
@@ -193,12 +203,18 @@ def test_a_file_cut_short_while_a_thread_sends_it_ends_the_connection(
                 assert status(head) == 200, head
                 length = int(header(head, "Content-Length") or 0)
                 got = len(await asyncio.wait_for(reader.readexactly(1 << 20), 30))
-                os.truncate(path, 1000)
-                while chunk := await asyncio.wait_for(reader.read(1 << 20), 60):
-                    got += len(chunk)
+                os.truncate(path, cut)
+                try:
+                    while chunk := await asyncio.wait_for(reader.read(1 << 20), 30):
+                        got += len(chunk)
+                except TimeoutError:
+                    raise AssertionError(f"the connection was left open after {got} bytes "
+                                         f"of {length}: no more came") from None
             finally:
                 writer.close()
             assert got < length  # ended at EOF, short
+            if cut == 64 << 20:  # beyond what was sent (the buffers hold a few MiB): all of it
+                assert got == cut
             threads = service.send_threads
             assert threads is not None and threads.given == 1
             await settled(service, path)
