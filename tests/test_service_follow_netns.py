@@ -54,24 +54,27 @@ def one_subnet() -> Iterator[dict[str, str]]:
 
 
 # A stub resolver's query (dig sends again every few seconds, glibc's resolver waits 5 s,
-# twice): sent again each second from one socket, the first answer to it taken, for 10 s at
-# most. A single send given 1 s (2 s forwarded) took a loaded machine's later answer for
-# none (s49-flake). Prints the answers' data, sorted; the rcode's name when none, or the
-# error's.
-ASK = ("import socket, sys, dns.exception, dns.message, dns.query, dns.rcode\n"
+# twice): sent again each second from one socket, the first answer taken, for 10 s at most.
+# A single send given 1 s (2 s forwarded or over IPv6) took a loaded machine's later
+# answer for none (s49-flake). Either family; each address may carry a %scope. Prints the
+# answers' data, sorted; the rcode's name when none, or the error's.
+ASK = ("import socket, sys, dns.message, dns.rcode\n"
        "server, source, name, qtype = sys.argv[1:5]\n"
+       "family, _, _, _, dst = socket.getaddrinfo(server, 53, type=socket.SOCK_DGRAM)[0]\n"
+       "s = socket.socket(family, socket.SOCK_DGRAM)\n"
+       "s.settimeout(1)\n"
+       "if source:\n"
+       "    s.bind(socket.getaddrinfo(source, 0, family, socket.SOCK_DGRAM)[0][4])\n"
        "q = dns.message.make_query(name, qtype)\n"
        "try:\n"
-       "    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:\n"
-       "        s.setblocking(False)\n"
-       "        s.bind((source, 0))\n"
-       "        for sent in range(10):\n"
-       "            try:\n"
-       "                r = dns.query.udp(q, server, timeout=1, sock=s)\n"
-       "                break\n"
-       "            except dns.exception.Timeout:\n"
-       "                if sent == 9:\n"
-       "                    raise\n"
+       "    for sent in range(10):\n"
+       "        s.sendto(q.to_wire(), dst)\n"
+       "        try:\n"
+       "            r = dns.message.from_wire(s.recv(65535))\n"
+       "            break\n"
+       "        except TimeoutError:\n"
+       "            if sent == 9:\n"
+       "                raise\n"
        "    found = sorted(i.to_text() for x in r.answer for i in x)\n"
        "    print(' '.join(found) or dns.rcode.to_text(r.rcode()))\n"
        "except Exception as exc:\n"
