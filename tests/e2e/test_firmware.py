@@ -56,7 +56,10 @@ def assert_in_order(events: list[dict[str, Any]], mac: str) -> None:
 
 def install_and_local_boot(lab: E2ELab, spec: VmSpec) -> None:
     mac = spec.mac
-    timeout = spec.kind.default_timeout
+    # Twice the lab's bound for the kind: a hang's, paid only by a boot that fails. Under
+    # TCG at load 20-25 the UEFI firmware alone took 42-73 s to its first line and three
+    # install boots ran past 180 s (the installer running at 178 s; s49-flake).
+    timeout = 2 * spec.kind.default_timeout
     # --- first boot: install -----------------------------------------------------------
     with lab.boot(spec) as vm:
         m = vm.wait_for(INSTALLER, timeout)
