@@ -14,35 +14,16 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.test_service_follow_netns import config
-from tests.test_service_reached_netns import env, ip, namespaces, serving
+from tests.test_service_follow_netns import ask, config
+from tests.test_service_reached_netns import ip, namespaces, serving
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2"),
               pytest.mark.requires("curl", "curl"), pytest.mark.requires("dnsmasq", "dnsmasq-base")]
-
-# Asks ``name`` A of ``server``:53 from ``source`` (each may carry %scope) over UDP; prints
-# the addresses, else the rcode, else the exception's name.
-ASK = ("import socket, sys, dns.message, dns.rcode\n"
-       "server, source, name = sys.argv[1:4]\n"
-       "dst = socket.getaddrinfo(server, 53, socket.AF_INET6, socket.SOCK_DGRAM)[0][4]\n"
-       "src = socket.getaddrinfo(source, 0, socket.AF_INET6, socket.SOCK_DGRAM)[0][4]\n"
-       "s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n"
-       "s.settimeout(2)\n"
-       "s.bind(src)\n"
-       "try:\n"
-       "    s.sendto(dns.message.make_query(name, 'A').to_wire(), dst)\n"
-       "    r = dns.message.from_wire(s.recv(4096))\n"
-       "    found = sorted(i.to_text() for x in r.answer for i in x)\n"
-       "    print(' '.join(found) or dns.rcode.to_text(r.rcode()))\n"
-       "except Exception as exc:\n"
-       "    print(type(exc).__name__)\n")
-
 
 @pytest.fixture
 def one_subnet() -> Iterator[dict[str, str]]:
@@ -50,9 +31,8 @@ def one_subnet() -> Iterator[dict[str, str]]:
 
 
 def ask_from(ns: str, server: str, source: str, name: str) -> str:
-    done = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", ASK, server, source,
-                           name], capture_output=True, timeout=30, text=True, env=env())
-    return done.stdout.strip() or done.stderr.strip()
+    """The A records of ``name`` asked of ``server``:53 from ``source`` in ``ns``."""
+    return ask(ns, server, name, "A", source)
 
 
 def test_ipv6_clients_on_the_servers_links_are_forwarded_for(

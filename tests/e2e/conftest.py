@@ -29,7 +29,7 @@ import pytest
 from netboot.lab.artifacts import ArtifactError, ensure_artifacts
 from netboot.lab.client import ApiClient
 from netboot.lab.qemu import VmSpec
-from netboot.lab.session import DEVICES, LabSession, NetbootConfig, enroll
+from netboot.lab.session import DEVICES, LabSession, NetbootConfig, enroll, profile_body
 from netboot.lab.sitedhcp import SiteDhcpConfig
 from netboot.lab.topology import LabError
 
@@ -124,9 +124,11 @@ class E2ELab:
         return got
 
     def wait_event(
-        self, mac: str, kind: str, after: int = 0, timeout: float = 10.0
+        self, mac: str, kind: str, after: int = 0, timeout: float = 60.0
     ) -> list[dict[str, Any]]:
-        """Events once one of ``kind`` exists at index >= ``after`` (bounded poll)."""
+        """Events once one of ``kind`` exists at index >= ``after`` (bounded poll). Every
+        bound of these tests is a hang's, not a pace (s49-flake: at load ~21 a UEFI guest
+        under TCG printed its first line at 63 s and ran past 90 s and 180 s bounds)."""
         deadline = time.monotonic() + timeout
         while True:
             evs = self.events(mac)
@@ -169,6 +171,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[E2ELab]:
         session.up()
         e2e.ensure("proxy", SiteDhcpConfig())
         enroll(e2e.api, [d for k, d in e2e.devices.items() if k != "unknown"])
+        # no_timer_check: an x86 guest kernel starved of the host's CPU (TCG beside a loaded
+        # suite) fails its boot-time check of the timer interrupt and panics ("IO-APIC +
+        # timer doesn't work!": uefi-sb-1 and j2-server at load ~21, s49-flake). The check
+        # proves nothing about netboot; VM images skip it the same way.
+        e2e.api.expect("PUT", "/api/v1/profiles/test-amd64",
+                       profile_body("amd64", extra_cmdline="no_timer_check"))
         yield e2e
     finally:
         try:

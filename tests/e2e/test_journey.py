@@ -64,8 +64,13 @@ def journey(lab: E2ELab) -> E2ELab:
     lab.ensure("proxy", SiteDhcpConfig())
     r = lab.api.get(f"/api/v1/profiles/{JOURNEY_PROFILE}")
     if r.status == 404:
+        # no_timer_check: a guest kernel starved of the host's CPU (TCG beside a loaded
+        # suite) fails its boot-time check of the timer interrupt and panics ("IO-APIC +
+        # timer doesn't work!": seen in j2-server's boot at load ~21, s49-flake); the check
+        # proves nothing about netboot, and VM images skip it the same way.
         lab.api.expect("POST", "/api/v1/profiles",
-                       profile_body("amd64", JOURNEY_PROFILE, "netboot.k3s=standin"))
+                       profile_body("amd64", JOURNEY_PROFILE,
+                                    "netboot.k3s=standin no_timer_check"))
     return lab
 
 
@@ -142,10 +147,10 @@ def test_agent_joins_the_first_server_of_a_managed_cluster(j: E2ELab) -> None:
             assert join.group("server") == f"{server_ip}:6443", join.group(0)
             assert join.group("reply") == f"accepted by {server.name}", join.group(0)
             agent_ip = installed_os(agt, agent.mac)
-            agt.wait_exit(20)
+            agt.wait_exit(120)
         # The server's side of the same connection: the agent's token was the cluster's.
         srv.wait_for(rf"NETBOOT-K3S: accepted join node={agent.name} ip={re.escape(agent_ip)}$",
-                     5)
+                     60)
     assert_registered_from_wire(j, agent.mac, agent_ip, agent.name)
 
 
@@ -174,14 +179,14 @@ def test_agent_powered_on_before_any_server_waits_then_installs(j: E2ELab) -> No
             server_ip = installed_os(srv, server.mac)
             assert_registered_from_wire(j, server.mac, server_ip, server.name)
             # No power cycle: the held iPXE loop asks again and now gets the install.
-            k3s = agt.wait_for(K3S_LINE, 90)
+            k3s = agt.wait_for(K3S_LINE)
             assert k3s.group("url") == f"https://{server_ip}:6443", k3s.group(0)
             join = agt.wait_for(JOIN_LINE)
             assert join.group("reply") == f"accepted by {server.name}", join.group(0)
             agent_ip = installed_os(agt, agent.mac)
-            agt.wait_exit(20)
+            agt.wait_exit(120)
             srv.wait_for(rf"NETBOOT-K3S: accepted join node={agent.name} "
-                         rf"ip={re.escape(agent_ip)}$", 5)
+                         rf"ip={re.escape(agent_ip)}$", 60)
     console = agt.console.text()
     assert console.index("is held") < console.index("NETBOOT-INSTALLER"), "held after install?"
     assert_registered_from_wire(j, agent.mac, agent_ip, agent.name)
@@ -196,13 +201,13 @@ def test_two_nic_machine_enrolled_by_its_second_nic(j: E2ELab) -> None:
     enroll(j, spec, mac=spec.mac)  # the lab's x86 group gives profile and cluster
 
     with j.boot(spec) as vm:
-        end = vm.wait_for(rf"{RESULT}|{NOTHING_TO_BOOT}", 120)
+        end = vm.wait_for(rf"{RESULT}|{NOTHING_TO_BOOT}")
         if end.group(0).startswith("No bootable"):
             r = j.api.get(f"/api/v1/machines/{dead.mac}")
             pytest.fail(f"the machine never installed; netboot's record of NIC 1 ({dead.mac}):"
                         f" HTTP {r.status} {r.body[:300]!r}")
         ip = installed_os(vm, spec.mac)
-        vm.wait_exit(20)
+        vm.wait_exit(120)
     assert_registered_from_wire(j, spec.mac, ip, spec.name)
     # NIC 1 never became a machine of its own (it may be recorded as one of this machine's).
     r = j.api.get(f"/api/v1/machines/{dead.mac}")
@@ -222,11 +227,11 @@ def test_machine_enrolled_only_by_serial_number(j: E2ELab) -> None:
     assert not created.get("mac") and not created.get("macs"), created
 
     with j.boot(spec) as vm:
-        end = vm.wait_for(rf"{RESULT}|{HELD}", 90)
+        end = vm.wait_for(rf"{RESULT}|{HELD}")
         assert end.group(0).startswith("NETBOOT-INSTALLER"), (
             f"the serial-enrolled machine did not install: {end.group(0)}")
         ip = installed_os(vm, spec.mac)
-        vm.wait_exit(20)
+        vm.wait_exit(120)
     # Its MAC now leads to the enrolled record: same hostname and serial, registered.
     assert_registered_from_wire(j, spec.mac, ip, spec.name)
     assert j.machine(spec.mac).get("serial") == spec.serial

@@ -87,7 +87,7 @@ def test_secure_boot_refuses_unsigned_ipxe(sb: E2ELab, e2e: E2ELab) -> None:
     assert not signature((IPXE_DIR / "snponly.efi").read_bytes()).signed
     with e2e.boot(SB_IPXE) as vm:
         vm.wait_for(r"NBP filename is snponly\.efi", SB_IPXE.kind.default_timeout)
-        vm.wait_for(REFUSED, 120)
+        vm.wait_for(REFUSED, SB_IPXE.kind.default_timeout)
         console = vm.console.text()
     assert "iPXE" not in console and "NETBOOT-INSTALLER" not in console
     assert e2e.machine(SB_IPXE.mac).get("state") != "registered"
