@@ -10,6 +10,7 @@ their own PID (tests.servers.test_dhcp_netns.Server).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import subprocess
 from collections.abc import Iterator
@@ -29,30 +30,42 @@ BRIDGE = "nbbr0"
 STATIC = "192.0.2.100"  # the pool's first address (dhcp_netns_runner: .100-.109)
 
 
-@pytest.fixture
-def lan() -> Iterator[Link]:
-    """The server's bridge, the client's namespace and a host holding 192.0.2.100."""
+@contextlib.contextmanager
+def _namespaces(ends: str) -> Iterator[list[str]]:
+    """One new namespace per letter of ``ends`` (``nbt-<random>-<letter>``, loopback up),
+    deleted on the way out whatever happened."""
     tag = secrets.token_hex(3)
-    server, client, host = (f"nbt-{tag}-{end}" for end in "sch")
     created: list[str] = []
     try:
-        for ns in (server, client, host):
+        for end in ends:
+            ns = f"nbt-{tag}-{end}"
             ip("netns", "add", ns)
             created.append(ns)
             ip("-n", ns, "link", "set", "lo", "up")
-        ip("-n", server, "link", "add", BRIDGE, "type", "bridge")
-        for port, peer, ns in (("nbs0", "nbc0", client), ("nbs1", "nbh0", host)):
-            ip("-n", server, "link", "add", port, "type", "veth", "peer", "name", peer,
-               "netns", ns)
-            ip("-n", server, "link", "set", port, "master", BRIDGE, "up")
-            ip("-n", ns, "link", "set", peer, "up")
-        ip("-n", server, "addr", "add", "192.0.2.1/24", "dev", BRIDGE)
-        ip("-n", server, "link", "set", BRIDGE, "up")
-        ip("-n", host, "addr", "add", f"{STATIC}/24", "dev", "nbh0")
-        yield Link(server, client, server_if=BRIDGE, client_if="nbc0")
+        yield created
     finally:
         for ns in created:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def _bridged(ns: str, ports: tuple[tuple[str, str, str], ...], address: str) -> None:
+    """A bridge in ``ns`` with ``address``, one veth port to each (port, peer, namespace)."""
+    ip("-n", ns, "link", "add", BRIDGE, "type", "bridge")
+    for port, peer, other in ports:
+        ip("-n", ns, "link", "add", port, "type", "veth", "peer", "name", peer, "netns", other)
+        ip("-n", ns, "link", "set", port, "master", BRIDGE, "up")
+        ip("-n", other, "link", "set", peer, "up")
+    ip("-n", ns, "addr", "add", address, "dev", BRIDGE)
+    ip("-n", ns, "link", "set", BRIDGE, "up")
+
+
+@pytest.fixture
+def lan() -> Iterator[Link]:
+    """The server's bridge, the client's namespace and a host holding 192.0.2.100."""
+    with _namespaces("sch") as (server, client, host):
+        _bridged(server, (("nbs0", "nbc0", client), ("nbs1", "nbh0", host)), "192.0.2.1/24")
+        ip("-n", host, "addr", "add", f"{STATIC}/24", "dev", "nbh0")
+        yield Link(server, client, server_if=BRIDGE, client_if="nbc0")
 
 
 def _lease(out: str) -> str | None:
@@ -193,14 +206,7 @@ def relayed() -> Iterator[tuple[Link, str]]:
     router's bridge (192.0.2.1, the relay's giaddr) joins the client's namespace and a
     host's, which holds 192.0.2.100 by hand (its default route through the router). Yields
     the server-to-client Link and the router's namespace."""
-    tag = secrets.token_hex(3)
-    server, router, client, host = (f"nbt-{tag}-{end}" for end in "srch")
-    created: list[str] = []
-    try:
-        for ns in (server, router, client, host):
-            ip("netns", "add", ns)
-            created.append(ns)
-            ip("-n", ns, "link", "set", "lo", "up")
+    with _namespaces("srch") as (server, router, client, host):
         ip("-n", server, "link", "add", "nbs0", "type", "veth", "peer", "name", "nbr0",
            "netns", router)
         ip("-n", server, "addr", "add", "198.51.100.1/24", "dev", "nbs0")
@@ -208,22 +214,12 @@ def relayed() -> Iterator[tuple[Link, str]]:
         ip("-n", server, "route", "add", "192.0.2.0/24", "via", "198.51.100.2")
         ip("-n", router, "addr", "add", "198.51.100.2/24", "dev", "nbr0")
         ip("-n", router, "link", "set", "nbr0", "up")
-        ip("-n", router, "link", "add", BRIDGE, "type", "bridge")
-        for port, peer, ns in (("nbrc", "nbc0", client), ("nbrh", "nbh0", host)):
-            ip("-n", router, "link", "add", port, "type", "veth", "peer", "name", peer,
-               "netns", ns)
-            ip("-n", router, "link", "set", port, "master", BRIDGE, "up")
-            ip("-n", ns, "link", "set", peer, "up")
-        ip("-n", router, "addr", "add", "192.0.2.1/24", "dev", BRIDGE)
-        ip("-n", router, "link", "set", BRIDGE, "up")
+        _bridged(router, (("nbrc", "nbc0", client), ("nbrh", "nbh0", host)), "192.0.2.1/24")
         subprocess.run(["ip", "netns", "exec", router, "sysctl", "-qw",
                         "net.ipv4.ip_forward=1"], check=True, timeout=20)
         ip("-n", host, "addr", "add", f"{STATIC}/24", "dev", "nbh0")
         ip("-n", host, "route", "add", "default", "via", "192.0.2.1")
         yield Link(server, client, server_if="nbs0", client_if="nbc0"), router
-    finally:
-        for ns in created:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
 @pytest.mark.requires("dnsmasq", "dnsmasq")
