@@ -158,9 +158,9 @@ class Pinger:
             entry = _Socket(sock, raw, int.from_bytes(os.urandom(2), "big"))
             asyncio.get_running_loop().add_reader(sock.fileno(), self._read, entry)
             self._sockets[interface] = entry
-            _log.info("dhcp: ping check on %s: %s socket",
+            _log.info("dhcp: ping check on %s: %s socket, answers waited for %d ms",
                       interface or "the interface the routes choose",
-                      "raw ICMP" if raw else "unprivileged ping")
+                      "raw ICMP" if raw else "unprivileged ping", round(self.wait * 1000))
             return entry
         self._off = "; ".join(errors)
         _log.warning(
