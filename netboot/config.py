@@ -127,6 +127,10 @@ class DhcpConfig:
     # Authoritative mode: ping an address before its first offer and offer another if a host
     # answers (dnsmasq's default, --no-ping to turn off; ISC dhcpd's ping-check).
     ping_check: bool = True
+    # How long that ping's answer is waited for, in milliseconds (ISC dhcpd's ping-timeout-ms;
+    # its ping-timeout is 1 s, dnsmasq's PING_WAIT 3 s): each new device's first offer waits
+    # this long when nobody holds its address (up to three times where addresses answer).
+    ping_timeout_ms: int = 1000
     authoritative: AuthoritativeConfig = field(default_factory=AuthoritativeConfig)
 
 
@@ -824,6 +828,14 @@ def _check(cfg: Config, src: _Source) -> None:
         if ipaddress.IPv4Address(auth.pool_start) > ipaddress.IPv4Address(auth.pool_end):
             raise src.error("dhcp.authoritative.pool_end", "pool_end is before pool_start",
                             "swap the two addresses")
+    # A host on the link answers within milliseconds once ARP resolves it (the kernel's
+    # first ARP request is answered at once by a host that is there); past ~2 s iPXE has
+    # sent its DISCOVER again and a firmware's whole DHCP phase may end before the offer.
+    if not 10 <= cfg.dhcp.ping_timeout_ms <= 5000:
+        raise src.error("dhcp.ping_timeout_ms", f"{cfg.dhcp.ping_timeout_ms} is outside "
+                        "10-5000", "write milliseconds, e.g. 1000 (ISC dhcpd's ping-timeout); "
+                        "more than 2000 delays every new device's first offer past iPXE's "
+                        "first retry")
     if cfg.discovery.policy == "auto" and not cfg.discovery.rules:
         raise src.error("discovery.rules", "policy 'auto' needs at least one rule",
                         "add rules: - {selector: {product: X}, cluster: line-3, role: agent}",

@@ -98,7 +98,12 @@ class LeasePool:
         self._by_ip: dict[str, str] = {}  # ip -> mac (leases)
         self._offers: dict[str, Offer] = {}  # mac -> pending offer
         self._offered_ip: dict[str, str] = {}  # ip -> mac (offers)
-        self._declined: dict[str, float] = {}  # ip -> until
+        # Addresses not usable until a time (ip -> until), the one place that says so: those
+        # a client DECLINEd and those that answered a ping before their offer (in_use, the
+        # ones in ``_answered``). Kept in the order they were marked, the oldest first (each
+        # mark lasts decline_seconds, so that is also the order they end in): reclaim's.
+        self._declined: dict[str, float] = {}
+        self._answered: set[str] = set()
         # Addresses the inventory refused (another netboot server sharing it holds them),
         # not offered until then: ip -> until.
         self._elsewhere: dict[str, float] = {}
@@ -356,6 +361,7 @@ class LeasePool:
                 self._drop_offer(offered)
             if self._declined.get(ip, now + 1.0) <= now:
                 del self._declined[ip]
+                self._answered.discard(ip)
                 self._given_back(ip)
             if self._elsewhere.get(ip, now + 1.0) <= now:
                 del self._elsewhere[ip]
@@ -549,8 +555,7 @@ class LeasePool:
         if not ((offer is not None and offer.ipv4 == ip) or (lease is not None
                                                                and lease.ipv4 == ip)):
             return None
-        self._declined[ip] = now + self.decline_seconds
-        self._ends_at(now + self.decline_seconds, ip)
+        self._mark(ip, now, answered=False)
         self._drop_offer(mac)
         lease = self._leases.get(mac)
         if lease is not None and lease.ipv4 == ip:
@@ -562,12 +567,64 @@ class LeasePool:
         """``ip`` answered a ping before its offer (pingcheck): a host the pool knows nothing
         of has it. Kept from every client for ``decline_seconds``, as a declined address
         (dnsmasq's DECLINE_BACKOFF, 10 minutes; ISC dhcpd abandons it), then checked again
-        when it comes up; the offer waiting on the ping is withdrawn."""
-        self._declined[ip] = now + self.decline_seconds
-        self._ends_at(now + self.decline_seconds, ip)
+        when it comes up, or sooner when nothing else is free (reclaimable); the offer
+        waiting on the ping is withdrawn."""
+        self._mark(ip, now, answered=True)
         offered = self._offered_ip.get(ip)
         if offered is not None:
             self._drop_offer(offered)
+
+    def _mark(self, ip: str, now: float, *, answered: bool) -> None:
+        """``ip`` not usable for ``decline_seconds`` from ``now``: marked anew (the newest)."""
+        self._declined.pop(ip, None)
+        self._declined[ip] = now + self.decline_seconds
+        if answered:
+            self._answered.add(ip)
+        else:
+            self._answered.discard(ip)
+        self._ends_at(now + self.decline_seconds, ip)
+
+    def marked_until(self, ip: str, now: float) -> float | None:
+        """Until when ``ip`` is kept from clients as in use (DECLINEd, or it answered a
+        ping), or None: the pool's word, which the DHCP server's notices follow."""
+        until = self._declined.get(ip)
+        return until if until is not None and until > now else None
+
+    def reclaimable(self, mac: str, now: float, *, skip: Iterable[str] = ()) -> str | None:
+        """For a DISCOVER of ``mac`` that :meth:`offer` found no free address for: the pool
+        address marked in use the longest ago (not in ``skip``, those tried already), to be
+        checked again and, found free, taken back (:meth:`reclaim`); None when there is none.
+
+        ISC dhcpd, with no free lease left, reclaims the oldest abandoned one (an address
+        that answered a ping or was declined: "Reclaiming abandoned lease") and pings it
+        again before offering it; otherwise a host that answered once, or a device that
+        spoofed echo replies for a few seconds, held the addresses it answered for
+        decline_seconds whatever came after, and when those were the pool's last, no client
+        got any (s48-ping's "left"). Walks the marks oldest first: only when the pool is
+        full, and at most the marks that are no pool address or some machine's fixed one
+        (the operator's) are passed over."""
+        skipped = set(skip)
+        for ip, until in self._declined.items():
+            if until <= now or ip in skipped or not self.in_pool(ip):
+                continue
+            if self._elsewhere.get(ip, 0.0) > now or self.taker(ip, mac, now) is not None:
+                continue
+            if self._reserved_fixed is not None and self._reserved_fixed(ip) is not None:
+                continue
+            return ip
+        return None
+
+    def reclaim(self, ip: str, now: float) -> tuple[bool, float] | None:
+        """``ip``'s mark dropped (a ping found it free again: :meth:`reclaimable`); whether
+        it had answered a ping (else a client had DECLINEd it) and when it was marked, or
+        None if it was not marked (another DISCOVER reclaimed it meanwhile)."""
+        until = self._declined.pop(ip, None)
+        if until is None or until <= now:
+            return None
+        answered = ip in self._answered
+        self._answered.discard(ip)
+        self._given_back(ip)
+        return answered, until - self.decline_seconds
 
     def release(self, mac: str, ip: str) -> Changes:
         """DHCPRELEASE (RFC 2131 §4.3.4): free the address if it is the client's."""

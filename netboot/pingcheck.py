@@ -17,10 +17,17 @@ As dnsmasq (dhcp.c ``address_allocate`` → ``do_icmp_ping``, rfc2131.c DHCPDISC
 
 from __future__ import annotations
 
+import json
+import math
+from collections.abc import Iterable, Mapping
+
 from netboot.model import Lease
 
 # dnsmasq's PING_CACHE_TIME (config.h).
 FREE_SECONDS = 30.0
+# Addresses the inventory's record holds at most (those ending last kept): a host answering
+# for every address of a /16 pool would otherwise make it megabytes, rewritten at each mark.
+RECORDED = 256
 
 
 class PingChecks:
@@ -53,3 +60,37 @@ class PingChecks:
     def forget(self, ip: str) -> None:
         """``ip`` answered: checked again before any later offer."""
         self._free.pop(ip, None)
+
+
+def in_use_record(held: str | None, marks: Mapping[str, tuple[float, str]],
+                  ended: Iterable[str], now: float) -> str:
+    """The inventory's record of the addresses kept as in use (base.DHCP_IN_USE, a JSON
+    object: ip -> [until, the line said of it]) with a server's ``marks`` (ip -> (until,
+    text)) put in and those it ``ended`` (reclaimed: they answer no more) taken out; what
+    another server recorded stays until its time, those past ``now`` go. At most RECORDED,
+    those ending last; sorted, so that the same record is the same text."""
+    record = read_in_use(held, now)
+    for ip in ended:
+        record.pop(ip, None)
+    record.update(marks)
+    kept = sorted(record.items(), key=lambda item: -item[1][0])[:RECORDED]
+    return json.dumps({ip: [until, text] for ip, (until, text) in sorted(kept)},
+                      separators=(",", ":"))
+
+
+def read_in_use(text: str | None, now: float) -> dict[str, tuple[float, str]]:
+    """The record's addresses still kept at ``now``; an unreadable record (a hand's edit, a
+    newer netboot's shape) as empty: it names nothing a decision needs."""
+    try:
+        data = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out: dict[str, tuple[float, str]] = {}
+    for ip, entry in data.items():
+        if (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], str)
+                and isinstance(entry[0], int | float) and not isinstance(entry[0], bool)
+                and math.isfinite(entry[0]) and entry[0] > now):
+            out[ip] = (float(entry[0]), entry[1])
+    return out

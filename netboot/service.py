@@ -845,6 +845,11 @@ class Service:
     peers: Peers | None = None
     _newest: Machine | None = None  # the inventory's newest change at start (clock-behind)
     _standing_next: float = 0.0  # when to look again (time.monotonic)
+    # The DHCP server's addresses in use (ip -> (until, text)): told, and as last recorded in
+    # the inventory (_record_in_use), by the task that records them.
+    _in_use_marks: dict[str, tuple[float, str]] = field(default_factory=dict)
+    _in_use_recorded: dict[str, tuple[float, str]] = field(default_factory=dict)
+    _in_use_writer: asyncio.Future[None] | None = None
 
     @property
     def base_url(self) -> str:
@@ -989,7 +994,8 @@ class Service:
                               pxe_port=cfg.dhcp.pxe_port, observer=self.metrics,
                               each_interface=each, relay_networks=cfg.dhcp.relay_networks,
                               watcher=await self._watcher(),
-                              in_use_told=self._in_use_told)
+                              in_use_told=self._in_use_told,
+                              ping_wait=cfg.dhcp.ping_timeout_ms / 1000)
             await dhcp.start()
             for warning in interfaces_off_pool(cfg, (await self._watcher()).addresses()):
                 log.warning("%s", warning)
@@ -1143,12 +1149,44 @@ class Service:
                 log.exception("comparing the inventory's clock with this host's failed")
             await asyncio.sleep(CLOCK_CHECK_SECONDS)
 
-    def _in_use_told(self, in_use: list[tuple[str, str]]) -> None:
+    def _in_use_told(self, in_use: list[tuple[str, str, float]]) -> None:
         """The pool's addresses that answered a ping and are kept from clients now
         (DhcpServer, dhcp.ping_check): shown while they last (GET /status's warnings, the
-        dashboard's banner), not only logged (the DHCP server logged each already)."""
+        dashboard's banner), not only logged (the DHCP server logged each already), and
+        recorded in the inventory for ``netboot status`` (_record_in_use)."""
         self.standing.set("address-in-use", [Notice("address-in-use", text, (ip,))
-                                             for ip, text in in_use], told=False)
+                                             for ip, text, _ in in_use], told=False)
+        self._in_use_marks = {ip: (until, text) for ip, text, until in in_use}
+        if self._in_use_marks != self._in_use_recorded and (
+                self._in_use_writer is None or self._in_use_writer.done()):
+            self._in_use_writer = asyncio.ensure_future(self._record_in_use())
+
+    async def _record_in_use(self) -> None:
+        """This server's marks into the inventory's record (base.DHCP_IN_USE, a
+        compare-and-set: two servers writing at once keep both), until what is recorded is
+        what it holds; the marks it ended (reclaimed) taken out. A store that refuses: said
+        once, tried again at the next change."""
+        from netboot.inventory.base import DHCP_IN_USE
+        from netboot.pingcheck import in_use_record
+
+        while self._in_use_marks != self._in_use_recorded:
+            marks = dict(self._in_use_marks)
+            ended = set(self._in_use_recorded) - set(marks)
+            try:
+                text = await self.store.get_setting(DHCP_IN_USE)
+                for _ in range(5):  # a lost round: another server wrote between
+                    new = in_use_record(text, marks, ended, time.time())
+                    if new == text:
+                        break
+                    held = await self.store.claim_setting(DHCP_IN_USE, new, replace=text)
+                    if held == new:
+                        break
+                    text = held
+            except StoreError as exc:
+                log.warning("could not record the addresses in use in the inventory (netboot "
+                            "status shows them from there): %s", exc)
+                return
+            self._in_use_recorded = marks
 
     async def check_clock(self, store: ServerClock) -> None:
         """The database's clock against this host's (health.ClockSkew): logged past its
@@ -1511,6 +1549,9 @@ class Service:
             self.send_threads.close()
             self.send_threads = None
         self.content.close()
+        if self._in_use_writer is not None:  # the last marks recorded before the store goes
+            with contextlib.suppress(Exception):
+                await self._in_use_writer
         await self.store.close()
 
     def summary(self) -> str:

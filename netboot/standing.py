@@ -37,8 +37,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from netboot.core import older_registrations
-from netboot.inventory.base import MachineFilter, Store
+from netboot.inventory.base import DHCP_IN_USE, MachineFilter, Store
 from netboot.model import Group, Machine, MachineState
+from netboot.pingcheck import read_in_use
 
 log = logging.getLogger("netboot.service")
 
@@ -249,4 +250,9 @@ async def from_store(store: Store, now: float, standing: Standing) -> None:
     last = await store.list_machines(MachineFilter(sort="updated", descending=True, limit=1))
     await look_at_names(store, standing)
     standing.set("clock-behind", [clock_behind(newest(last), now)])
+    # The addresses a serving DHCP server found in use, as it recorded them (its memory is
+    # what GET /status shows): kept from clients until the time each says.
+    standing.set("address-in-use", [Notice("address-in-use", text, (ip,)) for ip, (_, text)
+                                    in read_in_use(await store.get_setting(DHCP_IN_USE),
+                                                   now).items()])
     standing.set("older-registrations", [older_notice(older)])

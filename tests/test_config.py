@@ -588,6 +588,26 @@ def test_dhcp_ping_check_is_on_unless_turned_off(tmp_path: Path) -> None:
     assert f"{path}:3: dhcp.ping_check: expected true or false" in str(err.value)
 
 
+def test_dhcp_ping_timeout_is_a_second_unless_set_within_bounds(tmp_path: Path) -> None:
+    """dhcp.ping_timeout_ms: how long the ping before a first offer waits (ISC dhcpd's
+    ping-timeout), 1000 by default; one outside 10-5000 (or not a number) stops start-up
+    naming the file, the line and the fix."""
+    assert load(None, env={}).dhcp.ping_timeout_ms == 1000
+    assert load(write(tmp_path, "dhcp:\n  ping_timeout_ms: 250\n"),
+                env={}).dhcp.ping_timeout_ms == 250
+    for bad in ("0", "9", "5001", "-1"):
+        path = write(tmp_path, f"dhcp:\n  mode: proxy\n  ping_timeout_ms: {bad}\n")
+        with pytest.raises(ConfigError) as err:
+            load(path, env={})
+        assert (err.value.key, err.value.line) == ("dhcp.ping_timeout_ms", 3), bad
+        assert f"{path}:3: dhcp.ping_timeout_ms: {bad} is outside 10-5000" in str(err.value)
+        assert "write milliseconds, e.g. 1000" in (err.value.fix or "")
+    path = write(tmp_path, "dhcp:\n  ping_timeout_ms: 1s\n")
+    with pytest.raises(ConfigError) as err:
+        load(path, env={})
+    assert (err.value.key, err.value.line) == ("dhcp.ping_timeout_ms", 2)
+
+
 def test_server_peers_are_base_urls_named_with_their_line(tmp_path: Path) -> None:
     """server.peers: the other servers a device's register command tries (s48-ha). A value
     that is no server's base URL (a path, no host, another scheme, a shell character) stops

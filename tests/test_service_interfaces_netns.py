@@ -372,8 +372,14 @@ def test_a_pool_address_a_host_answers_for_is_skipped_and_stands_in_status(
     va's link holds 192.0.2.100, the pool's first address, by hand. A PXE ROM's DISCOVER is
     offered 192.0.2.101 (192.0.2.100 answered the server's ping), and GET /status names the
     address in use while it is kept from clients (kind address-in-use), with the log's line.
-    On main the DISCOVER was offered 192.0.2.100."""
+    On main the DISCOVER was offered 192.0.2.100. The wait is the configuration's
+    (dhcp.ping_timeout_ms: 400, an unknown key on main). ``netboot status`` (the CLI, from the
+    inventory: the server recorded it there) names it too, with the same line; before
+    session 49 it did not (the notice was the serving server's memory only)."""
     cfg = config(tmp_path, dhcp="authoritative")
+    path = Path(cfg[1])  # the wait set (dhcp.ping_timeout_ms), which the log names
+    path.write_text(path.read_text().replace("  mode: authoritative\n",
+                                             "  mode: authoritative\n  ping_timeout_ms: 400\n"))
     ca = str(tmp_path / "data" / "tls" / "ca.pem")
     ip("-n", subnets["a"], "addr", "add", "192.0.2.100/24", "dev", "eth0")
     with serving(cfg, subnets, tmp_path):
@@ -387,5 +393,16 @@ def test_a_pool_address_a_host_answers_for_is_skipped_and_stands_in_status(
     notices = [w for w in json.loads(body)["warnings"] if w["kind"] == "address-in-use"]
     assert [n["refs"] for n in notices] == [["192.0.2.100"]], body
     assert "192.0.2.100 answered a ping on va: in use by a host" in notices[0]["message"]
-    assert "ping check on va: raw ICMP socket" in log, log
+    assert "ping check on va: raw ICMP socket, answers waited for 400 ms" in log, log
     assert "Traceback" not in log, log
+    # The server stopped (its last record written as it closed): the CLI reads the
+    # inventory, the address still kept from clients for its 600 s.
+    done = subprocess.run(netboot("status", *cfg, "--json"), env=env(), capture_output=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    told = [w for w in json.loads(done.stdout)["warnings"] if w["kind"] == "address-in-use"]
+    assert [(n["refs"], n["message"]) for n in told] == [
+        (n["refs"], n["message"]) for n in notices], done.stdout
+    shown = subprocess.run(netboot("status", *cfg), env=env(), capture_output=True,
+                           timeout=60).stdout.decode()
+    assert "warning (address-in-use): dhcp: 192.0.2.100 answered a ping on va" in shown, shown

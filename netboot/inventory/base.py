@@ -47,6 +47,11 @@ REFUSED_CLAIMS_END = "refused-claims0"
 # written by each server every minute, which a view would take for a change of what its
 # decisions read (every kept answer and text made again).
 SERVERS = "servers"
+# The setting that holds the pool addresses the authoritative DHCP servers found in use (they
+# answered a ping: netboot.pingcheck.in_use_record), each until when it is kept from clients:
+# ``netboot status`` shows them as the serving server's GET /status does. Read by no
+# decision either, written when a server's marks change.
+DHCP_IN_USE = "dhcp-in-use"
 # Settings an earlier netboot wrote that none reads now, dropped at a server's start
 # (Store.forget_stale_settings): the marker that once stopped the older-registrations look
 # for good (s40-ops; unread since s41-ops).

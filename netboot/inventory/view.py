@@ -36,6 +36,7 @@ from netboot.groups import select as select_group
 from netboot.identity import UNSEEN, Unseen, clean_text, clean_uuid
 from netboot.inventory import codec
 from netboot.inventory.base import (
+    DHCP_IN_USE,
     REFUSED_CLAIMS,
     SERVERS,
     Changes,
@@ -381,14 +382,16 @@ class InventoryView:
                 for name, group in changes.groups.items():
                     _set(self._groups, name, group)
         settings = changes.settings
-        if settings and any(k.startswith(REFUSED_CLAIMS) or k == SERVERS for k in settings):
-            # Machines' refused claims and the servers' record: no decision reads them
-            # (base.REFUSED_CLAIMS, base.SERVERS); the record is kept for the service's
-            # watcher to read (netboot.inventory.peers.Peers.heard), nothing remade.
+        if settings and any(k.startswith(REFUSED_CLAIMS) or k in (SERVERS, DHCP_IN_USE)
+                            for k in settings):
+            # Machines' refused claims, the servers' record and the addresses in use: no
+            # decision reads them (base.REFUSED_CLAIMS, base.SERVERS, base.DHCP_IN_USE); the
+            # servers' record is kept for the service's watcher to read
+            # (netboot.inventory.peers.Peers.heard), nothing remade.
             if SERVERS in settings:
                 self._settings[SERVERS] = settings[SERVERS]
             settings = {k: v for k, v in settings.items()
-                        if not k.startswith(REFUSED_CLAIMS) and k != SERVERS}
+                        if not k.startswith(REFUSED_CLAIMS) and k not in (SERVERS, DHCP_IN_USE)}
         self._settings.update(settings)
         if changes.profiles or changes.clusters or changes.groups or settings:
             self.shared += 1

@@ -186,6 +186,12 @@ PINGS_IN_FLIGHT = 1024
 PINGS_PER_DISCOVER = 3
 
 
+def _where(interface: str | None, relay: str | None) -> str:
+    """Where a ping went, as said of it (DhcpServer._ping: a relayed DISCOVER's by routes)."""
+    return (f" behind relay {relay}" if relay is not None
+            else f" on {interface}" if interface is not None else "")
+
+
 class DhcpObserver(Protocol):
     """Told of every reply sent (metrics): ``kind`` is OFFER, ACK, NAK."""
 
@@ -262,18 +268,23 @@ class DhcpServer:
         relay_networks: tuple[str, ...] = (),
         watcher: InterfaceWatcher | None = None,
         pinger: AddressProbe | None = None,
-        in_use_told: Callable[[list[tuple[str, str]]], None] | None = None,
+        in_use_told: Callable[[list[tuple[str, str, float]]], None] | None = None,
+        ping_wait: float | None = None,
     ) -> None:
         self._settings = settings
         # Authoritative, dhcp.ping_check: an address is pinged before its first offer
         # (netboot.pingcheck decides which; the probe, servers/ping.Pinger, made at start()
         # unless given). ``in_use_told``: each address that answered and is kept from
-        # clients now, with the line said of it (the operator's standing notices), whenever
-        # that changes.
+        # clients now, with the line said of it (the operator's standing notices) and until
+        # when, whenever that changes. ``ping_wait``: seconds an echo is waited for
+        # (dhcp.ping_timeout_ms; None: servers/ping.PING_WAIT), for the probe made at start().
         self._checks = PingChecks() if settings.ping_check else None
         self._pinger = pinger
         self._own_pinger = False
-        self._in_use: dict[str, tuple[float, str]] = {}  # ip -> (until, what was said)
+        self._ping_wait = ping_wait
+        # ip -> what was said of it, while the pool keeps it as in use (LeasePool's marks:
+        # the one place that says until when; a mark reclaimed early ends its notice too).
+        self._in_use: dict[str, str] = {}
         self._in_use_told = in_use_told
         self._told_no_link = False
         self._replies = pxe.ProxyReplies(settings)
@@ -445,7 +456,9 @@ class DhcpServer:
                     and self._pinger is None):
                 from netboot.servers.ping import Pinger
 
-                self._pinger, self._own_pinger = Pinger(max_probes=PINGS_IN_FLIGHT), True
+                self._pinger, self._own_pinger = Pinger(
+                    max_probes=PINGS_IN_FLIGHT,
+                    **({} if self._ping_wait is None else {"wait": self._ping_wait})), True
             if self._settings.mode == "authoritative":
                 # An interface's address is reserved while it is this host's (_reserve_host):
                 # for good, it stayed out of the pool after the interface let go of it. Only
@@ -462,7 +475,7 @@ class DhcpServer:
             prepare = getattr(self._pinger, "prepare", None)
             if prepare is not None and self._settings.mode == "authoritative":
                 for interface in targets:
-                    if interface is not None:
+                    if interface is not None or self._pool_links:
                         prepare(interface)  # said now whether the ping check is on, how
         except BaseException:
             await self.close()
@@ -1079,7 +1092,7 @@ class DhcpServer:
         xid = packet.xid
         now = self._clock()
         self._persist(pool.expire(now))
-        if self._in_use and min(until for until, _ in self._in_use.values()) <= now:
+        if self._in_use and any(pool.marked_until(ip, now) is None for ip in self._in_use):
             self._tell_in_use(now)
         if packet.giaddr != ZERO_IP and not pool.on_network(packet.giaddr):
             # Allowed by dhcp.relay_networks, but the pool's addresses are of its own network
@@ -1146,7 +1159,8 @@ class DhcpServer:
         hostname = client.request.hostname
         if mt == MessageType.DISCOVER:
             ip = await self._offer(pool, mac, now, requested, fixed, hostname,
-                                   interface=interface, xid=xid)
+                                   interface=interface, xid=xid,
+                                   relay=packet.giaddr if packet.giaddr != ZERO_IP else None)
             if ip == "":  # its pings all answered: silent, its next DISCOVER goes on
                 self.summary.note("offer deferred (pings answered)")
                 return []
@@ -1158,9 +1172,15 @@ class DhcpServer:
                     self.summary.note("shared offer")
             if ip is None:
                 self.summary.note("pool exhausted")
+                held = sum(1 for ip in self._in_use if pool.marked_until(ip, now) is not None)
                 self._limited.log(logging.WARNING, "pool",
-                                  "dhcp: %s xid %#010x: address pool exhausted, no offer",
-                                  mac, xid)
+                                  "dhcp: %s xid %#010x: address pool exhausted, no offer%s",
+                                  mac, xid, "" if not held else
+                                  f"; {held} of its addresses answered a ping and answer "
+                                  "still (see the address-in-use notices): a host answering "
+                                  "for addresses it does not hold (proxy ARP, spoofed echo "
+                                  "replies) shows one MAC for them all in 'ip neigh'; remove "
+                                  "it, or set dhcp.ping_check: false")
                 return []
             grant = AddressGrant(MessageType.OFFER, ip, pool.lease_seconds)
         elif mt == MessageType.INFORM:
@@ -1219,34 +1239,51 @@ class DhcpServer:
 
     async def _offer(self, pool: LeasePool, mac: str, now: float, requested: str | None,
                      fixed: str | None, hostname: str | None, *,
-                     interface: str | None = None, xid: int = 0) -> str | None:
+                     interface: str | None = None, xid: int = 0,
+                     relay: str | None = None) -> str | None:
         """An address for a DISCOVER, claimed in the inventory for the offer's lifetime
         before it is offered: servers sharing the inventory never offer one address to two
         clients. Refused (another server's), the next free address is tried. With the ping
         check, one not known free is pinged first (held as this client's offer meanwhile,
         so that no other client is offered it); answered, the next is tried. "" when
-        PINGS_PER_DISCOVER answered: the DISCOVER is left unanswered."""
+        PINGS_PER_DISCOVER answered: the DISCOVER is left unanswered. With no free address
+        left, the address marked in use the longest ago is pinged again and, silent now,
+        taken back (LeasePool.reclaimable, ISC dhcpd's reclaim of abandoned leases)."""
         pings = 0
+        tried: list[str] = []  # addresses that answered this DISCOVER's pings
+        checks = self._checks
         for _ in range(CLAIM_ATTEMPTS):
             ip = pool.offer(mac, now, requested=requested, fixed=fixed)
-            if ip is None or fixed is not None:
+            if fixed is not None:
                 return ip
-            checks = self._checks
-            if checks is not None and checks.needed(ip, now, lease=pool.lease(mac),
-                                                    fixed=fixed):
+            reclaiming = ip is None
+            if ip is None:
+                if checks is None or not self._pinging() or pings == PINGS_PER_DISCOVER:
+                    return None
+                ip = pool.reclaimable(mac, now, skip=tried)
+                if ip is None:
+                    return None
+                tried.append(ip)
+            if checks is not None and (reclaiming or checks.needed(
+                    ip, now, lease=pool.lease(mac), fixed=fixed)):
                 if pings == PINGS_PER_DISCOVER:
                     pool.not_selected(mac)  # the address is not held for an offer not made
                     return ""
                 pings += 1
-                answered = await self._ping(ip, interface)
+                answered = await self._ping(ip, interface, relay is not None)
                 now = self._clock()
                 if answered:
-                    self._answered_ping(pool, mac, ip, now, xid, interface)
+                    self._answered_ping(pool, mac, ip, now, xid, _where(interface, relay))
+                    tried.append(ip)  # not pinged again for this DISCOVER, as a reclaim
                     continue
                 if answered is not None:
                     checks.found_free(ip, now)
-                    _log.debug("dhcp: %s xid %#010x: %s did not answer a ping on %s: offered",
-                               mac, xid, ip, interface)
+                    _log.debug("dhcp: %s xid %#010x: %s did not answer a ping%s: offered",
+                               mac, xid, ip, _where(interface, relay))
+                elif reclaiming:
+                    continue  # not checked: a mark is taken back on a ping's word only
+                if reclaiming:
+                    self._reclaimed(pool, mac, ip, now, xid)
                 if pool.offer(mac, now, requested=ip) != ip:
                     continue  # gone while it was pinged (the host's own address, a claim)
             current = pool.lease(mac)
@@ -1257,24 +1294,55 @@ class DhcpServer:
                 return ip
         return None
 
+    def _reclaimed(self, pool: LeasePool, mac: str, ip: str, now: float, xid: int) -> None:
+        """``ip``, marked in use and the pool's last hope, was silent when pinged again:
+        taken back and said (the operator learns the pool is full)."""
+        mark = pool.reclaim(ip, now)
+        if mark is None:
+            return  # another DISCOVER took it back meanwhile: pool.offer says who has it
+        answered, since = mark
+        self.summary.note("reclaimed")
+        self._limited.log(
+            logging.WARNING, f"reclaim {ip}",
+            "dhcp: %s xid %#010x: no free address in the pool: %s, which %s %ds ago, did not "
+            "answer a ping now and is offered again (the oldest such address, as ISC dhcpd "
+            "reclaims abandoned leases). Widen the pool (dhcp.authoritative.pool_start/"
+            "pool_end) or shorten dhcp.authoritative.lease_seconds", mac, xid, ip,
+            "answered a ping" if answered else "a client declined", now - since)
+        if ip in self._in_use:
+            self._tell_in_use(now)
+
     def _pinging(self) -> bool:
         """Whether offers may wait for a ping (authoritative, dhcp.ping_check)."""
         return self._checks is not None and self._settings.mode == "authoritative"
 
-    async def _ping(self, ip: str, interface: str | None) -> bool | None:
-        """Whether ``ip`` answers an echo on ``interface``; None when not checked. Only on a
-        known link: the one socket that serves every interface (none named) does not tell
-        which one a DISCOVER came in on, and an echo must not leave by another (said
-        once)."""
+    async def _ping(self, ip: str, interface: str | None, relayed: bool = False
+                    ) -> bool | None:
+        """Whether ``ip`` answers an echo; None when not checked.
+
+        A DISCOVER that came in on an interface, not relayed: from that interface
+        (SO_BINDTODEVICE), where the address is. A relayed one (giaddr): the address is on
+        the relay's far network, which the kernel's routes reach (the OFFER goes to giaddr
+        by the same routes), so from no interface in particular: bound to the DISCOVER's,
+        a route to that network through another interface was not taken and the kernel,
+        taking the address as on that link, ARPed for it where it is not (found free). The
+        one socket for every interface (none named) does not tell which one a DISCOVER
+        came in on: by the routes too, where the pool's network is one of this host's
+        links (the route to a pool address is then that link's); otherwise not checked
+        (said once)."""
         pinger = self._pinger
         if pinger is None:
             return None
-        if interface is None:
+        if relayed:
+            interface = None
+        elif interface is None and not self._pool_links:
             if not self._told_no_link:
                 self._told_no_link = True
-                _log.warning("dhcp: ping check off: DHCP listens on one socket for every "
-                             "interface, which does not tell the link a DISCOVER came in on. "
-                             "Name the provisioning interface (server.interfaces)")
+                _log.warning("dhcp: ping check off for requests that are not relayed: DHCP "
+                             "listens on one socket for every interface, which does not tell "
+                             "the link a DISCOVER came in on, and no interface of this host "
+                             "has an address on the pool's network. Name the provisioning "
+                             "interface (server.interfaces)")
             return None
         try:
             return await pinger.answers(ip, interface)
@@ -1283,28 +1351,35 @@ class DhcpServer:
             return None
 
     def _answered_ping(self, pool: LeasePool, mac: str, ip: str, now: float, xid: int,
-                       interface: str | None) -> None:
+                       where: str) -> None:
         """``ip`` answered: kept from every client (LeasePool.in_use), said in the log,
         the summary and the operator's standing notices; its offer to ``mac`` withdrawn."""
         pool.in_use(ip, now)
         assert self._checks is not None
         self._checks.forget(ip)
         self.summary.note("in use (answered a ping)")
-        text = (f"dhcp: {ip} answered a ping on {interface}: in use by a host that is not in "
-                f"the lease table; not offered for {pool.decline_seconds}s. Give that host "
-                "an address outside the pool (dhcp.authoritative.pool_start/pool_end), or "
-                "enroll it with its fixed_ipv4")
+        text = (f"dhcp: {ip} answered a ping{where}: in "
+                f"use by a host that is not in the lease table; not offered for "
+                f"{pool.decline_seconds}s, or until no other address is free and it answers "
+                "no more. Give that host an address outside the pool "
+                "(dhcp.authoritative.pool_start/pool_end), or enroll it with its fixed_ipv4")
         self._limited.log(logging.WARNING, f"in use {ip}", "%s (xid %#010x from %s)", text,
                           xid, mac)
-        self._in_use[ip] = (now + pool.decline_seconds, text)
+        self._in_use[ip] = text
         self._tell_in_use(now)
 
     def _tell_in_use(self, now: float) -> None:
-        in_use = self._in_use
-        for ip in [ip for ip, (until, _) in in_use.items() if until <= now]:
-            del in_use[ip]
+        """The notices of the addresses the pool keeps as in use now (LeasePool's marks),
+        told when they changed."""
+        in_use, pool = self._in_use, self.pool
+        kept = [] if pool is None else [(ip, text, pool.marked_until(ip, now))
+                                        for ip, text in in_use.items()]
+        for ip, _, until in kept:
+            if until is None:
+                del in_use[ip]
         if self._in_use_told is not None:
-            self._in_use_told([(ip, text) for ip, (_, text) in in_use.items()])
+            self._in_use_told([(ip, text, until) for ip, text, until in kept
+                               if until is not None])
 
     async def _claim(self, pool: LeasePool, lease: Lease, now: float, *,
                      over: float | None = None) -> bool:

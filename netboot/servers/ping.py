@@ -11,7 +11,8 @@ stops serving DHCP for the whole wait (``delay_dhcp``), here the DISCOVER whose 
 is the only one that waits, and probes of different addresses run at once.
 
 The socket, per interface (``SO_BINDTODEVICE``: the echo leaves by the link the DISCOVER came
-in on, never another), is the first of these that opens:
+in on, never another; for a relayed DISCOVER, or the one socket for every interface, one bound
+to none: the kernel's route to the address picks the link), is the first of these that opens:
 
 - an unprivileged ping socket (``SOCK_DGRAM``, ``IPPROTO_ICMP``) where
   ``net.ipv4.ping_group_range`` holds the process's group: the kernel hands it only the
@@ -157,8 +158,9 @@ class Pinger:
             entry = _Socket(sock, raw, int.from_bytes(os.urandom(2), "big"))
             asyncio.get_running_loop().add_reader(sock.fileno(), self._read, entry)
             self._sockets[interface] = entry
-            _log.info("dhcp: ping check on %s: %s socket", interface or "every interface",
-                      "raw ICMP" if raw else "unprivileged ping")
+            _log.info("dhcp: ping check on %s: %s socket, answers waited for %d ms",
+                      interface or "the interface the routes choose",
+                      "raw ICMP" if raw else "unprivileged ping", round(self.wait * 1000))
             return entry
         self._off = "; ".join(errors)
         _log.warning(

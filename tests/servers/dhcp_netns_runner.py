@@ -9,7 +9,10 @@ then shuts down cleanly. Logs go to stderr. ``DHCP_RUNNER_FIXED``, ``mac=ip`` co
 gives machines a ``fixed_ipv4``; ``DHCP_RUNNER_MACHINES``, ``mac+mac`` comma-separated, makes
 NICs one machine's; ``DHCP_RUNNER_ADVERTISE`` is ``server.advertise`` (with
 ``each``: serve's listeners where an address is advertised and no interface named);
-``DHCP_RUNNER_PING=1`` turns ``dhcp.ping_check`` on (off otherwise, as DhcpSettings').
+``DHCP_RUNNER_PING=1`` turns ``dhcp.ping_check`` on (off otherwise, as DhcpSettings');
+``DHCP_RUNNER_POOL_END`` ends the pool elsewhere than 192.0.2.109. INTERFACE ``all``: one
+socket for every interface (none named, not each: a library's use), answering with
+``DHCP_RUNNER_ADVERTISE``.
 """
 
 from __future__ import annotations
@@ -27,20 +30,21 @@ from tests.dhcp_fakes import MemoryLeaseStore, TableDecider
 async def main(mode: str, interface: str, relay_networks: tuple[str, ...] = ()) -> None:
     if mode == "authoritative":
         settings = DhcpSettings(
-            mode="authoritative", pool_start="192.0.2.100", pool_end="192.0.2.109",
+            mode="authoritative", pool_start="192.0.2.100",
+            pool_end=os.environ.get("DHCP_RUNNER_POOL_END") or "192.0.2.109",
             netmask="255.255.255.0", router="192.0.2.1", dns_servers=("192.0.2.1",),
             lease_seconds=600, ping_check=os.environ.get("DHCP_RUNNER_PING") == "1",
         )
     else:
         settings = DhcpSettings()
-    each = interface == "each"
+    each, everything = interface == "each", interface == "all"
     fixed = dict(pair.split("=") for pair in os.environ.get("DHCP_RUNNER_FIXED", "").split(",")
                  if pair)
     machines = tuple(tuple(group.split("+")) for group in
                      os.environ.get("DHCP_RUNNER_MACHINES", "").split(",") if group)
     server = DhcpServer(settings, TableDecider(fixed=fixed, machines=machines),
                         MemoryLeaseStore(),
-                        interfaces=None if each else [interface],
+                        interfaces=None if each or everything else [interface],
                         advertise=os.environ.get("DHCP_RUNNER_ADVERTISE") or None,
                         each_interface=each, relay_networks=relay_networks)
     await server.start()

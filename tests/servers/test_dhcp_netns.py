@@ -80,7 +80,7 @@ class Server:
     def __init__(self, link: Link, mode: str, interface: str | None = None,
                  relay_networks: str | None = None, fixed: str = "",
                  advertise: str = "", machines: str = "", ping: bool = False,
-                 wrap: tuple[str, ...] = ()) -> None:
+                 wrap: tuple[str, ...] = (), pool_end: str = "") -> None:
         # ping: dhcp.ping_check on; wrap: a command the runner runs under (setpriv).
         self.proc = subprocess.Popen(
             ["ip", "netns", "exec", link.server_ns, *wrap, sys.executable, "-m",
@@ -89,7 +89,7 @@ class Server:
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "PYTHONPATH": str(ROOT), "DHCP_RUNNER_FIXED": fixed,
                  "DHCP_RUNNER_ADVERTISE": advertise, "DHCP_RUNNER_MACHINES": machines,
-                 "DHCP_RUNNER_PING": "1" if ping else ""},
+                 "DHCP_RUNNER_PING": "1" if ping else "", "DHCP_RUNNER_POOL_END": pool_end},
         )
         assert self.proc.stdout is not None
         ready, _, _ = select.select([self.proc.stdout], [], [], 30)

@@ -7,7 +7,10 @@ test_ping.py and test_dhcp_ping_netns.py."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 from dataclasses import replace
+
+import pytest
 
 from netboot.pxe import DhcpSettings
 from netboot.servers.dhcp import PINGS_PER_DISCOVER, DhcpServer
@@ -34,10 +37,11 @@ class Probe:
         self.in_use = in_use or set()
         self.asked: list[str] = []
         self.forbidden = False
+        self.interface: str | None = LINK  # the one every ping must name
 
     async def answers(self, ip: str, interface: str | None) -> bool | None:
         assert not self.forbidden, f"{ip} pinged"
-        assert interface == LINK
+        assert interface == self.interface, (ip, interface)
         self.asked.append(ip)
         return ip in self.in_use
 
@@ -55,7 +59,7 @@ def _mac(i: int) -> bytes:
 
 def _packet(mtype: MessageType, mac: bytes, *, requested: str | None = None,
             server_id: str | None = None, ciaddr: str = "0.0.0.0",
-            vendor: bytes | None = None) -> bytes:
+            vendor: bytes | None = None, giaddr: str = "0.0.0.0") -> bytes:
     options = [dhcp.Option(Opt.MESSAGE_TYPE, bytes((mtype,)))]
     if requested is not None:
         options.append(dhcp.Option(Opt.REQUESTED_IP, ipaddress.IPv4Address(requested).packed))
@@ -64,6 +68,7 @@ def _packet(mtype: MessageType, mac: bytes, *, requested: str | None = None,
     if vendor is not None:  # and BIOS (option 93: 0)
         options += [dhcp.Option(Opt.VENDOR_CLASS, vendor), dhcp.Option(Opt.CLIENT_ARCH, b"\0\0")]
     return dhcp.encode(dhcp.Packet(op=Op.REQUEST, xid=0x9140, chaddr=mac, ciaddr=ciaddr,
+                                   giaddr=giaddr, hops=1 if giaddr != "0.0.0.0" else 0,
                                    flags=dhcp.BROADCAST_FLAG, options=tuple(options)),
                        pad_to=dhcp.MIN_PACKET_SIZE)
 
@@ -79,8 +84,9 @@ class Env:
 
     async def start(self) -> None:
         await self.server.load_pool([SERVER])
-        # As start() does from the watcher's table: LINK is on the pool's network.
-        self.server._reserve_host((AddressMessage(True, 2, LINK, SERVER, 22),))
+        # As start() does from the watcher's table: LINK is on the pool's network (and
+        # relays from it answered).
+        self.server._on_addresses((AddressMessage(True, 2, LINK, SERVER, 22),))
 
     async def ask(self, data: bytes) -> dhcp.Packet | None:
         replies = await self.server.handle(data, ("0.0.0.0", 68), server_ip=SERVER,
@@ -193,3 +199,52 @@ async def test_with_the_check_off_or_in_proxy_mode_nothing_is_pinged() -> None:
     reply = await proxy.ask(_packet(MessageType.DISCOVER, _mac(2),
                                     vendor=b"PXEClient:Arch:00000:UNDI:002001"))
     assert reply is not None and reply.yiaddr == "0.0.0.0"
+
+
+async def test_with_no_free_address_the_oldest_in_use_is_pinged_again_and_taken_back(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A host answers every ping for a while (echo replies spoofed, a router's proxy ARP):
+    each address it answered for was kept from every client for decline_seconds, and once
+    those were the pool's last, no client got one for 10 minutes. Now, as ISC dhcpd
+    reclaims its oldest abandoned lease when no other is free, the address marked the
+    longest ago is pinged again and, silent now, offered (said); one a host still answers
+    for stays kept, its notice standing, and is never offered."""
+    caplog.set_level(logging.WARNING, logger="netboot.servers.dhcp")
+    probe = Probe(set(POOL[:4]))  # everything answers
+    env = Env(probe, settings=replace(SETTINGS, pool_start=POOL[0], pool_end=POOL[3]))
+    await env.start()
+    assert await env.offered(_mac(1)) is None  # .10-.12 answered: deferred
+    assert await env.offered(_mac(1)) is None  # .13 answered; .10 and .11 again
+    assert probe.asked == POOL[:4] + POOL[:2]
+    assert sorted(ip for ip, *_ in env.told[-1]) == POOL[:4]
+    assert "4 of its addresses answered a ping" in caplog.text
+    probe.in_use = {POOL[1]}  # the spoofing ends; a host really holds .11
+    env.clock.now += 5
+    for i, ip in enumerate((POOL[2], POOL[3], POOL[0])):  # the oldest marks first
+        assert await env.offered(_mac(10 + i)) == ip
+        assert probe.asked[-1] == ip
+        ack = await env.ask(_packet(MessageType.REQUEST, _mac(10 + i), requested=ip,
+                                    server_id=SERVER))
+        assert ack is not None and ack.message_type == MessageType.ACK
+    assert await env.offered(_mac(20)) is None  # .11 answers still: kept
+    assert probe.asked[-1] == POOL[1]
+    assert [ip for ip, *_ in env.told[-1]] == [POOL[1]]  # the reclaimed ones' notices ended
+    assert env.server.summary.totals()["reclaimed"] == 3
+    assert (f"no free address in the pool: {POOL[2]}, which answered a ping 5s ago, did "
+            "not answer a ping now and is offered again") in caplog.text
+
+
+async def test_a_relayed_discover_is_pinged_by_the_routes_not_from_its_listener() -> None:
+    """A DISCOVER relayed (giaddr) for the pool's network: the address is on the relay's
+    far side, reached by the host's routes (the OFFER to giaddr takes them too), not on the
+    link the relayed packet came in by: the ping names no interface. One that came in on
+    the link itself is pinged from that link."""
+    probe = Probe({POOL[0]})
+    probe.interface = None
+    env = Env(probe)
+    await env.start()
+    reply = await env.ask(_packet(MessageType.DISCOVER, _mac(1), giaddr="10.20.0.2"))
+    assert reply is not None and reply.yiaddr == POOL[1]
+    assert probe.asked == [POOL[0], POOL[1]]
+    probe.interface = LINK
+    assert await env.offered(_mac(2)) == POOL[2]
