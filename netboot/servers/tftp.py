@@ -62,7 +62,8 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
   knows no size of a converted file, dnsmasq ignores the option there). Served as octet
   (until session 49, like pixiecore and tftpy), a file's CR LF came back from tftp-hpa's
   ascii mode as LF and its lone CR as nothing the client expects. Other modes ("mail",
-  "binary") get ERROR 4, as from tftpd-hpa.
+  "binary") get ERROR 4, as from tftpd-hpa; so does a request that does not decode (a
+  field not NUL-terminated, no mode), naming the field, where it was left to time out.
 * Log lines quote the client's file name with ``%r``, whose escapes keep a control
   character in a name from forging or garbling a line.
 * Paths: ``\\`` counts as ``/`` and a leading ``/`` is dropped (dnsmasq does both); ``..``
@@ -1443,7 +1444,20 @@ class TftpServer:
     def _handle(
         self, iface: str | None, data: bytes, peer: Address
     ) -> list[Reply] | Awaitable[list[Reply]] | None:
-        packet = parse(data)  # DecodeError → the boundary logs it, rate-limited
+        try:
+            packet = parse(data)
+        except DecodeError as exc:
+            if data[:2] not in (b"\x00\x01", b"\x00\x02"):
+                raise  # not a request: the boundary logs it, rate-limited, and drops it
+            # A request that does not decode (its mode or an option not NUL-terminated, no
+            # mode, a name that is not UTF-8): told why, ERROR 4, as tftpd-hpa ("Request not
+            # null-terminated", "Missing mode") and dnsmasq ("unsupported request") answer
+            # it, rather than left to time out. The reply names the field, not the bytes.
+            self.stats.refused += 1
+            self.limited.log(logging.INFO, peer[0], "tftp %s:%d: malformed request: %s",
+                             *peer, exc)
+            return [(error_packet(ErrorCode.ILLEGAL_OPERATION,
+                                  f"malformed request: bad {exc.field or 'request'}"), peer)]
         if isinstance(packet, WriteRequest):
             self.stats.refused += 1
             self.limited.log(

@@ -227,9 +227,10 @@ def _parse_options(data: bytes, pos: int) -> Options:
             break
         value_at = pos
         if pos >= len(data):
-            raise DecodeError(
-                f"option {name!r} has no value", field="option value", offset=value_at
-            )
+            # The last name with no value after it: ignored, the request served (RFC 2347
+            # lets a server ignore any option; tftpd-hpa and dnsmasq both serve it). A value
+            # begun and not NUL-terminated is still an error.
+            break
         value, pos = _cstring(data, pos, "option value")
         options.append(
             (_ascii(name, "option name", name_at), _ascii(value, "option value", value_at))

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from netboot.servers.tftp import TftpServer
-from netboot.wire.tftp import Data, Error, ErrorCode, netascii
+from netboot.wire.tftp import Data, Error, ErrorCode, OptionAck, netascii
 from tests.servers.test_tftp import addr, run
 from tests.servers.tftp_client import LOOPBACK, DirFiles, RawClient, fetch
 
@@ -277,3 +277,40 @@ async def test_netascii_of_a_file_above_cache_file_size_is_refused_saying_why(
                 assert (await fetch(c, addr(srv), "pxelinux.cfg/default")).data == TEXT
         finally:
             await srv.close()
+
+
+# ------------------------------------------------------------------ malformed requests
+
+
+@pytest.mark.parametrize(("datagram", "field"), [
+    (b"\x00\x01b.bin\x00octet", "mode"),  # the mode's NUL missing (tftpd-hpa: "Request not
+    (b"\x00\x01b.bin\x00", "mode"),  # null-terminated"), no mode ("Missing mode")
+    (b"\x00\x01b.bin", "filename"),
+    (b"\x00\x01\xff\xfe\x00octet\x00", "filename"),  # not UTF-8
+    (b"\x00\x01b.bin\x00octet\x00blksize\x00512", "option value"),
+    (b"\x00\x02up.bin\x00octet", "mode"),  # a WRQ too
+])
+async def test_a_malformed_request_gets_error_4_naming_the_field(
+    server: TftpServer, datagram: bytes, field: str
+) -> None:
+    """Answered, as tftpd-hpa and dnsmasq answer it, not left to time out; the server goes
+    on serving."""
+    with RawClient() as client:
+        client.send(datagram, addr(server))
+        pkt, _ = await client.recv()
+        assert pkt == Error(ErrorCode.ILLEGAL_OPERATION, f"malformed request: bad {field}")
+        with RawClient() as c:
+            assert (await fetch(c, addr(server), "b.bin")).data == bytes(range(256)) * 4
+
+
+async def test_a_last_option_without_its_value_is_ignored_and_the_file_served(
+    server: TftpServer
+) -> None:
+    with RawClient() as client:
+        # tftpd-hpa and dnsmasq serve it: RFC 2347 lets a server ignore an option.
+        client.send(b"\x00\x01b.bin\x00octet\x00tsize\x000\x00blksize\x00", addr(server))
+        pkt, tid = await client.recv()
+        assert pkt == OptionAck((("tsize", "1024"),))
+        client.send(b"\x00\x04\x00\x00", tid)
+        pkt, _ = await client.recv()
+        assert pkt == Data(1, bytes(range(256)) * 2)
