@@ -261,6 +261,18 @@ async def test_octet_and_netascii_packets_of_a_file_are_kept_apart(
     assert server.cache.hits == 2
 
 
+async def test_netascii_of_a_file_just_written_is_converted_and_not_kept(
+    server: TftpServer, root: Path
+) -> None:
+    """A file modified within the cache's SETTLE is not kept (its timestamps may not tell a
+    rewrite): its netascii form is built for the transfer from the descriptor it opened."""
+    (root / "fresh.cfg").write_bytes(TEXT)
+    with RawClient() as c:
+        got = await fetch(c, addr(server), "fresh.cfg", [("blksize", "8")], mode="netascii")
+    assert got.data == netascii(TEXT)
+    assert server.cache.builds == 0
+
+
 async def test_netascii_of_a_file_above_cache_file_size_is_refused_saying_why(
     files: DirFiles
 ) -> None:
