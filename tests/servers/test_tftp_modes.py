@@ -326,3 +326,63 @@ async def test_a_last_option_without_its_value_is_ignored_and_the_file_served(
         client.send(b"\x00\x04\x00\x00", tid)
         pkt, _ = await client.recv()
         assert pkt == Data(1, bytes(range(256)) * 2)
+
+
+# ------------------------------------------------------------ side by side with tftpd-hpa
+
+
+async def _answer(server: tuple[str, int], datagram: bytes) -> tuple[str, int | bytes]:
+    """The first answer to ``datagram`` from a fresh port: ("error", its code), or ("data",
+    the whole file as the transfer carried it, ACKed in lock-step)."""
+    with RawClient() as c:
+        c.send(datagram, server)
+        pkt, tid = await c.recv()
+        if isinstance(pkt, Error):
+            return "error", pkt.code
+        blksize = 512
+        if isinstance(pkt, OptionAck):
+            blksize = int(pkt.option("blksize") or 512)
+            c.send(b"\x00\x04\x00\x00", tid)
+            pkt, _ = await c.recv()
+        out = bytearray()
+        block = 1
+        for _ in range(10_000):
+            assert isinstance(pkt, Data), pkt
+            if pkt.block == block:  # (a resent copy of the block before is ACKed again)
+                out += pkt.data
+                block += 1
+            c.send(b"\x00\x04" + pkt.block.to_bytes(2, "big"), tid)
+            if pkt.block == block - 1 and len(pkt.data) < blksize:
+                return "data", bytes(out)
+            pkt, _ = await c.recv()
+        raise AssertionError("too many blocks")
+
+
+@needs_in_tftpd
+@pytest.mark.parametrize("datagram", [
+    b"\x00\x01b.bin\x00mail\x00",  # tftpd-hpa: ERROR 4 "Unknown mode"
+    b"\x00\x01b.bin\x00binary\x00",
+    b"\x00\x01b.bin\x00\x00",  # "Missing mode"
+    b"\x00\x01b.bin\x00",  # "Missing mode"
+    b"\x00\x01b.bin",
+    b"\x00\x01b.bin\x00OCTET\x00",
+    b"\x00\x01pxelinux.cfg/default\x00NetASCII\x00blksize\x008\x00",
+    b"\x00\x01pxelinux.cfg/default\x00netascii\x00blksize\x00512\x00windowsize\x004\x00",
+    b"\x00\x01b.bin\x00octet\x00foo\x00bar\x00",  # an unknown option: ignored
+    b"\x00\x01b.bin\x00octet\x00blksize\x00",  # a last option without its value
+    b"\x00\x01b.bin\x00octet\x00tsize\x000\x00\x00\x00\x00",  # padding NULs
+    b"\x00\x01nope\x00octet\x00",  # ERROR 1
+    b"\x00\x01/b.bin\x00octet\x00",
+    b"\x00\x01./b.bin\x00octet\x00",
+    b"\x00\x01pxelinux.cfg//default\x00octet\x00",
+])
+async def test_answered_as_tftpd_hpa_answers(
+    server: TftpServer, hpa: tuple[str, int], datagram: bytes
+) -> None:
+    """The same datagram to in.tftpd and to netboot: the same ERROR code, or the same bytes.
+    (Where netboot answers otherwise on purpose, benchmarks/README.md s49-tftp's table says
+    why: invalid option values ignored, not ERROR 8; blksize capped at mtu - 32; ``..``
+    refused; ``\\`` taken as ``/``; tsize from the file, not echoed. A mode without its
+    NUL is left out: in.tftpd's answer depends on the request before it, read into the same
+    buffer: ERROR 4 "Request not null-terminated" after one, the file after another.)"""
+    assert await _answer(addr(server), datagram) == await _answer(hpa, datagram)
