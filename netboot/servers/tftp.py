@@ -61,7 +61,7 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
   packet cache beside its octet ones. ``tsize`` is left out of a netascii OACK (tftpd-hpa
   knows no size of a converted file, dnsmasq ignores the option there). Served as octet
   (until session 49, like pixiecore and tftpy), a file's CR LF came back from tftp-hpa's
-  ascii mode as LF and its lone CR as nothing the client expects. Other modes ("mail",
+  ascii mode as a bare LF. Other modes ("mail",
   "binary") get ERROR 4, as from tftpd-hpa; so does a request that does not decode (a
   field not NUL-terminated, no mode), naming the field, where it was left to time out.
 * Log lines quote the client's file name with ``%r``, whose escapes keep a control
