@@ -31,7 +31,7 @@ fi
 
 # qemu + firmware: the guests; dnsmasq-base: the site DHCP server (not the `dnsmasq` package,
 # which would enable a system DNS service on :53); busybox-static/cpio/kmod: initramfs build;
-# tftp-hpa, bind9-dnsutils, isc-dhcp-client, udhcpc: clients used by the server tests;
+# tftp-hpa, atftp, bind9-dnsutils, isc-dhcp-client, udhcpc: clients used by the server tests;
 # tcpdump captures the lab bridge, tshark (optional) decodes it on failure;
 # podman, runc and mmdebstrap build and run the container image (tests/test_container.py):
 # runc, not crun, because crun fails on hosts with a hybrid cgroup layout; chromium is the
@@ -52,7 +52,7 @@ fi
 # pgbouncer below.
 PKGS="qemu-system-x86 qemu-system-arm ipxe-qemu ipxe ovmf u-boot-qemu u-boot-tools \
 shim-signed grub-efi-amd64-signed qemu-efi-aarch64 \
-dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa bind9-dnsutils \
+dnsmasq-base busybox-static cpio kmod iproute2 tcpdump tftp-hpa atftp bind9-dnsutils \
 isc-dhcp-client udhcpc python3 python3-pip python3-venv python3-dev gcc ca-certificates \
 podman runc mmdebstrap chromium postgresql pgbouncer wrk strace curl openssl util-linux \
 make pkg-config dpkg-dev libevent-dev libc-ares-dev libssl-dev"
@@ -69,6 +69,17 @@ if [ -n "$missing" ]; then
     [ -n "$updated" ] || apt-get update -q
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends $missing
+fi
+
+# tftpd-hpa's in.tftpd, unpacked, not installed (the package would start a service on port 69,
+# and it conflicts with atftpd, which the benchmarks run): tests/servers/test_tftp_modes.py
+# compares netboot's netascii with what it sends, byte for byte.
+IN_TFTPD=/opt/tftpd-hpa/usr/sbin/in.tftpd
+if [ ! -x "$IN_TFTPD" ]; then
+    work=$(mktemp -d /var/tmp/netboot-tftpd-hpa.XXXXXX)
+    (cd "$work" && apt-get download -q tftpd-hpa)
+    dpkg-deb -x "$work"/tftpd-hpa_*.deb /opt/tftpd-hpa
+    rm -rf "$work"
 fi
 
 # tshark is optional (decoding only); its debconf question is pre-answered.

@@ -36,6 +36,7 @@ TESTS = (
     "tests/servers/test_dhcp_inventory.py",
     "tests/wire/test_tftp.py",
     "tests/servers/test_tftp.py",
+    "tests/servers/test_tftp_modes.py",  # netascii: wire/tftp.netascii, the packet cache
     # A first install end to end (/ipxe through the front door, its commit, its script) and
     # the modules it runs through.
     "tests/test_flow.py",

@@ -54,9 +54,16 @@ windowsize). protocols.md §6.3 explains why tftpy's server is not used.
   cache without being read whole.
 * Retransmission deadlines are kept per transfer and served by one sweep timer per server
   (:meth:`TftpServer._sweep_by`), not a timer handle per transfer.
-* ``netascii`` is accepted and served as ``octet``, like pixiecore and tftpy: boot files are
-  binary, converting line ends would make ``tsize`` wrong, and a netascii client turns our
-  plain ``\\n`` into its local line end itself.
+* ``netascii`` (any case, as every mode) is converted as tftpd-hpa converts it: each LF
+  sent as CR LF, each CR as CR NUL (:func:`netascii`, RFC 1350 / RFC 764), the whole file
+  before it is cut into blocks, so a pair split across a block edge, every blksize and
+  windowsize are served as octet's bytes are; a file's converted packets are kept in the
+  packet cache beside its octet ones. ``tsize`` is left out of a netascii OACK (tftpd-hpa
+  knows no size of a converted file, dnsmasq ignores the option there). Served as octet
+  (until session 49, like pixiecore and tftpy), a file's CR LF came back from tftp-hpa's
+  ascii mode as a bare LF. Other modes ("mail",
+  "binary") get ERROR 4, as from tftpd-hpa; so does a request that does not decode (a
+  field not NUL-terminated, no mode), naming the field, where it was left to time out.
 * Log lines quote the client's file name with ``%r``, whose escapes keep a control
   character in a name from forging or garbling a line.
 * Paths: ``\\`` counts as ``/`` and a leading ``/`` is dropped (dnsmasq does both); ``..``
@@ -105,6 +112,7 @@ from netboot.wire.tftp import (
     Error,
     ErrorCode,
     MemorySource,
+    Negotiated,
     Opcode,
     Outcome,
     Packets,
@@ -116,6 +124,7 @@ from netboot.wire.tftp import (
     WriteRequest,
     error_packet,
     negotiate,
+    netascii,
     parse,
 )
 
@@ -214,20 +223,22 @@ class _PacketCache:
     def __init__(self, budget: int, max_file: int) -> None:
         self.budget = budget
         self.max_file = min(max_file, budget)
-        self._entries: OrderedDict[tuple[str, int], tuple[tuple[int, ...], Packets]] = (
+        # Keyed by path, blksize and whether the bytes are the file's netascii form.
+        self._entries: OrderedDict[tuple[str, int, bool], tuple[tuple[int, ...], Packets]] = (
             OrderedDict())
         self.size = 0  # bytes held
         self.hits = 0
         self.builds = 0
 
-    def kept(self, path: str, st: os.stat_result, blksize: int) -> Packets | None:
+    def kept(self, path: str, st: os.stat_result, blksize: int,
+             text: bool = False) -> Packets | None:
         """The packets kept of the file ``st`` describes (a stat of ``path``), if any: a
         transfer served from them needs no descriptor (an open, fstat and close were a
         quarter of a storm transfer's system calls). The file's identity and times are the
         entry's, so its bytes are the ones read when the entry was built; a file whose
         mode or owner changed since has a new ctime and goes the long way (open, which
         checks that it is readable)."""
-        key = (path, blksize)
+        key = (path, blksize, text)
         entry = self._entries.get(key)
         if entry is None or entry[0] != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
                                          st.st_ctime_ns):
@@ -236,10 +247,13 @@ class _PacketCache:
         self.hits += 1
         return entry[1]
 
-    def packets(self, path: str, fd: int, st: os.stat_result, blksize: int) -> Packets | None:
+    def packets(self, path: str, fd: int, st: os.stat_result, blksize: int,
+                text: bool = False) -> Packets | None:
+        """The file's packets, built and kept unless it is too big or too new (None: the
+        caller streams it); ``text``: of its netascii form (:func:`netascii`)."""
         if st.st_size > self.max_file:
             return None
-        key = (path, blksize)
+        key = (path, blksize, text)
         signature = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         entry = self._entries.get(key)
         if entry is not None:
@@ -259,7 +273,7 @@ class _PacketCache:
         payload = _read_all(fd, st.st_size)
         if len(payload) != st.st_size:
             return None  # shrank while read: streamed, and the sender notices
-        built = Packets(payload, blksize)
+        built = Packets(netascii(payload) if text else payload, blksize)
         self.builds += 1
         self._entries[key] = (signature, built)
         self.size += built.nbytes
@@ -271,7 +285,7 @@ class _PacketCache:
             self.size -= dropped.nbytes
         return built
 
-    def _drop(self, key: tuple[str, int]) -> None:
+    def _drop(self, key: tuple[str, int, bool]) -> None:
         _, dropped = self._entries.pop(key)
         self.size -= dropped.nbytes
 
@@ -1430,7 +1444,20 @@ class TftpServer:
     def _handle(
         self, iface: str | None, data: bytes, peer: Address
     ) -> list[Reply] | Awaitable[list[Reply]] | None:
-        packet = parse(data)  # DecodeError → the boundary logs it, rate-limited
+        try:
+            packet = parse(data)
+        except DecodeError as exc:
+            if data[:2] not in (b"\x00\x01", b"\x00\x02"):
+                raise  # not a request: the boundary logs it, rate-limited, and drops it
+            # A request that does not decode (its mode or an option not NUL-terminated, no
+            # mode, a name that is not UTF-8): told why, ERROR 4, as tftpd-hpa ("Request not
+            # null-terminated", "Missing mode") and dnsmasq ("unsupported request") answer
+            # it, rather than left to time out. The reply names the field, not the bytes.
+            self.stats.refused += 1
+            self.limited.log(logging.INFO, peer[0], "tftp %s:%d: malformed request: %s",
+                             *peer, exc)
+            return [(error_packet(ErrorCode.ILLEGAL_OPERATION,
+                                  f"malformed request: bad {exc.field or 'request'}"), peer)]
         if isinstance(packet, WriteRequest):
             self.stats.refused += 1
             self.limited.log(
@@ -1676,6 +1703,9 @@ class TftpServer:
                                  *peer, path, exc)
                 if exc.errno in (errno.ENOENT, errno.ENAMETOOLONG, errno.ENOTDIR):
                     return [(error_packet(ErrorCode.FILE_NOT_FOUND, "file not found"), peer)]
+                if exc.errno == errno.EFBIG:  # see _netascii
+                    return [(error_packet(ErrorCode.NOT_DEFINED,
+                                          "file too large for netascii: ask octet"), peer)]
                 return [(error_packet(ErrorCode.NOT_DEFINED, "cannot read the file"), peer)]
             if transfer is None:
                 return [(error_packet(ErrorCode.NOT_DEFINED, "internal error"), peer)]
@@ -1696,7 +1726,9 @@ class TftpServer:
         fd: int | None = None
         try:
             source: Source | Packets
-            if blob.data is not None:
+            if request.mode.lower() == "netascii":
+                size, negotiated, source = self._netascii(request, blob)
+            elif blob.data is not None:
                 size = len(blob.data)
                 negotiated = negotiate(request.options, size, self.policy)
                 # Rendered per request, so not cached; prebuilt for the transfer when small.
@@ -1758,10 +1790,51 @@ class TftpServer:
             log.debug(
                 "tftp %s:%d %r: sending %d bytes (blksize %d, windowsize %d%s%s)",
                 *peer, path, size, n.blksize, n.windowsize,
-                ", OACK" if n.oack else "", ", netascii as octet"
+                ", OACK" if n.oack else "", ", netascii"
                 if request.mode.lower() == "netascii" else "",
             )
         return transfer
+
+    def _netascii(
+        self, request: ReadRequest, blob: Blob
+    ) -> tuple[int, Negotiated, Source | Packets]:
+        """A ``netascii`` read: the file's bytes converted (:func:`netascii`: LF to CR LF, CR
+        to CR NUL, as tftpd-hpa sends them) and served from packets as octet's are, octet's
+        path untouched. A file's packets are kept in the cache beside its octet ones (a
+        flood of netascii requests then holds one copy, not one per transfer); a rendered
+        file's, or one too new to keep, are built for the transfer.
+
+        Options are negotiated without a size, so ``tsize`` is left out of the OACK:
+        tftpd-hpa sets none for a converted file ("We don't know the tsize if conversion is
+        needed", its ``validate_access``) and dnsmasq ignores the option in netascii; RFC
+        2349's size of the file "in octets" is not what the client will count. A file above
+        ``cache_file_size`` is refused (ERROR 0, saying so): no configuration or script is
+        that big, and each transfer would hold a converted copy."""
+        assert self.policy is not None
+        negotiated = negotiate(request.options, None, self.policy)
+        bs = negotiated.blksize
+        if blob.data is not None:
+            text = netascii(blob.data)
+        elif blob.path is not None:
+            st = _regular(blob.stat if blob.stat is not None else os.stat(blob.path))
+            packets = self.cache.kept(blob.path, st, bs, text=True)
+            if packets is not None:
+                return packets.size, negotiated, packets
+            fd = os.open(blob.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                st = _regular(os.fstat(fd))  # what was opened, not what was stat'ed
+                if st.st_size > self.cache.max_file:
+                    raise OSError(errno.EFBIG, "too large to convert for netascii")
+                packets = self.cache.packets(blob.path, fd, st, bs, text=True)
+                if packets is not None:
+                    return packets.size, negotiated, packets
+                text = netascii(_read_all(fd, st.st_size))
+            finally:
+                os.close(fd)
+        else:
+            raise ValueError("blob has neither data nor path")
+        return len(text), negotiated, (Packets(text, bs) if len(text) <= self.cache.max_file
+                                       else MemorySource(text))
 
     def _release(self, peer: Address) -> None:
         self._per_client[peer[0]] -= 1

@@ -80,6 +80,7 @@ __all__ = [
     "encode",
     "error_packet",
     "negotiate",
+    "netascii",
     "parse",
 ]
 
@@ -226,9 +227,10 @@ def _parse_options(data: bytes, pos: int) -> Options:
             break
         value_at = pos
         if pos >= len(data):
-            raise DecodeError(
-                f"option {name!r} has no value", field="option value", offset=value_at
-            )
+            # The last name with no value after it: ignored, the request served (RFC 2347
+            # lets a server ignore any option; tftpd-hpa and dnsmasq both serve it). A value
+            # begun and not NUL-terminated is still an error.
+            break
         value, pos = _cstring(data, pos, "option value")
         options.append(
             (_ascii(name, "option name", name_at), _ascii(value, "option value", value_at))
@@ -354,6 +356,22 @@ def ack_word(block: int) -> int:
 
 def error_packet(code: int, message: str) -> bytes:
     return _HEAD2.pack(Opcode.ERROR, code) + message.encode("utf-8", errors="replace") + b"\x00"
+
+
+def netascii(data: bytes) -> bytes:
+    """A file's bytes as a ``netascii`` transfer carries them: RFC 1350 names RFC 764's NVT
+    ASCII, whose line end is CR LF and whose bare CR is CR NUL; the file is local (Unix)
+    text, so each LF goes out as CR LF and each CR as CR NUL, a CR LF of the file as CR NUL
+    CR LF. What tftpd-hpa sends (``tftpsubs.c`` ``readit``/``read_ahead``: every ``\\n``
+    and every ``\\r`` converted; compared byte for byte in tests/servers/test_tftp_modes.py),
+    and what its client and tftpy's turn back into the file's own bytes. (dnsmasq converts
+    LF alone, so a file's CR comes back as a line end from a client that reads CR LF.)
+
+    The whole stream is converted before it is cut into blocks, so a pair split across a
+    block edge (a CR last in one block, its LF or NUL first in the next) is cut where
+    tftpd-hpa cuts it, and every blksize and windowsize applies unchanged. CR first: the
+    CR that an LF turns into gets no NUL."""
+    return data.replace(b"\r", b"\r\x00").replace(b"\n", b"\r\n")
 
 
 # ----------------------------------------------------------------------------- negotiation

@@ -210,8 +210,9 @@ async def test_tftp_hpa_binary(
 
 
 @needs_hpa
-async def test_tftp_hpa_netascii_is_served_as_octet(server: TftpServer, tmp_path: Path) -> None:
-    # tftp-hpa's ascii mode turns CR LF into LF on receipt; a file with LF arrives unchanged.
+async def test_tftp_hpa_netascii_of_a_unix_text_file(server: TftpServer, tmp_path: Path) -> None:
+    # Each LF goes out as CR LF and tftp-hpa's ascii mode turns it back: a file with LF
+    # arrives unchanged (CR and CR LF: tests/servers/test_tftp_modes.py).
     rc, out = await run(
         [
             "tftp",
@@ -836,8 +837,9 @@ async def test_malformed_datagrams_do_not_stop_the_server(
         b"\x00\x01" + b"a" * 5000 + b"\x00octet\x00",
         b"\x00\x04\x00\x01",  # an ACK to the listener
     ]
-    for datagram in junk:
-        client.send(datagram, addr(server))
+    with RawClient() as other:  # (the malformed requests are answered ERROR 4: not ours)
+        for datagram in junk:
+            other.send(datagram, addr(server))
     got = await fetch(client, addr(server), "small.bin")
     assert got.data == SMALL
 

@@ -127,6 +127,7 @@ async def fetch(
     drop: Iterable[int] = (),
     max_packets: int = 200_000,
     timeout: float = 3.0,
+    mode: str = "octet",
 ) -> Fetched:
     """Download ``name`` like an RFC 7440 receiver (U-Boot's behaviour, protocols.md §3.7).
 
@@ -134,7 +135,7 @@ async def fetch(
     arrive. Out of order: one ACK for the last in-order block, then wait for it.
     """
     opts = tuple(options)
-    client.rrq(server, name, opts)
+    client.rrq(server, name, opts, mode)
     to_drop = set(drop)
     first, tid = await client.recv(timeout)
     oack: OptionAck | None = None

@@ -94,6 +94,10 @@ def test_trailing_nul_padding_and_lenient_endings() -> None:
     assert parse(b"\x00\x01f\x00octet\x00\x00\x00\x00") == ReadRequest("f", "octet")
     assert parse(b"\x00\x05\x00\x02no terminator") == Error(2, "no terminator")
     assert parse(b"\x00\x04\x00\x05\x00\x00") == Ack(5)  # padded ACK
+    # A last option name with no value: ignored, the request kept (tftpd-hpa and dnsmasq
+    # serve it); a value begun and not terminated is still an error (below).
+    assert parse(b"\x00\x01f\x00octet\x00tsize\x000\x00blksize\x00") == ReadRequest(
+        "f", "octet", (("tsize", "0"),))
     assert ReadRequest("f", options=(("BlkSize", "1"),)).option("blksize") == "1"
 
 
@@ -107,7 +111,6 @@ def test_trailing_nul_padding_and_lenient_endings() -> None:
         (b"\x00\x01name\x00octet", "mode", 7),
         (b"\x00\x01name\x00oct\xffet\x00", "mode", 10),
         (b"\x00\x01\xff\x00octet\x00", "filename", 2),
-        (b"\x00\x01f\x00octet\x00blksize\x00", "option value", 18),
         (b"\x00\x01f\x00octet\x00blksize\x00512", "option value", 18),
         (b"\x00\x01f\x00octet\x00\x00junk\x00", "option name", 10),
         (b"\x00\x03\x00", "block", 2),
