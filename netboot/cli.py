@@ -34,8 +34,8 @@ from netboot.core import (
     machine_dict,
     profile_file_errors,
     public_dict,
-    renamed_installed,
 )
+from netboot.enroll import renamed_installed
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
@@ -707,6 +707,10 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             # FILE:LINE: as compilers, config errors (config.located) and editors' jump lists
             # read it.
             print(f"{path}:{err.line}: {err.field}: {err.message}", file=sys.stderr)
+        if not report.errors:  # (a rename's note is moot while nothing is imported)
+            for note in report.warnings:
+                print(f"{path}:{note.line}: warning: {note.field}: {note.message}",
+                      file=sys.stderr)
         verb = "would be" if args.dry_run else ("were" if report.applied else "would have been")
         print(f"{len(report.created)} {verb} created, {len(report.changed)} changed, "
               f"{len(report.unchanged)} left as they are")

@@ -366,6 +366,28 @@ class RowError:
         return f"line {self.line}: {self.field}: {self.message}"
 
 
+_RUNS_ITS_NAME = frozenset({MachineState.INSTALLING, MachineState.INSTALLED,
+                            MachineState.REGISTERED})
+
+
+def renamed_installed(before: Machine, after: Machine) -> str | None:
+    """What to tell of a machine renamed once its installer fetched its config, else None:
+    the hostname and k3s ``--node-name`` were written into its installed OS then, and its
+    register command sends that node name at every boot (its ``node_name`` fact). The
+    inventory, the dashboard and netboot's DNS take the new name at once; the node keeps the
+    old one until it installs again. `kubectl get node rack2-a` found nothing after the CLI
+    said only ``hostname rack2-a`` (s47-review); the API's PATCH said nothing at all (its
+    answer's ``warnings`` now, s48-review); an import's rows said nothing (its report's
+    ``warnings`` now, s49-ha)."""
+    runs = after.facts.get("node_name")  # none from an older netboot's register command
+    if after.state not in _RUNS_ITS_NAME or after.hostname in (before.hostname, runs):
+        return None
+    named = f"as {printable(runs)}" if runs else "under the name it installed with"
+    return (f"{after.hostname or after.ref} still runs {named}: its installed OS keeps that "
+            f"hostname and k3s node name until it installs again (netboot machines reinstall "
+            f"{after.ref}); netboot's DNS name and views follow the new one now")
+
+
 @dataclass(frozen=True)
 class ImportReport:
     created: tuple[str, ...] = ()
@@ -373,6 +395,9 @@ class ImportReport:
     unchanged: tuple[str, ...] = ()
     errors: tuple[RowError, ...] = ()
     applied: bool = False
+    # What the operator should know of rows that are right (a rename of an installed
+    # machine: renamed_installed), as PATCH's answer and `machines set` say it.
+    warnings: tuple[RowError, ...] = ()
 
     def as_dict(self, most_errors: int | None = None) -> dict[str, Any]:
         """The report as JSON shapes it; ``most_errors``: list at most that many bad rows
@@ -386,6 +411,9 @@ class ImportReport:
         }
         if len(shown) < len(self.errors):
             out["errors_total"] = len(self.errors)
+        if self.warnings:
+            out["warnings"] = [{"line": w.line, "field": w.field, "message": w.message}
+                               for w in self.warnings]
         return out
 
 
@@ -2229,10 +2257,15 @@ class Enroller:
             errors += [clash for clash in given.clashes(
                 {v: (i, existing[i].ref) for v, i in by_fixed.items()}, create_only)
                 if clash.line not in failed]
+        # A row renaming a machine whose installed OS carries its old name: said, by line.
+        renames = [RowError(line_of[m.id], "hostname", note) for m in update
+                   if m.id in existing and m.hostname != existing[m.id].hostname
+                   and (note := renamed_installed(existing[m.id], m))]
         report = ImportReport(
             created=tuple(create.refs()), changed=tuple(m.ref for m in update),
             unchanged=tuple(m.ref for m in unchanged),
             errors=tuple(sorted(errors, key=lambda e: e.line)),
+            warnings=tuple(sorted(renames, key=lambda e: e.line)),
         )
         if errors or dry_run:
             return report

@@ -316,7 +316,12 @@ SCHEMAS: dict[str, Any] = {
             "line": {"type": "integer"}, "field": _STR, "message": _STR}}},
         "errors_total": {"type": "integer", "description": "how many rows are bad, present "
                                                            "when errors lists only the first "
-                                                           "1000"}}},
+                                                           "1000"},
+        "warnings": {"type": "array", "description": (
+            "rows that are right but do what the operator should know, present when there "
+            "is one: a row renaming an installed machine, whose node keeps its old name "
+            "until it installs again"), "items": {"type": "object", "properties": {
+                "line": {"type": "integer"}, "field": _STR, "message": _STR}}}}},
     "Explanation": {"type": "object"},
     "TokenInput": {"type": "object", "required": ["name", "scope"], "additionalProperties": False,
                    "properties": {
