@@ -1482,11 +1482,13 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     ap.add_argument("--profile", help=dict(MACHINE_FLAGS)["--profile"])
     ap.add_argument("--hostname", help="only with one MAC (default: the hostname template)")
     cl = msub.add_parser("claim", parents=[common],
-                         help="give a registered machine to the install whose registration "
-                              "was refused with CLAIM (its 'registration contested' event, "
-                              "or the claims the servers kept by address, name it): its "
-                              "next try is answered, without a reinstall; without CLAIM, "
-                              "list the claims the servers kept (in the database)")
+                         help="give a registered machine (or one installed whose "
+                              "registration a restored backup lost) to the install whose "
+                              "registration was refused with CLAIM (its 'registration "
+                              "contested' or 'registration refused' event, or the claims the "
+                              "servers kept by address, name it): its next try is answered, "
+                              "without a reinstall; without CLAIM, list the claims the "
+                              "servers kept (in the database)")
     cl.add_argument("mac", metavar="REF", help=REF_HELP)
     cl.add_argument("claim", nargs="?",
                     help="the claim the event or the list names (64 hexadecimal digits)")

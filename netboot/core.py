@@ -774,12 +774,14 @@ class Core:
         return await self.enroller.reinstall(ref, versions=versions)
 
     async def give_to_claim(self, ref: str, data: Mapping[str, Any]) -> Machine:
-        """POST /machines/{ref}/claim: a registered machine given to the install whose
-        registration was refused with ``claim`` (Enroller.give_to_claim)."""
+        """POST /machines/{ref}/claim: a registered machine (or one installed whose
+        registration a restored backup lost) given to the install whose registration was
+        refused with ``claim`` (Enroller.give_to_claim)."""
         claim = data.get("claim")
         if not isinstance(claim, str) or not _CLAIM.fullmatch(claim):
-            raise ValidationError("claim", "the claim a 'registration contested' event of the "
-                                           "machine names (64 hexadecimal digits)")
+            raise ValidationError("claim", "the claim a 'registration contested' or "
+                                           "'registration refused' event of the machine "
+                                           "names (64 hexadecimal digits)")
         return await self.enroller.give_to_claim(ref, claim)
 
     # -- profiles, clusters, groups -------------------------------------------------------

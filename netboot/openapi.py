@@ -575,10 +575,11 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/machines/{ref}/claim": {
             "parameters": [_path_param("ref")],
-            "post": _op("give a registered machine to the install whose registration was "
-                        "refused with this claim (a 'registration contested' event or "
-                        "GET .../claims names it): its next try is answered, the holder's "
-                        "machine token void",
+            "post": _op("give a registered machine (or one installed whose registration "
+                        "a restored backup lost) to the install whose registration was "
+                        "refused with this claim (a 'registration contested' or "
+                        "'registration refused' event or GET .../claims names it): its next "
+                        "try is answered, the holder's machine token void",
                         need=OPERATE, body="Claim", out="Machine", errors=(400, 404, 409)),
         },
         "/api/v1/machines/{ref}/claims": {

@@ -1625,6 +1625,48 @@ async def test_a_refused_later_boot_of_a_known_machine_is_told_on_it(store) -> N
         await enroller.register({**boot, "mac": "52:54:00:00:42:99"}, node)
 
 
+async def test_a_restored_machines_node_registers_again_only_by_its_claim(store) -> None:  # type: ignore[no-untyped-def]
+    """After a restore from before its registration (installed, no install's secret kept),
+    the node's refused boot names the claim of its secret; only that claim, given by the
+    operator, lets its next try register (a new machine token); a claim nobody made is
+    refused, and another secret is refused after the claim too (s49-ha)."""
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import AuthError, NotFound
+
+    now = [1000.0]
+    mac = await _installed(store, "52:54:00:00:49:01", "r49")
+    enroller = Enroller(store, clock=lambda: now[0])
+    backup = await enroller.find_mac(mac)
+    assert backup is not None
+    node = ipaddress.ip_address("192.0.2.81")
+    first = await enroller.register({"mac": str(mac), "token": "tok", "install_secret": "s",
+                                     "keeps": "machine_token"}, node)
+    boot = {"mac": str(mac), "machine_token": first.install_token, "install_secret": "s",
+            "keeps": "machine_token"}
+    now[0] += 60
+    await store.update_machine(replace_machine(backup, updated=now[0]))  # the restore
+    with pytest.raises(AuthError):
+        await enroller.register(boot, node)
+    await enroller.recorder.flush()
+    told = [e for e in await store.list_events(first.id) if e.kind == "registration refused"]
+    claim = hashlib.sha256(b"s").hexdigest()
+    assert told[-1].data["claim"] == claim and f"claim {first.ref} {claim}" in told[-1].message
+    with pytest.raises(NotFound):
+        await enroller.give_to_claim(first.ref, hashlib.sha256(b"other").hexdigest())
+    with pytest.raises(AuthError):  # nothing taken before the operator's word
+        await enroller.register(boot, node)
+    now[0] += 1
+    given = await enroller.give_to_claim(first.ref, claim)
+    assert given.state is MachineState.INSTALLED and given.token_hash is None
+    with pytest.raises(AuthError):
+        await enroller.register({**boot, "install_secret": "other"}, node)
+    again = await enroller.register(boot, node)
+    assert again.state is MachineState.REGISTERED
+    assert again.install_token and again.install_token != first.install_token
+
+
 async def _registered_by_a_thief(store: Any, mac_text: str, hostname: str, now: list[float],
                                  secret: str) -> tuple[Enroller, MacAddress, dict[str, str],
                                                        Machine]:
