@@ -70,6 +70,18 @@ def link() -> Iterator[tuple[str, str]]:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
+def first_server(mac: str, hostname: str, cluster: str = "edge",
+                 profile: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    """The API's POSTs that enroll ``mac`` as managed cluster ``cluster``'s first server, with
+    the k3OS profile (made first unless ``profile`` is False): what its config is made of."""
+    return [*([("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
+                                     "initrds": ["initrd.img"],
+                                     "config_template": "k3os"})] if profile else []),
+            ("/api/v1/clusters", {"name": cluster, "server_url": "managed"}),
+            ("/api/v1/machines", {"mac": mac, "hostname": hostname, "cluster": cluster,
+                                  "role": "server", "profile": "k3os"})]
+
+
 def _server(tmp: Path, name: str, host: str, dsn: str, ns: str) -> Host:
     """The pair's server ``name`` on ``host`` in the namespace ``ns``, advertising it. Its
     API answers plain HTTP from any peer: the test's calls come from the device's namespace,
@@ -112,14 +124,7 @@ def test_a_device_whose_server_died_after_its_config_registers_through_the_other
                                 await resp.json() if resp.content_type == "application/json"
                                 else await resp.text())
 
-                    for path, body in (
-                            ("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
-                                                  "initrds": ["initrd.img"],
-                                                  "config_template": "k3os"}),
-                            ("/api/v1/clusters", {"name": "edge", "server_url": "managed"}),
-                            ("/api/v1/machines", {"mac": MAC, "hostname": "edge-s1",
-                                                  "cluster": "edge", "role": "server",
-                                                  "profile": "k3os"})):
+                    for path, body in first_server(MAC, "edge-s1"):
                         status, answer = await call(a, "POST", path, body)
                         assert status == 201, (path, status, answer)
                     # A learns of B from the inventory (B recorded itself at its start).

@@ -33,6 +33,7 @@ import yaml
 
 from tests import pg
 from tests.multiserver.conftest import Inventory, server_config
+from tests.multiserver.test_register_elsewhere import first_server
 from tests.multiserver.test_storm_kill import Host
 from tests.netns import in_namespace, ip
 
@@ -126,18 +127,8 @@ def test_a_pairs_devices_are_told_addresses_they_reach_and_not_a_stopped_server(
                                 await resp.json() if resp.content_type == "application/json"
                                 else await resp.text())
 
-                    for path, body in (
-                            ("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
-                                                  "initrds": ["initrd.img"],
-                                                  "config_template": "k3os"}),
-                            ("/api/v1/clusters", {"name": "edge", "server_url": "managed"}),
-                            ("/api/v1/machines", {"mac": MAC, "hostname": "edge-s1",
-                                                  "cluster": "edge", "role": "server",
-                                                  "profile": "k3os"}),
-                            ("/api/v1/clusters", {"name": "lab", "server_url": "managed"}),
-                            ("/api/v1/machines", {"mac": MAC2, "hostname": "lab-s1",
-                                                  "cluster": "lab", "role": "server",
-                                                  "profile": "k3os"})):
+                    for path, body in (*first_server(MAC, "edge-s1"),
+                                       *first_server(MAC2, "lab-s1", "lab", profile=False)):
                         status, answer = await call(b.base, path, body)
                         assert status == 201, (path, status, answer)
                     a_urls = f"http://192.0.2.1:{a.port}, http://198.51.100.1:{a.port}"
