@@ -419,9 +419,12 @@ class ImportReport:
         }
         if len(shown) < len(self.errors):
             out["errors_total"] = len(self.errors)
-        if self.warnings:
+        if self.warnings:  # bounded as errors are: a file renaming 100,000 installed ones
+            told = self.warnings if most_errors is None else self.warnings[:most_errors]
             out["warnings"] = [{"line": w.line, "field": w.field, "message": w.message}
-                               for w in self.warnings]
+                               for w in told]
+            if len(told) < len(self.warnings):
+                out["warnings_total"] = len(self.warnings)
         return out
 
 

@@ -321,7 +321,10 @@ SCHEMAS: dict[str, Any] = {
             "rows that are right but do what the operator should know, present when there "
             "is one: a row renaming an installed machine, whose node keeps its old name "
             "until it installs again"), "items": {"type": "object", "properties": {
-                "line": {"type": "integer"}, "field": _STR, "message": _STR}}}}},
+                "line": {"type": "integer"}, "field": _STR, "message": _STR}}},
+        "warnings_total": {"type": "integer", "description": "how many warnings there are, "
+                                                             "present when warnings lists "
+                                                             "only the first 1000"}}},
     "Explanation": {"type": "object"},
     "TokenInput": {"type": "object", "required": ["name", "scope"], "additionalProperties": False,
                    "properties": {

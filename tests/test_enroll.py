@@ -2303,3 +2303,18 @@ async def test_a_bare_enrollers_fixed_address_import_takes_the_inventorys_lock(
     finally:
         os.close(fd)
         await store.close()
+
+
+def test_an_import_reports_warnings_bounded_as_its_errors() -> None:
+    """A file renaming thousands of installed machines answers the first ``most_errors``
+    warnings by line and counts them all in ``warnings_total`` (only then), as its errors."""
+    from netboot.enroll import ImportReport, RowError
+
+    warned = tuple(RowError(n + 2, "hostname", f"node {n} still runs as …") for n in range(1500))
+    report = ImportReport(changed=("a",), warnings=warned, applied=True)
+    shown = report.as_dict(1000)
+    assert len(shown["warnings"]) == 1000 and shown["warnings_total"] == 1500
+    assert shown["warnings"][0] == {"line": 2, "field": "hostname",
+                                    "message": "node 0 still runs as …"}
+    assert "warnings_total" not in report.as_dict() and len(report.as_dict()["warnings"]) == 1500
+    assert "warnings" not in ImportReport(changed=("a",)).as_dict(1000)
