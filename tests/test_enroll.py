@@ -1561,6 +1561,24 @@ async def test_a_reinstall_taken_back_registers_the_node_that_still_runs_it(  # 
     assert newest.secret_hash == hashlib.sha256(b"its-new-install").hexdigest()
 
 
+async def _registered_then_restored(store: Any, mac_text: str, hostname: str, node: Any,
+                                   now: list[float]) -> tuple[Enroller, Machine, dict[str, Any]]:
+    """An installed machine registered from ``node`` (install secret "s"), then the
+    inventory restored from before that registration (60 s later on ``now``): the enroller,
+    the machine as registered, and its node's later-boot body (the machine token it holds)."""
+    mac = await _installed(store, mac_text, hostname)
+    enroller = Enroller(store, clock=lambda: now[0])
+    backup = await enroller.find_mac(mac)
+    assert backup is not None
+    first = await enroller.register({"mac": str(mac), "token": "tok", "install_secret": "s",
+                                     "keeps": "machine_token"}, node)
+    boot = {"mac": str(mac), "machine_token": first.install_token, "install_secret": "s",
+            "keeps": "machine_token"}
+    now[0] += 60
+    await store.update_machine(replace_machine(backup, updated=now[0]))  # the restore
+    return enroller, first, boot
+
+
 async def test_a_refused_later_boot_of_a_known_machine_is_told_on_it(store) -> None:  # type: ignore[no-untyped-def]
     """A later boot refused for its machine token (the same 401 as an unknown MAC's) is a
     ``registration refused`` event on the machine, with why and the way out: an inventory
@@ -1577,19 +1595,12 @@ async def test_a_refused_later_boot_of_a_known_machine_is_told_on_it(store) -> N
         return [e for e in events if e.kind == "registration refused"]
 
     now = [1000.0]
-    mac = await _installed(store, "52:54:00:00:42:01", "b42")
-    enroller = Enroller(store, clock=lambda: now[0])
-    backup = await enroller.find_mac(mac)
-    assert backup is not None
     node = ipaddress.ip_address("192.0.2.80")
-    first = await enroller.register({"mac": str(mac), "token": "tok", "install_secret": "s",
-                                     "keeps": "machine_token"}, node)
-    boot = {"mac": str(mac), "machine_token": first.install_token, "install_secret": "s",
-            "keeps": "machine_token"}
     # The backup restored: the machine as it was before it registered (installed, the
     # operator's Mark installed changing nothing of it), the node's machine token unknown.
-    now[0] += 60
-    await store.update_machine(replace_machine(backup, updated=now[0]))
+    enroller, first, boot = await _registered_then_restored(store, "52:54:00:00:42:01", "b42",
+                                                            node, now)
+    mac = first.mac
     for _ in range(30):  # one boot's tries
         with pytest.raises(AuthError, match="unknown machine or wrong token"):
             await enroller.register(boot, node)
@@ -1636,17 +1647,9 @@ async def test_a_restored_machines_node_registers_again_only_by_its_claim(store)
     from netboot.errors import AuthError, NotFound
 
     now = [1000.0]
-    mac = await _installed(store, "52:54:00:00:49:01", "r49")
-    enroller = Enroller(store, clock=lambda: now[0])
-    backup = await enroller.find_mac(mac)
-    assert backup is not None
     node = ipaddress.ip_address("192.0.2.81")
-    first = await enroller.register({"mac": str(mac), "token": "tok", "install_secret": "s",
-                                     "keeps": "machine_token"}, node)
-    boot = {"mac": str(mac), "machine_token": first.install_token, "install_secret": "s",
-            "keeps": "machine_token"}
-    now[0] += 60
-    await store.update_machine(replace_machine(backup, updated=now[0]))  # the restore
+    enroller, first, boot = await _registered_then_restored(store, "52:54:00:00:49:01", "r49",
+                                                            node, now)
     with pytest.raises(AuthError):
         await enroller.register(boot, node)
     await enroller.recorder.flush()

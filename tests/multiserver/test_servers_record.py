@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import secrets
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,9 +30,9 @@ import yaml
 
 from tests import pg
 from tests.multiserver.conftest import Inventory, server_config
-from tests.multiserver.test_register_elsewhere import first_server
+from tests.multiserver.test_register_elsewhere import first_server, linked, started, stopped
 from tests.multiserver.test_storm_kill import Host
-from tests.netns import in_namespace, ip
+from tests.netns import in_namespace
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2")]
 
@@ -50,29 +47,9 @@ TOLD_SECONDS = 60
 def vlans() -> Iterator[tuple[str, str]]:
     """The servers' namespace (192.0.2.1 and .2 on one link, 198.51.100.1 on the other) and
     the device's (192.0.2.60, 198.51.100.60), two veth pairs between them, made inside."""
-    tag = secrets.token_hex(3)
-    servers, device = f"nbt-{tag}-s", f"nbt-{tag}-d"
-    made = []
-    try:
-        for ns in (servers, device):
-            ip("netns", "add", ns)
-            made.append(ns)
-        for n, (nets, device_address) in enumerate(
-                ((("192.0.2.1/24", "192.0.2.2/24"), "192.0.2.60/24"),
-                 (("198.51.100.1/24",), "198.51.100.60/24"))):
-            ip("-n", servers, "link", "add", f"nbs{n}", "type", "veth", "peer", "name",
-               f"nbd{n}", "netns", device)
-            for address in nets:
-                ip("-n", servers, "addr", "add", address, "dev", f"nbs{n}")
-            ip("-n", device, "addr", "add", device_address, "dev", f"nbd{n}")
-            ip("-n", servers, "link", "set", f"nbs{n}", "up")
-            ip("-n", device, "link", "set", f"nbd{n}", "up")
-        for ns in (servers, device):
-            ip("-n", ns, "link", "set", "lo", "up")
-        yield servers, device
-    finally:
-        for ns in made:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+    with linked((("192.0.2.1/24", "192.0.2.2/24"), "192.0.2.60/24"),
+                (("198.51.100.1/24",), "198.51.100.60/24")) as both:
+        yield both
 
 
 def _server(tmp: Path, name: str, host: str | None, dsn: str, ns: str, at: str) -> Host:
@@ -105,17 +82,11 @@ def test_a_pairs_devices_are_told_addresses_they_reach_and_not_a_stopped_server(
 
     async def scenario() -> dict[str, Any]:
         out: dict[str, Any] = {}
-        loop = asyncio.get_running_loop()
         async with pg.fresh_schema(postgres) as dsn:
             a = _server(tmp_path, "a", None, dsn, servers_ns, "192.0.2.1")
             b = _server(tmp_path, "b", "192.0.2.2", dsn, servers_ns, "192.0.2.2")
-            await loop.run_in_executor(None, a.start)
             try:
-                b.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                shutil.copy2(a.data_dir / "secret.key", b.data_dir / "secret.key")
-                await loop.run_in_executor(None, b.start)
-                admin = (a.data_dir / "admin.token").read_text().strip()
-                auth = {"Authorization": f"Bearer {admin}"}
+                auth = await started(a, b)
                 async with aiohttp.ClientSession(
                         timeout=aiohttp.ClientTimeout(total=30)) as http:
                     async def call(base: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -158,9 +129,7 @@ def test_a_pairs_devices_are_told_addresses_they_reach_and_not_a_stopped_server(
                     out["b told after"] = _told(b.log(), b.base)
                     out["from b after"] = await config(b.base)
             finally:
-                out["logs"] = f"--- a\n{a.log()}\n--- b\n{b.log()}"
-                await asyncio.gather(loop.run_in_executor(None, a.stop),
-                                     loop.run_in_executor(None, b.stop))
+                out["logs"] = await stopped(a, b)
         return out
 
     out = in_namespace(device_ns, scenario, seconds=300)
