@@ -39,12 +39,12 @@ from netboot.core import (
     machine_dict,
     machine_ref,
     public_dict,
-    renamed_installed,
 )
 from netboot.enroll import (
     SERVER_NEEDS_OPERATOR,
     fleet_status,
     parse_import,
+    renamed_installed,
     token_expired,
     token_is,
     token_matches,

@@ -34,8 +34,8 @@ from netboot.core import (
     machine_dict,
     profile_file_errors,
     public_dict,
-    renamed_installed,
 )
+from netboot.enroll import renamed_installed
 from netboot.errors import ConfigError, NetbootError, NotFound, ValidationError
 from netboot.inventory import codec
 from netboot.inventory.base import MachineFilter, Store
@@ -719,6 +719,10 @@ async def _import(args: argparse.Namespace, store: Store, cfg: Config) -> int:
             # FILE:LINE: as compilers, config errors (config.located) and editors' jump lists
             # read it.
             print(f"{path}:{err.line}: {err.field}: {err.message}", file=sys.stderr)
+        if not report.errors:  # (a rename's note is moot while nothing is imported)
+            for note in report.warnings:
+                print(f"{path}:{note.line}: warning: {note.field}: {note.message}",
+                      file=sys.stderr)
         verb = "would be" if args.dry_run else ("were" if report.applied else "would have been")
         print(f"{len(report.created)} {verb} created, {len(report.changed)} changed, "
               f"{len(report.unchanged)} left as they are")
@@ -1490,11 +1494,13 @@ def build_parser(*, lab: bool = True, serve_only: bool = False) -> argparse.Argu
     ap.add_argument("--profile", help=dict(MACHINE_FLAGS)["--profile"])
     ap.add_argument("--hostname", help="only with one MAC (default: the hostname template)")
     cl = msub.add_parser("claim", parents=[common],
-                         help="give a registered machine to the install whose registration "
-                              "was refused with CLAIM (its 'registration contested' event, "
-                              "or the claims the servers kept by address, name it): its "
-                              "next try is answered, without a reinstall; without CLAIM, "
-                              "list the claims the servers kept (in the database)")
+                         help="give a registered machine (or one installed whose "
+                              "registration a restored backup lost) to the install whose "
+                              "registration was refused with CLAIM (its 'registration "
+                              "contested' or 'registration refused' event, or the claims the "
+                              "servers kept by address, name it): its next try is answered, "
+                              "without a reinstall; without CLAIM, list the claims the "
+                              "servers kept (in the database)")
     cl.add_argument("mac", metavar="REF", help=REF_HELP)
     cl.add_argument("claim", nargs="?",
                     help="the claim the event or the list names (64 hexadecimal digits)")

@@ -193,27 +193,6 @@ def machine_dict(machine: Machine) -> dict[str, Any]:
     return out
 
 
-_RUNS_ITS_NAME = frozenset({MachineState.INSTALLING, MachineState.INSTALLED,
-                            MachineState.REGISTERED})
-
-
-def renamed_installed(before: Machine, after: Machine) -> str | None:
-    """What to tell of a machine renamed once its installer fetched its config, else None:
-    the hostname and k3s ``--node-name`` were written into its installed OS then, and its
-    register command sends that node name at every boot (its ``node_name`` fact). The
-    inventory, the dashboard and netboot's DNS take the new name at once; the node keeps the
-    old one until it installs again. `kubectl get node rack2-a` found nothing after the CLI
-    said only ``hostname rack2-a`` (s47-review); the API's PATCH said nothing at all (its
-    answer's ``warnings`` now, s48-review)."""
-    runs = after.facts.get("node_name")  # none from an older netboot's register command
-    if after.state not in _RUNS_ITS_NAME or after.hostname in (before.hostname, runs):
-        return None
-    named = f"as {printable(runs)}" if runs else "under the name it installed with"
-    return (f"{after.hostname or after.ref} still runs {named}: its installed OS keeps that "
-            f"hostname and k3s node name until it installs again (netboot machines reinstall "
-            f"{after.ref}); netboot's DNS name and views follow the new one now")
-
-
 # The fields a machine's "updated" event says from what to what (one short value each);
 # the others (macs, labels, identifiers) are named only.
 _SHOWN_CHANGE = frozenset({"hostname", "cluster", "role", "profile", "loader", "fixed_ipv4"})
@@ -799,12 +778,14 @@ class Core:
         return await self.enroller.reinstall(ref, versions=versions)
 
     async def give_to_claim(self, ref: str, data: Mapping[str, Any]) -> Machine:
-        """POST /machines/{ref}/claim: a registered machine given to the install whose
-        registration was refused with ``claim`` (Enroller.give_to_claim)."""
+        """POST /machines/{ref}/claim: a registered machine (or one installed whose
+        registration a restored backup lost) given to the install whose registration was
+        refused with ``claim`` (Enroller.give_to_claim)."""
         claim = data.get("claim")
         if not isinstance(claim, str) or not _CLAIM.fullmatch(claim):
-            raise ValidationError("claim", "the claim a 'registration contested' event of the "
-                                           "machine names (64 hexadecimal digits)")
+            raise ValidationError("claim", "the claim a 'registration contested' or "
+                                           "'registration refused' event of the machine "
+                                           "names (64 hexadecimal digits)")
         return await self.enroller.give_to_claim(ref, claim)
 
     # -- profiles, clusters, groups -------------------------------------------------------

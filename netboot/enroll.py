@@ -139,6 +139,14 @@ _CLAIMS_TOLD = 5
 # The events that begin a registration's hold of a machine: claims refused before the newest
 # are not given it (give_to_claim).
 _HOLDERS = frozenset({"registered", "registration claimed"})
+# The events whose claim give_to_claim gives a machine to: a registration's repeat refused
+# for another install's secret, and a later boot of a machine the inventory knows as
+# installed only (a restored backup: Enroller._refused_boot).
+_CLAIMING = frozenset({"registration contested", "registration refused"})
+# The states of a machine whose node may run an install the inventory lost (a backup of
+# before its install restored): told to mark it installed, then claim (_refused_boot).
+_LOST_INSTALL = frozenset({MachineState.ENROLLED, MachineState.BOOTING,
+                           MachineState.INSTALLING})
 # The newest events of a machine read to find its registration's (a registered machine writes
 # a few: its repeats are told once a place, its later boots only when its address moves).
 _REGISTERED_SEEN = 50
@@ -366,6 +374,28 @@ class RowError:
         return f"line {self.line}: {self.field}: {self.message}"
 
 
+_RUNS_ITS_NAME = frozenset({MachineState.INSTALLING, MachineState.INSTALLED,
+                            MachineState.REGISTERED})
+
+
+def renamed_installed(before: Machine, after: Machine) -> str | None:
+    """What to tell of a machine renamed once its installer fetched its config, else None:
+    the hostname and k3s ``--node-name`` were written into its installed OS then, and its
+    register command sends that node name at every boot (its ``node_name`` fact). The
+    inventory, the dashboard and netboot's DNS take the new name at once; the node keeps the
+    old one until it installs again. `kubectl get node rack2-a` found nothing after the CLI
+    said only ``hostname rack2-a`` (s47-review); the API's PATCH said nothing at all (its
+    answer's ``warnings`` now, s48-review); an import's rows said nothing (its report's
+    ``warnings`` now, s49-ha)."""
+    runs = after.facts.get("node_name")  # none from an older netboot's register command
+    if after.state not in _RUNS_ITS_NAME or after.hostname in (before.hostname, runs):
+        return None
+    named = f"as {printable(runs)}" if runs else "under the name it installed with"
+    return (f"{after.hostname or after.ref} still runs {named}: its installed OS keeps that "
+            f"hostname and k3s node name until it installs again (netboot machines reinstall "
+            f"{after.ref}); netboot's DNS name and views follow the new one now")
+
+
 @dataclass(frozen=True)
 class ImportReport:
     created: tuple[str, ...] = ()
@@ -373,6 +403,9 @@ class ImportReport:
     unchanged: tuple[str, ...] = ()
     errors: tuple[RowError, ...] = ()
     applied: bool = False
+    # What the operator should know of rows that are right (a rename of an installed
+    # machine: renamed_installed), as PATCH's answer and `machines set` say it.
+    warnings: tuple[RowError, ...] = ()
 
     def as_dict(self, most_errors: int | None = None) -> dict[str, Any]:
         """The report as JSON shapes it; ``most_errors``: list at most that many bad rows
@@ -386,6 +419,12 @@ class ImportReport:
         }
         if len(shown) < len(self.errors):
             out["errors_total"] = len(self.errors)
+        if self.warnings:  # bounded as errors are: a file renaming 100,000 installed ones
+            told = self.warnings if most_errors is None else self.warnings[:most_errors]
+            out["warnings"] = [{"line": w.line, "field": w.field, "message": w.message}
+                               for w in told]
+            if len(told) < len(self.warnings):
+                out["warnings_total"] = len(self.warnings)
         return out
 
 
@@ -1554,7 +1593,7 @@ class Enroller:
             if machine is None or not machine_token_is(machine, machine_token):
                 if machine is None or not _taken_back(machine, body.get("install_secret")):
                     if machine is not None:
-                        self._refused_boot(machine, peer)
+                        self._refused_boot(machine, peer, body.get("install_secret"))
                     raise AuthError("unknown machine or wrong token")
                 # The node of a reinstall the operator took back: registered again below
                 # (the machine token it holds was voided by the reinstall).
@@ -1670,9 +1709,10 @@ class Enroller:
                      f"no usable address (kept {machine.ipv4 or 'none'})")
             event = Event(machine.id, self._clock(), "registered", f"registered at {where}"
                           + (f" as {hostname}" if hostname else "") + refused
-                          + ("; again after its reinstall was taken back (marked installed): "
-                             "its install's secret proves the install it still runs, and a "
-                             "new machine token replaces the one the reinstall voided"
+                          + ("; again, its install's secret proving the install it still "
+                             "runs (a reinstall taken back, marked installed; or a claim given "
+                             "after a restore): a new machine token replaces the one the "
+                             "inventory no longer holds"
                              if taken_back else "; its install token is spent")
                           + ("" if keeps else _OLDER_COMMAND),
                           {"addresses": addresses,
@@ -1729,7 +1769,8 @@ class Enroller:
         await self.event(machine.id, kind, message,
                          {"peer": str(peer) if peer else None, "claim": claim})
 
-    def _refused_boot(self, machine: Machine, peer: IPAddress | None) -> None:
+    def _refused_boot(self, machine: Machine, peer: IPAddress | None,
+                      secret: object = None) -> None:
         """A ``registration refused`` event: a later boot of ``machine``'s installed OS (its
         register command with a machine token) was refused, the answer the same 401 as an
         unknown MAC's. It was told nowhere: after a reinstall that stands its node's 30
@@ -1738,9 +1779,19 @@ class Enroller:
         refused with the machine's history silent on why (s41-attack). Says what state
         refused it and the way out. Queued with the boot path's notes (no commit awaited:
         the answer is the 401 either way, as soon as an unknown MAC's); bounded
-        (:data:`REFUSED_BOOT_BURST`, :data:`REFUSED_BOOT_EVERY`); the token is not told."""
+        (:data:`REFUSED_BOOT_BURST`, :data:`REFUSED_BOOT_EVERY`); the token is not told.
+
+        A machine ``installed`` with no install's secret kept (an inventory restored from a
+        backup taken before its registration, then marked installed) is told with the claim
+        of the ``secret`` the node sent (its sha256, as a contested registration's): the
+        operator's ``netboot machines claim REF CLAIM`` (:meth:`give_to_claim`) has its next
+        try registered again, without a reinstall; the claim alone gives nothing (s49-ha)."""
         state = machine.state
         ref = machine.ref
+        claim = None
+        if state is MachineState.INSTALLED and not machine.secret_hash \
+                and isinstance(secret, str) and 0 < len(secret) <= 256:
+            claim = hashlib.sha256(secret.encode()).hexdigest()
         if state is _REGISTERED:
             why = ("the machine token it sent is not the one its registration gave (an "
                    "inventory restored from a backup taken before that registration, or a "
@@ -1764,16 +1815,29 @@ class Enroller:
                       "no install secret is kept to prove its node by)"))
             fix = (f"'netboot machines reinstall {ref}' and a network boot install it again, "
                    "with a new machine token")
+            if claim is not None:
+                fix = (f"if it is this machine's device, running the install the inventory "
+                       f"lost, 'netboot machines claim {ref} {claim}' (POST "
+                       f"/api/v1/machines/{ref}/claim) registers it again at its next try, "
+                       f"without a reinstall; else {fix}")
+            elif state in _LOST_INSTALL and isinstance(secret, str) and secret:
+                fix = (f"if it is this machine's device and installed since a backup that was "
+                       f"restored, 'netboot machines mark-installed {ref}': its next try's "
+                       f"refusal names the claim that registers it again without a reinstall; "
+                       f"else {fix}")
         message = (f"a later boot of its installed OS (its register command, from "
                    f"{peer or 'an unknown address'}) was refused (401): {why}. It retries at "
                    f"every boot until then. Fix: {fix}")
         kind = "registration refused"
         recorder = self.recorder
+        if claim is not None:  # kept by address, beside the rate-limited events (claims)
+            self.kept.refused(machine, str(peer) if peer else "", claim, self._clock())
         if recorder.repeats(machine.id, kind, message, machine) \
                 or not self._refused_boots.take(machine.id, self._clock()):
             return
         recorder.note(Event(machine.id, self._clock(), kind, message,
-                            {"peer": str(peer) if peer else None, "state": str(state)}),
+                            {"peer": str(peer) if peer else None, "state": str(state),
+                             **({"claim": claim} if claim else {})}),
                       machine)
 
     def render_failed(self, machine: Machine, what: str, kind: str, template: str | None,
@@ -1832,7 +1896,10 @@ class Enroller:
         stored password and the next join sets it). NotFound for a claim it did not make."""
         for attempt in range(1, DECIDE_ATTEMPTS + 1):
             machine = await identity.require_ref(self._store, ref)
-            if machine.state is not _REGISTERED:
+            # Installed with no install's secret kept: a restored backup's machine whose
+            # node runs an install the inventory lost (_refused_boot names its claim).
+            restored = machine.state is MachineState.INSTALLED and not machine.secret_hash
+            if machine.state is not _REGISTERED and not restored:
                 raise Conflict(f"{machine.ref} is {machine.state}, not registered: its next "
                                "registration is its install's own", field="state")
             events = await self._store.list_events(machine.id, limit=_CLAIMS_SEEN)
@@ -1847,7 +1914,7 @@ class Enroller:
             for e in reversed(events):
                 if e.kind in _HOLDERS or e.time < since:
                     break
-                if made is None and e.kind == "registration contested" \
+                if made is None and e.kind in _CLAIMING \
                         and isinstance(e.data.get("claim"), str) \
                         and hmac.compare_digest(e.data["claim"].encode(), claim.encode()):
                     made = e
@@ -1865,12 +1932,24 @@ class Enroller:
             peer = (held.peer if held else made.data.get("peer") if made else None) \
                 or "an unknown address"
             tries = f", {held.tries} tries" if held else ""
-            updated = replace_machine(machine, secret_hash=claim, install_token=None,
-                                      updated=self._clock())
-            event = Event(machine.id, self._clock(), "registration claimed",
-                          f"given to the install whose registration from {peer} was refused "
-                          f"(claim {claim}{tries}): its next try is answered; the machine token of "
-                          f"the registration at {machine.ipv4 or 'no address'} is void")
+            if restored:
+                # Its install token (the install it ran, as the backup knew it) is void too:
+                # the node's next try is taken by its secret alone (_taken_back), and it is
+                # registered again with a new machine token.
+                updated = replace_machine(machine, secret_hash=claim, install_token=None,
+                                          token_hash=None, token_expires=None,
+                                          updated=self._clock())
+                said = (f"given to the install whose later boot from {peer} was refused "
+                        f"(claim {claim}{tries}) by the operator's word: the inventory (a "
+                        "restored backup) had lost its registration; its next try registers "
+                        "it again, with a new machine token")
+            else:
+                updated = replace_machine(machine, secret_hash=claim, install_token=None,
+                                          updated=self._clock())
+                said = (f"given to the install whose registration from {peer} was refused "
+                        f"(claim {claim}{tries}): its next try is answered; the machine token "
+                        f"of the registration at {machine.ipv4 or 'no address'} is void")
+            event = Event(machine.id, self._clock(), "registration claimed", said)
             if await self._written(Batch(update=(updated,), events=(event,),
                                          expect={machine.id: machine.state},
                                          versions={machine.id: machine.updated}),
@@ -2229,10 +2308,15 @@ class Enroller:
             errors += [clash for clash in given.clashes(
                 {v: (i, existing[i].ref) for v, i in by_fixed.items()}, create_only)
                 if clash.line not in failed]
+        # A row renaming a machine whose installed OS carries its old name: said, by line.
+        renames = [RowError(line_of[m.id], "hostname", note) for m in update
+                   if m.id in existing and m.hostname != existing[m.id].hostname
+                   and (note := renamed_installed(existing[m.id], m))]
         report = ImportReport(
             created=tuple(create.refs()), changed=tuple(m.ref for m in update),
             unchanged=tuple(m.ref for m in unchanged),
             errors=tuple(sorted(errors, key=lambda e: e.line)),
+            warnings=tuple(sorted(renames, key=lambda e: e.line)),
         )
         if errors or dry_run:
             return report

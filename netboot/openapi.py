@@ -316,7 +316,15 @@ SCHEMAS: dict[str, Any] = {
             "line": {"type": "integer"}, "field": _STR, "message": _STR}}},
         "errors_total": {"type": "integer", "description": "how many rows are bad, present "
                                                            "when errors lists only the first "
-                                                           "1000"}}},
+                                                           "1000"},
+        "warnings": {"type": "array", "description": (
+            "rows that are right but do what the operator should know, present when there "
+            "is one: a row renaming an installed machine, whose node keeps its old name "
+            "until it installs again"), "items": {"type": "object", "properties": {
+                "line": {"type": "integer"}, "field": _STR, "message": _STR}}},
+        "warnings_total": {"type": "integer", "description": "how many warnings there are, "
+                                                             "present when warnings lists "
+                                                             "only the first 1000"}}},
     "Explanation": {"type": "object"},
     "TokenInput": {"type": "object", "required": ["name", "scope"], "additionalProperties": False,
                    "properties": {
@@ -570,10 +578,11 @@ def document() -> dict[str, Any]:
         },
         "/api/v1/machines/{ref}/claim": {
             "parameters": [_path_param("ref")],
-            "post": _op("give a registered machine to the install whose registration was "
-                        "refused with this claim (a 'registration contested' event or "
-                        "GET .../claims names it): its next try is answered, the holder's "
-                        "machine token void",
+            "post": _op("give a registered machine (or one installed whose registration "
+                        "a restored backup lost) to the install whose registration was "
+                        "refused with this claim (a 'registration contested' or "
+                        "'registration refused' event or GET .../claims names it): its next "
+                        "try is answered, the holder's machine token void",
                         need=OPERATE, body="Claim", out="Machine", errors=(400, 404, 409)),
         },
         "/api/v1/machines/{ref}/claims": {

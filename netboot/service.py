@@ -1523,6 +1523,10 @@ class Service:
             self._zone_holder.replace(await self._build_zone())
 
     async def close(self) -> None:
+        if self.peers is not None and self.peers.refreshed:
+            # A clean stop: the other servers' devices stop naming this one now, not once
+            # its entry ages out (peers.STALE_SECONDS); bounded by WITHDRAW_SECONDS.
+            await self.peers.withdraw()
         self.events.close()  # open event streams end first: see EventBus.close
         for task in self.tasks:
             task.cancel()
@@ -1554,15 +1558,31 @@ class Service:
                 await self._in_use_writer
         await self.store.close()
 
+    def reached_addresses(self) -> list[str]:
+        """Where a device's URLs name the address it reached (Content.at: 127.0.0.1 is
+        advertised, or several interfaces are named), each interface's address, not the
+        loopback one no device can use, nor the first named one's only; else none."""
+        cfg = self.config
+        if not self.content.by_address():
+            return []
+        if url_stand_in(cfg, self.advertise):
+            return named_addresses(cfg)
+        return [address for _, address in reached_at(cfg, self.advertise)]
+
+    def device_bases(self) -> tuple[str, ...]:
+        """The base URLs devices are given: one per interface where each is given the
+        address it reached (reached_addresses), else the base URL. What this server records
+        among the inventory's servers (netboot.inventory.peers), so that a pair's devices on
+        each of its VLANs are told an address of it they can reach."""
+        base = self.base_url
+        stand_in = url_stand_in(self.config, self.advertise)
+        return tuple(dict.fromkeys(reached_url(base, address, stand_in)
+                                   for address in self.reached_addresses())) or (base,)
+
     def summary(self) -> str:
         cfg = self.config
-        # Where a device's URLs name the address it reached (Content.at: 127.0.0.1 is
-        # advertised, or several interfaces are named), each interface's, not the loopback
-        # one no device can use, nor the first named one's only.
         stand_in = url_stand_in(cfg, self.advertise)
-        reached = (named_addresses(cfg) if stand_in else
-                   [address for _, address in reached_at(cfg, self.advertise)]) \
-            if self.content.by_address() else []
+        reached = self.reached_addresses()
         https = self.url_holder.get("https", "")
 
         def each(url: str, path: str = "") -> str:
@@ -1776,7 +1796,10 @@ async def build(config: Config, *, app: bool = True) -> Service:
         core = build_core(config, store, lambda: holder["base"],
                           trust=TrustOf(config, lambda: service.tls, lambda: holder["https"]),
                           stand_in=stand_in, peers=named)
-        peers = Peers(store, lambda: holder["base"], named=named,
+        # (A lambda: the service is made below.) Its base URLs, one per interface where a
+        # device is given the address it reached: Service.device_bases.
+        peers = Peers(store, lambda: service.device_bases(),  # noqa: PLW0108
+                      named=named,
                       told=core.content.set_peers)
         new_token = await ensure_admin_token(core.access, config.data_dir)
         # Before any config is served: a cluster made before agent tokens whose nodes have

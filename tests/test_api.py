@@ -3306,3 +3306,37 @@ async def test_renaming_an_installed_machine_answers_that_its_node_keeps_the_old
         assert r.status == 200 and "warnings" not in r.json(), r.text
     r = await call(env, "PATCH", f"/api/v1/machines/{MAC}", json_body={"labels": {"a": "b"}})
     assert r.status == 200 and "warnings" not in r.json(), r.text
+
+
+@pytest.mark.parametrize("route", ["import", "bulk"])
+async def test_an_import_renaming_an_installed_machine_says_its_node_keeps_the_old_name(
+        env: Env, route: str) -> None:
+    """A bulk import (a file, or the JSON bulk route) that renames a registered machine
+    answers with PATCH's note in ``warnings``, by the row's line, in the dry run too (where
+    it can still be changed); the enrolled machine renamed beside it gets none (s49-ha:
+    the import said nothing, s48-review's leftover)."""
+    await registered_beside_enrolled(env, MAC, "edge-7", "52:54:00:12:34:57", "edge-8")
+    rows = [{"mac": MAC, "hostname": "rack1-a"}, {"mac": "52:54:00:12:34:57",
+                                                 "hostname": "rack1-b"}]
+    note = (f"rack1-a still runs as edge-7: its installed OS keeps that hostname and k3s node "
+            f"name until it installs again (netboot machines reinstall {MAC}); netboot's DNS "
+            "name and views follow the new one now")
+    for dry in (True, False):
+        if route == "bulk":
+            r = await call(env, "POST", "/api/v1/machines:bulk",
+                           json_body={"machines": rows, "dry_run": dry})
+        else:
+            r = await call(env, "POST", "/api/v1/machines:import?format=csv"
+                           f"&dry_run={int(dry)}",
+                           data="mac,hostname\n" + "".join(
+                               f"{row['mac']},{row['hostname']}\n" for row in rows),
+                           headers={"Content-Type": "text/csv"})
+        assert r.status == (200 if dry else 201), r.text
+        report = r.json()
+        assert report["warnings"] == [{"line": 1 if route == "bulk" else 2,
+                                       "field": "hostname", "message": note}], report
+        assert report["applied"] is not dry and len(report["changed"]) == 2, report
+    assert (await env.get(f"/api/v1/machines/{MAC}"))["hostname"] == "rack1-a"
+    # Again: nothing renamed, nothing said.
+    r = await call(env, "POST", "/api/v1/machines:bulk", json_body={"machines": rows})
+    assert r.status == 201 and r.json()["unchanged"] and "warnings" not in r.json(), r.text

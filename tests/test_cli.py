@@ -1029,6 +1029,38 @@ async def test_renaming_an_installed_machine_says_its_node_keeps_the_old_name(
     assert rename("edge-8", "rack1-b").stderr == ""  # enrolled: installs as rack1-b
 
 
+async def test_an_import_renaming_an_installed_machine_says_its_node_keeps_the_old_name(
+        env: Env, tmp_path: Path) -> None:
+    """`netboot import` of a file renaming a registered machine says what `machines set`
+    says, as FILE:LINE: warning:, in the dry run and the import; the enrolled machine renamed
+    on the next line gets nothing, and a file with a bad row says only the bad row (nothing
+    is imported). Before s49-ha the import said "0 created, 2 changed" and nothing else."""
+    mac = "52:54:00:12:34:56"
+    await registered_beside_enrolled(env, mac, "edge-7", "52:54:00:12:34:57", "edge-8")
+    good = tmp_path / "rename.csv"
+    good.write_text(f"mac,hostname\n{mac},rack1-a\n52:54:00:12:34:57,rack1-b\n")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"mac,hostname\n{mac},rack1-a\n52:54:zz:12:34:57,rack1-b\n")
+
+    def imported(path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "netboot", "import", str(path), *extra,
+             "--config", str(tmp_path / "a" / "netboot.yaml")], capture_output=True,
+            text=True, env=this_checkout(), timeout=120)
+
+    note = (f"{good}:2: warning: hostname: rack1-a still runs as edge-7: its installed OS "
+            "keeps that hostname and k3s node name until it installs again (netboot machines "
+            f"reinstall {mac}); netboot's DNS name and views follow the new one now\n")
+    dry = imported(good, "--dry-run")
+    assert (dry.returncode, dry.stderr) == (0, note), dry
+    refused = imported(bad)
+    assert refused.returncode == 1 and "warning" not in refused.stderr, refused.stderr
+    done = imported(good)
+    assert (done.returncode, done.stderr) == (0, note), done
+    assert done.stdout == "0 were created, 2 changed, 0 left as they are\n", done.stdout
+    assert json.loads(imported(good, "--json").stdout).get("warnings") is None  # done now
+
+
 async def _strangers_text(cfg: str) -> None:
     """What a stranger on the provisioning network can put in the inventory, written as the
     servers write it: a discovered machine's serial and DHCP hostname (a boot request's

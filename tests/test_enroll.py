@@ -1561,6 +1561,24 @@ async def test_a_reinstall_taken_back_registers_the_node_that_still_runs_it(  # 
     assert newest.secret_hash == hashlib.sha256(b"its-new-install").hexdigest()
 
 
+async def _registered_then_restored(store: Any, mac_text: str, hostname: str, node: Any,
+                                   now: list[float]) -> tuple[Enroller, Machine, dict[str, Any]]:
+    """An installed machine registered from ``node`` (install secret "s"), then the
+    inventory restored from before that registration (60 s later on ``now``): the enroller,
+    the machine as registered, and its node's later-boot body (the machine token it holds)."""
+    mac = await _installed(store, mac_text, hostname)
+    enroller = Enroller(store, clock=lambda: now[0])
+    backup = await enroller.find_mac(mac)
+    assert backup is not None
+    first = await enroller.register({"mac": str(mac), "token": "tok", "install_secret": "s",
+                                     "keeps": "machine_token"}, node)
+    boot = {"mac": str(mac), "machine_token": first.install_token, "install_secret": "s",
+            "keeps": "machine_token"}
+    now[0] += 60
+    await store.update_machine(replace_machine(backup, updated=now[0]))  # the restore
+    return enroller, first, boot
+
+
 async def test_a_refused_later_boot_of_a_known_machine_is_told_on_it(store) -> None:  # type: ignore[no-untyped-def]
     """A later boot refused for its machine token (the same 401 as an unknown MAC's) is a
     ``registration refused`` event on the machine, with why and the way out: an inventory
@@ -1577,19 +1595,12 @@ async def test_a_refused_later_boot_of_a_known_machine_is_told_on_it(store) -> N
         return [e for e in events if e.kind == "registration refused"]
 
     now = [1000.0]
-    mac = await _installed(store, "52:54:00:00:42:01", "b42")
-    enroller = Enroller(store, clock=lambda: now[0])
-    backup = await enroller.find_mac(mac)
-    assert backup is not None
     node = ipaddress.ip_address("192.0.2.80")
-    first = await enroller.register({"mac": str(mac), "token": "tok", "install_secret": "s",
-                                     "keeps": "machine_token"}, node)
-    boot = {"mac": str(mac), "machine_token": first.install_token, "install_secret": "s",
-            "keeps": "machine_token"}
     # The backup restored: the machine as it was before it registered (installed, the
     # operator's Mark installed changing nothing of it), the node's machine token unknown.
-    now[0] += 60
-    await store.update_machine(replace_machine(backup, updated=now[0]))
+    enroller, first, boot = await _registered_then_restored(store, "52:54:00:00:42:01", "b42",
+                                                            node, now)
+    mac = first.mac
     for _ in range(30):  # one boot's tries
         with pytest.raises(AuthError, match="unknown machine or wrong token"):
             await enroller.register(boot, node)
@@ -1623,6 +1634,40 @@ async def test_a_refused_later_boot_of_a_known_machine_is_told_on_it(store) -> N
     # An unknown MAC: the same answer, nothing written anywhere.
     with pytest.raises(AuthError, match="unknown machine or wrong token"):
         await enroller.register({**boot, "mac": "52:54:00:00:42:99"}, node)
+
+
+async def test_a_restored_machines_node_registers_again_only_by_its_claim(store) -> None:  # type: ignore[no-untyped-def]
+    """After a restore from before its registration (installed, no install's secret kept),
+    the node's refused boot names the claim of its secret; only that claim, given by the
+    operator, lets its next try register (a new machine token); a claim nobody made is
+    refused, and another secret is refused after the claim too (s49-ha)."""
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import AuthError, NotFound
+
+    now = [1000.0]
+    node = ipaddress.ip_address("192.0.2.81")
+    enroller, first, boot = await _registered_then_restored(store, "52:54:00:00:49:01", "r49",
+                                                            node, now)
+    with pytest.raises(AuthError):
+        await enroller.register(boot, node)
+    await enroller.recorder.flush()
+    told = [e for e in await store.list_events(first.id) if e.kind == "registration refused"]
+    claim = hashlib.sha256(b"s").hexdigest()
+    assert told[-1].data["claim"] == claim and f"claim {first.ref} {claim}" in told[-1].message
+    with pytest.raises(NotFound):
+        await enroller.give_to_claim(first.ref, hashlib.sha256(b"other").hexdigest())
+    with pytest.raises(AuthError):  # nothing taken before the operator's word
+        await enroller.register(boot, node)
+    now[0] += 1
+    given = await enroller.give_to_claim(first.ref, claim)
+    assert given.state is MachineState.INSTALLED and given.token_hash is None
+    with pytest.raises(AuthError):
+        await enroller.register({**boot, "install_secret": "other"}, node)
+    again = await enroller.register(boot, node)
+    assert again.state is MachineState.REGISTERED
+    assert again.install_token and again.install_token != first.install_token
 
 
 async def _registered_by_a_thief(store: Any, mac_text: str, hostname: str, now: list[float],
@@ -2261,3 +2306,18 @@ async def test_a_bare_enrollers_fixed_address_import_takes_the_inventorys_lock(
     finally:
         os.close(fd)
         await store.close()
+
+
+def test_an_import_reports_warnings_bounded_as_its_errors() -> None:
+    """A file renaming thousands of installed machines answers the first ``most_errors``
+    warnings by line and counts them all in ``warnings_total`` (only then), as its errors."""
+    from netboot.enroll import ImportReport, RowError
+
+    warned = tuple(RowError(n + 2, "hostname", f"node {n} still runs as …") for n in range(1500))
+    report = ImportReport(changed=("a",), warnings=warned, applied=True)
+    shown = report.as_dict(1000)
+    assert len(shown["warnings"]) == 1000 and shown["warnings_total"] == 1500
+    assert shown["warnings"][0] == {"line": 2, "field": "hostname",
+                                    "message": "node 0 still runs as …"}
+    assert "warnings_total" not in report.as_dict() and len(report.as_dict()["warnings"]) == 1500
+    assert "warnings" not in ImportReport(changed=("a",)).as_dict(1000)

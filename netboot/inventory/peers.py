@@ -8,20 +8,29 @@ base URL in one setting (:data:`~netboot.inventory.base.SERVERS`, a JSON object:
 time it last said it runs, by its own clock) at start and every :data:`REFRESH_SECONDS`,
 with a compare-and-set (Store.claim_setting), so that two servers writing at once keep
 both; a URL not said for :data:`STALE_SECONDS` is dropped by the next writer (a server
-stopped, or one whose address changed). A site that names its servers (``server.peers``)
-is given those instead (:class:`Peers` ``named``); each server still records itself.
+stopped uncleanly, or one whose address changed); a server stopped cleanly takes its own
+entries out (:meth:`Peers.withdraw`). A site that names its servers (``server.peers``) is
+given those instead (:class:`Peers` ``named``); each server still records itself.
+
+A server records every base URL its devices are given (one per interface where each device
+is given the address it reached: service.Service.device_bases), and never a loopback or
+unspecified one (:func:`offered`): ``http://127.0.0.1:…`` in another server's record would
+send each device to itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import time
 from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
 
 from netboot.errors import StoreError
 from netboot.inventory.base import SERVERS, Store
+from netboot.model import loopback_url, parse_ip
 
 # How often a server says it runs, and reads who else does.
 REFRESH_SECONDS = 60.0
@@ -33,8 +42,27 @@ STALE_SECONDS = 600.0
 # Compare-and-set rounds before a refresh gives up until the next (each lost round means
 # another server wrote between this one's read and write: two or three at most in a pair).
 ROUNDS = 5
+# How long a clean stop waits for the inventory to take this server's entries out: a store
+# that does not answer then leaves them to age out (STALE_SECONDS), as a killed server's.
+WITHDRAW_SECONDS = 5.0
 
 log = logging.getLogger(__name__)
+
+# This server's base URL, or each of them (one per interface: Service.device_bases).
+Own = Callable[[], str | tuple[str, ...]]
+
+
+def offered(url: str) -> bool:
+    """Whether a base URL may be recorded and offered to devices: not one naming a loopback
+    host (each device would try itself) nor an unspecified one (0.0.0.0, ``::``: no host)."""
+    if loopback_url(url):
+        return False
+    address = parse_ip(urlsplit(url).hostname)
+    return address is None or not address.is_unspecified
+
+
+def _owned(own: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (own,) if isinstance(own, str) else own
 
 
 def read_record(text: str | None) -> dict[str, float]:
@@ -48,25 +76,34 @@ def read_record(text: str | None) -> dict[str, float]:
         return {}
     if not isinstance(data, dict):
         return {}
+    # (A loopback or unspecified URL, which a netboot of session 48 recorded as it was,
+    # is read as absent: offered.)
     return {url: float(seen) for url, seen in data.items()
             if isinstance(url, str) and url.startswith(("http://", "https://"))
             and isinstance(seen, int | float) and not isinstance(seen, bool)
-            and math.isfinite(seen)}
+            and math.isfinite(seen) and offered(url)}
 
 
-def recorded(record: Mapping[str, float], own: str, now: float) -> str:
-    """The record's text with ``own`` said now, and the URLs unheard of for STALE_SECONDS
-    left out (sorted: the same record is the same text)."""
-    kept = {url: seen for url, seen in record.items() if now - seen < STALE_SECONDS}
-    kept[own] = now
+def recorded(record: Mapping[str, float], own: str | tuple[str, ...], now: float,
+             *, gone: bool = False) -> str:
+    """The record's text with ``own`` (a URL, or each of a server's) said now, or taken out
+    (``gone``: a clean stop), and the URLs unheard of for STALE_SECONDS left out (sorted:
+    the same record is the same text). A URL not :func:`offered` is never written."""
+    owned = _owned(own)
+    kept = {url: seen for url, seen in record.items()
+            if now - seen < STALE_SECONDS and not (gone and url in owned)}
+    if not gone:
+        kept.update((url, now) for url in owned if offered(url))
     return json.dumps(dict(sorted(kept.items())), separators=(",", ":"))
 
 
-def others_in(record: Mapping[str, float], own: str, now: float) -> tuple[str, ...]:
-    """The other servers' base URLs the record names, heard of within STALE_SECONDS, in the
-    order of their text (every server lists them alike)."""
+def others_in(record: Mapping[str, float], own: str | tuple[str, ...], now: float
+              ) -> tuple[str, ...]:
+    """The other servers' base URLs the record names (not one of ``own``), heard of within
+    STALE_SECONDS, in the order of their text (every server lists them alike)."""
+    owned = _owned(own)
     return tuple(sorted(url for url, seen in record.items()
-                        if url != own and now - seen < STALE_SECONDS))
+                        if url not in owned and now - seen < STALE_SECONDS))
 
 
 async def recorded_servers(store: Store, clock: Callable[[], float] = time.time
@@ -81,7 +118,7 @@ class Peers:
     (:attr:`others`, what Content's register command tries after this server), each change
     of them told to ``told`` (Content.set_peers)."""
 
-    def __init__(self, store: Store, own: Callable[[], str], *, named: tuple[str, ...] = (),
+    def __init__(self, store: Store, own: Own, *, named: tuple[str, ...] = (),
                  told: Callable[[tuple[str, ...]], None] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self._store = store
@@ -95,6 +132,13 @@ class Peers:
         self._failing = False
         self._heard: str | None = None  # the record's text last read (heard)
         self._due = -math.inf  # when (time.monotonic) to refresh next
+        self._unoffered = False  # the loopback base URL's warning given (refresh)
+
+    @property
+    def refreshed(self) -> bool:
+        """Whether this server has said it runs (a refresh was due once): what a clean stop
+        takes out."""
+        return self._due != -math.inf
 
     async def refresh_if_due(self, now: float) -> None:
         """:meth:`refresh` if REFRESH_SECONDS passed since the last (``now``: monotonic)."""
@@ -113,34 +157,61 @@ class Peers:
         if not self._named:
             self._take(read_record(text), self._own())
 
-    def _take(self, record: Mapping[str, float], own: str) -> None:
+    def _take(self, record: Mapping[str, float], own: str | tuple[str, ...]) -> None:
         others = others_in(record, own, self._clock())
         if others != self.others:
             log.info("servers sharing the inventory besides this one (%s), which devices "
-                     "register through when it is gone: %s", own, ", ".join(others) or "none")
+                     "register through when it is gone: %s", ", ".join(_owned(own)),
+                     ", ".join(others) or "none")
             self.others = others
             if self._told is not None:
                 self._told(others)
 
-    async def refresh(self) -> None:
-        """Say this server runs at its base URL, and read who else does. A store that
-        refuses is logged once (until it answers again): the list read before stays."""
-        own = self._own()
+    async def _write(self, own: tuple[str, ...], *, gone: bool = False) -> str | None:
+        """The record with ``own`` said now (or taken out: ``gone``), by compare-and-set:
+        the record as it was written last."""
+        text = await self._store.get_setting(SERVERS)
+        held = text
+        for _ in range(ROUNDS):
+            new = recorded(read_record(text), own, self._clock(), gone=gone)
+            if new == text or (gone and not read_record(text).keys() & set(own)):
+                return text  # nothing of this server's to take out
+            held = await self._store.claim_setting(SERVERS, new, replace=text)
+            if held == new:
+                break
+            text = held  # another server wrote between: again from what it wrote
+        return held
+
+    async def withdraw(self) -> None:
+        """A clean stop: this server's entries taken out of the record, so that the others'
+        devices stop trying it at once, not after STALE_SECONDS (a killed server's age out).
+        Bounded by WITHDRAW_SECONDS; a store that refuses or does not answer is logged."""
+        own = _owned(self._own())
         try:
-            text = await self._store.get_setting(SERVERS)
-            for _ in range(ROUNDS):
-                now = self._clock()
-                new = recorded(read_record(text), own, now)
-                held = await self._store.claim_setting(SERVERS, new, replace=text)
-                if held == new:
-                    break
-                text = held  # another server wrote between: again from what it wrote
+            await asyncio.wait_for(self._write(own, gone=True), WITHDRAW_SECONDS)
+        except (StoreError, TimeoutError) as exc:
+            log.warning("could not take this server (%s) out of the inventory's servers "
+                        "(%s): the others name it for up to %d minutes", ", ".join(own),
+                        exc or "no answer", STALE_SECONDS // 60)
+
+    async def refresh(self) -> None:
+        """Say this server runs at its base URLs, and read who else does. A store that
+        refuses is logged once (until it answers again): the list read before stays."""
+        own = _owned(self._own())
+        if not any(offered(url) for url in own) and not self._unoffered:
+            self._unoffered = True
+            log.warning("this server's base URL %s names no host another can reach: it is "
+                        "not recorded among the inventory's servers, and the others' devices "
+                        "do not register through it; set server.advertise (or "
+                        "http.public_url) to the provisioning address", ", ".join(own))
+        try:
+            held = await self._write(own)
             record = read_record(held)
         except StoreError as exc:
             if not self._failing:
                 log.warning("could not record this server (%s) among the inventory's "
                             "servers: %s; devices' register commands keep naming %s",
-                            own, exc, ", ".join(self.others) or "this server alone")
+                            ", ".join(own), exc, ", ".join(self.others) or "this server alone")
             self._failing = True
             return
         self._failing = False

@@ -130,3 +130,63 @@ async def test_a_new_server_is_told_by_the_change_feed_without_remaking_the_view
     assert isinstance(record, str)
     a.heard(record)
     assert a.others == (B,)
+
+
+async def test_a_loopback_or_unspecified_base_url_is_never_recorded_nor_offered(
+        stores: tuple[SqliteStore, SqliteStore], caplog: pytest.LogCaptureFixture) -> None:
+    """A server started with the defaults on a host without a default route has the base URL
+    http://127.0.0.1:PORT: recorded, every device of the other server would register to
+    itself. Such a server records nothing of its own (and says what to set), and a record an
+    older netboot wrote with one (or 0.0.0.0, ::1, localhost) offers it to no one (s49-ha)."""
+    clock = Clock()
+    local = Peers(stores[0], lambda: "http://127.0.0.1:8080", clock=clock)
+    with caplog.at_level("WARNING", logger="netboot.inventory.peers"):
+        await local.refresh()
+    assert "set server.advertise" in caplog.text
+    assert read_record(await stores[0].get_setting(SERVERS)) == {}
+    older = json.dumps({url: clock.now for url in (
+        "http://127.0.0.1:8080", "http://0.0.0.0:8080", "http://[::1]:8080",
+        "http://localhost:8080", "http://[::]:8080", B)})
+    await stores[0].put_setting(SERVERS, older)
+    a = Peers(stores[1], lambda: A, clock=clock)
+    await a.refresh()
+    assert a.others == (B,)
+    assert set(read_record(await stores[1].get_setting(SERVERS))) == {A, B}
+    assert set(json.loads(await stores[1].get_setting(SERVERS) or "{}")) == {A, B}
+    a.heard(older)
+    assert a.others == (B,)
+
+
+async def test_a_server_on_two_vlans_records_each_base_url_and_offers_none_of_its_own(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """A server whose devices are each given the address they reached (several interfaces,
+    no advertise) records one base URL per interface, so that the other server's devices on
+    either VLAN are told one they can reach; none of them is among its own others (s49-ha)."""
+    clock = Clock()
+    two = Peers(stores[0], lambda: (A, "http://198.51.100.1:8080"), clock=clock)
+    b = Peers(stores[1], lambda: B, clock=clock)
+    await two.refresh()
+    await b.refresh()
+    await two.refresh()
+    assert b.others == (A, "http://198.51.100.1:8080")
+    assert two.others == (B,)
+
+
+async def test_a_clean_stop_takes_its_own_entries_out_and_leaves_the_others(
+        stores: tuple[SqliteStore, SqliteStore]) -> None:
+    """A server stopped cleanly is no longer named at once (not after STALE_SECONDS): its
+    entries taken out by compare-and-set, the others' kept; a second withdraw writes
+    nothing (s49-ha)."""
+    clock = Clock()
+    two = Peers(stores[0], lambda: (A, C), clock=clock)
+    b = Peers(stores[1], lambda: B, clock=clock)
+    await two.refresh()
+    await b.refresh()
+    assert b.others == (A, C)
+    await two.withdraw()
+    text = await stores[1].get_setting(SERVERS)
+    assert set(read_record(text)) == {B}
+    b.heard(text)
+    assert b.others == ()
+    await two.withdraw()
+    assert await stores[1].get_setting(SERVERS) == text

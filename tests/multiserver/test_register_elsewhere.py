@@ -17,6 +17,7 @@ refused connection, then B's answer: under a second).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import shutil
 import subprocess
@@ -49,6 +50,14 @@ IP = shutil.which("ip") or "ip"
 def link() -> Iterator[tuple[str, str]]:
     """The servers' namespace (192.0.2.1, 192.0.2.2) and the device's (192.0.2.60), one
     veth pair between them, made inside them."""
+    with linked((("192.0.2.1/24", "192.0.2.2/24"), f"{DEVICE}/24")) as both:
+        yield both
+
+
+@contextlib.contextmanager
+def linked(*links: tuple[tuple[str, ...], str]) -> Iterator[tuple[str, str]]:
+    """The servers' namespace and the device's, one veth pair made inside them per link
+    (``nbsN`` with the servers' addresses, ``nbdN`` with the device's), deleted after."""
     tag = secrets.token_hex(3)
     servers, device = f"nbt-{tag}-s", f"nbt-{tag}-d"
     made = []
@@ -56,18 +65,50 @@ def link() -> Iterator[tuple[str, str]]:
         for ns in (servers, device):
             ip("netns", "add", ns)
             made.append(ns)
-        ip("-n", servers, "link", "add", "nbs0", "type", "veth", "peer", "name", "nbd0",
-           "netns", device)
-        for ns, dev, addresses in ((servers, "nbs0", ("192.0.2.1/24", "192.0.2.2/24")),
-                                   (device, "nbd0", (f"{DEVICE}/24",))):
-            for address in addresses:
-                ip("-n", ns, "addr", "add", address, "dev", dev)
-            for up in ("lo", dev):
-                ip("-n", ns, "link", "set", up, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+        for n, (nets, device_address) in enumerate(links):
+            ip("-n", servers, "link", "add", f"nbs{n}", "type", "veth", "peer", "name",
+               f"nbd{n}", "netns", device)
+            for ns, dev, addresses in ((servers, f"nbs{n}", nets),
+                                       (device, f"nbd{n}", (device_address,))):
+                for address in addresses:
+                    ip("-n", ns, "addr", "add", address, "dev", dev)
+                ip("-n", ns, "link", "set", dev, "up")
         yield servers, device
     finally:
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
+
+
+def first_server(mac: str, hostname: str, cluster: str = "edge",
+                 profile: bool = True) -> list[tuple[str, dict[str, Any]]]:
+    """The API's POSTs that enroll ``mac`` as managed cluster ``cluster``'s first server, with
+    the k3OS profile (made first unless ``profile`` is False): what its config is made of."""
+    return [*([("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
+                                     "initrds": ["initrd.img"],
+                                     "config_template": "k3os"})] if profile else []),
+            ("/api/v1/clusters", {"name": cluster, "server_url": "managed"}),
+            ("/api/v1/machines", {"mac": mac, "hostname": hostname, "cluster": cluster,
+                                  "role": "server", "profile": "k3os"})]
+
+
+async def started(a: Host, b: Host) -> dict[str, str]:
+    """A started, then B with A's secrets key (as an operator copies it to the second
+    host): the admin's Authorization header (the inventory's token, in A's data dir)."""
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, a.start)
+    b.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    shutil.copy2(a.data_dir / "secret.key", b.data_dir / "secret.key")
+    await loop.run_in_executor(None, b.start)
+    return {"Authorization": f"Bearer {(a.data_dir / 'admin.token').read_text().strip()}"}
+
+
+async def stopped(a: Host, b: Host) -> str:
+    """Both stopped (SIGTERM, each by its own PID; one already gone is left): their logs."""
+    logs = f"--- a\n{a.log()}\n--- b\n{b.log()}"
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(loop.run_in_executor(None, a.stop), loop.run_in_executor(None, b.stop))
+    return logs
 
 
 def _server(tmp: Path, name: str, host: str, dsn: str, ns: str) -> Host:
@@ -95,13 +136,8 @@ def test_a_device_whose_server_died_after_its_config_registers_through_the_other
         async with pg.fresh_schema(postgres) as dsn:
             a = _server(tmp_path, "a", "192.0.2.1", dsn, servers_ns)
             b = _server(tmp_path, "b", "192.0.2.2", dsn, servers_ns)
-            await loop.run_in_executor(None, a.start)
             try:
-                b.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                shutil.copy2(a.data_dir / "secret.key", b.data_dir / "secret.key")
-                await loop.run_in_executor(None, b.start)
-                admin = (a.data_dir / "admin.token").read_text().strip()
-                auth = {"Authorization": f"Bearer {admin}"}
+                auth = await started(a, b)
                 async with aiohttp.ClientSession(
                         timeout=aiohttp.ClientTimeout(total=30)) as http:
                     async def call(server: Host, method: str, path: str, body: Any = None,
@@ -112,14 +148,7 @@ def test_a_device_whose_server_died_after_its_config_registers_through_the_other
                                 await resp.json() if resp.content_type == "application/json"
                                 else await resp.text())
 
-                    for path, body in (
-                            ("/api/v1/profiles", {"name": "k3os", "kernel": "vmlinuz",
-                                                  "initrds": ["initrd.img"],
-                                                  "config_template": "k3os"}),
-                            ("/api/v1/clusters", {"name": "edge", "server_url": "managed"}),
-                            ("/api/v1/machines", {"mac": MAC, "hostname": "edge-s1",
-                                                  "cluster": "edge", "role": "server",
-                                                  "profile": "k3os"})):
+                    for path, body in first_server(MAC, "edge-s1"):
                         status, answer = await call(a, "POST", path, body)
                         assert status == 201, (path, status, answer)
                     # A learns of B from the inventory (B recorded itself at its start).
@@ -160,9 +189,7 @@ def test_a_device_whose_server_died_after_its_config_registers_through_the_other
                                                 f"/api/v1/machines/{MAC}/events"))[1]
                     out["b health"] = await call(b, "GET", "/healthz", admin=False)
             finally:
-                out["logs"] = f"--- a\n{a.log()}\n--- b\n{b.log()}"
-                await asyncio.gather(loop.run_in_executor(None, a.stop),
-                                     loop.run_in_executor(None, b.stop))
+                out["logs"] = await stopped(a, b)
         return out
 
     # The test's side (its API calls, the device's fetches) from the device's namespace.

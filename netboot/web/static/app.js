@@ -19,7 +19,7 @@ const STATES = ["discovered", "enrolled", "booting", "installing", "installed", 
 // booting, installing or reinstall → installed).
 const MARKABLE = ["enrolled", "booting", "installing", "reinstall"];
 // The states of a machine whose installed OS took its hostname and k3s node name from its
-// config (core.renamed_installed).
+// config (enroll.renamed_installed).
 const RUNS_ITS_NAME = ["installing", "installed", "registered"];
 
 // ---- helpers ---------------------------------------------------------------------------
