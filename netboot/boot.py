@@ -452,7 +452,10 @@ def _news(machine: Machine, request: BootRequest, taken: frozenset[str],
         told["relay"] = r.relay
     if r.interface:
         told["interface"] = r.interface
-    if r.remote_addr:
+    if r.remote_addr and not (r.relay and r.via == "dhcp"):
+        # A relayed DHCP request comes from its relay agent's address (RFC 2131 §4.1), told
+        # as ``relay``: not the machine's, which its next HTTP request would set back, a
+        # row rewrite at every boot of a machine behind a relay.
         told["remote_addr"] = r.remote_addr
     if seen is None:
         seen = Identity.of_request(request)

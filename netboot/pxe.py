@@ -368,6 +368,14 @@ def _client(shape: _Shape, packet: Inbound, peer: str | None, interface: str | N
         mac = MacAddress(packet.chaddr[:6].ljust(6, b"\0"))
     hostname = option(_HOSTNAME)
     giaddr = packet.giaddr
+    if peer == ZERO_IP:
+        # RFC 2131 §4.1: a client with no address yet sends from 0.0.0.0, which names no
+        # host. Kept, it was learnt as the machine's ``remote_addr`` fact at each first
+        # sighting (a row rewrite at every boot of a machine whose HTTP requests had set
+        # its real address) and written in each ``dhcp`` event as its "peer": None, as
+        # for a request from no address (BootRequest). Discovery's budget reads both as a
+        # broadcast on the interface (discovery.source_of).
+        peer = None
     # BootRequest's fields in order: mac, arch, firmware, arch_code, uuid, serial,
     # manufacturer, product, asset, hostname, platform, remote_addr, relay, interface, via
     # (tests/test_pxe.py holds it to BootRequest(...) by name).

@@ -1938,8 +1938,8 @@ def _news_as_rules_say(machine: Machine, request: BootRequest, taken: frozenset[
         value = getattr(request, key)
         if value and (key != "hostname" or enroll.hostname_ok(value)):
             told["dhcp_hostname" if key == "hostname" else key] = value
-    if request.remote_addr:
-        told["remote_addr"] = request.remote_addr
+    if request.remote_addr and not (request.relay and request.via == "dhcp"):
+        told["remote_addr"] = request.remote_addr  # a relayed DHCP request's is the relay's
     for key in ("uuid", "serial", "asset"):
         value = getattr(request, key)
         if value and (getattr(seen, key) is None or key in taken):
@@ -1975,7 +1975,8 @@ def test_what_a_request_teaches_follows_learns_rules() -> None:
         request = BootRequest(
             mac=MAC, arch=draw.choice(list(Arch)), firmware=draw.choice(list(Firmware)),
             uuid=draw.choice(uuids), serial=draw.choice(texts), asset=draw.choice(texts),
-            remote_addr=draw.choice([None, "", "192.0.2.9", "192.0.2.10"]), **told)
+            remote_addr=draw.choice([None, "", "192.0.2.9", "192.0.2.10"]),
+            via=draw.choice(["dhcp", "http", "tftp"]), **told)
         facts = {k: v for k, v in (("manufacturer", "x"), ("product", "y"),
                                    ("dhcp_hostname", "x"), ("remote_addr", "192.0.2.9"),
                                    ("uuid", "not-a-uuid"), ("serial", "SN-1"))
@@ -1992,6 +1993,32 @@ def test_what_a_request_teaches_follows_learns_rules() -> None:
         if expected is not None:
             assert list(boot_module._news(machine, request, taken)["facts"]) == \
                 list(expected["facts"])  # the facts' order too
+
+
+def test_a_dhcp_request_learns_no_address_that_is_not_the_machines() -> None:
+    """A machine seen before (arch, firmware, UUID; its address learnt from its HTTP
+    requests) learns nothing from its DHCP requests' sources that are not its address, so
+    its row is not rewritten at each boot: a relayed request comes from the relay agent
+    (RFC 2131 §4.1; told as ``relay``), a broadcast from 0.0.0.0 (no address: pxe gives
+    None). A request from another address of its own (the :4011 REQUEST, HTTP, TFTP) is a
+    fact that changed, learnt as before."""
+    known = Machine(macs=(MAC,), uuid="03000200-0400-0500-0006-000700080009",
+                    arch=Arch.X86_64, firmware=Firmware.UEFI,
+                    facts={"relay": "198.51.100.1", "remote_addr": "192.0.2.60"})
+    dhcp = {"mac": MAC, "arch": Arch.X86_64, "firmware": Firmware.UEFI, "via": "dhcp",
+            "uuid": "03000200-0400-0500-0006-000700080009"}
+    relayed = BootRequest(**dhcp, remote_addr="198.51.100.1", relay="198.51.100.1")
+    assert boot_module.learn(known, relayed, 1.0) is known
+    assert not boot_module.teaches(known, relayed)
+    broadcast = BootRequest(**dhcp, remote_addr=None)
+    assert boot_module.learn(known, broadcast, 1.0) is known
+    for via, relay in (("dhcp", None), ("http", None), ("tftp", None), ("http", "198.51.100.1")):
+        moved = BootRequest(**{**dhcp, "via": via}, remote_addr="192.0.2.61", relay=relay)
+        learnt = boot_module.learn(known, moved, 2.0)
+        assert learnt.facts["remote_addr"] == "192.0.2.61" and learnt.updated == 2.0, via
+    # A relayed request of a machine that never told its address learns none from it.
+    bare = replace(known, facts={})
+    assert "remote_addr" not in boot_module.learn(bare, relayed, 3.0).facts
 
 
 async def test_a_fixed_address_is_answered_from_the_view_when_its_sync_fails(

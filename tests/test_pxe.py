@@ -546,6 +546,25 @@ def test_a_classified_request_holds_each_fact_in_its_own_field() -> None:
         boot_request_of_values(values[:-1])
 
 
+def test_a_request_from_no_address_has_no_remote_address() -> None:
+    """RFC 2131 §4.1: a client with no address sends from 0.0.0.0, which names no host: its
+    request has none (learnt as a fact, it rewrote a known machine at every boot; s49). A
+    client that holds an address (the :4011 REQUEST) or a relay still names its own, and
+    discovery's budget reads a request from no address as before, the interface's."""
+    from netboot.discovery import source_of
+
+    packet = dhcp.parse_request(dhcp.encode(frame("uefi-edk2pxe", 8)))
+    classifier = pxe.Classifier(SETTINGS)
+    for classified in (pxe.classify(packet, SETTINGS, "0.0.0.0", "eth1"),
+                       classifier.classify(packet, "0.0.0.0", "eth1")):
+        assert classified.request.remote_addr is None
+        assert source_of(classified.request) == source_of(dataclasses.replace(
+            classified.request, remote_addr="0.0.0.0")) == "broadcast on eth1"
+    for peer in ("192.0.2.50", "198.51.100.1"):
+        assert pxe.classify(packet, SETTINGS, peer).request.remote_addr == peer
+        assert classifier.classify(packet, peer).request.remote_addr == peer
+
+
 def test_uuid_text_is_what_the_uuid_module_makes_of_either_byte_order() -> None:
     """pxe._uuid's text, worked from the option's hex digits (s38-dhcp1st), against
     uuid.UUID for random values: EFI and iPXE in EFI byte order (bytes_le), U-Boot in

@@ -1320,3 +1320,53 @@ async def test_a_repeat_asks_what_would_be_recorded_only_once_the_recorder_was_t
     await env.settle()
     kinds = [e.kind for e in await env.store.list_events(machine.id)]
     assert kinds == ["dhcp", "ipxe", "dhcp"]
+
+
+async def test_a_first_discover_of_a_machine_whose_facts_are_known_rewrites_no_row(
+        env: Env) -> None:
+    """A machine seen before (its arch, firmware and UUID learnt; its address learnt from
+    its HTTP requests, as an install's are), on its first DISCOVER after a restart, writes
+    its boot history and nothing else: its DISCOVER comes from 0.0.0.0 (RFC 2131 §4.1), an
+    address that names no host. On main that address was learnt as its ``remote_addr``
+    fact, a rewrite of the machine's row (and a change-feed row) at each boot, flipped back
+    by its next HTTP request, and written in its ``dhcp`` event as the peer."""
+    await env.store.create_machine(Machine(macs=(MAC,), hostname="n1",
+                                           state=MachineState.INSTALLED))
+    assert await env.offer(1) is not None
+    await env.settle()
+    learnt = await env.store.machine_by("mac", str(MAC))
+    assert learnt is not None and learnt.arch == Arch.X86_64 and learnt.uuid is not None
+    # What its install's HTTP requests left: the address it asked from.
+    await env.store.update_machine(replace(learnt, facts={
+        **learnt.facts, "remote_addr": "192.0.2.60", boot.INSTALL_PEER: "192.0.2.60"}))
+    before = await env.store.machine_by("mac", str(MAC))
+    assert before is not None
+    # The server started again over the same inventory: a fresh view, no answer kept.
+    enroller = Enroller(env.store)
+    again = BootService(env.store, env.boot._assets, BootSettings(policy="hold"), enroller)
+    server = DhcpServer(DhcpSettings(), again, env.store, interfaces=None,
+                        advertise=SERVER_IP, host="127.0.0.1")
+    try:
+        await again.load_view()
+        conn = sqlite3.connect(env.path)
+        try:
+            rows = conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+            replies = await server.handle(discover(MAC, 2), ("0.0.0.0", 68),
+                                          server_ip=SERVER_IP, pxe_port=False)
+            assert replies and dhcp.parse(replies[0][0]).file_name == "snponly.efi"
+            await again.drain()
+            await enroller.recorder.flush()
+            # The change feed: one row a machine written (its event is not one).
+            assert conn.execute("SELECT count(*) FROM changes").fetchone()[0] == rows
+        finally:
+            conn.close()
+    finally:
+        await again.drain()
+    after = await env.store.machine_by("mac", str(MAC))
+    assert after == before  # not rewritten: the same stamp, the same facts
+    # Its boot history: the step noted once until something else happens (Recorder.repeats),
+    # read from the inventory by the restarted server as on main.
+    events = await env.store.list_events(before.id)
+    assert [e.kind for e in events] == ["dhcp"]
+    for e in events:
+        assert "0.0.0.0" not in e.message and (e.data or {}).get("peer") != "0.0.0.0", e
