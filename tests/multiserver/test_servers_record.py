@@ -107,6 +107,15 @@ def test_a_pairs_devices_are_told_addresses_they_reach_and_not_a_stopped_server(
                     while _told(b.log(), b.base) != a_urls and time.monotonic() < deadline:
                         await asyncio.sleep(0.1)
                     out["b was told"] = _told(b.log(), b.base)
+                    # A learns of B on its own watch of the servers record, apart from B's:
+                    # its devices' configs name B only from then (CI of s49-integ: A's
+                    # config was fetched before A had heard of B).
+                    a_self = f"192.0.2.1:{a.port}"
+                    deadline = time.monotonic() + TOLD_SECONDS
+                    while ("192.0.2.2" not in _told(a.log(), a_self)
+                           and time.monotonic() < deadline):
+                        await asyncio.sleep(0.1)
+                    out["a was told"] = _told(a.log(), a_self)
 
                     async def config(base: str, mac: str = MAC) -> str:
                         status, script = await call(base, f"/ipxe?mac={mac}&arch=x86_64")

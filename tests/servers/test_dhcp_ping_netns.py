@@ -222,7 +222,7 @@ def relayed() -> Iterator[tuple[Link, str]]:
         yield Link(server, client, server_if="nbs0", client_if="nbc0"), router
 
 
-@pytest.mark.requires("dnsmasq", "dnsmasq")
+@pytest.mark.requires("dnsmasq", "dnsmasq-base")
 @pytest.mark.parametrize("listener", ["interface", "one socket"])
 def test_across_a_relay_the_address_a_far_host_holds_is_pinged_there_and_skipped(
         relayed: tuple[Link, str], listener: str) -> None:
