@@ -746,7 +746,11 @@ class Content:
                # stored "" is a restored backup's or hand SQL's, not the API's).
                bool(hostname) or hostname, not token)
         frame = frames.get(key)
-        plain = not ((hostname and hostname.strip(_FRAME_PLAIN)) or token.strip(_FRAME_PLAIN))
+        # One look at the hostname and the token, as _config_framed's: their two
+        # str.strip(_FRAME_PLAIN) were ~5,800 of a first install's ~290,000 loop instructions
+        # (a look-up in the 66 characters for each character of each; callgrind,
+        # benchmarks/README.md s50-install), the expression's walk ~3,400.
+        plain = _FRAME_PLAIN_AT(f"{hostname or ''}{token}") is not None
         mac = plan.mac
         values = (mac.hex(":"), mac.hex("-"), token, hostname or "")
         if frame is not None and plain and frame.fits(profile, trust):

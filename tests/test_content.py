@@ -597,6 +597,38 @@ async def test_an_install_script_of_a_stored_empty_hostname_is_not_none_s_frame(
         assert text.endswith("# host \n" if i == 1 else "# host None\n"), mac
 
 
+async def test_a_hostname_that_prints_otherwise_than_itself_is_rendered_not_filled_in(
+        make_env: EnvFactory, tmp_path: Path) -> None:
+    """As a token's: a stored hostname of other characters than a frame's (hand SQL's or a
+    restored backup's; the API takes RFC 1123 names only): escaped by tojson, its spaces
+    folded by the command line's split, a letter outside ASCII. Its script is rendered, as
+    the whole context gives it; plain ones around it are their shape's frame filled in
+    (Content._framed looks at the hostname and the token in one go, as _config_framed)."""
+    env, own, shipped = await own_template(make_env, tmp_path, "ipxe/install.ipxe")
+    own.write_text(shipped + "# {{ machine.hostname | tojson }}\n")
+    await env.seed(cmdline="nb.h={{ machine.hostname }} nb.c={{ config_url }}")
+    names = ["plain-0", "plain-1", 'quoted"<2', "spaced  3", "h\u00f6st-4", "plain-5",
+             "tab\t6", "plain:7.x_"]
+    macs = [f"52:54:00:00:0b:{i:02x}" for i in range(1, len(names) + 1)]
+    store = env.service.store
+    for mac, name in zip(macs, names, strict=True):
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)
+        machine = await store.machine_by("mac", mac)
+        assert machine is not None
+        await store.update_machine(dataclasses.replace(machine, hostname=name))
+    rendered = _counting_renders(env)
+    texts = []
+    for mac in macs:
+        text, whole = await _first_install(env, mac)
+        assert text == whole, mac
+        texts.append(text)
+    assert texts[2].endswith('# "quoted\\"\\u003c2"\n') and "nb.h=spaced 3 " in texts[3]
+    assert texts[4].endswith('# "h\\u00f6st-4"\n') and texts[7].endswith('# "plain:7.x_"\n')
+    # The shape's frame (its two marked renders and its own), then each of the four
+    # hostnames a frame cannot hold rendered; the four plain ones after the first filled in.
+    assert len(rendered) == 3 + 4
+
+
 @pytest.mark.parametrize("line", ["# {{ machine.hostname[0] }}\n",
                                   "# {{ machine.hostname[0] ~ mac[0] }}\n"])
 async def test_an_install_script_printing_a_letter_of_a_value_is_never_anothers_frame(
