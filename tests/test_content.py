@@ -514,6 +514,17 @@ async def _first_install(env: Env, mac: str, arch: Arch = Arch.X86_64,
     return text, content._render.ipxe(f"ipxe/{plan.action}.ipxe", content.context(plan))
 
 
+async def _first_installs_as_rendered(env: Env, macs: list[str]) -> list[str]:
+    """Each machine's first install script, in turn, each the text the whole context
+    renders for its plan."""
+    texts = []
+    for mac in macs:
+        text, whole = await _first_install(env, mac)
+        assert text == whole, mac
+        texts.append(text)
+    return texts
+
+
 async def test_first_install_scripts_of_one_shape_are_its_frame_filled_in_as_rendered(
         make_env: EnvFactory, tmp_path: Path) -> None:
     """A storm's first installs share a few script shapes (a template, command line,
@@ -617,11 +628,7 @@ async def test_a_hostname_that_prints_otherwise_than_itself_is_rendered_not_fill
         assert machine is not None
         await store.update_machine(dataclasses.replace(machine, hostname=name))
     rendered = _counting_renders(env)
-    texts = []
-    for mac in macs:
-        text, whole = await _first_install(env, mac)
-        assert text == whole, mac
-        texts.append(text)
+    texts = await _first_installs_as_rendered(env, macs)
     assert texts[2].endswith('# "quoted\\"\\u003c2"\n') and "nb.h=spaced 3 " in texts[3]
     assert texts[4].endswith('# "h\\u00f6st-4"\n') and texts[7].endswith('# "plain:7.x_"\n')
     # The shape's frame (its two marked renders and its own), then each of the four
@@ -710,11 +717,7 @@ async def test_a_token_that_prints_otherwise_than_itself_is_rendered_not_filled_
     given = iter(["plain-0", "plain-1", 'quoted"<2', "spaced  3", "plain-4"])
     env.service.boot._new_token = given.__next__  # type: ignore[method-assign]
     rendered = _counting_renders(env)
-    texts = []
-    for mac in macs:
-        text, whole = await _first_install(env, mac)
-        assert text == whole, mac
-        texts.append(text)
+    texts = await _first_installs_as_rendered(env, macs)
     assert texts[2].endswith('# "quoted\\"\\u003c2"\n') and "nb.t=spaced 3 " in texts[3]
     assert len(rendered) == 3 + 1 + 1  # the shape's (two marked), then each of the two tokens'
 
