@@ -15,7 +15,7 @@ and both per MiB sent. Under valgrind the thread is slower than the reader, so e
 moves more than on a real server: read the instructions a call, and the calls' ratio
 between trees, not the absolute calls; or hold the server's send buffers to ``--sndbuf``
 (SO_SNDBUF; 0, the default, leaves Linux's autotuning, as netboot does): a 1,000-device
-storm's calls moved ~290 KiB each (its sendfile64 count, s50-bisect). Loopback only; every
+storm's calls moved ~320 KiB each on S48, ~190 KiB on S49 (s50-bisect). Loopback only; every
 child ends by its own PID. Not part of pytest.
 
 ``--eagain N``: what one ``os.sendfile`` that fails with EAGAIN costs (s49-attack's second
