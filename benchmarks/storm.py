@@ -2189,7 +2189,7 @@ def main() -> None:
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
     parser.add_argument("--callgrind", action="store_true",
                         help="netboot's server under callgrind, instrumented during the storm "
-                             "only: the run dir's callgrind.out-* (with --keep) are its "
+                             "only: the run dir's callgrind.out.1-NN (with --keep) are its "
                              "instructions, per thread (s50-bisect)")
     parser.add_argument("--syscalls", action="store_true",
                         help="count the servers' system calls during the storm (perf stat of "
