@@ -10,9 +10,9 @@ CPU while the loop reads and answers other requests.
 Each :class:`_SendThread` is an epoll loop over the transfers it was given, as an nginx
 worker sends a body: ``sendfile`` until the socket is full, then on at its next ``EPOLLOUT``
 (level-triggered: see :meth:`_SendThread._begin`); a slow client holds no thread, only its
-place in the epoll set. A client that
-stops reading is dropped by the kernel (``TCP_USER_TIMEOUT``, set on every connection by
-netboot.servers.http.GuardedHandler): the error wakes the epoll and ends the transfer.
+place in the epoll set. A client that stops reading is dropped by the kernel
+(``TCP_USER_TIMEOUT``, set on every connection by netboot.servers.http.GuardedHandler): the
+error wakes the epoll and ends the transfer.
 
 A transfer works on duplicates of the socket's and the file's descriptors that only its
 thread closes: the loop may close its own (the connection lost, the file released) at any
@@ -158,8 +158,9 @@ class _SendThread:
         # (s48), the file's end waited for an edge that never came (the kernel wakes a
         # socket's writers only after a write found it full); s49-attack called sendfile
         # again after every short write to tell the two apart, an EAGAIN call (a syscall
-        # and an exception, ~7,700 instructions and ~2 us of kernel time) each time a
-        # socket filled: ~110,000 more sendfile calls in a 1,000-device storm (s50-bisect).
+        # and an exception, ~7,400 instructions and ~2 us of kernel time) each time a
+        # socket filled: ~90,000-100,000 more sendfile calls in a 1,000-device storm, ~0.3 s
+        # of CPU (benchmarks/README.md, s50-bisect).
         self._epoll.register(transfer.sock, select.EPOLLOUT)
 
     def _step(self, transfer: Transfer) -> bool:
@@ -187,7 +188,8 @@ class _SendThread:
             # memory is short (sk_wmem_schedule fails where tcp_poll sees room in the
             # socket's own buffer). Level-triggered, that would be reported and fail again
             # at every poll; edge-triggered until a write takes bytes, the next event comes
-            # when ACKs free memory (the failed write marked the socket full).
+            # when ACKs free memory (the failed write marked the socket full), as it did
+            # before session 50.
             sock = transfer.sock
             if sock in self._sending and sock not in self._edged:
                 self._edged.add(sock)
