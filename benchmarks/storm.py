@@ -371,6 +371,33 @@ def run_and_wait(pids: list[int]) -> tuple[float, float]:
     return ran / 1e9, waited / 1e9
 
 
+def callgrind_control(*argv: str | int) -> None:
+    """``callgrind_control`` on the server under --callgrind; bounded, and a failure said."""
+    done = subprocess.run(["callgrind_control", *map(str, argv)], check=False,
+                          capture_output=True, text=True, timeout=120)
+    if done.returncode or "OK." not in done.stdout:
+        print(f"callgrind_control {argv}: {done.stdout.strip()} {done.stderr.strip()}",
+              flush=True)
+
+
+# The system calls --syscalls counts (tracepoints: software events, which a VM without a PMU
+# still has), the send threads' and the loop's: sendfile64's count is s49-attack's EAGAIN call.
+SYSCALLS = ("sendfile64", "epoll_wait", "epoll_pwait", "epoll_ctl", "sendto", "sendmsg",
+            "recvfrom", "recvmsg", "write", "writev", "read", "futex", "openat", "close")
+
+
+def syscall_stat(pids: list[int], out: Path) -> subprocess.Popen[bytes]:
+    """perf stat of the servers' system calls until SIGINT (every thread: -p names them at
+    the start, and the send threads and executors are started before the storm)."""
+    tids = [t for pid in pids for t in
+            (int(x) for x in os.listdir(f"/proc/{pid}/task"))] + \
+        [c for pid in pids for c in _children(pid)]
+    events = ",".join(["raw_syscalls:sys_enter", *(f"syscalls:sys_enter_{n}" for n in SYSCALLS)])
+    return subprocess.Popen(["perf", "stat", "-e", events, "-t", ",".join(map(str, tids)),
+                             "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def main_thread(pid: int) -> tuple[float, float]:
     """run_and_wait of ``pid``'s main thread alone (netboot's event loop, dnsmasq)."""
     with contextlib.suppress(OSError, ValueError):
@@ -605,14 +632,23 @@ PLAIN_SWITCHING = ("import contextlib, runpy, sys; import netboot.service as s; 
                    "sys.argv[0] = 'netboot'; runpy.run_module('netboot', run_name='__main__')")
 
 
+# --callgrind: the server runs under callgrind uninstrumented (start-up at valgrind's plain
+# speed) and is instrumented from the storm's start to its end only (callgrind_control -i),
+# so its counts are the storm's: instructions are what the VM can count (no PMU here), and
+# walls on a shared machine are noise.
+CALLGRIND = ("valgrind", "--tool=callgrind", "--instr-atstart=no", "--separate-threads=yes",
+             "--dump-instr=no")
+
+
 def start_netboot(ns: str, run: Path, work: Workload, python: str, log_level: str,
                   dsn: str | None = None, plain_switching: bool = False,
-                  loop_probe: bool = False) -> list[Proc]:
+                  loop_probe: bool = False, callgrind: bool = False) -> list[Proc]:
     conf = work.netboot_config(run, log_level, dsn)
     command = (["-c", PLAIN_SWITCHING] if plain_switching
                else [str(Path(__file__).with_name("storm_loop_probe.py"))] if loop_probe
                else ["-m", "netboot"])
-    return [start("netboot", ns, [python, *command, "serve", "--config", str(conf)],
+    wrap = [*CALLGRIND, f"--callgrind-out-file={run / 'callgrind.out'}"] if callgrind else []
+    return [start("netboot", ns, [*wrap, python, *command, "serve", "--config", str(conf)],
                   run / "netboot.log",
                   {"PYTHONPATH": str(work.tree), "PYTHONUNBUFFERED": "1"})]
 
@@ -1636,9 +1672,10 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
     run.mkdir()
     spec = Spec(**{**spec.__dict__, "started": time.monotonic()})
     on_pg = database if target == PG_TARGET else None
+    counted = bool(args.callgrind) and target in NETBOOT_TARGETS
     procs = (start_netboot(server_ns, run, work, args.python, args.log_level,
                            on_pg.dsn() if on_pg else None, args.plain_switching,
-                           args.loop_probe)
+                           args.loop_probe, counted)
              if target in NETBOOT_TARGETS
              else start_standins(server_ns, run, work, args.quiet_standins))
     db_pid = on_pg.process.pid if on_pg else None
@@ -1663,6 +1700,10 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
             print(f"{target}: servers idle {result.settled:.1f} s after their first answer"
                   + ("" if idle else f" (not idle within {SETTLE_LIMIT:.0f} s: begun anyway)"),
                   flush=True)
+        if counted:
+            callgrind_control("-i", "on", procs[0].popen.pid)
+        syscalls = (syscall_stat([p.popen.pid for p in procs], run / "syscalls.txt")
+                    if args.syscalls else None)
         cpu0 = sum(cpu_seconds(p.popen.pid) for p in procs)
         sched0 = (run_and_wait([p.popen.pid for p in procs]),
                   run_and_wait([gen.pid for gen in gens]))
@@ -1708,6 +1749,14 @@ def run_target(target: str, server_ns: str, client_ns: str, work: Workload, spec
             gen.stdin.write(f"GO {start!r}\n")
             gen.stdin.flush()
         outs = [gen.stdout.readline() for gen in gens]  # type: ignore[union-attr]
+        if counted:
+            callgrind_control("-i", "off", procs[0].popen.pid)
+            callgrind_control("-d", "storm", procs[0].popen.pid)
+        if syscalls is not None:
+            syscalls.send_signal(signal.SIGINT)
+            syscalls.wait(timeout=30)
+            print(f"{target}: the servers' system calls during the storm (perf stat):\n"
+                  + (run / "syscalls.txt").read_text().strip(), flush=True)
         looked.join()
         if at_dhcp:
             print(f"{target}: the DHCP server's main thread ({procs[0].name}) in the storm's "
@@ -2138,6 +2187,13 @@ def main() -> None:
                         help="dnsmasq and nginx log nothing (before s28-storm), not a line "
                              "per answer and request as they ship and as netboot's info does")
     parser.add_argument("--python", default=sys.executable, help="interpreter for netboot")
+    parser.add_argument("--callgrind", action="store_true",
+                        help="netboot's server under callgrind, instrumented during the storm "
+                             "only: the run dir's callgrind.out.1-NN (with --keep) are its "
+                             "instructions, per thread (s50-bisect)")
+    parser.add_argument("--syscalls", action="store_true",
+                        help="count the servers' system calls during the storm (perf stat of "
+                             "syscall tracepoints; s50-bisect)")
     parser.add_argument("--sync-inventory", action="store_true",
                         help="write each run's copy of the seeded inventory to disk (fsync) "
                              "before its server starts, not leave ~92 MB (100,000 machines) "

@@ -7,11 +7,12 @@ netboot's file serving at one CPU where nginx's workers use every CPU. ``os.send
 ``epoll.poll`` release the GIL, so a thread that does nothing else runs the copy on another
 CPU while the loop reads and answers other requests.
 
-Each :class:`_SendThread` is an edge-triggered epoll loop over the transfers it was given,
-as an nginx worker sends a body: ``sendfile`` until the socket is full, then on at its next
-``EPOLLOUT``; a slow client holds no thread, only its place in the epoll set. A client that
-stops reading is dropped by the kernel (``TCP_USER_TIMEOUT``, set on every connection by
-netboot.servers.http.GuardedHandler): the error wakes the epoll and ends the transfer.
+Each :class:`_SendThread` is an epoll loop over the transfers it was given, as an nginx
+worker sends a body: ``sendfile`` until the socket is full, then on at its next ``EPOLLOUT``
+(level-triggered: see :meth:`_SendThread._begin`); a slow client holds no thread, only its
+place in the epoll set. A client that stops reading is dropped by the kernel
+(``TCP_USER_TIMEOUT``, set on every connection by netboot.servers.http.GuardedHandler): the
+error wakes the epoll and ends the transfer.
 
 A transfer works on duplicates of the socket's and the file's descriptors that only its
 thread closes: the loop may close its own (the connection lost, the file released) at any
@@ -95,6 +96,7 @@ class _SendThread:
         # popleft are atomic).
         self._inbox: collections.deque[Transfer] = collections.deque()
         self._sending: dict[int, Transfer] = {}  # the socket's duplicate -> its transfer
+        self._edged: set[int] = set()  # of those, registered edge-triggered (_step's EAGAIN)
         self._closing = False
         self.alive = True  # False once its loop ended (closed, or a bug): given nothing more
         self.load = 0  # transfers given and not ended, counted on the loop's thread
@@ -147,9 +149,19 @@ class _SendThread:
         if self._step(transfer):
             return
         self._sending[transfer.sock] = transfer
-        # Edge-triggered: one event each time the socket goes from full to having room
-        # (or fails), registered once for the whole body, as nginx's workers wait.
-        self._epoll.register(transfer.sock, select.EPOLLOUT | select.EPOLLET)
+        # Registered once for the whole body, level-triggered: an event whenever the socket
+        # has room (or failed). A step ends at a short write, and a short write is either a
+        # full socket, which tcp_poll reports as not writable until ACKs free a third of its
+        # buffer (so no event until then, as an edge would wait), or the file's end after it
+        # was cut short beyond what was sent, where the socket has room: reported at the
+        # next poll, whose step's sendfile returns 0 and ends the transfer. Edge-triggered
+        # (s48), the file's end waited for an edge that never came (the kernel wakes a
+        # socket's writers only after a write found it full); s49-attack called sendfile
+        # again after every short write to tell the two apart, an EAGAIN call (a syscall
+        # and an exception, ~7,400 instructions and ~2 us of kernel time) each time a
+        # socket filled: ~90,000-100,000 more sendfile calls in a 1,000-device storm, ~0.3 s
+        # of CPU (benchmarks/README.md, s50-bisect).
+        self._epoll.register(transfer.sock, select.EPOLLOUT)
 
     def _step(self, transfer: Transfer) -> bool:
         """Send what the socket takes; True once the transfer ended."""
@@ -158,19 +170,30 @@ class _SendThread:
             return True
         failed = False
         try:
-            while True:
-                n = os.sendfile(transfer.sock, transfer.file, transfer.offset + transfer.sent,
-                                transfer.count - transfer.sent)
-                transfer.sent += n
-                if not n or transfer.sent >= transfer.count:
-                    break  # n == 0: the file is shorter than when its length was sent
+            n = os.sendfile(transfer.sock, transfer.file, transfer.offset + transfer.sent,
+                            transfer.count - transfer.sent)
+            transfer.sent += n
+            if n and transfer.sent < transfer.count:
                 # A short write: the socket is full, or the file ended (cut short beyond
-                # what was sent). Called again: EAGAIN when full (the kernel then marks the
-                # socket so, and its epoll gets an edge when it has room), 0 at the file's
-                # end. Waiting for an edge after a short write at the end never ended: the
-                # kernel wakes a socket's writers only when a write found it full, so the
-                # connection was held until the client gave up (s49-attack).
+                # what was sent). Not called again here: the level-triggered EPOLLOUT
+                # (_begin) comes when a full socket has room, and at once at the file's
+                # end, where the next call returns 0.
+                if self._edged and transfer.sock in self._edged:
+                    self._edged.discard(transfer.sock)  # sending again: level as before
+                    self._epoll.modify(transfer.sock, select.EPOLLOUT)
+                return False
+            # n == 0: the file is shorter than it was when its length was sent
         except BlockingIOError:
+            # Nothing taken though the socket may be reported writable: the system's TCP
+            # memory is short (sk_wmem_schedule fails where tcp_poll sees room in the
+            # socket's own buffer). Level-triggered, that would be reported and fail again
+            # at every poll; edge-triggered until a write takes bytes, the next event comes
+            # when ACKs free memory (the failed write marked the socket full), as it did
+            # before session 50.
+            sock = transfer.sock
+            if sock in self._sending and sock not in self._edged:
+                self._edged.add(sock)
+                self._epoll.modify(sock, select.EPOLLOUT | select.EPOLLET)
             return False
         except OSError:
             failed = True  # the client left, reset, or TCP_USER_TIMEOUT dropped it
@@ -183,6 +206,7 @@ class _SendThread:
             return  # ended already
         if self._sending.get(sock) is transfer:
             del self._sending[sock]
+            self._edged.discard(sock)
             # Before the close: the socket's other descriptors keep it open, and epoll
             # forgets a registration only when the last one closes.
             self._epoll.unregister(sock)

@@ -188,8 +188,10 @@ def test_a_file_cut_short_while_a_thread_sends_it_ends_the_connection(
     edge, taking the short write for a full socket. A socket that was not full gives none
     (the kernel wakes writers only when a write found it full): the client got every byte to
     the new end and waited, the connection and the thread's two descriptors held until it
-    gave up (the wait below ran out on f849e89, s49-attack). Now the thread calls again
-    until the kernel says the socket is full or the file ended."""
+    gave up (the wait below ran out on f849e89, s49-attack). s49-attack called sendfile
+    again after each short write; the registration is now level-triggered, so the socket
+    with room is reported at the next poll and that call ends it (edge-triggered again, the
+    wait runs out: s50-bisect)."""
     async def scenario() -> None:
         async with serving(tmp_path, seeded=False) as service:
             path = tmp_path / "assets" / "cut.bin"
