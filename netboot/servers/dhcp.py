@@ -289,6 +289,7 @@ class DhcpServer:
         self._told_no_link = False
         self._replies = pxe.ProxyReplies(settings)
         self._classifier = pxe.Classifier(settings)
+        self._layouts = dhcp.RequestLayouts()
         self._decider = decider
         # A decider's first_stage_now (BootService's) answers a decision taken at once with
         # the value itself, not a future already done: no asyncio.get_running_loop() (a
@@ -845,7 +846,7 @@ class DhcpServer:
         answers at once, an awaitable only when it has to wait (the store, the lease pool).
         ``keep``: where a proxy answer decided at once is kept for its repeats, and under
         which key."""
-        packet = dhcp.parse_request(data)
+        packet = self._layouts.parse(data)
         if packet.op != _BOOTREQUEST:
             _log.debug("dhcp: xid %#010x from %s: a BOOTREPLY, not for us", packet.xid, peer[0])
             return []
