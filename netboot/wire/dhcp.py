@@ -568,21 +568,15 @@ def _layout_of(data: bytes, request: Request) -> _Layout | None:
         return None
     holes: list[tuple[int, int, int]] = []
     if not _OWN_OPTIONS.isdisjoint(request.values):
-        # The walk of parse_request, which ended without an error on these bytes.
-        n, i = len(data), OPTIONS_OFFSET
-        while i < n:
-            code = data[i]
-            if code == _PAD:
-                i += 1
-                continue
-            if code == _END:
+        # parse's walk (a layout's first request only), over bytes parse_request read
+        # without an error: up to END, as it stopped.
+        for offset, option in _iter_tlv(data[OPTIONS_OFFSET:], OPTIONS_OFFSET, "options"):
+            if option is None:
                 break
-            stop = i + 2 + data[i + 1]
-            if code in _OWN_OPTIONS:
-                if any(hole[0] == code for hole in holes):
+            if option.code in _OWN_OPTIONS:
+                if any(hole[0] == option.code for hole in holes):
                     return None
-                holes.append((code, i + 2, stop))
-            i = stop
+                holes.append((option.code, offset + 2, offset + 2 + len(option.data)))
     pieces, at = [], HEADER_SIZE
     for _, start, stop in holes:
         pieces.append((at, data[at:start]))

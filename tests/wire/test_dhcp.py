@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -283,15 +284,20 @@ ACCESSORS = ("op", "xid", "chaddr", "htype", "hlen", "hops", "secs", "flags", "c
              "yiaddr", "siaddr", "giaddr", "mac", "message_type")
 
 
+def raises_the_same(read: Callable[[bytes], object], data: bytes, exc: DecodeError) -> None:
+    """``read(data)`` raises a DecodeError of ``exc``'s field and offset."""
+    with pytest.raises(DecodeError) as caught:
+        read(data)
+    assert (caught.value.field, caught.value.offset) == (exc.field, exc.offset)
+
+
 def same_reading(data: bytes) -> None:
     """parse_request raises DecodeError exactly when parse does (with the same offset), and
     otherwise reads every header field and every option code as parse's Packet does."""
     try:
         packet = dhcp.parse(data)
     except DecodeError as exc:
-        with pytest.raises(DecodeError) as caught:
-            dhcp.parse_request(data)
-        assert (caught.value.field, caught.value.offset) == (exc.field, exc.offset)
+        raises_the_same(dhcp.parse_request, data, exc)
         return
     request = dhcp.parse_request(data)
     for name in ACCESSORS:
@@ -341,9 +347,7 @@ def same_as_parse_request(layouts: dhcp.RequestLayouts, data: bytes) -> None:
     try:
         expected = dhcp.parse_request(data)
     except DecodeError as exc:
-        with pytest.raises(DecodeError) as caught:
-            layouts.parse(data)
-        assert (caught.value.field, caught.value.offset) == (exc.field, exc.offset)
+        raises_the_same(layouts.parse, data, exc)
         return
     got = layouts.parse(data)
     assert type(got) is dhcp.Request
