@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +15,8 @@ from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Op, Opt
 from tests.pcap import all_captures, capture, dhcp_datagrams
 
+P = TypeVar("P")
+R = TypeVar("R")
 CAPTURES = all_captures()
 DATAGRAMS = [(p.stem, d) for p in CAPTURES for d in dhcp_datagrams(p)]
 
@@ -284,22 +287,27 @@ ACCESSORS = ("op", "xid", "chaddr", "htype", "hlen", "hops", "secs", "flags", "c
              "yiaddr", "siaddr", "giaddr", "mac", "message_type")
 
 
-def raises_the_same(read: Callable[[bytes], object], data: bytes, exc: DecodeError) -> None:
-    """``read(data)`` raises a DecodeError of ``exc``'s field and offset."""
-    with pytest.raises(DecodeError) as caught:
-        read(data)
-    assert (caught.value.field, caught.value.offset) == (exc.field, exc.offset)
+def both_read(reference: Callable[[bytes], P], read: Callable[[bytes], R], data: bytes,
+              ) -> tuple[P, R] | None:
+    """What ``reference`` and ``read`` make of ``data``; None where the first raises a
+    DecodeError and the second one of the same field and offset."""
+    try:
+        expected = reference(data)
+    except DecodeError as exc:
+        with pytest.raises(DecodeError) as caught:
+            read(data)
+        assert (caught.value.field, caught.value.offset) == (exc.field, exc.offset)
+        return None
+    return expected, read(data)
 
 
 def same_reading(data: bytes) -> None:
     """parse_request raises DecodeError exactly when parse does (with the same offset), and
     otherwise reads every header field and every option code as parse's Packet does."""
-    try:
-        packet = dhcp.parse(data)
-    except DecodeError as exc:
-        raises_the_same(dhcp.parse_request, data, exc)
+    read = both_read(dhcp.parse, dhcp.parse_request, data)
+    if read is None:
         return
-    request = dhcp.parse_request(data)
+    packet, request = read
     for name in ACCESSORS:
         assert getattr(request, name) == getattr(packet, name), name
     for code in range(256):
@@ -344,12 +352,10 @@ def test_fuzz_parse_request_random_options_read_as_parse(data: bytes) -> None:
 def same_as_parse_request(layouts: dhcp.RequestLayouts, data: bytes) -> None:
     """``layouts.parse`` gives parse_request's Request (every field, the values' dict whole)
     or raises its DecodeError (same field and offset)."""
-    try:
-        expected = dhcp.parse_request(data)
-    except DecodeError as exc:
-        raises_the_same(layouts.parse, data, exc)
+    read = both_read(dhcp.parse_request, layouts.parse, data)
+    if read is None:
         return
-    got = layouts.parse(data)
+    expected, got = read
     assert type(got) is dhcp.Request
     assert got == expected
     assert list(got.values.items()) == list(expected.values.items())  # the order too
