@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -192,6 +193,13 @@ _NO_ADDRESS = bytes(4)  # 0.0.0.0 as sent
 # Option 97's values that mean "no UUID" (_uuid): type 0 and all zeros (QEMU without -uuid)
 # or all FF.
 _NO_UUIDS = (bytes(17), b"\0" + b"\xff" * 16)
+# EFI's GUID byte order (_uuid): its first three fields little-endian, read from option 97
+# after the type byte and written back big-endian, the standard order.
+_EFI_GUID_HEAD, _GUID_HEAD = struct.Struct("<IHH"), struct.Struct(">IHH")
+# A MAC and a Client made without their Python ``__new__`` (_client): a call frame each,
+# ~1,000 and ~3,000 instructions of every datagram classified (callgrind, benchmarks/
+# README.md s50-sighting).
+_new_bytes, _new_tuple = bytes.__new__, tuple.__new__
 # Replies broadcast on the client's link whatever ciaddr says (reply_destination): as plain
 # ints, for the per-reply test (an enum member read costs ~0.1-0.3 µs).
 _BROADCAST_REPLIES = frozenset({int(MessageType.NAK), int(MessageType.OFFER)})
@@ -247,11 +255,13 @@ def _uuid(raw: bytes | None, firmware: Firmware) -> str | None:
     # one hex() of the whole option, the type byte's two digits skipped; the first three
     # fields' bytes reversed by their digit pairs for EFI's byte order (module constants and
     # no byte slices: half the instructions of reversing the bytes first, s38-dhcp1st).
-    h = raw.hex()
+    # EFI's fields turned by two struct calls, then one hex() and five slices: eleven slices
+    # of the option's hex() were ~11,700 instructions a UUID (callgrind, s50-sighting).
     if firmware == _UBOOT:
+        h = raw.hex()
         return f"{h[2:10]}-{h[10:14]}-{h[14:18]}-{h[18:22]}-{h[22:]}"
-    return (f"{h[8:10]}{h[6:8]}{h[4:6]}{h[2:4]}-{h[12:14]}{h[10:12]}-{h[16:18]}{h[14:16]}-"
-            f"{h[18:22]}-{h[22:]}")
+    h = (_GUID_HEAD.pack(*_EFI_GUID_HEAD.unpack_from(raw, 1)) + raw[9:]).hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def _text(raw: bytes | None) -> str:
@@ -272,6 +282,8 @@ class _Shape:
     ipxe: bool
     ipxe_http: bool
     requested: frozenset[int]
+    # Client's fields from vendor_class on, in its order (_client).
+    tail: tuple[str, bool, bool, bool, frozenset[int]]
 
 
 _Get = Callable[[int], bytes | None]
@@ -354,8 +366,9 @@ def _shape(
         vendor_class.startswith(tuple(settings.pxe_vendor_classes))
         or vendor_class.startswith("U-Boot")
     )
+    requested_codes = frozenset(requested or b"")
     return _Shape(vendor_class, arch_code, arch, firmware, platform, pxe, ipxe, ipxe_http,
-                  frozenset(requested or b""))
+                  requested_codes, (vendor_class, pxe, ipxe, ipxe_http, requested_codes))
 
 
 def _client(shape: _Shape, packet: Inbound, peer: str | None, interface: str | None,
@@ -363,7 +376,9 @@ def _client(shape: _Shape, packet: Inbound, peer: str | None, interface: str | N
     """The shape plus what is this device's own: MAC, UUID, hostname, where it came from.
     ``option``: the packet's options by code (_options)."""
     if packet.hlen == 6 and packet.htype == 1:
-        mac = MacAddress(packet.chaddr[:6])
+        raw = packet.chaddr[:6]
+        # A request's chaddr is 16 bytes (RFC 2131 §2): six, what MacAddress checks first.
+        mac = _new_bytes(MacAddress, raw) if len(raw) == 6 else MacAddress(raw)
     else:  # not Ethernet: classify as unknown with a zero MAC placeholder
         mac = MacAddress(packet.chaddr[:6].ljust(6, b"\0"))
     hostname = option(_HOSTNAME)
@@ -384,10 +399,8 @@ def _client(shape: _Shape, packet: Inbound, peer: str | None, interface: str | N
         _uuid(option(_CLIENT_UUID), shape.firmware), None, None, None, None,
         _text(hostname) or None, shape.platform, peer,
         giaddr if giaddr != ZERO_IP else None, interface, "dhcp"))
-    return Client(
-        request=request, message_type=packet.message_type, vendor_class=shape.vendor_class,
-        pxe=shape.pxe, ipxe=shape.ipxe, ipxe_http=shape.ipxe_http, requested=shape.requested,
-    )
+    # Client's fields in order: request, message_type, then the shape's (_Shape.tail).
+    return _new_tuple(Client, (request, packet.message_type, *shape.tail))
 
 
 def classify(packet: Inbound, settings: DhcpSettings | None = None,

@@ -542,6 +542,15 @@ def test_a_classified_request_holds_each_fact_in_its_own_field() -> None:
         remote_addr="198.51.100.9", relay="198.51.100.1", interface="eth9", via="dhcp")
     values = tuple(getattr(request, f.name) for f in dataclasses.fields(BootRequest))
     assert boot_request_of_values(values) == BootRequest(*values)
+    # The Client too is made from its values in field order (the shape's part kept with
+    # the shape): each in the field named for it, through either classify.
+    for client in (pxe.classify(packet, SETTINGS, "198.51.100.9", "eth9"),
+                   pxe.Classifier(SETTINGS).classify(packet, "198.51.100.9", "eth9")):
+        assert type(client) is pxe.Client and type(client.request.mac) is MacAddress
+        assert client._asdict() == pxe.Client(
+            request=request, message_type=dhcp.MessageType.DISCOVER,
+            vendor_class="PXEClient:Arch:00007:UNDI:003000", pxe=True, ipxe=False,
+            ipxe_http=False, requested=frozenset())._asdict()
     with pytest.raises(ValueError):
         boot_request_of_values(values[:-1])
 

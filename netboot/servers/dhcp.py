@@ -24,7 +24,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, cast
 
@@ -217,7 +217,37 @@ def _about(data: bytes, peer: Address) -> dict[str, Any]:
     return {"peer": peer[0]}
 
 
-async def _awaited_in(pending: Awaitable[list[Reply]], fields: dict[str, Any]) -> list[Reply]:
+class _About(Mapping[str, Any]):
+    """:func:`_about` of a datagram, made when a line logged while answering it reads it:
+    most datagrams are answered without one (a proxy offer logs at DEBUG), and the dict, its
+    xid's unpack and its chaddr's text were ~6,600 instructions of each datagram decided
+    (callgrind, benchmarks/README.md s49-sighting, s50-sighting)."""
+
+    __slots__ = ("_data", "_fields", "_peer")
+
+    def __init__(self, data: bytes, peer: Address) -> None:
+        self._data, self._peer = data, peer
+        self._fields: dict[str, Any] | None = None
+
+    def _made(self) -> dict[str, Any]:
+        if self._fields is None:
+            self._fields = _about(self._data, self._peer)
+        return self._fields
+
+    def __getitem__(self, key: str) -> Any:
+        return self._made()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._made())
+
+    def __len__(self) -> int:
+        return len(self._made())
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._made().get(key, default)
+
+
+async def _awaited_in(pending: Awaitable[list[Reply]], fields: Mapping[str, Any]) -> list[Reply]:
     with log_fields(fields):
         return await pending
 
@@ -229,7 +259,7 @@ class _InContext:
 
     __slots__ = ("_fields", "_pending")
 
-    def __init__(self, pending: Awaitable[list[Reply]], fields: dict[str, Any]) -> None:
+    def __init__(self, pending: Awaitable[list[Reply]], fields: Mapping[str, Any]) -> None:
         self._pending, self._fields = pending, fields
 
     def __await__(self) -> Generator[Any, None, list[Reply]]:
@@ -289,6 +319,7 @@ class DhcpServer:
         self._told_no_link = False
         self._replies = pxe.ProxyReplies(settings)
         self._classifier = pxe.Classifier(settings)
+        self._layouts = dhcp.RequestLayouts()
         self._decider = decider
         # A decider's first_stage_now (BootService's) answers a decision taken at once with
         # the value itself, not a future already done: no asyncio.get_running_loop() (a
@@ -797,7 +828,7 @@ class DhcpServer:
                 keep = (answers, key)
             # Who this datagram is about, for every line logged while answering it
             # (--log-format json): xid and chaddr at their fixed BOOTP offsets (RFC 2131 §2).
-            fields = _about(data, peer)
+            fields = _About(data, peer)
             with log_fields(fields):
                 result = self.respond(
                     data, peer, server_ip=listener.server_ip, pxe_port=listener.pxe_port,
@@ -845,7 +876,7 @@ class DhcpServer:
         answers at once, an awaitable only when it has to wait (the store, the lease pool).
         ``keep``: where a proxy answer decided at once is kept for its repeats, and under
         which key."""
-        packet = dhcp.parse_request(data)
+        packet = self._layouts.parse(data)
         if packet.op != _BOOTREQUEST:
             _log.debug("dhcp: xid %#010x from %s: a BOOTREPLY, not for us", packet.xid, peer[0])
             return []

@@ -491,6 +491,104 @@ def parse_request(data: bytes) -> Request:
         index, _message_type(index.get(_MESSAGE_TYPE)))
 
 
+# Options whose values are one device's own in requests otherwise alike byte for byte (the
+# same firmware asking the same way): hostname, requested address, client identifier, FQDN,
+# UUID (RFC 2132 §3.14, §9.1, §9.14; RFC 4702; RFC 4578 §2.3).
+_OWN_OPTIONS = frozenset((12, 50, 61, 81, 97))
+# xid, secs and flags: what a request holds of its own in the header before chaddr.
+_XID_SECS_FLAGS = struct.Struct("!IHH")
+
+
+# A request parsed once, cut around its device's own bytes: any datagram of the same length
+# whose other bytes equal it parses to the same Request with those bytes in their places
+# (parse_request walks the same offsets, reads the same codes and lengths, makes the same
+# checks). A plain tuple, unpacked at once (a named tuple's field reads are attribute
+# look-ups): 0-4 (op, htype, hlen, hops); 12-28 (the four addresses); the bytes from the
+# cookie (236) on but the holes, as (offset, bytes); the holes, (code, start, stop); and the
+# Request's fields a layout fixes: op, htype, hlen, hops, the addresses as text, the values
+# (copied per request, the holes put in), the message type.
+_Layout: TypeAlias = tuple[
+    bytes, bytes, tuple[tuple[int, bytes], ...], tuple[tuple[int, int, int], ...],
+    tuple[int, int, int, int, str, str, str, str, dict[int, bytes], "MessageType | None"]]
+_new_tuple = tuple.__new__  # a Request made without its Python __new__
+
+
+class RequestLayouts:
+    """:func:`parse_request` with the layouts of the requests seen kept (one per server).
+
+    A storm's first DISCOVERs come from a few firmware kinds, each sending the same bytes
+    but for xid, secs, flags, chaddr and the option values that are the device's own
+    (_OWN_OPTIONS: option 97's UUID in every PXE DISCOVER): a request of a known layout is
+    checked against it by a few slice compares, and its values are the layout's with its own
+    put in, where the walk over its options, one test after another, was ~41,000
+    instructions of a first DISCOVER's ~202,000 (callgrind, benchmarks/README.md
+    s50-sighting). The same Request, or the same DecodeError, as parse_request for the
+    same bytes (tests/wire/test_dhcp.py holds the two equal). Bounded: ``limit`` layouts,
+    then all forgotten; a request of no layout costs a second walk to make one."""
+
+    def __init__(self, *, limit: int = 256) -> None:
+        self._limit = limit
+        self._count = 0
+        self._held: dict[int, list[_Layout]] = {}
+
+    def parse(self, data: bytes) -> Request:
+        held = self._held.get(len(data))
+        if held is not None:
+            head, addresses = data[:4], data[12:28]
+            for layout_head, layout_addresses, pieces, holes, known in held:
+                if head != layout_head or addresses != layout_addresses:
+                    continue
+                for at, piece in pieces:
+                    if data[at:at + len(piece)] != piece:
+                        break
+                else:
+                    op, htype, hlen, hops, ciaddr, yiaddr, siaddr, giaddr, values, kind = known
+                    values = values.copy()
+                    for code, start, stop in holes:
+                        values[code] = data[start:stop]
+                    xid, secs, flags = _XID_SECS_FLAGS.unpack_from(data, 4)
+                    return _new_tuple(Request, (
+                        op, xid, data[28:44], htype, hlen, hops, secs, flags, ciaddr, yiaddr,
+                        siaddr, giaddr, values, kind))
+        request = parse_request(data)
+        layout = _layout_of(data, request)
+        if layout is not None:
+            if self._count >= self._limit:
+                self._held.clear()
+                self._count = 0
+            self._held.setdefault(len(data), []).append(layout)
+            self._count += 1
+        return request
+
+
+def _layout_of(data: bytes, request: Request) -> _Layout | None:
+    """``request``'s layout (parsed from ``data``); None where options are overloaded into
+    sname/file or a device's own option comes twice (concatenated, RFC 3396 §7)."""
+    if _OVERLOAD in request.values:
+        return None
+    holes: list[tuple[int, int, int]] = []
+    if not _OWN_OPTIONS.isdisjoint(request.values):
+        # parse's walk (a layout's first request only), over bytes parse_request read
+        # without an error: up to END, as it stopped.
+        for offset, option in _iter_tlv(data[OPTIONS_OFFSET:], OPTIONS_OFFSET, "options"):
+            if option is None:
+                break
+            if option.code in _OWN_OPTIONS:
+                if any(hole[0] == option.code for hole in holes):
+                    return None
+                holes.append((option.code, offset + 2, offset + 2 + len(option.data)))
+    pieces, at = [], HEADER_SIZE
+    for _, start, stop in holes:
+        pieces.append((at, data[at:start]))
+        at = stop
+    pieces.append((at, data[at:]))
+    # Its own copy of the values: the request parsed is the caller's.
+    return (data[:4], data[12:28], tuple(pieces), tuple(holes),
+            (request.op, request.htype, request.hlen, request.hops, request.ciaddr,
+             request.yiaddr, request.siaddr, request.giaddr, dict(request.values),
+             request.message_type))
+
+
 def _request_of(packet: Packet) -> Request:
     return Request(
         packet.op, packet.xid, packet.chaddr, packet.htype, packet.hlen, packet.hops,

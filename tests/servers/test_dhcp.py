@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import socket
 from collections.abc import AsyncIterator
@@ -450,6 +451,29 @@ def test_a_datagrams_log_context_names_its_peer_xid_and_chaddr() -> None:
         "peer": "192.0.2.9", "xid": 0xE25D9B73, "mac": "52:54:00:00:00:11"}
     assert _about(data[:34], ("192.0.2.9", 68))["mac"] == "52:54:00:00:00:11"
     assert _about(data[:33], ("192.0.2.9", 68)) == {"peer": "192.0.2.9"}
+
+
+def test_a_datagrams_log_context_is_made_when_a_line_reads_it() -> None:
+    """The handler's context (_About) is _about's dict, made at the first read only (most
+    datagrams log nothing above DEBUG), read as a mapping by the formatter's get and by a
+    context nested inside another (logs._LogContext's merge)."""
+    from netboot.logs import JsonFormatter, log_context, log_fields
+    from netboot.servers.dhcp import _About, _about
+
+    data = bytes(4) + (0xE25D9B73).to_bytes(4, "big") + bytes(20) \
+        + bytes.fromhex("525400000011") + bytes(266)
+    peer = ("192.0.2.9", 68)
+    for sent in (data, data[:33]):
+        about = _About(sent, peer)
+        assert about._fields is None
+        assert dict(about) == _about(sent, peer) and len(about) == len(_about(sent, peer))
+        assert about.get("xid") == _about(sent, peer).get("xid")
+    record = logging.LogRecord("netboot.servers.dhcp", logging.WARNING, __file__, 1, "m",
+                               None, None)
+    with log_context(path="/x"), log_fields(_About(data, peer)):
+        line = json.loads(JsonFormatter().format(record))
+    assert (line["peer"], line["xid"], line["mac"], line["path"]) == (
+        "192.0.2.9", 0xE25D9B73, "52:54:00:00:00:11", "/x")
 
 
 def test_a_message_types_name_is_its_members_name() -> None:

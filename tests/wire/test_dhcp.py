@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +15,8 @@ from netboot.wire import dhcp
 from netboot.wire.dhcp import MessageType, Op, Opt
 from tests.pcap import all_captures, capture, dhcp_datagrams
 
+P = TypeVar("P")
+R = TypeVar("R")
 CAPTURES = all_captures()
 DATAGRAMS = [(p.stem, d) for p in CAPTURES for d in dhcp_datagrams(p)]
 
@@ -283,17 +287,27 @@ ACCESSORS = ("op", "xid", "chaddr", "htype", "hlen", "hops", "secs", "flags", "c
              "yiaddr", "siaddr", "giaddr", "mac", "message_type")
 
 
+def both_read(reference: Callable[[bytes], P], read: Callable[[bytes], R], data: bytes,
+              ) -> tuple[P, R] | None:
+    """What ``reference`` and ``read`` make of ``data``; None where the first raises a
+    DecodeError and the second one of the same field and offset."""
+    try:
+        expected = reference(data)
+    except DecodeError as exc:
+        with pytest.raises(DecodeError) as caught:
+            read(data)
+        assert (caught.value.field, caught.value.offset) == (exc.field, exc.offset)
+        return None
+    return expected, read(data)
+
+
 def same_reading(data: bytes) -> None:
     """parse_request raises DecodeError exactly when parse does (with the same offset), and
     otherwise reads every header field and every option code as parse's Packet does."""
-    try:
-        packet = dhcp.parse(data)
-    except DecodeError as exc:
-        with pytest.raises(DecodeError) as caught:
-            dhcp.parse_request(data)
-        assert (caught.value.field, caught.value.offset) == (exc.field, exc.offset)
+    read = both_read(dhcp.parse, dhcp.parse_request, data)
+    if read is None:
         return
-    request = dhcp.parse_request(data)
+    packet, request = read
     for name in ACCESSORS:
         assert getattr(request, name) == getattr(packet, name), name
     for code in range(256):
@@ -330,3 +344,145 @@ def test_parse_request_errors_and_overload_as_parse() -> None:
 @given(st.binary(max_size=400).map(lambda tail: find("uefi-edk2pxe", 8)[:240] + tail))
 def test_fuzz_parse_request_random_options_read_as_parse(data: bytes) -> None:
     same_reading(data)
+
+
+# -- RequestLayouts: a request of a layout seen reads as parse_request reads it ---------------
+
+
+def same_as_parse_request(layouts: dhcp.RequestLayouts, data: bytes) -> None:
+    """``layouts.parse`` gives parse_request's Request (every field, the values' dict whole)
+    or raises its DecodeError (same field and offset)."""
+    read = both_read(dhcp.parse_request, layouts.parse, data)
+    if read is None:
+        return
+    expected, got = read
+    assert type(got) is dhcp.Request
+    assert got == expected
+    assert list(got.values.items()) == list(expected.values.items())  # the order too
+
+
+def own_option_at(data: bytes, code: int) -> tuple[int, int]:
+    """Where option ``code``'s value is in ``data`` (a request that has it once)."""
+    request = dhcp.parse_request(data)
+    value = request.values[code]
+    start = data.index(bytes((code, len(value))) + value, dhcp.OPTIONS_OFFSET) + 2
+    return start, start + len(value)
+
+
+def first_flags(data: bytes) -> int:
+    return int.from_bytes(data[10:12], "big")
+
+
+def test_a_request_of_a_known_layout_is_read_from_it_with_its_own_bytes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # EDK2's DISCOVER (options 53, 57, 55, 97, 93, 94, 60): a second machine's differs in
+    # xid, secs, flags, chaddr and option 97's UUID.
+    first = find("uefi-edk2pxe", 8)
+    start, stop = own_option_at(first, Opt.CLIENT_UUID)
+    other = bytearray(first)
+    other[4:8] = b"\x12\x34\x56\x78"
+    other[8:10] = b"\x00\x05"
+    other[10:12] = b"\x00\x00" if first[10:12] != b"\x00\x00" else b"\x80\x00"
+    other[28:34] = bytes.fromhex("525400abcdef")
+    other[start + 1:stop] = bytes(range(1, 17))
+    layouts = dhcp.RequestLayouts()
+    assert layouts.parse(first) == dhcp.parse_request(first)
+    expected = dhcp.parse_request(bytes(other))
+    # Read from the layout, not walked again: parse_request is not called.
+    monkeypatch.setattr(dhcp, "parse_request", lambda data: pytest.fail("walked again"))
+    got = layouts.parse(bytes(other))
+    assert got == expected
+    assert got.values[Opt.CLIENT_UUID] == b"\x00" + bytes(range(1, 17))
+    assert (got.xid, got.secs, got.chaddr[:6]) == (0x12345678, 5, bytes.fromhex("525400abcdef"))
+    assert got.flags == int.from_bytes(other[10:12], "big") != first_flags(first)
+    # The layout's values are its own: the first request's, changed by its caller, are not
+    # the next one's.
+    monkeypatch.undo()
+    layouts.parse(first).values[Opt.VENDOR_CLASS] = b"changed"
+    assert layouts.parse(bytes(other)).values[Opt.VENDOR_CLASS] == first[
+        first.index(b"PXEClient"):first.index(b"PXEClient") + 32]
+
+
+def test_a_request_differing_outside_its_own_bytes_is_walked_again() -> None:
+    first = find("uefi-edk2pxe", 8)
+    layouts = dhcp.RequestLayouts()
+    layouts.parse(first)
+    at = first.index(b"PXEClient:Arch:")
+    for position, value in (
+        (at + 15, ord("9")),  # the vendor class's arch digits: another shape
+        (0, 2),  # op: a BOOTREPLY
+        (2, 17),  # hlen past chaddr: a DecodeError
+        (3, 1),  # hops
+        (24, 198),  # giaddr: relayed
+        (237, 0),  # the cookie
+        (dhcp.OPTIONS_OFFSET + 2, 3),  # the message type: a REQUEST
+        (dhcp.OPTIONS_OFFSET + 2, 2),  # an OFFER in a BOOTREQUEST: a DecodeError
+        (dhcp.OPTIONS_OFFSET + 1, 9),  # option 53's length: walks elsewhere
+        (len(first) - 1, 7),  # after END (not read, but not the layout's bytes)
+    ):
+        data = bytearray(first)
+        data[position] = value
+        same_as_parse_request(layouts, bytes(data))
+    assert layouts.parse(bytes(first[:at + 15]) + b"9" + first[at + 16:]).values[
+        Opt.VENDOR_CLASS].startswith(b"PXEClient:Arch:9")
+
+
+def test_own_options_anywhere_and_their_lengths() -> None:
+    base = find("uefi-edk2pxe", 8)[:240]
+    layouts = dhcp.RequestLayouts()
+    for hostname, client_id, uuid in ((b"node-1", b"\x01\x52\x54\x00\x00\x00\x01", b"\0" * 17),
+                                      (b"node-2", b"\x01\x52\x54\x00\x00\x00\x02", b"\1" * 17),
+                                      (b"node-10", b"\x01\x52\x54\x00\x00\x00\x03", b"\2" * 17)):
+        data = (base + b"\x35\x01\x01" + bytes((12, len(hostname))) + hostname
+                + b"\x3d\x07" + client_id + b"\x3c\x09PXEClient" + b"\x61\x11" + uuid
+                + b"\xff").ljust(300, b"\0")
+        same_as_parse_request(layouts, data)
+        same_as_parse_request(layouts, data)
+    # An own option twice is concatenated (RFC 3396 §7): no layout, read as parse_request.
+    twice = (base + b"\x35\x01\x01\x0c\x02ab\x0c\x02cd\xff").ljust(300, b"\0")
+    same_as_parse_request(layouts, twice)
+    same_as_parse_request(layouts, twice[:245] + b"ef" + twice[247:])
+    assert layouts.parse(twice[:245] + b"ef" + twice[247:]).values[Opt.HOSTNAME] == b"efcd"
+
+
+def test_layouts_are_bounded() -> None:
+    layouts = dhcp.RequestLayouts(limit=4)
+    base = find("uefi-edk2pxe", 8)
+    for size in range(len(base), len(base) + 10):
+        layouts.parse(base.ljust(size, b"\0"))
+    assert sum(len(held) for held in layouts._held.values()) <= 4
+
+
+@pytest.mark.parametrize(
+    ("name", "datagram"), DATAGRAMS, ids=[f"{n}-{d.frame}" for n, d in DATAGRAMS]
+)
+def test_every_capture_reads_the_same_through_layouts(name: str, datagram: object) -> None:
+    layouts = dhcp.RequestLayouts()
+    for _, other in DATAGRAMS:  # every capture's layout held first
+        layouts.parse(other.payload)  # type: ignore[attr-defined]
+    same_as_parse_request(layouts, datagram.payload)  # type: ignore[attr-defined]
+
+
+def held_layouts() -> dhcp.RequestLayouts:
+    """Every capture's layout held (each capture decodes: the tests above)."""
+    layouts = dhcp.RequestLayouts()
+    for _, datagram in DATAGRAMS:
+        layouts.parse(datagram.payload)
+    return layouts
+
+
+LAYOUTS = held_layouts()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.sampled_from(SEEDS),
+    st.lists(st.tuples(st.integers(min_value=0, max_value=699), st.integers(0, 255)),
+             max_size=4),
+)
+def test_fuzz_mutated_captures_read_the_same_through_layouts(
+    seed: bytes, flips: list[tuple[int, int]]
+) -> None:
+    # The same length as a capture whose layout is held: most reach its slice compares.
+    same_as_parse_request(LAYOUTS, mutated(seed, flips, len(seed)))
