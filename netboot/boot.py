@@ -100,6 +100,9 @@ class BootSettings:
     # s36-journey: netboot's DHCP is authoritative, so a machine is at its fixed address
     # when it has one (names.address_of): a cluster's endpoint follows a server moved there.
     fixed_first: bool = False
+    # enroll.trust_first_nic: the first NICs of a machine enrolled without a MAC are listed
+    # as they attach (_attach), not held for an operator (identity.UNLISTED).
+    trust_first_nic: bool = False
 
 
 # Enum members a first install or config looks up on its way, looked up once: Python 3.11
@@ -1405,7 +1408,27 @@ class BootService:
             if record:
                 await self._event(machine, "hold", plan.reason, request, once=True)
             return plan
+        if identity.UNLISTED in machine.facts and identity.unlisted(machine, str(mac)):
+            return await self._unlisted_plan(request, machine, record)
         return await self._install_plan(request, machine, res, record, seen)
+
+    async def _unlisted_plan(self, request: BootRequest, machine: Machine, record: bool,
+                             ) -> BootPlan:
+        """An install asked from a NIC a boot attached (by the machine's UUID, serial or
+        asset tag) and no operator listed: held without a token, with the command that lists
+        it. Any host on the VLAN can send a machine's UUID (option 97 of its every PXE
+        DISCOVER, a vendor's manifest) or serial (its label) from a made-up MAC, and was given
+        the install token and the config (the cluster's join token) of a machine not yet
+        installed (identity.UNLISTED). Tinkerbell serves only the MACs of its hardware
+        records, dnsmasq a dhcp-host only to the MACs it names."""
+        command = f"netboot machines set {machine.id} --add-mac {request.mac}"
+        reason = (f"{machine.state!s}: NIC {request.mac} was attached at a boot by the "
+                  "machine's UUID, serial or asset tag, and no operator listed it: held "
+                  f"without an install token until one does ({command})")
+        if record:
+            await self._event(machine, "hold", reason, request, once=True)
+        return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                        retry_seconds=self.settings.hold_retry_seconds, command=command)
 
     async def _unknown_plan(self, request: BootRequest, machine: Machine | None,
                             record: bool) -> BootPlan:
@@ -1999,15 +2022,17 @@ class BootService:
                   for d in res.absorb]
         if new_nic:
             updated = replace(updated, macs=(*updated.macs, request.mac))
-        # NICs added to a machine that had one: not given its fixed address until an
-        # operator lists them (identity.UNLISTED).
-        added = [m for m in updated.macs if m not in machine.macs] if machine.macs else []
+        # NICs a boot added: not given the machine's install nor its fixed address until an
+        # operator lists them (identity.UNLISTED); a machine enrolled without a MAC trusts
+        # its first ones only under enroll.trust_first_nic.
+        added = ([m for m in updated.macs if m not in machine.macs]
+                 if machine.macs or not self.settings.trust_first_nic else [])
         if added:
             updated = replace(updated, facts=identity.with_unlisted(updated.facts, added))
         if new_nic:
-            note = (f"; not given its fixed address {machine.fixed_ipv4} until an operator "
-                    f"lists it (netboot machines set {machine.id} --add-mac {request.mac})"
-                    if added and machine.fixed_ipv4 else "")
+            fixed = f" or its fixed address {machine.fixed_ipv4}" if machine.fixed_ipv4 else ""
+            note = (f"; not given its install{fixed} until an operator lists it (netboot "
+                    f"machines set {machine.id} --add-mac {request.mac})" if added else "")
             events.append(Event(updated.id, now, "nic-attached",
                                 f"booted from NIC {request.mac}, recognised by its "
                                 f"{res.matched_by}{note}", {"mac": str(request.mac),
