@@ -903,6 +903,10 @@ def _updated(old: Machine, machine: Machine, absorb: Sequence[Machine], now: flo
         role=machine.role or old.role, profile=machine.profile or old.profile,
         labels={**old.labels, **machine.labels},
         fixed_ipv4=machine.fixed_ipv4 or old.fixed_ipv4,
+        # A NIC the row names is the operator's, as PATCH macs lists it: one a boot attached
+        # by the machine's UUID or serial is given its install and fixed address
+        # (identity.UNLISTED). A shared mapping where it names none (identity.listed).
+        facts=identity.listed(old.facts, machine.macs),
     ), absorb, old.updated)
     if lifecycle.allows(old.state, lifecycle.Trigger.ENROLL):
         # Naming a discovered machine in an import enrolls it; for any other state the row
@@ -1004,6 +1008,10 @@ def _changes_nothing(old: Machine, values: _Values) -> bool:
     for mac in macs:
         if mac not in old_macs:
             return False
+    # A NIC a boot attached that the row names is listed by it (_updated).
+    if macs and identity.UNLISTED in old.facts and any(identity.unlisted(old, str(mac))
+                                                      for mac in macs):
+        return False
     for value, current in ((hostname, old.hostname), (uuid, old.uuid), (serial, old.serial),
                            (asset, old.asset), (cluster, old.cluster), (role, old.role),
                            (profile, old.profile), (fixed, old.fixed_ipv4)):
