@@ -93,12 +93,13 @@ def _ipxe_from(ns: str, address: str) -> str:
 
 def test_a_host_sending_a_uuid_only_machines_uuid_gets_neither_its_address_nor_install(
         subnets: dict[str, str], tmp_path: Path) -> None:
-    """Before session 50 the host's second udhcpc run was leased the machine's fixed address
+    """Before session 50 the host's first udhcpc run was leased the machine's fixed address
     (its MAC attached as the machine's first NIC, trusted), and its ``/ipxe`` from there was
     the install script, whose token fetched the config with the cluster's join token. Now it
-    is leased pool addresses, its ``/ipxe`` is held naming the command that lists the NIC,
-    and no token exists. The operator's ``netboot machines set … --add-mac`` (the CLI on the
-    inventory, the server running) then gives the NIC the fixed address and the install."""
+    is leased pool addresses, its ``/ipxe`` is held naming the command that lists the NIC
+    (each round asking DHCP again: ``dhcp netX``), and no token exists. The operator's
+    ``netboot machines set … --add-mac`` (the CLI on the inventory, the server running) then
+    gives the NIC the fixed address and the install."""
     cfg = _config(tmp_path)
     ns = subnets["a"]
     ip("-n", ns, "link", "set", "eth0", "address", STRANGER)
@@ -118,6 +119,8 @@ def test_a_host_sending_a_uuid_only_machines_uuid_gets_neither_its_address_nor_i
     log = (tmp_path / "serve.log").read_text()
     assert FIXED not in (first, second), (first, second, log)
     assert "token=" not in held and "is held" in held, held
+    # Its rounds ask DHCP again, so that once listed it asks from the fixed address.
+    assert "\ndhcp netX ||\n" in held, held
     machine = json.loads(shown.stdout)
     assert "--add-mac " + STRANGER in held and machine["id"] in held, held
     assert machine["macs"] == [STRANGER] and machine["state"] == "enrolled", machine
