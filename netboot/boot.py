@@ -1408,7 +1408,10 @@ class BootService:
             if record:
                 await self._event(machine, "hold", plan.reason, request, once=True)
             return plan
-        if identity.UNLISTED in machine.facts and identity.unlisted(machine, str(mac)):
+        # A NIC no operator listed: attached by this boot or an earlier one, or not attached
+        # at all, the machine holding identity.UNLISTED_MAX such NICs already (_adopt).
+        if identity.UNLISTED in machine.facts and (identity.unlisted(machine, str(mac)) or (
+                record and _new_nic(request, machine, ()))):
             return await self._unlisted_plan(request, machine, record)
         return await self._install_plan(request, machine, res, record, seen)
 
@@ -1422,10 +1425,12 @@ class BootService:
         installed (identity.UNLISTED). Tinkerbell serves only the MACs of its hardware
         records, dnsmasq a dhcp-host only to the MACs it names."""
         command = f"netboot machines set {machine.id} --add-mac {request.mac}"
-        reason = (f"{machine.state!s}: NIC {request.mac} was attached at a boot by the "
-                  "machine's UUID, serial or asset tag, and no operator listed it: held "
-                  f"without an install token until one does ({command})")
-        if record:
+        how = ("was attached at a boot" if request.mac in machine.macs else
+               f"was not attached (the machine has {identity.UNLISTED_MAX} NICs not listed)")
+        reason = (f"{machine.state!s}: NIC {request.mac} {how} by the machine's UUID, serial "
+                  "or asset tag, and no operator listed it: held without an install token "
+                  f"until one does ({command})")
+        if record and request.mac in machine.macs:  # one not attached is its log line's
             await self._event(machine, "hold", reason, request, once=True)
         return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
                         retry_seconds=self.settings.hold_retry_seconds, command=command)
@@ -2006,9 +2011,28 @@ class BootService:
             if machine is None:
                 return None
             new_nic = _new_nic(request, machine, res.absorb)
+            if new_nic and identity.unlisted_count(machine) >= identity.UNLISTED_MAX:
+                self._not_attached(machine, request.mac)  # held as one not listed (_plan)
+                new_nic = False
             if not res.absorb and not new_nic:
                 return machine
             return await self._attach(request, res, machine, new_nic)
+
+    def _not_attached(self, machine: Machine, mac: MacAddress) -> None:
+        """Say, once a machine while this process runs, that NIC ``mac`` reporting its
+        identifiers was not attached: it has identity.UNLISTED_MAX NICs no operator listed."""
+        key = (machine.id, "", "")
+        if key in self._unlisted_seen:
+            return
+        if len(self._unlisted_seen) >= REPEATS_KEPT:
+            self._unlisted_seen.clear()
+        self._unlisted_seen.add(key)
+        self._log.warning(
+            "machine %s: NIC %s reported its UUID, serial or asset tag but was not attached: "
+            "the machine has %d NICs a boot attached and no operator listed, the most kept "
+            "(a host sending its UUID from made-up MACs?). List the machine's own (netboot "
+            "machines set %s --add-mac MAC) or remove the others (PATCH macs); until then "
+            "such NICs are held", machine.ref, mac, identity.UNLISTED_MAX, machine.id)
 
     async def _attach(self, request: BootRequest, res: Resolution, machine: Machine,
                       new_nic: bool) -> Machine:

@@ -629,6 +629,39 @@ async def test_a_serial_only_machines_first_nic_is_held_until_an_operator_lists_
     assert plan.action == BootAction.INSTALL and plan.token == "tok"
 
 
+async def test_a_host_sending_a_machines_uuid_from_many_macs_attaches_a_bounded_few(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    """A host on the VLAN sends an enrolled machine's UUID (option 97) from 40 made-up MACs,
+    each a PXE DISCOVER then iPXE's ask. Before, each was attached: 40 NICs more, each a
+    write of the whole machine (its NIC list longer each time) and two events, without
+    bound. Now identity.UNLISTED_MAX are attached, the rest written nowhere and held as
+    NICs not listed, none given a token; the operator can still list any of them."""
+    boot, store, _ = setup
+    uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c6"
+    m = Machine(macs=(NIC1,), uuid=uuid, hostname="victim", profile="p", cluster="edge")
+    await store.create_machine(m)
+    made_up = [MacAddress.parse(f"02:46:00:00:44:{i:02x}") for i in range(40)]
+    for nic in made_up:
+        await boot.first_stage(replace(req(Firmware.UEFI, uuid=uuid), mac=nic))
+    await boot.drain()
+    plans = [await boot.plan(ipxe(nic, uuid=uuid)) for nic in made_up]
+    await boot.drain()
+    assert {p.action for p in plans} == {BootAction.HOLD} and not any(p.token for p in plans)
+    assert "was not attached" in plans[-1].reason, plans[-1].reason
+    stored = await store.get_machine(m.id)
+    assert stored is not None
+    assert stored.macs == (NIC1, *made_up[:identity.UNLISTED_MAX]), stored.macs
+    assert identity.unlisted_count(stored) == identity.UNLISTED_MAX
+    events = await store.list_events(m.id)
+    assert len(events) <= 3 * identity.UNLISTED_MAX, [e.kind for e in events]
+    assert await store.count_machines() == 1
+    # One the cap left out is listed as any NIC is: its next ask installs.
+    core = Core(store, Enroller(store), boot, None)  # type: ignore[arg-type]
+    last = str(made_up[-1])
+    await core.update_machine(m.id, {"macs": [*map(str, stored.macs), last]}, lists=[last])
+    assert (await boot.plan(ipxe(made_up[-1], uuid=uuid))).action == BootAction.INSTALL
+
+
 async def test_serial_only_machine_installs_and_gets_its_mac_attached(
         setup: tuple[BootService, MemoryStore, Clock]) -> None:
     """enroll.trust_first_nic: a factory floor whose VLAN is closed trusts the first NIC of a
