@@ -1410,8 +1410,11 @@ class BootService:
             return plan
         # A NIC no operator listed: attached by this boot or an earlier one, or not attached
         # at all, the machine holding identity.UNLISTED_MAX such NICs already (_adopt).
-        if identity.UNLISTED in machine.facts and (identity.unlisted(machine, str(mac)) or (
-                record and _new_nic(request, machine, ()))):
+        # A dry run of one enrolled without a MAC (explain, a machine's plan line): its first
+        # NIC is held so too, unless enroll.trust_first_nic.
+        if (identity.UNLISTED in machine.facts and (identity.unlisted(machine, str(mac)) or (
+                record and _new_nic(request, machine, ())))) or (
+                not record and not machine.macs and not self.settings.trust_first_nic):
             return await self._unlisted_plan(request, machine, record)
         return await self._install_plan(request, machine, res, record, seen)
 
@@ -1424,6 +1427,14 @@ class BootService:
         the install token and the config (the cluster's join token) of a machine not yet
         installed (identity.UNLISTED). Tinkerbell serves only the MACs of its hardware
         records, dnsmasq a dhcp-host only to the MACs it names."""
+        if not machine.macs:
+            command = f"netboot machines set {machine.id} --add-mac MAC"
+            reason = (f"{machine.state!s}: enrolled without a MAC, the NIC its first boot "
+                      "reports its UUID, serial or asset tag from is attached and held without "
+                      f"an install token until an operator lists it ({command}; or "
+                      "enroll.trust_first_nic: true)")
+            return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                            retry_seconds=self.settings.hold_retry_seconds, command=command)
         command = f"netboot machines set {machine.id} --add-mac {request.mac}"
         how = ("was attached at a boot" if request.mac in machine.macs else
                f"was not attached (the machine has {identity.UNLISTED_MAX} NICs not listed)")

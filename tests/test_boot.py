@@ -759,7 +759,11 @@ async def test_explain_and_dry_runs_of_a_machine_without_a_mac(
     await store.create_machine(m)
     out = await boot.explain(m.id, arch=Arch.X86_64)
     assert out["known"] is True and out["id"] == m.id and out["macs"] == []
-    assert out["decision"] == "install"
+    # Its first NIC is held until listed (identity.UNLISTED): said, not "install".
+    assert out["decision"] == "hold", out
+    assert f"netboot machines set {m.id} --add-mac MAC" in out["reason"], out
+    boot.settings = replace(boot.settings, trust_first_nic=True)
+    assert (await boot.explain(m.id, arch=Arch.X86_64))["decision"] == "install"
     got = await store.get_machine(m.id)
     assert got == m and await store.list_events(m.id) == []  # a dry run records nothing
 
