@@ -934,6 +934,32 @@ def _taken(field: str, value: str, shown: str, held_as: str, line: int,
     return None
 
 
+# The fact naming the address a machine's install token was served to (boot.INSTALL_PEER;
+# netboot.boot imports this module).
+_INSTALL_PEER = "install_peer"
+
+
+def _claim_place(machine: Machine, peer: IPAddress | None) -> str:
+    """Where a restored machine's refused later boot came from, against where its device was
+    known to be (its fixed address, the address it registered, else the one its install was
+    served to), for the operator who may give the machine to its claim. That refusal needs
+    no token: any host that knows the MAC (in every DHCP broadcast of the machine) can post
+    one with a secret of its own, and its event named the claim and the command alike
+    (s50-attack)."""
+    for known, what in ((machine.fixed_ipv4, "its fixed address"),
+                        (machine.ipv4, "the address it registered from"),
+                        (machine.facts.get(_INSTALL_PEER), "the address its install was "
+                                                           "served to")):
+        if known:
+            if peer is not None and str(peer) == known:
+                return f"it came from {known}, {what}"
+            return (f"it came from {peer or 'an unknown address'}, not from {known}, {what}: "
+                    "any host that knows the MAC can send one; give it only if the device "
+                    "is there now")
+    return ("no address of its device is known: check the address it came from against its "
+            "DHCP lease or its console")
+
+
 class _FixedGiven:
     """The fixed_ipv4 addresses an import's rows give, and what lets one held by another
     machine of the inventory through: the row's own machine, a discovered record it
@@ -1825,7 +1851,8 @@ class Enroller:
                    "with a new machine token")
             if claim is not None:
                 fix = (f"if it is this machine's device, running the install the inventory "
-                       f"lost, 'netboot machines claim {ref} {claim}' (POST "
+                       f"lost ({_claim_place(machine, peer)}), "
+                       f"'netboot machines claim {ref} {claim}' (POST "
                        f"/api/v1/machines/{ref}/claim) registers it again at its next try, "
                        f"without a reinstall; else {fix}")
             elif state in _LOST_INSTALL and isinstance(secret, str) and secret:
