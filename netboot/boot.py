@@ -1410,11 +1410,12 @@ class BootService:
             return plan
         # A NIC no operator listed: attached by this boot or an earlier one, or not attached
         # at all, the machine holding identity.UNLISTED_MAX such NICs already (_adopt).
-        # A dry run of one enrolled without a MAC (explain, a machine's plan line): its first
-        # NIC is held so too, unless enroll.trust_first_nic.
+        # One enrolled without a MAC: a dry run (explain, a machine's plan line) says its
+        # first NIC is held so too, unless enroll.trust_first_nic; a request naming no NIC
+        # (U-Boot's pxelinux.cfg/<uuid>, asked by any host) is held, never given a token.
         if (identity.UNLISTED in machine.facts and (identity.unlisted(machine, str(mac)) or (
                 record and _new_nic(request, machine, ())))) or (
-                not record and not machine.macs and not self.settings.trust_first_nic):
+                not machine.macs and (record or not self.settings.trust_first_nic)):
             return await self._unlisted_plan(request, machine, record)
         return await self._install_plan(request, machine, res, record, seen)
 

@@ -282,3 +282,30 @@ async def test_enroll_trust_first_nic_gives_a_uuid_only_machines_first_nic_its_i
         second, second
     machine = await env.get(f"/api/v1/machines/{made['id']}")
     assert machine["facts"]["unlisted_nics"] == "02:46:00:00:50:98"
+
+
+async def test_a_host_asking_u_boots_file_of_a_uuid_only_machine_takes_nothing(
+        env: Env) -> None:
+    """U-Boot asks ``pxelinux.cfg/<its UUID>`` over TFTP first, and any host can ask that
+    name. For a machine enrolled by its UUID alone it was the install plan: a token issued
+    to nobody's NIC (00:00:00:00:00:00), the machine moved to booting with its install
+    served to that host, so the device's own install was then held ("served to another
+    address"). Now the name is not found (U-Boot asks ``01-<mac>`` next) and nothing is
+    written; held if asked of the boot path directly."""
+    from netboot.errors import NotFound
+    from netboot.model import Arch, BootAction, Firmware
+
+    await env.seed()
+    made = await env.post("/api/v1/machines", {"uuid": FLOOR_UUID, "hostname": "floor-6",
+                                               "cluster": "edge", "profile": "k3os"},
+                          status=201)
+    with pytest.raises(NotFound):
+        await env.service.content.tftp_open(f"pxelinux.cfg/{FLOOR_UUID}", ("192.0.2.99", 2000))
+    machine = await env.get(f"/api/v1/machines/{made['id']}")
+    assert machine["state"] == "enrolled" and "install_peer" not in machine["facts"], machine
+    stored = await env.service.store.get_machine(made["id"])
+    assert stored is not None
+    plan = await env.service.boot.plan(identity.request_for(
+        stored, via="tftp", remote_addr="192.0.2.99", firmware=Firmware.UBOOT,
+        arch=Arch.ARM64))
+    assert plan.action == BootAction.HOLD and plan.token is None, plan
