@@ -687,7 +687,8 @@ class Core:
         # command named, not the others it sent back): one a boot attached by the machine's
         # UUID or serial may now be given its install and fixed address (identity.UNLISTED).
         named = parsed.macs if lists is None else [MacAddress.parse(m) for m in lists]
-        facts = identity.listed(old.facts, named) if "macs" in changes else old.facts
+        facts = identity.listed(old.facts, named, parsed.macs) if "macs" in changes \
+            else old.facts
         return replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
                        serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
                        cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,

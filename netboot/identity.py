@@ -452,14 +452,18 @@ def with_unlisted(facts: Mapping[str, str], macs: Iterable[MacAddress]) -> dict[
     return {**facts, UNLISTED: ",".join(named)}
 
 
-def listed(facts: Mapping[str, str], macs: Iterable[MacAddress]) -> Mapping[str, str]:
+def listed(facts: Mapping[str, str], macs: Iterable[MacAddress],
+           kept: Iterable[MacAddress] | None = None) -> Mapping[str, str]:
     """``facts`` with ``macs`` (an operator's list) taken out of :data:`UNLISTED` (the fact
-    dropped when none is left); ``facts`` itself when it names none of them."""
+    dropped when none is left), and with ``kept`` (the machine's NICs after the edit) the
+    NICs no longer the machine's too: one an operator removed counted against
+    :data:`UNLISTED_MAX` for ever. ``facts`` itself when it names none of them."""
     text = facts.get(UNLISTED)
     if text is None:
         return facts
     gone = {str(m) for m in macs}
-    left = [m for m in text.split(",") if m and m not in gone]
+    still = None if kept is None else {str(m) for m in kept}
+    left = [m for m in text.split(",") if m and m not in gone and (still is None or m in still)]
     if len(left) == len(text.split(",")):
         return facts
     out = {k: v for k, v in facts.items() if k != UNLISTED}

@@ -660,6 +660,14 @@ async def test_a_host_sending_a_machines_uuid_from_many_macs_attaches_a_bounded_
     last = str(made_up[-1])
     await core.update_machine(m.id, {"macs": [*map(str, stored.macs), last]}, lists=[last])
     assert (await boot.plan(ipxe(made_up[-1], uuid=uuid))).action == BootAction.INSTALL
+    # The operator removes the strangers' NICs (PATCH macs): no longer counted, so the
+    # machine's own next NIC is attached again (held until listed).
+    await core.update_machine(m.id, {"macs": [str(NIC1), last]})
+    pruned = await store.get_machine(m.id)
+    assert pruned is not None and identity.unlisted_count(pruned) == 0, pruned.facts
+    await boot.plan(ipxe(NIC2, uuid=uuid))
+    stored = await store.get_machine(m.id)
+    assert stored is not None and NIC2 in stored.macs and identity.unlisted(stored, str(NIC2))
 
 
 async def test_serial_only_machine_installs_and_gets_its_mac_attached(
