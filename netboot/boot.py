@@ -112,6 +112,7 @@ _DISCOVERED = MachineState.DISCOVERED
 _INSTALL = BootAction.INSTALL
 _INSTALL_PLAN = lifecycle.Trigger.INSTALL_PLAN
 _INSTALL_AGAIN = lifecycle.Trigger.INSTALL_AGAIN
+_UNLISTED = identity.UNLISTED  # looked up once: every install's path asks for it
 _NO_ARCH = Arch.UNKNOWN
 _NO_FIRMWARE = Firmware.UNKNOWN
 # ... and those a first DHCP sighting looks up (its decision, its role, its loader, its
@@ -1408,16 +1409,23 @@ class BootService:
             if record:
                 await self._event(machine, "hold", plan.reason, request, once=True)
             return plan
-        # A NIC no operator listed: attached by this boot or an earlier one, or not attached
-        # at all, the machine holding identity.UNLISTED_MAX such NICs already (_adopt).
-        # One enrolled without a MAC: a dry run (explain, a machine's plan line) says its
-        # first NIC is held so too, unless enroll.trust_first_nic; a request naming no NIC
-        # (U-Boot's pxelinux.cfg/<uuid>, asked by any host) is held, never given a token.
-        if (identity.UNLISTED in machine.facts and (identity.unlisted(machine, str(mac)) or (
-                record and _new_nic(request, machine, ())))) or (
-                not machine.macs and (record or not self.settings.trust_first_nic)):
+        # Two look-ups where every NIC is listed (a first install's path), the rest rarely.
+        if (not machine.macs or _UNLISTED in machine.facts) \
+                and self._unlisted_asks(request, machine, record):
             return await self._unlisted_plan(request, machine, record)
         return await self._install_plan(request, machine, res, record, seen)
+
+    def _unlisted_asks(self, request: BootRequest, machine: Machine, record: bool) -> bool:
+        """Whether ``request`` asks an install from a NIC no operator listed: attached by this
+        boot or an earlier one, or not attached at all, the machine holding
+        identity.UNLISTED_MAX such NICs already (_adopt). Of one enrolled without a MAC: a
+        dry run (explain, a machine's plan line) says its first NIC is held so too, unless
+        enroll.trust_first_nic; a request naming no NIC (U-Boot's pxelinux.cfg/<uuid>,
+        which any host can ask) is held, never given a token."""
+        if not machine.macs:
+            return record or not self.settings.trust_first_nic
+        return identity.unlisted(machine, str(request.mac)) or (
+            record and _new_nic(request, machine, ()))
 
     async def _unlisted_plan(self, request: BootRequest, machine: Machine, record: bool,
                              ) -> BootPlan:
