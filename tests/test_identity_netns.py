@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import INITRD, KERNEL
 from tests.servers.test_dhcp_netns import UDHCPC
+from tests.test_service_interfaces_netns import config as site_config
 from tests.test_service_reached_netns import curl, env, ip, namespaces, netboot, serving
 
 pytestmark = [pytest.mark.netns, pytest.mark.root, pytest.mark.requires("ip", "iproute2"),
@@ -35,27 +35,16 @@ FIXED = "192.0.2.50"
 
 @pytest.fixture
 def subnets() -> Iterator[dict[str, str]]:
-    yield from namespaces("s50att", ("a",))
+    yield from namespaces("s50att", ("a", "b"))
 
 
 def _config(tmp_path: Path) -> tuple[str, ...]:
-    """Authoritative DHCP on va (pool .100-.150), no TFTP; a cluster with a join token, and
-    a machine enrolled by its UUID alone with a fixed address, not booted yet."""
-    assets = tmp_path / "assets"
-    assets.mkdir()
-    (assets / "vmlinuz").write_bytes(KERNEL)
-    (assets / "initrd.img").write_bytes(INITRD)
-    path = tmp_path / "netboot.yaml"
-    path.write_text(f"server:\n  data_dir: {tmp_path / 'data'}\n  interfaces: [va]\n"
-                    f"tftp:\n  enabled: false\nhttps:\n  enabled: false\n"
-                    f"dns:\n  enabled: false\nassets:\n  dirs: [{assets}]\n"
-                    "dhcp:\n  mode: authoritative\n  ping_check: false\n  authoritative:\n"
-                    "    pool_start: 192.0.2.100\n    pool_end: 192.0.2.150\n"
-                    "    netmask: 255.255.255.0\n    router: 192.0.2.1\n")
-    cfg = ("--config", str(path))
+    """tests/test_service_interfaces_netns.py's authoritative site (va and vb named, pool
+    192.0.2.100-150, profile p), with a cluster whose join token is known, and a machine
+    enrolled by its UUID alone with a fixed address, not booted yet."""
+    cfg = site_config(tmp_path, dhcp="authoritative")
     for args in (("clusters", "add", "edge", "--server-url", "https://192.0.2.5:6443",
                   "--token", "k3s-join-secret-of-edge"),
-                 ("profiles", "add", "p", "--kernel", "vmlinuz", "--initrd", "initrd.img"),
                  ("machines", "add", "--uuid", str(MACHINE_UUID), "--hostname", "floor-5",
                   "--cluster", "edge", "--profile", "p", "--fixed-ipv4", FIXED)):
         subprocess.run(netboot(*args[:2], *cfg, *args[2:]), check=True, env=env(),
