@@ -1253,6 +1253,12 @@ def config_warnings(cfg: Config) -> list[str]:
                    "takes that address collects the nodes); remove the line for the secure "
                    "form (K10<CA hash>::…), unless the site's config templates cannot write "
                    "the cluster's k3s CA")
+    if cfg.enroll.trust_first_nic:
+        out.append("enroll.trust_first_nic is true: the first NIC that sends the UUID, serial "
+                   "or asset tag of a machine enrolled without a MAC is given its install "
+                   "(its config carries the cluster's join token) and fixed address, and any "
+                   "host on the provisioning network can send those; only where that network "
+                   "is closed (port security, 802.1X)")
     return out
 
 

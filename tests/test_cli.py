@@ -912,6 +912,17 @@ def test_check_config_warns_of_a_config_that_makes_short_tokens(
     assert rc == 0 and "warning" not in err, err
 
 
+def test_check_config_warns_of_trusting_a_mac_less_machines_first_nic(
+        tmp_path: Path, cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`enroll.trust_first_nic: true` gives the first NIC sending a MAC-less machine's UUID
+    or serial its install: check-config takes it and says what it trusts."""
+    trusting = tmp_path / "trusting.yaml"
+    trusting.write_text(Path(cfg).read_text() + "enroll:\n  trust_first_nic: true\n")
+    rc, out, err = run(capsys, "check-config", str(trusting))
+    assert rc == 0 and out.strip() == f"{trusting}: OK", out
+    assert f"netboot: warning: {trusting}: enroll.trust_first_nic is true" in err, err
+
+
 def test_tokens_create_list_revoke_and_the_audit_log(
         cfg: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SUDO_USER", "alice")
