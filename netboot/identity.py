@@ -411,16 +411,19 @@ def merge(into: Machine, others: Iterable[Machine], now: float) -> Machine:
                    serial=serial, asset=asset, arch=arch, firmware=firmware, updated=now)
 
 
-# The fact naming the NICs a boot attached to a machine that had a NIC already (by its UUID,
-# serial or asset tag, or a discovered record of them merged: BootService._attach), comma-
-# separated, until an operator lists them (a NIC list written by PATCH /machines/{ref} or
-# `machines set --add-mac`: Core._patched). Such a NIC is not given the machine's fixed_ipv4
-# (BootService.fixed_address): a UUID is broadcast in option 97 of the machine's every PXE
-# DISCOVER, so any host on the VLAN could send it from a made-up MAC and, given the address,
-# hold it beside the machine and be served its install script (s46-attack #4). dnsmasq gives
-# a dhcp-host address only to the MACs the operator listed. The first NICs of a machine
-# enrolled without a MAC are the operator's identifier's (its serial or UUID) and are not so
-# named: nobody listed a MAC to protect.
+# The fact naming the NICs a boot attached to a machine (by its UUID, serial or asset tag,
+# or a discovered record of them merged: BootService._attach), comma-separated, until an
+# operator lists them (a NIC list written by PATCH /machines/{ref}, `machines set --add-mac`
+# or an import row: Core._patched, enroll._updated). Such a NIC is given neither the
+# machine's install (BootService._unlisted_plan: a hold naming the command) nor its
+# fixed_ipv4 (BootService.fixed_address): a UUID is broadcast in option 97 of the machine's
+# every PXE DISCOVER and printed on manifests, a serial on labels, so any host on the VLAN
+# could send one from a made-up MAC and be served the install script, its token and config
+# (the cluster's join token), or hold the fixed address beside the machine (s46-attack #4,
+# s50-attack). dnsmasq gives a dhcp-host address only to the MACs the operator listed;
+# Tinkerbell serves only the MACs of its hardware records. The first NICs of a machine
+# enrolled without a MAC are so named too, unless enroll.trust_first_nic (a closed factory
+# floor; before session 50 they were trusted).
 UNLISTED = "unlisted_nics"
 
 
