@@ -100,6 +100,9 @@ class BootSettings:
     # s36-journey: netboot's DHCP is authoritative, so a machine is at its fixed address
     # when it has one (names.address_of): a cluster's endpoint follows a server moved there.
     fixed_first: bool = False
+    # enroll.trust_first_nic: the first NICs of a machine enrolled without a MAC are listed
+    # as they attach (_attach), not held for an operator (identity.UNLISTED).
+    trust_first_nic: bool = False
 
 
 # Enum members a first install or config looks up on its way, looked up once: Python 3.11
@@ -109,6 +112,7 @@ _DISCOVERED = MachineState.DISCOVERED
 _INSTALL = BootAction.INSTALL
 _INSTALL_PLAN = lifecycle.Trigger.INSTALL_PLAN
 _INSTALL_AGAIN = lifecycle.Trigger.INSTALL_AGAIN
+_UNLISTED = identity.UNLISTED  # looked up once: every install's path asks for it
 _NO_ARCH = Arch.UNKNOWN
 _NO_FIRMWARE = Firmware.UNKNOWN
 # ... and those a first DHCP sighting looks up (its decision, its role, its loader, its
@@ -1405,7 +1409,51 @@ class BootService:
             if record:
                 await self._event(machine, "hold", plan.reason, request, once=True)
             return plan
+        # Two look-ups where every NIC is listed (a first install's path), the rest rarely.
+        if (not machine.macs or _UNLISTED in machine.facts) \
+                and self._unlisted_asks(request, machine, record):
+            return await self._unlisted_plan(request, machine, record)
         return await self._install_plan(request, machine, res, record, seen)
+
+    def _unlisted_asks(self, request: BootRequest, machine: Machine, record: bool) -> bool:
+        """Whether ``request`` asks an install from a NIC no operator listed: attached by this
+        boot or an earlier one, or not attached at all, the machine holding
+        identity.UNLISTED_MAX such NICs already (_adopt). Of one enrolled without a MAC: a
+        dry run (explain, a machine's plan line) says its first NIC is held so too, unless
+        enroll.trust_first_nic; a request naming no NIC (U-Boot's pxelinux.cfg/<uuid>,
+        which any host can ask) is held, never given a token."""
+        if not machine.macs:
+            return record or not self.settings.trust_first_nic
+        return identity.unlisted(machine, str(request.mac)) or (
+            record and _new_nic(request, machine, ()))
+
+    async def _unlisted_plan(self, request: BootRequest, machine: Machine, record: bool,
+                             ) -> BootPlan:
+        """An install asked from a NIC a boot attached (by the machine's UUID, serial or
+        asset tag) and no operator listed: held without a token, with the command that lists
+        it. Any host on the VLAN can send a machine's UUID (option 97 of its every PXE
+        DISCOVER, a vendor's manifest) or serial (its label) from a made-up MAC, and was given
+        the install token and the config (the cluster's join token) of a machine not yet
+        installed (identity.UNLISTED). Tinkerbell serves only the MACs of its hardware
+        records, dnsmasq a dhcp-host only to the MACs it names."""
+        if not machine.macs:
+            command = f"netboot machines set {machine.id} --add-mac MAC"
+            reason = (f"{machine.state!s}: enrolled without a MAC, the NIC its first boot "
+                      "reports its UUID, serial or asset tag from is attached and held without "
+                      f"an install token until an operator lists it ({command}; or "
+                      "enroll.trust_first_nic: true)")
+            return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                            retry_seconds=self.settings.hold_retry_seconds, command=command)
+        command = f"netboot machines set {machine.id} --add-mac {request.mac}"
+        how = ("was attached at a boot" if request.mac in machine.macs else
+               f"was not attached (the machine has {identity.UNLISTED_MAX} NICs not listed)")
+        reason = (f"{machine.state!s}: NIC {request.mac} {how} by the machine's UUID, serial "
+                  "or asset tag, and no operator listed it: held without an install token "
+                  f"until one does ({command})")
+        if record and request.mac in machine.macs:  # one not attached is its log line's
+            await self._event(machine, "hold", reason, request, once=True)
+        return BootPlan(BootAction.HOLD, request.mac, reason, machine=machine,
+                        retry_seconds=self.settings.hold_retry_seconds, command=command)
 
     async def _unknown_plan(self, request: BootRequest, machine: Machine | None,
                             record: bool) -> BootPlan:
@@ -1983,9 +2031,28 @@ class BootService:
             if machine is None:
                 return None
             new_nic = _new_nic(request, machine, res.absorb)
+            if new_nic and identity.unlisted_count(machine) >= identity.UNLISTED_MAX:
+                self._not_attached(machine, request.mac)  # held as one not listed (_plan)
+                new_nic = False
             if not res.absorb and not new_nic:
                 return machine
             return await self._attach(request, res, machine, new_nic)
+
+    def _not_attached(self, machine: Machine, mac: MacAddress) -> None:
+        """Say, once a machine while this process runs, that NIC ``mac`` reporting its
+        identifiers was not attached: it has identity.UNLISTED_MAX NICs no operator listed."""
+        key = (machine.id, "", "")
+        if key in self._unlisted_seen:
+            return
+        if len(self._unlisted_seen) >= REPEATS_KEPT:
+            self._unlisted_seen.clear()
+        self._unlisted_seen.add(key)
+        self._log.warning(
+            "machine %s: NIC %s reported its UUID, serial or asset tag but was not attached: "
+            "the machine has %d NICs a boot attached and no operator listed, the most kept "
+            "(a host sending its UUID from made-up MACs?). List the machine's own (netboot "
+            "machines set %s --add-mac MAC) or remove the others (PATCH macs); until then "
+            "such NICs are held", machine.ref, mac, identity.UNLISTED_MAX, machine.id)
 
     async def _attach(self, request: BootRequest, res: Resolution, machine: Machine,
                       new_nic: bool) -> Machine:
@@ -1999,15 +2066,17 @@ class BootService:
                   for d in res.absorb]
         if new_nic:
             updated = replace(updated, macs=(*updated.macs, request.mac))
-        # NICs added to a machine that had one: not given its fixed address until an
-        # operator lists them (identity.UNLISTED).
-        added = [m for m in updated.macs if m not in machine.macs] if machine.macs else []
+        # NICs a boot added: not given the machine's install nor its fixed address until an
+        # operator lists them (identity.UNLISTED); a machine enrolled without a MAC trusts
+        # its first ones only under enroll.trust_first_nic.
+        added = ([m for m in updated.macs if m not in machine.macs]
+                 if machine.macs or not self.settings.trust_first_nic else [])
         if added:
             updated = replace(updated, facts=identity.with_unlisted(updated.facts, added))
         if new_nic:
-            note = (f"; not given its fixed address {machine.fixed_ipv4} until an operator "
-                    f"lists it (netboot machines set {machine.id} --add-mac {request.mac})"
-                    if added and machine.fixed_ipv4 else "")
+            fixed = f" or its fixed address {machine.fixed_ipv4}" if machine.fixed_ipv4 else ""
+            note = (f"; not given its install{fixed} until an operator lists it (netboot "
+                    f"machines set {machine.id} --add-mac {request.mac})" if added else "")
             events.append(Event(updated.id, now, "nic-attached",
                                 f"booted from NIC {request.mac}, recognised by its "
                                 f"{res.matched_by}{note}", {"mac": str(request.mac),

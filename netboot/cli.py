@@ -430,7 +430,8 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
             # A NIC more (one enrolled by serial alone, a Raspberry Pi's); the API's PATCH
             # takes the whole list.
             # One it has already (attached at a boot by its UUID or serial) is listed: given
-            # the machine's fixed address from now on (identity.UNLISTED).
+            # the machine's install and fixed address from now on (identity.UNLISTED); only
+            # those the command names (update_machine's lists), not its other NICs sent back.
             out["macs"] = [*map(str, machine.macs), *(
                 m for m in args.add_mac if not _has_nic(machine, m))]
         return out
@@ -439,7 +440,7 @@ async def _set_machine(args: argparse.Namespace, core: Core) -> int:
         raise ValidationError("machines set", "nothing to change: give --cluster, --role, "
                                               "--profile, --hostname, --label, --remove-label, "
                                               "--add-mac, --fixed-ipv4 or --loader")
-    m = await core.update_machine(args.mac, made)
+    m = await core.update_machine(args.mac, made, lists=args.add_mac or None)
     shown = [f"{key} {getattr(m, key) or '-'}" for key in _SETTABLE if key in changes]
     if args.add_mac:
         shown.append("macs " + ",".join(map(str, m.macs)))
@@ -1252,6 +1253,12 @@ def config_warnings(cfg: Config) -> list[str]:
                    "takes that address collects the nodes); remove the line for the secure "
                    "form (K10<CA hash>::…), unless the site's config templates cannot write "
                    "the cluster's k3s CA")
+    if cfg.enroll.trust_first_nic:
+        out.append("enroll.trust_first_nic is true: the first NIC that sends the UUID, serial "
+                   "or asset tag of a machine enrolled without a MAC is given its install "
+                   "(its config carries the cluster's join token) and fixed address, and any "
+                   "host on the provisioning network can send those; only where that network "
+                   "is closed (port security, 802.1X)")
     return out
 
 

@@ -260,6 +260,13 @@ class EnrollConfig:
     # provisioning network can take"). False: the short token, as before (a site whose
     # config templates do not write the CA).
     k3s_secure_token: bool = True
+    # The first NICs of a machine enrolled without a MAC (by serial, UUID or asset tag) are
+    # attached at its first boot but not given its install nor its fixed address until an
+    # operator lists them (identity.UNLISTED), as every NIC a boot attaches: a UUID is
+    # broadcast in option 97 and printed on manifests, a serial on labels, so any host on
+    # the VLAN could send it before the machine's first boot. True trusts them as they
+    # attach (a factory floor whose provisioning VLAN is closed, enrolling by serial).
+    trust_first_nic: bool = False
 
 
 @dataclass(frozen=True)

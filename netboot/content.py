@@ -946,6 +946,11 @@ class Content:
                                                     arch=await self._arch(mac)))).encode()
         if re.match(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", lower):
             machine = await self._by_uuid(lower)
+            if machine is not None and not machine.macs:
+                # Enrolled by its UUID alone: any host can ask this name, and a NIC is what
+                # its install is keyed by. Not found, U-Boot asks 01-<mac> next, whose NIC its
+                # DHCP attached, to be listed (identity.UNLISTED).
+                machine = None
         elif _HEX_IP.match(name) and len(name) == 8:
             ip = ".".join(str(int(name[i:i + 2], 16)) for i in range(0, 8, 2))
             machine = await self._by_ip(ip)

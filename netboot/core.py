@@ -608,7 +608,8 @@ class Core:
 
     async def update_machine(self, ref: str,
                              changes: Mapping[str, Any] | Callable[[Machine], Mapping[str, Any]],
-                             *, versions: Collection[str] | None = None) -> Machine:
+                             *, versions: Collection[str] | None = None,
+                             lists: Collection[str] | None = None) -> Machine:
         """Change the given fields; the others are kept. ``macs`` replaces the NICs; ``mac``
         alone may only repeat one of them (one-NIC clients send it back).
 
@@ -617,25 +618,28 @@ class Core:
         one, it wrote back what another writer changed meanwhile (another operator's label,
         a NIC attached). ``versions``: the machine's :func:`machine_version` as the caller saw
         it (the API's If-Match); if it is none of them now, :class:`PreconditionFailed` and
-        nothing written."""
+        nothing written. ``lists``: the NICs of a new ``macs`` the operator named (``machines
+        set --add-mac``), which alone are listed (identity.UNLISTED); None: every NIC of it."""
         if not callable(changes) and all(changes.get(k) is None
                                          for k in ("fixed_ipv4", "cluster", "profile")):
-            return await self._update_machine(ref, changes, versions)
+            return await self._update_machine(ref, changes, versions, lists)
         # _patched's fixed-address check and the write, as one (a change made from the
         # machine as read may set one too); its cluster's and profile's check too, which
         # Core.delete's delete waits for (_refs_still).
         async with self.enroller.fixed_lock:
-            return await self._update_machine(ref, changes, versions)
+            return await self._update_machine(ref, changes, versions, lists)
 
     async def _update_machine(
             self, ref: str, changes: Mapping[str, Any] | Callable[[Machine], Mapping[str, Any]],
-            versions: Collection[str] | None) -> Machine:
+            versions: Collection[str] | None, lists: Collection[str] | None = None,
+    ) -> Machine:
         attempt = 0
         while True:
             attempt += 1
             old = await self.machine(ref)
             identity.require_version(old, versions)
-            machine = await self._patched(old, changes(old) if callable(changes) else changes)
+            machine = await self._patched(old, changes(old) if callable(changes) else changes,
+                                          lists)
             # The whole machine is written back: compare-and-set on the state and on the
             # version read, so that what another writer stored since the read (a state and
             # install token, a NIC attached, a fact a device reported, another server's
@@ -660,7 +664,8 @@ class Core:
                 continue
             return machine
 
-    async def _patched(self, old: Machine, changes: Mapping[str, Any]) -> Machine:
+    async def _patched(self, old: Machine, changes: Mapping[str, Any],
+                       lists: Collection[str] | None = None) -> Machine:
         """``old`` with ``changes`` made (update_machine), checked as a new machine is."""
         if "mac" in changes and "macs" not in changes:
             text = changes["mac"]
@@ -678,9 +683,12 @@ class Core:
         if parsed.fixed_ipv4 != old.fixed_ipv4:  # one stored before is the DHCP log's to say
             check_fixed_ipv4(parsed.fixed_ipv4, self.enroller.server_addresses())
             await self._fixed_ipv4_free(parsed.fixed_ipv4, old.id)
-        # A NIC list the operator writes lists each NIC it names: one a boot attached by the
-        # machine's UUID or serial may now be given its fixed address (identity.UNLISTED).
-        facts = identity.listed(old.facts, parsed.macs) if "macs" in changes else old.facts
+        # A NIC list the operator writes lists each NIC it names (``lists``: those the
+        # command named, not the others it sent back): one a boot attached by the machine's
+        # UUID or serial may now be given its install and fixed address (identity.UNLISTED).
+        named = parsed.macs if lists is None else [MacAddress.parse(m) for m in lists]
+        facts = identity.listed(old.facts, named, parsed.macs) if "macs" in changes \
+            else old.facts
         return replace(old, macs=parsed.macs, hostname=parsed.hostname, uuid=parsed.uuid,
                        serial=parsed.serial, asset=parsed.asset, labels=parsed.labels,
                        cluster=parsed.cluster, role=parsed.role, profile=parsed.profile,

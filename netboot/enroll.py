@@ -903,6 +903,10 @@ def _updated(old: Machine, machine: Machine, absorb: Sequence[Machine], now: flo
         role=machine.role or old.role, profile=machine.profile or old.profile,
         labels={**old.labels, **machine.labels},
         fixed_ipv4=machine.fixed_ipv4 or old.fixed_ipv4,
+        # A NIC the row names is the operator's, as PATCH macs lists it: one a boot attached
+        # by the machine's UUID or serial is given its install and fixed address
+        # (identity.UNLISTED). A shared mapping where it names none (identity.listed).
+        facts=identity.listed(old.facts, machine.macs),
     ), absorb, old.updated)
     if lifecycle.allows(old.state, lifecycle.Trigger.ENROLL):
         # Naming a discovered machine in an import enrolls it; for any other state the row
@@ -928,6 +932,32 @@ def _taken(field: str, value: str, shown: str, held_as: str, line: int,
         holder = "another machine" if create_only else existing[owner].ref
         return RowError(line, field, f"{shown} {held_as} {holder} in the inventory")
     return None
+
+
+# The fact naming the address a machine's install token was served to (boot.INSTALL_PEER;
+# netboot.boot imports this module).
+_INSTALL_PEER = "install_peer"
+
+
+def _claim_place(machine: Machine, peer: IPAddress | None) -> str:
+    """Where a restored machine's refused later boot came from, against where its device was
+    known to be (its fixed address, the address it registered, else the one its install was
+    served to), for the operator who may give the machine to its claim. That refusal needs
+    no token: any host that knows the MAC (in every DHCP broadcast of the machine) can post
+    one with a secret of its own, and its event named the claim and the command alike
+    (s50-attack)."""
+    for known, what in ((machine.fixed_ipv4, "its fixed address"),
+                        (machine.ipv4, "the address it registered from"),
+                        (machine.facts.get(_INSTALL_PEER), "the address its install was "
+                                                           "served to")):
+        if known:
+            if peer is not None and str(peer) == known:
+                return f"it came from {known}, {what}"
+            return (f"it came from {peer or 'an unknown address'}, not from {known}, {what}: "
+                    "any host that knows the MAC can send one; give it only if the device "
+                    "is there now")
+    return ("no address of its device is known: check the address it came from against its "
+            "DHCP lease or its console")
 
 
 class _FixedGiven:
@@ -1004,6 +1034,10 @@ def _changes_nothing(old: Machine, values: _Values) -> bool:
     for mac in macs:
         if mac not in old_macs:
             return False
+    # A NIC a boot attached that the row names is listed by it (_updated).
+    if macs and identity.UNLISTED in old.facts and any(identity.unlisted(old, str(mac))
+                                                      for mac in macs):
+        return False
     for value, current in ((hostname, old.hostname), (uuid, old.uuid), (serial, old.serial),
                            (asset, old.asset), (cluster, old.cluster), (role, old.role),
                            (profile, old.profile), (fixed, old.fixed_ipv4)):
@@ -1817,7 +1851,8 @@ class Enroller:
                    "with a new machine token")
             if claim is not None:
                 fix = (f"if it is this machine's device, running the install the inventory "
-                       f"lost, 'netboot machines claim {ref} {claim}' (POST "
+                       f"lost ({_claim_place(machine, peer)}), "
+                       f"'netboot machines claim {ref} {claim}' (POST "
                        f"/api/v1/machines/{ref}/claim) registers it again at its next try, "
                        f"without a reinstall; else {fix}")
             elif state in _LOST_INSTALL and isinstance(secret, str) and secret:

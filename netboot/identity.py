@@ -411,17 +411,34 @@ def merge(into: Machine, others: Iterable[Machine], now: float) -> Machine:
                    serial=serial, asset=asset, arch=arch, firmware=firmware, updated=now)
 
 
-# The fact naming the NICs a boot attached to a machine that had a NIC already (by its UUID,
-# serial or asset tag, or a discovered record of them merged: BootService._attach), comma-
-# separated, until an operator lists them (a NIC list written by PATCH /machines/{ref} or
-# `machines set --add-mac`: Core._patched). Such a NIC is not given the machine's fixed_ipv4
-# (BootService.fixed_address): a UUID is broadcast in option 97 of the machine's every PXE
-# DISCOVER, so any host on the VLAN could send it from a made-up MAC and, given the address,
-# hold it beside the machine and be served its install script (s46-attack #4). dnsmasq gives
-# a dhcp-host address only to the MACs the operator listed. The first NICs of a machine
-# enrolled without a MAC are the operator's identifier's (its serial or UUID) and are not so
-# named: nobody listed a MAC to protect.
+# The fact naming the NICs a boot attached to a machine (by its UUID, serial or asset tag,
+# or a discovered record of them merged: BootService._attach), comma-separated, until an
+# operator lists them (a NIC list written by PATCH /machines/{ref}, `machines set --add-mac`
+# or an import row: Core._patched, enroll._updated). Such a NIC is given neither the
+# machine's install (BootService._unlisted_plan: a hold naming the command) nor its
+# fixed_ipv4 (BootService.fixed_address): a UUID is broadcast in option 97 of the machine's
+# every PXE DISCOVER and printed on manifests, a serial on labels, so any host on the VLAN
+# could send one from a made-up MAC and be served the install script, its token and config
+# (the cluster's join token), or hold the fixed address beside the machine (s46-attack #4,
+# s50-attack). dnsmasq gives a dhcp-host address only to the MACs the operator listed;
+# Tinkerbell serves only the MACs of its hardware records. The first NICs of a machine
+# enrolled without a MAC are so named too, unless enroll.trust_first_nic (a closed factory
+# floor; before session 50 they were trusted).
 UNLISTED = "unlisted_nics"
+
+
+# The most NICs a machine holds that boots attached and no operator listed: a server's ports
+# booting before they are listed. Beyond it a boot attaches no more (BootService._adopt) and
+# its NIC is held as one not listed: a host sending a machine's UUID from made-up MACs had
+# each attached, a write of the whole machine (its NIC list longer each time) and two events
+# apiece, without bound (s50-attack).
+UNLISTED_MAX = 8
+
+
+def unlisted_count(machine: Machine) -> int:
+    """How many NICs :data:`UNLISTED` names on ``machine``."""
+    text = machine.facts.get(UNLISTED)
+    return text.count(",") + 1 if text else 0
 
 
 def unlisted(machine: Machine, mac: str) -> bool:
@@ -438,14 +455,18 @@ def with_unlisted(facts: Mapping[str, str], macs: Iterable[MacAddress]) -> dict[
     return {**facts, UNLISTED: ",".join(named)}
 
 
-def listed(facts: Mapping[str, str], macs: Iterable[MacAddress]) -> Mapping[str, str]:
+def listed(facts: Mapping[str, str], macs: Iterable[MacAddress],
+           kept: Iterable[MacAddress] | None = None) -> Mapping[str, str]:
     """``facts`` with ``macs`` (an operator's list) taken out of :data:`UNLISTED` (the fact
-    dropped when none is left); ``facts`` itself when it names none of them."""
+    dropped when none is left), and with ``kept`` (the machine's NICs after the edit) the
+    NICs no longer the machine's too: one an operator removed counted against
+    :data:`UNLISTED_MAX` for ever. ``facts`` itself when it names none of them."""
     text = facts.get(UNLISTED)
     if text is None:
         return facts
     gone = {str(m) for m in macs}
-    left = [m for m in text.split(",") if m and m not in gone]
+    still = None if kept is None else {str(m) for m in kept}
+    left = [m for m in text.split(",") if m and m not in gone and (still is None or m in still)]
     if len(left) == len(text.split(",")):
         return facts
     out = {k: v for k, v in facts.items() if k != UNLISTED}

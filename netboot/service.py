@@ -402,6 +402,7 @@ def boot_settings(config: Config) -> BootSettings:
                         token_ttl_seconds=config.enroll.token_ttl_seconds,
                         cluster_domain=config.dns.zone if config.dns.enabled else None,
                         default_profile=config.enroll.default_profile,
+                        trust_first_nic=config.enroll.trust_first_nic,
                         fixed_first=config.dhcp.mode == "authoritative")
 
 

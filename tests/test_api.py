@@ -1509,11 +1509,16 @@ async def test_serial_enrolled_machine_boots_and_gets_its_nic(env: Env) -> None:
     await env.seed()
     created = await env.post("/api/v1/machines", {"serial": "CZ2048XYZ"}, status=201)
     script = await boot(env, MAC2.replace(":", "-"), serial="CZ2048XYZ")
-    assert "kernel " in script  # install
+    # Attached and held until an operator lists it (anyone can send a serial).
+    assert "kernel " not in script and f"--add-mac {MAC2}" in script, script
     got = await env.get(f"/api/v1/machines/{MAC2}")
     assert got["id"] == created["id"] and got["macs"] == [MAC2]
     kinds = [e["kind"] for e in await env.get(f"/api/v1/machines/{created['id']}/events")]
     assert "nic-attached" in kinds
+    listed = await call(env, "PATCH", f"/api/v1/machines/{created['id']}",
+                        json_body={"macs": [MAC2]})
+    assert listed.status == 200, listed.body
+    assert "kernel " in await boot(env, MAC2.replace(":", "-"), serial="CZ2048XYZ")  # install
 
 
 @pytest.mark.parametrize(("first", "second", "field"), [

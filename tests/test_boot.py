@@ -16,6 +16,7 @@ import pytest
 from netboot import boot as boot_module
 from netboot import enroll, identity
 from netboot.boot import BootService, BootSettings, loader_aliases
+from netboot.core import Core
 from netboot.enroll import Enroller
 from netboot.errors import Conflict
 from netboot.files import FileTree
@@ -596,9 +597,85 @@ async def test_two_nics_asking_for_their_script_at_once_attach_once_each(
     assert sorted(attached) == [str(NIC1), str(NIC2)]  # each told once, as stored
 
 
+async def test_a_serial_only_machines_first_nic_is_held_until_an_operator_lists_it(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    """A machine enrolled by its serial alone: the serial is on its label, its UUID on a
+    vendor's manifest, and any host on the VLAN can send either from a made-up MAC before
+    the machine first boots. The NIC its boot came from is attached, but the install (its
+    token, its config with the cluster's join token) waits for an operator to list it; the
+    held script names the command. Before session 50 that first ask was given the install."""
+    boot, store, _ = setup
+    m = Machine(serial="CZ2048XYZ", hostname="floor-1", profile="p", cluster="edge")
+    await store.create_machine(m)
+    plan = await boot.plan(ipxe(NIC1, serial="CZ2048XYZ"))
+    assert plan.action == BootAction.HOLD and plan.token is None, plan
+    assert plan.command == f"netboot machines set {m.id} --add-mac {NIC1}"
+    await boot.drain()
+    stored = await store.get_machine(m.id)
+    assert stored is not None and stored.macs == (NIC1,) and stored.token_hash is None
+    assert stored.state == m.state and stored.facts[identity.UNLISTED] == str(NIC1)
+    events = await store.list_events(m.id)
+    [attached] = [e for e in events if e.kind == "nic-attached"]
+    assert f"not given its install until an operator lists it ({plan.command})" in \
+        attached.message, attached.message
+    assert events[-1].kind == "hold" and plan.command in events[-1].message
+    # Asked again, the same: no token whatever the asker repeats.
+    assert (await boot.plan(ipxe(NIC1, serial="CZ2048XYZ"))).action == BootAction.HOLD
+    # The operator lists it (machines set --add-mac): its next ask installs.
+    core = Core(store, Enroller(store), boot, None)  # type: ignore[arg-type]
+    listed = await core.update_machine(m.id, {"macs": [str(NIC1)]}, lists=[str(NIC1)])
+    assert identity.UNLISTED not in listed.facts
+    plan = await boot.plan(ipxe(NIC1, serial="CZ2048XYZ"))
+    assert plan.action == BootAction.INSTALL and plan.token == "tok"
+
+
+async def test_a_host_sending_a_machines_uuid_from_many_macs_attaches_a_bounded_few(
+        setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    """A host on the VLAN sends an enrolled machine's UUID (option 97) from 40 made-up MACs,
+    each a PXE DISCOVER then iPXE's ask. Before, each was attached: 40 NICs more, each a
+    write of the whole machine (its NIC list longer each time) and two events, without
+    bound. Now identity.UNLISTED_MAX are attached, the rest written nowhere and held as
+    NICs not listed, none given a token; the operator can still list any of them."""
+    boot, store, _ = setup
+    uuid = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c6"
+    m = Machine(macs=(NIC1,), uuid=uuid, hostname="victim", profile="p", cluster="edge")
+    await store.create_machine(m)
+    made_up = [MacAddress.parse(f"02:46:00:00:44:{i:02x}") for i in range(40)]
+    for nic in made_up:
+        await boot.first_stage(replace(req(Firmware.UEFI, uuid=uuid), mac=nic))
+    await boot.drain()
+    plans = [await boot.plan(ipxe(nic, uuid=uuid)) for nic in made_up]
+    await boot.drain()
+    assert {p.action for p in plans} == {BootAction.HOLD} and not any(p.token for p in plans)
+    assert "was not attached" in plans[-1].reason, plans[-1].reason
+    stored = await store.get_machine(m.id)
+    assert stored is not None
+    assert stored.macs == (NIC1, *made_up[:identity.UNLISTED_MAX]), stored.macs
+    assert identity.unlisted_count(stored) == identity.UNLISTED_MAX
+    events = await store.list_events(m.id)
+    assert len(events) <= 3 * identity.UNLISTED_MAX, [e.kind for e in events]
+    assert await store.count_machines() == 1
+    # One the cap left out is listed as any NIC is: its next ask installs.
+    core = Core(store, Enroller(store), boot, None)  # type: ignore[arg-type]
+    last = str(made_up[-1])
+    await core.update_machine(m.id, {"macs": [*map(str, stored.macs), last]}, lists=[last])
+    assert (await boot.plan(ipxe(made_up[-1], uuid=uuid))).action == BootAction.INSTALL
+    # The operator removes the strangers' NICs (PATCH macs): no longer counted, so the
+    # machine's own next NIC is attached again (held until listed).
+    await core.update_machine(m.id, {"macs": [str(NIC1), last]})
+    pruned = await store.get_machine(m.id)
+    assert pruned is not None and identity.unlisted_count(pruned) == 0, pruned.facts
+    await boot.plan(ipxe(NIC2, uuid=uuid))
+    stored = await store.get_machine(m.id)
+    assert stored is not None and NIC2 in stored.macs and identity.unlisted(stored, str(NIC2))
+
+
 async def test_serial_only_machine_installs_and_gets_its_mac_attached(
         setup: tuple[BootService, MemoryStore, Clock]) -> None:
+    """enroll.trust_first_nic: a factory floor whose VLAN is closed trusts the first NIC of a
+    machine enrolled without a MAC, as before session 50."""
     boot, store, _ = setup
+    boot.settings = replace(boot.settings, trust_first_nic=True)
     m = Machine(serial="CZ2048XYZ", hostname="floor-1", profile="p", cluster="edge")
     await store.create_machine(m)
     # DHCP knows no serial: under "ignore", the unknown NIC still gets iPXE, because a
@@ -633,10 +710,12 @@ async def test_discovered_mac_that_proves_to_be_an_enrolled_serial_merges(
     clock.now += 60
     m = Machine(serial="SN-77", hostname="label-77", profile="p", cluster="edge")
     await store.create_machine(m)
-    # Its next boot reports that serial from the same NIC.
+    # Its next boot reports that serial from the same NIC: the same machine, whose NIC no
+    # operator listed (anyone can send a serial), so held until one does.
     plan = await boot.plan(ipxe(MAC, serial="SN-77"))
-    assert plan.action == BootAction.INSTALL and plan.machine is not None
-    assert plan.machine.id == m.id
+    assert plan.action == BootAction.HOLD and plan.machine is not None
+    assert plan.machine.id == m.id and plan.command == f"netboot machines set {m.id} " \
+        f"--add-mac {MAC}"
     assert await store.get_machine(found.id) is None
     stored = await store.machine_by("mac", str(MAC))
     assert stored is not None and stored.id == m.id and stored.macs == (MAC,)
@@ -688,7 +767,11 @@ async def test_explain_and_dry_runs_of_a_machine_without_a_mac(
     await store.create_machine(m)
     out = await boot.explain(m.id, arch=Arch.X86_64)
     assert out["known"] is True and out["id"] == m.id and out["macs"] == []
-    assert out["decision"] == "install"
+    # Its first NIC is held until listed (identity.UNLISTED): said, not "install".
+    assert out["decision"] == "hold", out
+    assert f"netboot machines set {m.id} --add-mac MAC" in out["reason"], out
+    boot.settings = replace(boot.settings, trust_first_nic=True)
+    assert (await boot.explain(m.id, arch=Arch.X86_64))["decision"] == "install"
     got = await store.get_machine(m.id)
     assert got == m and await store.list_events(m.id) == []  # a dry run records nothing
 

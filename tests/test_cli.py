@@ -461,6 +461,65 @@ def test_machines_set_moves_a_machine_and_changes_only_what_is_given(
     assert sets[0] == ("machines set", "5254.00aa.0011", "ok") and len(sets) == 8
 
 
+async def _ipxe_asks(cfg: str, assets: Path, uuid: str, *macs: str) -> list[tuple[str, str]]:
+    """What each NIC's iPXE is answered when it reports ``uuid`` (boot.ipxe's
+    ``/ipxe?mac=…&uuid=${uuid}``), through the real boot path on the CLI's inventory: (the
+    action, the unlisted NICs the machine's facts name after it)."""
+    from netboot.boot import BootService, BootSettings
+    from netboot.enroll import Enroller
+    from netboot.files import FileTree
+    from netboot.identity import UNLISTED
+    from netboot.model import Arch, BootRequest, Firmware
+
+    store = SqliteStore(load(cfg, env={}).db_path)
+    await store.open()
+    try:
+        boot = BootService(store, FileTree([assets]), BootSettings(policy="hold"),
+                           Enroller(store), new_token=lambda: "tok")
+        out = []
+        for mac in macs:
+            plan = await boot.plan(BootRequest(
+                mac=MacAddress.parse(mac), firmware=Firmware.IPXE, arch=Arch.X86_64,
+                via="http", uuid=uuid, remote_addr="192.0.2.77"))
+            await boot.drain()
+            machine = await store.machine_by("uuid", uuid)
+            assert machine is not None
+            out.append((str(plan.action), machine.facts.get(UNLISTED, "")))
+        return out
+    finally:
+        await store.close()
+
+
+def test_an_operator_lists_the_nics_the_command_or_file_names_and_no_other(
+        cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A machine enrolled by its UUID alone: two NICs that report it are attached and held
+    (identity.UNLISTED). ``machines set --add-mac X`` lists X, not the machine's other NIC
+    it sends back in the whole list (s49 listed both); an import row naming the other lists
+    it, as PATCH macs does (s49 left it unlisted, and a row changing nothing else was not
+    even written)."""
+    uuid, first, second = ("8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c9", "52:54:00:aa:50:01",
+                           "52:54:00:aa:50:02")
+    for line in (("clusters", "add", "edge", "--server-url", "https://192.0.2.50:6443",
+                  "--token", "sekret"), ("profiles", "add", "k3os", "--kernel", "vmlinuz"),
+                 ("machines", "add", "--uuid", uuid, "--hostname", "floor-2", "--cluster",
+                  "edge", "--profile", "k3os")):
+        assert run(capsys, *line, "--config", cfg)[0] == 0
+    assets = tmp_path / "assets"
+    assert asyncio.run(_ipxe_asks(cfg, assets, uuid, first, second)) == [
+        ("hold", first), ("hold", f"{first},{second}")]
+    rc, out, err = run(capsys, "machines", "set", "floor-2", "--add-mac", first,
+                       "--config", cfg)
+    assert (rc, out) == (0, f"{first}: macs {first},{second}\n"), err
+    assert asyncio.run(_ipxe_asks(cfg, assets, uuid, second, first)) == [
+        ("hold", second), ("install", second)]
+    fleet = tmp_path / "fleet.csv"
+    fleet.write_text(f"mac,hostname\n{second},floor-2\n")
+    rc, out, err = run(capsys, "import", str(fleet), "--config", cfg)
+    assert rc == 0 and "1 changed" in out, (out, err)
+    # The same install, from the same address: its token again (the install under way).
+    assert asyncio.run(_ipxe_asks(cfg, assets, uuid, second)) == [("install", "")]
+
+
 def test_assets_command(cfg: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import hashlib
 
@@ -851,6 +910,17 @@ def test_check_config_warns_of_a_config_that_makes_short_tokens(
     assert rc == 0 and "short join token" in json.loads(out)["warnings"][0]
     rc, out, err = run(capsys, "check-config", cfg)
     assert rc == 0 and "warning" not in err, err
+
+
+def test_check_config_warns_of_trusting_a_mac_less_machines_first_nic(
+        tmp_path: Path, cfg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`enroll.trust_first_nic: true` gives the first NIC sending a MAC-less machine's UUID
+    or serial its install: check-config takes it and says what it trusts."""
+    trusting = tmp_path / "trusting.yaml"
+    trusting.write_text(Path(cfg).read_text() + "enroll:\n  trust_first_nic: true\n")
+    rc, out, err = run(capsys, "check-config", str(trusting))
+    assert rc == 0 and out.strip() == f"{trusting}: OK", out
+    assert f"netboot: warning: {trusting}: enroll.trust_first_nic is true" in err, err
 
 
 def test_tokens_create_list_revoke_and_the_audit_log(

@@ -1670,6 +1670,43 @@ async def test_a_restored_machines_node_registers_again_only_by_its_claim(store)
     assert again.install_token and again.install_token != first.install_token
 
 
+async def test_a_restored_machines_refused_boot_says_whether_it_came_from_its_device(  # type: ignore[no-untyped-def]
+        store) -> None:
+    """A restored machine's later boot is refused without any token asked (its machine
+    token is unknown to the restored inventory), and the event names the claim of the
+    secret it sent with the command that gives the machine to it (s49-ha): any host on the
+    VLAN that knows the MAC (every DHCP broadcast of the machine shows it) could post one,
+    and before, its event read as the device's. Now each says where it came from against
+    the address the machine's install was served to (the boot path's install_peer fact,
+    which the backup holds): a stranger's says it is not there."""
+    import hashlib
+    import ipaddress
+
+    from netboot.errors import AuthError
+
+    now = [1000.0]
+    node = ipaddress.ip_address("192.0.2.82")
+    enroller, first, boot = await _registered_then_restored(store, "52:54:00:00:50:01", "r50",
+                                                            node, now)
+    restored = await store.get_machine(first.id)
+    assert restored is not None
+    await store.update_machine(replace_machine(
+        restored, facts={**restored.facts, "install_peer": "192.0.2.82"}, updated=now[0] + 1))
+    with pytest.raises(AuthError):
+        await enroller.register({"mac": str(first.mac), "machine_token": "guess",
+                                 "install_secret": "stranger"}, ipaddress.ip_address("192.0.2.99"))
+    with pytest.raises(AuthError):
+        await enroller.register(boot, node)
+    await enroller.recorder.flush()
+    told = {e.data["claim"]: e.message for e in await store.list_events(first.id)
+            if e.kind == "registration refused"}
+    stranger = told[hashlib.sha256(b"stranger").hexdigest()]
+    device = told[hashlib.sha256(b"s").hexdigest()]
+    assert ("it came from 192.0.2.99, not from 192.0.2.82, the address its install was "
+            "served to: any host that knows the MAC can send one") in stranger, stranger
+    assert "it came from 192.0.2.82, the address its install was served to)" in device, device
+
+
 async def _registered_by_a_thief(store: Any, mac_text: str, hostname: str, now: list[float],
                                  secret: str) -> tuple[Enroller, MacAddress, dict[str, str],
                                                        Machine]:

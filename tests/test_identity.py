@@ -14,6 +14,7 @@ from netboot.errors import ValidationError
 from netboot.identity import Identity
 from netboot.inventory.memory import MemoryStore
 from netboot.model import BootRequest, MacAddress, Machine, MachineState
+from tests.conftest import Env, EnvFactory
 
 NIC1 = MacAddress.parse("52:54:00:00:01:01")
 NIC2 = MacAddress.parse("52:54:00:00:01:02")
@@ -218,3 +219,93 @@ def test_an_enrolled_mac_is_one_a_nic_can_have(text: str, told: str | None) -> N
     with pytest.raises(ValidationError, match=told) as err:
         identity.enrolled_mac(mac, "macs")
     assert err.value.field == "macs" and text in err.value.message
+
+
+# --- what a host sending a machine's UUID gets (README "Machines and their identity") -----
+
+STRANGER = "02-46-00-00-50-99"  # a made-up MAC (locally administered)
+FLOOR_UUID = "8d3a0c51-3b6b-4f0e-9d4c-52e5c1a2b3c5"
+
+
+async def test_a_host_sending_a_uuid_only_machines_uuid_to_ipxe_gets_no_install(
+        env: Env) -> None:
+    """A machine enrolled by its UUID alone (a vendor's manifest lists it), before its first
+    boot: a host on the VLAN asks ``/ipxe`` as boot.ipxe does with a made-up MAC and that UUID.
+    Before session 50 it was answered the machine's install script, whose token fetched the
+    machine's config with the cluster's join token (k3s-secret-token). Now its MAC is attached
+    and held, with the command that lists it; no token exists to fetch a config with. Once an
+    operator lists the NIC (PATCH macs), the next ask installs and its config is served."""
+    from tests.conftest import boot, call, install_token
+
+    await env.seed()
+    made = await env.post("/api/v1/machines", {"uuid": FLOOR_UUID, "hostname": "floor-3",
+                                               "cluster": "edge", "profile": "k3os"},
+                          status=201)
+    script = await boot(env, STRANGER, uuid=FLOOR_UUID)
+    assert "token=" not in script and "is held" in script, script
+    command = f"netboot machines set {made['id']} --add-mac {STRANGER.replace('-', ':')}"
+    assert f"to install it, run: {command}" in script, script
+    again = await boot(env, STRANGER, uuid=FLOOR_UUID)  # its retry loop: the same
+    assert "token=" not in again and command in again, again
+    machine = await env.get(f"/api/v1/machines/{made['id']}")
+    assert machine["macs"] == [STRANGER.replace("-", ":")]
+    assert machine["state"] == "enrolled" and machine["facts"]["unlisted_nics"] == \
+        STRANGER.replace("-", ":")
+    # No token was made: a config asked with anything is refused.
+    refused = await call(env, "GET", f"/config/{STRANGER}?token=x", admin=False)
+    assert refused.status in (401, 403, 404) and b"k3s-secret-token" not in refused.body
+
+    # The operator lists the NIC (it is the machine's: its console showed the command).
+    r = await call(env, "PATCH", f"/api/v1/machines/{made['id']}",
+                   json_body={"macs": [STRANGER]})
+    assert r.status == 200, r.body
+    token = install_token(await boot(env, STRANGER, uuid=FLOOR_UUID))
+    config = await call(env, "GET", f"/config/{STRANGER}?token={token}", admin=False)
+    assert config.status == 200 and b"k3s-secret-token" in config.body, config.body
+
+
+async def test_enroll_trust_first_nic_gives_a_uuid_only_machines_first_nic_its_install(
+        make_env: EnvFactory) -> None:
+    """``enroll.trust_first_nic: true`` (a factory floor whose VLAN is closed): the first NIC
+    that reports a MAC-less machine's UUID installs at once, as before session 50; a second
+    NIC reporting it is still held (the machine has a NIC by then)."""
+    from tests.conftest import boot, install_token
+
+    env = await make_env("enroll:\n  trust_first_nic: true\n")
+    await env.seed()
+    made = await env.post("/api/v1/machines", {"uuid": FLOOR_UUID, "hostname": "floor-4",
+                                               "cluster": "edge", "profile": "k3os"},
+                          status=201)
+    assert install_token(await boot(env, STRANGER, uuid=FLOOR_UUID))
+    second = await boot(env, "02-46-00-00-50-98", uuid=FLOOR_UUID)
+    assert "token=" not in second and f"set {made['id']} --add-mac 02:46:00:00:50:98" in \
+        second, second
+    machine = await env.get(f"/api/v1/machines/{made['id']}")
+    assert machine["facts"]["unlisted_nics"] == "02:46:00:00:50:98"
+
+
+async def test_a_host_asking_u_boots_file_of_a_uuid_only_machine_takes_nothing(
+        env: Env) -> None:
+    """U-Boot asks ``pxelinux.cfg/<its UUID>`` over TFTP first, and any host can ask that
+    name. For a machine enrolled by its UUID alone it was the install plan: a token issued
+    to nobody's NIC (00:00:00:00:00:00), the machine moved to booting with its install
+    served to that host, so the device's own install was then held ("served to another
+    address"). Now the name is not found (U-Boot asks ``01-<mac>`` next) and nothing is
+    written; held if asked of the boot path directly."""
+    from netboot.errors import NotFound
+    from netboot.model import Arch, BootAction, Firmware
+
+    await env.seed()
+    made = await env.post("/api/v1/machines", {"uuid": FLOOR_UUID, "hostname": "floor-6",
+                                               "cluster": "edge", "profile": "k3os"},
+                          status=201)
+    with pytest.raises(NotFound):
+        await env.service.content.tftp_open(f"pxelinux.cfg/{FLOOR_UUID}", ("192.0.2.99", 2000))
+    machine = await env.get(f"/api/v1/machines/{made['id']}")
+    assert machine["state"] == "enrolled" and "install_peer" not in machine["facts"], machine
+    stored = await env.service.store.get_machine(made["id"])
+    assert stored is not None
+    plan = await env.service.boot.plan(identity.request_for(
+        stored, via="tftp", remote_addr="192.0.2.99", firmware=Firmware.UBOOT,
+        arch=Arch.ARM64))
+    assert plan.action == BootAction.HOLD and plan.token is None, plan

@@ -86,6 +86,22 @@ def test_ipxe_templates(action: BootAction) -> None:
     assert text.startswith("#!ipxe\n")
 
 
+def test_a_held_machine_with_a_fixed_address_asks_dhcp_again_each_round() -> None:
+    """A machine with a fixed_ipv4 is served its install only at that address; held at a
+    pool address (a NIC no operator listed yet, identity.UNLISTED) it would ask from there
+    after being listed, held again, until power-cycled: iPXE's DHCP runs only at its start.
+    Each round of its hold asks DHCP again (``dhcp netX``: the NIC it booted from, iPXE's
+    "netX" since 2013) before asking its script; a machine without one is unchanged."""
+    c = content()
+    pinned = plan(BootAction.HOLD, machine=replace(MACHINE, fixed_ipv4="192.0.2.50"))
+    text = c._render.ipxe("ipxe/hold.ipxe", c.context(pinned))
+    commands = [cmd for cmd in _ipxe_commands(text) if cmd]
+    assert commands[-3:] == [["sleep", "15"], ["dhcp", "netX"], [
+        "chain", "--autofree", "--replace", "http://192.0.2.10:8080/boot.ipxe"]], text
+    plain = c._render.ipxe("ipxe/hold.ipxe", c.context(plan(BootAction.HOLD)))
+    assert "dhcp" not in plain
+
+
 def test_ipxe_install_is_complete() -> None:
     c = content()
     text = c._render.ipxe("ipxe/install.ipxe", c.context(plan(BootAction.INSTALL)))

@@ -212,7 +212,8 @@ async def test_a_host_sending_a_machines_uuid_is_not_given_its_fixed_address(
         assert machine.facts["unlisted_nics"] == str(spoof)
         _, events = await env.store.events_since(0)
         [attached] = [e for e in events if e.kind == "nic-attached"]
-        assert "not given its fixed address 192.0.2.100 until an operator lists it" in \
+        assert "not given its install or its fixed address 192.0.2.100 until an operator " \
+            "lists it" in \
             attached.message, attached.message
         renewal = await env.ask(MessageType.REQUEST, "192.0.2.100", mac=real)
         assert (renewal.message_type, renewal.yiaddr) == (MessageType.ACK, "192.0.2.100")
