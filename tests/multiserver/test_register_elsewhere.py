@@ -111,12 +111,11 @@ async def stopped(a: Host, b: Host) -> str:
     return logs
 
 
-def _server(tmp: Path, name: str, host: str, dsn: str, ns: str) -> Host:
+def server_at(tmp: Path, name: str, host: str, inventory: Inventory, ns: str) -> Host:
     """The pair's server ``name`` on ``host`` in the namespace ``ns``, advertising it. Its
     API answers plain HTTP from any peer: the test's calls come from the device's namespace,
     not loopback (the namespaces are the test's own; no other host can reach them)."""
-    made = server_config(tmp, name, Inventory("postgresql",
-                                              f"  backend: postgresql\n  dsn: {dsn!r}\n"))
+    made = server_config(tmp, name, inventory)
     made.config.write_text(made.config.read_text()
                            .replace("  advertise: 192.0.2.10\n", f"  advertise: {host}\n")
                            .replace("  listen: 127.0.0.1\nhttps:",
@@ -134,8 +133,9 @@ def test_a_device_whose_server_died_after_its_config_registers_through_the_other
         out: dict[str, Any] = {}
         loop = asyncio.get_running_loop()
         async with pg.fresh_schema(postgres) as dsn:
-            a = _server(tmp_path, "a", "192.0.2.1", dsn, servers_ns)
-            b = _server(tmp_path, "b", "192.0.2.2", dsn, servers_ns)
+            shared = Inventory("postgresql", f"  backend: postgresql\n  dsn: {dsn!r}\n")
+            a = server_at(tmp_path, "a", "192.0.2.1", shared, servers_ns)
+            b = server_at(tmp_path, "b", "192.0.2.2", shared, servers_ns)
             try:
                 auth = await started(a, b)
                 async with aiohttp.ClientSession(
