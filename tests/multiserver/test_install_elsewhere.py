@@ -40,7 +40,8 @@ from aiohttp import web
 
 from tests.multiserver.conftest import Inventory
 from tests.multiserver.test_register_elsewhere import (
-    KNOWN_SECONDS,
+    caller,
+    heard,
     server_at,
     started,
     stopped,
@@ -147,14 +148,7 @@ def test_a_device_whose_server_died_after_its_install_script_installs_from_the_o
             auth = await started(a, b)
             async with aiohttp.ClientSession(
                     timeout=aiohttp.ClientTimeout(total=30)) as http:
-                async def call(server: Any, method: str, path: str, body: Any = None,
-                               *, admin: bool = True) -> tuple[int, Any]:
-                    async with http.request(method, server.base + path, json=body,
-                                            headers=auth if admin else {}) as resp:
-                        return resp.status, (
-                            await resp.json() if resp.content_type == "application/json"
-                            else await resp.text())
-
+                call = caller(http, auth)
                 for path, body in (
                         ("/api/v1/profiles", {
                             "name": "lkrn", "kernel": "vmlinuz", "initrds": ["initrd.img"],
@@ -164,14 +158,7 @@ def test_a_device_whose_server_died_after_its_install_script_installs_from_the_o
                                               "profile": "lkrn"})):
                     status, answer = await call(a, "POST", path, body)
                     assert status == 201, (path, status, answer)
-                # A learns of B from the inventory (B recorded itself at its start): then
-                # A's install scripts name B.
-                told = f"besides this one ({a.base}), which devices register through " \
-                       f"when it is gone: {b.base}"
-                deadline = time.monotonic() + KNOWN_SECONDS
-                while told not in a.log() and time.monotonic() < deadline:
-                    await asyncio.sleep(0.1)
-                out["a knew b"] = told in a.log()
+                out["a knew b"] = await heard(a, b)  # then A's install scripts name B
                 qemu = await asyncio.create_subprocess_exec(
                     IP, "netns", "exec", bridged, "qemu-system-x86_64", "-accel", "tcg",
                     "-m", "256", "-nographic", "-no-reboot", "-monitor", "none",
