@@ -61,6 +61,7 @@ BOOT_SECONDS = 180
 STAGE_TWO = "netboot-stage-two"
 GAVE_UP = "netboot-test-device-gave-up"
 GONE_ON = "Booting from Hard Disk"  # SeaBIOS, once the iPXE it ran returned
+BARE = "initrd=initrd.img: command not found"  # the kernel of two initrds, started
 IP = shutil.which("ip") or "ip"
 
 
@@ -84,13 +85,16 @@ def bridged() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
 
 
-def _first_script(a_base: str, gate: str) -> str:
+def _first_script(a_base: str, gate: str, initrd: bool) -> str:
     """The device's first script (one line, iPXE's kernel command line): its address, its
     install script from A, the gate, the script run as boot.ipxe runs it (or, failing, a
-    line that says so at once rather than at the bound)."""
-    return (f"ifopen net0 && set net0/ip {DEVICE} && set net0/netmask 255.255.255.0"
-            f" && imgfetch --name install {a_base}/ipxe?mac=${{net0/mac:hexhyp}}&arch=x86_64"
-            f" && imgfetch --name gate {gate}/gate && imgfree gate"
+    line that says so at once rather than at the bound). ``initrd``: A's boot.ipxe, as a
+    device chains it (the gate is the install's first initrd)."""
+    up = f"ifopen net0 && set net0/ip {DEVICE} && set net0/netmask 255.255.255.0"
+    if initrd:
+        return f"{up} && chain --autofree --replace {a_base}/boot.ipxe || echo {GAVE_UP}"
+    return (f"{up} && imgfetch --name install {a_base}/ipxe?mac=${{net0/mac:hexhyp}}"
+            f"&arch=x86_64 && imgfetch --name gate {gate}/gate && imgfree gate"
             f" && chain --autofree --replace install || echo {GAVE_UP}")
 
 
@@ -113,8 +117,16 @@ async def _console(proc: asyncio.subprocess.Process, lines: list[str],
     seen.set()
 
 
+@pytest.mark.parametrize("between", ["script and kernel", "kernel and initrd"])
 def test_a_device_whose_server_died_after_its_install_script_installs_from_the_other(
-        tmp_path: Path, bridged: str) -> None:
+        tmp_path: Path, bridged: str, between: str) -> None:
+    """``script and kernel``: as the module says. ``kernel and initrd``: the device runs
+    A's own boot.ipxe; the profile's first initrd is the gate, so A dies after the device
+    fetched A's kernel and before A's initrd: the script drops A's kernel (imgfree) and goes
+    on with B. Its kernel's command line is not a script that runs there (iPXE strips the
+    first ``initrd=`` only: the second is a command not found), which says the kernel
+    started."""
+    initrd = between == "kernel and initrd"
     if not LKRN.exists():
         pytest.fail(f"{LKRN} is missing: install the Debian package ipxe "
                     "(tests/install-deps.sh does)", pytrace=False)
@@ -151,7 +163,8 @@ def test_a_device_whose_server_died_after_its_install_script_installs_from_the_o
                 call = caller(http, auth)
                 for path, body in (
                         ("/api/v1/profiles", {
-                            "name": "lkrn", "kernel": "vmlinuz", "initrds": ["initrd.img"],
+                            "name": "lkrn", "kernel": "vmlinuz",
+                            "initrds": [f"{gate_base}/gate"] * initrd + ["initrd.img"],
                             "config_template": "k3os",
                             "cmdline": f"echo {STAGE_TWO} {{{{ config_url }}}}"}),
                         ("/api/v1/machines", {"mac": MAC, "hostname": "edge-q1",
@@ -167,7 +180,7 @@ def test_a_device_whose_server_died_after_its_install_script_installs_from_the_o
                     "-netdev", "tap,id=n0,ifname=tap0,script=no,downscript=no",
                     # No NIC ROM: the iPXE started is the -kernel one, with its own driver.
                     "-device", f"virtio-net-pci,netdev=n0,mac={MAC},romfile=",
-                    "-kernel", str(LKRN), "-append", _first_script(a.base, gate_base),
+                    "-kernel", str(LKRN), "-append", _first_script(a.base, gate_base, initrd),
                     stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.STDOUT)
                 seen = asyncio.Event()
@@ -210,7 +223,8 @@ def test_a_device_whose_server_died_after_its_install_script_installs_from_the_o
                 opened.set()
                 # The kernel started, or the device's firmware going on to its disks: the
                 # device gave up its network boot (iPXE returned to the BIOS).
-                out["stage two"] = await console_until(STAGE_TWO, GAVE_UP, GONE_ON)
+                out["stage two"] = await console_until(BARE if initrd else STAGE_TWO,
+                                                       GAVE_UP, GONE_ON)
                 found = re.search(r"/config/[0-9a-f-]{17}\?token=[A-Za-z0-9_-]+",
                                   out["stage two"] or "")
                 if found is not None:
@@ -233,14 +247,21 @@ def test_a_device_whose_server_died_after_its_install_script_installs_from_the_o
     console, logs = out["console"], out["logs"]
     assert out["a knew b"], logs
     assert out["gate asked"], console
-    assert out["stage two"] is not None and STAGE_TWO in out["stage two"], (console, logs)
-    # The kernel started is B's, given B's command line: its config URL names B, and B
-    # answers it.
-    assert f"{STAGE_TWO} http://192.0.2.2:" in out["stage two"], console
-    assert out.get("config from b") == 200, (out.get("config from b"), logs)
-    # How: A's kernel refused, then B's boot.ipxe, script, kernel and initrd.
-    a_kernel = re.search(r"http://192\.0\.2\.1:\d+/assets/vmlinuz\.*\s*Connection (refused|reset)",
-                         console)
+    assert out["stage two"] is not None, (console, logs)
+    if initrd:
+        assert BARE in out["stage two"], (console, logs)
+        # How: A's kernel fetched, the gate (A killed meanwhile), A's initrd failed.
+        a_kernel = re.search(r"http://192\.0\.2\.1:\d+/assets/vmlinuz\.*\s*ok.*?"
+                             r"/gate\.*\s*ok.*?http://192\.0\.2\.1:\d+/assets/initrd\.img\.*"
+                             r"\s*Connection (refused|reset)", console, re.DOTALL)
+    else:
+        # The kernel started is B's, given B's command line: its config URL names B, and
+        # B answers it.
+        assert f"{STAGE_TWO} http://192.0.2.2:" in out["stage two"], console
+        assert out.get("config from b") == 200, (out.get("config from b"), logs)
+        # How: A's kernel failed, then B's boot.ipxe, script, kernel and initrd.
+        a_kernel = re.search(r"http://192\.0\.2\.1:\d+/assets/vmlinuz\.*\s*"
+                             r"Connection (refused|reset)", console)
     b_kernel = re.search(r"http://192\.0\.2\.2:\d+/assets/vmlinuz\.*\s*ok", console)
     assert a_kernel is not None and b_kernel is not None, console
     assert a_kernel.start() < console.index("192.0.2.2:") < b_kernel.start(), console
