@@ -23,7 +23,7 @@ import yaml
 
 from netboot.errors import ConfigError, ValidationError
 from netboot.inventory import dsn as pg_dsn
-from netboot.model import Group, Role
+from netboot.model import Group, Role, loopback_url, parse_ip
 
 DEFAULT_ASSET_DIRS = (
     "/var/lib/netboot/assets",
@@ -849,7 +849,8 @@ def _check(cfg: Config, src: _Source) -> None:
                         at="discovery.policy")
     _check_limits(cfg, src)
     _check_dns_rate_limit(cfg.dns.rate_limit, src)
-    _check_peers(cfg.server.peers, src)
+    _check_peers(cfg.server.peers, src, cfg.http.public_url
+                 or (f"http://{cfg.server.advertise}" if cfg.server.advertise else None))
     if cfg.http.public_url and not cfg.http.public_url.startswith(("http://", "https://")):
         raise src.error("http.public_url", "must start with http:// or https://",
                         "write e.g. http://boot.example:8080, or leave it unset")
@@ -875,8 +876,9 @@ def _check(cfg: Config, src: _Source) -> None:
                         "use another port for HTTPS (default 8443)")
 
 
-def _check_peers(peers: tuple[str, ...], src: _Source) -> None:
-    """server.peers: base URLs a device's shell puts in its register command's POSTs."""
+def _check_peers(peers: tuple[str, ...], src: _Source, own: str | None) -> None:
+    """server.peers: base URLs a device's shell puts in its register command's POSTs and its
+    install script chains. ``own``: this server's base URL where the config names it."""
     for url in peers:
         try:
             parts = urlsplit(url)
@@ -889,6 +891,16 @@ def _check_peers(peers: tuple[str, ...], src: _Source) -> None:
             raise src.error("server.peers", f"{url!r} is not a server's base URL",
                             "write each as http://HOST:PORT (another netboot server's "
                             "http.public_url, or http://its-advertised-address:8080)")
+        # Devices are given these URLs: one naming the loopback (or no host) has each try
+        # itself, unless this server is on the loopback too (servers and clients on one host,
+        # as a test runs them); the record leaves them out alike (inventory.peers.offered).
+        named = parse_ip(parts.hostname)
+        if (named is not None and named.is_unspecified) or (
+                loopback_url(url) and not (own and loopback_url(own))):
+            raise src.error("server.peers", f"{url!r} names no host a device can reach (each "
+                            "device would try itself)",
+                            "write the other server's provisioning address, http://HOST:PORT "
+                            "(its server.advertise or http.public_url)")
 
 
 def _check_dns_rate_limit(rrl: DnsRateLimitConfig, src: _Source) -> None:

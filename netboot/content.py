@@ -75,7 +75,8 @@ PER_MACHINE = frozenset({"mac", "mac_hexhyp", "machine", "token", "config_url", 
 # version), an install plan's dict (Content._plan_dict, once per reason): a split render keys
 # a frozen one by its serial, not by its marshalled content (service.renderer_for); one not
 # frozen (a hold's plan) is marshalled, as any other value.
-STABLE = frozenset({"profile", "plan", "initrd_urls", "initrd_names", "initrd_paths"})
+STABLE = frozenset({"profile", "plan", "initrd_urls", "initrd_names", "initrd_paths",
+                    "fallback_urls"})
 # Context names made together (Content.context with names).
 _TRUST_NAMES = frozenset({"https_base_url", "ca_pem", "ca_fingerprint"})
 # Enum members looked up once: Python 3.11 finds one through EnumType at each use, ~870
@@ -122,6 +123,9 @@ _RPI_SERIAL = re.compile(r"^[0-9a-f]{8}$")
 class Urls:
     base: str  # http://192.0.2.10:8080
     register: Splice  # register_texts of the register endpoints (the base's, the others')
+    # The boot.ipxe URLs an install script chains, in turn, when this server does not give
+    # its kernel or an initrd (the others' that iPXE takes as one word: _chainable).
+    fallbacks: tuple[str, ...] = ()
 
     def asset(self, path: str) -> str:
         if path.startswith(("http://", "https://")):
@@ -191,7 +195,18 @@ def _urls_of(base: str, others: tuple[str, ...]) -> Urls:
     for other in others:
         if other not in tried and len(tried) <= MOST_PEERS:
             tried.append(other)
-    return Urls(base, register_texts(tuple(f"{u}{REGISTER}" for u in tried)))
+    return Urls(base, register_texts(tuple(f"{u}{REGISTER}" for u in tried)),
+                tuple(f"{u}/boot.ipxe" for u in tried[1:] if _chainable(u)))
+
+
+# What iPXE's script reads as one plain word of a URL (src/core/exec.c: no quoting; words
+# split at whitespace, ${...} expanded, a word starting with # a comment): a base URL of
+# other characters (a hand-edited record) is left out of install scripts, never quoted.
+_CHAINABLE = re.compile(r"https?://[A-Za-z0-9._~:/\[\]@%-]+").fullmatch
+
+
+def _chainable(url: str) -> bool:
+    return _CHAINABLE(url) is not None
 
 
 def _rendered_over_tftp(rel: str) -> bool:
@@ -376,6 +391,7 @@ class Content:
         urls = self._urls
         if urls is None or urls.base != base:
             urls = self._urls = _urls_of(base, self._peers)
+            self._render.freeze(urls.fallbacks)  # never changed: a new list is a new Urls
         return urls
 
     def set_peers(self, peers: tuple[str, ...]) -> None:
@@ -385,6 +401,10 @@ class Content:
         config's register command, a frame of one, an operator's script printing it)."""
         if peers == self._peers:
             return
+        for url in peers:
+            if not _chainable(url):
+                self._log.warning("install scripts do not fall back to %r: iPXE would not "
+                                  "read it as one URL (write it as http://HOST:PORT)", url)
         for content in (self, *self._views.values()):
             content._peers = peers
             content._urls = None
@@ -530,6 +550,8 @@ class Content:
             shared["ca_fingerprint"] = trust.ca_fingerprint
         if want.cluster:
             shared["cluster"] = self._of_cluster(cluster) if cluster else {}
+        if want.fallbacks:
+            shared["fallback_urls"] = urls.fallbacks
         if made is not None and want.profile_files:
             shared.update(made[1])
         if stable:
@@ -1386,8 +1408,8 @@ class _Wanted:
     with every machine of a profile, plan dict and cluster (Content._shared: by their ids,
     the objects kept beside, so that no other object takes one of those ids meanwhile)."""
 
-    __slots__ = ("cluster", "config_frames", "config_url", "console", "events_url", "framed",
-                 "frames",
+    __slots__ = ("cluster", "config_frames", "config_url", "console", "events_url",
+                 "fallbacks", "framed", "frames",
                  "instance_serial", "k3s", "machine", "machine_keys", "made", "nocloud_url",
                  "profile_files", "register_command", "shared", "trust")
 
@@ -1400,6 +1422,7 @@ class _Wanted:
         self.machine = reads(frozenset({"machine"}))
         self.trust = reads(_TRUST_NAMES)
         self.cluster = reads(frozenset({"cluster"}))
+        self.fallbacks = reads(frozenset({"fallback_urls"}))
         self.k3s = reads(frozenset({"k3s"}))
         self.nocloud_url = reads(frozenset({"nocloud_url"}))
         self.events_url = reads(frozenset({"events_url"}))
@@ -1444,9 +1467,9 @@ _RENDERED = {
 # The names a template with frames may read (_Wanted.frames): the shared values
 # (Content._shared's, but the cluster), the console, and the per-machine values a frame has
 # a place for (Content._framed).
-_FRAMED_NAMES = frozenset({"base_url", "profile", "plan", *_TRUST_NAMES, *_PROFILE_FILES,
-                           "console", "cmdline", "mac", "mac_hexhyp", "token", "config_url",
-                           "machine", "machine.hostname"})
+_FRAMED_NAMES = frozenset({"base_url", "fallback_urls", "profile", "plan", *_TRUST_NAMES,
+                           *_PROFILE_FILES, "console", "cmdline", "mac", "mac_hexhyp",
+                           "token", "config_url", "machine", "machine.hostname"})
 
 
 # The names a config with frames may read (_Wanted.config_frames): an install script's but

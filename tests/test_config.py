@@ -627,3 +627,28 @@ def test_server_peers_are_base_urls_named_with_their_line(tmp_path: Path) -> Non
         assert (err.value.source, err.value.line, err.value.key) == (
             str(path), 2, "server.peers"), (bad, err.value)
         assert bad in err.value.message and "http://HOST:PORT" in (err.value.fix or "")
+
+
+def test_server_peers_naming_the_loopback_are_refused_unless_this_server_is_there_too(
+        tmp_path: Path) -> None:
+    """server.peers is given to devices (their register command, their install script's
+    fallback): a loopback URL (or one naming no host) has each device try itself. Refused
+    with the file, the line and the fix, as the inventory's record leaves such URLs out;
+    kept where this server's own base URL is on the loopback too (every server on one host,
+    as tests run them: s48-ha's register test), which devices on that host reach (s50-ha)."""
+    for bad in ("http://127.0.0.1:8080", "http://localhost:8080", "http://[::1]:8080",
+                "http://0.0.0.0:8080", "http://127.0.0.2"):
+        for own in ("", "  advertise: 192.0.2.10\n",
+                    "http:\n  public_url: http://boot-a.example\n"):
+            server = f"server:\n  peers: [http://192.0.2.12, '{bad}']\n"
+            path = write(tmp_path, server + own)
+            with pytest.raises(ConfigError) as err:
+                load(path, env={})
+            assert (err.value.source, err.value.line, err.value.key) == (
+                str(path), 2, "server.peers"), (bad, own, err.value)
+            assert bad in err.value.message and "a device can reach" in err.value.message
+            assert "provisioning address" in (err.value.fix or "")
+    for own in ("server:\n  advertise: 127.0.0.1\n  peers: [http://127.0.0.1:8080]\n",
+                "server:\n  peers: [http://127.0.0.1:8080]\n"
+                "http:\n  public_url: http://127.0.0.1:8081\n"):
+        assert load(write(tmp_path, own), env={}).server.peers == ("http://127.0.0.1:8080",)

@@ -1414,3 +1414,71 @@ async def test_the_servers_a_register_command_names_follow_the_peers_told(env: E
     env.service.content.set_peers(())
     assert "for u in" not in await fetch(paths[2])
     assert await fetch(paths[0]) == kept
+
+
+async def test_an_install_script_falls_back_to_the_other_servers_told(env: Env) -> None:
+    """With other servers sharing the inventory (Content.set_peers), an install script's
+    kernel and initrd fetches fail over to a label that chains each other server's
+    boot.ipxe in turn, the last without ``||`` (its failure fails the script, as a failed
+    kernel did before): an install asked again (a kept script) and first installs (one
+    frame's) alike. The rest is the script as it was; told none again, each script is
+    byte for byte what it was: a single server's script never changes (s50-ha)."""
+    await env.seed()
+    macs = ("52:54:00:00:50:01", "52:54:00:00:50:02", "52:54:00:00:50:03",
+            "52:54:00:00:50:04")
+    for mac in macs:
+        await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    for mac in macs[:2]:
+        await boot(env, mac)  # enrolled -> booting
+    alone = [await boot(env, mac) for mac in macs[:2]]
+    assert [await boot(env, mac) for mac in macs[:2]] == alone  # kept
+    for text in alone:
+        assert "||" not in text and "netboot-next" not in text and "imgfree" not in text
+    base = env.service.base_url
+    others = ("http://198.51.100.7:8080", "http://[2001:db8::7]:8080")
+    env.service.content.set_peers(others)
+    told = [await boot(env, mac) for mac in macs]  # two asked again, two first installs
+    for mac, text in zip(macs, told, strict=True):
+        lines = text.splitlines()
+        kernel = next(ln for ln in lines if ln.startswith("kernel "))
+        initrd = next(ln for ln in lines if ln.startswith("initrd "))
+        assert kernel.endswith(" || goto netboot-next") and initrd.endswith(
+            " || goto netboot-next"), text
+        assert lines.index("boot") < lines.index(":netboot-next")
+        after = lines[lines.index(":netboot-next") + 1:]
+        assert [ln for ln in after if not ln.startswith(("#", "echo "))] == [
+            "imgfree",
+            f"chain --autofree --replace {others[0]}/boot.ipxe ||",
+            f"chain --autofree --replace {others[1]}/boot.ipxe"], (mac, text)
+        assert f"{base}/" not in "\n".join(after)
+    for text, was in zip(told, alone, strict=False):
+        # What was there is there unchanged (the same install: the same token, URLs).
+        before = text[:text.index(":netboot-next")]
+        assert before.replace(" || goto netboot-next", "") == was
+    env.service.content.set_peers(())
+    assert [await boot(env, mac) for mac in macs[:2]] == alone
+
+
+@pytest.mark.parametrize("bad", ["http://198.51.100.7:8080/a b", "http://198.51.100.7:80${x}",
+                                 "http://198.51.100.7:8080/#x", "http://198.51.100.7\t:80",
+                                 "ftp://198.51.100.7"])
+async def test_a_server_url_iPXE_would_not_read_as_one_word_is_left_out_of_install_scripts(
+        env: Env, bad: str, caplog: pytest.LogCaptureFixture) -> None:
+    """iPXE has no quoting (src/core/exec.c): a word ends at whitespace, ``${...}`` is a
+    setting, a word starting with ``#`` a comment. A peer's URL with such characters (a
+    hand-edited servers record) is never put in an install script (the next one is), and
+    the log names it; with it alone the script is a single server's."""
+    await env.seed()
+    mac = "52:54:00:00:50:11"
+    await env.post("/api/v1/machines", {"mac": mac}, status=201)
+    await boot(env, mac)  # enrolled -> booting: the same script from here on
+    alone = await boot(env, mac)
+    good = "http://198.51.100.8:8080"
+    env.service.content.set_peers((bad,))
+    assert await boot(env, mac) == alone
+    assert any(repr(bad) in r.getMessage() and "iPXE" in r.getMessage()
+               for r in caplog.records), caplog.text
+    env.service.content.set_peers((bad, good))
+    text = await boot(env, mac)
+    chains = [ln for ln in text.splitlines() if ln.startswith("chain ")]
+    assert chains == [f"chain --autofree --replace {good}/boot.ipxe"], text

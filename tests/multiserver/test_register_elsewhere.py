@@ -22,7 +22,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,12 +111,36 @@ async def stopped(a: Host, b: Host) -> str:
     return logs
 
 
-def _server(tmp: Path, name: str, host: str, dsn: str, ns: str) -> Host:
+def caller(http: aiohttp.ClientSession, auth: dict[str, str],
+           ) -> Callable[..., Awaitable[tuple[int, Any]]]:
+    """``call(server, method, path, body=None, *, admin=True)``: the status and the JSON or
+    text of a request to ``server`` (with the admin's ``auth`` unless ``admin`` is False)."""
+    async def call(server: Host, method: str, path: str, body: Any = None,
+                   *, admin: bool = True) -> tuple[int, Any]:
+        async with http.request(method, server.base + path, json=body,
+                                headers=auth if admin else {}) as resp:
+            return resp.status, (await resp.json()
+                                 if resp.content_type == "application/json"
+                                 else await resp.text())
+    return call
+
+
+async def heard(a: Host, b: Host) -> bool:
+    """Whether A learned of B from the inventory (B recorded itself at its start; A's change
+    feed tells it), as A's log says, within KNOWN_SECONDS."""
+    told = f"besides this one ({a.base}), which devices register through when it is gone: " \
+           f"{b.base}"
+    deadline = time.monotonic() + KNOWN_SECONDS
+    while told not in a.log() and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return told in a.log()
+
+
+def server_at(tmp: Path, name: str, host: str, inventory: Inventory, ns: str) -> Host:
     """The pair's server ``name`` on ``host`` in the namespace ``ns``, advertising it. Its
     API answers plain HTTP from any peer: the test's calls come from the device's namespace,
     not loopback (the namespaces are the test's own; no other host can reach them)."""
-    made = server_config(tmp, name, Inventory("postgresql",
-                                              f"  backend: postgresql\n  dsn: {dsn!r}\n"))
+    made = server_config(tmp, name, inventory)
     made.config.write_text(made.config.read_text()
                            .replace("  advertise: 192.0.2.10\n", f"  advertise: {host}\n")
                            .replace("  listen: 127.0.0.1\nhttps:",
@@ -134,30 +158,18 @@ def test_a_device_whose_server_died_after_its_config_registers_through_the_other
         out: dict[str, Any] = {}
         loop = asyncio.get_running_loop()
         async with pg.fresh_schema(postgres) as dsn:
-            a = _server(tmp_path, "a", "192.0.2.1", dsn, servers_ns)
-            b = _server(tmp_path, "b", "192.0.2.2", dsn, servers_ns)
+            shared = Inventory("postgresql", f"  backend: postgresql\n  dsn: {dsn!r}\n")
+            a = server_at(tmp_path, "a", "192.0.2.1", shared, servers_ns)
+            b = server_at(tmp_path, "b", "192.0.2.2", shared, servers_ns)
             try:
                 auth = await started(a, b)
                 async with aiohttp.ClientSession(
                         timeout=aiohttp.ClientTimeout(total=30)) as http:
-                    async def call(server: Host, method: str, path: str, body: Any = None,
-                                   *, admin: bool = True) -> tuple[int, Any]:
-                        async with http.request(method, server.base + path, json=body,
-                                                headers=auth if admin else {}) as resp:
-                            return resp.status, (
-                                await resp.json() if resp.content_type == "application/json"
-                                else await resp.text())
-
+                    call = caller(http, auth)
                     for path, body in first_server(MAC, "edge-s1"):
                         status, answer = await call(a, "POST", path, body)
                         assert status == 201, (path, status, answer)
-                    # A learns of B from the inventory (B recorded itself at its start).
-                    told = f"besides this one ({a.base}), which devices register through " \
-                           f"when it is gone: {b.base}"
-                    deadline = time.monotonic() + KNOWN_SECONDS
-                    while told not in a.log() and time.monotonic() < deadline:
-                        await asyncio.sleep(0.1)
-                    out["a knew b"] = told in a.log()
+                    out["a knew b"] = await heard(a, b)
                     # The device's install, from A: its script (the install token), its config.
                     status, script = await call(a, "GET", f"/ipxe?mac={MAC}&arch=x86_64",
                                                 admin=False)
