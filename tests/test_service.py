@@ -48,6 +48,7 @@ from tests.conftest import (
     this_checkout,
     write_config,
 )
+from tests.ports import reserved_port
 
 
 @pytest.mark.parametrize(("line", "seconds", "single_port"), [
@@ -162,12 +163,6 @@ async def test_serves_http_and_tftp_and_restart_keeps_everything(tmp_path: Path)
         await again.store.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 async def test_healthz_says_ok_only_once_every_listener_is_bound(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client told "ok" by /healthz finds HTTPS (and TFTP) there: the HTTP listener is
@@ -175,7 +170,7 @@ async def test_healthz_says_ok_only_once_every_listener_is_bound(
     slowed it in the e2e lab, where the API's first call over HTTPS was refused."""
     import netboot.service as service_module
 
-    http_port, https_port = _free_port(), _free_port()
+    http_port, https_port = reserved_port(), reserved_port()
     path = write_config(tmp_path, "tftp:\n  enabled: true\n  port: 0\n")
     text = path.read_text().replace("tftp:\n  enabled: false\n", "")
     text = text.replace("http:\n  port: 0\n",
@@ -821,12 +816,10 @@ def _limited_serve(tmp_path: Path, config: str, nofile: int) -> tuple[subprocess
     ports."""
     import resource
 
-    ports = []
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):
-        with socket.socket(socket.AF_INET, kind) as probe:
-            probe.bind(("127.0.0.1", 0))
-            ports.append(probe.getsockname()[1])
-    tftp_port, http_port = ports
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # UDP: tests/ports.py
+        probe.bind(("127.0.0.1", 0))
+        tftp_port = probe.getsockname()[1]
+    http_port = reserved_port()
     assets = tmp_path / "assets"
     assets.mkdir()
     (assets / "loader.efi").write_bytes(b"EFI loader" * 10)
