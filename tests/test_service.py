@@ -39,6 +39,7 @@ from netboot.service import (
     release_when_quiet,
 )
 from tests import pg
+from tests.certs import leaf_der, served_certificate
 from tests.conftest import (
     Env,
     EnvFactory,
@@ -1832,21 +1833,6 @@ async def test_an_address_that_came_while_the_service_started_is_named_by_the_ce
         await service.close()
 
 
-def leaf_der(path: Path) -> bytes:
-    """The DER of the first certificate of a PEM file: netboot's ``cert_file`` holds the
-    server's certificate, then its CA's. Not ``ssl.PEM_cert_to_DER_cert``, which is for a
-    lone certificate: given the chain it base64-decodes all between the first BEGIN and the
-    last END line, and binascii's lenient decoder stops at the leaf's ``=`` padding only
-    when there is some. A leaf whose DER length is a multiple of 3 (a serial whose DER is 19
-    bytes, not 20: ~1 certificate in 150) came back with the CA's bytes after it, and the
-    test below failed once in S49's CI ("not the certificate served"; both began
-    ``30 82 03 7d``, a length field of 893)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return x509.load_pem_x509_certificates(path.read_bytes())[0].public_bytes(Encoding.DER)
-
-
 # A serial the certificates are issued with (pki.Authority._issue): the kernel's random one,
 # and one of 19 DER bytes (2**150), whose leaf is 897 bytes, a multiple of 3: the case that
 # failed once in 150-odd runs, here every run.
@@ -1878,12 +1864,7 @@ async def test_a_certificate_that_fails_to_load_leaves_the_loaded_one_serving(
         service.tls_source = lambda _: Tls(other.cert_file, good.key_file, "", "")
         with pytest.raises(ssl.SSLError):
             service.reload_tls()
-        client = ssl.create_default_context()
-        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
-        _, writer = await asyncio.wait_for(asyncio.open_connection(
-            "127.0.0.1", service.https_port, ssl=client), 10)
-        peer = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-        writer.close()
+        peer = await served_certificate(service.https_port)
         assert peer == leaf_der(good.cert_file)
         assert service.tls is good
         if serial is not None:  # the case this parameter is for

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -23,15 +22,8 @@ from netboot.config import load
 from netboot.pki import Authority
 from netboot.servers.http import listen
 from netboot.service import build, loop_factory
+from tests.certs import leaf_der, served_certificate
 from tests.conftest import write_config
-
-
-def leaf_der(path: Path) -> bytes:
-    """The first certificate of a PEM chain file, as DER (tests.test_service.leaf_der)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return x509.load_pem_x509_certificates(path.read_bytes())[0].public_bytes(Encoding.DER)
 
 
 def taken_by_another(port: int, host: str = "127.0.0.1") -> socket.socket | None:
@@ -116,13 +108,8 @@ def test_a_services_https_port_is_not_taken_between_its_bind_and_its_start(
         try:
             await service.start()
             assert service.tls is not None
-            client = ssl.create_default_context()
-            client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
-            _, writer = await asyncio.wait_for(asyncio.open_connection(
-                "127.0.0.1", service.https_port, ssl=client), 10)
-            peer = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            writer.close()
-            assert peer == leaf_der(service.tls.cert_file)
+            assert await served_certificate(service.https_port) == leaf_der(
+                service.tls.cert_file)
             assert refused == [service.https_port]
         finally:
             for thief in thieves:
