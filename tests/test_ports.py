@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from tests.ports import reserved_port
 # The namespace's ephemeral range: ten ports, so that a few binds to port 0 are given every
 # one of them (the host's ~28,000 would take a test of thousands, and still only probably).
 RANGE = (40000, 40009)
+HOST_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 def binds_to_port_0(host: str, *, reuse: bool) -> set[int]:
@@ -36,12 +38,16 @@ def binds_to_port_0(host: str, *, reuse: bool) -> set[int]:
             sock.close()
 
 
+@pytest.mark.netns
 @pytest.mark.root
+@pytest.mark.requires("ip", "iproute2")
 def test_a_reserved_port_is_given_to_no_other_bind_and_its_server_takes_it(
         namespace: str) -> None:
-    subprocess.run(["ip", "netns", "exec", namespace, "sysctl", "-qw",
-                    f"net.ipv4.ip_local_port_range={RANGE[0]} {RANGE[1]}"],
-                   check=True, timeout=20)
+    host_range = HOST_RANGE.read_text()
+    # The namespace's own setting (net.ipv4 is per namespace), written by a process in it.
+    subprocess.run(["ip", "netns", "exec", namespace, "sh", "-c",
+                    f"echo '{RANGE[0]} {RANGE[1]}' > {HOST_RANGE}"], check=True, timeout=20)
+    assert HOST_RANGE.read_text() == host_range  # the host's is untouched
 
     async def scenario() -> None:
         # The probe it replaces: closed, its port is the next bind's as much as any.
@@ -50,6 +56,7 @@ def test_a_reserved_port_is_given_to_no_other_bind_and_its_server_takes_it(
             probed = probe.getsockname()[1]
         assert probed in binds_to_port_0("127.0.0.1", reuse=True)
 
+        assert HOST_RANGE.read_text().split() == [str(n) for n in RANGE]  # this thread's
         port = reserved_port()
         assert RANGE[0] <= port <= RANGE[1]
         for host in ("127.0.0.1", "0.0.0.0"):
