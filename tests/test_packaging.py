@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.ports import reserved_port
 from tests.wheels import ROOT, build_netboot_wheel, dependency_wheels
 
 
@@ -135,6 +136,9 @@ def test_assets_reads_the_shipped_checksums(installed: Installed) -> None:
 
 
 def free_port(kind: socket.SocketKind = socket.SOCK_STREAM) -> int:
+    """A TCP port reserved (tests/ports.py), a UDP one probed."""
+    if kind == socket.SOCK_STREAM:
+        return reserved_port()
     with socket.socket(type=kind) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

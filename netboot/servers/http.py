@@ -2469,19 +2469,24 @@ class EarlyConnection(asyncio.Protocol):
             transport.resume_reading()
 
 
+# The listeners' backlog (the kernel caps it at net.core.somaxconn): a pallet of devices that
+# finish their TFTP download together opens ~1,000 connections within milliseconds; at nginx's
+# default of 511 a third were dropped and retried a second later (the 1,000-device storm
+# counted 331 listen drops; its nginx stand-in listens with 4096).
+BACKLOG = 4096
+
+
 async def listen(doorway: Doorway, host: str, port: int, *,
                  ssl_context: ssl.SSLContext | None = None,
                  start_serving: bool = True) -> asyncio.Server:
     """A listener whose connections :class:`Doorway` makes (OSError as create_server);
-    bound but not accepting until ``start_serving()`` when ``start_serving`` is False."""
-    # backlog 4096 (the kernel caps it at net.core.somaxconn): a pallet of devices that finish
-    # their TFTP download together opens ~1,000 connections within milliseconds; at nginx's
-    # default of 511 a third were dropped and retried a second later (the 1,000-device storm
-    # counted 331 listen drops; its nginx stand-in listens with 4096).
+    listening from the bind on, but not accepting until ``start_serving()`` when
+    ``start_serving`` is False (a connection waits in the backlog meanwhile: _held)."""
     loop = asyncio.get_running_loop()
     if not _every_address(host):
-        return await loop.create_server(doorway, host, port, reuse_address=True, backlog=4096,
-                                        ssl=ssl_context, start_serving=start_serving)
+        return _held(await loop.create_server(doorway, host, port, reuse_address=True,
+                                              backlog=BACKLOG, ssl=ssl_context,
+                                              start_serving=start_serving))
     # "::" is every address, IPv4's too, as whoever writes it means (nginx's "listen [::]:80
     # ipv6only=off", Go's net.Listen("tcp", ":80")): asyncio and uvloop set IPV6_V6ONLY on an
     # IPv6 listener whatever net.ipv6.bindv6only says, so IPv4 devices were refused. Two
@@ -2489,15 +2494,39 @@ async def listen(doorway: Doorway, host: str, port: int, *,
     # peer stays 192.0.2.60, never ::ffff:192.0.2.60, for what compares it as text (the
     # connection guard's sources, a fixed_ipv4's check, the plain API's loopback test).
     for attempt in range(3):
-        chosen = port or _free_port()  # port 0: one kernel pick for both families
-        try:
-            return await loop.create_server(doorway, ["0.0.0.0", "::"], chosen,
-                                            reuse_address=True, backlog=4096,
-                                            ssl=ssl_context, start_serving=start_serving)
-        except OSError:
-            if port or attempt == 2:
-                raise
+        # Port 0: one kernel pick for both families, kept bound until both listeners hold
+        # it (SO_REUSEADDR and not listening, it lets them bind it and no one else: a probe
+        # closed first left it to any process's bind in between).
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as pick:
+            chosen = port
+            if not port:
+                pick.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                pick.bind(("0.0.0.0", 0))
+                chosen = int(pick.getsockname()[1])
+            try:
+                return _held(await loop.create_server(
+                    doorway, ["0.0.0.0", "::"], chosen, reuse_address=True, backlog=BACKLOG,
+                    ssl=ssl_context, start_serving=start_serving))
+            except OSError:
+                if port or attempt == 2:
+                    raise
     raise AssertionError("unreachable: the last attempt raises")
+
+
+def _held(server: asyncio.Server) -> asyncio.Server:
+    """``server``'s sockets listening now, whether it accepts yet or not: a connection made
+    before ``start_serving()`` waits in the backlog. Bound and not listening, the port was
+    no one's (SO_REUSEADDR: asyncio's default, libuv's always): another process could bind
+    it and listen first (a test's "free port" picked and let go), and the service's own
+    listen() then failed, on uvloop silently: start() returned, the summary named the port,
+    and its clients were served by the other process (tests/servers/test_http_listen.py)."""
+    for sock in server.sockets:
+        # A duplicate of the descriptor: listen(2) is the kernel socket's, and asyncio's
+        # and uvloop's socket objects do not offer it. start_serving() listens again: the
+        # same backlog, no effect.
+        with socket.socket(fileno=os.dup(sock.fileno())) as same:
+            same.listen(BACKLOG)
+    return server
 
 
 def _every_address(host: str) -> bool:
@@ -2506,10 +2535,3 @@ def _every_address(host: str) -> bool:
         return ipaddress.IPv6Address(host.strip("[]")).is_unspecified
     except ValueError:
         return False
-
-
-def _free_port() -> int:
-    """A TCP port free on IPv4 now (the kernel's pick), for both families' listeners."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("0.0.0.0", 0))
-        return int(probe.getsockname()[1])

@@ -60,6 +60,7 @@ import yaml
 from tests import pg
 from tests.conftest import write_config
 from tests.multiserver.conftest import Server
+from tests.ports import reserved_port
 
 # Per cluster: two k3s servers (the first of those to be planned initialises the cluster,
 # the other is held until it can join) and agents.
@@ -69,6 +70,9 @@ TFTP_FILE = b"UNDI" * 4096  # 16 KiB: 32 blocks of 512
 
 
 def free_port(host: str, kind: int) -> int:
+    """A TCP port reserved (tests/ports.py), a UDP one probed."""
+    if kind == socket.SOCK_STREAM:
+        return reserved_port(host)
     with socket.socket(socket.AF_INET, kind) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
