@@ -1037,9 +1037,12 @@ class Content:
                 found, token, _FETCHED,
                 refused="a valid install token is required for this machine's config")
         # config_plan's call written out: one coroutine fewer a config fetch (~2,000 loop
-        # instructions, session 32).
-        return await self._boot.config_plan(machine, token=token, mac=mac, synced=True,
-                                            reason=_CONFIG_REASONS[machine.state])
+        # instructions, session 32); and none where its answer needs no wait (s50-config).
+        boot, reason = self._boot, _CONFIG_REASONS[machine.state]
+        plan = boot.config_plan_now(machine, token=token, reason=reason, mac=mac)
+        if plan is not None:
+            return plan
+        return await boot.config_plan(machine, token=token, mac=mac, synced=True, reason=reason)
 
     async def config_plan(self, machine: Machine, token: str | None, *, claim: bool = True,
                           request: BootRequest | None = None,
