@@ -1162,6 +1162,14 @@ class BootService:
         await self._view.sync()
         return await identity.require_ref(self._view, ref)
 
+    def held_machine(self, mac: MacAddress) -> Machine | Unseen | None:
+        """:meth:`machine_by_mac` where the view answers without a wait: current (nothing
+        committed since its last sync, by anyone) and holding the MAC's machine or knowing
+        there is none; UNSEEN where machine_by_mac is to be awaited. Without its coroutine:
+        a first config's (s50-config)."""
+        view = self._view
+        return view.held("mac", mac.raw) if view.current() else identity.UNSEEN
+
     async def machine_by_mac(self, mac: MacAddress) -> Machine | None:
         """The machine with this NIC as the inventory holds it now: from the view, synced
         first (a store read per config fetch was a hop to its thread). The view is synced

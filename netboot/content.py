@@ -1022,7 +1022,9 @@ class Content:
     # -- per-machine configs (need the install token: they carry cluster secrets) -------
     async def authorised_plan(self, mac_text: str, token: str | None) -> BootPlan:
         mac = MacAddress.parse(mac_text)
-        found = await self._boot.machine_by_mac(mac)
+        found = self._boot.held_machine(mac)  # without machine_by_mac's coroutine where it can
+        if isinstance(found, identity.Unseen):
+            found = await self._boot.machine_by_mac(mac)
         # Only during an install (booting, installing): the config carries the cluster's join
         # token, which an installed or registered machine no longer needs (409 naming its
         # state); an unknown MAC and a wrong token get the same 401, leaking nothing.

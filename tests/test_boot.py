@@ -2125,3 +2125,47 @@ async def test_a_config_plan_answered_without_a_wait_is_config_plans_own(
         assert plan.mac == grouped.mac and plan.token == "tok" and plan.reason == "r"
     finally:
         await store.close()
+
+
+async def test_a_machine_held_without_a_wait_is_machine_by_macs_own(tmp_path: Path) -> None:
+    """BootService.held_machine (a first config's read of its machine without
+    machine_by_mac's coroutine, s50-config) answers only from a current view: what
+    machine_by_mac answers, a machine or none; after another process's commit (a second
+    store on the file: the view not current), UNSEEN, and machine_by_mac, awaited, reads
+    the machine that commit made or changed."""
+    from netboot.identity import Unseen
+
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    other = SqliteStore(tmp_path / "n.db")
+    await other.open()
+    try:
+        clock = Clock()
+        known = Machine(macs=(MacAddress.parse("52:54:00:05:00:01"),), hostname="k1")
+        await store.create_machine(known)
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                           Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+        await boot.load_view()
+        stranger = MacAddress.parse("52:54:00:05:00:02")
+        for mac in (known.mac, stranger):
+            assert mac is not None
+            held = boot.held_machine(mac)
+            assert not isinstance(held, Unseen), mac
+            assert held == await boot.machine_by_mac(mac)
+        assert boot.held_machine(stranger) is None
+        # Another process enrolls the stranger and renames the known one.
+        made = Machine(macs=(stranger,), hostname="s2")
+        await other.create_machine(made)
+        read = await other.get_machine(known.id)
+        assert read is not None
+        await other.update_machine(replace(read, hostname="k2"))
+        assert known.mac is not None
+        assert all(isinstance(boot.held_machine(mac), Unseen) for mac in (stranger, known.mac))
+        for mac, hostname in ((stranger, "s2"), (known.mac, "k2")):
+            found = await boot.machine_by_mac(mac)
+            assert found is not None and found.hostname == hostname
+            held = boot.held_machine(mac)  # synced now: held again
+            assert not isinstance(held, Unseen) and held == found
+    finally:
+        await other.close()
+        await store.close()
