@@ -1166,6 +1166,14 @@ class BootService:
         await self._view.sync()
         return await identity.require_ref(self._view, ref)
 
+    def held_machine(self, mac: MacAddress) -> Machine | Unseen | None:
+        """:meth:`machine_by_mac` where the view answers without a wait: current (nothing
+        committed since its last sync, by anyone) and holding the MAC's machine or knowing
+        there is none; UNSEEN where machine_by_mac is to be awaited. Without its coroutine:
+        a first config's (s50-config)."""
+        view = self._view
+        return view.held("mac", mac.raw) if view.current() else identity.UNSEEN
+
     async def machine_by_mac(self, mac: MacAddress) -> Machine | None:
         """The machine with this NIC as the inventory holds it now: from the view, synced
         first (a store read per config fetch was a hop to its thread). The view is synced
@@ -1766,10 +1774,27 @@ class BootService:
             # Its install plan had an endpoint, which has gone since (the server was removed
             # or is reinstalling): a config without one would install a node that never joins.
             raise Conflict(await self._waiting_reason(cluster))
-        # By position, as _install_plan's (action, mac, reason, retry_seconds, machine, group,
-        # profile, cluster, k3s, token, command): keywords cost a class call a dict.
-        return plan_of(_INSTALL, mac or machine.mac or identity.NO_NIC, reason, 0, machine,
-                       group.name if group else None, profile, cluster, k3s, token, None)
+        return _config_plan_of(machine, mac, reason, group, profile, cluster, k3s, token)
+
+    def config_plan_now(self, machine: Machine, *, token: str | None, reason: str,
+                        mac: MacAddress | None = None) -> BootPlan | None:
+        """:meth:`config_plan` of a view synced after ``machine`` was read (``synced``) where
+        it is answered without a wait, as a storm's first configs are: the view holds the
+        groups, profiles and clusters, the machine has a cluster, and its join is known
+        (:meth:`_known_join`: a fixed server URL, or a node of a managed cluster whose init
+        node and servers are kept) and not waiting. None where config_plan is to be awaited
+        (it looks, claims, refuses or plans without a cluster). Without config_plan's
+        coroutine: ~1,000 of a first config's loop instructions (s50-config)."""
+        effective = self._held_effective(machine)
+        if effective is None:
+            return None
+        group, profile, cluster, role = effective
+        if cluster is None:
+            return None
+        k3s = self._known_join(machine, cluster, role, group)
+        if k3s is None or k3s.waiting:
+            return None
+        return _config_plan_of(machine, mac, reason, group, profile, cluster, k3s, token)
 
     async def k3s_join(self, machine: Machine, cluster: Cluster, role: Role,
                        group: Group | None, *, claim: bool = True) -> K3sJoin:
@@ -2445,6 +2470,17 @@ def _left(machine: Machine, cluster: str) -> bool:
     (s36-journey). A cluster or role not yet bound (None) has not left."""
     return (machine.cluster is not None and machine.cluster != cluster) or \
         machine.role == Role.AGENT
+
+
+def _config_plan_of(machine: Machine, mac: MacAddress | None, reason: str, group: Group | None,
+                    profile: Profile | None, cluster: Cluster | None, k3s: K3sJoin | None,
+                    token: str | None) -> BootPlan:
+    """A config's plan (BootService.config_plan, config_plan_now): for the NIC asked for,
+    by default the machine's primary one."""
+    # By position, as _install_plan's (action, mac, reason, retry_seconds, machine, group,
+    # profile, cluster, k3s, token, command): keywords cost a class call a dict.
+    return plan_of(_INSTALL, mac or machine.mac or identity.NO_NIC, reason, 0, machine,
+                   group.name if group else None, profile, cluster, k3s, token, None)
 
 
 def _gone_cluster(machine: Machine, group: Group | None) -> str:

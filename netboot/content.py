@@ -39,6 +39,7 @@ from netboot.model import (
     Firmware,
     MacAddress,
     Machine,
+    MachineState,
     Profile,
     equal,
     loopback_url,
@@ -83,6 +84,9 @@ _TRUST_NAMES = frozenset({"https_base_url", "ca_pem", "ca_fingerprint"})
 # instructions (callgrind), and a config fetch looks up these on its way (session 32).
 _INSTALL = BootAction.INSTALL
 _FETCHED = lifecycle.Trigger.CONFIG_FETCHED
+# A config plan's reason by its machine's state, made once: not an f-string of the state
+# per fetch, whose text a frame's key then hashed again (s50-config).
+_CONFIG_REASONS = {state: f"config for {state!s} machine" for state in MachineState}
 # Rendered iPXE scripts kept (a storm's held machines; ~1 KiB each).
 SCRIPTS_KEPT = 8192
 # Install scripts of installs under way asked again, kept (Content._install_script; ~1.3 KiB).
@@ -1049,20 +1053,29 @@ class Content:
     # -- per-machine configs (need the install token: they carry cluster secrets) -------
     async def authorised_plan(self, mac_text: str, token: str | None) -> BootPlan:
         mac = MacAddress.parse(mac_text)
-        found = await self._boot.machine_by_mac(mac)
+        found = self._boot.held_machine(mac)  # without machine_by_mac's coroutine where it can
+        if isinstance(found, identity.Unseen):
+            found = await self._boot.machine_by_mac(mac)
         # Only during an install (booting, installing): the config carries the cluster's join
         # token, which an installed or registered machine no longer needs (409 naming its
         # state); an unknown MAC and a wrong token get the same 401, leaking nothing.
         # A token that opens the config is checked without waiting (only a refusal records
         # an event): the view is as machine_by_mac synced it (after its read of the
         # machine), not synced again.
-        machine = await self._enroller.check_token(
-            found, token, _FETCHED,
-            refused="a valid install token is required for this machine's config")
+        # The token that opens it taken without check_token's coroutine (Enroller.
+        # token_opens: the same tests); any other way, check_token refuses and says why.
+        enroller = self._enroller
+        machine = found if enroller.token_opens(found, token, _FETCHED) else \
+            await enroller.check_token(
+                found, token, _FETCHED,
+                refused="a valid install token is required for this machine's config")
         # config_plan's call written out: one coroutine fewer a config fetch (~2,000 loop
-        # instructions, session 32).
-        return await self._boot.config_plan(machine, token=token, mac=mac, synced=True,
-                                            reason=f"config for {machine.state!s} machine")
+        # instructions, session 32); and none where its answer needs no wait (s50-config).
+        boot, reason = self._boot, _CONFIG_REASONS[machine.state]
+        plan = boot.config_plan_now(machine, token=token, reason=reason, mac=mac)
+        if plan is not None:
+            return plan
+        return await boot.config_plan(machine, token=token, mac=mac, synced=True, reason=reason)
 
     async def config_plan(self, machine: Machine, token: str | None, *, claim: bool = True,
                           request: BootRequest | None = None,
@@ -1073,7 +1086,7 @@ class Content:
         BootService.config_plan."""
         return await self._boot.config_plan(machine, token=token, request=request, claim=claim,
                                             mac=mac, synced=synced,
-                                            reason=f"config for {machine.state!s} machine")
+                                            reason=_CONFIG_REASONS[machine.state])
 
     async def config_fetched(self, plan: BootPlan, what: str) -> None:
         machine = plan.machine

@@ -2138,3 +2138,117 @@ async def test_a_fixed_address_is_answered_from_the_view_when_its_sync_fails(
         await boot.drain()
     finally:
         await store.close()
+
+
+async def test_a_config_plan_answered_without_a_wait_is_config_plans_own(
+        tmp_path: Path) -> None:
+    """BootService.config_plan_now (a first config's plan without config_plan's coroutine,
+    s50-config) gives, where it answers, exactly config_plan's plan, and answers a storm's
+    nodes: a managed cluster's agents with and without a group (its labels and taints) once
+    its join is kept, a fixed server URL's nodes, on any NIC asked for. Where config_plan
+    looks (a join not kept yet), refuses (no server yet: waiting; a cluster gone) or plans
+    without a cluster, it answers None and config_plan decides."""
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    try:
+        clock = Clock()
+        await store.put_profile(Profile(name="p", kernel="vmlinuz", initrds=("initrd",)))
+        names, agents = await _clusters_each_with_a_server(store, 2)
+        await store.put_cluster(Cluster(name="fixed", server_url="https://192.0.2.99:6443",
+                                        token="ft"))
+        await store.put_cluster(Cluster(name="empty", server_url="managed", token="et"))
+        await store.put_group(Group(name="g", selector={"arch": ("arm64",)}, cluster="c1",
+                                    profile="p", labels={"site": "s1"}, taints=("t=1:NoSchedule",)),
+                              create=True)
+
+        def machine(n: int, **fields: Any) -> Machine:
+            return Machine(macs=(MacAddress.parse(f"52:54:00:04:00:{n:02x}"),), profile="p",
+                           state=MachineState.BOOTING, **fields)
+
+        grouped = machine(1, arch=Arch.ARM64, hostname="g1")
+        fleet = {
+            "agent of c0": machine(2, cluster="c0", role=Role.AGENT),
+            "named agent of c0": machine(3, cluster="c0", role=Role.AGENT, hostname="n3"),
+            "agent of c1 by its group": grouped,
+            "server of c0": machine(4, cluster="c0", role=Role.SERVER),
+            "agent of fixed": machine(5, cluster="fixed", role=Role.AGENT),
+            "server of fixed": machine(6, cluster="fixed", role=Role.SERVER),
+            "of no cluster": machine(7),
+            "waiting (no server)": machine(8, cluster="empty", role=Role.AGENT),
+            "of a cluster gone": machine(9, cluster="gone", role=Role.AGENT),
+        }
+        for m in fleet.values():
+            await store.create_machine(m)
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                           Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+        await boot.load_view()
+        for name in names:  # a node of each managed cluster planned: its cluster's join kept
+            await boot.config_plan(agents[name], token="tok", reason="r")
+        other_nic = MacAddress.parse("52:54:00:04:01:01")
+        answered = set()
+        for _ in range(2):  # the second: every plan of the first made again
+            for what, m in fleet.items():
+                for mac in (None, other_nic):
+                    now = boot.config_plan_now(m, token="tok", reason="r", mac=mac)
+                    try:
+                        plan = await boot.config_plan(m, token="tok", reason="r", mac=mac,
+                                                      synced=True)
+                    except Conflict:
+                        assert now is None, what
+                        continue
+                    if now is not None:
+                        assert now == plan, (what, now, plan)
+                        assert now.k3s == plan.k3s and now.k3s is not None, what
+                        answered.add(what)
+        assert answered == {"agent of c0", "named agent of c0", "agent of c1 by its group",
+                            "server of c0", "agent of fixed", "server of fixed"}, answered
+        plan = boot.config_plan_now(grouped, token="tok", reason="r")
+        assert plan is not None and plan.group == "g" and plan.k3s is not None
+        assert plan.k3s.labels.get("site") == "s1" and plan.k3s.taints == ("t=1:NoSchedule",)
+        assert plan.mac == grouped.mac and plan.token == "tok" and plan.reason == "r"
+    finally:
+        await store.close()
+
+
+async def test_a_machine_held_without_a_wait_is_machine_by_macs_own(tmp_path: Path) -> None:
+    """BootService.held_machine (a first config's read of its machine without
+    machine_by_mac's coroutine, s50-config) answers only from a current view: what
+    machine_by_mac answers, a machine or none; after another process's commit (a second
+    store on the file: the view not current), UNSEEN, and machine_by_mac, awaited, reads
+    the machine that commit made or changed."""
+    from netboot.identity import Unseen
+
+    store = SqliteStore(tmp_path / "n.db")
+    await store.open()
+    other = SqliteStore(tmp_path / "n.db")
+    await other.open()
+    try:
+        clock = Clock()
+        known = Machine(macs=(MacAddress.parse("52:54:00:05:00:01"),), hostname="k1")
+        await store.create_machine(known)
+        boot = BootService(store, FileTree([tmp_path]), BootSettings(policy="hold"),
+                           Enroller(store, clock=clock), clock=clock, new_token=lambda: "tok")
+        await boot.load_view()
+        stranger = MacAddress.parse("52:54:00:05:00:02")
+        for mac in (known.mac, stranger):
+            assert mac is not None
+            held = boot.held_machine(mac)
+            assert not isinstance(held, Unseen), mac
+            assert held == await boot.machine_by_mac(mac)
+        assert boot.held_machine(stranger) is None
+        # Another process enrolls the stranger and renames the known one.
+        made = Machine(macs=(stranger,), hostname="s2")
+        await other.create_machine(made)
+        read = await other.get_machine(known.id)
+        assert read is not None
+        await other.update_machine(replace(read, hostname="k2"))
+        assert known.mac is not None
+        assert all(isinstance(boot.held_machine(mac), Unseen) for mac in (stranger, known.mac))
+        for mac, hostname in ((stranger, "s2"), (known.mac, "k2")):
+            found = await boot.machine_by_mac(mac)
+            assert found is not None and found.hostname == hostname
+            held = boot.held_machine(mac)  # synced now: held again
+            assert not isinstance(held, Unseen) and held == found
+    finally:
+        await other.close()
+        await store.close()

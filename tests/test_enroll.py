@@ -837,6 +837,47 @@ def test_a_token_that_opens_a_config_is_checked_without_waiting() -> None:
     assert done.value.value is machine
 
 
+@pytest.mark.parametrize("step", ["CONFIG_FETCHED", "REGISTER"])
+def test_a_token_opens_without_check_token_exactly_where_check_token_gives_it_back(
+        step: str) -> None:
+    """Enroller.token_opens (Content.authorised_plan's way past check_token's coroutine, a
+    first config's ~1,000 loop instructions: s50-config) says True exactly where check_token
+    gives the machine back at its first step, for every state, its own token, another, none,
+    a machine without a token, expired or not, and no machine; where False, check_token
+    refuses (AuthError, TransitionRefused naming the state, or an expiry it goes to record:
+    here the unopened store's StoreError)."""
+    import hashlib
+
+    from netboot import lifecycle
+    from netboot.errors import AuthError, StoreError, TransitionRefused
+
+    trigger = lifecycle.Trigger[step]
+    enroller = Enroller(MemoryStore(), clock=lambda: 1000.0)
+    seen = set()
+    for state in MachineState:
+        for held in (hashlib.sha256(b"tok").hexdigest(), None):
+            for expires in (None, 2000.0, 500.0):
+                machine = Machine(macs=(MacAddress.parse("52:54:00:00:0c:02"),), state=state,
+                                  token_hash=held, token_expires=expires)
+                for token in ("tok", "other", "", None):
+                    opens = enroller.token_opens(machine, token, trigger)
+                    step_of = enroller.check_token(machine, token, trigger, refused="no")
+                    try:
+                        step_of.send(None)
+                    except StopIteration as done:
+                        assert opens and done.value is machine, (state, held, expires, token)
+                        seen.add(True)
+                    except (AuthError, TransitionRefused):
+                        assert not opens, (state, held, expires, token)
+                        seen.add(False)
+                    except StoreError:  # an expired token's refusal read the store's
+                        assert not opens and expires == 500.0, (state, held, token)
+                    else:  # (not reached: an unopened store refuses at the first read)
+                        raise AssertionError((state, held, expires, token))
+    assert seen == {True, False}
+    assert not enroller.token_opens(None, "tok", trigger)
+
+
 @pytest.mark.parametrize("kind", [
     "registered", "enrolled", "discovered", "reinstall", "install-plan", "nic-attached",
     "merged", "config", "dhcp", "hold", "local-boot", "updated", "register", "approve",
