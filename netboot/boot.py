@@ -78,9 +78,7 @@ DHCP_VIEW_AGE = 0.05
 
 
 LOCAL_STATES = frozenset({MachineState.INSTALLED, MachineState.REGISTERED})
-# The fact naming the address an install's token was served to: the one address that gets it
-# again (a device that reboots mid-install asks from the address it booted with).
-INSTALL_PEER = "install_peer"
+INSTALL_PEER = identity.INSTALL_PEER  # looked up once: every install's path reads it
 
 
 class AssetLookup(Protocol):

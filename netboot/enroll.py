@@ -934,11 +934,6 @@ def _taken(field: str, value: str, shown: str, held_as: str, line: int,
     return None
 
 
-# The fact naming the address a machine's install token was served to (boot.INSTALL_PEER;
-# netboot.boot imports this module).
-_INSTALL_PEER = "install_peer"
-
-
 def _claim_place(machine: Machine, peer: IPAddress | None) -> str:
     """Where a restored machine's refused later boot came from, against where its device was
     known to be (its fixed address, the address it registered, else the one its install was
@@ -948,7 +943,7 @@ def _claim_place(machine: Machine, peer: IPAddress | None) -> str:
     (s50-attack)."""
     for known, what in ((machine.fixed_ipv4, "its fixed address"),
                         (machine.ipv4, "the address it registered from"),
-                        (machine.facts.get(_INSTALL_PEER), "the address its install was "
+                        (machine.facts.get(identity.INSTALL_PEER), "the address its install was "
                                                            "served to")):
         if known:
             if peer is not None and str(peer) == known:
@@ -1398,6 +1393,9 @@ class Enroller:
         has expired (recorded once as a ``token expired`` event: an install that outlived
         its profile's install_timeout needs a reinstall, and the operator should see why).
         """
+        if self.token_opens(machine, token, step):
+            return machine
+        # Refused: which answer, as above.
         if machine is None or not token_is(machine, token):
             raise AuthError(refused)
         lifecycle.apply(machine.state, step, subject=machine)  # its ref made only to refuse

@@ -426,6 +426,11 @@ def merge(into: Machine, others: Iterable[Machine], now: float) -> Machine:
 # floor; before session 50 they were trusted).
 UNLISTED = "unlisted_nics"
 
+# The fact naming the address a machine's install token was served to: the one address that
+# gets it again (a device that reboots mid-install asks from the address it booted with:
+# BootService), and where a restored machine's device was (enroll's claim refusal).
+INSTALL_PEER = "install_peer"
+
 
 # The most NICs a machine holds that boots attached and no operator listed: a server's ports
 # booting before they are listed. Beyond it a boot attaches no more (BootService._adopt) and
